@@ -1,0 +1,62 @@
+/**
+ * What the engine reports while it works. The engine calls these hooks (all
+ * optional, default no-ops); src/cli picks a printer (TTY bars, plain
+ * --progress lines, --json) that implements them.
+ */
+
+/** How a file was brought up to date, cheapest first (DESIGN.md "costs"). */
+export type SyncMethod =
+  | 'quick' // size + mtime unchanged since the manifest: not read
+  | 'bitmap' // image mode: only dirty extents read
+  | 'manifest' // source read and hashed, compared with the trusted manifest
+  | 'compare' // no trusted manifest: source and target read, differences written
+  | 'new' // no target yet: full copy
+  | 'whole'; // -W/--whole-file: full rewrite
+
+export interface FileReport {
+  /** Path relative to the destination root, as rsync prints it. */
+  path: string;
+  /** rsync's --itemize-changes string, e.g. ">f.st......" or "cd+++++++++". */
+  itemize: string;
+  kind: 'file' | 'dir' | 'symlink' | 'device' | 'special';
+  size: number;
+  method?: SyncMethod;
+  /** Source bytes read and hashed. */
+  scanned: number;
+  /** Bytes written to the target ("Literal data"). */
+  literal: number;
+  /** Bytes found already equal on the target ("Matched data"). */
+  matched: number;
+  /** Nothing changed (content, or metadata either). */
+  unchanged: boolean;
+}
+
+export interface RunStats {
+  files: number; // entries considered (files + dirs + links ...)
+  regularFiles: number;
+  dirs: number;
+  created: number;
+  deleted: number;
+  transferred: number; // regular files whose content was written
+  totalSize: number; // sum of regular file sizes in the source
+  transferredSize: number; // sum of sizes of files transferred
+  literal: number;
+  matched: number;
+  scanned: number;
+  elapsedMs: number;
+}
+
+export interface SyncHooks {
+  /** A regular file is about to be synced; `size` is the source size. */
+  fileStart?(path: string, size: number, method: SyncMethod): void;
+  /** Called at most every few MiB: bytes of this file scanned and written so far. */
+  fileProgress?(path: string, scanned: number, written: number): void;
+  /** An entry is done (any kind). */
+  fileEnd?(report: FileReport): void;
+  /** An entry was deleted from the destination (--delete). */
+  deleted?(path: string): void;
+  /** One line for the user, e.g. "manifest stale: falling back to compare". */
+  notice?(message: string, path?: string): void;
+  /** A per-file problem that did not stop the run (rsync exit 23). */
+  warning?(message: string, path?: string): void;
+}
