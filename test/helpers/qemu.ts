@@ -1,0 +1,136 @@
+/**
+ * Real QEMU processes for integration tests: each lives in its own temp dir,
+ * is started by the test and killed by pid (also when the test process exits).
+ */
+import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+
+const live = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const c of live) if (c.exitCode === null && c.pid) process.kill(c.pid, 'SIGKILL');
+});
+
+export function tmpDir(prefix = 'qsync-qemu-'): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+export function run(cmd: string, args: string[]): string {
+  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+export function qemuImgCreate(file: string, size: string, format = 'qcow2'): void {
+  run('qemu-img', ['create', '-q', '-f', format, file, size]);
+}
+
+/** `qemu-io -c CMD` on an image no process holds open. */
+export function qemuIo(file: string, format: string, ...cmds: string[]): void {
+  run('qemu-io', ['-f', format, ...cmds.flatMap((c) => ['-c', c]), file]);
+}
+
+export interface QemuProcess {
+  readonly pid: number;
+  readonly dir: string;
+  readonly qmp: string;
+  readonly log: string;
+  /** SIGTERM (or the given signal), SIGKILL after 5 s; resolves when it has exited. */
+  kill(signal?: NodeJS.Signals): Promise<void>;
+}
+
+async function waitSocket(sock: string, child: ChildProcess, log: string): Promise<void> {
+  const deadline = Date.now() + 20_000;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`QEMU exited ${child.exitCode}: ${fs.readFileSync(log, 'utf8')}`);
+    if (fs.existsSync(sock)) {
+      const ok = await new Promise<boolean>((resolve) => {
+        const s = net.connect(sock, () => {
+          s.destroy();
+          resolve(true);
+        });
+        s.on('error', () => resolve(false));
+      });
+      if (ok) return;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`QMP socket ${sock} did not appear`);
+}
+
+function start(bin: string, args: string[], dir: string, qmp: string): Promise<QemuProcess> {
+  const log = path.join(dir, `${path.basename(bin)}.log`);
+  const out = fs.openSync(log, 'a');
+  const child = spawn(bin, args, { cwd: dir, stdio: ['ignore', out, out] });
+  fs.closeSync(out);
+  live.add(child);
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  exited.then(() => live.delete(child));
+  const proc: QemuProcess = {
+    pid: child.pid!,
+    dir,
+    qmp,
+    log,
+    async kill(signal = 'SIGTERM') {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill(signal);
+        const t = setTimeout(() => child.kill('SIGKILL'), 5000);
+        await exited;
+        clearTimeout(t);
+      }
+    },
+  };
+  return waitSocket(qmp, child, log).then(
+    () => proc,
+    async (e) => {
+      await proc.kill('SIGKILL');
+      throw e;
+    },
+  );
+}
+
+/** qemu-storage-daemon with `disk` as qcow2 node `node` (file node `${node}-file`) and a QMP socket. */
+export function startQsd(dir: string, disk: string, node = 'disk0', extra: string[] = []): Promise<QemuProcess> {
+  const qmp = path.join(dir, 'qsd-qmp.sock');
+  fs.rmSync(qmp, { force: true });
+  return start(
+    'qemu-storage-daemon',
+    [
+      '--blockdev', `driver=file,node-name=${node}-file,filename=${disk}`,
+      '--blockdev', `driver=qcow2,node-name=${node},file=${node}-file`,
+      '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
+      '--monitor', 'chardev=qmp0',
+      ...extra,
+    ],
+    dir,
+    qmp,
+  );
+}
+
+/** A q35 TCG VM, no kernel, `disk` on virtio-blk device `vda` with node `drive0`. */
+export function startVm(dir: string, disk: string): Promise<QemuProcess> {
+  const qmp = path.join(dir, 'vm-qmp.sock');
+  fs.rmSync(qmp, { force: true });
+  return start(
+    'qemu-system-x86_64',
+    [
+      '-machine', 'q35,accel=tcg', '-m', '64', '-nodefaults', '-display', 'none',
+      '-blockdev', `driver=file,node-name=f0,filename=${disk}`,
+      '-blockdev', 'driver=qcow2,node-name=drive0,file=f0',
+      '-device', 'virtio-blk-pci,drive=drive0,id=vda',
+      '-qmp', `unix:${qmp},server=on,wait=off`,
+    ],
+    dir,
+    qmp,
+  );
+}
+
+/** qemu-nbd serving `image` on a unix socket; resolves once the socket accepts. */
+export function startQemuNbd(dir: string, image: string, args: string[] = []): Promise<QemuProcess & { uri: string }> {
+  const sock = path.join(dir, 'qemu-nbd.sock');
+  fs.rmSync(sock, { force: true });
+  return start('qemu-nbd', ['--persistent', `--socket=${sock}`, ...args, image], dir, sock).then((p) => ({
+    ...p,
+    uri: `nbd+unix:///?socket=${sock}`,
+  }));
+}
