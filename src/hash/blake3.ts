@@ -1,0 +1,30 @@
+import { blake3 } from '@napi-rs/blake-hash';
+
+export const DIGEST_LEN = 32;
+
+/** BLAKE3-256 of one block. */
+export const digestOf = (data: Uint8Array): Buffer => blake3(data);
+
+const zeroDigests = new Map<number, Buffer>();
+
+/**
+ * Digest of `length` zero bytes. A block whose digest equals it is a zero
+ * block (BLAKE3 collisions aside), so zero detection costs one compare.
+ */
+export function zeroDigest(length: number): Buffer {
+  let d = zeroDigests.get(length);
+  if (!d) {
+    d = blake3(Buffer.alloc(length));
+    zeroDigests.set(length, d);
+  }
+  return d;
+}
+
+/** Hash `data` block by block into `out` (DIGEST_LEN bytes per block, from `outOffset`). */
+export function hashBlocksInto(data: Uint8Array, blockSize: number, out: Uint8Array, outOffset = 0): number {
+  let n = 0;
+  for (let off = 0; off < data.length; off += blockSize, n++) {
+    out.set(blake3(data.subarray(off, Math.min(off + blockSize, data.length))), outOffset + n * DIGEST_LEN);
+  }
+  return n;
+}

@@ -1,0 +1,70 @@
+/** BlockSource and BlockSink over a local file or block device. */
+import { open, type FileHandle } from 'node:fs/promises';
+import { QsyncError } from '../core/errors.js';
+import type { BlockSink, BlockSource } from './types.js';
+
+const ZEROES = Buffer.alloc(1 << 20);
+
+export class LocalFileSource implements BlockSource {
+  private constructor(private readonly fh: FileHandle, readonly size: number, readonly path: string) {}
+
+  static async open(path: string): Promise<LocalFileSource> {
+    const fh = await open(path, 'r');
+    const { size } = await fh.stat();
+    return new LocalFileSource(fh, size, path);
+  }
+
+  get fd(): number {
+    return this.fh.fd;
+  }
+
+  async readAt(buf: Buffer, offset: number): Promise<number> {
+    const want = Math.max(0, Math.min(buf.length, this.size - offset));
+    let done = 0;
+    while (done < want) {
+      const { bytesRead } = await this.fh.read(buf, done, want - done, offset + done);
+      if (bytesRead === 0) throw new QsyncError('SOURCE', `${this.path}: short read at ${offset + done} (file shrank?)`, { file: this.path, offset: offset + done });
+      done += bytesRead;
+    }
+    return done;
+  }
+
+  close(): Promise<void> {
+    return this.fh.close();
+  }
+}
+
+export class LocalFileSink implements BlockSink {
+  private constructor(readonly fh: FileHandle, readonly path: string) {}
+
+  /** Open for in-place update, creating the file if it does not exist. */
+  static async open(path: string, create: boolean): Promise<LocalFileSink> {
+    return new LocalFileSink(await open(path, create ? 'w+' : 'r+'), path);
+  }
+
+  async write(offset: number, data: Buffer): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
+      done += bytesWritten;
+    }
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    for (let done = 0; done < length; done += ZEROES.length) {
+      await this.write(offset + done, ZEROES.subarray(0, Math.min(ZEROES.length, length - done)));
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    await this.fh.truncate(size);
+  }
+
+  async commit(): Promise<void> {
+    await this.fh.sync();
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}

@@ -1,0 +1,98 @@
+/**
+ * Intent record: written beside a manifest before the first block of its
+ * target is overwritten, listing every block index about to be written. If
+ * the run dies, the next run trusts the old manifest except for those blocks.
+ *
+ * A kill leaves the page cache intact, so the list is complete up to the
+ * last write issued; after a reboot (power cut) pages may have reached disk
+ * out of order, so an intent from another boot means "trust nothing".
+ */
+import { readFileSync } from 'node:fs';
+import { open, readFile, rm, type FileHandle } from 'node:fs/promises';
+import { errnoOf } from '../core/errors.js';
+
+const MAGIC = 'QSYNCINT';
+const HEADER_LEN = 8 + 4 + 36 + 32 + 16; // magic, version, boot id, base checksum, sizes
+/** Beyond this many recorded blocks the next run re-compares everything instead. */
+export const MAX_INTENT_BLOCKS = 1 << 22;
+
+let cachedBootId: string | undefined;
+export function bootId(): string {
+  try {
+    cachedBootId ??= readFileSync('/proc/sys/kernel/random/boot_id', 'latin1').trim().padEnd(36).slice(0, 36);
+  } catch {
+    cachedBootId = ''.padEnd(36, '?');
+  }
+  return cachedBootId;
+}
+
+export const intentPathFor = (manifestPath: string): string => `${manifestPath}.intent`;
+
+export interface Intent {
+  /** Checksum of the manifest that was current when the run started (zeros: none). */
+  baseChecksum: Buffer;
+  oldSize: number;
+  newSize: number;
+  sameBoot: boolean;
+  /** Blocks that may hold new data; undefined when too many to list. */
+  blocks?: Set<number>;
+}
+
+export async function readIntent(path: string): Promise<Intent | undefined> {
+  let b: Buffer;
+  try {
+    b = await readFile(path);
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') return undefined;
+    throw e;
+  }
+  if (b.length < HEADER_LEN || b.toString('latin1', 0, 8) !== MAGIC || b.readUInt32LE(8) !== 1) {
+    return { baseChecksum: Buffer.alloc(32), oldSize: 0, newSize: 0, sameBoot: false };
+  }
+  const count = Math.floor((b.length - HEADER_LEN) / 8);
+  let blocks: Set<number> | undefined;
+  if (count <= MAX_INTENT_BLOCKS) {
+    blocks = new Set();
+    for (let i = 0; i < count; i++) blocks.add(Number(b.readBigUInt64LE(HEADER_LEN + i * 8)));
+  }
+  return {
+    sameBoot: b.toString('latin1', 12, 48) === bootId(),
+    baseChecksum: Buffer.from(b.subarray(48, 80)),
+    oldSize: Number(b.readBigUInt64LE(80)),
+    newSize: Number(b.readBigUInt64LE(88)),
+    blocks,
+  };
+}
+
+/** Appends block indices; the header is durable before any target block is written. */
+export class IntentWriter {
+  private constructor(private readonly fh: FileHandle, readonly path: string) {}
+
+  static async create(path: string, baseChecksum: Buffer | undefined, oldSize: number, newSize: number): Promise<IntentWriter> {
+    const fh = await open(path, 'w');
+    const h = Buffer.alloc(HEADER_LEN);
+    h.write(MAGIC, 0, 'latin1');
+    h.writeUInt32LE(1, 8);
+    h.write(bootId(), 12, 'latin1');
+    baseChecksum?.copy(h, 48);
+    h.writeBigUInt64LE(BigInt(oldSize), 80);
+    h.writeBigUInt64LE(BigInt(newSize), 88);
+    await fh.write(h, 0, h.length, 0);
+    await fh.sync();
+    return new IntentWriter(fh, path);
+  }
+
+  /** Record blocks before they are written (no fsync: see the module comment). */
+  async add(blocks: number[]): Promise<void> {
+    if (!blocks.length) return;
+    const b = Buffer.alloc(blocks.length * 8);
+    blocks.forEach((n, i) => b.writeBigUInt64LE(BigInt(n), i * 8));
+    await this.fh.write(b);
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+export const removeIntent = (path: string) => rm(path, { force: true });

@@ -1,0 +1,39 @@
+/**
+ * Whether a manifest still describes its target (DESIGN.md "Manifest"), and
+ * which of its blocks an interrupted run may have changed.
+ */
+import type { BigIntStats } from 'node:fs';
+import type { Manifest } from './manifest-store.js';
+import type { Intent } from './intent.js';
+
+export interface Trust {
+  trusted: boolean;
+  /** Why the manifest is not used (or was partly distrusted), for the user. */
+  reason?: string;
+  /** Blocks an interrupted run may have written: rewrite them whatever the digests say. */
+  unknown?: Set<number>;
+  /** Blocks from this index on are unknown (an interrupted resize). */
+  unknownFrom?: number;
+}
+
+export function assessManifest(m: Manifest | undefined, intent: Intent | undefined, target: BigIntStats, blockSize: number): Trust {
+  if (!m) return { trusted: false, reason: intent ? 'an earlier run was interrupted before its first manifest' : undefined };
+  const h = m.header;
+  if (h.blockSize !== blockSize) return { trusted: false, reason: `block size changed (${h.blockSize} → ${blockSize})` };
+  if (h.targetIno !== target.ino || h.targetDev !== target.dev) return { trusted: false, reason: 'target was replaced since the last run' };
+  if (intent && intent.baseChecksum.equals(m.checksum)) {
+    if (!intent.sameBoot || !intent.blocks) return { trusted: false, reason: 'an interrupted run cannot be bounded (reboot since, or too many blocks)' };
+    const sizes = [h.targetSize, intent.oldSize, intent.newSize];
+    if (!sizes.includes(Number(target.size))) return { trusted: false, reason: 'target size changed behind qsync' };
+    return {
+      trusted: true,
+      reason: `resuming an interrupted run (${intent.blocks.size} blocks to re-check)`,
+      unknown: intent.blocks,
+      unknownFrom: Math.floor(Math.min(...sizes) / blockSize),
+    };
+  }
+  if (Number(target.size) !== h.targetSize || target.mtimeNs !== h.targetMtimeNs) {
+    return { trusted: false, reason: 'target changed since the last run (size or mtime differ from the manifest)' };
+  }
+  return { trusted: true };
+}
