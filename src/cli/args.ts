@@ -1,0 +1,499 @@
+/**
+ * rsync-compatible command line. `parseArgv` is pure: no I/O, no printing,
+ * no exit; bad input throws QsyncError('USAGE' | 'UNSUPPORTED').
+ *
+ * Two stages. `normalise` walks argv the way rsync's popt does (options and
+ * operands interleaved, short clusters like `-hav`, `-B64K`, `-B 64K`,
+ * `--opt=value` and `--opt value`, where a value may start with '-', and
+ * `--` ending options) and rewrites every option to its canonical long form
+ * from the one table, SPECS. It also resolves what depends on order, which a
+ * parsed object cannot tell: `-a` expands in place so `-a --no-perms` and
+ * `--no-perms -a` differ as in rsync, include/exclude rules keep their
+ * interleaving, and `--no-v`/`--no-h` reset earlier counts. yargs then parses
+ * the canonical line (types, counts, last-one-wins booleans, strictness).
+ */
+import yargs from 'yargs';
+import { QsyncError } from '../core/errors.js';
+import type { FilterRule } from '../core/filter.js';
+
+export interface SyncOptions {
+  recursive: boolean;
+  links: boolean;
+  perms: boolean;
+  times: boolean;
+  group: boolean;
+  owner: boolean;
+  devices: boolean;
+  specials: boolean;
+  /** Number of -v. */
+  verbose: number;
+  quiet: boolean;
+  /**
+   * rsync's human-readable level, not the count of -h: 1 by default (digits
+   * grouped with commas), +1 per -h (2: units of 1000, 3: units of 1024),
+   * 0 after --no-h. Pass it to formatSize() as is.
+   */
+  human: number;
+  dryRun: boolean;
+  /** Per-file progress lines (--progress, -P, --info=progress1). */
+  progress: boolean;
+  /** One total progress line (--info=progress2); takes precedence over `progress`. */
+  progress2: boolean;
+  stats: boolean;
+  itemize: boolean;
+  inplace: boolean;
+  wholeFile: boolean;
+  delete: boolean;
+  /** In command-line order; *-from files not yet read (see expandFilterFiles). */
+  filters: FilterRule[];
+  sparse: boolean;
+  checksum: boolean;
+  sizeOnly: boolean;
+  update: boolean;
+  existing: boolean;
+  ignoreExisting: boolean;
+  numericIds: boolean;
+  oneFileSystem: boolean;
+  /** Bytes; a power of two in [4 KiB, 16 MiB]. */
+  blockSize: number;
+  manifest?: string;
+  json: boolean;
+  rsh?: string;
+  writeBatch?: string;
+  onlyWriteBatch?: string;
+  readBatch?: string;
+  backupDir?: string;
+  compress: boolean;
+  qmp?: string;
+  drives: string[];
+  image?: string;
+  /** Percent of blocks re-read to verify, 0..100. */
+  verifySample: number;
+}
+
+export type ParsedArgs =
+  | { kind: 'sync'; sources: string[]; dest: string; options: SyncOptions }
+  | { kind: 'help'; text: string }
+  | { kind: 'version' };
+
+type Kind =
+  | 'flag' // boolean; its `neg` spellings turn it off
+  | 'count' // -vv; its `neg` spellings reset it to 0
+  | 'value' // takes an argument, the last one wins
+  | 'list' // takes an argument, repeatable
+  | 'filter' // include/exclude rules, kept in order
+  | 'info' // --info=FLAGS
+  | 'expand' // stands for the options in `expand` (-a, -D, -P)
+  | 'noop' // accepted, nothing to do: qsync always behaves that way
+  | 'help'
+  | 'version';
+
+interface Spec {
+  /** Canonical name: the yargs key, or the help label of short-only options. */
+  name: string;
+  kind: Kind;
+  short?: string;
+  /** Other long spellings. */
+  aliases?: string[];
+  /** Long spellings (without "--") that negate it. */
+  neg?: string[];
+  expand?: string[];
+  /** Argument placeholder in help; value, list, filter and info kinds. */
+  arg?: string;
+  /** Short option only, as rsync's -D and -P. */
+  noLong?: true;
+  help: string;
+}
+
+const ARCHIVE = ['recursive', 'links', 'perms', 'times', 'group', 'owner', 'devices', 'specials'];
+
+const SPECS: Spec[] = [
+  { name: 'verbose', short: 'v', kind: 'count', neg: ['no-verbose', 'no-v'], help: 'increase verbosity' },
+  { name: 'info', kind: 'info', arg: 'FLAGS', help: 'fine-grained informational verbosity (progress2, stats2, ...)' },
+  { name: 'quiet', short: 'q', kind: 'flag', help: 'suppress non-error messages' },
+  { name: 'checksum', short: 'c', kind: 'flag', neg: ['no-checksum', 'no-c'], help: 'read and compare every file, not mod-time & size' },
+  { name: 'archive', short: 'a', kind: 'expand', expand: ARCHIVE, help: 'archive mode is -rlptgoD' },
+  { name: 'recursive', short: 'r', kind: 'flag', neg: ['no-recursive', 'no-r'], help: 'recurse into directories' },
+  { name: 'update', short: 'u', kind: 'flag', help: 'skip files that are newer on the receiver' },
+  { name: 'inplace', kind: 'flag', neg: ['no-inplace'], help: 'update destination files in-place' },
+  { name: 'links', short: 'l', kind: 'flag', neg: ['no-links', 'no-l'], help: 'copy symlinks as symlinks' },
+  { name: 'perms', short: 'p', kind: 'flag', neg: ['no-perms', 'no-p'], help: 'preserve permissions' },
+  { name: 'owner', short: 'o', kind: 'flag', neg: ['no-owner', 'no-o'], help: 'preserve owner (super-user only)' },
+  { name: 'group', short: 'g', kind: 'flag', neg: ['no-group', 'no-g'], help: 'preserve group' },
+  { name: 'devices', kind: 'flag', neg: ['no-devices'], help: 'preserve device files (super-user only)' },
+  { name: 'specials', kind: 'flag', neg: ['no-specials'], help: 'preserve special files' },
+  { name: 'D', short: 'D', noLong: true, kind: 'expand', expand: ['devices', 'specials'], neg: ['no-D'], help: 'same as --devices --specials' },
+  { name: 'times', short: 't', kind: 'flag', neg: ['no-times', 'no-t'], help: 'preserve modification times' },
+  { name: 'sparse', short: 'S', kind: 'flag', neg: ['no-sparse', 'no-S'], help: 'turn sequences of nulls into sparse blocks' },
+  { name: 'dry-run', short: 'n', kind: 'flag', help: 'perform a trial run with no changes made' },
+  { name: 'whole-file', short: 'W', kind: 'flag', neg: ['no-whole-file', 'no-W'], help: 'rewrite changed files whole' },
+  { name: 'one-file-system', short: 'x', kind: 'flag', neg: ['no-one-file-system', 'no-x'], help: "don't cross filesystem boundaries" },
+  { name: 'block-size', short: 'B', kind: 'value', arg: 'SIZE', help: 'block size: power of two, 4K..16M (default 64K)' },
+  { name: 'rsh', short: 'e', kind: 'value', arg: 'COMMAND', help: 'specify the remote shell to use' },
+  { name: 'existing', kind: 'flag', aliases: ['ignore-non-existing'], help: 'skip creating new files on receiver' },
+  { name: 'ignore-existing', kind: 'flag', help: 'skip updating files that exist on receiver' },
+  {
+    name: 'delete',
+    kind: 'flag',
+    aliases: ['del', 'delete-before', 'delete-during', 'delete-delay', 'delete-after'],
+    help: 'delete extraneous files from dest directories',
+  },
+  { name: 'partial', kind: 'noop', help: 'accepted: qsync always resumes' },
+  { name: 'fsync', kind: 'noop', help: 'accepted: qsync always fsyncs' },
+  { name: 'no-motd', kind: 'noop', help: 'accepted: no daemon, no MOTD' },
+  { name: 'numeric-ids', kind: 'flag', neg: ['no-numeric-ids'], help: "don't map uid/gid values by user/group name" },
+  { name: 'size-only', kind: 'flag', help: 'skip files that match in size' },
+  { name: 'compress', short: 'z', kind: 'flag', neg: ['no-compress', 'no-z'], help: 'compress file data during the transfer' },
+  { name: 'exclude', kind: 'filter', arg: 'PATTERN', help: 'exclude files matching PATTERN' },
+  { name: 'exclude-from', kind: 'filter', arg: 'FILE', help: 'read exclude patterns from FILE' },
+  { name: 'include', kind: 'filter', arg: 'PATTERN', help: "don't exclude files matching PATTERN" },
+  { name: 'include-from', kind: 'filter', arg: 'FILE', help: 'read include patterns from FILE' },
+  { name: 'stats', kind: 'flag', help: 'give some file-transfer stats' },
+  { name: 'human-readable', short: 'h', kind: 'count', neg: ['no-human-readable', 'no-h'], help: 'output numbers in a human-readable format' },
+  { name: 'progress', kind: 'flag', neg: ['no-progress'], help: 'show progress during transfer' },
+  { name: 'P', short: 'P', noLong: true, kind: 'expand', expand: ['partial', 'progress'], help: 'same as --partial --progress' },
+  { name: 'itemize-changes', short: 'i', kind: 'flag', neg: ['no-itemize-changes', 'no-i'], help: 'output a change-summary for all updates' },
+  { name: 'write-batch', kind: 'value', arg: 'FILE', help: 'write a delta to FILE' },
+  { name: 'only-write-batch', kind: 'value', arg: 'FILE', help: 'like --write-batch but w/o updating dest' },
+  { name: 'read-batch', kind: 'value', arg: 'FILE', help: 'apply the delta in FILE to DEST' },
+  { name: 'backup-dir', kind: 'value', arg: 'DIR', help: 'keep reverse deltas of overwritten blocks in DIR' },
+  { name: 'manifest', kind: 'value', arg: 'PATH', help: 'where the block manifest lives (default DEST/.qsync/)' },
+  { name: 'json', kind: 'flag', help: 'print a JSON summary on stdout' },
+  { name: 'qmp', kind: 'value', arg: 'SOCKET', help: 'image mode: read a running VM through its QMP socket' },
+  { name: 'drive', kind: 'list', arg: 'NAME', help: 'image mode: drive to back up (repeatable)' },
+  { name: 'image', kind: 'value', arg: 'FILE', help: 'image mode: read an offline image through NBD' },
+  { name: 'verify-sample', kind: 'value', arg: 'PCT', help: 'percent of blocks re-read to verify (default 0.5)' },
+  { name: 'version', short: 'V', kind: 'version', help: 'print the version and exit' },
+  { name: 'help', kind: 'help', help: 'show this help (-h is help only on its own)' },
+];
+
+/**
+ * rsync options qsync does not implement, from rsync 3.4's option table;
+ * anything else unknown is a plain usage error.
+ */
+const UNSUPPORTED_LONG = new Set(
+  `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r dirs no-dirs no-d
+  old-dirs old-d executability acls no-acls no-A xattrs no-xattrs no-X atimes no-atimes no-U open-noatime
+  no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
+  no-omit-link-times no-J modify-window super no-super fake-super copy-devices write-devices no-write-devices
+  drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
+  munge-links no-munge-links copy-dirlinks keep-dirlinks hard-links no-hard-links no-H relative no-relative
+  no-R implied-dirs no-implied-dirs i-d no-i-d chmod ignore-times max-size min-size max-alloc preallocate
+  append append-verify no-append delete-excluded delete-missing-args ignore-missing-args remove-sent-files
+  remove-source-files force no-force ignore-errors no-ignore-errors max-delete filter cvs-exclude
+  checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
+  compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
+  delay-updates no-delay-updates prune-empty-dirs no-prune-empty-dirs no-m log-file log-file-format
+  out-format log-format bwlimit no-bwlimit backup no-backup suffix list-only files-from from0 no-from0
+  old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
+  groupmap chown timeout no-timeout contimeout no-contimeout stop-after time-limit stop-at rsync-path
+  temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 mkpath no-mkpath qsort copy-as
+  address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
+  protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
+);
+const UNSUPPORTED_SHORT = new Set('dEAXUNOJ@LkKHRIfFCbT0s468Mym');
+
+const byLong = new Map<string, { spec: Spec; negated: boolean }>();
+const byShort = new Map<string, Spec>();
+for (const spec of SPECS) {
+  if (!spec.noLong) byLong.set(spec.name, { spec, negated: false });
+  for (const a of spec.aliases ?? []) byLong.set(a, { spec, negated: false });
+  for (const n of spec.neg ?? []) byLong.set(n, { spec, negated: true });
+  if (spec.short) byShort.set(spec.short, spec);
+}
+const specNamed = (name: string): Spec => byLong.get(name)!.spec;
+
+const takesValue = (kind: Kind): boolean => kind === 'value' || kind === 'list' || kind === 'filter' || kind === 'info';
+
+interface Normalised {
+  /** Canonical options for yargs: --name, --no-name, --name=value. */
+  line: string[];
+  filters: FilterRule[];
+  operands: string[];
+  /** Set by a help or version option, which ends parsing where it stands. */
+  stop?: 'help' | 'version';
+  /** A --no-human-readable was seen: the level starts at 0 instead of 1. */
+  noHuman: boolean;
+}
+
+function normalise(argv: readonly string[]): Normalised {
+  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false };
+
+  const apply = (spec: Spec, negated: boolean, value?: string): void => {
+    switch (spec.kind) {
+      case 'help':
+      case 'version':
+        out.stop ??= spec.kind;
+        return;
+      case 'noop':
+        return;
+      case 'expand':
+        for (const name of spec.expand!) apply(specNamed(name), negated);
+        return;
+      case 'count':
+        if (negated) {
+          // rsync's --no-v / --no-h set the level to 0; later -v / -h count up again.
+          out.line = out.line.filter((t) => t !== `--${spec.name}`);
+          if (spec.name === 'human-readable') out.noHuman = true;
+        } else out.line.push(`--${spec.name}`);
+        return;
+      case 'flag':
+        out.line.push(negated ? `--no-${spec.name}` : `--${spec.name}`);
+        return;
+      case 'filter':
+        out.filters.push(
+          spec.name.endsWith('-from')
+            ? { type: spec.name as 'include-from' | 'exclude-from', file: value! }
+            : { type: spec.name as 'include' | 'exclude', pattern: value! },
+        );
+        return;
+      default:
+        out.line.push(`--${spec.name}=${value!}`);
+    }
+  };
+
+  const missingValue = (typed: string): QsyncError =>
+    new QsyncError('USAGE', `option ${typed} requires an argument`, { option: typed });
+
+  let i = 0;
+  while (i < argv.length && !out.stop) {
+    const arg = argv[i++]!;
+    if (arg === '--') {
+      out.operands.push(...argv.slice(i));
+      break;
+    }
+    if (arg.startsWith('--')) {
+      const eq = arg.indexOf('=');
+      const name = arg.slice(2, eq < 0 ? undefined : eq);
+      const typed = `--${name}`;
+      const hit = byLong.get(name);
+      if (!hit) throw unknownOption(typed, UNSUPPORTED_LONG.has(name));
+      if (takesValue(hit.spec.kind)) {
+        let value: string;
+        if (eq >= 0) value = arg.slice(eq + 1);
+        else if (i < argv.length) value = argv[i++]!;
+        else throw missingValue(typed);
+        apply(hit.spec, false, value);
+      } else {
+        if (eq >= 0) throw new QsyncError('USAGE', `option ${typed} does not take an argument`, { option: typed });
+        apply(hit.spec, hit.negated);
+      }
+    } else if (arg.startsWith('-') && arg.length > 1) {
+      for (let j = 1; j < arg.length && !out.stop; j++) {
+        const ch = arg[j]!;
+        const spec = byShort.get(ch);
+        if (!spec) throw unknownOption(`-${ch}`, UNSUPPORTED_SHORT.has(ch));
+        if (!takesValue(spec.kind)) {
+          apply(spec, false);
+          continue;
+        }
+        // The rest of the cluster is the value (-B64K, -B=64K), else the next argument.
+        let value = arg.slice(j + 1).replace(/^=/, '');
+        if (!value) {
+          if (i >= argv.length) throw missingValue(`-${ch}`);
+          value = argv[i++]!;
+        }
+        apply(spec, false, value);
+        break;
+      }
+    } else {
+      out.operands.push(arg);
+    }
+  }
+  return out;
+}
+
+function unknownOption(typed: string, knownToRsync: boolean): QsyncError {
+  return knownToRsync
+    ? new QsyncError('UNSUPPORTED', `option ${typed} is not supported (rsync option); remove it or use rsync`, {
+        option: typed,
+      })
+    : new QsyncError('USAGE', `unknown option ${typed}`, { option: typed });
+}
+
+/** yargs option declarations, from SPECS. */
+function yargsOptions(): Record<string, { type: 'boolean' | 'count' | 'string' | 'array' }> {
+  const opts: Record<string, { type: 'boolean' | 'count' | 'string' | 'array' }> = {};
+  for (const { name, kind } of SPECS) {
+    if (kind === 'flag') opts[name] = { type: 'boolean' };
+    else if (kind === 'count') opts[name] = { type: 'count' };
+    else if (kind === 'value') opts[name] = { type: 'string' };
+    else if (kind === 'list' || kind === 'info') opts[name] = { type: 'array' };
+  }
+  return opts;
+}
+
+const KiB = 1024;
+
+/** rsync's SIZE syntax: 65536, 64K, 64k, 64KiB (1024), 64KB (1000), 1M, 1G. */
+export function parseBlockSize(text: string): number {
+  const m = /^(\d+)(?:([kmg])(i?b)?)?$/i.exec(text);
+  let bytes = NaN;
+  if (m) {
+    const base = m[3]?.toLowerCase() === 'b' ? 1000 : KiB;
+    const power = m[2] ? 'kmg'.indexOf(m[2].toLowerCase()) + 1 : 0;
+    bytes = Number(m[1]) * base ** power;
+  }
+  if (!Number.isSafeInteger(bytes) || bytes < 4 * KiB || bytes > 16 * KiB * KiB || (bytes & (bytes - 1)) !== 0) {
+    throw new QsyncError('USAGE', `invalid --block-size ${text}: must be a power of two from 4K to 16M (e.g. 64K)`, {
+      option: '--block-size',
+      value: text,
+    });
+  }
+  return bytes;
+}
+
+function parsePercent(text: string): number {
+  const pct = Number(text);
+  if (!/^\d+(\.\d+)?$/.test(text) || pct > 100) {
+    throw new QsyncError('USAGE', `invalid --verify-sample ${text}: must be a percentage from 0 to 100`, {
+      option: '--verify-sample',
+      value: text,
+    });
+  }
+  return pct;
+}
+
+const INFO_WORDS = ['backup', 'copy', 'del', 'flist', 'misc', 'mount', 'name', 'nonreg', 'progress', 'remove', 'skip', 'stats', 'symsafe'];
+
+/**
+ * --info=FLAGS as rsync reads it: comma-separated words, each with an
+ * optional level (default 1, 0 silences), plus ALL, NONE and HELP. Returns
+ * the levels set for each word; only progress and stats change what qsync
+ * prints, the others are accepted.
+ */
+function parseInfo(values: readonly string[]): Map<string, number> | 'help' {
+  const levels = new Map<string, number>();
+  for (const item of values.flatMap((v) => v.split(','))) {
+    if (!item) continue;
+    const m = /^(.*?)(\d*)$/.exec(item)!;
+    const word = m[1]!.toLowerCase();
+    const level = m[2] ? Number(m[2]) : 1;
+    if (word === 'help') return 'help';
+    if (word === 'none' || word === 'all') {
+      for (const w of INFO_WORDS) levels.set(w, word === 'none' ? 0 : level);
+    } else if (INFO_WORDS.includes(word)) levels.set(word, level);
+    else throw new QsyncError('USAGE', `unknown --info item: "${m[1]}"`, { option: '--info', value: item });
+  }
+  return levels;
+}
+
+function helpText(): string {
+  const rows = SPECS.map((s) => {
+    const long = s.noLong ? '' : `--${s.name}${s.arg ? `=${s.arg}` : ''}`;
+    const label = [long, s.short ? `-${s.short}` : ''].filter(Boolean).join(', ');
+    return `${label.padEnd(28)} ${s.help}`;
+  });
+  return [
+    'qsync: incremental block-level sync for VM disk images, rsync-compatible',
+    '',
+    'Usage: qsync [OPTION]... SRC [SRC]... DEST',
+    '  or   qsync --qmp SOCKET --drive NAME [OPTION]... DEST',
+    '  or   qsync --image FILE [OPTION]... DEST',
+    '  or   qsync --read-batch=FILE [OPTION]... DEST',
+    '',
+    'Options',
+    ...rows,
+    `${'--no-OPTION'.padEnd(28)} turn off an implied OPTION (e.g. --no-D, --no-W)`,
+    '',
+    'rsync options not listed here are refused with exit code 1.',
+    '',
+  ].join('\n');
+}
+
+const infoHelpText = (): string =>
+  ['Use OPT or OPT1 for level 1 output, OPT2 for level 2, etc.; OPT0 silences.', '', ...INFO_WORDS.map((w) => w.toUpperCase()), ''].join('\n');
+
+function str(v: unknown): string | undefined {
+  // A value option given twice reaches us as an array; the last one wins, as in rsync.
+  const last = Array.isArray(v) ? v[v.length - 1] : v;
+  return typeof last === 'string' ? last : undefined;
+}
+
+export function parseArgv(argv: readonly string[]): ParsedArgs {
+  // rsync: "-h is help only on its own".
+  if (argv.length === 1 && argv[0] === '-h') return { kind: 'help', text: helpText() };
+  const n = normalise(argv);
+  if (n.stop === 'help') return { kind: 'help', text: helpText() };
+  if (n.stop === 'version') return { kind: 'version' };
+
+  const y = yargs(n.line)
+    .exitProcess(false)
+    .help(false)
+    .version(false)
+    .strict()
+    .parserConfiguration({ 'camel-case-expansion': false, 'dot-notation': false })
+    .options(yargsOptions())
+    .fail((msg: string | null, err: Error | null) => {
+      throw new QsyncError('USAGE', msg ?? err?.message ?? 'invalid arguments', {}, { cause: err ?? undefined });
+    })
+    .parseSync();
+  const bool = (name: string): boolean => y[name] === true;
+  const list = (name: string): string[] => ((y[name] as unknown[] | undefined) ?? []).map(String);
+
+  const info = parseInfo(list('info'));
+  if (info === 'help') return { kind: 'help', text: infoHelpText() };
+  const progressLevel = info.get('progress');
+  const statsLevel = info.get('stats');
+
+  const verifyText = str(y['verify-sample']);
+  const blockText = str(y['block-size']);
+
+  const options: SyncOptions = {
+    recursive: bool('recursive'),
+    links: bool('links'),
+    perms: bool('perms'),
+    times: bool('times'),
+    group: bool('group'),
+    owner: bool('owner'),
+    devices: bool('devices'),
+    specials: bool('specials'),
+    verbose: Number(y.verbose ?? 0),
+    quiet: bool('quiet'),
+    human: (n.noHuman ? 0 : 1) + Number(y['human-readable'] ?? 0),
+    dryRun: bool('dry-run'),
+    // An explicit --info=progressN wins over --progress/-P in either order, as in rsync.
+    progress: progressLevel === undefined ? bool('progress') : progressLevel === 1,
+    progress2: (progressLevel ?? 0) >= 2,
+    stats: statsLevel === undefined ? bool('stats') : statsLevel >= 2,
+    itemize: bool('itemize-changes'),
+    inplace: bool('inplace'),
+    wholeFile: bool('whole-file'),
+    delete: bool('delete'),
+    filters: n.filters,
+    sparse: bool('sparse'),
+    checksum: bool('checksum'),
+    sizeOnly: bool('size-only'),
+    update: bool('update'),
+    existing: bool('existing'),
+    ignoreExisting: bool('ignore-existing'),
+    numericIds: bool('numeric-ids'),
+    oneFileSystem: bool('one-file-system'),
+    blockSize: blockText === undefined ? 64 * KiB : parseBlockSize(blockText),
+    manifest: str(y.manifest),
+    json: bool('json'),
+    rsh: str(y.rsh),
+    writeBatch: str(y['write-batch']),
+    onlyWriteBatch: str(y['only-write-batch']),
+    readBatch: str(y['read-batch']),
+    backupDir: str(y['backup-dir']),
+    compress: bool('compress'),
+    qmp: str(y.qmp),
+    drives: list('drive'),
+    image: str(y.image),
+    verifySample: verifyText === undefined ? 0.5 : parsePercent(verifyText),
+  };
+
+  const ops = n.operands;
+  // Image mode and --read-batch take their source elsewhere: DEST alone is enough.
+  const destOnly = options.qmp !== undefined || options.image !== undefined || options.readBatch !== undefined;
+  if (ops.length >= 2) return { kind: 'sync', sources: ops.slice(0, -1), dest: ops[ops.length - 1]!, options };
+  if (ops.length === 1 && destOnly) return { kind: 'sync', sources: [], dest: ops[0]!, options };
+  throw new QsyncError(
+    'USAGE',
+    ops.length === 1 && !destOnly
+      ? `qsync needs a source and a destination (got only "${ops[0]}"; rsync's listing mode is not supported)`
+      : 'qsync needs a source and a destination',
+    { operands: ops },
+  );
+}

@@ -1,0 +1,168 @@
+import { describe, expect, it } from 'vitest';
+import { parseArgv, parseBlockSize, type ParsedArgs, type SyncOptions } from '../src/cli/args.js';
+import { QsyncError } from '../src/core/errors.js';
+
+function sync(argv: string[]): { sources: string[]; dest: string; options: SyncOptions } {
+  const r: ParsedArgs = parseArgv(argv);
+  if (r.kind !== 'sync') throw new Error(`expected sync, got ${r.kind}`);
+  return r;
+}
+
+function failure(argv: string[]): QsyncError {
+  try {
+    parseArgv(argv);
+  } catch (e) {
+    if (e instanceof QsyncError) return e;
+    throw e;
+  }
+  throw new Error(`parseArgv(${JSON.stringify(argv)}) did not throw`);
+}
+
+const ARCHIVE = { recursive: true, links: true, perms: true, times: true, group: true, owner: true, devices: true, specials: true };
+
+describe('parseArgv', () => {
+  it('reads -hav --progress a/ b/ with -h as human-readable and operands as typed', () => {
+    const r = sync(['-hav', '--progress', 'a/', 'b/']);
+    expect(r.sources).toEqual(['a/']);
+    expect(r.dest).toBe('b/');
+    expect(r.options).toMatchObject({ ...ARCHIVE, verbose: 1, human: 2, progress: true, progress2: false });
+  });
+
+  it('has rsync defaults', () => {
+    expect(sync(['a', 'b']).options).toEqual({
+      recursive: false, links: false, perms: false, times: false, group: false, owner: false, devices: false,
+      specials: false, verbose: 0, quiet: false, human: 1, dryRun: false, progress: false, progress2: false,
+      stats: false, itemize: false, inplace: false, wholeFile: false, delete: false, filters: [], sparse: false,
+      checksum: false, sizeOnly: false, update: false, existing: false, ignoreExisting: false, numericIds: false,
+      oneFileSystem: false, blockSize: 65536, manifest: undefined, json: false, rsh: undefined,
+      writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
+      compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
+    } satisfies SyncOptions);
+  });
+
+  it('-avP is archive, verbose, progress; -vvh counts', () => {
+    expect(sync(['-avP', 'a', 'b']).options).toMatchObject({ ...ARCHIVE, verbose: 1, progress: true });
+    expect(sync(['-avvh', 'a', 'b']).options).toMatchObject({ verbose: 2, human: 2 });
+    expect(sync(['-hh', '-v', '--verbose', 'a', 'b']).options).toMatchObject({ verbose: 2, human: 3 });
+    expect(sync(['-hh', '--no-h', 'a', 'b']).options.human).toBe(0);
+    expect(sync(['-vv', '--no-v', '-v', 'a', 'b']).options.verbose).toBe(1);
+  });
+
+  it('applies -a and --no-OPTION in command-line order, as rsync', () => {
+    expect(sync(['-a', '--no-perms', 'a', 'b']).options).toMatchObject({ ...ARCHIVE, perms: false });
+    expect(sync(['--no-perms', '-a', 'a', 'b']).options.perms).toBe(true);
+    expect(sync(['-a', '--no-D', '--no-o', '--no-g', 'a', 'b']).options).toMatchObject({
+      devices: false, specials: false, owner: false, group: false, times: true,
+    });
+    expect(sync(['-W', '--no-W', 'a', 'b']).options.wholeFile).toBe(false);
+    expect(sync(['--no-whole-file', '-W', 'a', 'b']).options.wholeFile).toBe(true);
+  });
+
+  it('reads --info=progress2 and other info words', () => {
+    expect(sync(['--info=progress2', 'a', 'b']).options).toMatchObject({ progress: false, progress2: true });
+    expect(sync(['-aP', '--info=progress2', 'a', 'b']).options).toMatchObject({ progress: false, progress2: true });
+    expect(sync(['--info=progress2', '-P', 'a', 'b']).options).toMatchObject({ progress: false, progress2: true });
+    expect(sync(['--info', 'name0,STATS2', 'a', 'b']).options.stats).toBe(true);
+    expect(sync(['--stats', '--info=none', 'a', 'b']).options.stats).toBe(false);
+    expect(parseArgv(['--info=help'])).toMatchObject({ kind: 'help' });
+    const e = failure(['--info=progres2', 'a', 'b']);
+    expect([e.code, e.message]).toEqual(['USAGE', 'unknown --info item: "progres"']);
+  });
+
+  it('reads block sizes with rsync suffixes', () => {
+    expect(sync(['-B', '64K', 'a', 'b']).options.blockSize).toBe(65536);
+    expect(sync(['-B64k', 'a', 'b']).options.blockSize).toBe(65536);
+    expect(sync(['-aB=4096', 'a', 'b']).options.blockSize).toBe(4096);
+    expect(sync(['--block-size=1M', 'a', 'b']).options.blockSize).toBe(1 << 20);
+    expect(sync(['--block-size', '65536', 'a', 'b']).options.blockSize).toBe(65536);
+    expect(parseBlockSize('16MiB')).toBe(16 << 20);
+    for (const bad of ['3000', '64KB', '2K', '32M', 'big', '', '0x1000', '-64K']) {
+      expect(() => parseBlockSize(bad), bad).toThrow(QsyncError);
+    }
+    const e = failure(['-B', '3000', 'a', 'b']);
+    expect(e.code).toBe('USAGE');
+    expect(e.message).toContain('3000');
+    expect(e.message).toContain('power of two');
+  });
+
+  it('refuses unknown options with USAGE and rsync options qsync lacks with UNSUPPORTED, as typed', () => {
+    expect(failure(['--foo', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'unknown option --foo' });
+    expect(failure(['-aj', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'unknown option -j' });
+    expect(failure(['--verb', 'a', 'b']).message).toBe('unknown option --verb'); // no abbreviations, as popt
+    const long = failure(['-a', '--hard-links', 'a', 'b']);
+    expect(long.code).toBe('UNSUPPORTED');
+    expect(long.message).toBe('option --hard-links is not supported (rsync option); remove it or use rsync');
+    expect(failure(['-avH', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-H' } });
+    for (const opt of ['--link-dest=x', '--files-from=x', '-b', '--bwlimit=1m', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
+      expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
+    }
+    expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
+    expect(failure(['a', 'b', '--exclude'])).toMatchObject({ code: 'USAGE', message: 'option --exclude requires an argument' });
+  });
+
+  it('accepts -e/--rsh and the qsync, batch and image options', () => {
+    expect(sync(['-e', 'ssh -p 2222', 'a', 'h:b']).options.rsh).toBe('ssh -p 2222');
+    expect(sync(['--rsh=ssh', 'a', 'b']).options.rsh).toBe('ssh');
+    const o = sync([
+      '--manifest', '/m', '--json', '--write-batch=w', '--backup-dir', 'bk', '-z', '--verify-sample', '2.5',
+      '--fsync', '--partial', 'a', 'b',
+    ]).options;
+    expect(o).toMatchObject({ manifest: '/m', json: true, writeBatch: 'w', backupDir: 'bk', compress: true, verifySample: 2.5 });
+    expect(failure(['--verify-sample=101', 'a', 'b']).code).toBe('USAGE');
+    expect(failure(['--verify-sample=x', 'a', 'b']).code).toBe('USAGE');
+    expect(sync(['--manifest=a', '--manifest=b', 'x', 'y']).options.manifest).toBe('b');
+  });
+
+  it('needs a source and a destination, except in image and read-batch modes', () => {
+    expect(failure([])).toMatchObject({ code: 'USAGE', message: 'qsync needs a source and a destination' });
+    expect(failure(['-av', 'only/']).message).toContain('qsync needs a source and a destination');
+    expect(parseArgv(['--qmp', '/run/vm.sock', '--drive', 'vda', '--drive=vdb', 'out/'])).toMatchObject({
+      kind: 'sync', sources: [], dest: 'out/', options: { qmp: '/run/vm.sock', drives: ['vda', 'vdb'] },
+    });
+    expect(sync(['--image', 'd.qcow2', 'out.raw'])).toMatchObject({ sources: [], dest: 'out.raw' });
+    expect(sync(['--read-batch=delta', 'dst'])).toMatchObject({ sources: [], dest: 'dst', options: { readBatch: 'delta' } });
+    expect(failure(['--qmp', 's']).code).toBe('USAGE');
+  });
+
+  it('keeps several sources and interleaved operands in order', () => {
+    expect(sync(['a', '-a', 'b/', '--delete', 'c', 'dst/'])).toMatchObject({ sources: ['a', 'b/', 'c'], dest: 'dst/' });
+  });
+
+  it('keeps include/exclude rules in command-line order, in both value forms', () => {
+    const o = sync([
+      '--include=*.qcow2', '--exclude', '*.tmp', '--exclude-from=ex.txt', '--include', '-odd', '--exclude=*', 'a', 'b',
+    ]).options;
+    expect(o.filters).toEqual([
+      { type: 'include', pattern: '*.qcow2' },
+      { type: 'exclude', pattern: '*.tmp' },
+      { type: 'exclude-from', file: 'ex.txt' },
+      { type: 'include', pattern: '-odd' }, // a value may start with '-', as with rsync
+      { type: 'exclude', pattern: '*' },
+    ]);
+  });
+
+  it('treats everything after -- as operands', () => {
+    expect(sync(['-a', '--', '-weird-name', '--also', 'dst'])).toMatchObject({ sources: ['-weird-name', '--also'], dest: 'dst' });
+    expect(sync(['-', 'dst']).sources).toEqual(['-']);
+  });
+
+  it('maps delete aliases and --ignore-non-existing', () => {
+    for (const d of ['--delete', '--del', '--delete-after', '--delete-before', '--delete-during', '--delete-delay']) {
+      expect(sync([d, 'a', 'b']).options.delete, d).toBe(true);
+    }
+    expect(sync(['--ignore-non-existing', 'a', 'b']).options.existing).toBe(true);
+  });
+
+  it('returns help and version', () => {
+    const help = parseArgv(['--help']);
+    expect(help.kind).toBe('help');
+    if (help.kind === 'help') {
+      expect(help.text).toContain('--block-size=SIZE, -B');
+      expect(help.text).toContain('-P ');
+    }
+    expect(parseArgv(['-h']).kind).toBe('help');
+    expect(parseArgv(['-a', '--help', '--bogus']).kind).toBe('help');
+    expect(parseArgv(['--version'])).toEqual({ kind: 'version' });
+    expect(parseArgv(['-V'])).toEqual({ kind: 'version' });
+  });
+});
