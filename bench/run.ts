@@ -1,0 +1,183 @@
+/**
+ * `npm run bench [-- options]`: generates images, changes them per scenario,
+ * and times every tool on the same files in the same run, interleaved, each
+ * run starting from the same target. Writes latest.json and latest.svg and
+ * prints the table. See bench/README.md.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseBenchArgs, USAGE, type BenchOptions } from './args.js';
+import { measure, TIME_BIN } from './measure.js';
+import { addRatios, load, machine, summarize, table, type BenchResult, type ScenarioResult, type ToolResult } from './report.js';
+import { makeScenarios, type Scenario } from './scenarios.js';
+import { chart } from './svg.js';
+import { makeTools, REFERENCE, type Tool } from './tools.js';
+import { diffBlocks, fsyncTree, identical, restoreTree, saveTree, treeBytes } from './tree.js';
+
+const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const log = (msg: string): void => void process.stderr.write(`${msg}\n`);
+
+function dropCaches(): void {
+  execFileSync('sync');
+  writeFileSync('/proc/sys/vm/drop_caches', '3');
+}
+
+/** Per tool: where its target lives, the saved starting state, and whether the target moved since. */
+interface Lane {
+  tool: Tool;
+  result: ToolResult;
+  dst: string;
+  saved: string;
+  dirty: boolean;
+}
+
+const fail = (r: ToolResult, why: string): void => {
+  r.status = 'failed';
+  r.reason ??= why.trim().slice(-2000);
+};
+
+async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof makeTools>, work: string): Promise<ScenarioResult> {
+  const dir = join(work, sc.name);
+  const src = join(dir, 'src', sc.file);
+  mkdirSync(dirname(src), { recursive: true });
+  log(`[${sc.name}] ${sc.description}: creating ${sc.file}`);
+  await sc.create(src);
+
+  const lanes: Lane[] = [];
+  const results: ToolResult[] = [];
+  for (const id of sc.tools) {
+    const tool = tools[id];
+    const result: ToolResult = { id, label: tool.label, kind: tool.kind, status: 'ok', runs: [] };
+    results.push(result);
+    const why = tool.unavailable();
+    if (why) {
+      result.status = why === 'not built' ? 'not built' : 'missing';
+      log(`[${sc.name}] ${tool.label}: ${why}`);
+      continue;
+    }
+    const lane = { tool, result, dst: join(dir, `dst-${id}`), saved: join(dir, `saved-${id}`), dirty: false };
+    lanes.push(lane);
+    if (tool.kind === 'floor') continue;
+    mkdirSync(lane.dst);
+    if (sc.firstCopy) {
+      mkdirSync(lane.saved); // empty: restoring it deletes the copy
+      continue;
+    }
+    log(`[${sc.name}] ${tool.label}: making its target from the unchanged image`);
+    result.baseline = await measure(tool.argv(src, lane.dst));
+    if (result.baseline.exitCode !== 0) fail(result, result.baseline.stderr);
+    else if (!(await identical(src, join(lane.dst, sc.file)))) fail(result, 'first copy differs from the source');
+    fsyncTree(lane.dst);
+    if (sc.runs > 1) await saveTree(lane.dst, lane.saved);
+  }
+
+  const loadBefore = load();
+  const known = await sc.mutate(src);
+  const reference = lanes.find((l) => l.tool.kind === 'sync' && l.result.status === 'ok');
+  const changedBytes = known ?? (reference ? diffBlocks(src, join(reference.dst, sc.file)) : -1);
+  if (!o.cold) execFileSync('cat', [src], { stdio: ['ignore', 'ignore', 'inherit'] }); // warm the page cache
+
+  const timed = lanes.filter((l) => l.result.status === 'ok');
+  for (let r = 0; r < sc.runs; r++) {
+    // Interleaved, and rotated each run so no tool always follows the same one.
+    const order = timed.map((_, i) => timed[(i + r) % timed.length]!);
+    for (const lane of order) {
+      const { tool, result } = lane;
+      if (lane.dirty) restoreTree(lane.saved, lane.dst);
+      if (o.cold) dropCaches();
+      const m = await measure(tool.argv(src, lane.dst));
+      let correct: boolean | null = null;
+      if (tool.kind === 'sync') {
+        lane.dirty = true;
+        correct = m.exitCode === 0 && (await identical(src, join(lane.dst, sc.file)));
+        fsyncTree(lane.dst); // its writeback must not land in the next tool's timing
+      }
+      result.runs.push({ ...m, correct });
+      if (m.exitCode !== 0) fail(result, `exit ${m.exitCode}: ${m.stderr}`);
+      else if (correct === false) fail(result, 'target differs from the source');
+      log(`[${sc.name}] run ${r + 1}/${sc.runs} ${tool.label}: ${m.wallS.toFixed(2)} s${correct === false ? ' TARGET DIFFERS' : m.exitCode ? ` exit ${m.exitCode}` : ''}`);
+    }
+  }
+  for (const { tool, result, dst } of timed) {
+    if (result.runs.length) result.summary = summarize(result.runs, changedBytes, tool.kind);
+    if (tool.kind === 'sync') result.manifestBytes = treeBytes(join(dst, '.qsync'));
+  }
+  const s: ScenarioResult = {
+    name: sc.name,
+    description: sc.description,
+    sourceBytes: treeBytes(src),
+    changedBytes,
+    loadBefore,
+    loadAfter: load(),
+    tools: results,
+  };
+  addRatios(s, REFERENCE);
+  if (!o.keep) rmSync(dir, { recursive: true, force: true });
+  return s;
+}
+
+/** Each scenario holds the image, and per sync tool a target and a saved target. */
+function checkSpace(o: BenchOptions, scenarios: readonly Scenario[]): void {
+  const images = Math.max(...scenarios.map((s) => (s.name === 'memory' ? 0 : 1 + 2 * s.tools.length)));
+  const need = images * o.size * 1.15;
+  const st = statfsSync(o.tmp);
+  const free = st.bavail * st.bsize;
+  if (free < need) throw new Error(`${o.tmp} has ${(free / 1024 ** 3).toFixed(1)} GiB free; ${(need / 1024 ** 3).toFixed(1)} GiB needed (use --tmp)`);
+}
+
+function writeAtomic(path: string, text: string): void {
+  writeFileSync(`${path}.tmp`, text);
+  renameSync(`${path}.tmp`, path);
+}
+
+async function main(): Promise<void> {
+  let o: BenchOptions;
+  try {
+    o = parseBenchArgs(process.argv.slice(2), { out: join(repoRoot, 'bench', 'results'), tmp: tmpdir() });
+  } catch (e) {
+    log(`${(e as Error).message}\n${USAGE}`);
+    process.exitCode = 1;
+    return;
+  }
+  if (!existsSync(TIME_BIN)) throw new Error(`${TIME_BIN} is missing: install the Debian package "time"`);
+  if (o.cold && process.getuid?.() !== 0) throw new Error('--cold drops the page cache: run as root');
+  const tools = makeTools(repoRoot);
+  const all = makeScenarios(o);
+  const scenarios = o.scenarios.map((n) => all[n]);
+  checkSpace(o, scenarios);
+
+  const work = mkdtempSync(join(o.tmp, 'qsync-bench-'));
+  const cleanup = (): void => {
+    if (!o.keep) rmSync(work, { recursive: true, force: true });
+  };
+  process.once('SIGINT', () => {
+    cleanup();
+    process.exit(130);
+  });
+  const result: BenchResult = {
+    version: 1,
+    date: new Date().toISOString(),
+    machine: machine(),
+    options: { size: o.size, change: o.change, runs: o.runs, scenarios: o.scenarios, cold: o.cold, quick: o.quick, cache: o.cold ? 'cold' : 'warm' },
+    scenarios: [],
+  };
+  try {
+    for (const sc of scenarios) result.scenarios.push(await runScenario(sc, o, tools, work));
+  } finally {
+    cleanup();
+  }
+
+  mkdirSync(o.out, { recursive: true });
+  writeAtomic(join(o.out, 'latest.json'), `${JSON.stringify(result, null, 2)}\n`);
+  writeAtomic(join(o.out, 'latest.svg'), chart(result, tools[REFERENCE].label));
+  process.stdout.write(`${table(result)}\nwrote ${join(o.out, 'latest.json')} and latest.svg\n`);
+  if (result.scenarios.some((s) => s.tools.some((t) => t.status === 'failed'))) process.exitCode = 1;
+}
+
+main().catch((e: unknown) => {
+  log(`bench: ${e instanceof Error ? e.message : String(e)}`);
+  process.exitCode = 1;
+});

@@ -1,0 +1,65 @@
+/** The commands the benchmark times. */
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+
+export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S';
+
+export interface Tool {
+  id: ToolId;
+  /** What a reader sees: the command as typed. */
+  label: string;
+  /** sync tools write a target that must equal the source; floors only read. */
+  kind: 'sync' | 'floor';
+  argv(src: string, dstDir: string): string[];
+  /** Why it cannot run here, or undefined. */
+  unavailable(): string | undefined;
+}
+
+/** The qsync CLI built by `tsc -p .`, relative to the repository root. */
+export const QSYNC_MAIN = join('dist', 'src', 'cli', 'main.js');
+
+function onPath(cmd: string): boolean {
+  try {
+    execFileSync('sh', ['-c', 'command -v "$1"', 'sh', cmd], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function makeTools(repoRoot: string): Record<ToolId, Tool> {
+  const main = join(repoRoot, QSYNC_MAIN);
+  const qsync = (id: ToolId, flags: string[]): Tool => ({
+    id,
+    label: `qsync ${flags.join(' ')}`,
+    kind: 'sync',
+    argv: (src, dst) => [process.execPath, main, ...flags, src, `${dst}/`],
+    unavailable: () => (existsSync(main) ? undefined : 'not built'),
+  });
+  const external = (id: ToolId, kind: Tool['kind'], cmd: string, flags: string[], withDst: boolean): Tool => ({
+    id,
+    label: `${cmd} ${flags.join(' ')}`.trim(),
+    kind,
+    argv: (src, dst) => [cmd, ...flags, src, ...(withDst ? [`${dst}/`] : [])],
+    unavailable: () => (onPath(cmd) ? undefined : 'missing'),
+  });
+  return {
+    qsync: qsync('qsync', ['-a']),
+    'qsync-c': qsync('qsync-c', ['-a', '-c']),
+    'qsync-S': qsync('qsync-S', ['-a', '-S']),
+    'qsync-c-S': qsync('qsync-c-S', ['-a', '-c', '-S']),
+    rsync: external('rsync', 'sync', 'rsync', ['-a'], true),
+    'rsync-inplace': external('rsync-inplace', 'sync', 'rsync', ['-a', '--inplace', '--no-whole-file'], true),
+    // Floors: stdout goes to /dev/null (measure() discards it), so `cat SRC` is `cat SRC >/dev/null`.
+    cat: external('cat', 'floor', 'cat', [], false),
+    b3sum: external('b3sum', 'floor', 'b3sum', ['--num-threads', '2'], false),
+  };
+}
+
+/** The tools of every scenario but memory, in the order they are interleaved. */
+export const STANDARD_TOOLS: readonly ToolId[] = ['qsync', 'qsync-c', 'rsync', 'rsync-inplace', 'cat', 'b3sum'];
+/** The memory scenario: a 16 GiB sparse file, holes kept (-S) so the target stays small. */
+export const MEMORY_TOOLS: readonly ToolId[] = ['qsync-S', 'qsync-c-S'];
+/** The read floor every ratio is taken against. */
+export const REFERENCE: ToolId = 'cat';
