@@ -7,6 +7,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { afterAll, beforeAll } from 'vitest';
+import { QmpClient } from '../../src/qemu/qmp.js';
 
 const live = new Set<ChildProcess>();
 process.on('exit', () => {
@@ -129,8 +131,37 @@ export function startVm(dir: string, disk: string): Promise<QemuProcess> {
 export function startQemuNbd(dir: string, image: string, args: string[] = []): Promise<QemuProcess & { uri: string }> {
   const sock = path.join(dir, 'qemu-nbd.sock');
   fs.rmSync(sock, { force: true });
-  return start('qemu-nbd', ['--persistent', `--socket=${sock}`, ...args, image], dir, sock).then((p) => ({
+  return start('qemu-nbd', ['--persistent', '--shared=16', `--socket=${sock}`, ...args, image], dir, sock).then((p) => ({
     ...p,
     uri: `nbd+unix:///?socket=${sock}`,
   }));
+}
+
+export interface QsdFixture {
+  dir: string;
+  disk: string;
+  qsd: QemuProcess;
+  qmp: QmpClient;
+}
+
+/**
+ * In a describe block: a fresh qcow2 of `size` served by qemu-storage-daemon
+ * as node disk0, with a connected QMP client; all torn down after the block.
+ */
+export function useQsd(size = '64M', prepare?: (disk: string) => void): QsdFixture {
+  const fx = {} as QsdFixture;
+  beforeAll(async () => {
+    fx.dir = tmpDir();
+    fx.disk = path.join(fx.dir, 'disk.qcow2');
+    qemuImgCreate(fx.disk, size);
+    prepare?.(fx.disk);
+    fx.qsd = await startQsd(fx.dir, fx.disk);
+    fx.qmp = await QmpClient.connect(fx.qsd.qmp);
+  });
+  afterAll(async () => {
+    await fx.qmp?.close();
+    await fx.qsd?.kill();
+    if (fx.dir) fs.rmSync(fx.dir, { recursive: true, force: true });
+  });
+  return fx;
 }
