@@ -1,0 +1,112 @@
+/**
+ * Per-block digests of a target kept in a scratch file (32 bytes a block, at
+ * index × 32), so that applying a delta can rebuild the target's manifest
+ * with flat memory: start from the old manifest or a hash of the target,
+ * overwrite the digests of the blocks the delta writes, then stream the file
+ * into a ManifestWriter whose fingerprint must equal the delta's result.
+ */
+import { Blake3Hasher } from '@napi-rs/blake-hash';
+import { constants } from 'node:fs';
+import { open, rm, type FileHandle } from 'node:fs/promises';
+import { fingerprintPrefix } from '../core/manifest.js';
+import { blockCount, blockLength } from '../core/geometry.js';
+import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
+import type { Manifest } from './manifest-store.js';
+import { ManifestWriter } from './manifest-store.js';
+
+const BATCH_BLOCKS = 4096;
+
+export class DigestScratch {
+  private constructor(
+    private readonly fh: FileHandle,
+    readonly path: string,
+  ) {}
+
+  /** Open (or create) the scratch file; existing content is kept (resume). */
+  static async open(path: string): Promise<DigestScratch> {
+    return new DigestScratch(await open(path, constants.O_RDWR | constants.O_CREAT), path);
+  }
+
+  /** Digests of blocks first, first+1, ... */
+  async set(first: number, digests: Buffer): Promise<void> {
+    await this.fh.write(digests, 0, digests.length, first * DIGEST_LEN);
+  }
+
+  /** Copy a trusted manifest's digests in. */
+  async fillFromManifest(m: Manifest): Promise<void> {
+    const n = blockCount(m.header.targetSize, m.header.blockSize);
+    const buf = Buffer.alloc(BATCH_BLOCKS * DIGEST_LEN);
+    for (let first = 0; first < n; first += BATCH_BLOCKS) {
+      const k = Math.min(BATCH_BLOCKS, n - first);
+      await m.readDigests(first, k, buf);
+      await this.fh.write(buf, 0, k * DIGEST_LEN, first * DIGEST_LEN);
+    }
+  }
+
+  /** Set blocks [from, blockCount(size)) to the digest of zeros (the area a resize adds). */
+  async fillZeros(from: number, size: number, blockSize: number): Promise<void> {
+    for (let i = from; i < blockCount(size, blockSize); i++) await this.set(i, zeroDigest(blockLength(i, size, blockSize)));
+  }
+
+  /** Fingerprint of blocks [0, blockCount(size)) as a manifest would compute it. */
+  async fingerprint(blockSize: number, size: number): Promise<Buffer> {
+    const fp = new Blake3Hasher();
+    fp.update(fingerprintPrefix(blockSize, size));
+    await this.each(blockCount(size, blockSize), (chunk) => void fp.update(chunk));
+    return fp.digestBuffer();
+  }
+
+  /** Stream the digests into a new manifest writer (its fingerprint is checked by the caller). */
+  async writeTo(w: ManifestWriter, blockSize: number, size: number): Promise<void> {
+    await this.each(blockCount(size, blockSize), (chunk) => w.append(chunk));
+  }
+
+  private async each(n: number, fn: (chunk: Buffer) => unknown): Promise<void> {
+    const buf = Buffer.alloc(BATCH_BLOCKS * DIGEST_LEN);
+    for (let first = 0; first < n; first += BATCH_BLOCKS) {
+      const len = Math.min(BATCH_BLOCKS, n - first) * DIGEST_LEN;
+      const { bytesRead } = await this.fh.read(buf, 0, len, first * DIGEST_LEN);
+      if (bytesRead !== len) throw new Error(`digest scratch ${this.path} is short at block ${first}`);
+      await fn(Buffer.from(buf.subarray(0, len)));
+    }
+  }
+
+  async sync(): Promise<void> {
+    await this.fh.sync();
+  }
+
+  async close(remove = false): Promise<void> {
+    await this.fh.close();
+    if (remove) await rm(this.path, { force: true });
+  }
+}
+
+/**
+ * Hash a file block by block, reading sequentially; `each` gets the digests
+ * of each run of blocks read. Returns the manifest-style fingerprint.
+ */
+export async function hashFile(
+  fh: FileHandle,
+  size: number,
+  blockSize: number,
+  each?: (first: number, digests: Buffer) => Promise<void>,
+): Promise<Buffer> {
+  const fp = new Blake3Hasher();
+  fp.update(fingerprintPrefix(blockSize, size));
+  const per = Math.max(1, Math.floor((4 << 20) / blockSize));
+  const buf = Buffer.alloc(per * blockSize);
+  for (let first = 0; first < blockCount(size, blockSize); first += per) {
+    const want = Math.min(buf.length, size - first * blockSize);
+    let got = 0;
+    while (got < want) {
+      const { bytesRead } = await fh.read(buf, got, want - got, first * blockSize + got);
+      if (bytesRead === 0) throw new Error(`file shrank while hashing (at ${first * blockSize + got})`);
+      got += bytesRead;
+    }
+    const digests = Buffer.alloc(blockCount(want, blockSize) * DIGEST_LEN);
+    hashBlocksInto(buf.subarray(0, want), blockSize, digests);
+    fp.update(digests);
+    await each?.(first, digests);
+  }
+  return fp.digestBuffer();
+}
