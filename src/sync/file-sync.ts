@@ -170,7 +170,7 @@ async function transfer(
         const zero = zeroDigest(len).equals(d);
         let differs: boolean;
         if (method === 'manifest') {
-          differs = b >= oldBlocks || trust.unknown!.has(b) || b >= trust.unknownFrom! || !oldDigests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN).equals(d);
+          differs = b >= oldBlocks || trust.unknown?.has(b) === true || b >= (trust.unknownFrom ?? Infinity) || !oldDigests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN).equals(d);
         } else if (method === 'compare') {
           differs = c.differs![i] === 1;
         } else differs = true;

@@ -1,0 +1,110 @@
+/**
+ * `qsync [OPTION]... SRC... DEST`: check the operands, take the destination
+ * lock, run the tree sync, print, and turn the outcome into rsync's exit code.
+ */
+import type { BigIntStats } from 'node:fs';
+import { access, constants, lstat, mkdir, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Writable } from 'node:stream';
+import { errnoOf, QsyncError } from '../core/errors.js';
+import { compileFilters, expandFilterFiles } from '../core/filter.js';
+import { HashPool } from '../hash/pool.js';
+import { lockDestination } from '../sync/lock.js';
+import { STATE_DIR } from '../sync/manifest-store.js';
+import { planOperands } from '../sync/operands.js';
+import { TreeSync } from '../sync/tree.js';
+import type { SyncOptions } from './args.js';
+import { cleanupOnSignal } from './app.js';
+import { EXIT } from './exit-codes.js';
+import { createPrinter } from './output.js';
+
+export interface CliIO {
+  stdout: Writable;
+  stderr: Writable;
+  isTTY: boolean;
+  version: string;
+}
+
+async function statOrUndefined(p: string): Promise<BigIntStats | undefined> {
+  try {
+    return await stat(p, { bigint: true });
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
+  const printer = createPrinter(o, io);
+  const sources: { operand: string; stat: BigIntStats }[] = [];
+  let missing = false;
+  for (const operand of operands) {
+    try {
+      // rsync follows a symlink given as an operand with a trailing slash only; lstat otherwise.
+      sources.push({ operand, stat: operand.endsWith('/') ? await stat(operand, { bigint: true }) : await lstat(operand, { bigint: true }) });
+    } catch (e) {
+      missing = true;
+      printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
+    }
+  }
+  if (!sources.length) return printer.finish(undefined, EXIT.PARTIAL.code);
+
+  const destStat = await statOrUndefined(dest);
+  const plan = planOperands(sources, dest, destStat);
+  if (plan.destIsDir) {
+    if (destStat && !destStat.isDirectory()) {
+      throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest });
+    }
+    if (!destStat && !o.dryRun) {
+      await mkdir(plan.destRoot).catch((e) => {
+        throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
+      });
+    }
+  }
+  if (!o.dryRun) {
+    await access(plan.destRoot, constants.W_OK).catch((e) => {
+      throw new QsyncError('TARGET', `destination ${plan.destRoot} is not writable: ${(e as Error).message}`, { file: plan.destRoot, hint: 'check its permissions or mount' });
+    });
+  }
+  if (o.manifest && (plan.transfers.length !== 1 || sources[0].stat.isDirectory())) {
+    throw new QsyncError('USAGE', '--manifest PATH needs exactly one source file', {});
+  }
+
+  const rules = await expandFilterFilesAsync(o);
+  const lock = o.dryRun ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
+  const lockPath = join(plan.destRoot, STATE_DIR, 'lock');
+  if (lock) cleanupOnSignal.add(lockPath);
+  const pool = new HashPool(o.blockSize);
+  try {
+    const tree = new TreeSync(
+      plan,
+      {
+        ...o,
+        preserveTimes: o.times,
+      },
+      compileFilters(rules),
+      { pool, hooks: printer },
+    );
+    const outcome = await tree.run();
+    const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;
+    return printer.finish(outcome.stats, code);
+  } finally {
+    await pool.close();
+    await lock?.release();
+    cleanupOnSignal.delete(lockPath);
+  }
+}
+
+async function expandFilterFilesAsync(o: SyncOptions) {
+  const files = new Map<string, string>();
+  for (const r of o.filters) {
+    if ('file' in r) {
+      try {
+        files.set(r.file, r.file === '-' ? '' : await readFile(r.file, 'utf8'));
+      } catch (e) {
+        throw new QsyncError('USAGE', `cannot read filter file ${r.file}: ${(e as Error).message}`, { file: r.file });
+      }
+    }
+  }
+  return expandFilterFiles(o.filters, (p) => files.get(p) ?? '');
+}

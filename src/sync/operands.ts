@@ -1,0 +1,44 @@
+/**
+ * rsync's operand rules: which source lands where. `SRC/` copies the
+ * contents of SRC, `SRC` copies SRC itself into DEST; a single file copied to
+ * a DEST that is not an existing directory (and has no trailing slash)
+ * becomes that file.
+ */
+import type { BigIntStats } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+
+export interface Transfer {
+  /** The source operand as typed. */
+  operand: string;
+  /** What is copied: the source path. */
+  source: string;
+  /** Where it lands, relative to the destination root ('' = the root itself). */
+  destRel: string;
+}
+
+export interface Plan {
+  /** The folder that holds `.qsync/` and against which relative paths are reported. */
+  destRoot: string;
+  /** The destination must be a directory (created if missing). */
+  destIsDir: boolean;
+  transfers: Transfer[];
+}
+
+export function planOperands(sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined): Plan {
+  const single = sources.length === 1 && !sources[0].stat.isDirectory();
+  if (single && !dest.endsWith('/') && !destStat?.isDirectory()) {
+    const abs = resolve(dest);
+    return { destRoot: dirname(abs), destIsDir: false, transfers: [{ operand: sources[0].operand, source: sources[0].operand, destRel: basename(abs) }] };
+  }
+  return {
+    destRoot: resolve(dest),
+    destIsDir: true,
+    transfers: sources.map(({ operand, stat }) => ({
+      operand,
+      source: operand,
+      destRel: stat.isDirectory() && (operand.endsWith('/') || basename(operand) === '.') ? '' : basename(resolve(operand)),
+    })),
+  };
+}
+
+export const joinRel = (a: string, b: string) => (a ? (b ? join(a, b) : a) : b);

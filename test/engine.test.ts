@@ -1,0 +1,258 @@
+/**
+ * The file-mode engine end to end, through the built CLI, on real files of
+ * real size: what is read and written is measured from outside the process.
+ */
+import { execFileSync } from 'node:child_process';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync, openSync, writeSync, closeSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { differingBytes, mutateBlocks, qcow2File, randomFile } from './helpers/data.js';
+import { needTools } from './helpers/env.js';
+import { runQsync, sha256 } from './helpers/cli.js';
+
+const MiB = 1 << 20;
+const SIZE = 256 * MiB;
+let dir: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'qsync-engine-'));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const manifestOf = (destRoot: string, rel: string) => join(destRoot, '.qsync', 'manifests', `${rel}.qsm`);
+const bumpMtime = (p: string) => {
+  const t = Date.now() / 1000 + Math.random();
+  utimesSync(p, t, t);
+};
+
+async function expectIdentical(a: string, b: string) {
+  expect(statSync(b).size).toBe(statSync(a).size);
+  expect(await sha256(b)).toBe(await sha256(a));
+}
+
+describe('one file', () => {
+  it('copies a new file byte for byte, keeps its mtime, and writes a manifest beside the target', async () => {
+    const src = join(dir, 'one.img');
+    randomFile(src, 3 * MiB + 123);
+    const r = await runQsync(['-a', src, join(dir, 'one-copy.img')]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    await expectIdentical(src, join(dir, 'one-copy.img'));
+    expect(Math.abs(statSync(join(dir, 'one-copy.img')).mtimeMs - statSync(src).mtimeMs)).toBeLessThan(0.01);
+    expect(existsSync(manifestOf(dir, 'one-copy.img'))).toBe(true);
+  });
+
+  it('skips an unchanged file without reading it (quick check), and reads it with -c', async () => {
+    const src = join(dir, 'one.img');
+    const quick = await runQsync(['-a', '--json', src, join(dir, 'one-copy.img')], { measureIo: true });
+    expect(quick.code).toBe(0);
+    expect(quick.io!.rchar).toBeLessThan(statSync(src).size / 2);
+    const forced = await runQsync(['-a', '-c', src, join(dir, 'one-copy.img')], { measureIo: true });
+    expect(forced.code).toBe(0);
+    expect(forced.io!.rchar).toBeGreaterThan(statSync(src).size);
+    expect(forced.io!.wchar).toBeLessThan(MiB);
+  });
+});
+
+describe.each([
+  ['raw random file', 'raw'],
+  ['real qcow2 image', 'qcow2'],
+] as const)('second run on a 256 MiB %s with 1%% of blocks changed', (_name, kind) => {
+  const run = kind === 'qcow2' && !needTools('qemu-img', 'qemu-io') ? it.skip : it;
+  run('reads the source once, never the target, writes about the changed bytes, and the target is identical', async () => {
+    const src = join(dir, `big.${kind}`);
+    const dst = join(dir, `big-dst-${kind}`);
+    if (kind === 'raw') randomFile(src, SIZE);
+    else qcow2File(src, SIZE);
+    const first = await runQsync(['-a', src, `${dst}/`]);
+    expect(first.code, first.stderr).toBe(0);
+    const target = join(dst, `big.${kind}`);
+    await expectIdentical(src, target);
+
+    const before = join(dir, `before.${kind}`);
+    copyFileSync(src, before);
+    if (kind === 'raw') mutateBlocks(src, SIZE, 0.01);
+    else {
+      const cmds: string[] = [];
+      for (let i = 0; i < 40; i++) cmds.push('-c', `write -P ${i + 7} ${Math.floor((i * 6.1 + 1) * MiB)} 64k`);
+      execFileSync('qemu-io', ['-f', 'qcow2', ...cmds, src], { stdio: 'ignore' });
+    }
+    bumpMtime(src);
+    const changed = differingBytes(before, src);
+    rmSync(before);
+    expect(changed).toBeGreaterThan(0);
+
+    const second = await runQsync(['-a', '--stats', src, `${dst}/`], { measureIo: true });
+    expect(second.code, second.stderr).toBe(0);
+    const size = statSync(src).size;
+    const manifestSize = statSync(manifestOf(dst, `big.${kind}`)).size;
+    // Once through the source, plus the old manifest and node's own files; reading the target would double it.
+    expect(second.io!.rchar).toBeGreaterThanOrEqual(size);
+    expect(second.io!.rchar).toBeLessThan(size * 1.1);
+    // The changed blocks, plus the new manifest and the printed stats.
+    expect(second.io!.wchar).toBeLessThanOrEqual(changed * 1.05 + manifestSize + 64 * 1024);
+    await expectIdentical(src, target);
+  });
+});
+
+describe('without a trustworthy manifest', () => {
+  it('first run over an existing older copy (made by cp) writes only the differences', async () => {
+    const s = join(dir, 'old.img');
+    randomFile(s, 64 * MiB);
+    const d = join(dir, 'old-dst');
+    mkdirSync(d);
+    copyFileSync(s, join(d, 'old.img'));
+    mutateBlocks(s, 64 * MiB, 0.02);
+    bumpMtime(s);
+    const changed = differingBytes(s, join(d, 'old.img'));
+    const r = await runQsync(['-a', `${s}`, `${d}/`], { measureIo: true });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.io!.wchar).toBeLessThanOrEqual(changed * 1.05 + statSync(manifestOf(d, 'old.img')).size + 64 * 1024);
+    await expectIdentical(s, join(d, 'old.img'));
+  });
+
+  it('a bit-flipped manifest is detected: notice, compare, identical', async () => {
+    const s = join(dir, 'old.img');
+    const d = join(dir, 'old-dst');
+    const m = manifestOf(d, 'old.img');
+    const buf = readFileSync(m);
+    buf[200] ^= 0x10;
+    writeFileSync(m, buf);
+    mutateBlocks(s, 64 * MiB, 0.01);
+    bumpMtime(s);
+    const r = await runQsync(['-a', s, `${d}/`]);
+    expect(r.code).toBe(0);
+    expect(r.stdout + r.stderr).toMatch(/manifest .* (checksum|invalid).*comparing/);
+    await expectIdentical(s, join(d, 'old.img'));
+  });
+
+  it('a target changed behind qsync is detected (stale manifest): notice, compare, identical', async () => {
+    const s = join(dir, 'old.img');
+    const d = join(dir, 'old-dst');
+    const t = join(d, 'old.img');
+    // Someone writes into the target; the source is unchanged but forced with -c.
+    const fd = openSync(t, 'r+');
+    writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, 10 * MiB);
+    closeSync(fd);
+    const r = await runQsync(['-a', '-c', s, `${d}/`]);
+    expect(r.code).toBe(0);
+    expect(r.stdout + r.stderr).toMatch(/target changed since the last run/);
+    await expectIdentical(s, t);
+  });
+});
+
+describe('kill -9 during a run', () => {
+  it.each([30, 120, 250, 400, 700])('killed after %i ms, the next run converges to an identical target', async (ms) => {
+    const s = join(dir, `kill.img`);
+    const d = join(dir, `kill-dst`);
+    if (!existsSync(s)) {
+      randomFile(s, 192 * MiB);
+      const r = await runQsync(['-a', s, `${d}/`]);
+      expect(r.code).toBe(0);
+    }
+    mutateBlocks(s, 192 * MiB, 0.3);
+    bumpMtime(s);
+    let pid = 0;
+    const running = runQsync(['-a', s, `${d}/`], { onSpawn: (p) => (pid = p) });
+    await new Promise((r) => setTimeout(r, ms));
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* it may have finished already */
+    }
+    await running;
+    const again = await runQsync(['-a', s, `${d}/`]);
+    expect(again.code, again.stderr).toBe(0);
+    await expectIdentical(s, join(d, 'kill.img'));
+  });
+});
+
+describe('two runs on one target', () => {
+  it('the second refuses with a clear message while the first holds the lock', async () => {
+    const s = join(dir, 'lock.img');
+    randomFile(s, 128 * MiB);
+    const d = join(dir, 'lock-dst');
+    let pid = 0;
+    const first = runQsync(['-a', '-c', s, `${d}/`], { onSpawn: (p) => (pid = p) });
+    // Wait for the first run's lock to appear.
+    for (let i = 0; i < 200 && !existsSync(join(d, '.qsync', 'lock')); i++) await new Promise((r) => setTimeout(r, 10));
+    const second = await runQsync(['-a', s, `${d}/`]);
+    expect(second.code).toBe(3);
+    expect(second.stderr).toMatch(new RegExp(`another qsync \\(pid ${pid}\\) is syncing into`));
+    expect((await first).code).toBe(0);
+    await expectIdentical(s, join(d, 'lock.img'));
+  });
+});
+
+describe('bad input', () => {
+  it('a missing source: message names it, exit 23, nothing written', async () => {
+    const d = join(dir, 'bad-missing');
+    const r = await runQsync(['-a', join(dir, 'no-such-file'), `${d}/`]);
+    expect(r.code).toBe(23);
+    expect(r.stderr).toMatch(/no-such-file.*no such file/);
+    expect(existsSync(d)).toBe(false);
+  });
+
+  it('an unknown flag: exit 1, names the flag', async () => {
+    const r = await runQsync(['-a', '--frobnicate', dir, join(dir, 'x')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/--frobnicate/);
+    expect(existsSync(join(dir, 'x'))).toBe(false);
+  });
+
+  it('an rsync option qsync does not support: exit 1, names it', async () => {
+    const r = await runQsync(['-aH', dir, join(dir, 'x')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/hard-links|-H/);
+  });
+
+  it('a block size that is not a power of two: exit 1, nothing written', async () => {
+    const r = await runQsync(['-a', '-B', '3000', join(dir, 'one.img'), join(dir, 'bs-dst/')]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/3000/);
+    expect(existsSync(join(dir, 'bs-dst'))).toBe(false);
+  });
+
+  it('an unwritable destination (read-only mount): exit 11, says which', async () => {
+    const ro = join(dir, 'ro');
+    mkdirSync(ro);
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
+    } catch {
+      if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error('cannot mount a read-only tmpfs for this test (needs root)');
+      return;
+    }
+    try {
+      const r = await runQsync(['-a', join(dir, 'one.img'), `${ro}/`]);
+      expect(r.code).toBe(11);
+      expect(r.stderr).toContain(ro);
+    } finally {
+      execFileSync('umount', [ro]);
+    }
+  });
+});
+
+describe.skipIf(!needTools('qemu-img', 'qemu-storage-daemon'))('an image a running QEMU holds open', () => {
+  it('is refused in file mode with a pointer to image mode; other files still sync (exit 23)', async () => {
+    const src = join(dir, 'held');
+    mkdirSync(src);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', join(src, 'vm.qcow2'), '64M']);
+    writeFileSync(join(src, 'notes.txt'), 'hello\n');
+    const pidfile = join(dir, 'qsd.pid');
+    execFileSync('qemu-storage-daemon', [
+      '--blockdev', `driver=file,node-name=file0,filename=${join(src, 'vm.qcow2')}`,
+      '--blockdev', 'driver=qcow2,node-name=disk0,file=file0',
+      '--pidfile', pidfile, '--daemonize',
+    ]);
+    try {
+      const r = await runQsync(['-a', `${src}/`, join(dir, 'held-dst/')]);
+      expect(r.code).toBe(23);
+      expect(r.stderr).toMatch(/vm\.qcow2 is open in a running QEMU.*--qmp/s);
+      expect(readFileSync(join(dir, 'held-dst', 'notes.txt'), 'utf8')).toBe('hello\n');
+      expect(existsSync(join(dir, 'held-dst', 'vm.qcow2'))).toBe(false);
+    } finally {
+      process.kill(Number(readFileSync(pidfile, 'utf8')), 'SIGTERM');
+    }
+  });
+});

@@ -1,0 +1,46 @@
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { join } from 'node:path';
+
+export const QSYNC = join(import.meta.dirname, '../../dist/src/cli/main.js');
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  /** The child's I/O counters from /proc (rchar/wchar: bytes through read/write syscalls). */
+  io?: { rchar: number; wchar: number };
+}
+
+/**
+ * Run the built qsync CLI. With `measureIo`, it runs under a shell that
+ * prints its own /proc/self/io after waiting for qsync: Linux adds a reaped
+ * child's counters (all its threads) to the parent's, so the numbers are the
+ * child's, measured from outside it.
+ */
+export function runQsync(args: string[], opts: { measureIo?: boolean; env?: NodeJS.ProcessEnv; onSpawn?: (pid: number) => void } = {}): Promise<RunResult> {
+  const cmd = opts.measureIo
+    ? spawn('sh', ['-c', 'node "$@"; rc=$?; cat /proc/$$/io >&3; exit $rc', 'sh', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe', 'pipe'], env: opts.env ?? process.env })
+    : spawn('node', [QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
+  opts.onSpawn?.(cmd.pid!);
+  let stdout = '';
+  let stderr = '';
+  let io = '';
+  cmd.stdout!.on('data', (d) => (stdout += d));
+  cmd.stderr!.on('data', (d) => (stderr += d));
+  cmd.stdio[3]?.on('data', (d) => (io += d));
+  return new Promise((resolve) => {
+    cmd.on('close', (code, signal) => {
+      const field = (k: string) => Number(/^(\w+): (\d+)$/m.test(io) ? io.match(new RegExp(`^${k}: (\\d+)$`, 'm'))?.[1] : NaN);
+      resolve({ code, signal, stdout, stderr, io: opts.measureIo ? { rchar: field('rchar'), wchar: field('wchar') } : undefined });
+    });
+  });
+}
+
+export async function sha256(path: string): Promise<string> {
+  const h = createHash('sha256');
+  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) h.update(chunk as Buffer);
+  return h.digest('hex');
+}
