@@ -143,6 +143,17 @@ export class DeltaFileWriter {
     return header;
   }
 
+  /** Make everything added so far durable (the file keeps its temp name). */
+  async sync(): Promise<void> {
+    await this.flush();
+    await this.fh.sync();
+  }
+
+  /** Hand everything added so far to the kernel (it survives a kill, not a power cut). */
+  async push(): Promise<void> {
+    await this.flush();
+  }
+
   /** Make the file durable and move it to its name. */
   async finish(): Promise<void> {
     if (this.member) throw new Error('finish: member not ended');
@@ -205,11 +216,15 @@ export class DeltaFileWriter {
   }
 
   private async writeAll(data: Buffer): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.fh.write(data, done, data.length - done, this.flushed + done);
-      done += bytesWritten;
-    }
+    await writeAll(this.fh, data, this.flushed);
+  }
+}
+
+/** pwrite all of `data` at `offset`. */
+export async function writeAll(fh: FileHandle, data: Buffer, offset: number): Promise<void> {
+  for (let done = 0; done < data.length; ) {
+    const { bytesWritten } = await fh.write(data, done, data.length - done, offset + done);
+    done += bytesWritten;
   }
 }
 

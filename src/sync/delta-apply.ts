@@ -17,7 +17,7 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, blockLength } from '../core/geometry.js';
 import { fingerprintPrefix } from '../core/manifest.js';
 import { digestOf } from '../hash/blake3.js';
-import { openDelta, readDeltaFile, summarize, type DeltaMemberSummary } from '../io/delta-file.js';
+import { openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
 import { fsyncDir, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
@@ -252,12 +252,5 @@ class MemberWrite {
     await w.commit({ sourceSize: h.resultSize, sourceMtimeNs: 0n, targetMtimeNs: st.mtimeNs, targetIno: st.ino, targetDev: st.dev });
     await rm(applyIntentPath(p.manifestPath), { force: true });
     await this.scratch.close(true);
-  }
-}
-
-async function writeAll(fh: FileHandle, data: Buffer, offset: number): Promise<void> {
-  for (let done = 0; done < data.length; ) {
-    const { bytesWritten } = await fh.write(data, done, data.length - done, offset + done);
-    done += bytesWritten;
   }
 }
