@@ -70,12 +70,14 @@ export class DeltaFileWriter {
     private readonly tmp: string,
     private readonly fh: FileHandle,
     readonly compression: DeltaCompression,
+    private readonly createdMs: number,
   ) {}
 
-  static async create(path: string, compression: DeltaCompression = 'none'): Promise<DeltaFileWriter> {
+  /** `createdMs`: the start of the run, stamped on every member (history points are named by it). */
+  static async create(path: string, compression: DeltaCompression = 'none', createdMs = Date.now()): Promise<DeltaFileWriter> {
     const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.tmp`);
     try {
-      return new DeltaFileWriter(path, tmp, await open(tmp, 'wx'), compression);
+      return new DeltaFileWriter(path, tmp, await open(tmp, 'wx'), compression, createdMs);
     } catch (e) {
       throw new QsyncError('TARGET', `cannot create delta ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
     }
@@ -90,7 +92,7 @@ export class DeltaFileWriter {
     const header: DeltaHeader = {
       ...start,
       compression: this.compression,
-      createdMs: start.createdMs ?? Date.now(),
+      createdMs: start.createdMs ?? this.createdMs,
       name: start.name ?? '',
       baseFingerprint: Buffer.alloc(HASH_LEN),
       resultFingerprint: Buffer.alloc(HASH_LEN),

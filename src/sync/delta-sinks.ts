@@ -35,7 +35,8 @@ export interface DeltaSinkInfo {
 }
 
 /** The delta file of --write-batch / --only-write-batch. */
-export const openBatch = (path: string, compression: DeltaCompression): Promise<DeltaFileWriter> => DeltaFileWriter.create(path, compression);
+export const openBatch = (path: string, compression: DeltaCompression, startedMs?: number): Promise<DeltaFileWriter> =>
+  DeltaFileWriter.create(path, compression, startedMs);
 
 /**
  * This run's reverse-delta file in DIR, named by `startedMs`. Salvages what a
@@ -44,7 +45,7 @@ export const openBatch = (path: string, compression: DeltaCompression): Promise<
 export async function openHistory(dir: string, startedMs: number, compression: DeltaCompression): Promise<DeltaFileWriter> {
   await mkdir(dir, { recursive: true });
   await salvageHistory(dir);
-  return DeltaFileWriter.create(join(dir, historyFileName(startedMs)), compression);
+  return DeltaFileWriter.create(join(dir, historyFileName(startedMs)), compression, startedMs);
 }
 
 /** Block indices covered by [offset, offset+length). */
