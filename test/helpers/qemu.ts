@@ -36,6 +36,8 @@ export interface QemuProcess {
   readonly pid: number;
   readonly dir: string;
   readonly qmp: string;
+  /** A second monitor (QEMU serves one client per QMP socket): for the code under test. */
+  readonly qmp2: string;
   readonly log: string;
   /** SIGTERM (or the given signal), SIGKILL after 5 s; resolves when it has exited. */
   kill(signal?: NodeJS.Signals): Promise<void>;
@@ -72,6 +74,7 @@ function start(bin: string, args: string[], dir: string, qmp: string): Promise<Q
     pid: child.pid!,
     dir,
     qmp,
+    qmp2: qmp.replace(/\.sock$/, '2.sock'),
     log,
     async kill(signal = 'SIGTERM') {
       if (child.exitCode === null && child.signalCode === null) {
@@ -102,6 +105,8 @@ export function startQsd(dir: string, disk: string, node = 'disk0', extra: strin
       '--blockdev', `driver=qcow2,node-name=${node},file=${node}-file`,
       '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
       '--monitor', 'chardev=qmp0',
+      '--chardev', `socket,id=qmp1,path=${qmp.replace(/\.sock$/, '2.sock')},server=on,wait=off`,
+      '--monitor', 'chardev=qmp1',
       ...extra,
     ],
     dir,
@@ -121,6 +126,7 @@ export function startVm(dir: string, disk: string): Promise<QemuProcess> {
       '-blockdev', 'driver=qcow2,node-name=drive0,file=f0',
       '-device', 'virtio-blk-pci,drive=drive0,id=vda',
       '-qmp', `unix:${qmp},server=on,wait=off`,
+      '-qmp', `unix:${qmp.replace(/\.sock$/, '2.sock')},server=on,wait=off`,
     ],
     dir,
     qmp,

@@ -1,0 +1,66 @@
+/**
+ * `--image FILE`: an image no VM has open, served by a qemu-storage-daemon
+ * that qsync starts (and always stops) so that the same QMP path as for a
+ * running VM applies: persistent bitmaps in a qcow2 are used and rotated.
+ */
+import { execFile, spawn } from 'node:child_process';
+import { stat, mkdtemp, rm } from 'node:fs/promises';
+import { connect } from 'node:net';
+import { basename, join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { QsyncError } from '../core/errors.js';
+import { isLockedByOther } from '../sync/qemu-locks.js';
+
+const run = promisify(execFile);
+
+export interface ServedImage {
+  qmp: string;
+  /** Node name, from the file name (the target is named after it). */
+  node: string;
+  stop(): Promise<void>;
+}
+
+export async function serveImage(image: string, tempDir: string): Promise<ServedImage> {
+  const file = resolve(image);
+  const st = await stat(file).catch((e: unknown) => {
+    throw new QsyncError('SOURCE', `cannot open ${image}: ${(e as Error).message}`, { file: image }, { cause: e });
+  });
+  if (await isLockedByOther(st.dev, st.ino)) {
+    throw new QsyncError('LOCKED', `${image} is open in a running QEMU`, {
+      file: image, hint: 'back it up through that QEMU: qsync --qmp /path/to/qmp.sock DEST',
+    });
+  }
+  const { stdout } = await run('qemu-img', ['info', '--output=json', file]);
+  const format = String((JSON.parse(stdout) as { format: string }).format);
+  const node = 'i' + basename(file).replace(/\.[^.]*$/, '').replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 30);
+  const dir = await mkdtemp(join(tempDir, 'qsync-qsd-'));
+  const qmp = join(dir, 'qmp.sock');
+  const child = spawn('qemu-storage-daemon', [
+    '--blockdev', `driver=file,node-name=${node}-file,filename=${file}`,
+    '--blockdev', `driver=${format},node-name=${node},file=${node}-file`,
+    '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
+    '--monitor', 'chardev=qmp0',
+  ], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<void>((res) => child.once('exit', () => res()));
+  const stop = async (): Promise<void> => {
+    // SIGTERM makes it close the image cleanly, which writes persistent bitmaps back.
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+    const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    await exited;
+    clearTimeout(t);
+    await rm(dir, { recursive: true, force: true });
+  };
+  for (let i = 0; i < 200; i++) {
+    if (child.exitCode !== null) break;
+    const ok = await new Promise<boolean>((res) => {
+      const s = connect(qmp, () => (s.destroy(), res(true)));
+      s.on('error', () => res(false));
+    });
+    if (ok) return { qmp, node, stop };
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await stop();
+  throw new QsyncError('SOURCE', `qemu-storage-daemon could not open ${image}: ${stderr.trim() || 'no QMP socket'}`, { file: image });
+}
