@@ -143,6 +143,7 @@ describe('without a trustworthy manifest', () => {
 });
 
 describe('kill -9 during a run', () => {
+  let midWrite = 0;
   it.each([30, 120, 250, 400, 700])('killed after %i ms, the next run converges to an identical target', async (ms) => {
     const s = join(dir, `kill.img`);
     const d = join(dir, `kill-dst`);
@@ -162,9 +163,14 @@ describe('kill -9 during a run', () => {
       /* it may have finished already */
     }
     await running;
+    if (existsSync(join(d, '.qsync', 'manifests', 'kill.img.qsm.intent'))) midWrite++;
     const again = await runQsync(['-a', s, `${d}/`]);
     expect(again.code, again.stderr).toBe(0);
     await expectIdentical(s, join(d, 'kill.img'));
+  });
+
+  it('at least one of those kills landed while blocks were being written', () => {
+    expect(midWrite).toBeGreaterThan(0);
   });
 });
 

@@ -3,7 +3,8 @@
  * lock, run the tree sync, print, and turn the outcome into rsync's exit code.
  */
 import type { BigIntStats } from 'node:fs';
-import { access, constants, lstat, mkdir, readFile, stat } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { access, constants, lstat, mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Writable } from 'node:stream';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -15,8 +16,8 @@ import { planOperands } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
 import type { SyncOptions } from './args.js';
 import { cleanupOnSignal } from './app.js';
-import { EXIT } from './exit-codes.js';
-import { createPrinter } from './output.js';
+import { EXIT, exitCodeFor } from './exit-codes.js';
+import { createPrinter, type Printer } from './output.js';
 
 export interface CliIO {
   stdout: Writable;
@@ -36,6 +37,16 @@ async function statOrUndefined(p: string): Promise<BigIntStats | undefined> {
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
   const printer = createPrinter(o, io);
+  try {
+    return await syncWith(printer, operands, dest, o);
+  } catch (e) {
+    // The error still reaches the user: on stderr, or inside the --json document.
+    if (o.json) return printer.finish(undefined, exitCodeFor(e), e);
+    throw e;
+  }
+}
+
+async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
@@ -70,7 +81,7 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
     throw new QsyncError('USAGE', '--manifest PATH needs exactly one source file', {});
   }
 
-  const rules = await expandFilterFilesAsync(o);
+  const rules = expandFilterFiles(o.filters, (f) => readFileSync(f, 'utf8'));
   const lock = o.dryRun ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
   const lockPath = join(plan.destRoot, STATE_DIR, 'lock');
   if (lock) cleanupOnSignal.add(lockPath);
@@ -93,18 +104,4 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
     await lock?.release();
     cleanupOnSignal.delete(lockPath);
   }
-}
-
-async function expandFilterFilesAsync(o: SyncOptions) {
-  const files = new Map<string, string>();
-  for (const r of o.filters) {
-    if ('file' in r) {
-      try {
-        files.set(r.file, r.file === '-' ? '' : await readFile(r.file, 'utf8'));
-      } catch (e) {
-        throw new QsyncError('USAGE', `cannot read filter file ${r.file}: ${(e as Error).message}`, { file: r.file });
-      }
-    }
-  }
-  return expandFilterFiles(o.filters, (p) => files.get(p) ?? '');
 }

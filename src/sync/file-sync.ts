@@ -216,5 +216,8 @@ async function transfer(
   return result;
 }
 
-/** utimes takes seconds as a double: keep microseconds exact, the best a double does near 2^31. */
-export const nsToSeconds = (ns: bigint): number => Number(ns / 1000n) / 1e6;
+/**
+ * utimes takes seconds as a double, which libuv truncates to whole
+ * microseconds; aiming at the middle of the microsecond makes that exact.
+ */
+export const nsToSeconds = (ns: bigint): number => Number(ns / 1_000_000_000n) + (Number((ns % 1_000_000_000n) / 1000n) + 0.5) / 1e6;

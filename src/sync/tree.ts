@@ -63,7 +63,7 @@ export class TreeSync {
   private partial = false;
   private vanished = false;
   /** Directories whose times/modes are set after their contents, deepest last in, first out. */
-  private readonly dirFixups: { src: BigIntStats; dst: string }[] = [];
+  private readonly dirFixups: { src: BigIntStats; dst: string; created: boolean }[] = [];
 
   constructor(
     private readonly plan: Plan,
@@ -86,7 +86,7 @@ export class TreeSync {
       }
       await this.entry(t.source, st, t.destRel, st.dev);
     }
-    for (const d of this.dirFixups.reverse()) await this.fixDir(d.src, d.dst);
+    for (const d of this.dirFixups.reverse()) await this.fixDir(d.src, d.dst, d.created);
     this.stats.elapsedMs = performance.now() - t0;
     return { stats: this.stats, partial: this.partial, vanished: this.vanished };
   }
@@ -152,7 +152,7 @@ export class TreeSync {
     }
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, local: true, size: 0 });
-    if (!this.opts.dryRun) this.dirFixups.push({ src: st, dst });
+    if (!this.opts.dryRun) this.dirFixups.push({ src: st, dst, created: !cur });
     // rsync -x: a mount point is created, its contents are not copied.
     if (this.opts.oneFileSystem && st.dev !== rootDev) return;
 
@@ -300,7 +300,7 @@ export class TreeSync {
     });
   }
 
-  /** Owner, group, mode and (for links and non-files) times; regular files got their mtime from syncFile. */
+  /** Owner, group, mode, and the times of links and directories. */
   private async applyMeta(dst: string, st: BigIntStats, created: boolean, isLink: boolean): Promise<void> {
     const o = this.opts;
     if ((o.owner || o.group) && process.getuid?.() === 0) {
@@ -311,12 +311,13 @@ export class TreeSync {
       if (o.perms) await chmod(dst, mode);
       else if (created) await chmod(dst, mode & ~UMASK);
     }
-    if (o.preserveTimes && (isLink || !st.isFile())) await lutimes(dst, nsToSeconds(st.atimeNs), nsToSeconds(st.mtimeNs));
+    // Regular files got their mtime from syncFile; rsync leaves the times of devices and fifos alone.
+    if (o.preserveTimes && (isLink || st.isDirectory())) await lutimes(dst, nsToSeconds(st.atimeNs), nsToSeconds(st.mtimeNs));
   }
 
-  private async fixDir(src: BigIntStats, dst: string): Promise<void> {
+  private async fixDir(src: BigIntStats, dst: string, created: boolean): Promise<void> {
     try {
-      await this.applyMeta(dst, src, false, false);
+      await this.applyMeta(dst, src, created, false);
     } catch (e) {
       this.fail(e, dst);
     }
