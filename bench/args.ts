@@ -22,6 +22,8 @@ export interface BenchOptions {
   tmp: string;
   keep: boolean;
   quick: boolean;
+  /** The qsync CLI to run (default: this tree's dist/src/cli/main.js). */
+  qsync: string;
 }
 
 export const BLOCK = 64 * 1024;
@@ -37,7 +39,9 @@ export const USAGE = `usage: npm run bench -- [options]
   --cold          drop the page cache before each timed run (root)
   --out DIR       where latest.json and latest.svg are written (default bench/results)
   --tmp DIR       parent of the work directory (default: the OS temp dir)
-  --keep          keep the work directory`;
+  --keep          keep the work directory
+  --qsync FILE    the qsync main.js to run (default dist/src/cli/main.js): e.g. a
+                  snapshot of dist, so a rebuild during the run does not change it`;
 
 /** "2G", "512M", "64k", "1048576" → bytes (binary units). */
 export function parseSize(text: string): number {
@@ -55,7 +59,7 @@ export function parseFraction(text: string): number {
   return v;
 }
 
-export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: string }): BenchOptions {
+export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: string; qsync: string }): BenchOptions {
   const { values } = parseArgs({
     args: argv,
     strict: true,
@@ -69,6 +73,7 @@ export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: str
       out: { type: 'string' },
       tmp: { type: 'string' },
       keep: { type: 'boolean', default: false },
+      qsync: { type: 'string' },
     },
   });
   const quick = values.quick ?? false;
@@ -90,5 +95,6 @@ export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: str
     tmp: values.tmp ?? defaults.tmp,
     keep: values.keep ?? false,
     quick,
+    qsync: values.qsync ?? defaults.qsync,
   };
 }

@@ -60,6 +60,7 @@ export interface Machine {
 export interface BenchResult {
   version: 1;
   date: string;
+  commit: string;
   machine: Machine;
   options: Omit<BenchOptions, 'out' | 'tmp' | 'keep'> & { cache: 'warm' | 'cold' };
   scenarios: ScenarioResult[];

@@ -20,6 +20,15 @@ import { diffBlocks, fsyncTree, identical, restoreTree, saveTree, treeBytes } fr
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const log = (msg: string): void => void process.stderr.write(`${msg}\n`);
 
+/** The tree's commit, "-dirty" when it has uncommitted changes (what dist was probably built from). */
+function commit(): string {
+  try {
+    return execFileSync('git', ['-C', repoRoot, 'describe', '--always', '--dirty'], { encoding: 'utf8' }).trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
 function dropCaches(): void {
   execFileSync('sync');
   writeFileSync('/proc/sys/vm/drop_caches', '3');
@@ -136,7 +145,11 @@ function writeAtomic(path: string, text: string): void {
 async function main(): Promise<void> {
   let o: BenchOptions;
   try {
-    o = parseBenchArgs(process.argv.slice(2), { out: join(repoRoot, 'bench', 'results'), tmp: tmpdir() });
+    o = parseBenchArgs(process.argv.slice(2), {
+      out: join(repoRoot, 'bench', 'results'),
+      tmp: tmpdir(),
+      qsync: join(repoRoot, 'dist', 'src', 'cli', 'main.js'),
+    });
   } catch (e) {
     log(`${(e as Error).message}\n${USAGE}`);
     process.exitCode = 1;
@@ -144,7 +157,7 @@ async function main(): Promise<void> {
   }
   if (!existsSync(TIME_BIN)) throw new Error(`${TIME_BIN} is missing: install the Debian package "time"`);
   if (o.cold && process.getuid?.() !== 0) throw new Error('--cold drops the page cache: run as root');
-  const tools = makeTools(repoRoot);
+  const tools = makeTools(resolve(o.qsync));
   const all = makeScenarios(o);
   const scenarios = o.scenarios.map((n) => all[n]);
   checkSpace(o, scenarios);
@@ -160,8 +173,9 @@ async function main(): Promise<void> {
   const result: BenchResult = {
     version: 1,
     date: new Date().toISOString(),
+    commit: commit(),
     machine: machine(),
-    options: { size: o.size, change: o.change, runs: o.runs, scenarios: o.scenarios, cold: o.cold, quick: o.quick, cache: o.cold ? 'cold' : 'warm' },
+    options: { size: o.size, change: o.change, runs: o.runs, scenarios: o.scenarios, cold: o.cold, quick: o.quick, qsync: o.qsync, cache: o.cold ? 'cold' : 'warm' },
     scenarios: [],
   };
   try {

@@ -1,7 +1,6 @@
 /** The commands the benchmark times. */
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 
 export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S';
 
@@ -16,9 +15,6 @@ export interface Tool {
   unavailable(): string | undefined;
 }
 
-/** The qsync CLI built by `tsc -p .`, relative to the repository root. */
-export const QSYNC_MAIN = join('dist', 'src', 'cli', 'main.js');
-
 function onPath(cmd: string): boolean {
   try {
     execFileSync('sh', ['-c', 'command -v "$1"', 'sh', cmd], { stdio: 'ignore' });
@@ -28,8 +24,8 @@ function onPath(cmd: string): boolean {
   }
 }
 
-export function makeTools(repoRoot: string): Record<ToolId, Tool> {
-  const main = join(repoRoot, QSYNC_MAIN);
+/** `main`: the qsync CLI's main.js. */
+export function makeTools(main: string): Record<ToolId, Tool> {
   const qsync = (id: ToolId, flags: string[]): Tool => ({
     id,
     label: `qsync ${flags.join(' ')}`,
