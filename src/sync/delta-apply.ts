@@ -103,7 +103,12 @@ async function plan(summary: DeltaMemberSummary, target: string, manifestPath: s
   }
   if (size !== h.baseSize || !fingerprint.equals(h.baseFingerprint)) {
     await scratch.close(true);
-    const what = size !== h.baseSize ? `its size is ${size}, the delta's base is ${h.baseSize} bytes` : 'its content differs from the delta\'s base (fingerprint mismatch)';
+    const what =
+      size !== h.baseSize
+        ? `its size is ${size}, the delta's base is ${h.baseSize} bytes`
+        : h.baseFingerprint.every((b) => b === 0)
+          ? 'the delta does not record its base\'s fingerprint'
+          : 'its content differs from the delta\'s base (fingerprint mismatch)';
     throw new QsyncError('BASE_MISMATCH', `${target} is not the base this delta was made for: ${what}; nothing was written`, {
       file: target,
       hint: 'apply the deltas in the order they were made, to the copy they were made from',
