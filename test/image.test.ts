@@ -1,54 +1,24 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { NbdClient } from '../src/io/nbd/client.js';
 import { listBitmaps } from '../src/qemu/block.js';
 import { QmpClient } from '../src/qemu/qmp.js';
 import { runImageBackup, type DiskSummary, type ImageBackupOptions } from '../src/sync/image-backup.js';
 import { needTools } from './helpers/env.js';
-import { qemuIo, useQsd } from './helpers/qemu.js';
+import { qemuIo, readLive, useQsd, withExport } from './helpers/qemu.js';
 
 const MiB = 1 << 20;
 
-/** Guest-visible contents of `node`, through a short-lived read-only export (QEMU allows one NBD server). */
-async function readLive(qmp: QmpClient, node: string, dir: string): Promise<Buffer> {
-  const sock = path.join(dir, 'live.sock');
-  await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
-  try {
-    await qmp.execute('block-export-add', { type: 'nbd', id: 'live', 'node-name': node, writable: false, name: 'live' });
-    const c = await NbdClient.connect(`nbd+unix:///live?socket=${sock}`);
-    const buf = Buffer.alloc(c.size);
-    await c.read(buf, 0);
-    await c.close();
-    const gone = qmp.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data.id === 'live');
-    await qmp.execute('block-export-del', { id: 'live' });
-    await gone;
-    return buf;
-  } finally {
-    await qmp.execute('nbd-server-stop');
-  }
-}
 
-/** Write through a short-lived writable export (qemu-storage-daemon has no device for qemu-io). */
-async function writeLive(qmp: QmpClient, node: string, dir: string, writes: [offset: number, length: number, byte: number][]): Promise<void> {
-  const sock = path.join(dir, 'w.sock');
-  await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
-  try {
-    await qmp.execute('block-export-add', { type: 'nbd', id: 'w', 'node-name': node, writable: true, name: 'w' });
-    const c = await NbdClient.connect(`nbd+unix:///w?socket=${sock}`);
+/** Write through an export (qemu-storage-daemon has no device for qemu-io); byte 0 = write zeroes. */
+const writeLive = (qmp: QmpClient, node: string, dir: string, writes: [offset: number, length: number, byte: number][]): Promise<void> =>
+  withExport(qmp, node, dir, true, async (c) => {
     for (const [off, len, byte] of writes) {
       if (byte === 0) await c.writeZeroes(off, len);
       else await c.write(off, Buffer.alloc(len, byte));
     }
     await c.flush();
-    await c.close();
-    const gone = qmp.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data.id === 'w');
-    await qmp.execute('block-export-del', { id: 'w' });
-    await gone;
-  } finally {
-    await qmp.execute('nbd-server-stop');
-  }
-}
+  });
 
 const sum = (w: [number, number, number][]): number => w.reduce((s, [, l]) => s + l, 0);
 

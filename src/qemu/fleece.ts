@@ -6,7 +6,7 @@
  * starts the job, so the frozen bitmap and the view describe the same instant.
  */
 import { execFile } from 'node:child_process';
-import { rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
@@ -14,6 +14,15 @@ import { isQmpError } from './errors.js';
 import type { QmpAction, QmpClient } from './qmp.js';
 
 const run = promisify(execFile);
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
 
 export interface FleeceOptions {
   node: string;
@@ -151,9 +160,9 @@ async function cancelJob(qmp: QmpClient, id: string): Promise<void> {
 
 /**
  * Remove what a killed qsync left behind for this target (export, NBD
- * server, job, overlay node). Returns true if anything was found.
+ * server, job, overlay node and file). Returns true if QEMU held any of it.
  */
-export async function removeLeftovers(qmp: QmpClient, prefix: string): Promise<boolean> {
+export async function removeLeftovers(qmp: QmpClient, prefix: string, tempDir: string): Promise<boolean> {
   const n = names(prefix);
   let found = false;
   const exports = await qmp.execute<{ id: string }[]>('query-block-exports');
@@ -172,6 +181,11 @@ export async function removeLeftovers(qmp: QmpClient, prefix: string): Promise<b
   if (nodes.some((x) => x['node-name'] === n.node)) {
     found = true;
     await qmp.execute('blockdev-del', { 'node-name': n.node });
+  }
+  // Overlays and sockets of runs that are gone (their pid is in the name).
+  for (const f of await readdir(tempDir).catch(() => [] as string[])) {
+    const m = f.match(/^(.*)(?:fleece|nbd)-(\d+)\.(?:qcow2|sock)$/);
+    if (m?.[1] === prefix && !alive(Number(m[2]))) await rm(join(tempDir, f), { force: true });
   }
   return found;
 }

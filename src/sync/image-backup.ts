@@ -105,9 +105,12 @@ export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks 
       const drives = await findDrives(qmp, opts.drives);
       if (!drives.length) throw new QsyncError('SOURCE', 'QEMU has no disk to back up');
       const out: DiskSummary[] = [];
-      for (const d of drives) {
-        if (served) d.name = served.node.slice(1);
-        out.push(await backupDisk(qmp, d, { dest, blockSize, pct, tempDir, signal: ac.signal, hooks }));
+      for (const found of drives) {
+        const name = served ? served.node.slice(1) : found.name;
+        // A killed run's backup job leaves a filter node above the disk: remove it, then look again.
+        const stale = await removeLeftovers(qmp, bitmapPrefix(dest, name), tempDir);
+        const d = stale ? (await findDrives(qmp, [found.qdev ?? found.device ?? found.node]))[0]! : found;
+        out.push(await backupDisk(qmp, { ...d, name }, { dest, blockSize, pct, tempDir, signal: ac.signal, hooks }));
       }
       return out;
     } finally {
@@ -144,7 +147,6 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
   const statePath = imageStatePath(dest, drive.name);
   const prefix = bitmapPrefix(dest, drive.name);
 
-  await removeLeftovers(qmp, prefix);
   let manifest: Manifest | undefined;
   try {
     manifest = await openManifest(manifestPath);

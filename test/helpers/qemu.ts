@@ -8,6 +8,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll } from 'vitest';
+import { NbdClient } from '../../src/io/nbd/client.js';
 import { QmpClient } from '../../src/qemu/qmp.js';
 
 const live = new Set<ChildProcess>();
@@ -171,3 +172,32 @@ export function useQsd(size = '64M', prepare?: (disk: string) => void): QsdFixtu
   });
   return fx;
 }
+
+/**
+ * Run `fn` against a short-lived NBD export of `node` (QEMU allows one NBD
+ * server, so this must not overlap with a backup's own export).
+ */
+export async function withExport<T>(qmp: QmpClient, node: string, dir: string, writable: boolean, fn: (c: NbdClient) => Promise<T>): Promise<T> {
+  const sock = path.join(dir, 'test-export.sock');
+  await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+  try {
+    await qmp.execute('block-export-add', { type: 'nbd', id: 'test-export', 'node-name': node, writable, name: 'x' });
+    const c = await NbdClient.connect(`nbd+unix:///x?socket=${sock}`);
+    const out = await fn(c);
+    await c.close();
+    const gone = qmp.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data.id === 'test-export');
+    await qmp.execute('block-export-del', { id: 'test-export' });
+    await gone;
+    return out;
+  } finally {
+    await qmp.execute('nbd-server-stop');
+  }
+}
+
+/** Guest-visible contents of `node`. */
+export const readLive = (qmp: QmpClient, node: string, dir: string): Promise<Buffer> =>
+  withExport(qmp, node, dir, false, async (c) => {
+    const buf = Buffer.alloc(c.size);
+    await c.read(buf, 0);
+    return buf;
+  });
