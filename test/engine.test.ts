@@ -213,6 +213,13 @@ describe('bad input', () => {
     expect(r.stderr).toMatch(/hard-links|-H/);
   });
 
+  it('a remote operand (not supported yet) is refused, not taken for a local folder named "host:"', async () => {
+    const r = await runQsync(['-a', join(dir, 'one.img'), 'backuphost:/srv/images/']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/backuphost:\/srv\/images\/ is a remote operand/);
+    expect(existsSync('backuphost:')).toBe(false);
+  });
+
   it('a block size that is not a power of two: exit 1, nothing written', async () => {
     const r = await runQsync(['-a', '-B', '3000', join(dir, 'one.img'), join(dir, 'bs-dst/')]);
     expect(r.code).toBe(1);

@@ -46,7 +46,17 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
   }
 }
 
+/** rsync reads `host:path` and `rsync://` as remote; a local name with a colon needs `./`. */
+const isRemote = (operand: string) => /^[^/]*:/.test(operand);
+
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+  const remote = [...operands, dest].find(isRemote);
+  if (remote) {
+    throw new QsyncError('UNSUPPORTED', `${remote} is a remote operand (host:path); qsync syncs local paths only so far`, {
+      file: remote,
+      hint: 'for a local name with a colon, write ./NAME',
+    });
+  }
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
