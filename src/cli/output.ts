@@ -11,7 +11,8 @@
  * - json (--json): nothing while the run goes, then one JSON object on stdout.
  */
 import type { Writable } from 'node:stream';
-import cliProgress from 'cli-progress';
+import type cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
 import { isQsyncError } from '../core/errors.js';
 import type { FileReport, RunStats, SyncHooks } from '../sync/events.js';
 import type { SyncOptions } from './args.js';
@@ -251,7 +252,9 @@ class Bars {
     private readonly human: number,
     private readonly now: () => number,
   ) {
-    this.multi = new cliProgress.MultiBar(
+    // Loaded only when bars are drawn: it costs megabytes of RSS that a piped run need not pay.
+    const bars = createRequire(import.meta.url)('cli-progress') as typeof cliProgress;
+    this.multi = new bars.MultiBar(
       {
         stream,
         format: '{label} {bar} {percentage}% {scanned}/{size} scanned, {written} written, {rate} ETA {eta_formatted}',
@@ -259,7 +262,7 @@ class Bars {
         barsize: 24,
         gracefulExit: false,
       },
-      cliProgress.Presets.shades_classic,
+      bars.Presets.shades_classic,
     );
     this.startedAt = now();
     this.total = this.multi.create(0, 0, this.payload('total', 0, 0, 0, this.startedAt));

@@ -50,22 +50,32 @@ function workerPath(): string {
 export class HashPool {
   readonly blockSize: number;
   readonly chunkSize: number;
-  private readonly workers: Worker[];
-  private readonly slots: SharedArrayBuffer[];
+  private readonly nWorkers: number;
+  private readonly nSlots: number;
+  /** Started on the first scan: a run that only quick-checks never pays for them. */
+  private workers: Worker[] = [];
+  private slots: SharedArrayBuffer[] = [];
   private readonly pending = new Map<number, (r: ResultMessage) => void>();
   private nextId = 1;
   private nextWorker = 0;
 
   constructor(blockSize: number, opts: PoolOptions = {}) {
     this.blockSize = blockSize;
-    // Chunks are whole blocks; 4 MiB keeps message overhead negligible.
-    this.chunkSize = Math.max(blockSize, Math.floor((opts.chunkSize ?? 4 << 20) / blockSize) * blockSize);
-    const nSlots = Math.max(2, opts.slots ?? 6);
-    this.slots = Array.from({ length: nSlots }, () => new SharedArrayBuffer(this.chunkSize));
+    // Chunks are whole blocks; 1 MiB keeps message overhead small (a few thousand per GiB) and memory flat.
+    this.chunkSize = Math.max(blockSize, Math.floor((opts.chunkSize ?? 1 << 20) / blockSize) * blockSize);
+    // Six slots keep both workers busy; fewer when huge blocks make chunks large.
+    this.nSlots = opts.slots ?? Math.max(3, Math.min(6, Math.floor((8 << 20) / this.chunkSize)));
+    this.nWorkers = Math.max(1, opts.workers ?? 2);
+  }
+
+  private start(): void {
+    if (this.workers.length) return;
+    this.slots = Array.from({ length: this.nSlots }, () => new SharedArrayBuffer(this.chunkSize));
     const path = workerPath();
-    this.workers = Array.from({ length: Math.max(1, opts.workers ?? 2) }, () => {
-      const w = new Worker(path);
-      w.postMessage({ type: 'init', slots: this.slots, blockSize });
+    this.workers = Array.from({ length: this.nWorkers }, () => {
+      // A small young generation: the workers allocate little, and each MiB here is RSS.
+      const w = new Worker(path, { resourceLimits: { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 32 } });
+      w.postMessage({ type: 'init', slots: this.slots, blockSize: this.blockSize });
       w.on('message', (r: ResultMessage) => {
         const done = this.pending.get(r.id);
         this.pending.delete(r.id);
@@ -95,6 +105,7 @@ export class HashPool {
    * Reads run ahead of `onChunk` by up to the number of slots.
    */
   async scan(job: ScanJob, onChunk: (c: ScannedChunk) => Promise<void> | void): Promise<void> {
+    this.start();
     const free = this.slots.map((_, i) => i);
     const inflight: { offset: number; slot: number; result: Promise<ResultMessage> }[] = [];
     let next = job.from ?? 0;
