@@ -5,6 +5,7 @@
 import { rmSync } from 'node:fs';
 import { isQsyncError } from '../core/errors.js';
 import { parseArgv } from './args.js';
+import { DELTA_COMMANDS, runDeltaCommand } from './cmd-delta.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 import { runSync, type CliIO } from './run-sync.js';
 
@@ -18,6 +19,8 @@ export function onSignal(sig: NodeJS.Signals): void {
 }
 
 export async function main(argv: string[], io: CliIO): Promise<number> {
+  // A first word naming a subcommand is one (a source folder so named is written ./apply).
+  if ((DELTA_COMMANDS as readonly string[]).includes(argv[0])) return runDeltaCommand(argv, io);
   try {
     const parsed = parseArgv(argv);
     if (parsed.kind === 'help') {
