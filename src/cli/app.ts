@@ -3,7 +3,7 @@
  * Output goes to the injected streams; no exit here.
  */
 import { rmSync } from 'node:fs';
-import { isQsyncError } from '../core/errors.js';
+import { isQsyncError, QsyncError } from '../core/errors.js';
 import { parseArgv } from './args.js';
 import { DELTA_COMMANDS, runDeltaCommand } from './cmd-delta.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
@@ -31,7 +31,12 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       io.stdout.write(`qsync ${io.version}\n`);
       return 0;
     }
-    return await runSync(parsed.sources, parsed.dest, parsed.options, io);
+    const o = parsed.options;
+    if (o.readBatch !== undefined) {
+      if (parsed.sources.length) throw new QsyncError('USAGE', '--read-batch=FILE takes only the destination operand: the sources are in FILE');
+      return await runDeltaCommand(['apply', o.readBatch, parsed.dest], io);
+    }
+    return await runSync(parsed.sources, parsed.dest, o, io);
   } catch (e) {
     const code = exitCodeFor(e);
     if (isQsyncError(e)) {

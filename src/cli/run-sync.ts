@@ -5,7 +5,7 @@
 import type { BigIntStats } from 'node:fs';
 import { readFileSync } from 'node:fs';
 import { access, constants, lstat, mkdir, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles } from '../core/filter.js';
@@ -14,6 +14,7 @@ import { lockDestination } from '../sync/lock.js';
 import { STATE_DIR } from '../sync/manifest-store.js';
 import { planOperands } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
+import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { cleanupOnSignal } from './app.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -95,20 +96,28 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
   const lock = o.dryRun ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
   const lockPath = join(plan.destRoot, STATE_DIR, 'lock');
   if (lock) cleanupOnSignal.add(lockPath);
+  const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
+  const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
+  // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
+  if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
+  const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
   const pool = new HashPool(o.blockSize);
+  let ok = false;
   try {
     const tree = new TreeSync(
       plan,
-      {
-        ...o,
-        preserveTimes: o.times,
-      },
+      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly },
       compileFilters(rules),
-      { pool, hooks: printer },
+      { pool, hooks: printer, wrapSink: deltas.wrapSink },
     );
     const outcome = await tree.run();
+    ok = !outcome.partial;
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;
+    await deltas.finish(ok);
     return printer.finish(outcome.stats, code);
+  } catch (e) {
+    await deltas.finish(false);
+    throw e;
   } finally {
     await pool.close();
     await lock?.release();

@@ -19,6 +19,8 @@ export interface ScannedChunk {
   digests: Uint8Array;
   /** Compare mode only: 1 per block whose target bytes differ. */
   differs?: Uint8Array;
+  /** With hashTarget: digests of the target's blocks in this chunk. */
+  targetDigests?: Uint8Array;
 }
 
 export interface ScanJob {
@@ -27,6 +29,7 @@ export interface ScanJob {
   /** Compare mode: read the target too and flag differing blocks. */
   targetFd?: number;
   targetSize?: number;
+  hashTarget?: boolean;
   /** Only the byte range [from, size) is scanned; `from` is block-aligned. */
   from?: number;
   path?: string;
@@ -113,7 +116,7 @@ export class HashPool {
       while (free.length && next < job.size) {
         const slot = free.shift()!;
         const length = Math.min(this.chunkSize, job.size - next);
-        const result = this.run({ slot, fd: job.fd, offset: next, length, targetFd: job.targetFd, targetSize: job.targetSize });
+        const result = this.run({ slot, fd: job.fd, offset: next, length, targetFd: job.targetFd, targetSize: job.targetSize, hashTarget: job.hashTarget });
         inflight.push({ offset: next, slot, result });
         next += length;
       }
@@ -132,7 +135,7 @@ export class HashPool {
         }
         const length = Math.min(this.chunkSize, job.size - head.offset);
         const data = Buffer.from(this.slots[head.slot], 0, length);
-        await onChunk({ offset: head.offset, data, digests: r.digests!, differs: r.differs });
+        await onChunk({ offset: head.offset, data, digests: r.digests!, differs: r.differs, targetDigests: r.targetDigests });
         inflight.shift();
         free.push(head.slot);
         dispatch();

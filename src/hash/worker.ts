@@ -24,6 +24,8 @@ export interface JobMessage {
   /** Compare mode: the target's fd and size; blocks past its end differ. */
   targetFd?: number;
   targetSize?: number;
+  /** Also return the digests of the target's blocks in this range (a delta's base fingerprint). */
+  hashTarget?: boolean;
 }
 
 export interface ResultMessage {
@@ -31,6 +33,8 @@ export interface ResultMessage {
   digests?: Uint8Array;
   /** Compare mode: 1 per block whose target bytes differ. */
   differs?: Uint8Array;
+  /** With hashTarget: digests of the target's blocks that lie in the range. */
+  targetDigests?: Uint8Array;
   error?: { message: string; code?: string; side: 'source' | 'target'; offset: number };
 }
 
@@ -75,7 +79,10 @@ function runJob(job: JobMessage): ResultMessage {
     const end = Math.min(start + blockSize, job.length);
     differs[i] = end > tgot || Buffer.compare(data.subarray(start, end), scratch.subarray(start, end)) !== 0 ? 1 : 0;
   }
-  return { id: job.id, digests, differs };
+  if (!job.hashTarget) return { id: job.id, digests, differs };
+  const targetDigests = new Uint8Array(Math.ceil(tgot / blockSize) * DIGEST_LEN);
+  hashBlocksInto(scratch.subarray(0, tgot), blockSize, targetDigests);
+  return { id: job.id, digests, differs, targetDigests };
 }
 
 parentPort?.on('message', (msg: InitMessage | JobMessage) => {

@@ -9,16 +9,17 @@ import type { BigIntStats } from 'node:fs';
 import { rm, stat, utimes } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
-import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
+import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
 import type { HashPool, ScannedChunk } from '../hash/pool.js';
 import { LocalFileSink } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
-import { ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
+import { Fingerprinter, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
+import { emptyFingerprint } from './delta-apply.js';
 import { assessManifest, type Trust } from './trust.js';
 import { isLockedByOther } from './qemu-locks.js';
-import { open } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 
 export interface FileSyncOptions {
   blockSize: number;
@@ -31,21 +32,25 @@ export interface FileSyncOptions {
   update: boolean;
   existing: boolean;
   ignoreExisting: boolean;
+  /** --only-write-batch: record what would be written, leave the target (and its manifest) alone. */
+  recordOnly?: boolean;
 }
 
+/** What a delta sink needs to know of the file (matches delta-sinks' DeltaSinkInfo). */
 export interface SinkInfo {
   relPath: string;
-  target: string;
-  method: SyncMethod;
-  baseManifest?: Manifest;
-  sourceSize: number;
+  blockSize: number;
+  oldSize: number;
+  newSize: number;
+  /** Fingerprints of the target before and after; `after` is complete once the last block is written. */
+  fingerprints(): { before: Buffer; after: Buffer };
 }
 
 export interface FileSyncContext {
   pool: HashPool;
   hooks: SyncHooks;
-  /** Wrap the target's sink (deltas: tee, reverse delta). */
-  wrapSink?: (target: LocalFileSink, info: SinkInfo) => Promise<BlockSink>;
+  /** Wrap the target's sink (deltas: tee, reverse delta); `target` is undefined with recordOnly. */
+  wrapSink?: (target: LocalFileSink | undefined, info: SinkInfo) => Promise<BlockSink> | BlockSink;
 }
 
 export interface FileSyncResult {
@@ -132,35 +137,60 @@ async function transfer(
   const { blockSize } = opts;
   const size = Number(srcStat.size);
   const oldSize = dstStat ? Number(dstStat.size) : 0;
+  // --only-write-batch: the target is read at most (compare mode), never written.
+  const touch = !opts.recordOnly;
+  const base = trust.trusted ? manifest!.fingerprint : !dstStat ? emptyFingerprint(blockSize) : undefined;
+  // A delta must name its base: without a trusted manifest, hash the old target while comparing.
+  const baseFp = ctx.wrapSink && !base ? new Fingerprinter(blockSize, oldSize) : undefined;
+  const readTarget = method === 'compare' || baseFp !== undefined;
+
   const srcFh = await open(src, 'r').catch((e) => {
     throw new QsyncError('SOURCE', `cannot read ${src}: ${(e as Error).message}`, { file: src }, { cause: e });
   });
-  let target: LocalFileSink;
+  let target: LocalFileSink | undefined;
+  let targetFh: FileHandle | undefined;
   try {
-    target = await LocalFileSink.open(dst, !dstStat);
+    if (touch) target = await LocalFileSink.open(dst, !dstStat);
+    targetFh = target?.fh ?? (readTarget ? await open(dst, 'r') : undefined);
   } catch (e) {
     await srcFh.close();
-    throw new QsyncError('TARGET', `cannot write ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
+    throw new QsyncError('TARGET', `cannot ${touch ? 'write' : 'read'} ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
   const intentPath = intentPathFor(manifestPath);
   // A manifest that is not used for this run must not survive it: it would describe the old target.
-  if (!trust.trusted) await rm(manifestPath, { force: true });
-  const intent = trust.trusted ? await IntentWriter.create(intentPath, manifest!.checksum, oldSize, size) : undefined;
-  const writer = await ManifestWriter.create(manifestPath, blockSize, size);
-  const sink = ctx.wrapSink ? await ctx.wrapSink(target, { relPath, target: dst, method, baseManifest: trust.trusted ? manifest : undefined, sourceSize: size }) : target;
+  if (touch && !trust.trusted) await rm(manifestPath, { force: true });
+  const intent = touch && trust.trusted ? await IntentWriter.create(intentPath, manifest!.checksum, oldSize, size) : undefined;
+  const writer = touch ? await ManifestWriter.create(manifestPath, blockSize, size) : undefined;
+  const resultFp = writer ? undefined : new Fingerprinter(blockSize, size);
+  const info: SinkInfo = {
+    relPath,
+    blockSize,
+    oldSize,
+    newSize: size,
+    fingerprints: () => ({ before: base ?? baseFp!.digest(), after: writer?.fingerprint ?? resultFp!.digest() }),
+  };
+  const sink: BlockSink = ctx.wrapSink ? await ctx.wrapSink(target, info) : target!;
   const result: FileSyncResult = { method, transferred: true, created: !dstStat, scanned: 0, literal: 0, matched: 0 };
   const oldDigests = Buffer.alloc((ctx.pool.chunkSize / blockSize) * DIGEST_LEN);
   const oldBlocks = blockCount(oldSize, blockSize);
   // Blocks at or past the old end read as zero after the resize below.
   const zeroFrom = method === 'new' ? 0 : oldBlocks;
 
+  const closeAll = async () => {
+    await sink.close().catch(() => {});
+    if (targetFh !== target?.fh) await targetFh?.close();
+    await srcFh.close();
+    await intent?.close();
+  };
   try {
     ctx.hooks.fileStart?.(relPath, size, method);
     if (size !== oldSize) await sink.truncate(size);
-    await ctx.pool.scan({ fd: srcFh.fd, size, targetFd: method === 'compare' ? target.fh.fd : undefined, targetSize: oldSize, path: src }, async (c: ScannedChunk) => {
+    const scan = { fd: srcFh.fd, size, targetFd: readTarget ? targetFh!.fd : undefined, targetSize: oldSize, hashTarget: baseFp !== undefined, path: src };
+    await ctx.pool.scan(scan, async (c: ScannedChunk) => {
       const first = c.offset / blockSize;
       const n = c.digests.length / DIGEST_LEN;
       if (method === 'manifest') await manifest!.readDigests(first, n, oldDigests);
+      if (c.targetDigests) baseFp!.append(c.targetDigests);
       const changed: number[] = [];
       const isZero: boolean[] = [];
       for (let i = 0; i < n; i++) {
@@ -192,28 +222,38 @@ async function transfer(
         result.literal += end - off;
         i = j;
       }
-      await writer.append(c.digests);
+      if (writer) await writer.append(c.digests);
+      else resultFp!.append(c.digests);
       result.scanned += c.data.length;
       ctx.hooks.fileProgress?.(relPath, result.scanned, result.literal);
     });
+    // The old target's blocks past the new end were not in the scan: hash them for the base fingerprint.
+    if (baseFp && oldSize > size) await hashTail(targetFh!, Math.ceil(size / blockSize) * blockSize, oldSize, blockSize, baseFp);
     await sink.commit();
   } catch (e) {
-    await writer.abort();
-    await intent?.close();
-    await sink.close().catch(() => {});
-    await srcFh.close();
+    await writer?.abort();
+    await closeAll();
     throw e;
   }
-  await sink.close();
-  await srcFh.close();
-  await intent?.close();
+  await closeAll();
+  result.matched = size - result.literal;
+  if (!writer) return result;
   if (opts.preserveTimes) await utimes(dst, nsToSeconds(srcStat.atimeNs), nsToSeconds(srcStat.mtimeNs));
   const t = await stat(dst, { bigint: true });
   // The source's stat from before the read: if it changed while read, the next quick check sees it.
   await writer.commit({ sourceSize: size, sourceMtimeNs: srcStat.mtimeNs, targetMtimeNs: t.mtimeNs, targetIno: t.ino, targetDev: t.dev });
   await removeIntent(intentPath);
-  result.matched = size - result.literal;
   return result;
+}
+
+async function hashTail(fh: FileHandle, from: number, to: number, blockSize: number, fp: Fingerprinter): Promise<void> {
+  const buf = Buffer.alloc(blockSize);
+  for (let off = from; off < to; off += blockSize) {
+    const len = Math.min(blockSize, to - off);
+    const { bytesRead } = await fh.read(buf, 0, len, off);
+    if (bytesRead !== len) throw new QsyncError('TARGET', `short read of the target at ${off}`, { offset: off });
+    fp.append(digestOf(buf.subarray(0, len)));
+  }
 }
 
 /**

@@ -64,17 +64,16 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
     await readExactly(fh, head, 0, path);
     const header = decodeManifestHeader(head, size, path);
     const count = manifestBlockCount(header);
-    const fp = new Blake3Hasher();
-    fp.update(fingerprintPrefix(header.blockSize, header.targetSize));
+    const fp = new Fingerprinter(header.blockSize, header.targetSize);
     const buf = Buffer.alloc(READ_CHUNK);
     for (let off = 0; off < count * MANIFEST_DIGEST_LEN; off += READ_CHUNK) {
       const part = buf.subarray(0, Math.min(READ_CHUNK, count * MANIFEST_DIGEST_LEN - off));
       await readExactly(fh, part, MANIFEST_HEADER_LEN + off, path);
-      fp.update(part);
+      fp.append(part);
     }
     const trailer = Buffer.alloc(64);
     await readExactly(fh, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN, path);
-    const fingerprint = fp.digestBuffer();
+    const fingerprint = fp.digest();
     const checksum = blake3(Buffer.concat([head, fingerprint]));
     if (!fingerprint.equals(trailer.subarray(0, 32)) || !checksum.equals(trailer.subarray(32, 64))) {
       throw new QsyncError('FORMAT', `manifest ${path} failed its checksum (corrupted)`, { file: path });
@@ -96,9 +95,24 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
   }
 }
 
+/** The fingerprint of a target's digests, fed block by block (docs/FORMATS.md). */
+export class Fingerprinter {
+  private readonly h = new Blake3Hasher();
+  constructor(blockSize: number, targetSize: number) {
+    this.h.update(fingerprintPrefix(blockSize, targetSize));
+  }
+  append(digests: Uint8Array): void {
+    this.h.update(digests);
+  }
+  /** The fingerprint of what was appended so far. */
+  digest(): Buffer {
+    return this.h.digestBuffer();
+  }
+}
+
 /** Streams digests to a temp file beside the manifest; `commit` makes it the manifest. */
 export class ManifestWriter {
-  private readonly fp = new Blake3Hasher();
+  private readonly fp: Fingerprinter;
   private readonly buf = Buffer.alloc(READ_CHUNK);
   private fill = 0;
   private written = 0;
@@ -109,7 +123,7 @@ export class ManifestWriter {
     private readonly blockSize: number,
     private readonly targetSize: number,
   ) {
-    this.fp.update(fingerprintPrefix(blockSize, targetSize));
+    this.fp = new Fingerprinter(blockSize, targetSize);
   }
 
   static async create(path: string, blockSize: number, targetSize: number): Promise<ManifestWriter> {
@@ -121,7 +135,7 @@ export class ManifestWriter {
 
   /** Append the next blocks' digests, in block order. */
   async append(digests: Uint8Array): Promise<void> {
-    this.fp.update(digests);
+    this.fp.append(digests);
     let off = 0;
     while (off < digests.length) {
       const n = Math.min(digests.length - off, this.buf.length - this.fill);
@@ -145,7 +159,7 @@ export class ManifestWriter {
     const header = encodeManifestHeader({ ...h, blockSize: this.blockSize, targetSize: this.targetSize });
     const expected = manifestBlockCount({ blockSize: this.blockSize, targetSize: this.targetSize }) * MANIFEST_DIGEST_LEN;
     if (this.written !== expected) throw new Error(`internal: manifest got ${this.written} digest bytes, expected ${expected}`);
-    const fingerprint = this.fp.digestBuffer();
+    const fingerprint = this.fp.digest();
     const checksum = blake3(Buffer.concat([header, fingerprint]));
     await this.fh.write(header, 0, header.length, 0);
     await this.fh.write(Buffer.concat([fingerprint, checksum]), 0, 64, MANIFEST_HEADER_LEN + this.written);
@@ -154,6 +168,11 @@ export class ManifestWriter {
     await rename(this.tmp, this.path);
     await fsyncDir(dirname(this.path));
     return checksum;
+  }
+
+  /** The fingerprint of the digests appended so far: the new manifest's, once all are in. */
+  get fingerprint(): Buffer {
+    return this.fp.digest();
   }
 
   async abort(): Promise<void> {

@@ -72,6 +72,11 @@ export class TreeSync {
     private readonly ctx: FileSyncContext,
   ) {}
 
+  /** -n, or --only-write-batch (only file contents are recorded): the destination is left alone. */
+  private get noWrite(): boolean {
+    return this.opts.dryRun || this.opts.recordOnly === true;
+  }
+
   private get hooks(): SyncHooks {
     return this.ctx.hooks;
   }
@@ -132,7 +137,7 @@ export class TreeSync {
   private async clearOtherType(dst: string, want: Kind): Promise<BigIntStats | undefined> {
     const cur = await lstatOrUndefined(dst);
     if (!cur || kindOf(cur) === want) return cur;
-    if (this.opts.dryRun) return undefined;
+    if (this.noWrite) return undefined;
     if (cur.isDirectory()) {
       await rmdir(dst).catch((e) => {
         throw new QsyncError('TARGET', `cannot delete non-empty directory ${dst} to put a ${want} there`, { file: dst }, { cause: e });
@@ -145,14 +150,14 @@ export class TreeSync {
     this.stats.dirs++;
     const cur = await this.clearOtherType(dst, 'dir');
     if (!cur) {
-      if (!this.opts.dryRun) await mkdir(dst).catch((e) => {
+      if (!this.noWrite) await mkdir(dst).catch((e) => {
         throw new QsyncError('TARGET', `cannot create directory ${dst}: ${(e as Error).message}`, { file: dst }, { cause: e });
       });
       this.stats.created++;
     }
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, local: true, size: 0 });
-    if (!this.opts.dryRun) this.dirFixups.push({ src: st, dst, created: !cur });
+    if (!this.noWrite) this.dirFixups.push({ src: st, dst, created: !cur });
     // rsync -x: a mount point is created, its contents are not copied.
     if (this.opts.oneFileSystem && st.dev !== rootDev) return;
 
@@ -188,7 +193,7 @@ export class TreeSync {
       if (this.filter.excluded(childRel, st.isDirectory())) continue;
       this.hooks.deleted?.(st.isDirectory() ? `${childRel}/` : childRel);
       this.stats.deleted++;
-      if (this.opts.dryRun) continue;
+      if (this.noWrite) continue;
       await rm(path, { recursive: true, force: true });
       if (st.isFile()) await this.forgetManifest(childRel);
       else if (st.isDirectory()) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', childRel), { recursive: true, force: true });
@@ -227,7 +232,7 @@ export class TreeSync {
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
     const changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
-    if (!this.opts.dryRun) await this.applyMeta(dst, st, !cur, false);
+    if (!this.noWrite) await this.applyMeta(dst, st, !cur, false);
     this.report({ path: rel, kind: 'file', created: !cur, changes, local: false, size: Number(st.size), result: r });
   }
 
@@ -236,11 +241,11 @@ export class TreeSync {
     const cur = await this.clearOtherType(dst, 'symlink');
     if (cur && (await readlink(dst)) === target) {
       const changes = this.metaChanges(st, cur);
-      if (!this.opts.dryRun) await this.applyMeta(dst, st, false, true);
+      if (!this.noWrite) await this.applyMeta(dst, st, false, true);
       this.report({ path: rel, kind: 'symlink', created: false, changes, local: true, size: 0 });
       return;
     }
-    if (!this.opts.dryRun) {
+    if (!this.noWrite) {
       if (cur) await unlink(dst);
       await symlink(target, dst);
       await this.applyMeta(dst, st, true, true);
@@ -253,7 +258,7 @@ export class TreeSync {
     const kind = kindOf(st);
     const cur = await this.clearOtherType(dst, kind);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
-    if (!sameNode && !this.opts.dryRun) {
+    if (!sameNode && !this.noWrite) {
       if (cur) await unlink(dst);
       if (st.isFIFO()) await run('mkfifo', [dst]);
       else if (st.isSocket()) throw new QsyncError('UNSUPPORTED', `cannot recreate socket ${rel}`, { file: rel });
@@ -265,7 +270,7 @@ export class TreeSync {
       }
     }
     if (!cur) this.stats.created++;
-    if (!this.opts.dryRun) await this.applyMeta(dst, st, !cur, false);
+    if (!this.noWrite) await this.applyMeta(dst, st, !cur, false);
     this.report({ path: rel, kind, created: !cur, changes: cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined, local: true, size: 0 });
   }
 
