@@ -29,7 +29,7 @@ import { compressBlock, decompressBlock } from '../core/delta-compression.js';
 import { DeltaDecoder } from '../core/delta-decoder.js';
 import { QsyncError } from '../core/errors.js';
 import { digestOf, zeroDigest } from '../hash/blake3.js';
-import { fsyncDir } from '../sync/manifest-store.js';
+import { fsyncDir } from './fsync-dir.js';
 
 const WRITE_BUFFER = 1 << 20;
 const READ_CHUNK = 1 << 20;

@@ -20,7 +20,8 @@ import { digestOf } from '../hash/blake3.js';
 import { openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
-import { fsyncDir, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
+import { fsyncDir } from '../io/fsync-dir.js';
+import { manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 import { assessManifest } from './trust.js';
 

@@ -8,7 +8,8 @@ import { open, readFile, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { mkdir } from 'node:fs/promises';
 import { errnoOf } from '../core/errors.js';
-import { fsyncDir, STATE_DIR } from './manifest-store.js';
+import { fsyncDir } from '../io/fsync-dir.js';
+import { STATE_DIR } from './manifest-store.js';
 
 export interface ImageState {
   node: string;

@@ -7,6 +7,7 @@ import { Blake3Hasher, blake3 } from '@napi-rs/blake-hash';
 import { open, rename, mkdir, rm, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
+import { fsyncDir } from '../io/fsync-dir.js';
 import {
   decodeManifestHeader,
   encodeManifestHeader,
@@ -178,14 +179,5 @@ export class ManifestWriter {
   async abort(): Promise<void> {
     await this.fh.close().catch(() => {});
     await rm(this.tmp, { force: true });
-  }
-}
-
-export async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
   }
 }
