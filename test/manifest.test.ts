@@ -1,0 +1,116 @@
+/**
+ * The manifest codec and store, fed hostile files: every truncation, bit
+ * flips anywhere, and headers that claim huge sizes or counts. A manifest is
+ * either read back exactly or refused with a FORMAT error; never trusted
+ * wrongly, never a crash.
+ */
+import { randomBytes, randomInt } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { QsyncError } from '../src/core/errors.js';
+import { decodeManifestHeader, encodeManifestHeader, MANIFEST_HEADER_LEN, type ManifestHeader } from '../src/core/manifest.js';
+import { hashBlocksInto } from '../src/hash/blake3.js';
+import { ManifestWriter, openManifest } from '../src/sync/manifest-store.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'qsync-manifest-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const BS = 4096;
+const SIZE = 37 * BS + 100;
+const header: ManifestHeader = {
+  blockSize: BS,
+  targetSize: SIZE,
+  sourceSize: SIZE,
+  sourceMtimeNs: 1_700_000_000_123_456_789n,
+  targetMtimeNs: 1_700_000_000_123_456_000n,
+  targetIno: 123456n,
+  targetDev: 2049n,
+};
+const data = randomBytes(SIZE);
+const digests = new Uint8Array(38 * 32);
+hashBlocksInto(data, BS, digests);
+
+async function writeValid(path: string): Promise<void> {
+  const w = await ManifestWriter.create(path, BS, SIZE);
+  await w.append(digests.subarray(0, 20 * 32));
+  await w.append(digests.subarray(20 * 32));
+  const { blockSize: _b, targetSize: _t, ...rest } = header;
+  await w.commit(rest);
+}
+
+async function expectRefused(path: string): Promise<void> {
+  const e = await openManifest(path).then(
+    (m) => m?.close().then(() => undefined),
+    (err: unknown) => err,
+  );
+  expect(e).toBeInstanceOf(QsyncError);
+  expect((e as QsyncError).code).toBe('FORMAT');
+}
+
+describe('manifest codec', () => {
+  it('round-trips a header', () => {
+    expect(decodeManifestHeader(encodeManifestHeader(header))).toEqual(header);
+  });
+
+  it('writes and reads back every digest, with a stable fingerprint', async () => {
+    const p = join(dir, 'ok.qsm');
+    await writeValid(p);
+    const m = (await openManifest(p))!;
+    expect(m.header).toEqual(header);
+    const out = new Uint8Array(38 * 32);
+    await m.readDigests(0, 38, out);
+    expect(Buffer.from(out).equals(Buffer.from(digests))).toBe(true);
+    await m.close();
+    await writeValid(join(dir, 'again.qsm'));
+    const again = (await openManifest(join(dir, 'again.qsm')))!;
+    expect(again.fingerprint.equals(m.fingerprint)).toBe(true);
+    await again.close();
+  });
+
+  it('a missing manifest is "none", not an error', async () => {
+    expect(await openManifest(join(dir, 'nope.qsm'))).toBeUndefined();
+  });
+
+  it('refuses every truncation', async () => {
+    const p = join(dir, 'ok.qsm');
+    const whole = readFileSync(p);
+    const t = join(dir, 'trunc.qsm');
+    for (let len = 0; len < whole.length; len += len < 200 ? 1 : 97) {
+      writeFileSync(t, whole.subarray(0, len));
+      await expectRefused(t);
+    }
+  });
+
+  it('refuses 300 random bit flips and padding', async () => {
+    const whole = readFileSync(join(dir, 'ok.qsm'));
+    const t = join(dir, 'flip.qsm');
+    for (let i = 0; i < 300; i++) {
+      const b = Buffer.from(whole);
+      const at = randomInt(b.length);
+      b[at] ^= 1 << randomInt(8);
+      writeFileSync(t, b);
+      await expectRefused(t);
+    }
+    writeFileSync(t, Buffer.concat([whole, Buffer.alloc(1)]));
+    await expectRefused(t);
+  });
+
+  it('refuses huge sizes and counts before allocating or reading anything', () => {
+    const h = encodeManifestHeader(header);
+    const huge = Buffer.from(h);
+    huge.writeBigUInt64LE(2n ** 63n, 16);
+    expect(() => decodeManifestHeader(huge)).toThrow(/target size .* out of range/);
+    const count = Buffer.from(h);
+    count.writeBigUInt64LE(2n ** 40n, 24);
+    expect(() => decodeManifestHeader(count)).toThrow(/block count/);
+    const bs = Buffer.from(h);
+    bs.writeUInt32LE(3000, 12);
+    expect(() => decodeManifestHeader(bs)).toThrow(/block size 3000/);
+    const version = Buffer.from(h);
+    version.writeUInt16LE(9, 8);
+    expect(() => decodeManifestHeader(version)).toThrow(/unsupported version 9/);
+    expect(() => decodeManifestHeader(h.subarray(0, MANIFEST_HEADER_LEN - 1))).toThrow(/truncated/);
+  });
+});
