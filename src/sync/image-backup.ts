@@ -249,7 +249,12 @@ const DATA = 2;
 
 /** Blocks per window: the unit of reading ahead, hashing and manifest writing. */
 const WINDOW_BYTES = 8 << 20;
-const READ_AHEAD = 4;
+/** Windows read ahead; with scattered dirty blocks a window holds few reads, so several windows keep the server busy. */
+const READ_AHEAD = 8;
+/** NBD reads are split to this size so that one window is several requests in flight. */
+const READ_REQUEST = 2 << 20;
+/** Target writes in flight behind the hashing. */
+const WRITE_BEHIND = 8;
 
 async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<DiskSummary & { checksum: string }> {
   const { blockSize: bs, hooks, rel } = c;
@@ -314,6 +319,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     try {
       if (size !== oldSize) await sink.truncate(size);
       const W = Math.max(1, Math.floor(WINDOW_BYTES / bs));
+      const perRequest = Math.max(1, Math.floor(READ_REQUEST / bs));
       const nWin = Math.ceil(nBlocks / W);
       /** Blocks of a window to hash: all in a full run, else dirty ones, those an interrupted run touched, and new ones. */
       const wanted = (b: number): boolean => full || (kind[b]! & DIRTY) !== 0 || b >= oldBlocks || b >= unknownFrom || !!unknown?.has(b);
@@ -328,7 +334,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
             continue;
           }
           let j = i + 1;
-          while (j < n && wanted(first + j) && kind[first + j]! & DATA) j++;
+          while (j < n && j - i < perRequest && wanted(first + j) && kind[first + j]! & DATA) j++;
           jobs.push(readBlocks(first + i, j - i, buf.subarray(i * bs)));
           i = j;
         }
@@ -343,16 +349,17 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         ahead.push(p);
       };
       for (let w = 0; w < READ_AHEAD; w++) prefetch(w);
-      const oldDigests = Buffer.alloc(W * DIGEST_LEN);
+      const oldDigests = manifest ? new DigestReader(manifest, W) : undefined;
       const newDigests = Buffer.alloc(W * DIGEST_LEN);
       const targetBuf = manifest ? undefined : Buffer.alloc(W * bs);
+      const writes: Promise<void>[] = [];
       for (let w = 0; w < nWin; w++) {
         check();
         const buf = await ahead.shift()!;
         prefetch(w + READ_AHEAD);
         const first = w * W;
         const n = Math.min(W, nBlocks - first);
-        if (manifest) await manifest.readDigests(first, n, oldDigests);
+        await oldDigests?.load(first, n);
         if (targetBuf && c.tStat) await readTarget(sink, targetBuf.subarray(0, n * bs), first * bs, oldSize);
         const changed: number[] = [];
         const changedZero: boolean[] = [];
@@ -360,7 +367,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
           const b = first + i;
           const len = blockLen(b);
           const nd = newDigests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN);
-          const od = oldDigests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN);
+          const od = oldDigests ? oldDigests.digest(first + i) : ZERO_DIGEST;
           if (!wanted(b)) {
             od.copy(nd);
             continue;
@@ -390,7 +397,10 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
           const end = Math.min(size, changed[j - 1]! * bs + bs);
           if (changedZero[i]) holes.push([off, end - off]);
           else {
-            await sink.write(off, buf.subarray(off - first * bs, end - first * bs));
+            if (writes.length >= WRITE_BEHIND) await writes.shift();
+            const p = sink.write(off, buf.subarray(off - first * bs, end - first * bs));
+            p.catch(() => {});
+            writes.push(p);
             s.written += end - off;
           }
           i = j;
@@ -398,6 +408,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         await writer.append(newDigests.subarray(0, n * DIGEST_LEN));
         hooks.fileProgress?.(rel, s.read, s.written);
       }
+      await Promise.all(writes);
       await punchHoles(sink, c.target, holes);
       await sink.commit();
       await sink.close();
@@ -418,6 +429,31 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     return { ...s, mode: full ? 'full' : 'bitmap', method, reason, checksum: checksum.toString('hex') };
   } finally {
     await nbd.close().catch(() => {});
+  }
+}
+
+const ZERO_DIGEST = Buffer.alloc(DIGEST_LEN);
+
+/** The old manifest's digests, read sequentially in 1 MiB pieces (one read per window was the slowest part of a sparse run). */
+class DigestReader {
+  #buf: Buffer;
+  #first = 0;
+  #count = 0;
+  constructor(private readonly m: Manifest, window: number) {
+    this.#buf = Buffer.alloc(Math.max(window, 32768) * DIGEST_LEN);
+  }
+
+  /** Make blocks [first, first+n) available; windows come in order. */
+  async load(first: number, n: number): Promise<void> {
+    if (first >= this.#first && first + n <= this.#first + this.#count) return;
+    this.#first = first;
+    this.#count = this.#buf.length / DIGEST_LEN;
+    await this.m.readDigests(first, this.#count, this.#buf);
+  }
+
+  digest(b: number): Buffer {
+    const o = (b - this.#first) * DIGEST_LEN;
+    return this.#buf.subarray(o, o + DIGEST_LEN);
   }
 }
 
