@@ -126,4 +126,27 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
     expect(next!.dirty).toBe(128 << 10);
     await expectTarget(next!, await readLive(fx.qmp, 'disk0', fx.dir));
   });
+  it('zeroed ranges become holes in the target without being read; a resize turns the run full', async () => {
+    const [before] = await runImageBackup(opts({ verifySamplePct: 0 }));
+    const allocated = (f: string): number => fs.statSync(f).blocks * 512;
+    const had = allocated(before!.target);
+    await writeLive(fx.qmp, 'disk0', fx.dir, [[0, 4 * MiB, 0]]);
+    const [r] = await runImageBackup(opts({ verifySamplePct: 0 }));
+    expect(r!.mode).toBe('bitmap');
+    expect(r!.dirty).toBe(4 * MiB);
+    expect(r!.read).toBe(0);
+    expect(r!.written).toBe(0);
+    expect(r!.zero).toBe(4 * MiB);
+    expect(had - allocated(r!.target)).toBeGreaterThanOrEqual(4 * MiB);
+    await expectTarget(r!, await readLive(fx.qmp, 'disk0', fx.dir));
+
+    await fx.qmp.execute('block_resize', { 'node-name': 'disk0', size: 160 * MiB });
+    const notices: string[] = [];
+    const [g] = await runImageBackup(opts(), { notice: (m) => notices.push(m) });
+    expect(g!.mode).toBe('full');
+    expect(g!.reason).toMatch(/resized/);
+    expect(notices.join()).toMatch(/resized.*full run/);
+    expect(g!.size).toBe(160 * MiB);
+    await expectTarget(g!, await readLive(fx.qmp, 'disk0', fx.dir));
+  });
 });
