@@ -149,4 +149,20 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
     expect(g!.size).toBe(160 * MiB);
     await expectTarget(g!, await readLive(fx.qmp, 'disk0', fx.dir));
   });
+  it('refuses to share an NBD server someone else runs, and loses no change by failing', async () => {
+    await runImageBackup(opts({ verifySamplePct: 0 }));
+    await writeLive(fx.qmp, 'disk0', fx.dir, [[12 * MiB, 64 << 10, 0xe1]]);
+    await fx.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: path.join(fx.dir, 'other.sock') } } });
+    try {
+      await expect(runImageBackup(opts())).rejects.toMatchObject({ code: 'LOCKED' });
+    } finally {
+      await fx.qmp.execute('nbd-server-stop');
+    }
+    expect(await fx.qmp.execute('query-jobs')).toEqual([]);
+    await writeLive(fx.qmp, 'disk0', fx.dir, [[13 * MiB, 64 << 10, 0xe2]]);
+    const [r] = await runImageBackup(opts({ verifySamplePct: 0 }));
+    expect(r!.mode).toBe('bitmap');
+    expect(r!.dirty).toBe(128 << 10);
+    await expectTarget(r!, await readLive(fx.qmp, 'disk0', fx.dir));
+  });
 });

@@ -190,13 +190,14 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
     }
 
     const newBitmap = `${prefix}${Date.now().toString(36)}`;
-    const fleece = await Fleece.start(qmp, {
-      node: drive.node, size: drive.size, prefix, newBitmap, persistent: drive.driver === 'qcow2',
-      freeze: reason ? undefined : base!.name, tempDir: ctx.tempDir,
-    });
+    let fleece: Fleece | undefined;
     let ok = false;
     let summary: (DiskSummary & { checksum: string }) | undefined;
     try {
+      fleece = await Fleece.start(qmp, {
+        node: drive.node, size: drive.size, prefix, newBitmap, persistent: drive.driver === 'qcow2',
+        freeze: reason ? undefined : base!.name, tempDir: ctx.tempDir,
+      });
       summary = await copyDisk(fleece, drive, {
         ...ctx, rel, target, manifestPath, manifest, trust, tStat: !!tStat, reason,
         frozen: reason ? undefined : base!.name,
@@ -205,19 +206,22 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
       ok = true;
     } finally {
       const errors: unknown[] = [];
-      await fleece.stop().catch((e: unknown) => errors.push(e));
+      await fleece?.stop().catch((e: unknown) => errors.push(e));
       const node = drive.node;
       try {
         if (ok) {
           await writeImageState(statePath, { node, bitmap: newBitmap, baseChecksum: summary!.checksum, size: drive.size });
           if (!reason) await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
-        } else if (!reason) {
-          // Keep every change since the manifest: frozen ∪ new, under the new name.
-          await qmp.execute('block-dirty-bitmap-merge', { node, target: newBitmap, bitmaps: [base!.name] });
-          await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
-          await writeImageState(statePath, { ...state!, bitmap: newBitmap });
-        } else {
-          await qmp.execute('block-dirty-bitmap-remove', { node, name: newBitmap });
+        } else if ((await listBitmaps(qmp, node)).some((b) => b.name === newBitmap)) {
+          // The transaction happened. Incremental: keep every change since the manifest,
+          // frozen ∪ new, under the new name. Full: the new bitmap is relative to nothing.
+          if (!reason) {
+            await qmp.execute('block-dirty-bitmap-merge', { node, target: newBitmap, bitmaps: [base!.name] });
+            await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
+            await writeImageState(statePath, { ...state!, bitmap: newBitmap });
+          } else {
+            await qmp.execute('block-dirty-bitmap-remove', { node, name: newBitmap });
+          }
         }
       } catch (e) {
         errors.push(e);
