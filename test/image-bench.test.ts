@@ -4,7 +4,7 @@
  * Prints: incremental bytes read vs dirty, fixed setup overhead, read rate vs
  * nbdcopy to null:, and the 1 TiB dirty map time vs nbdinfo --map.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -53,7 +53,17 @@ describe.skipIf(!bench)('image-mode bench: 4 GiB disk, 1% dirty', () => {
       execFileSync('nbdcopy', [uri, 'null:']);
       return ms(t);
     });
+    // The same image in file mode (QEMU must let go of it first): a first copy, then a forced -c scan.
+    await fx.qmp.close();
+    await fx.qsd.kill();
+    spawnSync('npx', ['tsc', '-p', '.'], { stdio: 'ignore' });
+    const cli = [path.resolve('dist/src/cli/main.js'), fx.disk, path.join(fx.dir, 'filedest') + '/'];
+    execFileSync(process.execPath, cli);
+    t0 = performance.now();
+    execFileSync(process.execPath, [cli[0]!, '-c', ...cli.slice(1)]);
+    const fileScanMs = ms(t0);
     const r = {
+      fileModeForcedScan: { ms: fileScanMs, bytes: fs.statSync(fx.disk).size, rate: rate(fs.statSync(fx.disk).size, fileScanMs) },
       full: { ms: fullMs, read: full!.read, setupMs: full!.setupMs, rate: rate(full!.read, fullMs - full!.setupMs) },
       incremental: {
         ms: incMs, dirty: inc!.dirty, read: inc!.read, readOverDirty: inc!.read / inc!.dirty,

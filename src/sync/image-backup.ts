@@ -327,10 +327,16 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
       const nWin = Math.ceil(nBlocks / W);
       /** Blocks of a window to hash: all in a full run, else dirty ones, those an interrupted run touched, and new ones. */
       const wanted = (b: number): boolean => full || (kind[b]! & DIRTY) !== 0 || b >= oldBlocks || b >= unknownFrom || !!unknown?.has(b);
-      const fetch = async (w: number): Promise<Buffer> => {
+      /** One window's reads: a buffer per run of blocks read (only what is read is allocated). */
+      interface Fetched {
+        runOf: Int32Array; // block → index into bufs/starts, -1 when not read
+        bufs: Buffer[];
+        starts: number[];
+      }
+      const fetch = async (w: number): Promise<Fetched> => {
         const first = w * W;
         const n = Math.min(W, nBlocks - first);
-        const buf = Buffer.allocUnsafe(n * bs);
+        const f: Fetched = { runOf: new Int32Array(n).fill(-1), bufs: [], starts: [] };
         const jobs: Promise<void>[] = [];
         for (let i = 0; i < n; ) {
           if (!(wanted(first + i) && kind[first + i]! & DATA)) {
@@ -339,13 +345,22 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
           }
           let j = i + 1;
           while (j < n && j - i < perRequest && wanted(first + j) && kind[first + j]! & DATA) j++;
-          jobs.push(readBlocks(first + i, j - i, buf.subarray(i * bs)));
+          const buf = Buffer.allocUnsafe((j - i) * bs);
+          f.runOf.fill(f.bufs.length, i, j);
+          f.bufs.push(buf);
+          f.starts.push(i);
+          jobs.push(readBlocks(first + i, j - i, buf));
           i = j;
         }
         await Promise.all(jobs);
-        return buf;
+        return f;
       };
-      const ahead: Promise<Buffer>[] = [];
+      /** Bytes of blocks [i, j) of a window, all from one run. */
+      const bytes = (f: Fetched, i: number, j: number): Buffer => {
+        const r = f.runOf[i]!;
+        return f.bufs[r]!.subarray((i - f.starts[r]!) * bs, (j - f.starts[r]!) * bs);
+      };
+      const ahead: Promise<Fetched>[] = [];
       const prefetch = (w: number): void => {
         if (w >= nWin) return;
         const p = fetch(w);
@@ -357,9 +372,10 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
       const newDigests = Buffer.alloc(W * DIGEST_LEN);
       const targetBuf = manifest ? undefined : Buffer.alloc(W * bs);
       const writes: Promise<void>[] = [];
+      let intentChain = Promise.resolve();
       for (let w = 0; w < nWin; w++) {
         check();
-        const buf = await ahead.shift()!;
+        const got = await ahead.shift()!;
         prefetch(w + READ_AHEAD);
         const first = w * W;
         const n = Math.min(W, nBlocks - first);
@@ -377,13 +393,13 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
             continue;
           }
           const isData = (kind[b]! & DATA) !== 0;
-          const data = buf.subarray(i * bs, i * bs + len);
-          if (isData) hashBlocksInto(data, bs, nd);
+          const data = isData ? bytes(got, i, i + 1).subarray(0, len) : undefined;
+          if (data) hashBlocksInto(data, bs, nd);
           else zeroDigest(len).copy(nd);
           const zero = nd.equals(zeroDigest(len));
           let differs: boolean;
           if (manifest) differs = b >= oldBlocks || b >= unknownFrom || !!unknown?.has(b) || !od.equals(nd);
-          else if (targetBuf && b < oldBlocks) differs = !targetBuf.subarray(i * bs, i * bs + len).equals(zero ? zeroDigestBlock(len) : data);
+          else if (targetBuf && b < oldBlocks) differs = !targetBuf.subarray(i * bs, i * bs + len).equals(zero || !data ? zeroDigestBlock(len) : data);
           else differs = !zero; // new or grown area: already a hole
           if (zero) s.zero += len;
           if (!differs) {
@@ -393,16 +409,23 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
           changed.push(b);
           changedZero.push(zero);
         }
-        await intent?.add(changed);
+        // The intent must be on disk before the blocks are written, but the loop need not wait for it.
+        if (intent && changed.length) {
+          intentChain = intentChain.then(() => intent.add(changed));
+          intentChain.catch(() => {}); // surfaces through the writes and the final wait
+        }
+        const recorded = intentChain;
         for (let i = 0; i < changed.length; ) {
           let j = i + 1;
-          while (j < changed.length && changed[j] === changed[j - 1]! + 1 && changedZero[j] === changedZero[i]) j++;
+          const sameRun = (k: number): boolean => changedZero[i] || got.runOf[changed[k]! - first] === got.runOf[changed[i]! - first];
+          while (j < changed.length && changed[j] === changed[j - 1]! + 1 && changedZero[j] === changedZero[i] && sameRun(j)) j++;
           const off = changed[i]! * bs;
           const end = Math.min(size, changed[j - 1]! * bs + bs);
           if (changedZero[i]) holes.push([off, end - off]);
           else {
             if (writes.length >= WRITE_BEHIND) await writes.shift();
-            const p = sink.write(off, buf.subarray(off - first * bs, end - first * bs));
+            const data = bytes(got, changed[i]! - first, changed[j - 1]! - first + 1).subarray(0, end - off);
+            const p = recorded.then(() => sink.write(off, data));
             p.catch(() => {});
             writes.push(p);
             s.written += end - off;
@@ -412,7 +435,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         await writer.append(newDigests.subarray(0, n * DIGEST_LEN));
         hooks.fileProgress?.(rel, s.read, s.written);
       }
-      await Promise.all(writes);
+      await Promise.all([...writes, intentChain]);
       await punchHoles(sink, c.target, holes);
       await sink.commit();
       await sink.close();
