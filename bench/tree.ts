@@ -7,7 +7,7 @@
  * the target's identity (size, mtime, inode) still trusts it, as it would on
  * the user's second run, and the disk sees few writes between timed runs.
  */
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import {
   chmodSync,
   closeSync,
@@ -23,7 +23,6 @@ import {
   readdirSync,
   rmSync,
   statSync,
-  utimesSync,
   writeSync,
   type Stats,
 } from 'node:fs';
@@ -99,7 +98,19 @@ function restoreFile(saved: string, target: string): void {
     }
   }
   chmodSync(target, st.mode & 0o7777);
-  utimesSync(target, st.atime, st.mtime);
+  copyTimes(saved, target);
+}
+
+/**
+ * Node's utimes takes seconds as a double, which cannot hold every
+ * nanosecond mtime; `touch -r` copies them exactly (utimensat). A manifest
+ * that records the target's mtime in ns would otherwise distrust the target.
+ */
+function copyTimes(from: string, to: string): void {
+  execFileSync('touch', ['-h', '-r', from, to]);
+  const a = lstatSync(from, { bigint: true });
+  const b = lstatSync(to, { bigint: true });
+  if (a.mtimeNs !== b.mtimeNs) throw new Error(`restoreTree: mtime of ${to} not restored (${b.mtimeNs} != ${a.mtimeNs})`);
 }
 
 /** Makes `target` hold what `saved` holds: same files, content, modes and mtimes. */
@@ -122,8 +133,7 @@ export function restoreTree(saved: string, target: string): void {
       throw new Error(`restoreTree: unexpected entry ${from}`);
     }
   }
-  const st = statSync(saved);
-  utimesSync(target, st.atime, st.mtime);
+  copyTimes(saved, target);
 }
 
 function lstatSafe(path: string): Stats | undefined {

@@ -1,6 +1,7 @@
 /**
  * The benchmark's quick mode as a smoke test: every tool ran in every
  * scenario and every target is byte-identical. No timing is asserted.
+ * Two runs, so restoring the targets between runs is exercised too.
  * Runs the compiled harness (npm test compiles first).
  */
 import { execFile } from 'node:child_process';
@@ -26,7 +27,7 @@ describe.skipIf(!needTools('rsync', 'b3sum', 'qemu-img', 'qemu-io', 'cmp', '/usr
   it('runs every tool in every scenario and leaves identical targets', { timeout: 180_000 }, async () => {
     expect(existsSync(harness), `${harness} missing: compile with tsc -p . first`).toBe(true);
     // The exit status says whether a tool failed; the JSON below says which, so read it either way.
-    await run(process.execPath, [harness, '--quick', '--out', out], { cwd: root, maxBuffer: 16 << 20 }).catch(() => {});
+    await run(process.execPath, [harness, '--quick', '--runs', '2', '--out', out], { cwd: root, maxBuffer: 16 << 20 }).catch(() => {});
     const result = JSON.parse(readFileSync(join(out, 'latest.json'), 'utf8')) as BenchResult;
     expect(result.scenarios.map((s) => s.name)).toEqual(SCENARIOS);
     for (const s of result.scenarios) {
@@ -38,10 +39,12 @@ describe.skipIf(!needTools('rsync', 'b3sum', 'qemu-img', 'qemu-io', 'cmp', '/usr
           continue;
         }
         expect(t.status, where).toBe('ok');
-        expect(t.runs, where).toHaveLength(1);
+        expect(t.runs, where).toHaveLength(2);
         for (const r of t.runs) {
           expect(r.exitCode, where).toBe(0);
           expect(r.correct, where).toBe(t.kind === 'sync' ? true : null);
+          // A restored target keeps what made qsync trust it: the source is read once, the target not at all.
+          if (t.id.startsWith('qsync') && s.name !== 'first') expect(r.rchar, `${where} read both sides`).toBeLessThan(1.5 * s.sourceBytes);
         }
       }
     }
