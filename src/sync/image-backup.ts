@@ -253,8 +253,13 @@ const DATA = 2;
 
 /** Blocks per window: the unit of reading ahead, hashing and manifest writing. */
 const WINDOW_BYTES = 8 << 20;
-/** Windows read ahead; with scattered dirty blocks a window holds few reads, so several windows keep the server busy. */
-const READ_AHEAD = 8;
+/**
+ * Reading ahead stops at this many NBD reads in flight or windows queued:
+ * with scattered dirty blocks a window holds one read or none, so counting
+ * windows alone would leave the server idle.
+ */
+const MAX_READS_AHEAD = 32;
+const MAX_WINDOWS_AHEAD = 256;
 /** NBD reads are split to this size so that one window is several requests in flight. */
 const READ_REQUEST = 2 << 20;
 /** Target writes in flight behind the hashing. */
@@ -333,6 +338,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         bufs: Buffer[];
         starts: number[];
       }
+      let readsInFlight = 0;
       const fetch = async (w: number): Promise<Fetched> => {
         const first = w * W;
         const n = Math.min(W, nBlocks - first);
@@ -349,7 +355,8 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
           f.runOf.fill(f.bufs.length, i, j);
           f.bufs.push(buf);
           f.starts.push(i);
-          jobs.push(readBlocks(first + i, j - i, buf));
+          readsInFlight++;
+          jobs.push(readBlocks(first + i, j - i, buf).finally(() => readsInFlight--));
           i = j;
         }
         await Promise.all(jobs);
@@ -361,13 +368,15 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         return f.bufs[r]!.subarray((i - f.starts[r]!) * bs, (j - f.starts[r]!) * bs);
       };
       const ahead: Promise<Fetched>[] = [];
-      const prefetch = (w: number): void => {
-        if (w >= nWin) return;
-        const p = fetch(w);
-        p.catch(() => {});
-        ahead.push(p);
+      let nextWin = 0;
+      const prefetch = (): void => {
+        while (nextWin < nWin && ahead.length < MAX_WINDOWS_AHEAD && readsInFlight < MAX_READS_AHEAD) {
+          const p = fetch(nextWin++);
+          p.catch(() => {}); // awaited in order below
+          ahead.push(p);
+        }
       };
-      for (let w = 0; w < READ_AHEAD; w++) prefetch(w);
+      prefetch();
       const oldDigests = manifest ? new DigestReader(manifest, W) : undefined;
       const newDigests = Buffer.alloc(W * DIGEST_LEN);
       const targetBuf = manifest ? undefined : Buffer.alloc(W * bs);
@@ -375,8 +384,9 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
       let intentChain = Promise.resolve();
       for (let w = 0; w < nWin; w++) {
         check();
+        if (!ahead.length) prefetch();
         const got = await ahead.shift()!;
-        prefetch(w + READ_AHEAD);
+        prefetch();
         const first = w * W;
         const n = Math.min(W, nBlocks - first);
         await oldDigests?.load(first, n);
