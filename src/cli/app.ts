@@ -7,12 +7,21 @@ import { isQsyncError, QsyncError } from '../core/errors.js';
 import { parseArgv } from './args.js';
 import { DELTA_COMMANDS, runDeltaCommand } from './cmd-delta.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
+import { runImage } from './run-image.js';
 import { runSync, type CliIO } from './run-sync.js';
 
 /** Lock files to drop if a signal ends the run; the intent records keep the targets recoverable. */
 export const cleanupOnSignal = new Set<string>();
 
+/** An image-mode run cleans up QEMU (exports, jobs, bitmaps) before it ends: it is aborted, not killed. */
+let abortable: AbortController | undefined;
+
 export function onSignal(sig: NodeJS.Signals): void {
+  if (abortable && !abortable.signal.aborted) {
+    process.stderr.write(`\nqsync: received ${sig}, cleaning up in QEMU; send it again to stop at once\n`);
+    abortable.abort();
+    return;
+  }
   for (const p of cleanupOnSignal) rmSync(p, { force: true });
   process.stderr.write(`\nqsync: received ${sig}, stopping; run again to finish\n${describeExit(EXIT.SIGNAL.code)}\n`);
   process.exit(EXIT.SIGNAL.code);
@@ -35,6 +44,15 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
     if (o.readBatch !== undefined) {
       if (parsed.sources.length) throw new QsyncError('USAGE', '--read-batch=FILE takes only the destination operand: the sources are in FILE');
       return await runDeltaCommand(['apply', o.readBatch, parsed.dest], io);
+    }
+    if (o.qmp !== undefined || o.image !== undefined) {
+      if (parsed.sources.length) throw new QsyncError('USAGE', `--${o.qmp !== undefined ? 'qmp' : 'image'} takes only the destination operand (a folder for the disk images)`);
+      abortable = new AbortController();
+      try {
+        return await runImage(parsed.dest, o, io, abortable.signal);
+      } finally {
+        abortable = undefined;
+      }
     }
     return await runSync(parsed.sources, parsed.dest, o, io);
   } catch (e) {
