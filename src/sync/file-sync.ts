@@ -68,16 +68,21 @@ const skipped = (method: SyncMethod): FileSyncResult => ({ method, transferred: 
 /** rsync's quick check when there is no usable manifest: same size and mtime. */
 const sameSizeAndTime = (a: BigIntStats, b: BigIntStats) => a.size === b.size && a.mtimeNs / 1000n === b.mtimeNs / 1000n;
 
-export async function syncFile(
-  src: string,
-  srcStat: BigIntStats,
-  dst: string,
-  dstStat: BigIntStats | undefined,
-  manifestPath: string,
-  relPath: string,
-  opts: FileSyncOptions,
-  ctx: FileSyncContext,
-): Promise<FileSyncResult | undefined> {
+/** One regular file to bring up to date. */
+export interface FileJob {
+  src: string;
+  srcStat: BigIntStats;
+  dst: string;
+  /** Undefined when the target does not exist yet. */
+  dstStat: BigIntStats | undefined;
+  manifestPath: string;
+  /** Path relative to the destination root, for reports and delta members. */
+  relPath: string;
+}
+
+/** Returns undefined when the file is skipped by --existing, --ignore-existing or --update. */
+export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult | undefined> {
+  const { src, srcStat, dst, dstStat, manifestPath, relPath } = job;
   if (dstStat && !dstStat.isFile()) {
     throw new QsyncError('TARGET', `cannot overwrite ${dstStat.isDirectory() ? 'directory' : 'non-regular file'} ${dst} with a file`, { file: dst });
   }
@@ -115,25 +120,14 @@ export async function syncFile(
         hint: 'back it up in image mode: qsync --qmp /path/to/qmp.sock DEST',
       });
     }
-    return await transfer(src, srcStat, dst, dstStat, manifestPath, relPath, method, manifest, trust, opts, ctx);
+    return await transfer(job, method, manifest, trust, opts, ctx);
   } finally {
     await manifest?.close();
   }
 }
 
-async function transfer(
-  src: string,
-  srcStat: BigIntStats,
-  dst: string,
-  dstStat: BigIntStats | undefined,
-  manifestPath: string,
-  relPath: string,
-  method: SyncMethod,
-  manifest: Manifest | undefined,
-  trust: Trust,
-  opts: FileSyncOptions,
-  ctx: FileSyncContext,
-): Promise<FileSyncResult> {
+async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | undefined, trust: Trust, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult> {
+  const { src, srcStat, dst, dstStat, manifestPath, relPath } = job;
   const { blockSize } = opts;
   const size = Number(srcStat.size);
   const oldSize = dstStat ? Number(dstStat.size) : 0;

@@ -213,7 +213,7 @@ export class TreeSync {
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, rel);
     let r: FileSyncResult | undefined;
     try {
-      r = await syncFile(src, st, dst, cur, manifest, rel, this.opts, this.ctx);
+      r = await syncFile({ src, srcStat: st, dst, dstStat: cur, manifestPath: manifest, relPath: rel }, this.opts, this.ctx);
     } catch (e) {
       if (errnoOf(e) === 'ENOENT' && !(await lstatOrUndefined(src))) {
         this.vanished = true;
