@@ -89,6 +89,7 @@ export class NbdClient implements ExtentSource {
   #slotWaiters: (() => void)[] = [];
   #idleWaiters: (() => void)[] = [];
   #drained: Promise<void> | undefined;
+  #corked = false;
   #inbox: OptionReply[] = [];
   #inboxWaiter: { resolve(r: OptionReply): void; reject(e: Error): void } | undefined;
 
@@ -137,6 +138,11 @@ export class NbdClient implements ExtentSource {
 
   get readOnly(): boolean {
     return (this.flags & K.TFLAG_READ_ONLY) !== 0;
+  }
+
+  /** The server lets several connections to this export share the work (QEMU: read-only exports). */
+  get canMultiConn(): boolean {
+    return (this.flags & K.TFLAG_CAN_MULTI_CONN) !== 0;
   }
 
   // ---- handshake ----
@@ -260,6 +266,15 @@ export class NbdClient implements ExtentSource {
         cmd, offset, length, buf: opts.buf, covered: 0, status: new Map(), error: undefined, resolve, reject,
       });
     });
+    // Requests issued in one tick go out in one writev (fewer wake-ups of the server).
+    if (!this.#corked) {
+      this.#corked = true;
+      this.#socket.cork();
+      process.nextTick(() => {
+        this.#corked = false;
+        this.#socket.uncork();
+      });
+    }
     let ok = this.#socket.write(hdr);
     if (opts.payload) ok = this.#socket.write(opts.payload);
     if (!ok && !this.#drained) {

@@ -30,6 +30,7 @@ export const TFLAG_READ_ONLY = 1 << 1;
 export const TFLAG_SEND_FLUSH = 1 << 2;
 export const TFLAG_SEND_TRIM = 1 << 5;
 export const TFLAG_SEND_WRITE_ZEROES = 1 << 6;
+export const TFLAG_CAN_MULTI_CONN = 1 << 8;
 
 export const CMD_READ = 0;
 export const CMD_WRITE = 1;
