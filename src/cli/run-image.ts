@@ -3,7 +3,10 @@
  * image mode, and a summary per disk of what was dirty, read, written,
  * unchanged and zero (the figures a vzdump user reads in the log).
  */
+import { resolve } from 'node:path';
+import { QsyncError } from '../core/errors.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
+import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, formatSize } from './output.js';
@@ -23,10 +26,23 @@ function summaryLine(d: DiskSummary, human: number): string {
 export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: AbortSignal): Promise<number> {
   const printer = createPrinter(o, io);
   try {
-    const disks = await runImageBackup(
-      { qmp: o.qmp, image: o.image, drives: o.drives, dest, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal },
-      printer,
-    );
+    if (o.onlyWriteBatch !== undefined) {
+      // Recording without writing would still rotate QEMU's bitmap: the next run would miss these changes.
+      throw new QsyncError('USAGE', '--only-write-batch does not work with --qmp/--image: use --write-batch (the target is updated too)');
+    }
+    const backupDir = o.backupDir === undefined ? undefined : resolve(dest, o.backupDir);
+    const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
+    let disks: DiskSummary[];
+    try {
+      disks = await runImageBackup(
+        { qmp: o.qmp, image: o.image, drives: o.drives, dest, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal, wrapSink: deltas.wrapSink },
+        printer,
+      );
+    } catch (e) {
+      await deltas.finish(false);
+      throw e;
+    }
+    await deltas.finish(true);
     if (o.json) io.stdout.write(`${JSON.stringify({ disks, exitCode: 0, errors: [] }, null, 2)}\n`);
     else if (!o.quiet) for (const d of disks) io.stdout.write(`${summaryLine(d, o.human)}\n`);
     return EXIT.OK.code;

@@ -21,17 +21,21 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { LocalFileSink } from '../io/local-file.js';
+import type { BlockSink } from '../io/types.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { CONTEXT_ALLOCATION, dirtyBitmapContext } from '../io/nbd/constants.js';
 import { findDrives, listBitmaps, type Drive } from '../qemu/block.js';
 import { Fleece, removeLeftovers } from '../qemu/fleece.js';
 import { serveImage, type ServedImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
+import { emptyFingerprint } from './delta-apply.js';
 import type { SyncHooks, SyncMethod } from './events.js';
+import type { FileSyncContext } from './file-sync.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
 import { lockDestination } from './lock.js';
 import { manifestPathFor, ManifestWriter, openManifest, STATE_DIR, type Manifest } from './manifest-store.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
+import { hashFile } from './target-digests.js';
 import { assessManifest, type Trust } from './trust.js';
 
 const run = promisify(execFile);
@@ -51,6 +55,8 @@ export interface ImageBackupOptions {
   tempDir?: string;
   /** Abort (SIGINT) → cleanup, then an INTERRUPTED error. Without one, SIGINT/SIGTERM are caught for the run. */
   signal?: AbortSignal;
+  /** Deltas (--write-batch, --backup-dir): wraps each disk's target, as in the file engine. */
+  wrapSink?: FileSyncContext['wrapSink'];
 }
 
 export interface DiskSummary {
@@ -110,7 +116,7 @@ export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks 
         // A killed run's backup job leaves a filter node above the disk: remove it, then look again.
         const stale = await removeLeftovers(qmp, bitmapPrefix(dest, name), tempDir);
         const d = stale ? (await findDrives(qmp, [found.qdev ?? found.device ?? found.node]))[0]! : found;
-        out.push(await backupDisk(qmp, { ...d, name }, { dest, blockSize, pct, tempDir, signal: ac.signal, hooks }));
+        out.push(await backupDisk(qmp, { ...d, name }, { dest, blockSize, pct, tempDir, signal: ac.signal, hooks, wrapSink: opts.wrapSink }));
       }
       return out;
     } finally {
@@ -131,6 +137,7 @@ interface DiskContext {
   tempDir: string;
   signal: AbortSignal;
   hooks: SyncHooks;
+  wrapSink: FileSyncContext['wrapSink'];
 }
 
 /** Bitmap names are per target: `qsync-<hash of DEST and disk>-<n>`; others are never touched. */
@@ -330,14 +337,22 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
 
     // A manifest not used for this run must not outlive it: it would describe the old target.
     if (!manifest) await rm(c.manifestPath, { force: true });
-    const sink = await LocalFileSink.open(c.target, !c.tStat);
+    const file = await LocalFileSink.open(c.target, !c.tStat);
     const intentPath = intentPathFor(c.manifestPath);
     const intent = manifest ? await IntentWriter.create(intentPath, manifest.checksum, manifest.header.targetSize, size) : undefined;
     const writer = await ManifestWriter.create(c.manifestPath, bs, size);
-    const oldSize = manifest?.header.targetSize ?? (c.tStat ? (await sink.fh.stat()).size : 0);
+    const oldSize = manifest?.header.targetSize ?? (c.tStat ? (await file.fh.stat()).size : 0);
     const oldBlocks = blockCount(oldSize, bs);
     const holes: [number, number][] = [];
+    const target = punchingSink(file, holes);
+    let sink: BlockSink = target;
     try {
+      if (c.wrapSink) {
+        // A delta names its base: the manifest's fingerprint, the empty one for a new target, else a hash of the old target.
+        const before = manifest ? manifest.fingerprint : !c.tStat ? emptyFingerprint(bs) : await hashFile(file.fh, oldSize, bs);
+        const info = { relPath: rel, blockSize: bs, oldSize, newSize: size, fingerprints: () => ({ before, after: writer.fingerprint }) };
+        sink = await c.wrapSink(target, info);
+      }
       if (size !== oldSize) await sink.truncate(size);
       // Hashed: every block in a full run; else dirty ones, and those the manifest cannot vouch for.
       for (let b = 0; b < nBlocks; b++) if (full || kind[b]! & DIRTY) kind[b]! |= WANT;
@@ -347,7 +362,8 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
       }
       const compare = !manifest && c.tStat;
       const maxRun = Math.max(1, Math.floor(Math.min(MAX_READ, nbd.blockSizes.maximum) / bs));
-      const pipe = new CopyPipeline(bs, size, kind, maxRun, sink, manifest, writer, intent, holes);
+      // Delta sinks take one write at a time.
+      const pipe = new CopyPipeline(bs, size, kind, maxRun, sink, !!c.wrapSink, manifest, writer, intent);
 
       /** Runs of wanted blocks, in order: same kind (data or zero), within one piece, at most one read long. */
       let planned = 0;
@@ -367,7 +383,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         if (compare && b < oldBlocks) r.old = Buffer.allocUnsafe(len);
         const jobs: Promise<void>[] = [];
         if (r.src) jobs.push(readBlocks(b, e - b, r.src));
-        if (r.old) jobs.push(readTarget(sink, r.old, off, oldSize));
+        if (r.old) jobs.push(readTarget(file, r.old, off, oldSize));
         r.ready = Promise.all(jobs).then(() => {});
         r.ready.catch(() => {}); // awaited in order below
         return r;
@@ -394,7 +410,6 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         hooks.fileProgress?.(rel, s.read, s.written);
       }
       await pipe.finish();
-      await punchHoles(sink, c.target, holes);
       await sink.commit();
       await sink.close();
     } catch (e) {
@@ -445,23 +460,26 @@ class CopyPipeline {
   readonly #piece = Buffer.alloc(PIECE * DIGEST_LEN);
   #pieceIndex = -1;
   readonly #runDigests: Buffer;
-  #batch: { off: number; data: Buffer }[] = [];
+  /** Changed stretches to write: data, or zeros (a hole) when `data` is undefined. */
+  #batch: { off: number; len: number; data?: Buffer }[] = [];
   #batchBlocks: number[] = [];
   #batchBytes = 0;
   readonly #writes: { done: Promise<void>; bytes: number }[] = [];
   #writeBytes = 0;
   #intentChain = Promise.resolve();
+  #lastWrite: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly bs: number,
     private readonly size: number,
     private readonly kind: Uint8Array,
     maxRun: number,
-    private readonly sink: LocalFileSink,
+    private readonly sink: BlockSink,
+    /** One write at a time, in order (delta sinks). */
+    private readonly serial: boolean,
     private readonly manifest: Manifest | undefined,
     private readonly writer: ManifestWriter,
     private readonly intent: IntentWriter | undefined,
-    private readonly holes: [number, number][],
   ) {
     this.#runDigests = Buffer.alloc(maxRun * DIGEST_LEN);
   }
@@ -509,16 +527,14 @@ class CopyPipeline {
     if (from >= 0) await this.#changed(r, from, r.count, fromZero, s);
   }
 
-  /** Blocks [from, to) of run `r` changed: a hole to punch at the end, or data to write. */
+  /** Blocks [from, to) of run `r` changed: zeros (a hole), or data to write. */
   async #changed(r: BlockRun, from: number, to: number, zero: boolean, s: Counts): Promise<void> {
     for (let i = from; i < to; i++) this.#batchBlocks.push(r.first + i);
     const off = (r.first + from) * this.bs;
     const len = Math.min(this.size, (r.first + to) * this.bs) - off;
-    const last = this.holes.at(-1);
-    if (zero && last && last[0] + last[1] === off) last[1] += len;
-    else if (zero) this.holes.push([off, len]);
+    if (zero) this.#batch.push({ off, len });
     else {
-      this.#batch.push({ off, data: r.src!.subarray(from * this.bs, from * this.bs + len) });
+      this.#batch.push({ off, len, data: r.src!.subarray(from * this.bs, from * this.bs + len) });
       this.#batchBytes += len;
       s.written += len;
     }
@@ -535,16 +551,19 @@ class CopyPipeline {
       this.#intentChain.catch(() => {}); // surfaces through the writes and finish()
     }
     const recorded = this.#intentChain;
-    for (const { off, data } of batch) {
-      while (this.#writes.length && this.#writeBytes + data.length > WRITE_BEHIND_BYTES) {
+    for (const { off, len, data } of batch) {
+      const bytes = data?.length ?? 0;
+      while (this.#writes.length && this.#writeBytes + bytes > WRITE_BEHIND_BYTES) {
         const w = this.#writes.shift()!;
         await w.done;
         this.#writeBytes -= w.bytes;
       }
-      const done = recorded.then(() => this.sink.write(off, data));
+      const after = this.serial ? Promise.all([this.#lastWrite, recorded]) : recorded;
+      const done = after.then(() => (data ? this.sink.write(off, data) : this.sink.writeZeroes(off, len)));
       done.catch(() => {});
-      this.#writes.push({ done, bytes: data.length });
-      this.#writeBytes += data.length;
+      this.#lastWrite = done;
+      this.#writes.push({ done, bytes });
+      this.#writeBytes += bytes;
     }
   }
 
@@ -617,18 +636,41 @@ async function verifySample(
   return undefined;
 }
 
+/**
+ * The target as the pipeline (and a delta sink around it) writes it: zeroed
+ * ranges are collected and punched as holes at commit, before the fsync.
+ */
+function punchingSink(file: LocalFileSink, holes: [number, number][]): LocalFileSink {
+  return {
+    fh: file.fh,
+    path: file.path,
+    write: (offset, data) => file.write(offset, data),
+    async writeZeroes(offset, length) {
+      const last = holes.at(-1);
+      if (last && last[0] + last[1] === offset) last[1] += length;
+      else holes.push([offset, length]);
+    },
+    truncate: (size) => file.truncate(size),
+    async commit() {
+      await punchHoles(file, holes);
+      await file.commit();
+    },
+    close: () => file.close(),
+  };
+}
+
 /** Holes punched by one shell: Node cannot fallocate, and a process per hole costs more than the hole. */
 const HOLES_PER_SHELL = 1000;
 const PUNCH_SCRIPT = 'f=$1; shift; while [ $# -gt 0 ]; do fallocate --punch-hole --keep-size --offset "$1" --length "$2" "$f" || exit 1; shift 2; done';
 
 /** Make zeroed ranges holes again (fstrim in the guest keeps the backup thin); zeros where the filesystem cannot. */
-async function punchHoles(sink: LocalFileSink, path: string, holes: [number, number][]): Promise<void> {
+async function punchHoles(file: LocalFileSink, holes: [number, number][]): Promise<void> {
   for (let i = 0; i < holes.length; i += HOLES_PER_SHELL) {
     const part = holes.slice(i, i + HOLES_PER_SHELL);
     try {
-      await run('sh', ['-c', PUNCH_SCRIPT, 'sh', path, ...part.flatMap(([off, len]) => [String(off), String(len)])]);
+      await run('sh', ['-c', PUNCH_SCRIPT, 'sh', file.path, ...part.flatMap(([off, len]) => [String(off), String(len)])]);
     } catch {
-      for (const [off, len] of part) await sink.writeZeroes(off, len);
+      for (const [off, len] of part) await file.writeZeroes(off, len);
     }
   }
 }
