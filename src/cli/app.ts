@@ -5,10 +5,12 @@
 import { rmSync } from 'node:fs';
 import { isQsyncError, QsyncError } from '../core/errors.js';
 import { parseArgv } from './args.js';
-import { DELTA_COMMANDS, runDeltaCommand } from './cmd-delta.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
-import { runImage } from './run-image.js';
-import { runSync, type CliIO } from './run-sync.js';
+import { DELTA_COMMANDS } from './commands.js';
+import type { CliIO } from './run-sync.js';
+
+/** Loaded on use: each mode's modules cost start-up time the others should not pay. */
+const runDeltaCommand = async (argv: string[], io: CliIO) => (await import('./cmd-delta.js')).runDeltaCommand(argv, io);
 
 /** Lock files to drop if a signal ends the run; the intent records keep the targets recoverable. */
 export const cleanupOnSignal = new Set<string>();
@@ -49,11 +51,13 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       if (parsed.sources.length) throw new QsyncError('USAGE', `--${o.qmp !== undefined ? 'qmp' : 'image'} takes only the destination operand (a folder for the disk images)`);
       abortable = new AbortController();
       try {
+        const { runImage } = await import('./run-image.js');
         return await runImage(parsed.dest, o, io, abortable.signal);
       } finally {
         abortable = undefined;
       }
     }
+    const { runSync } = await import('./run-sync.js');
     return await runSync(parsed.sources, parsed.dest, o, io);
   } catch (e) {
     const code = exitCodeFor(e);

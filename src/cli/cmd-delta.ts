@@ -15,7 +15,7 @@ import { manifestPathFor, openManifest } from '../sync/manifest-store.js';
 import { hashFile } from '../sync/target-digests.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 
-export const DELTA_COMMANDS = ['apply', 'verify', 'info', 'restore', 'prune'] as const;
+export { DELTA_COMMANDS } from './commands.js';
 
 export interface DeltaCliIO {
   stdout: Writable;

@@ -51,6 +51,17 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
 const isRemote = (operand: string) => /^[^/]*:/.test(operand);
 
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+  // The hash workers boot while the operands are checked and the tree is walked.
+  const pool = new HashPool(o.blockSize);
+  if (!o.dryRun) pool.warm();
+  try {
+    return await syncWithPool(printer, pool, operands, dest, o);
+  } finally {
+    await pool.close();
+  }
+}
+
+async function syncWithPool(printer: Printer, pool: HashPool, operands: string[], dest: string, o: SyncOptions): Promise<number> {
   const remote = [...operands, dest].find(isRemote);
   if (remote) {
     throw new QsyncError('UNSUPPORTED', `${remote} is a remote operand (host:path); qsync syncs local paths only so far`, {
@@ -101,7 +112,6 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
   // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
   if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
   const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
-  const pool = new HashPool(o.blockSize);
   let ok = false;
   try {
     const tree = new TreeSync(
@@ -119,7 +129,6 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
     await deltas.finish(false);
     throw e;
   } finally {
-    await pool.close();
     await lock?.release();
     cleanupOnSignal.delete(lockPath);
   }

@@ -1,19 +1,22 @@
 /**
  * Reads and hashes a file on a pool of worker threads, so both cores work at
- * once, and hands the chunks back in order. Memory is bounded by the slot
- * pool (slots × chunkSize), whatever the size of the file.
+ * once, and hands the chunks back in file order. Workers take every N-th
+ * chunk and run ahead into their own slots; the main thread consumes slots in
+ * order and frees them (src/hash/slots.ts). Memory is bounded by the slots
+ * (workers × slots × chunk size), whatever the size of the file.
  */
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { QsyncError } from '../core/errors.js';
-import type { JobMessage, ResultMessage } from './worker.js';
+import { DIGEST_LEN } from './blake3.js';
+import { ABORT, controlLength, FAILED, FREE, slotBytes, slotViews, stateIndex, type ScanMessage, type SlotViews, type WorkerReport } from './slots.js';
 
 export interface ScannedChunk {
   /** Byte offset of the chunk in the source (a multiple of the block size). */
   offset: number;
-  /** The chunk's bytes: valid only until the onChunk callback settles. */
+  /** The chunk's bytes. This and the arrays below are valid only until onChunk settles. */
   data: Buffer;
   /** DIGEST_LEN bytes per block. */
   digests: Uint8Array;
@@ -38,7 +41,7 @@ export interface ScanJob {
 export interface PoolOptions {
   workers?: number;
   chunkSize?: number;
-  slots?: number;
+  slotsPerWorker?: number;
 }
 
 /** The compiled worker: under vitest this module runs from src/*.ts, so use dist's build of it. */
@@ -50,99 +53,112 @@ function workerPath(): string {
   return built;
 }
 
+type WaitAsync = (a: Int32Array, index: number, value: number, timeoutMs: number) => { async: boolean; value: Promise<string> | string };
+const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
+
 export class HashPool {
   readonly blockSize: number;
   readonly chunkSize: number;
   private readonly nWorkers: number;
-  private readonly nSlots: number;
-  /** Started on the first scan: a run that only quick-checks never pays for them. */
+  private readonly slotsPerWorker: number;
+  /** Started by warm() or the first scan: a run that only quick-checks never pays for them. */
   private workers: Worker[] = [];
-  private slots: SharedArrayBuffer[] = [];
-  private readonly pending = new Map<number, (r: ResultMessage) => void>();
-  private nextId = 1;
-  private nextWorker = 0;
+  private buffers: SharedArrayBuffer[] = [];
+  private views: SlotViews[] = [];
+  private control = new SharedArrayBuffer(4);
+  private readonly reports: ((r: WorkerReport) => void)[] = [];
+  private broken?: Error;
+  private scanId = 0;
 
   constructor(blockSize: number, opts: PoolOptions = {}) {
     this.blockSize = blockSize;
-    // Chunks are whole blocks; 1 MiB keeps message overhead small (a few thousand per GiB) and memory flat.
+    // Chunks are whole blocks; 1 MiB is ~0.25 ms of hashing, long beside a slot hand-over, and RSS stays low.
     this.chunkSize = Math.max(blockSize, Math.floor((opts.chunkSize ?? 1 << 20) / blockSize) * blockSize);
-    // Six slots keep both workers busy; fewer when huge blocks make chunks large.
-    this.nSlots = opts.slots ?? Math.max(3, Math.min(6, Math.floor((8 << 20) / this.chunkSize)));
     this.nWorkers = Math.max(1, opts.workers ?? 2);
+    // Three slots each keep a worker busy while the main thread writes; fewer when blocks are huge.
+    this.slotsPerWorker = opts.slotsPerWorker ?? Math.max(2, Math.min(3, Math.floor((3 << 20) / this.chunkSize)));
   }
 
-  private start(): void {
+  /** Start the workers now, so that they boot while the caller walks the tree. */
+  warm(): void {
     if (this.workers.length) return;
-    this.slots = Array.from({ length: this.nSlots }, () => new SharedArrayBuffer(this.chunkSize));
+    const n = this.nWorkers * this.slotsPerWorker;
+    this.buffers = Array.from({ length: n }, () => new SharedArrayBuffer(slotBytes(this.chunkSize, this.blockSize)));
+    this.views = this.buffers.map((b) => slotViews(b, this.chunkSize, this.blockSize));
+    this.control = new SharedArrayBuffer(4 * controlLength(n));
     const path = workerPath();
-    this.workers = Array.from({ length: this.nWorkers }, () => {
+    this.workers = Array.from({ length: this.nWorkers }, (_, index) => {
       // A small young generation: the workers allocate little, and each MiB here is RSS.
       const w = new Worker(path, { resourceLimits: { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 32 } });
-      w.postMessage({ type: 'init', slots: this.slots, blockSize: this.blockSize });
-      w.on('message', (r: ResultMessage) => {
-        const done = this.pending.get(r.id);
-        this.pending.delete(r.id);
-        done?.(r);
+      w.on('message', (r: WorkerReport) => this.reports[index]?.(r));
+      w.on('error', (e) => {
+        this.broken = e;
+        this.reports[index]?.({ scanId: this.scanId, error: { message: `hash worker failed: ${e.message}`, side: 'source', offset: 0 } });
       });
-      w.on('error', (e) => this.failAll(e));
       return w;
-    });
-  }
-
-  private failAll(e: Error): void {
-    for (const [id, done] of this.pending) done({ id, error: { message: e.message, side: 'source', offset: 0 } });
-    this.pending.clear();
-  }
-
-  private run(job: Omit<JobMessage, 'type' | 'id'>): Promise<ResultMessage> {
-    const id = this.nextId++;
-    const w = this.workers[this.nextWorker++ % this.workers.length];
-    return new Promise((resolve) => {
-      this.pending.set(id, resolve);
-      w.postMessage({ type: 'job', id, ...job } satisfies JobMessage);
     });
   }
 
   /**
    * Scan `job.fd` chunk by chunk, calling `onChunk` strictly in file order.
-   * Reads run ahead of `onChunk` by up to the number of slots.
+   * Workers read ahead of `onChunk` by up to their slots.
    */
   async scan(job: ScanJob, onChunk: (c: ScannedChunk) => Promise<void> | void): Promise<void> {
-    this.start();
-    const free = this.slots.map((_, i) => i);
-    const inflight: { offset: number; slot: number; result: Promise<ResultMessage> }[] = [];
-    let next = job.from ?? 0;
-    const dispatch = () => {
-      while (free.length && next < job.size) {
-        const slot = free.shift()!;
-        const length = Math.min(this.chunkSize, job.size - next);
-        const result = this.run({ slot, fd: job.fd, offset: next, length, targetFd: job.targetFd, targetSize: job.targetSize, hashTarget: job.hashTarget });
-        inflight.push({ offset: next, slot, result });
-        next += length;
-      }
+    this.warm();
+    if (this.broken) throw this.broken;
+    const scanId = ++this.scanId;
+    const state = new Int32Array(this.control);
+    state.fill(FREE);
+    const from = job.from ?? 0;
+    const done = this.workers.map(
+      (w, index) =>
+        new Promise<WorkerReport>((resolve) => {
+          this.reports[index] = resolve;
+          const m: ScanMessage = {
+            scanId, control: this.control, buffers: this.buffers, slotsPerWorker: this.slotsPerWorker, index, workers: this.nWorkers,
+            chunkSize: this.chunkSize, blockSize: this.blockSize, fd: job.fd, size: job.size, from,
+            targetFd: job.targetFd, targetSize: job.targetSize ?? 0, hashTarget: Boolean(job.hashTarget),
+          };
+          w.postMessage(m);
+        }),
+    );
+    const fail = (e: NonNullable<WorkerReport['error']>) => {
+      throw new QsyncError(e.side === 'source' ? 'SOURCE' : 'TARGET', `cannot read ${e.side} ${job.path ?? ''} at offset ${e.offset}: ${e.message}`, {
+        file: job.path,
+        offset: e.offset,
+      });
     };
-    dispatch();
     try {
-      while (inflight.length) {
-        const head = inflight[0];
-        const r = await head.result;
-        if (r.error) {
-          const what = r.error.side === 'target' ? 'target' : 'source';
-          throw new QsyncError(what === 'source' ? 'SOURCE' : 'TARGET', `cannot read ${what} ${job.path ?? ''} at offset ${r.error.offset}: ${r.error.message}`, {
-            file: job.path,
-            offset: r.error.offset,
-          });
+      const chunks = Math.ceil(Math.max(0, job.size - from) / this.chunkSize);
+      for (let c = 0; c < chunks; c++) {
+        const w = c % this.nWorkers;
+        const at = w * this.slotsPerWorker + (Math.floor(c / this.nWorkers) % this.slotsPerWorker);
+        const st = stateIndex(at);
+        while (Atomics.load(state, st) === FREE) {
+          if (this.broken) throw this.broken;
+          const r = waitAsync(state, st, FREE, 1000);
+          if (r.async) await r.value;
         }
-        const length = Math.min(this.chunkSize, job.size - head.offset);
-        const data = Buffer.from(this.slots[head.slot], 0, length);
-        await onChunk({ offset: head.offset, data, digests: r.digests!, differs: r.differs, targetDigests: r.targetDigests });
-        inflight.shift();
-        free.push(head.slot);
-        dispatch();
+        if (Atomics.load(state, st) === FAILED) fail((await done[w]).error!);
+        const v = this.views[at];
+        const offset = from + c * this.chunkSize;
+        const length = Math.min(this.chunkSize, job.size - offset);
+        const blocks = Math.ceil(length / this.blockSize);
+        await onChunk({
+          offset,
+          data: Buffer.from(v.data.buffer, v.data.byteOffset, length),
+          digests: v.digests.subarray(0, blocks * DIGEST_LEN),
+          differs: job.targetFd === undefined ? undefined : v.differs.subarray(0, blocks),
+          targetDigests: job.hashTarget ? v.targetDigests.subarray(0, Math.ceil(v.meta[0] / this.blockSize) * DIGEST_LEN) : undefined,
+        });
+        Atomics.store(state, st, FREE);
+        Atomics.notify(state, st);
       }
     } finally {
-      // Let jobs still in flight finish before their slots can be reused by another scan.
-      await Promise.allSettled(inflight.map((f) => f.result));
+      // Stop workers still running ahead, and wait: the slots are reused by the next scan.
+      Atomics.store(state, ABORT, 1);
+      for (let i = 1; i < state.length; i++) Atomics.notify(state, i);
+      await Promise.all(done);
     }
   }
 

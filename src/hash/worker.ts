@@ -1,44 +1,19 @@
 /**
- * Hash worker: reads a chunk of the source straight into a shared slot (no
- * copy through the main thread), hashes it block by block and, in compare
- * mode, reads the same range of the target and flags the blocks that differ.
- * The main thread keeps the slot until it has written what it needs from it.
+ * Hash worker. For a scan, worker `index` of `workers` takes every
+ * `workers`-th chunk of the file, on its own: it waits (Atomics.wait) for
+ * one of its slots to be free, reads the chunk straight into it, hashes it
+ * block by block into the slot's digest area and, in compare mode, reads the
+ * target's range and flags the blocks that differ. Then it marks the slot
+ * ready. No message per chunk: the main thread consumes slots in file order
+ * and frees them, so workers run ahead by their slots and never wait on a
+ * round trip through the event loop.
  */
 import { readSync } from 'node:fs';
 import { parentPort } from 'node:worker_threads';
-import { DIGEST_LEN, hashBlocksInto } from './blake3.js';
+import { hashBlocksInto } from './blake3.js';
+import { ABORT, FAILED, FREE, READY, slotViews, stateIndex, type ScanMessage, type SlotViews, type WorkerReport } from './slots.js';
 
-export interface InitMessage {
-  type: 'init';
-  slots: SharedArrayBuffer[];
-  blockSize: number;
-}
-
-export interface JobMessage {
-  type: 'job';
-  id: number;
-  slot: number;
-  fd: number;
-  offset: number;
-  length: number;
-  /** Compare mode: the target's fd and size; blocks past its end differ. */
-  targetFd?: number;
-  targetSize?: number;
-  /** Also return the digests of the target's blocks in this range (a delta's base fingerprint). */
-  hashTarget?: boolean;
-}
-
-export interface ResultMessage {
-  id: number;
-  digests?: Uint8Array;
-  /** Compare mode: 1 per block whose target bytes differ. */
-  differs?: Uint8Array;
-  /** With hashTarget: digests of the target's blocks that lie in the range. */
-  targetDigests?: Uint8Array;
-  error?: { message: string; code?: string; side: 'source' | 'target'; offset: number };
-}
-
-/** Read exactly `length` bytes or fail: a short read means the file changed under us. */
+/** Read exactly `length` bytes or fewer only at end of file. */
 function readFully(fd: number, buf: Uint8Array, length: number, position: number): number {
   let done = 0;
   while (done < length) {
@@ -49,52 +24,60 @@ function readFully(fd: number, buf: Uint8Array, length: number, position: number
   return done;
 }
 
-let slots: Uint8Array[] = [];
-let blockSize = 0;
 let scratch: Buffer | undefined;
-let side: 'source' | 'target' = 'source';
 
-function runJob(job: JobMessage): ResultMessage {
-  const data = slots[job.slot].subarray(0, job.length);
-  side = 'source';
-  const got = readFully(job.fd, data, job.length, job.offset);
-  if (got !== job.length) {
-    return {
-      id: job.id,
-      error: { message: `short read: ${got} of ${job.length} bytes (file shrank while being read?)`, code: 'ESHORT', side: 'source', offset: job.offset },
-    };
+/** Fill one slot for the chunk at `offset`. Throws with `side` set on failure. */
+function fillSlot(m: ScanMessage, v: SlotViews, offset: number): void {
+  const length = Math.min(m.chunkSize, m.size - offset);
+  const data = v.data.subarray(0, length);
+  const got = readFully(m.fd, data, length, offset);
+  if (got !== length) throw Object.assign(new Error(`short read: ${got} of ${length} bytes (file shrank while being read?)`), { side: 'source' });
+  hashBlocksInto(data, m.blockSize, v.digests);
+  if (m.targetFd === undefined) return;
+
+  const count = Math.ceil(length / m.blockSize);
+  const targetLen = Math.max(0, Math.min(length, m.targetSize - offset));
+  scratch ??= Buffer.allocUnsafe(m.chunkSize);
+  let tgot: number;
+  try {
+    tgot = targetLen > 0 ? readFully(m.targetFd, scratch, targetLen, offset) : 0;
+  } catch (e) {
+    throw Object.assign(e as Error, { side: 'target' });
   }
-  const count = Math.ceil(job.length / blockSize);
-  const digests = new Uint8Array(count * DIGEST_LEN);
-  hashBlocksInto(data, blockSize, digests);
-  if (job.targetFd === undefined) return { id: job.id, digests };
-
-  const differs = new Uint8Array(count);
-  const targetLen = Math.max(0, Math.min(job.length, (job.targetSize ?? 0) - job.offset));
-  scratch ??= Buffer.allocUnsafe(slots[0].length);
-  side = 'target';
-  const tgot = targetLen > 0 ? readFully(job.targetFd, scratch, targetLen, job.offset) : 0;
   for (let i = 0; i < count; i++) {
-    const start = i * blockSize;
-    const end = Math.min(start + blockSize, job.length);
-    differs[i] = end > tgot || Buffer.compare(data.subarray(start, end), scratch.subarray(start, end)) !== 0 ? 1 : 0;
+    const start = i * m.blockSize;
+    const end = Math.min(start + m.blockSize, length);
+    v.differs[i] = end > tgot || Buffer.compare(data.subarray(start, end), scratch.subarray(start, end)) !== 0 ? 1 : 0;
   }
-  if (!job.hashTarget) return { id: job.id, digests, differs };
-  const targetDigests = new Uint8Array(Math.ceil(tgot / blockSize) * DIGEST_LEN);
-  hashBlocksInto(scratch.subarray(0, tgot), blockSize, targetDigests);
-  return { id: job.id, digests, differs, targetDigests };
+  if (m.hashTarget) hashBlocksInto(scratch.subarray(0, tgot), m.blockSize, v.targetDigests);
+  v.meta[0] = tgot; // bytes of target in this chunk: how many target digests are valid
 }
 
-parentPort?.on('message', (msg: InitMessage | JobMessage) => {
-  if (msg.type === 'init') {
-    slots = msg.slots.map((s) => new Uint8Array(s));
-    blockSize = msg.blockSize;
-    return;
+function scan(m: ScanMessage): WorkerReport {
+  const state = new Int32Array(m.control);
+  for (let c = m.index, j = 0; m.from + c * m.chunkSize < m.size; c += m.workers, j++) {
+    const slot = j % m.slotsPerWorker;
+    const at = m.index * m.slotsPerWorker + slot;
+    const st = stateIndex(at);
+    // Wait until the main thread has consumed what this slot held.
+    while (Atomics.load(state, st) !== FREE) {
+      if (Atomics.load(state, ABORT) !== 0) return { scanId: m.scanId };
+      Atomics.wait(state, st, READY, 200);
+    }
+    if (Atomics.load(state, ABORT) !== 0) return { scanId: m.scanId };
+    const offset = m.from + c * m.chunkSize;
+    try {
+      fillSlot(m, slotViews(m.buffers[at], m.chunkSize, m.blockSize), offset);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException & { side?: 'source' | 'target' };
+      Atomics.store(state, st, FAILED);
+      Atomics.notify(state, st);
+      return { scanId: m.scanId, error: { message: err.message, code: err.code, side: err.side ?? 'source', offset } };
+    }
+    Atomics.store(state, st, READY);
+    Atomics.notify(state, st);
   }
-  try {
-    parentPort!.postMessage(runJob(msg));
-  } catch (e) {
-    const err = e as NodeJS.ErrnoException;
-    parentPort!.postMessage({ id: msg.id, error: { message: err.message, code: err.code, side, offset: msg.offset } });
-  }
-});
+  return { scanId: m.scanId };
+}
+
+parentPort?.on('message', (m: ScanMessage) => parentPort!.postMessage(scan(m)));

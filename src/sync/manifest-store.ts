@@ -37,6 +37,8 @@ export interface Manifest {
 }
 
 const READ_CHUNK = 1 << 20;
+/** 64 KiB of digests: 4 GiB of a file at 64 KiB blocks. */
+const WINDOW_BLOCKS = 2048;
 
 async function readExactly(fh: FileHandle, buf: Buffer, position: number, file: string): Promise<void> {
   let done = 0;
@@ -76,6 +78,7 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
     await readExactly(fh, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN, path);
     const fingerprint = fp.digest();
     const checksum = blake3(Buffer.concat([head, fingerprint]));
+    const win = { first: 0, count: 0, buf: Buffer.alloc(0) };
     if (!fingerprint.equals(trailer.subarray(0, 32)) || !checksum.equals(trailer.subarray(32, 64))) {
       throw new QsyncError('FORMAT', `manifest ${path} failed its checksum (corrupted)`, { file: path });
     }
@@ -86,7 +89,16 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
       checksum,
       async readDigests(first, n, out) {
         const avail = Math.max(0, Math.min(n, count - first));
-        if (avail > 0) await readExactly(fh, Buffer.from(out.buffer, out.byteOffset, avail * MANIFEST_DIGEST_LEN), MANIFEST_HEADER_LEN + first * MANIFEST_DIGEST_LEN, path);
+        if (avail <= 0) return;
+        // Scans read in order: fetch a window of digests ahead, one read per WINDOW_BLOCKS blocks.
+        if (first < win.first || first + avail > win.first + win.count) {
+          win.first = first;
+          win.count = Math.min(Math.max(avail, WINDOW_BLOCKS), count - first);
+          if (win.buf.length < win.count * MANIFEST_DIGEST_LEN) win.buf = Buffer.alloc(win.count * MANIFEST_DIGEST_LEN);
+          await readExactly(fh, win.buf.subarray(0, win.count * MANIFEST_DIGEST_LEN), MANIFEST_HEADER_LEN + first * MANIFEST_DIGEST_LEN, path);
+        }
+        const at = (first - win.first) * MANIFEST_DIGEST_LEN;
+        out.set(win.buf.subarray(at, at + avail * MANIFEST_DIGEST_LEN));
       },
       close: () => fh.close(),
     };
