@@ -5,7 +5,7 @@
  * wrongly, never a crash.
  */
 import { randomBytes, randomInt } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -112,5 +112,48 @@ describe('manifest codec', () => {
     version.writeUInt16LE(9, 8);
     expect(() => decodeManifestHeader(version)).toThrow(/unsupported version 9/);
     expect(() => decodeManifestHeader(h.subarray(0, MANIFEST_HEADER_LEN - 1))).toThrow(/truncated/);
+  });
+});
+
+describe('updating a manifest', () => {
+  const blocks = 70_000; // more than the patch limit, so both ways are exercised
+  const size = blocks * BS;
+  const identity = { sourceSize: size, sourceMtimeNs: 1n, targetMtimeNs: 2n, targetIno: 3n, targetDev: 4n };
+
+  async function write(path: string, all: Buffer, base?: Awaited<ReturnType<typeof openManifest>>, changedOf?: (first: number, n: number) => number[]) {
+    const w = await ManifestWriter.create(path, BS, size, base);
+    for (let first = 0; first < blocks; first += 1000) {
+      const n = Math.min(1000, blocks - first);
+      await w.append(all.subarray(first * 32, (first + n) * 32), changedOf?.(first, n) ?? []);
+    }
+    return w.commit(identity);
+  }
+
+  async function readAll(path: string): Promise<Buffer> {
+    const m = (await openManifest(path))!;
+    const out = Buffer.alloc(blocks * 32);
+    await m.readDigests(0, blocks, out);
+    await m.close();
+    return out;
+  }
+
+  it.each([
+    ['a few changed blocks: patched in place, no temp file', 500],
+    ['more changes than the patch limit: a whole new manifest', 40_000],
+  ])('%s', async (_name, nChanged) => {
+    const path = join(dir, `update-${nChanged}.qsm`);
+    const old = randomBytes(blocks * 32);
+    await write(path, old);
+    const next = Buffer.from(old);
+    const changed = new Set<number>();
+    while (changed.size < nChanged) changed.add(randomInt(blocks));
+    for (const b of changed) randomBytes(32).copy(next, b * 32);
+    const base = (await openManifest(path))!;
+    const inodeBefore = statSync(path).ino;
+    await write(path, next, base, (first, n) => [...changed].filter((b) => b >= first && b < first + n).sort((a, b) => a - b));
+    await base.close();
+    expect((await readAll(path)).equals(next)).toBe(true);
+    // Patching keeps the file (same inode); a whole rewrite renames a new one over it.
+    expect(statSync(path).ino === inodeBefore).toBe(nChanged < 32768);
   });
 });

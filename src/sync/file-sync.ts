@@ -154,7 +154,7 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   // A manifest that is not used for this run must not survive it: it would describe the old target.
   if (touch && !trust.trusted) await rm(manifestPath, { force: true });
   const intent = touch && trust.trusted ? await IntentWriter.create(intentPath, manifest!.checksum, oldSize, size) : undefined;
-  const writer = touch ? await ManifestWriter.create(manifestPath, blockSize, size) : undefined;
+  const writer = touch ? await ManifestWriter.create(manifestPath, blockSize, size, trust.trusted ? manifest : undefined) : undefined;
   const resultFp = writer ? undefined : new Fingerprinter(blockSize, size);
   const info: SinkInfo = {
     relPath,
@@ -218,7 +218,7 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
         result.literal += end - off;
         i = j;
       }
-      if (writer) await writer.append(c.digests);
+      if (writer) await writer.append(c.digests, changed);
       else resultFp!.append(c.digests);
       result.scanned += c.data.length;
       ctx.hooks.fileProgress?.(relPath, result.scanned, result.literal);

@@ -123,32 +123,89 @@ export class Fingerprinter {
   }
 }
 
-/** Streams digests to a temp file beside the manifest; `commit` makes it the manifest. */
+/** Beyond this many changed blocks a run writes a whole new manifest instead of patching (1 MiB of digests). */
+const MAX_PATCHES = 32768;
+
+/**
+ * Writes the manifest of a target as a run hashes it. Two ways:
+ * - a whole new manifest, streamed to a temp file beside it, then renamed
+ *   over the old one (first runs, resizes, runs that changed many blocks);
+ * - with a trusted `base` of the same geometry, only the changed digests are
+ *   kept (bounded) and patched into the old file at commit, with the new
+ *   header and trailer: a run that changed 1% of a disk writes 1% of its
+ *   manifest. A crash mid-patch leaves a file whose checksum fails: the next
+ *   run compares source and target instead (slower, never wrong). Too many
+ *   changes switch to a whole new manifest, built from the base plus the
+ *   patches so far.
+ */
 export class ManifestWriter {
   private readonly fp: Fingerprinter;
   private readonly buf = Buffer.alloc(READ_CHUNK);
   private fill = 0;
   private written = 0;
+  private fh?: FileHandle;
+  /** Blocks appended so far. */
+  private blocks = 0;
+  private patches?: { index: number[]; digests: Buffer };
   private constructor(
     readonly path: string,
     private readonly tmp: string,
-    private readonly fh: FileHandle,
     private readonly blockSize: number,
     private readonly targetSize: number,
+    private readonly base?: Manifest,
   ) {
     this.fp = new Fingerprinter(blockSize, targetSize);
+    if (base) this.patches = { index: [], digests: Buffer.alloc(MAX_PATCHES * MANIFEST_DIGEST_LEN) };
   }
 
-  static async create(path: string, blockSize: number, targetSize: number): Promise<ManifestWriter> {
+  static async create(path: string, blockSize: number, targetSize: number, base?: Manifest): Promise<ManifestWriter> {
     await mkdir(dirname(path), { recursive: true });
     const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}`);
-    const fh = await open(tmp, 'w');
-    return new ManifestWriter(path, tmp, fh, blockSize, targetSize);
+    const patchable = base && base.path === path && base.header.blockSize === blockSize && base.header.targetSize === targetSize;
+    const w = new ManifestWriter(path, tmp, blockSize, targetSize, patchable ? base : undefined);
+    if (!patchable) w.fh = await open(tmp, 'w');
+    return w;
   }
 
-  /** Append the next blocks' digests, in block order. */
-  async append(digests: Uint8Array): Promise<void> {
+  /**
+   * Append the next blocks' digests, in block order. `changed` lists the
+   * blocks (absolute indices, ascending) whose digest differs from the base.
+   */
+  async append(digests: Uint8Array, changed: readonly number[] = []): Promise<void> {
     this.fp.append(digests);
+    const first = this.blocks;
+    this.blocks += digests.length / MANIFEST_DIGEST_LEN;
+    const p = this.patches;
+    if (p && p.index.length + changed.length <= MAX_PATCHES) {
+      for (const b of changed) {
+        p.digests.set(digests.subarray((b - first) * MANIFEST_DIGEST_LEN, (b - first + 1) * MANIFEST_DIGEST_LEN), p.index.length * MANIFEST_DIGEST_LEN);
+        p.index.push(b);
+      }
+      return;
+    }
+    if (p) await this.spill(first);
+    await this.appendWhole(digests);
+  }
+
+  /** Switch from patching to a whole manifest: the base's digests up to `upTo`, with the patches applied. */
+  private async spill(upTo: number): Promise<void> {
+    const p = this.patches!;
+    this.patches = undefined;
+    this.fh = await open(this.tmp, 'w');
+    const step = READ_CHUNK / MANIFEST_DIGEST_LEN;
+    const part = Buffer.alloc(READ_CHUNK);
+    let k = 0;
+    for (let b = 0; b < upTo; b += step) {
+      const n = Math.min(step, upTo - b);
+      await this.base!.readDigests(b, n, part);
+      for (; k < p.index.length && p.index[k] < b + n; k++) {
+        part.set(p.digests.subarray(k * MANIFEST_DIGEST_LEN, (k + 1) * MANIFEST_DIGEST_LEN), (p.index[k] - b) * MANIFEST_DIGEST_LEN);
+      }
+      await this.appendWhole(part.subarray(0, n * MANIFEST_DIGEST_LEN));
+    }
+  }
+
+  private async appendWhole(digests: Uint8Array): Promise<void> {
     let off = 0;
     while (off < digests.length) {
       const n = Math.min(digests.length - off, this.buf.length - this.fill);
@@ -161,26 +218,50 @@ export class ManifestWriter {
 
   private async flush(): Promise<void> {
     if (!this.fill) return;
-    await this.fh.write(this.buf, 0, this.fill, MANIFEST_HEADER_LEN + this.written);
+    await this.fh!.write(this.buf, 0, this.fill, MANIFEST_HEADER_LEN + this.written);
     this.written += this.fill;
     this.fill = 0;
   }
 
-  /** Write header and trailer, fsync, rename over the old manifest, fsync the folder. */
+  /** Make the new manifest durable: patched in place, or renamed over the old one. Returns its checksum. */
   async commit(h: Omit<ManifestHeader, 'blockSize' | 'targetSize'>): Promise<Buffer> {
-    await this.flush();
     const header = encodeManifestHeader({ ...h, blockSize: this.blockSize, targetSize: this.targetSize });
-    const expected = manifestBlockCount({ blockSize: this.blockSize, targetSize: this.targetSize }) * MANIFEST_DIGEST_LEN;
-    if (this.written !== expected) throw new Error(`internal: manifest got ${this.written} digest bytes, expected ${expected}`);
+    const count = manifestBlockCount({ blockSize: this.blockSize, targetSize: this.targetSize });
+    if (this.blocks !== count) throw new Error(`internal: manifest got ${this.blocks} digests, expected ${count}`);
     const fingerprint = this.fp.digest();
     const checksum = blake3(Buffer.concat([header, fingerprint]));
-    await this.fh.write(header, 0, header.length, 0);
-    await this.fh.write(Buffer.concat([fingerprint, checksum]), 0, 64, MANIFEST_HEADER_LEN + this.written);
-    await this.fh.sync();
-    await this.fh.close();
+    const trailer = Buffer.concat([fingerprint, checksum]);
+    if (this.patches) {
+      await this.patchInPlace(header, trailer, count);
+      return checksum;
+    }
+    await this.flush();
+    await this.fh!.write(header, 0, header.length, 0);
+    await this.fh!.write(trailer, 0, 64, MANIFEST_HEADER_LEN + this.written);
+    await this.fh!.sync();
+    await this.fh!.close();
     await rename(this.tmp, this.path);
     await fsyncDir(dirname(this.path));
     return checksum;
+  }
+
+  private async patchInPlace(header: Buffer, trailer: Buffer, count: number): Promise<void> {
+    const { index, digests } = this.patches!;
+    const fh = await open(this.path, 'r+');
+    try {
+      // Digests first, header and trailer last: a file torn in between fails its checksum.
+      for (let i = 0; i < index.length; ) {
+        let j = i + 1;
+        while (j < index.length && index[j] === index[j - 1] + 1) j++;
+        await fh.write(digests, i * MANIFEST_DIGEST_LEN, (j - i) * MANIFEST_DIGEST_LEN, MANIFEST_HEADER_LEN + index[i] * MANIFEST_DIGEST_LEN);
+        i = j;
+      }
+      await fh.write(header, 0, header.length, 0);
+      await fh.write(trailer, 0, trailer.length, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
   }
 
   /** The fingerprint of the digests appended so far: the new manifest's, once all are in. */
@@ -189,7 +270,7 @@ export class ManifestWriter {
   }
 
   async abort(): Promise<void> {
-    await this.fh.close().catch(() => {});
-    await rm(this.tmp, { force: true });
+    await this.fh?.close().catch(() => {});
+    if (this.fh) await rm(this.tmp, { force: true });
   }
 }
