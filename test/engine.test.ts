@@ -247,6 +247,35 @@ describe('bad input', () => {
   });
 });
 
+describe('a destination that fills up', () => {
+  it('stops at once with exit 11 and a message saying so; after space is freed the next run finishes', async () => {
+    const small = join(dir, 'small');
+    mkdirSync(small);
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', small]);
+    } catch {
+      if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error('cannot mount a small tmpfs for this test (needs root)');
+      return;
+    }
+    const s = join(dir, 'twelve');
+    mkdirSync(s);
+    randomFile(join(s, 'a.img'), 12 * MiB);
+    randomFile(join(s, 'b.img'), 1 * MiB);
+    try {
+      const r = await runQsync(['-a', `${s}/`, `${small}/`]);
+      expect(r.code).toBe(11);
+      expect(r.stderr).toMatch(/no space left on the destination while writing a\.img/);
+      execFileSync('mount', ['-o', 'remount,size=32m', small]);
+      const again = await runQsync(['-a', `${s}/`, `${small}/`]);
+      expect(again.code, again.stderr).toBe(0);
+      await expectIdentical(join(s, 'a.img'), join(small, 'a.img'));
+      await expectIdentical(join(s, 'b.img'), join(small, 'b.img'));
+    } finally {
+      execFileSync('umount', [small]);
+    }
+  });
+});
+
 describe.skipIf(!needTools('qemu-img', 'qemu-storage-daemon'))('an image a running QEMU holds open', () => {
   it('is refused in file mode with a pointer to image mode; other files still sync (exit 23)', async () => {
     const src = join(dir, 'held');

@@ -39,6 +39,14 @@ export interface TreeOutcome {
 }
 
 const run = promisify(execFile);
+
+/** Errors of the destination as a whole, not of one file. */
+const DEST_FATAL: Record<string, string> = {
+  ENOSPC: 'no space left on the destination',
+  EDQUOT: 'disk quota exceeded on the destination',
+  EROFS: 'the destination is read-only',
+  EIO: 'I/O error on the destination',
+};
 const UMASK = process.umask();
 
 type Kind = FileReport['kind'];
@@ -97,7 +105,18 @@ export class TreeSync {
   }
 
   private fail(e: unknown, path: string): void {
-    if (errnoOf(e) === 'ENOENT' && !(e instanceof QsyncError)) {
+    if (e instanceof QsyncError && e.context.fatal) throw e;
+    const errno = errnoOf(e instanceof QsyncError ? e.cause : e);
+    const ofSource = e instanceof QsyncError && e.code === 'SOURCE';
+    if (errno && DEST_FATAL[errno] && !ofSource) {
+      // Every later file would fail the same way: stop, as rsync does (exit 11).
+      throw new QsyncError('TARGET', `${DEST_FATAL[errno]} while writing ${path} in ${this.plan.destRoot}`, {
+        file: path,
+        hint: 'fix that and run again: the next run finishes what this one started',
+        fatal: true,
+      }, { cause: e });
+    }
+    if (errno === 'ENOENT' && !(e instanceof QsyncError)) {
       this.vanished = true;
       this.hooks.warning?.(`file has vanished: ${path}`, path);
       return;
