@@ -2,14 +2,14 @@
  * The file-mode engine end to end, through the built CLI, on real files of
  * real size: what is read and written is measured from outside the process.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync, openSync, writeSync, closeSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { differingBytes, mutateBlocks, qcow2File, randomFile } from './helpers/data.js';
 import { needTools } from './helpers/env.js';
-import { runQsync, sha256 } from './helpers/cli.js';
+import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
 
 const MiB = 1 << 20;
 const SIZE = 256 * MiB;
@@ -244,6 +244,23 @@ describe('bad input', () => {
     } finally {
       execFileSync('umount', [ro]);
     }
+  });
+});
+
+describe('output piped into a reader that stops early (| head -1)', () => {
+  it('no stack trace; the sync still completes', async () => {
+    const s = join(dir, 'pipe-src');
+    mkdirSync(s);
+    for (let i = 0; i < 30; i++) writeFileSync(join(s, `f${i}`), `file ${i}\n`);
+    const d = join(dir, 'pipe-dst');
+    const child = spawn('node', [QSYNC, '-av', `${s}/`, `${d}/`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (c) => (stderr += c));
+    child.stdout.once('data', () => child.stdout.destroy());
+    const code = await new Promise((r) => child.on('close', r));
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+    for (let i = 0; i < 30; i++) expect(readFileSync(join(d, `f${i}`), 'utf8')).toBe(`file ${i}\n`);
   });
 });
 

@@ -7,6 +7,12 @@ import { readFileSync } from 'node:fs';
 import { main, onSignal } from './app.js';
 
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal);
+// Output piped into `head` and closed: the sync goes on (stopping it halfway would gain nothing), unheard.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code !== 'EPIPE') throw e;
+  });
+}
 const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
 process.exitCode = await main(process.argv.slice(2), {
   stdout: process.stdout,

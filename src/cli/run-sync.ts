@@ -88,6 +88,7 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
     if (destStat && !destStat.isDirectory()) {
       throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest });
     }
+    if (!destStat) plan.destCreated = true;
     if (!destStat && !o.dryRun) {
       await mkdir(plan.destRoot).catch((e) => {
         throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });

@@ -21,6 +21,8 @@ export interface Plan {
   destRoot: string;
   /** The destination must be a directory (created if missing). */
   destIsDir: boolean;
+  /** The destination folder did not exist before this run (it is reported as created). */
+  destCreated?: boolean;
   transfers: Transfer[];
 }
 

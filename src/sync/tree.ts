@@ -167,9 +167,10 @@ export class TreeSync {
 
   private async dir(src: string, st: BigIntStats, rel: string, dst: string, rootDev: bigint): Promise<void> {
     this.stats.dirs++;
-    const cur = await this.clearOtherType(dst, 'dir');
+    const fresh = rel === '' && this.plan.destCreated === true;
+    const cur = fresh ? undefined : await this.clearOtherType(dst, 'dir');
     if (!cur) {
-      if (!this.noWrite) await mkdir(dst).catch((e) => {
+      if (!this.noWrite && !fresh) await mkdir(dst).catch((e) => {
         throw new QsyncError('TARGET', `cannot create directory ${dst}: ${(e as Error).message}`, { file: dst }, { cause: e });
       });
       this.stats.created++;
