@@ -96,7 +96,7 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img', 'qemu-io'))('image 
     await new Promise((r) => child.once('exit', r));
     await guestWrite(qmp, 'write -P 0xa2 11M 64k');
     const [r] = await runImageBackup(opts({ verifySamplePct: 0 }));
-    expect(r!.mode).toBe('bitmap');
+    expect(r!.mode, r!.reason).toBe('bitmap');
     expect(r!.dirty).toBeGreaterThanOrEqual(128 << 10);
     expect(equalsTarget(r!.target, await readLive(qmp, 'drive0', dir))).toBe(true);
     expect(await qmp.execute('query-block-exports')).toEqual([]);

@@ -17,7 +17,7 @@ function summaryLine(d: DiskSummary, human: number): string {
   const how = d.mode === 'bitmap' ? 'incremental (dirty bitmap)' : `full${d.reason ? ` (${d.reason})` : ''}`;
   return (
     `${d.name}: ${how} -> ${d.target}\n` +
-    `  disk ${size(d.size)}, dirty ${size(d.dirty)}, read ${size(d.read)}, written ${size(d.written)}, ` +
+    `  disk ${size(d.size)}, dirty ${size(d.dirty)}, read ${size(d.read)} (sample ${size(d.sampled)}), written ${size(d.written)}, ` +
     `unchanged ${size(d.unchanged)}, zero ${size(d.zero)}; setup ${d.setupMs.toFixed(0)} ms, map ${d.mapMs.toFixed(0)} ms, ` +
     `total ${(d.elapsedMs / 1000).toFixed(2)} s`
   );

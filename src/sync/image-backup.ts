@@ -73,6 +73,8 @@ export interface DiskSummary {
   dirty: number;
   /** Bytes read over NBD (incl. the verify sample). */
   read: number;
+  /** Of `read`, bytes of clean blocks re-read by the verify sample. */
+  sampled: number;
   /** Bytes written to the target as data. */
   written: number;
   /** Bytes read and hashed that matched the manifest. */
@@ -213,12 +215,21 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
       ok = true;
     } finally {
       const errors: unknown[] = [];
-      await fleece?.stop().catch((e: unknown) => errors.push(e));
       const node = drive.node;
+      // The new manifest is committed: name its bitmap at once, before the teardown (a kill there would
+      // leave the state tied to the old manifest, and the next run full).
+      let stated = false;
+      if (ok) {
+        await writeImageState(statePath, { node, bitmap: newBitmap, baseChecksum: summary!.checksum, size: drive.size }).then(
+          () => void (stated = true),
+          (e: unknown) => void errors.push(e),
+        );
+      }
+      await fleece?.stop().catch((e: unknown) => errors.push(e));
       try {
         if (ok) {
-          await writeImageState(statePath, { node, bitmap: newBitmap, baseChecksum: summary!.checksum, size: drive.size });
-          if (!reason) await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
+          // A kill before this leaves the frozen bitmap beside the new one: the next run folds it in (rereads, loses nothing).
+          if (stated && !reason) await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
         } else if ((await listBitmaps(qmp, node)).some((b) => b.name === newBitmap)) {
           // The transaction happened. Incremental: keep every change since the manifest,
           // frozen ∪ new, under the new name. Full: the new bitmap is relative to nothing.
@@ -304,7 +315,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     let reason = c.reason;
     const s = {
       name: drive.name, node: drive.node, target: c.target, size, dirty: reason ? size : dirty,
-      read: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, elapsedMs: 0,
+      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, elapsedMs: 0,
     };
     if (nbd.canMultiConn) {
       for (let i = 1; i < READ_CONNECTIONS; i++) {
@@ -323,6 +334,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
 
     if (!reason && c.pct > 0) {
       const bad = await verifySample(c, kind, nBlocks, blockLen, readBlocks);
+      s.sampled = s.read;
       if (bad !== undefined) {
         reason = `verify sample: block ${bad} changed but the bitmap calls it clean (change tracking lied)`;
         hooks.warning?.(`${reason}; full run`, rel);
@@ -617,20 +629,24 @@ async function verifySample(
     [clean[i], clean[j]] = [clean[j]!, clean[i]!];
   }
   const sample = clean.slice(0, want).sort((a, b) => a - b);
-  const old = Buffer.alloc(DIGEST_LEN);
   const digest = Buffer.alloc(DIGEST_LEN);
-  const BATCH = 64;
-  for (let i = 0; i < sample.length; i += BATCH) {
-    const part = sample.slice(i, i + BATCH);
+  // A batch's reads all in flight at once (few at a time would idle the server), old digests looked up meanwhile.
+  const batch = Math.max(1, Math.floor(READ_AHEAD_BYTES / c.blockSize));
+  for (let i = 0; i < sample.length; i += batch) {
+    const part = sample.slice(i, i + batch);
     const bufs = part.map((b) => (kind[b]! & DATA ? Buffer.allocUnsafe(c.blockSize) : undefined));
-    await Promise.all(part.map((b, k) => (bufs[k] ? readBlocks(b, 1, bufs[k]!) : undefined)));
+    const reads = Promise.all(part.map((b, k) => (bufs[k] ? readBlocks(b, 1, bufs[k]!) : undefined)));
+    reads.catch(() => {}); // awaited below
+    const old = Buffer.alloc(part.length * DIGEST_LEN);
+    // One at a time, in order: the manifest reads ahead in windows.
+    for (let k = 0; k < part.length; k++) await c.manifest!.readDigests(part[k]!, 1, old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN));
+    await reads;
     for (let k = 0; k < part.length; k++) {
       const b = part[k]!;
       const len = blockLen(b);
       if (bufs[k]) hashBlocksInto(bufs[k]!.subarray(0, len), c.blockSize, digest);
       else zeroDigest(len).copy(digest);
-      await c.manifest!.readDigests(b, 1, old);
-      if (!old.equals(digest)) return b;
+      if (!old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN).equals(digest)) return b;
     }
   }
   return undefined;
