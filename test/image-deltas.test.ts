@@ -48,7 +48,7 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
     }
   });
 
-  it('--write-batch applied to a copy of the previous target gives the new target; --only-write-batch is refused', async () => {
+  it('--write-batch applied to a copy of the previous target gives the new target, with or without a manifest; --only-write-batch is refused', async () => {
     const copyDir = path.join(fx.dir, 'copy');
     fs.mkdirSync(copyDir);
     fs.copyFileSync(target(), path.join(copyDir, 'disk0.raw'));
@@ -61,6 +61,16 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
     expect(await sha256(target())).toBe(now);
     ok(await runQsync(['apply', batch, copyDir]));
     expect(await sha256(path.join(copyDir, 'disk0.raw'))).toBe(now);
+
+    // No manifest: a full run compares with the old target, and the batch names the hash of that target as its base.
+    fs.rmSync(path.join(dest(), '.qsync', 'manifests', 'disk0.raw.qsm'));
+    await guestWrite(0xd4, [5, 41]);
+    const compared = path.join(fx.dir, 'compare.qdelta');
+    ok(await runQsync(['--qmp', fx.qsd.qmp2, `--write-batch=${compared}`, `${dest()}/`]));
+    const later = await guestView();
+    expect(await sha256(target())).toBe(later);
+    ok(await runQsync(['apply', compared, copyDir]));
+    expect(await sha256(path.join(copyDir, 'disk0.raw'))).toBe(later);
 
     const only = await runQsync(['--qmp', fx.qsd.qmp2, `--only-write-batch=${path.join(fx.dir, 'only.qdelta')}`, `${dest()}/`]);
     expect(only.code).toBe(1);
