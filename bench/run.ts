@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseBenchArgs, USAGE, type BenchOptions } from './args.js';
+import { runImageScenario } from './image.js';
 import { measure, TIME_BIN } from './measure.js';
 import { addRatios, load, machine, summarize, table, type BenchResult, type ScenarioResult, type ToolResult } from './report.js';
 import { makeScenarios, type Scenario } from './scenarios.js';
@@ -179,7 +180,7 @@ async function main(): Promise<void> {
     scenarios: [],
   };
   try {
-    for (const sc of scenarios) result.scenarios.push(await runScenario(sc, o, tools, work));
+    for (const sc of scenarios) result.scenarios.push(await (sc.name === 'image' ? runImageScenario : runScenario)(sc, o, tools, work));
   } finally {
     cleanup();
   }

@@ -11,7 +11,7 @@ import {
   writeRandomFile,
   writeSparseFile,
 } from './data.js';
-import { MEMORY_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
+import { IMAGE_TOOLS, MEMORY_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
 
 export interface Scenario {
   name: ScenarioName;
@@ -110,6 +110,17 @@ export function makeScenarios(o: BenchOptions): Record<ScenarioName, Scenario> {
       runs: 1,
       create: async (path) => writeSparseFile(path, MEMORY_SIZE, 64),
       mutate: changeRaw(() => pickScattered(MEMORY_SIZE / BLOCK, Math.round((MEMORY_SIZE / BLOCK) * o.change))),
+    },
+    image: {
+      ...base,
+      name: 'image',
+      file: 'disk.qcow2',
+      description: `qcow2 (90% allocated) served by qemu-storage-daemon, guest rewrote ${pct(o.change)} of its 64 KiB clusters before each run`,
+      tools: IMAGE_TOOLS,
+      create: (path) => makeQcow2(path, o.size),
+      mutate: async () => {
+        throw new Error('the image scenario changes the disk through QEMU (bench/image.ts)');
+      },
     },
   };
 }

@@ -2,7 +2,7 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 
-export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S';
+export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S' | 'qsync-qmp' | 'nbdcopy';
 
 export interface Tool {
   id: ToolId;
@@ -45,11 +45,14 @@ export function makeTools(main: string): Record<ToolId, Tool> {
     'qsync-c': qsync('qsync-c', ['-a', '-c']),
     'qsync-S': qsync('qsync-S', ['-a', '-S']),
     'qsync-c-S': qsync('qsync-c-S', ['-a', '-c', '-S']),
+    // The image scenario: SRC is the QMP socket, and for nbdcopy an NBD URI.
+    'qsync-qmp': qsync('qsync-qmp', ['--json', '--qmp']),
     rsync: external('rsync', 'sync', 'rsync', ['-a'], true),
     'rsync-inplace': external('rsync-inplace', 'sync', 'rsync', ['-a', '--inplace', '--no-whole-file'], true),
     // Floors: stdout goes to /dev/null (measure() discards it), so `cat SRC` is `cat SRC >/dev/null`.
     cat: external('cat', 'floor', 'cat', [], false),
     b3sum: external('b3sum', 'floor', 'b3sum', ['--num-threads', '2'], false),
+    nbdcopy: { ...external('nbdcopy', 'floor', 'nbdcopy', [], false), label: 'nbdcopy DISK null:', argv: (src) => ['nbdcopy', src, 'null:'] },
   };
 }
 
@@ -57,5 +60,7 @@ export function makeTools(main: string): Record<ToolId, Tool> {
 export const STANDARD_TOOLS: readonly ToolId[] = ['qsync', 'qsync-c', 'rsync', 'rsync-inplace', 'cat', 'b3sum'];
 /** The memory scenario: a 16 GiB sparse file, holes kept (-S) so the target stays small. */
 export const MEMORY_TOOLS: readonly ToolId[] = ['qsync-S', 'qsync-c-S'];
+/** The image scenario: image mode, the NBD read reference, a forced file-mode scan of the same image. */
+export const IMAGE_TOOLS: readonly ToolId[] = ['qsync-qmp', 'nbdcopy', 'qsync-c'];
 /** The read floor every ratio is taken against. */
 export const REFERENCE: ToolId = 'cat';
