@@ -157,3 +157,15 @@ describe('updating a manifest', () => {
     expect(statSync(path).ino === inodeBefore).toBe(nChanged < 32768);
   });
 });
+
+describe('reading digests', () => {
+  it('concurrent reads of scattered blocks each get their own digests', async () => {
+    const p = join(dir, 'ok.qsm');
+    const m = (await openManifest(p))!;
+    const picks = [37, 0, 12, 36, 5, 20, 1];
+    const outs = picks.map(() => new Uint8Array(32));
+    await Promise.all(picks.map((b, i) => m.readDigests(b, 1, outs[i])));
+    await m.close();
+    picks.forEach((b, i) => expect(Buffer.from(outs[i]).equals(Buffer.from(digests.subarray(b * 32, b * 32 + 32)))).toBe(true));
+  });
+});

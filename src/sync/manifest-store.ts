@@ -79,6 +79,20 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
     const fingerprint = fp.digest();
     const checksum = blake3(Buffer.concat([head, fingerprint]));
     const win = { first: 0, count: 0, buf: Buffer.alloc(0) };
+    let queue: Promise<unknown> = Promise.resolve();
+    // Scans read in order: fetch a window of digests ahead, one read per WINDOW_BLOCKS blocks.
+    const readWindowed = async (first: number, n: number, out: Uint8Array): Promise<void> => {
+      const avail = Math.max(0, Math.min(n, count - first));
+      if (avail <= 0) return;
+      if (first < win.first || first + avail > win.first + win.count) {
+        win.first = first;
+        win.count = Math.min(Math.max(avail, WINDOW_BLOCKS), count - first);
+        if (win.buf.length < win.count * MANIFEST_DIGEST_LEN) win.buf = Buffer.alloc(win.count * MANIFEST_DIGEST_LEN);
+        await readExactly(fh, win.buf.subarray(0, win.count * MANIFEST_DIGEST_LEN), MANIFEST_HEADER_LEN + first * MANIFEST_DIGEST_LEN, path);
+      }
+      const at = (first - win.first) * MANIFEST_DIGEST_LEN;
+      out.set(win.buf.subarray(at, at + avail * MANIFEST_DIGEST_LEN));
+    };
     if (!fingerprint.equals(trailer.subarray(0, 32)) || !checksum.equals(trailer.subarray(32, 64))) {
       throw new QsyncError('FORMAT', `manifest ${path} failed its checksum (corrupted)`, { file: path });
     }
@@ -87,18 +101,11 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
       header,
       fingerprint,
       checksum,
-      async readDigests(first, n, out) {
-        const avail = Math.max(0, Math.min(n, count - first));
-        if (avail <= 0) return;
-        // Scans read in order: fetch a window of digests ahead, one read per WINDOW_BLOCKS blocks.
-        if (first < win.first || first + avail > win.first + win.count) {
-          win.first = first;
-          win.count = Math.min(Math.max(avail, WINDOW_BLOCKS), count - first);
-          if (win.buf.length < win.count * MANIFEST_DIGEST_LEN) win.buf = Buffer.alloc(win.count * MANIFEST_DIGEST_LEN);
-          await readExactly(fh, win.buf.subarray(0, win.count * MANIFEST_DIGEST_LEN), MANIFEST_HEADER_LEN + first * MANIFEST_DIGEST_LEN, path);
-        }
-        const at = (first - win.first) * MANIFEST_DIGEST_LEN;
-        out.set(win.buf.subarray(at, at + avail * MANIFEST_DIGEST_LEN));
+      readDigests(first, n, out) {
+        // Calls run one after another: they share the read-ahead window.
+        const next = queue.then(() => readWindowed(first, n, out));
+        queue = next.catch(() => undefined);
+        return next;
       },
       close: () => fh.close(),
     };
