@@ -1,4 +1,19 @@
-import { blake3, blake3UrlSafeBase64 } from '@napi-rs/blake-hash';
+import * as napi from '@napi-rs/blake-hash';
+
+/**
+ * The binding's types (1.3.4: the last version published for every
+ * platform, which `npm ci` needs) say Buffer; it reads any Uint8Array,
+ * shared memory included (test/hash.test.ts checks that).
+ */
+const blake3 = napi.blake3 as (input: Uint8Array) => Buffer;
+const blake3UrlSafeBase64 = napi.blake3UrlSafeBase64 as (input: Uint8Array) => string;
+
+/** An incremental BLAKE3 hasher fed Uint8Arrays. */
+export interface Hasher {
+  update(input: Uint8Array): unknown;
+  digestBuffer(): Buffer;
+}
+export const newHasher = (): Hasher => new napi.Blake3Hasher() as unknown as Hasher;
 
 export const DIGEST_LEN = 32;
 

@@ -3,11 +3,12 @@
  * (streamed, flat memory), and writing a new one atomically (temp file,
  * fsync, rename, fsync dir) once the target's data is durable.
  */
-import { Blake3Hasher, blake3 } from '@napi-rs/blake-hash';
+import { blake3 } from '@napi-rs/blake-hash';
 import { open, rename, mkdir, rm, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { fsyncDir } from '../io/fsync-dir.js';
+import { newHasher } from '../hash/blake3.js';
 import {
   decodeManifestHeader,
   encodeManifestHeader,
@@ -117,7 +118,7 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
 
 /** The fingerprint of a target's digests, fed block by block (docs/FORMATS.md). */
 export class Fingerprinter {
-  private readonly h = new Blake3Hasher();
+  private readonly h = newHasher();
   constructor(blockSize: number, targetSize: number) {
     this.h.update(fingerprintPrefix(blockSize, targetSize));
   }
