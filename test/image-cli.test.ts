@@ -58,6 +58,9 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img', 'qemu-io'))('qsync 
     const target = path.join(dest(), fs.readdirSync(dest()).find((n) => n.endsWith('.raw'))!);
     expect(await sha256(target)).toBe(await guestViewSha());
 
+    const manifest = path.join(dest(), '.qsync', 'manifests', `${path.basename(target)}.qsm`);
+    const manifestIno = fs.statSync(manifest).ino;
+
     await guestWrite('write -P 0xee 2M 64k');
     await guestWrite('write -P 0xef 40M 128k');
     const second = await runQsync(['--qmp', vm.qmp2, '--json', `${dest()}/`]);
@@ -69,6 +72,10 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img', 'qemu-io'))('qsync 
     // Dirty extents plus the verify sample (0.5% of the clean blocks, at least one).
     expect(doc.disks[0].read).toBeLessThan(192 * 1024 + 64 * 1024 * 8);
     expect(await sha256(target)).toBe(await guestViewSha());
+    // Three changed blocks: their digests were patched into the manifest (same file), which still verifies.
+    expect(fs.statSync(manifest).ino).toBe(manifestIno);
+    const verify = await runQsync(['verify', target]);
+    expect(verify.code, verify.stderr + verify.stdout).toBe(0);
   });
 
   it('bad image-mode input: a source operand, or a socket that is not there, gives a clear message and exit code', async () => {

@@ -352,7 +352,8 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     const file = await LocalFileSink.open(c.target, !c.tStat);
     const intentPath = intentPathFor(c.manifestPath);
     const intent = manifest ? await IntentWriter.create(intentPath, manifest.checksum, manifest.header.targetSize, size) : undefined;
-    const writer = await ManifestWriter.create(c.manifestPath, bs, size);
+    // With a trusted manifest of the same size, only the changed digests are patched into it.
+    const writer = await ManifestWriter.create(c.manifestPath, bs, size, manifest);
     const oldSize = manifest?.header.targetSize ?? (c.tStat ? (await file.fh.stat()).size : 0);
     const oldBlocks = blockCount(oldSize, bs);
     const holes: [number, number][] = [];
@@ -471,6 +472,8 @@ interface Counts {
 class CopyPipeline {
   readonly #piece = Buffer.alloc(PIECE * DIGEST_LEN);
   #pieceIndex = -1;
+  /** Blocks of the current piece whose digest differs from the manifest's. */
+  #pieceChanged: number[] = [];
   readonly #runDigests: Buffer;
   /** Changed stretches to write: data, or zeros (a hole) when `data` is undefined. */
   #batch: { off: number; len: number; data?: Buffer }[] = [];
@@ -503,10 +506,15 @@ class CopyPipeline {
   /** Make piece `p` current (old digests loaded), appending the digests of the pieces before it. */
   async #seek(p: number): Promise<void> {
     while (this.#pieceIndex < p) {
-      if (this.#pieceIndex >= 0) await this.writer.append(this.#piece.subarray(0, this.#pieceLen(this.#pieceIndex) * DIGEST_LEN));
+      if (this.#pieceIndex >= 0) await this.#appendPiece(this.#pieceIndex);
       this.#pieceIndex++;
       await this.manifest?.readDigests(this.#pieceIndex * PIECE, this.#pieceLen(this.#pieceIndex), this.#piece);
     }
+  }
+
+  async #appendPiece(p: number): Promise<void> {
+    await this.writer.append(this.#piece.subarray(0, this.#pieceLen(p) * DIGEST_LEN), this.#pieceChanged);
+    this.#pieceChanged = [];
   }
 
   async take(r: BlockRun, s: Counts): Promise<void> {
@@ -527,6 +535,7 @@ class CopyPipeline {
       if (this.manifest) differs = (this.kind[b]! & SUSPECT) !== 0 || !od.equals(d);
       else if (r.old) differs = !r.old.subarray(i * bs, i * bs + len).equals(zero ? zeroDigestBlock(len) : r.src!.subarray(i * bs, i * bs + len));
       else differs = !zero; // new or grown area: already a hole
+      if (this.manifest && !od.equals(d)) this.#pieceChanged.push(b);
       d.copy(od);
       if (zero) s.zero += len;
       else if (!differs) s.unchanged += len;
@@ -585,7 +594,7 @@ class CopyPipeline {
     const pieces = Math.ceil(this.kind.length / PIECE);
     if (pieces) {
       await this.#seek(pieces - 1);
-      await this.writer.append(this.#piece.subarray(0, this.#pieceLen(pieces - 1) * DIGEST_LEN));
+      await this.#appendPiece(pieces - 1);
     }
     await Promise.all([...this.#writes.map((w) => w.done), this.#intentChain]);
   }
