@@ -55,6 +55,37 @@ describe('one file', () => {
   });
 });
 
+describe('options that change how a file is written', () => {
+  it('-S: zero blocks of a new copy become holes; the copy is identical', async () => {
+    const s = join(dir, 'sparse-src.img');
+    execFileSync('truncate', ['-s', '64M', s]);
+    const fd = openSync(s, 'r+');
+    writeSync(fd, Buffer.alloc(1 * MiB, 0x33), 0, 1 * MiB, 10 * MiB);
+    closeSync(fd);
+    const r = await runQsync(['-a', '-S', s, join(dir, 'sparse-dst.img')]);
+    expect(r.code, r.stderr).toBe(0);
+    await expectIdentical(s, join(dir, 'sparse-dst.img'));
+    expect(statSync(join(dir, 'sparse-dst.img')).blocks * 512).toBeLessThan(4 * MiB);
+  });
+
+  it('--manifest PATH keeps the manifest where it says, and the next run trusts it', async () => {
+    const s = join(dir, 'm-src.img');
+    randomFile(s, 4 * MiB);
+    const m = join(dir, 'elsewhere', 'm.qsm');
+    mkdirSync(join(dir, 'elsewhere'));
+    expect((await runQsync(['-a', '--manifest', m, s, join(dir, 'm-dst.img')])).code).toBe(0);
+    expect(existsSync(m)).toBe(true);
+    expect(existsSync(join(dir, '.qsync', 'manifests', 'm-dst.img.qsm'))).toBe(false);
+    mutateBlocks(s, 4 * MiB, 0.05);
+    bumpMtime(s);
+    const again = await runQsync(['-a', '--manifest', m, s, join(dir, 'm-dst.img')], { measureIo: true });
+    expect(again.code, again.stderr).toBe(0);
+    // Trusted: the target is not read (one pass over the 4 MiB source, plus node's own files).
+    expect(again.io!.rchar).toBeLessThan(4 * MiB + 3 * MiB);
+    await expectIdentical(s, join(dir, 'm-dst.img'));
+  });
+});
+
 describe.each([
   ['raw random file', 'raw'],
   ['real qcow2 image', 'qcow2'],
