@@ -223,6 +223,27 @@ describe('two runs on one target', () => {
   });
 });
 
+describe('Ctrl-C', () => {
+  it('SIGINT stops the run with exit 20 and drops the lock; the next run finishes', async () => {
+    const s = join(dir, 'int.img');
+    execFileSync('truncate', ['-s', '2G', s]);
+    const d = join(dir, 'int-dst');
+    let pid = 0;
+    const running = runQsync(['-a', s, `${d}/`], { onSpawn: (p) => (pid = p) });
+    for (let i = 0; i < 200 && !existsSync(join(d, '.qsync', 'lock')); i++) await new Promise((r) => setTimeout(r, 10));
+    await new Promise((r) => setTimeout(r, 100));
+    process.kill(pid, 'SIGINT');
+    const r = await running;
+    expect(r.code).toBe(20);
+    expect(r.stderr).toMatch(/received SIGINT/);
+    expect(existsSync(join(d, '.qsync', 'lock'))).toBe(false);
+    const again = await runQsync(['-a', s, `${d}/`]);
+    expect(again.code, again.stderr).toBe(0);
+    await expectIdentical(s, join(d, 'int.img'));
+    rmSync(d, { recursive: true });
+  });
+});
+
 describe('bad input', () => {
   it('a missing source: message names it, exit 23, nothing written', async () => {
     const d = join(dir, 'bad-missing');
