@@ -5,14 +5,14 @@
  * wrongly, never a crash.
  */
 import { randomBytes, randomInt } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { QsyncError } from '../src/core/errors.js';
 import { decodeManifestHeader, encodeManifestHeader, MANIFEST_HEADER_LEN, type ManifestHeader } from '../src/core/manifest.js';
 import { hashBlocksInto } from '../src/hash/blake3.js';
-import { ManifestWriter, openManifest } from '../src/sync/manifest-store.js';
+import { encodeJournal, journalPathFor, ManifestWriter, openManifest } from '../src/sync/manifest-store.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'qsync-manifest-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -167,5 +167,50 @@ describe('reading digests', () => {
     await Promise.all(picks.map((b, i) => m.readDigests(b, 1, outs[i])));
     await m.close();
     picks.forEach((b, i) => expect(Buffer.from(outs[i]).equals(Buffer.from(digests.subarray(b * 32, b * 32 + 32)))).toBe(true));
+  });
+});
+
+describe('a patch interrupted by a crash', () => {
+  it('a whole journal is applied again on open; a torn one is dropped and the old manifest stands', async () => {
+    const base = join(dir, 'j-base.qsm');
+    const blocks = 38;
+    await writeValid(base);
+    const next = Buffer.from(digests);
+    const changed = [3, 4, 20, 37];
+    for (const b of changed) randomBytes(32).copy(next, b * 32);
+    // The manifest a finished patch gives, made on a copy.
+    const done = join(dir, 'j-done.qsm');
+    copyFileSync(base, done);
+    const m = (await openManifest(done))!;
+    const w = await ManifestWriter.create(done, BS, SIZE, m);
+    await w.append(next.subarray(0, 20 * 32), [3, 4]);
+    await w.append(next.subarray(20 * 32), [20, 37]);
+    const { blockSize: _b, targetSize: _t, ...rest } = header;
+    await w.commit(rest);
+    await m.close();
+    const finished = readFileSync(done);
+
+    // Crash after the journal was durable and half of the patch applied.
+    const torn = join(dir, 'j-torn.qsm');
+    copyFileSync(base, torn);
+    const patch = Buffer.concat(changed.map((b) => next.subarray(b * 32, b * 32 + 32)));
+    const journal = encodeJournal(changed, patch, finished.subarray(0, 80), finished.subarray(finished.length - 64), 80 + blocks * 32);
+    writeFileSync(journalPathFor(torn), journal);
+    const half = readFileSync(torn);
+    next.copy(half, 80 + 3 * 32, 3 * 32, 5 * 32);
+    writeFileSync(torn, half);
+    const replayed = (await openManifest(torn))!;
+    await replayed.close();
+    expect(readFileSync(torn).equals(finished)).toBe(true);
+    expect(existsSync(journalPathFor(torn))).toBe(false);
+
+    // Crash while the journal itself was being written: the manifest was not touched yet.
+    const early = join(dir, 'j-early.qsm');
+    copyFileSync(base, early);
+    writeFileSync(journalPathFor(early), journal.subarray(0, journal.length - 5));
+    const kept = (await openManifest(early))!;
+    await kept.close();
+    expect(readFileSync(early).equals(readFileSync(base))).toBe(true);
+    expect(existsSync(journalPathFor(early))).toBe(false);
   });
 });

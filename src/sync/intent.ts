@@ -66,6 +66,8 @@ export async function readIntent(path: string): Promise<Intent | undefined> {
 
 /** Appends block indices; the header is durable before any target block is written. */
 export class IntentWriter {
+  /** Where the next index goes (positional writes: the header was written with one too). */
+  private at = HEADER_LEN;
   private constructor(private readonly fh: FileHandle, readonly path: string) {}
 
   static async create(path: string, baseChecksum: Buffer | undefined, oldSize: number, newSize: number): Promise<IntentWriter> {
@@ -87,7 +89,9 @@ export class IntentWriter {
     if (!blocks.length) return;
     const b = Buffer.alloc(blocks.length * 8);
     blocks.forEach((n, i) => b.writeBigUInt64LE(BigInt(n), i * 8));
-    await this.fh.write(b);
+    const at = this.at;
+    this.at += b.length;
+    await this.fh.write(b, 0, b.length, at);
   }
 
   async close(): Promise<void> {

@@ -4,7 +4,7 @@
  * fsync, rename, fsync dir) once the target's data is durable.
  */
 import { blake3 } from '@napi-rs/blake-hash';
-import { open, rename, mkdir, rm, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { fsyncDir } from '../io/fsync-dir.js';
@@ -55,6 +55,7 @@ async function readExactly(fh: FileHandle, buf: Buffer, position: number, file: 
  * throws QsyncError('FORMAT') when it exists but cannot be trusted.
  */
 export async function openManifest(path: string): Promise<Manifest | undefined> {
+  await replayJournal(path);
   let fh: FileHandle;
   try {
     fh = await open(path, 'r');
@@ -248,28 +249,31 @@ export class ManifestWriter {
     await this.fh!.write(trailer, 0, 64, MANIFEST_HEADER_LEN + this.written);
     await this.fh!.sync();
     await this.fh!.close();
+    await rm(journalPathFor(this.path), { force: true });
     await rename(this.tmp, this.path);
     await fsyncDir(dirname(this.path));
     return checksum;
   }
 
+  /**
+   * Patch through a journal: the patch (new digests, header, trailer) is
+   * made durable beside the manifest first, then applied, then dropped. A
+   * crash mid-apply is finished by the next openManifest (replayJournal).
+   */
   private async patchInPlace(header: Buffer, trailer: Buffer, count: number): Promise<void> {
     const { index, digests } = this.patches!;
-    const fh = await open(this.path, 'r+');
+    const journal = encodeJournal(index, digests, header, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN);
+    const jpath = journalPathFor(this.path);
+    const jfh = await open(jpath, 'w');
     try {
-      // Digests first, header and trailer last: a file torn in between fails its checksum.
-      for (let i = 0; i < index.length; ) {
-        let j = i + 1;
-        while (j < index.length && index[j] === index[j - 1] + 1) j++;
-        await fh.write(digests, i * MANIFEST_DIGEST_LEN, (j - i) * MANIFEST_DIGEST_LEN, MANIFEST_HEADER_LEN + index[i] * MANIFEST_DIGEST_LEN);
-        i = j;
-      }
-      await fh.write(header, 0, header.length, 0);
-      await fh.write(trailer, 0, trailer.length, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN);
-      await fh.sync();
+      await jfh.write(journal, 0, journal.length, 0);
+      await jfh.sync();
     } finally {
-      await fh.close();
+      await jfh.close();
     }
+    await fsyncDir(dirname(this.path));
+    await applyJournal(this.path, journal);
+    await rm(jpath, { force: true });
   }
 
   /** The fingerprint of the digests appended so far: the new manifest's, once all are in. */
@@ -281,4 +285,75 @@ export class ManifestWriter {
     await this.fh?.close().catch(() => {});
     if (this.fh) await rm(this.tmp, { force: true });
   }
+}
+
+/*
+ * Manifest patch journal (docs/FORMATS.md): magic, version, count, trailer
+ * offset, the new header and trailer, count × (u64 block, digest), and a
+ * BLAKE3 of all that. Bounded by MAX_PATCHES, so it is read whole.
+ */
+const JOURNAL_MAGIC = 'QSYNCJNL';
+const JOURNAL_HEAD = 8 + 4 + 4 + 8 + MANIFEST_HEADER_LEN + 64;
+const JOURNAL_ENTRY = 8 + MANIFEST_DIGEST_LEN;
+export const journalPathFor = (manifestPath: string): string => `${manifestPath}.journal`;
+
+export function encodeJournal(index: readonly number[], digests: Buffer, header: Buffer, trailer: Buffer, trailerAt: number): Buffer {
+  const b = Buffer.alloc(JOURNAL_HEAD + index.length * JOURNAL_ENTRY + 32);
+  b.write(JOURNAL_MAGIC, 0, 'latin1');
+  b.writeUInt32LE(1, 8);
+  b.writeUInt32LE(index.length, 12);
+  b.writeBigUInt64LE(BigInt(trailerAt), 16);
+  header.copy(b, 24);
+  trailer.copy(b, 24 + MANIFEST_HEADER_LEN);
+  index.forEach((n, i) => {
+    const at = JOURNAL_HEAD + i * JOURNAL_ENTRY;
+    b.writeBigUInt64LE(BigInt(n), at);
+    digests.copy(b, at + 8, i * MANIFEST_DIGEST_LEN, (i + 1) * MANIFEST_DIGEST_LEN);
+  });
+  blake3(b.subarray(0, b.length - 32)).copy(b, b.length - 32);
+  return b;
+}
+
+/** Write a journal's patch into the manifest and fsync it; idempotent. */
+async function applyJournal(path: string, j: Buffer): Promise<void> {
+  const count = j.readUInt32LE(12);
+  const fh = await open(path, 'r+');
+  try {
+    for (let i = 0; i < count; i++) {
+      const at = JOURNAL_HEAD + i * JOURNAL_ENTRY;
+      await fh.write(j, at + 8, MANIFEST_DIGEST_LEN, MANIFEST_HEADER_LEN + Number(j.readBigUInt64LE(at)) * MANIFEST_DIGEST_LEN);
+    }
+    await fh.write(j, 24, MANIFEST_HEADER_LEN, 0);
+    await fh.write(j, 24 + MANIFEST_HEADER_LEN, 64, Number(j.readBigUInt64LE(16)));
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Finish a patch a crash interrupted. A journal that is not whole was never
+ * applied (it is made durable first): it is dropped and the manifest is as
+ * it was. One that is whole is applied again, then dropped.
+ */
+async function replayJournal(path: string): Promise<void> {
+  const jpath = journalPathFor(path);
+  let j: Buffer;
+  try {
+    j = await readFile(jpath);
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') return;
+    throw e;
+  }
+  const whole =
+    j.length >= JOURNAL_HEAD + 32 &&
+    j.toString('latin1', 0, 8) === JOURNAL_MAGIC &&
+    j.readUInt32LE(8) === 1 &&
+    j.readUInt32LE(12) <= MAX_PATCHES &&
+    j.length === JOURNAL_HEAD + j.readUInt32LE(12) * JOURNAL_ENTRY + 32 &&
+    blake3(j.subarray(0, j.length - 32)).equals(j.subarray(j.length - 32));
+  if (whole) await applyJournal(path, j).catch((e) => {
+    if (errnoOf(e) !== 'ENOENT') throw e; // the manifest itself is gone: nothing to finish
+  });
+  await rm(jpath, { force: true });
 }
