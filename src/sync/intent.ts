@@ -8,13 +8,16 @@
  * out of order, so an intent from another boot means "trust nothing".
  */
 import { readFileSync } from 'node:fs';
-import { open, readFile, rm, type FileHandle } from 'node:fs/promises';
+import { open, rm, type FileHandle } from 'node:fs/promises';
 import { errnoOf } from '../core/errors.js';
 
 const MAGIC = 'QSYNCINT';
 const HEADER_LEN = 8 + 4 + 36 + 32 + 16; // magic, version, boot id, base checksum, sizes
-/** Beyond this many recorded blocks the next run re-compares everything instead. */
-export const MAX_INTENT_BLOCKS = 1 << 22;
+/**
+ * Beyond this many recorded blocks (16 GiB of 64 KiB blocks) the next run
+ * compares everything instead: the set of them must stay small in memory.
+ */
+export const MAX_INTENT_BLOCKS = 1 << 18;
 
 let cachedBootId: string | undefined;
 export function bootId(): string {
@@ -41,7 +44,15 @@ export interface Intent {
 export async function readIntent(path: string): Promise<Intent | undefined> {
   let b: Buffer;
   try {
-    b = await readFile(path);
+    // Read no more than a listable intent can hold: the header says enough about a longer one.
+    const fh = await open(path, 'r');
+    try {
+      const size = (await fh.stat()).size;
+      b = Buffer.alloc(Math.min(size, HEADER_LEN + (MAX_INTENT_BLOCKS + 1) * 8));
+      await fh.read(b, 0, b.length, 0);
+    } finally {
+      await fh.close();
+    }
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') return undefined;
     throw e;
