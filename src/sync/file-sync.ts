@@ -9,6 +9,7 @@ import type { BigIntStats } from 'node:fs';
 import { rm, stat, utimes } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
+import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
 import type { HashPool, ScannedChunk } from '../hash/pool.js';
 import { LocalFileSink } from '../io/local-file.js';
@@ -167,8 +168,9 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   const result: FileSyncResult = { method, transferred: true, created: !dstStat, scanned: 0, literal: 0, matched: 0 };
   const oldDigests = Buffer.alloc((ctx.pool.chunkSize / blockSize) * DIGEST_LEN);
   const oldBlocks = blockCount(oldSize, blockSize);
-  // Blocks at or past the old end read as zero after the resize below.
-  const zeroFrom = method === 'new' ? 0 : oldBlocks;
+  // Blocks at or past the old end read as zero after the resize below; a new file is all holes,
+  // where zeros are written only without -S (as rsync allocates them).
+  const holeFrom = method !== 'new' ? oldBlocks : opts.sparse ? 0 : Infinity;
 
   const closeAll = async () => {
     await sink.close().catch(() => {});
@@ -185,38 +187,26 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
       const n = c.digests.length / DIGEST_LEN;
       if (method === 'manifest') await manifest!.readDigests(first, n, oldDigests);
       if (c.targetDigests) baseFp!.append(c.targetDigests);
-      const changed: number[] = [];
-      const isZero: boolean[] = [];
-      // Most chunks of a second run are unchanged: one compare instead of one per block.
-      const unchanged = method === 'manifest' && first + n <= oldBlocks && !trust.unknown && oldDigests.subarray(0, n * DIGEST_LEN).equals(c.digests);
-      for (let i = 0; i < n && !unchanged; i++) {
-        const b = first + i;
-        const len = Math.min(blockSize, size - b * blockSize);
-        const d = c.digests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN);
-        const zero = zeroDigest(len).equals(d);
-        let differs: boolean;
-        if (method === 'manifest') {
-          differs = b >= oldBlocks || trust.unknown?.has(b) === true || b >= (trust.unknownFrom ?? Infinity) || !oldDigests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN).equals(d);
-        } else if (method === 'compare') {
-          differs = c.differs![i] === 1;
-        } else differs = true;
-        // A zero block where the target already reads as zero needs no write (-S keeps it a hole).
-        if (differs && zero && b >= zeroFrom && (opts.sparse || method !== 'new')) differs = false;
-        if (differs) {
-          changed.push(b);
-          isZero.push(zero);
-        }
-      }
+      const { changed, runs } = planChunk({
+        first,
+        digests: c.digests,
+        size,
+        blockSize,
+        mode: method === 'manifest' || method === 'compare' ? method : 'rewrite',
+        old: oldDigests,
+        oldBlocks,
+        differs: c.differs,
+        suspect: trust.unknown && ((b) => trust.unknown!.has(b) || b >= trust.unknownFrom!),
+        holeFrom,
+        zeroDigest,
+      });
       await intent?.add(changed);
-      for (let i = 0; i < changed.length; ) {
-        let j = i + 1;
-        while (j < changed.length && changed[j] === changed[j - 1] + 1 && isZero[j] === isZero[i]) j++;
-        const off = changed[i] * blockSize;
-        const end = Math.min(size, changed[j - 1] * blockSize + blockSize);
-        if (isZero[i] && opts.sparse) await sink.writeZeroes(off, end - off);
+      for (const r of runs) {
+        const off = r.first * blockSize;
+        const end = Math.min(size, (r.first + r.count) * blockSize);
+        if (r.zero && opts.sparse) await sink.writeZeroes(off, end - off);
         else await sink.write(off, c.data.subarray(off - c.offset, end - c.offset));
         result.literal += end - off;
-        i = j;
       }
       if (writer) await writer.append(c.digests, changed);
       else resultFp!.append(c.digests);
