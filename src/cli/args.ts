@@ -15,6 +15,7 @@
 import yargs from 'yargs';
 import { QsyncError } from '../core/errors.js';
 import type { FilterRule } from '../core/filter.js';
+import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -323,18 +324,16 @@ function yargsOptions(): Record<string, { type: 'boolean' | 'count' | 'string' |
   return opts;
 }
 
-const KiB = 1024;
-
 /** rsync's SIZE syntax: 65536, 64K, 64k, 64KiB (1024), 64KB (1000), 1M, 1G. */
 export function parseBlockSize(text: string): number {
   const m = /^(\d+)(?:([kmg])(i?b)?)?$/i.exec(text);
   let bytes = NaN;
   if (m) {
-    const base = m[3]?.toLowerCase() === 'b' ? 1000 : KiB;
+    const base = m[3]?.toLowerCase() === 'b' ? 1000 : 1024;
     const power = m[2] ? 'kmg'.indexOf(m[2].toLowerCase()) + 1 : 0;
     bytes = Number(m[1]) * base ** power;
   }
-  if (!Number.isSafeInteger(bytes) || bytes < 4 * KiB || bytes > 16 * KiB * KiB || (bytes & (bytes - 1)) !== 0) {
+  if (!isValidBlockSize(bytes)) {
     throw new QsyncError('USAGE', `invalid --block-size ${text}: must be a power of two from 4K to 16M (e.g. 64K)`, {
       option: '--block-size',
       value: text,
@@ -471,7 +470,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     ignoreExisting: bool('ignore-existing'),
     numericIds: bool('numeric-ids'),
     oneFileSystem: bool('one-file-system'),
-    blockSize: blockText === undefined ? 64 * KiB : parseBlockSize(blockText),
+    blockSize: blockText === undefined ? DEFAULT_BLOCK_SIZE : parseBlockSize(blockText),
     manifest: str(y.manifest),
     json: bool('json'),
     rsh: str(y.rsh),
