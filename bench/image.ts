@@ -15,7 +15,7 @@ import { NbdClient } from '../src/io/nbd/client.js';
 import { QmpClient } from '../src/qemu/qmp.js';
 import { BLOCK, type BenchOptions } from './args.js';
 import { measure, type Measurement } from './measure.js';
-import { load, summarize, type ScenarioResult, type ToolResult } from './report.js';
+import { fail, load, summarize, type ScenarioResult, type ToolResult } from './report.js';
 import type { Scenario } from './scenarios.js';
 import { pickScattered } from './data.js';
 import type { makeTools } from './tools.js';
@@ -181,7 +181,7 @@ export async function runImageScenario(sc: Scenario, o: BenchOptions, tools: Ret
     why[0] ??= 'missing'; // no QEMU to back up from
   }
   if (why.some(Boolean)) {
-    results.forEach((r, i) => (r.status = why[i] === 'not built' ? 'not built' : why[i] ? 'missing' : 'ok'));
+    results.forEach((r, i) => (r.status = why[i] ?? 'ok'));
     log(`skipped: ${why.filter(Boolean).join(', ')}`);
     s.loadAfter = load();
     return s;
@@ -194,10 +194,6 @@ export async function runImageScenario(sc: Scenario, o: BenchOptions, tools: Ret
   log(`${sc.description}: creating ${sc.file}`);
   await sc.create(image);
   const d = new Daemon(image, dir);
-  const fail = (r: ToolResult, why: string): void => {
-    r.status = 'failed';
-    r.reason ??= why.trim().slice(-2000);
-  };
   const figures: DiskFigures[] = [];
   const changed = Math.max(1, Math.round((o.size / BLOCK) * o.change)) * BLOCK;
   s.changedBytes = changed;

@@ -24,6 +24,12 @@ export interface Summary {
   writtenPerChanged?: number;
 }
 
+/** Marks a tool failed; the first reason (its tail) is the one kept. */
+export function fail(r: ToolResult, why: string): void {
+  r.status = 'failed';
+  r.reason ??= why.trim().slice(-2000);
+}
+
 export interface ToolResult {
   id: ToolId;
   label: string;

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { parseBenchArgs, USAGE, type BenchOptions } from './args.js';
 import { runImageScenario } from './image.js';
 import { measure, TIME_BIN } from './measure.js';
-import { addRatios, load, machine, summarize, table, type BenchResult, type ScenarioResult, type ToolResult } from './report.js';
+import { addRatios, fail, load, machine, summarize, table, type BenchResult, type ScenarioResult, type ToolResult } from './report.js';
 import { makeScenarios, type Scenario } from './scenarios.js';
 import { chart } from './svg.js';
 import { makeTools, REFERENCE, type Tool } from './tools.js';
@@ -44,11 +44,6 @@ interface Lane {
   dirty: boolean;
 }
 
-const fail = (r: ToolResult, why: string): void => {
-  r.status = 'failed';
-  r.reason ??= why.trim().slice(-2000);
-};
-
 async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof makeTools>, work: string): Promise<ScenarioResult> {
   const dir = join(work, sc.name);
   const src = join(dir, 'src', sc.file);
@@ -64,7 +59,7 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
     results.push(result);
     const why = tool.unavailable();
     if (why) {
-      result.status = why === 'not built' ? 'not built' : 'missing';
+      result.status = why;
       log(`[${sc.name}] ${tool.label}: ${why}`);
       continue;
     }

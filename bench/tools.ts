@@ -11,8 +11,8 @@ export interface Tool {
   /** sync tools write a target that must equal the source; floors only read. */
   kind: 'sync' | 'floor';
   argv(src: string, dstDir: string): string[];
-  /** Why it cannot run here, or undefined. */
-  unavailable(): string | undefined;
+  /** Why it cannot run here (its result's status), or undefined. */
+  unavailable(): 'not built' | 'missing' | undefined;
 }
 
 function onPath(cmd: string): boolean {
