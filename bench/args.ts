@@ -35,7 +35,7 @@ export const USAGE = `usage: npm run bench -- [options]
   --runs N        timed runs per tool and scenario (default 5; --quick: 1)
   --scenarios L   comma list of ${SCENARIO_NAMES.join(',')}
                   (default: all but memory and image)
-  --quick         64 MiB, 1 run, every scenario but memory: the CI smoke test
+  --quick         64 MiB, 1 run, the default scenarios: the CI smoke test
   --cold          drop the page cache before each timed run (root)
   --out DIR       where latest.json and latest.svg are written (default bench/results)
   --tmp DIR       parent of the work directory (default: the OS temp dir)
