@@ -4,7 +4,7 @@
  * several deltas may follow each other in one file (a batch). Streams and
  * files live in src/io; the chunk-fed parser is ./delta-decoder.ts.
  */
-import { blake3 } from '@napi-rs/blake-hash';
+import { DIGEST_LEN, digestOf } from '../hash/blake3.js';
 import { QsyncError } from './errors.js';
 import { blockCount, blockLength, isValidBlockSize } from './geometry.js';
 
@@ -14,7 +14,6 @@ export const HEADER_FIXED_LEN = 128;
 /** Records and the trailer are frames of this fixed size (a record's payload follows its frame). */
 export const FRAME_LEN = 56;
 export const MAX_NAME_LEN = 4096;
-export const HASH_LEN = 32;
 const HEADER_CHECK_AT = 112;
 const HEADER_CHECK_LEN = 16;
 const FRAME_CHECK_AT = 48;
@@ -80,7 +79,7 @@ export function formatError(what: string, at: DeltaPosition): QsyncError {
 }
 
 const check = (buf: Buffer, start: number, end: number, extra?: Buffer): Buffer =>
-  blake3(extra ? Buffer.concat([buf.subarray(start, end), extra]) : buf.subarray(start, end));
+  digestOf(extra ? Buffer.concat([buf.subarray(start, end), extra]) : buf.subarray(start, end));
 
 function readSafe(buf: Buffer, off: number, what: string, at: DeltaPosition): number {
   const v = buf.readBigUInt64LE(off);
@@ -112,8 +111,8 @@ export function encodeHeader(h: DeltaHeader, buf: Buffer, off: number): number {
   b.writeBigUInt64LE(BigInt(h.createdMs), 32);
   b.writeUInt16LE(name.length, 40);
   // 42..48 reserved, zero.
-  h.baseFingerprint.copy(b, 48, 0, HASH_LEN);
-  h.resultFingerprint.copy(b, 80, 0, HASH_LEN);
+  h.baseFingerprint.copy(b, 48, 0, DIGEST_LEN);
+  h.resultFingerprint.copy(b, 80, 0, DIGEST_LEN);
   name.copy(buf, off + HEADER_FIXED_LEN);
   check(b, 0, HEADER_CHECK_AT, name).copy(b, HEADER_CHECK_AT, 0, HEADER_CHECK_LEN);
   return off + HEADER_FIXED_LEN + name.length;
@@ -172,7 +171,7 @@ export function encodeRecord(r: DeltaRecord, buf: Buffer, off: number): number {
   b.writeUInt8(r.compressed ? RECORD_COMPRESSED : 0, 1);
   b.writeUInt32LE(r.payloadLength, 4);
   b.writeBigUInt64LE(BigInt(r.index), 8);
-  r.digest.copy(b, 16, 0, HASH_LEN);
+  r.digest.copy(b, 16, 0, DIGEST_LEN);
   sealFrame(b);
   return off + FRAME_LEN;
 }
@@ -182,7 +181,7 @@ export function encodeTrailer(t: DeltaTrailer, buf: Buffer, off: number): number
   b.fill(0);
   b.writeUInt8(FRAME_TRAILER, 0);
   b.writeBigUInt64LE(BigInt(t.recordCount), 8);
-  t.streamHash.copy(b, 16, 0, HASH_LEN);
+  t.streamHash.copy(b, 16, 0, DIGEST_LEN);
   sealFrame(b);
   return off + FRAME_LEN;
 }

@@ -6,8 +6,7 @@
  * and the whole-stream hash. Payload digests are the caller's to check (they
  * need decompression).
  */
-import { Blake3Hasher } from '@napi-rs/blake-hash';
-import { zeroDigest } from '../hash/blake3.js';
+import { newHasher, zeroDigest } from '../hash/blake3.js';
 import {
   decodeFrame,
   decodeHeader,
@@ -51,7 +50,7 @@ export class DeltaDecoder {
   private pending: DeltaRecord | undefined;
   private records = 0;
   private members = 0;
-  private hasher = new Blake3Hasher();
+  private hasher = newHasher();
 
   constructor(
     private readonly handler: DeltaDecoderHandler,
@@ -157,7 +156,7 @@ export class DeltaDecoder {
     const at = this.at(this.offset - bytes.length);
     this.header = decodeHeader(bytes, 0, at);
     this.headerBytes = bytes;
-    this.hasher = new Blake3Hasher();
+    this.hasher = newHasher();
     this.records = 0;
     this.members++;
     this.state = 'frame';

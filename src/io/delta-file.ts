@@ -7,14 +7,12 @@
 import { randomBytes } from 'node:crypto';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { Blake3Hasher } from '@napi-rs/blake-hash';
 import {
   encodeHeader,
   encodeRecord,
   encodeTrailer,
   formatError,
   FRAME_LEN,
-  HASH_LEN,
   headerLength,
   recordBlockLength,
   TRAILER_HASHED_LEN,
@@ -28,7 +26,7 @@ import {
 import { compressBlock, decompressBlock } from '../core/delta-compression.js';
 import { DeltaDecoder } from '../core/delta-decoder.js';
 import { QsyncError } from '../core/errors.js';
-import { digestOf, zeroDigest } from '../hash/blake3.js';
+import { DIGEST_LEN, digestOf, newHasher, zeroDigest, type Hasher } from '../hash/blake3.js';
 import { fsyncDir } from './fsync-dir.js';
 
 const WRITE_BUFFER = 1 << 20;
@@ -62,7 +60,7 @@ export class DeltaFileWriter {
   private used = 0;
   /** File offset of buf[0]. */
   private flushed = 0;
-  private member: { header: DeltaHeader; at: number; records: number; hasher: Blake3Hasher } | undefined;
+  private member: { header: DeltaHeader; at: number; records: number; hasher: Hasher } | undefined;
   private closed = false;
 
   private constructor(
@@ -94,11 +92,11 @@ export class DeltaFileWriter {
       compression: this.compression,
       createdMs: start.createdMs ?? this.createdMs,
       name: start.name ?? '',
-      baseFingerprint: Buffer.alloc(HASH_LEN),
-      resultFingerprint: Buffer.alloc(HASH_LEN),
+      baseFingerprint: Buffer.alloc(DIGEST_LEN),
+      resultFingerprint: Buffer.alloc(DIGEST_LEN),
     };
     const at = this.flushed + this.used;
-    this.member = { header, at, records: 0, hasher: new Blake3Hasher() };
+    this.member = { header, at, records: 0, hasher: newHasher() };
     // Reserve the header's bytes; endMember writes them.
     this.reserve(headerLength(header)).fill(0);
   }
@@ -134,7 +132,7 @@ export class DeltaFileWriter {
     const headerBytes = Buffer.alloc(headerLength(header));
     encodeHeader(header, headerBytes, 0);
     const trailer = Buffer.alloc(FRAME_LEN);
-    encodeTrailer({ recordCount: m.records, streamHash: Buffer.alloc(HASH_LEN) }, trailer, 0);
+    encodeTrailer({ recordCount: m.records, streamHash: Buffer.alloc(DIGEST_LEN) }, trailer, 0);
     m.hasher.update(trailer.subarray(0, TRAILER_HASHED_LEN));
     m.hasher.update(headerBytes);
     encodeTrailer({ recordCount: m.records, streamHash: m.hasher.digestBuffer() }, trailer, 0);

@@ -11,7 +11,7 @@ import { join, sep } from 'node:path';
 import type { DeltaHeader } from '../core/delta-codec.js';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockLength } from '../core/geometry.js';
-import { openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
+import { openDelta, readDeltaFile, verifyDeltaFile, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { hashFile } from './target-digests.js';
 
 export const HISTORY_SUFFIX = '.qdelta';
@@ -46,21 +46,12 @@ const names = (name: string, target: string) => target === name || target.endsWi
 export async function listPoints(dir: string, target: string): Promise<HistoryPoint[]> {
   const points: HistoryPoint[] = [];
   for (const file of await historyFiles(dir)) {
-    const member = (await verifyFile(file)).find((m) => m.header.kind === 'reverse' && names(m.header.name, target));
+    const member = (await verifyDeltaFile(file)).find((m) => m.header.kind === 'reverse' && names(m.header.name, target));
     if (member) {
       points.push({ n: points.length + 1, until: new Date(member.header.createdMs), size: member.header.resultSize, records: member.records, file, member });
     }
   }
   return points;
-}
-
-async function verifyFile(file: string): Promise<DeltaMemberSummary[]> {
-  const fh = await openDelta(file);
-  try {
-    return await summarize(fh, file);
-  } finally {
-    await fh.close();
-  }
 }
 
 /** `N` (a point number) or a time (anything Date parses): the points to walk back through. */
