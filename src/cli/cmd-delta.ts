@@ -8,6 +8,7 @@ import { basename, dirname } from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { DELTA_MAGIC, type DeltaHeader } from '../core/delta-codec.js';
 import { isQsyncError, QsyncError } from '../core/errors.js';
+import { DIGEST_LEN } from '../hash/blake3.js';
 import { verifyDeltaFile, type DeltaMemberSummary } from '../io/delta-file.js';
 import { applyDelta } from '../sync/delta-apply.js';
 import { listPoints, prune, restorePoint } from '../sync/delta-history.js';
@@ -65,12 +66,13 @@ async function verifyTarget(target: string, manifestPath: string, out: Writable)
     try {
       const { size } = await fh.stat();
       if (size !== m.header.targetSize) throw new QsyncError('FORMAT', `${target} is ${size} bytes, its manifest says ${m.header.targetSize}`, { file: target });
-      const want = Buffer.alloc(32);
       let bad = -1;
       await hashFile(fh, size, m.header.blockSize, async (first, digests) => {
-        for (let i = 0; bad < 0 && i < digests.length / 32; i++) {
-          await m.readDigests(first + i, 1, want);
-          if (!want.equals(digests.subarray(i * 32, i * 32 + 32))) bad = first + i;
+        if (bad >= 0) return;
+        const want = Buffer.alloc(digests.length);
+        await m.readDigests(first, digests.length / DIGEST_LEN, want);
+        for (let i = 0; bad < 0 && i < digests.length / DIGEST_LEN; i++) {
+          if (!want.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN).equals(digests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN))) bad = first + i;
         }
       });
       if (bad >= 0) {

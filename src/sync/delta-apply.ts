@@ -11,17 +11,15 @@
 import { constants, type BigIntStats } from 'node:fs';
 import { mkdir, open, readFile, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
-import { blake3 } from '@napi-rs/blake-hash';
 import type { DeltaHeader } from '../core/delta-codec.js';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, blockLength } from '../core/geometry.js';
-import { fingerprintPrefix } from '../core/manifest.js';
 import { digestOf } from '../hash/blake3.js';
 import { openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
+import { Fingerprinter, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 import { assessManifest } from './trust.js';
 
@@ -42,7 +40,7 @@ export interface ApplyHooks {
 }
 
 /** Fingerprint of an empty file: the base of a delta made for a target that did not exist. */
-export const emptyFingerprint = (blockSize: number): Buffer => blake3(fingerprintPrefix(blockSize, 0));
+export const emptyFingerprint = (blockSize: number): Buffer => new Fingerprinter(blockSize, 0).digest();
 
 interface MemberPlan {
   summary: DeltaMemberSummary;
@@ -244,16 +242,17 @@ class MemberWrite {
     }
     await this.target.sync();
     await this.target.close();
-    const fp = await this.scratch.fingerprint(h.blockSize, h.resultSize);
-    if (!fp.equals(h.resultFingerprint)) {
+    // One pass over the scratch digests: the new manifest's fingerprint is the check.
+    const w = await ManifestWriter.create(p.manifestPath, h.blockSize, h.resultSize);
+    await this.scratch.writeTo(w, h.blockSize, h.resultSize);
+    if (!w.fingerprint.equals(h.resultFingerprint)) {
+      await w.abort();
       await this.scratch.close();
       throw new QsyncError('IO', `${p.target} does not match the delta's result after applying it (changed while applying?)`, {
         file: p.target,
         hint: 'run the apply again; if it fails again, the target was not the delta\'s base',
       });
     }
-    const w = await ManifestWriter.create(p.manifestPath, h.blockSize, h.resultSize);
-    await this.scratch.writeTo(w, h.blockSize, h.resultSize);
     const st = await stat(p.target, { bigint: true });
     await w.commit({ sourceSize: h.resultSize, sourceMtimeNs: 0n, targetMtimeNs: st.mtimeNs, targetIno: st.ino, targetDev: st.dev });
     await rm(applyIntentPath(p.manifestPath), { force: true });

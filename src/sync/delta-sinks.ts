@@ -203,7 +203,7 @@ async function completePrefix(path: string): Promise<number> {
       const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
       if (bytesRead === 0) break;
       pos += bytesRead;
-      d.write(Buffer.from(buf.subarray(0, bytesRead)));
+      d.write(buf.subarray(0, bytesRead)); // the handlers keep nothing; the decoder copies what it holds
     }
   } catch {
     // The torn tail: everything up to the last trailer stays.

@@ -5,14 +5,11 @@
  * overwrite the digests of the blocks the delta writes, then stream the file
  * into a ManifestWriter whose fingerprint must equal the delta's result.
  */
-import { Blake3Hasher } from '@napi-rs/blake-hash';
 import { constants } from 'node:fs';
 import { open, rm, type FileHandle } from 'node:fs/promises';
-import { fingerprintPrefix } from '../core/manifest.js';
 import { blockCount, blockLength } from '../core/geometry.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
-import type { Manifest } from './manifest-store.js';
-import { ManifestWriter } from './manifest-store.js';
+import { Fingerprinter, type Manifest, type ManifestWriter } from './manifest-store.js';
 
 const BATCH_BLOCKS = 4096;
 
@@ -48,26 +45,15 @@ export class DigestScratch {
     for (let i = from; i < blockCount(size, blockSize); i++) await this.set(i, zeroDigest(blockLength(i, size, blockSize)));
   }
 
-  /** Fingerprint of blocks [0, blockCount(size)) as a manifest would compute it. */
-  async fingerprint(blockSize: number, size: number): Promise<Buffer> {
-    const fp = new Blake3Hasher();
-    fp.update(fingerprintPrefix(blockSize, size));
-    await this.each(blockCount(size, blockSize), (chunk) => void fp.update(chunk));
-    return fp.digestBuffer();
-  }
-
-  /** Stream the digests into a new manifest writer (its fingerprint is checked by the caller). */
+  /** Stream the digests of blocks [0, blockCount(size)) into a new manifest writer (its fingerprint is checked by the caller). */
   async writeTo(w: ManifestWriter, blockSize: number, size: number): Promise<void> {
-    await this.each(blockCount(size, blockSize), (chunk) => w.append(chunk));
-  }
-
-  private async each(n: number, fn: (chunk: Buffer) => unknown): Promise<void> {
+    const n = blockCount(size, blockSize);
     const buf = Buffer.alloc(BATCH_BLOCKS * DIGEST_LEN);
     for (let first = 0; first < n; first += BATCH_BLOCKS) {
       const len = Math.min(BATCH_BLOCKS, n - first) * DIGEST_LEN;
       const { bytesRead } = await this.fh.read(buf, 0, len, first * DIGEST_LEN);
       if (bytesRead !== len) throw new Error(`digest scratch ${this.path} is short at block ${first}`);
-      await fn(Buffer.from(buf.subarray(0, len)));
+      await w.append(buf.subarray(0, len));
     }
   }
 
@@ -91,8 +77,7 @@ export async function hashFile(
   blockSize: number,
   each?: (first: number, digests: Buffer) => Promise<void>,
 ): Promise<Buffer> {
-  const fp = new Blake3Hasher();
-  fp.update(fingerprintPrefix(blockSize, size));
+  const fp = new Fingerprinter(blockSize, size);
   const per = Math.max(1, Math.floor((4 << 20) / blockSize));
   const buf = Buffer.alloc(per * blockSize);
   for (let first = 0; first < blockCount(size, blockSize); first += per) {
@@ -105,8 +90,8 @@ export async function hashFile(
     }
     const digests = Buffer.alloc(blockCount(want, blockSize) * DIGEST_LEN);
     hashBlocksInto(buf.subarray(0, want), blockSize, digests);
-    fp.update(digests);
+    fp.append(digests);
     await each?.(first, digests);
   }
-  return fp.digestBuffer();
+  return fp.digest();
 }
