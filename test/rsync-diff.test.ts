@@ -145,3 +145,17 @@ describe.skipIf(!needTools('rsync'))('same results as rsync', () => {
     }
   });
 });
+
+describe.skipIf(!needTools('rsync'))('an operand that is a symlink to a folder', () => {
+  it('with a trailing slash, its folder is followed and copied, as rsync does', async () => {
+    const base = join(root, 'link-operand');
+    mkdirSync(join(base, 'real'), { recursive: true });
+    randomFile(join(base, 'real', 'disk.img'), 100_000);
+    symlinkSync('real', join(base, 'link'));
+    execFileSync('rsync', ['-a', `${join(base, 'link')}/`, `${join(base, 'by-rsync')}/`]);
+    const r = await runQsync(['-a', `${join(base, 'link')}/`, `${join(base, 'by-qsync')}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(snapshot(join(base, 'by-qsync'))).toEqual(snapshot(join(base, 'by-rsync')));
+    expect(Object.keys(snapshot(join(base, 'by-qsync')))).toEqual(['disk.img']);
+  });
+});

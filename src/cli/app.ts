@@ -2,18 +2,15 @@
  * qsync as a function: parse, dispatch, map errors to rsync's exit codes.
  * Output goes to the injected streams; no exit here.
  */
-import { rmSync } from 'node:fs';
 import { isQsyncError, QsyncError } from '../core/errors.js';
 import { parseArgv } from './args.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 import { DELTA_COMMANDS } from './commands.js';
 import type { CliIO } from './run-sync.js';
+import { releaseHeldLocksSync } from '../sync/lock.js';
 
 /** Loaded on use: each mode's modules cost start-up time the others should not pay. */
 const runDeltaCommand = async (argv: string[], io: CliIO) => (await import('./cmd-delta.js')).runDeltaCommand(argv, io);
-
-/** Lock files to drop if a signal ends the run; the intent records keep the targets recoverable. */
-export const cleanupOnSignal = new Set<string>();
 
 /** An image-mode run cleans up QEMU (exports, jobs, bitmaps) before it ends: it is aborted, not killed. */
 let abortable: AbortController | undefined;
@@ -24,7 +21,8 @@ export function onSignal(sig: NodeJS.Signals): void {
     abortable.abort();
     return;
   }
-  for (const p of cleanupOnSignal) rmSync(p, { force: true });
+  // The intent records keep the targets recoverable; only the locks must go.
+  releaseHeldLocksSync();
   process.stderr.write(`\nqsync: received ${sig}, stopping; run again to finish\n${describeExit(EXIT.SIGNAL.code)}\n`);
   process.exit(EXIT.SIGNAL.code);
 }

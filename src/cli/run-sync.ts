@@ -16,7 +16,6 @@ import { planOperands } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
-import { cleanupOnSignal } from './app.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, type Printer } from './output.js';
 
@@ -51,6 +50,13 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
 const isRemote = (operand: string) => /^[^/]*:/.test(operand);
 
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+  const remote = [...operands, dest].find(isRemote);
+  if (remote) {
+    throw new QsyncError('UNSUPPORTED', `${remote} is a remote operand (host:path); qsync syncs local paths only so far`, {
+      file: remote,
+      hint: 'for a local name with a colon, write ./NAME',
+    });
+  }
   // The hash workers boot while the operands are checked and the tree is walked.
   const pool = new HashPool(o.blockSize);
   if (!o.dryRun) pool.warm();
@@ -62,13 +68,6 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
 }
 
 async function syncWithPool(printer: Printer, pool: HashPool, operands: string[], dest: string, o: SyncOptions): Promise<number> {
-  const remote = [...operands, dest].find(isRemote);
-  if (remote) {
-    throw new QsyncError('UNSUPPORTED', `${remote} is a remote operand (host:path); qsync syncs local paths only so far`, {
-      file: remote,
-      hint: 'for a local name with a colon, write ./NAME',
-    });
-  }
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
@@ -106,14 +105,11 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
 
   const rules = expandFilterFiles(o.filters, (f) => readFileSync(f, 'utf8'));
   const lock = o.dryRun ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
-  const lockPath = join(plan.destRoot, STATE_DIR, 'lock');
-  if (lock) cleanupOnSignal.add(lockPath);
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
   // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
   if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
   const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
-  let ok = false;
   try {
     const tree = new TreeSync(
       plan,
@@ -122,15 +118,13 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
       { pool, hooks: printer, wrapSink: deltas.wrapSink },
     );
     const outcome = await tree.run();
-    ok = !outcome.partial;
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;
-    await deltas.finish(ok);
+    await deltas.finish(!outcome.partial);
     return printer.finish(outcome.stats, code);
   } catch (e) {
     await deltas.finish(false);
     throw e;
   } finally {
     await lock?.release();
-    cleanupOnSignal.delete(lockPath);
   }
 }

@@ -5,6 +5,17 @@ import type { BlockSink, BlockSource } from './types.js';
 
 const ZEROES = Buffer.alloc(1 << 20);
 
+/** Read into `buf` from `position` until it is full or the file ends; returns the bytes read. */
+export async function readUpTo(fh: FileHandle, buf: Uint8Array, position: number): Promise<number> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesRead } = await fh.read(buf, done, buf.length - done, position + done);
+    if (bytesRead === 0) break;
+    done += bytesRead;
+  }
+  return done;
+}
+
 export class LocalFileSource implements BlockSource {
   private constructor(private readonly fh: FileHandle, readonly size: number, readonly path: string) {}
 
@@ -14,18 +25,10 @@ export class LocalFileSource implements BlockSource {
     return new LocalFileSource(fh, size, path);
   }
 
-  get fd(): number {
-    return this.fh.fd;
-  }
-
   async readAt(buf: Buffer, offset: number): Promise<number> {
     const want = Math.max(0, Math.min(buf.length, this.size - offset));
-    let done = 0;
-    while (done < want) {
-      const { bytesRead } = await this.fh.read(buf, done, want - done, offset + done);
-      if (bytesRead === 0) throw new QsyncError('SOURCE', `${this.path}: short read at ${offset + done} (file shrank?)`, { file: this.path, offset: offset + done });
-      done += bytesRead;
-    }
+    const done = await readUpTo(this.fh, buf.subarray(0, want), offset);
+    if (done < want) throw new QsyncError('SOURCE', `${this.path}: short read at ${offset + done} (file shrank?)`, { file: this.path, offset: offset + done });
     return done;
   }
 

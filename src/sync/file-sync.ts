@@ -6,13 +6,13 @@
  * blocks, the sink writes them, and the manifest is committed last.
  */
 import type { BigIntStats } from 'node:fs';
-import { rm, stat, utimes } from 'node:fs/promises';
+import { open, rm, stat, utimes, type FileHandle } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
 import type { HashPool, ScannedChunk } from '../hash/pool.js';
-import { LocalFileSink } from '../io/local-file.js';
+import { LocalFileSink, readUpTo } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
@@ -20,7 +20,6 @@ import { Fingerprinter, ManifestWriter, openManifest, type Manifest } from './ma
 import { emptyFingerprint } from './delta-apply.js';
 import { assessManifest, type Trust } from './trust.js';
 import { isLockedByOther } from './qemu-locks.js';
-import { open, type FileHandle } from 'node:fs/promises';
 
 export interface FileSyncOptions {
   blockSize: number;
@@ -91,7 +90,6 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   if (dstStat && opts.ignoreExisting) return undefined;
   if (dstStat && opts.update && dstStat.mtimeNs > srcStat.mtimeNs) return undefined;
 
-  const intentPath = intentPathFor(manifestPath);
   let manifest: Manifest | undefined;
   let trust: Trust = { trusted: false };
   if (dstStat) {
@@ -101,7 +99,7 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
       if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
       ctx.hooks.notice?.(`${e.message}; comparing source and target instead`, relPath);
     }
-    trust = assessManifest(manifest, await readIntent(intentPath), dstStat, opts.blockSize);
+    trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize);
     if (trust.reason) ctx.hooks.notice?.(`${trust.reason}${trust.trusted ? '' : '; comparing source and target'}`, relPath);
   }
 
@@ -236,8 +234,7 @@ async function hashTail(fh: FileHandle, from: number, to: number, blockSize: num
   const buf = Buffer.alloc(blockSize);
   for (let off = from; off < to; off += blockSize) {
     const len = Math.min(blockSize, to - off);
-    const { bytesRead } = await fh.read(buf, 0, len, off);
-    if (bytesRead !== len) throw new QsyncError('TARGET', `short read of the target at ${off}`, { offset: off });
+    if ((await readUpTo(fh, buf.subarray(0, len), off)) !== len) throw new QsyncError('TARGET', `short read of the target at ${off}`, { offset: off });
     fp.append(digestOf(buf.subarray(0, len)));
   }
 }

@@ -3,12 +3,12 @@
  * (streamed, flat memory), and writing a new one atomically (temp file,
  * fsync, rename, fsync dir) once the target's data is durable.
  */
-import { blake3 } from '@napi-rs/blake-hash';
 import { mkdir, open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { newHasher } from '../hash/blake3.js';
+import { readUpTo } from '../io/local-file.js';
+import { digestOf, newHasher } from '../hash/blake3.js';
 import {
   decodeManifestHeader,
   encodeManifestHeader,
@@ -16,6 +16,7 @@ import {
   manifestBlockCount,
   MANIFEST_DIGEST_LEN,
   MANIFEST_HEADER_LEN,
+  MANIFEST_TRAILER_LEN,
   type ManifestHeader,
 } from '../core/manifest.js';
 
@@ -42,13 +43,12 @@ const READ_CHUNK = 1 << 20;
 const WINDOW_BLOCKS = 2048;
 
 async function readExactly(fh: FileHandle, buf: Buffer, position: number, file: string): Promise<void> {
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesRead } = await fh.read(buf, done, buf.length - done, position + done);
-    if (bytesRead === 0) throw new QsyncError('FORMAT', `manifest ${file} is truncated at byte ${position + done}`, { file });
-    done += bytesRead;
-  }
+  const done = await readUpTo(fh, buf, position);
+  if (done < buf.length) throw new QsyncError('FORMAT', `manifest ${file} is truncated at byte ${position + done}`, { file });
 }
+
+/** The manifest's checksum: over its header and the fingerprint of its digests (docs/FORMATS.md). */
+const checksumOf = (header: Buffer, fingerprint: Buffer): Buffer => digestOf(Buffer.concat([header, fingerprint]));
 
 /**
  * Open and fully verify a manifest. Returns undefined when there is none;
@@ -76,10 +76,10 @@ export async function openManifest(path: string): Promise<Manifest | undefined> 
       await readExactly(fh, part, MANIFEST_HEADER_LEN + off, path);
       fp.append(part);
     }
-    const trailer = Buffer.alloc(64);
+    const trailer = Buffer.alloc(MANIFEST_TRAILER_LEN);
     await readExactly(fh, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN, path);
     const fingerprint = fp.digest();
-    const checksum = blake3(Buffer.concat([head, fingerprint]));
+    const checksum = checksumOf(head, fingerprint);
     const win = { first: 0, count: 0, buf: Buffer.alloc(0) };
     let queue: Promise<unknown> = Promise.resolve();
     // Scans read in order: fetch a window of digests ahead, one read per WINDOW_BLOCKS blocks.
@@ -141,11 +141,9 @@ const MAX_PATCHES = 32768;
  *   over the old one (first runs, resizes, runs that changed many blocks);
  * - with a trusted `base` of the same geometry, only the changed digests are
  *   kept (bounded) and patched into the old file at commit, with the new
- *   header and trailer: a run that changed 1% of a disk writes 1% of its
- *   manifest. A crash mid-patch leaves a file whose checksum fails: the next
- *   run compares source and target instead (slower, never wrong). Too many
- *   changes switch to a whole new manifest, built from the base plus the
- *   patches so far.
+ *   header and trailer, through a journal (patchInPlace): a run that changed
+ *   1% of a disk writes 1% of its manifest. Too many changes switch to a
+ *   whole new manifest, built from the base plus the patches so far.
  */
 export class ManifestWriter {
   private readonly fp: Fingerprinter;
@@ -238,7 +236,7 @@ export class ManifestWriter {
     const count = manifestBlockCount({ blockSize: this.blockSize, targetSize: this.targetSize });
     if (this.blocks !== count) throw new Error(`internal: manifest got ${this.blocks} digests, expected ${count}`);
     const fingerprint = this.fp.digest();
-    const checksum = blake3(Buffer.concat([header, fingerprint]));
+    const checksum = checksumOf(header, fingerprint);
     const trailer = Buffer.concat([fingerprint, checksum]);
     if (this.patches) {
       await this.patchInPlace(header, trailer, count);
@@ -246,7 +244,7 @@ export class ManifestWriter {
     }
     await this.flush();
     await this.fh!.write(header, 0, header.length, 0);
-    await this.fh!.write(trailer, 0, 64, MANIFEST_HEADER_LEN + this.written);
+    await this.fh!.write(trailer, 0, trailer.length, MANIFEST_HEADER_LEN + this.written);
     await this.fh!.sync();
     await this.fh!.close();
     await rm(journalPathFor(this.path), { force: true });
@@ -310,7 +308,7 @@ export function encodeJournal(index: readonly number[], digests: Buffer, header:
     b.writeBigUInt64LE(BigInt(n), at);
     digests.copy(b, at + 8, i * MANIFEST_DIGEST_LEN, (i + 1) * MANIFEST_DIGEST_LEN);
   });
-  blake3(b.subarray(0, b.length - 32)).copy(b, b.length - 32);
+  digestOf(b.subarray(0, b.length - 32)).copy(b, b.length - 32);
   return b;
 }
 
@@ -351,7 +349,7 @@ async function replayJournal(path: string): Promise<void> {
     j.readUInt32LE(8) === 1 &&
     j.readUInt32LE(12) <= MAX_PATCHES &&
     j.length === JOURNAL_HEAD + j.readUInt32LE(12) * JOURNAL_ENTRY + 32 &&
-    blake3(j.subarray(0, j.length - 32)).equals(j.subarray(j.length - 32));
+    digestOf(j.subarray(0, j.length - 32)).equals(j.subarray(j.length - 32));
   if (whole) await applyJournal(path, j).catch((e) => {
     if (errnoOf(e) !== 'ENOENT') throw e; // the manifest itself is gone: nothing to finish
   });

@@ -8,10 +8,10 @@ import type { BigIntStats } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 
 export interface Transfer {
-  /** The source operand as typed. */
+  /** The source operand as typed: what is copied. */
   operand: string;
-  /** What is copied: the source path. */
-  source: string;
+  /** Its stat (followed through a symlink for `link/`, as rsync does). */
+  stat: BigIntStats;
   /** Where it lands, relative to the destination root ('' = the root itself). */
   destRel: string;
 }
@@ -30,14 +30,14 @@ export function planOperands(sources: { operand: string; stat: BigIntStats }[], 
   const single = sources.length === 1 && !sources[0].stat.isDirectory();
   if (single && !dest.endsWith('/') && !destStat?.isDirectory()) {
     const abs = resolve(dest);
-    return { destRoot: dirname(abs), destIsDir: false, transfers: [{ operand: sources[0].operand, source: sources[0].operand, destRel: basename(abs) }] };
+    return { destRoot: dirname(abs), destIsDir: false, transfers: [{ ...sources[0], destRel: basename(abs) }] };
   }
   return {
     destRoot: resolve(dest),
     destIsDir: true,
     transfers: sources.map(({ operand, stat }) => ({
       operand,
-      source: operand,
+      stat,
       destRel: stat.isDirectory() && (operand.endsWith('/') || basename(operand) === '.') ? '' : basename(resolve(operand)),
     })),
   };

@@ -4,11 +4,11 @@
  * in /proc/locks and refuses it, pointing to image mode.
  */
 import { readFile } from 'node:fs/promises';
+import { majorMinor } from '../io/dev-numbers.js';
 
 /** The "MAJ:MIN:INODE" key /proc/locks uses (major/minor in hex). */
 function lockKey(dev: number, ino: number | bigint): string {
-  const major = ((dev >> 8) & 0xfff) | (Math.floor(dev / 2 ** 32) & ~0xfff);
-  const minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+  const [major, minor] = majorMinor(dev);
   const hex = (n: number) => n.toString(16).padStart(2, '0');
   return `${hex(major)}:${hex(minor)}:${ino}`;
 }

@@ -12,7 +12,9 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
-import { manifestPathFor, STATE_DIR } from './manifest-store.js';
+import { majorMinor } from '../io/dev-numbers.js';
+import { intentPathFor } from './intent.js';
+import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan } from './operands.js';
 
 export interface TreeOptions extends FileSyncOptions {
@@ -91,14 +93,7 @@ export class TreeSync {
 
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
-    for (const t of this.plan.transfers) {
-      const st = await lstatOrUndefined(t.source);
-      if (!st) {
-        this.fail(new QsyncError('SOURCE', `source ${t.operand} does not exist (link_stat failed)`, { file: t.operand }), t.operand);
-        continue;
-      }
-      await this.entry(t.source, st, t.destRel, st.dev);
-    }
+    for (const t of this.plan.transfers) await this.entry(t.operand, t.stat, t.destRel, t.stat.dev);
     for (const d of this.dirFixups.reverse()) await this.fixDir(d.src, d.dst, d.created);
     this.stats.elapsedMs = performance.now() - t0;
     return { stats: this.stats, partial: this.partial, vanished: this.vanished };
@@ -176,7 +171,7 @@ export class TreeSync {
       this.stats.created++;
     }
     const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, local: true, size: 0 });
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
     if (!this.noWrite) this.dirFixups.push({ src: st, dst, created: !cur });
     // rsync -x: a mount point is created, its contents are not copied.
     if (this.opts.oneFileSystem && st.dev !== rootDev) return;
@@ -222,8 +217,7 @@ export class TreeSync {
 
   private async forgetManifest(rel: string): Promise<void> {
     const m = manifestPathFor(this.plan.destRoot, rel);
-    await rm(m, { force: true });
-    await rm(`${m}.intent`, { force: true });
+    for (const p of [m, intentPathFor(m), journalPathFor(m)]) await rm(p, { force: true });
   }
 
   private async file(src: string, st: BigIntStats, rel: string, dst: string): Promise<void> {
@@ -252,8 +246,8 @@ export class TreeSync {
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
     const changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
-    if (!this.noWrite) await this.applyMeta(dst, st, !cur, false);
-    this.report({ path: rel, kind: 'file', created: !cur, changes, local: false, size: Number(st.size), result: r });
+    if (!this.noWrite) await this.applyMeta(dst, st, !cur);
+    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: r });
   }
 
   private async symlink(src: string, st: BigIntStats, rel: string, dst: string): Promise<void> {
@@ -261,17 +255,17 @@ export class TreeSync {
     const cur = await this.clearOtherType(dst, 'symlink');
     if (cur && (await readlink(dst)) === target) {
       const changes = this.metaChanges(st, cur);
-      if (!this.noWrite) await this.applyMeta(dst, st, false, true);
-      this.report({ path: rel, kind: 'symlink', created: false, changes, local: true, size: 0 });
+      if (!this.noWrite) await this.applyMeta(dst, st, false);
+      this.report({ path: rel, kind: 'symlink', created: false, changes, size: 0 });
       return;
     }
     if (!this.noWrite) {
       if (cur) await unlink(dst);
       await symlink(target, dst);
-      await this.applyMeta(dst, st, true, true);
+      await this.applyMeta(dst, st, true);
     }
     if (!cur) this.stats.created++;
-    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur ? 'c' : undefined, local: true, size: 0 });
+    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur ? 'c' : undefined, size: 0 });
   }
 
   private async special(st: BigIntStats, rel: string, dst: string): Promise<void> {
@@ -283,15 +277,13 @@ export class TreeSync {
       if (st.isFIFO()) await run('mkfifo', [dst]);
       else if (st.isSocket()) throw new QsyncError('UNSUPPORTED', `cannot recreate socket ${rel}`, { file: rel });
       else {
-        const rdev = Number(st.rdev);
-        const major = (rdev >> 8) & 0xfff;
-        const minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
+        const [major, minor] = majorMinor(Number(st.rdev));
         await run('mknod', [dst, st.isBlockDevice() ? 'b' : 'c', String(major), String(minor)]);
       }
     }
     if (!cur) this.stats.created++;
-    if (!this.noWrite) await this.applyMeta(dst, st, !cur, false);
-    this.report({ path: rel, kind, created: !cur, changes: cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined, local: true, size: 0 });
+    if (!this.noWrite) await this.applyMeta(dst, st, !cur);
+    this.report({ path: rel, kind, created: !cur, changes: cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined, size: 0 });
   }
 
   /** rsync's itemize attribute letters (positions c s t p o g) for an existing entry. */
@@ -308,7 +300,7 @@ export class TreeSync {
     return `${c}${s}${t}${p}${ow}${g}`;
   }
 
-  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; local: boolean; size: number; result?: FileSyncResult }): void {
+  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; result?: FileSyncResult }): void {
     const y = r.kind === 'file' ? (r.result?.transferred ? '>' : '.') : r.created || r.changes?.startsWith('c') ? 'c' : '.';
     const rest = r.created ? '+++++++++' : `${(r.changes ?? '......').padEnd(6, '.')}...`;
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
@@ -326,8 +318,9 @@ export class TreeSync {
   }
 
   /** Owner, group, mode, and the times of links and directories. */
-  private async applyMeta(dst: string, st: BigIntStats, created: boolean, isLink: boolean): Promise<void> {
+  private async applyMeta(dst: string, st: BigIntStats, created: boolean): Promise<void> {
     const o = this.opts;
+    const isLink = st.isSymbolicLink();
     if ((o.owner || o.group) && process.getuid?.() === 0) {
       await lchown(dst, o.owner ? Number(st.uid) : -1, o.group ? Number(st.gid) : -1);
     }
@@ -342,7 +335,7 @@ export class TreeSync {
 
   private async fixDir(src: BigIntStats, dst: string, created: boolean): Promise<void> {
     try {
-      await this.applyMeta(dst, src, created, false);
+      await this.applyMeta(dst, src, created);
     } catch (e) {
       this.fail(e, dst);
     }
