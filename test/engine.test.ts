@@ -300,7 +300,9 @@ describe('bad input', () => {
       return ctx.skip('cannot mount a tmpfs here (needs root)');
     }
     try {
-      const r = await runQsync(['-a', join(dir, 'one.img'), `${ro}/`]);
+      const src = join(dir, 'ro-src.img');
+      randomFile(src, 64 * 1024);
+      const r = await runQsync(['-a', src, `${ro}/`]);
       expect(r.code).toBe(11);
       expect(r.stderr).toContain(ro);
     } finally {
