@@ -33,7 +33,7 @@ export function runQsync(args: string[], opts: { measureIo?: boolean; env?: Node
   cmd.stdio[3]?.on('data', (d) => (io += d));
   return new Promise((resolve) => {
     cmd.on('close', (code, signal) => {
-      const field = (k: string) => Number(/^(\w+): (\d+)$/m.test(io) ? io.match(new RegExp(`^${k}: (\\d+)$`, 'm'))?.[1] : NaN);
+      const field = (k: string) => Number(io.match(new RegExp(`^${k}: (\\d+)$`, 'm'))?.[1] ?? NaN);
       resolve({ code, signal, stdout, stderr, io: opts.measureIo ? { rchar: field('rchar'), wchar: field('wchar') } : undefined });
     });
   });
