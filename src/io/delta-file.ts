@@ -81,10 +81,6 @@ export class DeltaFileWriter {
     }
   }
 
-  get inMember(): boolean {
-    return this.member !== undefined;
-  }
-
   beginMember(start: DeltaMemberStart): void {
     if (this.member) throw new Error('beginMember: previous member not ended');
     const header: DeltaHeader = {

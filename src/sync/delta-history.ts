@@ -31,7 +31,7 @@ export interface HistoryPoint {
 }
 
 /** Delta files in DIR, newest first. */
-export async function historyFiles(dir: string): Promise<string[]> {
+async function historyFiles(dir: string): Promise<string[]> {
   const names = await readdir(dir).catch((e) => {
     if (errnoOf(e) === 'ENOENT') throw new QsyncError('USAGE', `backup dir ${dir} does not exist`, { file: dir });
     throw e;
@@ -55,7 +55,7 @@ export async function listPoints(dir: string, target: string): Promise<HistoryPo
 }
 
 /** `N` (a point number) or a time (anything Date parses): the points to walk back through. */
-export function pointsFor(points: HistoryPoint[], at: string): HistoryPoint[] {
+function pointsFor(points: HistoryPoint[], at: string): HistoryPoint[] {
   if (/^\d+$/.test(at)) {
     const n = Number(at);
     if (n > points.length) throw new QsyncError('USAGE', `there are ${points.length} points in time; --at ${at} is older`);
