@@ -19,6 +19,7 @@ import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
+import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { LocalFileSink } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
@@ -314,7 +315,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
 
     let reason = c.reason;
     const s = {
-      name: drive.name, node: drive.node, target: c.target, size, dirty: reason ? size : dirty,
+      name: drive.name, node: drive.node, target: c.target, size, dirty,
       read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, elapsedMs: 0,
     };
     if (nbd.canMultiConn) {
@@ -376,7 +377,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
       const compare = !manifest && c.tStat;
       const maxRun = Math.max(1, Math.floor(Math.min(MAX_READ, nbd.blockSizes.maximum) / bs));
       // Delta sinks take one write at a time.
-      const pipe = new CopyPipeline(bs, size, kind, maxRun, sink, !!c.wrapSink, manifest, writer, intent);
+      const pipe = new CopyPipeline(bs, size, kind, oldBlocks, sink, !!c.wrapSink, manifest, writer, intent);
 
       /** Runs of wanted blocks, in order: same kind (data or zero), within one piece, at most one read long. */
       let planned = 0;
@@ -474,7 +475,8 @@ class CopyPipeline {
   #pieceIndex = -1;
   /** Blocks of the current piece whose digest differs from the manifest's. */
   #pieceChanged: number[] = [];
-  readonly #runDigests: Buffer;
+  /** New digests of the run being taken (a run never spans two pieces). */
+  readonly #runDigests = Buffer.alloc(PIECE * DIGEST_LEN);
   /** Changed stretches to write: data, or zeros (a hole) when `data` is undefined. */
   #batch: { off: number; len: number; data?: Buffer }[] = [];
   #batchBlocks: number[] = [];
@@ -488,16 +490,15 @@ class CopyPipeline {
     private readonly bs: number,
     private readonly size: number,
     private readonly kind: Uint8Array,
-    maxRun: number,
+    /** Blocks of the old target (the manifest's, or the file's). */
+    private readonly oldBlocks: number,
     private readonly sink: BlockSink,
     /** One write at a time, in order (delta sinks). */
     private readonly serial: boolean,
     private readonly manifest: Manifest | undefined,
     private readonly writer: ManifestWriter,
     private readonly intent: IntentWriter | undefined,
-  ) {
-    this.#runDigests = Buffer.alloc(maxRun * DIGEST_LEN);
-  }
+  ) {}
 
   #pieceLen(p: number): number {
     return Math.min(PIECE, this.kind.length - p * PIECE);
@@ -518,34 +519,42 @@ class CopyPipeline {
   }
 
   async take(r: BlockRun, s: Counts): Promise<void> {
-    const { bs, size } = this;
+    const { bs, size, manifest } = this;
     await this.#seek(Math.floor(r.first / PIECE));
     const at = r.first - this.#pieceIndex * PIECE;
-    if (r.src) hashBlocksInto(r.src, bs, this.#runDigests);
-    let from = -1; // first block of the changed stretch being collected
-    let fromZero = false;
-    for (let i = 0; i < r.count; i++) {
-      const b = r.first + i;
-      const len = Math.min(bs, size - b * bs);
-      const zd = zeroDigest(len);
-      const d = r.src ? this.#runDigests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN) : zd;
-      const od = this.#piece.subarray((at + i) * DIGEST_LEN, (at + i + 1) * DIGEST_LEN);
-      const zero = !r.src || d.equals(zd);
-      let differs: boolean;
-      if (this.manifest) differs = (this.kind[b]! & SUSPECT) !== 0 || !od.equals(d);
-      else if (r.old) differs = !r.old.subarray(i * bs, i * bs + len).equals(zero ? zeroDigestBlock(len) : r.src!.subarray(i * bs, i * bs + len));
-      else differs = !zero; // new or grown area: already a hole
-      if (this.manifest && !od.equals(d)) this.#pieceChanged.push(b);
-      d.copy(od);
-      if (zero) s.zero += len;
-      else if (!differs) s.unchanged += len;
-      if (from >= 0 && (!differs || zero !== fromZero)) {
-        await this.#changed(r, from, i, fromZero, s);
-        from = -1;
+    const blockLen = (i: number): number => Math.min(bs, size - (r.first + i) * bs);
+    const digests = this.#runDigests.subarray(0, r.count * DIGEST_LEN);
+    if (r.src) hashBlocksInto(r.src, bs, digests);
+    else for (let i = 0; i < r.count; i++) zeroDigest(blockLen(i)).copy(digests, i * DIGEST_LEN);
+    const old = this.#piece.subarray(at * DIGEST_LEN, (at + r.count) * DIGEST_LEN);
+    // Without a manifest: compare with the old target's bytes where there are any; elsewhere the target is already a hole.
+    let differs: Uint8Array | undefined;
+    if (!manifest && r.old) {
+      differs = new Uint8Array(r.count);
+      for (let i = 0; i < r.count; i++) {
+        const [from, len] = [i * bs, blockLen(i)];
+        differs[i] = r.old.subarray(from, from + len).equals(r.src ? r.src.subarray(from, from + len) : zeroBlock(len)) ? 0 : 1;
       }
-      if (differs && from < 0) [from, fromZero] = [i, zero];
     }
-    if (from >= 0) await this.#changed(r, from, r.count, fromZero, s);
+    const { changed, runs } = planChunk({
+      first: r.first, digests, size, blockSize: bs,
+      mode: manifest ? 'manifest' : differs ? 'compare' : 'rewrite',
+      old, oldBlocks: this.oldBlocks, differs,
+      suspect: (b) => (this.kind[b]! & SUSPECT) !== 0,
+      // Zeros that differ become holes (punched at commit), except where the target is already one.
+      holeFrom: manifest || differs ? Infinity : 0,
+      zeroDigest,
+    });
+    for (let i = 0, k = 0; i < r.count; i++) {
+      const b = r.first + i;
+      const d = digests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN);
+      while (k < changed.length && changed[k]! < b) k++;
+      if (d.equals(zeroDigest(blockLen(i)))) s.zero += blockLen(i);
+      else if (changed[k] !== b) s.unchanged += blockLen(i);
+      if (manifest && !d.equals(old.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN))) this.#pieceChanged.push(b);
+    }
+    digests.copy(old);
+    for (const w of runs) await this.#changed(r, w.first - r.first, w.first - r.first + w.count, w.zero, s);
   }
 
   /** Blocks [from, to) of run `r` changed: zeros (a hole), or data to write. */
@@ -601,7 +610,7 @@ class CopyPipeline {
 }
 
 const zeroBlocks = new Map<number, Buffer>();
-function zeroDigestBlock(len: number): Buffer {
+function zeroBlock(len: number): Buffer {
   let z = zeroBlocks.get(len);
   if (!z) zeroBlocks.set(len, (z = Buffer.alloc(len)));
   return z;
