@@ -19,7 +19,7 @@ import { openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary 
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { Fingerprinter, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
+import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 import { assessManifest } from './trust.js';
 
@@ -38,9 +38,6 @@ export interface AppliedMember {
 export interface ApplyHooks {
   notice?(message: string, target?: string): void;
 }
-
-/** Fingerprint of an empty file: the base of a delta made for a target that did not exist. */
-export const emptyFingerprint = (blockSize: number): Buffer => new Fingerprinter(blockSize, 0).digest();
 
 interface MemberPlan {
   summary: DeltaMemberSummary;

@@ -16,8 +16,7 @@ import { LocalFileSink, readUpTo } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
-import { Fingerprinter, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
-import { emptyFingerprint } from './delta-apply.js';
+import { emptyFingerprint, Fingerprinter, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
 import { assessManifest, type Trust } from './trust.js';
 import { isLockedByOther } from './qemu-locks.js';
 

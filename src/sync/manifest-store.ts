@@ -132,6 +132,9 @@ export class Fingerprinter {
   }
 }
 
+/** Fingerprint of an empty file: the base of a delta made for a target that did not exist. */
+export const emptyFingerprint = (blockSize: number): Buffer => new Fingerprinter(blockSize, 0).digest();
+
 /** Beyond this many changed blocks a run writes a whole new manifest instead of patching (1 MiB of digests). */
 const MAX_PATCHES = 32768;
 
