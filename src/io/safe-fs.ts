@@ -1,0 +1,275 @@
+/**
+ * File system access that trusts no path between check and use: qsync runs
+ * as root over trees that other users own, and any of them may swap a name
+ * for a symlink while it runs.
+ *
+ * Linux has openat(2) and friends; Node does not. The same guarantee comes
+ * from holding a directory open (O_DIRECTORY|O_NOFOLLOW) and reaching its
+ * entries through `/proc/self/fd/N/NAME`: the kernel resolves the held
+ * directory by its descriptor, then looks NAME up in it, and the calls used
+ * on such a path never follow NAME itself when it is a symlink (open with
+ * O_NOFOLLOW, lstat, lchown, lutimes, mkdir, symlink, unlink, rmdir,
+ * rename). Metadata of the entry itself is changed through a descriptor of
+ * it: an O_PATH|O_NOFOLLOW descriptor and `/proc/self/fd/M` (the idiom glibc
+ * uses for fchmodat(AT_SYMLINK_NOFOLLOW)), so chmod, chown and utimes reach
+ * exactly the inode that was checked. docs/RELIABILITY.md has the promises
+ * built on this.
+ */
+import { constants, type BigIntStats } from 'node:fs';
+import { chmod, chown, lchown, lstat, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { errnoOf, QsyncError } from '../core/errors.js';
+
+/** Linux's O_PATH (the same value on x86-64 and arm64); node:fs does not export it. */
+export const O_PATH = 0o10000000;
+const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW, O_NONBLOCK, O_CREAT, O_EXCL } = constants;
+
+/** lstat a path; undefined when nothing is there. */
+export async function lstatOrUndefined(path: string): Promise<BigIntStats | undefined> {
+  try {
+    return await lstat(path, { bigint: true });
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') return undefined;
+    throw e;
+  }
+}
+
+const typeName = (s: BigIntStats): string =>
+  s.isFile() ? 'a regular file' : s.isDirectory() ? 'a directory' : s.isSymbolicLink() ? 'a symlink' : s.isFIFO() ? 'a FIFO' : s.isSocket() ? 'a socket' : 'a device';
+
+/** A name inside one directory: no slash, not `.` or `..`, not empty. */
+export function checkName(name: string): string {
+  if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
+    throw new QsyncError('USAGE', `internal: ${JSON.stringify(name)} is not a single path component`);
+  }
+  return name;
+}
+
+/** A directory held open by descriptor; every entry is reached relative to it. */
+export class Dir {
+  private constructor(
+    private readonly fh: FileHandle,
+    /** For messages only: never used to reach the directory again. */
+    readonly path: string,
+  ) {}
+
+  /**
+   * Open a directory by path. `follow` (the default) lets the last component
+   * be a symlink, as a DEST operand given by the user may be; without it a
+   * symlink is refused (ELOOP/ENOTDIR).
+   */
+  static async open(path: string, opts: { follow?: boolean } = {}): Promise<Dir> {
+    const flags = O_RDONLY | O_DIRECTORY | (opts.follow === false ? O_NOFOLLOW : 0);
+    return new Dir(await open(path, flags), path);
+  }
+
+  get fd(): number {
+    return this.fh.fd;
+  }
+
+  /** The path that reaches `name` inside this directory without trusting any other path. */
+  at(name: string): string {
+    return `/proc/self/fd/${this.fh.fd}/${checkName(name)}`;
+  }
+
+  /** This directory itself, by descriptor. */
+  get self(): string {
+    return `/proc/self/fd/${this.fh.fd}`;
+  }
+
+  /** Open a subdirectory; a symlink in its place is refused. */
+  async openDir(name: string): Promise<Dir> {
+    return new Dir(await open(this.at(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), `${this.path}/${name}`);
+  }
+
+  /** Open a chain of subdirectories (`a/b/c`), none of which may be a symlink. */
+  async openBeneath(rel: string): Promise<Dir> {
+    const parts = rel.split('/').filter((p) => p && p !== '.');
+    let d: Dir = this;
+    for (const p of parts) {
+      const next = await d.openDir(p);
+      if (d !== this) await d.close();
+      d = next;
+    }
+    return d === this ? this.dup() : d;
+  }
+
+  /** A second handle on the same directory (closed independently). */
+  async dup(): Promise<Dir> {
+    return new Dir(await open(this.self, O_RDONLY | O_DIRECTORY), this.path);
+  }
+
+  /** Open `name` as a regular file, never through a symlink, never blocking on a FIFO. */
+  async openFile(name: string, flags: number, mode = 0o600): Promise<FileHandle> {
+    return openRegular(this.at(name), flags, mode, `${this.path}/${name}`);
+  }
+
+  /** Create `name` (O_EXCL: never an existing file, never a symlink's target) with `mode`. */
+  createFile(name: string, mode: number, flags = constants.O_RDWR): Promise<FileHandle> {
+    return this.openFile(name, flags | O_CREAT | O_EXCL, mode);
+  }
+
+  /** Create a file with a fresh unpredictable name beside `name`; returns it and its name. */
+  async createTemp(name: string, mode: number): Promise<{ fh: FileHandle; name: string }> {
+    for (;;) {
+      const tmp = `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
+      try {
+        return { fh: await this.createFile(tmp, mode), name: tmp };
+      } catch (e) {
+        if (errnoOf(e) !== 'EEXIST') throw e;
+      }
+    }
+  }
+
+  lstat(name: string): Promise<BigIntStats> {
+    return lstat(this.at(name), { bigint: true });
+  }
+
+  lstatOrUndefined(name: string): Promise<BigIntStats | undefined> {
+    return lstatOrUndefined(this.at(name));
+  }
+
+  stat(): Promise<BigIntStats> {
+    return this.fh.stat({ bigint: true });
+  }
+
+  readdir(): Promise<string[]> {
+    return readdir(this.self);
+  }
+
+  /** Entry names as raw bytes (names need not be UTF-8). */
+  readdirRaw(): Promise<Buffer[]> {
+    return readdir(this.self, { encoding: 'buffer' });
+  }
+
+  async mkdir(name: string, mode: number): Promise<void> {
+    await mkdir(this.at(name), mode);
+  }
+
+  unlink(name: string): Promise<void> {
+    return unlink(this.at(name));
+  }
+
+  rmdir(name: string): Promise<void> {
+    return rmdir(this.at(name));
+  }
+
+  symlink(target: string, name: string): Promise<void> {
+    return symlink(target, this.at(name));
+  }
+
+  readlink(name: string): Promise<string> {
+    return readlink(this.at(name));
+  }
+
+  /** rename(2) from this directory to `to` (which may be this one): neither name is followed. */
+  rename(from: string, to: Dir, toName: string): Promise<void> {
+    return rename(this.at(from), to.at(toName));
+  }
+
+  /** Owner and group of `name` itself (a symlink's own, never its target's). */
+  lchown(name: string, uid: number, gid: number): Promise<void> {
+    return lchown(this.at(name), uid, gid);
+  }
+
+  /** Times of `name` itself (a symlink's own, never its target's). */
+  lutimes(name: string, atime: number, mtime: number): Promise<void> {
+    return lutimes(this.at(name), atime, mtime);
+  }
+
+  /** fsync the directory, so that names created or renamed in it are durable. */
+  sync(): Promise<void> {
+    return this.fh.sync();
+  }
+
+  /** Metadata of the directory itself, through its descriptor. */
+  setMeta(m: MetaChange): Promise<void> {
+    return setMetaByFd(this.fh.fd, m);
+  }
+
+  close(): Promise<void> {
+    return this.fh.close();
+  }
+}
+
+/** What to change of an inode; undefined fields are left alone (-1 ids: unchanged). */
+export interface MetaChange {
+  mode?: number;
+  uid?: number;
+  gid?: number;
+  /** Seconds, as utimes takes them. */
+  atime?: number;
+  mtime?: number;
+}
+
+/**
+ * chown, chmod and utimes of the inode behind an open descriptor (any kind:
+ * O_PATH included) through `/proc/self/fd/N`, which reaches that inode and
+ * no other. Order: owner first (chown clears set-id bits), then mode, then times.
+ */
+export async function setMetaByFd(fd: number, m: MetaChange): Promise<void> {
+  const p = `/proc/self/fd/${fd}`;
+  if (m.uid !== undefined || m.gid !== undefined) await chown(p, m.uid ?? -1, m.gid ?? -1);
+  if (m.mode !== undefined) await chmod(p, m.mode);
+  if (m.mtime !== undefined) await utimes(p, m.atime ?? m.mtime, m.mtime);
+}
+
+/**
+ * Change the metadata of `name` in `dir`, whatever its type, without
+ * following it: symlinks through lchown/lutimes (their mode cannot change),
+ * everything else through an O_PATH|O_NOFOLLOW descriptor checked to be of
+ * the type `expect` says (so a swapped entry is refused, not changed).
+ */
+export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, m: MetaChange): Promise<void> {
+  if (expect.isSymbolicLink()) {
+    const st = await dir.lstat(name);
+    if (!st.isSymbolicLink()) throw swapped(`${dir.path}/${name}`, expect, st);
+    if (m.uid !== undefined || m.gid !== undefined) await dir.lchown(name, m.uid ?? -1, m.gid ?? -1);
+    if (m.mtime !== undefined) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
+    return;
+  }
+  const fh = await open(dir.at(name), O_PATH | O_NOFOLLOW);
+  try {
+    const st = await fh.stat({ bigint: true });
+    if ((st.mode & 0o170000n) !== (expect.mode & 0o170000n)) throw swapped(`${dir.path}/${name}`, expect, st);
+    await setMetaByFd(fh.fd, m);
+  } finally {
+    await fh.close();
+  }
+}
+
+function swapped(path: string, want: BigIntStats, got: BigIntStats): QsyncError {
+  return new QsyncError('TARGET', `${path} changed while qsync worked on it: it is now ${typeName(got)}, not ${typeName(want)}; left alone`, { file: path });
+}
+
+/**
+ * open(2) a path that must name a regular file: O_NOFOLLOW (a symlink as
+ * the last component fails with ELOOP) and O_NONBLOCK (a FIFO put in its
+ * place does not hang the open), then fstat: anything but a regular file is
+ * closed and refused with a message naming what it is.
+ */
+export async function openRegular(path: string, flags: number, mode = 0o600, shown = path): Promise<FileHandle> {
+  let fh: FileHandle;
+  try {
+    fh = await open(path, flags | O_NOFOLLOW | O_NONBLOCK, mode);
+  } catch (e) {
+    if (errnoOf(e) === 'ELOOP') {
+      throw new QsyncError('IO', `${shown} is a symlink: qsync does not follow symlinks here; remove it`, { file: shown }, { cause: e });
+    }
+    throw e;
+  }
+  const st = await fh.stat({ bigint: true });
+  if (!st.isFile()) {
+    await fh.close();
+    throw new QsyncError('IO', `${shown} is ${typeName(st)}, not a regular file; remove it`, { file: shown });
+  }
+  return fh;
+}
+
+/** The parent directory and last name of an absolute or relative path. */
+export function splitPath(path: string): { dir: string; name: string } {
+  const trimmed = path.replace(/\/+$/, '') || '/';
+  const i = trimmed.lastIndexOf('/');
+  if (i < 0) return { dir: '.', name: trimmed };
+  return { dir: trimmed.slice(0, i) || '/', name: trimmed.slice(i + 1) };
+}
