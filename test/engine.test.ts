@@ -11,6 +11,9 @@ import { differingBytes, mutateBlocks, qcow2File, randomFile } from './helpers/d
 import { needTools } from './helpers/env.js';
 import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
 
+/** The intent record's fixed header (docs/FORMATS.md "Intent"); block indices follow it. */
+const INTENT_HEADER_LEN = 96;
+
 const MiB = 1 << 20;
 const SIZE = 256 * MiB;
 let dir: string;
@@ -175,7 +178,8 @@ describe('without a trustworthy manifest', () => {
 describe('kill -9 during a run', () => {
   let midWrite = 0;
   let resumed = 0;
-  it.each([30, 120, 250, 400, 700])('killed after %i ms, the next run converges to an identical target', async (ms) => {
+  // Fixed delays land anywhere; 'writing' waits until the intent lists blocks (the run is writing), whatever the machine's speed.
+  it.each([30, 120, 250, 400, 700, 'writing'] as const)('killed at %s (ms, or once writing), the next run converges to an identical target', async (ms) => {
     const s = join(dir, `kill.img`);
     const d = join(dir, `kill-dst`);
     if (!existsSync(s)) {
@@ -187,7 +191,13 @@ describe('kill -9 during a run', () => {
     bumpMtime(s);
     let pid = 0;
     const running = runQsync(['-a', s, `${d}/`], { onSpawn: (p) => (pid = p) });
-    await new Promise((r) => setTimeout(r, ms));
+    if (ms === 'writing') {
+      const intent = join(d, '.qsync', 'manifests', 'kill.img.qsm.intent');
+      const until = Date.now() + 30_000;
+      while (Date.now() < until && !((statSync(intent, { throwIfNoEntry: false })?.size ?? 0) > INTENT_HEADER_LEN)) {
+        await new Promise((r) => setTimeout(r, 2));
+      }
+    } else await new Promise((r) => setTimeout(r, ms));
     try {
       process.kill(pid, 'SIGKILL');
     } catch {
