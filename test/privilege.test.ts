@@ -9,12 +9,13 @@
  * more: the attacker waits for a sign that root is in the tree, then swaps
  * once, so each scenario runs the same way every time.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, existsSync, lchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { runQsync, sha256 } from './helpers/cli.js';
+import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { mutateBlocks, randomFile } from './helpers/data.js';
 
 const NOBODY = 65534;
 const BIG = 256 << 20;
@@ -285,5 +286,41 @@ describe('modes of a target while it is written', () => {
     expect(again.code, again.stderr).toBe(0);
     expect(modeOf(join(bk, 'big'))).toBe(0o600);
     expect(await sha256(join(bk, 'big'))).toBe(await sha256(join(src, 'big')));
+  });
+});
+
+describe('targets and trees of any shape', () => {
+  it('a target with other hard links (a cp -al snapshot) is not written through: the snapshot keeps the old data', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    randomFile(join(src, 'f'), 3 << 20);
+    const bk = join(base, 'bk');
+    expect((await runQsync(['-a', `${src}/`, `${bk}/`])).code).toBe(0);
+    const snap = join(base, 'snap');
+    execFileSync('cp', ['-al', bk, snap]);
+    const old = await sha256(join(snap, 'f'));
+    mutateBlocks(join(src, 'f'), 3 << 20, 0.1);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await sha256(join(snap, 'f'))).toBe(old);
+    expect(await sha256(join(bk, 'f'))).toBe(await sha256(join(src, 'f')));
+    expect(statSync(join(bk, 'f')).nlink).toBe(1);
+    // The copy is what the manifest now describes: the next run is a quick check.
+    const again = await runQsync(['-a', '--json', `${src}/`, `${bk}/`]);
+    expect(again.code).toBe(0);
+    expect(JSON.parse(again.stdout).files.find((f: { path: string }) => f.path === 'f').method).toBe('quick');
+  });
+
+  it('descriptors grow with the depth of the tree, not its width', async () => {
+    const src = join(base, 'src');
+    let deep = src;
+    for (let i = 0; i < 40; i++) deep = join(deep, `d${i}`);
+    mkdirSync(deep, { recursive: true });
+    for (let i = 0; i < 500; i++) writeFileSync(join(deep, `f${i}`), `${i}\n`);
+    const bk = join(base, 'bk');
+    // 128 descriptors: node's own (about 30) and two per level of 40; one per file of the 500 would not fit.
+    const r = spawnSync('sh', ['-c', 'ulimit -n 128; exec node "$@"', 'sh', QSYNC, '-a', `${src}/`, `${bk}/`], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(readdirSync(deep.replace(src, bk)).length).toBe(500);
   });
 });
