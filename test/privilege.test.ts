@@ -185,12 +185,18 @@ describe.skipIf(!asRoot)('paths root is given that pass through a folder a user 
     expectVictimUntouched();
   });
 
-  it('DEST/.qsync owned by another user is refused', async () => {
+  it('DEST/.qsync owned by another user, or writable by others, is refused', async () => {
     const { src, bk } = smallTree();
     userDir(join(bk, '.qsync'), 0o777);
     const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/\.qsync.*owned by uid 65534/);
+    expect(readdirSync(join(bk, '.qsync'))).toEqual([]);
+
+    chownSync(join(bk, '.qsync'), 0, 0);
+    const open = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(open.code).not.toBe(0);
+    expect(open.stderr).toMatch(/\.qsync.*writable by other users/);
     expect(readdirSync(join(bk, '.qsync'))).toEqual([]);
   });
 

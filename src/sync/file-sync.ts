@@ -150,13 +150,14 @@ async function openSource(job: FileJob): Promise<FileHandle> {
     fh = await srcDir.openFile(srcName, constants.O_RDONLY);
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') throw vanished(src, 'it is gone');
-    if (e instanceof QsyncError) throw vanished(src, `it was replaced: ${e.message}`);
+    // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
+    if (e instanceof QsyncError) throw vanished(src, 'something other than a regular file took its name while qsync worked; not read');
     throw new QsyncError('SOURCE', `cannot read ${src}: ${(e as Error).message}`, { file: src }, { cause: e });
   }
   const st = await fh.stat({ bigint: true });
   if (st.dev !== srcStat.dev || st.ino !== srcStat.ino) {
     await fh.close();
-    throw vanished(src, 'another file took its name while qsync worked');
+    throw vanished(src, 'another file took its name while qsync worked; not read');
   }
   return fh;
 }

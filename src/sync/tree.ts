@@ -65,9 +65,10 @@ const TYPE_CHAR: Record<Kind, string> = { file: 'f', dir: 'd', symlink: 'L', dev
 
 /**
  * Check the state folder at the destination root once, before anything is
- * written to it: it must be a real folder owned by the user running qsync
- * (a symlink or another user's folder would let that user steer root's
- * writes); a missing one is created 0700 (unless `create` is false: -n).
+ * written to it: it must be a real folder owned by the user running qsync,
+ * writable by no one else (a symlink or another user's folder would let
+ * that user steer root's writes); a missing one is created 0700 (unless
+ * `create` is false: -n).
  */
 export async function checkStateDir(dest: Dir, create: boolean): Promise<void> {
   const shown = `${dest.path.replace(/\/+$/, '')}/${STATE_DIR}`;
@@ -85,6 +86,7 @@ export async function checkStateDir(dest: Dir, create: boolean): Promise<void> {
   if (st.isSymbolicLink()) throw refuse('is a symlink');
   if (!st.isDirectory()) throw refuse('is not a folder');
   if (st.uid !== me) throw refuse(`is owned by uid ${st.uid}, not by uid ${me} who runs qsync`);
+  if (st.mode & 0o022n) throw refuse(`is writable by other users (mode ${(st.mode & 0o7777n).toString(8)})`);
 }
 
 /** A source the walk reaches: its folder (held) and name in it. */
