@@ -2,18 +2,18 @@
  * `qsync [OPTION]... SRC... DEST`: check the operands, take the destination
  * lock, run the tree sync, print, and turn the outcome into rsync's exit code.
  */
-import type { BigIntStats } from 'node:fs';
-import { readFileSync } from 'node:fs';
+import { constants as fsConstants, type BigIntStats } from 'node:fs';
 import { access, constants, lstat, mkdir, stat } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import { errnoOf, QsyncError } from '../core/errors.js';
-import { compileFilters, expandFilterFiles } from '../core/filter.js';
+import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
+import { Dir, resolveTrusted } from '../io/safe-fs.js';
 import { lockDestination } from '../sync/lock.js';
 import { STATE_DIR } from '../sync/manifest-store.js';
-import { planOperands } from '../sync/operands.js';
-import { TreeSync } from '../sync/tree.js';
+import { planOperands, type Plan } from '../sync/operands.js';
+import { checkStateDir, TreeSync } from '../sync/tree.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -33,6 +33,38 @@ async function statOrUndefined(p: string): Promise<BigIntStats | undefined> {
     if (errnoOf(e) === 'ENOENT') return undefined;
     throw e;
   }
+}
+
+/** At most this much of an --exclude-from/--include-from file is read. */
+const MAX_FILTER_FILE = 16 << 20;
+
+/**
+ * Read the filter files before anything else, each through resolveTrusted:
+ * a symlink on the way that another user owns is refused, as rsync refuses
+ * such files when it runs as root; the file itself is opened O_NOFOLLOW.
+ */
+async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string, string>> {
+  const texts = new Map<string, string>();
+  for (const rule of rules) {
+    if ('pattern' in rule || texts.has(rule.file)) continue;
+    const { dir, name } = await resolveTrusted(rule.file, true);
+    try {
+      const fh = await dir.openFile(name, fsConstants.O_RDONLY);
+      try {
+        const { size } = await fh.stat();
+        if (size > MAX_FILTER_FILE) throw new QsyncError('USAGE', `${rule.type} file ${rule.file} is ${size} bytes; at most ${MAX_FILTER_FILE} are read`, { file: rule.file });
+        texts.set(rule.file, await fh.readFile('utf8'));
+      } finally {
+        await fh.close();
+      }
+    } catch (e) {
+      if (e instanceof QsyncError) throw e;
+      throw new QsyncError('IO', `failed to open ${rule.type} file ${rule.file}: ${(e as Error).message}`, { file: rule.file }, { cause: e });
+    } finally {
+      await dir.close();
+    }
+  }
+  return texts;
 }
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
@@ -89,7 +121,8 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
     }
     if (!destStat) plan.destCreated = true;
     if (!destStat && !o.dryRun) {
-      await mkdir(plan.destRoot).catch((e) => {
+      // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
+      await mkdir(plan.destRoot, plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch((e) => {
         throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
       });
     }
@@ -103,19 +136,52 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
     throw new QsyncError('USAGE', '--manifest PATH needs exactly one source file', {});
   }
 
-  const rules = expandFilterFiles(o.filters, (f) => readFileSync(f, 'utf8'));
+  const filterTexts = await readFilterFiles(o.filters);
+  const rules = expandFilterFiles(o.filters, (f) => filterTexts.get(f)!);
+  // A batch file is created beside its name and renamed over it: its folder is resolved once, trusting no other user's symlink, and held.
+  const batchPath = o.writeBatch ?? o.onlyWriteBatch;
+  const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);
+  try {
+    return await syncAt(printer, pool, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o);
+  } finally {
+    await batchAt?.dir.close();
+  }
+}
+
+async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
+  // The destination root (a symlink the user gave as DEST is followed, as rsync does); everything below it is reached through it.
+  const destDir = plan.destCreated && o.dryRun ? undefined : await Dir.open(plan.destRoot).catch((e) => {
+    throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
+  });
+  try {
+    if (destDir) await checkStateDir(destDir, !o.dryRun);
+    return await syncInto(printer, pool, plan, destDir, batch, rules, missing, o);
+  } finally {
+    await destDir?.close();
+  }
+}
+
+/** `batch`: the --write-batch/--only-write-batch file, reached through its held folder. */
+async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
   const lock = o.dryRun ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
   // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
   if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
-  const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
+  let deltas: Awaited<ReturnType<typeof openRunDeltas>>;
+  try {
+    deltas = await openRunDeltas({ ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch }, Date.now());
+  } catch (e) {
+    await lock?.release();
+    throw e;
+  }
   try {
     const tree = new TreeSync(
       plan,
       { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly },
       compileFilters(rules),
       { pool, hooks: printer, wrapSink: deltas.wrapSink },
+      destDir,
     );
     const outcome = await tree.run();
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;

@@ -45,6 +45,11 @@ export class LocalFileSink implements BlockSink {
     return new LocalFileSink(await open(path, create ? 'w+' : 'r+'), path);
   }
 
+  /** A sink over a file the caller opened (safely: see src/io/safe-fs.ts); `path` is for messages. */
+  static of(fh: FileHandle, path: string): LocalFileSink {
+    return new LocalFileSink(fh, path);
+  }
+
   async write(offset: number, data: Buffer): Promise<void> {
     let done = 0;
     while (done < data.length) {

@@ -273,3 +273,91 @@ export function splitPath(path: string): { dir: string; name: string } {
   if (i < 0) return { dir: '.', name: trimmed };
   return { dir: trimmed.slice(0, i) || '/', name: trimmed.slice(i + 1) };
 }
+
+/**
+ * Remove `name` in `dir` and, when it is a directory, everything below it,
+ * walking by descriptors: each folder is opened O_NOFOLLOW through its
+ * parent, so a folder swapped for a symlink is unlinked, never followed.
+ * Holds one descriptor per level (the depth of the tree, not its width).
+ */
+export async function removeTreeAt(dir: Dir, name: string): Promise<void> {
+  let sub: Dir;
+  try {
+    sub = await dir.openDir(name);
+  } catch (e) {
+    const errno = errnoOf(e);
+    if (errno === 'ENOENT') return;
+    if (errno !== 'ENOTDIR' && errno !== 'ELOOP') throw e;
+    return dir.unlink(name).catch((u) => {
+      if (errnoOf(u) !== 'ENOENT') throw u;
+    });
+  }
+  try {
+    for (const n of await sub.readdir()) await removeTreeAt(sub, n);
+  } finally {
+    await sub.close();
+  }
+  await dir.rmdir(name).catch((e) => {
+    if (errnoOf(e) !== 'ENOENT') throw e;
+  });
+}
+
+/** At most this many symlinks are followed resolving one path (Linux's MAXSYMLINKS). */
+const MAX_LINKS = 40;
+
+/**
+ * Resolve a path root was given (an exclude file, a batch file) to its
+ * folder, held open, and its last name, one component at a time. A symlink
+ * on the way is followed only when root or the caller owns it (the owner of
+ * a symlink decides where it points), and only if it was not replaced while
+ * read; any other symlink is refused, so a user cannot point root's reads or
+ * writes into a folder of their choosing. `followLast`: a symlink as the last
+ * component is resolved too (to read through it); without it the last name
+ * is returned as is (to create or replace it, which never follows it).
+ */
+export async function resolveTrusted(path: string, followLast: boolean): Promise<{ dir: Dir; name: string }> {
+  const me = BigInt(process.getuid?.() ?? 0);
+  const parts = (p: string) => p.split('/').filter((s) => s && s !== '.').reverse();
+  const todo = parts(path);
+  let dir = await Dir.open(path.startsWith('/') ? '/' : '.');
+  let links = 0;
+  const moveTo = async (next: Dir) => {
+    await dir.close();
+    dir = next;
+  };
+  try {
+    for (;;) {
+      const name = todo.pop();
+      if (name === undefined) throw new QsyncError('USAGE', `${path} is a folder, not a file name`, { file: path });
+      if (name === '..') {
+        await moveTo(await Dir.open(`${dir.self}/..`));
+        continue;
+      }
+      const last = todo.length === 0;
+      const st = await dir.lstatOrUndefined(name);
+      if (st?.isSymbolicLink() && (followLast || !last)) {
+        const shown = `${dir.path}/${name}`.replace(/^\/+/, '/');
+        if (st.uid !== 0n && st.uid !== me) {
+          throw new QsyncError('USAGE', `${path}: ${shown} is a symlink owned by uid ${st.uid}; qsync (uid ${me}) follows only symlinks that root or uid ${me} own`, {
+            file: path,
+            hint: 'give the path it points to, if that is what you mean',
+          });
+        }
+        if (++links > MAX_LINKS) throw new QsyncError('USAGE', `${path}: too many levels of symlinks`, { file: path });
+        const target = await dir.readlink(name);
+        const again = await dir.lstat(name);
+        if (again.ino !== st.ino || again.ctimeNs !== st.ctimeNs) {
+          throw new QsyncError('USAGE', `${path}: ${shown} changed while qsync read it; left alone`, { file: path });
+        }
+        if (target.startsWith('/')) await moveTo(await Dir.open('/'));
+        todo.push(...parts(target));
+        continue;
+      }
+      if (last) return { dir, name };
+      await moveTo(await dir.openDir(name));
+    }
+  } catch (e) {
+    await dir.close();
+    throw e;
+  }
+}

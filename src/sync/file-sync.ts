@@ -5,14 +5,15 @@
  * (and, in compare mode, the target), the planner below picks the changed
  * blocks, the sink writes them, and the manifest is committed last.
  */
-import type { BigIntStats } from 'node:fs';
-import { open, rm, stat, utimes, type FileHandle } from 'node:fs/promises';
-import { QsyncError } from '../core/errors.js';
+import { constants, type BigIntStats } from 'node:fs';
+import { rm, type FileHandle } from 'node:fs/promises';
+import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
 import type { HashPool, ScannedChunk } from '../hash/pool.js';
 import { LocalFileSink, readUpTo } from '../io/local-file.js';
+import { setMetaByFd, type Dir, type MetaChange } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
@@ -67,11 +68,22 @@ const skipped = (method: SyncMethod): FileSyncResult => ({ method, transferred: 
 /** rsync's quick check when there is no usable manifest: same size and mtime. */
 const sameSizeAndTime = (a: BigIntStats, b: BigIntStats) => a.size === b.size && a.mtimeNs / 1000n === b.mtimeNs / 1000n;
 
-/** One regular file to bring up to date. */
+/**
+ * One regular file to bring up to date. Both sides are reached through the
+ * folders that hold them, by descriptor (src/io/safe-fs.ts): `src` and `dst`
+ * are for messages only.
+ */
 export interface FileJob {
   src: string;
   srcStat: BigIntStats;
+  srcDir: Dir;
+  srcName: string;
   dst: string;
+  /** Undefined only with -n when the target's folder does not exist yet. */
+  dstDir: Dir | undefined;
+  dstName: string;
+  /** Owner, mode and times the target gets once its data is written, through its descriptor. */
+  meta: MetaChange;
   /** Undefined when the target does not exist yet. */
   dstStat: BigIntStats | undefined;
   manifestPath: string;
@@ -124,6 +136,80 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   }
 }
 
+/** A source file changed between the listing and the open: it is skipped (rsync's "vanished", exit 24), never read. */
+const vanished = (src: string, why: string) => new QsyncError('SOURCE', `file has vanished: ${src} (${why})`, { file: src, vanished: true });
+
+/**
+ * Open the listed source through its folder: never through a symlink, never
+ * blocking on a FIFO, and only if it is still the inode that was listed.
+ */
+async function openSource(job: FileJob): Promise<FileHandle> {
+  const { src, srcStat, srcDir, srcName } = job;
+  let fh: FileHandle;
+  try {
+    fh = await srcDir.openFile(srcName, constants.O_RDONLY);
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') throw vanished(src, 'it is gone');
+    // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
+    if (e instanceof QsyncError) throw vanished(src, 'something other than a regular file took its name while qsync worked; not read');
+    throw new QsyncError('SOURCE', `cannot read ${src}: ${(e as Error).message}`, { file: src }, { cause: e });
+  }
+  const st = await fh.stat({ bigint: true });
+  if (st.dev !== srcStat.dev || st.ino !== srcStat.ino) {
+    await fh.close();
+    throw vanished(src, 'another file took its name while qsync worked; not read');
+  }
+  return fh;
+}
+
+/**
+ * The target, opened through its folder. A new target (or one with other
+ * hard links, which must not change) is written under an unpredictable
+ * temporary name, created no wider than 0600 and never wider than the
+ * source, and renamed into place once complete; an existing one is updated
+ * in place (the intent and manifest rely on that), after its mode is
+ * narrowed when the source's is narrower.
+ */
+async function openTarget(job: FileJob, detach: boolean): Promise<{ fh: FileHandle; tmp?: string }> {
+  const { srcStat, dstStat, dstDir, dstName, dst, meta } = job;
+  const dir = dstDir!;
+  if (!dstStat || detach) {
+    const { fh, name } = await dir.createTemp(dstName, Number(srcStat.mode & 0o600n));
+    try {
+      if (dstStat) await copyAll(await dir.openFile(dstName, constants.O_RDONLY), fh, Number(dstStat.size));
+    } catch (e) {
+      await fh.close();
+      await dir.unlink(name).catch(() => {});
+      throw e;
+    }
+    return { fh, tmp: name };
+  }
+  const fh = await dir.openFile(dstName, constants.O_RDWR);
+  const st = await fh.stat({ bigint: true });
+  if (st.ino !== dstStat.ino || st.dev !== dstStat.dev) {
+    await fh.close();
+    throw new QsyncError('TARGET', `${dst} was replaced while qsync worked on it; left alone`, { file: dst, hint: 'run again' });
+  }
+  const mode = Number(st.mode & 0o7777n);
+  if (meta.mode !== undefined && (mode & ~meta.mode) !== 0) await setMetaByFd(fh.fd, { mode: mode & meta.mode });
+  return { fh };
+}
+
+/** Copy `size` bytes of `from` (closed after) to the start of `to`. */
+async function copyAll(from: FileHandle, to: FileHandle, size: number): Promise<void> {
+  const buf = Buffer.alloc(Math.min(size, 1 << 20));
+  const out = LocalFileSink.of(to, '');
+  try {
+    for (let off = 0; off < size; off += buf.length) {
+      const n = await readUpTo(from, buf.subarray(0, Math.min(buf.length, size - off)), off);
+      await out.write(off, buf.subarray(0, n));
+      if (n < Math.min(buf.length, size - off)) break;
+    }
+  } finally {
+    await from.close();
+  }
+}
+
 async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | undefined, trust: Trust, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult> {
   const { src, srcStat, dst, dstStat, manifestPath, relPath } = job;
   const { blockSize } = opts;
@@ -131,21 +217,29 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   const oldSize = dstStat ? Number(dstStat.size) : 0;
   // --only-write-batch: the target is read at most (compare mode), never written.
   const touch = !opts.recordOnly;
+  // A target with other hard links (a `cp -al` snapshot) is copied and the copy updated: the other names keep the old data.
+  const detach = touch && dstStat !== undefined && dstStat.nlink > 1n;
   const base = trust.trusted ? manifest!.fingerprint : !dstStat ? emptyFingerprint(blockSize) : undefined;
   // A delta must name its base: without a trusted manifest, hash the old target while comparing.
   const baseFp = ctx.wrapSink && !base ? new Fingerprinter(blockSize, oldSize) : undefined;
   const readTarget = method === 'compare' || baseFp !== undefined;
 
-  const srcFh = await open(src, 'r').catch((e) => {
-    throw new QsyncError('SOURCE', `cannot read ${src}: ${(e as Error).message}`, { file: src }, { cause: e });
-  });
+  const srcFh = await openSource(job);
   let target: LocalFileSink | undefined;
   let targetFh: FileHandle | undefined;
+  let tmp: string | undefined;
   try {
-    if (touch) target = await LocalFileSink.open(dst, !dstStat);
-    targetFh = target?.fh ?? (readTarget ? await open(dst, 'r') : undefined);
+    if (touch) {
+      const t = await openTarget(job, detach);
+      tmp = t.tmp;
+      target = LocalFileSink.of(t.fh, dst);
+    }
+    targetFh = target?.fh ?? (readTarget ? await job.dstDir!.openFile(job.dstName, constants.O_RDONLY) : undefined);
   } catch (e) {
+    await target?.close();
+    if (tmp) await job.dstDir!.unlink(tmp).catch(() => {});
     await srcFh.close();
+    if (e instanceof QsyncError) throw e;
     throw new QsyncError('TARGET', `cannot ${touch ? 'write' : 'read'} ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
   const intentPath = intentPathFor(manifestPath);
@@ -169,6 +263,7 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   // where zeros are written only without -S (as rsync allocates them).
   const holeFrom = method !== 'new' ? oldBlocks : opts.sparse ? 0 : Infinity;
 
+  let targetStat: BigIntStats | undefined;
   const closeAll = async () => {
     await sink.close().catch(() => {});
     if (targetFh !== target?.fh) await targetFh?.close();
@@ -213,16 +308,30 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
     // The old target's blocks past the new end were not in the scan: hash them for the base fingerprint.
     if (baseFp && oldSize > size) await hashTail(targetFh!, Math.ceil(size / blockSize) * blockSize, oldSize, blockSize, baseFp);
     await sink.commit();
+    if (target) {
+      // Owner, mode and times through the descriptor: the inode written, whatever its name is now.
+      // A detached copy keeps the old target's mode unless -p gives the source's.
+      await setMetaByFd(target.fh.fd, detach && job.meta.mode === undefined ? { ...job.meta, mode: Number(dstStat!.mode & 0o7777n) } : job.meta);
+      targetStat = await target.fh.stat({ bigint: true });
+    }
   } catch (e) {
     await writer?.abort();
     await closeAll();
+    if (tmp) await job.dstDir!.unlink(tmp).catch(() => {});
     throw e;
   }
   await closeAll();
   result.matched = size - result.literal;
   if (!writer) return result;
-  if (opts.preserveTimes) await utimes(dst, nsToSeconds(srcStat.atimeNs), nsToSeconds(srcStat.mtimeNs));
-  const t = await stat(dst, { bigint: true });
+  if (tmp) {
+    // Complete, durable and with its final metadata: only now does it take the real name (replacing, never following, what is there).
+    await job.dstDir!.rename(tmp, job.dstDir!, job.dstName).catch(async (e) => {
+      await job.dstDir!.unlink(tmp!).catch(() => {});
+      throw new QsyncError('TARGET', `cannot put ${dst} in place: ${(e as Error).message}`, { file: dst }, { cause: e });
+    });
+    await job.dstDir!.sync();
+  }
+  const t = targetStat!;
   // The source's stat from before the read: if it changed while read, the next quick check sees it.
   await writer.commit({ sourceSize: size, sourceMtimeNs: srcStat.mtimeNs, targetMtimeNs: t.mtimeNs, targetIno: t.ino, targetDev: t.dev });
   await removeIntent(intentPath);

@@ -2,20 +2,27 @@
  * The tree walk: rsync's semantics for which entries are copied, created,
  * skipped or deleted, and the metadata they get. Regular files go to
  * syncFile; this module owns directories, links, devices and --delete.
+ *
+ * qsync runs as root over trees other users own, so no path below the
+ * operands is trusted: both trees are walked with folders held by
+ * descriptor (src/io/safe-fs.ts), each entry reached through its parent and
+ * never through a symlink; metadata is set through descriptors. Only the
+ * folders on the way down are held: descriptors grow with depth, not width.
  */
 import { execFile } from 'node:child_process';
 import type { BigIntStats } from 'node:fs';
-import { chmod, lchown, lstat, lutimes, mkdir, readdir, readlink, rm, rmdir, symlink, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
+import { Dir, removeTreeAt, setMetaAt, type MetaChange } from '../io/safe-fs.js';
 import { intentPathFor } from './intent.js';
 import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
-import { joinRel, type Plan } from './operands.js';
+import { joinRel, type Plan, type Transfer } from './operands.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
@@ -56,13 +63,36 @@ const kindOf = (s: BigIntStats): Kind =>
   s.isFile() ? 'file' : s.isDirectory() ? 'dir' : s.isSymbolicLink() ? 'symlink' : s.isCharacterDevice() || s.isBlockDevice() ? 'device' : 'special';
 const TYPE_CHAR: Record<Kind, string> = { file: 'f', dir: 'd', symlink: 'L', device: 'D', special: 'S' };
 
-async function lstatOrUndefined(p: string): Promise<BigIntStats | undefined> {
-  try {
-    return await lstat(p, { bigint: true });
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
+/**
+ * Check the state folder at the destination root once, before anything is
+ * written to it: it must be a real folder owned by the user running qsync,
+ * writable by no one else (a symlink or another user's folder would let
+ * that user steer root's writes); a missing one is created 0700 (unless
+ * `create` is false: -n).
+ */
+export async function checkStateDir(dest: Dir, create: boolean): Promise<void> {
+  const shown = `${dest.path.replace(/\/+$/, '')}/${STATE_DIR}`;
+  const st = await dest.lstatOrUndefined(STATE_DIR);
+  const me = BigInt(process.getuid?.() ?? 0);
+  if (!st) {
+    if (create) await dest.mkdir(STATE_DIR, 0o700);
+    return;
   }
+  const refuse = (what: string) =>
+    new QsyncError('TARGET', `${shown} ${what}: qsync keeps its state there and refuses to use it`, {
+      file: shown,
+      hint: `remove it (qsync makes a new one, 0700); it must be a folder owned by uid ${me}`,
+    });
+  if (st.isSymbolicLink()) throw refuse('is a symlink');
+  if (!st.isDirectory()) throw refuse('is not a folder');
+  if (st.uid !== me) throw refuse(`is owned by uid ${st.uid}, not by uid ${me} who runs qsync`);
+  if (st.mode & 0o022n) throw refuse(`is writable by other users (mode ${(st.mode & 0o7777n).toString(8)})`);
+}
+
+/** A source the walk reaches: its folder (held) and name in it. */
+interface Here {
+  dir: Dir;
+  name: string;
 }
 
 export class TreeSync {
@@ -72,14 +102,14 @@ export class TreeSync {
   };
   private partial = false;
   private vanished = false;
-  /** Directories whose times/modes are set after their contents, deepest last in, first out. */
-  private readonly dirFixups: { src: BigIntStats; dst: string; created: boolean }[] = [];
 
+  /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
     private readonly plan: Plan,
     private readonly opts: TreeOptions,
     private readonly filter: Filter,
     private readonly ctx: FileSyncContext,
+    private readonly dest: Dir | undefined,
   ) {}
 
   /** -n, or --only-write-batch (only file contents are recorded): the destination is left alone. */
@@ -93,10 +123,53 @@ export class TreeSync {
 
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
-    for (const t of this.plan.transfers) await this.entry(t.operand, t.stat, t.destRel, t.stat.dev);
-    for (const d of this.dirFixups.reverse()) await this.fixDir(d.src, d.dst, d.created);
+    for (const t of this.plan.transfers) await this.transfer(t);
     this.stats.elapsedMs = performance.now() - t0;
     return { stats: this.stats, partial: this.partial, vanished: this.vanished };
+  }
+
+  /** One operand: its folder contents into the destination root, or the operand itself into it. */
+  private async transfer(t: Transfer): Promise<void> {
+    const shown = t.destRel || '.';
+    if (t.destRel === '') {
+      // SRC/ (or .): the operand is the folder itself; the user's path to it is followed, as rsync does.
+      let src: Dir | undefined;
+      try {
+        this.stats.files++;
+        src = await Dir.open(t.operand);
+        await this.checkSame(src, t.stat, t.operand);
+        const cur = this.plan.destCreated ? undefined : await this.dest?.stat();
+        this.stats.dirs++;
+        if (!cur) this.stats.created++;
+        await this.dirBody(src, t.stat, this.dest, cur, '', t.stat.dev);
+      } catch (e) {
+        this.fail(e, shown);
+      } finally {
+        await src?.close();
+      }
+      return;
+    }
+    const abs = resolve(t.operand);
+    let parent: Dir;
+    try {
+      parent = await Dir.open(dirname(abs));
+    } catch (e) {
+      this.fail(e, shown);
+      return;
+    }
+    try {
+      await this.entry({ dir: parent, name: basename(abs) }, t.stat, this.dest, t.destRel, t.stat.dev);
+    } finally {
+      await parent.close();
+    }
+  }
+
+  /** A folder opened by the walk must be the one listed: another one in its place is skipped as vanished. */
+  private async checkSame(d: Dir, listed: BigIntStats, shown: string): Promise<void> {
+    const st = await d.stat();
+    if (st.dev !== listed.dev || st.ino !== listed.ino) {
+      throw new QsyncError('SOURCE', `file has vanished: ${shown} (another folder took its name while qsync worked)`, { file: shown, vanished: true });
+    }
   }
 
   private fail(e: unknown, path: string): void {
@@ -111,6 +184,11 @@ export class TreeSync {
         fatal: true,
       }, { cause: e });
     }
+    if (e instanceof QsyncError && e.context.vanished) {
+      this.vanished = true;
+      this.hooks.warning?.(e.message, path);
+      return;
+    }
     if (errno === 'ENOENT' && !(e instanceof QsyncError)) {
       this.vanished = true;
       this.hooks.warning?.(`file has vanished: ${path}`, path);
@@ -121,9 +199,10 @@ export class TreeSync {
     this.hooks.warning?.(msg, path);
   }
 
-  private async entry(src: string, st: BigIntStats, rel: string, rootDev: bigint): Promise<void> {
-    const dst = join(this.plan.destRoot, rel);
+  /** The destination side of an entry: the folder that holds it (undefined: it cannot exist, -n) and its name. */
+  private async entry(src: Here, st: BigIntStats, dst: Dir | undefined, rel: string, rootDev: bigint): Promise<void> {
     const shown = rel || '.';
+    const name = basename(rel);
     try {
       this.stats.files++;
       if (st.isDirectory()) {
@@ -131,85 +210,108 @@ export class TreeSync {
           this.hooks.notice?.(`skipping directory ${shown}`, shown);
           return;
         }
-        await this.dir(src, st, rel, dst, rootDev);
+        await this.dir(src, st, dst, name, rel, rootDev);
       } else if (st.isFile()) {
-        await this.file(src, st, rel, dst);
+        await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
         if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.symlink(src, st, rel, dst);
+        await this.symlink(src, st, dst, name, rel);
       } else {
         const dev = st.isCharacterDevice() || st.isBlockDevice();
         if (dev ? !this.opts.devices : !this.opts.specials) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.special(st, rel, dst);
+        await this.special(st, dst, name, rel);
       }
     } catch (e) {
       this.fail(e, shown);
     }
   }
 
-  /** Remove what stands at `dst` when it is of another type than `want`. Returns the stat left. */
-  private async clearOtherType(dst: string, want: Kind): Promise<BigIntStats | undefined> {
-    const cur = await lstatOrUndefined(dst);
+  /** Remove what stands at `name` in `dst` when it is of another type than `want`. Returns the stat left. */
+  private async clearOtherType(dst: Dir | undefined, name: string, want: Kind): Promise<BigIntStats | undefined> {
+    const cur = await dst?.lstatOrUndefined(name);
     if (!cur || kindOf(cur) === want) return cur;
     if (this.noWrite) return undefined;
     if (cur.isDirectory()) {
-      await rmdir(dst).catch((e) => {
-        throw new QsyncError('TARGET', `cannot delete non-empty directory ${dst} to put a ${want} there`, { file: dst }, { cause: e });
+      await dst!.rmdir(name).catch((e) => {
+        throw new QsyncError('TARGET', `cannot delete non-empty directory ${dst!.path}/${name} to put a ${want} there`, { file: name }, { cause: e });
       });
-    } else await unlink(dst);
+    } else await dst!.unlink(name);
     return undefined;
   }
 
-  private async dir(src: string, st: BigIntStats, rel: string, dst: string, rootDev: bigint): Promise<void> {
+  private async dir(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, rootDev: bigint): Promise<void> {
     this.stats.dirs++;
-    const fresh = rel === '' && this.plan.destCreated === true;
-    const cur = fresh ? undefined : await this.clearOtherType(dst, 'dir');
+    const cur = await this.clearOtherType(dst, name, 'dir');
     if (!cur) {
-      if (!this.noWrite && !fresh) await mkdir(dst).catch((e) => {
-        throw new QsyncError('TARGET', `cannot create directory ${dst}: ${(e as Error).message}`, { file: dst }, { cause: e });
+      // 0700 until its contents are done; its own mode comes last, through its descriptor.
+      if (!this.noWrite) await dst!.mkdir(name, 0o700).catch((e) => {
+        throw new QsyncError('TARGET', `cannot create directory ${join(this.plan.destRoot, rel)}: ${(e as Error).message}`, { file: rel }, { cause: e });
       });
       this.stats.created++;
     }
-    const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
-    if (!this.noWrite) this.dirFixups.push({ src: st, dst, created: !cur });
-    // rsync -x: a mount point is created, its contents are not copied.
-    if (this.opts.oneFileSystem && st.dev !== rootDev) return;
-
-    const names = (await readdir(src)).sort();
-    const keep = new Set<string>();
-    const children: { name: string; st: BigIntStats }[] = [];
-    for (const name of names) {
-      if (rel === '' && name === STATE_DIR) continue;
-      const childRel = joinRel(rel, name);
-      let cst: BigIntStats;
-      try {
-        cst = await lstat(join(src, name), { bigint: true });
-      } catch (e) {
-        this.fail(e, childRel);
-        continue;
-      }
-      if (this.filter.excluded(childRel, cst.isDirectory())) continue;
-      keep.add(name);
-      children.push({ name, st: cst });
+    let srcDir: Dir | undefined;
+    let dstDir: Dir | undefined;
+    try {
+      srcDir = await src.dir.openDir(src.name).catch((e) => {
+        throw errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR'
+          ? new QsyncError('SOURCE', `file has vanished: ${rel} (${(e as Error).message})`, { file: rel, vanished: true })
+          : e;
+      });
+      await this.checkSame(srcDir, st, rel);
+      if (dst && (cur || !this.noWrite)) dstDir = await dst.openDir(name);
+      await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev);
+    } finally {
+      await srcDir?.close();
+      await dstDir?.close();
     }
-    if (this.opts.delete && cur) await this.deleteExtraneous(rel, dst, keep);
-    for (const c of children) await this.entry(join(src, c.name), c.st, joinRel(rel, c.name), rootDev);
   }
 
-  private async deleteExtraneous(rel: string, dst: string, keep: Set<string>): Promise<void> {
-    for (const name of (await readdir(dst)).sort()) {
+  /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
+  private async dirBody(src: Dir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
+    const changes = cur ? this.metaChanges(st, cur) : undefined;
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
+    // rsync -x: a mount point is created, its contents are not copied.
+    if (!this.opts.oneFileSystem || st.dev === rootDev) {
+      const keep = new Set<string>();
+      const children: { name: string; st: BigIntStats }[] = [];
+      for (const name of (await src.readdir()).sort()) {
+        if (rel === '' && name === STATE_DIR) continue;
+        const childRel = joinRel(rel, name);
+        let cst: BigIntStats;
+        try {
+          cst = await src.lstat(name);
+        } catch (e) {
+          this.fail(e, childRel);
+          continue;
+        }
+        if (this.filter.excluded(childRel, cst.isDirectory())) continue;
+        keep.add(name);
+        children.push({ name, st: cst });
+      }
+      if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
+      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
+    }
+    if (!this.noWrite && dst) {
+      try {
+        await dst.setMeta(this.metaFor(st, !cur, true));
+      } catch (e) {
+        this.fail(e, rel || '.');
+      }
+    }
+  }
+
+  private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
+    for (const name of (await dst.readdir()).sort()) {
       if (keep.has(name) || (rel === '' && name === STATE_DIR)) continue;
       const childRel = joinRel(rel, name);
-      const path = join(dst, name);
-      const st = await lstatOrUndefined(path);
+      const st = await dst.lstatOrUndefined(name);
       if (!st) continue;
       // Excluded names are protected from deletion, as in rsync without --delete-excluded.
       if (this.filter.excluded(childRel, st.isDirectory())) continue;
       this.hooks.deleted?.(st.isDirectory() ? `${childRel}/` : childRel);
       this.stats.deleted++;
       if (this.noWrite) continue;
-      await rm(path, { recursive: true, force: true });
+      await removeTreeAt(dst, name);
       if (st.isFile()) await this.forgetManifest(childRel);
       else if (st.isDirectory()) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', childRel), { recursive: true, force: true });
     }
@@ -220,22 +322,16 @@ export class TreeSync {
     for (const p of [m, intentPathFor(m), journalPathFor(m)]) await rm(p, { force: true });
   }
 
-  private async file(src: string, st: BigIntStats, rel: string, dst: string): Promise<void> {
+  private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
-    const cur = await this.clearOtherType(dst, 'file');
+    const cur = await this.clearOtherType(dst, name, 'file');
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, rel);
-    let r: FileSyncResult | undefined;
-    try {
-      r = await syncFile({ src, srcStat: st, dst, dstStat: cur, manifestPath: manifest, relPath: rel }, this.opts, this.ctx);
-    } catch (e) {
-      if (errnoOf(e) === 'ENOENT' && !(await lstatOrUndefined(src))) {
-        this.vanished = true;
-        this.hooks.warning?.(`file has vanished: ${src}`, rel);
-        return;
-      }
-      throw e;
-    }
+    const r = await syncFile({
+      src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
+      dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
+      meta: this.metaFor(st, !cur, true), manifestPath: manifest, relPath: rel,
+    }, this.opts, this.ctx);
     if (!r) return; // --existing / --ignore-existing / --update
     if (r.transferred) {
       this.stats.transferred++;
@@ -246,43 +342,47 @@ export class TreeSync {
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
     const changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
-    if (!this.noWrite) await this.applyMeta(dst, st, !cur);
+    // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here.
+    if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, false));
     this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: r });
   }
 
-  private async symlink(src: string, st: BigIntStats, rel: string, dst: string): Promise<void> {
-    const target = await readlink(src);
-    const cur = await this.clearOtherType(dst, 'symlink');
-    if (cur && (await readlink(dst)) === target) {
+  private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
+    const target = await src.dir.readlink(src.name);
+    const cur = await this.clearOtherType(dst, name, 'symlink');
+    if (cur && (await dst!.readlink(name)) === target) {
       const changes = this.metaChanges(st, cur);
-      if (!this.noWrite) await this.applyMeta(dst, st, false);
+      if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       this.report({ path: rel, kind: 'symlink', created: false, changes, size: 0 });
       return;
     }
     if (!this.noWrite) {
-      if (cur) await unlink(dst);
-      await symlink(target, dst);
-      await this.applyMeta(dst, st, true);
+      if (cur) await dst!.unlink(name);
+      await dst!.symlink(target, name);
+      await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
     }
     if (!cur) this.stats.created++;
     this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur ? 'c' : undefined, size: 0 });
   }
 
-  private async special(st: BigIntStats, rel: string, dst: string): Promise<void> {
+  private async special(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     const kind = kindOf(st);
-    const cur = await this.clearOtherType(dst, kind);
+    const cur = await this.clearOtherType(dst, name, kind);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
     if (!sameNode && !this.noWrite) {
-      if (cur) await unlink(dst);
-      if (st.isFIFO()) await run('mkfifo', [dst]);
+      if (cur) await dst!.unlink(name);
+      // mkfifo and mknod run in a child: they reach the held folder through this process's descriptor.
+      const at = `/proc/${process.pid}/fd/${dst!.fd}/${name}`;
+      if (st.isFIFO()) await run('mkfifo', [at]);
       else if (st.isSocket()) throw new QsyncError('UNSUPPORTED', `cannot recreate socket ${rel}`, { file: rel });
       else {
         const [major, minor] = majorMinor(Number(st.rdev));
-        await run('mknod', [dst, st.isBlockDevice() ? 'b' : 'c', String(major), String(minor)]);
+        await run('mknod', [at, st.isBlockDevice() ? 'b' : 'c', String(major), String(minor)]);
       }
     }
     if (!cur) this.stats.created++;
-    if (!this.noWrite) await this.applyMeta(dst, st, !cur);
+    // rsync leaves the times of devices and fifos alone.
+    if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, false));
     this.report({ path: rel, kind, created: !cur, changes: cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined, size: 0 });
   }
 
@@ -317,27 +417,23 @@ export class TreeSync {
     });
   }
 
-  /** Owner, group, mode, and the times of links and directories. */
-  private async applyMeta(dst: string, st: BigIntStats, created: boolean): Promise<void> {
+  /** Owner, group, mode, and (`times`) the times an entry gets from its source, as rsync's options say. */
+  private metaFor(st: BigIntStats, created: boolean, times: boolean): MetaChange {
     const o = this.opts;
-    const isLink = st.isSymbolicLink();
+    const m: MetaChange = {};
     if ((o.owner || o.group) && process.getuid?.() === 0) {
-      await lchown(dst, o.owner ? Number(st.uid) : -1, o.group ? Number(st.gid) : -1);
+      if (o.owner) m.uid = Number(st.uid);
+      if (o.group) m.gid = Number(st.gid);
     }
-    if (!isLink) {
+    if (!st.isSymbolicLink()) {
       const mode = Number(st.mode & 0o7777n);
-      if (o.perms) await chmod(dst, mode);
-      else if (created) await chmod(dst, mode & ~UMASK);
+      if (o.perms) m.mode = mode;
+      else if (created) m.mode = mode & ~UMASK;
     }
-    // Regular files got their mtime from syncFile; rsync leaves the times of devices and fifos alone.
-    if (o.preserveTimes && (isLink || st.isDirectory())) await lutimes(dst, nsToSeconds(st.atimeNs), nsToSeconds(st.mtimeNs));
-  }
-
-  private async fixDir(src: BigIntStats, dst: string, created: boolean): Promise<void> {
-    try {
-      await this.applyMeta(dst, src, created);
-    } catch (e) {
-      this.fail(e, dst);
+    if (times && o.preserveTimes) {
+      m.atime = nsToSeconds(st.atimeNs);
+      m.mtime = nsToSeconds(st.mtimeNs);
     }
+    return m;
   }
 }

@@ -1,0 +1,332 @@
+/**
+ * qsync run as root over trees that other users own: an unprivileged user
+ * (nobody, through setpriv) who owns a folder in SRC or DEST swaps names for
+ * symlinks while root runs, and must never make root read, write, chmod or
+ * chown anything outside that user's own files. Plus the modes a target has
+ * while it is written: never wider than its source, even when killed.
+ *
+ * The swaps are timed on a large (sparse) file whose copy takes a second or
+ * more: the attacker waits for a sign that root is in the tree, then swaps
+ * once, so each scenario runs the same way every time.
+ */
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, existsSync, lchownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { mutateBlocks, randomFile } from './helpers/data.js';
+
+const NOBODY = 65534;
+const BIG = 256 << 20;
+const asRoot = process.getuid?.() === 0;
+
+let base: string;
+let victim: string;
+let secret: string;
+
+beforeEach(() => {
+  base = mkdtempSync(join(tmpdir(), 'qsync-priv-'));
+  chmodSync(base, 0o755);
+  // What the attacker wants: a root-only folder and file.
+  victim = join(base, 'victim');
+  mkdirSync(victim, { mode: 0o700 });
+  secret = join(victim, 'secret');
+  writeFileSync(secret, 'root secret\n', { mode: 0o600 });
+});
+afterEach(() => rmSync(base, { recursive: true, force: true }));
+
+/** A folder owned by nobody. */
+function userDir(path: string, mode = 0o755): string {
+  mkdirSync(path, { recursive: true });
+  chmodSync(path, mode);
+  chownSync(path, NOBODY, NOBODY);
+  return path;
+}
+
+/** A file with `content`, or a sparse file of that size. */
+function file(path: string, content: string | number, mode = 0o644): string {
+  if (typeof content === 'number') {
+    writeFileSync(path, '');
+    truncateSync(path, content);
+  } else writeFileSync(path, content);
+  chmodSync(path, mode);
+  return path;
+}
+
+/** A file owned by nobody. */
+function userFile(path: string, content: string | number, mode = 0o644): string {
+  chownSync(file(path, content, mode), NOBODY, NOBODY);
+  return path;
+}
+
+/** Run a bash script as nobody; resolves with its exit code (killed after 30 s). */
+function asNobody(script: string): Promise<number | null> {
+  const p = spawn('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'bash', '-c', script], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const timer = setTimeout(() => p.kill('SIGKILL'), 30_000);
+  return new Promise((resolve) => p.on('close', (code) => (clearTimeout(timer), resolve(code))));
+}
+
+/** Shell: wait (at most ~10 s) until `test` succeeds. */
+const waitFor = (test: string) => `for i in $(seq 5000); do ${test} && break; sleep 0.002; done;`;
+
+const modeOf = (p: string) => lstatSync(p).mode & 0o7777;
+
+function expectVictimUntouched(): void {
+  const d = lstatSync(victim);
+  expect(d.isDirectory()).toBe(true);
+  expect(d.mode & 0o7777).toBe(0o700);
+  expect(d.uid).toBe(0);
+  expect(readdirSync(victim)).toEqual(['secret']);
+  const s = lstatSync(secret);
+  expect(s.mode & 0o7777).toBe(0o600);
+  expect(s.uid).toBe(0);
+  expect(readFileSync(secret, 'utf8')).toBe('root secret\n');
+}
+
+describe.skipIf(!asRoot)('a user who owns a folder in DEST swaps names for symlinks while root runs -a', () => {
+  it('a new target swapped for a symlink: root never chmods, chowns or times what the link points to', async () => {
+    const src = join(base, 'src');
+    userDir(join(src, 'u'));
+    userFile(join(src, 'u', 'big'), BIG, 0o666);
+    const bk = join(base, 'bk');
+    mkdirSync(bk);
+    const u = userDir(join(bk, 'u'));
+    // As soon as root starts writing big (under any name), put a link to the secret where big goes.
+    const attacker = asNobody(`cd ${u}; ${waitFor('ls -A | grep -q big')} [ -e big ] && mv big big.moved; ln -s ${secret} big`);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(await attacker).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
+    expectVictimUntouched();
+    const t = lstatSync(join(u, 'big'));
+    expect(t.isFile()).toBe(true);
+    expect(t.mode & 0o7777).toBe(0o666);
+    expect(t.uid).toBe(NOBODY);
+  });
+
+  it('a folder swapped for a symlink: root writes nothing into the victim folder and never chmods or chowns it', async () => {
+    const src = join(base, 'src');
+    userDir(join(src, 'u'));
+    userDir(join(src, 'u', 'd'), 0o777);
+    userFile(join(src, 'u', 'd', 'big'), BIG);
+    userFile(join(src, 'u', 'd', 'secret'), 'written by the user\n');
+    const bk = join(base, 'bk');
+    mkdirSync(bk);
+    const u = userDir(join(bk, 'u'));
+    const attacker = asNobody(`cd ${u}; ${waitFor('[ -e d ]')} mv d d.moved && ln -s ${victim} d`);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(await attacker).toBe(0);
+    expectVictimUntouched();
+    // What root copied landed in the folder it created (now d.moved), with the source's metadata.
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(join(u, 'd.moved', 'secret'), 'utf8')).toBe('written by the user\n');
+    expect(modeOf(join(u, 'd.moved'))).toBe(0o777);
+    expect(lstatSync(join(u, 'd.moved')).uid).toBe(NOBODY);
+  });
+
+  it('--delete: an extraneous folder swapped for a symlink is not followed', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    userFile(join(src, 'big'), BIG);
+    userDir(join(src, 'u'));
+    const bk = join(base, 'bk');
+    mkdirSync(bk);
+    const u = userDir(join(bk, 'u'));
+    userDir(join(u, 'zz'));
+    userDir(join(u, 'zz', 'sub'));
+    userFile(join(u, 'zz', 'sub', 'old'), 'old\n');
+    // While big is copied (before --delete reaches u), the user swaps zz/sub for a link to the victim folder.
+    const attacker = asNobody(`cd ${u}/zz; ${waitFor(`ls -A ${bk} | grep -q big`)} mv sub sub.moved && ln -s ${victim} sub`);
+    const r = await runQsync(['-a', '--delete', `${src}/`, `${bk}/`]);
+    expect(await attacker).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
+    expectVictimUntouched();
+    expect(existsSync(join(u, 'zz'))).toBe(false);
+  });
+});
+
+describe.skipIf(!asRoot)('a user who owns a folder in SRC swaps a file for a symlink while root reads', () => {
+  it('a file swapped for a link to a root-only file: the root file never lands in the backup', async () => {
+    const src = join(base, 'src');
+    const su = userDir(join(src, 'u'));
+    userFile(join(su, 'a'), BIG);
+    userFile(join(su, 'b'), 'public\n');
+    const bk = join(base, 'bk');
+    mkdirSync(bk);
+    // b is listed before a is copied; swap it while a is copied.
+    const attacker = asNobody(`${waitFor(`[ -e ${bk}/u ]`)} sleep 0.3; ln -s ${secret} ${su}/b.new && mv -T ${su}/b.new ${su}/b`);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(await attacker).toBe(0);
+    expect(lstatSync(join(su, 'b')).isSymbolicLink()).toBe(true);
+    const b = join(bk, 'u', 'b');
+    // The old code read the secret through the link, as far as b's listed size (7 bytes: "root se").
+    if (existsSync(b)) expect(readFileSync(b, 'utf8')).not.toContain('root');
+    expect(r.code).toBe(24);
+    expect(r.stderr).toMatch(/u\/b/);
+  });
+});
+
+describe.skipIf(!asRoot)('paths root is given that pass through a folder a user owns', () => {
+  function smallTree(): { src: string; bk: string } {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'data\n');
+    return { src, bk: join(base, 'bk') };
+  }
+
+  it('DEST/.qsync as a symlink another user owns is refused; nothing is written through it', async () => {
+    const { src, bk } = smallTree();
+    userDir(bk);
+    symlinkSync(victim, join(bk, '.qsync'));
+    lchownSync(join(bk, '.qsync'), NOBODY, NOBODY);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/\.qsync.*symlink/);
+    expectVictimUntouched();
+  });
+
+  it('DEST/.qsync owned by another user, or writable by others, is refused', async () => {
+    const { src, bk } = smallTree();
+    userDir(join(bk, '.qsync'), 0o777);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/\.qsync.*owned by uid 65534/);
+    expect(readdirSync(join(bk, '.qsync'))).toEqual([]);
+
+    chownSync(join(bk, '.qsync'), 0, 0);
+    const open = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(open.code).not.toBe(0);
+    expect(open.stderr).toMatch(/\.qsync.*writable by other users/);
+    expect(readdirSync(join(bk, '.qsync'))).toEqual([]);
+  });
+
+  it('a new DEST/.qsync is made 0700', async () => {
+    const { src, bk } = smallTree();
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(modeOf(join(bk, '.qsync'))).toBe(0o700);
+  });
+
+  it('--write-batch through a parent symlink another user owns is refused; one root owns is followed', async () => {
+    const { src, bk } = smallTree();
+    const u = userDir(join(base, 'u'));
+    symlinkSync(victim, join(u, 'out'));
+    lchownSync(join(u, 'out'), NOBODY, NOBODY);
+    const r = await runQsync(['-a', `--write-batch=${join(u, 'out', 'b.qdelta')}`, `${src}/`, `${bk}/`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/symlink owned by uid 65534/);
+    expectVictimUntouched();
+
+    mkdirSync(join(base, 'batches'));
+    symlinkSync(join(base, 'batches'), join(base, 'rootlink'));
+    const ok = await runQsync(['-a', `--write-batch=${join(base, 'rootlink', 'b.qdelta')}`, `${src}/`, `${bk}/`]);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(existsSync(join(base, 'batches', 'b.qdelta'))).toBe(true);
+  });
+
+  it('--exclude-from through a symlink another user owns is refused; one root owns is read', async () => {
+    const { src, bk } = smallTree();
+    const u = userDir(join(base, 'u'));
+    symlinkSync(secret, join(u, 'ex'));
+    lchownSync(join(u, 'ex'), NOBODY, NOBODY);
+    const r = await runQsync(['-a', `--exclude-from=${join(u, 'ex')}`, `${src}/`, `${bk}/`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/symlink owned by uid 65534/);
+    expect(existsSync(join(bk, 'f'))).toBe(false);
+
+    writeFileSync(join(base, 'rules'), 'f\n');
+    symlinkSync(join(base, 'rules'), join(base, 'ex'));
+    const ok = await runQsync(['-a', `--exclude-from=${join(base, 'ex')}`, `${src}/`, `${bk}/`]);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(existsSync(join(bk, 'f'))).toBe(false);
+  });
+});
+
+describe('modes of a target while it is written', () => {
+  /** SRC holding one large 0600 file, and a BK that does not exist yet. */
+  function privateSource(): { src: string; bk: string } {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    file(join(src, 'big'), BIG, 0o600);
+    return { src, bk: join(base, 'bk') };
+  }
+
+  it('a 0600 source is never visible as a wider target during its first copy', async () => {
+    const { src, bk } = privateSource();
+    let widest = 0;
+    let seen = 0;
+    const watch = setInterval(() => {
+      try {
+        for (const n of readdirSync(bk)) {
+          const st = lstatSync(join(bk, n));
+          if (st.isFile()) {
+            seen++;
+            widest |= st.mode & 0o077;
+          }
+        }
+      } catch {
+        // not created yet
+      }
+    }, 2);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    clearInterval(watch);
+    expect(r.code, r.stderr).toBe(0);
+    expect(seen).toBeGreaterThan(0);
+    expect(widest.toString(8)).toBe('0');
+    expect(modeOf(join(bk, 'big'))).toBe(0o600);
+  });
+
+  it('kill -9 in the middle of a first copy leaves nothing under the real name and nothing wider than 0600', async () => {
+    const { src, bk } = privateSource();
+    let pid = 0;
+    const run = runQsync(['-a', `${src}/`, `${bk}/`], { onSpawn: (p) => (pid = p) });
+    const deadline = Date.now() + 20_000;
+    const partial = () => existsSync(bk) && readdirSync(bk).some((n) => n.includes('big') && statSync(join(bk, n)).blocks > 2048);
+    while (!partial() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+    process.kill(pid, 'SIGKILL');
+    expect((await run).signal).toBe('SIGKILL');
+    expect(existsSync(join(bk, 'big'))).toBe(false);
+    for (const n of readdirSync(bk)) if (n !== '.qsync') expect(modeOf(join(bk, n)) & 0o077).toBe(0);
+
+    const again = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(again.code, again.stderr).toBe(0);
+    expect(modeOf(join(bk, 'big'))).toBe(0o600);
+    expect(await sha256(join(bk, 'big'))).toBe(await sha256(join(src, 'big')));
+  });
+});
+
+describe('targets and trees of any shape', () => {
+  it('a target with other hard links (a cp -al snapshot) is not written through: the snapshot keeps the old data', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    randomFile(join(src, 'f'), 3 << 20);
+    const bk = join(base, 'bk');
+    expect((await runQsync(['-a', `${src}/`, `${bk}/`])).code).toBe(0);
+    const snap = join(base, 'snap');
+    execFileSync('cp', ['-al', bk, snap]);
+    const old = await sha256(join(snap, 'f'));
+    mutateBlocks(join(src, 'f'), 3 << 20, 0.1);
+    const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await sha256(join(snap, 'f'))).toBe(old);
+    expect(await sha256(join(bk, 'f'))).toBe(await sha256(join(src, 'f')));
+    expect(statSync(join(bk, 'f')).nlink).toBe(1);
+    // The copy is what the manifest now describes: the next run is a quick check.
+    const again = await runQsync(['-a', '--json', `${src}/`, `${bk}/`]);
+    expect(again.code).toBe(0);
+    expect(JSON.parse(again.stdout).files.find((f: { path: string }) => f.path === 'f').method).toBe('quick');
+  });
+
+  it('descriptors grow with the depth of the tree, not its width', async () => {
+    const src = join(base, 'src');
+    let deep = src;
+    for (let i = 0; i < 40; i++) deep = join(deep, `d${i}`);
+    mkdirSync(deep, { recursive: true });
+    for (let i = 0; i < 500; i++) writeFileSync(join(deep, `f${i}`), `${i}\n`);
+    const bk = join(base, 'bk');
+    // 128 descriptors: node's own (about 30) and two per level of 40; one per file of the 500 would not fit.
+    const r = spawnSync('sh', ['-c', 'ulimit -n 128; exec node "$@"', 'sh', QSYNC, '-a', `${src}/`, `${bk}/`], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status, r.stderr).toBe(0);
+    expect(readdirSync(deep.replace(src, bk)).length).toBe(500);
+  });
+});
