@@ -112,6 +112,32 @@ function itemizedCount(label: string, total: number, t: Tally): string {
   return `${label}: ${formatSize(total, 1)}${total && parts.length ? ` (${parts.join(', ')})` : ''}`;
 }
 
+/** The locale's character set is UTF-8 (else, as in the C locale, only ASCII prints as itself). */
+const UTF8_LOCALE = /utf-?8/i.test(process.env.LC_ALL || process.env.LC_CTYPE || process.env.LANG || '');
+
+/**
+ * A line as rsync writes names to a terminal: a control character (but
+ * tab), a byte that is not valid UTF-8 (carried as an escaped byte, see
+ * decodeName in src/io/safe-fs.ts) or, outside a UTF-8 locale, any non-ASCII
+ * byte, becomes `\#ooo` (its octal value); a backslash that would read as
+ * such an escape becomes `\#134`.
+ */
+export function escapeForTerminal(line: string, utf8 = UTF8_LOCALE): string {
+  if (!/[\x00-\x08\x0a-\x1f\\\u0080-\uffff]/.test(line)) return line;
+  let out = '';
+  for (let i = 0; i < line.length; ) {
+    const cp = line.codePointAt(i)!;
+    const ch = String.fromCodePoint(cp);
+    i += ch.length;
+    const octal = (b: number) => `\\#${b.toString(8).padStart(3, '0')}`;
+    if (cp >= 0xdc80 && cp <= 0xdcff) out += octal(cp - 0xdc00);
+    else if ((cp < 0x20 && cp !== 9) || (cp === 0x5c && /^#[0-9]{3}/.test(line.slice(i, i + 4)))) out += octal(cp);
+    else if (cp >= 0x80 && !utf8) for (const b of Buffer.from(ch, 'utf8')) out += octal(b);
+    else out += ch;
+  }
+  return out;
+}
+
 class TextPrinter implements Printer {
   /** Set while bars are drawn; the closing lines go to stdout after them. */
   private bars?: Bars;
@@ -140,8 +166,8 @@ class TextPrinter implements Printer {
   }
 
   private emit(line: string): void {
-    if (this.bars) this.bars.log(line);
-    else this.io.stdout.write(`${line}\n`);
+    if (this.bars) this.bars.log(escapeForTerminal(line));
+    else this.io.stdout.write(`${escapeForTerminal(line)}\n`);
   }
 
   fileStart(path: string, size: number): void {
@@ -191,8 +217,8 @@ class TextPrinter implements Printer {
   }
 
   warning(message: string): void {
-    if (this.bars) this.bars.log(`qsync: ${message}`);
-    else this.io.stderr.write(`qsync: ${message}\n`);
+    if (this.bars) this.bars.log(`qsync: ${escapeForTerminal(message)}`);
+    else this.io.stderr.write(`qsync: ${escapeForTerminal(message)}\n`);
   }
 
   finish(stats: RunStats | undefined, exitCode: number): number {

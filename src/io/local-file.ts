@@ -1,9 +1,26 @@
 /** BlockSource and BlockSink over a local file or block device. */
+import { execFile } from 'node:child_process';
 import { open, type FileHandle } from 'node:fs/promises';
+import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
 import type { BlockSink, BlockSource } from './types.js';
 
 const ZEROES = Buffer.alloc(1 << 20);
+const run = promisify(execFile);
+/** Cleared once punching failed: later zero runs are written without trying again. */
+let canPunch = true;
+
+/** Punch a hole in a regular file; false when it could not be done (the caller writes zeros). */
+async function punchHole(fh: FileHandle, offset: number, length: number): Promise<boolean> {
+  if (!canPunch || !(await fh.stat()).isFile()) return false;
+  try {
+    await run('fallocate', ['--punch-hole', '--offset', String(offset), '--length', String(length), `/proc/${process.pid}/fd/${fh.fd}`], { timeout: 60_000 });
+    return true;
+  } catch {
+    canPunch = false;
+    return false;
+  }
+}
 
 /** Read into `buf` from `position` until it is full or the file ends; returns the bytes read. */
 export async function readUpTo(fh: FileHandle, buf: Uint8Array, position: number): Promise<number> {
@@ -58,7 +75,14 @@ export class LocalFileSink implements BlockSink {
     }
   }
 
+  /**
+   * A regular file gets a hole (fallocate(2) PUNCH_HOLE, through util-linux's
+   * `fallocate`: Node has no binding; it reopens this very file through
+   * /proc/PID/fd); where that cannot be done (no tool, a file system without
+   * holes, a block device) zeros are written.
+   */
   async writeZeroes(offset: number, length: number): Promise<void> {
+    if (length > 0 && (await punchHole(this.fh, offset, length))) return;
     for (let done = 0; done < length; done += ZEROES.length) {
       await this.write(offset + done, ZEROES.subarray(0, Math.min(ZEROES.length, length - done)));
     }

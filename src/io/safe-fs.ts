@@ -15,7 +15,7 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { constants, type BigIntStats } from 'node:fs';
+import { constants, type BigIntStats, type PathLike } from 'node:fs';
 import { chmod, chown, lchown, lstat, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -25,7 +25,7 @@ export const O_PATH = 0o10000000;
 const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW, O_NONBLOCK, O_CREAT, O_EXCL } = constants;
 
 /** lstat a path; undefined when nothing is there. */
-export async function lstatOrUndefined(path: string): Promise<BigIntStats | undefined> {
+export async function lstatOrUndefined(path: PathLike): Promise<BigIntStats | undefined> {
   try {
     return await lstat(path, { bigint: true });
   } catch (e) {
@@ -44,6 +44,69 @@ export function checkName(name: string): string {
   }
   return name;
 }
+
+/**
+ * Names are bytes on Linux and need not be UTF-8. qsync carries a name as a
+ * string in which each byte that is not part of valid UTF-8 stands as the
+ * lone surrogate U+DC00+byte (Python's "surrogateescape"): valid names are
+ * plain strings, and every name maps back to its exact bytes (a valid
+ * UTF-8 string never holds a lone surrogate).
+ */
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+/** The name for `bytes`: a plain string when valid UTF-8, else with escaped bytes. */
+export function decodeName(bytes: Buffer): string {
+  try {
+    return STRICT_UTF8.decode(bytes);
+  } catch {
+    let out = '';
+    for (let i = 0; i < bytes.length; ) {
+      const n = utf8SeqLen(bytes, i);
+      if (n > 0) {
+        out += bytes.subarray(i, i + n).toString('utf8');
+        i += n;
+      } else out += String.fromCharCode(0xdc00 + bytes[i++]!);
+    }
+    return out;
+  }
+}
+
+/** Length of the valid UTF-8 sequence at `i`, or 0 when the byte there starts none. */
+function utf8SeqLen(b: Buffer, i: number): number {
+  const c = b[i]!;
+  if (c < 0x80) return 1;
+  const n = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+  if (n === 0 || i + n > b.length) return 0;
+  for (let k = 1; k < n; k++) if ((b[i + k]! & 0xc0) !== 0x80) return 0;
+  const second = b[i + 1]!;
+  // Overlong forms, surrogates and code points past U+10FFFF are not valid UTF-8.
+  if ((c === 0xe0 && second < 0xa0) || (c === 0xed && second >= 0xa0) || (c === 0xf0 && second < 0x90) || (c === 0xf4 && second >= 0x90)) return 0;
+  return n;
+}
+
+const ESCAPED = /[\udc80-\udcff]/;
+
+/** The exact bytes of a name or path made by decodeName. */
+export function encodeName(name: string): Buffer {
+  if (!ESCAPED.test(name)) return Buffer.from(name, 'utf8');
+  const parts: Buffer[] = [];
+  let run = '';
+  for (const ch of name) {
+    const code = ch.charCodeAt(0);
+    if (ch.length === 1 && code >= 0xdc80 && code <= 0xdcff) {
+      parts.push(Buffer.from(run, 'utf8'), Buffer.of(code - 0xdc00));
+      run = '';
+    } else run += ch;
+  }
+  parts.push(Buffer.from(run, 'utf8'));
+  return Buffer.concat(parts);
+}
+
+/** A path for the fs calls: the string itself when it is plain, its bytes when it holds escaped ones. */
+export const fsPath = (path: string): PathLike => (ESCAPED.test(path) ? encodeName(path) : path);
+
+/** Order of names as rsync sorts them: by their bytes. */
+export const compareNames = (a: string, b: string): number => Buffer.compare(encodeName(a), encodeName(b));
 
 /** A directory held open by descriptor; every entry is reached relative to it. */
 export class Dir {
@@ -72,6 +135,11 @@ export class Dir {
     return `/proc/self/fd/${this.fh.fd}/${checkName(name)}`;
   }
 
+  /** As `at`, as bytes when the name is not valid UTF-8 (what the fs calls below take). */
+  ref(name: string): PathLike {
+    return fsPath(this.at(name));
+  }
+
   /** This directory itself, by descriptor. */
   get self(): string {
     return `/proc/self/fd/${this.fh.fd}`;
@@ -79,7 +147,7 @@ export class Dir {
 
   /** Open a subdirectory; a symlink in its place is refused. */
   async openDir(name: string): Promise<Dir> {
-    return new Dir(await open(this.at(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), `${this.path}/${name}`);
+    return new Dir(await open(this.ref(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), `${this.path}/${name}`);
   }
 
   /** Open a chain of subdirectories (`a/b/c`), none of which may be a symlink. */
@@ -101,7 +169,7 @@ export class Dir {
 
   /** Open `name` as a regular file, never through a symlink, never blocking on a FIFO. */
   async openFile(name: string, flags: number, mode = 0o600): Promise<FileHandle> {
-    return openRegular(this.at(name), flags, mode, `${this.path}/${name}`);
+    return openRegular(this.ref(name), flags, mode, `${this.path}/${name}`);
   }
 
   /** Create `name` (O_EXCL: never an existing file, never a symlink's target) with `mode`. */
@@ -122,19 +190,20 @@ export class Dir {
   }
 
   lstat(name: string): Promise<BigIntStats> {
-    return lstat(this.at(name), { bigint: true });
+    return lstat(this.ref(name), { bigint: true });
   }
 
   lstatOrUndefined(name: string): Promise<BigIntStats | undefined> {
-    return lstatOrUndefined(this.at(name));
+    return lstatOrUndefined(this.ref(name));
   }
 
   stat(): Promise<BigIntStats> {
     return this.fh.stat({ bigint: true });
   }
 
-  readdir(): Promise<string[]> {
-    return readdir(this.self);
+  /** Entry names, those that are not valid UTF-8 with their bytes escaped (decodeName). */
+  async readdir(): Promise<string[]> {
+    return (await this.readdirRaw()).map(decodeName);
   }
 
   /** Entry names as raw bytes (names need not be UTF-8). */
@@ -143,38 +212,39 @@ export class Dir {
   }
 
   async mkdir(name: string, mode: number): Promise<void> {
-    await mkdir(this.at(name), mode);
+    await mkdir(this.ref(name), mode);
   }
 
   unlink(name: string): Promise<void> {
-    return unlink(this.at(name));
+    return unlink(this.ref(name));
   }
 
   rmdir(name: string): Promise<void> {
-    return rmdir(this.at(name));
+    return rmdir(this.ref(name));
   }
 
   symlink(target: string, name: string): Promise<void> {
-    return symlink(target, this.at(name));
+    return symlink(fsPath(target), this.ref(name));
   }
 
-  readlink(name: string): Promise<string> {
-    return readlink(this.at(name));
+  /** A symlink's target, escaped as names are when it is not valid UTF-8. */
+  async readlink(name: string): Promise<string> {
+    return decodeName(await readlink(this.ref(name), { encoding: 'buffer' }));
   }
 
   /** rename(2) from this directory to `to` (which may be this one): neither name is followed. */
   rename(from: string, to: Dir, toName: string): Promise<void> {
-    return rename(this.at(from), to.at(toName));
+    return rename(this.ref(from), to.ref(toName));
   }
 
   /** Owner and group of `name` itself (a symlink's own, never its target's). */
   lchown(name: string, uid: number, gid: number): Promise<void> {
-    return lchown(this.at(name), uid, gid);
+    return lchown(this.ref(name), uid, gid);
   }
 
   /** Times of `name` itself (a symlink's own, never its target's). */
   lutimes(name: string, atime: number, mtime: number): Promise<void> {
-    return lutimes(this.at(name), atime, mtime);
+    return lutimes(this.ref(name), atime, mtime);
   }
 
   /** fsync the directory, so that names created or renamed in it are durable. */
@@ -228,7 +298,7 @@ export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, m: 
     if (m.mtime !== undefined) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
     return;
   }
-  const fh = await open(dir.at(name), O_PATH | O_NOFOLLOW);
+  const fh = await open(dir.ref(name), O_PATH | O_NOFOLLOW);
   try {
     const st = await fh.stat({ bigint: true });
     if ((st.mode & 0o170000n) !== (expect.mode & 0o170000n)) throw swapped(`${dir.path}/${name}`, expect, st);
@@ -248,7 +318,7 @@ function swapped(path: string, want: BigIntStats, got: BigIntStats): QsyncError 
  * place does not hang the open), then fstat: anything but a regular file is
  * closed and refused with a message naming what it is.
  */
-export async function openRegular(path: string, flags: number, mode = 0o600, shown = path): Promise<FileHandle> {
+export async function openRegular(path: PathLike, flags: number, mode = 0o600, shown = String(path)): Promise<FileHandle> {
   let fh: FileHandle;
   try {
     fh = await open(path, flags | O_NOFOLLOW | O_NONBLOCK, mode);

@@ -10,6 +10,8 @@
  * folders on the way down are held: descriptors grow with depth, not width.
  */
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -19,7 +21,7 @@ import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
-import { Dir, removeTreeAt, setMetaAt, type MetaChange } from '../io/safe-fs.js';
+import { compareNames, Dir, setMetaAt, type MetaChange } from '../io/safe-fs.js';
 import { intentPathFor } from './intent.js';
 import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
@@ -62,6 +64,8 @@ type Kind = FileReport['kind'];
 const kindOf = (s: BigIntStats): Kind =>
   s.isFile() ? 'file' : s.isDirectory() ? 'dir' : s.isSymbolicLink() ? 'symlink' : s.isCharacterDevice() || s.isBlockDevice() ? 'device' : 'special';
 const TYPE_CHAR: Record<Kind, string> = { file: 'f', dir: 'd', symlink: 'L', device: 'D', special: 'S' };
+/** rsync's words in "could not make way for new ...". */
+const MAKE_WAY_WORD: Record<Kind, string> = { file: 'regular file', dir: 'directory', symlink: 'symlink', device: 'device file', special: 'special file' };
 
 /**
  * Check the state folder at the destination root once, before anything is
@@ -226,22 +230,30 @@ export class TreeSync {
     }
   }
 
-  /** Remove what stands at `name` in `dst` when it is of another type than `want`. Returns the stat left. */
-  private async clearOtherType(dst: Dir | undefined, name: string, want: Kind): Promise<BigIntStats | undefined> {
+  /**
+   * Remove what stands at `name` in `dst` when it is of another type than
+   * `want`, as rsync makes way: a folder in the way goes with its contents
+   * only under --delete (excluded names in it are kept, and keep it), else
+   * only when empty. Returns the stat left.
+   */
+  private async clearOtherType(dst: Dir | undefined, name: string, want: Kind, rel: string): Promise<BigIntStats | undefined> {
     const cur = await dst?.lstatOrUndefined(name);
     if (!cur || kindOf(cur) === want) return cur;
-    if (this.noWrite) return undefined;
     if (cur.isDirectory()) {
-      await dst!.rmdir(name).catch((e) => {
-        throw new QsyncError('TARGET', `cannot delete non-empty directory ${dst!.path}/${name} to put a ${want} there`, { file: name }, { cause: e });
-      });
-    } else await dst!.unlink(name);
+      const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : this.noWrite || (await this.rmdirIfEmpty(dst!, name, rel, 1));
+      if (!gone) {
+        throw new QsyncError('TARGET', `could not make way for new ${MAKE_WAY_WORD[want]}: ${rel}`, {
+          file: rel,
+          hint: this.opts.delete ? 'the folder holds excluded names, which --delete keeps' : 'remove the folder, or run with --delete',
+        });
+      }
+    } else if (!this.noWrite) await dst!.unlink(name);
     return undefined;
   }
 
   private async dir(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, rootDev: bigint): Promise<void> {
     this.stats.dirs++;
-    const cur = await this.clearOtherType(dst, name, 'dir');
+    const cur = await this.clearOtherType(dst, name, 'dir', rel);
     if (!cur) {
       // 0700 until its contents are done; its own mode comes last, through its descriptor.
       if (!this.noWrite) await dst!.mkdir(name, 0o700).catch((e) => {
@@ -252,12 +264,19 @@ export class TreeSync {
     let srcDir: Dir | undefined;
     let dstDir: Dir | undefined;
     try {
-      srcDir = await src.dir.openDir(src.name).catch((e) => {
-        throw errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR'
-          ? new QsyncError('SOURCE', `file has vanished: ${rel} (${(e as Error).message})`, { file: rel, vanished: true })
-          : e;
-      });
-      await this.checkSame(srcDir, st, rel);
+      try {
+        srcDir = await src.dir.openDir(src.name).catch((e) => {
+          const errno = errnoOf(e);
+          throw errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR'
+            ? new QsyncError('SOURCE', `file has vanished: ${join(src.dir.path, src.name)}`, { file: rel, vanished: true })
+            : e;
+        });
+        await this.checkSame(srcDir, st, rel);
+      } catch (e) {
+        // Listed, then gone: the folder made for it gets the listed metadata, as rsync gives it, not 0700.
+        if (!cur && !this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true)).catch(() => {});
+        throw e;
+      }
       if (dst && (cur || !this.noWrite)) dstDir = await dst.openDir(name);
       await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev);
     } finally {
@@ -274,7 +293,7 @@ export class TreeSync {
     if (!this.opts.oneFileSystem || st.dev === rootDev) {
       const keep = new Set<string>();
       const children: { name: string; st: BigIntStats }[] = [];
-      for (const name of (await src.readdir()).sort()) {
+      for (const name of (await src.readdir()).sort(compareNames)) {
         if (rel === '' && name === STATE_DIR) continue;
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
@@ -300,20 +319,75 @@ export class TreeSync {
     }
   }
 
+  /** --delete: the names in `dst` the source does not have (rsync's order: reverse, by bytes). */
   private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
-    for (const name of (await dst.readdir()).sort()) {
+    for (const name of (await dst.readdir()).sort(compareNames).reverse()) {
       if (keep.has(name) || (rel === '' && name === STATE_DIR)) continue;
-      const childRel = joinRel(rel, name);
-      const st = await dst.lstatOrUndefined(name);
-      if (!st) continue;
+      await this.deleteChild(dst, name, joinRel(rel, name), 'top');
+    }
+  }
+
+  /** Delete one name found in a folder being cleared, unless excluded; true when it is gone. */
+  private async deleteChild(dir: Dir, name: string, rel: string, level: 'top' | 'nested'): Promise<boolean> {
+    try {
+      const st = await dir.lstatOrUndefined(name);
+      if (!st) return true;
       // Excluded names are protected from deletion, as in rsync without --delete-excluded.
-      if (this.filter.excluded(childRel, st.isDirectory())) continue;
-      this.hooks.deleted?.(st.isDirectory() ? `${childRel}/` : childRel);
-      this.stats.deleted++;
-      if (this.noWrite) continue;
-      await removeTreeAt(dst, name);
-      if (st.isFile()) await this.forgetManifest(childRel);
-      else if (st.isDirectory()) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', childRel), { recursive: true, force: true });
+      if (this.filter.excluded(rel, st.isDirectory())) return false;
+      return await this.deleteEntry(dir, name, rel, st, level);
+    } catch (e) {
+      this.fail(e, rel);
+      return false;
+    }
+  }
+
+  /**
+   * rsync's delete of an entry: a folder's contents first (the filter
+   * applies inside it too: excluded names stay, and so does their folder,
+   * "cannot delete non-empty directory"), then the folder. Each removal is
+   * reported, except the folder itself when it only makes way for an entry
+   * of another type. Folders are walked by descriptor, never through a symlink.
+   */
+  private async deleteEntry(dir: Dir, name: string, rel: string, st: BigIntStats, level: 'top' | 'nested' | 'make-room'): Promise<boolean> {
+    if (st.isDirectory()) {
+      let kept = false;
+      // Not root: a read-only folder of one's own is made writable to empty it, as rsync does.
+      const me = process.getuid?.() ?? 0;
+      if (me !== 0 && st.uid === BigInt(me) && !(st.mode & 0o200n) && !this.noWrite) {
+        await setMetaAt(dir, name, st, { mode: Number(st.mode & 0o7777n) | 0o200 });
+      }
+      const sub = await dir.openDir(name);
+      try {
+        for (const n of (await sub.readdir()).sort(compareNames).reverse()) {
+          if (!(await this.deleteChild(sub, n, joinRel(rel, n), 'nested'))) kept = true;
+        }
+      } finally {
+        await sub.close();
+      }
+      // rsync says it twice for a folder below the one it deletes.
+      if (kept || !(this.noWrite || (await this.rmdirIfEmpty(dir, name, rel, level === 'nested' ? 2 : 1)))) {
+        if (kept) for (let i = level === 'nested' ? 2 : 1; i > 0; i--) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+        return false;
+      }
+      if (!this.noWrite) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', rel), { recursive: true, force: true });
+    } else if (!this.noWrite) {
+      await dir.unlink(name);
+      if (st.isFile()) await this.forgetManifest(rel);
+    }
+    this.stats.deleted++;
+    if (level !== 'make-room') this.hooks.deleted?.(st.isDirectory() ? `${rel}/` : rel);
+    return true;
+  }
+
+  /** rmdir; a folder that is not empty stays, and rsync's line says so (`times` times). */
+  private async rmdirIfEmpty(dir: Dir, name: string, rel: string, times: number): Promise<boolean> {
+    try {
+      await dir.rmdir(name);
+      return true;
+    } catch (e) {
+      if (errnoOf(e) !== 'ENOTEMPTY' && errnoOf(e) !== 'EEXIST') throw e;
+      for (let i = 0; i < times; i++) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+      return false;
     }
   }
 
@@ -325,7 +399,7 @@ export class TreeSync {
   private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
-    const cur = await this.clearOtherType(dst, name, 'file');
+    const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, rel);
     const r = await syncFile({
       src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
@@ -342,18 +416,20 @@ export class TreeSync {
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
     const changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
-    // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here.
-    if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, false));
+    // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
+    // and its time when it differs (--size-only), as rsync does.
+    const timeDiffers = cur !== undefined && cur.mtimeNs / 1000n !== st.mtimeNs / 1000n;
+    if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: r });
   }
 
   private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     const target = await src.dir.readlink(src.name);
-    const cur = await this.clearOtherType(dst, name, 'symlink');
+    const cur = await this.clearOtherType(dst, name, 'symlink', rel);
     if (cur && (await dst!.readlink(name)) === target) {
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
-      this.report({ path: rel, kind: 'symlink', created: false, changes, size: 0 });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes, size: 0 });
       return;
     }
     if (!this.noWrite) {
@@ -362,28 +438,17 @@ export class TreeSync {
       await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
     }
     if (!cur) this.stats.created++;
-    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur ? 'c' : undefined, size: 0 });
+    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0 });
   }
 
   private async special(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     const kind = kindOf(st);
-    const cur = await this.clearOtherType(dst, name, kind);
+    const cur = await this.clearOtherType(dst, name, kind, rel);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
-    if (!sameNode && !this.noWrite) {
-      if (cur) await dst!.unlink(name);
-      // mkfifo and mknod run in a child: they reach the held folder through this process's descriptor.
-      const at = `/proc/${process.pid}/fd/${dst!.fd}/${name}`;
-      if (st.isFIFO()) await run('mkfifo', [at]);
-      else if (st.isSocket()) throw new QsyncError('UNSUPPORTED', `cannot recreate socket ${rel}`, { file: rel });
-      else {
-        const [major, minor] = majorMinor(Number(st.rdev));
-        await run('mknod', [at, st.isBlockDevice() ? 'b' : 'c', String(major), String(minor)]);
-      }
-    }
+    if (!sameNode && !this.noWrite) await makeNode(dst!, name, st);
     if (!cur) this.stats.created++;
-    // rsync leaves the times of devices and fifos alone.
-    if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, false));
-    this.report({ path: rel, kind, created: !cur, changes: cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined, size: 0 });
+    if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
+    this.report({ path: rel, kind, created: !cur, changes: cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`), size: 0 });
   }
 
   /** rsync's itemize attribute letters (positions c s t p o g) for an existing entry. */
@@ -428,12 +493,49 @@ export class TreeSync {
     if (!st.isSymbolicLink()) {
       const mode = Number(st.mode & 0o7777n);
       if (o.perms) m.mode = mode;
-      else if (created) m.mode = mode & ~UMASK;
+      // rsync without -p: a new entry gets the source's permissions less the umask, never setuid, setgid or sticky.
+      else if (created) m.mode = mode & 0o777 & ~UMASK;
     }
     if (times && o.preserveTimes) {
       m.atime = nsToSeconds(st.atimeNs);
       m.mtime = nsToSeconds(st.mtimeNs);
     }
     return m;
+  }
+}
+
+/**
+ * Make a FIFO, device or socket like `st` at `name`: made under a temporary
+ * name (plain ASCII, whatever `name` is) and renamed into place. mkfifo and
+ * mknod run in a child, reaching the held folder through this process's
+ * descriptor; a socket is made by binding one (as rsync does where mknod
+ * cannot make sockets), renamed, then the listener is closed.
+ */
+async function makeNode(dir: Dir, name: string, st: BigIntStats): Promise<void> {
+  const tmp = `.qsync-node.${randomBytes(6).toString('hex')}`;
+  const at = `/proc/${process.pid}/fd/${dir.fd}/${tmp}`;
+  try {
+    if (st.isFIFO()) await run('mkfifo', [at]);
+    else if (st.isSocket()) {
+      const server = createServer();
+      await new Promise<void>((ok, fail) => {
+        server.once('error', fail);
+        server.listen(at, ok);
+      });
+      // Closing a listener unlinks its path: the socket takes its real name first.
+      try {
+        await dir.rename(tmp, dir, name);
+      } finally {
+        await new Promise((done) => server.close(done));
+      }
+      return;
+    } else {
+      const [major, minor] = majorMinor(Number(st.rdev));
+      await run('mknod', [at, st.isBlockDevice() ? 'b' : 'c', String(major), String(minor)]);
+    }
+    await dir.rename(tmp, dir, name);
+  } catch (e) {
+    await dir.unlink(tmp).catch(() => {});
+    throw e;
   }
 }

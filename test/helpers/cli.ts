@@ -5,6 +5,9 @@ import { join } from 'node:path';
 
 export const QSYNC = join(import.meta.dirname, '../../dist/src/cli/main.js');
 
+/** setpriv's arguments that run a command as nobody (uid and gid 65534, no groups). */
+export const AS_NOBODY = ['--reuid=65534', '--regid=65534', '--clear-groups'];
+
 export interface RunResult {
   code: number | null;
   signal: NodeJS.Signals | null;
@@ -18,12 +21,14 @@ export interface RunResult {
  * Run the built qsync CLI. With `measureIo`, it runs under a shell that
  * prints its own /proc/self/io after waiting for qsync: Linux adds a reaped
  * child's counters (all its threads) to the parent's, so the numbers are the
- * child's, measured from outside it.
+ * child's, measured from outside it. `asNobody`: run as nobody, through setpriv.
  */
-export function runQsync(args: string[], opts: { measureIo?: boolean; env?: NodeJS.ProcessEnv; onSpawn?: (pid: number) => void } = {}): Promise<RunResult> {
+export function runQsync(args: string[], opts: { measureIo?: boolean; env?: NodeJS.ProcessEnv; onSpawn?: (pid: number) => void; asNobody?: boolean } = {}): Promise<RunResult> {
   const cmd = opts.measureIo
     ? spawn('sh', ['-c', 'node "$@"; rc=$?; cat /proc/$$/io >&3; exit $rc', 'sh', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe', 'pipe'], env: opts.env ?? process.env })
-    : spawn('node', [QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
+    : opts.asNobody
+      ? spawn('setpriv', [...AS_NOBODY, 'node', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env })
+      : spawn('node', [QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
   opts.onSpawn?.(cmd.pid!);
   let stdout = '';
   let stderr = '';
