@@ -8,7 +8,7 @@ import { chmodSync, chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, r
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AS_NOBODY, runQsync } from './helpers/cli.js';
+import { AS_NOBODY, QSYNC, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { randomFile } from './helpers/data.js';
 
@@ -193,6 +193,8 @@ interface DiffCase {
   /** Run both as nobody (uid 65534), over trees nobody owns. */
   nobody?: boolean;
   rounds?: number;
+  /** DEST does not exist before the first run. */
+  fresh?: boolean;
   /** A known difference, still to fix: the case must fail (and says so when it no longer does). */
   knownFailure?: boolean;
   /** Anything else to compare, given the two destinations. */
@@ -214,7 +216,8 @@ function ageAll(dir: string | Buffer, when: Date): void {
 
 /** Run a bash script in `cwd` (the source), with $D the destination's starting state. */
 const sh = (script: string, cwd: string, dest: string) => execFileSync('bash', ['-ec', script], { cwd, env: { ...process.env, D: dest } });
-const sortedLines = (s: string) => s.split('\n').filter(Boolean).sort();
+/** Output lines, sorted; rsync's "sent N bytes" counts its protocol's bytes, which qsync has none of. */
+const sortedLines = (s: string) => s.split('\n').filter((l) => l && !l.startsWith('sent ')).sort();
 
 function runRsync(args: string[], nobody: boolean): { code: number; stdout: string; stderr: string } {
   const [cmd, argv] = nobody ? ['setpriv', [...AS_NOBODY, 'rsync', ...args]] : ['rsync', args];
@@ -355,6 +358,26 @@ const diffCases: DiffCase[] = [
     },
   },
   {
+    name: 'a DEST that does not exist yet, with -v',
+    flags: ['-a', '-v', '--exclude=*.tmp'],
+    fresh: true,
+    setup: (src, dest) => sh('mkdir d; touch d/f x.tmp', src, dest),
+  },
+  {
+    name: 'without --delete: a file and a link trade places with each other and with a folder',
+    flags: ['-a', '-i'],
+    rounds: 2,
+    setup: (src, dest) => sh('ln -s t wasfile; echo data > waslink; mkdir wasempty; cd "$D"; touch wasfile; ln -s u waslink; touch wasempty', src, dest),
+  },
+  {
+    name: '-rlt: devices, fifos and sockets skipped as rsync skips them',
+    flags: ['-rlt', '-v'],
+    setup: (src, dest) => {
+      sh('mkfifo fifo; mknod null c 1 3; touch f', src, dest);
+      execFileSync('python3', ['-c', 'import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])', join(src, 'sock')]);
+    },
+  },
+  {
     name: 'nobody: -a over a tree nobody owns (files, links, fifo, socket, special bits)',
     flags: ['-a', '--delete', '-i'],
     nobody: true,
@@ -391,7 +414,7 @@ describe.skipIf(!needTools('rsync', 'setpriv', 'python3'))('same results as rsyn
   beforeAll(() => chmodSync(root, 0o755));
 
   const known = diffCases.filter((c) => c.knownFailure);
-  const run = async ({ name, flags, setup, nobody = false, rounds = 1, check }: DiffCase) => {
+  const run = async ({ name, flags, setup, nobody = false, rounds = 1, fresh = false, check }: DiffCase) => {
     const base = join(root, name.replace(/\W+/g, '_').slice(0, 80));
     const src = join(base, 'src');
     const init = join(base, 'init');
@@ -403,13 +426,13 @@ describe.skipIf(!needTools('rsync', 'setpriv', 'python3'))('same results as rsyn
     if (nobody) execFileSync('chown', ['-R', '65534:65534', base]);
     const rs = join(base, 'by-rsync');
     const qs = join(base, 'by-qsync');
-    execFileSync('cp', ['-a', init, rs]);
-    execFileSync('cp', ['-a', init, qs]);
+    if (!fresh) execFileSync('cp', ['-a', init, rs]);
+    if (!fresh) execFileSync('cp', ['-a', init, qs]);
     for (let round = 0; round < rounds; round++) {
       const r = runRsync([...flags, `${src}/`, `${rs}/`], nobody);
       const q = await runQsync([...flags, `${src}/`, `${qs}/`], { asNobody: nobody });
-      const qOut = Buffer.from(q.stdout).toString('latin1');
-      expect({ round, code: q.code, stdout: sortedLines(qOut) }, q.stderr).toEqual({ round, code: r.code, stdout: sortedLines(r.stdout) });
+      const qOut = Buffer.from(q.stdout).toString('latin1').replaceAll(qs, 'DEST');
+      expect({ round, code: q.code, stdout: sortedLines(qOut) }, q.stderr).toEqual({ round, code: r.code, stdout: sortedLines(r.stdout.replaceAll(rs, 'DEST')) });
       expect(q.stderr === '', `rsync: ${r.stderr}\nqsync: ${q.stderr}`).toBe(r.stderr === '');
       expect(snapshot(qs)).toEqual(snapshot(rs));
       expect(dirTimes(qs)).toEqual(dirTimes(rs));
@@ -488,4 +511,26 @@ describe.skipIf(!needTools('rsync'))('a source file that vanishes between the li
     expect(snapshot(qs)).toEqual(snapshot(rs));
     expect(dirTimes(qs)).toEqual(dirTimes(rs));
   }, 120_000);
+});
+
+describe.skipIf(!needTools('rsync'))('operands and patterns that are not UTF-8', () => {
+  it('a source folder named with byte 0xff, an --exclude naming byte 0xfe: as rsync', () => {
+    const base = join(root, 'raw-args');
+    const src = joinB(base, Buffer.from('src\xff', 'latin1'));
+    mkdirSync(joinB(src, 'in'), { recursive: true });
+    writeFileSync(joinB(src, 'in', 'kept'), 'k');
+    writeFileSync(joinB(src, Buffer.from('skip\xfe', 'latin1')), 's');
+    ageAll(base, T_SRC);
+    // Node passes arguments as UTF-8: bash makes the raw bytes from $'\xff'.
+    const run = (tool: string, dest: string) => {
+      const r = spawnSync('bash', ['-c', `${tool} -ai --exclude=$'skip\\xfe' $'src\\xff' ${dest}/`], { cwd: base, encoding: 'latin1', env: { ...process.env, QSYNC } });
+      return { code: r.status, stdout: sortedLines(r.stdout), stderr: r.stderr };
+    };
+    const r = run('rsync', 'by-rsync');
+    const q = run('node "$QSYNC"', 'by-qsync');
+    expect(q.stderr).toBe('');
+    expect({ code: q.code, stdout: q.stdout.map((l) => l.replace('by-qsync', 'DEST')) }).toEqual({ code: r.code, stdout: r.stdout.map((l) => l.replace('by-rsync', 'DEST')) });
+    expect(snapshot(join(base, 'by-qsync'))).toEqual(snapshot(join(base, 'by-rsync')));
+    expect(Object.keys(snapshot(join(base, 'by-qsync')))).toEqual(['src\xff', 'src\xff/in', 'src\xff/in/kept']);
+  });
 });

@@ -9,7 +9,7 @@ import type { Writable } from 'node:stream';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
-import { Dir, resolveTrusted } from '../io/safe-fs.js';
+import { Dir, fsPath, resolveTrusted } from '../io/safe-fs.js';
 import { lockDestination } from '../sync/lock.js';
 import { STATE_DIR } from '../sync/manifest-store.js';
 import { planOperands, type Plan } from '../sync/operands.js';
@@ -28,7 +28,7 @@ export interface CliIO {
 
 async function statOrUndefined(p: string): Promise<BigIntStats | undefined> {
   try {
-    return await stat(p, { bigint: true });
+    return await stat(fsPath(p), { bigint: true });
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') return undefined;
     throw e;
@@ -105,7 +105,7 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
   for (const operand of operands) {
     try {
       // rsync follows a symlink given as an operand with a trailing slash only; lstat otherwise.
-      sources.push({ operand, stat: operand.endsWith('/') ? await stat(operand, { bigint: true }) : await lstat(operand, { bigint: true }) });
+      sources.push({ operand, stat: operand.endsWith('/') ? await stat(fsPath(operand), { bigint: true }) : await lstat(fsPath(operand), { bigint: true }) });
     } catch (e) {
       missing = true;
       printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
@@ -120,15 +120,17 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
       throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest });
     }
     if (!destStat) plan.destCreated = true;
+    // rsync's line for a destination folder it makes, with -v or -i.
+    if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);
     if (!destStat && !o.dryRun) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
-      await mkdir(plan.destRoot, plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch((e) => {
+      await mkdir(fsPath(plan.destRoot), plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch((e) => {
         throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
       });
     }
   }
   if (!o.dryRun) {
-    await access(plan.destRoot, constants.W_OK).catch((e) => {
+    await access(fsPath(plan.destRoot), constants.W_OK).catch((e) => {
       throw new QsyncError('TARGET', `destination ${plan.destRoot} is not writable: ${(e as Error).message}`, { file: plan.destRoot, hint: 'check its permissions or mount' });
     });
   }

@@ -123,7 +123,7 @@ export class Dir {
    */
   static async open(path: string, opts: { follow?: boolean } = {}): Promise<Dir> {
     const flags = O_RDONLY | O_DIRECTORY | (opts.follow === false ? O_NOFOLLOW : 0);
-    return new Dir(await open(path, flags), path);
+    return new Dir(await open(fsPath(path), flags), path);
   }
 
   get fd(): number {
