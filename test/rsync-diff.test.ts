@@ -378,6 +378,25 @@ const diffCases: DiffCase[] = [
     },
   },
   {
+    name: 'nobody: an unreadable file and folder in the source: the rest copied, exit 23',
+    flags: ['-a', '-i'],
+    nobody: true,
+    setup: (src, dest) => sh('echo a > f; mkdir d; echo b > d/g; touch ok; chmod 000 f d', src, dest),
+  },
+  {
+    name: '--existing: nothing new is made (files, folders, links, nothing below a new folder); a type change still fails',
+    flags: ['-a', '-i', '--existing'],
+    setup: (src, dest) => sh('touch wasdir new; mkdir -p newdir d/e; touch newdir/x d/e/f; ln -s a l; ln -s x nl; cd "$D"; mkdir -p wasdir/s d; touch wasdir/s/a; ln -s b l', src, dest),
+  },
+  {
+    // Not here: a source folder over a DEST file. Both leave the file and exit 23, but rsync then gives
+    // the file the folder's time, which --ignore-existing should not do; qsync leaves it alone.
+    name: '--ignore-existing --delete: entries of another type are left alone',
+    flags: ['-a', '-i', '--ignore-existing', '--delete'],
+    setup: (src, dest) =>
+      sh('touch wasdir; mkdir newdir; touch newdir/x new; echo x > same; ln -s a l; mkfifo p; cd "$D"; mkdir -p wasdir/s; touch wasdir/s/a; echo yy > same; ln -s b l; touch p', src, dest),
+  },
+  {
     name: 'nobody: -a over a tree nobody owns (files, links, fifo, socket, special bits)',
     flags: ['-a', '--delete', '-i'],
     nobody: true,

@@ -43,3 +43,14 @@ export function errnoOf(e: unknown): string | undefined {
   const code = (e as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
 }
+
+/**
+ * What a Node system error says, without the path it names (qsync reaches
+ * files through /proc/self/fd/N/NAME, which tells a user nothing):
+ * "EACCES: permission denied, open '/proc/self/fd/27/f'" → "permission denied (EACCES)".
+ */
+export function errnoText(e: unknown): string {
+  const message = (e as Error | null)?.message ?? String(e);
+  const m = /^([A-Z0-9]+): ([^,]+)/.exec(message);
+  return m ? `${m[2]} (${m[1]})` : message;
+}

@@ -7,7 +7,7 @@
  */
 import { constants, type BigIntStats } from 'node:fs';
 import { rm, type FileHandle } from 'node:fs/promises';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
@@ -152,7 +152,7 @@ async function openSource(job: FileJob): Promise<FileHandle> {
     if (errnoOf(e) === 'ENOENT') throw vanished(src, 'it is gone');
     // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
     if (e instanceof QsyncError) throw vanished(src, 'something other than a regular file took its name while qsync worked; not read');
-    throw new QsyncError('SOURCE', `cannot read ${src}: ${(e as Error).message}`, { file: src }, { cause: e });
+    throw new QsyncError('SOURCE', `cannot read ${src}: ${errnoText(e)}`, { file: src }, { cause: e });
   }
   const st = await fh.stat({ bigint: true });
   if (st.dev !== srcStat.dev || st.ino !== srcStat.ino) {

@@ -16,7 +16,7 @@ import type { BigIntStats } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
@@ -209,6 +209,7 @@ export class TreeSync {
     const name = basename(rel);
     try {
       this.stats.files++;
+      if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return;
       if (st.isDirectory()) {
         if (!this.opts.recursive) {
           this.hooks.notice?.(`skipping directory ${shown}`, shown);
@@ -228,6 +229,22 @@ export class TreeSync {
     } catch (e) {
       this.fail(e, shown);
     }
+  }
+
+  /**
+   * rsync's --existing (nothing new is created: no file, folder, link or
+   * node, and nothing below a folder not made) and --ignore-existing
+   * (anything but a folder that exists, of whatever type, is left alone; a
+   * folder whose name holds something else cannot be entered: exit 23).
+   */
+  private async skipByExistence(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<boolean> {
+    if (!name) return false;
+    const cur = await dst?.lstatOrUndefined(name);
+    if (this.opts.existing && !cur) return true;
+    if (!this.opts.ignoreExisting || !cur) return false;
+    if (!st.isDirectory()) return true;
+    if (cur.isDirectory()) return false;
+    throw new QsyncError('TARGET', `opendir ${join(this.plan.destRoot, rel)} failed: not a directory (--ignore-existing leaves what is there)`, { file: rel });
   }
 
   /**
@@ -267,14 +284,16 @@ export class TreeSync {
       try {
         srcDir = await src.dir.openDir(src.name).catch((e) => {
           const errno = errnoOf(e);
+          const shown = join(src.dir.path, src.name);
           throw errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR'
-            ? new QsyncError('SOURCE', `file has vanished: ${join(src.dir.path, src.name)}`, { file: rel, vanished: true })
-            : e;
+            ? new QsyncError('SOURCE', `file has vanished: ${shown}`, { file: rel, vanished: true })
+            : new QsyncError('SOURCE', `opendir ${shown} failed: ${errnoText(e)}`, { file: rel }, { cause: e });
         });
         await this.checkSame(srcDir, st, rel);
       } catch (e) {
-        // Listed, then gone: the folder made for it gets the listed metadata, as rsync gives it, not 0700.
+        // Listed, then unreadable or gone: the folder made for it is reported and gets the listed metadata, as rsync gives it (not 0700).
         if (!cur && !this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true)).catch(() => {});
+        this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0 });
         throw e;
       }
       if (dst && (cur || !this.noWrite)) dstDir = await dst.openDir(name);
