@@ -34,11 +34,15 @@ const B = (p: string | Buffer) => (typeof p === 'string' ? Buffer.from(p) : p);
 const joinB = (...parts: (string | Buffer)[]) => Buffer.concat(parts.flatMap((p, i) => (i ? [Buffer.from('/'), B(p)] : [B(p)])));
 const listB = (dir: Buffer) => readdirSync(dir, { encoding: 'buffer' }).sort(Buffer.compare);
 
-/** Everything a user compares after a sync, keyed by relative path; qsync's state folder left out. */
+/**
+ * Everything a user compares after a sync, keyed by relative path; qsync's
+ * state folder left out (at the DEST root, which may lie below the copy
+ * compared: no source in these tests has a `.qsync` of its own).
+ */
 function snapshot(dir: string | Buffer, rel?: Buffer): Record<string, Entry> {
   const out: Record<string, Entry> = {};
   for (const name of listB(rel ? joinB(dir, rel) : B(dir))) {
-    if (!rel && name.toString() === '.qsync') continue;
+    if (name.toString() === '.qsync') continue;
     const r = rel ? joinB(rel, name) : name;
     const p = joinB(dir, r);
     const st = lstatSync(p, { bigint: true });
@@ -66,7 +70,7 @@ function dirTimes(dir: string): Record<string, number | 'now'> {
   const out: Record<string, number | 'now'> = {};
   const walk = (rel?: Buffer) => {
     for (const name of listB(rel ? joinB(dir, rel) : B(dir))) {
-      if (!rel && name.toString() === '.qsync') continue;
+      if (name.toString() === '.qsync') continue;
       const r = rel ? joinB(rel, name) : name;
       const st = lstatSync(joinB(dir, r), { bigint: true });
       if (st.isDirectory()) {
@@ -193,6 +197,8 @@ interface DiffCase {
   /** Run both as nobody (uid 65534), over trees nobody owns. */
   nobody?: boolean;
   rounds?: number;
+  /** DEST is this path inside the destination copy (a symlink to a folder, say), not the copy itself. */
+  destSub?: string;
   /** DEST does not exist before the first run. */
   fresh?: boolean;
   /** A known difference, still to fix: the case must fail (and says so when it no longer does). */
@@ -397,6 +403,25 @@ const diffCases: DiffCase[] = [
       sh('touch wasdir; mkdir newdir; touch newdir/x new; echo x > same; ln -s a l; mkfifo p; cd "$D"; mkdir -p wasdir/s; touch wasdir/s/a; echo yy > same; ln -s b l; touch p', src, dest),
   },
   {
+    name: 'nobody: updates inside read-only folders and of read-only files nobody owns (-a, then -rt)',
+    flags: ['-a', '-i', '--delete'],
+    nobody: true,
+    setup: (src, dest) =>
+      sh('mkdir -p ro/sub; echo x > ro/sub/f; echo y2 > ro/g; chmod 555 ro/sub ro; chmod 444 ro/g; cd "$D"; mkdir -p ro/sub; echo x > ro/g; touch ro/sub/old; chmod 555 ro/sub ro; chmod 444 ro/g', src, dest),
+  },
+  {
+    name: 'nobody: -rt into read-only folders nobody owns: their modes stay',
+    flags: ['-rt', '-i', '--delete'],
+    nobody: true,
+    setup: (src, dest) => sh('mkdir -p ro/sub; echo x > ro/sub/f; echo y2 > ro/g; cd "$D"; mkdir -p ro/sub; echo x > ro/g; chmod 555 ro/sub ro; chmod 444 ro/g', src, dest),
+  },
+  {
+    name: 'DEST a symlink to a folder: written through it, the link kept',
+    flags: ['-a', '-i', '--delete'],
+    destSub: 'backup',
+    setup: (src, dest) => sh('mkdir -p vm; echo disk > vm/a.img; cd "$D"; mkdir -p mnt/real/old; touch mnt/real/old/x; ln -s mnt/real backup', src, dest),
+  },
+  {
     name: 'nobody: -a over a tree nobody owns (files, links, fifo, socket, special bits)',
     flags: ['-a', '--delete', '-i'],
     nobody: true,
@@ -433,7 +458,7 @@ describe.skipIf(!needTools('rsync', 'setpriv', 'python3'))('same results as rsyn
   beforeAll(() => chmodSync(root, 0o755));
 
   const known = diffCases.filter((c) => c.knownFailure);
-  const run = async ({ name, flags, setup, nobody = false, rounds = 1, fresh = false, check }: DiffCase) => {
+  const run = async ({ name, flags, setup, nobody = false, rounds = 1, fresh = false, destSub, check }: DiffCase) => {
     const base = join(root, name.replace(/\W+/g, '_').slice(0, 80));
     const src = join(base, 'src');
     const init = join(base, 'init');
@@ -448,8 +473,8 @@ describe.skipIf(!needTools('rsync', 'setpriv', 'python3'))('same results as rsyn
     if (!fresh) execFileSync('cp', ['-a', init, rs]);
     if (!fresh) execFileSync('cp', ['-a', init, qs]);
     for (let round = 0; round < rounds; round++) {
-      const r = runRsync([...flags, `${src}/`, `${rs}/`], nobody);
-      const q = await runQsync([...flags, `${src}/`, `${qs}/`], { asNobody: nobody });
+      const r = runRsync([...flags, `${src}/`, destSub ? `${rs}/${destSub}/` : `${rs}/`], nobody);
+      const q = await runQsync([...flags, `${src}/`, destSub ? `${qs}/${destSub}/` : `${qs}/`], { asNobody: nobody });
       const qOut = Buffer.from(q.stdout).toString('latin1').replaceAll(qs, 'DEST');
       expect({ round, code: q.code, stdout: sortedLines(qOut) }, q.stderr).toEqual({ round, code: r.code, stdout: sortedLines(r.stdout.replaceAll(rs, 'DEST')) });
       expect(q.stderr === '', `rsync: ${r.stderr}\nqsync: ${q.stderr}`).toBe(r.stderr === '');

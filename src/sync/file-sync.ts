@@ -218,7 +218,10 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   // --only-write-batch: the target is read at most (compare mode), never written.
   const touch = !opts.recordOnly;
   // A target with other hard links (a `cp -al` snapshot) is copied and the copy updated: the other names keep the old data.
-  const detach = touch && dstStat !== undefined && dstStat.nlink > 1n;
+  // So is a read-only target of one's own when not root (rsync replaces it the same way: a new file, renamed).
+  const me = process.getuid?.() ?? 0;
+  const readOnlyOwn = me !== 0 && dstStat !== undefined && dstStat.uid === BigInt(me) && !(dstStat.mode & 0o200n);
+  const detach = touch && dstStat !== undefined && (dstStat.nlink > 1n || readOnlyOwn);
   const base = trust.trusted ? manifest!.fingerprint : !dstStat ? emptyFingerprint(blockSize) : undefined;
   // A delta must name its base: without a trusted manifest, hash the old target while comparing.
   const baseFp = ctx.wrapSink && !base ? new Fingerprinter(blockSize, oldSize) : undefined;

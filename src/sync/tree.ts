@@ -308,6 +308,11 @@ export class TreeSync {
   private async dirBody(src: Dir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
+    // Not root: an existing folder of one's own that one cannot write or enter is opened up
+    // while its contents are synced (its mode is set again after them), as rsync does.
+    const me = process.getuid?.() ?? 0;
+    const opened = !this.noWrite && dst !== undefined && cur !== undefined && me !== 0 && cur.uid === BigInt(me) && (cur.mode & 0o300n) !== 0o300n;
+    if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync -x: a mount point is created, its contents are not copied.
     if (!this.opts.oneFileSystem || st.dev === rootDev) {
       const keep = new Set<string>();
@@ -331,7 +336,8 @@ export class TreeSync {
     }
     if (!this.noWrite && dst) {
       try {
-        await dst.setMeta(this.metaFor(st, !cur, true));
+        const m = this.metaFor(st, !cur, true);
+        await dst.setMeta(opened && m.mode === undefined ? { ...m, mode: Number(cur.mode & 0o7777n) } : m);
       } catch (e) {
         this.fail(e, rel || '.');
       }
