@@ -222,8 +222,13 @@ function ageAll(dir: string | Buffer, when: Date): void {
 
 /** Run a bash script in `cwd` (the source), with $D the destination's starting state. */
 const sh = (script: string, cwd: string, dest: string) => execFileSync('bash', ['-ec', script], { cwd, env: { ...process.env, D: dest } });
-/** Output lines, sorted; rsync's "sent N bytes" counts its protocol's bytes, which qsync has none of. */
-const sortedLines = (s: string) => s.split('\n').filter((l) => l && !l.startsWith('sent ')).sort();
+/** Output lines, sorted; rsync's "sent N bytes" and speedup count its protocol's bytes, which qsync has none of. */
+const sortedLines = (s: string) =>
+  s
+    .split('\n')
+    .filter((l) => l && !l.startsWith('sent '))
+    .map((l) => l.replace(/ {2}speedup is .*/, ''))
+    .sort();
 
 function runRsync(args: string[], nobody: boolean): { code: number; stdout: string; stderr: string } {
   const [cmd, argv] = nobody ? ['setpriv', [...AS_NOBODY, 'rsync', ...args]] : ['rsync', args];
@@ -420,6 +425,24 @@ const diffCases: DiffCase[] = [
     flags: ['-a', '-i', '--delete'],
     destSub: 'backup',
     setup: (src, dest) => sh('mkdir -p vm; echo disk > vm/a.img; cd "$D"; mkdir -p mnt/real/old; touch mnt/real/old/x; ln -s mnt/real backup', src, dest),
+  },
+  {
+    name: '-v: deletions, type changes, excluded names kept, a link to a name that is not UTF-8 (and its length in the total size)',
+    flags: ['-a', '-v', '--delete', '--exclude=*.tmp'],
+    setup: (src, dest) => {
+      sh('touch wasdir; mkdir wasfile keep; touch wasfile/in; cd "$D"; mkdir -p wasdir/s gone/g keep; touch wasdir/s/a wasfile gone/g/h keep/x.tmp', src, dest);
+      symlinkSync(Buffer.from('t\xfe', 'latin1'), join(src, 'l'));
+    },
+  },
+  {
+    name: '-rt: a new folder in a setgid folder keeps the setgid bit the kernel gives it; new files do not get one',
+    flags: ['-rt', '-i'],
+    setup: (src, dest) => sh('mkdir -p a/b; touch a/b/f; chmod 2755 a; cd "$D"; mkdir a; chmod 2775 a', src, dest),
+  },
+  {
+    name: '-n without --delete: a folder in the way of a file is reported as it would be (exit 23), nothing changes',
+    flags: ['-a', '-n', '-i'],
+    setup: (src, dest) => sh('touch wasdir wasempty; mkdir wasfile; cd "$D"; mkdir -p wasdir/s wasempty; touch wasdir/s/a wasfile', src, dest),
   },
   {
     name: 'nobody: -a over a tree nobody owns (files, links, fifo, socket, special bits)',

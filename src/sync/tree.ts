@@ -21,7 +21,7 @@ import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
-import { compareNames, Dir, setMetaAt, type MetaChange } from '../io/safe-fs.js';
+import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
 import { intentPathFor } from './intent.js';
 import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
@@ -59,6 +59,8 @@ const DEST_FATAL: Record<string, string> = {
   EIO: 'I/O error on the destination',
 };
 const UMASK = process.umask();
+/** Who runs qsync: not root (0), it may only open up folders and files of its own, as rsync does. */
+const ME = process.getuid?.() ?? 0;
 
 type Kind = FileReport['kind'];
 const kindOf = (s: BigIntStats): Kind =>
@@ -257,7 +259,7 @@ export class TreeSync {
     const cur = await dst?.lstatOrUndefined(name);
     if (!cur || kindOf(cur) === want) return cur;
     if (cur.isDirectory()) {
-      const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : this.noWrite || (await this.rmdirIfEmpty(dst!, name, rel, 1));
+      const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
       if (!gone) {
         throw new QsyncError('TARGET', `could not make way for new ${MAKE_WAY_WORD[want]}: ${rel}`, {
           file: rel,
@@ -310,8 +312,7 @@ export class TreeSync {
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
-    const me = process.getuid?.() ?? 0;
-    const opened = !this.noWrite && dst !== undefined && cur !== undefined && me !== 0 && cur.uid === BigInt(me) && (cur.mode & 0o300n) !== 0o300n;
+    const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync -x: a mount point is created, its contents are not copied.
     if (!this.opts.oneFileSystem || st.dev === rootDev) {
@@ -337,6 +338,8 @@ export class TreeSync {
     if (!this.noWrite && dst) {
       try {
         const m = this.metaFor(st, !cur, true);
+        // Without -p, a new folder keeps the setgid bit the kernel gave it in a setgid parent, as with rsync.
+        if (!cur && !this.opts.perms && m.mode !== undefined) m.mode |= Number((await dst.stat()).mode & 0o2000n);
         await dst.setMeta(opened && m.mode === undefined ? { ...m, mode: Number(cur.mode & 0o7777n) } : m);
       } catch (e) {
         this.fail(e, rel || '.');
@@ -377,8 +380,7 @@ export class TreeSync {
     if (st.isDirectory()) {
       let kept = false;
       // Not root: a read-only folder of one's own is made writable to empty it, as rsync does.
-      const me = process.getuid?.() ?? 0;
-      if (me !== 0 && st.uid === BigInt(me) && !(st.mode & 0o200n) && !this.noWrite) {
+      if (ME !== 0 && st.uid === BigInt(ME) && !(st.mode & 0o200n) && !this.noWrite) {
         await setMetaAt(dir, name, st, { mode: Number(st.mode & 0o7777n) | 0o200 });
       }
       const sub = await dir.openDir(name);
@@ -390,6 +392,7 @@ export class TreeSync {
         await sub.close();
       }
       // rsync says it twice for a folder below the one it deletes.
+      // -n: the folder would be empty once its contents are gone.
       if (kept || !(this.noWrite || (await this.rmdirIfEmpty(dir, name, rel, level === 'nested' ? 2 : 1)))) {
         if (kept) for (let i = level === 'nested' ? 2 : 1; i > 0; i--) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
         return false;
@@ -404,16 +407,23 @@ export class TreeSync {
     return true;
   }
 
-  /** rmdir; a folder that is not empty stays, and rsync's line says so (`times` times). */
+  /** rmdir (-n: whether it would work); a folder that is not empty stays, and rsync's line says so (`times` times). */
   private async rmdirIfEmpty(dir: Dir, name: string, rel: string, times: number): Promise<boolean> {
-    try {
-      await dir.rmdir(name);
-      return true;
-    } catch (e) {
-      if (errnoOf(e) !== 'ENOTEMPTY' && errnoOf(e) !== 'EEXIST') throw e;
-      for (let i = 0; i < times; i++) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
-      return false;
+    let gone: boolean;
+    if (this.noWrite) {
+      const sub = await dir.openDir(name);
+      gone = (await sub.readdirRaw().finally(() => sub.close())).length === 0;
+    } else {
+      gone = await dir.rmdir(name).then(
+        () => true,
+        (e) => {
+          if (errnoOf(e) !== 'ENOTEMPTY' && errnoOf(e) !== 'EEXIST') throw e;
+          return false;
+        },
+      );
     }
+    if (!gone) for (let i = 0; i < times; i++) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+    return gone;
   }
 
   private async forgetManifest(rel: string): Promise<void> {
@@ -450,6 +460,8 @@ export class TreeSync {
 
   private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     const target = await src.dir.readlink(src.name);
+    // rsync counts a link's length (its target's bytes) in the total size.
+    this.stats.totalSize += encodeName(target).length;
     const cur = await this.clearOtherType(dst, name, 'symlink', rel);
     if (cur && (await dst!.readlink(name)) === target) {
       const changes = this.metaChanges(st, cur);
