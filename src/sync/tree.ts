@@ -201,7 +201,7 @@ export class TreeSync {
       return;
     }
     this.partial = true;
-    const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : `${path}: ${(e as Error).message}`;
+    const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : `${path}: ${errnoText(e)}`;
     this.hooks.warning?.(msg, path);
   }
 
