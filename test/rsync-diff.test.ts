@@ -289,6 +289,14 @@ const diffCases: DiffCase[] = [
     },
   },
   {
+    name: 'names that differ only in bytes that are not UTF-8 (and a %): a second run finds nothing to do',
+    flags: ['-a', '-i'],
+    rounds: 2,
+    setup: (src) => {
+      for (const n of ['a\xff', 'a\xfe', 'a%FF', 'a%25']) writeFileSync(joinB(src, Buffer.from(n, 'latin1')), n);
+    },
+  },
+  {
     name: '255-byte names (folder, link, deleted file)',
     flags: ['-a', '--delete', '-i'],
     setup: (src, dest) => {

@@ -84,7 +84,8 @@ function utf8SeqLen(b: Buffer, i: number): number {
   return n;
 }
 
-const ESCAPED = /[\udc80-\udcff]/;
+/** An escaped byte: a lone surrogate U+DC80..U+DCFF (with `u`, never half of a valid pair). */
+const ESCAPED = /[\u{dc80}-\u{dcff}]/u;
 
 /** The exact bytes of a name or path made by decodeName. */
 export function encodeName(name: string): Buffer {

@@ -95,6 +95,14 @@ export async function checkStateDir(dest: Dir, create: boolean): Promise<void> {
   if (st.mode & 0o022n) throw refuse(`is writable by other users (mode ${(st.mode & 0o7777n).toString(8)})`);
 }
 
+/**
+ * The path qsync's state uses for a file: `rel` itself, but with its
+ * escaped bytes (names that are not UTF-8) as %XX and `%` as %25, so that
+ * two names differing only in such bytes never share a manifest.
+ */
+const stateRel = (rel: string): string =>
+  /[%\u{dc80}-\u{dcff}]/u.test(rel) ? rel.replace(/[%\u{dc80}-\u{dcff}]/gu, (c) => `%${(c === '%' ? 0x25 : c.charCodeAt(0) - 0xdc00).toString(16).toUpperCase().padStart(2, '0')}`) : rel;
+
 /** A source the walk reaches: its folder (held) and name in it. */
 interface Here {
   dir: Dir;
@@ -397,7 +405,7 @@ export class TreeSync {
         if (kept) for (let i = level === 'nested' ? 2 : 1; i > 0; i--) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
         return false;
       }
-      if (!this.noWrite) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', rel), { recursive: true, force: true });
+      if (!this.noWrite) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', stateRel(rel)), { recursive: true, force: true });
     } else if (!this.noWrite) {
       await dir.unlink(name);
       if (st.isFile()) await this.forgetManifest(rel);
@@ -427,7 +435,7 @@ export class TreeSync {
   }
 
   private async forgetManifest(rel: string): Promise<void> {
-    const m = manifestPathFor(this.plan.destRoot, rel);
+    const m = manifestPathFor(this.plan.destRoot, stateRel(rel));
     for (const p of [m, intentPathFor(m), journalPathFor(m)]) await rm(p, { force: true });
   }
 
@@ -435,7 +443,7 @@ export class TreeSync {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
     const cur = await this.clearOtherType(dst, name, 'file', rel);
-    const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, rel);
+    const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     const r = await syncFile({
       src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
       dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
