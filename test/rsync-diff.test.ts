@@ -462,6 +462,17 @@ const diffCases: DiffCase[] = [
     setup: (src, dest) => sh('touch f; cd "$D"; mkdir -p rdir ndir/rsub; touch rdir/x ndir/y ndir/rsub/z', src, dest),
   },
   {
+    name: '-c: same data with another mtime is not sent, only its time set',
+    flags: ['-a', '-i', '-c'],
+    setup: (src, dest) => sh('echo abc > f; echo same > g; echo x > h; cd "$D"; echo xyz > f; echo same > g; echo xy > h', src, dest),
+  },
+  {
+    name: '-v names folders that changed, but files, links and devices only when made or sent',
+    flags: ['-a', '-v', '--size-only'],
+    setup: (src, dest) =>
+      sh('echo abc > f; echo s > g; chmod 600 g; ln -s a l; ln -s x l2; mkdir d; mknod n c 1 3; cd "$D"; echo xyz > f; echo s > g; ln -s a l; mkdir d; chmod 700 d; ln -s y l2; mknod n c 1 3; chmod 600 n', src, dest),
+  },
+  {
     name: 'nobody: -a over a tree nobody owns (files, links, fifo, socket, special bits)',
     flags: ['-a', '--delete', '-i'],
     nobody: true,

@@ -190,7 +190,8 @@ class TextPrinter implements Printer {
     const shows = this.o.verbose || (this.o.progress && !this.o.progress2);
     if (!r.unchanged) {
       if (this.o.itemize) this.out(`${r.itemize} ${name}`);
-      else if (shows) this.out(name);
+      // rsync -v names a folder whatever changed in it, anything else only when made or sent (not for its attributes alone).
+      else if (shows && (r.kind === 'dir' || /^[>c]/.test(r.itemize))) this.out(name);
     } else if (this.o.verbose >= 2) this.out(`${name} is uptodate`);
 
     if (r.kind !== 'file' || !r.itemize.startsWith('>')) return;

@@ -450,7 +450,9 @@ export class TreeSync {
       meta: this.metaFor(st, !cur, true), manifestPath: manifest, relPath: rel,
     }, this.opts, this.ctx);
     if (!r) return; // --existing / --ignore-existing / --update
-    if (r.transferred) {
+    // -c: data found identical was not sent (rsync's checksums say so before sending): only attributes changed.
+    const sent = r.transferred && !(this.opts.checksum && !this.noWrite && !r.created && r.literal === 0 && cur!.size === st.size);
+    if (sent) {
       this.stats.transferred++;
       this.stats.transferredSize += Number(st.size);
       if (r.created) this.stats.created++;
@@ -458,12 +460,12 @@ export class TreeSync {
     this.stats.literal += r.literal;
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
-    const changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
+    const changes = cur ? this.metaChanges(st, cur, sent && !r.created) : undefined;
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
     // and its time when it differs (--size-only), as rsync does.
     const timeDiffers = cur !== undefined && cur.mtimeNs / 1000n !== st.mtimeNs / 1000n;
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
-    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: r });
+    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent } });
   }
 
   private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
