@@ -6,21 +6,6 @@ import { QsyncError } from '../core/errors.js';
 import type { BlockSink, BlockSource } from './types.js';
 
 const ZEROES = Buffer.alloc(1 << 20);
-const run = promisify(execFile);
-/** Cleared once punching failed: later zero runs are written without trying again. */
-let canPunch = true;
-
-/** Punch a hole in a regular file; false when it could not be done (the caller writes zeros). */
-async function punchHole(fh: FileHandle, offset: number, length: number): Promise<boolean> {
-  if (!canPunch || !(await fh.stat()).isFile()) return false;
-  try {
-    await run('fallocate', ['--punch-hole', '--offset', String(offset), '--length', String(length), `/proc/${process.pid}/fd/${fh.fd}`], { timeout: 60_000 });
-    return true;
-  } catch {
-    canPunch = false;
-    return false;
-  }
-}
 
 /** Read into `buf` from `position` until it is full or the file ends; returns the bytes read. */
 export async function readUpTo(fh: FileHandle, buf: Uint8Array, position: number): Promise<number> {
@@ -75,14 +60,7 @@ export class LocalFileSink implements BlockSink {
     }
   }
 
-  /**
-   * A regular file gets a hole (fallocate(2) PUNCH_HOLE, through util-linux's
-   * `fallocate`: Node has no binding; it reopens this very file through
-   * /proc/PID/fd); where that cannot be done (no tool, a file system without
-   * holes, a block device) zeros are written.
-   */
   async writeZeroes(offset: number, length: number): Promise<void> {
-    if (length > 0 && (await punchHole(this.fh, offset, length))) return;
     for (let done = 0; done < length; done += ZEROES.length) {
       await this.write(offset + done, ZEROES.subarray(0, Math.min(ZEROES.length, length - done)));
     }
@@ -98,5 +76,50 @@ export class LocalFileSink implements BlockSink {
 
   async close(): Promise<void> {
     await this.fh.close();
+  }
+}
+
+/**
+ * The target as the pipeline (and a delta sink around it) writes it: zeroed
+ * ranges are collected and punched as holes at commit, before the fsync
+ * (image mode, and -S where a target's blocks became zero).
+ */
+export function punchingSink(file: LocalFileSink, holes: [number, number][]): LocalFileSink {
+  return {
+    fh: file.fh,
+    path: file.path,
+    write: (offset, data) => file.write(offset, data),
+    async writeZeroes(offset, length) {
+      const last = holes.at(-1);
+      if (last && last[0] + last[1] === offset) last[1] += length;
+      else holes.push([offset, length]);
+    },
+    truncate: (size) => file.truncate(size),
+    async commit() {
+      await punchHoles(file, holes);
+      await file.commit();
+    },
+    close: () => file.close(),
+  };
+}
+
+/** Holes punched by one shell: Node cannot fallocate, and a process per hole costs more than the hole. */
+const HOLES_PER_SHELL = 1000;
+const PUNCH_SCRIPT = 'f=$1; shift; while [ $# -gt 0 ]; do fallocate --punch-hole --keep-size --offset "$1" --length "$2" "$f" || exit 1; shift 2; done';
+const run = promisify(execFile);
+
+/**
+ * Make zeroed ranges holes again (fstrim in the guest keeps the backup thin);
+ * zeros where the filesystem (or the tool) cannot. The shell reaches the very
+ * file written through this process's descriptor, never through its name.
+ */
+async function punchHoles(file: LocalFileSink, holes: [number, number][]): Promise<void> {
+  for (let i = 0; i < holes.length; i += HOLES_PER_SHELL) {
+    const part = holes.slice(i, i + HOLES_PER_SHELL);
+    try {
+      await run('sh', ['-c', PUNCH_SCRIPT, 'sh', `/proc/${process.pid}/fd/${file.fh.fd}`, ...part.flatMap(([off, len]) => [String(off), String(len)])]);
+    } catch {
+      for (const [off, len] of part) await file.writeZeroes(off, len);
+    }
   }
 }

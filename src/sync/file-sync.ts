@@ -12,7 +12,7 @@ import { blockCount } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
 import type { HashPool, ScannedChunk } from '../hash/pool.js';
-import { LocalFileSink, readUpTo } from '../io/local-file.js';
+import { LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
 import { setMetaByFd, type Dir, type MetaChange } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
@@ -235,7 +235,8 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
     if (touch) {
       const t = await openTarget(job, detach);
       tmp = t.tmp;
-      target = LocalFileSink.of(t.fh, dst);
+      // -S: blocks that became zero are punched as holes at commit (a new file's are never written).
+      target = opts.sparse ? punchingSink(LocalFileSink.of(t.fh, dst), []) : LocalFileSink.of(t.fh, dst);
     }
     targetFh = target?.fh ?? (readTarget ? await job.dstDir!.openFile(job.dstName, constants.O_RDONLY) : undefined);
   } catch (e) {

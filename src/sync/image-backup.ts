@@ -12,16 +12,14 @@
  * into the new one, so no change is ever forgotten.
  */
 import { createHash, randomInt } from 'node:crypto';
-import { execFile } from 'node:child_process';
 import { stat, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { join, resolve } from 'node:path';
-import { promisify } from 'node:util';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
-import { LocalFileSink } from '../io/local-file.js';
+import { LocalFileSink, punchingSink } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { CONTEXT_ALLOCATION, dirtyBitmapContext } from '../io/nbd/constants.js';
@@ -38,7 +36,6 @@ import { imageStatePath, readImageState, removeImageState, writeImageState } fro
 import { hashFile } from './target-digests.js';
 import { assessManifest, type Trust } from './trust.js';
 
-const run = promisify(execFile);
 
 export interface ImageBackupOptions {
   /** QMP socket of a running QEMU or qemu-storage-daemon (`--qmp`): a path, `unix:PATH` or `tcp:HOST:PORT`. */
@@ -669,41 +666,3 @@ async function verifySample(
   return undefined;
 }
 
-/**
- * The target as the pipeline (and a delta sink around it) writes it: zeroed
- * ranges are collected and punched as holes at commit, before the fsync.
- */
-function punchingSink(file: LocalFileSink, holes: [number, number][]): LocalFileSink {
-  return {
-    fh: file.fh,
-    path: file.path,
-    write: (offset, data) => file.write(offset, data),
-    async writeZeroes(offset, length) {
-      const last = holes.at(-1);
-      if (last && last[0] + last[1] === offset) last[1] += length;
-      else holes.push([offset, length]);
-    },
-    truncate: (size) => file.truncate(size),
-    async commit() {
-      await punchHoles(file, holes);
-      await file.commit();
-    },
-    close: () => file.close(),
-  };
-}
-
-/** Holes punched by one shell: Node cannot fallocate, and a process per hole costs more than the hole. */
-const HOLES_PER_SHELL = 1000;
-const PUNCH_SCRIPT = 'f=$1; shift; while [ $# -gt 0 ]; do fallocate --punch-hole --keep-size --offset "$1" --length "$2" "$f" || exit 1; shift 2; done';
-
-/** Make zeroed ranges holes again (fstrim in the guest keeps the backup thin); zeros where the filesystem cannot. */
-async function punchHoles(file: LocalFileSink, holes: [number, number][]): Promise<void> {
-  for (let i = 0; i < holes.length; i += HOLES_PER_SHELL) {
-    const part = holes.slice(i, i + HOLES_PER_SHELL);
-    try {
-      await run('sh', ['-c', PUNCH_SCRIPT, 'sh', file.path, ...part.flatMap(([off, len]) => [String(off), String(len)])]);
-    } catch {
-      for (const [off, len] of part) await file.writeZeroes(off, len);
-    }
-  }
-}
