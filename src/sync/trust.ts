@@ -21,7 +21,9 @@ export function assessManifest(m: Manifest | undefined, intent: Intent | undefin
   const h = m.header;
   if (h.blockSize !== blockSize) return { trusted: false, reason: `block size changed (${h.blockSize} → ${blockSize})` };
   if (h.targetIno !== target.ino || h.targetDev !== target.dev) return { trusted: false, reason: 'target was replaced since the last run' };
-  if (intent && intent.baseChecksum.equals(m.checksum)) {
+  // An intent that lists no block and no resize: nothing was written, so the target's mtime must still match.
+  const wroteSomething = intent?.blocks?.size !== 0 || Number(target.size) !== h.targetSize;
+  if (intent && intent.baseChecksum.equals(m.checksum) && wroteSomething) {
     if (!intent.sameBoot || !intent.blocks) return { trusted: false, reason: 'an interrupted run cannot be bounded (reboot since, or too many blocks)' };
     const sizes = [h.targetSize, intent.oldSize, intent.newSize];
     if (!sizes.includes(Number(target.size))) return { trusted: false, reason: 'target size changed behind qsync' };
