@@ -43,24 +43,14 @@ export function processStartTime(pid: number): string | undefined {
 /** This process's lock record: `PID START BOOTID\n`. */
 export const lockRecord = (): string => `${process.pid} ${processStartTime(process.pid) ?? '?'} ${bootId()}\n`;
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return errnoOf(e) === 'EPERM';
-  }
-}
-
 /** The pid of a record's owner when that process still runs; undefined for a dead owner or a record that names none. */
 export function liveOwner(record: string): number | undefined {
   const f = record.trim().split(' ');
   const pid = Number(f[0]);
   if (!Number.isInteger(pid) || pid <= 0) return undefined;
-  if (f.length === 3) return f[2] === bootId() && processStartTime(pid) === f[1] ? pid : undefined;
-  // An older qsync's record (`PID BOOTID`) has no start time: a live pid may be that qsync.
-  if (f.length === 2) return f[1] === bootId() && pidAlive(pid) ? pid : undefined;
-  return undefined;
+  // A record without a start time (an older qsync's `PID BOOTID`, or anything else) cannot tell
+  // its owner from a process that was given the same pid later: it is stale.
+  return f.length === 3 && f[2] === bootId() && processStartTime(pid) === f[1] ? pid : undefined;
 }
 
 export interface DestLock {
