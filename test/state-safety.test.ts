@@ -214,6 +214,22 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     await expect(readImageState(p)).rejects.toThrow(/vda\.json is a symlink/);
     expect(readFileSync(v, 'utf8')).toBe('precious\n');
   });
+  it('a symlinked apply intent is refused, its target unchanged', async () => {
+    const s = await synced();
+    const there = join(dir, 'there');
+    mkdirSync(there);
+    execFileSync('cp', ['-p', s.target, join(there, 'f.img')]);
+    touchSource(s);
+    const batch = join(dir, 'ship.qdelta');
+    expect((await runWithin(['-a', `--only-write-batch=${batch}`, `${s.src}/`, s.dest])).code).toBe(0);
+    mkdirSync(join(there, '.qsync', 'manifests'), { recursive: true, mode: 0o700 });
+    const v = victim();
+    symlinkSync(v, join(there, '.qsync', 'manifests', 'f.img.qsm.apply'));
+    const r = await runWithin([`--read-batch=${batch}`, `${there}/`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/f\.img\.qsm\.apply is a symlink/);
+    expect(readFileSync(v, 'utf8')).toBe('precious\n');
+  });
 });
 
 describe('B: an untrusted manifest means the run really compares', () => {
@@ -255,6 +271,22 @@ describe('B: an untrusted manifest means the run really compares', () => {
       expect(r.code).toBe(0);
       await expectSame(s.file, s.target);
     }
+  });
+});
+
+describe('B (-c)', () => {
+  it('-c does not take an interrupted run\'s manifest on trust: a target changed behind qsync is compared and fixed', async () => {
+    const s = await synced();
+    const m = readFileSync(s.manifest);
+    // An interrupted run of this boot listed block 5; block 2 was changed by someone else.
+    writeFileSync(`${s.manifest}.intent`, intent(BOOT_ID, m.subarray(m.length - 32), MiB, MiB, [5]));
+    const fd = openSync(s.target, 'r+');
+    writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, 2 * 64 * KiB);
+    closeSync(fd);
+    const r = await runWithin(['-a', '-c', `${s.src}/`, s.dest]);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/target changed since the last run.*comparing source and target/);
+    await expectSame(s.file, s.target);
   });
 });
 

@@ -95,7 +95,7 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   if (dstStat) {
     try {
       manifest = await openManifest(manifestPath);
-      trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize);
+      trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize, opts.checksum);
     } catch (e) {
       if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
       trust = { trusted: false, reason: e.message };
