@@ -214,6 +214,24 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     await expect(readImageState(p)).rejects.toThrow(/vda\.json is a symlink/);
     expect(readFileSync(v, 'utf8')).toBe('precious\n');
   });
+  it('--delete forgets manifests through the state folder: a symlink inside it is not followed', async () => {
+    const src = join(dir, 'src');
+    const dest = join(dir, 'dest');
+    mkdirSync(join(src, 'a', 'b'), { recursive: true });
+    randomFile(join(src, 'a', 'b', 'f.img'), 64 * KiB);
+    expect((await runWithin(['-a', `${src}/`, dest])).code).toBe(0);
+    // Someone swapped the manifests of a/ for a symlink to a folder of theirs.
+    const theirs = join(dir, 'theirs');
+    mkdirSync(join(theirs, 'b'), { recursive: true });
+    writeFileSync(join(theirs, 'b', 'precious'), 'precious\n');
+    rmSync(join(dest, '.qsync', 'manifests', 'a'), { recursive: true });
+    symlinkSync(theirs, join(dest, '.qsync', 'manifests', 'a'));
+    rmSync(join(src, 'a', 'b'), { recursive: true });
+    const r = await runWithin(['-a', '--delete', `${src}/`, dest]);
+    expect(readFileSync(join(theirs, 'b', 'precious'), 'utf8')).toBe('precious\n');
+    expect(r.stderr).toMatch(/manifests\/a is a symlink or not a folder/);
+  });
+
   it('a symlinked apply intent is refused, its target unchanged', async () => {
     const s = await synced();
     const there = join(dir, 'there');

@@ -128,7 +128,7 @@ export async function lockDestination(stateDir: string): Promise<DestLock> {
       await new Promise((res) => setTimeout(res, 10 + Math.random() * 40));
     }
   } catch (e) {
-    await dir.close();
+    await sp.release();
     throw e;
   }
   const at = dir.at('lock');
@@ -140,7 +140,7 @@ export async function lockDestination(stateDir: string): Promise<DestLock> {
         // Ours unless a hand removed it: never remove a record of another run.
         if ((await readRecord(dir, 'lock').catch(() => undefined)) === record) await unlinkState(dir, 'lock');
       } finally {
-        await dir.close();
+        await sp.release();
       }
     },
   };

@@ -26,9 +26,11 @@ import {
   openStateParent,
   readStateFile,
   removeStaleTemps,
+  removeTreeAt,
   renameState,
   STATE_DIR,
   unlinkState,
+  withStateParent,
   writeStateFile,
   type StateParent,
 } from './state-dir.js';
@@ -37,6 +39,19 @@ export { STATE_DIR };
 
 export function manifestPathFor(destRoot: string, relPath: string): string {
   return join(destRoot, STATE_DIR, 'manifests', `${relPath}.qsm`);
+}
+
+/**
+ * Forget the state of a target that was deleted: its manifest, intent and
+ * journal (`folder` false), or the whole manifest folder of a deleted folder.
+ * Reached through the state folder by descriptor; nothing is followed.
+ */
+export async function forgetManifests(destRoot: string, relPath: string, folder: boolean): Promise<void> {
+  const path = folder ? join(destRoot, STATE_DIR, 'manifests', relPath) : manifestPathFor(destRoot, relPath);
+  await withStateParent(path, false, async ({ dir, name }) => {
+    if (folder) await removeTreeAt(dir, name);
+    else for (const n of [name, `${name}.intent`, journalName(name)]) await unlinkState(dir, n);
+  });
 }
 
 export interface Manifest {
@@ -86,7 +101,7 @@ export async function openManifest(path: string, opts: { readOnly?: boolean } = 
     await fh?.close();
     throw ioError(e);
   } finally {
-    await sp.dir.close();
+    await sp.release();
   }
 }
 
@@ -187,7 +202,6 @@ export class ManifestWriter {
   /** Blocks appended so far. */
   private blocks = 0;
   private patches?: { index: number[]; digests: Buffer };
-  private closed = false;
   private constructor(
     readonly path: string,
     /** The manifest's folder, held by descriptor from creation to commit. */
@@ -207,7 +221,7 @@ export class ManifestWriter {
     try {
       if (!patchable) await w.openTemp();
     } catch (e) {
-      await sp.dir.close();
+      await sp.release();
       throw e;
     }
     return w;
@@ -344,10 +358,7 @@ export class ManifestWriter {
       doneWithTemp(this.tmp);
       this.tmp = undefined;
     }
-    if (!this.closed) {
-      this.closed = true;
-      await this.sp.dir.close();
-    }
+    await this.sp.release();
   }
 }
 

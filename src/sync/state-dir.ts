@@ -33,6 +33,8 @@ export interface StateParent {
   name: string;
   /** For messages only. */
   path: string;
+  /** Done with `dir` (it may stay open for the next state file in that folder). */
+  release(): Promise<void>;
 }
 
 const euid = (): number => process.geteuid?.() ?? 0;
@@ -82,6 +84,44 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
 }
 
 /**
+ * Folders already walked and checked, held open by descriptor, so that the
+ * several state files of one target (manifest, intent, journal) and the
+ * targets of one folder cost no new walk: a few folders, least recently used
+ * first; one in use is never closed. A folder of ours cannot be changed by
+ * another user, and the descriptor keeps naming it whatever happens to the
+ * path; one that was deleted (no links left) is walked again.
+ */
+const held = new Map<string, { dir: Dir; refs: number }>();
+const HELD_MAX = 32;
+
+async function evictIdle(): Promise<void> {
+  for (const [key, h] of held) {
+    if (held.size <= HELD_MAX) return;
+    if (h.refs > 0) continue;
+    held.delete(key);
+    await h.dir.close().catch(() => {});
+  }
+}
+
+function lease(key: string, dir: Dir, name: string, path: string): StateParent {
+  const h = held.get(key)!;
+  h.refs++;
+  let done = false;
+  return {
+    dir,
+    name,
+    path,
+    release: async () => {
+      if (done) return;
+      done = true;
+      h.refs--;
+      if (held.get(key) !== h && h.refs === 0) await dir.close();
+      else await evictIdle();
+    },
+  };
+}
+
+/**
  * Open the folder that holds the state file `path`, by descriptor, walking
  * from the destination root (see the module comment). Undefined when a
  * folder on the way is missing and `create` is false.
@@ -99,6 +139,17 @@ export async function openStateParent(path: string, create: boolean): Promise<St
     rootPath = parts.slice(0, at).join('/') || (path.startsWith('/') ? '/' : '.');
     walk = parts.slice(at, -1).filter((p) => p && p !== '.');
     name = parts[parts.length - 1];
+  }
+  const key = `${rootPath}\0${walk.join('/')}`;
+  const cached = held.get(key);
+  if (cached) {
+    if ((await cached.dir.stat()).nlink > 0n) {
+      held.delete(key);
+      held.set(key, cached); // most recently used last
+      return lease(key, cached.dir, name, path);
+    }
+    held.delete(key);
+    if (cached.refs === 0) await cached.dir.close();
   }
   let d: Dir;
   try {
@@ -120,7 +171,15 @@ export async function openStateParent(path: string, create: boolean): Promise<St
     if (!next) return undefined;
     d = next;
   }
-  return { dir: d, name, path };
+  if (held.has(key)) {
+    // Walked twice at once: keep the first.
+    await d.close();
+    return lease(key, held.get(key)!.dir, name, path);
+  }
+  held.set(key, { dir: d, refs: 0 });
+  const sp = lease(key, d, name, path);
+  await evictIdle();
+  return sp;
 }
 
 /** Run `fn` with the state file's folder held open; undefined (fn not run) when the folder is missing and `create` is false. */
@@ -130,7 +189,7 @@ export async function withStateParent<T>(path: string, create: boolean, fn: (sp:
   try {
     return await fn(sp);
   } finally {
-    await sp.dir.close();
+    await sp.release();
   }
 }
 
@@ -183,6 +242,23 @@ export async function unlinkState(dir: Dir, name: string): Promise<void> {
       throw new QsyncError('IO', `${dir.path}/${name} is a directory, not a qsync state file; remove it`, { file: `${dir.path}/${name}` }, { cause: e });
     }
     throw e;
+  });
+}
+
+/** Remove `name` in `dir` and, if it is a folder, everything in it, through descriptors: no symlink is followed. */
+export async function removeTreeAt(dir: Dir, name: string): Promise<void> {
+  const st = await dir.lstatOrUndefined(name);
+  if (!st) return;
+  if (st.isDirectory()) {
+    const sub = await dir.openDir(name);
+    try {
+      for (const entry of await sub.readdir()) await removeTreeAt(sub, entry);
+    } finally {
+      await sub.close();
+    }
+  }
+  await (st.isDirectory() ? dir.rmdir(name) : dir.unlink(name)).catch((e) => {
+    if (errnoOf(e) !== 'ENOENT') throw e;
   });
 }
 

@@ -7,11 +7,10 @@
  */
 import { constants } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import type { Dir } from '../io/safe-fs.js';
 import { blockCount, blockLength } from '../core/geometry.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { Fingerprinter, type Manifest, type ManifestWriter } from './manifest-store.js';
-import { openStateFile, openStateParent, unlinkState } from './state-dir.js';
+import { openStateFile, openStateParent, unlinkState, type StateParent } from './state-dir.js';
 
 const BATCH_BLOCKS = 4096;
 
@@ -19,8 +18,7 @@ export class DigestScratch {
   private constructor(
     private readonly fh: FileHandle,
     readonly path: string,
-    private readonly dir: Dir,
-    private readonly name: string,
+    private readonly sp: StateParent,
   ) {}
 
   /** Open (or create, 0600) the scratch file in the state folder, never through a symlink; existing content is kept (resume). */
@@ -28,9 +26,9 @@ export class DigestScratch {
     const sp = (await openStateParent(path, true))!;
     try {
       const fh = (await openStateFile(sp.dir, sp.name, constants.O_RDWR | constants.O_CREAT))!;
-      return new DigestScratch(fh, path, sp.dir, sp.name);
+      return new DigestScratch(fh, path, sp);
     } catch (e) {
-      await sp.dir.close();
+      await sp.release();
       throw e;
     }
   }
@@ -75,9 +73,9 @@ export class DigestScratch {
   async close(remove = false): Promise<void> {
     try {
       await this.fh.close();
-      if (remove) await unlinkState(this.dir, this.name);
+      if (remove) await unlinkState(this.sp.dir, this.sp.name);
     } finally {
-      await this.dir.close();
+      await this.sp.release();
     }
   }
 }

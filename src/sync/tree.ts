@@ -13,8 +13,7 @@ import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
-import { intentPathFor } from './intent.js';
-import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
+import { forgetManifests, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan } from './operands.js';
 
 export interface TreeOptions extends FileSyncOptions {
@@ -210,14 +209,8 @@ export class TreeSync {
       this.stats.deleted++;
       if (this.noWrite) continue;
       await rm(path, { recursive: true, force: true });
-      if (st.isFile()) await this.forgetManifest(childRel);
-      else if (st.isDirectory()) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', childRel), { recursive: true, force: true });
+      if (st.isFile() || st.isDirectory()) await forgetManifests(this.plan.destRoot, childRel, st.isDirectory());
     }
-  }
-
-  private async forgetManifest(rel: string): Promise<void> {
-    const m = manifestPathFor(this.plan.destRoot, rel);
-    for (const p of [m, intentPathFor(m), journalPathFor(m)]) await rm(p, { force: true });
   }
 
   private async file(src: string, st: BigIntStats, rel: string, dst: string): Promise<void> {
