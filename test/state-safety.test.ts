@@ -468,7 +468,11 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     expect(changed).toEqual([3]);
     writeFileSync(s.manifest, before);
     writeFileSync(`${s.manifest}.journal`, encodeJournal(changed, Buffer.concat(digests), after.subarray(0, 80), after.subarray(after.length - 64), after.length - 64));
-    const snapshot = () => readdirSync(s.state).map((n) => `${n}:${readFileSync(join(s.state, n)).toString('hex')}:${lstatSync(join(s.state, n)).mtimeMs}`);
+    execFileSync('chmod', ['0755', s.state]); // as an older qsync left it: verify does not tighten it either
+    const snapshot = () => [
+      statSync(s.state).mode,
+      ...readdirSync(s.state).map((n) => `${n}:${readFileSync(join(s.state, n)).toString('hex')}:${lstatSync(join(s.state, n)).mtimeMs}`),
+    ];
     const was = snapshot();
     const r = await runWithin(['verify', s.target]);
     expect(r.stderr).toBe('');

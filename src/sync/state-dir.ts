@@ -75,7 +75,8 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
     const st = await d.stat();
     checkOwner(st, shown);
     // Folders from older versions were 0755: the digests they hold tell what the files contain.
-    if ((Number(st.mode) & 0o077) !== 0) await d.setMeta({ mode: STATE_DIR_MODE });
+    // Only a run that writes state tightens them: readers (qsync verify) change nothing.
+    if (create && (Number(st.mode) & 0o077) !== 0) await d.setMeta({ mode: STATE_DIR_MODE });
     return d;
   } catch (e) {
     await d.close();
@@ -140,7 +141,8 @@ export async function openStateParent(path: string, create: boolean): Promise<St
     walk = parts.slice(at, -1).filter((p) => p && p !== '.');
     name = parts[parts.length - 1];
   }
-  const key = `${rootPath}\0${walk.join('/')}`;
+  // Walks that may create (and tighten) folders are kept apart from read-only ones.
+  const key = `${create ? 'w' : 'r'}\0${rootPath}\0${walk.join('/')}`;
   const cached = held.get(key);
   if (cached) {
     if ((await cached.dir.stat()).nlink > 0n) {
