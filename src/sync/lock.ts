@@ -110,7 +110,7 @@ async function take(dir: Dir, name: string, record: string, depth: number): Prom
 
 export async function lockDestination(stateDir: string): Promise<DestLock> {
   const path = join(stateDir, 'lock');
-  const sp = (await openStateParent(path, true))!;
+  const sp = await openStateParent(path, true);
   const { dir } = sp;
   const record = lockRecord();
   const deadline = Date.now() + TAKEOVER_WAIT_MS;

@@ -215,7 +215,7 @@ export class ManifestWriter {
   }
 
   static async create(path: string, blockSize: number, targetSize: number, base?: Manifest): Promise<ManifestWriter> {
-    const sp = (await openStateParent(path, true))!;
+    const sp = await openStateParent(path, true);
     const patchable = base && base.path === path && base.header.blockSize === blockSize && base.header.targetSize === targetSize;
     const w = new ManifestWriter(path, sp, blockSize, targetSize, patchable ? base : undefined);
     try {

@@ -127,6 +127,8 @@ function lease(key: string, dir: Dir, name: string, path: string): StateParent {
  * from the destination root (see the module comment). Undefined when a
  * folder on the way is missing and `create` is false.
  */
+export async function openStateParent(path: string, create: true): Promise<StateParent>;
+export async function openStateParent(path: string, create: boolean): Promise<StateParent | undefined>;
 export async function openStateParent(path: string, create: boolean): Promise<StateParent | undefined> {
   const parts = path.split('/');
   const at = parts.indexOf(STATE_DIR);
@@ -158,9 +160,9 @@ export async function openStateParent(path: string, create: boolean): Promise<St
     d = await Dir.open(rootPath);
   } catch (e) {
     if (errnoOf(e) !== 'ENOENT') throw e;
-    if (!create || at >= 0) return undefined;
-    // A --manifest PATH in a folder that does not exist yet: the user's folders, made as asked.
-    await mkdir(rootPath, { recursive: true, mode: STATE_DIR_MODE });
+    if (!create) return undefined;
+    // A destination (image mode) or a --manifest PATH folder that does not exist yet: the user's folders, made as asked.
+    await mkdir(rootPath, { recursive: true });
     d = await Dir.open(rootPath);
   }
   for (const p of walk) {

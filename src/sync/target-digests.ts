@@ -23,7 +23,7 @@ export class DigestScratch {
 
   /** Open (or create, 0600) the scratch file in the state folder, never through a symlink; existing content is kept (resume). */
   static async open(path: string): Promise<DigestScratch> {
-    const sp = (await openStateParent(path, true))!;
+    const sp = await openStateParent(path, true);
     try {
       const fh = (await openStateFile(sp.dir, sp.name, constants.O_RDWR | constants.O_CREAT))!;
       return new DigestScratch(fh, path, sp);
