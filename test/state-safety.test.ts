@@ -480,6 +480,31 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     expect(snapshot()).toEqual(was);
   });
 
+  it('reading state writes nothing: a dry run and qsync verify work on a read-only destination', async (ctx) => {
+    const s = await synced();
+    const ro = join(dir, 'ro');
+    mkdirSync(ro);
+    try {
+      execFileSync('mount', ['--bind', s.dest, ro]);
+      execFileSync('mount', ['-o', 'remount,ro,bind', ro]);
+    } catch {
+      if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error('cannot bind-mount read-only for this test (needs root)');
+      return ctx.skip('cannot bind-mount here (needs root)');
+    }
+    try {
+      touchSource(s);
+      const dry = await runWithin(['-a', '-n', '-v', `${s.src}/`, `${ro}/`]);
+      expect(dry.stderr).toBe('');
+      expect(dry.code).toBe(0);
+      expect(dry.stdout).toMatch(/f\.img/);
+      const v = await runWithin(['verify', join(ro, 'f.img')]);
+      expect(v.stderr).toBe('');
+      expect(v.code).toBe(0);
+    } finally {
+      execFileSync('umount', [ro]);
+    }
+  });
+
   it('temp files of killed runs are removed when a run commits in their folder; other files stay', async () => {
     const s = await synced();
     const stale = ['.f.img.qsm.tmp-4194305', '.f.img.qsm.0123456789ab.tmp', '.other.qsm.abcdefabcdef.tmp'];

@@ -93,7 +93,7 @@ export async function openManifest(path: string, opts: { readOnly?: boolean } = 
   if (!sp) return undefined;
   let fh: FileHandle | undefined;
   try {
-    fh = await openStateFile(sp.dir, sp.name, opts.readOnly ? constants.O_RDONLY : constants.O_RDWR);
+    fh = await openStateFile(sp.dir, sp.name, constants.O_RDONLY);
     const overlay = await finishJournal(sp, fh, opts.readOnly === true);
     if (!fh) return undefined;
     return await verifyManifest(fh, path, overlay);
@@ -334,13 +334,7 @@ export class ManifestWriter {
     const { dir, name } = this.sp;
     const journal = encodeJournal(index, digests, header, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN);
     await writeStateFile(dir, journalName(name), journal);
-    const fh = await openStateFile(dir, name, constants.O_RDWR);
-    if (!fh) throw new QsyncError('IO', `manifest ${this.path} vanished while qsync patched it`, { file: this.path });
-    try {
-      await applyJournal(fh, journal);
-    } finally {
-      await fh.close();
-    }
+    await applyJournal(this.sp, journal);
     await unlinkState(dir, journalName(name));
   }
 
@@ -459,16 +453,22 @@ function journalPatch(j: Buffer): JournalPatch {
   };
 }
 
-/** Write a journal's patch into the manifest and fsync it; idempotent. Offsets were checked by journalMisfit. */
-async function applyJournal(fh: FileHandle, j: Buffer): Promise<void> {
-  const count = j.readUInt32LE(12);
-  for (let i = 0; i < count; i++) {
-    const at = JOURNAL_HEAD + i * JOURNAL_ENTRY;
-    await fh.write(j, at + 8, MANIFEST_DIGEST_LEN, MANIFEST_HEADER_LEN + Number(j.readBigUInt64LE(at)) * MANIFEST_DIGEST_LEN);
+/** Write a journal's patch into the manifest `sp` names and fsync it; idempotent. Offsets were checked by journalMisfit. */
+async function applyJournal(sp: StateParent, j: Buffer): Promise<void> {
+  const fh = await openStateFile(sp.dir, sp.name, constants.O_RDWR);
+  if (!fh) throw new QsyncError('IO', `manifest ${sp.path} vanished while qsync patched it`, { file: sp.path });
+  try {
+    const count = j.readUInt32LE(12);
+    for (let i = 0; i < count; i++) {
+      const at = JOURNAL_HEAD + i * JOURNAL_ENTRY;
+      await fh.write(j, at + 8, MANIFEST_DIGEST_LEN, MANIFEST_HEADER_LEN + Number(j.readBigUInt64LE(at)) * MANIFEST_DIGEST_LEN);
+    }
+    await fh.write(j, 24, MANIFEST_HEADER_LEN, 0);
+    await fh.write(j, 24 + MANIFEST_HEADER_LEN, 64, Number(j.readBigUInt64LE(16)));
+    await fh.sync();
+  } finally {
+    await fh.close();
   }
-  await fh.write(j, 24, MANIFEST_HEADER_LEN, 0);
-  await fh.write(j, 24 + MANIFEST_HEADER_LEN, 64, Number(j.readBigUInt64LE(16)));
-  await fh.sync();
 }
 
 /**
@@ -495,7 +495,7 @@ async function finishJournal(sp: StateParent, manifest: FileHandle | undefined, 
     throw new QsyncError('FORMAT', `manifest ${sp.path} has a patch journal that does not fit it (${misfit}); the journal was dropped`, { file: sp.path });
   }
   if (readOnly) return journalPatch(j);
-  await applyJournal(manifest, j);
+  await applyJournal(sp, j);
   await drop();
   return undefined;
 }
