@@ -106,6 +106,27 @@ async function expectSame(a: string, b: string): Promise<void> {
   expect(await sha256(b)).toBe(await sha256(a));
 }
 
+/**
+ * Leave the manifest as a crash between making its patch journal durable and
+ * applying it would: the old manifest, and the journal that turns it into the new one.
+ */
+async function leavePendingJournal(s: Synced): Promise<void> {
+  const { encodeJournal } = await import(join(DIST, 'sync/manifest-store.js'));
+  const before = readFileSync(s.manifest);
+  touchSource(s);
+  expect((await runWithin(['-a', `${s.src}/`, s.dest])).code).toBe(0);
+  const after = readFileSync(s.manifest);
+  const changed: number[] = [];
+  const digests: Buffer[] = [];
+  for (let i = 0; i < 16; i++) {
+    const d = after.subarray(80 + i * 32, 112 + i * 32);
+    if (!d.equals(before.subarray(80 + i * 32, 112 + i * 32))) (changed.push(i), digests.push(d));
+  }
+  expect(changed).toEqual([3]);
+  writeFileSync(s.manifest, before);
+  writeFileSync(`${s.manifest}.journal`, encodeJournal(changed, Buffer.concat(digests), after.subarray(0, 80), after.subarray(after.length - 64), after.length - 64));
+}
+
 describe('A: nothing in the state folder is followed; it is private', () => {
   it('a symlinked intent is refused, its target unchanged', async () => {
     const s = await synced();
@@ -452,22 +473,8 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
   });
 
   it('qsync verify writes nothing to the state folder: a pending journal is applied in memory', async () => {
-    const { encodeJournal } = await import(join(DIST, 'sync/manifest-store.js'));
     const s = await synced();
-    const before = readFileSync(s.manifest);
-    touchSource(s);
-    expect((await runWithin(['-a', `${s.src}/`, s.dest])).code).toBe(0);
-    const after = readFileSync(s.manifest);
-    // The journal a crash would have left between making it durable and applying it.
-    const changed: number[] = [];
-    const digests: Buffer[] = [];
-    for (let i = 0; i < 16; i++) {
-      const d = after.subarray(80 + i * 32, 112 + i * 32);
-      if (!d.equals(before.subarray(80 + i * 32, 112 + i * 32))) (changed.push(i), digests.push(d));
-    }
-    expect(changed).toEqual([3]);
-    writeFileSync(s.manifest, before);
-    writeFileSync(`${s.manifest}.journal`, encodeJournal(changed, Buffer.concat(digests), after.subarray(0, 80), after.subarray(after.length - 64), after.length - 64));
+    await leavePendingJournal(s);
     execFileSync('chmod', ['0755', s.state]); // as an older qsync left it: verify does not tighten it either
     const snapshot = () => [
       statSync(s.state).mode,
@@ -480,8 +487,9 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     expect(snapshot()).toEqual(was);
   });
 
-  it('reading state writes nothing: a dry run and qsync verify work on a read-only destination', async (ctx) => {
+  it('reading state writes nothing: a dry run and qsync verify work on a read-only destination, with a journal pending', async (ctx) => {
     const s = await synced();
+    await leavePendingJournal(s);
     const ro = join(dir, 'ro');
     mkdirSync(ro);
     try {

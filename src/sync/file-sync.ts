@@ -94,7 +94,8 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   let trust: Trust = { trusted: false };
   if (dstStat) {
     try {
-      manifest = await openManifest(manifestPath);
+      // -n writes nothing, not even a pending journal: it is applied in memory.
+      manifest = await openManifest(manifestPath, { readOnly: opts.dryRun });
       trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize, opts.checksum);
     } catch (e) {
       if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
