@@ -397,6 +397,25 @@ describe('C: the lock', () => {
     }
   });
 
+  it('a lock that cannot be written (read-only destination) is a clear error, not an internal one', async (ctx) => {
+    const { lockDestination } = await import(join(DIST, 'sync/lock.js'));
+    const ro = join(dir, 'ro');
+    mkdirSync(ro);
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
+    } catch {
+      if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error('cannot mount a read-only tmpfs for this test (needs root)');
+      return ctx.skip('cannot mount a tmpfs here (needs root)');
+    }
+    try {
+      const e = await lockDestination(join(ro, '.qsync')).then(() => undefined, (err: unknown) => err);
+      expect(e).toMatchObject({ name: 'QsyncError', code: 'IO' });
+      expect((e as Error).message).toMatch(/cannot take the lock .*ro\/\.qsync\/lock: .*read-only/);
+    } finally {
+      execFileSync('umount', [ro]);
+    }
+  });
+
   it('a lock held by a running qsync refuses with exit 3; the lock file is 0600', async () => {
     const { lockDestination } = await import(join(DIST, 'sync/lock.js'));
     const s = await synced();

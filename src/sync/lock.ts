@@ -18,7 +18,7 @@
 import { readFileSync, rmSync } from 'node:fs';
 import { link, rename } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { errnoOf, isQsyncError, QsyncError } from '../core/errors.js';
 import { digestOf } from '../hash/blake3.js';
 import type { Dir } from '../io/safe-fs.js';
 import { bootId } from './intent.js';
@@ -110,7 +110,12 @@ async function take(dir: Dir, name: string, record: string, depth: number): Prom
 
 export async function lockDestination(stateDir: string): Promise<DestLock> {
   const path = join(stateDir, 'lock');
-  const sp = await openStateParent(path, true);
+  // A system error here (read-only, full, no permission) ends the run before anything is written.
+  const failed = (e: unknown): unknown =>
+    isQsyncError(e) ? e : new QsyncError('IO', `cannot take the lock ${path}: ${(e as Error).message}`, { file: path, hint: 'check that the destination is writable' }, { cause: e });
+  const sp = await openStateParent(path, true).catch((e) => {
+    throw failed(e);
+  });
   const { dir } = sp;
   const record = lockRecord();
   const deadline = Date.now() + TAKEOVER_WAIT_MS;
@@ -129,7 +134,7 @@ export async function lockDestination(stateDir: string): Promise<DestLock> {
     }
   } catch (e) {
     await sp.release();
-    throw e;
+    throw failed(e);
   }
   const at = dir.at('lock');
   held.add(at);
