@@ -28,6 +28,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { randomFile } from './helpers/data.js';
+import { mountForTest } from './helpers/env.js';
 import { runQsync, sha256, type RunResult } from './helpers/cli.js';
 
 const DIST = join(import.meta.dirname, '../dist/src');
@@ -401,12 +402,7 @@ describe('C: the lock', () => {
     const { lockDestination } = await import(join(DIST, 'sync/lock.js'));
     const ro = join(dir, 'ro');
     mkdirSync(ro);
-    try {
-      execFileSync('mount', ['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro]);
-    } catch {
-      if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error('cannot mount a read-only tmpfs for this test (needs root)');
-      return ctx.skip('cannot mount a tmpfs here (needs root)');
-    }
+    if (!mountForTest(['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro])) return ctx.skip('cannot mount a tmpfs here (needs root)');
     try {
       const e = await lockDestination(join(ro, '.qsync')).then(() => undefined, (err: unknown) => err);
       expect(e).toMatchObject({ name: 'QsyncError', code: 'IO' });
@@ -511,13 +507,8 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     await leavePendingJournal(s);
     const ro = join(dir, 'ro');
     mkdirSync(ro);
-    try {
-      execFileSync('mount', ['--bind', s.dest, ro]);
-      execFileSync('mount', ['-o', 'remount,ro,bind', ro]);
-    } catch {
-      if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error('cannot bind-mount read-only for this test (needs root)');
-      return ctx.skip('cannot bind-mount here (needs root)');
-    }
+    if (!mountForTest(['--bind', s.dest, ro])) return ctx.skip('cannot bind-mount here (needs root)');
+    execFileSync('mount', ['-o', 'remount,ro,bind', ro]);
     try {
       touchSource(s);
       const dry = await runWithin(['-a', '-n', '-v', `${s.src}/`, `${ro}/`]);
