@@ -206,6 +206,23 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     expect(statSync(s.manifest).mode & 0o777).toBe(0o600);
   });
 
+  it('--manifest PATH follows the folders the user gave, but not a symlink as its last component', async () => {
+    const src = join(dir, 'one.img');
+    randomFile(src, 128 * KiB);
+    const real = join(dir, 'real');
+    mkdirSync(real);
+    symlinkSync(real, join(dir, 'link'));
+    let r = await runWithin(['-a', '--manifest', join(dir, 'link', 'one.qsm'), src, join(dir, 'copy.img')]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(statSync(join(real, 'one.qsm')).mode & 0o777).toBe(0o600);
+    const v = victim();
+    symlinkSync(v, join(dir, 'evil.qsm'));
+    r = await runWithin(['-a', '--manifest', join(dir, 'evil.qsm'), src, join(dir, 'copy.img')]);
+    expect(r.stderr).toMatch(/evil\.qsm is a symlink/);
+    expect(readFileSync(v, 'utf8')).toBe('precious\n');
+  });
+
   it('temp files are created O_EXCL under unpredictable names: a symlink at the old predictable name is not followed', async () => {
     const { ManifestWriter } = await import(join(DIST, 'sync/manifest-store.js'));
     const folder = join(dir, 'dest', '.qsync', 'manifests');
