@@ -458,6 +458,25 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     });
   }
 
+  it('/dev/zero as the journal (a device node, or a symlink to it): refused, never read', async (ctx) => {
+    const s = await synced();
+    const j = `${s.manifest}.journal`;
+    symlinkSync('/dev/zero', j);
+    touchSource(s);
+    let r = await runWithin(['-a', `${s.src}/`, s.dest], 15_000);
+    expect(r.timedOut).toBe(false);
+    expect(r.stderr).toMatch(/f\.img\.qsm\.journal is a symlink/);
+    rmSync(j);
+    try {
+      execFileSync('mknod', [j, 'c', '1', '5']);
+    } catch {
+      return ctx.skip('cannot make a device node here (needs root)');
+    }
+    r = await runWithin(['-a', `${s.src}/`, s.dest], 15_000);
+    expect(r.timedOut).toBe(false);
+    expect(r.stderr).toMatch(/f\.img\.qsm\.journal is a device, not a regular file; remove it/);
+  });
+
   it('a manifest that is a directory or a symlink loop: clear message, no hang', async () => {
     const s = await synced();
     rmSync(s.manifest);
