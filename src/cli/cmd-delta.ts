@@ -59,7 +59,8 @@ async function isDelta(path: string): Promise<boolean> {
 
 /** Hash TARGET and compare with its manifest. */
 async function verifyTarget(target: string, manifestPath: string, out: Writable): Promise<void> {
-  const m = await openManifest(manifestPath);
+  // Read-only: a pending patch journal is applied in memory, nothing in the state folder is written.
+  const m = await openManifest(manifestPath, { readOnly: true });
   if (!m) throw new QsyncError('USAGE', `${target} has no manifest (${manifestPath}); give a delta or a synced target`, { file: target });
   try {
     const fh = await open(target, 'r');

@@ -13,7 +13,8 @@ import { Dir, resolveTrusted } from '../io/safe-fs.js';
 import { lockDestination } from '../sync/lock.js';
 import { STATE_DIR } from '../sync/manifest-store.js';
 import { planOperands, type Plan } from '../sync/operands.js';
-import { checkStateDir, TreeSync } from '../sync/tree.js';
+import { TreeSync } from '../sync/tree.js';
+import { checkStateRoot } from '../sync/state-dir.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -154,7 +155,7 @@ async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: strin
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
-    if (destDir) await checkStateDir(destDir, !o.dryRun);
+    if (destDir) await checkStateRoot(destDir, !o.dryRun);
     return await syncInto(printer, pool, plan, destDir, batch, rules, missing, o);
   } finally {
     await destDir?.close();

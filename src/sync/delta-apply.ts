@@ -9,7 +9,7 @@
  * delta's result fingerprint.
  */
 import { constants, type BigIntStats } from 'node:fs';
-import { mkdir, open, readFile, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import { open, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
 import type { DeltaHeader } from '../core/delta-codec.js';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -21,6 +21,7 @@ import { lockDestination } from './lock.js';
 import { fsyncDir } from '../io/fsync-dir.js';
 import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
 import { DigestScratch, hashFile } from './target-digests.js';
+import { readStateFile, removeStatePath, withStateParent, writeStateFile } from './state-dir.js';
 import { assessManifest } from './trust.js';
 
 const APPLY_MAGIC = 'QSYNCAPI';
@@ -70,11 +71,9 @@ const applyIntentPath = (manifestPath: string) => `${manifestPath}.apply`;
 const scratchPath = (manifestPath: string) => `${manifestPath}.apply-digests`;
 
 async function readApplyIntent(path: string): Promise<Buffer | undefined> {
-  const b = await readFile(path).catch((e) => {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
-  });
-  return b && b.length === 40 && b.toString('latin1', 0, 8) === APPLY_MAGIC ? b.subarray(8) : undefined;
+  const r = await withStateParent(path, false, (sp) => readStateFile(sp.dir, sp.name, 40));
+  const b = r?.data;
+  return b && r.size === 40 && b.toString('latin1', 0, 8) === APPLY_MAGIC ? b.subarray(8) : undefined;
 }
 
 /** Decide what to do with one member without writing to its target. */
@@ -83,7 +82,6 @@ async function plan(summary: DeltaMemberSummary, target: string, manifestPath: s
   if ((await readApplyIntent(applyIntentPath(manifestPath)))?.equals(summary.streamHash)) {
     return { summary, target, manifestPath, status: 'resumed' };
   }
-  await mkdir(dirname(manifestPath), { recursive: true });
   const st = await stat(target, { bigint: true }).catch((e) => {
     if (errnoOf(e) === 'ENOENT') return undefined;
     throw new QsyncError('TARGET', `cannot stat ${target}: ${(e as Error).message}`, { file: target }, { cause: e });
@@ -207,8 +205,8 @@ class MemberWrite {
     } else {
       // From here on the old manifest would lie: the intent and the scratch digests replace it.
       await scratch!.sync();
-      await writeFile(intent, Buffer.concat([Buffer.from(APPLY_MAGIC, 'latin1'), p.summary.streamHash]), { flush: true });
-      await rm(p.manifestPath, { force: true });
+      await withStateParent(intent, true, (sp) => writeStateFile(sp.dir, sp.name, Buffer.concat([Buffer.from(APPLY_MAGIC, 'latin1'), p.summary.streamHash])));
+      await removeStatePath(p.manifestPath);
       await fsyncDir(dirname(p.manifestPath));
     }
     const target = await open(p.target, constants.O_RDWR | constants.O_CREAT).catch((e) => {
@@ -252,7 +250,7 @@ class MemberWrite {
     }
     const st = await stat(p.target, { bigint: true });
     await w.commit({ sourceSize: h.resultSize, sourceMtimeNs: 0n, targetMtimeNs: st.mtimeNs, targetIno: st.ino, targetDev: st.dev });
-    await rm(applyIntentPath(p.manifestPath), { force: true });
+    await removeStatePath(applyIntentPath(p.manifestPath));
     await this.scratch.close(true);
   }
 }

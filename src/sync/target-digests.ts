@@ -6,10 +6,11 @@
  * into a ManifestWriter whose fingerprint must equal the delta's result.
  */
 import { constants } from 'node:fs';
-import { open, rm, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { blockCount, blockLength } from '../core/geometry.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { Fingerprinter, type Manifest, type ManifestWriter } from './manifest-store.js';
+import { openStateFile, openStateParent, unlinkState, type StateParent } from './state-dir.js';
 
 const BATCH_BLOCKS = 4096;
 
@@ -17,11 +18,19 @@ export class DigestScratch {
   private constructor(
     private readonly fh: FileHandle,
     readonly path: string,
+    private readonly sp: StateParent,
   ) {}
 
-  /** Open (or create) the scratch file; existing content is kept (resume). */
+  /** Open (or create, 0600) the scratch file in the state folder, never through a symlink; existing content is kept (resume). */
   static async open(path: string): Promise<DigestScratch> {
-    return new DigestScratch(await open(path, constants.O_RDWR | constants.O_CREAT), path);
+    const sp = await openStateParent(path, true);
+    try {
+      const fh = (await openStateFile(sp.dir, sp.name, constants.O_RDWR | constants.O_CREAT))!;
+      return new DigestScratch(fh, path, sp);
+    } catch (e) {
+      await sp.release();
+      throw e;
+    }
   }
 
   /** Digests of blocks first, first+1, ... */
@@ -62,8 +71,12 @@ export class DigestScratch {
   }
 
   async close(remove = false): Promise<void> {
-    await this.fh.close();
-    if (remove) await rm(this.path, { force: true });
+    try {
+      await this.fh.close();
+      if (remove) await unlinkState(this.sp.dir, this.sp.name);
+    } finally {
+      await this.sp.release();
+    }
   }
 }
 

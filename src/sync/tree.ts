@@ -11,7 +11,6 @@
  */
 import { execFile } from 'node:child_process';
 import type { BigIntStats } from 'node:fs';
-import { rm } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -20,8 +19,7 @@ import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
 import { Dir, removeTreeAt, setMetaAt, type MetaChange } from '../io/safe-fs.js';
-import { intentPathFor } from './intent.js';
-import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
+import { forgetManifests, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
 
 export interface TreeOptions extends FileSyncOptions {
@@ -62,32 +60,6 @@ type Kind = FileReport['kind'];
 const kindOf = (s: BigIntStats): Kind =>
   s.isFile() ? 'file' : s.isDirectory() ? 'dir' : s.isSymbolicLink() ? 'symlink' : s.isCharacterDevice() || s.isBlockDevice() ? 'device' : 'special';
 const TYPE_CHAR: Record<Kind, string> = { file: 'f', dir: 'd', symlink: 'L', device: 'D', special: 'S' };
-
-/**
- * Check the state folder at the destination root once, before anything is
- * written to it: it must be a real folder owned by the user running qsync,
- * writable by no one else (a symlink or another user's folder would let
- * that user steer root's writes); a missing one is created 0700 (unless
- * `create` is false: -n).
- */
-export async function checkStateDir(dest: Dir, create: boolean): Promise<void> {
-  const shown = `${dest.path.replace(/\/+$/, '')}/${STATE_DIR}`;
-  const st = await dest.lstatOrUndefined(STATE_DIR);
-  const me = BigInt(process.getuid?.() ?? 0);
-  if (!st) {
-    if (create) await dest.mkdir(STATE_DIR, 0o700);
-    return;
-  }
-  const refuse = (what: string) =>
-    new QsyncError('TARGET', `${shown} ${what}: qsync keeps its state there and refuses to use it`, {
-      file: shown,
-      hint: `remove it (qsync makes a new one, 0700); it must be a folder owned by uid ${me}`,
-    });
-  if (st.isSymbolicLink()) throw refuse('is a symlink');
-  if (!st.isDirectory()) throw refuse('is not a folder');
-  if (st.uid !== me) throw refuse(`is owned by uid ${st.uid}, not by uid ${me} who runs qsync`);
-  if (st.mode & 0o022n) throw refuse(`is writable by other users (mode ${(st.mode & 0o7777n).toString(8)})`);
-}
 
 /** A source the walk reaches: its folder (held) and name in it. */
 interface Here {
@@ -312,14 +284,8 @@ export class TreeSync {
       this.stats.deleted++;
       if (this.noWrite) continue;
       await removeTreeAt(dst, name);
-      if (st.isFile()) await this.forgetManifest(childRel);
-      else if (st.isDirectory()) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', childRel), { recursive: true, force: true });
+      if (st.isFile() || st.isDirectory()) await forgetManifests(this.plan.destRoot, childRel, st.isDirectory());
     }
-  }
-
-  private async forgetManifest(rel: string): Promise<void> {
-    const m = manifestPathFor(this.plan.destRoot, rel);
-    for (const p of [m, intentPathFor(m), journalPathFor(m)]) await rm(p, { force: true });
   }
 
   private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
