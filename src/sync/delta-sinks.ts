@@ -53,8 +53,15 @@ function* blocksOf(offset: number, length: number, blockSize: number): Generator
   for (let i = Math.floor(offset / blockSize); i * blockSize < offset + length; i++) yield i;
 }
 
-/** Records the new content of every block written: one member of a forward delta. */
+/**
+ * Records the new content of every block written: one member of a forward
+ * delta. A file that grows gets a zero record for each block past its old
+ * end first (the engine writes none there): a delta's result is never larger
+ * than its base and its records (checkResultSize), and apply keeps them holes.
+ */
 class ForwardRecorder {
+  private grown = false;
+
   constructor(
     private readonly w: DeltaFileWriter,
     private readonly info: DeltaSinkInfo,
@@ -62,7 +69,15 @@ class ForwardRecorder {
     w.beginMember(member('forward', info, info.oldSize, info.newSize));
   }
 
+  private async grow(): Promise<void> {
+    if (this.grown) return;
+    this.grown = true;
+    const { blockSize, oldSize, newSize } = this.info;
+    for (let i = blockCount(oldSize, blockSize); i < blockCount(newSize, blockSize); i++) await this.w.addZero(i);
+  }
+
   async write(offset: number, data: Buffer): Promise<void> {
+    await this.grow();
     const { blockSize } = this.info;
     for (const i of blocksOf(offset, data.length, blockSize)) {
       const start = i * blockSize - offset;
@@ -71,10 +86,12 @@ class ForwardRecorder {
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.grow();
     for (const i of blocksOf(offset, length, this.info.blockSize)) await this.w.addZero(i);
   }
 
   async end(): Promise<void> {
+    await this.grow();
     const { before, after } = this.info.fingerprints();
     await this.w.endMember({ baseFingerprint: before, resultFingerprint: after });
   }
