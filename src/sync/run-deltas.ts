@@ -36,10 +36,10 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
   let historyMembers = 0;
   const recordOnly = Boolean(o.onlyWriteBatch);
 
-  const wrapSink: FileSyncContext['wrapSink'] = (target, info) => {
+  const wrapSink: FileSyncContext['wrapSink'] = async (target, info) => {
     let sink: BlockSink | undefined = target;
     if (history && target) {
-      sink = reverseDeltaSink(target, history, info);
+      sink = await reverseDeltaSink(target, history, info);
       historyMembers++;
     }
     if (batch) sink = recordOnly ? forwardDeltaSink(batch, info) : teeDeltaSink(sink!, batch, info);
