@@ -310,13 +310,14 @@ describe('--backup-dir history survives kill -9', () => {
     };
     await sync();
     let kills = 0;
-    const tmpAppears = (p: string) => existsSync(p) && readdirSync(p).some((x) => x.endsWith('.tmp'));
-    for (const [k, ms] of [5, 15, 30, 60, 100, 150].entries()) {
+    // The run is writing the target once its history temp file holds a few old blocks (each is recorded just before its write).
+    const writing = (p: string) => existsSync(p) && readdirSync(p).some((x) => x.endsWith('.tmp') && statSync(join(p, x)).size > 4 * bs);
+    for (const [k, ms] of [0, 2, 5, 10, 20, 40].entries()) {
       const size = statSync(img).size;
       mutateBlocks(img, size, 0.3);
       if (k === 1) writeFileSync(img, randomBytes(MiB + 5000), { flag: 'a' }); // grows
       if (k === 3) execFileSync('truncate', ['-s', String(size - 3 * MiB - 100), img]); // shrinks
-      const r = await killAfter(['-a', `--backup-dir=${history}`, `${src}/`, `${dest}/`], history, ms, tmpAppears);
+      const r = await killAfter(['-a', `--backup-dir=${history}`, `${src}/`, `${dest}/`], history, ms, writing);
       if (r.killed) kills++;
       await sync(); // the run after the crash finishes the job
       ok(await runQsync(['verify', join(dest, 'vm.img')]));
