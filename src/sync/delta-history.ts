@@ -7,10 +7,11 @@
  *
  * The walk is checked link by link: it starts from the mirror's fingerprint,
  * and each member must apply to the state the previous one gave (same size,
- * and same fingerprint where the member names its base). A member that does
- * not name its result (an interrupted run could not vouch for it) only leads
- * on to older ones; a point is listed only where the fingerprint is known,
- * so every listed point restores. The walk stops at the first broken link.
+ * and same fingerprint where both are known). A member that does not name
+ * its result (an interrupted run could not vouch for it) only leads on to
+ * older ones; a point is listed only where the fingerprint is known, and
+ * restoring checks the result against it. The walk stops at the first
+ * broken link.
  */
 import { constants } from 'node:fs';
 import { mkdir, rm, type FileHandle } from 'node:fs/promises';
@@ -159,7 +160,9 @@ async function walk(dir: string, target: string, mirror: FileHandle): Promise<Ch
       point();
       continue;
     }
-    const linked = h.baseSize === size && (isZero(h.baseFingerprint) ? fp === undefined : fp !== undefined && h.baseFingerprint.equals(fp));
+    // A member naming no base (a crash's torn member) follows only a state no fingerprint names, whatever its size;
+    // after such a state a member naming its base is taken on trust of size, and the point's final check decides.
+    const linked = isZero(h.baseFingerprint) ? fp === undefined : h.baseSize === size && (fp === undefined || h.baseFingerprint.equals(fp));
     if (!linked || h.resultSize > size + s.member.records * bs) {
       chain.stoppedAt = s.file;
       break;

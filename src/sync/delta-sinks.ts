@@ -272,8 +272,12 @@ async function rewriteSalvaged(tmp: string, dest: string): Promise<void> {
         open = undefined;
       }
     }
-    // The torn member: its base is whatever the crash left.
-    if (open) await w!.endMember({ baseFingerprint: Buffer.alloc(DIGEST_LEN), resultFingerprint: open.resultFingerprint });
+    // The torn member: its base is whatever the crash left, of either size (the crash may have come before or after the resize);
+    // the larger one keeps it a well-formed delta (a result no larger than base + records).
+    if (open) {
+      const baseSize = Math.max(open.baseSize, open.resultSize);
+      await w!.endMember({ baseFingerprint: Buffer.alloc(DIGEST_LEN), resultFingerprint: open.resultFingerprint, baseSize });
+    }
     await w?.finish();
   } catch (e) {
     await w?.abort();
