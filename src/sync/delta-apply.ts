@@ -79,11 +79,14 @@ async function targetsFor(members: DeltaMemberSummary[], target: string): Promis
     }
     return [{ root: dirname(target), rel: basename(target) }];
   }
+  const seen = new Set<string>();
   return members.map(({ header }) => {
     const rel = normalize(header.name);
     if (!header.name || isAbsolute(rel) || rel === '..' || rel.startsWith(`..${sep}`) || rel.split(sep)[0] === STATE_DIR) {
       throw new QsyncError('FORMAT', `delta member name ${JSON.stringify(header.name)} is not a path inside the target directory`, { file: target });
     }
+    if (seen.has(rel)) throw new QsyncError('FORMAT', `delta member ${JSON.stringify(header.name)} appears twice`, { file: target });
+    seen.add(rel);
     return { root: target, rel };
   });
 }
