@@ -445,3 +445,25 @@ describe('restore checks what it applies', () => {
     expect(statSync(join(d, 'b.qdelta')).mode & 0o077).toBe(0);
   });
 });
+
+describe('one writer per history folder', () => {
+  it('a sync keeping history and a prune wait their turn while another qsync holds the folder (its temp file is never salvaged from under it)', async () => {
+    const d = fresh('hist-lock');
+    const src = join(d, 'src');
+    const history = join(d, 'history');
+    mkdirSync(src);
+    randomFile(join(src, 'vm.img'), 100 * KiB);
+    mkdirSync(history, { mode: 0o700 });
+    // A live process (this one) holds it, and a temp file of its run lies there.
+    writeFileSync(join(history, 'lock'), `${process.pid} ${readFileSync('/proc/sys/kernel/random/boot_id', 'latin1').trim()}\n`);
+    writeFileSync(join(history, '.2026-01-01T00-00-00.000Z.qdelta.abcd.tmp'), 'in progress');
+    for (const args of [['-a', `--backup-dir=${history}`, `${src}/`, `${join(d, 'dest')}/`], ['prune', history, '--keep', '0']]) {
+      const r = await runQsync(args);
+      expect(r.code, r.stderr).toBe(3);
+      expect(r.stderr).toMatch(/another qsync is writing the history/);
+    }
+    expect(readFileSync(join(history, '.2026-01-01T00-00-00.000Z.qdelta.abcd.tmp'), 'latin1')).toBe('in progress');
+    rmSync(join(history, 'lock'));
+    ok(await runQsync(['-a', `--backup-dir=${history}`, `${src}/`, `${join(d, 'dest')}/`]));
+  });
+});

@@ -22,6 +22,7 @@ import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaM
 import { fsyncDir } from '../io/fsync-dir.js';
 import { checkOwnDir, Dir, lstatOrUndefined, openRegular } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
+import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest } from './trust.js';
@@ -297,6 +298,7 @@ export async function restorePoint(dir: string, target: string, at: string, outP
 export async function prune(dir: string, keep: number): Promise<string[]> {
   await checkOwnDir(dir, 'backup dir');
   const d = await openHistoryDir(dir);
+  const lock = await lockHistory(dir);
   try {
     const names = await historyNames(d);
     const drop = names.slice(keep).reverse();
@@ -307,7 +309,24 @@ export async function prune(dir: string, keep: number): Promise<string[]> {
     }
     return drop.map((n) => join(dir, n));
   } finally {
+    await lock.release();
     await d.close();
+  }
+}
+
+/**
+ * One writer at a time per history folder (a sync keeping history, a
+ * prune): a run salvages what a crashed run left, which must not be the temp
+ * file of a run still going.
+ */
+export async function lockHistory(dir: string): Promise<DestLock> {
+  try {
+    return await lockDestination(dir);
+  } catch (e) {
+    if (e instanceof QsyncError && e.code === 'LOCKED') {
+      throw new QsyncError('LOCKED', `another qsync is writing the history in ${dir}; wait for it to finish`, { file: dir, hint: e.context.hint });
+    }
+    throw e;
   }
 }
 
