@@ -361,3 +361,22 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
     throw e;
   }
 }
+
+/**
+ * A directory qsync keeps its own files in (a state folder, a history
+ * folder) must be a real directory owned by the user qsync runs as: a
+ * symlink, or a folder another user owns, could steer qsync's writes or
+ * feed it forged state. Returns false when nothing is there.
+ */
+export async function checkOwnDir(path: string, what: string): Promise<boolean> {
+  const st = await lstatOrUndefined(path);
+  if (!st) return false;
+  if (!st.isDirectory()) {
+    throw new QsyncError('TARGET', `${what} ${path} is ${typeName(st)}, not a directory: qsync does not follow it`, { file: path, hint: 'remove it, or give a real directory' });
+  }
+  const uid = process.geteuid?.();
+  if (uid !== undefined && st.uid !== BigInt(uid)) {
+    throw new QsyncError('TARGET', `${what} ${path} belongs to uid ${st.uid}, not to the user qsync runs as (${uid}): refused`, { file: path, hint: 'remove it, or run qsync as its owner' });
+  }
+  return true;
+}
