@@ -20,7 +20,7 @@ import { digestOf } from '../hash/blake3.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
 import { readUpTo } from '../io/local-file.js';
-import { checkOwnDir, Dir } from '../io/safe-fs.js';
+import { Dir } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
 import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
@@ -337,10 +337,8 @@ export async function applyDelta(deltaPath: string, target: string, hooks: Apply
     try {
       for (const { root } of places) {
         if (locks.has(root)) continue;
-        const state = join(root, STATE_DIR);
-        await checkOwnDir(state, 'state folder');
-        locks.set(root, await lockDestination(state));
-        await checkOwnDir(state, 'state folder');
+        // The lock walks to the state folder by the state-dir rules: a symlinked or foreign .qsync is refused there.
+        locks.set(root, await lockDestination(join(root, STATE_DIR)));
       }
       const plans: MemberPlan[] = [];
       try {
