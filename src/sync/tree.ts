@@ -230,7 +230,13 @@ export class TreeSync {
           : e;
       });
       await this.checkSame(srcDir, st, rel);
-      if (dst && (cur || !this.noWrite)) dstDir = await dst.openDir(name);
+      if (dst && (cur || !this.noWrite)) {
+        dstDir = await dst.openDir(name).catch((e) => {
+          throw errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR'
+            ? new QsyncError('TARGET', `${rel} in the destination was replaced by something other than a folder while qsync worked; nothing written into it`, { file: rel, hint: 'run again' }, { cause: e })
+            : e;
+        });
+      }
       await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev);
     } finally {
       await srcDir?.close();
