@@ -1,0 +1,195 @@
+/**
+ * rsync's -A (POSIX ACLs) and -X (extended attributes): compared, itemized
+ * (letters `a` and `x`) and copied the way rsync 3 does it.
+ *
+ * -X: names outside `system.*`; as root all namespaces (user, trusted,
+ * security), otherwise `user.*` only; rsync's own `user.rsync.%*` names are
+ * left out, as rsync does with a single -X. Names gone from the source are
+ * removed from the target.
+ *
+ * -A: the access ACL of everything but symlinks, and the default ACL of
+ * folders. The kernel keeps them as `system.posix_acl_access` and
+ * `system.posix_acl_default`, in one canonical binary form; qsync copies
+ * that value as is (ids numerically, as rsync does locally). An ACL absent
+ * from the source is removed from the target. `a` is reported as rsync
+ * does: an access ACL differs when its named entries, its mask's presence
+ * or (with a mask) its group entry differ; the permission bits themselves
+ * are the mode's (`p`).
+ *
+ * Every read and write goes through a descriptor of the inode
+ * (src/io/attr-tool.ts), never through a path that could be swapped.
+ */
+import { constants, type BigIntStats } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
+import { QsyncError } from '../core/errors.js';
+import { O_PATH, type Dir } from '../io/safe-fs.js';
+import { readAttrs, writeAttrs, type AttrMap } from '../io/attr-tool.js';
+
+const ACCESS = 'system.posix_acl_access';
+const DEFAULT = 'system.posix_acl_default';
+
+export interface ExtAttrOptions {
+  acls: boolean;
+  xattrs: boolean;
+  /** -n / --only-write-batch: compare and report, change nothing. */
+  noWrite: boolean;
+}
+
+/** An entry reached through its folder (checked against `expect`), or a folder held by descriptor. */
+export type Node = { dir: Dir; name: string; expect: BigIntStats } | { held: Dir };
+
+const typeBits = (s: BigIntStats) => s.mode & 0o170000n;
+
+/** The entries of a binary POSIX ACL (header u32 version, then u16 tag, u16 perm, u32 id each). */
+function aclEntries(value: string | undefined): { tag: number; perm: number; id: number }[] {
+  if (value === undefined || !value.startsWith('0s')) return [];
+  const b = Buffer.from(value.slice(2), 'base64');
+  const out: { tag: number; perm: number; id: number }[] = [];
+  for (let off = 4; off + 8 <= b.length && out.length < 4096; off += 8) out.push({ tag: b.readUInt16LE(off), perm: b.readUInt16LE(off + 2), id: b.readUInt32LE(off + 4) });
+  return out;
+}
+
+const USER_OBJ = 0x01, GROUP_OBJ = 0x04, MASK = 0x10, OTHER = 0x20;
+
+/** rsync's rsync_acl_equal_enough: the parts of an access ACL the mode does not carry. */
+function accessAclsEqual(a: string | undefined, b: string | undefined): boolean {
+  const view = (v: string | undefined) => {
+    const e = aclEntries(v);
+    const mask = e.find((x) => x.tag === MASK);
+    const group = mask ? e.find((x) => x.tag === GROUP_OBJ)?.perm : undefined;
+    const named = e.filter((x) => ![USER_OBJ, GROUP_OBJ, MASK, OTHER].includes(x.tag)).map((x) => `${x.tag}:${x.id}:${x.perm}`).sort().join(',');
+    return `${mask ? 'm' : ''}|${group ?? ''}|${named}`;
+  };
+  return view(a) === view(b);
+}
+
+/** The attributes of one source and its target, read before the target is brought up to date. */
+export class AttrPair {
+  constructor(
+    private readonly owner: ExtAttrs,
+    private readonly kind: 'dir' | 'symlink' | 'other',
+    readonly src: AttrMap,
+    /** The target's inode as it was (undefined: none yet), and its attributes. */
+    private dstFh: FileHandle | undefined,
+    private readonly heldDst: Dir | undefined,
+    private readonly dst: AttrMap | undefined,
+  ) {}
+
+  /**
+   * rsync's itemize string with the `a` and `x` letters (positions 8 and 9
+   * after YX). `changes` holds c s t p o g; when the access ACL is set on an
+   * entry that was not rewritten, the permission bits come with it, so `p`
+   * stays only for a change of the set-id and sticky bits (rsync applies the
+   * ACL before it compares the mode).
+   */
+  letters(changes: string, srcSt: BigIntStats, dstSt: BigIntStats | undefined, rewritten: boolean): string {
+    const c = changes.padEnd(9, '.').split('');
+    if (!this.dst || !dstSt) return c.join('');
+    const aclMoves = this.owner.o.acls && this.kind !== 'symlink' && !accessAclsEqual(this.src.get(ACCESS), this.dst.get(ACCESS));
+    const a = aclMoves || (this.owner.o.acls && this.kind === 'dir' && this.src.get(DEFAULT) !== this.dst.get(DEFAULT));
+    if (a) c[7] = 'a';
+    if (this.owner.o.xattrs && this.owner.differ(this.src, this.dst, false)) c[8] = 'x';
+    if (aclMoves && !rewritten && c[3] === 'p' && (srcSt.mode & 0o7000n) === (dstSt.mode & 0o7000n)) c[3] = '.';
+    return c.join('');
+  }
+
+  /**
+   * Make the target's attributes the source's. `at`: where the target is now
+   * (a file may have been replaced by a new inode under its name); a held
+   * folder is the target itself.
+   */
+  async apply(at?: { dir: Dir; name: string; expect: BigIntStats }): Promise<void> {
+    try {
+      if (this.owner.o.noWrite) return;
+      let fd = this.heldDst?.fd;
+      let cur = this.dst;
+      if (fd === undefined) {
+        const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
+        if (!now) return;
+        const [a, b] = await Promise.all([this.dstFh?.stat({ bigint: true }), now.stat({ bigint: true })]);
+        if (!a || a.ino !== b.ino || a.dev !== b.dev) {
+          // A new inode (a new or rewritten file): what it carries now is what counts.
+          await this.dstFh?.close();
+          this.dstFh = now;
+          cur = (await readAttrs([now.fd]))[0];
+        } else await now.close();
+        fd = this.dstFh!.fd;
+      }
+      await this.owner.write(fd, this.src, cur ?? new Map(), this.kind);
+    } finally {
+      await this.dstFh?.close();
+      this.dstFh = undefined;
+    }
+  }
+
+  /** Give back the descriptors without applying anything (the entry failed). */
+  async close(): Promise<void> {
+    await this.dstFh?.close();
+    this.dstFh = undefined;
+  }
+}
+
+export class ExtAttrs {
+  private readonly root = process.getuid?.() === 0;
+
+  constructor(readonly o: ExtAttrOptions) {}
+
+  /** The names qsync manages on an entry of `kind`, as rsync chooses them. */
+  private managed(name: string, kind: AttrPair['kind']): boolean {
+    if (name === ACCESS) return this.o.acls && kind !== 'symlink';
+    if (name === DEFAULT) return this.o.acls && kind === 'dir';
+    if (!this.o.xattrs || name.startsWith('system.')) return false;
+    if (!this.root && !name.startsWith('user.')) return false;
+    return !name.startsWith('user.rsync.%');
+  }
+
+  /** Do the managed names differ (ACLs too when `acls`)? */
+  differ(a: AttrMap, b: AttrMap, acls: boolean): boolean {
+    const pick = (m: AttrMap) =>
+      [...m].filter(([n]) => (n === ACCESS || n === DEFAULT ? acls : this.managed(n, 'other'))).sort(([x], [y]) => (x < y ? -1 : x > y ? 1 : 0)).join('\n');
+    return pick(a) !== pick(b);
+  }
+
+  /** An O_PATH descriptor of `name` in `dir`, checked to be of `expect`'s type (and, `sameInode`, its inode). */
+  async openNode(n: { dir: Dir; name: string; expect: BigIntStats; sameInode: boolean }): Promise<FileHandle> {
+    const fh = await open(n.dir.at(n.name), O_PATH | constants.O_NOFOLLOW);
+    const st = await fh.stat({ bigint: true });
+    if (typeBits(st) !== typeBits(n.expect) || (n.sameInode && (st.ino !== n.expect.ino || st.dev !== n.expect.dev))) {
+      await fh.close();
+      throw new QsyncError('SOURCE', `file has vanished: ${n.dir.path}/${n.name} (another entry took its name while qsync worked)`, { file: n.name, vanished: true });
+    }
+    return fh;
+  }
+
+  /**
+   * Read the source's attributes and the target's (when it exists: `dst`)
+   * before the target is touched. The source must still be the inode listed.
+   */
+  async read(src: Node, dst: Node | undefined, kind: AttrPair['kind']): Promise<AttrPair> {
+    const srcFh = 'held' in src ? undefined : await this.openNode({ ...src, sameInode: true });
+    let dstFh: FileHandle | undefined;
+    try {
+      dstFh = dst && !('held' in dst) ? await this.openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
+      const srcFd = srcFh?.fd ?? (src as { held: Dir }).held.fd;
+      const dstFd = dstFh?.fd ?? (dst && 'held' in dst ? dst.held.fd : undefined);
+      const [s, d] = await readAttrs(dstFd === undefined ? [srcFd] : [srcFd, dstFd]);
+      return new AttrPair(this, kind, s!, dstFh, dst && 'held' in dst ? dst.held : undefined, d);
+    } catch (e) {
+      await dstFh?.close();
+      throw e;
+    } finally {
+      await srcFh?.close();
+    }
+  }
+
+  /** Make the attributes behind `fd` (now `cur`) the managed part of `src`. */
+  async write(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind']): Promise<void> {
+    const set: [string, string][] = [];
+    for (const [n, v] of src) {
+      // chown drops a file's capabilities: set them again even when they were equal before.
+      if (this.managed(n, kind) && (cur.get(n) !== v || n === 'security.capability')) set.push([n, v]);
+    }
+    const remove = [...cur.keys()].filter((n) => this.managed(n, kind) && !src.has(n));
+    if (set.length || remove.length) await writeAttrs(fd, set, remove);
+  }
+}
