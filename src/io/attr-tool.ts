@@ -52,7 +52,7 @@ export function runWithFds(cmd: string, args: string[], fds: number[], input?: s
       clearTimeout(timer);
       reject(
         (e as NodeJS.ErrnoException).code === 'ENOENT'
-          ? new QsyncError('UNSUPPORTED', `${cmd} is not installed: -A and -X need it (package ${cmd.endsWith('facl') ? 'acl' : 'attr'})`, { tool: cmd, hint: 'apt-get install attr' })
+          ? new QsyncError('UNSUPPORTED', `${cmd} is not installed: -A and -X need it (package attr)`, { tool: cmd, hint: 'apt-get install attr' })
           : e,
       );
     });

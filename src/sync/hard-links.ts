@@ -44,9 +44,9 @@ interface Base {
 export interface HardLinkHost {
   dest: Dir | undefined;
   noWrite: boolean;
-  /** Bring the leader up to date as any file (report included). */
-  syncFile(src: { dir: Dir; name: string }, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void>;
-  /** A member made a link (or found one): counts as a regular file of the transfer. */
+  /** Bring the leader up to date as any entry of its type (report included). */
+  syncEntry(src: { dir: Dir; name: string }, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void>;
+  /** A member made a link (or found one): counts as an entry of the transfer (a regular file: its size too). */
   counted(st: BigIntStats): void;
   report(r: FileReport): void;
   fail(e: unknown, rel: string): void;
@@ -90,9 +90,9 @@ export class HardLinks {
     }
   }
 
-  /** The walk met a regular file: true when it waits for its group (it has other links). */
+  /** The walk met a file, symlink or special file: true when it waits for its group (it has other links). */
   defer(st: BigIntStats, rel: string): boolean {
-    if (st.nlink < 2n || !st.isFile() || !this.bases.length) return false;
+    if (st.nlink < 2n || st.isDirectory() || !this.bases.length) return false;
     const key = `${st.dev}:${st.ino}`;
     let g = this.groups.get(key);
     if (!g) this.groups.set(key, (g = []));
@@ -120,9 +120,9 @@ export class HardLinks {
   }
 
   private async group(host: HardLinkHost, members: Member[], base: (t: number) => Promise<Dir>): Promise<void> {
-    // The leader: the first member whose target is a regular file, else the last.
-    let li = members.length - 1;
-    for (let i = 0; i < members.length - 1; i++) {
+    // The leader: the first member whose target is a regular file, else the last; of other types, the first.
+    let li = members[0]!.st.isFile() ? members.length - 1 : 0;
+    for (let i = 0; i < li; i++) {
       const dir = await this.destFolder(host, members[i]!.rel).catch(() => undefined);
       const cur = await dir?.lstatOrUndefined(basename(members[i]!.rel)).finally(() => dir?.close());
       if (cur?.isFile()) {
@@ -137,13 +137,15 @@ export class HardLinks {
       const b = await base(leader.t);
       const srcRel = this.bases[leader.t]!.srcRel(leader.rel);
       const srcDir = dirname(srcRel) === '.' ? await b.dup() : await b.openBeneath(dirname(srcRel));
+      const before = await lh?.lstatOrUndefined(basename(leader.rel));
       try {
-        await host.syncFile({ dir: srcDir, name: basename(srcRel) }, leader.st, lh, basename(leader.rel), leader.rel);
+        await host.syncEntry({ dir: srcDir, name: basename(srcRel) }, leader.st, lh, basename(leader.rel), leader.rel);
       } finally {
         await srcDir.close();
       }
-      this.touch(leader);
       const now = await lh?.lstatOrUndefined(basename(leader.rel));
+      // A new inode took the name (new file, or a copy replacing one with other links): its folder changed.
+      if (now && now.ino !== before?.ino) this.touch(leader);
       if (!now && !host.noWrite) return; // skipped (--existing, ...): nothing to link to
       for (let i = 0; i < members.length; i++) {
         if (i === li) continue;
@@ -171,12 +173,14 @@ export class HardLinks {
     const name = basename(m.rel);
     const leaderName = basename(leaderRel);
     const cur = await dir?.lstatOrUndefined(name);
-    const base = { path: m.rel, kind: 'file' as const, size: Number(m.st.size), scanned: 0, literal: 0, matched: 0 };
+    const [kind, letter] = m.st.isFile() ? (['file', 'f'] as const) : m.st.isSymbolicLink() ? (['symlink', 'L'] as const) : m.st.isCharacterDevice() || m.st.isBlockDevice() ? (['device', 'D'] as const) : (['special', 'S'] as const);
+    const base = { path: m.rel, kind, size: m.st.isFile() ? Number(m.st.size) : 0, scanned: 0, literal: 0, matched: 0 };
     if (cur && leaderSt && cur.ino === leaderSt.ino && cur.dev === leaderSt.dev) {
-      host.report({ ...base, itemize: 'hf         ', unchanged: true });
+      host.report({ ...base, itemize: `h${letter}         `, unchanged: true });
       return;
     }
-    const changes = cur?.isFile() ? host.changes(m.st, cur).padEnd(9, '.') : '+++++++++';
+    const sameType = cur && (cur.mode & 0o170000n) === (m.st.mode & 0o170000n);
+    const changes = sameType ? host.changes(m.st, cur!).padEnd(9, '.') : '+++++++++';
     if (!host.noWrite) {
       if (cur?.isDirectory()) {
         await dir!.rmdir(name).catch((e) => {
@@ -199,7 +203,7 @@ export class HardLinks {
       await host.forgetManifest(m.rel);
       this.touch(m);
     }
-    host.report({ ...base, path: `${m.rel} => ${leaderRel}`, itemize: `hf${changes}`, unchanged: false });
+    host.report({ ...base, path: `${m.rel} => ${leaderRel}`, itemize: `h${letter}${changes}`, unchanged: false });
   }
 
   /** The target folder of `rel`, reached from the destination root without following symlinks (undefined: it does not exist, -n). */
@@ -209,7 +213,7 @@ export class HardLinks {
     try {
       return d === '.' ? await host.dest.dup() : await host.dest.openBeneath(d);
     } catch (e) {
-      if (host.noWrite && errnoOf(e) === 'ENOENT') return undefined;
+      if (host.noWrite && (errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ENOTDIR')) return undefined;
       throw e;
     }
   }

@@ -231,11 +231,11 @@ export class TreeSync {
         if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
         if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.symlink(src, st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.symlink(src, st, dst, name, rel);
       } else {
         const dev = st.isCharacterDevice() || st.isBlockDevice();
         if (dev ? !this.opts.devices : !this.opts.specials) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.special(src, st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.special(src, st, dst, name, rel);
       }
     } catch (e) {
       this.fail(e, shown);
@@ -429,8 +429,10 @@ export class TreeSync {
     return {
       dest: this.dest,
       noWrite: this.noWrite,
-      syncFile: (src, st, dst, name, rel) => this.file(src, st, dst, name, rel),
+      syncEntry: (src, st, dst, name, rel) =>
+        st.isFile() ? this.file(src, st, dst, name, rel) : st.isSymbolicLink() ? this.symlink(src, st, dst, name, rel) : this.special(src, st, dst, name, rel),
       counted: (st) => {
+        if (!st.isFile()) return;
         this.stats.regularFiles++;
         this.stats.totalSize += Number(st.size);
       },
