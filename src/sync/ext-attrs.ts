@@ -40,6 +40,9 @@ export type Node = { dir: Dir; name: string; expect: BigIntStats } | { held: Dir
 
 const typeBits = (s: BigIntStats) => s.mode & 0o170000n;
 
+/** `name` in `dir` itself (never what a symlink points to), held without opening it (no FIFO blocks, no device opens). */
+const openPath = (dir: Dir, name: string): Promise<FileHandle> => open(dir.at(name), O_PATH | constants.O_NOFOLLOW);
+
 /** The entries of a binary POSIX ACL (header u32 version, then u16 tag, u16 perm, u32 id each). */
 function aclEntries(value: string | undefined): { tag: number; perm: number; id: number }[] {
   if (value === undefined || !value.startsWith('0s')) return [];
@@ -129,8 +132,19 @@ export class AttrPair {
   }
 }
 
+/** Entries read per getfattr run by prefetch (each one descriptor passed to it). */
+const BATCH = 64;
+
+interface Cached {
+  dev: bigint;
+  ino: bigint;
+  attrs: AttrMap;
+}
+
 export class ExtAttrs {
   private readonly root = process.getuid?.() === 0;
+  /** Per held folder: attributes read ahead by prefetch, with the inode they were read from. */
+  private readonly cache = new WeakMap<Dir, Map<string, Cached>>();
 
   constructor(readonly o: ExtAttrOptions) {}
 
@@ -152,7 +166,7 @@ export class ExtAttrs {
 
   /** An O_PATH descriptor of `name` in `dir`, checked to be of `expect`'s type (and, `sameInode`, its inode). */
   async openNode(n: { dir: Dir; name: string; expect: BigIntStats; sameInode: boolean }): Promise<FileHandle> {
-    const fh = await open(n.dir.at(n.name), O_PATH | constants.O_NOFOLLOW);
+    const fh = await openPath(n.dir, n.name);
     const st = await fh.stat({ bigint: true });
     if (typeBits(st) !== typeBits(n.expect) || (n.sameInode && (st.ino !== n.expect.ino || st.dev !== n.expect.dev))) {
       await fh.close();
@@ -166,19 +180,61 @@ export class ExtAttrs {
    * before the target is touched. The source must still be the inode listed.
    */
   async read(src: Node, dst: Node | undefined, kind: AttrPair['kind']): Promise<AttrPair> {
-    const srcFh = 'held' in src ? undefined : await this.openNode({ ...src, sameInode: true });
+    // Read ahead from the very inode listed: no need to reach it again.
+    const early = 'held' in src ? undefined : this.cached(src.dir, src.name, src.expect);
+    const srcFh = 'held' in src || early ? undefined : await this.openNode({ ...src, sameInode: true });
     let dstFh: FileHandle | undefined;
     try {
       dstFh = dst && !('held' in dst) ? await this.openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
-      const srcFd = srcFh?.fd ?? (src as { held: Dir }).held.fd;
-      const dstFd = dstFh?.fd ?? (dst && 'held' in dst ? dst.held.fd : undefined);
-      const [s, d] = await readAttrs(dstFd === undefined ? [srcFd] : [srcFd, dstFd]);
-      return new AttrPair(this, kind, s!, dstFh, dst && 'held' in dst ? dst.held : undefined, d);
+      const dstEarly = dstFh && dst && !('held' in dst) ? this.cached(dst.dir, dst.name, await dstFh.stat({ bigint: true })) : undefined;
+      const fds: number[] = [];
+      if (!early) fds.push(srcFh?.fd ?? (src as { held: Dir }).held.fd);
+      const dstFd = dstEarly ? undefined : (dstFh?.fd ?? (dst && 'held' in dst ? dst.held.fd : undefined));
+      if (dstFd !== undefined) fds.push(dstFd);
+      const maps = fds.length ? await readAttrs(fds) : [];
+      const s = early ?? maps.shift()!;
+      const d = dstEarly ?? (dstFd === undefined ? undefined : maps.shift());
+      return new AttrPair(this, kind, s, dstFh, dst && 'held' in dst ? dst.held : undefined, d);
     } catch (e) {
       await dstFh?.close();
       throw e;
     } finally {
       await srcFh?.close();
+    }
+  }
+
+  /** What prefetch read of `name` in `dir`, if it was read from the inode `st` describes (used once). */
+  private cached(dir: Dir, name: string, st: BigIntStats): AttrMap | undefined {
+    const m = this.cache.get(dir);
+    const c = m?.get(name);
+    m?.delete(name);
+    return c && c.ino === st.ino && c.dev === st.dev ? c.attrs : undefined;
+  }
+
+  /**
+   * Read the attributes of the entries `names` of `dir` (a folder being
+   * walked) ahead, up to BATCH per getfattr run, each through its own
+   * descriptor: read() then runs nothing for them. Best effort: what cannot
+   * be read ahead is read one by one later.
+   */
+  async prefetch(dir: Dir | undefined, names: string[]): Promise<void> {
+    if (!dir) return;
+    const cached = new Map<string, Cached>();
+    this.cache.set(dir, cached);
+    for (let i = 0; i < names.length; i += BATCH) {
+      const open: { name: string; fh: FileHandle; st: BigIntStats }[] = [];
+      try {
+        for (const name of names.slice(i, i + BATCH)) {
+          const fh = await openPath(dir, name).catch(() => undefined);
+          if (fh) open.push({ name, fh, st: await fh.stat({ bigint: true }) });
+        }
+        const maps = await readAttrs(open.map((o) => o.fh.fd));
+        open.forEach((o, k) => cached.set(o.name, { dev: o.st.dev, ino: o.st.ino, attrs: maps[k]! }));
+      } catch {
+        // Read one by one instead.
+      } finally {
+        for (const o of open) await o.fh.close();
+      }
     }
   }
 

@@ -306,6 +306,8 @@ export class TreeSync {
         children.push({ name, st: cst });
       }
       if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
+      // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
+      if (this.ext) for (const d of [src, cur && dst]) await this.ext.prefetch(d || undefined, children.map((c) => c.name));
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
     }
     if (!this.noWrite && dst) {
