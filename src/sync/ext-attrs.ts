@@ -83,7 +83,7 @@ export class AttrPair {
    * after YX). `changes` holds c s t p o g; when the access ACL is set on an
    * entry that was not rewritten, the permission bits come with it, so `p`
    * stays only for a change of the set-id and sticky bits (rsync applies the
-   * ACL before it compares the mode).
+   * ACL before it compares the mode; with -n it applies nothing).
    */
   letters(changes: string, srcSt: BigIntStats, dstSt: BigIntStats | undefined, rewritten: boolean): string {
     const c = changes.padEnd(9, '.').split('');
@@ -92,7 +92,7 @@ export class AttrPair {
     const a = aclMoves || (this.owner.o.acls && this.kind === 'dir' && this.src.get(DEFAULT) !== this.dst.get(DEFAULT));
     if (a) c[7] = 'a';
     if (this.owner.o.xattrs && this.owner.differ(this.src, this.dst, false)) c[8] = 'x';
-    if (aclMoves && !rewritten && c[3] === 'p' && (srcSt.mode & 0o7000n) === (dstSt.mode & 0o7000n)) c[3] = '.';
+    if (aclMoves && !rewritten && !this.owner.o.noWrite && c[3] === 'p' && (srcSt.mode & 0o7000n) === (dstSt.mode & 0o7000n)) c[3] = '.';
     return c.join('');
   }
 

@@ -55,6 +55,8 @@ export interface HardLinkHost {
   dirMeta(st: BigIntStats): MetaChange;
   /** The itemize letters c s t p o g of an existing target against its source. */
   changes(src: BigIntStats, dst: BigIntStats): string;
+  /** With -A/-X: `changes` with the letters a and x of an existing target against its source. */
+  attrLetters?(src: { dir: Dir; name: string }, st: BigIntStats, dst: Dir, name: string, cur: BigIntStats, changes: string): Promise<string>;
 }
 
 /** rsync's file-list order: within a folder its files before its subfolders; names as bytes. */
@@ -153,7 +155,7 @@ export class HardLinks {
         let dir: Dir | undefined;
         try {
           dir = await this.destFolder(host, m.rel);
-          await this.linkMember(host, m, dir, leader.rel, lh, now);
+          await this.linkMember(host, m, dir, leader.rel, lh, now, base);
         } catch (e) {
           host.fail(e, m.rel);
         } finally {
@@ -168,19 +170,41 @@ export class HardLinks {
   }
 
   /** Make member `m` (in its target folder `dir`) a link of the leader, whose target is `leaderSt` in `lh`. */
-  private async linkMember(host: HardLinkHost, m: Member, dir: Dir | undefined, leaderRel: string, lh: Dir | undefined, leaderSt: BigIntStats | undefined): Promise<void> {
+  private async linkMember(
+    host: HardLinkHost,
+    m: Member,
+    dir: Dir | undefined,
+    leaderRel: string,
+    lh: Dir | undefined,
+    leaderSt: BigIntStats | undefined,
+    sourceBase: (t: number) => Promise<Dir>,
+  ): Promise<void> {
     host.counted(m.st);
     const name = basename(m.rel);
     const leaderName = basename(leaderRel);
     const cur = await dir?.lstatOrUndefined(name);
     const [kind, letter] = m.st.isFile() ? (['file', 'f'] as const) : m.st.isSymbolicLink() ? (['symlink', 'L'] as const) : m.st.isCharacterDevice() || m.st.isBlockDevice() ? (['device', 'D'] as const) : (['special', 'S'] as const);
     const base = { path: m.rel, kind, size: m.st.isFile() ? Number(m.st.size) : 0, scanned: 0, literal: 0, matched: 0 };
-    if (cur && leaderSt && cur.ino === leaderSt.ino && cur.dev === leaderSt.dev) {
-      host.report({ ...base, itemize: `h${letter}         `, unchanged: true });
+    const linked = cur && leaderSt && cur.ino === leaderSt.ino && cur.dev === leaderSt.dev;
+    const sameType = cur && (cur.mode & 0o170000n) === (m.st.mode & 0o170000n);
+    let changes = sameType ? host.changes(m.st, cur!).padEnd(9, '.') : '+++++++++';
+    // rsync -n compares the old target's ACLs and xattrs too (its real run compares the new link: always equal).
+    if (sameType && host.noWrite && host.attrLetters) {
+      const srcRel = this.bases[m.t]!.srcRel(m.rel);
+      const b = await sourceBase(m.t);
+      const srcDir = dirname(srcRel) === '.' ? await b.dup() : await b.openBeneath(dirname(srcRel));
+      try {
+        changes = await host.attrLetters({ dir: srcDir, name: basename(srcRel) }, m.st, dir!, name, cur!, changes);
+      } finally {
+        await srcDir.close();
+      }
+    }
+    if (linked) {
+      // Already a link of the leader: it is what the leader is now (with -n, what it was: rsync shows how that differs).
+      const unchanged = !/[^.]/.test(changes);
+      host.report({ ...base, itemize: `h${letter}${unchanged ? '         ' : changes}`, unchanged });
       return;
     }
-    const sameType = cur && (cur.mode & 0o170000n) === (m.st.mode & 0o170000n);
-    const changes = sameType ? host.changes(m.st, cur!).padEnd(9, '.') : '+++++++++';
     if (!host.noWrite) {
       if (cur?.isDirectory()) {
         await dir!.rmdir(name).catch((e) => {

@@ -443,6 +443,14 @@ export class TreeSync {
       forgetManifest: (rel) => this.forgetManifest(rel),
       dirMeta: (st) => this.metaFor(st, false, true),
       changes: (src, dst) => this.metaChanges(src, dst),
+      attrLetters:
+        this.ext &&
+        (async (src, st, dst, name, cur, changes) => {
+          const kind = st.isSymbolicLink() ? 'symlink' : 'other';
+          const attrs = await this.ext!.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind);
+          await attrs.close();
+          return attrs.letters(changes, st, cur, true);
+        }),
     };
   }
 
