@@ -205,3 +205,19 @@ describe.skipIf(!needTools('rsync', 'getfattr', 'setfattr', 'getfacl', 'setfacl'
     expect(lstatSync(join(qs, 'dir/g')).ino).toBe(lstatSync(join(qs, 'f')).ino);
   });
 });
+
+describe('-A/-X without the attr tools', () => {
+  it('exit 1 with one message naming the package, before DEST is created', async () => {
+    const bin = join(root, 'only-node');
+    mkdirSync(bin);
+    symlinkSync(process.execPath, join(bin, 'node'));
+    const src = join(root, 'no-tools-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'f');
+    const dest = join(root, 'no-tools-dest');
+    const r = await runQsync(['-aX', `${src}/`, `${dest}/`], { env: { ...process.env, PATH: bin } });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/getfattr is not installed: -A and -X need it \(package attr\)/);
+    expect(() => lstatSync(dest)).toThrow();
+  });
+});

@@ -23,7 +23,7 @@ import { constants, type BigIntStats } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
 import { O_PATH, type Dir } from '../io/safe-fs.js';
-import { readAttrs, writeAttrs, type AttrMap } from '../io/attr-tool.js';
+import { readAttrs, runWithFds, writeAttrs, type AttrMap } from '../io/attr-tool.js';
 
 const ACCESS = 'system.posix_acl_access';
 const DEFAULT = 'system.posix_acl_default';
@@ -33,6 +33,8 @@ export interface ExtAttrOptions {
   xattrs: boolean;
   /** -n / --only-write-batch: compare and report, change nothing. */
   noWrite: boolean;
+  /** Targets get their source's owner (-o as root): a target reached again by name must have it. */
+  owners: boolean;
 }
 
 /** An entry reached through its folder (checked against `expect`), or a folder held by descriptor. */
@@ -109,8 +111,17 @@ export class AttrPair {
       if (fd === undefined) {
         const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
         if (!now) return;
-        const [a, b] = await Promise.all([this.dstFh?.stat({ bigint: true }), now.stat({ bigint: true })]);
-        if (!a || a.ino !== b.ino || a.dev !== b.dev) {
+        const nowSt = await now.stat({ bigint: true });
+        if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
+          // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
+          await now.close();
+          throw new QsyncError('TARGET', `${at.dir.path}/${at.name} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
+            file: at.name,
+            hint: 'run again',
+          });
+        }
+        const a = await this.dstFh?.stat({ bigint: true });
+        if (!a || a.ino !== nowSt.ino || a.dev !== nowSt.dev) {
           // A new inode (a new or rewritten file): what it carries now is what counts.
           await this.dstFh?.close();
           this.dstFh = now;
@@ -141,12 +152,18 @@ interface Cached {
   attrs: AttrMap;
 }
 
+/** Before anything is written: the tools -A/-X need must be there (a missing one is one clear error, not one per file). */
+export async function checkAttrTools(): Promise<void> {
+  for (const tool of ['getfattr', 'setfattr']) await runWithFds(tool, ['--version'], []);
+}
+
 export class ExtAttrs {
   private readonly root = process.getuid?.() === 0;
   /** Per held folder: attributes read ahead by prefetch, with the inode they were read from. */
   private readonly cache = new WeakMap<Dir, Map<string, Cached>>();
 
   constructor(readonly o: ExtAttrOptions) {}
+
 
   /** The names qsync manages on an entry of `kind`, as rsync chooses them. */
   private managed(name: string, kind: AttrPair['kind']): boolean {

@@ -122,7 +122,8 @@ export class TreeSync {
     this.links = opts.hardLinks ? new HardLinks() : undefined;
     const acls = opts.acls === true;
     const xattrs = opts.xattrs === true;
-    this.ext = acls || xattrs ? new ExtAttrs({ acls, xattrs, noWrite: this.noWrite }) : undefined;
+    const owners = opts.owner && process.getuid?.() === 0;
+    this.ext = acls || xattrs ? new ExtAttrs({ acls, xattrs, noWrite: this.noWrite, owners }) : undefined;
   }
 
   /** -n, or --only-write-batch (only file contents are recorded): the destination is left alone. */
