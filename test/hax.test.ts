@@ -7,7 +7,7 @@
  * grown, a target linked into another group) and on a run with nothing to do.
  */
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, chmodSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, symlinkSync, unlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { appendFileSync, chmodSync, chownSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, renameSync, rmSync, symlinkSync, unlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -219,5 +219,32 @@ describe('-A/-X without the attr tools', () => {
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/getfattr is not installed: -A and -X need it \(package attr\)/);
     expect(() => lstatSync(dest)).toThrow();
+  });
+});
+
+describe.skipIf(!needTools('getfattr', 'setfattr', 'getfacl', 'setfacl') || !asRoot)('attributes reach only the inode qsync checked', () => {
+  it('a target swapped for another user\'s file after the check is refused, not given the source\'s ACL', async () => {
+    const { ExtAttrs } = await import('../src/sync/ext-attrs.js');
+    const { Dir } = await import('../src/io/safe-fs.js');
+    const d = join(root, 'swap');
+    mkdirSync(d);
+    writeFileSync(join(d, 'src'), 's');
+    chownSync(join(d, 'src'), 1234, 1234);
+    sh('setfacl', '-m', 'u:1234:rw', join(d, 'src'));
+    writeFileSync(join(d, 'dst'), 's');
+    chownSync(join(d, 'dst'), 1234, 1234);
+    writeFileSync(join(d, 'victim'), 'root only');
+    chmodSync(join(d, 'victim'), 0o600);
+    const ext = new ExtAttrs({ acls: true, xattrs: true, noWrite: false, owners: true });
+    const dir = await Dir.open(d);
+    try {
+      const st = lstatSync(join(d, 'src'), { bigint: true });
+      const pair = await ext.read({ dir, name: 'src', expect: st }, { dir, name: 'dst', expect: lstatSync(join(d, 'dst'), { bigint: true }) }, 'other');
+      renameSync(join(d, 'victim'), join(d, 'dst')); // the swap, between qsync's check and its write
+      await expect(pair.apply({ dir, name: 'dst', expect: st })).rejects.toThrow(/changed while qsync worked on it/);
+      expect(sh('getfacl', '-p', '-n', join(d, 'dst'))).not.toMatch(/user:1234/);
+    } finally {
+      await dir.close();
+    }
   });
 });
