@@ -249,3 +249,32 @@ describe.skipIf(!needTools('getfattr', 'setfattr', 'getfacl', 'setfacl') || !asR
     }
   });
 });
+
+describe.skipIf(!needTools('rsync'))('-H with --existing, --ignore-existing, --update', () => {
+  it.each(['--existing', '--ignore-existing', '--update'])('%s: the members it leaves alone are out of the group, as in rsync', async (opt) => {
+    const base = join(root, `skip${opt}`);
+    const src = join(base, 'src');
+    mkdirSync(src, { recursive: true });
+    writeFileSync(join(src, 'a'), 'new\n');
+    linkSync(join(src, 'a'), join(src, 'b'));
+    linkSync(join(src, 'a'), join(src, 'c'));
+    utimesSync(join(src, 'a'), new Date('2024-01-01T00:00:00Z'), new Date('2024-01-01T00:00:00Z'));
+    ageDirs(src);
+    const outs: string[][] = [];
+    for (const d of ['by-rsync', 'by-qsync']) {
+      mkdirSync(join(base, d));
+      writeFileSync(join(base, d, 'b'), 'old, and newer than the source\n');
+      utimesSync(join(base, d, 'b'), new Date('2025-06-01T00:00:00Z'), new Date('2025-06-01T00:00:00Z'));
+      // qsync's state folder as a previous run left it (making it now would change the folder's time).
+      if (d === 'by-qsync') mkdirSync(join(base, d, '.qsync'), { mode: 0o700 });
+      ageDirs(join(base, d));
+    }
+    outs.push(lines(sh('rsync', '-aH', '-i', opt, `${src}/`, `${join(base, 'by-rsync')}/`)));
+    const q = await runQsync(['-aH', '-i', opt, `${src}/`, `${join(base, 'by-qsync')}/`]);
+    expect(q.code).toBe(0);
+    outs.push(lines(q.stdout));
+    expect(outs[1]).toEqual(outs[0]);
+    const opts = { dirTimes: false };
+    expect(snapshot(join(base, 'by-qsync'), opts)).toEqual(snapshot(join(base, 'by-rsync'), opts));
+  });
+});

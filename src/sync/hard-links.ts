@@ -55,6 +55,8 @@ export interface HardLinkHost {
   dirMeta(st: BigIntStats): MetaChange;
   /** The itemize letters c s t p o g of an existing target against its source. */
   changes(src: BigIntStats, dst: BigIntStats): string;
+  /** --existing, --ignore-existing, --update: this member is left alone. */
+  skips(st: BigIntStats, cur: BigIntStats | undefined): boolean;
   /** With -A/-X: `changes` with the letters a and x of an existing target against its source. */
   attrLetters?(src: { dir: Dir; name: string }, st: BigIntStats, dst: Dir, name: string, cur: BigIntStats, changes: string): Promise<string>;
 }
@@ -121,17 +123,21 @@ export class HardLinks {
     }
   }
 
-  private async group(host: HardLinkHost, members: Member[], base: (t: number) => Promise<Dir>): Promise<void> {
-    // The leader: the first member whose target is a regular file, else the last; of other types, the first.
-    let li = members[0]!.st.isFile() ? members.length - 1 : 0;
-    for (let i = 0; i < li; i++) {
-      const dir = await this.destFolder(host, members[i]!.rel).catch(() => undefined);
-      const cur = await dir?.lstatOrUndefined(basename(members[i]!.rel)).finally(() => dir?.close());
-      if (cur?.isFile()) {
-        li = i;
-        break;
-      }
+  private async group(host: HardLinkHost, all: Member[], base: (t: number) => Promise<Dir>): Promise<void> {
+    // Members --existing, --ignore-existing or --update leave alone are out of the group, as in rsync.
+    const members: Member[] = [];
+    const curs: (BigIntStats | undefined)[] = [];
+    for (const m of all) {
+      const dir = await this.destFolder(host, m.rel).catch(() => undefined);
+      const cur = await dir?.lstatOrUndefined(basename(m.rel)).finally(() => dir?.close());
+      if (host.skips(m.st, cur)) continue;
+      members.push(m);
+      curs.push(cur);
     }
+    if (!members.length) return;
+    // The leader: the first member whose target is a regular file, else the last; of other types, the first.
+    let li = members[0]!.st.isFile() ? curs.findIndex((c) => c?.isFile()) : 0;
+    if (li < 0) li = members.length - 1;
     const leader = members[li]!;
     let lh: Dir | undefined;
     try {

@@ -444,6 +444,8 @@ export class TreeSync {
       forgetManifest: (rel) => this.forgetManifest(rel),
       dirMeta: (st) => this.metaFor(st, false, true),
       changes: (src, dst) => this.metaChanges(src, dst),
+      skips: (st, cur) =>
+        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && cur.mtimeNs > st.mtimeNs) : this.opts.existing,
       attrLetters:
         this.ext &&
         (async (src, st, dst, name, cur, changes) => {
