@@ -86,6 +86,9 @@ function makeTree(src: string): void {
   sh('setfattr', '-n', 'user.bin', '-v', '0sAAEC/w==', join(src, 'plain'));
   sh('setfattr', '-n', 'user.odd=name with space', '-v', 'line1\nline2', join(src, 'plain'));
   sh('setfattr', '-n', 'trusted.root-only', '-v', 't', join(src, 'plain'));
+  sh('setfattr', '-n', 'user.empty', join(src, 'plain'));
+  // A name that is not UTF-8 (byte 0xff): bytes all the way.
+  sh('sh', '-c', `setfattr -n "$(printf 'user.\\377x')" -v v "$1"`, 'sh', join(src, 'plain'));
   sh('setfattr', '-n', 'security.label', '-v', 's', join(src, 'b'));
   sh('setfattr', '-n', 'user.on-dir', '-v', 'd', join(src, 'sub'));
   sh('setfacl', '-m', 'u:1234:rw,g:4321:r', join(src, 'plain'));

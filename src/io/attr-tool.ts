@@ -70,7 +70,7 @@ export function runWithFds(cmd: string, args: string[], fds: number[], input?: s
  */
 const quoteHigh = (latin1: string): string => latin1.replace(/[\x80-\xff]/g, (c) => `\\${c.charCodeAt(0).toString(8)}`);
 
-/** Attribute name (getfattr's quoted form, which setfattr takes back) → value, as getfattr's `0s` base64 text. */
+/** Attribute name (getfattr's quoted form, which setfattr takes back) → value, as getfattr's `0s` base64 text (`""` when empty). */
 export type AttrMap = Map<string, string>;
 
 /**
@@ -94,8 +94,9 @@ export async function readAttrs(fds: number[]): Promise<AttrMap[]> {
     if (!line || line.startsWith('#') || !cur) continue;
     // Names come quoted (`=`, `\`, controls and spaces as \ooo): the first `=` ends the name.
     const eq = line.indexOf('=');
-    if (eq < 0) cur.set(quoteHigh(line), '0s');
-    else cur.set(quoteHigh(line.slice(0, eq)), line.slice(eq + 1) || '0s');
+    // An empty value as `""`: setfattr refuses an empty `0s`.
+    const value = eq < 0 ? '' : line.slice(eq + 1);
+    cur.set(quoteHigh(eq < 0 ? line : line.slice(0, eq)), value === '' || value === '0s' ? '""' : value);
   }
   return maps;
 }
