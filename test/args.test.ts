@@ -105,7 +105,8 @@ describe('parseArgv', () => {
     expect(sync(['-aHAX', 'a/', 'b/']).options).toMatchObject({ ...ARCHIVE, hardLinks: true, acls: true, xattrs: true });
     expect(sync(['--hard-links', '--acls', '--xattrs', 'a', 'b']).options).toMatchObject({ hardLinks: true, acls: true, xattrs: true, perms: true });
     expect(sync(['-rA', 'a', 'b']).options).toMatchObject({ acls: true, perms: true });
-    expect(sync(['-rA', '--no-perms', 'a', 'b']).options.perms).toBe(true);
+    expect(sync(['--no-perms', '-rA', 'a', 'b']).options.perms).toBe(true);
+    expect(sync(['-rA', '--no-perms', 'a', 'b']).options).toMatchObject({ acls: true, perms: false }); // in order, as rsync's popt
     expect(sync(['-aHAX', '--no-H', '--no-acls', '--no-X', 'a', 'b']).options).toMatchObject({ hardLinks: false, acls: false, xattrs: false });
     expect(sync(['-rX', 'a', 'b']).options).toMatchObject({ xattrs: true, perms: false, hardLinks: false });
   });

@@ -249,6 +249,8 @@ function normalise(argv: readonly string[]): Normalised {
         return;
       case 'flag':
         out.line.push(negated ? `--no-${spec.name}` : `--${spec.name}`);
+        // rsync: -A turns --perms on where it stands (a later --no-perms still turns it off).
+        if (spec.name === 'acls' && !negated) out.line.push('--perms');
         return;
       case 'filter':
         out.filters.push(
@@ -452,8 +454,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   const options: SyncOptions = {
     recursive: bool('recursive'),
     links: bool('links'),
-    // rsync: --acls implies --perms.
-    perms: bool('perms') || bool('acls'),
+    perms: bool('perms'),
     times: bool('times'),
     group: bool('group'),
     owner: bool('owner'),
