@@ -281,3 +281,32 @@ describe.skipIf(!needTools('rsync'))('-H with --existing, --ignore-existing, --u
     expect(snapshot(join(base, 'by-qsync'), opts)).toEqual(snapshot(join(base, 'by-rsync'), opts));
   });
 });
+
+describe.skipIf(!needTools('rsync'))('-H next to a cp -al snapshot of the destination', () => {
+  it('a changed group gets new data in DEST; the snapshot keeps the old, as with rsync', async () => {
+    const base = join(root, 'snapshot');
+    const src = join(base, 'src');
+    mkdirSync(join(src, 'd'), { recursive: true });
+    writeFileSync(join(src, 'a'), 'version 1\n');
+    linkSync(join(src, 'a'), join(src, 'd/b'));
+    ageDirs(src);
+    const outs: string[][] = [];
+    for (const who of ['rsync', 'qsync']) {
+      const dest = join(base, `by-${who}`);
+      const run = async () =>
+        who === 'rsync' ? sh('rsync', '-aH', '-i', `${src}/`, `${dest}/`) : (await runQsync(['-aH', '-i', `${src}/`, `${dest}/`])).stdout;
+      await run();
+      sh('cp', '-al', dest, join(base, `snap-${who}`));
+      writeFileSync(join(src, 'a'), 'version 2, longer\n');
+      utimesSync(join(src, 'a'), new Date('2025-05-05T00:00:00Z'), new Date('2025-05-05T00:00:00Z'));
+      ageDirs(src);
+      outs.push(lines(await run()));
+      expect(readFileSync(join(base, `snap-${who}`, 'a'), 'utf8')).toBe('version 1\n');
+      expect(readFileSync(join(base, `snap-${who}`, 'd/b'), 'utf8')).toBe('version 1\n');
+      expect(readFileSync(join(dest, 'd/b'), 'utf8')).toBe('version 2, longer\n');
+      expect(lstatSync(join(dest, 'd/b')).ino).toBe(lstatSync(join(dest, 'a')).ino);
+      writeFileSync(join(src, 'a'), 'version 1\n'); // back, for the next tool
+    }
+    expect(outs[1]).toEqual(outs[0]);
+  });
+});
