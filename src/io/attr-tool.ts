@@ -25,6 +25,9 @@ export interface ToolResult {
   stderr: string;
 }
 
+/** A tool's message with the /proc paths it was given replaced by the names they stand for. */
+const named = (stderr: string, shown: string[]): string => stderr.replace(/\/proc\/self\/fd\/(\d+)/g, (p, n: string) => shown[Number(n) - 3] ?? p);
+
 /** Run `cmd args` with `fds` as the child's fds 3, 4, ...; stdin from `input`. */
 export function runWithFds(cmd: string, args: string[], fds: number[], input?: string): Promise<ToolResult> {
   return new Promise((resolve, reject) => {
@@ -77,11 +80,11 @@ export type AttrMap = Map<string, string>;
  * Read all attributes of the inodes behind `fds` (one map each), with one
  * getfattr run. A file system without xattr support gives empty maps.
  */
-export async function readAttrs(fds: number[]): Promise<AttrMap[]> {
+export async function readAttrs(fds: number[], shown: string[]): Promise<AttrMap[]> {
   const paths = fds.map((_, i) => `/proc/self/fd/${i + 3}`);
   const r = await runWithFds('getfattr', ['--absolute-names', '-d', '-m', '-', '-e', 'base64', '--', ...paths], fds);
   if (r.code !== 0 && !/not supported/i.test(r.stderr)) {
-    throw new QsyncError('IO', `cannot read extended attributes: getfattr: ${r.stderr || `exit ${r.code}`}`, {});
+    throw new QsyncError('IO', `cannot read the extended attributes of ${shown.join(', ')}: ${named(r.stderr, shown) || `getfattr exited with ${r.code}`}`, { file: shown[0] });
   }
   const maps = fds.map(() => new Map<string, string>());
   let cur: AttrMap | undefined;
@@ -106,9 +109,14 @@ export async function readAttrs(fds: number[]): Promise<AttrMap[]> {
  * `remove`: one setfattr run for all the values (--restore from stdin), one
  * per removal (setfattr removes one name per run).
  */
-export async function writeAttrs(fd: number, set: [string, string][], remove: string[]): Promise<void> {
+export async function writeAttrs(fd: number, set: [string, string][], remove: string[], shown: string): Promise<void> {
   const check = (r: ToolResult, what: string) => {
-    if (r.code !== 0) throw new QsyncError('IO', `cannot ${what}: setfattr: ${r.stderr || `exit ${r.code}`}`, {});
+    if (r.code !== 0) {
+      throw new QsyncError('IO', `cannot ${what} of ${shown}: ${named(r.stderr, [shown]) || `setfattr exited with ${r.code}`}`, {
+        file: shown,
+        hint: 'the destination file system must support them (ext4/xfs/btrfs; mount options user_xattr, acl)',
+      });
+    }
   };
   for (const name of remove) {
     const r = await runWithFds('setfattr', ['-x', name, '--', '/proc/self/fd/3'], [fd]);

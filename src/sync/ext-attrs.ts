@@ -42,6 +42,9 @@ export type Node = { dir: Dir; name: string; expect: BigIntStats } | { held: Dir
 
 const typeBits = (s: BigIntStats) => s.mode & 0o170000n;
 
+/** For messages. */
+const nodePath = (n: Node): string => ('held' in n ? n.held.path : `${n.dir.path}/${n.name}`);
+
 /** `name` in `dir` itself (never what a symlink points to), held without opening it (no FIFO blocks, no device opens). */
 const openPath = (dir: Dir, name: string): Promise<FileHandle> => open(dir.at(name), O_PATH | constants.O_NOFOLLOW);
 
@@ -125,11 +128,11 @@ export class AttrPair {
           // A new inode (a new or rewritten file): what it carries now is what counts.
           await this.dstFh?.close();
           this.dstFh = now;
-          cur = (await readAttrs([now.fd]))[0];
+          cur = (await readAttrs([now.fd], [`${at.dir.path}/${at.name}`]))[0];
         } else await now.close();
         fd = this.dstFh!.fd;
       }
-      await this.owner.write(fd, this.src, cur ?? new Map(), this.kind);
+      await this.owner.write(fd, this.src, cur ?? new Map(), this.kind, this.heldDst?.path ?? `${at!.dir.path}/${at!.name}`);
     } finally {
       await this.dstFh?.close();
       this.dstFh = undefined;
@@ -205,10 +208,17 @@ export class ExtAttrs {
       dstFh = dst && !('held' in dst) ? await this.openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
       const dstEarly = dstFh && dst && !('held' in dst) ? this.cached(dst.dir, dst.name, await dstFh.stat({ bigint: true })) : undefined;
       const fds: number[] = [];
-      if (!early) fds.push(srcFh?.fd ?? (src as { held: Dir }).held.fd);
+      const shown: string[] = [];
+      if (!early) {
+        fds.push(srcFh?.fd ?? (src as { held: Dir }).held.fd);
+        shown.push(nodePath(src));
+      }
       const dstFd = dstEarly ? undefined : (dstFh?.fd ?? (dst && 'held' in dst ? dst.held.fd : undefined));
-      if (dstFd !== undefined) fds.push(dstFd);
-      const maps = fds.length ? await readAttrs(fds) : [];
+      if (dstFd !== undefined) {
+        fds.push(dstFd);
+        shown.push(nodePath(dst!));
+      }
+      const maps = fds.length ? await readAttrs(fds, shown) : [];
       const s = early ?? maps.shift()!;
       const d = dstEarly ?? (dstFd === undefined ? undefined : maps.shift());
       return new AttrPair(this, kind, s, dstFh, dst && 'held' in dst ? dst.held : undefined, d);
@@ -245,7 +255,7 @@ export class ExtAttrs {
           const fh = await openPath(dir, name).catch(() => undefined);
           if (fh) open.push({ name, fh, st: await fh.stat({ bigint: true }) });
         }
-        const maps = await readAttrs(open.map((o) => o.fh.fd));
+        const maps = await readAttrs(open.map((o) => o.fh.fd), open.map((o) => `${dir.path}/${o.name}`));
         open.forEach((o, k) => cached.set(o.name, { dev: o.st.dev, ino: o.st.ino, attrs: maps[k]! }));
       } catch {
         // Read one by one instead.
@@ -256,13 +266,13 @@ export class ExtAttrs {
   }
 
   /** Make the attributes behind `fd` (now `cur`) the managed part of `src`. */
-  async write(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind']): Promise<void> {
+  async write(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind'], shown: string): Promise<void> {
     const set: [string, string][] = [];
     for (const [n, v] of src) {
       // chown drops a file's capabilities: set them again even when they were equal before.
       if (this.managed(n, kind) && (cur.get(n) !== v || n === 'security.capability')) set.push([n, v]);
     }
     const remove = [...cur.keys()].filter((n) => this.managed(n, kind) && !src.has(n));
-    if (set.length || remove.length) await writeAttrs(fd, set, remove);
+    if (set.length || remove.length) await writeAttrs(fd, set, remove, shown);
   }
 }
