@@ -104,27 +104,35 @@ export async function readAttrs(fds: number[], shown: string[]): Promise<AttrMap
   return maps;
 }
 
+/** An inode (behind `fd`) to give `set` (added or replaced) and take `remove` from; `shown` names it in messages. */
+export interface AttrWrite {
+  fd: number;
+  set: [string, string][];
+  remove: string[];
+  shown: string;
+}
+
 /**
- * Make the inode behind `fd` carry `set` (added or replaced) and lose
- * `remove`: one setfattr run for all the values (--restore from stdin), one
- * per removal (setfattr removes one name per run).
+ * Apply `writes`: one setfattr run for all the values of all of them
+ * (--restore from stdin, one section per descriptor), one run per removal
+ * (setfattr removes one name per run).
  */
-export async function writeAttrs(fd: number, set: [string, string][], remove: string[], shown: string): Promise<void> {
-  const check = (r: ToolResult, what: string) => {
-    if (r.code !== 0) {
-      throw new QsyncError('IO', `cannot ${what} of ${shown}: ${named(r.stderr, [shown]) || `setfattr exited with ${r.code}`}`, {
-        file: shown,
-        hint: 'the destination file system must support them (ext4/xfs/btrfs; mount options user_xattr, acl)',
-      });
+export async function writeAttrs(writes: AttrWrite[]): Promise<void> {
+  const fail = (r: ToolResult, what: string, shown: string[]) =>
+    new QsyncError('IO', `cannot ${what} of ${shown.join(', ')}: ${named(r.stderr, shown) || `setfattr exited with ${r.code}`}`, {
+      file: shown[0],
+      hint: 'the destination file system must support them (ext4/xfs/btrfs; mount options user_xattr, acl)',
+    });
+  for (const w of writes) {
+    for (const name of w.remove) {
+      const r = await runWithFds('setfattr', ['-x', name, '--', '/proc/self/fd/3'], [w.fd]);
+      // Already gone (an ACL the kernel dropped with a chmod): nothing to do.
+      if (r.code !== 0 && !/No such attribute/.test(r.stderr)) throw fail(r, `remove attribute ${name}`, [w.shown]);
     }
-  };
-  for (const name of remove) {
-    const r = await runWithFds('setfattr', ['-x', name, '--', '/proc/self/fd/3'], [fd]);
-    // Already gone (an ACL the kernel dropped with a chmod): nothing to do.
-    if (!/No such attribute/.test(r.stderr)) check(r, `remove attribute ${name}`);
   }
-  if (set.length) {
-    const dump = `# file: /proc/self/fd/3\n${set.map(([n, v]) => `${n}=${v}\n`).join('')}\n`;
-    check(await runWithFds('setfattr', ['--restore=-'], [fd], dump), `set attributes ${set.map(([n]) => n).join(', ')}`);
-  }
+  const sets = writes.filter((w) => w.set.length);
+  if (!sets.length) return;
+  const dump = sets.map((w, i) => `# file: /proc/self/fd/${i + 3}\n${w.set.map(([n, v]) => `${n}=${v}\n`).join('')}\n`).join('');
+  const r = await runWithFds('setfattr', ['--restore=-'], sets.map((w) => w.fd), dump);
+  if (r.code !== 0) throw fail(r, `set attributes (${[...new Set(sets.flatMap((w) => w.set.map(([n]) => n)))].join(', ')})`, sets.map((w) => w.shown));
 }

@@ -23,7 +23,7 @@ import { constants, type BigIntStats } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
 import { O_PATH, type Dir } from '../io/safe-fs.js';
-import { readAttrs, runWithFds, writeAttrs, type AttrMap } from '../io/attr-tool.js';
+import { readAttrs, runWithFds, writeAttrs, type AttrMap, type AttrWrite } from '../io/attr-tool.js';
 
 const ACCESS = 'system.posix_acl_access';
 const DEFAULT = 'system.posix_acl_default';
@@ -109,30 +109,34 @@ export class AttrPair {
   async apply(at?: { dir: Dir; name: string; expect: BigIntStats }): Promise<void> {
     try {
       if (this.owner.o.noWrite) return;
-      let fd = this.heldDst?.fd;
-      let cur = this.dst;
-      if (fd === undefined) {
-        const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
-        if (!now) return;
-        const nowSt = await now.stat({ bigint: true });
-        if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
-          // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
-          await now.close();
-          throw new QsyncError('TARGET', `${at.dir.path}/${at.name} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
-            file: at.name,
-            hint: 'run again',
-          });
-        }
-        const a = await this.dstFh?.stat({ bigint: true });
-        if (!a || a.ino !== nowSt.ino || a.dev !== nowSt.dev) {
-          // A new inode (a new or rewritten file): what it carries now is what counts.
-          await this.dstFh?.close();
-          this.dstFh = now;
-          cur = (await readAttrs([now.fd], [`${at.dir.path}/${at.name}`]))[0];
-        } else await now.close();
-        fd = this.dstFh!.fd;
+      if (this.heldDst) {
+        // A folder: held by the walk, which closes it when done; written now.
+        await this.owner.write(this.heldDst.fd, this.src, this.dst ?? new Map(), this.kind, this.heldDst.path);
+        return;
       }
-      await this.owner.write(fd, this.src, cur ?? new Map(), this.kind, this.heldDst?.path ?? `${at!.dir.path}/${at!.name}`);
+      const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
+      if (!now) return;
+      const nowSt = await now.stat({ bigint: true });
+      if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
+        // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
+        await now.close();
+        throw new QsyncError('TARGET', `${at.dir.path}/${at.name} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
+          file: at.name,
+          hint: 'run again',
+        });
+      }
+      const a = await this.dstFh?.stat({ bigint: true });
+      const shown = `${at.dir.path}/${at.name}`;
+      if (!a || a.ino !== nowSt.ino || a.dev !== nowSt.dev) {
+        // A new inode (a new or rewritten file): what it carries now counts; read back and written with others.
+        await this.owner.queue(now, this.src, this.kind, shown);
+        return;
+      }
+      await now.close();
+      // The inode read before: written with others, through the descriptor held since.
+      const held = this.dstFh!;
+      this.dstFh = undefined;
+      await this.owner.queue(held, this.src, this.kind, shown, this.dst ?? new Map());
     } finally {
       await this.dstFh?.close();
       this.dstFh = undefined;
@@ -265,14 +269,53 @@ export class ExtAttrs {
     }
   }
 
-  /** Make the attributes behind `fd` (now `cur`) the managed part of `src`. */
-  async write(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind'], shown: string): Promise<void> {
+  /** What makes the attributes behind `fd` (now `cur`) the managed part of `src`. */
+  private diff(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind'], shown: string): AttrWrite {
     const set: [string, string][] = [];
     for (const [n, v] of src) {
       // chown drops a file's capabilities: set them again even when they were equal before.
       if (this.managed(n, kind) && (cur.get(n) !== v || n === 'security.capability')) set.push([n, v]);
     }
     const remove = [...cur.keys()].filter((n) => this.managed(n, kind) && !src.has(n));
-    if (set.length || remove.length) await writeAttrs(fd, set, remove, shown);
+    return { fd, set, remove, shown };
+  }
+
+  /** Make the attributes behind `fd` (now `cur`) the managed part of `src`. */
+  async write(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind'], shown: string): Promise<void> {
+    const w = this.diff(fd, src, cur, kind, shown);
+    if (w.set.length || w.remove.length) await writeAttrs([w]);
+  }
+
+  /** New inodes waiting for their attributes (held by descriptor): read back and written BATCH at a time. */
+  private readonly pending: { fh: FileHandle; src: AttrMap; kind: AttrPair['kind']; shown: string; cur?: AttrMap }[] = [];
+
+  /**
+   * Give the inode behind `fh` (now owned here) the managed attributes of
+   * `src`, soon: see flush(). `cur`: what it carries, when known; else it
+   * is read back (a new inode may carry a folder's default ACL, a label).
+   */
+  async queue(fh: FileHandle, src: AttrMap, kind: AttrPair['kind'], shown: string, cur?: AttrMap): Promise<void> {
+    const w = cur && this.diff(fh.fd, src, cur, kind, shown);
+    if (w && !w.set.length && !w.remove.length) return void (await fh.close());
+    this.pending.push({ fh, src, kind, shown, cur });
+    if (this.pending.length >= BATCH) await this.flush();
+  }
+
+  /**
+   * Write what queue() holds: one getfattr run reads what the new inodes
+   * carry already (a folder's default ACL, a security label), one setfattr
+   * run writes them all. Called when a folder is done and at the end.
+   */
+  async flush(): Promise<void> {
+    const batch = this.pending.splice(0);
+    if (!batch.length) return;
+    try {
+      const unknown = batch.filter((b) => !b.cur);
+      const read = unknown.length ? await readAttrs(unknown.map((b) => b.fh.fd), unknown.map((b) => b.shown)) : [];
+      unknown.forEach((b, i) => (b.cur = read[i]));
+      await writeAttrs(batch.map((b) => this.diff(b.fh.fd, b.src, b.cur!, b.kind, b.shown)));
+    } finally {
+      for (const b of batch) await b.fh.close();
+    }
   }
 }

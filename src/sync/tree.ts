@@ -140,6 +140,7 @@ export class TreeSync {
     for (const t of this.plan.transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
+    await this.ext?.flush().catch((e) => this.fail(e, '.'));
     this.stats.elapsedMs = performance.now() - t0;
     return { stats: this.stats, partial: this.partial, vanished: this.vanished };
   }
@@ -310,6 +311,8 @@ export class TreeSync {
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
       if (this.ext) for (const d of [src, cur && dst]) await this.ext.prefetch(d || undefined, children.map((c) => c.name));
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
+      // New entries' attributes, written together.
+      await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
     if (!this.noWrite && dst) {
       try {
