@@ -78,7 +78,7 @@ export class AttrPair {
     private readonly kind: 'dir' | 'symlink' | 'other',
     readonly src: AttrMap,
     /** The target's inode as it was (undefined: none yet), and its attributes. */
-    private dstFh: FileHandle | undefined,
+    private readonly dstId: { dev: bigint; ino: bigint } | undefined,
     private readonly heldDst: Dir | undefined,
     private readonly dst: AttrMap | undefined,
   ) {}
@@ -107,46 +107,27 @@ export class AttrPair {
    * folder is the target itself.
    */
   async apply(at?: { dir: Dir; name: string; expect: BigIntStats }): Promise<void> {
-    try {
-      if (this.owner.o.noWrite) return;
-      if (this.heldDst) {
-        // A folder: held by the walk, which closes it when done; written now.
-        await this.owner.write(this.heldDst.fd, this.src, this.dst ?? new Map(), this.kind, this.heldDst.path);
-        return;
-      }
-      const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
-      if (!now) return;
-      const nowSt = await now.stat({ bigint: true });
-      if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
-        // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
-        await now.close();
-        throw new QsyncError('TARGET', `${at.dir.path}/${at.name} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
-          file: at.name,
-          hint: 'run again',
-        });
-      }
-      const a = await this.dstFh?.stat({ bigint: true });
-      const shown = `${at.dir.path}/${at.name}`;
-      if (!a || a.ino !== nowSt.ino || a.dev !== nowSt.dev) {
-        // A new inode (a new or rewritten file): what it carries now counts; read back and written with others.
-        await this.owner.queue(now, this.src, this.kind, shown);
-        return;
-      }
-      await now.close();
-      // The inode read before: written with others, through the descriptor held since.
-      const held = this.dstFh!;
-      this.dstFh = undefined;
-      await this.owner.queue(held, this.src, this.kind, shown, this.dst ?? new Map());
-    } finally {
-      await this.dstFh?.close();
-      this.dstFh = undefined;
+    if (this.owner.o.noWrite) return;
+    if (this.heldDst) {
+      // A folder: held by the walk, which closes it when done; written now.
+      await this.owner.write(this.heldDst.fd, this.src, this.dst ?? new Map(), this.kind, this.heldDst.path);
+      return;
     }
-  }
-
-  /** Give back the descriptors without applying anything (the entry failed). */
-  async close(): Promise<void> {
-    await this.dstFh?.close();
-    this.dstFh = undefined;
+    const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
+    if (!now) return;
+    const nowSt = await now.stat({ bigint: true });
+    if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
+      // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
+      await now.close();
+      throw new QsyncError('TARGET', `${at.dir.path}/${at.name} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
+        file: at.name,
+        hint: 'run again',
+      });
+    }
+    const a = this.dstId;
+    // The inode read before keeps what it carried then; a new one (a new or rewritten file) is read back. Written with others.
+    const known = a && a.ino === nowSt.ino && a.dev === nowSt.dev ? (this.dst ?? new Map()) : undefined;
+    await this.owner.queue(now, this.src, this.kind, `${at.dir.path}/${at.name}`, known);
   }
 }
 
@@ -210,7 +191,8 @@ export class ExtAttrs {
     let dstFh: FileHandle | undefined;
     try {
       dstFh = dst && !('held' in dst) ? await this.openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
-      const dstEarly = dstFh && dst && !('held' in dst) ? this.cached(dst.dir, dst.name, await dstFh.stat({ bigint: true })) : undefined;
+      const dstSt = await dstFh?.stat({ bigint: true });
+      const dstEarly = dstSt && dst && !('held' in dst) ? this.cached(dst.dir, dst.name, dstSt) : undefined;
       const fds: number[] = [];
       const shown: string[] = [];
       if (!early) {
@@ -225,11 +207,9 @@ export class ExtAttrs {
       const maps = fds.length ? await readAttrs(fds, shown) : [];
       const s = early ?? maps.shift()!;
       const d = dstEarly ?? (dstFd === undefined ? undefined : maps.shift());
-      return new AttrPair(this, kind, s, dstFh, dst && 'held' in dst ? dst.held : undefined, d);
-    } catch (e) {
-      await dstFh?.close();
-      throw e;
+      return new AttrPair(this, kind, s, dstSt && { dev: dstSt.dev, ino: dstSt.ino }, dst && 'held' in dst ? dst.held : undefined, d);
     } finally {
+      await dstFh?.close();
       await srcFh?.close();
     }
   }

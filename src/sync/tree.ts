@@ -24,7 +24,7 @@ import { intentPathFor } from './intent.js';
 import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
 import { HardLinks, type HardLinkHost } from './hard-links.js';
-import { ExtAttrs, type AttrPair } from './ext-attrs.js';
+import { ExtAttrs } from './ext-attrs.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
@@ -353,14 +353,6 @@ export class TreeSync {
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, rel);
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
     const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, cur && { dir: dst!, name, expect: cur }, 'other');
-    try {
-      await this.fileWith(src, st, dst, name, rel, cur, manifest, attrs);
-    } finally {
-      await attrs?.close();
-    }
-  }
-
-  private async fileWith(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, cur: BigIntStats | undefined, manifest: string, attrs: AttrPair | undefined): Promise<void> {
     const r = await syncFile({
       src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
       dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
@@ -453,9 +445,7 @@ export class TreeSync {
         this.ext &&
         (async (src, st, dst, name, cur, changes) => {
           const kind = st.isSymbolicLink() ? 'symlink' : 'other';
-          const attrs = await this.ext!.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind);
-          await attrs.close();
-          return attrs.letters(changes, st, cur, true);
+          return (await this.ext!.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
         }),
     };
   }
