@@ -309,7 +309,9 @@ export class TreeSync {
       }
       if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
-      if (this.ext) for (const d of [src, cur && dst]) await this.ext.prefetch(d || undefined, children.map((c) => c.name));
+      const names = children.map((c) => c.name);
+      await this.ext?.prefetch(src, names);
+      if (cur) await this.ext?.prefetch(dst, names);
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
