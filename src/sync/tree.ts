@@ -387,7 +387,7 @@ export class TreeSync {
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       await attrs?.apply({ dir: dst!, name, expect: st });
-      this.report({ path: rel, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0 });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0 });
       return;
     }
     if (!this.noWrite) {
