@@ -81,6 +81,8 @@ export class HardLinks {
   private readonly bases: Base[] = [];
   /** Destination folders that got new names after they were finished, and their transfer. */
   private readonly touched = new Map<string, number>();
+  /** Their modes, for those made writable for a while (see writable()). */
+  private readonly modes = new Map<string, number>();
 
   /** A transfer starts: its members are reached later through its operand. */
   transfer(t: Transfer): void {
@@ -142,6 +144,7 @@ export class HardLinks {
     let lh: Dir | undefined;
     try {
       lh = await this.destFolder(host, leader.rel);
+      await this.writable(host, lh, leader);
       const b = await base(leader.t);
       const srcRel = this.bases[leader.t]!.srcRel(leader.rel);
       const srcDir = dirname(srcRel) === '.' ? await b.dup() : await b.openBeneath(dirname(srcRel));
@@ -161,6 +164,7 @@ export class HardLinks {
         let dir: Dir | undefined;
         try {
           dir = await this.destFolder(host, m.rel);
+          await this.writable(host, dir, m);
           await this.linkMember(host, m, dir, leader.rel, lh, now, base);
         } catch (e) {
           host.fail(e, m.rel);
@@ -248,6 +252,22 @@ export class HardLinks {
     }
   }
 
+  /**
+   * Not as root, a finished folder may be read-only (its source is): it is
+   * made writable for its owner while names are made in it, and gets its
+   * mode back with its times (as rsync does).
+   */
+  private async writable(host: HardLinkHost, dir: Dir | undefined, m: Member): Promise<void> {
+    if (!dir || host.noWrite || process.getuid?.() === 0) return;
+    const mode = Number((await dir.stat()).mode & 0o7777n);
+    if (mode & 0o200) return;
+    const d = dirname(m.rel);
+    const rel = d === '.' ? '' : d;
+    if (!this.modes.has(rel)) this.modes.set(rel, mode);
+    await dir.setMeta({ mode: mode | 0o200 });
+    this.touched.set(rel, m.t);
+  }
+
   private touch(m: Member): void {
     const d = dirname(m.rel);
     this.touched.set(d === '.' ? '' : d, m.t);
@@ -266,7 +286,9 @@ export class HardLinks {
         try {
           const dst = rel === '' ? await host.dest!.dup() : await host.dest!.openBeneath(rel);
           try {
-            await dst.setMeta(host.dirMeta(await src.stat()));
+            const meta = host.dirMeta(await src.stat());
+            meta.mode ??= this.modes.get(rel);
+            await dst.setMeta(meta);
           } finally {
             await dst.close();
           }
