@@ -201,7 +201,14 @@ describe.skipIf(!needTools('rsync', 'getfattr', 'setfattr', 'getfacl', 'setfacl'
     mkdirSync(join(src, 'ro'));
     writeFileSync(join(src, 'ro/x'), 'x\n');
     linkSync(join(src, 'ro/x'), join(src, 'ro/y'));
+    // A read-only file and an (empty) read-only folder with user attributes: setting those needs write
+    // permission, lent for the time of it. (With an attribute on `ro` too, rsync itself fails: exit 23.)
+    sh('setfattr', '-n', 'user.on-ro', '-v', '1', join(src, 'ro/x'));
+    chmodSync(join(src, 'ro/x'), 0o444);
     chmodSync(join(src, 'ro'), 0o555);
+    mkdirSync(join(src, 'ro-empty'));
+    sh('setfattr', '-n', 'user.on-ro-dir', '-v', '1', join(src, 'ro-empty'));
+    chmodSync(join(src, 'ro-empty'), 0o555);
     ageDirs(src);
     sh('chown', '-R', '65534:65534', base);
     const rs = join(base, 'by-rsync');

@@ -20,9 +20,9 @@
  * (src/io/attr-tool.ts), never through a path that could be swapped.
  */
 import { constants, type BigIntStats } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, stat, type FileHandle } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
-import { O_PATH, type Dir } from '../io/safe-fs.js';
+import { O_PATH, setMetaByFd, type Dir } from '../io/safe-fs.js';
 import { readAttrs, runWithFds, writeAttrs, type AttrMap, type AttrWrite } from '../io/attr-tool.js';
 
 const ACCESS = 'system.posix_acl_access';
@@ -41,6 +41,9 @@ export interface ExtAttrOptions {
 export type Node = { dir: Dir; name: string; expect: BigIntStats } | { held: Dir };
 
 const typeBits = (s: BigIntStats) => s.mode & 0o170000n;
+
+/** fstat of any descriptor, O_PATH included (through /proc, as setMetaByFd reaches it). */
+const fstatBig = (fd: number): Promise<BigIntStats> => stat(`/proc/self/fd/${fd}`, { bigint: true });
 
 /** For messages. */
 const nodePath = (n: Node): string => ('held' in n ? n.held.path : `${n.dir.path}/${n.name}`);
@@ -263,7 +266,31 @@ export class ExtAttrs {
   /** Make the attributes behind `fd` (now `cur`) the managed part of `src`. */
   async write(fd: number, src: AttrMap, cur: AttrMap, kind: AttrPair['kind'], shown: string): Promise<void> {
     const w = this.diff(fd, src, cur, kind, shown);
-    if (w.set.length || w.remove.length) await writeAttrs([w]);
+    if (w.set.length || w.remove.length) await this.writeAll([w]);
+  }
+
+  /**
+   * writeAttrs, and not as root: user.* attributes need write permission on
+   * the inode, which a read-only copy of a read-only source lacks; its owner
+   * gets it for the time of the write (through the descriptor), as rsync does.
+   */
+  private async writeAll(writes: AttrWrite[]): Promise<void> {
+    const lent: { fd: number; mode: number }[] = [];
+    try {
+      if (!this.root) {
+        for (const w of writes) {
+          const st = await fstatBig(w.fd);
+          const mode = Number(st.mode & 0o7777n);
+          if ((st.isFile() || st.isDirectory()) && !(mode & 0o200)) {
+            await setMetaByFd(w.fd, { mode: mode | 0o200 });
+            lent.push({ fd: w.fd, mode });
+          }
+        }
+      }
+      await writeAttrs(writes);
+    } finally {
+      for (const l of lent) await setMetaByFd(l.fd, { mode: l.mode });
+    }
   }
 
   /** New inodes waiting for their attributes (held by descriptor): read back and written BATCH at a time. */
@@ -293,7 +320,7 @@ export class ExtAttrs {
       const unknown = batch.filter((b) => !b.cur);
       const read = unknown.length ? await readAttrs(unknown.map((b) => b.fh.fd), unknown.map((b) => b.shown)) : [];
       unknown.forEach((b, i) => (b.cur = read[i]));
-      await writeAttrs(batch.map((b) => this.diff(b.fh.fd, b.src, b.cur!, b.kind, b.shown)));
+      await this.writeAll(batch.map((b) => this.diff(b.fh.fd, b.src, b.cur!, b.kind, b.shown)));
     } finally {
       for (const b of batch) await b.fh.close();
     }
