@@ -15,6 +15,7 @@ import { STATE_DIR } from '../sync/manifest-store.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
 import { checkStateRoot } from '../sync/state-dir.js';
+import { checkAttrTools } from '../sync/ext-attrs.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -90,6 +91,7 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
       hint: 'for a local name with a colon, write ./NAME',
     });
   }
+  if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot while the operands are checked and the tree is walked.
   const pool = new HashPool(o.blockSize);
   if (!o.dryRun) pool.warm();

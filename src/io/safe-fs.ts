@@ -45,6 +45,9 @@ export function checkName(name: string): string {
   return name;
 }
 
+/** A fresh unpredictable name to create beside `name` and rename over it once complete. */
+export const tempNameFor = (name: string): string => `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
+
 /** A directory held open by descriptor; every entry is reached relative to it. */
 export class Dir {
   private constructor(
@@ -112,7 +115,7 @@ export class Dir {
   /** Create a file with a fresh unpredictable name beside `name`; returns it and its name. */
   async createTemp(name: string, mode: number): Promise<{ fh: FileHandle; name: string }> {
     for (;;) {
-      const tmp = `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
+      const tmp = tempNameFor(name);
       try {
         return { fh: await this.createFile(tmp, mode), name: tmp };
       } catch (e) {

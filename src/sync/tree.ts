@@ -21,6 +21,8 @@ import { majorMinor } from '../io/dev-numbers.js';
 import { Dir, removeTreeAt, setMetaAt, type MetaChange } from '../io/safe-fs.js';
 import { forgetManifests, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
+import { HardLinks, type HardLinkHost } from './hard-links.js';
+import { ExtAttrs } from './ext-attrs.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
@@ -32,6 +34,10 @@ export interface TreeOptions extends FileSyncOptions {
   specials: boolean;
   delete: boolean;
   oneFileSystem: boolean;
+  /** -H, -A, -X (src/sync/hard-links.ts, src/sync/ext-attrs.ts). */
+  hardLinks?: boolean;
+  acls?: boolean;
+  xattrs?: boolean;
   /** --manifest PATH: only for a single-file transfer. */
   manifest?: string;
 }
@@ -74,6 +80,8 @@ export class TreeSync {
   };
   private partial = false;
   private vanished = false;
+  private readonly links: HardLinks | undefined;
+  private readonly ext: ExtAttrs | undefined;
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -82,7 +90,13 @@ export class TreeSync {
     private readonly filter: Filter,
     private readonly ctx: FileSyncContext,
     private readonly dest: Dir | undefined,
-  ) {}
+  ) {
+    this.links = opts.hardLinks ? new HardLinks() : undefined;
+    const acls = opts.acls === true;
+    const xattrs = opts.xattrs === true;
+    const owners = opts.owner && process.getuid?.() === 0;
+    this.ext = acls || xattrs ? new ExtAttrs({ acls, xattrs, noWrite: this.noWrite, owners }) : undefined;
+  }
 
   /** -n, or --only-write-batch (only file contents are recorded): the destination is left alone. */
   private get noWrite(): boolean {
@@ -96,6 +110,9 @@ export class TreeSync {
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
     for (const t of this.plan.transfers) await this.transfer(t);
+    // -H: files with other links waited for the whole walk (rsync semantics).
+    await this.links?.finish(this.linkHost());
+    await this.ext?.flush().catch((e) => this.fail(e, '.'));
     this.stats.elapsedMs = performance.now() - t0;
     return { stats: this.stats, partial: this.partial, vanished: this.vanished };
   }
@@ -103,6 +120,7 @@ export class TreeSync {
   /** One operand: its folder contents into the destination root, or the operand itself into it. */
   private async transfer(t: Transfer): Promise<void> {
     const shown = t.destRel || '.';
+    this.links?.transfer(t);
     if (t.destRel === '') {
       // SRC/ (or .): the operand is the folder itself; the user's path to it is followed, as rsync does.
       let src: Dir | undefined;
@@ -184,14 +202,14 @@ export class TreeSync {
         }
         await this.dir(src, st, dst, name, rel, rootDev);
       } else if (st.isFile()) {
-        await this.file(src, st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
         if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.symlink(src, st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.symlink(src, st, dst, name, rel);
       } else {
         const dev = st.isCharacterDevice() || st.isBlockDevice();
         if (dev ? !this.opts.devices : !this.opts.specials) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.special(st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.special(src, st, dst, name, rel);
       }
     } catch (e) {
       this.fail(e, shown);
@@ -246,8 +264,9 @@ export class TreeSync {
 
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
   private async dirBody(src: Dir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
+    const attrs = await this.ext?.read({ held: src }, dst && { held: dst }, 'dir');
     const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0 });
     // rsync -x: a mount point is created, its contents are not copied.
     if (!this.opts.oneFileSystem || st.dev === rootDev) {
       const keep = new Set<string>();
@@ -267,11 +286,18 @@ export class TreeSync {
         children.push({ name, st: cst });
       }
       if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
+      // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
+      const names = children.map((c) => c.name);
+      await this.ext?.prefetch(src, names);
+      if (cur) await this.ext?.prefetch(dst, names);
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
+      // New entries' attributes, written together.
+      await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
     if (!this.noWrite && dst) {
       try {
         await dst.setMeta(this.metaFor(st, !cur, true));
+        await attrs?.apply();
       } catch (e) {
         this.fail(e, rel || '.');
       }
@@ -299,6 +325,8 @@ export class TreeSync {
     this.stats.totalSize += Number(st.size);
     const cur = await this.clearOtherType(dst, name, 'file');
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, rel);
+    // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
+    const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, cur && { dir: dst!, name, expect: cur }, 'other');
     const r = await syncFile({
       src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
       dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
@@ -313,9 +341,13 @@ export class TreeSync {
     this.stats.literal += r.literal;
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
-    const changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
+    let changes = cur ? this.metaChanges(st, cur, r.transferred && !r.created) : undefined;
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here.
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, false));
+    if (attrs) {
+      if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
+      await attrs.apply({ dir: dst!, name, expect: st });
+    }
     this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: r });
   }
 
@@ -323,24 +355,28 @@ export class TreeSync {
     const target = await src.dir.readlink(src.name);
     const cur = await this.clearOtherType(dst, name, 'symlink');
     if (cur && (await dst!.readlink(name)) === target) {
+      const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst!, name, expect: cur }, 'symlink');
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
-      this.report({ path: rel, kind: 'symlink', created: false, changes, size: 0 });
+      await attrs?.apply({ dir: dst!, name, expect: st });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0 });
       return;
     }
     if (!this.noWrite) {
       if (cur) await dst!.unlink(name);
       await dst!.symlink(target, name);
       await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
+      await (await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
     this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur ? 'c' : undefined, size: 0 });
   }
 
-  private async special(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
+  private async special(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     const kind = kindOf(st);
     const cur = await this.clearOtherType(dst, name, kind);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
+    const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
     if (!sameNode && !this.noWrite) {
       if (cur) await dst!.unlink(name);
       // mkfifo and mknod run in a child: they reach the held folder through this process's descriptor.
@@ -355,7 +391,37 @@ export class TreeSync {
     if (!cur) this.stats.created++;
     // rsync leaves the times of devices and fifos alone.
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, false));
-    this.report({ path: rel, kind, created: !cur, changes: cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined, size: 0 });
+    await attrs?.apply({ dir: dst!, name, expect: st });
+    const changes = cur && !sameNode ? 'c' : cur ? this.metaChanges(st, cur) : undefined;
+    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0 });
+  }
+
+  /** What the hard-link pass (src/sync/hard-links.ts) needs of the walk. */
+  private linkHost(): HardLinkHost {
+    return {
+      dest: this.dest,
+      noWrite: this.noWrite,
+      syncEntry: (src, st, dst, name, rel) =>
+        st.isFile() ? this.file(src, st, dst, name, rel) : st.isSymbolicLink() ? this.symlink(src, st, dst, name, rel) : this.special(src, st, dst, name, rel),
+      counted: (st) => {
+        if (!st.isFile()) return;
+        this.stats.regularFiles++;
+        this.stats.totalSize += Number(st.size);
+      },
+      report: (r) => this.hooks.fileEnd?.(r),
+      fail: (e, rel) => this.fail(e, rel),
+      forgetManifest: (rel) => forgetManifests(this.plan.destRoot, rel, false),
+      dirMeta: (st) => this.metaFor(st, false, true),
+      changes: (src, dst) => this.metaChanges(src, dst),
+      skips: (st, cur) =>
+        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && cur.mtimeNs > st.mtimeNs) : this.opts.existing,
+      attrLetters:
+        this.ext &&
+        (async (src, st, dst, name, cur, changes) => {
+          const kind = st.isSymbolicLink() ? 'symlink' : 'other';
+          return (await this.ext!.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
+        }),
+    };
   }
 
   /** rsync's itemize attribute letters (positions c s t p o g) for an existing entry. */
@@ -374,7 +440,7 @@ export class TreeSync {
 
   private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; result?: FileSyncResult }): void {
     const y = r.kind === 'file' ? (r.result?.transferred ? '>' : '.') : r.created || r.changes?.startsWith('c') ? 'c' : '.';
-    const rest = r.created ? '+++++++++' : `${(r.changes ?? '......').padEnd(6, '.')}...`;
+    const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     this.hooks.fileEnd?.({
       path: r.path,
