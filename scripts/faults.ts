@@ -1,0 +1,63 @@
+/**
+ * `npm run faults`: the fault campaign against the built CLI
+ * (docs/RELIABILITY.md). Bounded for CI by default; longer by hand:
+ *
+ *   npm run faults -- [--trials N] [--seed S] [--class NAME]... [--trial T] [--json] [--keep] [--timeout SEC]
+ *
+ * Exits 1 when any bad outcome was counted, 2 on bad usage.
+ */
+import { CLASSES, formatTable, reproduction, runCampaign } from './faults/campaign.js';
+
+function usage(msg: string): never {
+  process.stderr.write(
+    `faults: ${msg}\nusage: npm run faults -- [--trials N] [--seed S] [--class NAME]... [--trial T] [--json] [--keep] [--timeout SEC] [--quiet]\n` +
+      `classes: ${CLASSES.map((c) => `${c.name} (${c.summary})`).join('\n         ')}\n`,
+  );
+  process.exit(2);
+}
+
+const argv = process.argv.slice(2);
+let seed = Math.floor(Date.now() / 1000) % 1_000_000;
+let trials: number | undefined;
+let only: number | undefined;
+let json = false;
+let keep = false;
+let quiet = false;
+let timeoutMs = 60_000;
+const classes: string[] = [];
+const num = (i: number): number => {
+  const v = Number(argv[i]);
+  if (argv[i] === undefined || !Number.isSafeInteger(v) || v < 0) usage(`${argv[i - 1]} needs a whole number`);
+  return v;
+};
+for (let i = 0; i < argv.length; i++) {
+  const a = argv[i];
+  if (a === '--trials') trials = num(++i);
+  else if (a === '--seed') seed = num(++i);
+  else if (a === '--trial') only = num(++i);
+  else if (a === '--timeout') timeoutMs = num(++i) * 1000;
+  else if (a === '--class') classes.push(argv[++i] ?? usage('--class needs a name'));
+  else if (a === '--json') json = true;
+  else if (a === '--keep') keep = true;
+  else if (a === '--quiet') quiet = true;
+  else if (a === '--help' || a === '-h') usage('help');
+  else usage(`unknown argument ${a}`);
+}
+if (process.getuid?.() !== 0) usage('the campaign runs as root (privilege and disk-full classes need it)');
+
+const log = (m: string) => {
+  if (!quiet) process.stderr.write(`${m}\n`);
+};
+log(`faults: seed ${seed}${trials !== undefined ? `, ${trials} trials per class` : ''}`);
+try {
+  const r = await runCampaign({ seed, trials, classes, only, timeoutMs, keep, requireAll: process.env.QSYNC_REQUIRE_QEMU === '1', log });
+  if (json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+  else {
+    process.stdout.write(`\nseed ${r.seed}\n${formatTable(r)}\n`);
+    if (r.failures.length) process.stdout.write(`\n${r.failures.length} bad outcomes:\n${r.failures.map(reproduction).join('\n')}\n`);
+    else process.stdout.write('\nno bad outcome\n');
+  }
+  process.exitCode = r.bad > 0 ? 1 : 0;
+} catch (e) {
+  usage((e as Error).message);
+}
