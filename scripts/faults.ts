@@ -23,7 +23,7 @@ let only: number | undefined;
 let json = false;
 let keep = false;
 let quiet = false;
-let timeoutMs = 60_000;
+let timeoutMs: number | undefined;
 const classes: string[] = [];
 const num = (i: number): number => {
   const v = Number(argv[i]);

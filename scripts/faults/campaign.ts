@@ -33,7 +33,8 @@ export interface CampaignOptions {
   classes?: string[];
   /** Run only this trial number (a reproduction). */
   only?: number;
-  timeoutMs: number;
+  /** Per-run timeout (ms) for every class; undefined: each class's own. */
+  timeoutMs?: number;
   keep: boolean;
   /** Under QSYNC_REQUIRE_QEMU=1 a class that cannot run is a failure, not a skip. */
   requireAll: boolean;
@@ -85,7 +86,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       const rng = new Rng(trialSeed(o.seed, cls.name, trial));
       const log = (m: string) => o.log(`${cls.name} #${trial}: ${m}`);
       try {
-        await cls.trial({ rng, trial, seed: o.seed, ws, timeoutMs: o.timeoutMs, log }, report);
+        await cls.trial({ rng, trial, seed: o.seed, ws, timeoutMs: o.timeoutMs ?? cls.timeoutMs, log }, report);
       } catch (e) {
         // A campaign bug or an environment failure, not a qsync outcome: say so loudly.
         report.note('crashes', `campaign error (not qsync): ${(e as Error)?.stack ?? e}`);

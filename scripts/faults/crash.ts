@@ -259,6 +259,7 @@ export const crashClass: FaultClass = {
   name: 'crash',
   summary: 'kill -9 during sync, --backup-dir, apply, restore, prune; rerun converges, verify passes, every point restores',
   defaultTrials: 10,
+  timeoutMs: 60_000,
   async trial(c, report) {
     const op: Op = OPS[c.trial % OPS.length]!;
     const x: Ctx = {

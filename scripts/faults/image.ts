@@ -1,2 +1,2 @@
 import type { FaultClass } from './runner.js';
-export const imageClass: FaultClass = { name: 'image', summary: 'todo', defaultTrials: 0, async trial() {} };
+export const imageClass: FaultClass = { name: 'image', summary: 'todo', defaultTrials: 0, timeoutMs: 1, async trial() {} };

@@ -1,2 +1,2 @@
 import type { FaultClass } from './runner.js';
-export const raceClass: FaultClass = { name: 'race', summary: 'todo', defaultTrials: 0, async trial() {} };
+export const raceClass: FaultClass = { name: 'race', summary: 'todo', defaultTrials: 0, timeoutMs: 1, async trial() {} };

@@ -242,6 +242,8 @@ export interface FaultClass {
   summary: string;
   /** Trials for a default (CI-bounded) campaign. */
   defaultTrials: number;
+  /** Per-run timeout for this class (ms); --timeout overrides it. */
+  timeoutMs: number;
   /** Why the class cannot run here (missing tools, no mount), if so. */
   unavailable?: () => string | undefined;
   trial(ctx: TrialContext, report: TrialReport): Promise<void>;
