@@ -78,6 +78,11 @@ export interface RunOptions {
   timeoutMs: number;
   /** SIGKILL the child (its whole process group) this long after the spawn: the injected crash. */
   killAfterMs?: number;
+  /**
+   * The injected kill hits qsync alone (as the OOM killer would), not its children: what it started
+   * (qemu-storage-daemon) lives on until `reapGroup(pid)`. The run ends when qsync exits.
+   */
+  killLeaderOnly?: boolean;
   env?: NodeJS.ProcessEnv;
   onSpawn?: (pid: number) => void;
 }
@@ -104,11 +109,7 @@ export function run(cmd: string, args: readonly string[], o: RunOptions): Promis
     if (stderr.length < MAX_CAPTURE) stderr += d.toString();
   });
   const killGroup = () => {
-    try {
-      if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
-    } catch {
-      /* already gone */
-    }
+    if (child.pid !== undefined) reapGroup(child.pid);
   };
   const timer = setTimeout(() => {
     hung = true;
@@ -119,19 +120,32 @@ export function run(cmd: string, args: readonly string[], o: RunOptions): Promis
       ? undefined
       : setTimeout(() => {
           killed = true;
-          killGroup();
+          if (!o.killLeaderOnly) killGroup();
+          else child.kill('SIGKILL');
         }, o.killAfterMs);
   return new Promise((resolve) => {
+    const done = (code: number | null, signal: NodeJS.Signals | null) => {
+      clearTimeout(timer);
+      if (crash) clearTimeout(crash);
+      if (!(killed && o.killLeaderOnly)) killGroup(); // anything it left in its group (a daemon) goes with it
+      resolve({ code, signal, stdout, stderr, hung, killed: killed && !hung, ms: performance.now() - t0 });
+    };
     child.on('error', (e) => {
       stderr += `spawn failed: ${e.message}\n`;
     });
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (crash) clearTimeout(crash);
-      killGroup(); // anything it left in its group (a daemon) goes with it
-      resolve({ code, signal, stdout, stderr, hung, killed: killed && !hung, ms: performance.now() - t0 });
-    });
+    // A child it left running may hold the pipes open: with killLeaderOnly the run ends at qsync's exit.
+    if (o.killLeaderOnly) child.on('exit', (code, signal) => (killed ? done(code, signal) : undefined));
+    child.on('close', done);
   });
+}
+
+/** Kill what is left of a process group the campaign started (orphans of a killed run). */
+export function reapGroup(pid: number): void {
+  try {
+    process.kill(-pid, 'SIGKILL');
+  } catch {
+    /* nothing left */
+  }
 }
 
 /** Run the built qsync CLI. */
