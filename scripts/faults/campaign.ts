@@ -24,6 +24,13 @@ import {
 
 export const CLASSES: readonly FaultClass[] = [crashClass, mutateClass, raceClass, diskFullClass, concurrentClass, imageClass];
 
+/**
+ * The CI tier (test/faults.test.ts, `--ci`): every class, every operation or variant of it at least once
+ * (crash: its 5 operations; mutate: its 12 first trials meet every file kind and every mutation;
+ * disk-full: first copy, update, history; concurrent: the 4 lock states), under 3 minutes on 2 cores.
+ */
+export const CI_TRIALS: Readonly<Record<string, number>> = { crash: 5, mutate: 12, race: 1, 'disk-full': 3, concurrent: 4, image: 1 };
+
 export interface CampaignOptions {
   seed: number;
   /** Trials per class; undefined: each class's default (CI-bounded). */

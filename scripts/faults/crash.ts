@@ -90,11 +90,16 @@ async function checkConverged(x: Ctx, target: string, label: string, r: RunResul
 }
 
 /** Files in DEST, delta files and restored copies must not be readable by more users than the source files. */
-function checkModes(x: Ctx, paths: { path: string; ref: number }[]): void {
+function checkModes(x: Ctx, what: string, paths: { path: string; ref: number }[]): void {
+  const bad: string[] = [];
   for (const { path, ref } of paths) {
     if (!existsSync(path)) continue;
     const extra = extraReadBits(path, ref);
-    if (extra) x.report.note('readable', `${path} has read bits 0${extra.toString(8)} the source (mode 0${ref.toString(8)}) does not`);
+    if (extra) bad.push(`${path} has read bits 0${extra.toString(8)} its source (mode 0${ref.toString(8)}) lacks`);
+  }
+  // One line per kind of file and trial: the first example and how many.
+  if (bad.length && !x.report.bad.some((b) => b.kind === 'readable' && b.what.startsWith(what))) {
+    x.report.note('readable', `${what}: ${bad[0]}${bad.length > 1 ? ` (and ${bad.length - 1} more)` : ''}`);
   }
 }
 
@@ -131,7 +136,7 @@ async function checkPoints(x: Ctx, names: Iterable<string>): Promise<boolean> {
         ok = false;
         continue;
       }
-      checkModes(x, [{ path: out, ref: x.modes.get(name) ?? 0o644 }]);
+      checkModes(x, 'restore OUT', [{ path: out, ref: x.modes.get(name) ?? 0o644 }]);
       const why = want ? stateMismatch(readFileSync(out), want) : 'no run started at or before that time';
       if (why) {
         x.report.note('lies', `point ${n} (${m[2]}) of ${name}: restore exit 0 but ${why}`);
@@ -167,11 +172,11 @@ async function opSync(x: Ctx, backup: boolean): Promise<void> {
   }
   v = next(x, v);
   const k = await syncRun(x, v, extra, 'killed sync', true);
-  checkModes(x, destModes(x));
-  if (backup) checkModes(x, historyModes(x));
+  checkModes(x, 'DEST file', destModes(x));
+  if (backup) checkModes(x, '--backup-dir history file', historyModes(x));
   const r = await syncRun(x, v, extra, 'rerun', false);
   let ok = await checkConverged(x, x.dest, `sync${backup ? ' --backup-dir' : ''} (killed at ${k.ms.toFixed(0)} ms${k.killed ? '' : ', finished first'})`, r, v.keys());
-  checkModes(x, destModes(x));
+  checkModes(x, 'DEST file', destModes(x));
   if (backup) ok = (await checkPoints(x, v.keys())) && ok;
   x.report.converged = ok;
 }
@@ -184,7 +189,7 @@ async function opApply(x: Ctx): Promise<void> {
   const delta = join(x.c.ws, 'batch.qdelta');
   const w = await q(x, 'only-write-batch', ['-a', `--only-write-batch=${delta}`, `${x.src}/`, `${x.dest}/`]);
   if (w.code !== 0) return x.report.note('unconverged', `--only-write-batch (no fault injected) exit ${w.code}: ${firstLine(w.stderr)}`);
-  checkModes(x, [{ path: delta, ref: strictestMode(x) }]);
+  checkModes(x, '--only-write-batch file', [{ path: delta, ref: strictestMode(x) }]);
   const target = join(x.c.ws, 'applied');
   mkdirSync(target);
   writeTree(target, base, x.modes);
