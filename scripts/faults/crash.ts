@@ -284,5 +284,8 @@ export const crashClass: FaultClass = {
     else if (op === 'apply') await opApply(x);
     else if (op === 'restore') await opRestore(x);
     else await opPrune(x);
+    // Nothing may appear beside the trees the runs were given (a temp file, a misplaced history).
+    const stray = readdirSync(c.ws).filter((n) => !/^(src|dest|hist|applied|batch\.qdelta|restore-out\.img|restored-.*)$/.test(n));
+    if (stray.length) report.note('outside', `${op}: unexpected ${stray.map((n) => join(c.ws, n)).join(', ')} beside SRC/DEST/history`);
   },
 };
