@@ -4,11 +4,11 @@
  * not qsync, or a garbage lock. At most one may write at a time (the others
  * exit 3), none may block forever, and the destination must converge.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { bootId } from '../../src/sync/intent.js';
-import { firstLine, qsync, sleep, treeDiff, type FaultClass } from './runner.js';
+import { deadPid, firstLine, qsync, sleep, treeDiff, type FaultClass } from './runner.js';
 import { BLOCK, changeContent, MiB, randomContent, writeTree, type Version } from './tree-model.js';
 
 const LOCKS = ['none', 'dead-pid', 'live-unrelated-pid', 'garbage'] as const;
@@ -58,12 +58,12 @@ export const concurrentClass: FaultClass = {
     mkdirSync(src);
     writeTree(src, v, modes);
     const first = await qsync(['-a', `${src}/`, `${dest}/`], { timeoutMs: c.timeoutMs });
-    if (report.ending(first, 'first sync') || first.code !== 0) return report.note('unconverged', `first sync (no fault) exit ${first.code}`);
+    if (!report.setup(first, 'first sync')) return;
     v = new Map([...v].map(([k, b]) => [k, changeContent(rng, b)]));
     writeTree(src, v, modes);
     let sleeper: ReturnType<typeof spawn> | undefined;
     if (lock === 'dead-pid') {
-      const dead = Number(execFileSync('sh', ['-c', 'sh -c "echo \\$\\$"']).toString().trim());
+      const dead = deadPid();
       writeFileSync(join(dest, '.qsync', 'lock'), `${dead} ${bootId()}\n`);
     } else if (lock === 'live-unrelated-pid') {
       sleeper = spawn('sleep', ['600'], { stdio: 'ignore' });

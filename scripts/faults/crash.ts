@@ -58,12 +58,7 @@ async function syncRun(x: Ctx, version: Version, extra: string[], label: string,
 
 /** A setup run (no kill) that must succeed for the trial to go on. */
 async function setupSync(x: Ctx, version: Version, extra: string[], label: string): Promise<boolean> {
-  const r = await syncRun(x, version, extra, label, false);
-  if (r.code !== 0) {
-    if (!r.hung) x.report.note('unconverged', `${label} (no fault injected) exit ${r.code}: ${firstLine(r.stderr)}`);
-    return false;
-  }
-  return true;
+  return x.report.setup(await syncRun(x, version, extra, label, false), label);
 }
 
 /** The rerun after the kill: exit 0, DEST == SRC, verify passes on every file. */
@@ -188,7 +183,7 @@ async function opApply(x: Ctx): Promise<void> {
   writeTree(x.src, v, x.modes);
   const delta = join(x.c.ws, 'batch.qdelta');
   const w = await q(x, 'only-write-batch', ['-a', `--only-write-batch=${delta}`, `${x.src}/`, `${x.dest}/`]);
-  if (w.code !== 0) return x.report.note('unconverged', `--only-write-batch (no fault injected) exit ${w.code}: ${firstLine(w.stderr)}`);
+  if (!x.report.setup(w, '--only-write-batch')) return;
   checkModes(x, '--only-write-batch file', [{ path: delta, ref: strictestMode(x) }]);
   const target = join(x.c.ws, 'applied');
   mkdirSync(target);

@@ -57,7 +57,7 @@ export const diskFullClass: FaultClass = {
         v = new Map([['vm.img', randomContent(rng, 1 * MiB)]]);
         writeTree(src, v, modes);
         const first = await qsync(['-a', `${src}/`, `${dest}/`], { timeoutMs: c.timeoutMs });
-        if (report.ending(first, 'first sync') || first.code !== 0) return report.note('unconverged', `first sync (fits) exit ${first.code}: ${firstLine(first.stderr)}`);
+        if (!report.setup(first, 'first sync (fits)')) return;
         const old = v.get('vm.img')!;
         v = new Map([['vm.img', Buffer.concat([changeContent(rng, old), randomContent(rng, (sizeMiB + 2) * MiB)])]]);
       } else if (history) {
@@ -65,7 +65,7 @@ export const diskFullClass: FaultClass = {
         v = new Map([['vm.img', randomContent(rng, Math.round(sizeMiB * 0.8 * MiB))]]);
         writeTree(src, v, modes);
         const first = await qsync(['-a', ...extra, `${src}/`, `${dest}/`], { timeoutMs: c.timeoutMs });
-        if (report.ending(first, 'first sync') || first.code !== 0) return report.note('unconverged', `first sync (fits) exit ${first.code}: ${firstLine(first.stderr)}`);
+        if (!report.setup(first, 'first sync (fits)')) return;
         old = v.get('vm.img')!;
         const b = Buffer.from(old);
         randomContent(rng, b.length).copy(b); // every block changes: the history needs as much again

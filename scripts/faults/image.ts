@@ -44,7 +44,7 @@ export const imageClass: FaultClass = {
     guestWrites(rng, image, sizeMiB, rng.range(20, 80));
     const args = ['--image', image, `${dest}/`];
     const first = await qsync(args, { timeoutMs: c.timeoutMs });
-    if (report.ending(first, 'first image run') || first.code !== 0) return report.note('unconverged', `first image run (no fault) exit ${first.code}: ${firstLine(first.stderr)}`);
+    if (!report.setup(first, 'first image run')) return;
     guestWrites(rng, image, sizeMiB, rng.range(5, 60));
     let killedPid = 0;
     const at = rng.chance(0.2) ? rng.range(30, 300) : Math.round(first.ms * (0.2 + 0.9 * rng.next()));

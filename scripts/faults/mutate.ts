@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { MANIFEST_HEADER_LEN, MANIFEST_TRAILER_LEN, MANIFEST_DIGEST_LEN } from '../../src/core/manifest.js';
 import { bootId, IntentWriter, intentPathFor } from '../../src/sync/intent.js';
 import { encodeJournal, journalPathFor, manifestPathFor } from '../../src/sync/manifest-store.js';
-import { firstLine, qsync, snapshot, snapshotDiff, treeDiff, type FaultClass, type Rng, type RunResult } from './runner.js';
+import { deadPid, qsync, snapshot, snapshotDiff, treeDiff, type FaultClass, type Rng, type RunResult } from './runner.js';
 import { BLOCK, changeContent, randomContent, writeTree, type Version } from './tree-model.js';
 
 const KINDS = ['manifest', 'journal', 'intent', 'lock', 'delta', 'history'] as const;
@@ -53,9 +53,8 @@ export const mutateClass: FaultClass = {
       return r;
     };
     const setup = async (args: string[]): Promise<boolean> => {
-      const r = await q('setup', args);
-      if (r.code !== 0) report.note('unconverged', `${kind}/${mutation}: setup run (nothing mutated yet) exit ${r.code}: ${firstLine(r.stderr)}`);
-      return r.code === 0;
+      runs.push(`setup: qsync ${args.join(' ')}`);
+      return report.setup(await qsync(args, { timeoutMs: c.timeoutMs }), `${kind}/${mutation}: setup run`);
     };
     mkdirSync(src);
     writeTree(src, v0, modes);
@@ -100,7 +99,7 @@ export const mutateClass: FaultClass = {
       } else {
         // A lock left by a dead run (the pid of a process that has exited).
         path = join(dest, '.qsync', 'lock');
-        const dead = Number(execFileSync('sh', ['-c', 'sh -c "echo \\$\\$"']).toString().trim());
+        const dead = deadPid();
         writeFileSync(path, `${dead} ${bootId()}\n`);
       }
     }

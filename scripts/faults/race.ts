@@ -92,7 +92,7 @@ export const raceClass: FaultClass = {
     chownTree(u);
     writeFileSync(join(src, 'root.img'), randomContent(rng, 4 * BLOCK), { mode: 0o600 });
     const first = await qsync(['-a', `${src}/`, `${dest}/`], { timeoutMs: c.timeoutMs });
-    if (report.ending(first, 'first sync') || first.code !== 0) return report.note('unconverged', `first sync (no attacker) exit ${first.code}: ${firstLine(first.stderr)}`);
+    if (!report.setup(first, 'first sync (no attacker)')) return;
     const variants = [[], ['--delete'], [`--write-batch=${join(ws, 'batch.qdelta')}`], [`--backup-dir=${join(ws, 'hist')}`]];
     const [cmd, args] = asNobody(process.execPath, [ATTACKER, String(rng.int(1 << 30)), join(victims, 'secret'), join(victims, 'vdir'), u, join(u, 'd'), join(dest, 'u'), join(dest, 'u', 'd')]);
     const attacker = spawn(cmd, args, { stdio: 'ignore' });

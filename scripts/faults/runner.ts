@@ -5,7 +5,7 @@
  * what must not change). Nothing here knows how qsync works inside: the
  * campaign drives the built CLI (dist/src/cli/main.js) only.
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -148,6 +148,9 @@ export function reapGroup(pid: number): void {
   }
 }
 
+/** The pid of a process that has exited (for stale locks). */
+export const deadPid = (): number => spawnSync('true').pid;
+
 /** Run the built qsync CLI. */
 export const qsync = (args: readonly string[], o: RunOptions): Promise<RunResult> => run(process.execPath, [QSYNC_CLI, ...args], o);
 
@@ -230,6 +233,16 @@ export class TrialReport {
   skipped?: string;
   note(kind: BadKey, what: string): void {
     this.bad.push({ kind, what });
+  }
+  /**
+   * A set-up run (no fault injected yet) must succeed for the trial to mean anything: false, with the
+   * bad outcome noted (its bad ending, or "unconverged" with its exit code and message), when it did not.
+   */
+  setup(r: RunResult, label: string): boolean {
+    if (this.ending(r, `${label} (no fault injected)`)) return false;
+    if (r.code === 0) return true;
+    this.note('unconverged', `${label} (no fault injected) exit ${r.code}: ${firstLine(r.stderr)}`);
+    return false;
   }
   /** Record a bad ending of a run (hang, stack trace, exit code); true if there was one. */
   ending(r: RunResult, label: string, allowed?: ReadonlySet<number>): boolean {
