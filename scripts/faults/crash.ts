@@ -211,7 +211,8 @@ async function opRestore(x: Ctx): Promise<void> {
   x.lastMs = t.ms * 1.5;
   const k = await q(x, 'killed restore', args, killInstant(x));
   const leftover = existsSync(out) ? statSync(out).size : undefined;
-  const r = await q(x, 'restore rerun', args);
+  // A restore the kill came too late for has written OUT: that is the run to check (a rerun would refuse an existing OUT).
+  const r = k.killed || k.code !== 0 ? await q(x, 'restore rerun', args) : k;
   const label = `restore --at ${at} (killed at ${k.ms.toFixed(0)} ms${k.killed ? '' : ', finished first'})`;
   let ok = true;
   if (r.code !== 0) {
