@@ -107,7 +107,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
         log(`skipped: ${report.skipped}`);
         continue;
       }
-      if (report.converged && report.bad.length === 0) tally.converged++;
+      if (report.converged) tally.converged++;
       if (report.refused) tally.refused++;
       const kinds = new Set(report.bad.map((b) => b.kind));
       for (const k of kinds) tally[k]++;
