@@ -2,7 +2,7 @@
  * `npm run faults`: the fault campaign against the built CLI
  * (docs/RELIABILITY.md). Bounded for CI by default; longer by hand:
  *
- *   npm run faults -- [--ci] [--trials N] [--seed S] [--class NAME]... [--trial T] [--json] [--keep] [--timeout SEC]
+ *   npm run faults -- [--ci] [--trials N] [--seed S] [--class NAME]... [--trial T [--repeat N]] [--json] [--keep] [--timeout SEC]
  *
  * --ci: the CI tier's small budget (every class and variant once). --trial T:
  * only trial T (a reproduction line names class, seed and trial).
@@ -12,7 +12,7 @@ import { CI_TRIALS, CLASSES, formatTable, reproduction, runCampaign } from './fa
 
 function usage(msg: string): never {
   process.stderr.write(
-    `faults: ${msg}\nusage: npm run faults -- [--ci] [--trials N] [--seed S] [--class NAME]... [--trial T] [--json] [--keep] [--timeout SEC] [--quiet]\n` +
+    `faults: ${msg}\nusage: npm run faults -- [--ci] [--trials N] [--seed S] [--class NAME]... [--trial T [--repeat N]] [--json] [--keep] [--timeout SEC] [--quiet]\n` +
       `classes: ${CLASSES.map((c) => `${c.name} (${c.summary})`).join('\n         ')}\n`,
   );
   process.exit(2);
@@ -22,6 +22,7 @@ const argv = process.argv.slice(2);
 let seed = Math.floor(Date.now() / 1000) % 1_000_000;
 let trials: number | undefined;
 let only: number | undefined;
+let repeat = 1;
 let json = false;
 let ci = false;
 let keep = false;
@@ -38,6 +39,7 @@ for (let i = 0; i < argv.length; i++) {
   if (a === '--trials') trials = num(++i);
   else if (a === '--seed') seed = num(++i);
   else if (a === '--trial') only = num(++i);
+  else if (a === '--repeat') repeat = Math.max(1, num(++i));
   else if (a === '--timeout') timeoutMs = num(++i) * 1000;
   else if (a === '--class') classes.push(argv[++i] ?? usage('--class needs a name'));
   else if (a === '--json') json = true;
@@ -54,7 +56,7 @@ const log = (m: string) => {
 };
 log(`faults: seed ${seed}${trials !== undefined ? `, ${trials} trials per class` : ''}`);
 try {
-  const r = await runCampaign({ seed, trials, perClass: ci && trials === undefined ? CI_TRIALS : undefined, classes, only, timeoutMs, keep, requireAll: process.env.QSYNC_REQUIRE_QEMU === '1', log });
+  const r = await runCampaign({ seed, trials, perClass: ci && trials === undefined ? CI_TRIALS : undefined, classes, only, repeat, timeoutMs, keep, requireAll: process.env.QSYNC_REQUIRE_QEMU === '1', log });
   if (json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
   else {
     process.stdout.write(`\nseed ${r.seed}\n${formatTable(r)}\n`);

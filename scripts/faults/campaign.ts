@@ -40,6 +40,8 @@ export interface CampaignOptions {
   classes?: string[];
   /** Run only this trial number (a reproduction). */
   only?: number;
+  /** Run each trial this many times (timing-dependent outcomes: a kill instant lands on what the run is doing then). */
+  repeat?: number;
   /** Per-run timeout (ms) for every class; undefined: each class's own. */
   timeoutMs?: number;
   keep: boolean;
@@ -86,7 +88,7 @@ export async function runCampaign(o: CampaignOptions): Promise<CampaignResult> {
       continue;
     }
     const count = o.perClass?.[cls.name] ?? o.trials ?? cls.defaultTrials;
-    const trials = o.only !== undefined ? [o.only] : Array.from({ length: count }, (_, i) => i);
+    const trials = (o.only !== undefined ? [o.only] : Array.from({ length: count }, (_, i) => i)).flatMap((t) => Array<number>(o.repeat ?? 1).fill(t));
     for (const trial of trials) {
       const ws = newWorkspace(cls.name, trial);
       const report = new TrialReport();
