@@ -195,14 +195,21 @@ async function opApply(x: Ctx): Promise<void> {
   x.report.converged = await checkConverged(x, target, `apply (killed at ${k.ms.toFixed(0)} ms${k.killed ? '' : ', finished first'})`, r, v.keys());
 }
 
-async function opRestore(x: Ctx): Promise<void> {
+/** A first copy, then `changes` changed versions, all synced with --backup-dir: the source's last version, if all succeeded. */
+async function syncedHistory(x: Ctx, changes: number): Promise<Version | undefined> {
   const extra = [`--backup-dir=${x.hist}`];
   let v = initial(x);
-  if (!(await setupSync(x, v, extra, 'first sync'))) return;
-  for (let i = 0; i < 2; i++) {
+  if (!(await setupSync(x, v, extra, 'first sync'))) return undefined;
+  for (let i = 0; i < changes; i++) {
     v = next(x, v);
-    if (!(await setupSync(x, v, extra, `sync ${i + 2}`))) return;
+    if (!(await setupSync(x, v, extra, `sync ${i + 2}`))) return undefined;
   }
+  return v;
+}
+
+async function opRestore(x: Ctx): Promise<void> {
+  const v = await syncedHistory(x, 2);
+  if (!v) return;
   const name = x.c.rng.pick([...v.keys()]);
   const at = x.c.rng.range(1, 2);
   const out = join(x.c.ws, 'restore-out.img');
@@ -234,13 +241,8 @@ async function opRestore(x: Ctx): Promise<void> {
 }
 
 async function opPrune(x: Ctx): Promise<void> {
-  const extra = [`--backup-dir=${x.hist}`];
-  let v = initial(x);
-  if (!(await setupSync(x, v, extra, 'first sync'))) return;
-  for (let i = 0; i < 3; i++) {
-    v = next(x, v);
-    if (!(await setupSync(x, v, extra, `sync ${i + 2}`))) return;
-  }
+  const v = await syncedHistory(x, 3);
+  if (!v) return;
   const keep = x.c.rng.range(1, 2);
   const t = await q(x, 'prune (timing)', ['prune', x.hist, '--keep', '10']);
   x.lastMs = t.ms;
