@@ -26,7 +26,10 @@ function writers(pids: number[], dir: string): string[] {
         } catch {
           continue;
         }
-        if (!target.startsWith(`${dir}/`) || target.startsWith(`${dir}/.qsync/lock`)) continue;
+        // The lock and a run's attempts to take it (its own record under a temp name, a takeover claim) are
+        // how runs meet: writing them while another run holds the lock is the protocol, not an overlap.
+        const rel = target.slice(dir.length + 1);
+        if (!target.startsWith(`${dir}/`) || /^\.qsync\/(?:lock|\.lock\.[0-9a-f]+\.tmp|lock\.succ-)/.test(rel)) continue;
         const flags = /flags:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'latin1'))?.[1];
         if (flags !== undefined && (parseInt(flags, 8) & 3) !== 0) {
           out.push(`${pid} (${target.slice(dir.length + 1)})`);
