@@ -37,6 +37,7 @@ describe('parseArgv', () => {
       oneFileSystem: false, blockSize: 65536, manifest: undefined, json: false, rsh: undefined,
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
+      hardLinks: false, acls: false, xattrs: false,
     } satisfies SyncOptions);
   });
 
@@ -89,15 +90,25 @@ describe('parseArgv', () => {
     expect(failure(['--foo', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'unknown option --foo' });
     expect(failure(['-aj', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'unknown option -j' });
     expect(failure(['--verb', 'a', 'b']).message).toBe('unknown option --verb'); // no abbreviations, as popt
-    const long = failure(['-a', '--hard-links', 'a', 'b']);
+    const long = failure(['-a', '--link-dest=x', 'a', 'b']);
     expect(long.code).toBe('UNSUPPORTED');
-    expect(long.message).toBe('option --hard-links is not supported (rsync option); remove it or use rsync');
-    expect(failure(['-avH', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-H' } });
+    expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
+    expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
     for (const opt of ['--link-dest=x', '--files-from=x', '-b', '--bwlimit=1m', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
     expect(failure(['a', 'b', '--exclude'])).toMatchObject({ code: 'USAGE', message: 'option --exclude requires an argument' });
+  });
+
+  it('reads -H, -A, -X (-aHAX, the long forms and their --no- forms); -A implies -p, as in rsync', () => {
+    expect(sync(['-aHAX', 'a/', 'b/']).options).toMatchObject({ ...ARCHIVE, hardLinks: true, acls: true, xattrs: true });
+    expect(sync(['--hard-links', '--acls', '--xattrs', 'a', 'b']).options).toMatchObject({ hardLinks: true, acls: true, xattrs: true, perms: true });
+    expect(sync(['-rA', 'a', 'b']).options).toMatchObject({ acls: true, perms: true });
+    expect(sync(['--no-perms', '-rA', 'a', 'b']).options.perms).toBe(true);
+    expect(sync(['-rA', '--no-perms', 'a', 'b']).options).toMatchObject({ acls: true, perms: false }); // in order, as rsync's popt
+    expect(sync(['-aHAX', '--no-H', '--no-acls', '--no-X', 'a', 'b']).options).toMatchObject({ hardLinks: false, acls: false, xattrs: false });
+    expect(sync(['-rX', 'a', 'b']).options).toMatchObject({ xattrs: true, perms: false, hardLinks: false });
   });
 
   it('accepts -e/--rsh and the qsync, batch and image options', () => {

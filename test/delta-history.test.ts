@@ -60,12 +60,13 @@ describe('reverse-delta history', () => {
     const history = join(dir, 'history');
     const mirror = join(dir, 'mirror', 'vm', 'disk.img');
     await mkdir(join(dir, 'mirror', 'vm'), { recursive: true });
+    await mkdir(join(dir, 'mirror', '.qsync')); // the destination root, as a sync leaves it
     const states: Buffer[] = [randomBytes(bs * 20 + 500)];
     await writeFile(mirror, states[0]);
     for (let k = 1; k <= 5; k++) {
       states.push(next(states[k - 1], k));
       const w = await openHistory(history, Date.UTC(2026, 0, k), 'brotli');
-      await engineRun(reverseDeltaSink(await LocalFileSink.open(mirror, false), w, info(states[k - 1], states[k])), states[k - 1], states[k]);
+      await engineRun(await reverseDeltaSink(await LocalFileSink.open(mirror, false), w, info(states[k - 1], states[k])), states[k - 1], states[k]);
       await w.finish();
     }
     expect((await readFile(mirror)).equals(states[5])).toBe(true);
@@ -88,7 +89,7 @@ describe('reverse-delta history', () => {
       await restorePoint(history, mirror, String(n), out);
       expect((await readFile(out)).equals(states[5 - n])).toBe(true);
     }
-    await expect(restorePoint(history, mirror, '3', join(dir, 'gone.img'))).rejects.toThrow(/2 points/);
+    await expect(restorePoint(history, mirror, '3', join(dir, 'gone.img'))).rejects.toThrow(/there are 2 points/);
   });
 });
 

@@ -26,6 +26,12 @@ export interface SyncOptions {
   owner: boolean;
   devices: boolean;
   specials: boolean;
+  /** -H: hard links within the transfer recreated as links. */
+  hardLinks: boolean;
+  /** -A: POSIX ACLs (implies perms, as in rsync). */
+  acls: boolean;
+  /** -X: extended attributes. */
+  xattrs: boolean;
   /** Number of -v. */
   verbose: number;
   quiet: boolean;
@@ -124,6 +130,9 @@ const SPECS: Spec[] = [
   { name: 'devices', kind: 'flag', neg: ['no-devices'], help: 'preserve device files (super-user only)' },
   { name: 'specials', kind: 'flag', neg: ['no-specials'], help: 'preserve special files' },
   { name: 'D', short: 'D', noLong: true, kind: 'expand', expand: ['devices', 'specials'], neg: ['no-D'], help: 'same as --devices --specials' },
+  { name: 'hard-links', short: 'H', kind: 'flag', neg: ['no-hard-links', 'no-H'], help: 'preserve hard links' },
+  { name: 'acls', short: 'A', kind: 'flag', neg: ['no-acls', 'no-A'], help: 'preserve ACLs (implies --perms)' },
+  { name: 'xattrs', short: 'X', kind: 'flag', neg: ['no-xattrs', 'no-X'], help: 'preserve extended attributes' },
   { name: 'times', short: 't', kind: 'flag', neg: ['no-times', 'no-t'], help: 'preserve modification times' },
   { name: 'sparse', short: 'S', kind: 'flag', neg: ['no-sparse', 'no-S'], help: 'turn sequences of nulls into sparse blocks' },
   { name: 'dry-run', short: 'n', kind: 'flag', help: 'perform a trial run with no changes made' },
@@ -174,11 +183,11 @@ const SPECS: Spec[] = [
  */
 const UNSUPPORTED_LONG = new Set(
   `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r dirs no-dirs no-d
-  old-dirs old-d executability acls no-acls no-A xattrs no-xattrs no-X atimes no-atimes no-U open-noatime
+  old-dirs old-d executability atimes no-atimes no-U open-noatime
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
   no-omit-link-times no-J modify-window super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
-  munge-links no-munge-links copy-dirlinks keep-dirlinks hard-links no-hard-links no-H relative no-relative
+  munge-links no-munge-links copy-dirlinks keep-dirlinks relative no-relative
   no-R implied-dirs no-implied-dirs i-d no-i-d chmod ignore-times max-size min-size max-alloc preallocate
   append append-verify no-append delete-excluded delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files force no-force ignore-errors no-ignore-errors max-delete filter cvs-exclude
@@ -192,7 +201,7 @@ const UNSUPPORTED_LONG = new Set(
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('dEAXUNOJ@LkKHRIfFCbT0s468Mym');
+const UNSUPPORTED_SHORT = new Set('dEUNOJ@LkKRIfFCbT0s468Mym');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -240,6 +249,8 @@ function normalise(argv: readonly string[]): Normalised {
         return;
       case 'flag':
         out.line.push(negated ? `--no-${spec.name}` : `--${spec.name}`);
+        // rsync: -A turns --perms on where it stands (a later --no-perms still turns it off).
+        if (spec.name === 'acls' && !negated) out.line.push('--perms');
         return;
       case 'filter':
         out.filters.push(
@@ -449,6 +460,9 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     owner: bool('owner'),
     devices: bool('devices'),
     specials: bool('specials'),
+    hardLinks: bool('hard-links'),
+    acls: bool('acls'),
+    xattrs: bool('xattrs'),
     verbose: Number(y.verbose ?? 0),
     quiet: bool('quiet'),
     human: (n.noHuman ? 0 : 1) + Number(y['human-readable'] ?? 0),

@@ -3,13 +3,12 @@
  * dispatches here when argv[0] is one of DELTA_COMMANDS.
  */
 import type { Writable } from 'node:stream';
-import { open } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { DELTA_MAGIC, type DeltaHeader } from '../core/delta-codec.js';
 import { isQsyncError, QsyncError } from '../core/errors.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
-import { verifyDeltaFile, type DeltaMemberSummary } from '../io/delta-file.js';
+import { openDelta, verifyDeltaFile, type DeltaMemberSummary } from '../io/delta-file.js';
 import { applyDelta } from '../sync/delta-apply.js';
 import { listPoints, prune, restorePoint } from '../sync/delta-history.js';
 import { manifestPathFor, openManifest } from '../sync/manifest-store.js';
@@ -45,9 +44,7 @@ function describeMember(m: DeltaMemberSummary): Record<string, unknown> {
 }
 
 async function isDelta(path: string): Promise<boolean> {
-  const fh = await open(path, 'r').catch((e) => {
-    throw new QsyncError('SOURCE', `cannot open ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
-  });
+  const fh = await openDelta(path);
   try {
     const b = Buffer.alloc(DELTA_MAGIC.length);
     await fh.read(b, 0, b.length, 0);
@@ -59,10 +56,11 @@ async function isDelta(path: string): Promise<boolean> {
 
 /** Hash TARGET and compare with its manifest. */
 async function verifyTarget(target: string, manifestPath: string, out: Writable): Promise<void> {
-  const m = await openManifest(manifestPath);
+  // Read-only: a pending patch journal is applied in memory, nothing in the state folder is written.
+  const m = await openManifest(manifestPath, { readOnly: true });
   if (!m) throw new QsyncError('USAGE', `${target} has no manifest (${manifestPath}); give a delta or a synced target`, { file: target });
   try {
-    const fh = await open(target, 'r');
+    const fh = await openDelta(target);
     try {
       const { size } = await fh.stat();
       if (size !== m.header.targetSize) throw new QsyncError('FORMAT', `${target} is ${size} bytes, its manifest says ${m.header.targetSize}`, { file: target });

@@ -13,7 +13,9 @@ import { Dir, fsPath, resolveTrusted } from '../io/safe-fs.js';
 import { lockDestination } from '../sync/lock.js';
 import { STATE_DIR } from '../sync/manifest-store.js';
 import { planOperands, type Plan } from '../sync/operands.js';
-import { checkStateDir, TreeSync } from '../sync/tree.js';
+import { TreeSync } from '../sync/tree.js';
+import { checkStateRoot } from '../sync/state-dir.js';
+import { checkAttrTools } from '../sync/ext-attrs.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -89,6 +91,7 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
       hint: 'for a local name with a colon, write ./NAME',
     });
   }
+  if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot while the operands are checked and the tree is walked.
   const pool = new HashPool(o.blockSize);
   if (!o.dryRun) pool.warm();
@@ -156,7 +159,7 @@ async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: strin
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
-    if (destDir) await checkStateDir(destDir, !o.dryRun);
+    if (destDir) await checkStateRoot(destDir, !o.dryRun);
     return await syncInto(printer, pool, plan, destDir, batch, rules, missing, o);
   } finally {
     await destDir?.close();

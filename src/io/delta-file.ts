@@ -5,7 +5,8 @@
  * read chunk.
  */
 import { randomBytes } from 'node:crypto';
-import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import {
   encodeHeader,
@@ -26,8 +27,13 @@ import {
 import { compressBlock, decompressBlock } from '../core/delta-compression.js';
 import { DeltaDecoder } from '../core/delta-decoder.js';
 import { QsyncError } from '../core/errors.js';
+import { blockCount } from '../core/geometry.js';
 import { DIGEST_LEN, digestOf, newHasher, zeroDigest, type Hasher } from '../hash/blake3.js';
 import { fsyncDir } from './fsync-dir.js';
+import { openRegular } from './safe-fs.js';
+
+/** Delta files carry raw blocks of the files they describe: owner-only. */
+export const DELTA_FILE_MODE = 0o600;
 
 const WRITE_BUFFER = 1 << 20;
 const READ_CHUNK = 1 << 20;
@@ -75,26 +81,51 @@ export class DeltaFileWriter {
   static async create(path: string, compression: DeltaCompression = 'none', createdMs = Date.now()): Promise<DeltaFileWriter> {
     const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.tmp`);
     try {
-      return new DeltaFileWriter(path, tmp, await open(tmp, 'wx'), compression, createdMs);
+      const fh = await openRegular(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, DELTA_FILE_MODE);
+      return new DeltaFileWriter(path, tmp, fh, compression, createdMs);
     } catch (e) {
       throw new QsyncError('TARGET', `cannot create delta ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
     }
   }
 
-  beginMember(start: DeltaMemberStart): void {
+  /**
+   * Start a member. Its header is written now with the fingerprints known so
+   * far (`provisional`, zeros by default: unknown), so that a crash leaves a
+   * member that says what it is about (salvageable: see salvageMembers);
+   * endMember rewrites it with the final values.
+   */
+  beginMember(start: DeltaMemberStart, provisional?: Partial<DeltaMemberEnd>): void {
     if (this.member) throw new Error('beginMember: previous member not ended');
     const header: DeltaHeader = {
       ...start,
       compression: this.compression,
       createdMs: start.createdMs ?? this.createdMs,
       name: start.name ?? '',
-      baseFingerprint: Buffer.alloc(DIGEST_LEN),
-      resultFingerprint: Buffer.alloc(DIGEST_LEN),
+      baseFingerprint: provisional?.baseFingerprint ?? Buffer.alloc(DIGEST_LEN),
+      resultFingerprint: provisional?.resultFingerprint ?? Buffer.alloc(DIGEST_LEN),
     };
     const at = this.flushed + this.used;
     this.member = { header, at, records: 0, hasher: newHasher() };
-    // Reserve the header's bytes; endMember writes them.
-    this.reserve(headerLength(header)).fill(0);
+    encodeHeader(header, this.reserve(headerLength(header)), 0);
+  }
+
+  /** Replace the current member's provisional fingerprints (written through at once if already flushed). */
+  async setProvisional(fps: Partial<DeltaMemberEnd>): Promise<void> {
+    const m = this.requireMember();
+    m.header = { ...m.header, ...fps };
+    await this.writeHeader(m.at, m.header);
+  }
+
+  private async writeHeader(at: number, header: DeltaHeader): Promise<void> {
+    const bytes = Buffer.alloc(headerLength(header));
+    encodeHeader(header, bytes, 0);
+    if (at >= this.flushed) bytes.copy(this.buf, at - this.flushed);
+    else await writeAll(this.fh, bytes, at);
+  }
+
+  /** Add a record as read from another delta of the same compression (salvage). */
+  async addRaw(r: DeltaRecord, payload: Buffer | undefined): Promise<void> {
+    await this.addRecord(r, r.kind === 'data' ? payload : undefined);
   }
 
   /** Record block `index`'s result content; zero blocks become zero records. `digest` saves a rehash. */
@@ -125,6 +156,7 @@ export class DeltaFileWriter {
       baseSize: end.baseSize ?? m.header.baseSize,
       resultSize: end.resultSize ?? m.header.resultSize,
     };
+    if (headerLength(header) !== headerLength(m.header)) throw new Error('endMember: the name cannot change');
     const headerBytes = Buffer.alloc(headerLength(header));
     encodeHeader(header, headerBytes, 0);
     const trailer = Buffer.alloc(FRAME_LEN);
@@ -133,8 +165,7 @@ export class DeltaFileWriter {
     m.hasher.update(headerBytes);
     encodeTrailer({ recordCount: m.records, streamHash: m.hasher.digestBuffer() }, trailer, 0);
     await this.append(trailer);
-    if (m.at >= this.flushed) headerBytes.copy(this.buf, m.at - this.flushed);
-    else await this.fh.write(headerBytes, 0, headerBytes.length, m.at);
+    await this.writeHeader(m.at, header);
     this.member = undefined;
     return header;
   }
@@ -186,9 +217,13 @@ export class DeltaFileWriter {
     }
   }
 
-  /** `n` bytes of the write buffer (n <= WRITE_BUFFER), flushing first if needed; synchronous when it fits. */
+  /** `n` bytes of the write buffer, synchronously (the buffer grows in the rare case it is too full). */
   private reserve(n: number): Buffer {
-    if (this.used + n > this.buf.length) throw new Error('delta writer: reserve without room');
+    if (this.used + n > this.buf.length) {
+      const bigger = Buffer.allocUnsafe(this.used + n + WRITE_BUFFER);
+      this.buf.copy(bigger, 0, 0, this.used);
+      this.buf = bigger;
+    }
     this.used += n;
     return this.buf.subarray(this.used - n, this.used);
   }
@@ -230,14 +265,23 @@ export type DeltaEvent =
   | { type: 'record'; header: DeltaHeader; record: DeltaRecord; content: Buffer | undefined; at: DeltaPosition }
   | { type: 'trailer'; header: DeltaHeader; trailer: DeltaTrailer; at: DeltaPosition };
 
+export interface ReadOptions {
+  /** Decompress and digest-check every payload (default). Without: records carry no content. */
+  payloads?: boolean;
+  /** Stop quietly at the first problem instead of throwing (reading what a crash left). */
+  tolerant?: boolean;
+}
+
 /**
  * Read a delta file from the start, yielding its members' headers, records
  * (content decompressed and digest-checked) and trailers. Throws a FORMAT
- * QsyncError that says where at the first problem. A record is yielded before
+ * QsyncError that says where at the first problem (with `tolerant`, ends
+ * there instead, after everything before it). A record is yielded before
  * its member's trailer is checked: callers that must not act on a bad delta
  * read it through once first (verifyDeltaFile).
  */
-export async function* readDeltaFile(fh: FileHandle, file: string): AsyncGenerator<DeltaEvent> {
+export async function* readDeltaFile(fh: FileHandle, file: string, opts: ReadOptions = {}): AsyncGenerator<DeltaEvent> {
+  const payloads = opts.payloads ?? true;
   let events: DeltaEvent[] = [];
   let member: DeltaHeader | undefined;
   const decoder = new DeltaDecoder(
@@ -248,16 +292,7 @@ export async function* readDeltaFile(fh: FileHandle, file: string): AsyncGenerat
       },
       record(record, payload, at) {
         const header = member!;
-        let content: Buffer | undefined;
-        if (record.kind === 'data') {
-          const len = recordBlockLength(header, record.index);
-          try {
-            content = record.compressed ? decompressBlock(header.compression, payload, len) : payload;
-          } catch (e) {
-            throw formatError(`payload of block ${record.index} does not decompress: ${(e as Error).message}`, at);
-          }
-          if (!digestOf(content).equals(record.digest)) throw formatError(`digest mismatch for block ${record.index}`, at);
-        }
+        const content = payloads ? recordContent(header, record, payload, at) : undefined;
         events.push({ type: 'record', header, record, content, at });
       },
       trailer(trailer, header, at) {
@@ -272,12 +307,34 @@ export async function* readDeltaFile(fh: FileHandle, file: string): AsyncGenerat
     const { bytesRead } = await fh.read(chunk, 0, READ_CHUNK, pos);
     if (bytesRead === 0) break;
     pos += bytesRead;
-    decoder.write(chunk.subarray(0, bytesRead));
+    let failed: unknown;
+    try {
+      decoder.write(chunk.subarray(0, bytesRead));
+    } catch (e) {
+      failed = e;
+    }
     const ready = events;
     events = [];
+    if (failed !== undefined && !opts.tolerant) throw failed;
     yield* ready;
+    if (failed !== undefined) return;
   }
+  if (opts.tolerant) return;
   decoder.end();
+}
+
+/** A data record's content: decompressed (capped at the block's length) and checked against its digest. */
+function recordContent(header: DeltaHeader, record: DeltaRecord, payload: Buffer, at: DeltaPosition): Buffer | undefined {
+  if (record.kind !== 'data') return undefined;
+  const len = recordBlockLength(header, record.index);
+  let content: Buffer;
+  try {
+    content = record.compressed ? decompressBlock(header.compression, payload, len) : payload;
+  } catch (e) {
+    throw formatError(`payload of block ${record.index} does not decompress: ${(e as Error).message}`, at);
+  }
+  if (!digestOf(content).equals(record.digest)) throw formatError(`digest mismatch for block ${record.index}`, at);
+  return content;
 }
 
 export interface DeltaMemberSummary {
@@ -314,16 +371,65 @@ export async function summarize(fh: FileHandle, file: string): Promise<DeltaMemb
       cur!.payloadBytes += ev.record.payloadLength;
     } else {
       cur!.streamHash = ev.trailer.streamHash;
+      checkResultSize(ev.header, cur!.records, ev.at);
       out.push(cur!);
     }
   }
   return out;
 }
 
-export async function openDelta(path: string): Promise<FileHandle> {
+/**
+ * A member can only make its result out of its base and its records: a
+ * result larger than base size + records × block size is a forged header
+ * (it would make apply or restore allocate what no record describes).
+ */
+function checkResultSize(h: DeltaHeader, records: number, at: DeltaPosition): void {
+  if (h.resultSize > h.baseSize + records * h.blockSize) {
+    throw formatError(`result size ${h.resultSize} is larger than the base (${h.baseSize} bytes) and the ${records} records can make`, at);
+  }
+}
+
+/** Open a delta for reading: a regular file, never a symlink or a FIFO (which would hang the read). */
+export async function openDelta(path: string, shown = path): Promise<FileHandle> {
   try {
-    return await open(path, 'r');
+    return await openRegular(path, constants.O_RDONLY, 0, shown);
   } catch (e) {
-    throw new QsyncError('SOURCE', `cannot open delta ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+    if (e instanceof QsyncError) throw new QsyncError('SOURCE', `cannot read delta ${shown}: ${e.message}`, { file: shown });
+    throw new QsyncError('SOURCE', `cannot open delta ${shown}: ${(e as Error).message}`, { file: shown }, { cause: e });
+  }
+}
+
+const ZEROES = Buffer.alloc(1 << 20);
+
+/**
+ * Writes one member's records onto a file already resized to the member's
+ * result size. Blocks from `zeroFrom` on lay wholly past the file's size
+ * before that resize, so they read as zeros: a zero record there is skipped
+ * (the file stays sparse) unless an earlier record of this member wrote the
+ * block. The bitmap covers only those blocks (bounded by the record count,
+ * see checkResultSize).
+ */
+export class MemberPatch {
+  private readonly written: Uint8Array;
+
+  constructor(
+    private readonly fh: FileHandle,
+    private readonly h: DeltaHeader,
+    private readonly zeroFrom: number,
+  ) {
+    this.written = new Uint8Array(Math.ceil(Math.max(0, blockCount(h.resultSize, h.blockSize) - zeroFrom) / 8));
+  }
+
+  async write(index: number, content: Buffer | undefined): Promise<void> {
+    if (index >= this.zeroFrom) {
+      const k = index - this.zeroFrom;
+      const seen = this.written[k >> 3] & (1 << (k & 7));
+      if (!content && !seen) return;
+      this.written[k >> 3] |= 1 << (k & 7);
+    }
+    const off = index * this.h.blockSize;
+    if (content) return writeAll(this.fh, content, off);
+    const len = recordBlockLength(this.h, index);
+    for (let done = 0; done < len; done += ZEROES.length) await writeAll(this.fh, ZEROES.subarray(0, Math.min(ZEROES.length, len - done)), off + done);
   }
 }

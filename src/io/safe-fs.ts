@@ -109,6 +109,9 @@ export const fsPath = (path: string): PathLike => (ESCAPED.test(path) ? encodeNa
 /** Order of names as rsync sorts them: by their bytes. */
 export const compareNames = (a: string, b: string): number => Buffer.compare(encodeName(a), encodeName(b));
 
+/** A fresh unpredictable name to create beside `name` and rename over it once complete. */
+export const tempNameFor = (name: string): string => `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
+
 /** A directory held open by descriptor; every entry is reached relative to it. */
 export class Dir {
   private constructor(
@@ -181,7 +184,7 @@ export class Dir {
   /** Create a file with a fresh unpredictable name beside `name`; returns it and its name. */
   async createTemp(name: string, mode: number): Promise<{ fh: FileHandle; name: string }> {
     for (;;) {
-      const tmp = `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
+      const tmp = tempNameFor(name);
       try {
         return { fh: await this.createFile(tmp, mode), name: tmp };
       } catch (e) {
@@ -431,4 +434,23 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
     await dir.close();
     throw e;
   }
+}
+
+/**
+ * A directory qsync keeps its own files in (a state folder, a history
+ * folder) must be a real directory owned by the user qsync runs as: a
+ * symlink, or a folder another user owns, could steer qsync's writes or
+ * feed it forged state. Returns false when nothing is there.
+ */
+export async function checkOwnDir(path: string, what: string): Promise<boolean> {
+  const st = await lstatOrUndefined(path);
+  if (!st) return false;
+  if (!st.isDirectory()) {
+    throw new QsyncError('TARGET', `${what} ${path} is ${typeName(st)}, not a directory: qsync does not follow it`, { file: path, hint: 'remove it, or give a real directory' });
+  }
+  const uid = process.geteuid?.();
+  if (uid !== undefined && st.uid !== BigInt(uid)) {
+    throw new QsyncError('TARGET', `${what} ${path} belongs to uid ${st.uid}, not to the user qsync runs as (${uid}): refused`, { file: path, hint: 'remove it, or run qsync as its owner' });
+  }
+  return true;
 }

@@ -35,7 +35,9 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
   const node = 'i' + basename(file).replace(/\.[^.]*$/, '').replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 30);
   const dir = await mkdtemp(join(tempDir, 'qsync-qsd-'));
   const qmp = join(dir, 'qmp.sock');
-  const child = spawn('qemu-storage-daemon', [
+  // setpriv (util-linux) gives the daemon a parent-death signal: if qsync is killed (kill -9), the daemon
+  // gets SIGTERM, closes the image cleanly and exits, instead of holding it open and blocking every later run.
+  const child = spawn('setpriv', ['--pdeathsig', 'TERM', '--', 'qemu-storage-daemon',
     '--blockdev', `driver=file,node-name=${node}-file,filename=${file}`,
     '--blockdev', `driver=${format},node-name=${node},file=${node}-file`,
     '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,

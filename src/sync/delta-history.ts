@@ -4,17 +4,32 @@
  * whose member for that file turns the mirror as that run left it back into
  * what it was before. Restoring walks them newest → older onto a sparse copy
  * of the mirror; the mirror is never written.
+ *
+ * The walk is checked link by link: it starts from the mirror's fingerprint,
+ * and each member must apply to the state the previous one gave (same size,
+ * and same fingerprint where both are known). A member that does not name
+ * its result (an interrupted run could not vouch for it) only leads on to
+ * older ones; a point is listed only where the fingerprint is known, and
+ * restoring checks the result against it. The walk stops at the first
+ * broken link.
  */
 import { constants } from 'node:fs';
-import { open, readdir, rm, stat, type FileHandle } from 'node:fs/promises';
-import { join, sep } from 'node:path';
-import type { DeltaHeader } from '../core/delta-codec.js';
+import { mkdir, rm, type FileHandle } from 'node:fs/promises';
+import { dirname, join, relative, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
-import { blockLength } from '../core/geometry.js';
-import { openDelta, readDeltaFile, verifyDeltaFile, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
+import { blockCount } from '../core/geometry.js';
+import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
+import { fsyncDir } from '../io/fsync-dir.js';
+import { checkOwnDir, Dir, lstatOrUndefined, openRegular } from '../io/safe-fs.js';
+import { intentPathFor, readIntent } from './intent.js';
+import { lockDestination, type DestLock } from './lock.js';
+import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
 import { hashFile } from './target-digests.js';
+import { assessManifest } from './trust.js';
 
 export const HISTORY_SUFFIX = '.qdelta';
+/** Restored images hold someone's data: owner-only. */
+const RESTORE_MODE = 0o600;
 
 /** The delta file name for a run that started at `ms`: sorts by time. */
 export const historyFileName = (ms: number): string => `${new Date(ms).toISOString().replace(/[:]/g, '-')}${HISTORY_SUFFIX}`;
@@ -27,134 +42,298 @@ export interface HistoryPoint {
   size: number;
   records: number;
   file: string;
+  /** How many chain steps (members, newest first) restore it. */
+  steps: number;
+  fingerprint: Buffer;
+  blockSize: number;
+}
+
+interface Step {
+  file: string;
   member: DeltaMemberSummary;
 }
 
-/** Delta files in DIR, newest first. */
-async function historyFiles(dir: string): Promise<string[]> {
-  const names = await readdir(dir).catch((e) => {
+interface Chain {
+  steps: Step[];
+  points: HistoryPoint[];
+  /** Runs after which the walk could not go on (a broken link), for the user. */
+  stoppedAt?: string;
+}
+
+const isZero = (b: Buffer) => b.every((x) => x === 0);
+
+/** Open the history folder by descriptor: a symlink in its place is refused. */
+async function openHistoryDir(dir: string): Promise<Dir> {
+  try {
+    return await Dir.open(dir, { follow: false });
+  } catch (e) {
     if (errnoOf(e) === 'ENOENT') throw new QsyncError('USAGE', `backup dir ${dir} does not exist`, { file: dir });
-    throw e;
-  });
-  return names.filter((n) => n.endsWith(HISTORY_SUFFIX) && !n.startsWith('.')).sort().reverse().map((n) => join(dir, n));
-}
-
-/** Does member `name` (relative to a destination root) name the file `target`? */
-const names = (name: string, target: string) => target === name || target.endsWith(`${sep}${name}`);
-
-/** The points in time of `target`, newest first, each delta file verified. */
-export async function listPoints(dir: string, target: string): Promise<HistoryPoint[]> {
-  const points: HistoryPoint[] = [];
-  for (const file of await historyFiles(dir)) {
-    const member = (await verifyDeltaFile(file)).find((m) => m.header.kind === 'reverse' && names(m.header.name, target));
-    if (member) {
-      points.push({ n: points.length + 1, until: new Date(member.header.createdMs), size: member.header.resultSize, records: member.records, file, member });
+    if (errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR') {
+      throw new QsyncError('TARGET', `backup dir ${dir} is a symlink or not a directory: qsync does not follow it`, { file: dir }, { cause: e });
     }
+    throw e;
   }
-  return points;
 }
 
-/** `N` (a point number) or a time (anything Date parses): the points to walk back through. */
-function pointsFor(points: HistoryPoint[], at: string): HistoryPoint[] {
+/** Delta file names in DIR, newest first. */
+async function historyNames(d: Dir): Promise<string[]> {
+  return (await d.readdir()).filter((n) => n.endsWith(HISTORY_SUFFIX) && !n.startsWith('.')).sort().reverse();
+}
+
+/**
+ * The destination root a mirror file belongs to (the nearest folder above it
+ * with a `.qsync` state folder) and its name relative to it: members are
+ * matched by that whole name, never by a suffix.
+ */
+async function locate(target: string): Promise<{ root: string; rel: string }> {
+  const abs = resolve(target);
+  for (let d = dirname(abs); ; d = dirname(d)) {
+    if ((await lstatOrUndefined(join(d, STATE_DIR)))?.isDirectory()) return { root: d, rel: relative(d, abs) };
+    if (dirname(d) === d) break;
+  }
+  throw new QsyncError('USAGE', `${target} is not in a destination qsync synced (no ${STATE_DIR} folder above it)`, {
+    file: target,
+    hint: 'give the mirror file as it lies in the destination',
+  });
+}
+
+/** The mirror's fingerprint: its manifest's when trusted, else by hashing it. */
+async function mirrorFingerprint(fh: FileHandle, root: string, rel: string, blockSize: number): Promise<Buffer> {
+  const manifestPath = manifestPathFor(root, rel);
+  const st = await fh.stat({ bigint: true });
+  const manifest = await openManifest(manifestPath).catch(() => undefined);
+  try {
+    const trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), st, blockSize);
+    if (manifest && trust.trusted && !trust.unknown) return manifest.fingerprint;
+  } finally {
+    await manifest?.close();
+  }
+  return hashFile(fh, Number(st.size), blockSize);
+}
+
+async function openMirror(target: string): Promise<FileHandle> {
+  try {
+    return await openRegular(target, constants.O_RDONLY);
+  } catch (e) {
+    if (e instanceof QsyncError) throw e;
+    throw new QsyncError('SOURCE', `cannot read ${target}: ${(e as Error).message}`, { file: target }, { cause: e });
+  }
+}
+
+/** Walk the history of `target` from the mirror back, checking every link. */
+async function walk(dir: string, target: string, mirror: FileHandle): Promise<Chain> {
+  const { root, rel } = await locate(target);
+  const d = await openHistoryDir(dir);
+  const members: Step[] = [];
+  try {
+    for (const name of await historyNames(d)) {
+      const file = join(dir, name);
+      const fh = await openDelta(d.at(name), file);
+      try {
+        const m = (await summarize(fh, file)).find((x) => x.header.kind === 'reverse' && x.header.name === rel);
+        if (m) members.push({ file, member: m });
+      } catch (e) {
+        if (!(e instanceof QsyncError)) throw e;
+        // A damaged file is not part of the chain: the link check stops the walk there if it mattered.
+      } finally {
+        await fh.close();
+      }
+    }
+  } finally {
+    await d.close();
+  }
+  const chain: Chain = { steps: [], points: [] };
+  if (!members.length) return chain;
+  const bs = members[0].member.header.blockSize;
+  let fp: Buffer | undefined = await mirrorFingerprint(mirror, root, rel, bs);
+  let size = Number((await mirror.stat()).size);
+  for (const s of members) {
+    const h = s.member.header;
+    const known = !isZero(h.resultFingerprint);
+    const point = () =>
+      chain.points.push({ n: chain.points.length + 1, until: new Date(h.createdMs), size, records: s.member.records, file: s.file, steps: chain.steps.length, fingerprint: fp!, blockSize: bs });
+    if (h.blockSize !== bs) {
+      chain.stoppedAt = s.file;
+      break;
+    }
+    // Already the state this member leads to (a run whose target was never committed, or that changed nothing): a point, nothing to apply.
+    if (fp && known && h.resultFingerprint.equals(fp) && h.resultSize === size) {
+      point();
+      continue;
+    }
+    // A member naming no base (a crash's torn member) follows only a state no fingerprint names, whatever its size;
+    // after such a state a member naming its base is taken on trust of size, and the point's final check decides.
+    const linked = isZero(h.baseFingerprint) ? fp === undefined : h.baseSize === size && (fp === undefined || h.baseFingerprint.equals(fp));
+    if (!linked || h.resultSize > size + s.member.records * bs) {
+      chain.stoppedAt = s.file;
+      break;
+    }
+    chain.steps.push(s);
+    fp = known ? h.resultFingerprint : undefined;
+    size = h.resultSize;
+    if (fp) point();
+  }
+  return chain;
+}
+
+/** The points in time of `target`, newest first; each one restores. */
+export async function listPoints(dir: string, target: string): Promise<HistoryPoint[]> {
+  const mirror = await openMirror(target);
+  try {
+    return (await walk(dir, target, mirror)).points;
+  } finally {
+    await mirror.close();
+  }
+}
+
+/** `N` (a point number) or a time (anything Date parses): the point to restore, or undefined for the mirror as it is. */
+function pointFor(chain: Chain, at: string): HistoryPoint | undefined {
+  const { points } = chain;
   if (/^\d+$/.test(at)) {
     const n = Number(at);
-    if (n > points.length) throw new QsyncError('USAGE', `there are ${points.length} points in time; --at ${at} is older`);
-    return points.slice(0, n);
+    if (n < 1 || n > points.length) throw new QsyncError('USAGE', `there are ${points.length} points in time; --at ${at} is not one of them`);
+    return points[n - 1];
   }
   const t = Date.parse(at);
   if (Number.isNaN(t)) throw new QsyncError('USAGE', `--at ${at}: not a point number nor a time`);
   // The state at t is the one before every run that started after t.
-  return points.filter((p) => p.until.getTime() > t);
+  const after = points.filter((p) => p.until.getTime() > t);
+  const steps = chain.steps.filter((s) => s.member.header.createdMs > t).length;
+  const p = after.at(-1);
+  if ((p?.steps ?? 0) < steps) {
+    throw new QsyncError('USAGE', `the state at ${at} cannot be restored exactly (a run after it was interrupted); list the points with --list`);
+  }
+  return p;
 }
 
 const COPY_CHUNK = 1 << 20;
 
-/** Copy `src` to a new file `out`, leaving all-zero chunks as holes. */
-async function sparseCopy(src: string, out: FileHandle): Promise<number> {
-  const fh = await open(src, 'r');
-  try {
-    const buf = Buffer.alloc(COPY_CHUNK);
-    let pos = 0;
-    for (;;) {
-      const { bytesRead } = await fh.read(buf, 0, COPY_CHUNK, pos);
-      if (bytesRead === 0) break;
-      const part = buf.subarray(0, bytesRead);
-      if (part.some((b) => b !== 0)) await writeAll(out, part, pos);
-      pos += bytesRead;
-    }
-    await out.truncate(pos);
-    return pos;
-  } finally {
-    await fh.close();
+/** Copy the mirror to `out`, leaving all-zero chunks as holes. */
+async function sparseCopy(src: FileHandle, out: FileHandle): Promise<number> {
+  const buf = Buffer.alloc(COPY_CHUNK);
+  let pos = 0;
+  for (;;) {
+    const { bytesRead } = await src.read(buf, 0, COPY_CHUNK, pos);
+    if (bytesRead === 0) break;
+    const part = buf.subarray(0, bytesRead);
+    if (part.some((b) => b !== 0)) await writeAll(out, part, pos);
+    pos += bytesRead;
   }
+  await out.truncate(pos);
+  return pos;
 }
 
-/** Write the member of `p` onto `out`: resize, then every record (zero records as holes where the area is new). */
-async function patch(out: FileHandle, p: HistoryPoint): Promise<DeltaHeader> {
-  const fh = await openDelta(p.file);
-  let member = -1;
-  const want = p.member.offset;
-  let header: DeltaHeader | undefined;
+/** Apply one chain step onto `out` (of `size` bytes): resize, then every record (zero records past the old end stay holes). */
+async function patch(out: FileHandle, s: Step, size: number): Promise<number> {
+  const fh = await openDelta(s.file);
+  let inMember = false;
+  let p: MemberPatch | undefined;
   try {
-    for await (const ev of readDeltaFile(fh, p.file)) {
+    for await (const ev of readDeltaFile(fh, s.file)) {
       if (ev.type === 'header') {
-        member = ev.at.offset === want ? 1 : 0;
-        if (member) {
-          header = ev.header;
+        inMember = ev.at.offset === s.member.offset;
+        if (inMember) {
+          if (!ev.header.resultFingerprint.equals(s.member.header.resultFingerprint) || ev.header.resultSize !== s.member.header.resultSize) {
+            throw new QsyncError('FORMAT', `${s.file} changed while restoring from it`, { file: s.file });
+          }
           await out.truncate(ev.header.resultSize);
+          p = new MemberPatch(out, ev.header, blockCount(size, ev.header.blockSize));
         }
-      } else if (ev.type === 'record' && member === 1) {
-        const h = ev.header;
-        const len = blockLength(ev.record.index, h.resultSize, h.blockSize);
-        await writeAll(out, ev.content ?? Buffer.alloc(len), ev.record.index * h.blockSize);
+      } else if (ev.type === 'record' && inMember) {
+        await p!.write(ev.record.index, ev.content);
+      } else if (ev.type === 'trailer' && inMember) {
+        if (!ev.trailer.streamHash.equals(s.member.streamHash)) throw new QsyncError('FORMAT', `${s.file} changed while restoring from it`, { file: s.file });
+        return s.member.header.resultSize;
       }
     }
   } finally {
     await fh.close();
   }
-  return header!;
+  throw new QsyncError('FORMAT', `${s.file} changed while restoring from it`, { file: s.file });
 }
 
 /**
- * Write `target` as it was at point `at` into the new file `out`. The result
- * is hashed and checked against the oldest delta's result fingerprint.
+ * Write `target` as it was at point `at` into the new file `out` (owner-only).
+ * The result is hashed and checked against the point's fingerprint.
  */
 export async function restorePoint(dir: string, target: string, at: string, outPath: string): Promise<{ size: number; applied: number }> {
-  const chain = pointsFor(await listPoints(dir, target), at);
-  const out = await open(outPath, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL).catch((e) => {
-    throw new QsyncError('TARGET', `cannot create ${outPath}: ${(e as Error).message}`, { file: outPath, hint: 'OUT must not exist yet' }, { cause: e });
-  });
+  const mirror = await openMirror(target);
   try {
-    let size = await sparseCopy(target, out);
-    for (const p of chain) {
-      const h = await patch(out, p);
-      size = h.resultSize;
-    }
-    await out.sync();
-    const last = chain.at(-1)?.member.header;
-    if (last && last.resultFingerprint.some((b) => b !== 0)) {
-      const fp = await hashFile(out, size, last.blockSize);
-      if (!fp.equals(last.resultFingerprint)) {
-        throw new QsyncError('FORMAT', `restored ${outPath} does not match the point's fingerprint: the history in ${dir} does not fit ${target}`, { file: outPath });
+    const chain = await walk(dir, target, mirror);
+    const point = pointFor(chain, at);
+    const out = await openRegular(outPath, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, RESTORE_MODE).catch((e) => {
+      if (e instanceof QsyncError) throw e;
+      throw new QsyncError('TARGET', `cannot create ${outPath}: ${(e as Error).message}`, { file: outPath, hint: 'OUT must not exist yet' }, { cause: e });
+    });
+    try {
+      let size = await sparseCopy(mirror, out);
+      const steps = chain.steps.slice(0, point?.steps ?? 0);
+      for (const s of steps) size = await patch(out, s, size);
+      await out.sync();
+      if (point) {
+        const fp = await hashFile(out, size, point.blockSize);
+        if (!fp.equals(point.fingerprint)) {
+          throw new QsyncError('FORMAT', `restored ${outPath} does not match the point's fingerprint: ${target} or the history in ${dir} changed while restoring`, { file: outPath });
+        }
       }
+      await out.close();
+      return { size, applied: steps.length };
+    } catch (e) {
+      await out.close().catch(() => undefined);
+      await rm(outPath, { force: true });
+      throw e;
     }
-    await out.close();
-    return { size, applied: chain.length };
+  } finally {
+    await mirror.close();
+  }
+}
+
+/**
+ * Keep the newest `keep` run files in DIR and delete the older ones, oldest
+ * first, each deletion made durable before the next: reverse deltas chain
+ * from the mirror backwards, so a kept point never needs a deleted file, and
+ * a prune interrupted at any moment leaves the newest files, every one of
+ * them still reachable.
+ */
+export async function prune(dir: string, keep: number): Promise<string[]> {
+  await checkOwnDir(dir, 'backup dir');
+  const d = await openHistoryDir(dir);
+  const lock = await lockHistory(dir);
+  try {
+    const names = await historyNames(d);
+    const drop = names.slice(keep).reverse();
+    for (const name of drop) {
+      if (!(await d.lstat(name)).isFile()) continue;
+      await d.unlink(name);
+      await d.sync();
+    }
+    return drop.map((n) => join(dir, n));
+  } finally {
+    await lock.release();
+    await d.close();
+  }
+}
+
+/**
+ * One writer at a time per history folder (a sync keeping history, a
+ * prune): a run salvages what a crashed run left, which must not be the temp
+ * file of a run still going.
+ */
+export async function lockHistory(dir: string): Promise<DestLock> {
+  try {
+    return await lockDestination(dir);
   } catch (e) {
-    await out.close().catch(() => undefined);
-    await rm(outPath, { force: true });
+    if (e instanceof QsyncError && e.code === 'LOCKED') {
+      throw new QsyncError('LOCKED', `another qsync is writing the history in ${dir}; wait for it to finish`, { file: dir, hint: e.context.hint });
+    }
     throw e;
   }
 }
 
-/**
- * Keep the newest `keep` run files in DIR and delete the older ones. Reverse
- * deltas chain from the mirror backwards, so no remaining point needs an
- * older delta: nothing has to be merged to keep them restorable.
- */
-export async function prune(dir: string, keep: number): Promise<string[]> {
-  const files = await historyFiles(dir);
-  const drop = files.slice(keep);
-  for (const f of drop) if ((await stat(f)).isFile()) await rm(f);
-  return drop;
+/** Make the history folder (owner-only) if needed; a symlink or another user's folder is refused. */
+export async function ensureHistoryDir(dir: string): Promise<void> {
+  if (await checkOwnDir(dir, 'backup dir')) return;
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  await checkOwnDir(dir, 'backup dir');
+  await fsyncDir(dirname(dir));
 }

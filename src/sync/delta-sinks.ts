@@ -9,15 +9,18 @@
  * Deltas describe "resize the base to the result's size, then write these
  * blocks", the order the engine follows (truncate first, then writes).
  */
-import { mkdir, open, readdir, rename, rm } from 'node:fs/promises';
-import { join } from 'node:path';
-import type { DeltaCompression, DeltaKind } from '../core/delta-codec.js';
+import { readdir, rm } from 'node:fs/promises';
+import { join, sep } from 'node:path';
+import type { DeltaCompression, DeltaHeader, DeltaKind } from '../core/delta-codec.js';
+import { QsyncError } from '../core/errors.js';
 import { blockCount, blockLength } from '../core/geometry.js';
-import { DeltaDecoder } from '../core/delta-decoder.js';
-import { DeltaFileWriter } from '../io/delta-file.js';
-import type { LocalFileSink } from '../io/local-file.js';
+import { DIGEST_LEN, digestOf } from '../hash/blake3.js';
+import { DeltaFileWriter, openDelta, readDeltaFile } from '../io/delta-file.js';
+import { fsyncDir } from '../io/fsync-dir.js';
+import { readUpTo, type LocalFileSink } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
-import { historyFileName } from './delta-history.js';
+import { ensureHistoryDir, historyFileName } from './delta-history.js';
+import { manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
 
 export interface DeltaSinkInfo {
   /** The file's path relative to the destination root (the member's name). */
@@ -43,7 +46,7 @@ export const openBatch = (path: string, compression: DeltaCompression, startedMs
  * crashed earlier run left: its complete members are kept as a point.
  */
 export async function openHistory(dir: string, startedMs: number, compression: DeltaCompression): Promise<DeltaFileWriter> {
-  await mkdir(dir, { recursive: true });
+  await ensureHistoryDir(dir);
   await salvageHistory(dir);
   return DeltaFileWriter.create(join(dir, historyFileName(startedMs)), compression, startedMs);
 }
@@ -53,8 +56,15 @@ function* blocksOf(offset: number, length: number, blockSize: number): Generator
   for (let i = Math.floor(offset / blockSize); i * blockSize < offset + length; i++) yield i;
 }
 
-/** Records the new content of every block written: one member of a forward delta. */
+/**
+ * Records the new content of every block written: one member of a forward
+ * delta. A file that grows gets a zero record for each block past its old
+ * end first (the engine writes none there): a delta's result is never larger
+ * than its base and its records (checkResultSize), and apply keeps them holes.
+ */
 class ForwardRecorder {
+  private grown = false;
+
   constructor(
     private readonly w: DeltaFileWriter,
     private readonly info: DeltaSinkInfo,
@@ -62,7 +72,15 @@ class ForwardRecorder {
     w.beginMember(member('forward', info, info.oldSize, info.newSize));
   }
 
+  private async grow(): Promise<void> {
+    if (this.grown) return;
+    this.grown = true;
+    const { blockSize, oldSize, newSize } = this.info;
+    for (let i = blockCount(oldSize, blockSize); i < blockCount(newSize, blockSize); i++) await this.w.addZero(i);
+  }
+
   async write(offset: number, data: Buffer): Promise<void> {
+    await this.grow();
     const { blockSize } = this.info;
     for (const i of blocksOf(offset, data.length, blockSize)) {
       const start = i * blockSize - offset;
@@ -71,10 +89,12 @@ class ForwardRecorder {
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.grow();
     for (const i of blocksOf(offset, length, this.info.blockSize)) await this.w.addZero(i);
   }
 
   async end(): Promise<void> {
+    await this.grow();
     const { before, after } = this.info.fingerprints();
     await this.w.endMember({ baseFingerprint: before, resultFingerprint: after });
   }
@@ -122,22 +142,45 @@ export function teeDeltaSink(target: BlockSink, batch: DeltaFileWriter, info: De
  * a shrink), its old content is recorded; the record reaches the kernel
  * before the target write is issued, and the member is fsynced before the
  * target's commit. A bitmap (one bit per old block) remembers what is recorded.
+ *
+ * The member names its result (the state before the run) only when it can
+ * vouch for it. A run that trusts the target's manifest takes the state
+ * before as the manifest's view; each old block is checked against the
+ * manifest's digest as it is recorded. A block that differs (a run killed
+ * while writing left it half-new) makes the member's result unknown: its
+ * records then restore the target as it was, and the older point is reached
+ * through the interrupted run's own member (salvageHistory), which holds the
+ * blocks' true old content. The member's header is on file, with what is
+ * known so far, before the first target write.
  */
-export function reverseDeltaSink(target: LocalFileSink, history: DeltaFileWriter, info: DeltaSinkInfo): BlockSink {
+export async function reverseDeltaSink(target: LocalFileSink, history: DeltaFileWriter, info: DeltaSinkInfo): Promise<BlockSink> {
   const { blockSize, oldSize } = info;
   const oldBlocks = blockCount(oldSize, blockSize);
   const recorded = new Uint8Array(Math.ceil(oldBlocks / 8));
   const buf = Buffer.alloc(blockSize);
-  history.beginMember(member('reverse', info, info.newSize, oldSize));
+  const view = await manifestView(target.path, info);
+  let vouch = view !== undefined && view.header.targetSize === oldSize;
+  history.beginMember(member('reverse', info, info.newSize, oldSize), vouch ? { resultFingerprint: view!.fingerprint } : undefined);
+  await history.push();
+  const want = Buffer.alloc(DIGEST_LEN);
 
   async function keepOld(from: number, to: number): Promise<void> {
     let added = false;
     for (let i = from; i < Math.min(to, oldBlocks); i++) {
       if (recorded[i >> 3] & (1 << (i & 7))) continue;
       const len = blockLength(i, oldSize, blockSize);
-      const got = await target.fh.read(buf, 0, len, i * blockSize);
-      if (got.bytesRead !== len) throw new Error(`short read of ${target.path} block ${i} while keeping its old content`);
-      await history.addBlock(i, buf.subarray(0, len));
+      if ((await readUpTo(target.fh, buf.subarray(0, len), i * blockSize)) !== len) {
+        throw new QsyncError('TARGET', `short read of ${target.path} block ${i} while keeping its old content`, { file: target.path, block: i });
+      }
+      const digest = digestOf(buf.subarray(0, len));
+      if (vouch) {
+        await view!.readDigests(i, 1, want);
+        if (!want.equals(digest)) {
+          vouch = false;
+          await history.setProvisional({ resultFingerprint: Buffer.alloc(DIGEST_LEN) });
+        }
+      }
+      await history.addBlock(i, buf.subarray(0, len), digest);
       recorded[i >> 3] |= 1 << (i & 7);
       added = true;
     }
@@ -162,53 +205,84 @@ export function reverseDeltaSink(target: LocalFileSink, history: DeltaFileWriter
     },
     commit: async () => {
       const { before, after } = info.fingerprints();
-      await history.endMember({ baseFingerprint: after, resultFingerprint: before });
+      // With the manifest's view, `before` is the manifest's fingerprint: claimed only if every old block matched it.
+      const claim = view && before.equals(view.fingerprint) && !vouch ? Buffer.alloc(DIGEST_LEN) : before;
+      await history.endMember({ baseFingerprint: after, resultFingerprint: claim });
       await history.sync();
       await target.commit();
     },
-    close: () => target.close(),
+    close: async () => {
+      await view?.close();
+      await target.close();
+    },
   };
 }
 
 /**
- * A crashed run leaves its reverse-delta temp file in DIR: keep the members
- * that were complete (their targets' old blocks), drop the torn rest.
+ * The target's manifest when the run takes it as the state before (its
+ * fingerprint is the run's `before`): the manifest of the file
+ * DEST/REL, where the engine keeps it. Undefined otherwise (a run that
+ * hashes the target computes `before` from what it reads).
+ */
+async function manifestView(targetPath: string, info: DeltaSinkInfo): Promise<Manifest | undefined> {
+  const rel = info.relPath;
+  if (!rel || !targetPath.endsWith(`${sep}${rel}`)) return undefined;
+  const m = await openManifest(manifestPathFor(targetPath.slice(0, -rel.length - 1) || sep, rel)).catch(() => undefined);
+  if (m && m.header.blockSize === info.blockSize && m.fingerprint.equals(info.fingerprints().before)) return m;
+  await m?.close();
+  return undefined;
+}
+
+/**
+ * A crashed run leaves its reverse-delta temp file in DIR. Its complete
+ * members are kept; the member it was writing is finished as it stands (its
+ * header was written first, each record before the target write it
+ * preceded): it names no base (the target was left half-written), and names
+ * its result only if the run could vouch for it. The file becomes the
+ * crashed run's point; the link checks of restore take it from there.
  */
 export async function salvageHistory(dir: string): Promise<void> {
   for (const name of await readdir(dir)) {
     const m = /^\.(.+\.qdelta)\.[0-9a-f]+\.tmp$/.exec(name);
     if (!m) continue;
     const tmp = join(dir, name);
-    const end = await completePrefix(tmp);
-    if (end === 0) await rm(tmp, { force: true });
-    else {
-      const fh = await open(tmp, 'r+');
-      await fh.truncate(end);
-      await fh.sync();
-      await fh.close();
-      await rename(tmp, join(dir, m[1]));
-    }
+    await rewriteSalvaged(tmp, join(dir, m[1]));
+    await rm(tmp, { force: true });
+    await fsyncDir(dir);
   }
 }
 
-/** Length of the longest prefix of `path` made of complete, valid members. */
-async function completePrefix(path: string): Promise<number> {
-  let end = 0;
-  // Inside the handler, d.offset is just past the frame being reported.
-  const d = new DeltaDecoder({ header: () => undefined, record: () => undefined, trailer: () => void (end = d.offset) });
-  const fh = await open(path, 'r');
+async function rewriteSalvaged(tmp: string, dest: string): Promise<void> {
+  const fh = await openDelta(tmp).catch(() => undefined);
+  if (!fh) return;
+  let w: DeltaFileWriter | undefined;
+  let open: DeltaHeader | undefined;
   try {
-    const buf = Buffer.alloc(1 << 20);
-    for (let pos = 0; ; ) {
-      const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
-      if (bytesRead === 0) break;
-      pos += bytesRead;
-      d.write(buf.subarray(0, bytesRead)); // the handlers keep nothing; the decoder copies what it holds
+    for await (const ev of readDeltaFile(fh, tmp, { tolerant: true })) {
+      if (ev.type === 'header') {
+        w ??= await DeltaFileWriter.create(dest, ev.header.compression, ev.header.createdMs);
+        if (w.compression !== ev.header.compression) break;
+        open = ev.header;
+        w.beginMember(ev.header, ev.header);
+      } else if (ev.type === 'record') {
+        if (ev.content) await w!.addBlock(ev.record.index, ev.content, ev.record.digest);
+        else await w!.addZero(ev.record.index);
+      } else {
+        await w!.endMember(ev.header);
+        open = undefined;
+      }
     }
-  } catch {
-    // The torn tail: everything up to the last trailer stays.
+    // The torn member: its base is whatever the crash left, of either size (the crash may have come before or after the resize);
+    // the larger one keeps it a well-formed delta (a result no larger than base + records).
+    if (open) {
+      const baseSize = Math.max(open.baseSize, open.resultSize);
+      await w!.endMember({ baseFingerprint: Buffer.alloc(DIGEST_LEN), resultFingerprint: open.resultFingerprint, baseSize });
+    }
+    await w?.finish();
+  } catch (e) {
+    await w?.abort();
+    throw e;
   } finally {
     await fh.close();
   }
-  return end;
 }

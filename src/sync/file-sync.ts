@@ -6,7 +6,7 @@
  * blocks, the sink writes them, and the manifest is committed last.
  */
 import { constants, type BigIntStats } from 'node:fs';
-import { rm, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
@@ -19,6 +19,7 @@ import type { SyncHooks, SyncMethod } from './events.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
 import { emptyFingerprint, Fingerprinter, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
 import { assessManifest, type Trust } from './trust.js';
+import { removeStatePath } from './state-dir.js';
 import { isLockedByOther } from './qemu-locks.js';
 
 export interface FileSyncOptions {
@@ -105,12 +106,13 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   let trust: Trust = { trusted: false };
   if (dstStat) {
     try {
-      manifest = await openManifest(manifestPath);
+      // -n writes nothing, not even a pending journal: it is applied in memory.
+      manifest = await openManifest(manifestPath, { readOnly: opts.dryRun });
+      trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize, opts.checksum);
     } catch (e) {
       if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
-      ctx.hooks.notice?.(`${e.message}; comparing source and target instead`, relPath);
+      trust = { trusted: false, reason: e.message };
     }
-    trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize);
     if (trust.reason) ctx.hooks.notice?.(`${trust.reason}${trust.trusted ? '' : '; comparing source and target'}`, relPath);
   }
 
@@ -119,7 +121,8 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
     if (dstStat && !opts.checksum && !opts.wholeFile) {
       const h = manifest?.header;
       if (trust.trusted && !trust.unknown && h!.sourceSize === size && h!.sourceMtimeNs === srcStat.mtimeNs) return skipped('quick');
-      if (opts.sizeOnly ? dstStat.size === srcStat.size : !trust.trusted && sameSizeAndTime(dstStat, srcStat)) return skipped('quick');
+      // rsync's quick check stands in for a manifest only when there is none: one distrusted for a reason means compare.
+      if (opts.sizeOnly ? dstStat.size === srcStat.size : !trust.trusted && !trust.reason && sameSizeAndTime(dstStat, srcStat)) return skipped('quick');
     }
     const method: SyncMethod = !dstStat ? 'new' : opts.wholeFile ? 'whole' : trust.trusted ? 'manifest' : 'compare';
     if (opts.dryRun) return { ...skipped(method), transferred: true, created: !dstStat };
@@ -248,7 +251,7 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   }
   const intentPath = intentPathFor(manifestPath);
   // A manifest that is not used for this run must not survive it: it would describe the old target.
-  if (touch && !trust.trusted) await rm(manifestPath, { force: true });
+  if (touch && !trust.trusted) await removeStatePath(manifestPath);
   const intent = touch && trust.trusted ? await IntentWriter.create(intentPath, manifest!.checksum, oldSize, size) : undefined;
   const writer = touch ? await ManifestWriter.create(manifestPath, blockSize, size, trust.trusted ? manifest : undefined) : undefined;
   const resultFp = writer ? undefined : new Fingerprinter(blockSize, size);

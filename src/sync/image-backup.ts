@@ -12,7 +12,7 @@
  * into the new one, so no change is ever forgotten.
  */
 import { createHash, randomInt } from 'node:crypto';
-import { stat, rm } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import os from 'node:os';
 import { join, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -35,6 +35,7 @@ import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, STATE_
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest, type Trust } from './trust.js';
+import { removeStatePath } from './state-dir.js';
 
 
 export interface ImageBackupOptions {
@@ -345,7 +346,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     hooks.fileStart?.(rel, size, method);
 
     // A manifest not used for this run must not outlive it: it would describe the old target.
-    if (!manifest) await rm(c.manifestPath, { force: true });
+    if (!manifest) await removeStatePath(c.manifestPath);
     const file = await LocalFileSink.open(c.target, !c.tStat);
     const intentPath = intentPathFor(c.manifestPath);
     const intent = manifest ? await IntentWriter.create(intentPath, manifest.checksum, manifest.header.targetSize, size) : undefined;

@@ -4,12 +4,11 @@
  * manifest it is relative to. A bitmap is only trusted together with that
  * manifest (Proxmox Backup Server ties its bitmap to its index the same way).
  */
-import { open, readFile, rename, rm } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
-import { mkdir } from 'node:fs/promises';
-import { errnoOf } from '../core/errors.js';
-import { fsyncDir } from '../io/fsync-dir.js';
-import { STATE_DIR } from './manifest-store.js';
+import { join } from 'node:path';
+import { readStateFile, removeStatePath, removeStaleTemps, STATE_DIR, withStateParent, writeStateFile } from './state-dir.js';
+
+/** A state record is a few hundred bytes; a longer file is not one (and is not read). */
+const IMAGE_STATE_MAX = 64 * 1024;
 
 export interface ImageState {
   node: string;
@@ -23,15 +22,10 @@ export const imageStatePath = (dest: string, name: string): string => join(dest,
 
 /** Undefined when there is none or it cannot be read (the run then goes full). */
 export async function readImageState(path: string): Promise<ImageState | undefined> {
-  let text: string;
+  const r = await withStateParent(path, false, (sp) => readStateFile(sp.dir, sp.name, IMAGE_STATE_MAX));
+  if (!r || r.size > IMAGE_STATE_MAX) return undefined;
   try {
-    text = await readFile(path, 'utf8');
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
-  }
-  try {
-    const s = JSON.parse(text) as Partial<ImageState> & { version?: number };
+    const s = JSON.parse(r.data.toString('utf8')) as Partial<ImageState> & { version?: number };
     if (s.version !== 1 || typeof s.bitmap !== 'string' || typeof s.baseChecksum !== 'string' || typeof s.node !== 'string' || typeof s.size !== 'number') {
       return undefined;
     }
@@ -41,19 +35,12 @@ export async function readImageState(path: string): Promise<ImageState | undefin
   }
 }
 
-/** Replace atomically (temp file, fsync, rename, fsync dir). */
+/** Replace atomically (a fresh 0600 temp file, fsync, rename, fsync dir) in the state folder. */
 export async function writeImageState(path: string, s: ImageState): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w');
-  try {
-    await fh.write(JSON.stringify({ version: 1, ...s }) + '\n');
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, path);
-  await fsyncDir(dirname(path));
+  await withStateParent(path, true, async (sp) => {
+    await writeStateFile(sp.dir, sp.name, Buffer.from(JSON.stringify({ version: 1, ...s }) + '\n'));
+    await removeStaleTemps(sp.dir);
+  });
 }
 
-export const removeImageState = (path: string): Promise<void> => rm(path, { force: true });
+export const removeImageState = (path: string): Promise<void> => removeStatePath(path);

@@ -8,8 +8,8 @@
  * out of order, so an intent from another boot means "trust nothing".
  */
 import { readFileSync } from 'node:fs';
-import { open, rm, type FileHandle } from 'node:fs/promises';
-import { errnoOf } from '../core/errors.js';
+import type { FileHandle } from 'node:fs/promises';
+import { readStateFile, removeStatePath, withStateParent, writeStateFile } from './state-dir.js';
 
 const MAGIC = 'QSYNCINT';
 const HEADER_LEN = 8 + 4 + 36 + 32 + 16; // magic, version, boot id, base checksum, sizes
@@ -41,26 +41,17 @@ export interface Intent {
   blocks?: Set<number>;
 }
 
+/** Read the intent beside a manifest; undefined when there is none. A FIFO, symlink or foreign file there is refused (QsyncError). */
 export async function readIntent(path: string): Promise<Intent | undefined> {
-  let b: Buffer;
-  try {
-    // Read no more than a listable intent can hold: the header says enough about a longer one.
-    const fh = await open(path, 'r');
-    try {
-      const size = (await fh.stat()).size;
-      b = Buffer.alloc(Math.min(size, HEADER_LEN + (MAX_INTENT_BLOCKS + 1) * 8));
-      await fh.read(b, 0, b.length, 0);
-    } finally {
-      await fh.close();
-    }
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
-  }
+  // Read no more than a listable intent can hold: the header says enough about a longer one.
+  const max = HEADER_LEN + (MAX_INTENT_BLOCKS + 1) * 8;
+  const r = await withStateParent(path, false, (sp) => readStateFile(sp.dir, sp.name, max));
+  if (!r) return undefined;
+  const b = r.data;
   if (b.length < HEADER_LEN || b.toString('latin1', 0, 8) !== MAGIC || b.readUInt32LE(8) !== 1) {
     return { baseChecksum: Buffer.alloc(32), oldSize: 0, newSize: 0, sameBoot: false };
   }
-  const count = Math.floor((b.length - HEADER_LEN) / 8);
+  const count = Math.floor((r.size - HEADER_LEN) / 8);
   let blocks: Set<number> | undefined;
   if (count <= MAX_INTENT_BLOCKS) {
     blocks = new Set();
@@ -81,8 +72,8 @@ export class IntentWriter {
   private at = HEADER_LEN;
   private constructor(private readonly fh: FileHandle, readonly path: string) {}
 
+  /** A fresh 0600 file renamed over any old intent (never through a symlink), its header durable. */
   static async create(path: string, baseChecksum: Buffer | undefined, oldSize: number, newSize: number): Promise<IntentWriter> {
-    const fh = await open(path, 'w');
     const h = Buffer.alloc(HEADER_LEN);
     h.write(MAGIC, 0, 'latin1');
     h.writeUInt32LE(1, 8);
@@ -90,8 +81,7 @@ export class IntentWriter {
     baseChecksum?.copy(h, 48);
     h.writeBigUInt64LE(BigInt(oldSize), 80);
     h.writeBigUInt64LE(BigInt(newSize), 88);
-    await fh.write(h, 0, h.length, 0);
-    await fh.sync();
+    const fh = (await withStateParent(path, true, (sp) => writeStateFile(sp.dir, sp.name, h, true)))!;
     return new IntentWriter(fh, path);
   }
 
@@ -110,4 +100,4 @@ export class IntentWriter {
   }
 }
 
-export const removeIntent = (path: string) => rm(path, { force: true });
+export const removeIntent = (path: string): Promise<void> => removeStatePath(path);

@@ -3,10 +3,10 @@
  * (streamed, flat memory), and writing a new one atomically (temp file,
  * fsync, rename, fsync dir) once the target's data is durable.
  */
-import { mkdir, open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
-import { errnoOf, QsyncError } from '../core/errors.js';
-import { fsyncDir } from '../io/fsync-dir.js';
+import { constants } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { isQsyncError, QsyncError } from '../core/errors.js';
 import { readUpTo } from '../io/local-file.js';
 import { digestOf, newHasher } from '../hash/blake3.js';
 import {
@@ -19,12 +19,39 @@ import {
   MANIFEST_TRAILER_LEN,
   type ManifestHeader,
 } from '../core/manifest.js';
+import { removeTreeAt } from '../io/safe-fs.js';
+import {
+  createStateTemp,
+  doneWithTemp,
+  openStateFile,
+  openStateParent,
+  readStateFile,
+  removeStaleTemps,
+  renameState,
+  STATE_DIR,
+  unlinkState,
+  withStateParent,
+  writeStateFile,
+  type StateParent,
+} from './state-dir.js';
 
-/** The folder at the destination root that holds qsync's state; never user data. */
-export const STATE_DIR = '.qsync';
+export { STATE_DIR };
 
 export function manifestPathFor(destRoot: string, relPath: string): string {
   return join(destRoot, STATE_DIR, 'manifests', `${relPath}.qsm`);
+}
+
+/**
+ * Forget the state of a target that was deleted: its manifest, intent and
+ * journal (`folder` false), or the whole manifest folder of a deleted folder.
+ * Reached through the state folder by descriptor; nothing is followed.
+ */
+export async function forgetManifests(destRoot: string, relPath: string, folder: boolean): Promise<void> {
+  const path = folder ? join(destRoot, STATE_DIR, 'manifests', relPath) : manifestPathFor(destRoot, relPath);
+  await withStateParent(path, false, async ({ dir, name }) => {
+    if (folder) await removeTreeAt(dir, name);
+    else for (const n of [name, `${name}.intent`, journalName(name)]) await unlinkState(dir, n);
+  });
 }
 
 export interface Manifest {
@@ -52,69 +79,85 @@ const checksumOf = (header: Buffer, fingerprint: Buffer): Buffer => digestOf(Buf
 
 /**
  * Open and fully verify a manifest. Returns undefined when there is none;
- * throws QsyncError('FORMAT') when it exists but cannot be trusted.
+ * throws QsyncError('FORMAT') when it exists but cannot be trusted, and a
+ * QsyncError('IO') when its path is not a regular file of ours (docs/FORMATS.md
+ * "State folder"). A pending patch journal is finished first; `readOnly`
+ * (qsync verify) applies it in memory only and writes nothing.
  */
-export async function openManifest(path: string): Promise<Manifest | undefined> {
-  await replayJournal(path);
-  let fh: FileHandle;
+export async function openManifest(path: string, opts: { readOnly?: boolean } = {}): Promise<Manifest | undefined> {
+  const ioError = (e: unknown): unknown =>
+    isQsyncError(e) ? e : new QsyncError('IO', `cannot open manifest ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+  const sp = await openStateParent(path, false).catch((e) => {
+    throw ioError(e);
+  });
+  if (!sp) return undefined;
+  let fh: FileHandle | undefined;
   try {
-    fh = await open(path, 'r');
+    fh = await openStateFile(sp.dir, sp.name, constants.O_RDONLY);
+    const overlay = await finishJournal(sp, fh, opts.readOnly === true);
+    if (!fh) return undefined;
+    return await verifyManifest(fh, path, overlay);
   } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw new QsyncError('IO', `cannot open manifest ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+    await fh?.close();
+    throw ioError(e);
+  } finally {
+    await sp.release();
   }
-  try {
-    const { size } = await fh.stat();
-    const head = Buffer.alloc(MANIFEST_HEADER_LEN);
-    await readExactly(fh, head, 0, path);
-    const header = decodeManifestHeader(head, size, path);
-    const count = manifestBlockCount(header);
-    const fp = new Fingerprinter(header.blockSize, header.targetSize);
-    const buf = Buffer.alloc(READ_CHUNK);
-    for (let off = 0; off < count * MANIFEST_DIGEST_LEN; off += READ_CHUNK) {
-      const part = buf.subarray(0, Math.min(READ_CHUNK, count * MANIFEST_DIGEST_LEN - off));
-      await readExactly(fh, part, MANIFEST_HEADER_LEN + off, path);
-      fp.append(part);
-    }
-    const trailer = Buffer.alloc(MANIFEST_TRAILER_LEN);
-    await readExactly(fh, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN, path);
-    const fingerprint = fp.digest();
-    const checksum = checksumOf(head, fingerprint);
-    const win = { first: 0, count: 0, buf: Buffer.alloc(0) };
-    let queue: Promise<unknown> = Promise.resolve();
-    // Scans read in order: fetch a window of digests ahead, one read per WINDOW_BLOCKS blocks.
-    const readWindowed = async (first: number, n: number, out: Uint8Array): Promise<void> => {
-      const avail = Math.max(0, Math.min(n, count - first));
-      if (avail <= 0) return;
-      if (first < win.first || first + avail > win.first + win.count) {
-        win.first = first;
-        win.count = Math.min(Math.max(avail, WINDOW_BLOCKS), count - first);
-        if (win.buf.length < win.count * MANIFEST_DIGEST_LEN) win.buf = Buffer.alloc(win.count * MANIFEST_DIGEST_LEN);
-        await readExactly(fh, win.buf.subarray(0, win.count * MANIFEST_DIGEST_LEN), MANIFEST_HEADER_LEN + first * MANIFEST_DIGEST_LEN, path);
-      }
-      const at = (first - win.first) * MANIFEST_DIGEST_LEN;
-      out.set(win.buf.subarray(at, at + avail * MANIFEST_DIGEST_LEN));
-    };
-    if (!fingerprint.equals(trailer.subarray(0, 32)) || !checksum.equals(trailer.subarray(32, 64))) {
-      throw new QsyncError('FORMAT', `manifest ${path} failed its checksum (corrupted)`, { file: path });
-    }
-    return {
-      path,
-      header,
-      fingerprint,
-      checksum,
-      readDigests(first, n, out) {
-        // Calls run one after another: they share the read-ahead window.
-        const next = queue.then(() => readWindowed(first, n, out));
-        queue = next.catch(() => undefined);
-        return next;
-      },
-      close: () => fh.close(),
-    };
-  } catch (e) {
-    await fh.close();
-    throw e;
+}
+
+async function verifyManifest(fh: FileHandle, path: string, overlay: JournalPatch | undefined): Promise<Manifest> {
+  const { size } = await fh.stat();
+  const head = Buffer.alloc(MANIFEST_HEADER_LEN);
+  await readExactly(fh, head, 0, path);
+  overlay?.header.copy(head);
+  const header = decodeManifestHeader(head, size, path);
+  const count = manifestBlockCount(header);
+  const fp = new Fingerprinter(header.blockSize, header.targetSize);
+  const buf = Buffer.alloc(READ_CHUNK);
+  for (let off = 0; off < count * MANIFEST_DIGEST_LEN; off += READ_CHUNK) {
+    const part = buf.subarray(0, Math.min(READ_CHUNK, count * MANIFEST_DIGEST_LEN - off));
+    await readExactly(fh, part, MANIFEST_HEADER_LEN + off, path);
+    overlay?.patch(off / MANIFEST_DIGEST_LEN, part);
+    fp.append(part);
   }
+  const trailer = Buffer.alloc(MANIFEST_TRAILER_LEN);
+  await readExactly(fh, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN, path);
+  overlay?.trailer.copy(trailer);
+  const fingerprint = fp.digest();
+  const checksum = checksumOf(head, fingerprint);
+  const win = { first: 0, count: 0, buf: Buffer.alloc(0) };
+  let queue: Promise<unknown> = Promise.resolve();
+  // Scans read in order: fetch a window of digests ahead, one read per WINDOW_BLOCKS blocks.
+  const readWindowed = async (first: number, n: number, out: Uint8Array): Promise<void> => {
+    const avail = Math.max(0, Math.min(n, count - first));
+    if (avail <= 0) return;
+    if (first < win.first || first + avail > win.first + win.count) {
+      win.first = first;
+      win.count = Math.min(Math.max(avail, WINDOW_BLOCKS), count - first);
+      if (win.buf.length < win.count * MANIFEST_DIGEST_LEN) win.buf = Buffer.alloc(win.count * MANIFEST_DIGEST_LEN);
+      const part = win.buf.subarray(0, win.count * MANIFEST_DIGEST_LEN);
+      await readExactly(fh, part, MANIFEST_HEADER_LEN + first * MANIFEST_DIGEST_LEN, path);
+      overlay?.patch(first, part);
+    }
+    const at = (first - win.first) * MANIFEST_DIGEST_LEN;
+    out.set(win.buf.subarray(at, at + avail * MANIFEST_DIGEST_LEN));
+  };
+  if (!fingerprint.equals(trailer.subarray(0, 32)) || !checksum.equals(trailer.subarray(32, 64))) {
+    throw new QsyncError('FORMAT', `manifest ${path} failed its checksum (corrupted)`, { file: path });
+  }
+  return {
+    path,
+    header,
+    fingerprint,
+    checksum,
+    readDigests(first, n, out) {
+      // Calls run one after another: they share the read-ahead window.
+      const next = queue.then(() => readWindowed(first, n, out));
+      queue = next.catch(() => undefined);
+      return next;
+    },
+    close: () => fh.close(),
+  };
 }
 
 /** The fingerprint of a target's digests, fed block by block (docs/FORMATS.md). */
@@ -154,12 +197,15 @@ export class ManifestWriter {
   private fill = 0;
   private written = 0;
   private fh?: FileHandle;
+  /** The temp file's name in `sp.dir`, once there is one. */
+  private tmp?: string;
   /** Blocks appended so far. */
   private blocks = 0;
   private patches?: { index: number[]; digests: Buffer };
   private constructor(
     readonly path: string,
-    private readonly tmp: string,
+    /** The manifest's folder, held by descriptor from creation to commit. */
+    private readonly sp: StateParent,
     private readonly blockSize: number,
     private readonly targetSize: number,
     private readonly base?: Manifest,
@@ -169,12 +215,22 @@ export class ManifestWriter {
   }
 
   static async create(path: string, blockSize: number, targetSize: number, base?: Manifest): Promise<ManifestWriter> {
-    await mkdir(dirname(path), { recursive: true });
-    const tmp = join(dirname(path), `.${basename(path)}.tmp-${process.pid}`);
+    const sp = await openStateParent(path, true);
     const patchable = base && base.path === path && base.header.blockSize === blockSize && base.header.targetSize === targetSize;
-    const w = new ManifestWriter(path, tmp, blockSize, targetSize, patchable ? base : undefined);
-    if (!patchable) w.fh = await open(tmp, 'w');
+    const w = new ManifestWriter(path, sp, blockSize, targetSize, patchable ? base : undefined);
+    try {
+      if (!patchable) await w.openTemp();
+    } catch (e) {
+      await sp.release();
+      throw e;
+    }
     return w;
+  }
+
+  private async openTemp(): Promise<void> {
+    const t = await createStateTemp(this.sp.dir, this.sp.name);
+    this.fh = t.fh;
+    this.tmp = t.name;
   }
 
   /**
@@ -201,7 +257,7 @@ export class ManifestWriter {
   private async spill(upTo: number): Promise<void> {
     const p = this.patches!;
     this.patches = undefined;
-    this.fh = await open(this.tmp, 'w');
+    await this.openTemp();
     const step = READ_CHUNK / MANIFEST_DIGEST_LEN;
     const part = Buffer.alloc(READ_CHUNK);
     let k = 0;
@@ -233,7 +289,10 @@ export class ManifestWriter {
     this.fill = 0;
   }
 
-  /** Make the new manifest durable: patched in place, or renamed over the old one. Returns its checksum. */
+  /**
+   * Make the new manifest durable: patched in place, or renamed over the old
+   * one; then drop temp files that killed runs left in its folder. Returns its checksum.
+   */
   async commit(h: Omit<ManifestHeader, 'blockSize' | 'targetSize'>): Promise<Buffer> {
     const header = encodeManifestHeader({ ...h, blockSize: this.blockSize, targetSize: this.targetSize });
     const count = manifestBlockCount({ blockSize: this.blockSize, targetSize: this.targetSize });
@@ -241,40 +300,42 @@ export class ManifestWriter {
     const fingerprint = this.fp.digest();
     const checksum = checksumOf(header, fingerprint);
     const trailer = Buffer.concat([fingerprint, checksum]);
-    if (this.patches) {
-      await this.patchInPlace(header, trailer, count);
-      return checksum;
+    const { dir, name } = this.sp;
+    try {
+      if (this.patches) {
+        await this.patchInPlace(header, trailer, count);
+      } else {
+        await this.flush();
+        await this.fh!.write(header, 0, header.length, 0);
+        await this.fh!.write(trailer, 0, trailer.length, MANIFEST_HEADER_LEN + this.written);
+        await this.fh!.sync();
+        await this.fh!.close();
+        this.fh = undefined;
+        await unlinkState(dir, journalName(name));
+        await renameState(dir, this.tmp!, name);
+        doneWithTemp(this.tmp!);
+        this.tmp = undefined;
+        await dir.sync();
+      }
+      await removeStaleTemps(dir);
+    } finally {
+      await this.abort();
     }
-    await this.flush();
-    await this.fh!.write(header, 0, header.length, 0);
-    await this.fh!.write(trailer, 0, trailer.length, MANIFEST_HEADER_LEN + this.written);
-    await this.fh!.sync();
-    await this.fh!.close();
-    await rm(journalPathFor(this.path), { force: true });
-    await rename(this.tmp, this.path);
-    await fsyncDir(dirname(this.path));
     return checksum;
   }
 
   /**
    * Patch through a journal: the patch (new digests, header, trailer) is
    * made durable beside the manifest first, then applied, then dropped. A
-   * crash mid-apply is finished by the next openManifest (replayJournal).
+   * crash mid-apply is finished by the next openManifest (finishJournal).
    */
   private async patchInPlace(header: Buffer, trailer: Buffer, count: number): Promise<void> {
     const { index, digests } = this.patches!;
+    const { dir, name } = this.sp;
     const journal = encodeJournal(index, digests, header, trailer, MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN);
-    const jpath = journalPathFor(this.path);
-    const jfh = await open(jpath, 'w');
-    try {
-      await jfh.write(journal, 0, journal.length, 0);
-      await jfh.sync();
-    } finally {
-      await jfh.close();
-    }
-    await fsyncDir(dirname(this.path));
-    await applyJournal(this.path, journal);
-    await rm(jpath, { force: true });
+    await writeStateFile(dir, journalName(name), journal);
+    await applyJournal(this.sp, journal);
+    await unlinkState(dir, journalName(name));
   }
 
   /** The fingerprint of the digests appended so far: the new manifest's, once all are in. */
@@ -282,9 +343,16 @@ export class ManifestWriter {
     return this.fp.digest();
   }
 
+  /** Drop the temp file (if any) and let go of the folder; idempotent. */
   async abort(): Promise<void> {
     await this.fh?.close().catch(() => {});
-    if (this.fh) await rm(this.tmp, { force: true });
+    this.fh = undefined;
+    if (this.tmp) {
+      await this.sp.dir.unlink(this.tmp).catch(() => {});
+      doneWithTemp(this.tmp);
+      this.tmp = undefined;
+    }
+    await this.sp.release();
   }
 }
 
@@ -296,6 +364,9 @@ export class ManifestWriter {
 const JOURNAL_MAGIC = 'QSYNCJNL';
 const JOURNAL_HEAD = 8 + 4 + 4 + 8 + MANIFEST_HEADER_LEN + 64;
 const JOURNAL_ENTRY = 8 + MANIFEST_DIGEST_LEN;
+/** The longest journal the format allows: no longer file is read. */
+const JOURNAL_MAX = JOURNAL_HEAD + MAX_PATCHES * JOURNAL_ENTRY + 32;
+const journalName = (manifestName: string): string => `${manifestName}.journal`;
 export const journalPathFor = (manifestPath: string): string => `${manifestPath}.journal`;
 
 export function encodeJournal(index: readonly number[], digests: Buffer, header: Buffer, trailer: Buffer, trailerAt: number): Buffer {
@@ -315,11 +386,79 @@ export function encodeJournal(index: readonly number[], digests: Buffer, header:
   return b;
 }
 
-/** Write a journal's patch into the manifest and fsync it; idempotent. */
-async function applyJournal(path: string, j: Buffer): Promise<void> {
-  const count = j.readUInt32LE(12);
-  const fh = await open(path, 'r+');
+/** Whether a journal is whole (written completely: its BLAKE3 checks); a torn one was never applied. */
+function journalWhole(j: Buffer): boolean {
+  return (
+    j.length >= JOURNAL_HEAD + 32 &&
+    j.toString('latin1', 0, 8) === JOURNAL_MAGIC &&
+    j.readUInt32LE(8) === 1 &&
+    j.readUInt32LE(12) <= MAX_PATCHES &&
+    j.length === JOURNAL_HEAD + j.readUInt32LE(12) * JOURNAL_ENTRY + 32 &&
+    digestOf(j.subarray(0, j.length - 32)).equals(j.subarray(j.length - 32))
+  );
+}
+
+/**
+ * Why a whole journal cannot be a patch of a manifest of `manifestSize`
+ * bytes (undefined: it fits). Every offset it would write is checked here,
+ * before anything is written: a patch never changes the manifest's length.
+ */
+export function journalMisfit(j: Buffer, manifestSize: number): string | undefined {
+  let header: ManifestHeader;
   try {
+    header = decodeManifestHeader(j.subarray(24, 24 + MANIFEST_HEADER_LEN), manifestSize);
+  } catch (e) {
+    return `its new header: ${(e as Error).message}`;
+  }
+  const count = manifestBlockCount(header);
+  const trailerAt = j.readBigUInt64LE(16);
+  if (trailerAt !== BigInt(MANIFEST_HEADER_LEN + count * MANIFEST_DIGEST_LEN)) return `trailer offset ${trailerAt} is not the manifest's`;
+  for (let i = 0; i < j.readUInt32LE(12); i++) {
+    const block = j.readBigUInt64LE(JOURNAL_HEAD + i * JOURNAL_ENTRY);
+    if (block >= BigInt(count)) return `block ${block} is past the manifest's ${count} blocks`;
+  }
+  return undefined;
+}
+
+/** A validated journal's patch, to apply in memory (qsync verify writes nothing). */
+interface JournalPatch {
+  header: Buffer;
+  trailer: Buffer;
+  /** Overwrite the digests of blocks [first, first + part.length/32) in `part` with the journal's. */
+  patch(first: number, part: Buffer): void;
+}
+
+function journalPatch(j: Buffer): JournalPatch {
+  const entries: [number, Buffer][] = [];
+  for (let i = 0; i < j.readUInt32LE(12); i++) {
+    const at = JOURNAL_HEAD + i * JOURNAL_ENTRY;
+    entries.push([Number(j.readBigUInt64LE(at)), j.subarray(at + 8, at + JOURNAL_ENTRY)]);
+  }
+  // Sorted, stable: a block listed twice takes its later digest, as applyJournal's writes do.
+  entries.sort((a, b) => a[0] - b[0]);
+  return {
+    header: j.subarray(24, 24 + MANIFEST_HEADER_LEN),
+    trailer: j.subarray(24 + MANIFEST_HEADER_LEN, JOURNAL_HEAD),
+    patch(first, part) {
+      const end = first + part.length / MANIFEST_DIGEST_LEN;
+      let lo = 0;
+      let hi = entries.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (entries[mid][0] < first) lo = mid + 1;
+        else hi = mid;
+      }
+      for (let k = lo; k < entries.length && entries[k][0] < end; k++) entries[k][1].copy(part, (entries[k][0] - first) * MANIFEST_DIGEST_LEN);
+    },
+  };
+}
+
+/** Write a journal's patch into the manifest `sp` names and fsync it; idempotent. Offsets were checked by journalMisfit. */
+async function applyJournal(sp: StateParent, j: Buffer): Promise<void> {
+  const fh = await openStateFile(sp.dir, sp.name, constants.O_RDWR);
+  if (!fh) throw new QsyncError('IO', `manifest ${sp.path} vanished while qsync patched it`, { file: sp.path });
+  try {
+    const count = j.readUInt32LE(12);
     for (let i = 0; i < count; i++) {
       const at = JOURNAL_HEAD + i * JOURNAL_ENTRY;
       await fh.write(j, at + 8, MANIFEST_DIGEST_LEN, MANIFEST_HEADER_LEN + Number(j.readBigUInt64LE(at)) * MANIFEST_DIGEST_LEN);
@@ -335,26 +474,28 @@ async function applyJournal(path: string, j: Buffer): Promise<void> {
 /**
  * Finish a patch a crash interrupted. A journal that is not whole was never
  * applied (it is made durable first): it is dropped and the manifest is as
- * it was. One that is whole is applied again, then dropped.
+ * it was. One that is whole and fits the manifest is applied again, then
+ * dropped (`readOnly`: returned, to apply in memory, and kept). One that is
+ * whole but does not fit was not written by qsync for this manifest: it is
+ * dropped and the manifest is not trusted (FORMAT).
  */
-async function replayJournal(path: string): Promise<void> {
-  const jpath = journalPathFor(path);
-  let j: Buffer;
-  try {
-    j = await readFile(jpath);
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return;
-    throw e;
+async function finishJournal(sp: StateParent, manifest: FileHandle | undefined, readOnly: boolean): Promise<JournalPatch | undefined> {
+  const jname = journalName(sp.name);
+  const drop = () => (readOnly ? Promise.resolve() : unlinkState(sp.dir, jname));
+  const r = await readStateFile(sp.dir, jname, JOURNAL_MAX);
+  if (r === undefined) return undefined;
+  const j = r.data;
+  if (!manifest || r.size > JOURNAL_MAX || !journalWhole(j)) {
+    await drop(); // no manifest to finish, or a torn journal: never applied
+    return undefined;
   }
-  const whole =
-    j.length >= JOURNAL_HEAD + 32 &&
-    j.toString('latin1', 0, 8) === JOURNAL_MAGIC &&
-    j.readUInt32LE(8) === 1 &&
-    j.readUInt32LE(12) <= MAX_PATCHES &&
-    j.length === JOURNAL_HEAD + j.readUInt32LE(12) * JOURNAL_ENTRY + 32 &&
-    digestOf(j.subarray(0, j.length - 32)).equals(j.subarray(j.length - 32));
-  if (whole) await applyJournal(path, j).catch((e) => {
-    if (errnoOf(e) !== 'ENOENT') throw e; // the manifest itself is gone: nothing to finish
-  });
-  await rm(jpath, { force: true });
+  const misfit = journalMisfit(j, (await manifest.stat()).size);
+  if (misfit) {
+    await drop();
+    throw new QsyncError('FORMAT', `manifest ${sp.path} has a patch journal that does not fit it (${misfit}); the journal was dropped`, { file: sp.path });
+  }
+  if (readOnly) return journalPatch(j);
+  await applyJournal(sp, j);
+  await drop();
+  return undefined;
 }

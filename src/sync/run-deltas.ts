@@ -7,7 +7,9 @@
 import { QsyncError } from '../core/errors.js';
 import type { DeltaFileWriter } from '../io/delta-file.js';
 import type { BlockSink } from '../io/types.js';
+import { ensureHistoryDir, lockHistory } from './delta-history.js';
 import { forwardDeltaSink, openBatch, openHistory, reverseDeltaSink, teeDeltaSink } from './delta-sinks.js';
+import type { DestLock } from './lock.js';
 import type { FileSyncContext } from './file-sync.js';
 
 export interface DeltaOptions {
@@ -30,16 +32,31 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
   if (o.writeBatch && o.onlyWriteBatch) throw new QsyncError('USAGE', '--write-batch and --only-write-batch cannot be used together');
   if (o.onlyWriteBatch && o.backupDir) throw new QsyncError('USAGE', '--backup-dir keeps the old blocks of a target that --only-write-batch leaves alone: use one or the other');
   const compression = o.compress ? 'brotli' : 'none';
+  let historyLock: DestLock | undefined;
+  let history: DeltaFileWriter | undefined;
+  if (o.backupDir) {
+    await ensureHistoryDir(o.backupDir);
+    historyLock = await lockHistory(o.backupDir);
+    history = await openHistory(o.backupDir, startedMs, compression).catch(async (e) => {
+      await historyLock!.release();
+      throw e;
+    });
+  }
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
-  const batch = batchPath ? await openBatch(batchPath, compression, startedMs) : undefined;
-  const history = o.backupDir ? await openHistory(o.backupDir, startedMs, compression) : undefined;
+  const batch = batchPath
+    ? await openBatch(batchPath, compression, startedMs).catch(async (e) => {
+        await history?.abort();
+        await historyLock?.release();
+        throw e;
+      })
+    : undefined;
   let historyMembers = 0;
   const recordOnly = Boolean(o.onlyWriteBatch);
 
-  const wrapSink: FileSyncContext['wrapSink'] = (target, info) => {
+  const wrapSink: FileSyncContext['wrapSink'] = async (target, info) => {
     let sink: BlockSink | undefined = target;
     if (history && target) {
-      sink = reverseDeltaSink(target, history, info);
+      sink = await reverseDeltaSink(target, history, info);
       historyMembers++;
     }
     if (batch) sink = recordOnly ? forwardDeltaSink(batch, info) : teeDeltaSink(sink!, batch, info);
@@ -55,8 +72,12 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
     recordOnly,
     wrapSink: batch || history ? wrapSink : undefined,
     async finish(ok) {
-      await close(batch, ok);
-      await close(history, ok && historyMembers > 0);
+      try {
+        await close(batch, ok);
+        await close(history, ok && historyMembers > 0);
+      } finally {
+        await historyLock?.release();
+      }
     },
   };
 }

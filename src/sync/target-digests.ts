@@ -6,10 +6,11 @@
  * into a ManifestWriter whose fingerprint must equal the delta's result.
  */
 import { constants } from 'node:fs';
-import { open, rm, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { blockCount, blockLength } from '../core/geometry.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { Fingerprinter, type Manifest, type ManifestWriter } from './manifest-store.js';
+import { openStateFile, openStateParent, unlinkState, type StateParent } from './state-dir.js';
 
 const BATCH_BLOCKS = 4096;
 
@@ -17,11 +18,19 @@ export class DigestScratch {
   private constructor(
     private readonly fh: FileHandle,
     readonly path: string,
+    private readonly sp: StateParent,
   ) {}
 
-  /** Open (or create) the scratch file; existing content is kept (resume). */
+  /** Open (or create, 0600) the scratch file in the state folder, never through a symlink; existing content is kept (resume). */
   static async open(path: string): Promise<DigestScratch> {
-    return new DigestScratch(await open(path, constants.O_RDWR | constants.O_CREAT), path);
+    const sp = await openStateParent(path, true);
+    try {
+      const fh = (await openStateFile(sp.dir, sp.name, constants.O_RDWR | constants.O_CREAT))!;
+      return new DigestScratch(fh, path, sp);
+    } catch (e) {
+      await sp.release();
+      throw e;
+    }
   }
 
   /** Digests of blocks first, first+1, ... */
@@ -40,20 +49,38 @@ export class DigestScratch {
     }
   }
 
-  /** Set blocks [from, blockCount(size)) to the digest of zeros (the area a resize adds). */
+  /** Set blocks [from, blockCount(size)) to the digest of zeros (the area a resize adds), a batch per write. */
   async fillZeros(from: number, size: number, blockSize: number): Promise<void> {
-    for (let i = from; i < blockCount(size, blockSize); i++) await this.set(i, zeroDigest(blockLength(i, size, blockSize)));
+    const n = blockCount(size, blockSize);
+    const full = zeroDigest(blockSize);
+    const buf = Buffer.alloc(BATCH_BLOCKS * DIGEST_LEN);
+    for (let first = from; first < n; first += BATCH_BLOCKS) {
+      const k = Math.min(BATCH_BLOCKS, n - first);
+      for (let j = 0; j < k; j++) (blockLength(first + j, size, blockSize) === blockSize ? full : zeroDigest(blockLength(first + j, size, blockSize))).copy(buf, j * DIGEST_LEN);
+      await this.set(first, buf.subarray(0, k * DIGEST_LEN));
+    }
   }
 
   /** Stream the digests of blocks [0, blockCount(size)) into a new manifest writer (its fingerprint is checked by the caller). */
   async writeTo(w: ManifestWriter, blockSize: number, size: number): Promise<void> {
+    await this.each(blockSize, size, (d) => w.append(d));
+  }
+
+  /** The manifest fingerprint of blocks [0, blockCount(size)) as the scratch file holds them. */
+  async fingerprint(blockSize: number, size: number): Promise<Buffer> {
+    const fp = new Fingerprinter(blockSize, size);
+    await this.each(blockSize, size, async (d) => fp.append(d));
+    return fp.digest();
+  }
+
+  private async each(blockSize: number, size: number, fn: (digests: Buffer) => Promise<void>): Promise<void> {
     const n = blockCount(size, blockSize);
     const buf = Buffer.alloc(BATCH_BLOCKS * DIGEST_LEN);
     for (let first = 0; first < n; first += BATCH_BLOCKS) {
       const len = Math.min(BATCH_BLOCKS, n - first) * DIGEST_LEN;
       const { bytesRead } = await this.fh.read(buf, 0, len, first * DIGEST_LEN);
       if (bytesRead !== len) throw new Error(`digest scratch ${this.path} is short at block ${first}`);
-      await w.append(buf.subarray(0, len));
+      await fn(buf.subarray(0, len));
     }
   }
 
@@ -62,8 +89,12 @@ export class DigestScratch {
   }
 
   async close(remove = false): Promise<void> {
-    await this.fh.close();
-    if (remove) await rm(this.path, { force: true });
+    try {
+      await this.fh.close();
+      if (remove) await unlinkState(this.sp.dir, this.sp.name);
+    } finally {
+      await this.sp.release();
+    }
   }
 }
 

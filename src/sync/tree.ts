@@ -13,7 +13,6 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
-import { rm } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
@@ -22,9 +21,10 @@ import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
 import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
-import { intentPathFor } from './intent.js';
-import { journalPathFor, manifestPathFor, STATE_DIR } from './manifest-store.js';
+import { forgetManifests, manifestPathFor, STATE_DIR } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
+import { HardLinks, type HardLinkHost } from './hard-links.js';
+import { ExtAttrs } from './ext-attrs.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
@@ -36,6 +36,10 @@ export interface TreeOptions extends FileSyncOptions {
   specials: boolean;
   delete: boolean;
   oneFileSystem: boolean;
+  /** -H, -A, -X (src/sync/hard-links.ts, src/sync/ext-attrs.ts). */
+  hardLinks?: boolean;
+  acls?: boolean;
+  xattrs?: boolean;
   /** --manifest PATH: only for a single-file transfer. */
   manifest?: string;
 }
@@ -70,32 +74,6 @@ const TYPE_CHAR: Record<Kind, string> = { file: 'f', dir: 'd', symlink: 'L', dev
 const MAKE_WAY_WORD: Record<Kind, string> = { file: 'regular file', dir: 'directory', symlink: 'symlink', device: 'device file', special: 'special file' };
 
 /**
- * Check the state folder at the destination root once, before anything is
- * written to it: it must be a real folder owned by the user running qsync,
- * writable by no one else (a symlink or another user's folder would let
- * that user steer root's writes); a missing one is created 0700 (unless
- * `create` is false: -n).
- */
-export async function checkStateDir(dest: Dir, create: boolean): Promise<void> {
-  const shown = `${dest.path.replace(/\/+$/, '')}/${STATE_DIR}`;
-  const st = await dest.lstatOrUndefined(STATE_DIR);
-  const me = BigInt(process.getuid?.() ?? 0);
-  if (!st) {
-    if (create) await dest.mkdir(STATE_DIR, 0o700);
-    return;
-  }
-  const refuse = (what: string) =>
-    new QsyncError('TARGET', `${shown} ${what}: qsync keeps its state there and refuses to use it`, {
-      file: shown,
-      hint: `remove it (qsync makes a new one, 0700); it must be a folder owned by uid ${me}`,
-    });
-  if (st.isSymbolicLink()) throw refuse('is a symlink');
-  if (!st.isDirectory()) throw refuse('is not a folder');
-  if (st.uid !== me) throw refuse(`is owned by uid ${st.uid}, not by uid ${me} who runs qsync`);
-  if (st.mode & 0o022n) throw refuse(`is writable by other users (mode ${(st.mode & 0o7777n).toString(8)})`);
-}
-
-/**
  * The path qsync's state uses for a file: `rel` itself, but with its
  * escaped bytes (names that are not UTF-8) as %XX and `%` as %25, so that
  * two names differing only in such bytes never share a manifest.
@@ -116,6 +94,8 @@ export class TreeSync {
   };
   private partial = false;
   private vanished = false;
+  private readonly links: HardLinks | undefined;
+  private readonly ext: ExtAttrs | undefined;
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -124,7 +104,13 @@ export class TreeSync {
     private readonly filter: Filter,
     private readonly ctx: FileSyncContext,
     private readonly dest: Dir | undefined,
-  ) {}
+  ) {
+    this.links = opts.hardLinks ? new HardLinks() : undefined;
+    const acls = opts.acls === true;
+    const xattrs = opts.xattrs === true;
+    const owners = opts.owner && process.getuid?.() === 0;
+    this.ext = acls || xattrs ? new ExtAttrs({ acls, xattrs, noWrite: this.noWrite, owners }) : undefined;
+  }
 
   /** -n, or --only-write-batch (only file contents are recorded): the destination is left alone. */
   private get noWrite(): boolean {
@@ -138,6 +124,9 @@ export class TreeSync {
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
     for (const t of this.plan.transfers) await this.transfer(t);
+    // -H: files with other links waited for the whole walk (rsync semantics).
+    await this.links?.finish(this.linkHost());
+    await this.ext?.flush().catch((e) => this.fail(e, '.'));
     this.stats.elapsedMs = performance.now() - t0;
     return { stats: this.stats, partial: this.partial, vanished: this.vanished };
   }
@@ -145,6 +134,7 @@ export class TreeSync {
   /** One operand: its folder contents into the destination root, or the operand itself into it. */
   private async transfer(t: Transfer): Promise<void> {
     const shown = t.destRel || '.';
+    this.links?.transfer(t);
     if (t.destRel === '') {
       // SRC/ (or .): the operand is the folder itself; the user's path to it is followed, as rsync does.
       let src: Dir | undefined;
@@ -227,14 +217,14 @@ export class TreeSync {
         }
         await this.dir(src, st, dst, name, rel, rootDev);
       } else if (st.isFile()) {
-        await this.file(src, st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
         if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.symlink(src, st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.symlink(src, st, dst, name, rel);
       } else {
         const dev = st.isCharacterDevice() || st.isBlockDevice();
         if (dev ? !this.opts.devices : !this.opts.specials) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
-        await this.special(st, dst, name, rel);
+        if (!this.links?.defer(st, rel)) await this.special(src, st, dst, name, rel);
       }
     } catch (e) {
       this.fail(e, shown);
@@ -306,7 +296,13 @@ export class TreeSync {
         this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0 });
         throw e;
       }
-      if (dst && (cur || !this.noWrite)) dstDir = await dst.openDir(name);
+      if (dst && (cur || !this.noWrite)) {
+        dstDir = await dst.openDir(name).catch((e) => {
+          throw errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR'
+            ? new QsyncError('TARGET', `${rel} in the destination was replaced by something other than a folder while qsync worked; nothing written into it`, { file: rel, hint: 'run again' }, { cause: e })
+            : e;
+        });
+      }
       await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev);
     } finally {
       await srcDir?.close();
@@ -316,8 +312,9 @@ export class TreeSync {
 
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
   private async dirBody(src: Dir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
+    const attrs = await this.ext?.read({ held: src }, dst && { held: dst }, 'dir');
     const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes, size: 0 });
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0 });
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
@@ -341,7 +338,13 @@ export class TreeSync {
         children.push({ name, st: cst });
       }
       if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
+      // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
+      const names = children.map((c) => c.name);
+      await this.ext?.prefetch(src, names);
+      if (cur) await this.ext?.prefetch(dst, names);
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
+      // New entries' attributes, written together.
+      await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
     if (!this.noWrite && dst) {
       try {
@@ -349,6 +352,7 @@ export class TreeSync {
         // Without -p, a new folder keeps the setgid bit the kernel gave it in a setgid parent, as with rsync.
         if (!cur && !this.opts.perms && m.mode !== undefined) m.mode |= Number((await dst.stat()).mode & 0o2000n);
         await dst.setMeta(opened && m.mode === undefined ? { ...m, mode: Number(cur.mode & 0o7777n) } : m);
+        await attrs?.apply();
       } catch (e) {
         this.fail(e, rel || '.');
       }
@@ -405,10 +409,10 @@ export class TreeSync {
         if (kept) for (let i = level === 'nested' ? 2 : 1; i > 0; i--) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
         return false;
       }
-      if (!this.noWrite) await rm(join(this.plan.destRoot, STATE_DIR, 'manifests', stateRel(rel)), { recursive: true, force: true });
+      if (!this.noWrite) await forgetManifests(this.plan.destRoot, stateRel(rel), true);
     } else if (!this.noWrite) {
       await dir.unlink(name);
-      if (st.isFile()) await this.forgetManifest(rel);
+      if (st.isFile()) await forgetManifests(this.plan.destRoot, stateRel(rel), false);
     }
     this.stats.deleted++;
     if (level !== 'make-room') this.hooks.deleted?.(st.isDirectory() ? `${rel}/` : rel);
@@ -434,16 +438,13 @@ export class TreeSync {
     return gone;
   }
 
-  private async forgetManifest(rel: string): Promise<void> {
-    const m = manifestPathFor(this.plan.destRoot, stateRel(rel));
-    for (const p of [m, intentPathFor(m), journalPathFor(m)]) await rm(p, { force: true });
-  }
-
   private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
     const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
+    // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
+    const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, cur && { dir: dst!, name, expect: cur }, 'other');
     const r = await syncFile({
       src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
       dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
@@ -460,11 +461,15 @@ export class TreeSync {
     this.stats.literal += r.literal;
     this.stats.matched += r.matched;
     this.stats.scanned += r.scanned;
-    const changes = cur ? this.metaChanges(st, cur, sent && !r.created) : undefined;
+    let changes = cur ? this.metaChanges(st, cur, sent && !r.created) : undefined;
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
     // and its time when it differs (--size-only), as rsync does.
     const timeDiffers = cur !== undefined && cur.mtimeNs / 1000n !== st.mtimeNs / 1000n;
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
+    if (attrs) {
+      if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
+      await attrs.apply({ dir: dst!, name, expect: st });
+    }
     this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent } });
   }
 
@@ -474,28 +479,62 @@ export class TreeSync {
     this.stats.totalSize += encodeName(target).length;
     const cur = await this.clearOtherType(dst, name, 'symlink', rel);
     if (cur && (await dst!.readlink(name)) === target) {
+      const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst!, name, expect: cur }, 'symlink');
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
-      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes, size: 0 });
+      await attrs?.apply({ dir: dst!, name, expect: st });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0 });
       return;
     }
     if (!this.noWrite) {
       if (cur) await dst!.unlink(name);
       await dst!.symlink(target, name);
       await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
+      await (await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
     this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0 });
   }
 
-  private async special(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
+  private async special(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     const kind = kindOf(st);
     const cur = await this.clearOtherType(dst, name, kind, rel);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
+    const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
     if (!sameNode && !this.noWrite) await makeNode(dst!, name, st);
     if (!cur) this.stats.created++;
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
-    this.report({ path: rel, kind, created: !cur, changes: cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`), size: 0 });
+    await attrs?.apply({ dir: dst!, name, expect: st });
+    const changes = cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`);
+    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0 });
+  }
+
+  /** What the hard-link pass (src/sync/hard-links.ts) needs of the walk. */
+  private linkHost(): HardLinkHost {
+    return {
+      dest: this.dest,
+      noWrite: this.noWrite,
+      syncEntry: (src, st, dst, name, rel) =>
+        st.isFile() ? this.file(src, st, dst, name, rel) : st.isSymbolicLink() ? this.symlink(src, st, dst, name, rel) : this.special(src, st, dst, name, rel),
+      counted: (st) => {
+        if (!st.isFile()) return;
+        this.stats.regularFiles++;
+        this.stats.totalSize += Number(st.size);
+      },
+      report: (r) => this.hooks.fileEnd?.(r),
+      fail: (e, rel) => this.fail(e, rel),
+      forgetManifest: (rel) => forgetManifests(this.plan.destRoot, stateRel(rel), false),
+      dirMeta: (st) => this.metaFor(st, false, true),
+      changes: (src, dst) => this.metaChanges(src, dst),
+      skips: (st, cur) =>
+        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && cur.mtimeNs > st.mtimeNs) : this.opts.existing,
+      attrLetters:
+        this.ext &&
+        (async (src, st, dst, name, cur, changes) => {
+          const kind = st.isSymbolicLink() ? 'symlink' : 'other';
+          return (await this.ext!.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
+        }),
+    };
   }
 
   /** rsync's itemize attribute letters (positions c s t p o g) for an existing entry. */
@@ -514,7 +553,7 @@ export class TreeSync {
 
   private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; result?: FileSyncResult }): void {
     const y = r.kind === 'file' ? (r.result?.transferred ? '>' : '.') : r.created || r.changes?.startsWith('c') ? 'c' : '.';
-    const rest = r.created ? '+++++++++' : `${(r.changes ?? '......').padEnd(6, '.')}...`;
+    const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     this.hooks.fileEnd?.({
       path: r.path,

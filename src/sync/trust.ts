@@ -16,12 +16,22 @@ export interface Trust {
   unknownFrom?: number;
 }
 
-export function assessManifest(m: Manifest | undefined, intent: Intent | undefined, target: BigIntStats, blockSize: number): Trust {
+/**
+ * `strict` (-c: the user asks that nothing be taken on trust) also refuses a
+ * manifest that an interrupted run left behind: the target's size and mtime
+ * must equal the recorded ones, intent or not.
+ */
+export function assessManifest(m: Manifest | undefined, intent: Intent | undefined, target: BigIntStats, blockSize: number, strict = false): Trust {
   if (!m) return { trusted: false, reason: intent ? 'an earlier run was interrupted before its first manifest' : undefined };
   const h = m.header;
   if (h.blockSize !== blockSize) return { trusted: false, reason: `block size changed (${h.blockSize} → ${blockSize})` };
   if (h.targetIno !== target.ino || h.targetDev !== target.dev) return { trusted: false, reason: 'target was replaced since the last run' };
-  if (intent && intent.baseChecksum.equals(m.checksum)) {
+  const sameTimes = Number(target.size) === h.targetSize && target.mtimeNs === h.targetMtimeNs;
+  const changed: Trust = { trusted: false, reason: 'target changed since the last run (size or mtime differ from the manifest)' };
+  if (strict && !sameTimes) return changed;
+  // An intent that lists no block and no resize: nothing was written, so the target's mtime must still match.
+  const wroteSomething = intent?.blocks?.size !== 0 || Number(target.size) !== h.targetSize;
+  if (intent && intent.baseChecksum.equals(m.checksum) && wroteSomething) {
     if (!intent.sameBoot || !intent.blocks) return { trusted: false, reason: 'an interrupted run cannot be bounded (reboot since, or too many blocks)' };
     const sizes = [h.targetSize, intent.oldSize, intent.newSize];
     if (!sizes.includes(Number(target.size))) return { trusted: false, reason: 'target size changed behind qsync' };
@@ -32,8 +42,5 @@ export function assessManifest(m: Manifest | undefined, intent: Intent | undefin
       unknownFrom: Math.floor(Math.min(...sizes) / blockSize),
     };
   }
-  if (Number(target.size) !== h.targetSize || target.mtimeNs !== h.targetMtimeNs) {
-    return { trusted: false, reason: 'target changed since the last run (size or mtime differ from the manifest)' };
-  }
-  return { trusted: true };
+  return sameTimes ? { trusted: true } : changed;
 }

@@ -30,7 +30,8 @@ export async function writeDelta(path: string, members: MemberSpec[], blockSize:
     for (let i = 0; i < blockCount(m.result.length, blockSize); i++) {
       const a = resized.subarray(i * blockSize, (i + 1) * blockSize);
       const b = m.result.subarray(i * blockSize, (i + 1) * blockSize);
-      if (!a.equals(b)) await w.addBlock(i, b);
+      // Blocks wholly past the base's end get a record even when zero, as qsync's writers do (a result is never larger than base + records).
+      if (!a.equals(b) || i * blockSize >= m.base.length) await w.addBlock(i, b);
     }
     await w.endMember({ baseFingerprint: fingerprintOf(m.base, blockSize), resultFingerprint: fingerprintOf(m.result, blockSize) });
   }

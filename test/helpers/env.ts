@@ -22,3 +22,17 @@ export function needTools(...tools: string[]): boolean {
   }
   return missing.length === 0;
 }
+
+/**
+ * Run `mount ARGS...` for a test (needs root). False where mounting is not
+ * allowed (the test then skips), except under QSYNC_REQUIRE_QEMU=1 (CI), where it is a failure.
+ */
+export function mountForTest(args: string[]): boolean {
+  try {
+    execFileSync('mount', args);
+    return true;
+  } catch {
+    if (process.env.QSYNC_REQUIRE_QEMU === '1') throw new Error(`cannot mount ${args.join(' ')} for this test (needs root)`);
+    return false;
+  }
+}

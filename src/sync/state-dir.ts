@@ -1,0 +1,346 @@
+/**
+ * qsync's state folder (`DEST/.qsync/`: manifests, journals, intents, the
+ * lock, image state, digest scratch) reached without trusting any path.
+ *
+ * The destination root is the user's and is opened as given (it may be a
+ * symlink); from `.qsync` down every folder is opened by descriptor with
+ * O_NOFOLLOW, created 0700 when missing, and must belong to the user running
+ * qsync; every state file is opened O_NOFOLLOW|O_NONBLOCK, must be a regular
+ * file of that user, and is created 0600 under an unpredictable temp name
+ * (O_EXCL) before it is renamed into place. A state path that is a symlink,
+ * a FIFO, a device, a folder or someone else's is refused with a message
+ * naming it, never followed, never waited on.
+ *
+ * The boundary is the path's first `.qsync` component; a path without one (a
+ * `--manifest PATH` of the user's) follows its folders as given, and only its
+ * last component is held to the rules above.
+ */
+import { constants, type BigIntStats } from 'node:fs';
+import { mkdir, type FileHandle } from 'node:fs/promises';
+import { errnoOf, QsyncError } from '../core/errors.js';
+import { readUpTo } from '../io/local-file.js';
+import { Dir, splitPath } from '../io/safe-fs.js';
+
+/** The folder at the destination root that holds qsync's state; never user data. */
+export const STATE_DIR = '.qsync';
+
+export const STATE_DIR_MODE = 0o700;
+export const STATE_FILE_MODE = 0o600;
+
+/** The folder holding a state file (held open by descriptor) and the file's name in it. */
+export interface StateParent {
+  dir: Dir;
+  name: string;
+  /** For messages only. */
+  path: string;
+  /** Done with `dir` (it may stay open for the next state file in that folder). */
+  release(): Promise<void>;
+}
+
+const euid = (): number => process.geteuid?.() ?? 0;
+
+/** Refuse state that another user owns: they could have planted anything in it. */
+export function checkOwner(st: BigIntStats, shown: string): void {
+  const me = euid();
+  if (st.uid !== BigInt(me)) {
+    throw new QsyncError('IO', `${shown} belongs to uid ${st.uid}, not to the user running qsync (uid ${me}): qsync does not use state it did not write`, {
+      file: shown,
+      hint: `remove ${shown}, or run qsync as its owner`,
+    });
+  }
+}
+
+const notAFolder = (shown: string, e: unknown): QsyncError =>
+  new QsyncError('IO', `${shown} is a symlink or not a folder: qsync keeps its state only in real folders it owns; remove it`, { file: shown }, { cause: e });
+
+/** Open a state folder below `parent` (created 0700 with `create`), checked to be ours and private. */
+async function openStateFolder(parent: Dir, name: string, create: boolean): Promise<Dir | undefined> {
+  const shown = `${parent.path}/${name}`;
+  let d: Dir;
+  try {
+    d = await parent.openDir(name);
+  } catch (e) {
+    const errno = errnoOf(e);
+    if (errno === 'ELOOP' || errno === 'ENOTDIR') throw notAFolder(shown, e);
+    if (errno !== 'ENOENT') throw e;
+    if (!create) return undefined;
+    await parent.mkdir(name, STATE_DIR_MODE).catch((e2) => {
+      if (errnoOf(e2) !== 'EEXIST') throw e2;
+    });
+    d = await parent.openDir(name).catch((e2) => {
+      throw errnoOf(e2) === 'ELOOP' || errnoOf(e2) === 'ENOTDIR' ? notAFolder(shown, e2) : e2;
+    });
+  }
+  try {
+    const st = await d.stat();
+    checkOwner(st, shown);
+    // Folders from older versions were 0755: the digests they hold tell what the files contain.
+    // Only a run that writes state tightens them: readers (qsync verify) change nothing.
+    if (create && (Number(st.mode) & 0o077) !== 0) await d.setMeta({ mode: STATE_DIR_MODE });
+    return d;
+  } catch (e) {
+    await d.close();
+    throw e;
+  }
+}
+
+/**
+ * Check the state folder at a destination root once, before anything is
+ * written to it: a real folder owned by the user running qsync and writable
+ * by no one else (a symlink or another user's folder would let that user
+ * steer root's writes); a missing one is created 0700 unless `create` is
+ * false (-n).
+ */
+export async function checkStateRoot(dest: Dir, create: boolean): Promise<void> {
+  const shown = `${dest.path.replace(/\/+$/, '')}/${STATE_DIR}`;
+  const st = await dest.lstatOrUndefined(STATE_DIR);
+  if (st?.isDirectory() && st.uid === BigInt(euid()) && st.mode & 0o022n) {
+    throw new QsyncError('IO', `${shown} is writable by other users (mode ${(st.mode & 0o7777n).toString(8)}): qsync does not use state others could have planted`, {
+      file: shown,
+      hint: `remove ${shown} (qsync makes a new one, 0700)`,
+    });
+  }
+  await (await openStateFolder(dest, STATE_DIR, create))?.close();
+}
+
+/**
+ * Folders already walked and checked, held open by descriptor, so that the
+ * several state files of one target (manifest, intent, journal) and the
+ * targets of one folder cost no new walk: a few folders, least recently used
+ * first; one in use is never closed. A folder of ours cannot be changed by
+ * another user, and the descriptor keeps naming it whatever happens to the
+ * path; one that was deleted (no links left) is walked again.
+ */
+const held = new Map<string, { dir: Dir; refs: number }>();
+const HELD_MAX = 32;
+
+async function evictIdle(): Promise<void> {
+  for (const [key, h] of held) {
+    if (held.size <= HELD_MAX) return;
+    if (h.refs > 0) continue;
+    held.delete(key);
+    await h.dir.close().catch(() => {});
+  }
+}
+
+function lease(key: string, dir: Dir, name: string, path: string): StateParent {
+  const h = held.get(key)!;
+  h.refs++;
+  let done = false;
+  return {
+    dir,
+    name,
+    path,
+    release: async () => {
+      if (done) return;
+      done = true;
+      h.refs--;
+      if (held.get(key) !== h && h.refs === 0) await dir.close();
+      else await evictIdle();
+    },
+  };
+}
+
+/**
+ * Open the folder that holds the state file `path`, by descriptor, walking
+ * from the destination root (see the module comment). Undefined when a
+ * folder on the way is missing and `create` is false.
+ */
+export async function openStateParent(path: string, create: true): Promise<StateParent>;
+export async function openStateParent(path: string, create: boolean): Promise<StateParent | undefined>;
+export async function openStateParent(path: string, create: boolean): Promise<StateParent | undefined> {
+  const parts = path.split('/');
+  const at = parts.indexOf(STATE_DIR);
+  let rootPath: string;
+  let walk: string[];
+  let name: string;
+  if (at < 0 || at === parts.length - 1) {
+    ({ dir: rootPath, name } = splitPath(path));
+    walk = [];
+  } else {
+    rootPath = parts.slice(0, at).join('/') || (path.startsWith('/') ? '/' : '.');
+    walk = parts.slice(at, -1).filter((p) => p && p !== '.');
+    name = parts[parts.length - 1];
+  }
+  // Walks that may create (and tighten) folders are kept apart from read-only ones.
+  const key = `${create ? 'w' : 'r'}\0${rootPath}\0${walk.join('/')}`;
+  const cached = held.get(key);
+  if (cached) {
+    if ((await cached.dir.stat()).nlink > 0n) {
+      held.delete(key);
+      held.set(key, cached); // most recently used last
+      return lease(key, cached.dir, name, path);
+    }
+    held.delete(key);
+    if (cached.refs === 0) await cached.dir.close();
+  }
+  let d: Dir;
+  try {
+    d = await Dir.open(rootPath);
+  } catch (e) {
+    if (errnoOf(e) !== 'ENOENT') throw e;
+    if (!create) return undefined;
+    // A destination (image mode) or a --manifest PATH folder that does not exist yet: the user's folders, made as asked.
+    await mkdir(rootPath, { recursive: true });
+    d = await Dir.open(rootPath);
+  }
+  for (const p of walk) {
+    let next: Dir | undefined;
+    try {
+      next = await openStateFolder(d, p, create);
+    } finally {
+      await d.close();
+    }
+    if (!next) return undefined;
+    d = next;
+  }
+  if (held.has(key)) {
+    // Walked twice at once: keep the first.
+    await d.close();
+    return lease(key, held.get(key)!.dir, name, path);
+  }
+  held.set(key, { dir: d, refs: 0 });
+  const sp = lease(key, d, name, path);
+  await evictIdle();
+  return sp;
+}
+
+/** Run `fn` with the state file's folder held open; undefined (fn not run) when the folder is missing and `create` is false. */
+export async function withStateParent<T>(path: string, create: boolean, fn: (sp: StateParent) => Promise<T>): Promise<T | undefined> {
+  const sp = await openStateParent(path, create);
+  if (!sp) return undefined;
+  try {
+    return await fn(sp);
+  } finally {
+    await sp.release();
+  }
+}
+
+/**
+ * Open state file `name` in `dir`: never through a symlink, never blocking
+ * on a FIFO, a regular file of ours or a clear error. Undefined when it does
+ * not exist (and `flags` has no O_CREAT).
+ */
+export async function openStateFile(dir: Dir, name: string, flags: number): Promise<FileHandle | undefined> {
+  const shown = `${dir.path}/${name}`;
+  let fh: FileHandle;
+  try {
+    fh = await dir.openFile(name, flags, STATE_FILE_MODE);
+  } catch (e) {
+    const errno = errnoOf(e);
+    if (errno === 'ENOENT') return undefined;
+    if (errno === 'EISDIR') throw new QsyncError('IO', `${shown} is a directory, not a regular file; remove it`, { file: shown }, { cause: e });
+    // O_WRONLY|O_NONBLOCK on a FIFO without a reader.
+    if (errno === 'ENXIO') throw new QsyncError('IO', `${shown} is a FIFO or a device, not a regular file; remove it`, { file: shown }, { cause: e });
+    if (errno === 'ENOTDIR') throw notAFolder(shown, e);
+    throw e;
+  }
+  try {
+    checkOwner(await fh.stat({ bigint: true }), shown);
+    return fh;
+  } catch (e) {
+    await fh.close();
+    throw e;
+  }
+}
+
+/** The first `max` bytes of a state file (never more: its size is bounded before reading) and its size; undefined when absent. */
+export async function readStateFile(dir: Dir, name: string, max: number): Promise<{ data: Buffer; size: number } | undefined> {
+  const fh = await openStateFile(dir, name, constants.O_RDONLY);
+  if (!fh) return undefined;
+  try {
+    const { size } = await fh.stat();
+    const b = Buffer.alloc(Math.min(size, max));
+    return { data: b.subarray(0, await readUpTo(fh, b, 0)), size };
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Remove a state file (never follows it); nothing there is fine. */
+export async function unlinkState(dir: Dir, name: string): Promise<void> {
+  await dir.unlink(name).catch((e) => {
+    if (errnoOf(e) === 'ENOENT') return;
+    if (errnoOf(e) === 'EISDIR' || errnoOf(e) === 'EPERM') {
+      throw new QsyncError('IO', `${dir.path}/${name} is a directory, not a qsync state file; remove it`, { file: `${dir.path}/${name}` }, { cause: e });
+    }
+    throw e;
+  });
+}
+
+/** Remove the state file at `path`, if its folder and it exist. */
+export async function removeStatePath(path: string): Promise<void> {
+  await withStateParent(path, false, (sp) => unlinkState(sp.dir, sp.name));
+}
+
+/**
+ * Write a new state file `name` in `dir` durably and atomically: a fresh
+ * 0600 temp file (unpredictable name, O_EXCL), fsync, rename over `name`,
+ * fsync the folder. Returns the open file when `keep` (the caller appends).
+ */
+export async function writeStateFile(dir: Dir, name: string, data: Buffer, keep: true): Promise<FileHandle>;
+export async function writeStateFile(dir: Dir, name: string, data: Buffer, keep?: false): Promise<void>;
+export async function writeStateFile(dir: Dir, name: string, data: Buffer, keep = false): Promise<FileHandle | void> {
+  const { fh, name: tmp } = await createStateTemp(dir, name);
+  try {
+    await fh.write(data, 0, data.length, 0);
+    await fh.sync();
+    await renameState(dir, tmp, name);
+  } catch (e) {
+    await fh.close();
+    await dir.unlink(tmp).catch(() => {});
+    throw e;
+  } finally {
+    doneWithTemp(tmp);
+  }
+  await dir.sync();
+  if (keep) return fh;
+  await fh.close();
+}
+
+/** rename(2) a temp file of ours over a state file, with a clear message when a folder stands there. */
+export async function renameState(dir: Dir, from: string, to: string): Promise<void> {
+  await dir.rename(from, dir, to).catch((e) => {
+    const errno = errnoOf(e);
+    if (errno === 'EISDIR' || errno === 'ENOTEMPTY' || errno === 'EEXIST') {
+      throw new QsyncError('IO', `${dir.path}/${to} is a directory, not a qsync state file; remove it`, { file: `${dir.path}/${to}` }, { cause: e });
+    }
+    throw e;
+  });
+}
+
+/** Temp names this process has in use (never removed as stale). */
+const liveTemps = new Set<string>();
+/** Folders (dev:ino) already cleaned by this process. */
+const cleaned = new Set<string>();
+
+/** Create a 0600 temp file beside `name` in `dir` (Dir.createTemp), remembered as in use until `doneWithTemp`. */
+export async function createStateTemp(dir: Dir, name: string): Promise<{ fh: FileHandle; name: string }> {
+  const t = await dir.createTemp(name, STATE_FILE_MODE);
+  liveTemps.add(t.name);
+  return t;
+}
+
+export const doneWithTemp = (name: string): void => void liveTemps.delete(name);
+
+/** Whether `entry` is a temp file qsync makes for a state file: Dir.createTemp's `.NAME.<12 hex>.tmp`, or an older qsync's `.NAME.tmp-PID`. */
+export const isStateTemp = (entry: string): boolean => /^\..+\.(?:[0-9a-f]{12}\.tmp|tmp-\d+)$/.test(entry);
+
+/**
+ * Remove temp files that killed runs left in `dir` (once per folder and
+ * process): only regular files of ours named as qsync names its temps, and
+ * none this process is using. Runs on one destination are serialised by its
+ * lock, so no other run is writing them.
+ */
+export async function removeStaleTemps(dir: Dir): Promise<void> {
+  const st = await dir.stat();
+  const key = `${st.dev}:${st.ino}`;
+  if (cleaned.has(key)) return;
+  cleaned.add(key);
+  for (const entry of await dir.readdir()) {
+    if (liveTemps.has(entry) || !isStateTemp(entry)) continue;
+    const est = await dir.lstatOrUndefined(entry);
+    if (!est?.isFile() || est.uid !== BigInt(euid())) continue;
+    await dir.unlink(entry).catch(() => {});
+  }
+}
