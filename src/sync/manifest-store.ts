@@ -19,7 +19,7 @@ import {
   MANIFEST_TRAILER_LEN,
   type ManifestHeader,
 } from '../core/manifest.js';
-import { removeTreeAt } from '../io/safe-fs.js';
+import { encodeName, removeTreeAt } from '../io/safe-fs.js';
 import {
   createStateTemp,
   doneWithTemp,
@@ -37,8 +37,25 @@ import {
 
 export { STATE_DIR };
 
+/**
+ * Longest file name whose state names fit in a folder entry (255 bytes):
+ * `NAME.qsm.apply-digests` and a temp name `.NAME.qsm.journal.<12 hex>.tmp`
+ * add at most 36 bytes to NAME.
+ */
+const MAX_PLAIN_NAME = 255 - 40;
+
+/**
+ * The manifest of `relPath` (a target below `destRoot`): its folders under
+ * `.qsync/manifests/`, its name plus `.qsm`. A name too long to carry the
+ * suffixes is named by its hash instead (`~<64 hex>.qsm`); were a short name
+ * ever to look the same, the manifest's target identity tells the two apart.
+ */
 export function manifestPathFor(destRoot: string, relPath: string): string {
-  return join(destRoot, STATE_DIR, 'manifests', `${relPath}.qsm`);
+  const at = relPath.lastIndexOf('/');
+  const name = relPath.slice(at + 1);
+  const bytes = encodeName(name);
+  const stored = bytes.length > MAX_PLAIN_NAME ? `~${digestOf(bytes).toString('hex')}` : name;
+  return join(destRoot, STATE_DIR, 'manifests', `${relPath.slice(0, at + 1)}${stored}.qsm`);
 }
 
 /**
