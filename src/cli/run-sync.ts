@@ -171,7 +171,11 @@ async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: D
   if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
   let deltas: Awaited<ReturnType<typeof openRunDeltas>>;
   try {
-    deltas = await openRunDeltas({ ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch }, Date.now());
+    // A dry run writes nothing: no history folder, no (empty) batch file.
+    deltas = await openRunDeltas(
+      o.dryRun ? { compress: o.compress } : { ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch },
+      Date.now(),
+    );
   } catch (e) {
     await lock?.release();
     throw e;

@@ -20,7 +20,7 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { checkOwnDir, Dir, lstatOrUndefined, openRegular } from '../io/safe-fs.js';
+import { checkOwnDir, Dir, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
@@ -62,9 +62,23 @@ interface Chain {
 
 const isZero = (b: Buffer) => b.every((x) => x === 0);
 
+/**
+ * The history folder's path leads through no other user's symlink
+ * (resolveTrusted, as for a --write-batch path), its last component
+ * included: `DIR/` with a trailing slash would follow one.
+ */
+async function checkHistoryPath(dir: string): Promise<void> {
+  const r = await resolveTrusted(dir, true).catch((e) => {
+    if (errnoOf(e) === 'ENOENT') return undefined;
+    throw e;
+  });
+  await r?.dir.close();
+}
+
 /** Open the history folder by descriptor: a symlink in its place is refused. */
 async function openHistoryDir(dir: string): Promise<Dir> {
   try {
+    await checkHistoryPath(dir);
     return await Dir.open(dir, { follow: false });
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') throw new QsyncError('USAGE', `backup dir ${dir} does not exist`, { file: dir });
@@ -332,8 +346,10 @@ export async function lockHistory(dir: string): Promise<DestLock> {
 
 /** Make the history folder (owner-only) if needed; a symlink or another user's folder is refused. */
 export async function ensureHistoryDir(dir: string): Promise<void> {
+  await checkHistoryPath(dir);
   if (await checkOwnDir(dir, 'backup dir')) return;
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  await checkHistoryPath(dir);
   await checkOwnDir(dir, 'backup dir');
   await fsyncDir(dirname(dir));
 }

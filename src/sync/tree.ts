@@ -246,7 +246,7 @@ export class TreeSync {
     if (!this.opts.oneFileSystem || st.dev === rootDev) {
       const keep = new Set<string>();
       const children: { name: string; st: BigIntStats }[] = [];
-      for (const name of (await src.readdir()).sort()) {
+      for (const name of (await sourceNames(src, rel, (e, r) => this.fail(e, r))).sort()) {
         if (rel === '' && name === STATE_DIR) continue;
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
@@ -402,4 +402,23 @@ export class TreeSync {
     }
     return m;
   }
+}
+
+/**
+ * The names in a source folder. A name that is not UTF-8 cannot be carried
+ * through qsync's string paths (it would reach another file, or none): it is
+ * reported as an error (exit 23), never skipped as if it had vanished.
+ */
+async function sourceNames(src: Dir, rel: string, fail: (e: unknown, rel: string) => void): Promise<string[]> {
+  const names: string[] = [];
+  for (const raw of await src.readdirRaw()) {
+    const name = raw.toString();
+    if (Buffer.from(name).equals(raw)) {
+      names.push(name);
+      continue;
+    }
+    const shown = joinRel(rel, [...raw].map((b) => (b < 0x20 || b > 0x7e || b === 0x5c ? `\\x${b.toString(16).padStart(2, '0')}` : String.fromCharCode(b))).join(''));
+    fail(new QsyncError('SOURCE', `cannot copy ${shown}: its name is not valid UTF-8, which qsync does not handle`, { file: shown, hint: 'rename it to UTF-8, or exclude it' }), shown);
+  }
+  return names;
 }
