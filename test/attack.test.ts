@@ -3,11 +3,12 @@
  * history) that lead through folders the user controls, and names qsync
  * cannot represent. Each case was found by attacking the built CLI.
  */
-import { chmodSync, chownSync, lchownSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, lchownSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { runQsync } from './helpers/cli.js';
+import { runQsync, sha256 } from './helpers/cli.js';
+import { mutateBlocks, randomFile } from './helpers/data.js';
 
 const NOBODY = 65534;
 const asRoot = process.getuid?.() === 0;
@@ -96,5 +97,72 @@ describe('a dry run writes nothing', () => {
     expect(r.code).toBe(0);
     expect(readdirSync(base).sort()).toEqual(before);
     expect(readFileSync(join(dest, 'f'), 'utf8')).toBe('one\n');
+  });
+});
+
+describe('restore writes OUT only when it is complete, and only where root was told', () => {
+  /** DEST/big with one restore point in HIST; returns the point's sha256. */
+  async function onePoint(size: number): Promise<{ dest: string; hist: string; old: string }> {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    randomFile(join(src, 'big'), size);
+    const dest = join(base, 'dest');
+    const hist = join(base, 'hist');
+    expect((await runQsync(['-a', `${src}/`, `${dest}/`])).code).toBe(0);
+    const old = await sha256(join(src, 'big'));
+    mutateBlocks(join(src, 'big'), size, 0.9);
+    expect((await runQsync(['-a', '--backup-dir', hist, `${src}/`, `${dest}/`])).code).toBe(0);
+    return { dest, hist, old };
+  }
+
+  it('kill -9 while restoring leaves nothing under OUT; a rerun restores it', async () => {
+    const { dest, hist, old } = await onePoint(96 << 20);
+    const outDir = join(base, 'out');
+    mkdirSync(outDir);
+    const out = join(outDir, 'big.img');
+    let pid = 0;
+    const run = runQsync(['restore', join(dest, 'big'), out, '--backup-dir', hist, '--at', '1'], { onSpawn: (p) => (pid = p) });
+    // Kill as soon as anything is written in OUT's folder (under any name).
+    const deadline = Date.now() + 20_000;
+    while (readdirSync(outDir).length === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    process.kill(pid, 'SIGKILL');
+    expect((await run).signal).toBe('SIGKILL');
+    expect(existsSync(out)).toBe(false);
+    const r = await runQsync(['restore', join(dest, 'big'), out, '--backup-dir', hist, '--at', '1']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await sha256(out)).toBe(old);
+  });
+
+  it.skipIf(!asRoot)('OUT in a folder reached through another user\'s symlink is refused', async () => {
+    const { dest, hist } = await onePoint(1 << 20);
+    const link = userLink();
+    const r = await runQsync(['restore', join(dest, 'big'), join(link, 'out.img'), '--backup-dir', hist, '--at', '1']);
+    expect(r.stderr).toMatch(/link is a symlink owned by uid 65534/);
+    expect(r.code).not.toBe(0);
+    expect(readdirSync(victim)).toEqual(['secret']);
+  });
+});
+
+describe('apply never writes through a hard link', () => {
+  it('a target with another name (a cp -al snapshot) is refused before anything is written; the snapshot keeps its bytes', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    randomFile(join(src, 'f'), 1 << 20);
+    const dest = join(base, 'dest');
+    expect((await runQsync(['-a', `${src}/`, `${dest}/`])).code).toBe(0);
+    mutateBlocks(join(src, 'f'), 1 << 20, 0.5);
+    const batch = join(base, 'b.qdelta');
+    expect((await runQsync(['-a', '--only-write-batch', batch, `${src}/`, `${dest}/`])).code).toBe(0);
+    // The snapshot pattern of rsync --link-dest / cp -al: another name for the same inode.
+    const snap = join(base, 'snap');
+    mkdirSync(snap);
+    linkSync(join(dest, 'f'), join(snap, 'f'));
+    const old = await sha256(join(snap, 'f'));
+    const r = await runQsync(['apply', batch, dest]);
+    expect(r.stderr).toMatch(/hard links?/);
+    expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
+    expect(r.code).not.toBe(0);
+    expect(await sha256(join(snap, 'f'))).toBe(old);
+    expect(await sha256(join(dest, 'f'))).toBe(old);
   });
 });

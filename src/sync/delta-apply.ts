@@ -10,7 +10,7 @@
  * however far it got. Targets are reached from the target directory by
  * descriptor, never through a symlink.
  */
-import { constants } from 'node:fs';
+import { constants, type BigIntStats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
 import type { DeltaHeader } from '../core/delta-codec.js';
@@ -167,6 +167,7 @@ async function plan(summary: DeltaMemberSummary, root: string, rel: string, mani
         await scratch.close(true);
         return { ...base, status: 'already', ident };
       }
+      if (st) refuseLinked(st, target);
       if (size !== h.baseSize || !fingerprint.equals(h.baseFingerprint)) {
         throw notBase(
           target,
@@ -185,6 +186,19 @@ async function plan(summary: DeltaMemberSummary, root: string, rel: string, mani
   } finally {
     await fh?.close();
   }
+}
+
+/**
+ * Apply updates a target in place: a target with other hard links (a
+ * `cp -al` snapshot, or a link a user planted to another file) would change
+ * under every name. It is refused, never written through.
+ */
+function refuseLinked(st: BigIntStats, target: string): void {
+  if (st.nlink <= 1n) return;
+  throw new QsyncError('TARGET', `${target} has ${st.nlink} hard links: apply writes a target in place and would change the other names too; nothing was written to it`, {
+    file: target,
+    hint: `give ${target} a copy of its own (cp -p F F.new && mv F.new F), then apply again`,
+  });
 }
 
 function notBase(target: string, what: string): QsyncError {
@@ -404,6 +418,7 @@ class MemberWrite {
     try {
       const st = await target.stat({ bigint: true });
       if (p.ident && !sameIdentity(p.ident, st)) throw changedWhile(p.target);
+      refuseLinked(st, p.target);
       if (p.status !== 'resumed') {
         // From here on the old manifest would lie: the intent and the scratch digests replace it.
         await p.scratch!.sync();

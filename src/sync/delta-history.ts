@@ -14,7 +14,7 @@
  * broken link.
  */
 import { constants } from 'node:fs';
-import { mkdir, rm, type FileHandle } from 'node:fs/promises';
+import { link, mkdir, type FileHandle } from 'node:fs/promises';
 import { dirname, join, relative, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
@@ -275,27 +275,44 @@ export async function restorePoint(dir: string, target: string, at: string, outP
   try {
     const chain = await walk(dir, target, mirror);
     const point = pointFor(chain, at);
-    const out = await openRegular(outPath, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, RESTORE_MODE).catch((e) => {
-      if (e instanceof QsyncError) throw e;
-      throw new QsyncError('TARGET', `cannot create ${outPath}: ${(e as Error).message}`, { file: outPath, hint: 'OUT must not exist yet' }, { cause: e });
+    // OUT's folder is reached through no other user's symlink; OUT is written under a temp name and
+    // takes its name (never replacing anything there) only once complete and checked: a killed restore leaves no torn OUT.
+    const cannotCreate = (e: unknown) =>
+      e instanceof QsyncError ? e : new QsyncError('TARGET', `cannot create ${outPath}: ${(e as Error).message}`, { file: outPath, hint: 'OUT must not exist yet' }, { cause: e });
+    const place = await resolveTrusted(outPath, false).catch((e) => {
+      throw cannotCreate(e);
     });
     try {
-      let size = await sparseCopy(mirror, out);
-      const steps = chain.steps.slice(0, point?.steps ?? 0);
-      for (const s of steps) size = await patch(out, s, size);
-      await out.sync();
-      if (point) {
-        const fp = await hashFile(out, size, point.blockSize);
-        if (!fp.equals(point.fingerprint)) {
-          throw new QsyncError('FORMAT', `restored ${outPath} does not match the point's fingerprint: ${target} or the history in ${dir} changed while restoring`, { file: outPath });
+      if (await place.dir.lstatOrUndefined(place.name)) throw cannotCreate(new Error('it already exists'));
+      const { fh: out, name: tmp } = await place.dir.createTemp(place.name, RESTORE_MODE).catch((e) => {
+        throw cannotCreate(e);
+      });
+      try {
+        let size = await sparseCopy(mirror, out);
+        const steps = chain.steps.slice(0, point?.steps ?? 0);
+        for (const s of steps) size = await patch(out, s, size);
+        await out.sync();
+        if (point) {
+          const fp = await hashFile(out, size, point.blockSize);
+          if (!fp.equals(point.fingerprint)) {
+            throw new QsyncError('FORMAT', `restored ${outPath} does not match the point's fingerprint: ${target} or the history in ${dir} changed while restoring`, { file: outPath });
+          }
         }
+        await out.close();
+        // link(2) never replaces: an OUT made meanwhile is left alone.
+        await link(place.dir.at(tmp), place.dir.at(place.name)).catch((e) => {
+          throw cannotCreate(e);
+        });
+        await place.dir.unlink(tmp);
+        await place.dir.sync();
+        return { size, applied: steps.length };
+      } catch (e) {
+        await out.close().catch(() => undefined);
+        await place.dir.unlink(tmp).catch(() => undefined);
+        throw e;
       }
-      await out.close();
-      return { size, applied: steps.length };
-    } catch (e) {
-      await out.close().catch(() => undefined);
-      await rm(outPath, { force: true });
-      throw e;
+    } finally {
+      await place.dir.close();
     }
   } finally {
     await mirror.close();
