@@ -166,3 +166,34 @@ describe('apply never writes through a hard link', () => {
     expect(await sha256(join(dest, 'f'))).toBe(old);
   });
 });
+
+describe('restore --list tells of history it cannot use', () => {
+  it('a damaged history file, or a gap, is named on stderr: points are never dropped without a word', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    randomFile(join(src, 'big'), 1 << 20);
+    const dest = join(base, 'dest');
+    const hist = join(base, 'hist');
+    expect((await runQsync(['-a', `${src}/`, `${dest}/`])).code).toBe(0);
+    for (let i = 0; i < 2; i++) {
+      mutateBlocks(join(src, 'big'), 1 << 20, 0.3);
+      expect((await runQsync(['-a', '--backup-dir', hist, `${src}/`, `${dest}/`])).code).toBe(0);
+      await new Promise((r) => setTimeout(r, 5)); // distinct run names
+    }
+    const [older, newer] = readdirSync(hist).filter((n) => n.endsWith('.qdelta')).sort();
+    const list = () => runQsync(['restore', join(dest, 'big'), '--backup-dir', hist, '--list']);
+    let r = await list();
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim().split('\n')).toHaveLength(3);
+    // The newest file torn (a disk error, a copy cut short): neither point can be listed.
+    const whole = readFileSync(join(hist, newer));
+    writeFileSync(join(hist, newer), whole.subarray(0, whole.length - 100));
+    r = await list();
+    expect(r.stdout.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain(newer);
+    expect(r.stderr).toMatch(/cannot be read/);
+    expect(r.stderr).toMatch(/breaks at .*older points cannot be restored/);
+    expect(r.stderr).toContain(older);
+    expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
+  });
+});

@@ -144,15 +144,16 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
       }
       case 'restore': {
         const dir = str('backup-dir');
+        const warn = (m: string) => void io.stderr.write(`qsync: warning: ${m}\n`);
         if (args.list || args.at === undefined) {
           io.stdout.write('  N  until                     size  records\n');
-          for (const p of await listPoints(dir, str('target'))) {
+          for (const p of await listPoints(dir, str('target'), warn)) {
             io.stdout.write(`${String(p.n).padStart(3)}  ${p.until.toISOString()}  ${String(p.size).padStart(12)}  ${p.records}\n`);
           }
           return EXIT.OK.code;
         }
         if (!args.out) throw new QsyncError('USAGE', 'restore --at needs OUT, a new file to write the image to');
-        const r = await restorePoint(dir, str('target'), str('at'), str('out'));
+        const r = await restorePoint(dir, str('target'), str('at'), str('out'), warn);
         io.stdout.write(`${str('out')}: restored (${r.size} bytes, ${r.applied} reverse deltas applied)\n`);
         return EXIT.OK.code;
       }

@@ -134,8 +134,11 @@ async function openMirror(target: string): Promise<FileHandle> {
   }
 }
 
-/** Walk the history of `target` from the mirror back, checking every link. */
-async function walk(dir: string, target: string, mirror: FileHandle): Promise<Chain> {
+/** What the history walk could not use, told to the user (points older than it are missing). */
+export type HistoryWarn = (message: string) => void;
+
+/** Walk the history of `target` from the mirror back, checking every link; `warn` hears of damaged files and a broken chain. */
+async function walk(dir: string, target: string, mirror: FileHandle, warn: HistoryWarn = () => {}): Promise<Chain> {
   const { root, rel } = await locate(target);
   const d = await openHistoryDir(dir);
   const members: Step[] = [];
@@ -149,6 +152,7 @@ async function walk(dir: string, target: string, mirror: FileHandle): Promise<Ch
       } catch (e) {
         if (!(e instanceof QsyncError)) throw e;
         // A damaged file is not part of the chain: the link check stops the walk there if it mattered.
+        warn(`history file ${file} cannot be read (${e.message}): a point it holds for ${target} is not listed, nor older ones`);
       } finally {
         await fh.close();
       }
@@ -187,14 +191,15 @@ async function walk(dir: string, target: string, mirror: FileHandle): Promise<Ch
     size = h.resultSize;
     if (fp) point();
   }
+  if (chain.stoppedAt) warn(`the history of ${target} breaks at ${chain.stoppedAt} (it does not follow from the newer state: a file is missing or damaged); older points cannot be restored`);
   return chain;
 }
 
 /** The points in time of `target`, newest first; each one restores. */
-export async function listPoints(dir: string, target: string): Promise<HistoryPoint[]> {
+export async function listPoints(dir: string, target: string, warn?: HistoryWarn): Promise<HistoryPoint[]> {
   const mirror = await openMirror(target);
   try {
-    return (await walk(dir, target, mirror)).points;
+    return (await walk(dir, target, mirror, warn)).points;
   } finally {
     await mirror.close();
   }
@@ -270,10 +275,10 @@ async function patch(out: FileHandle, s: Step, size: number): Promise<number> {
  * Write `target` as it was at point `at` into the new file `out` (owner-only).
  * The result is hashed and checked against the point's fingerprint.
  */
-export async function restorePoint(dir: string, target: string, at: string, outPath: string): Promise<{ size: number; applied: number }> {
+export async function restorePoint(dir: string, target: string, at: string, outPath: string, warn?: HistoryWarn): Promise<{ size: number; applied: number }> {
   const mirror = await openMirror(target);
   try {
-    const chain = await walk(dir, target, mirror);
+    const chain = await walk(dir, target, mirror, warn);
     const point = pointFor(chain, at);
     // OUT's folder is reached through no other user's symlink; OUT is written under a temp name and
     // takes its name (never replacing anything there) only once complete and checked: a killed restore leaves no torn OUT.
