@@ -197,3 +197,38 @@ describe('restore --list tells of history it cannot use', () => {
     expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
   });
 });
+
+describe('apply of batches that name folders', () => {
+  it('a batch made by a sync that created a folder applies to a copy of the old destination', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'a'), 'a\n');
+    const dest = join(base, 'dest');
+    expect((await runQsync(['-a', `${src}/`, `${dest}/`])).code).toBe(0);
+    const copy = join(base, 'copy');
+    expect((await runQsync(['-a', `${dest}/`, `${copy}/`])).code).toBe(0);
+    mkdirSync(join(src, 'sub', 'deeper'), { recursive: true });
+    writeFileSync(join(src, 'sub', 'deeper', 'f'), 'new\n');
+    const batch = join(base, 'b.qdelta');
+    expect((await runQsync(['-a', '--write-batch', batch, `${src}/`, `${dest}/`])).code).toBe(0);
+    const r = await runQsync(['apply', batch, copy]);
+    expect(r.stderr).not.toMatch(/proc\/self/);
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(join(copy, 'sub', 'deeper', 'f'), 'utf8')).toBe('new\n');
+  });
+
+  it('a member named "." or "a/.." is refused as not a path inside the directory, never an internal error', async () => {
+    const { writeDelta } = await import('./helpers/delta.js');
+    for (const name of ['.', 'a/..', './']) {
+      const d = join(base, `t${name.length}`);
+      mkdirSync(d);
+      const delta = join(base, 'bad.qdelta');
+      rmSync(delta, { force: true });
+      await writeDelta(delta, [{ name, base: Buffer.alloc(0), result: Buffer.from('x') }], 64 * 1024);
+      const r = await runQsync(['apply', delta, d]);
+      expect(r.stderr).not.toMatch(/internal/);
+      expect(r.stderr).toMatch(/not a path inside the target directory/);
+      expect(r.code).toBe(12);
+    }
+  });
+});
