@@ -85,6 +85,19 @@ describe('names qsync cannot represent', () => {
   });
 });
 
+describe('names qsync cannot represent, in the destination', () => {
+  it('--delete: an extraneous name that is not UTF-8 is an error naming it (exit 23), not left behind without a word', async () => {
+    const src = srcTree();
+    const dest = join(base, 'dest');
+    mkdirSync(dest);
+    writeFileSync(Buffer.concat([Buffer.from(`${dest}/old`), Buffer.from([0xfe])]), 'stale\n');
+    const r = await runQsync(['-a', '--delete', `${src}/`, `${dest}/`]);
+    expect(r.stderr).toMatch(/cannot delete old\\xfe: its name is not valid UTF-8/);
+    expect(r.code).toBe(23);
+    expect(readFileSync(join(dest, 'f'), 'utf8')).toBe('one\n');
+  });
+});
+
 describe('a dry run writes nothing', () => {
   it('-n with --backup-dir and --write-batch creates no history folder and no (empty) batch file', async () => {
     const src = srcTree();

@@ -246,7 +246,7 @@ export class TreeSync {
     if (!this.opts.oneFileSystem || st.dev === rootDev) {
       const keep = new Set<string>();
       const children: { name: string; st: BigIntStats }[] = [];
-      for (const name of (await sourceNames(src, rel, (e, r) => this.fail(e, r))).sort()) {
+      for (const name of (await utf8Names(src, rel, (e, r) => this.fail(e, r), 'copy')).sort()) {
         if (rel === '' && name === STATE_DIR) continue;
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
@@ -273,7 +273,7 @@ export class TreeSync {
   }
 
   private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
-    for (const name of (await dst.readdir()).sort()) {
+    for (const name of (await utf8Names(dst, rel, (e, r) => this.fail(e, r), 'delete')).sort()) {
       if (keep.has(name) || (rel === '' && name === STATE_DIR)) continue;
       const childRel = joinRel(rel, name);
       const st = await dst.lstatOrUndefined(name);
@@ -405,20 +405,21 @@ export class TreeSync {
 }
 
 /**
- * The names in a source folder. A name that is not UTF-8 cannot be carried
- * through qsync's string paths (it would reach another file, or none): it is
- * reported as an error (exit 23), never skipped as if it had vanished.
+ * The names in a folder (source: to copy; destination: to delete). A name
+ * that is not UTF-8 cannot be carried through qsync's string paths (it would
+ * reach another file, or none): it is reported as an error (exit 23), never
+ * skipped as if it had vanished or were not there.
  */
-async function sourceNames(src: Dir, rel: string, fail: (e: unknown, rel: string) => void): Promise<string[]> {
+async function utf8Names(dir: Dir, rel: string, fail: (e: unknown, rel: string) => void, verb: 'copy' | 'delete'): Promise<string[]> {
   const names: string[] = [];
-  for (const raw of await src.readdirRaw()) {
+  for (const raw of await dir.readdirRaw()) {
     const name = raw.toString();
     if (Buffer.from(name).equals(raw)) {
       names.push(name);
       continue;
     }
     const shown = joinRel(rel, [...raw].map((b) => (b < 0x20 || b > 0x7e || b === 0x5c ? `\\x${b.toString(16).padStart(2, '0')}` : String.fromCharCode(b))).join(''));
-    fail(new QsyncError('SOURCE', `cannot copy ${shown}: its name is not valid UTF-8, which qsync does not handle`, { file: shown, hint: 'rename it to UTF-8, or exclude it' }), shown);
+    fail(new QsyncError(verb === 'copy' ? 'SOURCE' : 'TARGET', `cannot ${verb} ${shown}: its name is not valid UTF-8, which qsync does not handle`, { file: shown, hint: 'rename it to UTF-8, or exclude it' }), shown);
   }
   return names;
 }
