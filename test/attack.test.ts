@@ -258,3 +258,24 @@ describe('bounded reads of files root is given', () => {
     expect(r.code).not.toBe(0);
   });
 });
+
+describe('names cannot forge the output', () => {
+  it('-v, -i and --delete print a newline or an escape in a name as rsync does (\\#012), never raw', async () => {
+    const src = srcTree();
+    const evil = 'a\nqsync error: forged\x1b[31mred';
+    writeFileSync(join(src, evil), 'x');
+    const dest = join(base, 'dest');
+    mkdirSync(dest);
+    writeFileSync(join(dest, `old\n${evil}`), 'stale');
+    for (const flag of ['-v', '-i']) {
+      const r = await runQsync(['-a', '--delete', flag, `${src}/`, `${dest}/`]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stdout).not.toMatch(/^qsync error: forged/m);
+      expect(r.stdout).not.toContain('\x1b');
+      expect(r.stdout).toContain('a\\#012qsync error: forged\\#033[31mred');
+      rmSync(dest, { recursive: true });
+      mkdirSync(dest);
+      writeFileSync(join(dest, `old\n${evil}`), 'stale');
+    }
+  });
+});

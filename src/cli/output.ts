@@ -92,11 +92,19 @@ export function formatProgress(done: number, size: number, elapsedMs: number, hu
 
 const pad2 = (n: number): string => String(n).padStart(2, '0');
 
+/**
+ * Control characters as rsync prints them (`\#012` for a newline): a name
+ * with a newline or an escape sequence cannot forge a line of the log or
+ * drive the terminal of whoever reads it.
+ */
+const escapeControls = (s: string): string =>
+  s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\#${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
+
 /** A name as rsync prints it: directories end in '/', the root is "./". */
 function shownName(r: Pick<FileReport, 'path' | 'kind'>): string {
-  if (r.kind !== 'dir') return r.path;
+  if (r.kind !== 'dir') return escapeControls(r.path);
   if (r.path === '' || r.path === '.') return './';
-  return r.path.endsWith('/') ? r.path : `${r.path}/`;
+  return escapeControls(r.path.endsWith('/') ? r.path : `${r.path}/`);
 }
 
 type Tally = Record<'dir' | 'link' | 'dev' | 'special', number>;
@@ -182,8 +190,8 @@ class TextPrinter implements Printer {
 
   deleted(path: string): void {
     if (path.endsWith('/')) this.deletedDirs++;
-    if (this.o.itemize) this.out(`*deleting   ${path}`);
-    else if (this.o.verbose) this.out(`deleting ${path}`);
+    if (this.o.itemize) this.out(`*deleting   ${escapeControls(path)}`);
+    else if (this.o.verbose) this.out(`deleting ${escapeControls(path)}`);
   }
 
   notice(message: string): void {
@@ -191,8 +199,8 @@ class TextPrinter implements Printer {
   }
 
   warning(message: string): void {
-    if (this.bars) this.bars.log(`qsync: ${message}`);
-    else this.io.stderr.write(`qsync: ${message}\n`);
+    if (this.bars) this.bars.log(`qsync: ${escapeControls(message)}`);
+    else this.io.stderr.write(`qsync: ${escapeControls(message)}\n`);
   }
 
   finish(stats: RunStats | undefined, exitCode: number): number {
