@@ -279,3 +279,19 @@ describe('names cannot forge the output', () => {
     }
   });
 });
+
+describe('delta member names cannot forge the output', () => {
+  it('apply prints a crafted member name with a newline or escape as rsync does, never raw', async () => {
+    const { writeDelta } = await import('./helpers/delta.js');
+    const delta = join(base, 'evil.qdelta');
+    const name = 'x\nqsync error: forged\x1b[2J';
+    await writeDelta(delta, [{ name, base: Buffer.alloc(0), result: Buffer.from('data') }], 64 * 1024);
+    const dir = join(base, 'into');
+    mkdirSync(dir);
+    const r = await runQsync(['apply', delta, dir]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout + r.stderr).not.toMatch(/^qsync error: forged/m);
+    expect(r.stdout + r.stderr).not.toContain('\x1b');
+    expect(r.stdout).toContain('x\\#012qsync error: forged\\#033[2J: applied');
+  });
+});

@@ -6,7 +6,7 @@ import type { Writable } from 'node:stream';
 import { basename, dirname } from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { DELTA_MAGIC, type DeltaHeader } from '../core/delta-codec.js';
-import { isQsyncError, QsyncError } from '../core/errors.js';
+import { escapeControls, isQsyncError, QsyncError } from '../core/errors.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import { openDelta, verifyDeltaFile, type DeltaMemberSummary } from '../io/delta-file.js';
 import { applyDelta } from '../sync/delta-apply.js';
@@ -123,8 +123,8 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
     const str = (k: string) => args[k] as string;
     switch ((args._ as string[])[0]) {
       case 'apply': {
-        for (const m of await applyDelta(str('delta'), str('target'), { notice: (msg, t) => io.stderr.write(`qsync: ${t ?? ''}: ${msg}\n`) })) {
-          io.stdout.write(`${m.target}: ${m.status}${m.status === 'already' ? '' : ` (${m.records} records)`}\n`);
+        for (const m of await applyDelta(str('delta'), str('target'), { notice: (msg, t) => io.stderr.write(`qsync: ${escapeControls(`${t ?? ''}: ${msg}`)}\n`) })) {
+          io.stdout.write(`${escapeControls(m.target)}: ${m.status}${m.status === 'already' ? '' : ` (${m.records} records)`}\n`);
         }
         return EXIT.OK.code;
       }
@@ -139,12 +139,12 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
       case 'info': {
         const members = (await verifyDeltaFile(str('delta'))).map(describeMember);
         if (args.json) io.stdout.write(`${JSON.stringify(members, null, 2)}\n`);
-        else for (const m of members) io.stdout.write(`${Object.entries(m).map(([k, v]) => `${k}: ${v}`).join('\n')}\n\n`);
+        else for (const m of members) io.stdout.write(`${Object.entries(m).map(([k, v]) => `${k}: ${escapeControls(String(v))}`).join('\n')}\n\n`);
         return EXIT.OK.code;
       }
       case 'restore': {
         const dir = str('backup-dir');
-        const warn = (m: string) => void io.stderr.write(`qsync: warning: ${m}\n`);
+        const warn = (m: string) => void io.stderr.write(`qsync: warning: ${escapeControls(m)}\n`);
         if (args.list || args.at === undefined) {
           io.stdout.write('  N  until                     size  records\n');
           for (const p of await listPoints(dir, str('target'), warn)) {
@@ -169,8 +169,8 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
   } catch (e) {
     // yargs reports bad usage as a YError.
     const code = (e as Error)?.name === 'YError' ? EXIT.SYNTAX.code : exitCodeFor(e);
-    const msg = isQsyncError(e) ? e.message : `${(e as Error)?.message ?? e}`;
-    const hint = isQsyncError(e) && e.context.hint ? `\n  hint: ${e.context.hint}` : '';
+    const msg = escapeControls(isQsyncError(e) ? e.message : `${(e as Error)?.message ?? e}`);
+    const hint = isQsyncError(e) && e.context.hint ? `\n  hint: ${escapeControls(e.context.hint)}` : '';
     io.stderr.write(`qsync: ${msg}${hint}\n${describeExit(code)}\n`);
     return code;
   }

@@ -13,7 +13,7 @@
 import type { Writable } from 'node:stream';
 import type cliProgress from 'cli-progress';
 import { createRequire } from 'node:module';
-import { isQsyncError } from '../core/errors.js';
+import { escapeControls, isQsyncError } from '../core/errors.js';
 import type { FileReport, RunStats, SyncHooks } from '../sync/events.js';
 import type { SyncOptions } from './args.js';
 import { describeExit } from './exit-codes.js';
@@ -91,14 +91,6 @@ export function formatProgress(done: number, size: number, elapsedMs: number, hu
 }
 
 const pad2 = (n: number): string => String(n).padStart(2, '0');
-
-/**
- * Control characters as rsync prints them (`\#012` for a newline): a name
- * with a newline or an escape sequence cannot forge a line of the log or
- * drive the terminal of whoever reads it.
- */
-const escapeControls = (s: string): string =>
-  s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\#${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
 
 /** A name as rsync prints it: directories end in '/', the root is "./". */
 function shownName(r: Pick<FileReport, 'path' | 'kind'>): string {

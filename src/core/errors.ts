@@ -43,3 +43,11 @@ export function errnoOf(e: unknown): string | undefined {
   const code = (e as { code?: unknown } | null)?.code;
   return typeof code === 'string' ? code : undefined;
 }
+
+/**
+ * Control characters as rsync prints them (`\#012` for a newline): a name
+ * with a newline or an escape sequence cannot forge a line of the log or
+ * drive the terminal of whoever reads it.
+ */
+export const escapeControls = (s: string): string =>
+  s.replace(/[\x00-\x1f\x7f]/g, (c) => `\\#${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
