@@ -3,6 +3,7 @@
  * Output goes to the injected streams; no exit here.
  */
 import { isQsyncError, QsyncError } from '../core/errors.js';
+import { escapeForTerminal } from './output.js';
 import { parseArgv } from './args.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 import { DELTA_COMMANDS } from './commands.js';
@@ -60,10 +61,10 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
   } catch (e) {
     const code = exitCodeFor(e);
     if (isQsyncError(e)) {
-      const hint = e.context.hint ? `\n  hint: ${e.context.hint}` : '';
-      io.stderr.write(`qsync: ${e.message}${hint}\n`);
+      const hint = e.context.hint ? `\n  hint: ${escapeForTerminal(e.context.hint)}` : '';
+      io.stderr.write(`qsync: ${escapeForTerminal(e.message)}${hint}\n`);
     } else {
-      io.stderr.write(`qsync: internal error: ${(e as Error)?.message ?? e}\n`);
+      io.stderr.write(`qsync: internal error: ${escapeForTerminal(`${(e as Error)?.message ?? e}`)}\n`);
       if (process.env.QSYNC_DEBUG) io.stderr.write(`${(e as Error)?.stack}\n`);
     }
     if (code !== EXIT.SYNTAX.code || !isQsyncError(e)) io.stderr.write(`${describeExit(code)}\n`);

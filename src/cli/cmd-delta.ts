@@ -7,6 +7,7 @@ import { basename, dirname } from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { DELTA_MAGIC, type DeltaHeader } from '../core/delta-codec.js';
 import { isQsyncError, QsyncError } from '../core/errors.js';
+import { escapeForTerminal } from './output.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import { openDelta, verifyDeltaFile, type DeltaMemberSummary } from '../io/delta-file.js';
 import { applyDelta } from '../sync/delta-apply.js';
@@ -123,8 +124,8 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
     const str = (k: string) => args[k] as string;
     switch ((args._ as string[])[0]) {
       case 'apply': {
-        for (const m of await applyDelta(str('delta'), str('target'), { notice: (msg, t) => io.stderr.write(`qsync: ${t ?? ''}: ${msg}\n`) })) {
-          io.stdout.write(`${m.target}: ${m.status}${m.status === 'already' ? '' : ` (${m.records} records)`}\n`);
+        for (const m of await applyDelta(str('delta'), str('target'), { notice: (msg, t) => io.stderr.write(`qsync: ${escapeForTerminal(`${t ?? ''}: ${msg}`)}\n`) })) {
+          io.stdout.write(`${escapeForTerminal(m.target)}: ${m.status}${m.status === 'already' ? '' : ` (${m.records} records)`}\n`);
         }
         return EXIT.OK.code;
       }
@@ -139,20 +140,21 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
       case 'info': {
         const members = (await verifyDeltaFile(str('delta'))).map(describeMember);
         if (args.json) io.stdout.write(`${JSON.stringify(members, null, 2)}\n`);
-        else for (const m of members) io.stdout.write(`${Object.entries(m).map(([k, v]) => `${k}: ${v}`).join('\n')}\n\n`);
+        else for (const m of members) io.stdout.write(`${Object.entries(m).map(([k, v]) => `${k}: ${escapeForTerminal(String(v))}`).join('\n')}\n\n`);
         return EXIT.OK.code;
       }
       case 'restore': {
         const dir = str('backup-dir');
+        const warn = (m: string) => void io.stderr.write(`qsync: warning: ${escapeForTerminal(m)}\n`);
         if (args.list || args.at === undefined) {
           io.stdout.write('  N  until                     size  records\n');
-          for (const p of await listPoints(dir, str('target'))) {
+          for (const p of await listPoints(dir, str('target'), warn)) {
             io.stdout.write(`${String(p.n).padStart(3)}  ${p.until.toISOString()}  ${String(p.size).padStart(12)}  ${p.records}\n`);
           }
           return EXIT.OK.code;
         }
         if (!args.out) throw new QsyncError('USAGE', 'restore --at needs OUT, a new file to write the image to');
-        const r = await restorePoint(dir, str('target'), str('at'), str('out'));
+        const r = await restorePoint(dir, str('target'), str('at'), str('out'), warn);
         io.stdout.write(`${str('out')}: restored (${r.size} bytes, ${r.applied} reverse deltas applied)\n`);
         return EXIT.OK.code;
       }
@@ -168,8 +170,8 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
   } catch (e) {
     // yargs reports bad usage as a YError.
     const code = (e as Error)?.name === 'YError' ? EXIT.SYNTAX.code : exitCodeFor(e);
-    const msg = isQsyncError(e) ? e.message : `${(e as Error)?.message ?? e}`;
-    const hint = isQsyncError(e) && e.context.hint ? `\n  hint: ${e.context.hint}` : '';
+    const msg = escapeForTerminal(isQsyncError(e) ? e.message : `${(e as Error)?.message ?? e}`);
+    const hint = isQsyncError(e) && e.context.hint ? `\n  hint: ${escapeForTerminal(e.context.hint)}` : '';
     io.stderr.write(`qsync: ${msg}${hint}\n${describeExit(code)}\n`);
     return code;
   }

@@ -9,6 +9,7 @@ import type { Writable } from 'node:stream';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
+import { readUpTo } from '../io/local-file.js';
 import { Dir, fsPath, resolveTrusted } from '../io/safe-fs.js';
 import { lockDestination } from '../sync/lock.js';
 import { STATE_DIR } from '../sync/manifest-store.js';
@@ -55,7 +56,16 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
       try {
         const { size } = await fh.stat();
         if (size > MAX_FILTER_FILE) throw new QsyncError('USAGE', `${rule.type} file ${rule.file} is ${size} bytes; at most ${MAX_FILTER_FILE} are read`, { file: rule.file });
-        texts.set(rule.file, await fh.readFile('utf8'));
+        // At most the size stat gave, plus one byte to see a file that grows (or a /proc file that says 0 bytes).
+        const buf = Buffer.alloc(size + 1);
+        const n = await readUpTo(fh, buf, 0);
+        if (n > size) {
+          throw new QsyncError('USAGE', `${rule.type} file ${rule.file} grew while qsync read it (or is not a plain file of a fixed size)`, {
+            file: rule.file,
+            hint: 'give a file that does not change while qsync runs',
+          });
+        }
+        texts.set(rule.file, buf.subarray(0, n).toString('utf8'));
       } finally {
         await fh.close();
       }
@@ -175,7 +185,11 @@ async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: D
   if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
   let deltas: Awaited<ReturnType<typeof openRunDeltas>>;
   try {
-    deltas = await openRunDeltas({ ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch }, Date.now());
+    // A dry run writes nothing: no history folder, no (empty) batch file.
+    deltas = await openRunDeltas(
+      o.dryRun ? { compress: o.compress } : { ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch },
+      Date.now(),
+    );
   } catch (e) {
     await lock?.release();
     throw e;

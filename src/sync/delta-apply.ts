@@ -10,7 +10,7 @@
  * however far it got. Targets are reached from the target directory by
  * descriptor, never through a symlink.
  */
-import { constants } from 'node:fs';
+import { constants, type BigIntStats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
 import type { DeltaHeader } from '../core/delta-codec.js';
@@ -82,8 +82,8 @@ async function targetsFor(members: DeltaMemberSummary[], target: string): Promis
   }
   const seen = new Set<string>();
   return members.map(({ header }) => {
-    const rel = normalize(header.name);
-    if (!header.name || isAbsolute(rel) || rel === '..' || rel.startsWith(`..${sep}`) || rel.split(sep)[0] === STATE_DIR) {
+    const rel = normalize(header.name).replace(/(.)\/+$/, '$1');
+    if (!header.name || isAbsolute(rel) || rel === '.' || rel === '..' || rel.startsWith(`..${sep}`) || rel.split(sep)[0] === STATE_DIR) {
       throw new QsyncError('FORMAT', `delta member name ${JSON.stringify(header.name)} is not a path inside the target directory`, { file: target });
     }
     if (seen.has(rel)) throw new QsyncError('FORMAT', `delta member ${JSON.stringify(header.name)} appears twice`, { file: target });
@@ -104,12 +104,13 @@ async function openTarget(root: string, rel: string, how: 'read' | 'write' | 'cr
   let parent: Dir | undefined;
   try {
     top = await Dir.open(root);
-    parent = await top.openBeneath(dirname(rel));
+    parent = how === 'create' ? await makeBeneath(top, dirname(rel)) : await top.openBeneath(dirname(rel));
     const name = basename(rel);
     if (how === 'create') return await parent.createFile(name, NEW_TARGET_MODE);
     return await parent.openFile(name, how === 'read' ? constants.O_RDONLY : constants.O_RDWR);
   } catch (e) {
-    if (errnoOf(e) === 'ENOENT' && how !== 'create' && parent) return undefined;
+    // A missing folder on the way: the target does not exist either.
+    if (errnoOf(e) === 'ENOENT' && how !== 'create') return undefined;
     if (e instanceof QsyncError) throw e;
     const why = ['ELOOP', 'ENOTDIR'].includes(errnoOf(e) ?? '')
       ? `a folder on the way to it below ${root} is a symlink or not a folder (qsync does not follow symlinks inside the target directory)`
@@ -119,6 +120,33 @@ async function openTarget(root: string, rel: string, how: 'read' | 'write' | 'cr
     await parent?.close();
     await top?.close();
   }
+}
+
+/**
+ * Open `rel` below `top`, creating the folders that are missing (0700: a
+ * delta carries no folder metadata), each by descriptor: a new file in a new
+ * folder, as the sync that made the batch created it. A symlink on the way
+ * is refused as in openBeneath.
+ */
+async function makeBeneath(top: Dir, rel: string): Promise<Dir> {
+  let d = await top.dup();
+  for (const p of rel.split('/').filter((x) => x && x !== '.')) {
+    try {
+      const next = await d.openDir(p).catch(async (e) => {
+        if (errnoOf(e) !== 'ENOENT') throw e;
+        await d.mkdir(p, 0o700).catch((e2) => {
+          if (errnoOf(e2) !== 'EEXIST') throw e2;
+        });
+        return d.openDir(p);
+      });
+      await d.close();
+      d = next;
+    } catch (e) {
+      await d.close();
+      throw e;
+    }
+  }
+  return d;
 }
 
 const applyIntentPath = (manifestPath: string) => `${manifestPath}.apply`;
@@ -167,6 +195,7 @@ async function plan(summary: DeltaMemberSummary, root: string, rel: string, mani
         await scratch.close(true);
         return { ...base, status: 'already', ident };
       }
+      if (st) refuseLinked(st, target);
       if (size !== h.baseSize || !fingerprint.equals(h.baseFingerprint)) {
         throw notBase(
           target,
@@ -185,6 +214,19 @@ async function plan(summary: DeltaMemberSummary, root: string, rel: string, mani
   } finally {
     await fh?.close();
   }
+}
+
+/**
+ * Apply updates a target in place: a target with other hard links (a
+ * `cp -al` snapshot, or a link a user planted to another file) would change
+ * under every name. It is refused, never written through.
+ */
+function refuseLinked(st: BigIntStats, target: string): void {
+  if (st.nlink <= 1n) return;
+  throw new QsyncError('TARGET', `${target} has ${st.nlink} hard links: apply writes a target in place and would change the other names too; nothing was written to it`, {
+    file: target,
+    hint: `give ${target} a copy of its own (cp -p F F.new && mv F.new F), then apply again`,
+  });
 }
 
 function notBase(target: string, what: string): QsyncError {
@@ -404,6 +446,7 @@ class MemberWrite {
     try {
       const st = await target.stat({ bigint: true });
       if (p.ident && !sameIdentity(p.ident, st)) throw changedWhile(p.target);
+      refuseLinked(st, p.target);
       if (p.status !== 'resumed') {
         // From here on the old manifest would lie: the intent and the scratch digests replace it.
         await p.scratch!.sync();

@@ -14,13 +14,13 @@
  * broken link.
  */
 import { constants } from 'node:fs';
-import { mkdir, rm, type FileHandle } from 'node:fs/promises';
+import { link, mkdir, type FileHandle } from 'node:fs/promises';
 import { dirname, join, relative, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { checkOwnDir, Dir, lstatOrUndefined, openRegular } from '../io/safe-fs.js';
+import { checkOwnDir, Dir, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
@@ -62,9 +62,23 @@ interface Chain {
 
 const isZero = (b: Buffer) => b.every((x) => x === 0);
 
+/**
+ * The history folder's path leads through no other user's symlink
+ * (resolveTrusted, as for a --write-batch path), its last component
+ * included: `DIR/` with a trailing slash would follow one.
+ */
+async function checkHistoryPath(dir: string): Promise<void> {
+  const r = await resolveTrusted(dir, true).catch((e) => {
+    if (errnoOf(e) === 'ENOENT') return undefined;
+    throw e;
+  });
+  await r?.dir.close();
+}
+
 /** Open the history folder by descriptor: a symlink in its place is refused. */
 async function openHistoryDir(dir: string): Promise<Dir> {
   try {
+    await checkHistoryPath(dir);
     return await Dir.open(dir, { follow: false });
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') throw new QsyncError('USAGE', `backup dir ${dir} does not exist`, { file: dir });
@@ -120,8 +134,11 @@ async function openMirror(target: string): Promise<FileHandle> {
   }
 }
 
-/** Walk the history of `target` from the mirror back, checking every link. */
-async function walk(dir: string, target: string, mirror: FileHandle): Promise<Chain> {
+/** What the history walk could not use, told to the user (points older than it are missing). */
+export type HistoryWarn = (message: string) => void;
+
+/** Walk the history of `target` from the mirror back, checking every link; `warn` hears of damaged files and a broken chain. */
+async function walk(dir: string, target: string, mirror: FileHandle, warn: HistoryWarn = () => {}): Promise<Chain> {
   const { root, rel } = await locate(target);
   const d = await openHistoryDir(dir);
   const members: Step[] = [];
@@ -135,6 +152,7 @@ async function walk(dir: string, target: string, mirror: FileHandle): Promise<Ch
       } catch (e) {
         if (!(e instanceof QsyncError)) throw e;
         // A damaged file is not part of the chain: the link check stops the walk there if it mattered.
+        warn(`history file ${file} cannot be read (${e.message}): a point it holds for ${target} is not listed, nor older ones`);
       } finally {
         await fh.close();
       }
@@ -173,14 +191,15 @@ async function walk(dir: string, target: string, mirror: FileHandle): Promise<Ch
     size = h.resultSize;
     if (fp) point();
   }
+  if (chain.stoppedAt) warn(`the history of ${target} breaks at ${chain.stoppedAt} (it does not follow from the newer state: a file is missing or damaged); older points cannot be restored`);
   return chain;
 }
 
 /** The points in time of `target`, newest first; each one restores. */
-export async function listPoints(dir: string, target: string): Promise<HistoryPoint[]> {
+export async function listPoints(dir: string, target: string, warn?: HistoryWarn): Promise<HistoryPoint[]> {
   const mirror = await openMirror(target);
   try {
-    return (await walk(dir, target, mirror)).points;
+    return (await walk(dir, target, mirror, warn)).points;
   } finally {
     await mirror.close();
   }
@@ -256,32 +275,49 @@ async function patch(out: FileHandle, s: Step, size: number): Promise<number> {
  * Write `target` as it was at point `at` into the new file `out` (owner-only).
  * The result is hashed and checked against the point's fingerprint.
  */
-export async function restorePoint(dir: string, target: string, at: string, outPath: string): Promise<{ size: number; applied: number }> {
+export async function restorePoint(dir: string, target: string, at: string, outPath: string, warn?: HistoryWarn): Promise<{ size: number; applied: number }> {
   const mirror = await openMirror(target);
   try {
-    const chain = await walk(dir, target, mirror);
+    const chain = await walk(dir, target, mirror, warn);
     const point = pointFor(chain, at);
-    const out = await openRegular(outPath, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, RESTORE_MODE).catch((e) => {
-      if (e instanceof QsyncError) throw e;
-      throw new QsyncError('TARGET', `cannot create ${outPath}: ${(e as Error).message}`, { file: outPath, hint: 'OUT must not exist yet' }, { cause: e });
+    // OUT's folder is reached through no other user's symlink; OUT is written under a temp name and
+    // takes its name (never replacing anything there) only once complete and checked: a killed restore leaves no torn OUT.
+    const cannotCreate = (e: unknown) =>
+      e instanceof QsyncError ? e : new QsyncError('TARGET', `cannot create ${outPath}: ${(e as Error).message}`, { file: outPath, hint: 'OUT must not exist yet' }, { cause: e });
+    const place = await resolveTrusted(outPath, false).catch((e) => {
+      throw cannotCreate(e);
     });
     try {
-      let size = await sparseCopy(mirror, out);
-      const steps = chain.steps.slice(0, point?.steps ?? 0);
-      for (const s of steps) size = await patch(out, s, size);
-      await out.sync();
-      if (point) {
-        const fp = await hashFile(out, size, point.blockSize);
-        if (!fp.equals(point.fingerprint)) {
-          throw new QsyncError('FORMAT', `restored ${outPath} does not match the point's fingerprint: ${target} or the history in ${dir} changed while restoring`, { file: outPath });
+      if (await place.dir.lstatOrUndefined(place.name)) throw cannotCreate(new Error('it already exists'));
+      const { fh: out, name: tmp } = await place.dir.createTemp(place.name, RESTORE_MODE).catch((e) => {
+        throw cannotCreate(e);
+      });
+      try {
+        let size = await sparseCopy(mirror, out);
+        const steps = chain.steps.slice(0, point?.steps ?? 0);
+        for (const s of steps) size = await patch(out, s, size);
+        await out.sync();
+        if (point) {
+          const fp = await hashFile(out, size, point.blockSize);
+          if (!fp.equals(point.fingerprint)) {
+            throw new QsyncError('FORMAT', `restored ${outPath} does not match the point's fingerprint: ${target} or the history in ${dir} changed while restoring`, { file: outPath });
+          }
         }
+        await out.close();
+        // link(2) never replaces: an OUT made meanwhile is left alone.
+        await link(place.dir.at(tmp), place.dir.at(place.name)).catch((e) => {
+          throw cannotCreate(e);
+        });
+        await place.dir.unlink(tmp);
+        await place.dir.sync();
+        return { size, applied: steps.length };
+      } catch (e) {
+        await out.close().catch(() => undefined);
+        await place.dir.unlink(tmp).catch(() => undefined);
+        throw e;
       }
-      await out.close();
-      return { size, applied: steps.length };
-    } catch (e) {
-      await out.close().catch(() => undefined);
-      await rm(outPath, { force: true });
-      throw e;
+    } finally {
+      await place.dir.close();
     }
   } finally {
     await mirror.close();
@@ -332,8 +368,10 @@ export async function lockHistory(dir: string): Promise<DestLock> {
 
 /** Make the history folder (owner-only) if needed; a symlink or another user's folder is refused. */
 export async function ensureHistoryDir(dir: string): Promise<void> {
+  await checkHistoryPath(dir);
   if (await checkOwnDir(dir, 'backup dir')) return;
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  await checkHistoryPath(dir);
   await checkOwnDir(dir, 'backup dir');
   await fsyncDir(dirname(dir));
 }

@@ -12,14 +12,15 @@
  * naming it, never followed, never waited on.
  *
  * The boundary is the path's first `.qsync` component; a path without one (a
- * `--manifest PATH` of the user's) follows its folders as given, and only its
- * last component is held to the rules above.
+ * `--manifest PATH` of the user's) follows its folders as given, except
+ * another user's symlink (resolveTrusted), and only its last component is
+ * held to the rules above.
  */
 import { constants, type BigIntStats } from 'node:fs';
 import { mkdir, type FileHandle } from 'node:fs/promises';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { readUpTo } from '../io/local-file.js';
-import { Dir, splitPath } from '../io/safe-fs.js';
+import { Dir, resolveTrusted, splitPath } from '../io/safe-fs.js';
 
 /** The folder at the destination root that holds qsync's state; never user data. */
 export const STATE_DIR = '.qsync';
@@ -174,15 +175,17 @@ export async function openStateParent(path: string, create: boolean): Promise<St
     held.delete(key);
     if (cached.refs === 0) await cached.dir.close();
   }
+  // A --manifest PATH of the user's is reached as a --write-batch path is: through no other user's symlink.
+  const openRoot = async () => (at < 0 ? (await resolveTrusted(path, false)).dir : await Dir.open(rootPath));
   let d: Dir;
   try {
-    d = await Dir.open(rootPath);
+    d = await openRoot();
   } catch (e) {
     if (errnoOf(e) !== 'ENOENT') throw e;
     if (!create) return undefined;
     // A destination (image mode) or a --manifest PATH folder that does not exist yet: the user's folders, made as asked.
     await mkdir(rootPath, { recursive: true });
-    d = await Dir.open(rootPath);
+    d = await openRoot();
   }
   for (const p of walk) {
     let next: Dir | undefined;
