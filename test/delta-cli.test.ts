@@ -2,7 +2,7 @@
  * Deltas through the real command line, on the real engine: --backup-dir
  * history restored point by point, batches shipped and applied elsewhere.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -49,6 +49,24 @@ describe('--backup-dir history', () => {
 });
 
 describe('batches shipped to another site', () => {
+  it('--only-write-batch into a DEST that does not exist, or one that does, writes nothing there (as rsync); the batch still applies', async () => {
+    const src = join(dir, 'o-src');
+    mkdirSync(src);
+    randomFile(join(src, 'vm.img'), 1 * MiB);
+    const missing = join(dir, 'o-missing');
+    const batch = join(dir, 'o.qdelta');
+    ok(await runQsync(['-a', `--only-write-batch=${batch}`, `${src}/`, `${missing}/`]));
+    expect(existsSync(missing)).toBe(false);
+    const empty = join(dir, 'o-empty');
+    mkdirSync(empty);
+    ok(await runQsync(['-a', `--only-write-batch=${join(dir, 'o2.qdelta')}`, `${src}/`, `${empty}/`]));
+    expect(readdirSync(empty)).toEqual([]);
+    const there = join(dir, 'o-there');
+    mkdirSync(there);
+    ok(await runQsync([`--read-batch=${batch}`, `${there}/`]));
+    expect(await sha256(join(there, 'vm.img'))).toBe(await sha256(join(src, 'vm.img')));
+  });
+
   it('--only-write-batch leaves the target alone; the batch applied elsewhere gives the source, twice; a wrong base is refused', async () => {
     const src = join(dir, 'b-src');
     const here = join(dir, 'b-here');

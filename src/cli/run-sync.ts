@@ -135,14 +135,14 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
     if (!destStat) plan.destCreated = true;
     // rsync's line for a destination folder it makes, with -v or -i.
     if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);
-    if (!destStat && !o.dryRun) {
+    if (!destStat && !leavesDest(o)) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
       await mkdir(fsPath(plan.destRoot), plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch((e) => {
         throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
       });
     }
   }
-  if (!o.dryRun) {
+  if (!leavesDest(o)) {
     await access(fsPath(plan.destRoot), constants.W_OK).catch((e) => {
       throw new QsyncError('TARGET', `destination ${plan.destRoot} is not writable: ${(e as Error).message}`, { file: plan.destRoot, hint: 'check its permissions or mount' });
     });
@@ -163,13 +163,19 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
   }
 }
 
+/**
+ * -n, and --only-write-batch (which records what a run would write), leave
+ * DEST as it is, as rsync does: not made when missing, no state folder, no lock.
+ */
+const leavesDest = (o: SyncOptions): boolean => o.dryRun || o.onlyWriteBatch !== undefined;
+
 async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
   // The destination root (a symlink the user gave as DEST is followed, as rsync does); everything below it is reached through it.
-  const destDir = plan.destCreated && o.dryRun ? undefined : await Dir.open(plan.destRoot).catch((e) => {
+  const destDir = plan.destCreated && leavesDest(o) ? undefined : await Dir.open(plan.destRoot).catch((e) => {
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
-    if (destDir) await checkStateRoot(destDir, !o.dryRun);
+    if (destDir) await checkStateRoot(destDir, !leavesDest(o));
     return await syncInto(printer, pool, plan, destDir, batch, rules, missing, o);
   } finally {
     await destDir?.close();
@@ -178,7 +184,7 @@ async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: strin
 
 /** `batch`: the --write-batch/--only-write-batch file, reached through its held folder. */
 async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
-  const lock = o.dryRun ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
+  const lock = leavesDest(o) ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
   // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
