@@ -7,7 +7,7 @@ import { blockCount } from '../src/core/geometry.js';
 import { LocalFileSink } from '../src/io/local-file.js';
 import type { BlockSink } from '../src/io/types.js';
 import { applyDelta } from '../src/sync/delta-apply.js';
-import { listPoints, prune, restorePoint } from '../src/sync/delta-history.js';
+import { ensureHistoryDir, listPoints, openHistoryDir, prune, restorePoint } from '../src/sync/delta-history.js';
 import { forwardDeltaSink, openBatch, openHistory, reverseDeltaSink, teeDeltaSink, type DeltaSinkInfo } from '../src/sync/delta-sinks.js';
 import { fingerprintOf } from './helpers/delta.js';
 
@@ -65,9 +65,12 @@ describe('reverse-delta history', () => {
     await writeFile(mirror, states[0]);
     for (let k = 1; k <= 5; k++) {
       states.push(next(states[k - 1], k));
-      const w = await openHistory(history, Date.UTC(2026, 0, k), 'brotli');
+      await ensureHistoryDir(history);
+      const hd = await openHistoryDir(history, true);
+      const w = await openHistory(hd, history, Date.UTC(2026, 0, k), 'brotli');
       await engineRun(await reverseDeltaSink(await LocalFileSink.open(mirror, false), w, info(states[k - 1], states[k])), states[k - 1], states[k]);
       await w.finish();
+      await hd.close();
     }
     expect((await readFile(mirror)).equals(states[5])).toBe(true);
     const points = await listPoints(history, mirror);

@@ -5,14 +5,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DeltaFileWriter } from '../src/io/delta-file.js';
 import { lockRecord } from '../src/sync/lock.js';
-import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { AS_NOBODY, QSYNC, runQsync, sha256 } from './helpers/cli.js';
 import { fingerprintOf, writeDelta } from './helpers/delta.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 
@@ -467,4 +467,47 @@ describe('one writer per history folder', () => {
     rmSync(join(history, 'lock'));
     ok(await runQsync(['-a', `--backup-dir=${history}`, `${src}/`, `${join(d, 'dest')}/`]));
   });
+});
+
+describe('the history folder is held, not reached by path again', () => {
+  it('a user owning a folder above --backup-dir swaps it for a symlink to a root folder mid-run: nothing lands in or leaves that folder, the history is kept in the folder qsync held', async () => {
+    const d = fresh('hist-swap');
+    chmodSync(dir, 0o711);
+    chmodSync(d, 0o711);
+    const src = join(d, 'src');
+    const dest = join(d, 'dest');
+    const user = join(d, 'user'); // nobody's folder: nobody may rename what lies in it
+    const history = join(user, 'hist');
+    const victim = join(d, 'victim'); // root's
+    mkdirSync(src);
+    mkdirSync(user);
+    chownSync(user, 65534, 65534);
+    mkdirSync(history, { mode: 0o755 }); // root's, listable: the user sees when the run's temp file appears
+    mkdirSync(victim);
+    writeFileSync(join(victim, '2000-01-01T00-00-00.000Z.qdelta'), 'root data');
+    const size = 64 * MiB;
+    randomFile(join(src, 'vm.img'), size);
+    ok(await runQsync(['-a', `${src}/`, `${dest}/`]));
+    mutateBlocks(join(src, 'vm.img'), size, 0.6);
+    // As nobody: once the run's temp file is in the folder, rename the folder away and put a symlink to root's folder in its place.
+    const attacker = spawn(
+      'setpriv',
+      [...AS_NOBODY, 'sh', '-c', 'i=0; until ls -a "$1" 2>/dev/null | grep -q "\\.tmp$"; do i=$((i+1)); [ $i -gt 20000 ] && exit 1; done; mv "$1" "$1.away" && ln -s "$2" "$1"', 'sh', history, victim],
+      { stdio: 'ignore' },
+    );
+    const swapped = new Promise<number | null>((res) => attacker.on('close', res));
+    try {
+      const r = await runBounded(['-a', `--backup-dir=${history}`, `${src}/`, `${dest}/`], 60_000);
+      attacker.kill('SIGKILL'); // a no-op once it is done
+      expect(await swapped, `the swap happened during the run (qsync: ${r.code} ${r.stderr})`).toBe(0);
+      expect(readdirSync(victim)).toEqual(['2000-01-01T00-00-00.000Z.qdelta']);
+      expect(readFileSync(join(victim, '2000-01-01T00-00-00.000Z.qdelta'), 'latin1')).toBe('root data');
+      // The run kept its history in the folder it held (now under the name the user gave it).
+      ok(r);
+      expect(readdirSync(`${history}.away`).filter((f) => f.endsWith('.qdelta'))).toHaveLength(1);
+      expect(await sha256(join(dest, 'vm.img'))).toBe(await sha256(join(src, 'vm.img')));
+    } finally {
+      attacker.kill('SIGKILL');
+    }
+  }, 120_000);
 });

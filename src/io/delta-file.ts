@@ -78,13 +78,14 @@ export class DeltaFileWriter {
   ) {}
 
   /** `createdMs`: the start of the run, stamped on every member (history points are named by it). */
-  static async create(path: string, compression: DeltaCompression = 'none', createdMs = Date.now()): Promise<DeltaFileWriter> {
+  /** `shown`: the name in messages when `path` reaches the file through a held folder (Dir.at). */
+  static async create(path: string, compression: DeltaCompression = 'none', createdMs = Date.now(), shown = path): Promise<DeltaFileWriter> {
     const tmp = join(dirname(path), `.${basename(path)}.${randomBytes(4).toString('hex')}.tmp`);
     try {
-      const fh = await openRegular(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, DELTA_FILE_MODE);
+      const fh = await openRegular(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, DELTA_FILE_MODE, shown);
       return new DeltaFileWriter(path, tmp, fh, compression, createdMs);
     } catch (e) {
-      throw new QsyncError('TARGET', `cannot create delta ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+      throw new QsyncError('TARGET', `cannot create delta ${shown}: ${(e as Error).message}`, { file: shown }, { cause: e });
     }
   }
 

@@ -445,6 +445,12 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
 export async function checkOwnDir(path: string, what: string): Promise<boolean> {
   const st = await lstatOrUndefined(path);
   if (!st) return false;
+  checkOwnStat(st, path, what);
+  return true;
+}
+
+/** checkOwnDir's test on a stat already taken (of a directory held open, say). */
+export function checkOwnStat(st: BigIntStats, path: string, what: string): void {
   if (!st.isDirectory()) {
     throw new QsyncError('TARGET', `${what} ${path} is ${typeName(st)}, not a directory: qsync does not follow it`, { file: path, hint: 'remove it, or give a real directory' });
   }
@@ -452,5 +458,4 @@ export async function checkOwnDir(path: string, what: string): Promise<boolean> 
   if (uid !== undefined && st.uid !== BigInt(uid)) {
     throw new QsyncError('TARGET', `${what} ${path} belongs to uid ${st.uid}, not to the user qsync runs as (${uid}): refused`, { file: path, hint: 'remove it, or run qsync as its owner' });
   }
-  return true;
 }

@@ -20,9 +20,9 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { checkOwnDir, Dir, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
+import { checkOwnDir, checkOwnStat, Dir, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
-import { lockDestination, type DestLock } from './lock.js';
+import { lockIn, type DestLock } from './lock.js';
 import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest } from './trust.js';
@@ -50,6 +50,8 @@ export interface HistoryPoint {
 
 interface Step {
   file: string;
+  /** `file` through the held history folder. */
+  at: string;
   member: DeltaMemberSummary;
 }
 
@@ -75,11 +77,31 @@ async function checkHistoryPath(dir: string): Promise<void> {
   await r?.dir.close();
 }
 
-/** Open the history folder by descriptor: a symlink in its place is refused. */
-async function openHistoryDir(dir: string): Promise<Dir> {
+/**
+ * Hold the history folder by descriptor, reached through no other user's
+ * symlink, a symlink in its place refused; `own`: it must be ours (we write
+ * in it). Every later step goes through this descriptor, never the path
+ * again: a folder on the way renamed meanwhile steers nothing.
+ */
+export async function openHistoryDir(dir: string, own = false): Promise<Dir> {
   try {
-    await checkHistoryPath(dir);
-    return await Dir.open(dir, { follow: false });
+    await checkHistoryPath(dir); // names another user's symlink on the way, a trailing slash's last one included
+    const { dir: parent, name } = await resolveTrusted(dir, false);
+    let d: Dir;
+    try {
+      d = await parent.openDir(name);
+    } finally {
+      await parent.close();
+    }
+    if (own) {
+      try {
+        checkOwnStat(await d.stat(), dir, 'backup dir');
+      } catch (e) {
+        await d.close();
+        throw e;
+      }
+    }
+    return d;
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') throw new QsyncError('USAGE', `backup dir ${dir} does not exist`, { file: dir });
     if (errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR') {
@@ -138,27 +160,22 @@ async function openMirror(target: string): Promise<FileHandle> {
 export type HistoryWarn = (message: string) => void;
 
 /** Walk the history of `target` from the mirror back, checking every link; `warn` hears of damaged files and a broken chain. */
-async function walk(dir: string, target: string, mirror: FileHandle, warn: HistoryWarn = () => {}): Promise<Chain> {
+async function walk(dir: string, d: Dir, target: string, mirror: FileHandle, warn: HistoryWarn = () => {}): Promise<Chain> {
   const { root, rel } = await locate(target);
-  const d = await openHistoryDir(dir);
   const members: Step[] = [];
-  try {
-    for (const name of await historyNames(d)) {
-      const file = join(dir, name);
-      const fh = await openDelta(d.at(name), file);
-      try {
-        const m = (await summarize(fh, file)).find((x) => x.header.kind === 'reverse' && x.header.name === rel);
-        if (m) members.push({ file, member: m });
-      } catch (e) {
-        if (!(e instanceof QsyncError)) throw e;
-        // A damaged file is not part of the chain: the link check stops the walk there if it mattered.
-        warn(`history file ${file} cannot be read (${e.message}): a point it holds for ${target} is not listed, nor older ones`);
-      } finally {
-        await fh.close();
-      }
+  for (const name of await historyNames(d)) {
+    const file = join(dir, name);
+    const fh = await openDelta(d.at(name), file);
+    try {
+      const m = (await summarize(fh, file)).find((x) => x.header.kind === 'reverse' && x.header.name === rel);
+      if (m) members.push({ file, at: d.at(name), member: m });
+    } catch (e) {
+      if (!(e instanceof QsyncError)) throw e;
+      // A damaged file is not part of the chain: the link check stops the walk there if it mattered.
+      warn(`history file ${file} cannot be read (${e.message}): a point it holds for ${target} is not listed, nor older ones`);
+    } finally {
+      await fh.close();
     }
-  } finally {
-    await d.close();
   }
   const chain: Chain = { steps: [], points: [] };
   if (!members.length) return chain;
@@ -199,7 +216,12 @@ async function walk(dir: string, target: string, mirror: FileHandle, warn: Histo
 export async function listPoints(dir: string, target: string, warn?: HistoryWarn): Promise<HistoryPoint[]> {
   const mirror = await openMirror(target);
   try {
-    return (await walk(dir, target, mirror, warn)).points;
+    const d = await openHistoryDir(dir);
+    try {
+      return (await walk(dir, d, target, mirror, warn)).points;
+    } finally {
+      await d.close();
+    }
   } finally {
     await mirror.close();
   }
@@ -244,7 +266,7 @@ async function sparseCopy(src: FileHandle, out: FileHandle): Promise<number> {
 
 /** Apply one chain step onto `out` (of `size` bytes): resize, then every record (zero records past the old end stay holes). */
 async function patch(out: FileHandle, s: Step, size: number): Promise<number> {
-  const fh = await openDelta(s.file);
+  const fh = await openDelta(s.at, s.file);
   let inMember = false;
   let p: MemberPatch | undefined;
   try {
@@ -277,8 +299,12 @@ async function patch(out: FileHandle, s: Step, size: number): Promise<number> {
  */
 export async function restorePoint(dir: string, target: string, at: string, outPath: string, warn?: HistoryWarn): Promise<{ size: number; applied: number }> {
   const mirror = await openMirror(target);
+  const d = await openHistoryDir(dir).catch(async (e) => {
+    await mirror.close();
+    throw e;
+  });
   try {
-    const chain = await walk(dir, target, mirror, warn);
+    const chain = await walk(dir, d, target, mirror, warn);
     const point = pointFor(chain, at);
     // OUT's folder is reached through no other user's symlink; OUT is written under a temp name and
     // takes its name (never replacing anything there) only once complete and checked: a killed restore leaves no torn OUT.
@@ -320,6 +346,7 @@ export async function restorePoint(dir: string, target: string, at: string, outP
       await place.dir.close();
     }
   } finally {
+    await d.close();
     await mirror.close();
   }
 }
@@ -333,8 +360,11 @@ export async function restorePoint(dir: string, target: string, at: string, outP
  */
 export async function prune(dir: string, keep: number): Promise<string[]> {
   await checkOwnDir(dir, 'backup dir');
-  const d = await openHistoryDir(dir);
-  const lock = await lockHistory(dir);
+  const d = await openHistoryDir(dir, true);
+  const lock = await lockHistory(d, dir).catch(async (e) => {
+    await d.close();
+    throw e;
+  });
   try {
     const names = await historyNames(d);
     const drop = names.slice(keep).reverse();
@@ -355,9 +385,9 @@ export async function prune(dir: string, keep: number): Promise<string[]> {
  * prune): a run salvages what a crashed run left, which must not be the temp
  * file of a run still going.
  */
-export async function lockHistory(dir: string): Promise<DestLock> {
+export async function lockHistory(d: Dir, dir: string): Promise<DestLock> {
   try {
-    return await lockDestination(dir);
+    return await lockIn(d, join(dir, 'lock'), () => `another qsync is writing the history in ${dir}; wait for it to finish`, async () => {});
   } catch (e) {
     if (e instanceof QsyncError && e.code === 'LOCKED') {
       throw new QsyncError('LOCKED', `another qsync is writing the history in ${dir}; wait for it to finish`, { file: dir, hint: e.context.hint });

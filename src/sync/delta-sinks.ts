@@ -9,17 +9,16 @@
  * Deltas describe "resize the base to the result's size, then write these
  * blocks", the order the engine follows (truncate first, then writes).
  */
-import { readdir, rm } from 'node:fs/promises';
 import { join, sep } from 'node:path';
 import type { DeltaCompression, DeltaHeader, DeltaKind } from '../core/delta-codec.js';
-import { QsyncError } from '../core/errors.js';
+import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, blockLength } from '../core/geometry.js';
 import { DIGEST_LEN, digestOf } from '../hash/blake3.js';
 import { DeltaFileWriter, openDelta, readDeltaFile } from '../io/delta-file.js';
-import { fsyncDir } from '../io/fsync-dir.js';
 import { readUpTo, type LocalFileSink } from '../io/local-file.js';
+import type { Dir } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
-import { ensureHistoryDir, historyFileName } from './delta-history.js';
+import { historyFileName } from './delta-history.js';
 import { manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
 
 export interface DeltaSinkInfo {
@@ -42,13 +41,14 @@ export const openBatch = (path: string, compression: DeltaCompression, startedMs
   DeltaFileWriter.create(path, compression, startedMs);
 
 /**
- * This run's reverse-delta file in DIR, named by `startedMs`. Salvages what a
+ * This run's reverse-delta file in DIR (held open as `d`: the writer
+ * reaches it through `d`, which must stay open until it is finished), named by `startedMs`. Salvages what a
  * crashed earlier run left: its complete members are kept as a point.
  */
-export async function openHistory(dir: string, startedMs: number, compression: DeltaCompression): Promise<DeltaFileWriter> {
-  await ensureHistoryDir(dir);
-  await salvageHistory(dir);
-  return DeltaFileWriter.create(join(dir, historyFileName(startedMs)), compression, startedMs);
+export async function openHistory(d: Dir, dir: string, startedMs: number, compression: DeltaCompression): Promise<DeltaFileWriter> {
+  await salvageHistory(d, dir);
+  const name = historyFileName(startedMs);
+  return DeltaFileWriter.create(d.at(name), compression, startedMs, join(dir, name));
 }
 
 /** Block indices covered by [offset, offset+length). */
@@ -241,26 +241,28 @@ async function manifestView(targetPath: string, info: DeltaSinkInfo): Promise<Ma
  * its result only if the run could vouch for it. The file becomes the
  * crashed run's point; the link checks of restore take it from there.
  */
-export async function salvageHistory(dir: string): Promise<void> {
-  for (const name of await readdir(dir)) {
+export async function salvageHistory(d: Dir, dir: string): Promise<void> {
+  for (const name of await d.readdir()) {
     const m = /^\.(.+\.qdelta)\.[0-9a-f]+\.tmp$/.exec(name);
     if (!m) continue;
-    const tmp = join(dir, name);
-    await rewriteSalvaged(tmp, join(dir, m[1]));
-    await rm(tmp, { force: true });
-    await fsyncDir(dir);
+    await rewriteSalvaged(d, dir, name, m[1]);
+    await d.unlink(name).catch((e) => {
+      if (errnoOf(e) !== 'ENOENT') throw e;
+    });
+    await d.sync();
   }
 }
 
-async function rewriteSalvaged(tmp: string, dest: string): Promise<void> {
-  const fh = await openDelta(tmp).catch(() => undefined);
+async function rewriteSalvaged(d: Dir, dir: string, tmpName: string, destName: string): Promise<void> {
+  const tmp = join(dir, tmpName);
+  const fh = await openDelta(d.at(tmpName), tmp).catch(() => undefined);
   if (!fh) return;
   let w: DeltaFileWriter | undefined;
   let open: DeltaHeader | undefined;
   try {
     for await (const ev of readDeltaFile(fh, tmp, { tolerant: true })) {
       if (ev.type === 'header') {
-        w ??= await DeltaFileWriter.create(dest, ev.header.compression, ev.header.createdMs);
+        w ??= await DeltaFileWriter.create(d.at(destName), ev.header.compression, ev.header.createdMs, join(dir, destName));
         if (w.compression !== ev.header.compression) break;
         open = ev.header;
         w.beginMember(ev.header, ev.header);

@@ -110,13 +110,22 @@ async function take(dir: Dir, name: string, record: string, depth: number): Prom
 
 export async function lockDestination(stateDir: string): Promise<DestLock> {
   const path = join(stateDir, 'lock');
-  // A system error here (read-only, full, no permission) ends the run before anything is written.
-  const failed = (e: unknown): unknown =>
-    isQsyncError(e) ? e : new QsyncError('IO', `cannot take the lock ${path}: ${(e as Error).message}`, { file: path, hint: 'check that the destination is writable' }, { cause: e });
   const sp = await openStateParent(path, true).catch((e) => {
-    throw failed(e);
+    throw lockFailed(path, e);
   });
-  const { dir } = sp;
+  return lockIn(sp.dir, path, (pid) => `another qsync (pid ${pid}) is syncing into ${dirname(stateDir)}; wait for it to finish`, () => sp.release());
+}
+
+// A system error here (read-only, full, no permission) ends the run before anything is written.
+const lockFailed = (path: string, e: unknown): unknown =>
+  isQsyncError(e) ? e : new QsyncError('IO', `cannot take the lock ${path}: ${(e as Error).message}`, { file: path, hint: 'check that the destination is writable' }, { cause: e });
+
+/**
+ * Take the lock file `lock` in the folder `dir` holds (`path`, for messages,
+ * names it; `busy` the message when a live run holds it).
+ * `done` runs once the lock is released, or when it could not be taken.
+ */
+export async function lockIn(dir: Dir, path: string, busy: (pid: number) => string, done: () => Promise<void>): Promise<DestLock> {
   const record = lockRecord();
   const deadline = Date.now() + TAKEOVER_WAIT_MS;
   try {
@@ -124,7 +133,7 @@ export async function lockDestination(stateDir: string): Promise<DestLock> {
       const r = await take(dir, 'lock', record, 0);
       if (r === true) break;
       if (r !== undefined) {
-        throw new QsyncError('LOCKED', `another qsync (pid ${r}) is syncing into ${dirname(stateDir)}; wait for it to finish`, {
+        throw new QsyncError('LOCKED', busy(r), {
           file: path,
           hint: `if no qsync is running, remove ${path}`,
         });
@@ -133,8 +142,8 @@ export async function lockDestination(stateDir: string): Promise<DestLock> {
       await new Promise((res) => setTimeout(res, 10 + Math.random() * 40));
     }
   } catch (e) {
-    await sp.release();
-    throw failed(e);
+    await done();
+    throw lockFailed(path, e);
   }
   const at = dir.at('lock');
   held.add(at);
@@ -145,7 +154,7 @@ export async function lockDestination(stateDir: string): Promise<DestLock> {
         // Ours unless a hand removed it: never remove a record of another run.
         if ((await readRecord(dir, 'lock').catch(() => undefined)) === record) await unlinkState(dir, 'lock');
       } finally {
-        await sp.release();
+        await done();
       }
     },
   };

@@ -7,7 +7,8 @@
 import { QsyncError } from '../core/errors.js';
 import type { DeltaFileWriter } from '../io/delta-file.js';
 import type { BlockSink } from '../io/types.js';
-import { ensureHistoryDir, lockHistory } from './delta-history.js';
+import type { Dir } from '../io/safe-fs.js';
+import { ensureHistoryDir, lockHistory, openHistoryDir } from './delta-history.js';
 import { forwardDeltaSink, openBatch, openHistory, reverseDeltaSink, teeDeltaSink } from './delta-sinks.js';
 import type { DestLock } from './lock.js';
 import type { FileSyncContext } from './file-sync.js';
@@ -34,19 +35,31 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
   const compression = o.compress ? 'brotli' : 'none';
   let historyLock: DestLock | undefined;
   let history: DeltaFileWriter | undefined;
+  // The history folder is held from here to the end: every step reaches it through this descriptor, never its path.
+  let historyDir: Dir | undefined;
+  const dropHistoryDir = async () => {
+    try {
+      await historyLock?.release();
+    } finally {
+      await historyDir?.close();
+    }
+  };
   if (o.backupDir) {
     await ensureHistoryDir(o.backupDir);
-    historyLock = await lockHistory(o.backupDir);
-    history = await openHistory(o.backupDir, startedMs, compression).catch(async (e) => {
-      await historyLock!.release();
+    historyDir = await openHistoryDir(o.backupDir, true);
+    try {
+      historyLock = await lockHistory(historyDir, o.backupDir);
+      history = await openHistory(historyDir, o.backupDir, startedMs, compression);
+    } catch (e) {
+      await dropHistoryDir();
       throw e;
-    });
+    }
   }
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
   const batch = batchPath
     ? await openBatch(batchPath, compression, startedMs).catch(async (e) => {
         await history?.abort();
-        await historyLock?.release();
+        await dropHistoryDir();
         throw e;
       })
     : undefined;
@@ -76,7 +89,7 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
         await close(batch, ok);
         await close(history, ok && historyMembers > 0);
       } finally {
-        await historyLock?.release();
+        await dropHistoryDir();
       }
     },
   };
