@@ -88,3 +88,25 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img', 'qemu-io'))('qsync 
     expect(missing.stderr).not.toMatch(/^\s+at /m);
   });
 });
+
+describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('qsync --image after a killed qsync', () => {
+  it('a qemu-storage-daemon an earlier qsync left behind (orphaned) is stopped, not taken for a running VM', async () => {
+    const dir = tmpDir('qsync-image-orphan-');
+    try {
+      const img = path.join(dir, 'vm.qcow2');
+      qemuImgCreate(img, '64M');
+      qemuIo(img, 'qcow2', 'write -P 0x33 0 1M');
+      fs.mkdirSync(path.join(dir, 'qsync-qsd-left'));
+      // What a qsync killed before the daemon's parent-death signal was armed leaves: a daemon re-parented to init.
+      run('setsid', ['sh', '-c', `qemu-storage-daemon --blockdev driver=file,node-name=ivm-file,filename=${img} --blockdev driver=qcow2,node-name=ivm,file=ivm-file --chardev socket,id=qmp0,path=${dir}/qsync-qsd-left/qmp.sock,server=on,wait=off --monitor chardev=qmp0 >/dev/null 2>&1 &`]);
+      const until = Date.now() + 10_000;
+      while (!fs.existsSync(path.join(dir, 'qsync-qsd-left', 'qmp.sock')) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+      const r = await runQsync(['--image', img, `${path.join(dir, 'out')}/`]);
+      expect(r.code, r.stderr).toBe(0);
+      run('qemu-img', ['convert', '-O', 'raw', img, path.join(dir, 'convert.raw')]);
+      expect(await sha256(path.join(dir, 'out', 'vm.raw'))).toBe(await sha256(path.join(dir, 'convert.raw')));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

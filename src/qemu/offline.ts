@@ -4,7 +4,7 @@
  * running VM applies: persistent bitmaps in a qcow2 are used and rotated.
  */
 import { execFile, spawn } from 'node:child_process';
-import { stat, mkdtemp, rm } from 'node:fs/promises';
+import { stat, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
@@ -25,6 +25,10 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
   const st = await stat(file).catch((e: unknown) => {
     throw new QsyncError('SOURCE', `cannot open ${image}: ${(e as Error).message}`, { file: image }, { cause: e });
   });
+  if ((await isLockedByOther(st.dev, st.ino)) && (await stopLeftoverDaemon(file))) {
+    // Its locks go as it exits: wait for that, a bounded while.
+    for (let i = 0; i < 100 && (await isLockedByOther(st.dev, st.ino)); i++) await new Promise((r) => setTimeout(r, 100));
+  }
   if (await isLockedByOther(st.dev, st.ino)) {
     throw new QsyncError('LOCKED', `${image} is open in a running QEMU`, {
       file: image, hint: 'back it up through that QEMU: qsync --qmp /path/to/qmp.sock DEST',
@@ -65,4 +69,45 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
   }
   await stop();
   throw new QsyncError('SOURCE', `qemu-storage-daemon could not open ${image}: ${stderr.trim() || 'no QMP socket'}`, { file: image });
+}
+
+/**
+ * A qemu-storage-daemon that an earlier qsync started for `file` and that
+ * outlived it (qsync killed before the daemon's parent-death signal was
+ * armed, a window of a few milliseconds at its start): stopped (SIGTERM,
+ * then SIGKILL after 10 s), so that the image is not refused for ever as
+ * open in QEMU. Recognised by its command line (this very image, a QMP
+ * socket in a qsync-qsd- folder) and by having lost its parent qsync (its
+ * parent is no longer a node process). Returns whether one was stopped.
+ */
+async function stopLeftoverDaemon(file: string): Promise<boolean> {
+  let stopped = false;
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const args = (await readFile(`/proc/${pid}/cmdline`, 'latin1').catch(() => '')).split('\0');
+    if (!args[0]?.endsWith('qemu-storage-daemon') || !args.some((a) => a.endsWith(`,filename=${file}`)) || !args.some((a) => a.includes('/qsync-qsd-'))) continue;
+    const statLine = await readFile(`/proc/${pid}/stat`, 'latin1').catch(() => '');
+    const ppid = statLine.slice(statLine.lastIndexOf(')') + 2).split(' ')[1];
+    const parent = (await readFile(`/proc/${ppid}/comm`, 'latin1').catch(() => '')).trim();
+    if (parent === 'node') continue; // its qsync still runs
+    try {
+      process.kill(Number(pid), 'SIGTERM');
+    } catch {
+      continue;
+    }
+    // Gone, or a zombie (it holds no file any more), within 10 s.
+    const running = async (): Promise<boolean> => {
+      const line = await readFile(`/proc/${pid}/stat`, 'latin1').catch(() => '');
+      const state = line.charAt(line.lastIndexOf(')') + 2);
+      return state !== '' && state !== 'Z';
+    };
+    for (let i = 0; i < 100 && (await running()); i++) await new Promise((r) => setTimeout(r, 100));
+    try {
+      process.kill(Number(pid), 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+    stopped = true;
+  }
+  return stopped;
 }
