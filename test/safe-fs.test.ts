@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { QsyncError } from '../src/core/errors.js';
-import { checkName, Dir, openRegular, setMetaAt, splitPath } from '../src/io/safe-fs.js';
+import { checkName, Dir, isTempNameFor, openRegular, setMetaAt, splitPath } from '../src/io/safe-fs.js';
 
 let root: string;
 beforeEach(async () => {
@@ -64,6 +64,9 @@ describe('safe-fs', () => {
       await a.fh.close();
       await b.fh.close();
       expect(a.name).not.toBe(b.name);
+      // A later run knows them as temps made for vm.img, and nothing else as such.
+      expect(isTempNameFor(a.name, 'vm.img') && isTempNameFor(b.name, 'vm.img')).toBe(true);
+      for (const other of ['vm.img', '.vm.img.tmp', '.vm.img.0123456789ab.tmpx', '.vm.imgx.0123456789ab.tmp']) expect(isTempNameFor(other, 'vm.img')).toBe(false);
       expect((await lstat(join(root, a.name))).mode & 0o777).toBe(0o600);
     } finally {
       await d.close();

@@ -112,6 +112,12 @@ export const compareNames = (a: string, b: string): number => Buffer.compare(enc
 /** A fresh unpredictable name to create beside `name` and rename over it once complete. */
 export const tempNameFor = (name: string): string => `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
 
+/** Whether `entry` is a name tempNameFor(`name`) gives (a temp file made for `name`). */
+export const isTempNameFor = (entry: string, name: string): boolean => {
+  const stem = `.${name.slice(0, 200)}.`;
+  return entry.length === stem.length + 16 && entry.startsWith(stem) && /^[0-9a-f]{12}\.tmp$/.test(entry.slice(stem.length));
+};
+
 /** A directory held open by descriptor; every entry is reached relative to it. */
 export class Dir {
   private constructor(

@@ -20,7 +20,7 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { checkOwnDir, checkOwnStat, Dir, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
+import { checkOwnDir, checkOwnStat, Dir, isTempNameFor, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockIn, type DestLock } from './lock.js';
 import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
@@ -315,6 +315,12 @@ export async function restorePoint(dir: string, target: string, at: string, outP
     });
     try {
       if (await place.dir.lstatOrUndefined(place.name)) throw cannotCreate(new Error('it already exists'));
+      // What a killed restore to this OUT left: its temp file (a regular file of ours, named for OUT).
+      for (const entry of await place.dir.readdir()) {
+        if (!isTempNameFor(entry, place.name)) continue;
+        const st = await place.dir.lstatOrUndefined(entry);
+        if (st?.isFile() && st.uid === BigInt(process.geteuid?.() ?? 0)) await place.dir.unlink(entry).catch(() => undefined);
+      }
       const { fh: out, name: tmp } = await place.dir.createTemp(place.name, RESTORE_MODE).catch((e) => {
         throw cannotCreate(e);
       });
