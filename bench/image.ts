@@ -1,5 +1,5 @@
 /**
- * The `image` scenario (issue 5): a qcow2 served by qemu-storage-daemon, the
+ * The `image` scenario (docs/IMAGE-MODE.md): a qcow2 served by qemu-storage-daemon, the
  * guest rewrites `--change` of its 64 KiB clusters (scattered, through NBD)
  * before each run, then: `qsync --qmp` incremental, `nbdcopy` of the disk to
  * null: (the read reference), and a forced file-mode `qsync -a -c` of the

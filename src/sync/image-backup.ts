@@ -1,5 +1,5 @@
 /**
- * Image mode (issue 5): back up the guest-visible contents of each disk of a
+ * Image mode (docs/IMAGE-MODE.md): back up the guest-visible contents of each disk of a
  * QEMU (running VM, qemu-storage-daemon, or an offline image served by one)
  * into DEST/<disk>.raw, a raw sparse image, with a manifest beside it.
  *
