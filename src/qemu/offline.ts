@@ -9,6 +9,7 @@ import { connect } from 'node:net';
 import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
+import { procStat } from '../io/proc-stat.js';
 import { isLockedByOther } from '../sync/qemu-locks.js';
 
 const run = promisify(execFile);
@@ -86,9 +87,8 @@ async function stopLeftoverDaemon(file: string): Promise<boolean> {
     if (!/^\d+$/.test(pid)) continue;
     const args = (await readFile(`/proc/${pid}/cmdline`, 'latin1').catch(() => '')).split('\0');
     if (!args[0]?.endsWith('qemu-storage-daemon') || !args.some((a) => a.endsWith(`,filename=${file}`)) || !args.some((a) => a.includes('/qsync-qsd-'))) continue;
-    const statLine = await readFile(`/proc/${pid}/stat`, 'latin1').catch(() => '');
-    const ppid = statLine.slice(statLine.lastIndexOf(')') + 2).split(' ')[1];
-    const parent = (await readFile(`/proc/${ppid}/comm`, 'latin1').catch(() => '')).trim();
+    const ppid = procStat(Number(pid))?.ppid;
+    const parent = ppid === undefined ? '' : (await readFile(`/proc/${ppid}/comm`, 'latin1').catch(() => '')).trim();
     if (parent === 'node') continue; // its qsync still runs
     try {
       process.kill(Number(pid), 'SIGTERM');
@@ -96,12 +96,11 @@ async function stopLeftoverDaemon(file: string): Promise<boolean> {
       continue;
     }
     // Gone, or a zombie (it holds no file any more), within 10 s.
-    const running = async (): Promise<boolean> => {
-      const line = await readFile(`/proc/${pid}/stat`, 'latin1').catch(() => '');
-      const state = line.charAt(line.lastIndexOf(')') + 2);
-      return state !== '' && state !== 'Z';
+    const running = (): boolean => {
+      const state = procStat(Number(pid))?.state;
+      return state !== undefined && state !== 'Z';
     };
-    for (let i = 0; i < 100 && (await running()); i++) await new Promise((r) => setTimeout(r, 100));
+    for (let i = 0; i < 100 && running(); i++) await new Promise((r) => setTimeout(r, 100));
     try {
       process.kill(Number(pid), 'SIGKILL');
     } catch {

@@ -15,13 +15,14 @@
  * renames its own record over it. Only successors replace a record, and
  * there is one successor per record, so two runs never both hold the lock.
  */
-import { readFileSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { link, rename } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { errnoOf, isQsyncError, QsyncError } from '../core/errors.js';
 import { digestOf } from '../hash/blake3.js';
 import type { Dir } from '../io/safe-fs.js';
 import { bootId } from './intent.js';
+import { procStat } from '../io/proc-stat.js';
 import { createStateTemp, doneWithTemp, openStateParent, readStateFile, unlinkState } from './state-dir.js';
 
 /** How long to wait for a takeover another run is in the middle of (a few syscalls) before giving up. */
@@ -29,16 +30,8 @@ const TAKEOVER_WAIT_MS = 5000;
 /** No qsync lock record is longer than this; only this much is read. */
 const RECORD_MAX = 256;
 
-/** The start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22); undefined when it does not exist. */
-export function processStartTime(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1');
-    // Field 2 (comm) may hold spaces and ')': the fields after it start after the last ')'.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  } catch {
-    return undefined;
-  }
-}
+/** The start time of process `pid` (/proc/PID/stat field 22); undefined when it does not exist. */
+export const processStartTime = (pid: number): string | undefined => procStat(pid)?.startTime;
 
 /** This process's lock record: `PID START BOOTID\n`. */
 export const lockRecord = (): string => `${process.pid} ${processStartTime(process.pid) ?? '?'} ${bootId()}\n`;
