@@ -7,10 +7,9 @@ import { chmodSync, chownSync, existsSync, lchownSync, linkSync, mkdirSync, mkdt
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { runQsync, sha256 } from './helpers/cli.js';
+import { NOBODY, runQsync, sha256 } from './helpers/cli.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 
-const NOBODY = 65534;
 const asRoot = process.getuid?.() === 0;
 
 let base: string;

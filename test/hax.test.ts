@@ -11,7 +11,7 @@ import { appendFileSync, chmodSync, chownSync, linkSync, lstatSync, mkdirSync, m
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runQsync } from './helpers/cli.js';
+import { AS_NOBODY, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 
 let root: string;
@@ -213,7 +213,7 @@ describe.skipIf(!needTools('rsync', 'getfattr', 'setfattr', 'getfacl', 'setfacl'
     sh('chown', '-R', '65534:65534', base);
     const rs = join(base, 'by-rsync');
     const qs = join(base, 'by-qsync');
-    const nobody = (...cmd: string[]) => sh('setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', ...cmd);
+    const nobody = (...cmd: string[]) => sh('setpriv', ...AS_NOBODY, ...cmd);
     const r = nobody('rsync', '-aHAX', '-i', `${src}/`, `${rs}/`);
     const q = nobody(process.execPath, join(import.meta.dirname, '../dist/src/cli/main.js'), '-aHAX', '-i', `${src}/`, `${qs}/`);
     expect(lines(q)).toEqual(lines(r));

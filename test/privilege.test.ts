@@ -14,10 +14,9 @@ import { chmodSync, chownSync, existsSync, lchownSync, lstatSync, mkdirSync, mkd
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { AS_NOBODY, NOBODY, QSYNC, runQsync, sha256 } from './helpers/cli.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 
-const NOBODY = 65534;
 const BIG = 256 << 20;
 const asRoot = process.getuid?.() === 0;
 
@@ -62,7 +61,7 @@ function userFile(path: string, content: string | number, mode = 0o644): string 
 
 /** Run a bash script as nobody; resolves with its exit code (killed after 30 s). */
 function asNobody(script: string): Promise<number | null> {
-  const p = spawn('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'bash', '-c', script], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const p = spawn('setpriv', [...AS_NOBODY, 'bash', '-c', script], { stdio: ['ignore', 'ignore', 'inherit'] });
   const timer = setTimeout(() => p.kill('SIGKILL'), 30_000);
   return new Promise((resolve) => p.on('close', (code) => (clearTimeout(timer), resolve(code))));
 }

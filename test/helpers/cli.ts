@@ -5,8 +5,10 @@ import { join } from 'node:path';
 
 export const QSYNC = join(import.meta.dirname, '../../dist/src/cli/main.js');
 
+/** The unprivileged user the tests play (nobody). */
+export const NOBODY = 65534;
 /** setpriv's arguments that run a command as nobody (uid and gid 65534, no groups). */
-export const AS_NOBODY = ['--reuid=65534', '--regid=65534', '--clear-groups'];
+export const AS_NOBODY = [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups'];
 
 export interface RunResult {
   code: number | null;
