@@ -321,6 +321,23 @@ describe('targets and trees of any shape', () => {
     expect(JSON.parse(again.stdout).files.find((f: { path: string }) => f.path === 'f').method).toBe('quick');
   });
 
+  it('a sparse target with other hard links stays sparse when it is copied away from them', async () => {
+    const src = join(base, 'src');
+    mkdirSync(src);
+    // 64 MiB, of which 1 MiB holds data: the rest is a hole.
+    execFileSync('truncate', ['-s', '64M', join(src, 'disk.img')]);
+    execFileSync('dd', ['if=/dev/urandom', `of=${join(src, 'disk.img')}`, 'bs=1M', 'count=1', 'seek=8', 'conv=notrunc', 'status=none']);
+    const bk = join(base, 'bk');
+    expect((await runQsync(['-a', '-S', `${src}/`, `${bk}/`])).code).toBe(0);
+    execFileSync('cp', ['-al', bk, join(base, 'snap')]);
+    execFileSync('dd', ['if=/dev/urandom', `of=${join(src, 'disk.img')}`, 'bs=64K', 'count=1', 'seek=128', 'conv=notrunc', 'status=none']);
+    const r = await runQsync(['-a', '-S', `${src}/`, `${bk}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(await sha256(join(bk, 'disk.img'))).toBe(await sha256(join(src, 'disk.img')));
+    // Allocated 512-byte blocks: about 1 MiB of data, not 64 MiB of written zeros.
+    expect(statSync(join(bk, 'disk.img')).blocks * 512).toBeLessThan(8 << 20);
+  });
+
   it('descriptors grow with the depth of the tree, not its width', async () => {
     const src = join(base, 'src');
     let deep = src;

@@ -18,6 +18,25 @@ export async function readUpTo(fh: FileHandle, buf: Uint8Array, position: number
   return done;
 }
 
+/**
+ * Copy all of `from` to the start of `to`, leaving holes where `from` reads
+ * as zeros (a sparse image stays sparse), and set `to`'s size; returns it.
+ */
+export async function copySparse(from: FileHandle, to: FileHandle): Promise<number> {
+  const buf = Buffer.alloc(1 << 20);
+  const out = LocalFileSink.of(to, '');
+  let pos = 0;
+  for (;;) {
+    const n = await readUpTo(from, buf, pos);
+    const part = buf.subarray(0, n);
+    if (part.some((b) => b !== 0)) await out.write(pos, part);
+    pos += n;
+    if (n < buf.length) break;
+  }
+  await to.truncate(pos);
+  return pos;
+}
+
 export class LocalFileSource implements BlockSource {
   private constructor(private readonly fh: FileHandle, readonly size: number, readonly path: string) {}
 

@@ -18,8 +18,9 @@ import { link, mkdir, type FileHandle } from 'node:fs/promises';
 import { dirname, join, relative, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
-import { MemberPatch, openDelta, readDeltaFile, summarize, writeAll, type DeltaMemberSummary } from '../io/delta-file.js';
+import { MemberPatch, openDelta, readDeltaFile, summarize, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
+import { copySparse } from '../io/local-file.js';
 import { checkOwnDir, checkOwnStat, Dir, isTempNameFor, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockIn, type DestLock } from './lock.js';
@@ -247,22 +248,6 @@ function pointFor(chain: Chain, at: string): HistoryPoint | undefined {
   return p;
 }
 
-const COPY_CHUNK = 1 << 20;
-
-/** Copy the mirror to `out`, leaving all-zero chunks as holes. */
-async function sparseCopy(src: FileHandle, out: FileHandle): Promise<number> {
-  const buf = Buffer.alloc(COPY_CHUNK);
-  let pos = 0;
-  for (;;) {
-    const { bytesRead } = await src.read(buf, 0, COPY_CHUNK, pos);
-    if (bytesRead === 0) break;
-    const part = buf.subarray(0, bytesRead);
-    if (part.some((b) => b !== 0)) await writeAll(out, part, pos);
-    pos += bytesRead;
-  }
-  await out.truncate(pos);
-  return pos;
-}
 
 /** Apply one chain step onto `out` (of `size` bytes): resize, then every record (zero records past the old end stay holes). */
 async function patch(out: FileHandle, s: Step, size: number): Promise<number> {
@@ -325,7 +310,7 @@ export async function restorePoint(dir: string, target: string, at: string, outP
         throw cannotCreate(e);
       });
       try {
-        let size = await sparseCopy(mirror, out);
+        let size = await copySparse(mirror, out);
         const steps = chain.steps.slice(0, point?.steps ?? 0);
         for (const s of steps) size = await patch(out, s, size);
         await out.sync();

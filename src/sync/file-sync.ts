@@ -12,7 +12,7 @@ import { blockCount } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
 import type { HashPool, ScannedChunk } from '../hash/pool.js';
-import { LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
+import { copySparse, LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
 import { setMetaByFd, type Dir, type MetaChange } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
@@ -179,7 +179,11 @@ async function openTarget(job: FileJob, detach: boolean): Promise<{ fh: FileHand
   if (!dstStat || detach) {
     const { fh, name } = await dir.createTemp(dstName, Number(srcStat.mode & 0o600n));
     try {
-      if (dstStat) await copyAll(await dir.openFile(dstName, constants.O_RDONLY), fh, Number(dstStat.size));
+      if (dstStat) {
+        // Holes stay holes: a sparse image linked into a snapshot is not filled with zeros.
+        const from = await dir.openFile(dstName, constants.O_RDONLY);
+        await copySparse(from, fh).finally(() => from.close());
+      }
     } catch (e) {
       await fh.close();
       await dir.unlink(name).catch(() => {});
@@ -196,21 +200,6 @@ async function openTarget(job: FileJob, detach: boolean): Promise<{ fh: FileHand
   const mode = Number(st.mode & 0o7777n);
   if (meta.mode !== undefined && (mode & ~meta.mode) !== 0) await setMetaByFd(fh.fd, { mode: mode & meta.mode });
   return { fh };
-}
-
-/** Copy `size` bytes of `from` (closed after) to the start of `to`. */
-async function copyAll(from: FileHandle, to: FileHandle, size: number): Promise<void> {
-  const buf = Buffer.alloc(Math.min(size, 1 << 20));
-  const out = LocalFileSink.of(to, '');
-  try {
-    for (let off = 0; off < size; off += buf.length) {
-      const n = await readUpTo(from, buf.subarray(0, Math.min(buf.length, size - off)), off);
-      await out.write(off, buf.subarray(0, n));
-      if (n < Math.min(buf.length, size - off)) break;
-    }
-  } finally {
-    await from.close();
-  }
 }
 
 async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | undefined, trust: Trust, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult> {
