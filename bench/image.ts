@@ -19,7 +19,7 @@ import { fail, load, summarize, type ScenarioResult, type ToolResult } from './r
 import type { Scenario } from './scenarios.js';
 import { pickScattered } from './data.js';
 import type { makeTools } from './tools.js';
-import { fsyncTree, identical, treeBytes } from './tree.js';
+import { fsyncTree, identical, stateBytes } from './tree.js';
 
 const log = (msg: string): void => void process.stderr.write(`[image] ${msg}\n`);
 
@@ -238,8 +238,8 @@ export async function runImageScenario(sc: Scenario, o: BenchOptions, tools: Ret
     await d.stop();
   }
   for (const r of results) if (r.runs.length) r.summary = summarize(r.runs, r.kind === 'sync' ? changed : 0, r.kind);
-  qmpR.manifestBytes = treeBytes(join(dst, '.qsync'));
-  fileR.manifestBytes = treeBytes(join(fileDst, '.qsync'));
+  qmpR.manifestBytes = stateBytes(dst);
+  fileR.manifestBytes = stateBytes(fileDst);
   if (figures.length && copyR.summary) {
     const f = (k: keyof DiskFigures): number => median(figures.map((x) => x[k] ?? 0)); // a --qsync snapshot may predate a field
     // In-process time less QMP setup and map: the dirty data's share.

@@ -39,7 +39,7 @@ export interface ToolResult {
   /** The untimed run that made this tool's target from the unchanged image. */
   baseline?: Measurement;
   runs: RunRecord[];
-  /** Bytes under DST/.qsync after the last run (qsync's manifest), 0 for others. */
+  /** Bytes of qsync's state for DST after the last run (its manifests), 0 for others. */
   manifestBytes?: number;
   summary?: Summary;
 }

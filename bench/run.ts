@@ -16,7 +16,8 @@ import { addRatios, fail, load, machine, summarize, table, type BenchResult, typ
 import { makeScenarios, type Scenario } from './scenarios.js';
 import { chart } from './svg.js';
 import { makeTools, REFERENCE, type Tool } from './tools.js';
-import { diffBlocks, fsyncTree, identical, restoreTree, saveTree, treeBytes } from './tree.js';
+import { stateFolderFor } from '../src/sync/state-dir.js';
+import { diffBlocks, fsyncTree, identical, restoreTree, saveTree, stateBytes, treeBytes } from './tree.js';
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const log = (msg: string): void => void process.stderr.write(`${msg}\n`);
@@ -41,6 +42,9 @@ interface Lane {
   result: ToolResult;
   dst: string;
   saved: string;
+  /** qsync's state folder for `dst` (outside it), and its saved copy: restored with the target. */
+  state: string;
+  savedState: string;
   dirty: boolean;
 }
 
@@ -63,12 +67,14 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
       log(`[${sc.name}] ${tool.label}: ${why}`);
       continue;
     }
-    const lane = { tool, result, dst: join(dir, `dst-${id}`), saved: join(dir, `saved-${id}`), dirty: false };
+    const dst = join(dir, `dst-${id}`);
+    const lane = { tool, result, dst, saved: join(dir, `saved-${id}`), state: stateFolderFor(dst), savedState: join(dir, `saved-${id}.state`), dirty: false };
     lanes.push(lane);
     if (tool.kind === 'floor') continue;
     mkdirSync(lane.dst);
     if (sc.firstCopy) {
       mkdirSync(lane.saved); // empty: restoring it deletes the copy
+      mkdirSync(lane.savedState); // and the state of it
       continue;
     }
     log(`[${sc.name}] ${tool.label}: making its target from the unchanged image`);
@@ -76,7 +82,10 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
     if (result.baseline.exitCode !== 0) fail(result, result.baseline.stderr);
     else if (!(await identical(src, join(lane.dst, sc.file)))) fail(result, 'first copy differs from the source');
     fsyncTree(lane.dst);
-    if (sc.runs > 1) await saveTree(lane.dst, lane.saved);
+    if (sc.runs > 1) {
+      await saveTree(lane.dst, lane.saved);
+      if (existsSync(lane.state)) await saveTree(lane.state, lane.savedState);
+    }
   }
 
   const loadBefore = load();
@@ -91,7 +100,10 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
     const order = timed.map((_, i) => timed[(i + r) % timed.length]!);
     for (const lane of order) {
       const { tool, result } = lane;
-      if (lane.dirty) restoreTree(lane.saved, lane.dst);
+      if (lane.dirty) {
+        restoreTree(lane.saved, lane.dst);
+        if (existsSync(lane.savedState)) restoreTree(lane.savedState, lane.state);
+      }
       if (o.cold) dropCaches();
       const m = await measure(tool.argv(src, lane.dst));
       let correct: boolean | null = null;
@@ -108,7 +120,7 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
   }
   for (const { tool, result, dst } of timed) {
     if (result.runs.length) result.summary = summarize(result.runs, changedBytes, tool.kind);
-    if (tool.kind === 'sync') result.manifestBytes = treeBytes(join(dst, '.qsync'));
+    if (tool.kind === 'sync') result.manifestBytes = stateBytes(dst);
   }
   const s: ScenarioResult = {
     name: sc.name,
@@ -159,6 +171,8 @@ async function main(): Promise<void> {
   checkSpace(o, scenarios);
 
   const work = mkdtempSync(join(o.tmp, 'qsync-bench-'));
+  // qsync's state for the targets of this run lives with them, and goes with them.
+  process.env.QSYNC_STATE_DIR = join(work, 'state');
   const cleanup = (): void => {
     if (!o.keep) rmSync(work, { recursive: true, force: true });
   };

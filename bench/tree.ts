@@ -27,6 +27,7 @@ import {
   type Stats,
 } from 'node:fs';
 import { join } from 'node:path';
+import { stateFolderFor } from '../src/sync/state-dir.js';
 import { promisify } from 'node:util';
 import { BLOCK } from './args.js';
 
@@ -166,6 +167,9 @@ export function treeBytes(dir: string): number {
   if (!st.isDirectory()) return 0;
   return readdirSync(dir).reduce((sum, name) => sum + treeBytes(join(dir, name)), 0);
 }
+
+/** Bytes of qsync's state for destination `dst`: its state folder, or the `.qsync` in it that a --qsync snapshot from before the state folder moved keeps. */
+export const stateBytes = (dst: string): number => treeBytes(stateFolderFor(dst)) + treeBytes(join(dst, '.qsync'));
 
 /** A copy of a target directory, holes kept. */
 export async function saveTree(from: string, to: string): Promise<void> {

@@ -5,6 +5,7 @@ import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { stateOf } from './helpers/cli.js';
 import { writeDelta } from './helpers/delta.js';
 
 const ENTRY = 'dist/test/helpers/delta-cli.js';
@@ -42,7 +43,7 @@ describe('crash during apply', () => {
     await writeDelta(delta, [{ base, result }], bs);
     const target = join(dir, 'disk.img');
     await writeFile(target, base);
-    const intent = join(dir, '.qsync', 'manifests', 'disk.img.qsm.apply');
+    const intent = join(stateOf(dir), 'manifests', 'disk.img.qsm.apply');
     let interrupted = 0;
     for (const ms of [0, 5, 20, 60]) {
       await killedWhileWriting(ms, intent, ['apply', delta, target]);

@@ -9,6 +9,7 @@ import type { BlockSink } from '../src/io/types.js';
 import { applyDelta } from '../src/sync/delta-apply.js';
 import { ensureHistoryDir, listPoints, openHistoryDir, prune, restorePoint } from '../src/sync/delta-history.js';
 import { forwardDeltaSink, openBatch, openHistory, reverseDeltaSink, teeDeltaSink, type DeltaSinkInfo } from '../src/sync/delta-sinks.js';
+import { stateOf } from './helpers/cli.js';
 import { fingerprintOf } from './helpers/delta.js';
 
 const bs = 4096;
@@ -60,7 +61,7 @@ describe('reverse-delta history', () => {
     const history = join(dir, 'history');
     const mirror = join(dir, 'mirror', 'vm', 'disk.img');
     await mkdir(join(dir, 'mirror', 'vm'), { recursive: true });
-    await mkdir(join(dir, 'mirror', '.qsync')); // the destination root, as a sync leaves it
+    await mkdir(stateOf(join(dir, 'mirror')), { recursive: true, mode: 0o700 }); // the destination root, as a sync leaves it
     const states: Buffer[] = [randomBytes(bs * 20 + 500)];
     await writeFile(mirror, states[0]);
     for (let k = 1; k <= 5; k++) {

@@ -7,6 +7,7 @@ import { decodeHeader, encodeHeader, encodeRecord, encodeTrailer, FRAME_LEN, typ
 import { DeltaDecoder } from '../src/core/delta-decoder.js';
 import { QsyncError } from '../src/core/errors.js';
 import { applyDelta } from '../src/sync/delta-apply.js';
+import { stateOf } from './helpers/cli.js';
 import { writeDelta } from './helpers/delta.js';
 
 const bs = 4096;
@@ -112,6 +113,6 @@ describe('hostile deltas', () => {
     }
     expect(codes.get('FORMAT')).toBeGreaterThan(900);
     // No apply intent or scratch left behind by a rejected delta.
-    expect((await readdir(join(dir, '.qsync', 'manifests')).catch(() => [])).filter((n) => n.includes('apply'))).toEqual([]);
+    expect((await readdir(join(stateOf(dir), 'manifests')).catch(() => [])).filter((n) => n.includes('apply'))).toEqual([]);
   });
 });

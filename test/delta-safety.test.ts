@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DeltaFileWriter } from '../src/io/delta-file.js';
 import { lockRecord } from '../src/sync/lock.js';
-import { AS_NOBODY, QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { AS_NOBODY, QSYNC, runQsync, sha256, stateOf, stateSlot } from './helpers/cli.js';
 import { fingerprintOf, writeDelta } from './helpers/delta.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 
@@ -70,7 +70,7 @@ async function synced(d: string, size: number): Promise<{ src: string; dest: str
   mkdirSync(src);
   randomFile(join(src, 'disk.img'), size);
   ok(await runQsync(['-a', `${src}/`, `${dest}/`]));
-  return { src, dest, target: join(dest, 'disk.img'), manifest: join(dest, '.qsync', 'manifests', 'disk.img.qsm'), base: read(join(src, 'disk.img')) };
+  return { src, dest, target: join(dest, 'disk.img'), manifest: join(stateOf(dest), 'manifests', 'disk.img.qsm'), base: read(join(src, 'disk.img')) };
 }
 
 /** Write a one-member delta by hand: sizes, fingerprints and records as given (each record's payload is consistent with its digest). */
@@ -111,7 +111,7 @@ describe('apply refuses what it cannot vouch for', () => {
       expect(r.stderr).not.toMatch(/\n\s+at /);
       expect(read(target).equals(base), what).toBe(true);
       expect(read(manifest).equals(manifestBefore), what).toBe(true);
-      expect(readdirSync(join(d, 'dest', '.qsync', 'manifests')).filter((x) => x.includes('apply')), what).toEqual([]);
+      expect(readdirSync(join(stateOf(join(d, 'dest')), 'manifests')).filter((x) => x.includes('apply')), what).toEqual([]);
     }
     // A true delta still applies, and the target verifies against its new manifest.
     const good = join(d, 'good.qdelta');
@@ -136,7 +136,7 @@ describe('apply refuses what it cannot vouch for', () => {
       }
       expect(Date.now() - t0).toBeLessThan(10_000);
       expect(statSync(target).size).toBe(base.length);
-      expect(readdirSync(join(d, 'dest', '.qsync', 'manifests')).filter((x) => x.includes('apply'))).toEqual([]);
+      expect(readdirSync(join(stateOf(join(d, 'dest')), 'manifests')).filter((x) => x.includes('apply'))).toEqual([]);
     }
   });
 
@@ -172,7 +172,7 @@ describe('apply never follows a symlink out of its directory', () => {
     expect(readdirSync(outside)).toEqual([]);
   });
 
-  it('a symlinked or foreign .qsync state folder is refused', async () => {
+  it('a symlinked or foreign state folder is refused', async () => {
     const d = fresh('state');
     const into = join(d, 'into');
     const elsewhere = join(d, 'elsewhere');
@@ -180,15 +180,15 @@ describe('apply never follows a symlink out of its directory', () => {
     mkdirSync(elsewhere);
     const delta = join(d, 'batch.qdelta');
     await writeDelta(delta, [{ name: 'f.img', base: Buffer.alloc(0), result: randomBytes(10 * KiB) }], bs);
-    symlinkSync(elsewhere, join(into, '.qsync'));
+    symlinkSync(elsewhere, stateSlot(into));
     let r = await runQsync(['apply', delta, into]);
     expect(r.code, r.stderr).toBe(11);
-    expect(r.stderr).toMatch(/\.qsync is a symlink or not a folder/);
+    expect(r.stderr).toMatch(/is a symlink or not a folder/);
     expect(readdirSync(elsewhere)).toEqual([]);
     expect(existsSync(join(into, 'f.img'))).toBe(false);
-    rmSync(join(into, '.qsync'));
-    mkdirSync(join(into, '.qsync'));
-    chownSync(join(into, '.qsync'), 65534, 65534);
+    rmSync(stateOf(into));
+    mkdirSync(stateOf(into));
+    chownSync(stateOf(into), 65534, 65534);
     r = await runQsync(['apply', delta, into]);
     expect(r.code, r.stderr).toBe(11);
     expect(r.stderr).toMatch(/belongs to uid 65534/);
@@ -204,7 +204,7 @@ describe('an interrupted apply resumes only onto the file it was writing', () =>
     randomBytes(20 * MiB).copy(result, 2 * MiB);
     const delta = join(d, 'd.qdelta');
     await writeDelta(delta, [{ base: s.base, result }], bs);
-    const intent = join(s.dest, '.qsync', 'manifests', 'disk.img.qsm.apply');
+    const intent = join(stateOf(s.dest), 'manifests', 'disk.img.qsm.apply');
     for (const ms of [0, 2, 5, 10, 20]) {
       await killAfter(['apply', delta, s.target], intent, ms);
       if (existsSync(intent)) break;

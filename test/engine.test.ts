@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { differingBytes, mutateBlocks, qcow2File, randomFile } from './helpers/data.js';
 import { mountForTest, needTools } from './helpers/env.js';
-import { QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { manifestOf, QSYNC, runQsync, sha256, stateOf } from './helpers/cli.js';
 
 /** The intent record's fixed header (docs/FORMATS.md "Intent"); block indices follow it. */
 const INTENT_HEADER_LEN = 96;
@@ -23,7 +23,6 @@ beforeAll(() => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const manifestOf = (destRoot: string, rel: string) => join(destRoot, '.qsync', 'manifests', `${rel}.qsm`);
 const bumpMtime = (p: string) => {
   const t = Date.now() / 1000 + Math.random();
   utimesSync(p, t, t);
@@ -78,7 +77,7 @@ describe('options that change how a file is written', () => {
     mkdirSync(join(dir, 'elsewhere'));
     expect((await runQsync(['-a', '--manifest', m, s, join(dir, 'm-dst.img')])).code).toBe(0);
     expect(existsSync(m)).toBe(true);
-    expect(existsSync(join(dir, '.qsync', 'manifests', 'm-dst.img.qsm'))).toBe(false);
+    expect(existsSync(join(stateOf(dir), 'manifests', 'm-dst.img.qsm'))).toBe(false);
     mutateBlocks(s, 4 * MiB, 0.05);
     bumpMtime(s);
     const again = await runQsync(['-a', '--manifest', m, s, join(dir, 'm-dst.img')], { measureIo: true });
@@ -192,7 +191,7 @@ describe('kill -9 during a run', () => {
     let pid = 0;
     const running = runQsync(['-a', s, `${d}/`], { onSpawn: (p) => (pid = p) });
     if (ms === 'writing') {
-      const intent = join(d, '.qsync', 'manifests', 'kill.img.qsm.intent');
+      const intent = join(stateOf(d), 'manifests', 'kill.img.qsm.intent');
       const until = Date.now() + 30_000;
       while (Date.now() < until && !((statSync(intent, { throwIfNoEntry: false })?.size ?? 0) > INTENT_HEADER_LEN)) {
         await new Promise((r) => setTimeout(r, 2));
@@ -204,7 +203,7 @@ describe('kill -9 during a run', () => {
       /* it may have finished already */
     }
     await running;
-    const interrupted = existsSync(join(d, '.qsync', 'manifests', 'kill.img.qsm.intent'));
+    const interrupted = existsSync(join(stateOf(d), 'manifests', 'kill.img.qsm.intent'));
     const again = await runQsync(['-a', s, `${d}/`], { measureIo: true });
     expect(again.code, again.stderr).toBe(0);
     if (interrupted) {
@@ -233,7 +232,7 @@ describe('two runs on one target', () => {
     let pid = 0;
     const first = runQsync(['-a', s, `${d}/`], { onSpawn: (p) => (pid = p) });
     // Wait for the first run's lock to appear.
-    for (let i = 0; i < 200 && !existsSync(join(d, '.qsync', 'lock')); i++) await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 200 && !existsSync(join(stateOf(d), 'lock')); i++) await new Promise((r) => setTimeout(r, 10));
     const second = await runQsync(['-a', s, `${d}/`]);
     expect(second.code).toBe(3);
     expect(second.stderr).toMatch(new RegExp(`another qsync \\(pid ${pid}\\) is syncing into`));
@@ -250,13 +249,13 @@ describe('Ctrl-C', () => {
     const d = join(dir, 'int-dst');
     let pid = 0;
     const running = runQsync(['-a', s, `${d}/`], { onSpawn: (p) => (pid = p) });
-    for (let i = 0; i < 200 && !existsSync(join(d, '.qsync', 'lock')); i++) await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 200 && !existsSync(join(stateOf(d), 'lock')); i++) await new Promise((r) => setTimeout(r, 10));
     await new Promise((r) => setTimeout(r, 100));
     process.kill(pid, 'SIGINT');
     const r = await running;
     expect(r.code).toBe(20);
     expect(r.stderr).toMatch(/received SIGINT/);
-    expect(existsSync(join(d, '.qsync', 'lock'))).toBe(false);
+    expect(existsSync(join(stateOf(d), 'lock'))).toBe(false);
     const again = await runQsync(['-a', s, `${d}/`]);
     expect(again.code, again.stderr).toBe(0);
     await expectIdentical(s, join(d, 'int.img'));

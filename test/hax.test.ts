@@ -11,7 +11,7 @@ import { appendFileSync, chmodSync, chownSync, linkSync, lstatSync, mkdirSync, m
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { AS_NOBODY, runQsync } from './helpers/cli.js';
+import { AS_NOBODY, nobodyStateBase, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 
 let root: string;
@@ -22,11 +22,10 @@ afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 const sh = (cmd: string, ...args: string[]) => execFileSync(cmd, args, { encoding: 'utf8' });
 
-/** Every entry below `dir` (qsync's state folder left out), sorted. */
+/** Every entry below `dir`, sorted. */
 function entries(dir: string, rel = ''): string[] {
   const out: string[] = [];
   for (const name of readdirSync(join(dir, rel)).sort()) {
-    if (rel === '' && name === '.qsync') continue;
     const r = rel ? `${rel}/${name}` : name;
     out.push(r);
     if (lstatSync(join(dir, r)).isDirectory()) out.push(...entries(dir, r));
@@ -213,7 +212,7 @@ describe.skipIf(!needTools('rsync', 'getfattr', 'setfattr', 'getfacl', 'setfacl'
     sh('chown', '-R', '65534:65534', base);
     const rs = join(base, 'by-rsync');
     const qs = join(base, 'by-qsync');
-    const nobody = (...cmd: string[]) => sh('setpriv', ...AS_NOBODY, ...cmd);
+    const nobody = (...cmd: string[]) => sh('setpriv', ...AS_NOBODY, 'env', `QSYNC_STATE_DIR=${nobodyStateBase()}`, ...cmd);
     const r = nobody('rsync', '-aHAX', '-i', `${src}/`, `${rs}/`);
     const q = nobody(process.execPath, join(import.meta.dirname, '../dist/src/cli/main.js'), '-aHAX', '-i', `${src}/`, `${qs}/`);
     expect(lines(q)).toEqual(lines(r));
@@ -283,8 +282,6 @@ describe.skipIf(!needTools('rsync'))('-H with --existing, --ignore-existing, --u
       mkdirSync(join(base, d));
       writeFileSync(join(base, d, 'b'), 'old, and newer than the source\n');
       utimesSync(join(base, d, 'b'), new Date('2025-06-01T00:00:00Z'), new Date('2025-06-01T00:00:00Z'));
-      // qsync's state folder as a previous run left it (making it now would change the folder's time).
-      if (d === 'by-qsync') mkdirSync(join(base, d, '.qsync'), { mode: 0o700 });
       ageDirs(join(base, d));
     }
     outs.push(lines(sh('rsync', '-aH', '-i', opt, `${src}/`, `${join(base, 'by-rsync')}/`)));

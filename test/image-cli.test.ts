@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../src/qemu/qmp.js';
-import { runQsync, sha256 } from './helpers/cli.js';
+import { runQsync, sha256, stateOf } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { qemuImgCreate, qemuIo, run, startVm, tmpDir, type QemuProcess } from './helpers/qemu.js';
 
@@ -58,7 +58,7 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img', 'qemu-io'))('qsync 
     const target = path.join(dest(), fs.readdirSync(dest()).find((n) => n.endsWith('.raw'))!);
     expect(await sha256(target)).toBe(await guestViewSha());
 
-    const manifest = path.join(dest(), '.qsync', 'manifests', `${path.basename(target)}.qsm`);
+    const manifest = path.join(stateOf(dest()), 'manifests', `${path.basename(target)}.qsm`);
     const manifestIno = fs.statSync(manifest).ino;
 
     await guestWrite('write -P 0xee 2M 64k');

@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { runQsync, sha256 } from './helpers/cli.js';
+import { runQsync, sha256, stateOf } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { qemuIo, readLive, useQsd, withExport } from './helpers/qemu.js';
 
@@ -63,7 +63,7 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
     expect(await sha256(path.join(copyDir, 'disk0.raw'))).toBe(now);
 
     // No manifest: a full run compares with the old target, and the batch names the hash of that target as its base.
-    fs.rmSync(path.join(dest(), '.qsync', 'manifests', 'disk0.raw.qsm'));
+    fs.rmSync(path.join(stateOf(dest()), 'manifests', 'disk0.raw.qsm'));
     await guestWrite(0xd4, [5, 41]);
     const compared = path.join(fx.dir, 'compare.qdelta');
     ok(await runQsync(['--qmp', fx.qsd.qmp2, `--write-batch=${compared}`, `${dest()}/`]));

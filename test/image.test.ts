@@ -4,6 +4,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { listBitmaps } from '../src/qemu/block.js';
 import { QmpClient } from '../src/qemu/qmp.js';
 import { runImageBackup, type DiskSummary, type ImageBackupOptions } from '../src/sync/image-backup.js';
+import { stateOf } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { qemuIo, readLive, useQsd, withExport } from './helpers/qemu.js';
 
@@ -105,7 +106,7 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
   });
 
   it('falls back to full when the manifest the bitmap belongs to is gone, and cleans up after a failure', async () => {
-    fs.rmSync(path.join(dest, '.qsync', 'manifests'), { recursive: true });
+    fs.rmSync(path.join(stateOf(dest), 'manifests'), { recursive: true });
     await writeLive(fx.qmp, 'disk0', fx.dir, [[7 * MiB, 64 << 10, 0xd1]]);
     const [r] = await runImageBackup(opts());
     expect(r!.mode).toBe('full');

@@ -14,7 +14,7 @@ import { chmodSync, chownSync, existsSync, lchownSync, lstatSync, mkdirSync, mkd
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { AS_NOBODY, NOBODY, QSYNC, runQsync, sha256 } from './helpers/cli.js';
+import { AS_NOBODY, NOBODY, QSYNC, runQsync, sha256, stateOf, stateSlot } from './helpers/cli.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 
 const BIG = 256 << 20;
@@ -178,37 +178,52 @@ describe.skipIf(!asRoot)('paths root is given that pass through a folder a user 
     return { src, bk: join(base, 'bk') };
   }
 
-  it('DEST/.qsync as a symlink another user owns is refused; nothing is written through it', async () => {
+  it('the state folder as a symlink another user owns is refused; nothing is written through it', async () => {
     const { src, bk } = smallTree();
     userDir(bk);
-    symlinkSync(victim, join(bk, '.qsync'));
-    lchownSync(join(bk, '.qsync'), NOBODY, NOBODY);
+    symlinkSync(victim, stateSlot(bk));
+    lchownSync(stateOf(bk), NOBODY, NOBODY);
     const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(/\.qsync is a symlink or not a folder/);
+    expect(r.stderr).toMatch(/is a symlink or not a folder/);
     expectVictimUntouched();
   });
 
-  it('DEST/.qsync owned by another user, or writable by others, is refused', async () => {
+  it('a state folder owned by another user, or writable by others, is refused', async () => {
     const { src, bk } = smallTree();
-    userDir(join(bk, '.qsync'), 0o777);
+    stateSlot(bk);
+    userDir(stateOf(bk), 0o777);
     const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(/\.qsync belongs to uid 65534, not to the user running qsync/);
-    expect(readdirSync(join(bk, '.qsync'))).toEqual([]);
+    expect(r.stderr).toMatch(/belongs to uid 65534, not to the user running qsync/);
+    expect(readdirSync(stateOf(bk))).toEqual([]);
 
-    chownSync(join(bk, '.qsync'), 0, 0);
+    chownSync(stateOf(bk), 0, 0);
     const open = await runQsync(['-a', `${src}/`, `${bk}/`]);
     expect(open.code).not.toBe(0);
-    expect(open.stderr).toMatch(/\.qsync.*writable by other users/);
-    expect(readdirSync(join(bk, '.qsync'))).toEqual([]);
+    expect(open.stderr).toMatch(/writable by other users/);
+    expect(readdirSync(stateOf(bk))).toEqual([]);
   });
 
-  it('a new DEST/.qsync is made 0700', async () => {
+  it('--state-dir a user owns is refused: root keeps no state where a user could plant it', async () => {
     const { src, bk } = smallTree();
+    const theirs = join(base, 'their-state');
+    userDir(theirs, 0o700);
+    const r = await runQsync(['-a', '--state-dir', theirs, `${src}/`, `${bk}/`]);
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/belongs to uid 65534/);
+    expect(readdirSync(theirs)).toEqual([]);
+  });
+
+  it('a new state folder is made 0700 outside DEST, and DEST holds the mirror only', async () => {
+    const { src, bk } = smallTree();
+    userDir(bk);
     const r = await runQsync(['-a', `${src}/`, `${bk}/`]);
     expect(r.code, r.stderr).toBe(0);
-    expect(modeOf(join(bk, '.qsync'))).toBe(0o700);
+    expect(readdirSync(bk)).toEqual(['f']);
+    expect(modeOf(stateOf(bk))).toBe(0o700);
+    expect(modeOf(join(stateOf(bk), 'manifests'))).toBe(0o700);
+    expect(modeOf(join(stateOf(bk), 'manifests', 'f.qsm'))).toBe(0o600);
   });
 
   it('--write-batch through a parent symlink another user owns is refused; one root owns is followed', async () => {
@@ -290,7 +305,7 @@ describe('modes of a target while it is written', () => {
     process.kill(pid, 'SIGKILL');
     expect((await run).signal).toBe('SIGKILL');
     expect(existsSync(join(bk, 'big'))).toBe(false);
-    for (const n of readdirSync(bk)) if (n !== '.qsync') expect(modeOf(join(bk, n)) & 0o077).toBe(0);
+    for (const n of readdirSync(bk)) expect(modeOf(join(bk, n)) & 0o077).toBe(0);
 
     const again = await runQsync(['-a', `${src}/`, `${bk}/`]);
     expect(again.code, again.stderr).toBe(0);

@@ -34,15 +34,10 @@ const B = (p: string | Buffer) => (typeof p === 'string' ? Buffer.from(p) : p);
 const joinB = (...parts: (string | Buffer)[]) => Buffer.concat(parts.flatMap((p, i) => (i ? [Buffer.from('/'), B(p)] : [B(p)])));
 const listB = (dir: Buffer) => readdirSync(dir, { encoding: 'buffer' }).sort(Buffer.compare);
 
-/**
- * Everything a user compares after a sync, keyed by relative path; qsync's
- * state folder left out (at the DEST root, which may lie below the copy
- * compared: no source in these tests has a `.qsync` of its own).
- */
+/** Everything a user compares after a sync, keyed by relative path (qsync keeps nothing of its own in DEST). */
 function snapshot(dir: string | Buffer, rel?: Buffer): Record<string, Entry> {
   const out: Record<string, Entry> = {};
   for (const name of listB(rel ? joinB(dir, rel) : B(dir))) {
-    if (name.toString() === '.qsync') continue;
     const r = rel ? joinB(rel, name) : name;
     const p = joinB(dir, r);
     const st = lstatSync(p, { bigint: true });
@@ -70,8 +65,7 @@ function dirTimes(dir: string): Record<string, number | 'now'> {
   const out: Record<string, number | 'now'> = {};
   const walk = (rel?: Buffer) => {
     for (const name of listB(rel ? joinB(dir, rel) : B(dir))) {
-      if (name.toString() === '.qsync') continue;
-      const r = rel ? joinB(rel, name) : name;
+        const r = rel ? joinB(rel, name) : name;
       const st = lstatSync(joinB(dir, r), { bigint: true });
       if (st.isDirectory()) {
         const us = Number(st.mtimeNs / 1000n);
@@ -489,6 +483,23 @@ const diffCases: DiffCase[] = [
     },
   },
   {
+    name: 'a source with a .qsync folder of its own (a copy of a backup): copied and deleted like any folder',
+    flags: ['-a', '--delete', '-i'],
+    setup: (src, dest) =>
+      sh('mkdir -p .qsync/manifests/sub .qsync/image; echo m > .qsync/manifests/sub/f.qsm; echo l > .qsync/lock; echo i > .qsync/image/vda.json; chmod 700 .qsync; cd "$D"; mkdir -p .qsync/manifests/gone; touch .qsync/manifests/gone/x.qsm .qsync/old', src, dest),
+  },
+  {
+    name: '`diff -r SRC DEST` finds nothing after a first and a second sync, as after rsync',
+    flags: ['-a', '-i'],
+    rounds: 2,
+    fresh: true,
+    setup: (src) => sh('mkdir -p a/b; echo 1 > a/b/f; echo 2 > top; ln -s a/b/f link', src, src),
+    check: (rs, qs) => {
+      const src = join(qs, '..', 'src');
+      for (const d of [rs, qs]) expect(spawnSync('diff', ['-r', '--no-dereference', src, d], { encoding: 'utf8' }).stdout).toBe('');
+    },
+  },
+  {
     name: 'nobody: --delete with excludes and type changes',
     flags: ['-a', '--delete', '-i', '--exclude=*.tmp'],
     nobody: true,
@@ -624,5 +635,23 @@ describe.skipIf(!needTools('rsync'))('operands and patterns that are not UTF-8',
     expect({ code: q.code, stdout: q.stdout.map((l) => l.replace('by-qsync', 'DEST')) }).toEqual({ code: r.code, stdout: r.stdout.map((l) => l.replace('by-rsync', 'DEST')) });
     expect(snapshot(join(base, 'by-qsync'))).toEqual(snapshot(join(base, 'by-rsync')));
     expect(Object.keys(snapshot(join(base, 'by-qsync')))).toEqual(['src\xff', 'src\xff/in', 'src\xff/in/kept']);
+  });
+});
+
+describe.skipIf(!needTools('rsync'))('DEST holds the mirror and nothing else', () => {
+  it('one file copied to a file DEST leaves nothing beside it, first run and update, as rsync', async () => {
+    const base = join(root, 'single-file');
+    mkdirSync(join(base, 'by-rsync'), { recursive: true });
+    mkdirSync(join(base, 'by-qsync'));
+    const img = join(base, 'disk.img');
+    randomFile(img, 3 << 16);
+    for (let round = 0; round < 2; round++) {
+      expect(runRsync(['-a', img, join(base, 'by-rsync', 'copy.img')], false).code).toBe(0);
+      const q = await runQsync(['-a', img, join(base, 'by-qsync', 'copy.img')]);
+      expect(q.code, q.stderr).toBe(0);
+      expect(readdirSync(join(base, 'by-qsync'))).toEqual(readdirSync(join(base, 'by-rsync')));
+      expect(readFileSync(join(base, 'by-qsync', 'copy.img')).equals(readFileSync(img))).toBe(true);
+      writeFileSync(img, 'changed', { flag: 'r+' });
+    }
   });
 });

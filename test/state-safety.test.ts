@@ -1,5 +1,5 @@
 /**
- * qsync's state folder (DEST/.qsync: manifests, journals, intents, the lock,
+ * qsync's state folder (outside DEST: manifests, journals, intents, the lock,
  * temp files, image state, digest scratch) under attack and after crashes:
  * nothing in it is followed, waited on forever, trusted when it should not
  * be, or left readable by other users. End to end through the built CLI,
@@ -29,7 +29,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { randomFile } from './helpers/data.js';
 import { mountForTest } from './helpers/env.js';
-import { runQsync, sha256, type RunResult } from './helpers/cli.js';
+import { runQsync, sha256, stateOf, stateSlot, type RunResult } from './helpers/cli.js';
 
 const DIST = join(import.meta.dirname, '../dist/src');
 const KiB = 1024;
@@ -76,7 +76,7 @@ async function synced(size = MiB): Promise<Synced> {
   const r = await runWithin(['-a', `${src}/`, dest]);
   expect(r.stderr).toBe('');
   expect(r.code).toBe(0);
-  const state = join(dest, '.qsync', 'manifests');
+  const state = join(stateOf(dest), 'manifests');
   return { src, dest, file: join(src, 'f.img'), target: join(dest, 'f.img'), state, manifest: join(state, 'f.img.qsm') };
 }
 
@@ -154,7 +154,7 @@ describe('A: nothing in the state folder is followed; it is private', () => {
 
   it('a lock that is a symlink, a directory or a FIFO: clear message, nothing followed, no hang', async () => {
     const s = await synced();
-    const lock = join(s.dest, '.qsync', 'lock');
+    const lock = join(stateOf(s.dest), 'lock');
     const v = victim();
     symlinkSync(v, lock);
     let r = await runWithin(['-a', `${s.src}/`, s.dest]);
@@ -180,29 +180,29 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     mkdirSync(dest);
     mkdirSync(elsewhere);
     randomFile(join(src, 'f.img'), 256 * KiB);
-    symlinkSync(elsewhere, join(dest, '.qsync'));
+    symlinkSync(elsewhere, stateSlot(dest));
     let r = await runWithin(['-a', `${src}/`, dest]);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(/\.qsync is a symlink or not a folder/);
+    expect(r.stderr).toMatch(/is a symlink or not a folder/);
     expect(readdirSync(elsewhere)).toEqual([]);
-    rmSync(join(dest, '.qsync'));
-    mkdirSync(join(dest, '.qsync'));
-    chownSync(join(dest, '.qsync'), 65534, 65534);
+    rmSync(stateOf(dest));
+    mkdirSync(stateOf(dest));
+    chownSync(stateOf(dest), 65534, 65534);
     r = await runWithin(['-a', `${src}/`, dest]);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(/\.qsync belongs to uid 65534, not to the user running qsync/);
-    expect(readdirSync(join(dest, '.qsync'))).toEqual([]);
+    expect(r.stderr).toMatch(/belongs to uid 65534, not to the user running qsync/);
+    expect(readdirSync(stateOf(dest))).toEqual([]);
   });
 
   it('state folders are 0700 and state files 0600, whatever the umask', async () => {
     const s = await synced();
-    for (const d of [join(s.dest, '.qsync'), s.state]) expect(statSync(d).mode & 0o777).toBe(0o700);
+    for (const d of [stateOf(s.dest), s.state]) expect(statSync(d).mode & 0o777).toBe(0o700);
     expect(statSync(s.manifest).mode & 0o777).toBe(0o600);
     // A patched manifest keeps its mode; folders of an older qsync (0755) are made private.
-    execFileSync('chmod', ['0755', join(s.dest, '.qsync'), s.state]);
+    execFileSync('chmod', ['0755', stateOf(s.dest), s.state]);
     touchSource(s);
     expect((await runWithin(['-a', `${s.src}/`, s.dest])).code).toBe(0);
-    for (const d of [join(s.dest, '.qsync'), s.state]) expect(statSync(d).mode & 0o777).toBe(0o700);
+    for (const d of [stateOf(s.dest), s.state]) expect(statSync(d).mode & 0o777).toBe(0o700);
     expect(statSync(s.manifest).mode & 0o777).toBe(0o600);
   });
 
@@ -225,7 +225,7 @@ describe('A: nothing in the state folder is followed; it is private', () => {
 
   it('temp files are created O_EXCL under unpredictable names: a symlink at the old predictable name is not followed', async () => {
     const { ManifestWriter } = await import(join(DIST, 'sync/manifest-store.js'));
-    const folder = join(dir, 'dest', '.qsync', 'manifests');
+    const folder = join(stateOf(join(dir, 'dest')), 'manifests');
     mkdirSync(folder, { recursive: true, mode: 0o700 });
     const v = victim();
     symlinkSync(v, join(folder, `.f.qsm.tmp-${process.pid}`));
@@ -244,7 +244,7 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     const p = imageStatePath(dest, 'vda');
     const st = { node: 'n', bitmap: 'b', baseChecksum: 'c', size: 1 };
     await writeImageState(p, st);
-    expect(statSync(join(dest, '.qsync', 'image')).mode & 0o777).toBe(0o700);
+    expect(statSync(join(stateOf(dest), 'image')).mode & 0o777).toBe(0o700);
     expect(statSync(p).mode & 0o777).toBe(0o600);
     expect(await readImageState(p)).toEqual(st);
     const v = victim();
@@ -263,8 +263,8 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     const theirs = join(dir, 'theirs');
     mkdirSync(join(theirs, 'b'), { recursive: true });
     writeFileSync(join(theirs, 'b', 'precious'), 'precious\n');
-    rmSync(join(dest, '.qsync', 'manifests', 'a'), { recursive: true });
-    symlinkSync(theirs, join(dest, '.qsync', 'manifests', 'a'));
+    rmSync(join(stateOf(dest), 'manifests', 'a'), { recursive: true });
+    symlinkSync(theirs, join(stateOf(dest), 'manifests', 'a'));
     rmSync(join(src, 'a', 'b'), { recursive: true });
     const r = await runWithin(['-a', '--delete', `${src}/`, dest]);
     expect(readFileSync(join(theirs, 'b', 'precious'), 'utf8')).toBe('precious\n');
@@ -279,9 +279,9 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     touchSource(s);
     const batch = join(dir, 'ship.qdelta');
     expect((await runWithin(['-a', `--only-write-batch=${batch}`, `${s.src}/`, s.dest])).code).toBe(0);
-    mkdirSync(join(there, '.qsync', 'manifests'), { recursive: true, mode: 0o700 });
+    mkdirSync(join(stateOf(there), 'manifests'), { recursive: true, mode: 0o700 });
     const v = victim();
-    symlinkSync(v, join(there, '.qsync', 'manifests', 'f.img.qsm.apply'));
+    symlinkSync(v, join(stateOf(there), 'manifests', 'f.img.qsm.apply'));
     const r = await runWithin([`--read-batch=${batch}`, `${there}/`]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/f\.img\.qsm\.apply is a symlink/);
@@ -365,18 +365,18 @@ describe('C: the lock', () => {
   const HOLDER = `
     const { lockDestination } = await import(process.argv[1]);
     const fs = await import('node:fs');
-    const [state, marker] = process.argv.slice(2);
+    const [dest, marker] = process.argv.slice(2);
     let lock;
-    try { lock = await lockDestination(state); } catch (e) { console.log(e.code === 'LOCKED' ? 'locked' : 'error ' + e.message); process.exit(0); }
+    try { lock = await lockDestination(dest); } catch (e) { console.log(e.code === 'LOCKED' ? 'locked' : 'error ' + e.message); process.exit(0); }
     try { fs.writeFileSync(marker, String(process.pid), { flag: 'wx' }); } catch { console.log('BOTH'); process.exit(0); }
     await new Promise((r) => setTimeout(r, 150));
     fs.rmSync(marker);
     await lock.release();
     console.log('held');
   `;
-  const holder = (state: string, marker: string): Promise<string> =>
+  const holder = (dest: string, marker: string): Promise<string> =>
     new Promise((resolve) => {
-      const c = spawn('node', ['--input-type=module', '-e', HOLDER, join(DIST, 'sync/lock.js'), state, marker], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const c = spawn('node', ['--input-type=module', '-e', HOLDER, join(DIST, 'sync/lock.js'), dest, marker], { stdio: ['ignore', 'pipe', 'inherit'] });
       let out = '';
       c.stdout.on('data', (d) => (out += d));
       const t = setTimeout(() => c.kill('SIGKILL'), 20_000);
@@ -387,24 +387,24 @@ describe('C: the lock', () => {
     });
 
   it('four runs started together on a stale lock: never two holders at once (20 trials)', async () => {
-    const state = join(dir, '.qsync');
+    const state = stateSlot(dir);
     const marker = join(dir, 'held');
     mkdirSync(state, { mode: 0o700 });
     for (let trial = 0; trial < 20; trial++) {
       // A lock left by a dead run of this boot (pid 2^22+1 does not exist; no start time matches).
       writeFileSync(join(state, 'lock'), `4194305 1 ${BOOT_ID}\n`);
-      const outs = await Promise.all([0, 1, 2, 3].map(() => holder(state, marker)));
+      const outs = await Promise.all([0, 1, 2, 3].map(() => holder(dir, marker)));
       expect(outs).not.toContain('BOTH');
       expect(outs.filter((o) => o.startsWith('error') || o === 'killed')).toEqual([]);
       expect(outs.filter((o) => o === 'held').length).toBeGreaterThanOrEqual(1);
       expect(existsSync(join(state, 'lock'))).toBe(false);
-      expect(readdirSync(state).filter((n) => n !== 'lock')).toEqual([]);
+      expect(readdirSync(state).filter((n) => n !== 'dest')).toEqual([]);
     }
   }, 240_000);
 
   it('a lock naming a live process that is not its owner (recycled pid, or a record without start time) is taken over', async () => {
     const s = await synced();
-    const lock = join(s.dest, '.qsync', 'lock');
+    const lock = join(stateOf(s.dest), 'lock');
     for (const rec of [`${process.pid} 1 ${BOOT_ID}\n`, `${process.pid} ${BOOT_ID}\n`]) {
       writeFileSync(lock, rec);
       touchSource(s);
@@ -415,15 +415,19 @@ describe('C: the lock', () => {
     }
   });
 
-  it('a lock that cannot be written (read-only destination) is a clear error, not an internal one', async (ctx) => {
-    const { lockDestination } = await import(join(DIST, 'sync/lock.js'));
+  it('a state folder that cannot be written (read-only --state-dir) is a clear error before anything is written', async (ctx) => {
     const ro = join(dir, 'ro');
     mkdirSync(ro);
-    if (!mountForTest(['-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', ro])) return ctx.skip('cannot mount a tmpfs here (needs root)');
+    if (!mountForTest(['-t', 'tmpfs', '-o', 'ro,size=1m,mode=0700', 'tmpfs', ro])) return ctx.skip('cannot mount a tmpfs here (needs root)');
     try {
-      const e = await lockDestination(join(ro, '.qsync')).then(() => undefined, (err: unknown) => err);
-      expect(e).toMatchObject({ name: 'QsyncError', code: 'IO' });
-      expect((e as Error).message).toMatch(/cannot take the lock .*ro\/\.qsync\/lock: .*read-only/);
+      const src = join(dir, 'src');
+      mkdirSync(src);
+      writeFileSync(join(src, 'f'), 'data\n');
+      const r = await runWithin(['-a', '--state-dir', ro, `${src}/`, join(dir, 'dest')]);
+      expect(r.code, r.stderr).toBe(11);
+      expect(r.stderr).toMatch(/cannot (use|create) qsync's state folder [^/]*\/tmp\/[^ ]*ro\/dest: read-only/);
+      expect(r.stderr).toMatch(/--state-dir/);
+      expect(existsSync(join(dir, 'dest'))).toBe(false);
     } finally {
       execFileSync('umount', [ro]);
     }
@@ -432,9 +436,9 @@ describe('C: the lock', () => {
   it('a lock held by a running qsync refuses with exit 3; the lock file is 0600', async () => {
     const { lockDestination } = await import(join(DIST, 'sync/lock.js'));
     const s = await synced();
-    const l = await lockDestination(join(s.dest, '.qsync'));
+    const l = await lockDestination(s.dest);
     try {
-      expect(statSync(join(s.dest, '.qsync', 'lock')).mode & 0o777).toBe(0o600);
+      expect(statSync(join(stateOf(s.dest), 'lock')).mode & 0o777).toBe(0o600);
       const r = await runWithin(['-a', `${s.src}/`, s.dest]);
       expect(r.code).toBe(3);
       expect(r.stderr).toMatch(new RegExp(`another qsync \\(pid ${process.pid}\\)`));
@@ -538,20 +542,21 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     expect(snapshot()).toEqual(was);
   });
 
-  it('reading state writes nothing: a dry run and qsync verify work on a read-only destination, with a journal pending', async (ctx) => {
+  it('reading state writes nothing: a dry run and qsync verify work on a read-only state folder, with a journal pending', async (ctx) => {
     const s = await synced();
     await leavePendingJournal(s);
-    const ro = join(dir, 'ro');
-    mkdirSync(ro);
-    if (!mountForTest(['--bind', s.dest, ro])) return ctx.skip('cannot bind-mount here (needs root)');
+    const base = process.env.QSYNC_STATE_DIR!;
+    const ro = join(dir, 'ro-state');
+    mkdirSync(ro, { mode: 0o700 });
+    if (!mountForTest(['--bind', base, ro])) return ctx.skip('cannot bind-mount here (needs root)');
     execFileSync('mount', ['-o', 'remount,ro,bind', ro]);
     try {
       touchSource(s);
-      const dry = await runWithin(['-a', '-n', '-v', `${s.src}/`, `${ro}/`]);
+      const dry = await runWithin(['-a', '-n', '-v', '--state-dir', ro, `${s.src}/`, `${s.dest}/`]);
       expect(dry.stderr).toBe('');
       expect(dry.code).toBe(0);
       expect(dry.stdout).toMatch(/f\.img/);
-      const v = await runWithin(['verify', join(ro, 'f.img')]);
+      const v = await runWithin(['verify', '--state-dir', ro, join(s.dest, 'f.img')]);
       expect(v.stderr).toBe('');
       expect(v.code).toBe(0);
     } finally {

@@ -8,14 +8,19 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { bootId } from '../../src/sync/intent.js';
+import { stateFolderFor } from '../../src/sync/state-dir.js';
 import { deadPid, firstLine, qsync, sleep, treeDiff, type FaultClass } from './runner.js';
 import { BLOCK, changeContent, MiB, randomContent, writeTree, type Version } from './tree-model.js';
 
 const LOCKS = ['none', 'dead-pid', 'live-unrelated-pid', 'garbage'] as const;
 const RUNS = 4;
 
-/** Pids among `pids` that have a file under `dir` open for writing (from /proc/PID/fd and fdinfo flags). */
-function writers(pids: number[], dir: string): string[] {
+/** The lock file of `dest` (its state folder made as the first sync left it). */
+const lockOf = (dest: string): string => join(stateFolderFor(dest), 'lock');
+
+/** Pids among `pids` that have a file under `dest` or its state folder open for writing (from /proc/PID/fd and fdinfo flags). */
+function writers(pids: number[], dest: string): string[] {
+  const state = stateFolderFor(dest);
   const out: string[] = [];
   for (const pid of pids) {
     try {
@@ -28,11 +33,11 @@ function writers(pids: number[], dir: string): string[] {
         }
         // The lock and a run's attempts to take it (its own record under a temp name, a takeover claim) are
         // how runs meet: writing them while another run holds the lock is the protocol, not an overlap.
-        const rel = target.slice(dir.length + 1);
-        if (!target.startsWith(`${dir}/`) || /^\.qsync\/(?:lock|\.lock\.[0-9a-f]+\.tmp|lock\.succ-)/.test(rel)) continue;
+        if (!target.startsWith(`${dest}/`) && !target.startsWith(`${state}/`)) continue;
+        if (target.startsWith(`${state}/`) && /^(?:lock|\.lock\.[0-9a-f]+\.tmp|lock\.succ-)/.test(target.slice(state.length + 1))) continue;
         const flags = /flags:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'latin1'))?.[1];
         if (flags !== undefined && (parseInt(flags, 8) & 3) !== 0) {
-          out.push(`${pid} (${target.slice(dir.length + 1)})`);
+          out.push(`${pid} (${target})`);
           break;
         }
       }
@@ -67,11 +72,11 @@ export const concurrentClass: FaultClass = {
     let sleeper: ReturnType<typeof spawn> | undefined;
     if (lock === 'dead-pid') {
       const dead = deadPid();
-      writeFileSync(join(dest, '.qsync', 'lock'), `${dead} ${bootId()}\n`);
+      writeFileSync(lockOf(dest), `${dead} ${bootId()}\n`);
     } else if (lock === 'live-unrelated-pid') {
       sleeper = spawn('sleep', ['600'], { stdio: 'ignore' });
-      writeFileSync(join(dest, '.qsync', 'lock'), `${sleeper.pid} ${bootId()}\n`);
-    } else if (lock === 'garbage') writeFileSync(join(dest, '.qsync', 'lock'), rng.bytes(rng.range(0, 64)));
+      writeFileSync(lockOf(dest), `${sleeper.pid} ${bootId()}\n`);
+    } else if (lock === 'garbage') writeFileSync(lockOf(dest), rng.bytes(rng.range(0, 64)));
     c.log(`lock: ${lock}`);
     try {
       const pids: number[] = [];

@@ -7,6 +7,7 @@
  */
 import { existsSync, mkdirSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
+import { manifestPathFor } from '../../src/sync/manifest-store.js';
 import { firstLine, qsync, snapshot, snapshotDiff, treeDiff, type FaultClass, type RunResult, type TrialContext, type TrialReport } from './runner.js';
 import { changeContent, extraReadBits, MiB, randomContent, stateMismatch, TargetModel, writeTree, type Version } from './tree-model.js';
 
@@ -74,7 +75,7 @@ async function checkConverged(x: Ctx, target: string, label: string, r: RunResul
   }
   for (const n of names) {
     // A nested file's manifest is in the tree's state folder (docs/FORMATS.md), not beside the file.
-    const manifest = n.includes('/') ? ['--manifest', join(target, '.qsync', 'manifests', `${n}.qsm`)] : [];
+    const manifest = n.includes('/') ? ['--manifest', manifestPathFor(target, n)] : [];
     const v = await q(x, `verify ${n}`, ['verify', join(target, n), ...manifest]);
     if (v.code !== 0) {
       x.report.note('unconverged', `${label}: verify ${n} after the rerun exit ${v.code}: ${firstLine(v.stderr + v.stdout)}`);
@@ -282,8 +283,8 @@ export const crashClass: FaultClass = {
     else if (op === 'apply') await opApply(x);
     else if (op === 'restore') await opRestore(x);
     else await opPrune(x);
-    // Nothing may appear beside the trees the runs were given (a temp file, a misplaced history).
-    const stray = readdirSync(c.ws).filter((n) => !/^(src|dest|hist|applied|batch\.qdelta|restore-out\.img|restored-.*)$/.test(n));
+    // Nothing may appear beside the trees the runs were given (a temp file, a misplaced history) and qsync's state folder.
+    const stray = readdirSync(c.ws).filter((n) => !/^(src|dest|hist|applied|batch\.qdelta|restore-out\.img|restored-.*|state)$/.test(n));
     if (stray.length) report.note('outside', `${op}: unexpected ${stray.map((n) => join(c.ws, n)).join(', ')} beside SRC/DEST/history`);
   },
 };

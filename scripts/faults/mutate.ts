@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { MANIFEST_HEADER_LEN, MANIFEST_TRAILER_LEN, MANIFEST_DIGEST_LEN } from '../../src/core/manifest.js';
 import { bootId, IntentWriter, intentPathFor } from '../../src/sync/intent.js';
 import { encodeJournal, journalPathFor, manifestPathFor } from '../../src/sync/manifest-store.js';
+import { stateFolderFor } from '../../src/sync/state-dir.js';
 import { deadPid, qsync, snapshot, snapshotDiff, treeDiff, type FaultClass, type Rng, type RunResult } from './runner.js';
 import { BLOCK, changeContent, randomContent, writeTree, type Version } from './tree-model.js';
 
@@ -98,7 +99,7 @@ export const mutateClass: FaultClass = {
         await w.close();
       } else {
         // A lock left by a dead run (the pid of a process that has exited).
-        path = join(dest, '.qsync', 'lock');
+        path = join(stateFolderFor(dest), 'lock');
         const dead = deadPid();
         writeFileSync(path, `${dead} ${bootId()}\n`);
       }

@@ -276,8 +276,11 @@ export interface FaultClass {
   trial(ctx: TrialContext, report: TrialReport): Promise<void>;
 }
 
+/** A trial's folder; the qsync runs of the trial keep their state in it too (QSYNC_STATE_DIR), so it goes with it. */
 export function newWorkspace(cls: string, trial: number): string {
-  return mkdtempSync(join(tmpdir(), `qsync-faults-${cls}-${trial}-`));
+  const ws = mkdtempSync(join(tmpdir(), `qsync-faults-${cls}-${trial}-`));
+  process.env.QSYNC_STATE_DIR = join(ws, 'state');
+  return ws;
 }
 
 export const removeWorkspace = (ws: string) => rmSync(ws, { recursive: true, force: true, maxRetries: 3 });
@@ -286,12 +289,11 @@ export const removeWorkspace = (ws: string) => rmSync(ws, { recursive: true, for
 
 export const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-/** Regular files under `root` (relative paths), skipping the top-level `.qsync` state folder. */
+/** Regular files under `root` (relative paths). */
 export function listFiles(root: string, rel = ''): Map<string, Buffer> {
   const out = new Map<string, Buffer>();
   for (const e of readdirSync(join(root, rel), { withFileTypes: true })) {
     const r = rel ? join(rel, e.name) : e.name;
-    if (!rel && e.name === '.qsync') continue;
     if (e.isDirectory()) for (const [k, v] of listFiles(root, r)) out.set(k, v);
     else if (e.isFile()) out.set(r, readFileSync(join(root, r)));
     else out.set(r, Buffer.from(`<${e.isSymbolicLink() ? 'symlink' : 'special'}>`));

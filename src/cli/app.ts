@@ -9,6 +9,7 @@ import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 import { DELTA_COMMANDS } from './commands.js';
 import type { CliIO } from './run-sync.js';
 import { releaseHeldLocksSync } from '../sync/lock.js';
+import { setStateBase } from '../sync/state-dir.js';
 
 /** Loaded on use: each mode's modules cost start-up time the others should not pay. */
 const runDeltaCommand = async (argv: string[], io: CliIO) => (await import('./cmd-delta.js')).runDeltaCommand(argv, io);
@@ -42,6 +43,7 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       return 0;
     }
     const o = parsed.options;
+    if (o.stateDir !== undefined) setStateBase(o.stateDir);
     if (o.readBatch !== undefined) {
       if (parsed.sources.length) throw new QsyncError('USAGE', '--read-batch=FILE takes only the destination operand: the sources are in FILE');
       return await runDeltaCommand(['apply', o.readBatch, parsed.dest], io);

@@ -64,6 +64,8 @@ export interface SyncOptions {
   /** Bytes; a power of two in [4 KiB, 16 MiB]. */
   blockSize: number;
   manifest?: string;
+  /** --state-dir: where qsync keeps manifests, intents and locks (default: /var/lib/qsync or $XDG_STATE_HOME/qsync). */
+  stateDir?: string;
   json: boolean;
   rsh?: string;
   writeBatch?: string;
@@ -167,7 +169,8 @@ const SPECS: Spec[] = [
   { name: 'only-write-batch', kind: 'value', arg: 'FILE', help: 'like --write-batch but w/o updating dest' },
   { name: 'read-batch', kind: 'value', arg: 'FILE', help: 'apply the delta in FILE to DEST' },
   { name: 'backup-dir', kind: 'value', arg: 'DIR', help: 'keep reverse deltas of overwritten blocks in DIR' },
-  { name: 'manifest', kind: 'value', arg: 'PATH', help: 'where the block manifest lives (default DEST/.qsync/)' },
+  { name: 'manifest', kind: 'value', arg: 'PATH', help: "where a single file's block manifest lives (default: in the state folder)" },
+  { name: 'state-dir', kind: 'value', arg: 'DIR', help: 'keep qsync\'s state (manifests, intents, locks) in DIR' },
   { name: 'json', kind: 'flag', help: 'print a JSON summary on stdout' },
   { name: 'qmp', kind: 'value', arg: 'SOCKET', help: 'image mode: read a running VM through its QMP socket' },
   { name: 'drive', kind: 'list', arg: 'NAME', help: 'image mode: drive to back up (repeatable)' },
@@ -486,6 +489,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     oneFileSystem: bool('one-file-system'),
     blockSize: blockText === undefined ? DEFAULT_BLOCK_SIZE : parseBlockSize(blockText),
     manifest: str(y.manifest),
+    stateDir: str(y['state-dir']),
     json: bool('json'),
     rsh: str(y.rsh),
     writeBatch: str(y['write-batch']),

@@ -13,6 +13,7 @@ import { openDelta, verifyDeltaFile, type DeltaMemberSummary } from '../io/delta
 import { applyDelta } from '../sync/delta-apply.js';
 import { listPoints, prune, restorePoint } from '../sync/delta-history.js';
 import { manifestPathFor, openManifest } from '../sync/manifest-store.js';
+import { setStateBase } from '../sync/state-dir.js';
 import { hashFile } from '../sync/target-digests.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 
@@ -98,7 +99,7 @@ function parser(argv: string[]): Argv {
     })
     .command('apply <delta> <target>', 'apply DELTA to TARGET (a directory for a delta of several files)')
     .command('verify <path>', 'check a delta (structure, every record, hashes) or a target against its manifest', (y) =>
-      y.option('manifest', { type: 'string', describe: 'manifest of TARGET (default: its .qsync folder)' }),
+      y.option('manifest', { type: 'string', describe: 'manifest of TARGET (default: in the state folder)' }),
     )
     .command('info <delta>', 'describe a delta', (y) => y.option('json', { type: 'boolean' }))
     .command('restore <target> [out]', 'list the points in time of TARGET, or write one to OUT (a new file)', (y) =>
@@ -108,6 +109,7 @@ function parser(argv: string[]): Argv {
         .option('at', { type: 'string', describe: 'point number (1 = before the newest run) or a time' }),
     )
     .command('prune <dir>', 'keep the newest N runs of history in DIR', (y) => y.option('keep', { type: 'number', demandOption: true }))
+    .option('state-dir', { type: 'string', describe: "where qsync keeps its state (manifests, intents, locks)" })
     .demandCommand(1)
     .wrap(null);
 }
@@ -122,6 +124,7 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
       return EXIT.OK.code;
     }
     const str = (k: string) => args[k] as string;
+    if (args['state-dir'] !== undefined) setStateBase(str('state-dir'));
     switch ((args._ as string[])[0]) {
       case 'apply': {
         for (const m of await applyDelta(str('delta'), str('target'), { notice: (msg, t) => io.stderr.write(`qsync: ${escapeForTerminal(`${t ?? ''}: ${msg}`)}\n`) })) {

@@ -10,12 +10,11 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
 import { readUpTo } from '../io/local-file.js';
-import { Dir, fsPath, resolveTrusted } from '../io/safe-fs.js';
+import { Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
 import { lockDestination } from '../sync/lock.js';
-import { STATE_DIR } from '../sync/manifest-store.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
-import { checkStateRoot } from '../sync/state-dir.js';
+import { checkStateRoot, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
@@ -128,6 +127,13 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
 
   const destStat = await statOrUndefined(dest);
   const plan = planOperands(sources, dest, destStat);
+  // qsync's own state folder is checked (and made) before anything lands in DEST.
+  await checkStateRoot(plan.destRoot, !leavesDest(o));
+  const legacy = join(plan.destRoot, '.qsync');
+  const sourceHasOne = async () => (await Promise.all(sources.map((s) => (s.operand.endsWith('/') ? lstatOrUndefined(fsPath(join(s.operand, '.qsync'))) : undefined)))).some(Boolean);
+  if ((await lstatOrUndefined(fsPath(join(legacy, 'manifests'))))?.isDirectory() && !(await sourceHasOne())) {
+    printer.warning?.(`${legacy} is the state of an older qsync, which now keeps it in ${stateFolderFor(plan.destRoot)}: it is not used (this run compares); remove it`, legacy);
+  }
   if (plan.destIsDir) {
     if (destStat && !destStat.isDirectory()) {
       throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest });
@@ -175,7 +181,6 @@ async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: strin
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
-    if (destDir) await checkStateRoot(destDir, !leavesDest(o));
     return await syncInto(printer, pool, plan, destDir, batch, rules, missing, o);
   } finally {
     await destDir?.close();
@@ -184,7 +189,7 @@ async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: strin
 
 /** `batch`: the --write-batch/--only-write-batch file, reached through its held folder. */
 async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
-  const lock = leavesDest(o) ? undefined : await lockDestination(join(plan.destRoot, STATE_DIR));
+  const lock = leavesDest(o) ? undefined : await lockDestination(plan.destRoot);
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
   // A history folder inside the destination is not user data: protect it from --delete, as rsync does.

@@ -140,6 +140,11 @@ export class Dir {
     return this.fh.fd;
   }
 
+  /** How `name` inside this directory is named in messages (no `//` below `/`). */
+  shown(name: string): string {
+    return this.path.endsWith('/') ? `${this.path}${name}` : `${this.path}/${name}`;
+  }
+
   /** The path that reaches `name` inside this directory without trusting any other path. */
   at(name: string): string {
     return `/proc/self/fd/${this.fh.fd}/${checkName(name)}`;
@@ -157,7 +162,30 @@ export class Dir {
 
   /** Open a subdirectory; a symlink in its place is refused. */
   async openDir(name: string): Promise<Dir> {
-    return new Dir(await open(this.ref(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), `${this.path}/${name}`);
+    return new Dir(await open(this.ref(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), this.shown(name));
+  }
+
+  /**
+   * Open a subdirectory to pass through (as `cd` does): one the caller may
+   * search but not list (mode 0711, say) is held by an O_PATH descriptor,
+   * which reaches its entries but cannot list them. A symlink is refused.
+   */
+  async openPassage(name: string): Promise<Dir> {
+    return Dir.passage(this.ref(name), this.shown(name), O_NOFOLLOW);
+  }
+
+  /** This directory's parent, as a passage. */
+  async parent(): Promise<Dir> {
+    return Dir.passage(`${this.self}/..`, `${this.path}/..`, 0);
+  }
+
+  private static async passage(path: PathLike, shown: string, extra: number): Promise<Dir> {
+    try {
+      return new Dir(await open(path, O_RDONLY | O_DIRECTORY | extra), shown);
+    } catch (e) {
+      if (errnoOf(e) !== 'EACCES') throw e;
+      return new Dir(await open(path, O_PATH | O_DIRECTORY | extra), shown);
+    }
   }
 
   /** Open a chain of subdirectories (`a/b/c`), none of which may be a symlink. */
@@ -179,7 +207,7 @@ export class Dir {
 
   /** Open `name` as a regular file, never through a symlink, never blocking on a FIFO. */
   async openFile(name: string, flags: number, mode = 0o600): Promise<FileHandle> {
-    return openRegular(this.ref(name), flags, mode, `${this.path}/${name}`);
+    return openRegular(this.ref(name), flags, mode, this.shown(name));
   }
 
   /** Create `name` (O_EXCL: never an existing file, never a symlink's target) with `mode`. */
@@ -303,7 +331,7 @@ export async function setMetaByFd(fd: number, m: MetaChange): Promise<void> {
 export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, m: MetaChange): Promise<void> {
   if (expect.isSymbolicLink()) {
     const st = await dir.lstat(name);
-    if (!st.isSymbolicLink()) throw swapped(`${dir.path}/${name}`, expect, st);
+    if (!st.isSymbolicLink()) throw swapped(dir.shown(name), expect, st);
     if (m.uid !== undefined || m.gid !== undefined) await dir.lchown(name, m.uid ?? -1, m.gid ?? -1);
     if (m.mtime !== undefined) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
     return;
@@ -311,7 +339,7 @@ export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, m: 
   const fh = await open(dir.ref(name), O_PATH | O_NOFOLLOW);
   try {
     const st = await fh.stat({ bigint: true });
-    if ((st.mode & 0o170000n) !== (expect.mode & 0o170000n)) throw swapped(`${dir.path}/${name}`, expect, st);
+    if ((st.mode & 0o170000n) !== (expect.mode & 0o170000n)) throw swapped(dir.shown(name), expect, st);
     await setMetaByFd(fh.fd, m);
   } finally {
     await fh.close();
@@ -410,13 +438,13 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
       const name = todo.pop();
       if (name === undefined) throw new QsyncError('USAGE', `${path} is a folder, not a file name`, { file: path });
       if (name === '..') {
-        await moveTo(await Dir.open(`${dir.self}/..`));
+        await moveTo(await dir.parent());
         continue;
       }
       const last = todo.length === 0;
       const st = await dir.lstatOrUndefined(name);
       if (st?.isSymbolicLink() && (followLast || !last)) {
-        const shown = `${dir.path}/${name}`.replace(/^\/+/, '/');
+        const shown = dir.shown(name);
         if (st.uid !== 0n && st.uid !== me) {
           throw new QsyncError('USAGE', `${path}: ${shown} is a symlink owned by uid ${st.uid}; qsync (uid ${me}) follows only symlinks that root or uid ${me} own`, {
             file: path,
@@ -434,7 +462,7 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
         continue;
       }
       if (last) return { dir, name };
-      await moveTo(await dir.openDir(name));
+      await moveTo(await dir.openPassage(name));
     }
   } catch (e) {
     await dir.close();

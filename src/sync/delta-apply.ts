@@ -23,7 +23,7 @@ import { readUpTo } from '../io/local-file.js';
 import { Dir } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
-import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, STATE_DIR } from './manifest-store.js';
+import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest } from './manifest-store.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 import { readStateFile, removeStatePath, withStateParent, writeStateFile } from './state-dir.js';
 import { assessManifest } from './trust.js';
@@ -83,7 +83,7 @@ async function targetsFor(members: DeltaMemberSummary[], target: string): Promis
   const seen = new Set<string>();
   return members.map(({ header }) => {
     const rel = normalize(header.name).replace(/(.)\/+$/, '$1');
-    if (!header.name || isAbsolute(rel) || rel === '.' || rel === '..' || rel.startsWith(`..${sep}`) || rel.split(sep)[0] === STATE_DIR) {
+    if (!header.name || isAbsolute(rel) || rel === '.' || rel === '..' || rel.startsWith(`..${sep}`)) {
       throw new QsyncError('FORMAT', `delta member name ${JSON.stringify(header.name)} is not a path inside the target directory`, { file: target });
     }
     if (seen.has(rel)) throw new QsyncError('FORMAT', `delta member ${JSON.stringify(header.name)} appears twice`, { file: target });
@@ -379,8 +379,8 @@ export async function applyDelta(deltaPath: string, target: string, hooks: Apply
     try {
       for (const { root } of places) {
         if (locks.has(root)) continue;
-        // The lock walks to the state folder by the state-dir rules: a symlinked or foreign .qsync is refused there.
-        locks.set(root, await lockDestination(join(root, STATE_DIR)));
+        // The lock walks to the state folder by the state-dir rules: a symlinked or foreign one is refused there.
+        locks.set(root, await lockDestination(root));
       }
       const plans: MemberPlan[] = [];
       try {

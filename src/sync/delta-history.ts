@@ -24,7 +24,8 @@ import { copySparse } from '../io/local-file.js';
 import { checkOwnDir, checkOwnStat, Dir, isTempNameFor, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockIn, type DestLock } from './lock.js';
-import { manifestPathFor, openManifest, STATE_DIR } from './manifest-store.js';
+import { manifestPathFor, openManifest } from './manifest-store.js';
+import { stateBase, stateFolderFor } from './state-dir.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest } from './trust.js';
 
@@ -119,16 +120,16 @@ async function historyNames(d: Dir): Promise<string[]> {
 
 /**
  * The destination root a mirror file belongs to (the nearest folder above it
- * with a `.qsync` state folder) and its name relative to it: members are
+ * with a state folder) and its name relative to it: members are
  * matched by that whole name, never by a suffix.
  */
 async function locate(target: string): Promise<{ root: string; rel: string }> {
   const abs = resolve(target);
   for (let d = dirname(abs); ; d = dirname(d)) {
-    if ((await lstatOrUndefined(join(d, STATE_DIR)))?.isDirectory()) return { root: d, rel: relative(d, abs) };
+    if ((await lstatOrUndefined(stateFolderFor(d)))?.isDirectory()) return { root: d, rel: relative(d, abs) };
     if (dirname(d) === d) break;
   }
-  throw new QsyncError('USAGE', `${target} is not in a destination qsync synced (no ${STATE_DIR} folder above it)`, {
+  throw new QsyncError('USAGE', `${target} is not in a destination qsync synced (no folder above it has qsync state in ${stateBase()})`, {
     file: target,
     hint: 'give the mirror file as it lies in the destination',
   });

@@ -46,7 +46,7 @@ const typeBits = (s: BigIntStats) => s.mode & 0o170000n;
 const fstatBig = (fd: number): Promise<BigIntStats> => stat(`/proc/self/fd/${fd}`, { bigint: true });
 
 /** For messages. */
-const nodePath = (n: Node): string => ('held' in n ? n.held.path : `${n.dir.path}/${n.name}`);
+const nodePath = (n: Node): string => ('held' in n ? n.held.path : n.dir.shown(n.name));
 
 /** `name` in `dir` itself (never what a symlink points to), held without opening it (no FIFO blocks, no device opens). */
 const openPath = (dir: Dir, name: string): Promise<FileHandle> => open(dir.at(name), O_PATH | constants.O_NOFOLLOW);
@@ -122,7 +122,7 @@ export class AttrPair {
     if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
       // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
       await now.close();
-      throw new QsyncError('TARGET', `${at.dir.path}/${at.name} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
+      throw new QsyncError('TARGET', `${at.dir.shown(at.name)} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
         file: at.name,
         hint: 'run again',
       });
@@ -130,7 +130,7 @@ export class AttrPair {
     const a = this.dstId;
     // The inode read before keeps what it carried then; a new one (a new or rewritten file) is read back. Written with others.
     const known = a && a.ino === nowSt.ino && a.dev === nowSt.dev ? (this.dst ?? new Map()) : undefined;
-    await this.owner.queue(now, this.src, this.kind, `${at.dir.path}/${at.name}`, known);
+    await this.owner.queue(now, this.src, this.kind, at.dir.shown(at.name), known);
   }
 }
 
@@ -178,7 +178,7 @@ export class ExtAttrs {
     const st = await fh.stat({ bigint: true });
     if (typeBits(st) !== typeBits(n.expect) || (n.sameInode && (st.ino !== n.expect.ino || st.dev !== n.expect.dev))) {
       await fh.close();
-      throw new QsyncError('SOURCE', `file has vanished: ${n.dir.path}/${n.name} (another entry took its name while qsync worked)`, { file: n.name, vanished: true });
+      throw new QsyncError('SOURCE', `file has vanished: ${n.dir.shown(n.name)} (another entry took its name while qsync worked)`, { file: n.name, vanished: true });
     }
     return fh;
   }
@@ -242,7 +242,7 @@ export class ExtAttrs {
           const fh = await openPath(dir, name).catch(() => undefined);
           if (fh) open.push({ name, fh, st: await fh.stat({ bigint: true }) });
         }
-        const maps = await readAttrs(open.map((o) => o.fh.fd), open.map((o) => `${dir.path}/${o.name}`));
+        const maps = await readAttrs(open.map((o) => o.fh.fd), open.map((o) => dir.shown(o.name)));
         open.forEach((o, k) => cached.set(o.name, { dev: o.st.dev, ino: o.st.ino, attrs: maps[k]! }));
       } catch {
         // Read one by one instead.

@@ -218,7 +218,7 @@ export class HardLinks {
     if (!host.noWrite) {
       if (cur?.isDirectory()) {
         await dir!.rmdir(name).catch((e) => {
-          throw new QsyncError('TARGET', `cannot delete non-empty directory ${dir!.path}/${name} to put a hard link there`, { file: m.rel }, { cause: e });
+          throw new QsyncError('TARGET', `cannot delete non-empty directory ${dir!.shown(name)} to put a hard link there`, { file: m.rel }, { cause: e });
         });
       }
       const tmp = tempNameFor(name);
@@ -227,7 +227,7 @@ export class HardLinks {
         // The leader's name may have been swapped since it was synced: link only to the inode qsync wrote.
         const made = await dir!.lstat(tmp);
         if (made.ino !== leaderSt!.ino || made.dev !== leaderSt!.dev) {
-          throw new QsyncError('TARGET', `${lh!.path}/${leaderName} changed while qsync worked on it; ${m.rel} left alone`, { file: m.rel, hint: 'run again' });
+          throw new QsyncError('TARGET', `${lh!.shown(leaderName)} changed while qsync worked on it; ${m.rel} left alone`, { file: m.rel, hint: 'run again' });
         }
         await dir!.rename(tmp, dir!, name);
       } catch (e) {

@@ -12,10 +12,10 @@
  * into the new one, so no change is ever forgotten.
  */
 import { createHash, randomInt } from 'node:crypto';
-import { stat } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import os from 'node:os';
 import { join, resolve } from 'node:path';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
@@ -31,7 +31,7 @@ import type { SyncHooks, SyncMethod } from './events.js';
 import type { FileSyncContext } from './file-sync.js';
 import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
 import { lockDestination } from './lock.js';
-import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, STATE_DIR, type Manifest } from './manifest-store.js';
+import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest, type Trust } from './trust.js';
@@ -102,7 +102,11 @@ export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks 
   if (opts.signal) opts.signal.addEventListener('abort', onSignal, { once: true });
   else for (const s of ['SIGINT', 'SIGTERM'] as const) process.on(s, onSignal);
 
-  const lock = await lockDestination(join(dest, STATE_DIR));
+  // DEST is the user's folder, made as asked (as rsync makes a missing destination folder).
+  await mkdir(dest, { recursive: true }).catch((e) => {
+    throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${errnoText(e)}`, { file: dest }, { cause: e });
+  });
+  const lock = await lockDestination(dest);
   let served: ServedImage | undefined;
   try {
     served = opts.image ? await serveImage(opts.image, tempDir) : undefined;

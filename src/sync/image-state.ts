@@ -5,7 +5,7 @@
  * manifest (Proxmox Backup Server ties its bitmap to its index the same way).
  */
 import { join } from 'node:path';
-import { readStateFile, removeStatePath, removeStaleTemps, STATE_DIR, withStateParent, writeStateFile } from './state-dir.js';
+import { readStateFile, removeStatePath, removeStaleTemps, stateFolderFor, withStateParent, writeStateFile } from './state-dir.js';
 
 /** A state record is a few hundred bytes; a longer file is not one (and is not read). */
 const IMAGE_STATE_MAX = 64 * 1024;
@@ -18,7 +18,7 @@ export interface ImageState {
   size: number;
 }
 
-export const imageStatePath = (dest: string, name: string): string => join(dest, STATE_DIR, 'image', `${name}.json`);
+export const imageStatePath = (dest: string, name: string): string => join(stateFolderFor(dest), 'image', `${name}.json`);
 
 /** Undefined when there is none or it cannot be read (the run then goes full). */
 export async function readImageState(path: string): Promise<ImageState | undefined> {

@@ -1,5 +1,5 @@
 /**
- * One qsync at a time per destination: the lock file `DEST/.qsync/lock`
+ * One qsync at a time per destination: the lock file `lock` in the destination's state folder
  * (0600) names its owner by pid, the pid's start time (field 22 of
  * /proc/PID/stat) and the boot id, so that a lock left by a dead run, or
  * naming a pid the kernel has since given to another process, is taken over
@@ -17,13 +17,13 @@
  */
 import { rmSync } from 'node:fs';
 import { link, rename } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { errnoOf, isQsyncError, QsyncError } from '../core/errors.js';
 import { digestOf } from '../hash/blake3.js';
-import type { Dir } from '../io/safe-fs.js';
+import { encodeName, type Dir } from '../io/safe-fs.js';
 import { bootId } from './intent.js';
 import { procStat } from '../io/proc-stat.js';
-import { createStateTemp, doneWithTemp, openStateParent, readStateFile, unlinkState } from './state-dir.js';
+import { createStateTemp, doneWithTemp, openStateParent, readStateFile, stateFolderFor, unlinkState, writeStateFile } from './state-dir.js';
 
 /** How long to wait for a takeover another run is in the middle of (a few syscalls) before giving up. */
 const TAKEOVER_WAIT_MS = 5000;
@@ -101,12 +101,22 @@ async function take(dir: Dir, name: string, record: string, depth: number): Prom
   }
 }
 
-export async function lockDestination(stateDir: string): Promise<DestLock> {
-  const path = join(stateDir, 'lock');
+export async function lockDestination(destRoot: string): Promise<DestLock> {
+  const path = join(stateFolderFor(destRoot), 'lock');
   const sp = await openStateParent(path, true).catch((e) => {
     throw lockFailed(path, e);
   });
-  return lockIn(sp.dir, path, (pid) => `another qsync (pid ${pid}) is syncing into ${dirname(stateDir)}; wait for it to finish`, () => sp.release());
+  const lock = await lockIn(sp.dir, path, (pid) => `another qsync (pid ${pid}) is syncing into ${destRoot}; wait for it to finish`, () => sp.release());
+  // Which destination the state folder serves, for people looking in it: written when it changes.
+  try {
+    const want = Buffer.concat([encodeName(resolve(destRoot)), Buffer.from('\n')]);
+    const cur = await readStateFile(sp.dir, 'dest', want.length + 1);
+    if (!cur?.data.equals(want)) await writeStateFile(sp.dir, 'dest', want);
+  } catch (e) {
+    await lock.release();
+    throw lockFailed(path, e);
+  }
+  return lock;
 }
 
 // A system error here (read-only, full, no permission) ends the run before anything is written.

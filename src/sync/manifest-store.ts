@@ -28,14 +28,12 @@ import {
   readStateFile,
   removeStaleTemps,
   renameState,
-  STATE_DIR,
+  stateFolderFor,
   unlinkState,
   withStateParent,
   writeStateFile,
   type StateParent,
 } from './state-dir.js';
-
-export { STATE_DIR };
 
 /**
  * Longest file name whose state names fit in a folder entry (255 bytes):
@@ -46,7 +44,7 @@ const MAX_PLAIN_NAME = 255 - 40;
 
 /**
  * The manifest of `relPath` (a target below `destRoot`): its folders under
- * `.qsync/manifests/`, its name plus `.qsm`. A name too long to carry the
+ * `manifests/` in the destination's state folder, its name plus `.qsm`. A name too long to carry the
  * suffixes is named by its hash instead (`~<64 hex>.qsm`); were a short name
  * ever to look the same, the manifest's target identity tells the two apart.
  */
@@ -55,7 +53,7 @@ export function manifestPathFor(destRoot: string, relPath: string): string {
   const name = relPath.slice(at + 1);
   const bytes = encodeName(name);
   const stored = bytes.length > MAX_PLAIN_NAME ? `~${digestOf(bytes).toString('hex')}` : name;
-  return join(destRoot, STATE_DIR, 'manifests', `${relPath.slice(0, at + 1)}${stored}.qsm`);
+  return join(stateFolderFor(destRoot), 'manifests', `${relPath.slice(0, at + 1)}${stored}.qsm`);
 }
 
 /**
@@ -64,7 +62,7 @@ export function manifestPathFor(destRoot: string, relPath: string): string {
  * Reached through the state folder by descriptor; nothing is followed.
  */
 export async function forgetManifests(destRoot: string, relPath: string, folder: boolean): Promise<void> {
-  const path = folder ? join(destRoot, STATE_DIR, 'manifests', relPath) : manifestPathFor(destRoot, relPath);
+  const path = folder ? join(stateFolderFor(destRoot), 'manifests', relPath) : manifestPathFor(destRoot, relPath);
   await withStateParent(path, false, async ({ dir, name }) => {
     if (folder) await removeTreeAt(dir, name);
     else for (const n of [name, `${name}.intent`, journalName(name)]) await unlinkState(dir, n);

@@ -1,29 +1,34 @@
 /**
- * qsync's state folder (`DEST/.qsync/`: manifests, journals, intents, the
- * lock, image state, digest scratch) reached without trusting any path.
+ * qsync's state (manifests, journals, intents, the lock, image state, digest
+ * scratch) lives outside the destination, in a state folder of qsync's own:
+ * `--state-dir DIR`, else `$QSYNC_STATE_DIR`, else `/var/lib/qsync` for root
+ * and `$XDG_STATE_HOME/qsync` (`~/.local/state/qsync`) for other users. Each
+ * destination gets `BASE/dest/<name>-<hash>/`, keyed by the destination's
+ * real path (symlinks resolved), so DEST holds the mirror and nothing else
+ * (docs/FORMATS.md "State folder").
  *
- * The destination root is the user's and is opened as given (it may be a
- * symlink); from `.qsync` down every folder is opened by descriptor with
- * O_NOFOLLOW, created 0700 when missing, and must belong to the user running
- * qsync; every state file is opened O_NOFOLLOW|O_NONBLOCK, must be a regular
- * file of that user, and is created 0600 under an unpredictable temp name
- * (O_EXCL) before it is renamed into place. A state path that is a symlink,
- * a FIFO, a device, a folder or someone else's is refused with a message
- * naming it, never followed, never waited on.
+ * Nothing in it is reached by trusting a path. The base is reached following
+ * only symlinks that root or the caller own (resolveTrusted); from the base
+ * down every folder is opened by descriptor with O_NOFOLLOW, created 0700
+ * when missing, and must belong to the user running qsync and be writable by
+ * no one else; every state file is opened O_NOFOLLOW|O_NONBLOCK, must be a
+ * regular file of that user, and is created 0600 under an unpredictable temp
+ * name (O_EXCL) before it is renamed into place. A state path that is a
+ * symlink, a FIFO, a device, a folder or someone else's is refused with a
+ * message naming it, never followed, never waited on.
  *
- * The boundary is the path's first `.qsync` component; a path without one (a
- * `--manifest PATH` of the user's) follows its folders as given, except
- * another user's symlink (resolveTrusted), and only its last component is
- * held to the rules above.
+ * A path outside the base (a `--manifest PATH` of the user's) follows its
+ * folders as given, except another user's symlink (resolveTrusted), and only
+ * its last component is held to the rules above.
  */
-import { constants, type BigIntStats } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { constants, realpathSync, type BigIntStats } from 'node:fs';
 import { mkdir, type FileHandle } from 'node:fs/promises';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { homedir } from 'node:os';
+import { basename, dirname, join, resolve } from 'node:path';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { readUpTo } from '../io/local-file.js';
-import { Dir, resolveTrusted, splitPath } from '../io/safe-fs.js';
-
-/** The folder at the destination root that holds qsync's state; never user data. */
-export const STATE_DIR = '.qsync';
+import { decodeName, Dir, encodeName, fsPath, resolveTrusted, splitPath } from '../io/safe-fs.js';
 
 export const STATE_DIR_MODE = 0o700;
 export const STATE_FILE_MODE = 0o600;
@@ -39,6 +44,64 @@ export interface StateParent {
 }
 
 const euid = (): number => process.geteuid?.() ?? 0;
+
+let baseOverride: string | undefined;
+const folderCache = new Map<string, string>();
+
+/** `--state-dir DIR`: where this process keeps state (undefined: the default). */
+export function setStateBase(dir: string | undefined): void {
+  baseOverride = dir === undefined ? undefined : resolve(dir);
+  folderCache.clear();
+}
+
+/** The folder under which qsync keeps the state of every destination (see the module comment). */
+export function stateBase(): string {
+  if (baseOverride !== undefined) return baseOverride;
+  const env = process.env.QSYNC_STATE_DIR;
+  if (env) return resolve(env);
+  if (euid() === 0) return '/var/lib/qsync';
+  // The XDG base directory rules: a relative XDG_STATE_HOME is ignored.
+  const xdg = process.env.XDG_STATE_HOME;
+  return join(xdg?.startsWith('/') ? xdg : join(process.env.HOME || homedir(), '.local', 'state'), 'qsync');
+}
+
+/** A path with symlinks resolved; the part that does not exist yet is kept as given. */
+function realOrPlanned(path: string): string {
+  try {
+    return decodeName(realpathSync(fsPath(path), { encoding: 'buffer' }));
+  } catch (e) {
+    const errno = errnoOf(e);
+    if (errno !== 'ENOENT' && errno !== 'ENOTDIR') throw e;
+    const up = dirname(path);
+    return up === path ? path : join(realOrPlanned(up), basename(path));
+  }
+}
+
+/**
+ * The state folder of the destination rooted at `destRoot` (a sync's DEST
+ * folder, or the folder holding a single-file DEST): `BASE/dest/NAME-HASH`,
+ * HASH naming the destination's real path, so the same folder reached
+ * through a symlink shares its state, and NAME (its last component, plain
+ * characters only) helps a person find it.
+ */
+export function stateFolderFor(destRoot: string): string {
+  const abs = resolve(destRoot);
+  const base = stateBase();
+  const key = `${base}\0${abs}`;
+  const known = folderCache.get(key);
+  if (known !== undefined) return known;
+  const folder = stateFolderIn(base, abs);
+  folderCache.set(key, folder);
+  return folder;
+}
+
+/** stateFolderFor under a given base. */
+export function stateFolderIn(base: string, destRoot: string): string {
+  const real = realOrPlanned(resolve(destRoot));
+  const hash = createHash('sha256').update(encodeName(real)).digest('hex').slice(0, 24);
+  const name = basename(real).replace(/[^A-Za-z0-9._-]/g, '_').replace(/^\.+/, '').slice(0, 40) || 'root';
+  return join(base, 'dest', `${name}-${hash}`);
+}
 
 /** Refuse state that another user owns: they could have planted anything in it. */
 export function checkOwner(st: BigIntStats, shown: string): void {
@@ -56,7 +119,7 @@ const notAFolder = (shown: string, e: unknown): QsyncError =>
 
 /** Open a state folder below `parent` (created 0700 with `create`), checked to be ours and private. */
 async function openStateFolder(parent: Dir, name: string, create: boolean): Promise<Dir | undefined> {
-  const shown = `${parent.path}/${name}`;
+  const shown = parent.shown(name);
   let d: Dir;
   try {
     d = await parent.openDir(name);
@@ -66,7 +129,8 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
     if (errno !== 'ENOENT') throw e;
     if (!create) return undefined;
     await parent.mkdir(name, STATE_DIR_MODE).catch((e2) => {
-      if (errnoOf(e2) !== 'EEXIST') throw e2;
+      if (errnoOf(e2) === 'EEXIST') return;
+      throw new QsyncError('IO', `cannot create qsync's state folder ${shown}: ${errnoText(e2)}`, { file: shown, hint: 'give a writable folder of yours with --state-dir DIR' }, { cause: e2 });
     });
     d = await parent.openDir(name).catch((e2) => {
       throw errnoOf(e2) === 'ELOOP' || errnoOf(e2) === 'ENOTDIR' ? notAFolder(shown, e2) : e2;
@@ -75,6 +139,12 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
   try {
     const st = await d.stat();
     checkOwner(st, shown);
+    if (st.mode & 0o022n) {
+      throw new QsyncError('IO', `${shown} is writable by other users (mode ${(st.mode & 0o7777n).toString(8)}): qsync does not use state others could have planted`, {
+        file: shown,
+        hint: `remove ${shown} (qsync makes a new one, 0700)`,
+      });
+    }
     // Folders from older versions were 0755: the digests they hold tell what the files contain.
     // Only a run that writes state tightens them: readers (qsync verify) change nothing.
     if (create && (Number(st.mode) & 0o077) !== 0) await d.setMeta({ mode: STATE_DIR_MODE });
@@ -86,22 +156,23 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
 }
 
 /**
- * Check the state folder at a destination root once, before anything is
- * written to it: a real folder owned by the user running qsync and writable
- * by no one else (a symlink or another user's folder would let that user
- * steer root's writes); a missing one is created 0700 unless `create` is
- * false (-n).
+ * Check the state folder of a destination once, before anything is written
+ * to it: every folder from the base down a real folder owned by the user
+ * running qsync and writable by no one else (a symlink or another user's
+ * folder would let that user steer root's writes); missing ones are created
+ * 0700 unless `create` is false (-n).
  */
-export async function checkStateRoot(dest: Dir, create: boolean): Promise<void> {
-  const shown = `${dest.path.replace(/\/+$/, '')}/${STATE_DIR}`;
-  const st = await dest.lstatOrUndefined(STATE_DIR);
-  if (st?.isDirectory() && st.uid === BigInt(euid()) && st.mode & 0o022n) {
-    throw new QsyncError('IO', `${shown} is writable by other users (mode ${(st.mode & 0o7777n).toString(8)}): qsync does not use state others could have planted`, {
-      file: shown,
-      hint: `remove ${shown} (qsync makes a new one, 0700)`,
-    });
+export async function checkStateRoot(destRoot: string, create: boolean): Promise<void> {
+  const folder = stateFolderFor(destRoot);
+  try {
+    await (await openStateParent(join(folder, 'lock'), create))?.release();
+  } catch (e) {
+    if (e instanceof QsyncError) throw e;
+    throw new QsyncError('IO', `cannot use qsync's state folder ${folder}: ${(e as Error).message}`, {
+      file: folder,
+      hint: 'give a writable folder of yours with --state-dir DIR',
+    }, { cause: e });
   }
-  await (await openStateFolder(dest, STATE_DIR, create))?.close();
 }
 
 /**
@@ -150,17 +221,18 @@ function lease(key: string, dir: Dir, name: string, path: string): StateParent {
 export async function openStateParent(path: string, create: true): Promise<StateParent>;
 export async function openStateParent(path: string, create: boolean): Promise<StateParent | undefined>;
 export async function openStateParent(path: string, create: boolean): Promise<StateParent | undefined> {
-  const parts = path.split('/');
-  const at = parts.indexOf(STATE_DIR);
+  const base = stateBase();
+  const inBase = path.startsWith(`${base}/`);
   let rootPath: string;
   let walk: string[];
   let name: string;
-  if (at < 0 || at === parts.length - 1) {
+  if (!inBase) {
     ({ dir: rootPath, name } = splitPath(path));
     walk = [];
   } else {
-    rootPath = parts.slice(0, at).join('/') || (path.startsWith('/') ? '/' : '.');
-    walk = parts.slice(at, -1).filter((p) => p && p !== '.');
+    const parts = path.slice(base.length + 1).split('/');
+    rootPath = base;
+    walk = parts.slice(0, -1).filter((p) => p && p !== '.');
     name = parts[parts.length - 1];
   }
   // Walks that may create (and tighten) folders are kept apart from read-only ones.
@@ -176,17 +248,32 @@ export async function openStateParent(path: string, create: boolean): Promise<St
     if (cached.refs === 0) await cached.dir.close();
   }
   // A --manifest PATH of the user's is reached as a --write-batch path is: through no other user's symlink.
-  const openRoot = async () => (at < 0 ? (await resolveTrusted(path, false)).dir : await Dir.open(rootPath));
-  let d: Dir;
+  // So is the state base (an admin may have made /var/lib/qsync a symlink); from it down nothing is followed.
+  const openRoot = async (): Promise<Dir | undefined> => {
+    if (!inBase) return (await resolveTrusted(path, false)).dir;
+    const { dir: parent, name: last } = await resolveTrusted(base, true);
+    try {
+      return await openStateFolder(parent, last, create);
+    } finally {
+      await parent.close();
+    }
+  };
+  let d: Dir | undefined;
   try {
     d = await openRoot();
   } catch (e) {
     if (errnoOf(e) !== 'ENOENT') throw e;
     if (!create) return undefined;
-    // A destination (image mode) or a --manifest PATH folder that does not exist yet: the user's folders, made as asked.
-    await mkdir(rootPath, { recursive: true });
+    // A --manifest PATH folder, or the folders above the state base (~/.local/state), that do not exist yet.
+    await mkdir(inBase ? dirname(base) : rootPath, { recursive: true, mode: STATE_DIR_MODE }).catch((e2) => {
+      throw new QsyncError('IO', `cannot create ${inBase ? `qsync's state folder ${base}` : rootPath}: ${(e2 as Error).message}`, {
+        file: inBase ? base : rootPath,
+        hint: inBase ? 'give a folder of yours with --state-dir DIR' : undefined,
+      });
+    });
     d = await openRoot();
   }
+  if (!d) return undefined;
   for (const p of walk) {
     let next: Dir | undefined;
     try {
@@ -225,7 +312,7 @@ export async function withStateParent<T>(path: string, create: boolean, fn: (sp:
  * not exist (and `flags` has no O_CREAT).
  */
 export async function openStateFile(dir: Dir, name: string, flags: number): Promise<FileHandle | undefined> {
-  const shown = `${dir.path}/${name}`;
+  const shown = dir.shown(name);
   let fh: FileHandle;
   try {
     fh = await dir.openFile(name, flags, STATE_FILE_MODE);
@@ -265,7 +352,7 @@ export async function unlinkState(dir: Dir, name: string): Promise<void> {
   await dir.unlink(name).catch((e) => {
     if (errnoOf(e) === 'ENOENT') return;
     if (errnoOf(e) === 'EISDIR' || errnoOf(e) === 'EPERM') {
-      throw new QsyncError('IO', `${dir.path}/${name} is a directory, not a qsync state file; remove it`, { file: `${dir.path}/${name}` }, { cause: e });
+      throw new QsyncError('IO', `${dir.shown(name)} is a directory, not a qsync state file; remove it`, { file: dir.shown(name) }, { cause: e });
     }
     throw e;
   });
@@ -306,7 +393,7 @@ export async function renameState(dir: Dir, from: string, to: string): Promise<v
   await dir.rename(from, dir, to).catch((e) => {
     const errno = errnoOf(e);
     if (errno === 'EISDIR' || errno === 'ENOTEMPTY' || errno === 'EEXIST') {
-      throw new QsyncError('IO', `${dir.path}/${to} is a directory, not a qsync state file; remove it`, { file: `${dir.path}/${to}` }, { cause: e });
+      throw new QsyncError('IO', `${dir.shown(to)} is a directory, not a qsync state file; remove it`, { file: dir.shown(to) }, { cause: e });
     }
     throw e;
   });

@@ -21,7 +21,7 @@ import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
 import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
-import { forgetManifests, manifestPathFor, STATE_DIR } from './manifest-store.js';
+import { forgetManifests, manifestPathFor } from './manifest-store.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
 import { HardLinks, type HardLinkHost } from './hard-links.js';
 import { ExtAttrs } from './ext-attrs.js';
@@ -298,7 +298,8 @@ export class TreeSync {
       }
       if (dst && (cur || !this.noWrite)) {
         dstDir = await dst.openDir(name).catch((e) => {
-          throw errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR'
+          // Gone (ENOENT) is the destination's doing too: not a source that vanished.
+          throw errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR' || errnoOf(e) === 'ENOENT'
             ? new QsyncError('TARGET', `${rel} in the destination was replaced by something other than a folder while qsync worked; nothing written into it`, { file: rel, hint: 'run again' }, { cause: e })
             : e;
         });
@@ -324,7 +325,6 @@ export class TreeSync {
       const keep = new Set<string>();
       const children: { name: string; st: BigIntStats }[] = [];
       for (const name of (await src.readdir()).sort(compareNames)) {
-        if (rel === '' && name === STATE_DIR) continue;
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
         try {
@@ -362,7 +362,7 @@ export class TreeSync {
   /** --delete: the names in `dst` the source does not have (rsync's order: reverse, by bytes). */
   private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
     for (const name of (await dst.readdir()).sort(compareNames).reverse()) {
-      if (keep.has(name) || (rel === '' && name === STATE_DIR)) continue;
+      if (keep.has(name)) continue;
       await this.deleteChild(dst, name, joinRel(rel, name), 'top');
     }
   }

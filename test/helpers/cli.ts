@@ -1,7 +1,8 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { join } from 'node:path';
+import { createReadStream, mkdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { stateFolderIn } from '../../src/sync/state-dir.js';
 
 export const QSYNC = join(import.meta.dirname, '../../dist/src/cli/main.js');
 
@@ -9,6 +10,23 @@ export const QSYNC = join(import.meta.dirname, '../../dist/src/cli/main.js');
 export const NOBODY = 65534;
 /** setpriv's arguments that run a command as nobody (uid and gid 65534, no groups). */
 export const AS_NOBODY = [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups'];
+
+/** The state base of qsync runs as nobody (test/helpers/state-base.ts makes it). */
+export const nobodyStateBase = (): string => process.env.QSYNC_TEST_NOBODY_STATE_DIR!;
+
+/** The state folder qsync keeps for destination `destRoot` in this test file (as root, or as nobody). */
+export const stateOf = (destRoot: string, asNobody = false): string =>
+  stateFolderIn(asNobody ? nobodyStateBase() : process.env.QSYNC_STATE_DIR!, destRoot);
+
+/** stateOf, with the folders above it made (0700) so a test can plant something in its place. */
+export function stateSlot(destRoot: string, asNobody = false): string {
+  const at = stateOf(destRoot, asNobody);
+  mkdirSync(dirname(at), { recursive: true, mode: 0o700 });
+  return at;
+}
+
+/** Where qsync keeps the manifest of `rel` below `destRoot` (a plain name). */
+export const manifestOf = (destRoot: string, rel: string, asNobody = false): string => join(stateOf(destRoot, asNobody), 'manifests', `${rel}.qsm`);
 
 export interface RunResult {
   code: number | null;
@@ -29,7 +47,7 @@ export function runQsync(args: string[], opts: { measureIo?: boolean; env?: Node
   const cmd = opts.measureIo
     ? spawn('sh', ['-c', 'node "$@"; rc=$?; cat /proc/$$/io >&3; exit $rc', 'sh', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe', 'pipe'], env: opts.env ?? process.env })
     : opts.asNobody
-      ? spawn('setpriv', [...AS_NOBODY, 'node', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env })
+      ? spawn('setpriv', [...AS_NOBODY, 'node', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...(opts.env ?? process.env), QSYNC_STATE_DIR: nobodyStateBase() } })
       : spawn('node', [QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
   opts.onSpawn?.(cmd.pid!);
   let stdout = '';

@@ -1,0 +1,98 @@
+/**
+ * Where qsync keeps its state: outside DEST, in a folder keyed by the
+ * destination's real path (docs/FORMATS.md "State folder").
+ */
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { setStateBase, stateBase, stateFolderFor, stateFolderIn } from '../src/sync/state-dir.js';
+import { NOBODY, runQsync } from './helpers/cli.js';
+
+let dir: string;
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'qsync-statedir-'));
+  chmodSync(dir, 0o711); // nobody passes through to a home of its own
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('the state base', () => {
+  const saved = { ...process.env };
+  afterEach(() => {
+    process.env = { ...saved };
+    setStateBase(undefined);
+  });
+
+  it('--state-dir, else $QSYNC_STATE_DIR, else /var/lib/qsync for root or $XDG_STATE_HOME/qsync', () => {
+    setStateBase('/srv/st');
+    expect(stateBase()).toBe('/srv/st');
+    setStateBase(undefined);
+    process.env.QSYNC_STATE_DIR = '/a/b';
+    expect(stateBase()).toBe('/a/b');
+    delete process.env.QSYNC_STATE_DIR;
+    if (process.geteuid?.() === 0) expect(stateBase()).toBe('/var/lib/qsync');
+    else {
+      process.env.XDG_STATE_HOME = '/x/state';
+      expect(stateBase()).toBe('/x/state/qsync');
+      process.env.XDG_STATE_HOME = 'relative/ignored';
+      process.env.HOME = '/home/u';
+      expect(stateBase()).toBe('/home/u/.local/state/qsync');
+    }
+  });
+
+  it('keys a destination by its real path: through a symlink, or not yet made, the same folder', () => {
+    const real = join(dir, 'real');
+    mkdirSync(real);
+    symlinkSync(real, join(dir, 'via'));
+    expect(stateFolderIn('/B', join(dir, 'via'))).toBe(stateFolderIn('/B', real));
+    const later = stateFolderIn('/B', join(dir, 'later', 'x'));
+    mkdirSync(join(dir, 'later', 'x'), { recursive: true });
+    expect(stateFolderIn('/B', join(dir, 'later', 'x'))).toBe(later);
+    expect(stateFolderIn('/B', join(dir, 'other'))).not.toBe(stateFolderIn('/B', real));
+    expect(stateFolderIn('/B', real)).toMatch(/^\/B\/dest\/real-[0-9a-f]{24}$/);
+    // A name of any bytes gives a plain folder name.
+    expect(stateFolderIn('/B', join(dir, 'we ird\u{dcff}\n'))).toMatch(/^\/B\/dest\/we_ird__-[0-9a-f]{24}$/);
+    expect(stateFolderIn('/B', '/')).toMatch(/^\/B\/dest\/root-[0-9a-f]{24}$/);
+  });
+});
+
+describe('end to end', () => {
+  it('a user without --state-dir gets $XDG_STATE_HOME/qsync, made 0700; DEST holds the mirror only', async () => {
+    const home = join(dir, 'home');
+    mkdirSync(join(home, 'src'), { recursive: true });
+    writeFileSync(join(home, 'src', 'f'), 'data');
+    chownSync(home, NOBODY, NOBODY);
+    chownSync(join(home, 'src'), NOBODY, NOBODY);
+    const { QSYNC_STATE_DIR: _unused, ...rest } = process.env;
+    const env = { ...rest, XDG_STATE_HOME: join(home, 'xdg') };
+    // runQsync sets nobody's test base; run setpriv directly so the user's default applies.
+    const { spawnSync } = await import('node:child_process');
+    const { AS_NOBODY, QSYNC } = await import('./helpers/cli.js');
+    const r = spawnSync('setpriv', [...AS_NOBODY, 'node', QSYNC, '-a', `${home}/src/`, `${home}/dest/`], { env, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(readdirSync(join(home, 'dest'))).toEqual(['f']);
+    const base = join(home, 'xdg', 'qsync');
+    expect(statSync(base).mode & 0o777).toBe(0o700);
+    expect(statSync(base).uid).toBe(NOBODY);
+    const folder = stateFolderIn(base, join(home, 'dest'));
+    expect(readFileSync(join(folder, 'dest'), 'utf8')).toBe(`${join(home, 'dest')}\n`);
+    expect(readdirSync(join(folder, 'manifests'))).toEqual(['f.qsm']);
+  });
+
+  it('--state-dir puts the state there; the same DEST with another --state-dir compares (nothing is lost)', async () => {
+    const src = join(dir, 'e2e-src');
+    const dest = join(dir, 'e2e-dest');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, 7));
+    const a = join(dir, 'state-a');
+    expect((await runQsync(['-a', '--state-dir', a, `${src}/`, `${dest}/`])).code).toBe(0);
+    expect(readdirSync(join(stateFolderIn(a, dest), 'manifests'))).toEqual(['f.img.qsm']);
+    writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, 8));
+    const b = join(dir, 'state-b');
+    const r = await runQsync(['-a', '--json', '--state-dir', b, `${src}/`, `${dest}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout).files.find((f: { path: string }) => f.path === 'f.img').method).toBe('compare');
+    expect(readFileSync(join(dest, 'f.img')).equals(readFileSync(join(src, 'f.img')))).toBe(true);
+    expect(stateFolderFor(dest)).not.toBe(stateFolderIn(b, dest));
+  });
+});
