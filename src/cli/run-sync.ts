@@ -3,7 +3,7 @@
  * lock, run the tree sync, print, and turn the outcome into rsync's exit code.
  */
 import { constants as fsConstants, type BigIntStats } from 'node:fs';
-import { access, constants, lstat, mkdir, stat } from 'node:fs/promises';
+import { access, constants, mkdir, stat } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -16,6 +16,7 @@ import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
 import { checkStateRoot, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
+import { LocalSources, type Sources } from '../sync/source.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -105,19 +106,23 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
   const pool = new HashPool(o.blockSize);
   if (!o.dryRun) pool.warm();
   try {
-    return await syncWithPool(printer, pool, operands, dest, o);
+    return await receive(printer, new LocalSources(pool), operands, dest, o);
   } finally {
     await pool.close();
   }
 }
 
-async function syncWithPool(printer: Printer, pool: HashPool, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+/**
+ * Bring DEST up to date from the operands `from` holds: this host's files,
+ * or a peer's over the wire (the receiving end of a remote sync runs this too).
+ */
+export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions): Promise<number> {
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
     try {
       // rsync follows a symlink given as an operand with a trailing slash only; lstat otherwise.
-      sources.push({ operand, stat: operand.endsWith('/') ? await stat(fsPath(operand), { bigint: true }) : await lstat(fsPath(operand), { bigint: true }) });
+      sources.push({ operand, stat: await from.statOperand(operand) });
     } catch (e) {
       missing = true;
       printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
@@ -130,7 +135,8 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
   // qsync's own state folder is checked (and made) before anything lands in DEST.
   await checkStateRoot(plan.destRoot, !leavesDest(o));
   const legacy = join(plan.destRoot, '.qsync');
-  const sourceHasOne = async () => (await Promise.all(sources.map((s) => (s.operand.endsWith('/') ? lstatOrUndefined(fsPath(join(s.operand, '.qsync'))) : undefined)))).some(Boolean);
+  const sourceHasOne = async () =>
+    from.remote || (await Promise.all(sources.map((s) => (s.operand.endsWith('/') ? lstatOrUndefined(fsPath(join(s.operand, '.qsync'))) : undefined)))).some(Boolean);
   if ((await lstatOrUndefined(fsPath(join(legacy, 'manifests'))))?.isDirectory() && !(await sourceHasOne())) {
     printer.warning?.(`${legacy} is the state of an older qsync, which now keeps it in ${stateFolderFor(plan.destRoot)}: it is not used (this run compares); remove it`, legacy);
   }
@@ -163,7 +169,7 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
   const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);
   try {
-    return await syncAt(printer, pool, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o);
+    return await syncAt(printer, from, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o);
   } finally {
     await batchAt?.dir.close();
   }
@@ -175,20 +181,20 @@ async function syncWithPool(printer: Printer, pool: HashPool, operands: string[]
  */
 const leavesDest = (o: SyncOptions): boolean => o.dryRun || o.onlyWriteBatch !== undefined;
 
-async function syncAt(printer: Printer, pool: HashPool, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
+async function syncAt(printer: Printer, from: Sources, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
   // The destination root (a symlink the user gave as DEST is followed, as rsync does); everything below it is reached through it.
   const destDir = plan.destCreated && leavesDest(o) ? undefined : await Dir.open(plan.destRoot).catch((e) => {
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
-    return await syncInto(printer, pool, plan, destDir, batch, rules, missing, o);
+    return await syncInto(printer, from, plan, destDir, batch, rules, missing, o);
   } finally {
     await destDir?.close();
   }
 }
 
 /** `batch`: the --write-batch/--only-write-batch file, reached through its held folder. */
-async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
+async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
   const lock = leavesDest(o) ? undefined : await lockDestination(plan.destRoot);
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
@@ -210,7 +216,7 @@ async function syncInto(printer: Printer, pool: HashPool, plan: Plan, destDir: D
       plan,
       { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly },
       compileFilters(rules),
-      { pool, hooks: printer, wrapSink: deltas.wrapSink },
+      { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,
     );
     const outcome = await tree.run();

@@ -7,11 +7,9 @@
  */
 import { constants, type BigIntStats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
-import { planChunk } from '../core/plan.js';
-import { DIGEST_LEN, digestOf, zeroDigest } from '../hash/blake3.js';
-import type { HashPool, ScannedChunk } from '../hash/pool.js';
+import { digestOf } from '../hash/blake3.js';
 import { copySparse, LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
 import { setMetaByFd, type Dir, type MetaChange } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
@@ -20,7 +18,8 @@ import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.
 import { emptyFingerprint, Fingerprinter, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
 import { assessManifest, type Trust } from './trust.js';
 import { removeStatePath } from './state-dir.js';
-import { isLockedByOther } from './qemu-locks.js';
+import type { DigestReader, SourceDir, Sources } from './source.js';
+import { DigestScratch, hashFile } from './target-digests.js';
 
 export interface FileSyncOptions {
   blockSize: number;
@@ -48,7 +47,8 @@ export interface SinkInfo {
 }
 
 export interface FileSyncContext {
-  pool: HashPool;
+  /** Where sources are read and hashed: this host, or a peer over the wire (src/sync/source.ts). */
+  sources: Sources;
   hooks: SyncHooks;
   /** Wrap the target's sink (deltas: tee, reverse delta); `target` is undefined with recordOnly. */
   wrapSink?: (target: LocalFileSink | undefined, info: SinkInfo) => Promise<BlockSink> | BlockSink;
@@ -77,7 +77,7 @@ const sameSizeAndTime = (a: BigIntStats, b: BigIntStats) => a.size === b.size &&
 export interface FileJob {
   src: string;
   srcStat: BigIntStats;
-  srcDir: Dir;
+  srcDir: SourceDir;
   srcName: string;
   dst: string;
   /** Undefined only with -n when the target's folder does not exist yet. */
@@ -127,42 +127,11 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
     const method: SyncMethod = !dstStat ? 'new' : opts.wholeFile ? 'whole' : trust.trusted ? 'manifest' : 'compare';
     if (opts.dryRun) return { ...skipped(method), transferred: true, created: !dstStat };
 
-    if (await isLockedByOther(Number(srcStat.dev), srcStat.ino)) {
-      throw new QsyncError('LOCKED', `${src} is open in a running QEMU (it holds a lock on it): a byte copy would be inconsistent`, {
-        file: src,
-        hint: 'back it up in image mode: qsync --qmp /path/to/qmp.sock DEST',
-      });
-    }
+    await ctx.sources.checkUsable(srcStat, src);
     return await transfer(job, method, manifest, trust, opts, ctx);
   } finally {
     await manifest?.close();
   }
-}
-
-/** A source file changed between the listing and the open: it is skipped (rsync's "vanished", exit 24), never read. */
-const vanished = (src: string, why: string) => new QsyncError('SOURCE', `file has vanished: ${src} (${why})`, { file: src, vanished: true });
-
-/**
- * Open the listed source through its folder: never through a symlink, never
- * blocking on a FIFO, and only if it is still the inode that was listed.
- */
-async function openSource(job: FileJob): Promise<FileHandle> {
-  const { src, srcStat, srcDir, srcName } = job;
-  let fh: FileHandle;
-  try {
-    fh = await srcDir.openFile(srcName, constants.O_RDONLY);
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') throw vanished(src, 'it is gone');
-    // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
-    if (e instanceof QsyncError) throw vanished(src, 'something other than a regular file took its name while qsync worked; not read');
-    throw new QsyncError('SOURCE', `cannot read ${src}: ${errnoText(e)}`, { file: src }, { cause: e });
-  }
-  const st = await fh.stat({ bigint: true });
-  if (st.dev !== srcStat.dev || st.ino !== srcStat.ino) {
-    await fh.close();
-    throw vanished(src, 'another file took its name while qsync worked; not read');
-  }
-  return fh;
 }
 
 /**
@@ -219,7 +188,7 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   const baseFp = ctx.wrapSink && !base ? new Fingerprinter(blockSize, oldSize) : undefined;
   const readTarget = method === 'compare' || baseFp !== undefined;
 
-  const srcFh = await openSource(job);
+  const source = await ctx.sources.openFile(job.srcDir, job.srcName, srcStat, src);
   let target: LocalFileSink | undefined;
   let targetFh: FileHandle | undefined;
   let tmp: string | undefined;
@@ -234,7 +203,7 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   } catch (e) {
     await target?.close();
     if (tmp) await job.dstDir!.unlink(tmp).catch(() => {});
-    await srcFh.close();
+    await source.close();
     if (e instanceof QsyncError) throw e;
     throw new QsyncError('TARGET', `cannot ${touch ? 'write' : 'read'} ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
@@ -253,54 +222,63 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   };
   const sink: BlockSink = ctx.wrapSink ? await ctx.wrapSink(target, info) : target!;
   const result: FileSyncResult = { method, transferred: true, created: !dstStat, scanned: 0, literal: 0, matched: 0 };
-  const oldDigests = Buffer.alloc((ctx.pool.chunkSize / blockSize) * DIGEST_LEN);
   const oldBlocks = blockCount(oldSize, blockSize);
   // Blocks at or past the old end read as zero after the resize below; a new file is all holes,
   // where zeros are written only without -S (as rsync allocates them).
   const holeFrom = method !== 'new' ? oldBlocks : opts.sparse ? 0 : Infinity;
 
   let targetStat: BigIntStats | undefined;
+  let scratch: DigestScratch | undefined;
   const closeAll = async () => {
     await sink.close().catch(() => {});
     if (targetFh !== target?.fh) await targetFh?.close();
-    await srcFh.close();
+    await source.close();
     await intent?.close();
+    await scratch?.close(true);
   };
   try {
     ctx.hooks.fileStart?.(relPath, size, method);
+    // A source that cannot read the target beside it (a peer) compares against the target's digests, hashed here first.
+    let old: DigestReader | undefined = method === 'manifest' ? manifest : undefined;
+    let mode: 'manifest' | 'compare' | 'rewrite' = method === 'manifest' || method === 'compare' ? method : 'rewrite';
+    if (method === 'compare' && !ctx.sources.readsTarget) {
+      scratch = await DigestScratch.open(`${manifestPath}.compare-digests`);
+      const s = scratch;
+      const fingerprint = await hashFile(targetFh!, oldSize, blockSize, (first, d) => s.set(first, d));
+      old = { fingerprint, readDigests: (first, n, out) => s.read(first, n, out) };
+      mode = 'manifest';
+    }
     if (size !== oldSize) await sink.truncate(size);
-    const scan = { fd: srcFh.fd, size, targetFd: readTarget ? targetFh!.fd : undefined, targetSize: oldSize, hashTarget: baseFp !== undefined, path: src };
-    await ctx.pool.scan(scan, async (c: ScannedChunk) => {
-      const first = c.offset / blockSize;
-      const n = c.digests.length / DIGEST_LEN;
-      if (method === 'manifest') await manifest!.readDigests(first, n, oldDigests);
+    const u = trust.unknown;
+    const vouched = await source.scan({
+      size,
+      blockSize,
+      mode,
+      old,
+      oldSize,
+      holeFrom,
+      suspect: u && { blocks: u, from: trust.unknownFrom! },
+      target: readTarget && ctx.sources.readsTarget ? { fd: targetFh!.fd, size: oldSize, hash: baseFp !== undefined } : undefined,
+    }, async (c) => {
       if (c.targetDigests) baseFp!.append(c.targetDigests);
-      const { changed, runs } = planChunk({
-        first,
-        digests: c.digests,
-        size,
-        blockSize,
-        mode: method === 'manifest' || method === 'compare' ? method : 'rewrite',
-        old: oldDigests,
-        oldBlocks,
-        differs: c.differs,
-        suspect: trust.unknown && ((b) => trust.unknown!.has(b) || b >= trust.unknownFrom!),
-        holeFrom,
-        zeroDigest,
-      });
-      await intent?.add(changed);
-      for (const r of runs) {
+      await intent?.add(c.changed);
+      for (const r of c.runs) {
         const off = r.first * blockSize;
         const end = Math.min(size, (r.first + r.count) * blockSize);
         if (r.zero && opts.sparse) await sink.writeZeroes(off, end - off);
-        else await sink.write(off, c.data.subarray(off - c.offset, end - c.offset));
+        else await sink.write(off, c.bytes(r));
         result.literal += end - off;
       }
-      if (writer) await writer.append(c.digests, changed);
+      if (writer) await writer.append(c.digests, c.changed);
       else resultFp!.append(c.digests);
-      result.scanned += c.data.length;
+      result.scanned += c.scanned;
       ctx.hooks.fileProgress?.(relPath, result.scanned, result.literal);
     });
+    if (vouched && !vouched.equals(writer?.fingerprint ?? resultFp!.digest())) {
+      // The peer read other blocks than this side put together: no manifest may describe what was written.
+      if (touch) await removeStatePath(manifestPath);
+      throw new QsyncError('PROTOCOL', `${dst}: the blocks received do not add up to the source's digests; the target will be compared on the next run`, { file: dst, hint: 'run again' });
+    }
     // The old target's blocks past the new end were not in the scan: hash them for the base fingerprint.
     if (baseFp && oldSize > size) await hashTail(targetFh!, Math.ceil(size / blockSize) * blockSize, oldSize, blockSize, baseFp);
     await sink.commit();

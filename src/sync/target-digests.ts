@@ -38,6 +38,13 @@ export class DigestScratch {
     await this.fh.write(digests, 0, digests.length, first * DIGEST_LEN);
   }
 
+  /** Digests of blocks [first, first+count) into `out`. */
+  async read(first: number, count: number, out: Uint8Array): Promise<void> {
+    const len = count * DIGEST_LEN;
+    const { bytesRead } = await this.fh.read(out, 0, len, first * DIGEST_LEN);
+    if (bytesRead !== len) throw new Error(`digest scratch ${this.path} is short at block ${first}`);
+  }
+
   /** Copy a trusted manifest's digests in. */
   async fillFromManifest(m: Manifest): Promise<void> {
     const n = blockCount(m.header.targetSize, m.header.blockSize);

@@ -13,7 +13,7 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
+import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import type { Filter } from '../core/filter.js';
@@ -22,6 +22,7 @@ import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type
 import { majorMinor } from '../io/dev-numbers.js';
 import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
 import { forgetManifests, manifestPathFor } from './manifest-store.js';
+import type { SourceDir } from './source.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
 import { HardLinks, type HardLinkHost } from './hard-links.js';
 import { ExtAttrs } from './ext-attrs.js';
@@ -83,9 +84,15 @@ const stateRel = (rel: string): string =>
 
 /** A source the walk reaches: its folder (held) and name in it. */
 interface Here {
-  dir: Dir;
+  dir: SourceDir;
   name: string;
 }
+
+/** -A/-X and -H read the source through local descriptors: they are refused with a peer's sources (src/cli/run-sync.ts). */
+const local = (d: SourceDir): Dir => {
+  if (!(d instanceof Dir)) throw new Error('a local source folder was expected');
+  return d;
+};
 
 export class TreeSync {
   private readonly stats: RunStats = {
@@ -137,10 +144,10 @@ export class TreeSync {
     this.links?.transfer(t);
     if (t.destRel === '') {
       // SRC/ (or .): the operand is the folder itself; the user's path to it is followed, as rsync does.
-      let src: Dir | undefined;
+      let src: SourceDir | undefined;
       try {
         this.stats.files++;
-        src = await Dir.open(t.operand);
+        src = await this.ctx.sources.openOperand(t.operand);
         await this.checkSame(src, t.stat, t.operand);
         const cur = this.plan.destCreated ? undefined : await this.dest?.stat();
         this.stats.dirs++;
@@ -153,23 +160,22 @@ export class TreeSync {
       }
       return;
     }
-    const abs = resolve(t.operand);
-    let parent: Dir;
+    let parent: { dir: SourceDir; name: string };
     try {
-      parent = await Dir.open(dirname(abs));
+      parent = await this.ctx.sources.openParent(t.operand);
     } catch (e) {
       this.fail(e, shown);
       return;
     }
     try {
-      await this.entry({ dir: parent, name: basename(abs) }, t.stat, this.dest, t.destRel, t.stat.dev);
+      await this.entry(parent, t.stat, this.dest, t.destRel, t.stat.dev);
     } finally {
-      await parent.close();
+      await parent.dir.close();
     }
   }
 
   /** A folder opened by the walk must be the one listed: another one in its place is skipped as vanished. */
-  private async checkSame(d: Dir, listed: BigIntStats, shown: string): Promise<void> {
+  private async checkSame(d: SourceDir, listed: BigIntStats, shown: string): Promise<void> {
     const st = await d.stat();
     if (st.dev !== listed.dev || st.ino !== listed.ino) {
       throw new QsyncError('SOURCE', `file has vanished: ${shown} (another folder took its name while qsync worked)`, { file: shown, vanished: true });
@@ -278,13 +284,13 @@ export class TreeSync {
       });
       this.stats.created++;
     }
-    let srcDir: Dir | undefined;
+    let srcDir: SourceDir | undefined;
     let dstDir: Dir | undefined;
     try {
       try {
         srcDir = await src.dir.openDir(src.name).catch((e) => {
           const errno = errnoOf(e);
-          const shown = join(src.dir.path, src.name);
+          const shown = src.dir.shown(src.name);
           throw errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR'
             ? new QsyncError('SOURCE', `file has vanished: ${shown}`, { file: rel, vanished: true })
             : new QsyncError('SOURCE', `opendir ${shown} failed: ${errnoText(e)}`, { file: rel }, { cause: e });
@@ -312,8 +318,8 @@ export class TreeSync {
   }
 
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
-  private async dirBody(src: Dir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
-    const attrs = await this.ext?.read({ held: src }, dst && { held: dst }, 'dir');
+  private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
+    const attrs = this.ext && (await this.ext.read({ held: local(src) }, dst && { held: dst }, 'dir'));
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0 });
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
@@ -340,7 +346,7 @@ export class TreeSync {
       if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
       const names = children.map((c) => c.name);
-      await this.ext?.prefetch(src, names);
+      if (this.ext) await this.ext.prefetch(local(src), names);
       if (cur) await this.ext?.prefetch(dst, names);
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
       // New entries' attributes, written together.
@@ -444,9 +450,9 @@ export class TreeSync {
     const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
-    const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, cur && { dir: dst!, name, expect: cur }, 'other');
+    const attrs = await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, cur && { dir: dst!, name, expect: cur }, 'other');
     const r = await syncFile({
-      src: join(src.dir.path, src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
+      src: src.dir.shown(src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
       dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
       meta: this.metaFor(st, !cur, true), manifestPath: manifest, relPath: rel,
     }, this.opts, this.ctx);
@@ -479,7 +485,7 @@ export class TreeSync {
     this.stats.totalSize += encodeName(target).length;
     const cur = await this.clearOtherType(dst, name, 'symlink', rel);
     if (cur && (await dst!.readlink(name)) === target) {
-      const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst!, name, expect: cur }, 'symlink');
+      const attrs = await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, { dir: dst!, name, expect: cur }, 'symlink');
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       await attrs?.apply({ dir: dst!, name, expect: st });
@@ -490,7 +496,7 @@ export class TreeSync {
       if (cur) await dst!.unlink(name);
       await dst!.symlink(target, name);
       await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
-      await (await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
+      await (await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
     this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0 });
@@ -500,7 +506,7 @@ export class TreeSync {
     const kind = kindOf(st);
     const cur = await this.clearOtherType(dst, name, kind, rel);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
-    const attrs = await this.ext?.read({ dir: src.dir, name: src.name, expect: st }, sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
+    const attrs = await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
     if (!sameNode && !this.noWrite) await makeNode(dst!, name, st);
     if (!cur) this.stats.created++;
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
@@ -532,7 +538,7 @@ export class TreeSync {
         this.ext &&
         (async (src, st, dst, name, cur, changes) => {
           const kind = st.isSymbolicLink() ? 'symlink' : 'other';
-          return (await this.ext!.read({ dir: src.dir, name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
+          return (await this.ext!.read({ dir: local(src.dir), name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
         }),
     };
   }

@@ -1,0 +1,222 @@
+/**
+ * The source side of a sync, as the engine sees it: folders to walk and
+ * files to scan. The walk (src/sync/tree.ts) and the file engine
+ * (src/sync/file-sync.ts) run where the target is; the source is either this
+ * host's file system (LocalSources: folders held by descriptor, files read
+ * and hashed on the worker pool) or a peer over the wire
+ * (src/remote/remote-source.ts), which reads and hashes its files itself
+ * and sends only the blocks the plan needs.
+ *
+ * A scan yields planned chunks: the new digests of a stretch of blocks,
+ * which of them must be written, and their bytes. The engine writes those,
+ * records the intent, and feeds the digests to the manifest; it never sees
+ * whether they came from a local read or from the wire.
+ */
+import { constants, type BigIntStats } from 'node:fs';
+import { lstat, stat, type FileHandle } from 'node:fs/promises';
+import { basename, dirname, resolve } from 'node:path';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { planChunk, type WriteRun } from '../core/plan.js';
+import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
+import type { HashPool } from '../hash/pool.js';
+import { Dir, fsPath } from '../io/safe-fs.js';
+import { isLockedByOther } from './qemu-locks.js';
+
+/** A source folder held open; its entries are reached through it, never through a symlink. */
+export interface SourceDir {
+  /** For messages only. */
+  readonly path: string;
+  shown(name: string): string;
+  stat(): Promise<BigIntStats>;
+  readdir(): Promise<string[]>;
+  lstat(name: string): Promise<BigIntStats>;
+  openDir(name: string): Promise<SourceDir>;
+  readlink(name: string): Promise<string>;
+  close(): Promise<void>;
+}
+
+/** Old digests of the target, block by block (a manifest, or a hash of the target). */
+export interface DigestReader {
+  /** Fingerprint of all the old digests (docs/FORMATS.md "Fingerprint"). */
+  readonly fingerprint: Buffer;
+  readDigests(first: number, count: number, out: Uint8Array): Promise<void>;
+}
+
+export interface ScanPlan {
+  size: number;
+  blockSize: number;
+  /**
+   * manifest: write blocks whose digest differs from `old`; compare: blocks
+   * whose bytes differ from the target's (local sources only; `target`);
+   * rewrite: every block.
+   */
+  mode: 'manifest' | 'compare' | 'rewrite';
+  old?: DigestReader;
+  oldSize: number;
+  /** From this block on the target reads as zero: zero blocks need no write. */
+  holeFrom: number;
+  /** Blocks an interrupted run may have written (rewritten whatever the digests say), and all from `from` on. */
+  suspect?: { blocks: ReadonlySet<number>; from: number };
+  /** compare mode, or hashing the old target (a delta's base): the target, read beside the source. */
+  target?: { fd: number; size: number; hash: boolean };
+}
+
+export interface PlannedChunk {
+  /** First block of the stretch. */
+  first: number;
+  /** New digests of the stretch's blocks, DIGEST_LEN each. */
+  digests: Uint8Array;
+  /** Blocks to write, ascending. */
+  changed: number[];
+  runs: WriteRun[];
+  /** The bytes of a run (zeros for a zero run). Valid until the handler settles. */
+  bytes(run: WriteRun): Buffer;
+  /** Source bytes this stretch covers. */
+  scanned: number;
+  /** With `target.hash`: the old target's digests of these blocks. */
+  targetDigests?: Uint8Array;
+}
+
+/** Where the sources of a run are. */
+export interface Sources {
+  /** A peer over the wire: no -H/-A/-X, no batch deltas (the CLI refuses them). */
+  readonly remote: boolean;
+  /** Whether `ScanPlan.target` may be given (compare by reading the target beside the source). */
+  readonly readsTarget: boolean;
+  /** An operand's stat: followed through a symlink when it ends in `/` (rsync's rule), else lstat. Throws ENOENT-coded errors when missing. */
+  statOperand(operand: string): Promise<BigIntStats>;
+  /** The operand folder itself (the user's symlink to it followed, as rsync does). */
+  openOperand(operand: string): Promise<SourceDir>;
+  /** The folder that holds an operand, and its name in it. */
+  openParent(operand: string): Promise<{ dir: SourceDir; name: string }>;
+  /** Refuse a file that cannot be copied consistently (an image a running QEMU holds). */
+  checkUsable(listed: BigIntStats, shown: string): Promise<void>;
+  /**
+   * Open a listed file through its folder: never through a symlink, and
+   * only while it is the inode the walk listed (else "file has vanished").
+   */
+  openFile(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<SourceFile>;
+}
+
+/** An open source file. */
+export interface SourceFile {
+  /**
+   * Read the file and plan it; `onChunk` is called in file order, for every
+   * block. Returns the fingerprint of the new digests when the source can
+   * vouch for it (a peer does: the engine checks its own against it).
+   */
+  scan(plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<Buffer | undefined>;
+  close(): Promise<void>;
+}
+
+/** A source file changed between the listing and the open: it is skipped (rsync's "vanished", exit 24), never read. */
+export const vanished = (src: string, why: string) => new QsyncError('SOURCE', `file has vanished: ${src} (${why})`, { file: src, vanished: true });
+
+/**
+ * Open the listed source through its folder: never through a symlink, never
+ * blocking on a FIFO, and only if it is still the inode that was listed.
+ */
+export async function openListed(dir: Dir, name: string, listed: BigIntStats, shown: string): Promise<FileHandle> {
+  let fh: FileHandle;
+  try {
+    fh = await dir.openFile(name, constants.O_RDONLY);
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') throw vanished(shown, 'it is gone');
+    // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
+    if (e instanceof QsyncError) throw vanished(shown, 'something other than a regular file took its name while qsync worked; not read');
+    throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+  }
+  const st = await fh.stat({ bigint: true });
+  if (st.dev !== listed.dev || st.ino !== listed.ino) {
+    await fh.close();
+    throw vanished(shown, 'another file took its name while qsync worked; not read');
+  }
+  return fh;
+}
+
+/**
+ * Read the open file `fd` on the hash pool and plan each chunk against
+ * `plan` (core/plan.ts). The scan behind LocalSources, and behind a peer
+ * serving its files over the wire.
+ */
+export async function scanAndPlan(pool: HashPool, fd: number, shown: string, plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<void> {
+  const { blockSize, size } = plan;
+  const oldBlocks = Math.ceil(plan.oldSize / blockSize);
+  const old = plan.mode === 'manifest' ? Buffer.alloc((pool.chunkSize / blockSize) * DIGEST_LEN) : undefined;
+  const s = plan.suspect;
+  const suspect = s && ((b: number) => s.blocks.has(b) || b >= s.from);
+  const t = plan.target;
+  await pool.scan({ fd, size, targetFd: plan.mode === 'compare' || t?.hash ? t!.fd : undefined, targetSize: t?.size ?? 0, hashTarget: t?.hash, path: shown }, async (c) => {
+    const first = c.offset / blockSize;
+    const n = c.digests.length / DIGEST_LEN;
+    if (old) await plan.old!.readDigests(first, Math.min(n, Math.max(0, oldBlocks - first)), old);
+    const { changed, runs } = planChunk({
+      first,
+      digests: c.digests,
+      size,
+      blockSize,
+      mode: plan.mode === 'manifest' || plan.mode === 'compare' ? plan.mode : 'rewrite',
+      old,
+      oldBlocks,
+      differs: c.differs,
+      suspect,
+      holeFrom: plan.holeFrom,
+      zeroDigest,
+    });
+    await onChunk({
+      first,
+      digests: c.digests,
+      changed,
+      runs,
+      bytes: (r) => c.data.subarray(r.first * blockSize - c.offset, Math.min(size, (r.first + r.count) * blockSize) - c.offset),
+      scanned: c.data.length,
+      targetDigests: c.targetDigests,
+    });
+  });
+}
+
+/** A byte copy of an image a running QEMU holds open (its lock shows in /proc/locks) would be inconsistent. */
+export async function refuseIfQemuHolds(listed: BigIntStats, shown: string): Promise<void> {
+  if (await isLockedByOther(Number(listed.dev), listed.ino)) {
+    throw new QsyncError('LOCKED', `${shown} is open in a running QEMU (it holds a lock on it): a byte copy would be inconsistent`, {
+      file: shown,
+      hint: 'back it up in image mode: qsync --qmp /path/to/qmp.sock DEST',
+    });
+  }
+}
+
+/** This host's file system: folders by descriptor (src/io/safe-fs.ts), files hashed on `pool`. */
+export class LocalSources implements Sources {
+  readonly remote = false;
+  readonly readsTarget = true;
+  constructor(private readonly pool: HashPool) {}
+
+  async statOperand(operand: string): Promise<BigIntStats> {
+    return operand.endsWith('/') ? stat(fsPath(operand), { bigint: true }) : lstat(fsPath(operand), { bigint: true });
+  }
+
+  openOperand(operand: string): Promise<SourceDir> {
+    return Dir.open(operand);
+  }
+
+  checkUsable(listed: BigIntStats, shown: string): Promise<void> {
+    return refuseIfQemuHolds(listed, shown);
+  }
+
+  async openParent(operand: string): Promise<{ dir: SourceDir; name: string }> {
+    const abs = resolve(operand);
+    return { dir: await Dir.open(dirname(abs)), name: basename(abs) };
+  }
+
+  async openFile(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<SourceFile> {
+    if (!(dir instanceof Dir)) throw new Error('LocalSources.openFile: not a local folder');
+    const fh = await openListed(dir, name, listed, shown);
+    return {
+      scan: async (plan, onChunk) => {
+        await scanAndPlan(this.pool, fh.fd, shown, plan, onChunk);
+        return undefined;
+      },
+      close: () => fh.close(),
+    };
+  }
+}
