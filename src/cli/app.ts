@@ -32,6 +32,8 @@ export function onSignal(sig: NodeJS.Signals): void {
 export async function main(argv: string[], io: CliIO): Promise<number> {
   // A first word naming a subcommand is one (a source folder so named is written ./apply).
   if ((DELTA_COMMANDS as readonly string[]).includes(argv[0])) return runDeltaCommand(argv, io);
+  // The far end of a remote sync: stdin/stdout are the channel (src/remote/server.ts).
+  if (argv[0] === '--server') return (await import('../remote/server.js')).runServer(argv.slice(1), io);
   try {
     const parsed = parseArgv(argv);
     if (parsed.kind === 'help') {

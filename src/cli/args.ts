@@ -68,6 +68,8 @@ export interface SyncOptions {
   stateDir?: string;
   json: boolean;
   rsh?: string;
+  /** --qsync-path (rsync's --rsync-path): the command that starts qsync on the remote host. */
+  qsyncPath?: string;
   writeBatch?: string;
   onlyWriteBatch?: string;
   readBatch?: string;
@@ -142,6 +144,7 @@ const SPECS: Spec[] = [
   { name: 'one-file-system', short: 'x', kind: 'flag', neg: ['no-one-file-system', 'no-x'], help: "don't cross filesystem boundaries" },
   { name: 'block-size', short: 'B', kind: 'value', arg: 'SIZE', help: 'block size: power of two, 4K..16M (default 64K)' },
   { name: 'rsh', short: 'e', kind: 'value', arg: 'COMMAND', help: 'specify the remote shell to use' },
+  { name: 'qsync-path', kind: 'value', arg: 'PROGRAM', help: 'specify the qsync to run on the remote machine' },
   { name: 'existing', kind: 'flag', aliases: ['ignore-non-existing'], help: 'skip creating new files on receiver' },
   { name: 'ignore-existing', kind: 'flag', help: 'skip updating files that exist on receiver' },
   {
@@ -492,6 +495,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     stateDir: str(y['state-dir']),
     json: bool('json'),
     rsh: str(y.rsh),
+    qsyncPath: str(y['qsync-path']),
     writeBatch: str(y['write-batch']),
     onlyWriteBatch: str(y['only-write-batch']),
     readBatch: str(y['read-batch']),

@@ -18,7 +18,9 @@ export const EXIT = {
   SIGNAL: { code: 20, text: 'received SIGINT, SIGTERM, or SIGHUP' },
   PARTIAL: { code: 23, text: 'some files/attrs were not transferred (see previous errors)' },
   VANISHED: { code: 24, text: 'some files vanished before they could be transferred' },
+  IPC: { code: 14, text: 'error in IPC code' },
   TIMEOUT: { code: 30, text: 'timeout in data send/receive' },
+  REMOTE_SHELL: { code: 255, text: 'unexplained error' },
 } as const;
 
 type Exit = (typeof EXIT)[keyof typeof EXIT];
@@ -52,6 +54,9 @@ const SOCKET_ERRNOS = new Set(['ECONNRESET', 'ECONNREFUSED', 'ECONNABORTED', 'EP
  * transfer.
  */
 export function exitCodeFor(err: unknown): number {
+  // An error that carries its status: the remote shell's 255, or the far side's own code.
+  const given = isQsyncError(err) ? err.context.exit : undefined;
+  if (typeof given === 'number' && Number.isInteger(given) && given > 0 && given < 256) return given;
   if (isQsyncError(err) && err.code !== 'IO') return BY_ERROR[err.code].code;
   if ((err as { name?: unknown } | null)?.name === 'AbortError') return EXIT.SIGNAL.code;
   const errno = errnoOf(isQsyncError(err) ? err.cause : err);

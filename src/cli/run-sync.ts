@@ -21,6 +21,7 @@ import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, type Printer } from './output.js';
+import { parseRemote } from '../remote/ssh.js';
 
 export interface CliIO {
   stdout: Writable;
@@ -90,17 +91,8 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
   }
 }
 
-/** rsync reads `host:path` and `rsync://` as remote; a local name with a colon needs `./`. */
-const isRemote = (operand: string) => /^[^/]*:/.test(operand);
-
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
-  const remote = [...operands, dest].find(isRemote);
-  if (remote) {
-    throw new QsyncError('UNSUPPORTED', `${remote} is a remote operand (host:path); qsync syncs local paths only so far`, {
-      file: remote,
-      hint: 'for a local name with a colon, write ./NAME',
-    });
-  }
+  if ([...operands, dest].some((p) => parseRemote(p))) return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
   if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot while the operands are checked and the tree is walked.
   const pool = new HashPool(o.blockSize);
@@ -116,6 +108,12 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
  * Bring DEST up to date from the operands `from` holds: this host's files,
  * or a peer's over the wire (the receiving end of a remote sync runs this too).
  */
+/** The filter rules with every --exclude-from/--include-from file read (here, where the user ran qsync). */
+export async function filterRules(rules: readonly FilterRule[]): Promise<PatternRule[]> {
+  const texts = await readFilterFiles(rules);
+  return expandFilterFiles(rules, (f) => texts.get(f)!);
+}
+
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions): Promise<number> {
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
@@ -163,8 +161,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     throw new QsyncError('USAGE', '--manifest PATH needs exactly one source file', {});
   }
 
-  const filterTexts = await readFilterFiles(o.filters);
-  const rules = expandFilterFiles(o.filters, (f) => filterTexts.get(f)!);
+  const rules = await filterRules(o.filters);
   // A batch file is created beside its name and renamed over it: its folder is resolved once, trusting no other user's symlink, and held.
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
   const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);

@@ -1,0 +1,93 @@
+/**
+ * `qsync ... SRC... [user@]host:DEST` (push) and `qsync ... [user@]host:SRC... DEST`
+ * (pull): start `qsync --server` over the remote shell and play the other
+ * end (src/remote/session.ts). A push serves this host's files to the
+ * receiving server and prints what it reports; a pull runs the receiving
+ * end here, as a local sync does, with the server's files as sources.
+ */
+import { once } from 'node:events';
+import { QsyncError } from '../core/errors.js';
+import { HashPool } from '../hash/pool.js';
+import { Channel } from '../remote/channel.js';
+import { RemoteSources } from '../remote/remote-sources.js';
+import { SourceServer } from '../remote/serve-sources.js';
+import { checkHello, eventsTo, hello, readDone } from '../remote/session.js';
+import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
+import type { SyncOptions } from './args.js';
+import { EXIT } from './exit-codes.js';
+import type { Printer } from './output.js';
+import { filterRules, receive } from './run-sync.js';
+
+/** What the receiving end cannot do yet with a peer's files, or on a peer's DEST. */
+const LOCAL_ONLY: [keyof SyncOptions, string][] = [
+  ['hardLinks', '-H'],
+  ['acls', '-A'],
+  ['xattrs', '-X'],
+  ['writeBatch', '--write-batch'],
+  ['onlyWriteBatch', '--only-write-batch'],
+  ['backupDir', '--backup-dir'],
+  ['manifest', '--manifest'],
+];
+
+export async function syncRemote(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+  const to = parseRemote(dest);
+  const from = operands.map(parseRemote);
+  if (to && from.some(Boolean)) throw new QsyncError('USAGE', 'The source and destination cannot both be remote.');
+  if (!to && from.some((r) => !r)) throw new QsyncError('USAGE', 'a pull takes remote sources only: every SRC as host:PATH, DEST a local path');
+  const remote = to ?? from[0]!;
+  if (!to && from.some((r) => r!.host !== remote.host || r!.user !== remote.user)) throw new QsyncError('USAGE', 'the remote sources must all be on one host (and user)');
+  for (const [k, flag] of LOCAL_ONLY) {
+    if (o[k]) throw new QsyncError('UNSUPPORTED', `${flag} is not supported with a remote ${to ? 'destination' : 'source'} yet`, { hint: 'run it on the host that holds both sides, or without the option' });
+  }
+  // Filter files are read here, where they were named.
+  const rules = await filterRules(o.filters);
+  const child = spawnServer(remote, o.rsh, o.qsyncPath);
+  const spawned = new Promise<void>((ok, fail) => {
+    child.once('spawn', ok);
+    child.once('error', fail);
+  }).catch((e: NodeJS.ErrnoException) => {
+    throw new QsyncError('USAGE', `failed to exec the remote shell: ${e.message}`, { hint: 'give a working command with -e', exit: EXIT.IPC.code }, { cause: e });
+  });
+  const exited = once(child, 'close').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
+  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined });
+  try {
+    await spawned;
+    if (to) {
+      await ch.send(hello('receiver', { dest: to.path, operands, options: { ...o, filters: rules } }));
+      checkHello(await ch.control(), remote.host);
+      const pool = new HashPool(o.blockSize);
+      pool.warm();
+      let last;
+      try {
+        last = await new SourceServer(ch, pool).serve();
+      } finally {
+        await pool.close();
+      }
+      const done = readDone(last);
+      if (done.error) throw done.error instanceof QsyncError ? new QsyncError(done.error.code, done.error.message, { ...done.error.context, exit: done.code }) : done.error;
+      return printer.finish(done.stats, done.code);
+    }
+    await ch.send(hello('sender', { blockSize: o.blockSize }));
+    checkHello(await ch.control(), remote.host);
+    const code = await receive(printer, new RemoteSources(ch), from.map((r) => r!.path), dest, { ...o, filters: rules });
+    await ch.send({ op: 'bye' });
+    return code;
+  } catch (e) {
+    throw await connectionError(e, ch, remote, exited);
+  } finally {
+    await ch.end().catch(() => {});
+    const t = setTimeout(() => child.kill('SIGTERM'), 10_000);
+    await exited;
+    clearTimeout(t);
+  }
+}
+
+/** The channel closed under the run: rsync's words, and ssh's 255 when the remote shell failed. */
+async function connectionError(e: unknown, ch: Channel, remote: RemotePath, exited: Promise<number>): Promise<unknown> {
+  if (!(e instanceof QsyncError && e.context.closed) && !['EPIPE', 'ECONNRESET'].includes(String((e as { code?: unknown })?.code))) return e;
+  const code = await Promise.race([exited, new Promise<number>((ok) => setTimeout(() => ok(-1), 5000))]);
+  return new QsyncError('PROTOCOL', `connection unexpectedly closed (${ch.received} bytes received so far) [${remote.host}]`, {
+    hint: code === 255 ? `the remote shell failed (exit 255): check that "${remote.host}" is reachable and qsync runs there` : undefined,
+    exit: code === 255 ? EXIT.REMOTE_SHELL.code : EXIT.STREAM_IO.code,
+  }, { cause: e });
+}

@@ -1,0 +1,206 @@
+/**
+ * The wire protocol's frames (docs/FORMATS.md "Wire protocol"): a pure codec.
+ * `encode*` build one frame; WireDecoder is fed chunks as they arrive and
+ * hands whole frames to its handler, checking every length against its
+ * limit before anything is buffered. Bodies are subarrays of the input when
+ * a frame lies in one chunk, copies only when it straddles chunks.
+ *
+ *     frame   = u32 length | u8 type | body        (length = 1 + body bytes)
+ *     CONTROL = 0x01: UTF-8 JSON object with a string "op"
+ *     DATA    = 0x02: u64 offset | u32 count | count × 32-byte digests | data
+ *     ZERO    = 0x03: u64 offset | u64 length
+ *     DIGESTS = 0x04: u64 first block | n × 32-byte digests
+ *
+ * All integers little-endian. Offsets and lengths must be safe integers.
+ */
+import { QsyncError } from './errors.js';
+
+export const WIRE_MAGIC = 'qsync-wire';
+export const WIRE_VERSION = 1;
+export const DIGEST_BYTES = 32;
+
+/** Control messages are small; a listing is paged to stay well below this. */
+export const MAX_CONTROL = 4 << 20;
+/** The default frame limit: a DATA frame of a 16 MiB block with its digest, and headroom. */
+export const MAX_FRAME = (16 << 20) + 4096;
+
+export const FRAME = { CONTROL: 1, DATA: 2, ZERO: 3, DIGESTS: 4 } as const;
+
+export interface ControlMessage {
+  op: string;
+  [key: string]: unknown;
+}
+
+export type WireFrame =
+  | { type: 'control'; msg: ControlMessage }
+  | { type: 'data'; offset: number; digests: Buffer; data: Buffer }
+  | { type: 'zero'; offset: number; length: number }
+  | { type: 'digests'; first: number; digests: Buffer };
+
+const bad = (what: string): QsyncError => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+
+function header(type: number, bodyLength: number): Buffer {
+  const h = Buffer.alloc(5);
+  h.writeUInt32LE(1 + bodyLength, 0);
+  h[4] = type;
+  return h;
+}
+
+function u64(n: number): Buffer {
+  if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`not a wire u64: ${n}`);
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(BigInt(n));
+  return b;
+}
+
+/** A control frame. Names that are not UTF-8 travel as the lone surrogates decodeName gives them (JSON escapes them). */
+export function encodeControl(msg: ControlMessage): Buffer {
+  const body = Buffer.from(JSON.stringify(msg), 'utf8');
+  if (body.length > MAX_CONTROL) throw new RangeError(`control message of ${body.length} bytes is over ${MAX_CONTROL}`);
+  return Buffer.concat([header(FRAME.CONTROL, body.length), body]);
+}
+
+/**
+ * A DATA frame. The frame is a copy: `digests` and `data` may be reused as
+ * soon as this returns (a stream holds what it is given until it is written).
+ */
+export function encodeData(offset: number, digests: Uint8Array, data: Uint8Array): Buffer {
+  if (digests.length % DIGEST_BYTES !== 0 || digests.length === 0) throw new RangeError('DATA needs whole digests');
+  if (data.length === 0) throw new RangeError('DATA needs data');
+  const n = Buffer.alloc(4);
+  n.writeUInt32LE(digests.length / DIGEST_BYTES);
+  return Buffer.concat([header(FRAME.DATA, 12 + digests.length + data.length), u64(offset), n, digests, data]);
+}
+
+export function encodeZero(offset: number, length: number): Buffer {
+  return Buffer.concat([header(FRAME.ZERO, 16), u64(offset), u64(length)]);
+}
+
+/** A DIGESTS frame (a copy, as encodeData). */
+export function encodeDigests(first: number, digests: Uint8Array): Buffer {
+  if (digests.length % DIGEST_BYTES !== 0) throw new RangeError('DIGESTS needs whole digests');
+  return Buffer.concat([header(FRAME.DIGESTS, 8 + digests.length), u64(first), digests]);
+}
+
+function readU64(b: Buffer, at: number, what: string): number {
+  const v = b.readBigUInt64LE(at);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw bad(`${what} ${v} is out of range`);
+  return Number(v);
+}
+
+/** Decode one frame's type and body (without its length word). Throws PROTOCOL on anything malformed. */
+export function decodeFrame(type: number, body: Buffer): WireFrame {
+  switch (type) {
+    case FRAME.CONTROL: {
+      if (body.length > MAX_CONTROL) throw bad(`control message of ${body.length} bytes`);
+      let msg: unknown;
+      try {
+        msg = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(body));
+      } catch {
+        throw bad('a control message is not UTF-8 JSON');
+      }
+      if (typeof msg !== 'object' || msg === null || Array.isArray(msg) || typeof (msg as { op?: unknown }).op !== 'string') {
+        throw bad('a control message is not an object with an "op"');
+      }
+      return { type: 'control', msg: msg as ControlMessage };
+    }
+    case FRAME.DATA: {
+      if (body.length < 12) throw bad('short DATA frame');
+      const offset = readU64(body, 0, 'DATA offset');
+      const count = body.readUInt32LE(8);
+      const dEnd = 12 + count * DIGEST_BYTES;
+      if (count === 0 || dEnd >= body.length) throw bad(`DATA frame with ${count} digests and ${body.length - 12} bytes`);
+      return { type: 'data', offset, digests: body.subarray(12, dEnd), data: body.subarray(dEnd) };
+    }
+    case FRAME.ZERO: {
+      if (body.length !== 16) throw bad('ZERO frame of the wrong size');
+      return { type: 'zero', offset: readU64(body, 0, 'ZERO offset'), length: readU64(body, 8, 'ZERO length') };
+    }
+    case FRAME.DIGESTS: {
+      if (body.length < 8 || (body.length - 8) % DIGEST_BYTES !== 0) throw bad('DIGESTS frame of the wrong size');
+      return { type: 'digests', first: readU64(body, 0, 'DIGESTS first block'), digests: body.subarray(8) };
+    }
+    default:
+      throw bad(`unknown frame type ${type}`);
+  }
+}
+
+/**
+ * Fed chunks, calls `onFrame` for each whole frame in order. A frame longer
+ * than `limit` is refused from its length word alone, before its body is
+ * buffered. Bodies handed over are valid only during the call.
+ */
+export class WireDecoder {
+  private parts: Buffer[] = [];
+  private have = 0;
+  private need = 0; // body length of the frame being collected, 0 while reading a length word
+  private type = 0;
+  /** Bytes taken so far (for messages). */
+  consumed = 0;
+
+  constructor(
+    private readonly onFrame: (f: WireFrame) => void,
+    private readonly limit = MAX_FRAME,
+  ) {}
+
+  push(chunk: Buffer): void {
+    let buf = chunk;
+    while (buf.length) {
+      if (this.need === 0) {
+        // Collect the 5-byte frame header.
+        const want = 5 - this.have;
+        const take = Math.min(want, buf.length);
+        this.parts.push(buf.subarray(0, take));
+        this.have += take;
+        buf = buf.subarray(take);
+        this.consumed += take;
+        if (this.have < 5) continue;
+        const h = Buffer.concat(this.parts, 5);
+        this.parts = [];
+        this.have = 0;
+        const len = h.readUInt32LE(0);
+        if (len < 1) throw bad(`empty frame at byte ${this.consumed - 5}`);
+        if (len > this.limit) throw bad(`frame of ${len} bytes at byte ${this.consumed - 5} is over the limit of ${this.limit}`);
+        this.type = h[4];
+        if (this.type < FRAME.CONTROL || this.type > FRAME.DIGESTS) throw bad(`unknown frame type ${this.type} at byte ${this.consumed - 5}`);
+        this.need = len - 1;
+        if (this.need === 0) {
+          this.emit(Buffer.alloc(0));
+        }
+        continue;
+      }
+      const take = Math.min(this.need - this.have, buf.length);
+      if (this.have === 0 && take === this.need) {
+        // The whole body in this chunk: no copy.
+        const body = buf.subarray(0, take);
+        buf = buf.subarray(take);
+        this.consumed += take;
+        this.need = 0;
+        this.emit(body);
+        continue;
+      }
+      this.parts.push(buf.subarray(0, take));
+      this.have += take;
+      buf = buf.subarray(take);
+      this.consumed += take;
+      if (this.have === this.need) {
+        const body = Buffer.concat(this.parts, this.have);
+        this.parts = [];
+        this.have = 0;
+        this.need = 0;
+        this.emit(body);
+      }
+    }
+  }
+
+  /** The stream ended: anything but a frame boundary is a truncated frame. */
+  end(): void {
+    if (this.need !== 0 || this.have !== 0) throw bad(`the stream ended inside a frame (after ${this.consumed} bytes)`);
+  }
+
+  private emit(body: Buffer): void {
+    const type = this.type;
+    this.type = 0;
+    this.onFrame(decodeFrame(type, body));
+  }
+}

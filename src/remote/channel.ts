@@ -1,0 +1,160 @@
+/**
+ * A framed channel over a byte stream pair (ssh's stdin/stdout, or a
+ * socket): the transport half of the wire protocol. Frames are decoded by
+ * core/wire.ts as chunks arrive and queued; the input is paused while the
+ * queue is full, so a slow consumer holds the peer back through the pipe
+ * instead of growing memory. Writes wait for 'drain'.
+ *
+ * Control messages the owner marks as out of band (`onControl` returns
+ * true: progress events) are handled on arrival and never queued: the peer
+ * may send them while this side is busy sending, and must not wait on them.
+ */
+import type { Readable, Writable } from 'node:stream';
+import { QsyncError, type ErrorCode } from '../core/errors.js';
+import { encodeControl, MAX_FRAME, WireDecoder, type ControlMessage, type WireFrame } from '../core/wire.js';
+
+const HIGH = 64;
+const LOW = 16;
+
+/** An error the peer reported ({"op":"error"}), raised again on this side with its code and context. */
+export function remoteError(msg: ControlMessage): Error {
+  const errno = typeof msg.errno === 'string' ? msg.errno : undefined;
+  const message = typeof msg.message === 'string' ? msg.message : 'the peer reported an error';
+  if (errno && msg.code === undefined) return Object.assign(new Error(message), { code: errno });
+  const code = (typeof msg.code === 'string' ? msg.code : 'IO') as ErrorCode;
+  const context = typeof msg.context === 'object' && msg.context !== null ? (msg.context as Record<string, unknown>) : {};
+  return new QsyncError(code, message, context, errno ? { cause: Object.assign(new Error(message), { code: errno }) } : undefined);
+}
+
+/** The control message that reports `e` to the peer. */
+export function errorMessage(e: unknown): ControlMessage {
+  if (e instanceof QsyncError) {
+    const { file, hint, vanished, fatal, offset, block } = e.context;
+    const cause = (e.cause as { code?: unknown } | undefined)?.code;
+    return { op: 'error', code: e.code, message: e.message, context: { file, hint, vanished, fatal, offset, block }, errno: typeof cause === 'string' ? cause : undefined };
+  }
+  const errno = (e as { code?: unknown } | null)?.code;
+  return { op: 'error', message: (e as Error)?.message ?? String(e), errno: typeof errno === 'string' ? errno : undefined };
+}
+
+export class Channel {
+  private readonly queue: WireFrame[] = [];
+  private waiter?: { ok: (f: WireFrame) => void; fail: (e: Error) => void };
+  private failure?: Error;
+  private ended = false;
+  private readonly decoder: WireDecoder;
+  /** Bytes received and sent (the frames, as on the wire). */
+  received = 0;
+  sent = 0;
+
+  constructor(
+    private readonly input: Readable,
+    private readonly output: Writable,
+    private readonly opts: { limit?: number; onControl?: (m: ControlMessage) => boolean; peer?: string } = {},
+  ) {
+    this.decoder = new WireDecoder((f) => this.take(f), opts.limit ?? MAX_FRAME);
+    input.on('data', (chunk: Buffer) => {
+      this.received += chunk.length;
+      if (this.failure) return;
+      try {
+        this.decoder.push(chunk);
+      } catch (e) {
+        this.fail(e as Error);
+        input.pause();
+      }
+    });
+    input.on('end', () => {
+      try {
+        this.decoder.end();
+      } catch (e) {
+        this.fail(e as Error);
+        return;
+      }
+      this.ended = true;
+      this.fail(new QsyncError('PROTOCOL', `connection closed by ${opts.peer ?? 'the peer'}`, { closed: true }));
+    });
+    input.on('error', (e) => this.fail(e));
+    output.on('error', (e) => this.fail(e));
+  }
+
+  /** The peer closed its side cleanly (at a frame boundary). */
+  get closed(): boolean {
+    return this.ended;
+  }
+
+  private take(f: WireFrame): void {
+    if (f.type === 'control' && this.opts.onControl?.(f.msg)) return;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = undefined;
+      w.ok(f);
+      return;
+    }
+    this.queue.push(f);
+    if (this.queue.length >= HIGH) this.input.pause();
+  }
+
+  private fail(e: Error): void {
+    if (this.failure) return;
+    this.failure = e;
+    const w = this.waiter;
+    this.waiter = undefined;
+    w?.fail(e);
+  }
+
+  /** The next frame; throws when the stream failed or ended. */
+  next(): Promise<WireFrame> {
+    const f = this.queue.shift();
+    if (f) {
+      if (this.queue.length <= LOW && this.input.isPaused() && !this.failure) this.input.resume();
+      return Promise.resolve(f);
+    }
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.input.isPaused()) this.input.resume();
+    return new Promise((ok, fail) => (this.waiter = { ok, fail }));
+  }
+
+  /** The next frame, which must be a control message; `{"op":"error"}` is raised as the peer's error. */
+  async control(): Promise<ControlMessage> {
+    const f = await this.next();
+    if (f.type !== 'control') throw new QsyncError('PROTOCOL', `protocol error: expected a control message, got a ${f.type} frame`);
+    if (f.msg.op === 'error') throw remoteError(f.msg);
+    return f.msg;
+  }
+
+  /** The next control message, which must be `op`. */
+  async expect(op: string): Promise<ControlMessage> {
+    const m = await this.control();
+    if (m.op !== op) throw new QsyncError('PROTOCOL', `protocol error: expected "${op}", got "${m.op}"`);
+    return m;
+  }
+
+  /** Send frames (a control message, or a frame's buffers); resolves once the output takes more. */
+  async send(frame: ControlMessage | Buffer | Buffer[]): Promise<void> {
+    if (!this.write(frame)) {
+      await new Promise<void>((ok, fail) => {
+        const onErr = (e: Error) => (this.output.off('drain', onDrain), fail(e));
+        const onDrain = () => (this.output.off('error', onErr), ok());
+        this.output.once('drain', onDrain);
+        this.output.once('error', onErr);
+      });
+    }
+  }
+
+  /** Send without waiting for the output to drain (small out-of-band messages). Returns write()'s verdict. */
+  write(frame: ControlMessage | Buffer | Buffer[]): boolean {
+    if (this.failure && !(this.failure instanceof QsyncError && this.failure.context.closed)) throw this.failure;
+    const bufs = Buffer.isBuffer(frame) ? [frame] : Array.isArray(frame) ? frame : [encodeControl(frame)];
+    let ok = true;
+    for (const b of bufs) {
+      this.sent += b.length;
+      ok = this.output.write(b);
+    }
+    return ok;
+  }
+
+  /** No more frames from this side. */
+  end(): Promise<void> {
+    return new Promise((ok) => this.output.end(ok));
+  }
+}

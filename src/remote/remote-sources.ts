@@ -1,0 +1,222 @@
+/**
+ * The receiving end's view of a peer's files (Sources, src/sync/source.ts):
+ * the walk and the file engine run here, where the target is, and ask the
+ * peer (src/remote/serve-sources.ts) over the channel. Requests go one at a
+ * time, in the walk's order; a scan streams back only the blocks the plan
+ * writes, each checked against the digest that came with it, and ends with
+ * the fingerprint of the source's digests, which the engine checks before
+ * it commits a manifest (docs/FORMATS.md "Wire protocol").
+ */
+import type { BigIntStats } from 'node:fs';
+import { QsyncError } from '../core/errors.js';
+import { blockCount, blockLength } from '../core/geometry.js';
+import type { WriteRun } from '../core/plan.js';
+import { encodeDigests, type ControlMessage } from '../core/wire.js';
+import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
+import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
+import { remoteError, type Channel } from './channel.js';
+import { statsFromWire, statsToWire } from './wire-stats.js';
+
+const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+const GAP = 4096;
+/** Beyond this many suspect blocks, everything from the first is rewritten (the list would not fit a message). */
+const MAX_SUSPECT_LIST = 100_000;
+
+export class RemoteSources implements Sources {
+  readonly remote = true;
+  readonly readsTarget = false;
+
+  constructor(readonly ch: Channel) {}
+
+  /** One request, one answer ("ok", or the peer's error raised here). */
+  async call(msg: ControlMessage): Promise<ControlMessage> {
+    await this.ch.send(msg);
+    return this.ch.expect('ok');
+  }
+
+  async statOperand(operand: string): Promise<BigIntStats> {
+    return statsFromWire((await this.call({ op: 'stat', operand })).st);
+  }
+
+  async openOperand(operand: string): Promise<SourceDir> {
+    const r = await this.call({ op: 'open-operand', operand });
+    return new RemoteDir(this, handle(r.h), String(r.path));
+  }
+
+  async openParent(operand: string): Promise<{ dir: SourceDir; name: string }> {
+    const r = await this.call({ op: 'open-parent', operand });
+    if (typeof r.name !== 'string') throw bad('open-parent without a name');
+    return { dir: new RemoteDir(this, handle(r.h), String(r.path)), name: r.name };
+  }
+
+  async checkUsable(): Promise<void> {
+    // The peer checks (an image its QEMU holds) when it opens the file.
+  }
+
+  async openFile(dir: SourceDir, name: string, listed: BigIntStats): Promise<SourceFile> {
+    if (!(dir instanceof RemoteDir)) throw new Error('RemoteSources.openFile: not a remote folder');
+    const r = await this.call({ op: 'open-file', h: dir.h, name, st: statsToWire(listed) });
+    return new RemoteFile(this, handle(r.f));
+  }
+}
+
+function handle(v: unknown): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw bad('a bad handle');
+  return v;
+}
+
+class RemoteDir implements SourceDir {
+  /** lstat of each entry, from the last listing: the walk lists a folder, then stats its entries. */
+  private listed = new Map<string, BigIntStats | Error>();
+
+  constructor(
+    private readonly peer: RemoteSources,
+    readonly h: number,
+    readonly path: string,
+  ) {}
+
+  shown(name: string): string {
+    return this.path.endsWith('/') ? `${this.path}${name}` : `${this.path}/${name}`;
+  }
+
+  async stat(): Promise<BigIntStats> {
+    return statsFromWire((await this.peer.call({ op: 'dir-stat', h: this.h })).st);
+  }
+
+  async readdir(): Promise<string[]> {
+    await this.peer.ch.send({ op: 'list', h: this.h });
+    this.listed = new Map();
+    for (;;) {
+      const m = await this.peer.ch.control();
+      if (m.op === 'ok') break;
+      if (m.op !== 'entries' || !Array.isArray(m.entries)) throw bad(`expected entries, got "${m.op}"`);
+      for (const e of m.entries as Record<string, unknown>[]) {
+        if (typeof e?.name !== 'string') throw bad('an entry without a name');
+        this.listed.set(e.name, e.error ? remoteError(e.error as ControlMessage) : statsFromWire(e.st));
+      }
+    }
+    return [...this.listed.keys()];
+  }
+
+  async lstat(name: string): Promise<BigIntStats> {
+    const known = this.listed.get(name);
+    if (known instanceof Error) throw known;
+    if (known) return known;
+    return statsFromWire((await this.peer.call({ op: 'lstat', h: this.h, name })).st);
+  }
+
+  async openDir(name: string): Promise<SourceDir> {
+    const r = await this.peer.call({ op: 'open-dir', h: this.h, name });
+    return new RemoteDir(this.peer, handle(r.h), String(r.path));
+  }
+
+  async readlink(name: string): Promise<string> {
+    const r = await this.peer.call({ op: 'readlink', h: this.h, name });
+    if (typeof r.target !== 'string') throw bad('readlink without a target');
+    return r.target;
+  }
+
+  async close(): Promise<void> {
+    this.listed = new Map();
+    await this.peer.ch.send({ op: 'close', h: this.h });
+  }
+}
+
+class RemoteFile implements SourceFile {
+  constructor(
+    private readonly peer: RemoteSources,
+    private readonly f: number,
+  ) {}
+
+  close(): Promise<void> {
+    return this.peer.ch.send({ op: 'close-file', f: this.f });
+  }
+
+  async scan(plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<Buffer> {
+    const { size, blockSize, mode } = plan;
+    if (mode === 'compare') throw new Error('RemoteFile.scan: compare against digests (manifest mode)');
+    const ch = this.peer.ch;
+    const n = blockCount(size, blockSize);
+    const oldBlocks = mode === 'manifest' ? blockCount(plan.oldSize, blockSize) : 0;
+    const s = plan.suspect;
+    const sorted = s ? [...s.blocks].sort((a, b) => a - b) : [];
+    const suspect = !s ? undefined : sorted.length > MAX_SUSPECT_LIST ? { blocks: [], from: sorted[0]! } : { blocks: sorted, from: Number.isFinite(s.from) ? s.from : -1 };
+    await ch.send({
+      op: 'scan',
+      f: this.f,
+      plan: { size, blockSize, mode, oldSize: plan.oldSize, holeFrom: Number.isFinite(plan.holeFrom) ? plan.holeFrom : -1, suspect, fp: plan.old?.fingerprint.toString('hex') },
+    });
+    let next = 0;
+    const gapTo = async (to: number) => {
+      while (next < to) {
+        const k = Math.min(GAP, to - next);
+        const digests = Buffer.alloc(k * DIGEST_LEN);
+        // Unchanged blocks keep their old digests; blocks past the old end not sent read as zero.
+        const known = Math.max(0, Math.min(k, oldBlocks - next));
+        if (known) await plan.old!.readDigests(next, known, digests);
+        for (let j = known; j < k; j++) zeroDigest(blockLength(next + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
+        await onChunk({ first: next, digests, changed: [], runs: [], bytes: () => Buffer.alloc(0), scanned: runBytes(next, k) });
+        next += k;
+      }
+    };
+    const runBytes = (first: number, count: number) => Math.min(size, (first + count) * blockSize) - first * blockSize;
+    const runAt = (offset: number, count: number, what: string): number => {
+      if (offset % blockSize !== 0) throw bad(`${what} at ${offset}, not a block boundary`);
+      const b = offset / blockSize;
+      if (b < next || count < 1 || b + count > n) throw bad(`${what} for blocks ${b}..${b + count} (expected from ${next}, of ${n})`);
+      return b;
+    };
+    for (;;) {
+      const f = await ch.next();
+      if (f.type === 'data') {
+        const count = f.digests.length / DIGEST_LEN;
+        const b = runAt(f.offset, count, 'data');
+        if (f.data.length !== runBytes(b, count)) throw bad(`data for ${count} blocks at ${f.offset} is ${f.data.length} bytes`);
+        const check = Buffer.alloc(f.digests.length);
+        hashBlocksInto(f.data, blockSize, check);
+        if (!check.equals(f.digests)) throw bad(`the data at ${f.offset} does not hash to the digests sent with it`);
+        await gapTo(b);
+        const run: WriteRun = { first: b, count, zero: false };
+        await onChunk({ first: b, digests: f.digests, changed: blocks(b, count), runs: [run], bytes: () => f.data, scanned: f.data.length });
+        next = b + count;
+      } else if (f.type === 'zero') {
+        const count = blockCount(f.length, blockSize);
+        const b = runAt(f.offset, count, 'zeros');
+        if (f.length !== runBytes(b, count)) throw bad(`zeros for ${count} blocks at ${f.offset} are ${f.length} bytes`);
+        await gapTo(b);
+        const digests = Buffer.alloc(count * DIGEST_LEN);
+        for (let j = 0; j < count; j++) zeroDigest(blockLength(b + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
+        const run: WriteRun = { first: b, count, zero: true };
+        await onChunk({ first: b, digests, changed: blocks(b, count), runs: [run], bytes: () => Buffer.alloc(f.length), scanned: f.length });
+        next = b + count;
+      } else if (f.type === 'control') {
+        const m = f.msg;
+        if (m.op === 'error') throw remoteError(m);
+        if (m.op === 'need-digests') {
+          if (!plan.old) throw bad('digests asked for a scan that has none');
+          await sendDigests(this.peer, plan.old, oldBlocks);
+        } else if (m.op === 'progress') {
+          const upTo = m.upTo;
+          if (typeof upTo !== 'number' || !Number.isSafeInteger(upTo) || upTo < next || upTo > n) throw bad('progress out of order');
+          await gapTo(upTo);
+        } else if (m.op === 'scan-end') {
+          if (typeof m.fp !== 'string' || !/^[0-9a-f]{64}$/.test(m.fp)) throw bad('scan-end without a fingerprint');
+          await gapTo(n);
+          return Buffer.from(m.fp, 'hex');
+        } else throw bad(`unexpected "${m.op}" during a scan`);
+      } else throw bad(`unexpected ${f.type} frame during a scan`);
+    }
+  }
+}
+
+const blocks = (first: number, count: number): number[] => Array.from({ length: count }, (_, i) => first + i);
+
+async function sendDigests(peer: RemoteSources, old: NonNullable<ScanPlan['old']>, n: number): Promise<void> {
+  const buf = Buffer.alloc(GAP * DIGEST_LEN);
+  for (let first = 0; first < n; first += GAP) {
+    const k = Math.min(GAP, n - first);
+    await old.readDigests(first, k, buf);
+    await peer.ch.send(encodeDigests(first, buf.subarray(0, k * DIGEST_LEN)));
+  }
+  await peer.ch.send({ op: 'digests-end' });
+}

@@ -1,0 +1,288 @@
+/**
+ * The sending end of a remote sync: serves this host's files to a peer that
+ * runs the walk and the file engine where the target is
+ * (src/remote/remote-sources.ts). It answers the walk's questions (stat,
+ * list, readlink) for folders it holds by descriptor, and scans files
+ * itself: read and hashed on the local worker pool, planned against the
+ * target's old digests (from its verified cache when it has them, else sent
+ * once by the peer), and only the blocks the plan writes go back
+ * (docs/FORMATS.md "Wire protocol").
+ *
+ * With `restrict` (qsync --server --restrict DIR) every operand is a path
+ * inside DIR: absolute paths and `..` are refused, and what an operand opens
+ * must lie inside DIR once symlinks are resolved. Below an operand nothing is
+ * followed anyway: entries are reached through held folders.
+ */
+import { readlink, realpath } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { basename, dirname, resolve } from 'node:path';
+import { QsyncError } from '../core/errors.js';
+import { blockCount } from '../core/geometry.js';
+import { encodeData, encodeZero, type ControlMessage } from '../core/wire.js';
+import { DIGEST_LEN } from '../hash/blake3.js';
+import type { HashPool } from '../hash/pool.js';
+import { Dir, fsPath } from '../io/safe-fs.js';
+import { Fingerprinter } from '../sync/manifest-store.js';
+import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type ScanPlan } from '../sync/source.js';
+import { errorMessage, type Channel } from './channel.js';
+import { DigestCache } from './digest-cache.js';
+import { restrictedPath } from './restrict.js';
+import { statsFromWire, statsToWire } from './wire-stats.js';
+
+/** Entries per listing frame: well under the control limit with long names. */
+const LIST_PAGE = 2000;
+/** A progress message at least this often while nothing needs sending. */
+const PROGRESS_BLOCKS = 4096;
+
+const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+
+function str(m: ControlMessage, k: string): string {
+  const v = m[k];
+  if (typeof v !== 'string') throw bad(`"${m.op}" needs a string "${k}"`);
+  return v;
+}
+
+function int(m: Record<string, unknown>, k: string, min = 0): number {
+  const v = m[k];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) throw bad(`"${k}" is not an integer ≥ ${min}`);
+  return v;
+}
+
+export class SourceServer {
+  private readonly dirs = new Map<number, Dir>();
+  private readonly files = new Map<number, { fh: FileHandle; shown: string }>();
+  private nextHandle = 1;
+  private readonly local: LocalSources;
+  private cache?: DigestCache;
+  private realRoot?: string;
+
+  constructor(
+    private readonly ch: Channel,
+    private readonly pool: HashPool,
+    private readonly restrict?: string,
+  ) {
+    this.local = new LocalSources(pool);
+  }
+
+  /**
+   * Answer requests until the peer sends something else (its "bye" or, when
+   * the peer is the receiving end of a push, its "done"), which is returned.
+   */
+  async serve(): Promise<ControlMessage> {
+    try {
+      for (;;) {
+        const f = await this.ch.next();
+        if (f.type !== 'control') throw bad(`unexpected ${f.type} frame`);
+        const m = f.msg;
+        if (m.op === 'close') {
+          await this.dirs.get(int(m, 'h', 1))?.close();
+          this.dirs.delete(int(m, 'h', 1));
+          continue;
+        }
+        if (m.op === 'close-file') {
+          await this.files.get(int(m, 'f', 1))?.fh.close();
+          this.files.delete(int(m, 'f', 1));
+          continue;
+        }
+        if (!(m.op in this.handlers)) return m;
+        try {
+          await this.handlers[m.op]!(m);
+        } catch (e) {
+          if (e instanceof QsyncError && e.code === 'PROTOCOL') throw e;
+          await this.ch.send(errorMessage(e));
+        }
+      }
+    } finally {
+      for (const d of this.dirs.values()) await d.close().catch(() => {});
+      for (const f of this.files.values()) await f.fh.close().catch(() => {});
+      await this.cache?.close();
+    }
+  }
+
+  private readonly handlers: Record<string, (m: ControlMessage) => Promise<void>> = {
+    stat: async (m) => {
+      const p = await this.operand(str(m, 'operand'));
+      const st = await this.local.statOperand(p);
+      // The operand followed (SRC/) must lie inside the root; one not followed is checked through its folder.
+      await this.inside(p.endsWith('/') ? p : dirname(resolve(p)));
+      await this.ok({ st: statsToWire(st) });
+    },
+    'open-operand': async (m) => {
+      const d = await Dir.open(await this.operand(str(m, 'operand')));
+      await this.hold(d, m);
+    },
+    'open-parent': async (m) => {
+      const abs = resolve(await this.operand(str(m, 'operand')));
+      const d = await Dir.open(dirname(abs));
+      await this.hold(d, m, basename(abs));
+    },
+    'dir-stat': async (m) => this.ok({ st: statsToWire(await this.dir(m).stat()) }),
+    list: async (m) => {
+      const d = this.dir(m);
+      const names = await d.readdir();
+      for (let i = 0; i < names.length; i += LIST_PAGE) {
+        const entries = [];
+        for (const name of names.slice(i, i + LIST_PAGE)) {
+          try {
+            entries.push({ name, st: statsToWire(await d.lstat(name)) });
+          } catch (e) {
+            entries.push({ name, error: errorMessage(e) });
+          }
+        }
+        await this.ch.send({ op: 'entries', entries });
+      }
+      await this.ok({});
+    },
+    lstat: async (m) => this.ok({ st: statsToWire(await this.dir(m).lstat(str(m, 'name'))) }),
+    'open-dir': async (m) => {
+      const d = await this.dir(m).openDir(str(m, 'name'));
+      await this.hold(d, m);
+    },
+    readlink: async (m) => this.ok({ target: await this.dir(m).readlink(str(m, 'name')) }),
+    'open-file': async (m) => {
+      const d = this.dir(m);
+      const name = str(m, 'name');
+      const listed = statsFromWire(m.st);
+      const shown = d.shown(name);
+      await refuseIfQemuHolds(listed, shown);
+      const fh = await openListed(d, name, listed, shown);
+      const f = this.nextHandle++;
+      this.files.set(f, { fh, shown });
+      await this.ok({ f });
+    },
+    scan: async (m) => this.scan(m),
+  };
+
+  private ok(body: Record<string, unknown>): Promise<void> {
+    return this.ch.send({ op: 'ok', ...body });
+  }
+
+  private dir(m: ControlMessage): Dir {
+    const d = this.dirs.get(int(m, 'h', 1));
+    if (!d) throw bad(`no folder handle ${String(m.h)}`);
+    return d;
+  }
+
+  private async hold(d: Dir, m: ControlMessage, name?: string): Promise<void> {
+    try {
+      await this.inside(`/proc/self/fd/${d.fd}`);
+    } catch (e) {
+      await d.close();
+      throw e;
+    }
+    const h = this.nextHandle++;
+    this.dirs.set(h, d);
+    void m;
+    await this.ok({ h, path: d.path, name });
+  }
+
+  /** An operand as the peer gave it, mapped into the --restrict root. */
+  private operand(p: string): Promise<string> {
+    return restrictedPath(p, this.restrict);
+  }
+
+  /** With --restrict: `path`, symlinks resolved, must lie inside the root. */
+  private async inside(path: string): Promise<void> {
+    if (this.restrict === undefined) return;
+    this.realRoot ??= await realpath(this.restrict);
+    const real = path.startsWith('/proc/self/fd/') ? await readlink(path) : await realpath(fsPath(path) as string);
+    if (real !== this.realRoot && !real.startsWith(`${this.realRoot === '/' ? '' : this.realRoot}/`)) {
+      throw new QsyncError('USAGE', `a path outside the served root was refused (it resolves to a place outside ${this.restrict})`, {});
+    }
+  }
+
+  private async scan(m: ControlMessage): Promise<void> {
+    const file = this.files.get(int(m, 'f', 1));
+    if (!file) throw bad(`no file handle ${String(m.f)}`);
+    const p = (typeof m.plan === 'object' && m.plan !== null ? m.plan : {}) as Record<string, unknown>;
+    const size = int(p, 'size');
+    const blockSize = int(p, 'blockSize', 1);
+    const oldSize = int(p, 'oldSize');
+    const holeFrom = p.holeFrom === -1 ? Infinity : int(p, 'holeFrom');
+    const mode = p.mode;
+    if (blockSize !== this.pool.blockSize) throw bad(`block size ${blockSize} is not the session's ${this.pool.blockSize}`);
+    if (mode !== 'manifest' && mode !== 'rewrite') throw bad(`scan mode ${String(mode)}`);
+    if ((await file.fh.stat()).size !== size) {
+      throw new QsyncError('SOURCE', `file has vanished: ${file.shown} (it changed size while qsync worked; not read)`, { file: file.shown, vanished: true });
+    }
+    let suspect: ScanPlan['suspect'];
+    if (typeof p.suspect === 'object' && p.suspect !== null) {
+      const s = p.suspect as Record<string, unknown>;
+      if (!Array.isArray(s.blocks) || !s.blocks.every((b) => Number.isSafeInteger(b) && b >= 0)) throw bad('suspect blocks');
+      suspect = { blocks: new Set(s.blocks as number[]), from: s.from === -1 ? Infinity : int(s, 'from') };
+    }
+    let old: (DigestReader & { close(): Promise<void> }) | undefined;
+    const oldFp = typeof p.fp === 'string' && /^[0-9a-f]{64}$/.test(p.fp) ? Buffer.from(p.fp, 'hex') : undefined;
+    this.cache ??= await DigestCache.open();
+    const cache = this.cache;
+    try {
+      if (mode === 'manifest') {
+        if (!oldFp) throw bad('a manifest scan needs the fingerprint of the old digests');
+        old = await cache.lookup(oldFp, blockSize, oldSize);
+        if (!old) {
+          await this.ch.send({ op: 'need-digests' });
+          await this.receiveDigests(oldFp, blockSize, oldSize);
+          old = await cache.lookup(oldFp, blockSize, oldSize);
+          if (!old) throw new QsyncError('IO', 'the digests just received could not be kept in the state folder');
+        }
+      }
+      const fp = new Fingerprinter(blockSize, size);
+      const keep = await cache.create();
+      let quiet = 0;
+      try {
+        await scanAndPlan(this.pool, file.fh.fd, file.shown, { size, blockSize, mode, old, oldSize, holeFrom, suspect }, async (c) => {
+          fp.append(c.digests);
+          await keep.append(c.digests);
+          for (const r of c.runs) {
+            const off = r.first * blockSize;
+            if (r.zero) await this.ch.send(encodeZero(off, Math.min(size, (r.first + r.count) * blockSize) - off));
+            else {
+              const i = (r.first - c.first) * DIGEST_LEN;
+              await this.ch.send(encodeData(off, c.digests.subarray(i, i + r.count * DIGEST_LEN), c.bytes(r)));
+            }
+          }
+          quiet = c.runs.length ? 0 : quiet + c.digests.length / DIGEST_LEN;
+          if (quiet >= PROGRESS_BLOCKS) {
+            quiet = 0;
+            await this.ch.send({ op: 'progress', upTo: c.first + c.digests.length / DIGEST_LEN });
+          }
+        });
+      } catch (e) {
+        await keep.discard();
+        throw e;
+      }
+      const digest = fp.digest();
+      await keep.keep(digest);
+      if (oldFp && !oldFp.equals(digest)) await cache.drop(oldFp);
+      await this.ch.send({ op: 'scan-end', fp: digest.toString('hex') });
+    } finally {
+      await old?.close();
+    }
+  }
+
+  /** The peer's old digests, in order, into the cache; they must hash to `fp`. */
+  private async receiveDigests(fp: Buffer, blockSize: number, oldSize: number): Promise<void> {
+    const n = blockCount(oldSize, blockSize);
+    const w = await this.cache!.create();
+    const check = new Fingerprinter(blockSize, oldSize);
+    let next = 0;
+    try {
+      for (;;) {
+        const f = await this.ch.next();
+        if (f.type === 'control' && f.msg.op === 'digests-end') break;
+        if (f.type !== 'digests') throw bad(`expected digests, got ${f.type === 'control' ? `"${f.msg.op}"` : `a ${f.type} frame`}`);
+        const k = f.digests.length / DIGEST_LEN;
+        if (f.first !== next || next + k > n) throw bad(`digests for blocks ${f.first}..${f.first + k} out of order or past ${n}`);
+        check.append(f.digests);
+        await w.append(f.digests);
+        next += k;
+      }
+      if (next !== n) throw bad(`${next} digests received, ${n} expected`);
+      if (!check.digest().equals(fp)) throw bad('the digests received do not hash to the fingerprint they came with');
+      await w.keep(fp);
+    } catch (e) {
+      await w.discard();
+      throw e;
+    }
+  }
+}

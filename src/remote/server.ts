@@ -1,0 +1,89 @@
+/**
+ * `qsync --server [--restrict DIR] [--state-dir DIR]`: the far end of a
+ * remote sync, started by the client over the remote shell with the
+ * channel on stdin/stdout (nothing else may be written to stdout). Its role
+ * and paths come in the client's hello, never on the command line
+ * (src/remote/session.ts). For an authorized_keys `command=` line,
+ * `--restrict DIR` serves and receives only below DIR: absolute paths and
+ * `..` are refused, and no path may pass through a symlink (rsync's rrsync).
+ */
+import { resolve } from 'node:path';
+import { QsyncError } from '../core/errors.js';
+import { isValidBlockSize } from '../core/geometry.js';
+import { HashPool } from '../hash/pool.js';
+import { setStateBase } from '../sync/state-dir.js';
+import { parseArgv } from '../cli/args.js';
+import { exitCodeFor } from '../cli/exit-codes.js';
+import { receive, type CliIO } from '../cli/run-sync.js';
+import { Channel, errorMessage } from './channel.js';
+import { RemoteSources } from './remote-sources.js';
+import { restrictedPath } from './restrict.js';
+import { SourceServer } from './serve-sources.js';
+import { checkHello, ForwardingPrinter, hello, optionsFromWire } from './session.js';
+
+function parseServerArgs(argv: string[]): { restrict?: string } {
+  let restrict: string | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = (name: string) => (a === name ? argv[++i] : a.slice(name.length + 1));
+    if (a === '--restrict' || a.startsWith('--restrict=')) restrict = value('--restrict');
+    else if (a === '--state-dir' || a.startsWith('--state-dir=')) setStateBase(value('--state-dir'));
+    else throw new QsyncError('USAGE', `qsync --server takes only --restrict DIR and --state-dir DIR, not ${a}`);
+    if (restrict === '' || restrict === undefined && a.startsWith('--restrict')) throw new QsyncError('USAGE', '--restrict needs a folder');
+  }
+  return { restrict: restrict === undefined ? undefined : resolve(restrict) };
+}
+
+function strings(v: unknown, what: string): string[] {
+  if (!Array.isArray(v) || !v.every((s) => typeof s === 'string')) throw new QsyncError('PROTOCOL', `protocol error: ${what}`);
+  return v as string[];
+}
+
+export async function runServer(argv: string[], io: CliIO): Promise<number> {
+  const ch = new Channel(process.stdin, process.stdout, { peer: 'the client' });
+  try {
+    const { restrict } = parseServerArgs(argv);
+    const h = await ch.control();
+    checkHello(h, 'the client');
+    if (h.role === 'sender') {
+      const blockSize = h.blockSize;
+      if (typeof blockSize !== 'number' || !isValidBlockSize(blockSize)) throw new QsyncError('PROTOCOL', 'protocol error: a bad block size');
+      await ch.send(hello('sender', {}));
+      const pool = new HashPool(blockSize);
+      try {
+        const last = await new SourceServer(ch, pool, restrict).serve();
+        if (last.op !== 'bye') throw new QsyncError('PROTOCOL', `protocol error: unexpected "${last.op}"`);
+      } finally {
+        await pool.close();
+      }
+      await ch.end();
+      return 0;
+    }
+    if (h.role !== 'receiver') throw new QsyncError('PROTOCOL', `protocol error: unknown role ${String(h.role)}`);
+    const defaults = parseArgv(['.', '.']);
+    if (defaults.kind !== 'sync') throw new Error('no default options');
+    const o = optionsFromWire(h.options, defaults.options);
+    const operands = strings(h.operands, 'operands');
+    if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
+    const dest = await restrictedPath(h.dest, restrict);
+    await ch.send(hello('receiver', {}));
+    const printer = new ForwardingPrinter(ch);
+    let code: number;
+    try {
+      code = await receive(printer, new RemoteSources(ch), operands, dest, o);
+    } catch (e) {
+      code = printer.finish(undefined, exitCodeFor(e), e);
+    }
+    await ch.end();
+    return code;
+  } catch (e) {
+    // The client hears why (garbage, a refused path, a version mismatch); nothing was written.
+    try {
+      ch.write(errorMessage(e));
+      await ch.end();
+    } catch {
+      io.stderr.write(`qsync --server: ${(e as Error).message}\n`);
+    }
+    return exitCodeFor(e);
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * The two ends of a remote sync (docs/FORMATS.md "Wire protocol"). The
+ * client (the qsync the user ran) starts `qsync --server` over the remote
+ * shell and opens with a hello naming the role the server plays:
+ *
+ * - push (DEST is remote): the server is the receiving end. It runs the walk
+ *   and the file engine on its DEST (src/cli/run-sync.ts receive) with the
+ *   client's files as sources (RemoteSources), and sends what a local run
+ *   would print back as events, then "done" with the stats and exit code;
+ * - pull (SRC is remote): the server is the sending end (SourceServer) and
+ *   the client runs the walk and the engine on its own DEST.
+ *
+ * Either way the target, its manifest, intent and lock stay where the target
+ * is, and only planned blocks cross the wire.
+ */
+import { QsyncError, type ErrorCode } from '../core/errors.js';
+import { isValidBlockSize } from '../core/geometry.js';
+import { WIRE_MAGIC, WIRE_VERSION, type ControlMessage } from '../core/wire.js';
+import type { FileReport, RunStats } from '../sync/events.js';
+import type { SyncOptions } from '../cli/args.js';
+import type { Printer } from '../cli/output.js';
+import { errorMessage, remoteError, type Channel } from './channel.js';
+
+export const hello = (role: 'receiver' | 'sender', body: Record<string, unknown>): ControlMessage => ({ op: 'hello', magic: WIRE_MAGIC, version: WIRE_VERSION, role, ...body });
+
+/** Check a peer's hello; a wrong magic or version is a clear error (rsync's exit 2 for a protocol mismatch). */
+export function checkHello(m: ControlMessage, peer: string): void {
+  if (m.op !== 'hello' || m.magic !== WIRE_MAGIC) {
+    throw new QsyncError('PROTOCOL', `${peer} does not speak qsync's protocol`, { hint: 'is qsync installed there? (--qsync-path CMD names the command)' });
+  }
+  if (m.version !== WIRE_VERSION) {
+    throw new QsyncError('PROTOCOL', `${peer} speaks qsync protocol version ${String(m.version)}, this qsync ${WIRE_VERSION}`, { hint: 'install the same qsync version on both hosts', exit: 2 });
+  }
+}
+
+const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'warning'] as const;
+type Hook = (typeof HOOKS)[number];
+
+/** The receiving end of a push: what a local run prints goes to the client as events. */
+export class ForwardingPrinter implements Printer {
+  constructor(private readonly ch: Channel) {}
+  private post(hook: Hook, args: unknown[]): void {
+    this.ch.write({ op: 'event', hook, args });
+  }
+  fileStart(path: string, size: number, method: string): void {
+    this.post('fileStart', [path, size, method]);
+  }
+  fileProgress(path: string, scanned: number, written: number): void {
+    this.post('fileProgress', [path, scanned, written]);
+  }
+  fileEnd(r: FileReport): void {
+    this.post('fileEnd', [r]);
+  }
+  deleted(path: string): void {
+    this.post('deleted', [path]);
+  }
+  notice(message: string, path?: string): void {
+    this.post('notice', [message, path]);
+  }
+  warning(message: string, path?: string): void {
+    this.post('warning', [message, path]);
+  }
+  finish(stats: RunStats | undefined, exitCode: number, error?: unknown): number {
+    this.ch.write({ op: 'done', stats, code: exitCode, error: error === undefined ? undefined : errorMessage(error) });
+    return exitCode;
+  }
+}
+
+/** The client's handler for the events a receiving server sends: each goes to the local printer, as a local run's would. */
+export function eventsTo(printer: Printer): (m: ControlMessage) => boolean {
+  return (m) => {
+    if (m.op !== 'event') return false;
+    const hook = m.hook as Hook;
+    if (!HOOKS.includes(hook) || !Array.isArray(m.args)) throw new QsyncError('PROTOCOL', 'protocol error: a malformed event');
+    const fn = printer[hook] as ((...a: unknown[]) => void) | undefined;
+    fn?.apply(printer, m.args);
+    return true;
+  };
+}
+
+/** The receiving server's "done": its stats and exit code, and the error that ended it, if one did. */
+export function readDone(m: ControlMessage): { stats?: RunStats; code: number; error?: Error } {
+  if (m.op !== 'done' || typeof m.code !== 'number') throw new QsyncError('PROTOCOL', `protocol error: expected "done", got "${m.op}"`);
+  return { stats: m.stats as RunStats | undefined, code: m.code, error: m.error ? remoteError(m.error as ControlMessage) : undefined };
+}
+
+/** The options of a push as the receiving end may use them: every field checked against its kind in `defaults`. */
+export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions {
+  if (typeof v !== 'object' || v === null) throw new QsyncError('PROTOCOL', 'protocol error: options are not an object');
+  const o = { ...defaults } as unknown as Record<string, unknown>;
+  for (const [k, val] of Object.entries(v as Record<string, unknown>)) {
+    if (!(k in o) || val === undefined || val === null) continue;
+    const want = k === 'filters' ? 'object' : typeof o[k];
+    if (want !== 'undefined' && typeof val !== want) throw new QsyncError('PROTOCOL', `protocol error: option ${k} is a ${typeof val}`);
+    o[k] = val;
+  }
+  const out = o as unknown as SyncOptions;
+  if (!isValidBlockSize(out.blockSize)) throw new QsyncError('PROTOCOL', 'protocol error: a bad block size');
+  if (!Array.isArray(out.filters) || !out.filters.every((r) => (r.type === 'include' || r.type === 'exclude') && typeof (r as { pattern?: unknown }).pattern === 'string')) {
+    throw new QsyncError('PROTOCOL', 'protocol error: filter rules');
+  }
+  // Local-only choices stay the server's own.
+  for (const k of ['stateDir', 'manifest', 'backupDir', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
+  out.json = false;
+  return out;
+}
+
+export type { ErrorCode };
