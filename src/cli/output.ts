@@ -234,8 +234,8 @@ class TextPrinter implements Printer {
         );
       }
       // Local runs have no wire: what is "sent" is the data written to the target, and the target is never read back.
-      const sent = stats.literal;
-      const received = 0;
+      const sent = stats.wireSent ?? stats.literal;
+      const received = stats.wireReceived ?? 0;
       if (o.stats) {
         this.out('');
         this.out(itemizedCount('Number of files', stats.files, this.kinds));

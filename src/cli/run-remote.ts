@@ -13,7 +13,7 @@ import { RemoteSources } from '../remote/remote-sources.js';
 import { SourceServer } from '../remote/serve-sources.js';
 import { checkHello, eventsTo, hello, readDone } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
-import type { SyncOptions } from './args.js';
+import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT } from './exit-codes.js';
 import type { Printer } from './output.js';
 import { filterRules, receive } from './run-sync.js';
@@ -29,7 +29,8 @@ const LOCAL_ONLY: [keyof SyncOptions, string][] = [
   ['manifest', '--manifest'],
 ];
 
-export async function syncRemote(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+export async function syncRemote(shown: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+  let printer = shown;
   const to = parseRemote(dest);
   const from = operands.map(parseRemote);
   if (to && from.some(Boolean)) throw new QsyncError('USAGE', 'The source and destination cannot both be remote.');
@@ -50,10 +51,11 @@ export async function syncRemote(printer: Printer, operands: string[], dest: str
   });
   const exited = once(child, 'close').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
   const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined });
+  printer = countingWire(printer, ch);
   try {
     await spawned;
     if (to) {
-      await ch.send(hello('receiver', { dest: to.path, operands, options: { ...o, filters: rules } }));
+      await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }) }));
       checkHello(await ch.control(), remote.host);
       const pool = new HashPool(o.blockSize);
       pool.warm();
@@ -80,6 +82,27 @@ export async function syncRemote(printer: Printer, operands: string[], dest: str
     await exited;
     clearTimeout(t);
   }
+}
+
+/** The options that differ from the defaults: the receiving end starts from its own (a small hello). */
+function changedOptions(o: SyncOptions): Partial<SyncOptions> {
+  const d = parseArgv(['.', '.']);
+  const base = (d.kind === 'sync' ? d.options : {}) as Record<string, unknown>;
+  const local = new Set(['rsh', 'qsyncPath', 'stateDir', 'json']);
+  return Object.fromEntries(Object.entries(o).filter(([k, v]) => !local.has(k) && JSON.stringify(v) !== JSON.stringify(base[k])));
+}
+
+/** rsync's "sent"/"received" of a remote run: the bytes through the remote shell, as this side counted them. */
+function countingWire(p: Printer, ch: Channel): Printer {
+  return {
+    fileStart: (...a) => p.fileStart?.(...a),
+    fileProgress: (...a) => p.fileProgress?.(...a),
+    fileEnd: (...a) => p.fileEnd?.(...a),
+    deleted: (...a) => p.deleted?.(...a),
+    notice: (...a) => p.notice?.(...a),
+    warning: (...a) => p.warning?.(...a),
+    finish: (stats, code, error) => p.finish(stats && { ...stats, wireSent: ch.sent, wireReceived: ch.received }, code, error),
+  };
 }
 
 /** The channel closed under the run: rsync's words, and ssh's 255 when the remote shell failed. */

@@ -153,8 +153,17 @@ export class Channel {
     return ok;
   }
 
-  /** No more frames from this side. */
+  /** No more frames from this side (resolves also when the output is already gone). */
   end(): Promise<void> {
-    return new Promise((ok) => this.output.end(ok));
+    const out = this.output;
+    if (out.destroyed || out.writableFinished) return Promise.resolve();
+    return new Promise((ok) => {
+      const done = () => {
+        out.off('finish', done).off('error', done).off('close', done);
+        ok();
+      };
+      out.once('finish', done).once('error', done).once('close', done);
+      out.end();
+    });
   }
 }

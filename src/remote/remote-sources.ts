@@ -40,13 +40,13 @@ export class RemoteSources implements Sources {
 
   async openOperand(operand: string): Promise<SourceDir> {
     const r = await this.call({ op: 'open-operand', operand });
-    return new RemoteDir(this, handle(r.h), String(r.path));
+    return new RemoteDir(this, handle(r.h), String(r.path), r.st);
   }
 
   async openParent(operand: string): Promise<{ dir: SourceDir; name: string }> {
     const r = await this.call({ op: 'open-parent', operand });
     if (typeof r.name !== 'string') throw bad('open-parent without a name');
-    return { dir: new RemoteDir(this, handle(r.h), String(r.path)), name: r.name };
+    return { dir: new RemoteDir(this, handle(r.h), String(r.path), r.st), name: r.name };
   }
 
   async checkUsable(): Promise<void> {
@@ -69,17 +69,24 @@ class RemoteDir implements SourceDir {
   /** lstat of each entry, from the last listing: the walk lists a folder, then stats its entries. */
   private listed = new Map<string, BigIntStats | Error>();
 
+  /** The folder's stat as it was opened (sent with the handle). */
+  private readonly opened?: BigIntStats;
+
   constructor(
     private readonly peer: RemoteSources,
     readonly h: number,
     readonly path: string,
-  ) {}
+    st?: unknown,
+  ) {
+    this.opened = st === undefined ? undefined : statsFromWire(st);
+  }
 
   shown(name: string): string {
     return this.path.endsWith('/') ? `${this.path}${name}` : `${this.path}/${name}`;
   }
 
   async stat(): Promise<BigIntStats> {
+    if (this.opened) return this.opened;
     return statsFromWire((await this.peer.call({ op: 'dir-stat', h: this.h })).st);
   }
 
@@ -107,7 +114,7 @@ class RemoteDir implements SourceDir {
 
   async openDir(name: string): Promise<SourceDir> {
     const r = await this.peer.call({ op: 'open-dir', h: this.h, name });
-    return new RemoteDir(this.peer, handle(r.h), String(r.path));
+    return new RemoteDir(this.peer, handle(r.h), String(r.path), r.st);
   }
 
   async readlink(name: string): Promise<string> {

@@ -173,7 +173,8 @@ export class SourceServer {
     const h = this.nextHandle++;
     this.dirs.set(h, d);
     void m;
-    await this.ok({ h, path: d.path, name });
+    // The folder's own stat comes along: the walk checks it is the one listed.
+    await this.ok({ h, path: d.path, name, st: statsToWire(await d.stat()) });
   }
 
   /** An operand as the peer gave it, mapped into the --restrict root. */

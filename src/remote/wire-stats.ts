@@ -1,19 +1,18 @@
 /**
- * A file's stat over the wire: the fields the walk uses, as decimal strings
- * (they are 64-bit), rebuilt on the far side into an object that answers as
- * node's BigIntStats does for them (docs/FORMATS.md "Wire protocol").
+ * A file's stat over the wire: the fields the walk uses, in a fixed order,
+ * as decimal strings (they are 64-bit), rebuilt on the far side into an
+ * object that answers as node's BigIntStats does for them
+ * (docs/FORMATS.md "Wire protocol").
  */
 import { constants, type BigIntStats } from 'node:fs';
 import { QsyncError } from '../core/errors.js';
 
 const FIELDS = ['dev', 'ino', 'mode', 'nlink', 'uid', 'gid', 'rdev', 'size', 'atimeNs', 'mtimeNs', 'ctimeNs'] as const;
 type Field = (typeof FIELDS)[number];
-export type WireStats = Record<Field, string>;
+export type WireStats = string[];
 
 export function statsToWire(st: BigIntStats): WireStats {
-  const out = {} as WireStats;
-  for (const f of FIELDS) out[f] = st[f].toString();
-  return out;
+  return FIELDS.map((f: Field) => st[f].toString());
 }
 
 const type = (st: { mode: bigint }) => Number(st.mode) & constants.S_IFMT;
@@ -30,10 +29,10 @@ const PROTO = {
 
 /** Rebuild a stat from the wire; every field must be a decimal integer in range. */
 export function statsFromWire(w: unknown): BigIntStats {
-  if (typeof w !== 'object' || w === null) throw new QsyncError('PROTOCOL', 'protocol error: a stat is not an object');
+  if (!Array.isArray(w) || w.length !== FIELDS.length) throw new QsyncError('PROTOCOL', 'protocol error: a stat is not a list of its fields');
   const st = Object.create(PROTO) as Record<string, unknown>;
-  for (const f of FIELDS) {
-    const v = (w as Record<string, unknown>)[f];
+  for (const [i, f] of FIELDS.entries()) {
+    const v: unknown = w[i];
     if (typeof v !== 'string' || !/^-?[0-9]{1,20}$/.test(v)) throw new QsyncError('PROTOCOL', `protocol error: stat field ${f} is not an integer`);
     st[f] = BigInt(v);
   }

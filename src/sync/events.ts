@@ -44,6 +44,9 @@ export interface RunStats {
   matched: number;
   scanned: number;
   elapsedMs: number;
+  /** A remote sync: bytes this side sent and received through the remote shell (rsync's "sent"/"received"). */
+  wireSent?: number;
+  wireReceived?: number;
 }
 
 export interface SyncHooks {
