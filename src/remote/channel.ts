@@ -96,7 +96,8 @@ export class Channel {
 
   private fail(e: Error): void {
     if (this.failure) return;
-    this.failure = e;
+    // A broken channel ends the run: no later file can get through it either.
+    this.failure = e instanceof QsyncError ? new QsyncError(e.code, e.message, { ...e.context, fatal: true }, { cause: e.cause }) : new QsyncError('PROTOCOL', `connection to ${this.opts.peer ?? 'the peer'} failed: ${e.message}`, { fatal: true, closed: true }, { cause: e });
     const w = this.waiter;
     this.waiter = undefined;
     w?.fail(e);

@@ -1,0 +1,354 @@
+/**
+ * qsync over ssh, end to end: Debian's real sshd on 127.0.0.1 (keys made in a
+ * temp dir, test/helpers/sshd.ts), the real ssh client, the built CLI on both
+ * ends. Bytes through the channel are counted at the ssh command (an -e
+ * wrapper), the way a user would measure them.
+ */
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync, closeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { encodeControl, encodeData, encodeDigests, encodeZero } from '../src/core/wire.js';
+import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
+import { needTools } from './helpers/env.js';
+import { countingRsh, readCount, startSshd, type Sshd } from './helpers/sshd.js';
+
+const KiB = 1024;
+const MiB = 1 << 20;
+const BLOCK = 64 * KiB;
+
+const ready = needTools('sshd', 'ssh');
+
+let dir: string;
+let sshd: Sshd;
+/** The far side's qsync, with a state base of its own. */
+let serverCmd: string;
+let counter = 0;
+
+beforeAll(async () => {
+  if (!ready) return;
+  dir = mkdtempSync(join(tmpdir(), 'qsync-remote-'));
+  sshd = await startSshd();
+  serverCmd = `QSYNC_STATE_DIR=${join(dir, 'server-state')} ${process.execPath} ${QSYNC}`;
+});
+afterAll(async () => {
+  await sshd?.stop();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+/** Run qsync with `args` over the test's sshd; returns the result and the bytes through ssh. */
+async function overSsh(args: string[], opts: { rsh?: string } = {}): Promise<RunResult & { wire: number }> {
+  const count = join(dir, `count-${++counter}`);
+  const r = await runQsync(['-e', countingRsh(opts.rsh ?? sshd.rsh, count), '--qsync-path', serverCmd, ...args]);
+  const { sent, received } = readCount(count);
+  return { ...r, wire: sent + received };
+}
+
+const at = (p: string) => `${sshd.host}:${p}`;
+
+function randomFile(path: string, size: number): void {
+  const fd = openSync(path, 'w');
+  for (let off = 0; off < size; off += 4 * MiB) writeSync(fd, randomBytes(Math.min(4 * MiB, size - off)));
+  closeSync(fd);
+}
+
+/** Overwrite `blocks` 64 KiB blocks at random (distinct) places; returns the bytes changed. */
+function changeBlocks(path: string, blocks: number): number {
+  const n = Math.floor(statSync(path).size / BLOCK);
+  const picked = new Set<number>();
+  while (picked.size < blocks) picked.add(Math.floor(Math.random() * n));
+  const fd = openSync(path, 'r+');
+  for (const b of picked) writeSync(fd, randomBytes(BLOCK), 0, BLOCK, b * BLOCK);
+  closeSync(fd);
+  const t = Date.now() / 1000 + 5;
+  utimesSync(path, t, t);
+  return blocks * BLOCK;
+}
+
+/** Every entry of `a` is in `b` with the same type, content, mode and mtime (µs), and nothing else is. */
+function expectSameTree(a: string, b: string): void {
+  const names = readdirSync(a).sort();
+  expect(readdirSync(b).sort(), b).toEqual(names);
+  for (const n of names) {
+    const sa = lstatSync(join(a, n));
+    const sb = lstatSync(join(b, n));
+    expect(sb.mode, join(b, n)).toBe(sa.mode);
+    if (sa.isSymbolicLink()) expect(readlinkSync(join(b, n))).toBe(readlinkSync(join(a, n)));
+    else expect(Math.floor(sb.mtimeMs * 1000), join(b, n)).toBe(Math.floor(sa.mtimeMs * 1000));
+    if (sa.isDirectory()) expectSameTree(join(a, n), join(b, n));
+    else if (sa.isFile()) expect(readFileSync(join(b, n)).equals(readFileSync(join(a, n))), join(b, n)).toBe(true);
+  }
+}
+
+function imageTree(root: string): void {
+  mkdirSync(join(root, 'sub'), { recursive: true });
+  randomFile(join(root, 'vm1.raw'), 24 * MiB);
+  randomFile(join(root, 'vm2.qcow2'), 8 * MiB);
+  // A sparse image: 16 MiB with 2 MiB of data.
+  const fd = openSync(join(root, 'sub', 'vm3.raw'), 'w');
+  writeSync(fd, randomBytes(2 * MiB), 0, 2 * MiB, 5 * MiB);
+  closeSync(fd);
+  truncateSync(join(root, 'sub', 'vm3.raw'), 16 * MiB);
+  writeFileSync(join(root, 'vm1.xml'), '<domain/>\n');
+  symlinkSync('vm1.raw', join(root, 'current'));
+}
+
+describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
+  it('push: a tree of images arrives whole; the next run moves ≤ 1.1 × the changed bytes + 64 KiB; an unchanged one ≤ 4 KiB', async () => {
+    const src = join(dir, 'push-src');
+    const dst = join(dir, 'push-dst');
+    imageTree(src);
+    const first = await overSsh(['-av', `${src}/`, at(`${dst}/`)]);
+    expect(first.code, first.stderr).toBe(0);
+    expectSameTree(src, dst);
+    expect(first.stdout).toMatch(/sent [\d,]+ bytes {2}received [\d,]+ bytes/);
+
+    const changed = changeBlocks(join(src, 'vm1.raw'), 4) + changeBlocks(join(src, 'sub', 'vm3.raw'), 2);
+    const second = await overSsh(['-a', '--stats', `${src}/`, at(`${dst}/`)]);
+    expect(second.code, second.stderr).toBe(0);
+    expectSameTree(src, dst);
+    expect(second.stdout).toMatch(new RegExp(`Literal data: ${changed.toLocaleString('en-US')} bytes`));
+    expect(second.wire).toBeLessThanOrEqual(1.1 * changed + 64 * KiB);
+
+    const third = await overSsh(['-a', `${src}/`, at(`${dst}/`)]);
+    expect(third.code, third.stderr).toBe(0);
+    expect(third.wire).toBeLessThanOrEqual(4 * KiB);
+
+    // -c reads every source block; with the digest cache only the changed ones (none) travel.
+    const forced = await overSsh(['-a', '-c', `${src}/`, at(`${dst}/`)]);
+    expect(forced.code, forced.stderr).toBe(0);
+    expect(forced.wire).toBeLessThanOrEqual(8 * KiB);
+  });
+
+  it('pull: the same from the far side, into a local DEST', async () => {
+    const src = join(dir, 'pull-src');
+    const dst = join(dir, 'pull-dst');
+    imageTree(src);
+    const first = await overSsh(['-a', at(`${src}/`), `${dst}/`]);
+    expect(first.code, first.stderr).toBe(0);
+    expectSameTree(src, dst);
+    const changed = changeBlocks(join(src, 'vm2.qcow2'), 3);
+    const second = await overSsh(['-a', at(`${src}/`), `${dst}/`]);
+    expect(second.code, second.stderr).toBe(0);
+    expectSameTree(src, dst);
+    expect(second.wire).toBeLessThanOrEqual(1.1 * changed + 64 * KiB);
+    const third = await overSsh(['-a', at(`${src}/`), `${dst}/`]);
+    expect(third.code, third.stderr).toBe(0);
+    expect(third.wire).toBeLessThanOrEqual(4 * KiB);
+  });
+
+  it('names with spaces, quotes and shell characters reach no shell: copied as they are, nothing run', async () => {
+    const src = join(dir, 'names-src');
+    mkdirSync(src);
+    const evil = `a b'c"$(touch ${join(dir, 'pwned')});\`id\``;
+    writeFileSync(join(src, evil), 'x\n');
+    const dst = join(dir, `dest with 'quotes' and $HOME`);
+    const r = await overSsh(['-a', `${src}/`, at(`${dst}/`)]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(join(dst, evil), 'utf8')).toBe('x\n');
+    expect(existsSync(join(dir, 'pwned'))).toBe(false);
+  });
+
+  it('connection failures exit as rsync does: 255 from ssh, 12 for a far side that does not speak qsync; remote-only limits are clear', async () => {
+    const src = join(dir, 'fail-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'x');
+    const closed = await runQsync(['-a', '-e', 'ssh -p 1 -o BatchMode=yes -o StrictHostKeyChecking=no', `${src}/`, '127.0.0.1:/tmp/nowhere/']);
+    expect(closed.code).toBe(255);
+    expect(closed.stderr).toMatch(/connection unexpectedly closed/);
+    const notQsync = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', 'cat', `${src}/`, at('/tmp/nowhere/')]);
+    expect(notQsync.code).toBe(12);
+    expect(notQsync.stderr).not.toMatch(/internal error/);
+    const h = await runQsync(['-aH', '-e', sshd.rsh, `${src}/`, at('/tmp/nowhere/')]);
+    expect(h.code).toBe(1);
+    expect(h.stderr).toMatch(/-H is not supported with a remote destination/);
+    const both = await runQsync(['-a', 'a:x', 'b:y']);
+    expect(both.code).toBe(1);
+    expect(existsSync('/tmp/nowhere')).toBe(false);
+  });
+});
+
+describe.skipIf(!ready)('the link killed mid-transfer', () => {
+  it('at several points of a first copy and of an update: the next run converges, and the far manifest never lies', async () => {
+    const src = join(dir, 'kill-src');
+    const dst = join(dir, 'kill-dst');
+    mkdirSync(src);
+    randomFile(join(src, 'big.raw'), 48 * MiB);
+    for (const phase of ['first', 'update']) {
+      if (phase === 'update') changeBlocks(join(src, 'big.raw'), 200);
+      for (const after of [0.1, 0.5, 0.9]) {
+        // Kill ssh (the link) once this much of the file went through it.
+        const limit = Math.floor(after * (phase === 'first' ? 48 * MiB : 200 * BLOCK));
+        const r = await runQsync(['-a', '-e', `${process.execPath} ${join(import.meta.dirname, 'helpers', 'cut-rsh.mjs')} ${limit} ${sshd.rsh}`, '--qsync-path', serverCmd, `${src}/`, at(`${dst}/`)]);
+        expect(r.code, `${phase} ${after}: ${r.stderr}`).not.toBe(0);
+        expect(r.stderr).not.toMatch(/internal error/);
+        // A first copy never leaves a partial file under the real name.
+        if (phase === 'first' && existsSync(join(dst, 'big.raw'))) expect(statSync(join(dst, 'big.raw')).size).toBe(48 * MiB);
+      }
+      const done = await overSsh(['-a', `${src}/`, at(`${dst}/`)]);
+      expect(done.code, done.stderr).toBe(0);
+      expectSameTree(src, dst);
+      // What the far side's manifest says is what its target holds.
+      const v = await runQsync(['verify', join(dst, 'big.raw')], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'server-state') } });
+      expect(v.code, v.stdout + v.stderr).toBe(0);
+    }
+  });
+});
+
+describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => {
+  let restricted: Sshd;
+  let root: string;
+  let outside: string;
+  beforeAll(async () => {
+    root = join(dir, 'jail');
+    outside = join(dir, 'outside');
+    mkdirSync(join(root, 'vm1'), { recursive: true });
+    mkdirSync(outside);
+    writeFileSync(join(outside, 'secret'), 'outside\n');
+    symlinkSync(outside, join(root, 'esc'));
+    restricted = await startSshd({ authorizedKeyOptions: `command="QSYNC_STATE_DIR=${join(dir, 'jail-state')} ${process.execPath} ${QSYNC} --server --restrict ${root}",restrict` });
+  });
+  afterAll(() => restricted?.stop());
+
+  const via = (args: string[]) => runQsync(['-a', '-e', restricted.rsh, ...args]);
+
+  it('pushes and pulls below DIR', async () => {
+    const src = join(dir, 'r-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'disk.raw'), randomBytes(300 * KiB));
+    const r = await via([`${src}/`, `${restricted.host}:vm1/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expectSameTree(src, join(root, 'vm1'));
+    const back = join(dir, 'r-back');
+    const p = await via([`${restricted.host}:vm1/`, `${back}/`]);
+    expect(p.code, p.stderr).toBe(0);
+    expectSameTree(src, back);
+  });
+
+  it.each([
+    ['an absolute path', '/etc/'],
+    ['..', '../outside/'],
+    ['.. further down', 'vm1/../../outside/'],
+    ['a symlink out of DIR', 'esc/'],
+    ['a path through a symlink out of DIR', 'esc/sub/'],
+  ])('refuses %s, as DEST and as SRC, and touches nothing', async (_what, path) => {
+    const src = join(dir, `r-src2-${++counter}`);
+    mkdirSync(src);
+    writeFileSync(join(src, 'secret'), 'pushed\n');
+    const push = await via([`${src}/`, `${restricted.host}:${path}`]);
+    expect(push.code, push.stderr).toBe(1);
+    expect(push.stderr).toMatch(/refused/);
+    const pull = await via([`${restricted.host}:${path}`, join(dir, `r-pulled-${counter}/`)]);
+    expect(pull.code, pull.stderr).not.toBe(0);
+    expect(pull.stderr).toMatch(/refused/);
+    expect(existsSync(join(dir, `r-pulled-${counter}`, 'secret'))).toBe(false);
+    expect(readFileSync(join(outside, 'secret'), 'utf8')).toBe('outside\n');
+    expect(readdirSync(outside)).toEqual(['secret']);
+  });
+
+  it('a symlink pushed into DIR is a symlink there, never a way out on the next run', async () => {
+    const src = join(dir, 'r-src3');
+    mkdirSync(src);
+    symlinkSync(outside, join(src, 'evil'));
+    expect((await via([`${src}/`, `${restricted.host}:vm2/`])).code).toBe(0);
+    expect(lstatSync(join(root, 'vm2', 'evil')).isSymbolicLink()).toBe(true);
+    const next = join(dir, 'r-src4');
+    mkdirSync(next);
+    writeFileSync(join(next, 'secret'), 'pushed\n');
+    const r = await via([`${next}/`, `${restricted.host}:vm2/evil/`]);
+    expect(r.code).toBe(1);
+    expect(readdirSync(outside)).toEqual(['secret']);
+    // Pulling the link without a trailing slash copies the link, not what it names.
+    const pulled = join(dir, 'r-pulled-link');
+    expect((await via([`${restricted.host}:vm2/evil`, `${pulled}/`])).code).toBe(0);
+    expect(lstatSync(join(pulled, 'evil')).isSymbolicLink()).toBe(true);
+  });
+
+  it('1,000 fuzzed frames cannot crash the server or write outside its root', async () => {
+    const fuzzRoot = join(dir, 'fuzz-root');
+    mkdirSync(fuzzRoot);
+    const before = readdirSync(dir).sort();
+    const frames = fuzzFrames(1000);
+    const sessions = 40;
+    const per = Math.ceil(frames.length / sessions);
+    for (let s = 0; s < sessions; s++) {
+      const role = s % 2 ? 'sender' : 'receiver';
+      const helloMsg = encodeControl({ op: 'hello', magic: 'qsync-wire', version: 1, role, dest: 'd/', operands: ['x/'], options: {}, blockSize: 65536 });
+      const input = Buffer.concat([helloMsg, ...frames.slice(s * per, (s + 1) * per)]);
+      const r = await serverWith(input, fuzzRoot);
+      expect(r.signal, r.stderr).toBeNull();
+      expect([0, 1, 2, 3, 11, 12, 23, 24], `session ${s}: exit ${r.code}: ${r.stderr}`).toContain(r.code);
+      expect(r.stderr).not.toMatch(/internal error|at .*\.js:\d+/);
+    }
+    // Nothing appeared beside the root; inside it, at most the receiving folder.
+    expect(readdirSync(dir).sort()).toEqual(before);
+    for (const n of readdirSync(fuzzRoot)) expect(n).toBe('d');
+    expect(readdirSync(outside)).toEqual(['secret']);
+  });
+});
+
+/** Frames a hostile client could send: valid ones with bad fields, mutated bytes, bad lengths. */
+function fuzzFrames(n: number): Buffer[] {
+  const ops = ['stat', 'open-operand', 'open-parent', 'dir-stat', 'list', 'lstat', 'open-dir', 'readlink', 'open-file', 'scan', 'close', 'close-file', 'bye', 'done', 'event', 'ok', 'error', 'entries', 'need-digests', 'scan-end', 'progress'];
+  const values = ['../../etc/passwd', '/etc/shadow', '', 'x', -1, 0, 1, 2 ** 53, 1e308, null, [], {}, ['1', '2'], 'a'.repeat(5000), '\u0000', 1.5];
+  const pick = <T>(a: T[]): T => a[Math.floor(Math.random() * a.length)]!;
+  const out: Buffer[] = [];
+  for (let i = 0; i < n; i++) {
+    const kind = i % 6;
+    let f: Buffer;
+    if (kind === 0) f = encodeControl({ op: pick(ops), h: pick(values), f: pick(values), name: pick(values), operand: pick(values), st: pick(values), plan: { size: pick(values), blockSize: pick(values), mode: pick(['manifest', 'rewrite', 'x']), oldSize: pick(values), fp: 'ab'.repeat(32) } });
+    else if (kind === 1) f = encodeData(Math.floor(Math.random() * 1e9), randomBytes(32 * (1 + (i % 3))), randomBytes(1 + (i % 5000)));
+    else if (kind === 2) f = encodeZero(Math.floor(Math.random() * 2 ** 40), Math.floor(Math.random() * 2 ** 40));
+    else if (kind === 3) f = encodeDigests(i, randomBytes(32 * (i % 4)));
+    else if (kind === 4) {
+      f = encodeControl({ op: pick(ops), operand: pick(values) });
+      f[5 + Math.floor(Math.random() * (f.length - 5))] ^= 1 << i % 8;
+    } else {
+      f = randomBytes(5 + (i % 64));
+      if (i % 12 === 5) f.writeUInt32LE(0xffffffff, 0);
+    }
+    out.push(f);
+  }
+  return out;
+}
+
+/** `qsync --server --restrict ROOT` fed `input` on stdin; its exit and stderr. */
+function serverWith(input: Buffer, root: string): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [QSYNC, '--server', '--restrict', root], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'fuzz-state') } });
+    let stderr = '';
+    p.stderr.on('data', (d) => (stderr += d));
+    p.stdout.resume();
+    p.stdin.on('error', () => {});
+    p.stdin.end(input);
+    const t = setTimeout(() => p.kill('SIGKILL'), 20_000);
+    p.on('close', (code, signal) => {
+      clearTimeout(t);
+      resolve({ code, signal, stderr });
+    });
+  });
+}
+
+describe.skipIf(!ready)('many hosts, one backup server', () => {
+  it('four pushes at once into their own DESTs, and a pull, do not interfere', async () => {
+    const srcs = [1, 2, 3, 4].map((i) => join(dir, `many-src${i}`));
+    for (const s of srcs) {
+      mkdirSync(s);
+      randomFile(join(s, 'disk.raw'), 12 * MiB);
+    }
+    const pullSrc = join(dir, 'many-pull-src');
+    mkdirSync(pullSrc);
+    randomFile(join(pullSrc, 'disk.raw'), 12 * MiB);
+    const runs = [
+      ...srcs.map((s, i) => overSsh(['-a', `${s}/`, at(join(dir, `many-dst${i + 1}`) + '/')])),
+      overSsh(['-a', at(`${pullSrc}/`), join(dir, 'many-pulled') + '/']),
+    ];
+    const results = await Promise.all(runs);
+    for (const r of results) expect(r.code, r.stderr).toBe(0);
+    srcs.forEach((s, i) => expectSameTree(s, join(dir, `many-dst${i + 1}`)));
+    expectSameTree(pullSrc, join(dir, 'many-pulled'));
+  });
+});
+
