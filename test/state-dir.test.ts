@@ -96,3 +96,71 @@ describe('end to end', () => {
     expect(stateFolderFor(dest)).not.toBe(stateFolderIn(b, dest));
   });
 });
+
+describe('a state base inside SRC or DEST', () => {
+  const tree = (root: string): string[] => {
+    const out: string[] = [];
+    const walk = (rel: string) => {
+      for (const n of readdirSync(join(root, rel)).sort()) {
+        const r = rel ? `${rel}/${n}` : n;
+        out.push(r);
+        if (statSync(join(root, r)).isDirectory()) walk(r);
+      }
+    };
+    walk('');
+    return out;
+  };
+
+  it('--state-dir inside a DEST not made yet, with --delete: the run works, the state stays and is used again', async () => {
+    const src = join(dir, 'in-dest-src');
+    const dest = join(dir, 'in-dest-dest');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, 7));
+    const st = join(dest, '.st');
+    const first = await runQsync(['-a', '--delete', '--state-dir', st, `${src}/`, `${dest}/`]);
+    expect(first.stderr).toBe('');
+    expect(first.code).toBe(0);
+    const folder = stateFolderIn(st, dest);
+    expect(readdirSync(join(folder, 'manifests'))).toEqual(['f.img.qsm']);
+    writeFileSync(join(src, 'g'), 'new');
+    const second = await runQsync(['-a', '--delete', '--json', '--state-dir', st, `${src}/`, `${dest}/`]);
+    expect(second.code, second.stderr).toBe(0);
+    const doc = JSON.parse(second.stdout);
+    expect(doc.files.some((f: { path: string }) => f.path.startsWith('.st'))).toBe(false);
+    // --delete left qsync's own state alone: its record of DEST, its manifests.
+    expect(readFileSync(join(folder, 'dest'), 'utf8')).toBe(`${dest}\n`);
+    expect(readdirSync(join(folder, 'manifests')).sort()).toEqual(['f.img.qsm', 'g.qsm']);
+    expect(readFileSync(join(dest, 'g'), 'utf8')).toBe('new');
+  });
+
+  it('--state-dir inside SRC: qsync\'s state is not copied into the mirror', async () => {
+    const src = join(dir, 'in-src-src');
+    const dest = join(dir, 'in-src-dest');
+    mkdirSync(src);
+    writeFileSync(join(src, 'a'), 'a');
+    const st = join(src, 'state');
+    for (let i = 0; i < 2; i++) {
+      const r = await runQsync(['-a', '--delete', '--state-dir', st, `${src}/`, `${dest}/`]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toBe('');
+      expect(r.stdout).toMatch(/skipping state\/: it is qsync's state folder/);
+    }
+    expect(tree(dest)).toEqual(['a']);
+    expect(readdirSync(join(stateFolderIn(st, dest), 'manifests'))).toEqual(['a.qsm']);
+  });
+
+  it('a DEST inside the state base is refused before anything is written', async () => {
+    const src = join(dir, 'under-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'a'), 'a');
+    const st = join(dir, 'under-base');
+    mkdirSync(st, { mode: 0o700 });
+    for (const dest of [join(st, 'dest'), st]) {
+      const r = await runQsync(['-a', '--state-dir', st, `${src}/`, `${dest}/`]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/inside qsync's state folder/);
+      expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
+    }
+    expect(readdirSync(st)).toEqual([]);
+  });
+});

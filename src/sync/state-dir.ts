@@ -103,6 +103,11 @@ export function stateFolderIn(base: string, destRoot: string): string {
   return join(base, 'dest', `${name}-${hash}`);
 }
 
+const isWithin = (path: string, folder: string): boolean => path === folder || path.startsWith(folder.endsWith('/') ? folder : `${folder}/`);
+
+/** Whether the state base lies in the folder `destRoot` (real paths): making the state folder makes the folders above it. */
+export const stateBaseWithin = (destRoot: string): boolean => isWithin(realOrPlanned(stateBase()), realOrPlanned(resolve(destRoot)));
+
 /** Refuse state that another user owns: they could have planted anything in it. */
 export function checkOwner(st: BigIntStats, shown: string): void {
   const me = euid();
@@ -164,6 +169,13 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
  */
 export async function checkStateRoot(destRoot: string, create: boolean): Promise<void> {
   const folder = stateFolderFor(destRoot);
+  // A mirror inside the base would hold qsync's state (its `dest` folder may even be the base's own).
+  if (isWithin(realOrPlanned(resolve(destRoot)), realOrPlanned(stateBase()))) {
+    throw new QsyncError('USAGE', `destination ${destRoot} is inside qsync's state folder ${stateBase()}: the mirror and qsync's state must be kept apart`, {
+      file: destRoot,
+      hint: 'give a --state-dir outside the destination, or another destination',
+    });
+  }
   try {
     await (await openStateParent(join(folder, 'lock'), create))?.release();
   } catch (e) {
@@ -172,6 +184,27 @@ export async function checkStateRoot(destRoot: string, create: boolean): Promise
       file: folder,
       hint: 'give a writable folder of yours with --state-dir DIR',
     }, { cause: e });
+  }
+}
+
+/**
+ * The state base's identity, when it exists: a tree walk passes it by (never
+ * copied from a source, never deleted from a destination: qsync writes in it
+ * as it runs). Reached as the state is, through no other user's symlink.
+ */
+export async function stateBaseIdentity(): Promise<{ dev: bigint; ino: bigint } | undefined> {
+  let at: { dir: Dir; name: string };
+  try {
+    at = await resolveTrusted(stateBase(), true);
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ENOTDIR') return undefined;
+    throw e;
+  }
+  try {
+    const st = await at.dir.lstatOrUndefined(at.name);
+    return st?.isDirectory() ? { dev: st.dev, ino: st.ino } : undefined;
+  } finally {
+    await at.dir.close();
   }
 }
 
