@@ -7,6 +7,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import {
+  chmodSync,
   chownSync,
   existsSync,
   lstatSync,
@@ -25,11 +26,11 @@ import {
   closeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { randomFile } from './helpers/data.js';
 import { mountForTest } from './helpers/env.js';
-import { runQsync, sha256, stateOf, stateSlot, type RunResult } from './helpers/cli.js';
+import { NOBODY, runQsync, sha256, stateOf, stateSlot, type RunResult } from './helpers/cli.js';
 
 const DIST = join(import.meta.dirname, '../dist/src');
 const KiB = 1024;
@@ -573,5 +574,62 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     const r = await runWithin(['-a', `${s.src}/`, s.dest]);
     expect(r.code).toBe(0);
     expect(readdirSync(s.state).sort()).toEqual(['f.img.qsm', 'keep.tmp']);
+  });
+});
+
+describe('E: the folders above the state base', () => {
+  /**
+   * Whoever can write a folder above the base can rename the base away and
+   * put another there: mid-run, a second run then makes a fresh base and
+   * takes a lock the first still holds; between runs, an older copy of root's
+   * own state (an interrupted run's intent and manifest, say) comes back.
+   */
+  it('a base below a folder of another user, or one writable by group or others (not sticky), is refused before anything is written', async () => {
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'data\n');
+    const theirs = join(dir, 'theirs');
+    mkdirSync(theirs, { mode: 0o755 });
+    chownSync(theirs, NOBODY, NOBODY);
+    const open = join(dir, 'open');
+    mkdirSync(open);
+    chmodSync(open, 0o777);
+    const group = join(dir, 'group');
+    mkdirSync(group);
+    chmodSync(group, 0o775);
+    for (const [above, who] of [[theirs, /belongs to uid 65534/], [open, /writable by other users/], [group, /writable by other users/]] as const) {
+      const dest = join(dir, `dest-${basename(above)}`);
+      const base = join(above, 'qsync');
+      const r = await runWithin(['-a', '--state-dir', base, `${src}/`, `${dest}/`]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toContain(above);
+      expect(r.stderr).toMatch(who);
+      expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
+      expect(existsSync(dest)).toBe(false);
+      expect(existsSync(base)).toBe(false);
+    }
+    // A sticky folder (/tmp) is fine: no one else can rename what root made in it.
+    const sticky = join(dir, 'sticky');
+    mkdirSync(sticky);
+    chmodSync(sticky, 0o1777);
+    const r = await runWithin(['-a', '--state-dir', join(sticky, 'qsync'), `${src}/`, `${join(dir, 'dest-sticky')}/`]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+  });
+
+  it('a base reached through a symlink of root\'s in a folder another user can write is refused (the symlink could be swapped)', async () => {
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'data\n');
+    const theirs = join(dir, 'theirs');
+    mkdirSync(theirs, { mode: 0o755 });
+    const real = join(dir, 'real-base');
+    mkdirSync(real, { mode: 0o700 });
+    symlinkSync(real, join(theirs, 'link'));
+    chownSync(theirs, NOBODY, NOBODY);
+    const r = await runWithin(['-a', '--state-dir', join(theirs, 'link'), `${src}/`, `${join(dir, 'dest')}/`]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/belongs to uid 65534/);
+    expect(readdirSync(real)).toEqual([]);
   });
 });

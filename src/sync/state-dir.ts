@@ -8,7 +8,8 @@
  * (docs/FORMATS.md "State folder").
  *
  * Nothing in it is reached by trusting a path. The base is reached following
- * only symlinks that root or the caller own (resolveTrusted); from the base
+ * only symlinks that root or the caller own, through folders no other user
+ * can change (resolveTrusted's guarded walk); from the base
  * down every folder is opened by descriptor with O_NOFOLLOW, created 0700
  * when missing, and must belong to the user running qsync and be writable by
  * no one else; every state file is opened O_NOFOLLOW|O_NONBLOCK, must be a
@@ -284,7 +285,7 @@ export async function openStateParent(path: string, create: boolean): Promise<St
   // So is the state base (an admin may have made /var/lib/qsync a symlink); from it down nothing is followed.
   const openRoot = async (): Promise<Dir | undefined> => {
     if (!inBase) return (await resolveTrusted(path, false)).dir;
-    const { dir: parent, name: last } = await resolveTrusted(base, true);
+    const { dir: parent, name: last } = await resolveTrusted(base, true, { guarded: true });
     try {
       return await openStateFolder(parent, last, create);
     } finally {
