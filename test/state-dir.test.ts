@@ -164,3 +164,51 @@ describe('a state base inside SRC or DEST', () => {
     expect(readdirSync(st)).toEqual([]);
   });
 });
+
+describe('qsync restore and another state base', () => {
+  it('finds the history of a mirror file whatever --state-dir says: none there, or one holding an outer folder\'s state', async () => {
+    const src = join(dir, 'hist-src');
+    const outer = join(dir, 'hist-outer');
+    const dest = join(outer, 'dest');
+    const hist = join(dir, 'hist-dir');
+    mkdirSync(src);
+    mkdirSync(outer);
+    const a = join(dir, 'hist-base-a');
+    for (const fill of [1, 2, 3]) {
+      writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, fill));
+      const r = await runQsync(['-a', '--state-dir', a, '--backup-dir', hist, `${src}/`, `${dest}/`]);
+      expect(r.code, r.stderr).toBe(0);
+    }
+    const points = (out: string) => out.split('\n').filter((l) => /^\s+\d+\s/.test(l)).length;
+    const withA = await runQsync(['restore', '--state-dir', a, '--backup-dir', hist, '--list', join(dest, 'f.img')]);
+    expect(withA.code, withA.stderr).toBe(0);
+    expect(points(withA.stdout)).toBe(3);
+    // A base with no state for DEST; then one that has state for the folder above DEST.
+    const b = join(dir, 'hist-base-b');
+    const none = await runQsync(['restore', '--state-dir', b, '--backup-dir', hist, '--list', join(dest, 'f.img')]);
+    expect(none.stderr).toBe('');
+    expect(none.code).toBe(0);
+    expect(points(none.stdout)).toBe(3);
+    mkdirSync(join(dir, 'hist-other'));
+    expect((await runQsync(['-a', '--state-dir', b, `${join(dir, 'hist-other')}/`, `${outer}/`])).code).toBe(0);
+    const outerState = await runQsync(['restore', '--state-dir', b, '--backup-dir', hist, '--list', join(dest, 'f.img')]);
+    expect(outerState.stderr).toBe('');
+    expect(outerState.code).toBe(0);
+    expect(points(outerState.stdout)).toBe(3);
+    const out = join(dir, 'hist-restored.img');
+    const r = await runQsync(['restore', '--state-dir', b, '--backup-dir', hist, '--at', '2', join(dest, 'f.img'), out]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(out).equals(Buffer.alloc(200_000, 1))).toBe(true);
+  });
+
+  it('a target the history does not name, in no synced destination: a clear error, nothing on stdout', async () => {
+    const hist = join(dir, 'hist-empty');
+    mkdirSync(hist, { mode: 0o700 });
+    const f = join(dir, 'lonely.img');
+    writeFileSync(f, 'x');
+    const r = await runQsync(['restore', '--state-dir', join(dir, 'hist-base-c'), '--backup-dir', hist, '--list', f]);
+    expect(r.code).toBe(1);
+    expect(r.stdout).toBe('');
+    expect(r.stderr).toMatch(/not in a destination qsync synced/);
+  });
+});
