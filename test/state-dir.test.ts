@@ -212,3 +212,21 @@ describe('qsync restore and another state base', () => {
     expect(r.stderr).toMatch(/not in a destination qsync synced/);
   });
 });
+
+describe('an empty --state-dir', () => {
+  it('is refused (an unset variable in a script), not taken as the current folder', async () => {
+    const cwd = join(dir, 'empty-cwd');
+    mkdirSync(cwd);
+    const src = join(dir, 'empty-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'x');
+    const { spawnSync } = await import('node:child_process');
+    const { QSYNC } = await import('./helpers/cli.js');
+    for (const args of [['-a', '--state-dir', '', `${src}/`, `${join(dir, 'empty-dest')}/`], ['verify', '--state-dir', '', join(src, 'f')]]) {
+      const r = spawnSync('node', [QSYNC, ...args], { cwd, encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(/--state-dir/);
+      expect(readdirSync(cwd)).toEqual([]);
+    }
+  });
+});

@@ -51,6 +51,8 @@ const folderCache = new Map<string, string>();
 
 /** `--state-dir DIR`: where this process keeps state (undefined: the default). */
 export function setStateBase(dir: string | undefined): void {
+  // resolve('') is the current folder: an unset variable in a script (--state-dir "$DIR") would put state wherever one stands.
+  if (dir === '') throw new QsyncError('USAGE', '--state-dir needs a folder: it was given an empty name', { option: '--state-dir' });
   baseOverride = dir === undefined ? undefined : resolve(dir);
   folderCache.clear();
 }
