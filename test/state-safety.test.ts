@@ -399,7 +399,7 @@ describe('C: the lock', () => {
       expect(outs.filter((o) => o.startsWith('error') || o === 'killed')).toEqual([]);
       expect(outs.filter((o) => o === 'held').length).toBeGreaterThanOrEqual(1);
       expect(existsSync(join(state, 'lock'))).toBe(false);
-      expect(readdirSync(state).filter((n) => n !== 'dest')).toEqual([]);
+      expect(readdirSync(state).filter((n) => n !== 'dest' && n !== 'dest-id')).toEqual([]);
     }
   }, 240_000);
 
@@ -631,5 +631,66 @@ describe('E: the folders above the state base', () => {
     expect(r.code, r.stderr).toBe(1);
     expect(r.stderr).toMatch(/belongs to uid 65534/);
     expect(readdirSync(real)).toEqual([]);
+  });
+});
+
+describe('F: a state folder and the destination it was written for', () => {
+  /**
+   * Backup disks taking turns at one mount point: the same path, and (the
+   * same loop or sd device, made alike) the same device and inode numbers
+   * for the same files. An interrupted run's intent on one disk must not
+   * vouch for the other disk's file.
+   */
+  it('another filesystem mounted at DEST since: its files are compared, not taken for the ones the manifests describe', async (ctx) => {
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    const file = join(src, 'f.img');
+    const imgs = ['a', 'b'].map((n, i) => {
+      const img = join(dir, `${n}.ext4`);
+      truncateSync((writeFileSync(img, ''), img), 16 * MiB);
+      execFileSync('mkfs.ext4', ['-q', img], { env: { ...process.env, E2FSPROGS_FAKE_TIME: String(1_000_000_000 + i * 1000) } });
+      return img;
+    });
+    const mnt = join(dir, 'mnt');
+    mkdirSync(mnt);
+    const mount = (img: string) => mountForTest(['-o', 'loop', img, mnt]);
+    const idOf = (p: string) => `${statSync(p).dev}:${statSync(p).ino}`;
+    // Disk B gets the source as it was; disk A the source as it is now.
+    randomFile(file, MiB);
+    utimesSync(file, 1_700_000_000, 1_700_000_000);
+    if (!mount(imgs[1])) return ctx.skip('cannot mount a loop device here (needs root)');
+    let idB: string;
+    try {
+      expect((await runWithin(['-a', `${src}/`, `${mnt}/`])).code).toBe(0);
+      idB = idOf(join(mnt, 'f.img'));
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
+    randomFile(file, MiB);
+    expect(mount(imgs[0])).toBe(true);
+    let idA: string;
+    try {
+      expect((await runWithin(['-a', `${src}/`, `${mnt}/`])).code).toBe(0);
+      idA = idOf(join(mnt, 'f.img'));
+      // A run on disk A interrupted after its intent (block 0 listed), as a pulled disk leaves it.
+      const { IntentWriter, intentPathFor } = await import(join(DIST, 'sync/intent.js'));
+      const manifest = join(stateOf(mnt), 'manifests', 'f.img.qsm');
+      const m = readFileSync(manifest);
+      const w = await IntentWriter.create(intentPathFor(manifest), m.subarray(m.length - 32), MiB, MiB);
+      await w.add([0]);
+      await w.close();
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
+    expect(mount(imgs[1])).toBe(true);
+    try {
+      if (idOf(join(mnt, 'f.img')) !== idA || idA !== idB) return ctx.skip('the two disks did not get the same device and inode numbers here');
+      const r = await runWithin(['-a', `${src}/`, `${mnt}/`]);
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      await expectSame(file, join(mnt, 'f.img'));
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
   });
 });
