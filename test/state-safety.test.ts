@@ -7,6 +7,7 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import {
+  chmodSync,
   chownSync,
   existsSync,
   lstatSync,
@@ -25,11 +26,11 @@ import {
   closeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { randomFile } from './helpers/data.js';
 import { mountForTest } from './helpers/env.js';
-import { runQsync, sha256, stateOf, stateSlot, type RunResult } from './helpers/cli.js';
+import { NOBODY, runQsync, sha256, stateOf, stateSlot, type RunResult } from './helpers/cli.js';
 
 const DIST = join(import.meta.dirname, '../dist/src');
 const KiB = 1024;
@@ -398,7 +399,7 @@ describe('C: the lock', () => {
       expect(outs.filter((o) => o.startsWith('error') || o === 'killed')).toEqual([]);
       expect(outs.filter((o) => o === 'held').length).toBeGreaterThanOrEqual(1);
       expect(existsSync(join(state, 'lock'))).toBe(false);
-      expect(readdirSync(state).filter((n) => n !== 'dest')).toEqual([]);
+      expect(readdirSync(state).filter((n) => n !== 'dest' && n !== 'dest-id')).toEqual([]);
     }
   }, 240_000);
 
@@ -573,5 +574,123 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     const r = await runWithin(['-a', `${s.src}/`, s.dest]);
     expect(r.code).toBe(0);
     expect(readdirSync(s.state).sort()).toEqual(['f.img.qsm', 'keep.tmp']);
+  });
+});
+
+describe('E: the folders above the state base', () => {
+  /**
+   * Whoever can write a folder above the base can rename the base away and
+   * put another there: mid-run, a second run then makes a fresh base and
+   * takes a lock the first still holds; between runs, an older copy of root's
+   * own state (an interrupted run's intent and manifest, say) comes back.
+   */
+  it('a base below a folder of another user, or one writable by group or others (not sticky), is refused before anything is written', async () => {
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'data\n');
+    const theirs = join(dir, 'theirs');
+    mkdirSync(theirs, { mode: 0o755 });
+    chownSync(theirs, NOBODY, NOBODY);
+    const open = join(dir, 'open');
+    mkdirSync(open);
+    chmodSync(open, 0o777);
+    const group = join(dir, 'group');
+    mkdirSync(group);
+    chmodSync(group, 0o775);
+    for (const [above, who] of [[theirs, /belongs to uid 65534/], [open, /writable by other users/], [group, /writable by other users/]] as const) {
+      const dest = join(dir, `dest-${basename(above)}`);
+      const base = join(above, 'qsync');
+      const r = await runWithin(['-a', '--state-dir', base, `${src}/`, `${dest}/`]);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toContain(above);
+      expect(r.stderr).toMatch(who);
+      expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
+      expect(existsSync(dest)).toBe(false);
+      expect(existsSync(base)).toBe(false);
+    }
+    // A sticky folder (/tmp) is fine: no one else can rename what root made in it.
+    const sticky = join(dir, 'sticky');
+    mkdirSync(sticky);
+    chmodSync(sticky, 0o1777);
+    const r = await runWithin(['-a', '--state-dir', join(sticky, 'qsync'), `${src}/`, `${join(dir, 'dest-sticky')}/`]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+  });
+
+  it('a base reached through a symlink of root\'s in a folder another user can write is refused (the symlink could be swapped)', async () => {
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'data\n');
+    const theirs = join(dir, 'theirs');
+    mkdirSync(theirs, { mode: 0o755 });
+    const real = join(dir, 'real-base');
+    mkdirSync(real, { mode: 0o700 });
+    symlinkSync(real, join(theirs, 'link'));
+    chownSync(theirs, NOBODY, NOBODY);
+    const r = await runWithin(['-a', '--state-dir', join(theirs, 'link'), `${src}/`, `${join(dir, 'dest')}/`]);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toMatch(/belongs to uid 65534/);
+    expect(readdirSync(real)).toEqual([]);
+  });
+});
+
+describe('F: a state folder and the destination it was written for', () => {
+  /**
+   * Backup disks taking turns at one mount point: the same path, and (the
+   * same loop or sd device, made alike) the same device and inode numbers
+   * for the same files. An interrupted run's intent on one disk must not
+   * vouch for the other disk's file.
+   */
+  it('another filesystem mounted at DEST since: its files are compared, not taken for the ones the manifests describe', async (ctx) => {
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    const file = join(src, 'f.img');
+    const imgs = ['a', 'b'].map((n, i) => {
+      const img = join(dir, `${n}.ext4`);
+      truncateSync((writeFileSync(img, ''), img), 16 * MiB);
+      execFileSync('mkfs.ext4', ['-q', img], { env: { ...process.env, E2FSPROGS_FAKE_TIME: String(1_000_000_000 + i * 1000) } });
+      return img;
+    });
+    const mnt = join(dir, 'mnt');
+    mkdirSync(mnt);
+    const mount = (img: string) => mountForTest(['-o', 'loop', img, mnt]);
+    const idOf = (p: string) => `${statSync(p).dev}:${statSync(p).ino}`;
+    // Disk B gets the source as it was; disk A the source as it is now.
+    randomFile(file, MiB);
+    utimesSync(file, 1_700_000_000, 1_700_000_000);
+    if (!mount(imgs[1])) return ctx.skip('cannot mount a loop device here (needs root)');
+    let idB: string;
+    try {
+      expect((await runWithin(['-a', `${src}/`, `${mnt}/`])).code).toBe(0);
+      idB = idOf(join(mnt, 'f.img'));
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
+    randomFile(file, MiB);
+    expect(mount(imgs[0])).toBe(true);
+    let idA: string;
+    try {
+      expect((await runWithin(['-a', `${src}/`, `${mnt}/`])).code).toBe(0);
+      idA = idOf(join(mnt, 'f.img'));
+      // A run on disk A interrupted after its intent (block 0 listed), as a pulled disk leaves it.
+      const { IntentWriter, intentPathFor } = await import(join(DIST, 'sync/intent.js'));
+      const manifest = join(stateOf(mnt), 'manifests', 'f.img.qsm');
+      const m = readFileSync(manifest);
+      const w = await IntentWriter.create(intentPathFor(manifest), m.subarray(m.length - 32), MiB, MiB);
+      await w.add([0]);
+      await w.close();
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
+    expect(mount(imgs[1])).toBe(true);
+    try {
+      if (idOf(join(mnt, 'f.img')) !== idA || idA !== idB) return ctx.skip('the two disks did not get the same device and inode numbers here');
+      const r = await runWithin(['-a', `${src}/`, `${mnt}/`]);
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      await expectSame(file, join(mnt, 'f.img'));
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
   });
 });

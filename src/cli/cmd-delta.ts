@@ -150,8 +150,9 @@ export async function runDeltaCommand(argv: string[], io: DeltaCliIO): Promise<n
         const dir = str('backup-dir');
         const warn = (m: string) => void io.stderr.write(`qsync: warning: ${escapeForTerminal(m)}\n`);
         if (args.list || args.at === undefined) {
+          const points = await listPoints(dir, str('target'), warn);
           io.stdout.write('  N  until                     size  records\n');
-          for (const p of await listPoints(dir, str('target'), warn)) {
+          for (const p of points) {
             io.stdout.write(`${String(p.n).padStart(3)}  ${p.until.toISOString()}  ${String(p.size).padStart(12)}  ${p.records}\n`);
           }
           return EXIT.OK.code;

@@ -14,7 +14,7 @@ import { Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js'
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
-import { checkStateRoot, stateFolderFor } from '../sync/state-dir.js';
+import { checkStateRoot, stateBaseIdentity, stateBaseWithin, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { LocalSources, type Sources } from '../sync/source.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
@@ -147,7 +147,9 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);
     if (!destStat && !leavesDest(o)) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
-      await mkdir(fsPath(plan.destRoot), plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch((e) => {
+      await mkdir(fsPath(plan.destRoot), plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch(async (e) => {
+        // A --state-dir inside DEST: making the state folder made DEST.
+        if (errnoOf(e) === 'EEXIST' && (await statOrUndefined(dest))?.isDirectory() && stateBaseWithin(plan.destRoot)) return;
         throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
       });
     }
@@ -211,7 +213,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   try {
     const tree = new TreeSync(
       plan,
-      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly },
+      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity() },
       compileFilters(rules),
       { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,

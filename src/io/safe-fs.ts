@@ -423,7 +423,7 @@ const MAX_LINKS = 40;
  * component is resolved too (to read through it); without it the last name
  * is returned as is (to create or replace it, which never follows it).
  */
-export async function resolveTrusted(path: string, followLast: boolean): Promise<{ dir: Dir; name: string }> {
+export async function resolveTrusted(path: string, followLast: boolean, opts: { guarded?: boolean } = {}): Promise<{ dir: Dir; name: string }> {
   const me = BigInt(process.getuid?.() ?? 0);
   const parts = (p: string) => p.split('/').filter((s) => s && s !== '.').reverse();
   const todo = parts(path);
@@ -432,8 +432,10 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
   const moveTo = async (next: Dir) => {
     await dir.close();
     dir = next;
+    if (opts.guarded) checkGuarded(await dir.stat(), dir.path, path, me);
   };
   try {
+    if (opts.guarded) checkGuarded(await dir.stat(), dir.path, path, me);
     for (;;) {
       const name = todo.pop();
       if (name === undefined) throw new QsyncError('USAGE', `${path} is a folder, not a file name`, { file: path });
@@ -467,6 +469,28 @@ export async function resolveTrusted(path: string, followLast: boolean): Promise
   } catch (e) {
     await dir.close();
     throw e;
+  }
+}
+
+/**
+ * resolveTrusted's `guarded` walk (to qsync's state base): every folder
+ * passed must be one that only root or the caller can change, owned by one
+ * of them and writable by no one else unless sticky (as /tmp is: there no
+ * one renames what another made). Whoever can write a folder on the way
+ * could rename what lies below it and put something else there.
+ */
+function checkGuarded(st: BigIntStats, shown: string, path: string, me: bigint): void {
+  if (st.uid !== 0n && st.uid !== me) {
+    throw new QsyncError('USAGE', `${path}: ${shown} belongs to uid ${st.uid}, who could replace what qsync (uid ${me}) keeps below it`, {
+      file: path,
+      hint: 'give a --state-dir whose folders only root or you can change',
+    });
+  }
+  if (st.mode & 0o022n && !(st.mode & 0o1000n)) {
+    throw new QsyncError('USAGE', `${path}: ${shown} is writable by other users (mode ${(st.mode & 0o7777n).toString(8)}), who could replace what qsync keeps below it`, {
+      file: path,
+      hint: 'give a --state-dir whose folders only root or you can change',
+    });
   }
 }
 

@@ -119,17 +119,36 @@ async function historyNames(d: Dir): Promise<string[]> {
 }
 
 /**
- * The destination root a mirror file belongs to (the nearest folder above it
- * with a state folder) and its name relative to it: members are
- * matched by that whole name, never by a suffix.
+ * The destination root a mirror file belongs to and its name relative to it
+ * (members are matched by that whole name, never by a suffix): the folder
+ * above it whose name for it is one the history holds (`names`), the one
+ * with qsync state first. The history alone decides when the state is
+ * elsewhere (another --state-dir, or lost); two folders it could belong to,
+ * neither with state, are refused rather than guessed. Without a member for
+ * it, the nearest folder with state (the history has no point for it).
  */
-async function locate(target: string): Promise<{ root: string; rel: string }> {
+async function locate(target: string, names: ReadonlySet<string>): Promise<{ root: string; rel: string }> {
   const abs = resolve(target);
+  const named: { root: string; rel: string }[] = [];
+  let stated: { root: string; rel: string } | undefined;
   for (let d = dirname(abs); ; d = dirname(d)) {
-    if ((await lstatOrUndefined(stateFolderFor(d)))?.isDirectory()) return { root: d, rel: relative(d, abs) };
+    const at = { root: d, rel: relative(d, abs) };
+    const hasState = (await lstatOrUndefined(stateFolderFor(d)))?.isDirectory();
+    if (names.has(at.rel)) {
+      if (hasState) return at;
+      named.push(at);
+    } else if (hasState) stated ??= at;
     if (dirname(d) === d) break;
   }
-  throw new QsyncError('USAGE', `${target} is not in a destination qsync synced (no folder above it has qsync state in ${stateBase()})`, {
+  if (named.length > 1) {
+    throw new QsyncError('USAGE', `${target}: the history holds files of that name below ${named.map((n) => n.root).join(' and ')}, and no qsync state in ${stateBase()} tells which destination it belongs to`, {
+      file: target,
+      hint: 'give the --state-dir the syncs used',
+    });
+  }
+  const found = named[0] ?? stated;
+  if (found) return found;
+  throw new QsyncError('USAGE', `${target} is not in a destination qsync synced (the history names no such file, and no folder above it has qsync state in ${stateBase()})`, {
     file: target,
     hint: 'give the mirror file as it lies in the destination',
   });
@@ -163,14 +182,12 @@ export type HistoryWarn = (message: string) => void;
 
 /** Walk the history of `target` from the mirror back, checking every link; `warn` hears of damaged files and a broken chain. */
 async function walk(dir: string, d: Dir, target: string, mirror: FileHandle, warn: HistoryWarn = () => {}): Promise<Chain> {
-  const { root, rel } = await locate(target);
-  const members: Step[] = [];
+  const files: { file: string; at: string; reverse: DeltaMemberSummary[] }[] = [];
   for (const name of await historyNames(d)) {
     const file = join(dir, name);
     const fh = await openDelta(d.at(name), file);
     try {
-      const m = (await summarize(fh, file)).find((x) => x.header.kind === 'reverse' && x.header.name === rel);
-      if (m) members.push({ file, at: d.at(name), member: m });
+      files.push({ file, at: d.at(name), reverse: (await summarize(fh, file)).filter((x) => x.header.kind === 'reverse') });
     } catch (e) {
       if (!(e instanceof QsyncError)) throw e;
       // A damaged file is not part of the chain: the link check stops the walk there if it mattered.
@@ -178,6 +195,12 @@ async function walk(dir: string, d: Dir, target: string, mirror: FileHandle, war
     } finally {
       await fh.close();
     }
+  }
+  const { root, rel } = await locate(target, new Set(files.flatMap((f) => f.reverse.map((m) => m.header.name))));
+  const members: Step[] = [];
+  for (const f of files) {
+    const m = f.reverse.find((x) => x.header.name === rel);
+    if (m) members.push({ file: f.file, at: f.at, member: m });
   }
   const chain: Chain = { steps: [], points: [] };
   if (!members.length) return chain;

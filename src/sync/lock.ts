@@ -16,11 +16,11 @@
  * there is one successor per record, so two runs never both hold the lock.
  */
 import { rmSync } from 'node:fs';
-import { link, rename } from 'node:fs/promises';
+import { link, rename, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { errnoOf, isQsyncError, QsyncError } from '../core/errors.js';
 import { digestOf } from '../hash/blake3.js';
-import { encodeName, type Dir } from '../io/safe-fs.js';
+import { encodeName, fsPath, removeTreeAt, type Dir } from '../io/safe-fs.js';
 import { bootId } from './intent.js';
 import { procStat } from '../io/proc-stat.js';
 import { createStateTemp, doneWithTemp, openStateParent, readStateFile, stateFolderFor, unlinkState, writeStateFile } from './state-dir.js';
@@ -112,11 +112,37 @@ export async function lockDestination(destRoot: string): Promise<DestLock> {
     const want = Buffer.concat([encodeName(resolve(destRoot)), Buffer.from('\n')]);
     const cur = await readStateFile(sp.dir, 'dest', want.length + 1);
     if (!cur?.data.equals(want)) await writeStateFile(sp.dir, 'dest', want);
+    await checkDestIdentity(sp.dir, destRoot);
   } catch (e) {
     await lock.release();
     throw lockFailed(path, e);
   }
   return lock;
+}
+
+/**
+ * The state folder serves one folder, not one path: `dest-id` records the
+ * destination root's device, inode and birth time (0 where the file system
+ * keeps none). When another folder stands at the path since (another backup
+ * disk at the same mount point, a folder made anew), what the folder holds
+ * describes other files, which can have the same device and inode numbers:
+ * an interrupted run's intent would vouch for blocks of a file it never saw.
+ * Its manifests and image state are dropped (the run compares).
+ */
+async function checkDestIdentity(dir: Dir, destRoot: string): Promise<void> {
+  let st;
+  try {
+    st = await stat(fsPath(destRoot), { bigint: true });
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT') return;
+    throw e;
+  }
+  const want = Buffer.from(`${st.dev} ${st.ino} ${st.birthtimeNs}\n`);
+  const cur = await readStateFile(dir, 'dest-id', 128);
+  if (cur?.data.equals(want)) return;
+  // A folder from before `dest-id` was written keeps its state: its manifests still name their targets.
+  if (cur) for (const name of ['manifests', 'image']) await removeTreeAt(dir, name);
+  await writeStateFile(dir, 'dest-id', want);
 }
 
 // A system error here (read-only, full, no permission) ends the run before anything is written.

@@ -8,7 +8,8 @@
  * (docs/FORMATS.md "State folder").
  *
  * Nothing in it is reached by trusting a path. The base is reached following
- * only symlinks that root or the caller own (resolveTrusted); from the base
+ * only symlinks that root or the caller own, through folders no other user
+ * can change (resolveTrusted's guarded walk); from the base
  * down every folder is opened by descriptor with O_NOFOLLOW, created 0700
  * when missing, and must belong to the user running qsync and be writable by
  * no one else; every state file is opened O_NOFOLLOW|O_NONBLOCK, must be a
@@ -50,6 +51,8 @@ const folderCache = new Map<string, string>();
 
 /** `--state-dir DIR`: where this process keeps state (undefined: the default). */
 export function setStateBase(dir: string | undefined): void {
+  // resolve('') is the current folder: an unset variable in a script (--state-dir "$DIR") would put state wherever one stands.
+  if (dir === '') throw new QsyncError('USAGE', '--state-dir needs a folder: it was given an empty name', { option: '--state-dir' });
   baseOverride = dir === undefined ? undefined : resolve(dir);
   folderCache.clear();
 }
@@ -102,6 +105,11 @@ export function stateFolderIn(base: string, destRoot: string): string {
   const name = basename(real).replace(/[^A-Za-z0-9._-]/g, '_').replace(/^\.+/, '').slice(0, 40) || 'root';
   return join(base, 'dest', `${name}-${hash}`);
 }
+
+const isWithin = (path: string, folder: string): boolean => path === folder || path.startsWith(folder.endsWith('/') ? folder : `${folder}/`);
+
+/** Whether the state base lies in the folder `destRoot` (real paths): making the state folder makes the folders above it. */
+export const stateBaseWithin = (destRoot: string): boolean => isWithin(realOrPlanned(stateBase()), realOrPlanned(resolve(destRoot)));
 
 /** Refuse state that another user owns: they could have planted anything in it. */
 export function checkOwner(st: BigIntStats, shown: string): void {
@@ -164,6 +172,13 @@ async function openStateFolder(parent: Dir, name: string, create: boolean): Prom
  */
 export async function checkStateRoot(destRoot: string, create: boolean): Promise<void> {
   const folder = stateFolderFor(destRoot);
+  // A mirror inside the base would hold qsync's state (its `dest` folder may even be the base's own).
+  if (isWithin(realOrPlanned(resolve(destRoot)), realOrPlanned(stateBase()))) {
+    throw new QsyncError('USAGE', `destination ${destRoot} is inside qsync's state folder ${stateBase()}: the mirror and qsync's state must be kept apart`, {
+      file: destRoot,
+      hint: 'give a --state-dir outside the destination, or another destination',
+    });
+  }
   try {
     await (await openStateParent(join(folder, 'lock'), create))?.release();
   } catch (e) {
@@ -172,6 +187,27 @@ export async function checkStateRoot(destRoot: string, create: boolean): Promise
       file: folder,
       hint: 'give a writable folder of yours with --state-dir DIR',
     }, { cause: e });
+  }
+}
+
+/**
+ * The state base's identity, when it exists: a tree walk passes it by (never
+ * copied from a source, never deleted from a destination: qsync writes in it
+ * as it runs). Reached as the state is, through no other user's symlink.
+ */
+export async function stateBaseIdentity(): Promise<{ dev: bigint; ino: bigint } | undefined> {
+  let at: { dir: Dir; name: string };
+  try {
+    at = await resolveTrusted(stateBase(), true);
+  } catch (e) {
+    if (errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ENOTDIR') return undefined;
+    throw e;
+  }
+  try {
+    const st = await at.dir.lstatOrUndefined(at.name);
+    return st?.isDirectory() ? { dev: st.dev, ino: st.ino } : undefined;
+  } finally {
+    await at.dir.close();
   }
 }
 
@@ -251,7 +287,7 @@ export async function openStateParent(path: string, create: boolean): Promise<St
   // So is the state base (an admin may have made /var/lib/qsync a symlink); from it down nothing is followed.
   const openRoot = async (): Promise<Dir | undefined> => {
     if (!inBase) return (await resolveTrusted(path, false)).dir;
-    const { dir: parent, name: last } = await resolveTrusted(base, true);
+    const { dir: parent, name: last } = await resolveTrusted(base, true, { guarded: true });
     try {
       return await openStateFolder(parent, last, create);
     } finally {

@@ -43,6 +43,12 @@ export interface TreeOptions extends FileSyncOptions {
   xattrs?: boolean;
   /** --manifest PATH: only for a single-file transfer. */
   manifest?: string;
+  /**
+   * qsync's state base (src/sync/state-dir.ts), when it exists: a folder of
+   * qsync's own that is being written while this run walks, so it is never
+   * copied from a source nor deleted from the destination.
+   */
+  stateBase?: { dev: bigint; ino: bigint };
 }
 
 /** Outcome flags the CLI turns into rsync's exit codes. */
@@ -340,6 +346,10 @@ export class TreeSync {
           continue;
         }
         if (this.filter.excluded(childRel, cst.isDirectory())) continue;
+        if (this.isStateBase(cst)) {
+          this.hooks.notice?.(`skipping ${childRel}/: it is qsync's state folder`, childRel);
+          continue;
+        }
         keep.add(name);
         children.push({ name, st: cst });
       }
@@ -365,6 +375,11 @@ export class TreeSync {
     }
   }
 
+  private isStateBase(st: BigIntStats): boolean {
+    const b = this.opts.stateBase;
+    return b !== undefined && st.isDirectory() && st.ino === b.ino && st.dev === b.dev;
+  }
+
   /** --delete: the names in `dst` the source does not have (rsync's order: reverse, by bytes). */
   private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
     for (const name of (await dst.readdir()).sort(compareNames).reverse()) {
@@ -380,6 +395,10 @@ export class TreeSync {
       if (!st) return true;
       // Excluded names are protected from deletion, as in rsync without --delete-excluded.
       if (this.filter.excluded(rel, st.isDirectory())) return false;
+      if (this.isStateBase(st)) {
+        this.hooks.notice?.(`not deleting ${rel}/: it is qsync's state folder`, rel);
+        return false;
+      }
       return await this.deleteEntry(dir, name, rel, st, level);
     } catch (e) {
       this.fail(e, rel);
