@@ -76,7 +76,7 @@ function expectSameTree(a: string, b: string): void {
     const sb = lstatSync(join(b, n));
     expect(sb.mode, join(b, n)).toBe(sa.mode);
     if (sa.isSymbolicLink()) expect(readlinkSync(join(b, n))).toBe(readlinkSync(join(a, n)));
-    else expect(Math.floor(sb.mtimeMs * 1000), join(b, n)).toBe(Math.floor(sa.mtimeMs * 1000));
+    else expect(lstatSync(join(b, n), { bigint: true }).mtimeNs / 1000n, join(b, n)).toBe(lstatSync(join(a, n), { bigint: true }).mtimeNs / 1000n);
     if (sa.isDirectory()) expectSameTree(join(a, n), join(b, n));
     else if (sa.isFile()) expect(readFileSync(join(b, n)).equals(readFileSync(join(a, n))), join(b, n)).toBe(true);
   }
@@ -142,13 +142,14 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
   it('names with spaces, quotes and shell characters reach no shell: copied as they are, nothing run', async () => {
     const src = join(dir, 'names-src');
     mkdirSync(src);
-    const evil = `a b'c"$(touch ${join(dir, 'pwned')});\`id\``;
+    // A name may not hold '/': the command it would run makes a file in the current folder (the far side's home).
+    const evil = `a b'c"$(touch qsync-pwned);\`touch qsync-pwned\`;|&`;
     writeFileSync(join(src, evil), 'x\n');
     const dst = join(dir, `dest with 'quotes' and $HOME`);
     const r = await overSsh(['-a', `${src}/`, at(`${dst}/`)]);
     expect(r.code, r.stderr).toBe(0);
     expect(readFileSync(join(dst, evil), 'utf8')).toBe('x\n');
-    expect(existsSync(join(dir, 'pwned'))).toBe(false);
+    for (const home of [process.cwd(), process.env.HOME ?? '/root', '/root']) expect(existsSync(join(home, 'qsync-pwned'))).toBe(false);
   });
 
   it('connection failures exit as rsync does: 255 from ssh, 12 for a far side that does not speak qsync; remote-only limits are clear', async () => {

@@ -110,7 +110,7 @@ async function connectionError(e: unknown, ch: Channel, remote: RemotePath, exit
   if (!(e instanceof QsyncError && e.context.closed) && !['EPIPE', 'ECONNRESET'].includes(String((e as { code?: unknown })?.code))) return e;
   const code = await Promise.race([exited, new Promise<number>((ok) => setTimeout(() => ok(-1), 5000))]);
   return new QsyncError('PROTOCOL', `connection unexpectedly closed (${ch.received} bytes received so far) [${remote.host}]`, {
-    hint: code === 255 ? `the remote shell failed (exit 255): check that "${remote.host}" is reachable and qsync runs there` : undefined,
+    hint: code === 255 && ch.received === 0 ? `the remote shell failed (exit 255): check that "${remote.host}" is reachable and qsync runs there` : undefined,
     exit: code === 255 ? EXIT.REMOTE_SHELL.code : EXIT.STREAM_IO.code,
   }, { cause: e });
 }

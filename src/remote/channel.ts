@@ -40,6 +40,8 @@ export function errorMessage(e: unknown): ControlMessage {
 export class Channel {
   private readonly queue: WireFrame[] = [];
   private waiter?: { ok: (f: WireFrame) => void; fail: (e: Error) => void };
+  /** Senders waiting for 'drain': failed with the channel, so none waits on an output that is gone. */
+  private readonly draining = new Set<(e?: Error) => void>();
   private failure?: Error;
   private ended = false;
   private readonly decoder: WireDecoder;
@@ -75,6 +77,10 @@ export class Channel {
     });
     input.on('error', (e) => this.fail(e));
     output.on('error', (e) => this.fail(e));
+    output.on('close', () => this.fail(new QsyncError('PROTOCOL', `connection closed by ${opts.peer ?? 'the peer'}`, { closed: true })));
+    output.on('drain', () => {
+      for (const d of [...this.draining]) d();
+    });
   }
 
   /** The peer closed its side cleanly (at a frame boundary). */
@@ -100,7 +106,8 @@ export class Channel {
     this.failure = e instanceof QsyncError ? new QsyncError(e.code, e.message, { ...e.context, fatal: true }, { cause: e.cause }) : new QsyncError('PROTOCOL', `connection to ${this.opts.peer ?? 'the peer'} failed: ${e.message}`, { fatal: true, closed: true }, { cause: e });
     const w = this.waiter;
     this.waiter = undefined;
-    w?.fail(e);
+    w?.fail(this.failure);
+    for (const d of [...this.draining]) d(this.failure);
   }
 
   /** The next frame; throws when the stream failed or ended. */
@@ -134,17 +141,19 @@ export class Channel {
   async send(frame: ControlMessage | Buffer | Buffer[]): Promise<void> {
     if (!this.write(frame)) {
       await new Promise<void>((ok, fail) => {
-        const onErr = (e: Error) => (this.output.off('drain', onDrain), fail(e));
-        const onDrain = () => (this.output.off('error', onErr), ok());
-        this.output.once('drain', onDrain);
-        this.output.once('error', onErr);
+        const done = (e?: Error) => {
+          this.draining.delete(done);
+          if (e) fail(e);
+          else ok();
+        };
+        this.draining.add(done);
       });
     }
   }
 
   /** Send without waiting for the output to drain (small out-of-band messages). Returns write()'s verdict. */
   write(frame: ControlMessage | Buffer | Buffer[]): boolean {
-    if (this.failure && !(this.failure instanceof QsyncError && this.failure.context.closed)) throw this.failure;
+    if (this.failure) throw this.failure;
     const bufs = Buffer.isBuffer(frame) ? [frame] : Array.isArray(frame) ? frame : [encodeControl(frame)];
     let ok = true;
     for (const b of bufs) {

@@ -17,7 +17,7 @@ import { DIGEST_LEN } from '../hash/blake3.js';
 import type { Dir } from '../io/safe-fs.js';
 import { Fingerprinter } from '../sync/manifest-store.js';
 import type { DigestReader } from '../sync/source.js';
-import { createStateTemp, doneWithTemp, openStateFile, openStateParent, removeStaleTemps, renameState, stateBase, unlinkState, type StateParent } from '../sync/state-dir.js';
+import { createStateTemp, doneWithTemp, isStateTemp, openStateFile, openStateParent, renameState, stateBase, unlinkState, type StateParent } from '../sync/state-dir.js';
 
 const BATCH = 4096;
 
@@ -65,12 +65,24 @@ export class DigestFileWriter {
   }
 }
 
+/** Temp files older than this are a killed run's: every run of every destination shares this folder, so younger ones may be in use. */
+const TEMP_AGE_MS = 24 * 3600 * 1000;
+
+async function removeOldTemps(dir: Dir): Promise<void> {
+  const now = Date.now();
+  for (const entry of await dir.readdir()) {
+    if (!isStateTemp(entry)) continue;
+    const st = await dir.lstatOrUndefined(entry);
+    if (st?.isFile() && now - Number(st.mtimeMs) > TEMP_AGE_MS) await unlinkState(dir, entry).catch(() => {});
+  }
+}
+
 export class DigestCache {
   private constructor(private readonly sp: StateParent) {}
 
   static async open(): Promise<DigestCache> {
     const sp = await openStateParent(join(stateBase(), 'wire-cache', 'entry'), true);
-    await removeStaleTemps(sp.dir).catch(() => {});
+    await removeOldTemps(sp.dir).catch(() => {});
     return new DigestCache(sp);
   }
 

@@ -125,7 +125,7 @@ class RemoteDir implements SourceDir {
 
   async close(): Promise<void> {
     this.listed = new Map();
-    await this.peer.ch.send({ op: 'close', h: this.h });
+    await this.peer.ch.send({ op: 'close', h: this.h }).catch(() => {});
   }
 }
 
@@ -135,8 +135,9 @@ class RemoteFile implements SourceFile {
     private readonly f: number,
   ) {}
 
-  close(): Promise<void> {
-    return this.peer.ch.send({ op: 'close-file', f: this.f });
+  async close(): Promise<void> {
+    // Best effort: a broken channel already failed the run, and the peer closes what it held when it ends.
+    await this.peer.ch.send({ op: 'close-file', f: this.f }).catch(() => {});
   }
 
   async scan(plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<Buffer> {
