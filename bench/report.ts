@@ -1,12 +1,17 @@
 /** Results: their JSON shape, the summary statistics and the terminal table. */
 import { cpus, loadavg, release, totalmem } from 'node:os';
 import type { BenchOptions } from './args.js';
+import type { LinkFigures } from './link.js';
 import type { Measurement } from './measure.js';
 import type { Tool, ToolId } from './tools.js';
 
 export interface RunRecord extends Measurement {
   /** Target byte-identical to the source after the run (null for floors). */
   correct: boolean | null;
+  /** Remote tools: bytes the tool sent into ssh and got out of it (count-rsh.mjs), all its ssh sessions. */
+  wire?: { sent: number; received: number };
+  /** Remote tools: bytes the veth carried during the run (IP packets: ssh, TCP and IP overhead included). */
+  linkBytes?: number;
 }
 
 export interface Summary {
@@ -18,6 +23,10 @@ export interface Summary {
   rcharMedian: number;
   /** Median of min(wchar, write_bytes): see writtenBytes. */
   writtenMedian: number;
+  /** Remote tools: median of sent + received through ssh. */
+  wireMedian?: number;
+  /** Remote tools: median bytes on the veth. */
+  linkMedian?: number;
   /** Median wall time over the reference's (cat) in the same scenario. */
   ratioToRef?: number;
   /** Median bytes written over the bytes that changed in the source. */
@@ -53,6 +62,16 @@ export interface ScenarioResult {
   loadBefore: number[];
   loadAfter: number[];
   tools: ToolResult[];
+  /** Remote scenario: the link, as set up and as measured through ssh, and the goal. */
+  link?: {
+    describe: string;
+    mbit: number;
+    rttMs: number;
+    /** measureLink's figures, or why they could not be taken. */
+    measured: LinkFigures | string;
+    /** 1.3 × (changed bytes ÷ link rate) + 1 s. */
+    goalS: number;
+  };
 }
 
 export interface Machine {
@@ -100,10 +119,17 @@ function median(xs: number[]): number {
  */
 export const writtenBytes = (m: Measurement): number => Math.min(m.wchar, m.writeBytes);
 
-export function summarize(runs: readonly Measurement[], changedBytes: number, kind: Tool['kind']): Summary {
+/** The remote scenario's goal for a sync over a link of `mbit`: 1.3 × the changed bytes' transfer time + 1 s. */
+export const remoteGoalS = (changedBytes: number, mbit: number): number => (1.3 * changedBytes * 8) / (mbit * 1e6) + 1;
+
+export function summarize(runs: readonly RunRecord[], changedBytes: number, kind: Tool['kind']): Summary {
   const wall = runs.map((r) => r.wallS);
   const written = median(runs.map(writtenBytes));
+  const wire = runs.flatMap((r) => (r.wire ? [r.wire.sent + r.wire.received] : []));
+  const link = runs.flatMap((r) => (r.linkBytes === undefined ? [] : [r.linkBytes]));
   return {
+    ...(wire.length ? { wireMedian: median(wire) } : {}),
+    ...(link.length ? { linkMedian: median(link) } : {}),
     wallMedianS: median(wall),
     wallMinS: Math.min(...wall),
     wallMaxS: Math.max(...wall),
@@ -126,11 +152,15 @@ const MiB = 1024 * 1024;
 const f = (x: number, d = 2): string => x.toFixed(d);
 
 const HEADER = ['tool', 'wall s', 'min–max', '×cat', 'CPU s', 'RSS MiB', 'read MiB', 'written MiB', '×changed', 'ok'];
+/** The remote scenario's extra columns: through ssh (sent + received), and on the link. */
+const WIRE = ['ssh MiB', 'link MiB'];
 
-function row(t: ToolResult): string[] {
+function row(t: ToolResult, wire: boolean): string[] {
   const s = t.summary;
-  if (!s) return [t.label, t.status, ...Array(HEADER.length - 2).fill('')];
+  const width = HEADER.length + (wire ? WIRE.length : 0);
+  if (!s) return [t.label, t.status, ...Array(width - 2).fill('')];
   const ok = t.status === 'ok' ? (t.kind === 'sync' ? 'identical' : 'ran') : t.status;
+  const mib = (x: number | undefined): string => (x === undefined ? '' : f(x / MiB, 1));
   return [
     t.label,
     f(s.wallMedianS),
@@ -139,9 +169,35 @@ function row(t: ToolResult): string[] {
     f(s.cpuMedianS),
     f(s.maxRssMiB, 0),
     f(s.rcharMedian / MiB, 1),
-    f(s.writtenMedian / MiB, 1),
-    s.writtenPerChanged === undefined ? '' : f(s.writtenPerChanged),
+    // Over ssh the far side writes, under sshd, outside the measured process tree: no figure rather than a wrong one.
+    wire ? '' : f(s.writtenMedian / MiB, 1),
+    wire || s.writtenPerChanged === undefined ? '' : f(s.writtenPerChanged),
+    ...(wire ? [mib(s.wireMedian), mib(s.linkMedian)] : []),
     ok,
+  ];
+}
+
+/** One line per tool that failed: the first line of its reason (the JSON has the whole of it). */
+function failures(s: ScenarioResult): string[] {
+  return s.tools
+    .filter((t) => t.status === 'failed')
+    .map((t) => `- ${t.label} failed: ${(t.reason ?? '').split('\n').map((l) => l.trim()).filter(Boolean).slice(0, 3).join(' / ').slice(0, 400)}`);
+}
+
+function linkLines(s: ScenarioResult): string[] {
+  const l = s.link;
+  if (!l) return [];
+  const m = l.measured;
+  const measured =
+    typeof m === 'string'
+      ? `not measured: ${m}`
+      : `measured through ssh: round trip ${f(m.rttMs, 1)} ms, push ${f(m.pushMbit, 0)} Mbit/s, pull ${f(m.pullMbit, 0)} Mbit/s of payload, \`ssh HOST true\` ${f(m.sshTrueMs, 0)} ms`;
+  const vs = s.tools.map((t) => `${t.label} ${t.summary && t.status === 'ok' ? `${f(t.summary.wallMedianS / l.goalS)}×` : t.status}`);
+  return [
+    `link: ${l.describe}; ${measured}`,
+    'CPU, RSS and read are of the sending side (tool and counting wrapper); the far side runs under sshd, unmeasured',
+    `goal: 1.3 × (changed ${f(s.changedBytes / MiB, 1)} MiB ÷ ${l.mbit} Mbit/s) + 1 s = ${f(l.goalS)} s; median wall ÷ goal: ${vs.join(', ')}`,
+    '',
   ];
 }
 
@@ -154,10 +210,14 @@ export function table(r: BenchResult): string {
       `source ${f(s.sourceBytes / MiB, 0)} MiB, changed ${f(s.changedBytes / MiB, 1)} MiB, load ${s.loadBefore[0]} → ${s.loadAfter[0]}`,
       '',
     );
-    const rows = [HEADER, ...s.tools.map(row)];
-    const widths = HEADER.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+    const wire = s.link !== undefined;
+    out.push(...linkLines(s));
+    const rows = [[...HEADER.slice(0, -1), ...(wire ? WIRE : []), HEADER.at(-1)!], ...s.tools.map((t) => row(t, wire))];
+    const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
     const line = (cells: string[]): string => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
     out.push(line(rows[0]!), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...rows.slice(1).map(line));
+    const failed = failures(s);
+    if (failed.length) out.push('', ...failed);
     // The memory check cares about the first copy too; elsewhere it is only set-up.
     for (const t of s.name === 'memory' ? s.tools : []) {
       if (t.baseline) out.push(`first copy by ${t.label}: ${f(t.baseline.wallS)} s, peak RSS ${f(t.baseline.maxRssKiB / 1024, 0)} MiB`);

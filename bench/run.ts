@@ -11,12 +11,14 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseBenchArgs, USAGE, type BenchOptions } from './args.js';
 import { runImageScenario } from './image.js';
+import { measureLink, startShapedLink, type ShapedLink } from './link.js';
 import { measure, TIME_BIN } from './measure.js';
-import { addRatios, fail, load, machine, summarize, table, type BenchResult, type ScenarioResult, type ToolResult } from './report.js';
+import { addRatios, fail, load, machine, remoteGoalS, summarize, table, type BenchResult, type RunRecord, type ScenarioResult, type ToolResult } from './report.js';
 import { makeScenarios, type Scenario } from './scenarios.js';
 import { chart } from './svg.js';
 import { makeTools, REFERENCE, type Tool } from './tools.js';
 import { stateFolderFor } from '../src/sync/state-dir.js';
+import { countingRsh, readCount } from '../test/helpers/sshd.js';
 import { diffBlocks, fsyncTree, identical, restoreTree, saveTree, stateBytes, treeBytes } from './tree.js';
 
 const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -48,7 +50,57 @@ interface Lane {
   dirty: boolean;
 }
 
+/**
+ * How a lane's command runs: locally, or (remote scenario) pushing to
+ * HOST:DST through the shaped link, with the -e value wrapped in the counter
+ * (a count file per run) and the link's bytes read around it.
+ */
+interface Runner {
+  run(tool: Tool, src: string, dst: string, tag: string): Promise<RunRecord>;
+}
+
+const localRunner: Runner = {
+  run: async (tool, src, dst) => ({ ...(await measure(tool.argv(src, dst))), correct: null }),
+};
+
+function remoteRunner(link: ShapedLink, dir: string): Runner {
+  return {
+    async run(tool, src, dst, tag) {
+      const count = join(dir, `wire-${tool.id}-${tag}`);
+      const before = link.linkBytes();
+      const m = await measure(tool.argv(src, `${link.host}:${dst}`, countingRsh(link.rsh, count)));
+      return { ...m, correct: null, wire: readCount(count), linkBytes: link.linkBytes() - before };
+    },
+  };
+}
+
 async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof makeTools>, work: string): Promise<ScenarioResult> {
+  if (!sc.link) return runLanes(sc, o, tools, work, localRunner);
+  const dir = join(work, sc.name);
+  mkdirSync(dir, { recursive: true });
+  log(`[${sc.name}] setting up the link: ${sc.link.rttMs} ms RTT, ${sc.link.mbit} Mbit/s`);
+  let link: ShapedLink;
+  try {
+    link = await startShapedLink(sc.link);
+  } catch (e) {
+    // No link (not root, no iproute2): this scenario's tools fail with the reason; the others still run.
+    const why = (e as Error).message;
+    log(`[${sc.name}] ${why}`);
+    const results = sc.tools.map((id): ToolResult => ({ id, label: tools[id].label, kind: tools[id].kind, status: 'failed', reason: why, runs: [] }));
+    return { name: sc.name, description: sc.description, sourceBytes: o.size, changedBytes: -1, loadBefore: load(), loadAfter: load(), tools: results };
+  }
+  try {
+    log(`[${sc.name}] ${link.describe}; measuring it through ssh`);
+    const measured = await measureLink(link.rsh, link.host).catch((e: unknown) => (e as Error).message);
+    const s = await runLanes(sc, o, tools, work, remoteRunner(link, dir));
+    s.link = { describe: link.describe, ...sc.link, measured, goalS: remoteGoalS(s.changedBytes, sc.link.mbit) };
+    return s;
+  } finally {
+    await link.stop();
+  }
+}
+
+async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof makeTools>, work: string, runner: Runner): Promise<ScenarioResult> {
   const dir = join(work, sc.name);
   const src = join(dir, 'src', sc.file);
   mkdirSync(dirname(src), { recursive: true });
@@ -78,7 +130,7 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
       continue;
     }
     log(`[${sc.name}] ${tool.label}: making its target from the unchanged image`);
-    result.baseline = await measure(tool.argv(src, lane.dst));
+    result.baseline = await runner.run(tool, src, lane.dst, 'baseline');
     if (result.baseline.exitCode !== 0) fail(result, result.baseline.stderr);
     else if (!(await identical(src, join(lane.dst, sc.file)))) fail(result, 'first copy differs from the source');
     fsyncTree(lane.dst);
@@ -105,7 +157,7 @@ async function runScenario(sc: Scenario, o: BenchOptions, tools: ReturnType<type
         if (existsSync(lane.savedState)) restoreTree(lane.savedState, lane.state);
       }
       if (o.cold) dropCaches();
-      const m = await measure(tool.argv(src, lane.dst));
+      const m = await runner.run(tool, src, lane.dst, String(r));
       let correct: boolean | null = null;
       if (tool.kind === 'sync') {
         lane.dirty = true;

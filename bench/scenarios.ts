@@ -11,7 +11,8 @@ import {
   writeRandomFile,
   writeSparseFile,
 } from './data.js';
-import { IMAGE_TOOLS, MEMORY_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
+import type { LinkOptions } from './link.js';
+import { IMAGE_TOOLS, MEMORY_TOOLS, REMOTE_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
 
 export interface Scenario {
   name: ScenarioName;
@@ -21,6 +22,8 @@ export interface Scenario {
   tools: readonly ToolId[];
   /** Targets start empty (first copy) instead of holding the unchanged image. */
   firstCopy: boolean;
+  /** The targets are on the far side of a shaped link (bench/link.ts), reached over ssh. */
+  link?: LinkOptions;
   /** Timed runs per tool (the memory scenario runs once). */
   runs: number;
   /** Writes the image as it is before the change. */
@@ -33,6 +36,8 @@ export interface Scenario {
 }
 
 const MEMORY_SIZE = 16 * 1024 ** 3;
+/** The remote scenario's link: a fast WAN. */
+export const REMOTE_LINK: LinkOptions = { rttMs: 50, mbit: 200 };
 const CLUSTERED = 0.1;
 const GROWTH = 0.1;
 
@@ -110,6 +115,14 @@ export function makeScenarios(o: BenchOptions): Record<ScenarioName, Scenario> {
       runs: 1,
       create: async (path) => writeSparseFile(path, MEMORY_SIZE, 64),
       mutate: changeRaw(() => pickScattered(MEMORY_SIZE / BLOCK, Math.round((MEMORY_SIZE / BLOCK) * o.change))),
+    },
+    remote: {
+      ...base,
+      name: 'remote',
+      description: `${pct(o.change)} of 64 KiB blocks rewritten, scattered; the target is across a ${REMOTE_LINK.mbit} Mbit/s link with ${REMOTE_LINK.rttMs} ms RTT (push over ssh)`,
+      tools: REMOTE_TOOLS,
+      link: REMOTE_LINK,
+      mutate: changeRaw(() => pickScattered(nblocks, scattered)),
     },
     image: {
       ...base,

@@ -2,7 +2,7 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 
-export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S' | 'qsync-qmp' | 'nbdcopy';
+export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S' | 'qsync-qmp' | 'nbdcopy' | 'rsync-ssh' | 'qsync-ssh';
 
 export interface Tool {
   id: ToolId;
@@ -10,7 +10,8 @@ export interface Tool {
   label: string;
   /** sync tools write a target that must equal the source; floors only read. */
   kind: 'sync' | 'floor';
-  argv(src: string, dstDir: string): string[];
+  /** Remote tools (over ssh) get DEST as `host:dir` and the -e value. */
+  argv(src: string, dstDir: string, rsh?: string): string[];
   /** Why it cannot run here (its result's status), or undefined. */
   unavailable(): 'not built' | 'missing' | undefined;
 }
@@ -23,6 +24,11 @@ function onPath(cmd: string): boolean {
     return false;
   }
 }
+
+const needRsh = (rsh: string | undefined): string => {
+  if (!rsh) throw new Error('a remote tool needs an -e value');
+  return rsh;
+};
 
 /** `main`: the qsync CLI's main.js. */
 export function makeTools(main: string): Record<ToolId, Tool> {
@@ -53,6 +59,22 @@ export function makeTools(main: string): Record<ToolId, Tool> {
     cat: external('cat', 'floor', 'cat', [], false),
     b3sum: external('b3sum', 'floor', 'b3sum', ['--num-threads', '2'], false),
     nbdcopy: { ...external('nbdcopy', 'floor', 'nbdcopy', [], false), label: 'nbdcopy DISK null:', argv: (src) => ['nbdcopy', src, 'null:'] },
+    // The remote scenario: push to host:DIR over the same ssh. The far side's qsync keeps its
+    // state under this run's QSYNC_STATE_DIR too (ssh does not pass the environment on).
+    'rsync-ssh': {
+      ...external('rsync-ssh', 'sync', 'rsync', ['-a', '--inplace', '--no-whole-file'], true),
+      label: 'rsync -a --inplace --no-whole-file -e RSH',
+      argv: (src, dst, rsh) => ['rsync', '-a', '--inplace', '--no-whole-file', '-e', needRsh(rsh), src, `${dst}/`],
+    },
+    'qsync-ssh': {
+      ...qsync('qsync-ssh', ['-a']),
+      label: 'qsync -a -e RSH --qsync-path "node main.js"',
+      argv: (src, dst, rsh) => {
+        const state = process.env.QSYNC_STATE_DIR;
+        const remote = `${state ? `QSYNC_STATE_DIR=${state} ` : ''}${process.execPath} ${main}`;
+        return [process.execPath, main, '-a', '-e', needRsh(rsh), '--qsync-path', remote, src, `${dst}/`];
+      },
+    },
   };
 }
 
@@ -62,5 +84,7 @@ export const STANDARD_TOOLS: readonly ToolId[] = ['qsync', 'qsync-c', 'rsync', '
 export const MEMORY_TOOLS: readonly ToolId[] = ['qsync-S', 'qsync-c-S'];
 /** The image scenario: image mode, the NBD read reference, a forced file-mode scan of the same image. */
 export const IMAGE_TOOLS: readonly ToolId[] = ['qsync-qmp', 'nbdcopy', 'qsync-c'];
+/** The remote scenario: rsync's delta algorithm and qsync, both pushing over ssh through the shaped link. */
+export const REMOTE_TOOLS: readonly ToolId[] = ['rsync-ssh', 'qsync-ssh'];
 /** The read floor every ratio is taken against. */
 export const REFERENCE: ToolId = 'cat';

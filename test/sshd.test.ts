@@ -54,6 +54,11 @@ describe.skipIf(!needTools(SSHD, 'ssh', 'ssh-keygen', 'rsync', 'diff'))('sshd ha
     expect(r.stdout.toString()).toBe('ok\n');
   });
 
+  it("gives sessions its temp dir as HOME (root's dotfiles are not read)", async () => {
+    const r = await rshRun(sshd.rsh, [sshd.host, 'echo "$HOME"']);
+    expect(r.stdout.toString()).toBe(`${sshd.dir}\n`);
+  });
+
   it('refuses a client without the key', async () => {
     const r = await rshRun(`ssh -F /dev/null -p ${sshd.port} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes -o IdentityFile=/dev/null`, [sshd.host, 'echo ok']);
     expect(r.code).toBe(255);

@@ -2,7 +2,8 @@
  * A real OpenSSH server for tests and the benchmark: Debian's /usr/sbin/sshd
  * in the foreground (-D -e), in a temp dir of its own (config, host key, a
  * client key, authorized_keys, log), on 127.0.0.1 or an address inside a
- * network namespace. Only root may log in, with the client key. stop() kills
+ * network namespace. Sessions run as root with HOME set to that temp dir (so
+ * root's own dotfiles are not read; the working directory is still /root). Only root may log in, with the client key. stop() kills
  * it and every process it started (sessions included) by pid, and removes the
  * temp dir; so does the exit of the process that started it.
  *
@@ -218,6 +219,9 @@ async function start(opts: SshdOptions, attempt: number): Promise<Sshd> {
           'PrintLastLog no',
           'UseDNS no',
           'LogLevel ERROR',
+          // Sessions get this temp dir as HOME: bash, run by sshd, reads ~/.bashrc even for a
+          // command, and root's may do anything (pyenv init waits 60 s on a stale lock).
+          `SetEnv HOME=${dir}`,
           '',
         ].join('\n'),
       );
