@@ -253,7 +253,8 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
     const src = join(dir, 'r-src3');
     mkdirSync(src);
     symlinkSync(outside, join(src, 'evil'));
-    expect((await via([`${src}/`, `${restricted.host}:vm2/`])).code).toBe(0);
+    const first = await via([`${src}/`, `${restricted.host}:vm2/`]);
+    expect(first.code, first.stderr).toBe(0);
     expect(lstatSync(join(root, 'vm2', 'evil')).isSymbolicLink()).toBe(true);
     const next = join(dir, 'r-src4');
     mkdirSync(next);
@@ -263,7 +264,8 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
     expect(readdirSync(outside)).toEqual(['secret']);
     // Pulling the link without a trailing slash copies the link, not what it names.
     const pulled = join(dir, 'r-pulled-link');
-    expect((await via([`${restricted.host}:vm2/evil`, `${pulled}/`])).code).toBe(0);
+    const back = await via([`${restricted.host}:vm2/evil`, `${pulled}/`]);
+    expect(back.code, back.stderr).toBe(0);
     expect(lstatSync(join(pulled, 'evil')).isSymbolicLink()).toBe(true);
   });
 

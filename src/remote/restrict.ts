@@ -11,15 +11,21 @@ import { isAbsolute, join } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { fsPath } from '../io/safe-fs.js';
 
-/** A path the client named, inside the --restrict root, through no symlink (what exists of it). */
-export async function restrictedPath(p: string, root: string | undefined): Promise<string> {
+/**
+ * A path the client named, inside the --restrict root, through no symlink
+ * (what exists of it). `lastMayBeLink`: a source operand's last component
+ * without a trailing slash, which is lstat'ed and never followed.
+ */
+export async function restrictedPath(p: string, root: string | undefined, opts: { lastMayBeLink?: boolean } = {}): Promise<string> {
   if (root === undefined) return p;
   if (isAbsolute(p)) throw new QsyncError('USAGE', `${p}: absolute paths are refused here (this server serves only paths inside its root)`, { file: p });
   const parts = p.split('/').filter((c) => c && c !== '.');
   if (parts.includes('..')) throw new QsyncError('USAGE', `${p}: ".." is refused here (this server serves only paths inside its root)`, { file: p });
   let at = root;
-  for (const c of parts) {
+  for (const [i, c] of parts.entries()) {
     at = join(at, c);
+    // A source operand without a trailing slash is taken as it is (lstat): a symlink there is copied as a symlink, not followed.
+    if (opts.lastMayBeLink && i === parts.length - 1 && !p.endsWith('/')) break;
     const st = await lstat(fsPath(at)).catch((e) => {
       if (errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ENOTDIR') return undefined;
       throw e;

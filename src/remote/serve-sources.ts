@@ -179,7 +179,7 @@ export class SourceServer {
 
   /** An operand as the peer gave it, mapped into the --restrict root. */
   private operand(p: string): Promise<string> {
-    return restrictedPath(p, this.restrict);
+    return restrictedPath(p, this.restrict, { lastMayBeLink: true });
   }
 
   /** With --restrict: `path`, symlinks resolved, must lie inside the root. */
