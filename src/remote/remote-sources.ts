@@ -53,7 +53,7 @@ export class RemoteSources implements Sources {
     // The peer checks (an image its QEMU holds) when it opens the file.
   }
 
-  async openFile(dir: SourceDir, name: string, listed: BigIntStats): Promise<SourceFile> {
+  async openFile(dir: SourceDir, name: string, listed: BigIntStats, _shown?: string): Promise<SourceFile> {
     if (!(dir instanceof RemoteDir)) throw new Error('RemoteSources.openFile: not a remote folder');
     const r = await this.call({ op: 'open-file', h: dir.h, name, st: statsToWire(listed) });
     return new RemoteFile(this, handle(r.f));

@@ -149,7 +149,8 @@ export async function scanAndPlan(pool: HashPool, fd: number, shown: string, pla
   await pool.scan({ fd, size, targetFd: plan.mode === 'compare' || t?.hash ? t!.fd : undefined, targetSize: t?.size ?? 0, hashTarget: t?.hash, path: shown }, async (c) => {
     const first = c.offset / blockSize;
     const n = c.digests.length / DIGEST_LEN;
-    if (old) await plan.old!.readDigests(first, Math.min(n, Math.max(0, oldBlocks - first)), old);
+    const known = Math.min(n, Math.max(0, oldBlocks - first));
+    if (old && known) await plan.old!.readDigests(first, known, old);
     const { changed, runs } = planChunk({
       first,
       digests: c.digests,
