@@ -139,6 +139,31 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
     expect(third.wire).toBeLessThanOrEqual(4 * KiB);
   });
 
+  it('-z sends compressible blocks deflated, both ways; --bwlimit paces the sending side', async () => {
+    const src = join(dir, 'z-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'text.img'), Buffer.alloc(6 * MiB, 'a log line that repeats itself\n'));
+    const push = await overSsh(['-az', `${src}/`, at(join(dir, 'z-dst') + '/')]);
+    expect(push.code, push.stderr).toBe(0);
+    expectSameTree(src, join(dir, 'z-dst'));
+    expect(push.wire).toBeLessThan(MiB);
+    const pull = await overSsh(['-az', at(`${src}/`), join(dir, 'z-pull') + '/']);
+    expect(pull.code, pull.stderr).toBe(0);
+    expectSameTree(src, join(dir, 'z-pull'));
+    expect(pull.wire).toBeLessThan(MiB);
+    // A lower bound only: 2 MiB at 1 MiB/s cannot take less than about 1.5 s (50 ms of burst aside).
+    const bw = join(dir, 'bw-src');
+    mkdirSync(bw);
+    randomFile(join(bw, 'rand.img'), 2 * MiB);
+    for (const args of [[`${bw}/`, at(join(dir, 'bw-dst') + '/')], [at(`${bw}/`), join(dir, 'bw-pull') + '/']]) {
+      const t0 = performance.now();
+      const r = await overSsh(['-a', '--bwlimit=1M', ...args]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(performance.now() - t0).toBeGreaterThan(1500);
+    }
+    expectSameTree(bw, join(dir, 'bw-pull'));
+  });
+
   it('names with spaces, quotes and shell characters reach no shell: copied as they are, nothing run', async () => {
     const src = join(dir, 'names-src');
     mkdirSync(src);

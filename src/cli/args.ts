@@ -68,6 +68,8 @@ export interface SyncOptions {
   stateDir?: string;
   json: boolean;
   rsh?: string;
+  /** --bwlimit, in bytes a second (0: none). */
+  bwlimit: number;
   /** --qsync-path (rsync's --rsync-path): the command that starts qsync on the remote host. */
   qsyncPath?: string;
   writeBatch?: string;
@@ -143,6 +145,7 @@ const SPECS: Spec[] = [
   { name: 'whole-file', short: 'W', kind: 'flag', neg: ['no-whole-file', 'no-W'], help: 'rewrite changed files whole' },
   { name: 'one-file-system', short: 'x', kind: 'flag', neg: ['no-one-file-system', 'no-x'], help: "don't cross filesystem boundaries" },
   { name: 'block-size', short: 'B', kind: 'value', arg: 'SIZE', help: 'block size: power of two, 4K..16M (default 64K)' },
+  { name: 'bwlimit', kind: 'value', arg: 'RATE', help: 'limit the bandwidth of a remote transfer (KiB/s; 1.5M, 500K; 0 = no limit)' },
   { name: 'rsh', short: 'e', kind: 'value', arg: 'COMMAND', help: 'specify the remote shell to use' },
   { name: 'qsync-path', kind: 'value', arg: 'PROGRAM', help: 'specify the qsync to run on the remote machine' },
   { name: 'existing', kind: 'flag', aliases: ['ignore-non-existing'], help: 'skip creating new files on receiver' },
@@ -200,7 +203,7 @@ const UNSUPPORTED_LONG = new Set(
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
   delay-updates no-delay-updates prune-empty-dirs no-prune-empty-dirs no-m log-file log-file-format
-  out-format log-format bwlimit no-bwlimit backup no-backup suffix list-only files-from from0 no-from0
+  out-format log-format backup no-backup suffix list-only files-from from0 no-from0
   old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
   groupmap chown timeout no-timeout contimeout no-contimeout stop-after time-limit stop-at rsync-path
   temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 mkpath no-mkpath qsort copy-as
@@ -359,6 +362,15 @@ export function parseBlockSize(text: string): number {
   return bytes;
 }
 
+/** rsync's --bwlimit RATE: KiB/s unless suffixed (K, M, G: powers of 1024; KB, MB: of 1000); fractions allowed. */
+export function parseRate(text: string): number {
+  const m = /^(\d+(?:\.\d+)?)(?:([kmg])(i?b)?)?$/i.exec(text);
+  if (!m) throw new QsyncError('USAGE', `invalid --bwlimit ${text}: give a rate such as 500 (KiB/s), 1.5M or 0`, { option: '--bwlimit', value: text });
+  const base = m[3]?.toLowerCase() === 'b' ? 1000 : 1024;
+  const power = m[2] ? 'kmg'.indexOf(m[2].toLowerCase()) + 1 : 1;
+  return Math.round(Number(m[1]) * base ** power);
+}
+
 function parsePercent(text: string): number {
   const pct = Number(text);
   if (!/^\d+(\.\d+)?$/.test(text) || pct > 100) {
@@ -496,6 +508,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     json: bool('json'),
     rsh: str(y.rsh),
     qsyncPath: str(y['qsync-path']),
+    bwlimit: y.bwlimit === undefined ? 0 : parseRate(String(y.bwlimit)),
     writeBatch: str(y['write-batch']),
     onlyWriteBatch: str(y['only-write-batch']),
     readBatch: str(y['read-batch']),

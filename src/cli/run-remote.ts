@@ -50,7 +50,8 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     throw new QsyncError('USAGE', `failed to exec the remote shell: ${e.message}`, { hint: 'give a working command with -e', exit: EXIT.IPC.code }, { cause: e });
   });
   const exited = once(child, 'close').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
-  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined });
+  // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
+  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 });
   printer = countingWire(printer, ch);
   try {
     await spawned;
@@ -61,7 +62,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       pool.warm();
       let last;
       try {
-        last = await new SourceServer(ch, pool).serve();
+        last = await new SourceServer(ch, pool, undefined, o.compress).serve();
       } finally {
         await pool.close();
       }
@@ -69,7 +70,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       if (done.error) throw done.error instanceof QsyncError ? new QsyncError(done.error.code, done.error.message, { ...done.error.context, exit: done.code }) : done.error;
       return printer.finish(done.stats, done.code);
     }
-    await ch.send(hello('sender', { blockSize: o.blockSize }));
+    await ch.send(hello('sender', { blockSize: o.blockSize, compress: o.compress, bwlimit: o.bwlimit }));
     checkHello(await ch.control(), remote.host);
     const code = await receive(printer, new RemoteSources(ch), from.map((r) => r!.path), dest, { ...o, filters: rules });
     await ch.send({ op: 'bye' });

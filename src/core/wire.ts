@@ -10,6 +10,7 @@
  *     DATA    = 0x02: u64 offset | u32 count | count × 32-byte digests | data
  *     ZERO    = 0x03: u64 offset | u64 length
  *     DIGESTS = 0x04: u64 first block | n × 32-byte digests
+ *     DATA_Z  = 0x05: as DATA, the data raw-deflated (-z)
  *
  * All integers little-endian. Offsets and lengths must be safe integers.
  */
@@ -24,7 +25,7 @@ export const MAX_CONTROL = 4 << 20;
 /** The default frame limit: a DATA frame of a 16 MiB block with its digest, and headroom. */
 export const MAX_FRAME = (16 << 20) + 4096;
 
-export const FRAME = { CONTROL: 1, DATA: 2, ZERO: 3, DIGESTS: 4 } as const;
+export const FRAME = { CONTROL: 1, DATA: 2, ZERO: 3, DIGESTS: 4, DATA_Z: 5 } as const;
 
 export interface ControlMessage {
   op: string;
@@ -33,7 +34,8 @@ export interface ControlMessage {
 
 export type WireFrame =
   | { type: 'control'; msg: ControlMessage }
-  | { type: 'data'; offset: number; digests: Buffer; data: Buffer }
+  /** `compressed`: `data` is raw deflate of the blocks' bytes (DATA_Z). */
+  | { type: 'data'; offset: number; digests: Buffer; data: Buffer; compressed?: boolean }
   | { type: 'zero'; offset: number; length: number }
   | { type: 'digests'; first: number; digests: Buffer };
 
@@ -64,12 +66,12 @@ export function encodeControl(msg: ControlMessage): Buffer {
  * A DATA frame. The frame is a copy: `digests` and `data` may be reused as
  * soon as this returns (a stream holds what it is given until it is written).
  */
-export function encodeData(offset: number, digests: Uint8Array, data: Uint8Array): Buffer {
+export function encodeData(offset: number, digests: Uint8Array, data: Uint8Array, compressed = false): Buffer {
   if (digests.length % DIGEST_BYTES !== 0 || digests.length === 0) throw new RangeError('DATA needs whole digests');
   if (data.length === 0) throw new RangeError('DATA needs data');
   const n = Buffer.alloc(4);
   n.writeUInt32LE(digests.length / DIGEST_BYTES);
-  return Buffer.concat([header(FRAME.DATA, 12 + digests.length + data.length), u64(offset), n, digests, data]);
+  return Buffer.concat([header(compressed ? FRAME.DATA_Z : FRAME.DATA, 12 + digests.length + data.length), u64(offset), n, digests, data]);
 }
 
 export function encodeZero(offset: number, length: number): Buffer {
@@ -104,13 +106,16 @@ export function decodeFrame(type: number, body: Buffer): WireFrame {
       }
       return { type: 'control', msg: msg as ControlMessage };
     }
-    case FRAME.DATA: {
+    case FRAME.DATA:
+    case FRAME.DATA_Z: {
       if (body.length < 12) throw bad('short DATA frame');
       const offset = readU64(body, 0, 'DATA offset');
       const count = body.readUInt32LE(8);
       const dEnd = 12 + count * DIGEST_BYTES;
       if (count === 0 || dEnd >= body.length) throw bad(`DATA frame with ${count} digests and ${body.length - 12} bytes`);
-      return { type: 'data', offset, digests: body.subarray(12, dEnd), data: body.subarray(dEnd) };
+      const f: WireFrame = { type: 'data', offset, digests: body.subarray(12, dEnd), data: body.subarray(dEnd) };
+      if (type === FRAME.DATA_Z) f.compressed = true;
+      return f;
     }
     case FRAME.ZERO: {
       if (body.length !== 16) throw bad('ZERO frame of the wrong size');
@@ -162,7 +167,7 @@ export class WireDecoder {
         if (len < 1) throw bad(`empty frame at byte ${this.consumed - 5}`);
         if (len > this.limit) throw bad(`frame of ${len} bytes at byte ${this.consumed - 5} is over the limit of ${this.limit}`);
         this.type = h[4];
-        if (this.type < FRAME.CONTROL || this.type > FRAME.DIGESTS) throw bad(`unknown frame type ${this.type} at byte ${this.consumed - 5}`);
+        if (this.type < FRAME.CONTROL || this.type > FRAME.DATA_Z) throw bad(`unknown frame type ${this.type} at byte ${this.consumed - 5}`);
         this.need = len - 1;
         if (this.need === 0) {
           this.emit(Buffer.alloc(0));

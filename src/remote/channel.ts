@@ -52,7 +52,7 @@ export class Channel {
   constructor(
     private readonly input: Readable,
     private readonly output: Writable,
-    private readonly opts: { limit?: number; onControl?: (m: ControlMessage) => boolean; peer?: string } = {},
+    private readonly opts: { limit?: number; onControl?: (m: ControlMessage) => boolean; peer?: string; rate?: number } = {},
   ) {
     this.decoder = new WireDecoder((f) => this.take(f), opts.limit ?? MAX_FRAME);
     input.on('data', (chunk: Buffer) => {
@@ -137,9 +137,28 @@ export class Channel {
     return m;
   }
 
+  /** When the bytes sent so far may have left, at `rate` (--bwlimit). */
+  private due = 0;
+
+  /** At most `bytesPerSecond` from now on (--bwlimit; 0: no limit). */
+  limit(bytesPerSecond: number): void {
+    this.opts.rate = bytesPerSecond;
+  }
+
   /** Send frames (a control message, or a frame's buffers); resolves once the output takes more. */
   async send(frame: ControlMessage | Buffer | Buffer[]): Promise<void> {
-    if (!this.write(frame)) {
+    const before = this.sent;
+    const ok = this.write(frame);
+    const rate = this.opts.rate;
+    if (rate) {
+      // A paced queue: each frame leaves when the ones before it would have at the rate, with 50 ms of burst.
+      const now = performance.now();
+      this.due = Math.max(this.due, now) + ((this.sent - before) * 1000) / rate;
+      const wait = this.due - now - 50;
+      if (wait > 0) await new Promise((ok2) => setTimeout(ok2, wait));
+    }
+    // Only while the output still needs it: a 'drain' during the pause above has been and gone.
+    if (!ok && this.output.writableNeedDrain) {
       await new Promise<void>((ok, fail) => {
         const done = (e?: Error) => {
           this.draining.delete(done);

@@ -11,6 +11,7 @@ import type { BigIntStats } from 'node:fs';
 import { QsyncError } from '../core/errors.js';
 import { blockCount, blockLength } from '../core/geometry.js';
 import type { WriteRun } from '../core/plan.js';
+import { inflateRawSync } from 'node:zlib';
 import { encodeDigests, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
@@ -179,13 +180,23 @@ class RemoteFile implements SourceFile {
       if (f.type === 'data') {
         const count = f.digests.length / DIGEST_LEN;
         const b = runAt(f.offset, count, 'data');
-        if (f.data.length !== runBytes(b, count)) throw bad(`data for ${count} blocks at ${f.offset} is ${f.data.length} bytes`);
+        const want = runBytes(b, count);
+        let data = f.data;
+        if (f.compressed) {
+          // Never more than the blocks it claims: a deflate bomb stops at their size.
+          try {
+            data = inflateRawSync(f.data, { maxOutputLength: want });
+          } catch {
+            throw bad(`the compressed data at ${f.offset} does not inflate to ${want} bytes`);
+          }
+        }
+        if (data.length !== want) throw bad(`data for ${count} blocks at ${f.offset} is ${data.length} bytes`);
         const check = Buffer.alloc(f.digests.length);
-        hashBlocksInto(f.data, blockSize, check);
+        hashBlocksInto(data, blockSize, check);
         if (!check.equals(f.digests)) throw bad(`the data at ${f.offset} does not hash to the digests sent with it`);
         await gapTo(b);
         const run: WriteRun = { first: b, count, zero: false };
-        await onChunk({ first: b, digests: f.digests, changed: blocks(b, count), runs: [run], bytes: () => f.data, scanned: f.data.length });
+        await onChunk({ first: b, digests: f.digests, changed: blocks(b, count), runs: [run], bytes: () => data, scanned: data.length });
         next = b + count;
       } else if (f.type === 'zero') {
         const count = blockCount(f.length, blockSize);

@@ -16,6 +16,7 @@
 import { readlink, realpath } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
+import { deflateRawSync } from 'node:zlib';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { encodeData, encodeZero, type ControlMessage } from '../core/wire.js';
@@ -60,6 +61,8 @@ export class SourceServer {
     private readonly ch: Channel,
     private readonly pool: HashPool,
     private readonly restrict?: string,
+    /** -z: send blocks deflated where that makes them smaller. */
+    private readonly compress = false,
   ) {
     this.local = new LocalSources(pool);
   }
@@ -239,7 +242,10 @@ export class SourceServer {
             if (r.zero) await this.ch.send(encodeZero(off, Math.min(size, (r.first + r.count) * blockSize) - off));
             else {
               const i = (r.first - c.first) * DIGEST_LEN;
-              await this.ch.send(encodeData(off, c.digests.subarray(i, i + r.count * DIGEST_LEN), c.bytes(r)));
+              const bytes = c.bytes(r);
+              const z = this.compress ? deflateRawSync(bytes, { level: 1 }) : undefined;
+              const small = z !== undefined && z.length < bytes.length - (bytes.length >> 5);
+              await this.ch.send(encodeData(off, c.digests.subarray(i, i + r.count * DIGEST_LEN), small ? z : bytes, small));
             }
           }
           quiet = c.runs.length ? 0 : quiet + c.digests.length / DIGEST_LEN;

@@ -49,9 +49,10 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
       const blockSize = h.blockSize;
       if (typeof blockSize !== 'number' || !isValidBlockSize(blockSize)) throw new QsyncError('PROTOCOL', 'protocol error: a bad block size');
       await ch.send(hello('sender', {}));
+      if (typeof h.bwlimit === 'number' && Number.isFinite(h.bwlimit) && h.bwlimit > 0) ch.limit(h.bwlimit);
       const pool = new HashPool(blockSize);
       try {
-        const last = await new SourceServer(ch, pool, restrict).serve();
+        const last = await new SourceServer(ch, pool, restrict, h.compress === true).serve();
         if (last.op !== 'bye') throw new QsyncError('PROTOCOL', `protocol error: unexpected "${last.op}"`);
       } finally {
         await pool.close();
