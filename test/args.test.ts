@@ -94,7 +94,7 @@ describe('parseArgv', () => {
     expect(long.code).toBe('UNSUPPORTED');
     expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--files-from=x', '-b', '--bwlimit=1m', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--files-from=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');

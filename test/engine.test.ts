@@ -285,11 +285,15 @@ describe('bad input', () => {
     expect(r.stderr).toMatch(/-L/);
   });
 
-  it('a remote operand (not supported yet) is refused, not taken for a local folder named "host:"', async () => {
-    const r = await runQsync(['-a', join(dir, 'one.img'), 'backuphost:/srv/images/']);
-    expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/backuphost:\/srv\/images\/ is a remote operand/);
+  it('host:PATH goes to the remote shell, never to a local folder named "host:"; ./host:x is local', async () => {
+    // A remote shell that cannot connect (here: one that fails at once) is a failed connection, as with rsync.
+    const r = await runQsync(['-a', '-e', 'false', join(dir, 'one.img'), 'backuphost:/srv/images/']);
+    expect(r.code).toBe(12);
+    expect(r.stderr).toMatch(/connection unexpectedly closed \(0 bytes received so far\) \[backuphost\]/);
     expect(existsSync('backuphost:')).toBe(false);
+    const local = await runQsync(['-a', join(dir, 'one.img'), `${dir}/./host:x`]);
+    expect(local.code, local.stderr).toBe(0);
+    expect(existsSync(join(dir, 'host:x'))).toBe(true);
   });
 
   it('a block size that is not a power of two: exit 1, nothing written', async () => {
