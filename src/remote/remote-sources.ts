@@ -13,11 +13,21 @@ import { blockCount, blockLength } from '../core/geometry.js';
 import type { WriteRun } from '../core/plan.js';
 import { encodeDigests, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
+import { decodeName, encodeName } from '../io/safe-fs.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
 import { remoteError, type Channel } from './channel.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
 
-const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+/** A peer that breaks the protocol ends the run: what it sends next cannot be matched to what was asked. */
+const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`, { fatal: true });
+
+function stats(v: unknown): BigIntStats {
+  try {
+    return statsFromWire(v);
+  } catch (e) {
+    throw bad((e as Error).message.replace(/^protocol error: /, ''));
+  }
+}
 const GAP = 4096;
 /** Beyond this many suspect blocks, everything from the first is rewritten (the list would not fit a message). */
 const MAX_SUSPECT_LIST = 100_000;
@@ -35,7 +45,7 @@ export class RemoteSources implements Sources {
   }
 
   async statOperand(operand: string): Promise<BigIntStats> {
-    return statsFromWire((await this.call({ op: 'stat', operand })).st);
+    return stats((await this.call({ op: 'stat', operand })).st);
   }
 
   async openOperand(operand: string): Promise<SourceDir> {
@@ -60,6 +70,16 @@ export class RemoteSources implements Sources {
   }
 }
 
+/**
+ * A name a folder can hold, as a local listing gives it: not empty, `.` or
+ * `..`, no `/` or NUL, and in the one spelling decodeName gives its bytes
+ * (so two names never stand for the same file).
+ */
+export function isEntryName(name: string): boolean {
+  if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) return false;
+  return decodeName(encodeName(name)) === name;
+}
+
 function handle(v: unknown): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw bad('a bad handle');
   return v;
@@ -78,7 +98,7 @@ class RemoteDir implements SourceDir {
     readonly path: string,
     st?: unknown,
   ) {
-    this.opened = st === undefined ? undefined : statsFromWire(st);
+    this.opened = st === undefined ? undefined : stats(st);
   }
 
   shown(name: string): string {
@@ -87,7 +107,7 @@ class RemoteDir implements SourceDir {
 
   async stat(): Promise<BigIntStats> {
     if (this.opened) return this.opened;
-    return statsFromWire((await this.peer.call({ op: 'dir-stat', h: this.h })).st);
+    return stats((await this.peer.call({ op: 'dir-stat', h: this.h })).st);
   }
 
   async readdir(): Promise<string[]> {
@@ -99,7 +119,10 @@ class RemoteDir implements SourceDir {
       if (m.op !== 'entries' || !Array.isArray(m.entries)) throw bad(`expected entries, got "${m.op}"`);
       for (const e of m.entries as Record<string, unknown>[]) {
         if (typeof e?.name !== 'string') throw bad('an entry without a name');
-        this.listed.set(e.name, e.error ? remoteError(e.error as ControlMessage) : statsFromWire(e.st));
+        // The walk joins these to paths on this side (the target, its manifest): only one component, once, will do.
+        if (!isEntryName(e.name)) throw bad(`the listing of ${this.path} names ${JSON.stringify(e.name)}, which is not a name in a folder`);
+        if (this.listed.has(e.name)) throw bad(`the listing of ${this.path} names ${JSON.stringify(e.name)} twice`);
+        this.listed.set(e.name, e.error ? remoteError(e.error as ControlMessage) : stats(e.st));
       }
     }
     return [...this.listed.keys()];
@@ -109,7 +132,7 @@ class RemoteDir implements SourceDir {
     const known = this.listed.get(name);
     if (known instanceof Error) throw known;
     if (known) return known;
-    return statsFromWire((await this.peer.call({ op: 'lstat', h: this.h, name })).st);
+    return stats((await this.peer.call({ op: 'lstat', h: this.h, name })).st);
   }
 
   async openDir(name: string): Promise<SourceDir> {
