@@ -6,10 +6,15 @@
  * DEST and state folder, and the run must end with a protocol error.
  */
 import { spawn } from 'node:child_process';
+import { PassThrough } from 'node:stream';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { encodeControl, encodeZero, WireDecoder, type ControlMessage } from '../src/core/wire.js';
+import { Channel } from '../src/remote/channel.js';
+import { RemoteSources } from '../src/remote/remote-sources.js';
+import { statsFromWire } from '../src/remote/wire-stats.js';
 import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
 
 const FAKE = join(import.meta.dirname, 'helpers', 'fake-sender.mjs');
@@ -145,3 +150,51 @@ describe('a push from a hostile client into --restrict DIR', () => {
   });
 });
 
+/** The receiving end's view of a peer that answers each request with `answer`, in process. */
+function scriptedPeer(answer: (m: ControlMessage, send: (frame: Buffer) => void) => void): RemoteSources {
+  const toPeer = new PassThrough();
+  const fromPeer = new PassThrough();
+  const decoder = new WireDecoder((f) => {
+    if (f.type === 'control') answer(f.msg, (b) => fromPeer.write(b));
+  });
+  toPeer.on('data', (c: Buffer) => decoder.push(c));
+  return new RemoteSources(new Channel(fromPeer, toPeer));
+}
+
+const T = '1700000000000000000';
+const wireStat = (mode: number, size: number) => ['1', '7', String(mode), '1', '0', '0', '0', String(size), T, T, T];
+
+describe('the receiving end, in process', () => {
+  it('a ZERO frame spanning 8 GiB is handed to the engine in pieces of at most 16 MiB', async () => {
+    const size = 8 * 2 ** 30;
+    const peer = scriptedPeer((m, send) => {
+      if (m.op === 'open-operand') send(encodeControl({ op: 'ok', h: 1, path: 'src', st: wireStat(0o40755, 4096) }));
+      else if (m.op === 'open-file') send(encodeControl({ op: 'ok', f: 2 }));
+      else if (m.op === 'scan') send(Buffer.concat([encodeZero(0, size), encodeControl({ op: 'scan-end', fp: '00'.repeat(32) })]));
+    });
+    const d = await peer.openOperand('src/');
+    const f = await peer.openFile(d, 'big', statsFromWire(wireStat(0o100644, size)));
+    let most = 0;
+    let covered = 0;
+    await f.scan({ size, blockSize: 65536, mode: 'rewrite', oldSize: 0, holeFrom: Infinity }, async (c) => {
+      most = Math.max(most, c.scanned, c.changed.length * 65536);
+      covered += c.scanned;
+    });
+    expect(covered).toBe(size);
+    expect(most).toBeLessThanOrEqual(16 << 20);
+  });
+
+  it('a failure writing one file reads the rest of its scan: the next answer is the next request\'s', async () => {
+    const peer = scriptedPeer((m, send) => {
+      if (m.op === 'open-operand') send(encodeControl({ op: 'ok', h: 1, path: 'src', st: wireStat(0o40755, 4096) }));
+      else if (m.op === 'open-file') send(encodeControl({ op: 'ok', f: 2 }));
+      else if (m.op === 'scan') send(Buffer.concat([encodeZero(0, 65536), encodeZero(65536, 65536), encodeControl({ op: 'scan-end', fp: '00'.repeat(32) })]));
+      else if (m.op === 'stat') send(encodeControl({ op: 'ok', st: wireStat(0o100644, 5) }));
+    });
+    const d = await peer.openOperand('src/');
+    const f = await peer.openFile(d, 'x', statsFromWire(wireStat(0o100644, 2 * 65536)));
+    const plan = { size: 2 * 65536, blockSize: 65536, mode: 'rewrite' as const, oldSize: 0, holeFrom: Infinity };
+    await expect(f.scan(plan, async () => { throw new Error('EFBIG on this side'); })).rejects.toThrow(/EFBIG on this side/);
+    expect((await peer.statOperand('src/y')).size).toBe(5n);
+  });
+});

@@ -29,6 +29,8 @@ function stats(v: unknown): BigIntStats {
   }
 }
 const GAP = 4096;
+/** Bytes of zeros handed to the engine at once, whatever a ZERO frame spans. */
+const ZERO_PIECE = 16 << 20;
 /** Beyond this many suspect blocks, everything from the first is rewritten (the list would not fit a message). */
 const MAX_SUSPECT_LIST = 100_000;
 
@@ -163,7 +165,7 @@ class RemoteFile implements SourceFile {
     await this.peer.ch.send({ op: 'close-file', f: this.f }).catch(() => {});
   }
 
-  async scan(plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<Buffer> {
+  async scan(plan: ScanPlan, consume: (c: PlannedChunk) => Promise<void>): Promise<Buffer> {
     const { size, blockSize, mode } = plan;
     if (mode === 'compare') throw new Error('RemoteFile.scan: compare against digests (manifest mode)');
     const ch = this.peer.ch;
@@ -178,13 +180,33 @@ class RemoteFile implements SourceFile {
       plan: { size, blockSize, mode, oldSize: plan.oldSize, holeFrom: Number.isFinite(plan.holeFrom) ? plan.holeFrom : -1, suspect, fp: plan.old?.fingerprint.toString('hex') },
     });
     let next = 0;
+    // A failure on this side (writing the target) fails this file only: the rest of the scan is read and
+    // dropped, so that the next request's answer is the next frame.
+    let failed: { e: unknown } | undefined;
+    const onChunk = async (c: PlannedChunk) => {
+      if (failed) return;
+      try {
+        await consume(c);
+      } catch (e) {
+        failed = { e };
+      }
+    };
     const gapTo = async (to: number) => {
+      if (failed) next = Math.max(next, to);
       while (next < to) {
         const k = Math.min(GAP, to - next);
         const digests = Buffer.alloc(k * DIGEST_LEN);
         // Unchanged blocks keep their old digests; blocks past the old end not sent read as zero.
         const known = Math.max(0, Math.min(k, oldBlocks - next));
-        if (known) await plan.old!.readDigests(next, known, digests);
+        if (known) {
+          try {
+            await plan.old!.readDigests(next, known, digests);
+          } catch (e) {
+            failed = { e };
+            next = to;
+            return;
+          }
+        }
         for (let j = known; j < k; j++) zeroDigest(blockLength(next + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
         await onChunk({ first: next, digests, changed: [], runs: [], bytes: () => Buffer.alloc(0), scanned: runBytes(next, k) });
         next += k;
@@ -215,14 +237,20 @@ class RemoteFile implements SourceFile {
         const b = runAt(f.offset, count, 'zeros');
         if (f.length !== runBytes(b, count)) throw bad(`zeros for ${count} blocks at ${f.offset} are ${f.length} bytes`);
         await gapTo(b);
-        const digests = Buffer.alloc(count * DIGEST_LEN);
-        for (let j = 0; j < count; j++) zeroDigest(blockLength(b + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
-        const run: WriteRun = { first: b, count, zero: true };
-        await onChunk({ first: b, digests, changed: blocks(b, count), runs: [run], bytes: () => Buffer.alloc(f.length), scanned: f.length });
-        next = b + count;
+        // One frame may say a terabyte is zero: it is handed on in pieces of bounded memory.
+        const per = Math.max(1, Math.floor(ZERO_PIECE / blockSize));
+        for (let at = b; at < b + count; at += per) {
+          const k = Math.min(per, b + count - at);
+          const digests = Buffer.alloc(k * DIGEST_LEN);
+          for (let j = 0; j < k; j++) zeroDigest(blockLength(at + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
+          const run: WriteRun = { first: at, count: k, zero: true };
+          const len = runBytes(at, k);
+          await onChunk({ first: at, digests, changed: blocks(at, k), runs: [run], bytes: () => Buffer.alloc(len), scanned: len });
+          next = at + k;
+        }
       } else if (f.type === 'control') {
         const m = f.msg;
-        if (m.op === 'error') throw remoteError(m);
+        if (m.op === 'error') throw failed ? failed.e : remoteError(m);
         if (m.op === 'need-digests') {
           if (!plan.old) throw bad('digests asked for a scan that has none');
           await sendDigests(this.peer, plan.old, oldBlocks);
@@ -233,6 +261,7 @@ class RemoteFile implements SourceFile {
         } else if (m.op === 'scan-end') {
           if (typeof m.fp !== 'string' || !/^[0-9a-f]{64}$/.test(m.fp)) throw bad('scan-end without a fingerprint');
           await gapTo(n);
+          if (failed) throw failed.e;
           return Buffer.from(m.fp, 'hex');
         } else throw bad(`unexpected "${m.op}" during a scan`);
       } else throw bad(`unexpected ${f.type} frame during a scan`);
