@@ -135,6 +135,16 @@ describe('a pull from a hostile server', () => {
     const v = await runQsync(['verify', join(dest, 'a')], { env: { ...process.env, QSYNC_STATE_DIR: state } });
     expect(v.code, v.stdout + v.stderr).toBe(0);
   });
+
+  it('a server that closes the channel after its hello: one error, exit 12, as rsync\'s "connection unexpectedly closed", at once', async () => {
+    const t0 = Date.now();
+    const r = await pull({ tree: tree({ a: file('a') }), closeAfterHello: true, lingerMs: 200 }, join(dir, 'dest'));
+    expect(Date.now() - t0).toBeLessThan(3000);
+    expect(r.code, r.stderr).toBe(12);
+    expect(r.stderr).toMatch(/connection unexpectedly closed/);
+    expect(r.stderr.match(/^qsync error:/gm), r.stderr).toHaveLength(1);
+    expect(existsSync(join(dir, 'dest'))).toBe(false);
+  });
 });
 
 describe('a push from a hostile client into --restrict DIR', () => {

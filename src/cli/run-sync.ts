@@ -122,6 +122,8 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       // rsync follows a symlink given as an operand with a trailing slash only; lstat otherwise.
       sources.push({ operand, stat: await from.statOperand(operand) });
     } catch (e) {
+      // A source that is missing is reported and skipped; a link to the sources that broke ends the run.
+      if (e instanceof QsyncError && e.context.fatal) throw e;
       missing = true;
       printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
     }
