@@ -196,6 +196,42 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
   });
 });
 
+describe.skipIf(!ready)('odd operands, as rsync takes them', () => {
+  it('a remote DEST that is a file: exit 3, as rsync, with or without a trailing slash; nothing changes', async () => {
+    const src = join(dir, 'odd-src');
+    mkdirSync(src);
+    writeFileSync(join(src, 'f'), 'x');
+    const file = join(dir, 'odd-file');
+    writeFileSync(file, 'keep\n');
+    for (const dest of [file, `${file}/`]) {
+      const r = await overSsh(['-a', `${src}/`, at(dest)]);
+      expect(r.code, r.stderr).toBe(3);
+      expect(r.stderr).not.toMatch(/internal error/);
+      const ref = await runQsync(['-a', `${src}/`, dest]);
+      expect(ref.code, ref.stderr).toBe(3);
+    }
+    expect(readFileSync(file, 'utf8')).toBe('keep\n');
+  });
+
+  it('`host:` is the remote home folder (the far side\'s working folder), as with rsync', async () => {
+    const home = join(dir, 'odd-home');
+    mkdirSync(home);
+    writeFileSync(join(home, 'h'), 'home\n');
+    // The far side runs in `home`: its command line starts with a cd there.
+    const cmd = `cd ${home} && ${serverCmd}`;
+    const pulled = join(dir, 'odd-pulled');
+    const r = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', cmd, `${sshd.host}:`, `${pulled}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(readFileSync(join(pulled, 'h'), 'utf8')).toBe('home\n');
+    const src = join(dir, 'odd-src2');
+    mkdirSync(src);
+    writeFileSync(join(src, 'pushed'), 'p\n');
+    const p = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', cmd, `${src}/`, `${sshd.host}:`]);
+    expect(p.code, p.stderr).toBe(0);
+    expect(readFileSync(join(home, 'pushed'), 'utf8')).toBe('p\n');
+  });
+});
+
 describe.skipIf(!ready)('the link killed mid-transfer', () => {
   it('at several points of a first copy and of an update: the next run converges, and the far manifest never lies', async () => {
     const src = join(dir, 'kill-src');

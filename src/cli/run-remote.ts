@@ -109,7 +109,10 @@ function countingWire(p: Printer, ch: Channel): Printer {
 /** The channel closed under the run: rsync's words, and ssh's 255 when the remote shell failed. */
 async function connectionError(e: unknown, ch: Channel, remote: RemotePath, exited: Promise<number>): Promise<unknown> {
   if (!(e instanceof QsyncError && e.context.closed) && !['EPIPE', 'ECONNRESET'].includes(String((e as { code?: unknown })?.code))) return e;
-  const code = await Promise.race([exited, new Promise<number>((ok) => setTimeout(() => ok(-1), 5000))]);
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([exited, new Promise<number>((ok) => (timer = setTimeout(() => ok(-1), 5000)))]);
+  // A timer left running would hold the process for its 5 s after the run has ended.
+  clearTimeout(timer);
   return new QsyncError('PROTOCOL', `connection unexpectedly closed (${ch.received} bytes received so far) [${remote.host}]`, {
     hint: code === 255 && ch.received === 0 ? `the remote shell failed (exit 255): check that "${remote.host}" is reachable and qsync runs there` : undefined,
     exit: code === 255 ? EXIT.REMOTE_SHELL.code : EXIT.STREAM_IO.code,

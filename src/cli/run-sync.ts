@@ -35,6 +35,8 @@ async function statOrUndefined(p: string): Promise<BigIntStats | undefined> {
     return await stat(fsPath(p), { bigint: true });
   } catch (e) {
     if (errnoOf(e) === 'ENOENT') return undefined;
+    // DEST/ where DEST is a file: rsync's words and exit 3.
+    if (errnoOf(e) === 'ENOTDIR') throw new QsyncError('USAGE', `cannot stat destination ${p}: not a directory`, { file: p, exit: EXIT.FILE_SELECT.code }, { cause: e });
     throw e;
   }
 }
@@ -123,6 +125,8 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       // rsync follows a symlink given as an operand with a trailing slash only; lstat otherwise.
       sources.push({ operand, stat: await from.statOperand(operand) });
     } catch (e) {
+      // A source that is missing is reported and skipped; a link to the sources that broke ends the run.
+      if (e instanceof QsyncError && e.context.fatal) throw e;
       missing = true;
       printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
     }
@@ -131,6 +135,9 @@ export async function receive(printer: Printer, from: Sources, operands: string[
 
   const destStat = await statOrUndefined(dest);
   const plan = planOperands(sources, dest, destStat);
+  if (plan.destIsDir && destStat && !destStat.isDirectory()) {
+    throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest, exit: EXIT.FILE_SELECT.code });
+  }
   // qsync's own state folder is checked (and made) before anything lands in DEST.
   await checkStateRoot(plan.destRoot, !leavesDest(o));
   const legacy = join(plan.destRoot, '.qsync');
@@ -140,9 +147,6 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     printer.warning?.(`${legacy} is the state of an older qsync, which now keeps it in ${stateFolderFor(plan.destRoot)}: it is not used (this run compares); remove it`, legacy);
   }
   if (plan.destIsDir) {
-    if (destStat && !destStat.isDirectory()) {
-      throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest });
-    }
     if (!destStat) plan.destCreated = true;
     // rsync's line for a destination folder it makes, with -v or -i.
     if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);

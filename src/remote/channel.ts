@@ -125,7 +125,7 @@ export class Channel {
   /** The next frame, which must be a control message; `{"op":"error"}` is raised as the peer's error. */
   async control(): Promise<ControlMessage> {
     const f = await this.next();
-    if (f.type !== 'control') throw new QsyncError('PROTOCOL', `protocol error: expected a control message, got a ${f.type} frame`);
+    if (f.type !== 'control') throw new QsyncError('PROTOCOL', `protocol error: expected a control message, got a ${f.type} frame`, { fatal: true });
     if (f.msg.op === 'error') throw remoteError(f.msg);
     return f.msg;
   }
@@ -133,7 +133,7 @@ export class Channel {
   /** The next control message, which must be `op`. */
   async expect(op: string): Promise<ControlMessage> {
     const m = await this.control();
-    if (m.op !== op) throw new QsyncError('PROTOCOL', `protocol error: expected "${op}", got "${m.op}"`);
+    if (m.op !== op) throw new QsyncError('PROTOCOL', `protocol error: expected "${op}", got "${m.op}"`, { fatal: true });
     return m;
   }
 

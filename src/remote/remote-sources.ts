@@ -14,12 +14,24 @@ import type { WriteRun } from '../core/plan.js';
 import { inflateRawSync } from 'node:zlib';
 import { encodeDigests, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
+import { decodeName, encodeName } from '../io/safe-fs.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
 import { remoteError, type Channel } from './channel.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
 
-const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+/** A peer that breaks the protocol ends the run: what it sends next cannot be matched to what was asked. */
+const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`, { fatal: true });
+
+function stats(v: unknown): BigIntStats {
+  try {
+    return statsFromWire(v);
+  } catch (e) {
+    throw bad((e as Error).message.replace(/^protocol error: /, ''));
+  }
+}
 const GAP = 4096;
+/** Bytes of zeros handed to the engine at once, whatever a ZERO frame spans. */
+const ZERO_PIECE = 16 << 20;
 /** Beyond this many suspect blocks, everything from the first is rewritten (the list would not fit a message). */
 const MAX_SUSPECT_LIST = 100_000;
 
@@ -36,7 +48,7 @@ export class RemoteSources implements Sources {
   }
 
   async statOperand(operand: string): Promise<BigIntStats> {
-    return statsFromWire((await this.call({ op: 'stat', operand })).st);
+    return stats((await this.call({ op: 'stat', operand })).st);
   }
 
   async openOperand(operand: string): Promise<SourceDir> {
@@ -61,6 +73,16 @@ export class RemoteSources implements Sources {
   }
 }
 
+/**
+ * A name a folder can hold, as a local listing gives it: not empty, `.` or
+ * `..`, no `/` or NUL, and in the one spelling decodeName gives its bytes
+ * (so two names never stand for the same file).
+ */
+export function isEntryName(name: string): boolean {
+  if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) return false;
+  return decodeName(encodeName(name)) === name;
+}
+
 function handle(v: unknown): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw bad('a bad handle');
   return v;
@@ -79,7 +101,7 @@ class RemoteDir implements SourceDir {
     readonly path: string,
     st?: unknown,
   ) {
-    this.opened = st === undefined ? undefined : statsFromWire(st);
+    this.opened = st === undefined ? undefined : stats(st);
   }
 
   shown(name: string): string {
@@ -88,7 +110,7 @@ class RemoteDir implements SourceDir {
 
   async stat(): Promise<BigIntStats> {
     if (this.opened) return this.opened;
-    return statsFromWire((await this.peer.call({ op: 'dir-stat', h: this.h })).st);
+    return stats((await this.peer.call({ op: 'dir-stat', h: this.h })).st);
   }
 
   async readdir(): Promise<string[]> {
@@ -100,7 +122,10 @@ class RemoteDir implements SourceDir {
       if (m.op !== 'entries' || !Array.isArray(m.entries)) throw bad(`expected entries, got "${m.op}"`);
       for (const e of m.entries as Record<string, unknown>[]) {
         if (typeof e?.name !== 'string') throw bad('an entry without a name');
-        this.listed.set(e.name, e.error ? remoteError(e.error as ControlMessage) : statsFromWire(e.st));
+        // The walk joins these to paths on this side (the target, its manifest): only one component, once, will do.
+        if (!isEntryName(e.name)) throw bad(`the listing of ${this.path} names ${JSON.stringify(e.name)}, which is not a name in a folder`);
+        if (this.listed.has(e.name)) throw bad(`the listing of ${this.path} names ${JSON.stringify(e.name)} twice`);
+        this.listed.set(e.name, e.error ? remoteError(e.error as ControlMessage) : stats(e.st));
       }
     }
     return [...this.listed.keys()];
@@ -110,7 +135,7 @@ class RemoteDir implements SourceDir {
     const known = this.listed.get(name);
     if (known instanceof Error) throw known;
     if (known) return known;
-    return statsFromWire((await this.peer.call({ op: 'lstat', h: this.h, name })).st);
+    return stats((await this.peer.call({ op: 'lstat', h: this.h, name })).st);
   }
 
   async openDir(name: string): Promise<SourceDir> {
@@ -141,7 +166,7 @@ class RemoteFile implements SourceFile {
     await this.peer.ch.send({ op: 'close-file', f: this.f }).catch(() => {});
   }
 
-  async scan(plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<Buffer> {
+  async scan(plan: ScanPlan, consume: (c: PlannedChunk) => Promise<void>): Promise<Buffer> {
     const { size, blockSize, mode } = plan;
     if (mode === 'compare') throw new Error('RemoteFile.scan: compare against digests (manifest mode)');
     const ch = this.peer.ch;
@@ -156,13 +181,33 @@ class RemoteFile implements SourceFile {
       plan: { size, blockSize, mode, oldSize: plan.oldSize, holeFrom: Number.isFinite(plan.holeFrom) ? plan.holeFrom : -1, suspect, fp: plan.old?.fingerprint.toString('hex') },
     });
     let next = 0;
+    // A failure on this side (writing the target) fails this file only: the rest of the scan is read and
+    // dropped, so that the next request's answer is the next frame.
+    let failed: { e: unknown } | undefined;
+    const onChunk = async (c: PlannedChunk) => {
+      if (failed) return;
+      try {
+        await consume(c);
+      } catch (e) {
+        failed = { e };
+      }
+    };
     const gapTo = async (to: number) => {
+      if (failed) next = Math.max(next, to);
       while (next < to) {
         const k = Math.min(GAP, to - next);
         const digests = Buffer.alloc(k * DIGEST_LEN);
         // Unchanged blocks keep their old digests; blocks past the old end not sent read as zero.
         const known = Math.max(0, Math.min(k, oldBlocks - next));
-        if (known) await plan.old!.readDigests(next, known, digests);
+        if (known) {
+          try {
+            await plan.old!.readDigests(next, known, digests);
+          } catch (e) {
+            failed = { e };
+            next = to;
+            return;
+          }
+        }
         for (let j = known; j < k; j++) zeroDigest(blockLength(next + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
         await onChunk({ first: next, digests, changed: [], runs: [], bytes: () => Buffer.alloc(0), scanned: runBytes(next, k) });
         next += k;
@@ -203,14 +248,20 @@ class RemoteFile implements SourceFile {
         const b = runAt(f.offset, count, 'zeros');
         if (f.length !== runBytes(b, count)) throw bad(`zeros for ${count} blocks at ${f.offset} are ${f.length} bytes`);
         await gapTo(b);
-        const digests = Buffer.alloc(count * DIGEST_LEN);
-        for (let j = 0; j < count; j++) zeroDigest(blockLength(b + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
-        const run: WriteRun = { first: b, count, zero: true };
-        await onChunk({ first: b, digests, changed: blocks(b, count), runs: [run], bytes: () => Buffer.alloc(f.length), scanned: f.length });
-        next = b + count;
+        // One frame may say a terabyte is zero: it is handed on in pieces of bounded memory.
+        const per = Math.max(1, Math.floor(ZERO_PIECE / blockSize));
+        for (let at = b; at < b + count; at += per) {
+          const k = Math.min(per, b + count - at);
+          const digests = Buffer.alloc(k * DIGEST_LEN);
+          for (let j = 0; j < k; j++) zeroDigest(blockLength(at + j, size, blockSize)).copy(digests, j * DIGEST_LEN);
+          const run: WriteRun = { first: at, count: k, zero: true };
+          const len = runBytes(at, k);
+          await onChunk({ first: at, digests, changed: blocks(at, k), runs: [run], bytes: () => Buffer.alloc(len), scanned: len });
+          next = at + k;
+        }
       } else if (f.type === 'control') {
         const m = f.msg;
-        if (m.op === 'error') throw remoteError(m);
+        if (m.op === 'error') throw failed ? failed.e : remoteError(m);
         if (m.op === 'need-digests') {
           if (!plan.old) throw bad('digests asked for a scan that has none');
           await sendDigests(this.peer, plan.old, oldBlocks);
@@ -221,6 +272,7 @@ class RemoteFile implements SourceFile {
         } else if (m.op === 'scan-end') {
           if (typeof m.fp !== 'string' || !/^[0-9a-f]{64}$/.test(m.fp)) throw bad('scan-end without a fingerprint');
           await gapTo(n);
+          if (failed) throw failed.e;
           return Buffer.from(m.fp, 'hex');
         } else throw bad(`unexpected "${m.op}" during a scan`);
       } else throw bad(`unexpected ${f.type} frame during a scan`);

@@ -30,7 +30,8 @@ export function parseRemote(operand: string): RemotePath | undefined {
       hint: 'use host:PATH (over ssh)',
     });
   }
-  return { user: m[1], host: m[2]!.replace(/^\[(.*)\]$/, '$1'), path: m[3]!, operand };
+  // `host:` names the remote user's home folder, as with rsync.
+  return { user: m[1], host: m[2]!.replace(/^\[(.*)\]$/, '$1'), path: m[3] || '.', operand };
 }
 
 /** Split a -e value into words as rsync does: whitespace separates, single and double quotes group, a backslash escapes in double quotes. */
