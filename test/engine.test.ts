@@ -291,6 +291,14 @@ describe('bad input', () => {
     expect(r.code).toBe(12);
     expect(r.stderr).toMatch(/connection unexpectedly closed \(0 bytes received so far\) \[backuphost\]/);
     expect(existsSync('backuphost:')).toBe(false);
+    // A "host" the remote shell would take for an option never reaches it.
+    const pwned = 'qsync-pwned-by-proxycommand';
+    for (const op of [`-oProxyCommand=touch\t${pwned}:x`, '-lroot@h:x']) {
+      const inj = await runQsync(['-a', '-e', 'ssh', join(dir, 'one.img'), '--', op]);
+      expect(inj.code, inj.stderr).toBe(1);
+      expect(inj.stderr).toMatch(/starting with "-" is refused/);
+    }
+    expect(existsSync(pwned)).toBe(false);
     const local = await runQsync(['-a', join(dir, 'one.img'), `${dir}/./host:x`]);
     expect(local.code, local.stderr).toBe(0);
     expect(existsSync(join(dir, 'host:x'))).toBe(true);

@@ -22,7 +22,9 @@ export function remoteError(msg: ControlMessage): Error {
   const message = typeof msg.message === 'string' ? msg.message : 'the peer reported an error';
   if (errno && msg.code === undefined) return Object.assign(new Error(message), { code: errno });
   const code = (typeof msg.code === 'string' ? msg.code : 'IO') as ErrorCode;
-  const context = typeof msg.context === 'object' && msg.context !== null ? (msg.context as Record<string, unknown>) : {};
+  // Only the fields that describe the error: the peer does not choose this side's exit status or what is fatal here.
+  const c = typeof msg.context === 'object' && msg.context !== null ? (msg.context as Record<string, unknown>) : {};
+  const context = Object.fromEntries(Object.entries({ file: c.file, hint: c.hint, vanished: c.vanished === true || undefined, offset: c.offset, block: c.block }).filter(([, v]) => typeof v === 'string' || typeof v === 'number' || v === true));
   return new QsyncError(code, message, context, errno ? { cause: Object.assign(new Error(message), { code: errno }) } : undefined);
 }
 

@@ -31,7 +31,12 @@ export function parseRemote(operand: string): RemotePath | undefined {
     });
   }
   // `host:` names the remote user's home folder, as with rsync.
-  return { user: m[1], host: m[2]!.replace(/^\[(.*)\]$/, '$1'), path: m[3] || '.', operand };
+  const host = m[2]!.replace(/^\[(.*)\]$/, '$1');
+  // A host or user ssh would read as an option (-oProxyCommand=...) would run what it says: refused.
+  if (host.startsWith('-') || m[1]?.startsWith('-')) {
+    throw new QsyncError('USAGE', `${operand}: a host or user name starting with "-" is refused (the remote shell would take it for an option)`, { file: operand, hint: 'for a local name, write ./NAME' });
+  }
+  return { user: m[1], host, path: m[3] || '.', operand };
 }
 
 /** Split a -e value into words as rsync does: whitespace separates, single and double quotes group, a backslash escapes in double quotes. */
