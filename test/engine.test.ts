@@ -299,7 +299,8 @@ describe('bad input', () => {
       expect(inj.stderr).toMatch(/starting with "-" is refused/);
     }
     expect(existsSync(pwned)).toBe(false);
-    const local = await runQsync(['-a', join(dir, 'one.img'), `${dir}/./host:x`]);
+    writeFileSync(join(dir, 'colon-src'), 'x');
+    const local = await runQsync(['-a', join(dir, 'colon-src'), `${dir}/./host:x`]);
     expect(local.code, local.stderr).toBe(0);
     expect(existsSync(join(dir, 'host:x'))).toBe(true);
   });
