@@ -16,6 +16,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { procStat } from '../../src/io/proc-stat.js';
+import { splitCommand } from '../../src/remote/ssh.js';
 
 export const SSHD = '/usr/sbin/sshd';
 const READY_MS = 15_000;
@@ -42,38 +43,8 @@ export interface SshdOptions {
   authorizedKeyOptions?: string;
 }
 
-/** Words of an -e value, split the way rsync does: at whitespace, '...' literal, "..." with \" and \\. */
-export function splitRsh(value: string): string[] {
-  const words: string[] = [];
-  let word = '';
-  let inWord = false;
-  for (let i = 0; i < value.length; i++) {
-    const c = value[i]!;
-    if (/\s/.test(c)) {
-      if (inWord) words.push(word);
-      word = '';
-      inWord = false;
-    } else if (c === "'") {
-      const end = value.indexOf("'", i + 1);
-      if (end < 0) throw new Error(`unbalanced ' in ${value}`);
-      word += value.slice(i + 1, end);
-      i = end;
-      inWord = true;
-    } else if (c === '"') {
-      inWord = true;
-      for (i++; i < value.length && value[i] !== '"'; i++) {
-        if (value[i] === '\\' && (value[i + 1] === '"' || value[i + 1] === '\\')) i++;
-        word += value[i];
-      }
-      if (i >= value.length) throw new Error(`unbalanced " in ${value}`);
-    } else {
-      word += c;
-      inWord = true;
-    }
-  }
-  if (inWord) words.push(word);
-  return words;
-}
+/** Words of an -e value, split the way rsync (and qsync, src/remote/ssh.ts) does. */
+export const splitRsh = (value: string): string[] => splitCommand(value);
 
 /** An -e value (or a remote command) from words: a word with anything but plain characters is single-quoted. */
 export function joinRsh(words: readonly string[]): string {
