@@ -34,7 +34,7 @@ describe('parseArgv', () => {
       specials: false, verbose: 0, quiet: false, human: 1, dryRun: false, progress: false, progress2: false,
       stats: false, itemize: false, inplace: false, wholeFile: false, delete: false, filters: [], sparse: false,
       checksum: false, sizeOnly: false, update: false, existing: false, ignoreExisting: false, numericIds: false,
-      oneFileSystem: false, blockSize: 65536, manifest: undefined, json: false, rsh: undefined, bwlimit: 0,
+      oneFileSystem: false, blockSize: 65536, manifest: undefined, json: false, rsh: undefined, bwlimit: 0, timeout: 0,
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false,

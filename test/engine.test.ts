@@ -300,6 +300,10 @@ describe('bad input', () => {
     }
     expect(existsSync(pwned)).toBe(false);
     writeFileSync(join(dir, 'colon-src'), 'x');
+    // A far side that never answers: --timeout ends the run with rsync's 30.
+    const silent = await runQsync(['-a', '--timeout', '1', '-e', "sh -c 'sleep 60'", join(dir, 'colon-src'), 'quiethost:/x/']);
+    expect(silent.code, silent.stderr).toBe(30);
+    expect(silent.stderr).toMatch(/timeout: quiethost sent nothing for 1 s/);
     const local = await runQsync(['-a', join(dir, 'colon-src'), `${dir}/./host:x`]);
     expect(local.code, local.stderr).toBe(0);
     expect(existsSync(join(dir, 'host:x'))).toBe(true);

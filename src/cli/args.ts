@@ -68,6 +68,8 @@ export interface SyncOptions {
   stateDir?: string;
   json: boolean;
   rsh?: string;
+  /** --timeout, in seconds without a byte from the peer of a remote sync (0: none). */
+  timeout: number;
   /** --bwlimit, in bytes a second (0: none). */
   bwlimit: number;
   /** --qsync-path (rsync's --rsync-path): the command that starts qsync on the remote host. */
@@ -145,6 +147,7 @@ const SPECS: Spec[] = [
   { name: 'whole-file', short: 'W', kind: 'flag', neg: ['no-whole-file', 'no-W'], help: 'rewrite changed files whole' },
   { name: 'one-file-system', short: 'x', kind: 'flag', neg: ['no-one-file-system', 'no-x'], help: "don't cross filesystem boundaries" },
   { name: 'block-size', short: 'B', kind: 'value', arg: 'SIZE', help: 'block size: power of two, 4K..16M (default 64K)' },
+  { name: 'timeout', kind: 'value', arg: 'SECONDS', help: 'over ssh: give up when the peer sends nothing for SECONDS (0 = wait for ever)' },
   { name: 'bwlimit', kind: 'value', arg: 'RATE', help: 'limit the bandwidth of a remote transfer (KiB/s; 1.5M, 500K; 0 = no limit)' },
   { name: 'rsh', short: 'e', kind: 'value', arg: 'COMMAND', help: 'specify the remote shell to use' },
   { name: 'qsync-path', kind: 'value', arg: 'PROGRAM', help: 'specify the qsync to run on the remote machine' },
@@ -205,7 +208,7 @@ const UNSUPPORTED_LONG = new Set(
   delay-updates no-delay-updates prune-empty-dirs no-prune-empty-dirs no-m log-file log-file-format
   out-format log-format backup no-backup suffix list-only files-from from0 no-from0
   old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
-  groupmap chown timeout no-timeout contimeout no-contimeout stop-after time-limit stop-at rsync-path
+  groupmap chown contimeout no-contimeout stop-after time-limit stop-at rsync-path
   temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 mkpath no-mkpath qsort copy-as
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
@@ -371,6 +374,11 @@ export function parseRate(text: string): number {
   return Math.round(Number(m[1]) * base ** power);
 }
 
+function parseSeconds(text: string): number {
+  if (!/^\d+$/.test(text)) throw new QsyncError('USAGE', `invalid --timeout ${text}: give whole seconds (0 = no timeout)`, { option: '--timeout', value: text });
+  return Number(text);
+}
+
 function parsePercent(text: string): number {
   const pct = Number(text);
   if (!/^\d+(\.\d+)?$/.test(text) || pct > 100) {
@@ -509,6 +517,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     rsh: str(y.rsh),
     qsyncPath: str(y['qsync-path']),
     bwlimit: y.bwlimit === undefined ? 0 : parseRate(String(y.bwlimit)),
+    timeout: y.timeout === undefined ? 0 : parseSeconds(String(y.timeout)),
     writeBatch: str(y['write-batch']),
     onlyWriteBatch: str(y['only-write-batch']),
     readBatch: str(y['read-batch']),

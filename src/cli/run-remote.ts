@@ -49,10 +49,12 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   }).catch((e: NodeJS.ErrnoException) => {
     throw new QsyncError('USAGE', `failed to exec the remote shell: ${e.message}`, { hint: 'give a working command with -e', exit: EXIT.IPC.code }, { cause: e });
   });
-  const exited = once(child, 'close').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
+  // 'exit', not 'close': a grandchild of the remote shell may hold its pipes open after it is gone.
+  const exited = once(child, 'exit').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
-  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 });
+  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0, timeoutS: o.timeout });
   printer = countingWire(printer, ch);
+  let failed = false;
   try {
     await spawned;
     if (to) {
@@ -76,12 +78,16 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     await ch.send({ op: 'bye' });
     return code;
   } catch (e) {
+    failed = true;
     throw await connectionError(e, ch, remote, exited);
   } finally {
     await ch.end().catch(() => {});
-    const t = setTimeout(() => child.kill('SIGTERM'), 10_000);
+    // A run that failed does not wait on the remote shell: it is stopped (a silent peer would never end).
+    if (failed) child.kill('SIGTERM');
+    const t = setTimeout(() => child.kill('SIGKILL'), failed ? 2000 : 10_000);
     await exited;
     clearTimeout(t);
+    child.stdout?.destroy();
   }
 }
 

@@ -54,11 +54,12 @@ export class Channel {
   constructor(
     private readonly input: Readable,
     private readonly output: Writable,
-    private readonly opts: { limit?: number; onControl?: (m: ControlMessage) => boolean; peer?: string; rate?: number } = {},
+    private readonly opts: { limit?: number; onControl?: (m: ControlMessage) => boolean; peer?: string; rate?: number; timeoutS?: number } = {},
   ) {
     this.decoder = new WireDecoder((f) => this.take(f), opts.limit ?? MAX_FRAME);
     input.on('data', (chunk: Buffer) => {
       this.received += chunk.length;
+      this.heard = performance.now();
       if (this.failure) return;
       try {
         this.decoder.push(chunk);
@@ -121,7 +122,15 @@ export class Channel {
     }
     if (this.failure) return Promise.reject(this.failure);
     if (this.input.isPaused()) this.input.resume();
-    return new Promise((ok, fail) => (this.waiter = { ok, fail }));
+    const wait = new Promise<WireFrame>((ok, fail) => (this.waiter = { ok, fail }));
+    const s = this.opts.timeoutS;
+    if (!s) return wait;
+    // --timeout: rsync's "timeout in data send/receive" (exit 30) once the peer is silent that long.
+    const check = setInterval(() => {
+      if (performance.now() - this.heard < s * 1000) return;
+      this.fail(new QsyncError('PROTOCOL', `timeout: ${this.opts.peer ?? 'the peer'} sent nothing for ${s} s`, { exit: 30, hint: 'check the link and the far side, or raise --timeout' }));
+    }, Math.min(1000, s * 250));
+    return wait.finally(() => clearInterval(check));
   }
 
   /** The next frame, which must be a control message; `{"op":"error"}` is raised as the peer's error. */
@@ -138,6 +147,9 @@ export class Channel {
     if (m.op !== op) throw new QsyncError('PROTOCOL', `protocol error: expected "${op}", got "${m.op}"`, { fatal: true });
     return m;
   }
+
+  /** When the peer last sent a byte (--timeout counts from it). */
+  private heard = performance.now();
 
   /** When the bytes sent so far may have left, at `rate` (--bwlimit). */
   private due = 0;
