@@ -1,8 +1,9 @@
 /** BlockSource and BlockSink over a local file or block device. */
 import { execFile } from 'node:child_process';
-import { open, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { copyFile, open, type FileHandle } from 'node:fs/promises';
 import { promisify } from 'node:util';
-import { QsyncError } from '../core/errors.js';
+import { errnoOf, QsyncError } from '../core/errors.js';
 import type { BlockSink, BlockSource } from './types.js';
 
 const ZEROES = Buffer.alloc(1 << 20);
@@ -23,6 +24,7 @@ export async function readUpTo(fh: FileHandle, buf: Uint8Array, position: number
  * as zeros (a sparse image stays sparse), and set `to`'s size; returns it.
  */
 export async function copySparse(from: FileHandle, to: FileHandle): Promise<number> {
+  if (await reflink(from, to)) return (await to.stat()).size;
   const buf = Buffer.alloc(1 << 20);
   const out = LocalFileSink.of(to, '');
   let pos = 0;
@@ -35,6 +37,29 @@ export async function copySparse(from: FileHandle, to: FileHandle): Promise<numb
   }
   await to.truncate(pos);
   return pos;
+}
+
+/** Errors that mean "this file system cannot share extents here": copy the bytes instead. */
+const NO_REFLINK = new Set(['ENOTSUP', 'EOPNOTSUPP', 'EXDEV', 'EINVAL', 'ENOSYS', 'ENOTTY', 'EBADF', 'EPERM']);
+
+/**
+ * Make `to` share `from`'s extents (FICLONE, through libuv's copyfile on the
+ * two descriptors' /proc paths), where the file system can (XFS, Btrfs):
+ * nothing is copied, holes stay holes, and only blocks written later are
+ * new. False where it cannot (ext4, tmpfs). libuv gives the copy the
+ * source's mode; `to` gets its own back, so it is never wider than made.
+ */
+async function reflink(from: FileHandle, to: FileHandle): Promise<boolean> {
+  const mode = (await to.stat()).mode & 0o7777;
+  try {
+    await copyFile(`/proc/self/fd/${from.fd}`, `/proc/self/fd/${to.fd}`, constants.COPYFILE_FICLONE_FORCE);
+    return true;
+  } catch (e) {
+    if (!NO_REFLINK.has(errnoOf(e) ?? '')) throw e;
+    return false;
+  } finally {
+    await to.chmod(mode);
+  }
 }
 
 export class LocalFileSource implements BlockSource {
