@@ -39,8 +39,8 @@ export async function copySparse(from: FileHandle, to: FileHandle): Promise<numb
   return pos;
 }
 
-/** Errors that mean "this file system cannot share extents here": copy the bytes instead. */
-const NO_REFLINK = new Set(['ENOTSUP', 'EOPNOTSUPP', 'EXDEV', 'EINVAL', 'ENOSYS', 'ENOTTY', 'EBADF', 'EPERM']);
+/** Errors that mean "no reflink here": the file system cannot share extents, or a copy made 0400 (a read-only source) cannot be opened again for writing by its path. The bytes are copied through the open descriptors instead. */
+const NO_REFLINK = new Set(['ENOTSUP', 'EOPNOTSUPP', 'EXDEV', 'EINVAL', 'ENOSYS', 'ENOTTY', 'EBADF', 'EPERM', 'EACCES']);
 
 /**
  * Make `to` share `from`'s extents (FICLONE, through libuv's copyfile on the
