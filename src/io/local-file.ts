@@ -1,9 +1,8 @@
 /** BlockSource and BlockSink over a local file or block device. */
 import { execFile } from 'node:child_process';
-import { constants } from 'node:fs';
-import { copyFile, open, type FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { promisify } from 'node:util';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { QsyncError } from '../core/errors.js';
 import type { BlockSink, BlockSource } from './types.js';
 
 const ZEROES = Buffer.alloc(1 << 20);
@@ -39,27 +38,21 @@ export async function copySparse(from: FileHandle, to: FileHandle): Promise<numb
   return pos;
 }
 
-/** Errors that mean "no reflink here": the file system cannot share extents, or a copy made 0400 (a read-only source) cannot be opened again for writing by its path. The bytes are copied through the open descriptors instead. */
-const NO_REFLINK = new Set(['ENOTSUP', 'EOPNOTSUPP', 'EXDEV', 'EINVAL', 'ENOSYS', 'ENOTTY', 'EBADF', 'EPERM', 'EACCES']);
-
 /**
- * Make `to` share `from`'s extents (FICLONE, through libuv's copyfile on the
- * two descriptors' /proc paths), where the file system can (XFS, Btrfs):
- * nothing is copied, holes stay holes, and only blocks written later are
- * new. False where it cannot (ext4, tmpfs). libuv gives the copy the
- * source's mode; `to` gets its own back, so it is never wider than made.
+ * Make `to` (empty) share `from`'s extents, where the file system can (XFS,
+ * Btrfs): nothing is copied, holes stay holes, only blocks written later
+ * take new space. coreutils' `cp --reflink=always` does the FICLONE on this
+ * process's descriptors (/proc/PID/fd/N): an existing file keeps its mode,
+ * so the copy is never wider than it was made, not even for a moment. False
+ * where it cannot (ext4, tmpfs, a copy made 0400 that cannot be opened
+ * again for writing): the caller copies the bytes through the descriptors.
  */
 async function reflink(from: FileHandle, to: FileHandle): Promise<boolean> {
-  const mode = (await to.stat()).mode & 0o7777;
-  try {
-    await copyFile(`/proc/self/fd/${from.fd}`, `/proc/self/fd/${to.fd}`, constants.COPYFILE_FICLONE_FORCE);
-    return true;
-  } catch (e) {
-    if (!NO_REFLINK.has(errnoOf(e) ?? '')) throw e;
-    return false;
-  } finally {
-    await to.chmod(mode);
-  }
+  const fd = (h: FileHandle) => `/proc/${process.pid}/fd/${h.fd}`;
+  return run('cp', ['--reflink=always', '--', fd(from), fd(to)]).then(
+    () => true,
+    () => false,
+  );
 }
 
 export class LocalFileSource implements BlockSource {
