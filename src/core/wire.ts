@@ -39,7 +39,9 @@ export type WireFrame =
   | { type: 'zero'; offset: number; length: number }
   | { type: 'digests'; first: number; digests: Buffer };
 
-const bad = (what: string): QsyncError => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+/** A peer broke the protocol: the run cannot go on over this channel (exit 12). */
+export const protocolError = (what: string): QsyncError => new QsyncError('PROTOCOL', `protocol error: ${what}`, { fatal: true });
+const bad = protocolError;
 
 function header(type: number, bodyLength: number): Buffer {
   const h = Buffer.alloc(5);

@@ -1,5 +1,5 @@
 /**
- * A point-in-time view of a live disk (image fleecing, docs/DESIGN.md "Two views of an image"): a qcow2
+ * A point-in-time view of a live disk (image fleecing, docs/ARCHITECTURE.md "Two views of an image"): a qcow2
  * overlay backed by the disk, filled by a `sync=none` backup job with the old
  * contents of whatever the guest overwrites, exported read-only over NBD.
  * One transaction starts the next dirty bitmap, freezes the current one and

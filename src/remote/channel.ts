@@ -11,7 +11,7 @@
  */
 import type { Readable, Writable } from 'node:stream';
 import { QsyncError, type ErrorCode } from '../core/errors.js';
-import { encodeControl, MAX_FRAME, WireDecoder, type ControlMessage, type WireFrame } from '../core/wire.js';
+import { encodeControl, MAX_FRAME, protocolError, WireDecoder, type ControlMessage, type WireFrame } from '../core/wire.js';
 
 const HIGH = 64;
 const LOW = 16;
@@ -136,7 +136,7 @@ export class Channel {
   /** The next frame, which must be a control message; `{"op":"error"}` is raised as the peer's error. */
   async control(): Promise<ControlMessage> {
     const f = await this.next();
-    if (f.type !== 'control') throw new QsyncError('PROTOCOL', `protocol error: expected a control message, got a ${f.type} frame`, { fatal: true });
+    if (f.type !== 'control') throw protocolError(`expected a control message, got a ${f.type} frame`);
     if (f.msg.op === 'error') throw remoteError(f.msg);
     return f.msg;
   }
@@ -144,7 +144,7 @@ export class Channel {
   /** The next control message, which must be `op`. */
   async expect(op: string): Promise<ControlMessage> {
     const m = await this.control();
-    if (m.op !== op) throw new QsyncError('PROTOCOL', `protocol error: expected "${op}", got "${m.op}"`, { fatal: true });
+    if (m.op !== op) throw protocolError(`expected "${op}", got "${m.op}"`);
     return m;
   }
 

@@ -8,11 +8,10 @@
  * it commits a manifest (docs/FORMATS.md "Wire protocol").
  */
 import type { BigIntStats } from 'node:fs';
-import { QsyncError } from '../core/errors.js';
 import { blockCount, blockLength } from '../core/geometry.js';
 import type { WriteRun } from '../core/plan.js';
 import { inflateRawSync } from 'node:zlib';
-import { encodeDigests, type ControlMessage } from '../core/wire.js';
+import { encodeDigests, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { decodeName, encodeName } from '../io/safe-fs.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
@@ -20,7 +19,7 @@ import { remoteError, type Channel } from './channel.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
 
 /** A peer that breaks the protocol ends the run: what it sends next cannot be matched to what was asked. */
-const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`, { fatal: true });
+const bad = protocolError;
 
 function stats(v: unknown): BigIntStats {
   try {

@@ -19,7 +19,7 @@ import { basename, dirname, resolve } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
-import { encodeData, encodeZero, type ControlMessage } from '../core/wire.js';
+import { encodeData, encodeZero, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
 import { Dir, fsPath } from '../io/safe-fs.js';
@@ -35,7 +35,7 @@ const LIST_PAGE = 2000;
 /** A progress message at least this often while nothing needs sending. */
 const PROGRESS_BLOCKS = 4096;
 
-const bad = (what: string) => new QsyncError('PROTOCOL', `protocol error: ${what}`);
+const bad = protocolError;
 
 function str(m: ControlMessage, k: string): string {
   const v = m[k];
@@ -112,12 +112,12 @@ export class SourceServer {
     },
     'open-operand': async (m) => {
       const d = await Dir.open(await this.operand(str(m, 'operand')));
-      await this.hold(d, m);
+      await this.hold(d);
     },
     'open-parent': async (m) => {
       const abs = resolve(await this.operand(str(m, 'operand')));
       const d = await Dir.open(dirname(abs));
-      await this.hold(d, m, basename(abs));
+      await this.hold(d, basename(abs));
     },
     'dir-stat': async (m) => this.ok({ st: statsToWire(await this.dir(m).stat()) }),
     list: async (m) => {
@@ -139,7 +139,7 @@ export class SourceServer {
     lstat: async (m) => this.ok({ st: statsToWire(await this.dir(m).lstat(str(m, 'name'))) }),
     'open-dir': async (m) => {
       const d = await this.dir(m).openDir(str(m, 'name'));
-      await this.hold(d, m);
+      await this.hold(d);
     },
     readlink: async (m) => this.ok({ target: await this.dir(m).readlink(str(m, 'name')) }),
     'open-file': async (m) => {
@@ -166,7 +166,7 @@ export class SourceServer {
     return d;
   }
 
-  private async hold(d: Dir, m: ControlMessage, name?: string): Promise<void> {
+  private async hold(d: Dir, name?: string): Promise<void> {
     try {
       await this.inside(`/proc/self/fd/${d.fd}`);
     } catch (e) {
@@ -175,7 +175,6 @@ export class SourceServer {
     }
     const h = this.nextHandle++;
     this.dirs.set(h, d);
-    void m;
     // The folder's own stat comes along: the walk checks it is the one listed.
     await this.ok({ h, path: d.path, name, st: statsToWire(await d.stat()) });
   }

@@ -9,6 +9,7 @@
  */
 import { resolve } from 'node:path';
 import { QsyncError } from '../core/errors.js';
+import { protocolError } from '../core/wire.js';
 import { isValidBlockSize } from '../core/geometry.js';
 import { HashPool } from '../hash/pool.js';
 import { setStateBase } from '../sync/state-dir.js';
@@ -35,7 +36,7 @@ function parseServerArgs(argv: string[]): { restrict?: string } {
 }
 
 function strings(v: unknown, what: string): string[] {
-  if (!Array.isArray(v) || !v.every((s) => typeof s === 'string')) throw new QsyncError('PROTOCOL', `protocol error: ${what}`);
+  if (!Array.isArray(v) || !v.every((s) => typeof s === 'string')) throw protocolError(`${what}`);
   return v as string[];
 }
 
@@ -53,14 +54,14 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
       const pool = new HashPool(blockSize);
       try {
         const last = await new SourceServer(ch, pool, restrict, h.compress === true).serve();
-        if (last.op !== 'bye') throw new QsyncError('PROTOCOL', `protocol error: unexpected "${last.op}"`);
+        if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
       } finally {
         await pool.close();
       }
       await ch.end();
       return 0;
     }
-    if (h.role !== 'receiver') throw new QsyncError('PROTOCOL', `protocol error: unknown role ${String(h.role)}`);
+    if (h.role !== 'receiver') throw protocolError(`unknown role ${String(h.role)}`);
     const defaults = parseArgv(['.', '.']);
     if (defaults.kind !== 'sync') throw new Error('no default options');
     const o = optionsFromWire(h.options, defaults.options);

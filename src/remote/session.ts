@@ -13,9 +13,9 @@
  * Either way the target, its manifest, intent and lock stay where the target
  * is, and only planned blocks cross the wire.
  */
-import { QsyncError, type ErrorCode } from '../core/errors.js';
+import { QsyncError } from '../core/errors.js';
 import { isValidBlockSize } from '../core/geometry.js';
-import { WIRE_MAGIC, WIRE_VERSION, type ControlMessage } from '../core/wire.js';
+import { protocolError, WIRE_MAGIC, WIRE_VERSION, type ControlMessage } from '../core/wire.js';
 import type { FileReport, RunStats } from '../sync/events.js';
 import type { SyncOptions } from '../cli/args.js';
 import type { Printer } from '../cli/output.js';
@@ -80,7 +80,7 @@ export function eventsTo(printer: Printer): (m: ControlMessage) => boolean {
 
 /** The receiving server's "done": its stats and exit code, and the error that ended it, if one did. */
 export function readDone(m: ControlMessage): { stats?: RunStats; code: number; error?: Error } {
-  if (m.op !== 'done' || typeof m.code !== 'number') throw new QsyncError('PROTOCOL', `protocol error: expected "done", got "${m.op}"`);
+  if (m.op !== 'done' || typeof m.code !== 'number') throw protocolError(`expected "done", got "${m.op}"`);
   return { stats: m.stats as RunStats | undefined, code: m.code, error: m.error ? remoteError(m.error as ControlMessage) : undefined };
 }
 
@@ -91,7 +91,7 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   for (const [k, val] of Object.entries(v as Record<string, unknown>)) {
     if (!(k in o) || val === undefined || val === null) continue;
     const want = k === 'filters' ? 'object' : typeof o[k];
-    if (want !== 'undefined' && typeof val !== want) throw new QsyncError('PROTOCOL', `protocol error: option ${k} is a ${typeof val}`);
+    if (want !== 'undefined' && typeof val !== want) throw protocolError(`option ${k} is a ${typeof val}`);
     o[k] = val;
   }
   const out = o as unknown as SyncOptions;
@@ -105,4 +105,3 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   return out;
 }
 
-export type { ErrorCode };

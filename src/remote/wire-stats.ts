@@ -6,6 +6,7 @@
  */
 import { constants, type BigIntStats } from 'node:fs';
 import { QsyncError } from '../core/errors.js';
+import { protocolError } from '../core/wire.js';
 
 const FIELDS = ['dev', 'ino', 'mode', 'nlink', 'uid', 'gid', 'rdev', 'size', 'atimeNs', 'mtimeNs', 'ctimeNs'] as const;
 type Field = (typeof FIELDS)[number];
@@ -33,7 +34,7 @@ export function statsFromWire(w: unknown): BigIntStats {
   const st = Object.create(PROTO) as Record<string, unknown>;
   for (const [i, f] of FIELDS.entries()) {
     const v: unknown = w[i];
-    if (typeof v !== 'string' || !/^-?[0-9]{1,20}$/.test(v)) throw new QsyncError('PROTOCOL', `protocol error: stat field ${f} is not an integer`);
+    if (typeof v !== 'string' || !/^-?[0-9]{1,20}$/.test(v)) throw protocolError(`stat field ${f} is not an integer`);
     st[f] = BigInt(v);
   }
   if ((st.size as bigint) < 0n || (st.size as bigint) > BigInt(Number.MAX_SAFE_INTEGER)) throw new QsyncError('PROTOCOL', 'protocol error: a stat size is out of range');

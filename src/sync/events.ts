@@ -4,7 +4,7 @@
  * --progress lines, --json) that implements them.
  */
 
-/** How a file was brought up to date, cheapest first (docs/DESIGN.md "Costs, best first"). */
+/** How a file was brought up to date, cheapest first (docs/ARCHITECTURE.md "Costs, best first"). */
 export type SyncMethod =
   | 'quick' // size + mtime unchanged since the manifest: not read
   | 'bitmap' // image mode: only dirty extents read

@@ -1,6 +1,6 @@
 /**
  * Brings one regular file up to date, the cheapest way that is safe
- * (docs/DESIGN.md "Costs, best first"): quick check → trusted manifest → compare
+ * (docs/ARCHITECTURE.md "Costs, best first"): quick check → trusted manifest → compare
  * → new copy. Data flows one way: the hash pool reads and hashes the source
  * (and, in compare mode, the target), the planner below picks the changed
  * blocks, the sink writes them, and the manifest is committed last.

@@ -1,5 +1,5 @@
 /**
- * Whether a manifest still describes its target (docs/DESIGN.md "Manifest"), and
+ * Whether a manifest still describes its target (docs/ARCHITECTURE.md "Manifest"), and
  * which of its blocks an interrupted run may have changed.
  */
 import type { BigIntStats } from 'node:fs';
