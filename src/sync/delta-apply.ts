@@ -19,14 +19,13 @@ import { blockCount, blockLength } from '../core/geometry.js';
 import { digestOf } from '../hash/blake3.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
-import { readUpTo } from '../io/local-file.js';
+import { LocalFileSink, readUpTo } from '../io/local-file.js';
 import { Dir } from '../io/safe-fs.js';
-import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
-import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest } from './manifest-store.js';
+import { emptyFingerprint, manifestPathFor } from './manifest-store.js';
+import { commitTarget, fileData, LocalTargetState, type Assessment, type TargetIdentity } from './target.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 import { readStateFile, removeStatePath, withStateParent, writeStateFile } from './state-dir.js';
-import { assessManifest } from './trust.js';
 
 const APPLY_MAGIC = 'QSYNCAPI';
 /** Magic, member stream hash, target device and inode, check (first 16 bytes of BLAKE3 of the rest). */
@@ -257,10 +256,9 @@ async function planResume(base: Omit<MemberPlan, 'status'>, ident: Identity): Pr
   try {
     const st = await fh.stat({ bigint: true });
     if (!sameIdentity(ident, st)) throw refuse('the target was replaced since (another file is at its path now)');
-    const manifest = await openManifest(manifestPath).catch(() => undefined);
+    const { manifest, trust } = await assessTolerant(manifestPath, st, h.blockSize);
     if (manifest) {
       try {
-        const trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), st, h.blockSize);
         const trusted = trust.trusted && !trust.unknown;
         if (trusted && manifest.fingerprint.equals(h.resultFingerprint) && Number(st.size) === h.resultSize) {
           await removeStatePath(applyIntentPath(manifestPath));
@@ -282,12 +280,15 @@ async function planResume(base: Omit<MemberPlan, 'status'>, ident: Identity): Pr
   return { ...base, status: 'resumed', ident, scratch: await DigestScratch.open(scratchPath(manifestPath)) };
 }
 
+/** The target's state judged as a sync judges it; a manifest that cannot be read at all counts as none (the target is hashed instead). */
+const assessTolerant = (manifestPath: string, st: TargetIdentity, blockSize: number) =>
+  new LocalTargetState(manifestPath).assess(st, { blockSize }).catch((): Assessment => ({ manifest: undefined, trust: { trusted: false } }));
+
 /** The target's fingerprint: its manifest's when trusted, else by hashing it; its digests go to the scratch file. */
 async function targetFingerprint(fh: FileHandle, manifestPath: string, blockSize: number, scratch: DigestScratch): Promise<Buffer> {
   const st = await fh.stat({ bigint: true });
-  const manifest = await openManifest(manifestPath).catch(() => undefined);
+  const { manifest, trust } = await assessTolerant(manifestPath, st, blockSize);
   try {
-    const trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), st, blockSize);
     if (manifest && trust.trusted && !trust.unknown) {
       await scratch.fillFromManifest(manifest);
       return manifest.fingerprint;
@@ -453,7 +454,7 @@ class MemberWrite {
         const intent = encodeApplyIntent(p.summary.streamHash, st);
         await withStateParent(applyIntentPath(p.manifestPath), true, (sp) => writeStateFile(sp.dir, sp.name, intent));
         p.begun = true;
-        await removeStatePath(p.manifestPath);
+        await new LocalTargetState(p.manifestPath).forget();
         await fsyncDir(dirname(p.manifestPath));
       }
       await target.truncate(h.resultSize);
@@ -468,8 +469,7 @@ class MemberWrite {
   async finish(): Promise<void> {
     const { p } = this;
     const h = p.summary.header;
-    await this.target.sync();
-    const w = await ManifestWriter.create(p.manifestPath, h.blockSize, h.resultSize);
+    const w = await new LocalTargetState(p.manifestPath).begin({ blockSize: h.blockSize, oldSize: h.baseSize, newSize: h.resultSize });
     await p.scratch!.writeTo(w, h.blockSize, h.resultSize);
     if (!w.fingerprint.equals(h.resultFingerprint)) {
       await w.abort();
@@ -478,8 +478,12 @@ class MemberWrite {
         hint: 'run the apply again',
       });
     }
-    const st = await this.target.stat({ bigint: true });
-    await w.commit({ sourceSize: h.resultSize, sourceMtimeNs: 0n, targetMtimeNs: st.mtimeNs, targetIno: st.ino, targetDev: st.dev });
+    // The one commit sequence (src/sync/target.ts): the records durable, then the manifest naming this inode.
+    const data = LocalFileSink.of(this.target, p.target);
+    await commitTarget(fileData(data), data, w, { size: h.resultSize, mtimeNs: 0n }).catch(async (e) => {
+      await w.abort();
+      throw e;
+    });
     await removeStatePath(applyIntentPath(p.manifestPath));
     await p.scratch!.close(true);
     p.scratch = undefined;

@@ -14,10 +14,10 @@ import { copySparse, LocalFileSink, punchingSink, readUpTo } from '../io/local-f
 import { setMetaByFd, type Dir, type MetaChange } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
 import type { SyncHooks, SyncMethod } from './events.js';
-import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
-import { emptyFingerprint, Fingerprinter, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
-import { assessManifest, type Trust } from './trust.js';
-import { removeStatePath } from './state-dir.js';
+import { emptyFingerprint, Fingerprinter, type Manifest } from './manifest-store.js';
+import type { Trust } from './trust.js';
+import { takeChunk } from './engine.js';
+import { commitTarget, fileData, LocalTargetState, type TargetData, type TargetState } from './target.js';
 import type { DigestReader, SourceDir, Sources } from './source.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 
@@ -102,19 +102,10 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   if (dstStat && opts.ignoreExisting) return undefined;
   if (dstStat && opts.update && dstStat.mtimeNs > srcStat.mtimeNs) return undefined;
 
-  let manifest: Manifest | undefined;
-  let trust: Trust = { trusted: false };
-  if (dstStat) {
-    try {
-      // -n writes nothing, not even a pending journal: it is applied in memory.
-      manifest = await openManifest(manifestPath, { readOnly: opts.dryRun });
-      trust = assessManifest(manifest, await readIntent(intentPathFor(manifestPath)), dstStat, opts.blockSize, opts.checksum);
-    } catch (e) {
-      if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
-      trust = { trusted: false, reason: e.message };
-    }
-    if (trust.reason) ctx.hooks.notice?.(`${trust.reason}${trust.trusted ? '' : '; comparing source and target'}`, relPath);
-  }
+  const state = new LocalTargetState(manifestPath);
+  // -n writes nothing, not even a pending journal: it is applied in memory.
+  const { manifest, trust } = await state.assess(dstStat, { blockSize: opts.blockSize, strict: opts.checksum, readOnly: opts.dryRun });
+  if (trust.reason) ctx.hooks.notice?.(`${trust.reason}${trust.trusted ? '' : '; comparing source and target'}`, relPath);
 
   try {
     const size = Number(srcStat.size);
@@ -128,7 +119,7 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
     if (opts.dryRun) return { ...skipped(method), transferred: true, created: !dstStat };
 
     await ctx.sources.checkUsable(srcStat, src);
-    return await transfer(job, method, manifest, trust, opts, ctx);
+    return await transfer(job, method, state, manifest, trust, opts, ctx);
   } finally {
     await manifest?.close();
   }
@@ -171,7 +162,7 @@ async function openTarget(job: FileJob, detach: boolean): Promise<{ fh: FileHand
   return { fh };
 }
 
-async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | undefined, trust: Trust, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult> {
+async function transfer(job: FileJob, method: SyncMethod, state: TargetState, manifest: Manifest | undefined, trust: Trust, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult> {
   const { src, srcStat, dst, dstStat, manifestPath, relPath } = job;
   const { blockSize } = opts;
   const size = Number(srcStat.size);
@@ -207,11 +198,9 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
     if (e instanceof QsyncError) throw e;
     throw new QsyncError('TARGET', `cannot ${touch ? 'write' : 'read'} ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
-  const intentPath = intentPathFor(manifestPath);
-  // A manifest that is not used for this run must not survive it: it would describe the old target.
-  if (touch && !trust.trusted) await removeStatePath(manifestPath);
-  const intent = touch && trust.trusted ? await IntentWriter.create(intentPath, manifest!.checksum, oldSize, size) : undefined;
-  const writer = touch ? await ManifestWriter.create(manifestPath, blockSize, size, trust.trusted ? manifest : undefined) : undefined;
+  // The state's half of the write: a manifest not used for this run is removed first (it would describe the old target),
+  // a trusted one is named by the intent and patched.
+  const writer = touch ? await state.begin({ blockSize, oldSize, newSize: size, base: trust.trusted ? manifest : undefined }) : undefined;
   const resultFp = writer ? undefined : new Fingerprinter(blockSize, size);
   const info: SinkInfo = {
     relPath,
@@ -227,13 +216,11 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   // where zeros are written only without -S (as rsync allocates them).
   const holeFrom = method !== 'new' ? oldBlocks : opts.sparse ? 0 : Infinity;
 
-  let targetStat: BigIntStats | undefined;
   let scratch: DigestScratch | undefined;
   const closeAll = async () => {
     await sink.close().catch(() => {});
     if (targetFh !== target?.fh) await targetFh?.close();
     await source.close();
-    await intent?.close();
     await scratch?.close(true);
   };
   try {
@@ -261,32 +248,23 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
       target: readTarget && ctx.sources.readsTarget ? { fd: targetFh!.fd, size: oldSize, hash: baseFp !== undefined } : undefined,
     }, async (c) => {
       if (c.targetDigests) baseFp!.append(c.targetDigests);
-      await intent?.add(c.changed);
-      for (const r of c.runs) {
-        const off = r.first * blockSize;
-        const end = Math.min(size, (r.first + r.count) * blockSize);
-        if (r.zero && opts.sparse) await sink.writeZeroes(off, end - off);
-        else await sink.write(off, c.bytes(r));
-        result.literal += end - off;
-      }
-      if (writer) await writer.append(c.digests, c.changed);
-      else resultFp!.append(c.digests);
+      result.literal += await takeChunk(c, { sink, writer, fingerprint: resultFp, blockSize, size, sparse: opts.sparse });
       result.scanned += c.scanned;
       ctx.hooks.fileProgress?.(relPath, result.scanned, result.literal);
     });
     if (vouched && !vouched.equals(writer?.fingerprint ?? resultFp!.digest())) {
       // The peer read other blocks than this side put together: no manifest may describe what was written.
-      if (touch) await removeStatePath(manifestPath);
+      if (touch) await state.forget();
       throw new QsyncError('PROTOCOL', `${dst}: the blocks received do not add up to the source's digests; the target will be compared on the next run`, { file: dst, hint: 'run again' });
     }
     // The old target's blocks past the new end were not in the scan: hash them for the base fingerprint.
     if (baseFp && oldSize > size) await hashTail(targetFh!, Math.ceil(size / blockSize) * blockSize, oldSize, blockSize, baseFp);
-    await sink.commit();
     if (target) {
-      // Owner, mode and times through the descriptor: the inode written, whatever its name is now.
-      // A detached copy keeps the old target's mode unless -p gives the source's.
-      await setMetaByFd(target.fh.fd, detach && job.meta.mode === undefined ? { ...job.meta, mode: Number(dstStat!.mode & 0o7777n) } : job.meta);
-      targetStat = await target.fh.stat({ bigint: true });
+      // The one commit sequence (src/sync/target.ts): data durable, in place, then the manifest, then the intent gone.
+      await commitTarget(placeTarget(job, target, tmp, detach), sink, writer!, { size, mtimeNs: srcStat.mtimeNs });
+      tmp = undefined;
+    } else {
+      await sink.commit();
     }
   } catch (e) {
     await writer?.abort();
@@ -296,20 +274,27 @@ async function transfer(job: FileJob, method: SyncMethod, manifest: Manifest | u
   }
   await closeAll();
   result.matched = size - result.literal;
-  if (!writer) return result;
-  if (tmp) {
-    // Complete, durable and with its final metadata: only now does it take the real name (replacing, never following, what is there).
-    await job.dstDir!.rename(tmp, job.dstDir!, job.dstName).catch(async (e) => {
-      await job.dstDir!.unlink(tmp!).catch(() => {});
-      throw new QsyncError('TARGET', `cannot put ${dst} in place: ${(e as Error).message}`, { file: dst }, { cause: e });
-    });
-    await job.dstDir!.sync();
-  }
-  const t = targetStat!;
-  // The source's stat from before the read: if it changed while read, the next quick check sees it.
-  await writer.commit({ sourceSize: size, sourceMtimeNs: srcStat.mtimeNs, targetMtimeNs: t.mtimeNs, targetIno: t.ino, targetDev: t.dev });
-  await removeIntent(intentPath);
   return result;
+}
+
+/**
+ * The target file as the engine's data: once its blocks are durable, owner,
+ * mode and times are set through its descriptor (the inode written, whatever
+ * its name is now; a detached copy keeps the old target's mode unless -p
+ * gives the source's), and a temporary copy, complete, durable and with its
+ * final metadata, takes the real name, replacing, never following, what is there.
+ */
+function placeTarget(job: FileJob, target: LocalFileSink, tmp: string | undefined, detach: boolean): TargetData {
+  const { dst, dstDir, dstName, dstStat } = job;
+  return fileData(target, async () => {
+    await setMetaByFd(target.fh.fd, detach && job.meta.mode === undefined ? { ...job.meta, mode: Number(dstStat!.mode & 0o7777n) } : job.meta);
+    if (tmp) {
+      await dstDir!.rename(tmp, dstDir!, dstName).catch((e) => {
+        throw new QsyncError('TARGET', `cannot put ${dst} in place: ${(e as Error).message}`, { file: dst }, { cause: e });
+      });
+      await dstDir!.sync();
+    }
+  });
 }
 
 async function hashTail(fh: FileHandle, from: number, to: number, blockSize: number, fp: Fingerprinter): Promise<void> {

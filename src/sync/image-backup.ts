@@ -29,13 +29,13 @@ import { serveImage, type ServedImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import type { FileSyncContext } from './file-sync.js';
-import { IntentWriter, intentPathFor, readIntent, removeIntent } from './intent.js';
+import { intentPathFor, readIntent } from './intent.js';
 import { lockDestination } from './lock.js';
-import { emptyFingerprint, manifestPathFor, ManifestWriter, openManifest, type Manifest } from './manifest-store.js';
+import { emptyFingerprint, manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest, type Trust } from './trust.js';
-import { removeStatePath } from './state-dir.js';
+import { commitTarget, fileData, LocalTargetState, type StateWriter } from './target.js';
 
 
 export interface ImageBackupOptions {
@@ -349,18 +349,23 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     if (full) s.dirty = size;
     hooks.fileStart?.(rel, size, method);
 
-    // A manifest not used for this run must not outlive it: it would describe the old target.
-    if (!manifest) await removeStatePath(c.manifestPath);
     const file = await LocalFileSink.open(c.target, !c.tStat);
-    const intentPath = intentPathFor(c.manifestPath);
-    const intent = manifest ? await IntentWriter.create(intentPath, manifest.checksum, manifest.header.targetSize, size) : undefined;
-    // With a trusted manifest of the same size, only the changed digests are patched into it.
-    const writer = await ManifestWriter.create(c.manifestPath, bs, size, manifest);
-    const oldSize = manifest?.header.targetSize ?? (c.tStat ? (await file.fh.stat()).size : 0);
+    let writer: StateWriter;
+    let oldSize: number;
+    try {
+      oldSize = manifest?.header.targetSize ?? (c.tStat ? (await file.fh.stat()).size : 0);
+      // The state's half of the write (src/sync/target.ts): a manifest not used for this run is removed first
+      // (it would describe the old target); with a trusted one of the same size only the changed digests are patched into it.
+      writer = await new LocalTargetState(c.manifestPath).begin({ blockSize: bs, oldSize, newSize: size, base: manifest });
+    } catch (e) {
+      await file.close();
+      throw e;
+    }
     const oldBlocks = blockCount(oldSize, bs);
     const holes: [number, number][] = [];
     const target = punchingSink(file, holes);
     let sink: BlockSink = target;
+    let checksum: Buffer;
     try {
       if (c.wrapSink) {
         // A delta names its base: the manifest's fingerprint, the empty one for a new target, else a hash of the old target.
@@ -378,7 +383,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
       const compare = !manifest && c.tStat;
       const maxRun = Math.max(1, Math.floor(Math.min(MAX_READ, nbd.blockSizes.maximum) / bs));
       // Delta sinks take one write at a time.
-      const pipe = new CopyPipeline(bs, size, kind, oldBlocks, sink, !!c.wrapSink, manifest, writer, intent);
+      const pipe = new CopyPipeline(bs, size, kind, oldBlocks, sink, !!c.wrapSink, manifest, writer);
 
       /** Runs of wanted blocks, in order: same kind (data or zero), within one piece, at most one read long. */
       let planned = 0;
@@ -425,18 +430,14 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
         hooks.fileProgress?.(rel, s.read, s.written);
       }
       await pipe.finish();
-      await sink.commit();
+      // The one commit sequence: data durable, then the manifest naming this inode, then the intent gone.
+      checksum = await commitTarget(fileData(target), sink, writer, { size, mtimeNs: 0n });
       await sink.close();
     } catch (e) {
       await writer.abort();
-      await intent?.close();
       await sink.close().catch(() => {});
       throw e;
     }
-    await intent?.close();
-    const t = await stat(c.target, { bigint: true });
-    const checksum = await writer.commit({ sourceSize: size, sourceMtimeNs: 0n, targetMtimeNs: t.mtimeNs, targetIno: t.ino, targetDev: t.dev });
-    await removeIntent(intentPath);
     hooks.fileEnd?.({
       path: rel, itemize: s.written || holes.length ? '>f.st......' : '.f.........', kind: 'file', size, method,
       scanned: s.read, literal: s.written, matched: s.unchanged, unchanged: !s.written && !holes.length,
@@ -497,8 +498,8 @@ class CopyPipeline {
     /** One write at a time, in order (delta sinks). */
     private readonly serial: boolean,
     private readonly manifest: Manifest | undefined,
-    private readonly writer: ManifestWriter,
-    private readonly intent: IntentWriter | undefined,
+    /** The target's state: the intent before each batch, the new manifest a piece at a time. */
+    private readonly writer: StateWriter,
   ) {}
 
   #pieceLen(p: number): number {
@@ -576,9 +577,9 @@ class CopyPipeline {
     const [blocks, batch] = [this.#batchBlocks, this.#batch];
     [this.#batchBlocks, this.#batch, this.#batchBytes] = [[], [], 0];
     // The intent must be on disk before its blocks are written, but hashing need not wait for it.
-    if (this.intent && blocks.length) {
-      const intent = this.intent;
-      this.#intentChain = this.#intentChain.then(() => intent.add(blocks));
+    if (blocks.length) {
+      const writer = this.writer;
+      this.#intentChain = this.#intentChain.then(() => writer.record(blocks));
       this.#intentChain.catch(() => {}); // surfaces through the writes and finish()
     }
     const recorded = this.#intentChain;

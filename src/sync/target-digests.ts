@@ -69,7 +69,7 @@ export class DigestScratch {
   }
 
   /** Stream the digests of blocks [0, blockCount(size)) into a new manifest writer (its fingerprint is checked by the caller). */
-  async writeTo(w: ManifestWriter, blockSize: number, size: number): Promise<void> {
+  async writeTo(w: Pick<ManifestWriter, 'append'>, blockSize: number, size: number): Promise<void> {
     await this.each(blockSize, size, (d) => w.append(d));
   }
 

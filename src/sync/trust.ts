@@ -21,7 +21,7 @@ export interface Trust {
  * manifest that an interrupted run left behind: the target's size and mtime
  * must equal the recorded ones, intent or not.
  */
-export function assessManifest(m: Manifest | undefined, intent: Intent | undefined, target: BigIntStats, blockSize: number, strict = false): Trust {
+export function assessManifest(m: Manifest | undefined, intent: Intent | undefined, target: Pick<BigIntStats, 'size' | 'mtimeNs' | 'ino' | 'dev'>, blockSize: number, strict = false): Trust {
   if (!m) return { trusted: false, reason: intent ? 'an earlier run was interrupted before its first manifest' : undefined };
   const h = m.header;
   if (h.blockSize !== blockSize) return { trusted: false, reason: `block size changed (${h.blockSize} → ${blockSize})` };
