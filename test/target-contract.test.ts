@@ -10,20 +10,25 @@
  * target.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
-import { open, readFile, stat, writeFile } from 'node:fs/promises';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { blockCount } from '../src/core/geometry.js';
+import { encodeData } from '../src/core/wire.js';
 import { DIGEST_LEN, digestOf } from '../src/hash/blake3.js';
 import { HashPool } from '../src/hash/pool.js';
-import { LocalFileSink } from '../src/io/local-file.js';
+import { PassThrough } from 'node:stream';
+import { Channel } from '../src/remote/channel.js';
+import { RemoteDestination } from '../src/remote/remote-target.js';
+import { TargetServer } from '../src/remote/serve-target.js';
+import { LocalDestination } from '../src/sync/local-target.js';
 import type { BlockSink } from '../src/io/types.js';
 import { takeChunk } from '../src/sync/engine.js';
-import { Fingerprinter, manifestPathFor, type Manifest } from '../src/sync/manifest-store.js';
+import { Fingerprinter, type Manifest } from '../src/sync/manifest-store.js';
 import { scanAndPlan } from '../src/sync/source.js';
-import { commitTarget, fileData, LocalTargetState, MemoryTarget, type TargetData, type TargetIdentity, type TargetState } from '../src/sync/target.js';
+import { commitTarget, MemoryTarget, type Destination, type OpenData, type Target, type TargetData, type TargetIdentity, type TargetState } from '../src/sync/target.js';
 
 const BS = 4096;
 const SIZE = 12 * BS + 100;
@@ -50,33 +55,28 @@ afterAll(() => rmSync(root, { recursive: true, force: true }));
 let n = 0;
 const implementations: { name: string; make(): Promise<Subject> }[] = [
   {
-    name: 'local file, state in the state folder',
+    name: 'local destination (a file reached by descriptor, its state in the state folder)',
     async make() {
       const dest = join(root, `dest${n++}`);
-      const path = join(dest, 'disk.raw');
-      await import('node:fs/promises').then((f) => f.mkdir(dest));
-      await writeFile(path, '');
-      const opened: LocalFileSink[] = [];
-      return {
-        state: new LocalTargetState(manifestPathFor(dest, 'disk.raw')),
-        async open() {
-          const sink = LocalFileSink.of(await open(path, 'r+'), path);
-          opened.push(sink);
-          return fileData(sink);
-        },
-        identity: () => stat(path, { bigint: true }),
-        bytes: () => readFile(path),
-        async tamper(offset, bytes) {
-          const fh = await open(path, 'r+');
-          await fh.write(bytes, 0, bytes.length, offset);
-          await fh.close();
-          const later = Date.now() / 1000 + 5;
-          utimesSync(path, later, later);
-        },
-        async close() {
-          for (const s of opened) await s.close().catch(() => {});
-        },
-      };
+      const d = await LocalDestination.open(dest);
+      await writeFile(join(dest, 'disk.raw'), '');
+      return overTarget(d, d.target('disk.raw'), join(dest, 'disk.raw'), async () => {});
+    },
+  },
+  {
+    name: 'remote destination (a TargetServer over an in-process channel)',
+    async make() {
+      const dest = join(root, `dest${n++}`);
+      const far = await LocalDestination.open(dest);
+      await writeFile(join(dest, 'disk.raw'), '');
+      const up = new PassThrough();
+      const down = new PassThrough();
+      const serving = new TargetServer(new Channel(up, down, { peer: 'the client' }), far).serve();
+      const near = new RemoteDestination(new Channel(down, up, { peer: 'the server' }), `peer:${dest}`);
+      return overTarget(near, near.target('disk.raw'), join(dest, 'disk.raw'), async () => {
+        await serving;
+        await far.close();
+      });
     },
   },
   {
@@ -94,6 +94,33 @@ const implementations: { name: string; make(): Promise<Subject> }[] = [
     },
   },
 ];
+
+/** A production Target (local or remote) as the contract reaches it; the bytes are read and tampered with where they lie. */
+function overTarget(d: Destination, t: Target, path: string, after: () => Promise<void>): Subject {
+  const opened: OpenData[] = [];
+  return {
+    state: t.state,
+    async open() {
+      const data = await t.open(false);
+      opened.push(data);
+      return data;
+    },
+    identity: () => t.identity(),
+    bytes: () => readFile(path),
+    async tamper(offset, bytes) {
+      const fh = await open(path, 'r+');
+      await fh.write(bytes, 0, bytes.length, offset);
+      await fh.close();
+      const later = Date.now() / 1000 + 5;
+      utimesSync(path, later, later);
+    },
+    async close() {
+      for (const o of opened) await o.close();
+      await d.close();
+      await after();
+    },
+  };
+}
 
 function digestsOf(data: Buffer): Buffer {
   const out = Buffer.alloc(blockCount(data.length, BS) * DIGEST_LEN);
@@ -332,5 +359,47 @@ describe('the engine in process: a real source file into an in-memory target', (
     expect(t.state.journal).toEqual(['forget', 'data-durable', 'manifest', 'intent-removed', 'intent', 'data-durable', 'manifest', 'intent-removed']);
     // Unchanged: nothing written.
     expect(await sync(t, next)).toBe(0);
+  });
+});
+
+describe('the far side of a remote target refuses what a hostile client sends', () => {
+  async function session() {
+    const dest = join(root, `hostile${n++}`);
+    const far = await LocalDestination.open(dest);
+    const up = new PassThrough();
+    const down = new PassThrough();
+    const serving = new TargetServer(new Channel(up, down, { peer: 'the client' }), far).serve().finally(() => far.close());
+    serving.catch(() => {});
+    const ch = new Channel(down, up, { peer: 'the server' });
+    return { dest, ch, serving };
+  }
+
+  it('names that are not one component of the destination end the session; nothing is made', async () => {
+    for (const name of ['../escape', 'a/b', '..', '.', '']) {
+      const { dest, ch, serving } = await session();
+      await ch.send({ op: 't-open', name, create: true });
+      await expect(serving).rejects.toThrow(/not a name in the destination/);
+      expect(readdirSync(dest)).toEqual([]);
+    }
+    expect(existsSync(join(root, 'escape'))).toBe(false);
+  });
+
+  it('a block that does not match its digest ends the session before it is written; a base that is not on record is refused', async () => {
+    const { dest, ch, serving } = await session();
+    await ch.send({ op: 't-open', name: 'disk.raw', create: true });
+    await ch.expect('t-opened');
+    await ch.send({ op: 't-begin', name: 'disk.raw', blockSize: BS, oldSize: 0, newSize: 2 * BS, base: 'ab'.repeat(32) });
+    await expect(serving).rejects.toThrow(/not the manifest on record/);
+    const s2 = await session();
+    await s2.ch.send({ op: 't-open', name: 'disk.raw', create: true });
+    await s2.ch.expect('t-opened');
+    await s2.ch.send({ op: 't-begin', name: 'disk.raw', blockSize: BS, oldSize: 0, newSize: 2 * BS, base: null });
+    await s2.ch.expect('t-begun');
+    await s2.ch.send({ op: 't-truncate', size: 2 * BS });
+    const block = randomBytes(BS);
+    await s2.ch.send(encodeData(0, digestOf(randomBytes(BS)), block));
+    await expect(s2.serving).rejects.toThrow(/do not match their digests/);
+    expect(readFileSync(join(s2.dest, 'disk.raw')).equals(Buffer.alloc(2 * BS))).toBe(true);
+    expect(readdirSync(dest)).toEqual(['disk.raw']);
   });
 });

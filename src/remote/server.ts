@@ -20,6 +20,8 @@ import { Channel, errorMessage } from './channel.js';
 import { RemoteSources } from './remote-sources.js';
 import { restrictedPath } from './restrict.js';
 import { SourceServer } from './serve-sources.js';
+import { TargetServer } from './serve-target.js';
+import { LocalDestination } from '../sync/local-target.js';
 import { checkHello, ForwardingPrinter, hello, optionsFromWire } from './session.js';
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
@@ -57,6 +59,19 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
         if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
       } finally {
         await pool.close();
+      }
+      await ch.end();
+      return 0;
+    }
+    if (h.role === 'target') {
+      if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
+      const dest = await LocalDestination.open(await restrictedPath(h.dest, restrict));
+      try {
+        await ch.send(hello('target', {}));
+        const last = await new TargetServer(ch, dest).serve();
+        if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
+      } finally {
+        await dest.close();
       }
       await ch.end();
       return 0;

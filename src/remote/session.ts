@@ -10,6 +10,10 @@
  * - pull (SRC is remote): the server is the sending end (SourceServer) and
  *   the client runs the walk and the engine on its own DEST.
  *
+ * - image mode to a remote DEST: the server holds the destination as a
+ *   Target (src/remote/serve-target.ts) and the client, where QEMU is, runs
+ *   the driver against it (src/remote/remote-target.ts).
+ *
  * Either way the target, its manifest, intent and lock stay where the target
  * is, and only planned blocks cross the wire.
  */
@@ -21,7 +25,7 @@ import type { SyncOptions } from '../cli/args.js';
 import type { Printer } from '../cli/output.js';
 import { errorMessage, remoteError, type Channel } from './channel.js';
 
-export const hello = (role: 'receiver' | 'sender', body: Record<string, unknown>): ControlMessage => ({ op: 'hello', magic: WIRE_MAGIC, version: WIRE_VERSION, role, ...body });
+export const hello = (role: 'receiver' | 'sender' | 'target', body: Record<string, unknown>): ControlMessage => ({ op: 'hello', magic: WIRE_MAGIC, version: WIRE_VERSION, role, ...body });
 
 /** Check a peer's hello; a wrong magic or version is a clear error (rsync's exit 2 for a protocol mismatch). */
 export function checkHello(m: ControlMessage, peer: string): void {
