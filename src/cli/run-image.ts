@@ -8,6 +8,7 @@ import { QsyncError } from '../core/errors.js';
 import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
+import { parseRemote } from '../remote/ssh.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, formatSize } from './output.js';
@@ -27,6 +28,9 @@ function summaryLine(d: DiskSummary, human: number): string {
 export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: AbortSignal): Promise<number> {
   const printer = createPrinter(o, io);
   try {
+    if (parseRemote(dest)) {
+      throw new QsyncError('USAGE', `image mode (--qmp, --image, --domain) writes to a local DEST only, not ${dest}`, { hint: 'back up locally, then push DEST with qsync -a' });
+    }
     if (o.onlyWriteBatch !== undefined) {
       // Recording without writing would still rotate QEMU's bitmap: the next run would miss these changes.
       throw new QsyncError('USAGE', '--only-write-batch does not work with --qmp/--image/--domain: use --write-batch (the target is updated too)');
