@@ -244,6 +244,26 @@ ${disks.map((d) => `    <disk type='file' device='disk'><driver name='qemu' type
     expect(fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith(prefix))).toEqual([]);
   });
 
+  it('QEMU killed (its bitmaps never saved): the broken checkpoint is found, each disk read in full and correct', async () => {
+    await guestWrite(disks[0]!, 0xb1, 24 * MiB, 64 << 10);
+    // The guest's writes are durable (a guest flush: qcow2 metadata too); the bitmaps are only saved when QEMU closes the image.
+    for (const d of disks) await virsh('qemu-monitor-command', dom, '--hmp', `qemu-io -d ${d.qdev} "flush"`);
+    const pid = Number(fs.readFileSync(`/run/libvirt/qemu/${dom}.pid`, 'utf8'));
+    process.kill(pid, 'SIGKILL');
+    for (let i = 0; i < 100 && !(await virsh('domstate', dom)).includes('shut off'); i++) await new Promise((r) => setTimeout(r, 100));
+    await start();
+    await guestWrite(disks[1]!, 0xb2, 24 * MiB, 64 << 10);
+    const notices: string[] = [];
+    const r = await runDomainBackup({ domain: dom, dest, tempDir: dir }, { notice: (m) => notices.push(m) });
+    for (const x of r) expect(x.reason).toMatch(/^checkpoint qsync-\S+ is broken/);
+    expect(notices.filter((m) => /^(web \(vda\)|db \(vdb\)): checkpoint .* is broken/.test(m))).toHaveLength(2);
+    expectTargets();
+    expect(await ourCheckpoints()).toHaveLength(1);
+    const [next] = [await backup('--verify-sample', '0')];
+    expect(next.code, next.stderr).toBe(0);
+    for (const x of next.disks) expect(x.mode).toBe('bitmap');
+  });
+
   it('a remote DEST is refused (exit 1) before libvirt is asked anything', async () => {
     const r = await runQsync(['--domain', dom, 'backuphost:/backup/vm']);
     expect(r.code).toBe(1);

@@ -149,9 +149,13 @@ export async function checkpointDisks(uri: string, domain: string, checkpoint: s
   return elements(elements(xml, 'disks')[0] ?? '', 'disk').map(attrs).filter((a) => a.checkpoint === 'bitmap').map((a) => a.name!);
 }
 
-/** Delete a checkpoint and its bitmaps (libvirt merges them into the parent checkpoint's, so it still covers every change). */
-export async function deleteCheckpoint(uri: string, domain: string, checkpoint: string): Promise<void> {
-  await virsh(uri, ['checkpoint-delete', '--', domain, checkpoint]);
+/**
+ * Delete a checkpoint and its bitmaps (libvirt merges them into the parent
+ * checkpoint's, so it still covers every change); `metadataOnly`: libvirt's
+ * record only, for a checkpoint whose bitmaps are gone.
+ */
+export async function deleteCheckpoint(uri: string, domain: string, checkpoint: string, metadataOnly = false): Promise<void> {
+  await virsh(uri, ['checkpoint-delete', ...(metadataOnly ? ['--metadata'] : []), '--', domain, checkpoint]);
 }
 
 export function checkpointXml(name: string, targets: string[]): string {

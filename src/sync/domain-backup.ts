@@ -232,7 +232,7 @@ async function endLeftovers(uri: string, dom: Domain, prefix: string, tempDir: s
  * Delete this DEST's checkpoints that no disk's state records: the one of a
  * failed run, and the bases the run just replaced. Returns the first error.
  */
-async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks: Disk[]): Promise<unknown> {
+async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks: Disk[], hooks: SyncHooks): Promise<unknown> {
   try {
     const keep = new Set<string>();
     for (const d of disks) {
@@ -240,7 +240,15 @@ async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks:
       if (s && s.node === stateNode(dom, d.disk)) keep.add(s.bitmap);
     }
     for (const cp of await listCheckpoints(uri, dom.name)) {
-      if (cp.startsWith(prefix) && !keep.has(cp)) await deleteCheckpoint(uri, dom.name, cp);
+      if (!cp.startsWith(prefix) || keep.has(cp)) continue;
+      try {
+        await deleteCheckpoint(uri, dom.name, cp);
+      } catch (e) {
+        // Its bitmap is gone (a killed QEMU never saved it): nothing to merge, only libvirt's record to drop.
+        if (!(e instanceof VirshError && /not found in backing chain|missing or broken|inconsistent/i.test(e.detail))) throw e;
+        hooks.notice?.(`checkpoint ${cp} has lost its bitmap: only its metadata is deleted`, dom.name);
+        await deleteCheckpoint(uri, dom.name, cp, true);
+      }
     }
     return undefined;
   } catch (e) {
@@ -269,16 +277,27 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
   try {
     const bx = join(dir, 'backup.xml');
     const cx = join(dir, 'checkpoint.xml');
-    await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(dir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
     if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked), { mode: 0o600 });
     const t0 = performance.now();
-    try {
-      await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
-    } catch (e) {
-      if (e instanceof VirshError && /state change lock|backup job|block job|job is active/i.test(e.detail)) {
-        throw new QsyncError('LOCKED', `domain ${dom.name} is busy with another job: ${e.detail}`, { hint: `see virsh domjobinfo ${dom.name}` }, { cause: e });
+    for (;;) {
+      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(dir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
+      try {
+        await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
+        break;
+      } catch (e) {
+        if (!(e instanceof VirshError)) throw e;
+        if (/state change lock|backup job|block job|job is active/i.test(e.detail)) {
+          throw new QsyncError('LOCKED', `domain ${dom.name} is busy with another job: ${e.detail}`, { hint: `see virsh domjobinfo ${dom.name}` }, { cause: e });
+        }
+        // A QEMU that was killed saved no bitmap: that disk's checkpoint counts nothing. Full for it, and begin again.
+        const broken = e.detail.match(/missing or broken bitmap '[^']*' for disk '([^']+)'/)?.[1];
+        const d = disks.find((x) => x.base && x.disk.target === broken);
+        if (!d) throw e;
+        d.reason = `checkpoint ${d.base} is broken (QEMU stopped without saving its bitmap)`;
+        hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
+        await removeImageState(d.statePath);
+        d.base = d.state = undefined;
       }
-      throw e;
     }
     began = true;
     const job = await currentBackup(uri, dom.name);
@@ -307,7 +326,7 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
     await rm(dir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
     // Only once the job is gone (libvirt refuses to delete a checkpoint a job uses); a failed run's new checkpoint goes here too.
     if (!errors.length) {
-      const e = await pruneCheckpoints(uri, dom, prefix, disks);
+      const e = await pruneCheckpoints(uri, dom, prefix, disks, hooks);
       if (e) errors.push(e);
     }
     if (ok && errors.length) throw errors[0];
