@@ -12,7 +12,7 @@
  * A shut-off domain's disks are read through qemu-storage-daemon instead.
  */
 import { createHash } from 'node:crypto';
-import { chown, mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { basename, join, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
@@ -213,7 +213,7 @@ function runFolderPid(folder: string, prefix: string): number | undefined {
 async function endLeftovers(uri: string, dom: Domain, prefix: string, tempDir: string, hooks: SyncHooks): Promise<void> {
   const job = await currentBackup(uri, dom.name);
   if (job) {
-    const pid = job.socket ? runFolderPid(join(job.socket, '..'), prefix) : undefined;
+    const pid = job.socket ? runFolderPid(join(job.socket, '..', '..'), prefix) : undefined;
     if (pid === undefined || alive(pid)) {
       throw new QsyncError('LOCKED', `domain ${dom.name} already runs a backup job${pid === undefined ? ' (not qsync\'s for this destination)' : ` (qsync ${pid})`}`, {
         hint: `libvirt runs one backup job per domain: wait for it to end (virsh domjobinfo ${dom.name})`,
@@ -256,11 +256,19 @@ async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks:
   }
 }
 
-/** A folder for one run's socket and scratch files, that QEMU (running as its DAC user) can write. */
-async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<string> {
+/**
+ * A folder for one run (root's, 0711) with the XML qsync hands to virsh, and
+ * in it `qemu/`, owned by the user QEMU runs as (its DAC label), for the NBD
+ * socket and the scratch files libvirt creates: QEMU can write there but can
+ * neither read nor swap the XML beside it.
+ */
+async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<{ dir: string; qemuDir: string }> {
   const dir = await mkdtemp(join(tempDir, `${prefix}${process.pid}-`));
-  if (dom.owner && process.getuid?.() === 0) await chown(dir, dom.owner.uid, dom.owner.gid);
-  return dir;
+  await chmod(dir, 0o711);
+  const qemuDir = join(dir, 'qemu');
+  await mkdir(qemuDir, { mode: 0o700 });
+  if (dom.owner && process.getuid?.() === 0) await chown(qemuDir, dom.owner.uid, dom.owner.gid);
+  return { dir, qemuDir };
 }
 
 async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
@@ -270,8 +278,8 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
   await decideAll(uri, dom, disks, hooks);
   const tracked = disks.filter((d) => d.disk.format === 'qcow2').map((d) => d.disk.target);
   const checkpoint = tracked.length ? `${prefix}${Date.now().toString(36)}` : undefined;
-  const dir = await runFolder(ctx.tempDir, prefix, dom);
-  const socket = join(dir, 'nbd.sock');
+  const { dir, qemuDir } = await runFolder(ctx.tempDir, prefix, dom);
+  const socket = join(qemuDir, 'nbd.sock');
   let began = false;
   let ok = false;
   try {
@@ -280,7 +288,7 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
     if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked), { mode: 0o600 });
     const t0 = performance.now();
     for (;;) {
-      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(dir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
+      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
       try {
         await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
         break;
