@@ -25,7 +25,9 @@ export function virsh(uri: string, args: string[]): Promise<string> {
       const msg = stderr.split('\n').map((l) => l.replace(/^error: /, '').trim()).filter(Boolean).join('; ') || err.message;
       const hint = /failed to connect|no such file or directory.*sock|connection refused/i.test(msg)
         ? `is libvirtd running and ${uri} the right URI (--connect)?`
-        : undefined;
+        : /failed to get domain|domain not found/i.test(msg)
+          ? `virsh -c ${uri} list --all shows the domains there`
+          : undefined;
       reject(new VirshError(args[0] ?? '', msg, hint, err));
     });
   });
