@@ -132,6 +132,7 @@ describe('parseArgv', () => {
     });
     expect(sync(['--image', 'd.qcow2', 'out.raw'])).toMatchObject({ sources: [], dest: 'out.raw' });
     expect(sync(['--read-batch=delta', 'dst'])).toMatchObject({ sources: [], dest: 'dst', options: { readBatch: 'delta' } });
+    expect(sync(['--domain', 'vm1', '--connect=qemu:///session', 'out/'])).toMatchObject({ sources: [], dest: 'out/', options: { domain: 'vm1', connect: 'qemu:///session' } });
     expect(failure(['--qmp', 's']).code).toBe('USAGE');
   });
 

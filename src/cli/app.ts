@@ -50,8 +50,11 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       if (parsed.sources.length) throw new QsyncError('USAGE', '--read-batch=FILE takes only the destination operand: the sources are in FILE');
       return await runDeltaCommand(['apply', o.readBatch, parsed.dest], io);
     }
-    if (o.qmp !== undefined || o.image !== undefined) {
-      if (parsed.sources.length) throw new QsyncError('USAGE', `--${o.qmp !== undefined ? 'qmp' : 'image'} takes only the destination operand (a folder for the disk images)`);
+    if (o.connect !== undefined && o.domain === undefined) throw new QsyncError('USAGE', '--connect URI goes with --domain NAME');
+    if (o.qmp !== undefined || o.image !== undefined || o.domain !== undefined) {
+      const modes = (['qmp', 'image', 'domain'] as const).filter((m) => o[m] !== undefined);
+      if (modes.length > 1) throw new QsyncError('USAGE', `--${modes[0]} and --${modes[1]} are two sources: give one`);
+      if (parsed.sources.length) throw new QsyncError('USAGE', `--${modes[0]} takes only the destination operand (a folder for the disk images)`);
       abortable = new AbortController();
       try {
         const { runImage } = await import('./run-image.js');

@@ -82,6 +82,10 @@ export interface SyncOptions {
   qmp?: string;
   drives: string[];
   image?: string;
+  /** `--domain NAME`: a libvirt domain, backed up through libvirt's backup API. */
+  domain?: string;
+  /** `--connect URI`: the libvirt URI for --domain (default qemu:///system). */
+  connect?: string;
   /** Percent of blocks re-read to verify, 0..100. */
   verifySample: number;
 }
@@ -184,6 +188,8 @@ const SPECS: Spec[] = [
   { name: 'qmp', kind: 'value', arg: 'SOCKET', help: 'image mode: read a running VM through its QMP socket' },
   { name: 'drive', kind: 'list', arg: 'NAME', help: 'image mode: drive to back up (repeatable)' },
   { name: 'image', kind: 'value', arg: 'FILE', help: 'image mode: read an offline image through NBD' },
+  { name: 'domain', kind: 'value', arg: 'NAME', help: "image mode: every disk of a libvirt domain, through libvirt's backup API" },
+  { name: 'connect', kind: 'value', arg: 'URI', help: 'libvirt URI for --domain (default qemu:///system)' },
   { name: 'verify-sample', kind: 'value', arg: 'PCT', help: 'percent of blocks re-read to verify (default 0.5)' },
   { name: 'version', short: 'V', kind: 'version', help: 'print the version and exit' },
   { name: 'help', kind: 'help', help: 'show this help (-h is help only on its own)' },
@@ -426,6 +432,7 @@ function helpText(): string {
     'Usage: qsync [OPTION]... SRC [SRC]... DEST',
     '  or   qsync --qmp SOCKET [--drive NAME]... [OPTION]... DEST',
     '  or   qsync --image FILE [OPTION]... DEST',
+    '  or   qsync --domain NAME [--connect URI] [OPTION]... DEST',
     '  or   qsync --read-batch=FILE [OPTION]... DEST',
     '  or   qsync apply DELTA TARGET | verify DELTA|TARGET | info DELTA',
     '  or   qsync restore TARGET [OUT] --backup-dir DIR (--list | --at N|TIME) | prune DIR --keep N',
@@ -526,12 +533,14 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     qmp: str(y.qmp),
     drives: list('drive'),
     image: str(y.image),
+    domain: str(y.domain),
+    connect: str(y.connect),
     verifySample: verifyText === undefined ? 0.5 : parsePercent(verifyText),
   };
 
   const ops = n.operands;
   // Image mode and --read-batch take their source elsewhere: DEST alone is enough.
-  const destOnly = options.qmp !== undefined || options.image !== undefined || options.readBatch !== undefined;
+  const destOnly = options.qmp !== undefined || options.image !== undefined || options.domain !== undefined || options.readBatch !== undefined;
   if (ops.length >= 2) return { kind: 'sync', sources: ops.slice(0, -1), dest: ops[ops.length - 1]!, options };
   if (ops.length === 1 && destOnly) return { kind: 'sync', sources: [], dest: ops[0]!, options };
   throw new QsyncError(

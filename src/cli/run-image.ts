@@ -1,12 +1,14 @@
 /**
- * `qsync --qmp SOCKET [--drive NAME]... DEST` and `qsync --image FILE DEST`:
+ * `qsync --qmp SOCKET [--drive NAME]... DEST`, `qsync --image FILE DEST` and `qsync --domain NAME [--connect URI] DEST`:
  * image mode, and a summary per disk of what was dirty, read, written,
  * unchanged and zero (the figures a vzdump user reads in the log).
  */
 import { resolve } from 'node:path';
 import { QsyncError } from '../core/errors.js';
+import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
+import { parseRemote } from '../remote/ssh.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, formatSize } from './output.js';
@@ -26,18 +28,24 @@ function summaryLine(d: DiskSummary, human: number): string {
 export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: AbortSignal): Promise<number> {
   const printer = createPrinter(o, io);
   try {
+    if (parseRemote(dest)) {
+      throw new QsyncError('USAGE', `image mode (--qmp, --image, --domain) writes to a local DEST only, not ${dest}`, { hint: 'back up locally, then push DEST with qsync -a' });
+    }
     if (o.onlyWriteBatch !== undefined) {
       // Recording without writing would still rotate QEMU's bitmap: the next run would miss these changes.
-      throw new QsyncError('USAGE', '--only-write-batch does not work with --qmp/--image: use --write-batch (the target is updated too)');
+      throw new QsyncError('USAGE', '--only-write-batch does not work with --qmp/--image/--domain: use --write-batch (the target is updated too)');
     }
     const backupDir = o.backupDir === undefined ? undefined : resolve(dest, o.backupDir);
     const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
     let disks: DiskSummary[];
     try {
-      disks = await runImageBackup(
-        { qmp: o.qmp, image: o.image, drives: o.drives, dest, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal, wrapSink: deltas.wrapSink },
-        printer,
-      );
+      const common = { dest, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal, wrapSink: deltas.wrapSink };
+      if (o.domain !== undefined) {
+        if (o.drives.length) throw new QsyncError('USAGE', '--drive does not work with --domain: every disk of the domain is backed up at one instant');
+        disks = await runDomainBackup({ ...common, domain: o.domain, connect: o.connect }, printer);
+      } else {
+        disks = await runImageBackup({ ...common, qmp: o.qmp, image: o.image, drives: o.drives }, printer);
+      }
     } catch (e) {
       await deltas.finish(false);
       throw e;

@@ -134,7 +134,7 @@ export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks 
   }
 }
 
-interface DiskContext {
+export interface DiskContext {
   dest: string;
   blockSize: number;
   pct: number;
@@ -255,7 +255,7 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
   }
 }
 
-interface CopyContext extends DiskContext {
+export interface CopyContext extends DiskContext {
   rel: string;
   target: string;
   manifestPath: string;
@@ -264,6 +264,7 @@ interface CopyContext extends DiskContext {
   tStat: boolean;
   /** Set: full run, and why. */
   reason: string | undefined;
+  /** Incremental: the dirty bitmap the export carries (its NBD meta context is qemu:dirty-bitmap:<frozen>). */
   frozen: string | undefined;
 }
 
@@ -290,10 +291,11 @@ const BATCH_BYTES = 8 << 20;
 /** Digests per manifest piece (1 MiB): old ones read and new ones appended in these; a read never spans two. */
 const PIECE = 32768;
 
-async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<DiskSummary & { checksum: string }> {
+/** Copy one exported disk (any NBD export: a fleece, libvirt's backup job, an offline image) into its target. */
+export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name' | 'node'>, c: CopyContext): Promise<DiskSummary & { checksum: string }> {
   const { blockSize: bs, hooks, rel } = c;
   const contexts = [CONTEXT_ALLOCATION, ...(c.frozen ? [dirtyBitmapContext(c.frozen)] : [])];
-  const nbd = await NbdClient.connect(fleece.uri, { metaContexts: contexts, maxInFlight: READS_AHEAD });
+  const nbd = await NbdClient.connect(source.uri, { metaContexts: contexts, maxInFlight: READS_AHEAD });
   const readers: Promise<NbdClient>[] = [Promise.resolve(nbd)];
   const check = (): void => {
     if (c.signal.aborted) throw new QsyncError('INTERRUPTED', 'interrupted');
@@ -321,7 +323,7 @@ async function copyDisk(fleece: Fleece, drive: Drive, c: CopyContext): Promise<D
     };
     if (nbd.canMultiConn) {
       for (let i = 1; i < READ_CONNECTIONS; i++) {
-        const more = NbdClient.connect(fleece.uri, { maxInFlight: READS_AHEAD });
+        const more = NbdClient.connect(source.uri, { maxInFlight: READS_AHEAD });
         more.catch(() => {}); // surfaces through the reads
         readers.push(more);
       }

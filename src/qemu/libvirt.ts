@@ -1,0 +1,220 @@
+/**
+ * libvirt through its own client, `virsh`: a domain's disks (from its XML),
+ * pull-mode backup jobs (`backup-begin`, `backup-dumpxml`, `domjobabort`) and
+ * checkpoints. No libvirt RPC and no QMP monitor of qsync's own: the domain
+ * stays untainted and libvirt keeps its view of every bitmap.
+ */
+import { execFile } from 'node:child_process';
+import { QsyncError } from '../core/errors.js';
+
+export const DEFAULT_URI = 'qemu:///system';
+
+/** A hung libvirtd must not hang a backup for ever; every virsh call is short when libvirtd answers. */
+const VIRSH_TIMEOUT_MS = 120_000;
+/** Largest XML read from virsh: a domain's XML is a few KiB. */
+const VIRSH_MAX_OUTPUT = 16 << 20;
+
+/** `virsh -c URI ARGS...`; its stdout, or a SOURCE error quoting virsh's own message. */
+export function virsh(uri: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile('virsh', ['-c', uri, ...args], { timeout: VIRSH_TIMEOUT_MS, maxBuffer: VIRSH_MAX_OUTPUT, encoding: 'utf8' }, (err, stdout, stderr) => {
+      if (!err) return resolve(stdout);
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        return reject(new QsyncError('SOURCE', 'virsh is not installed', { hint: 'install libvirt-clients (apt-get install libvirt-clients)' }, { cause: err }));
+      }
+      const msg = stderr.split('\n').map((l) => l.replace(/^error: /, '').trim()).filter(Boolean).join('; ') || err.message;
+      const hint = /failed to connect|no such file or directory.*sock|connection refused/i.test(msg)
+        ? `is libvirtd running and ${uri} the right URI (--connect)?`
+        : /failed to get domain|domain not found/i.test(msg)
+          ? `virsh -c ${uri} list --all shows the domains there`
+          : undefined;
+      reject(new VirshError(args[0] ?? '', msg, hint, err));
+    });
+  });
+}
+
+export class VirshError extends QsyncError {
+  constructor(
+    readonly command: string,
+    readonly detail: string,
+    hint: string | undefined,
+    cause: unknown,
+  ) {
+    super('SOURCE', `virsh ${command}: ${detail}`, hint ? { hint } : {}, { cause });
+  }
+}
+
+// --- a reader for the XML libvirt writes (regular, attribute-quoted, no CDATA) ---
+
+const ENTITIES: Record<string, string> = { amp: '&', lt: '<', gt: '>', quot: '"', apos: "'" };
+const unescape = (s: string): string =>
+  s.replace(/&(#x[0-9a-f]+|#\d+|amp|lt|gt|quot|apos);/gi, (_, e: string) =>
+    e[0] === '#' ? String.fromCodePoint(e[1] === 'x' || e[1] === 'X' ? parseInt(e.slice(2), 16) : parseInt(e.slice(1), 10)) : ENTITIES[e.toLowerCase()]!,
+  );
+export const escapeXml = (s: string): string =>
+  s.replace(/[&<>"']/g, (c) => `&${Object.entries(ENTITIES).find(([, v]) => v === c)![0]};`);
+
+/** Each `<name ...>...</name>` or `<name .../>` in `xml` (elements of that name do not nest in libvirt's XML). */
+function elements(xml: string, name: string): string[] {
+  const out: string[] = [];
+  const open = new RegExp(`<${name}(?=[\\s/>])[^>]*?(/?)>`, 'g');
+  for (let m; (m = open.exec(xml)); ) {
+    if (m[1]) {
+      out.push(m[0]);
+      continue;
+    }
+    const end = xml.indexOf(`</${name}>`, open.lastIndex);
+    if (end < 0) break;
+    out.push(xml.slice(m.index, end + name.length + 3));
+    open.lastIndex = end;
+  }
+  return out;
+}
+
+/** The attributes of an element's opening tag. */
+function attrs(el: string): Record<string, string> {
+  const tag = el.slice(0, el.indexOf('>') + 1);
+  const out: Record<string, string> = {};
+  for (const m of tag.matchAll(/([\w:-]+)=(?:'([^']*)'|"([^"]*)")/g)) out[m[1]!] = unescape(m[2] ?? m[3] ?? '');
+  return out;
+}
+
+const text = (xml: string, name: string): string | undefined => {
+  const el = elements(xml, name)[0];
+  return el === undefined || el.endsWith('/>') ? undefined : unescape(el.slice(el.indexOf('>') + 1, el.lastIndexOf('<')).trim());
+};
+
+// --- domains ---
+
+export interface DomainDisk {
+  /** Target device (vda, sdb): libvirt's name for the disk in backup and checkpoint XML. */
+  target: string;
+  /** file, block, network, volume ... */
+  type: string;
+  /** Image format (qcow2, raw), from <driver type>. */
+  format: string;
+  /** The disk's own source: a file or block device path (not its backing chain). */
+  source?: string;
+}
+
+export interface Domain {
+  name: string;
+  uuid: string;
+  /** virsh domstate: running, paused, shut off ... */
+  state: string;
+  disks: DomainDisk[];
+  /** uid:gid QEMU runs as (its DAC label), where libvirt says. */
+  owner?: { uid: number; gid: number };
+}
+
+export async function describeDomain(uri: string, name: string): Promise<Domain> {
+  const state = (await virsh(uri, ['domstate', '--', name])).trim();
+  const xml = await virsh(uri, ['dumpxml', '--', name]);
+  const devices = elements(xml, 'devices')[0] ?? '';
+  const disks: DomainDisk[] = [];
+  for (const d of elements(devices, 'disk')) {
+    const a = attrs(d);
+    if ((a.device ?? 'disk') !== 'disk') continue; // cdrom, floppy, lun: not disks qsync backs up
+    const target = elements(d, 'target')[0];
+    if (!target) continue;
+    // The first <source> is the disk's own; later ones belong to <backingStore>.
+    const src = elements(d, 'source')[0];
+    const s = src ? attrs(src) : {};
+    disks.push({ target: attrs(target).dev!, type: a.type ?? 'file', format: attrs(elements(d, 'driver')[0] ?? '<driver>').type ?? 'raw', source: s.file ?? s.dev });
+  }
+  let owner: Domain['owner'];
+  for (const sl of elements(xml, 'seclabel')) {
+    if (attrs(sl).model !== 'dac') continue;
+    const m = text(sl, 'label')?.match(/^\+?(\d+):\+?(\d+)$/);
+    if (m) owner = { uid: Number(m[1]), gid: Number(m[2]) };
+  }
+  return { name, uuid: text(xml, 'uuid') ?? '', state, disks, owner };
+}
+
+/** A disk's capacity in bytes (what the guest sees). */
+export async function diskCapacity(uri: string, domain: string, target: string): Promise<number> {
+  const out = await virsh(uri, ['domblkinfo', '--', domain, target]);
+  const m = out.match(/^Capacity:\s+(\d+)/m);
+  if (!m) throw new QsyncError('SOURCE', `virsh domblkinfo ${domain} ${target}: no capacity in its answer`);
+  return Number(m[1]);
+}
+
+// --- checkpoints ---
+
+export async function listCheckpoints(uri: string, domain: string): Promise<string[]> {
+  return (await virsh(uri, ['checkpoint-list', '--name', '--', domain])).split('\n').map((l) => l.trim()).filter(Boolean);
+}
+
+/** The disks (targets) a checkpoint tracks with a bitmap. */
+export async function checkpointDisks(uri: string, domain: string, checkpoint: string): Promise<string[]> {
+  const xml = await virsh(uri, ['checkpoint-dumpxml', '--no-domain', '--', domain, checkpoint]);
+  return elements(elements(xml, 'disks')[0] ?? '', 'disk').map(attrs).filter((a) => a.checkpoint === 'bitmap').map((a) => a.name!);
+}
+
+/**
+ * Delete a checkpoint and its bitmaps (libvirt merges them into the parent
+ * checkpoint's, so it still covers every change); `metadataOnly`: libvirt's
+ * record only, for a checkpoint whose bitmaps are gone.
+ */
+export async function deleteCheckpoint(uri: string, domain: string, checkpoint: string, metadataOnly = false): Promise<void> {
+  await virsh(uri, ['checkpoint-delete', ...(metadataOnly ? ['--metadata'] : []), '--', domain, checkpoint]);
+}
+
+export function checkpointXml(name: string, targets: string[]): string {
+  const disks = targets.map((t) => `    <disk name='${escapeXml(t)}' checkpoint='bitmap'/>\n`).join('');
+  return `<domaincheckpoint>\n  <name>${escapeXml(name)}</name>\n  <disks>\n${disks}  </disks>\n</domaincheckpoint>\n`;
+}
+
+// --- pull-mode backup jobs ---
+
+export interface BackupDisk {
+  target: string;
+  /** Incremental from this checkpoint; else a full export. */
+  incremental?: string;
+  scratch: string;
+}
+
+export function backupXml(socket: string, disks: BackupDisk[]): string {
+  const rows = disks.map((d) => {
+    const mode = d.incremental ? `backupmode='incremental' incremental='${escapeXml(d.incremental)}'` : `backupmode='full'`;
+    return `    <disk name='${escapeXml(d.target)}' backup='yes' type='file' ${mode}><scratch file='${escapeXml(d.scratch)}'/></disk>\n`;
+  });
+  return `<domainbackup mode='pull'>\n  <server transport='unix' socket='${escapeXml(socket)}'/>\n  <disks>\n${rows.join('')}  </disks>\n</domainbackup>\n`;
+}
+
+export interface BackupJob {
+  /** The NBD server's unix socket (pull mode over unix). */
+  socket?: string;
+  disks: { target: string; exportName: string; exportBitmap?: string }[];
+}
+
+/** The domain's backup job, or undefined when there is none. */
+export async function currentBackup(uri: string, domain: string): Promise<BackupJob | undefined> {
+  let xml: string;
+  try {
+    xml = await virsh(uri, ['backup-dumpxml', '--', domain]);
+  } catch (e) {
+    if (e instanceof VirshError && /no domain backup job/i.test(e.detail)) return undefined;
+    throw e;
+  }
+  const server = elements(xml, 'server')[0];
+  const disks = elements(elements(xml, 'disks')[0] ?? '', 'disk')
+    .map(attrs)
+    .filter((a) => a.backup !== 'no')
+    .map((a) => ({ target: a.name!, exportName: a.exportname ?? a.name!, exportBitmap: a.exportbitmap }));
+  return { socket: server ? attrs(server).socket : undefined, disks };
+}
+
+/** `virsh domjobabort`, then wait (bounded) until libvirt has ended the job: only then are its checkpoints free to delete. */
+export async function abortBackup(uri: string, domain: string): Promise<void> {
+  try {
+    await virsh(uri, ['domjobabort', '--', domain]);
+  } catch (e) {
+    if (!(e instanceof VirshError && /no job is active|not running/i.test(e.detail))) throw e;
+  }
+  for (let i = 0; i < 300; i++) {
+    if (!(await currentBackup(uri, domain))) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new QsyncError('SOURCE', `libvirt did not end the backup job of domain ${domain} within 30 s`, { hint: `see virsh domjobinfo ${domain}` });
+}

@@ -1,0 +1,390 @@
+/**
+ * `--domain NAME`: back up every disk of a libvirt domain into
+ * DEST/<disk>.raw through libvirt's own backup API in pull mode
+ * (docs/IMAGE-MODE.md "libvirt domains"). One `virsh backup-begin` takes all
+ * disks at one instant and exports them over NBD; a checkpoint named for DEST
+ * (`qsync-<hash of DEST>-<time>`) starts with it. Each disk is incremental
+ * from the checkpoint its image state records (tied to its manifest's
+ * checksum, as a bitmap is in image mode), else full; the copy itself is
+ * image mode's (copyDisk). The job is always ended (domjobabort) and every
+ * checkpoint of this DEST that no disk's state records afterwards is deleted,
+ * so a checkpoint whose backup failed never becomes a base.
+ * A shut-off domain's disks are read through qemu-storage-daemon instead.
+ */
+import { createHash } from 'node:crypto';
+import { chmod, chown, mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import { basename, join, resolve } from 'node:path';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
+import {
+  abortBackup, backupXml, checkpointDisks, checkpointXml, currentBackup, DEFAULT_URI, deleteCheckpoint, describeDomain, diskCapacity,
+  listCheckpoints, virsh, VirshError, type Domain, type DomainDisk,
+} from '../qemu/libvirt.js';
+import { serveImage } from '../qemu/offline.js';
+import { QmpClient } from '../qemu/qmp.js';
+import type { SyncHooks } from './events.js';
+import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions } from './image-backup.js';
+import { imageStatePath, readImageState, removeImageState, writeImageState, type ImageState } from './image-state.js';
+import { intentPathFor, readIntent } from './intent.js';
+import { lockDestination } from './lock.js';
+import { manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
+import { assessManifest, type Trust } from './trust.js';
+
+/** Image mode's options without its sources; tempDir holds the run's folder (NBD socket, scratch files), owned by QEMU's user. */
+export interface DomainBackupOptions extends Omit<ImageBackupOptions, 'qmp' | 'image' | 'drives'> {
+  domain: string;
+  /** libvirt URI (`--connect`), default qemu:///system. */
+  connect?: string;
+}
+
+/** One disk of the run: its target, what qsync knows of it, and what this run does. */
+interface Disk {
+  disk: DomainDisk;
+  name: string;
+  rel: string;
+  target: string;
+  manifestPath: string;
+  statePath: string;
+  manifest?: Manifest;
+  tStat: boolean;
+  trust: Trust;
+  state?: ImageState;
+  /** Set: full run, and why. */
+  reason?: string;
+  /** Incremental from this checkpoint. */
+  base?: string;
+}
+
+/** Checkpoints and run folders of one DEST start with this; others are never touched. */
+const prefixFor = (dest: string): string => `qsync-${createHash('sha256').update(dest).digest('hex').slice(0, 12)}-`;
+
+/** The target's name: its source file's name without the extension (web.qcow2 → web), else the target device. */
+function diskName(d: DomainDisk): string {
+  return (d.source ? basename(d.source).replace(/\.[^.]*$/, '') : '') || d.target;
+}
+
+export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHooks = {}): Promise<DiskSummary[]> {
+  const blockSize = opts.blockSize ?? DEFAULT_BLOCK_SIZE;
+  if (!isValidBlockSize(blockSize)) throw new QsyncError('USAGE', `invalid block size ${blockSize}`);
+  const pct = opts.verifySamplePct ?? 0.5;
+  if (!(pct >= 0 && pct <= 100)) throw new QsyncError('USAGE', `--verify-sample must be 0..100, not ${pct}`);
+  const uri = opts.connect ?? DEFAULT_URI;
+  const dest = resolve(opts.dest);
+  const tempDir = opts.tempDir ?? os.tmpdir();
+  const ctx: DiskContext = {
+    dest, blockSize, pct, tempDir, signal: opts.signal ?? new AbortController().signal, hooks, wrapSink: opts.wrapSink,
+  };
+
+  const dom = await describeDomain(uri, opts.domain);
+  const online = dom.state === 'running' || dom.state === 'paused';
+  if (!online && dom.state !== 'shut off') {
+    throw new QsyncError('SOURCE', `domain ${dom.name} is ${dom.state}`, { hint: 'back it up running, paused or shut off' });
+  }
+  if (!dom.disks.length) throw new QsyncError('SOURCE', `domain ${dom.name} has no disk to back up`);
+  const seen = new Map<string, string>();
+  for (const d of dom.disks) {
+    const name = diskName(d);
+    const other = seen.get(name);
+    if (other) {
+      throw new QsyncError('SOURCE', `disks ${other} and ${d.target} of domain ${dom.name} would both be backed up as ${name}.raw`, {
+        hint: 'give their image files different names',
+      });
+    }
+    seen.set(name, d.target);
+  }
+
+  await mkdir(dest, { recursive: true }).catch((e) => {
+    throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${errnoText(e)}`, { file: dest }, { cause: e });
+  });
+  const lock = await lockDestination(dest);
+  const disks: Disk[] = [];
+  try {
+    for (const d of dom.disks) disks.push(await openDisk(d, dest, blockSize, hooks));
+    return online ? await backupRunning(uri, dom, disks, ctx) : await backupShutOff(uri, dom, disks, ctx);
+  } finally {
+    for (const d of disks) await d.manifest?.close();
+    await lock.release();
+  }
+}
+
+async function openDisk(disk: DomainDisk, dest: string, blockSize: number, hooks: SyncHooks): Promise<Disk> {
+  const name = diskName(disk);
+  const rel = `${name}.raw`;
+  const target = join(dest, rel);
+  const manifestPath = manifestPathFor(dest, rel);
+  let manifest: Manifest | undefined;
+  try {
+    manifest = await openManifest(manifestPath);
+  } catch (e) {
+    if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
+    hooks.notice?.(`${name} (${disk.target}): ${e.message}; full run`, rel);
+  }
+  const tStat = await stat(target, { bigint: true }).catch((e: unknown) => {
+    if (errnoOf(e) === 'ENOENT') return undefined;
+    throw e;
+  });
+  const intent = await readIntent(intentPathFor(manifestPath));
+  const trust: Trust = tStat ? assessManifest(manifest, intent, tStat, blockSize) : { trusted: false };
+  const statePath = imageStatePath(dest, name);
+  return { disk, name, rel, target, manifestPath, statePath, manifest, tStat: !!tStat, trust, state: await readImageState(statePath) };
+}
+
+/** The state's `node` for a libvirt disk: the domain and the disk, so that another domain's state is never taken. */
+const stateNode = (dom: Domain, d: DomainDisk): string => `libvirt:${dom.uuid}/${d.target}`;
+
+/**
+ * Why `d` cannot be incremental from the checkpoint its state records, or
+ * undefined (then `d.base` is that checkpoint).
+ */
+async function decide(uri: string, dom: Domain, d: Disk, checkpoints: string[], covers: (cp: string) => Promise<string[]>): Promise<string | undefined> {
+  const { state, manifest } = d;
+  if (!d.tStat) return 'first run';
+  if (!d.trust.trusted) return d.trust.reason ?? 'no manifest';
+  if (d.disk.format !== 'qcow2') return `a ${d.disk.format} disk has no checkpoints`;
+  if (!state || state.node !== stateNode(dom, d.disk)) return 'no checkpoint recorded for this target';
+  if (state.baseChecksum !== manifest!.checksum.toString('hex')) return 'the checkpoint belongs to another manifest';
+  if (!checkpoints.includes(state.bitmap)) return `checkpoint ${state.bitmap} is gone`;
+  if (!(await covers(state.bitmap)).includes(d.disk.target)) return `checkpoint ${state.bitmap} does not cover this disk`;
+  if (dom.state !== 'shut off') {
+    const size = await diskCapacity(uri, dom.name, d.disk.target);
+    if (size !== manifest!.header.targetSize) return `disk was resized (${manifest!.header.targetSize} → ${size})`;
+  }
+  d.base = state.bitmap;
+  return undefined;
+}
+
+/** Decide every disk; a full one forgets its state (its checkpoint then goes with the next prune). */
+async function decideAll(uri: string, dom: Domain, disks: Disk[], hooks: SyncHooks): Promise<void> {
+  const checkpoints = await listCheckpoints(uri, dom.name);
+  const covered = new Map<string, Promise<string[]>>();
+  const covers = (cp: string): Promise<string[]> => {
+    if (!covered.has(cp)) covered.set(cp, checkpointDisks(uri, dom.name, cp));
+    return covered.get(cp)!;
+  };
+  for (const d of disks) {
+    d.reason = await decide(uri, dom, d, checkpoints, covers);
+    if (!d.reason) continue;
+    hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
+    await removeImageState(d.statePath);
+    d.state = undefined;
+  }
+}
+
+/** What a user reads about one disk starts with its name: `web (vda): ...`. */
+const label = (d: Disk): string => `${d.name} (${d.disk.target})`;
+
+function copyContext(ctx: DiskContext, d: Disk, frozen: string | undefined): Parameters<typeof copyDisk>[2] {
+  const { hooks } = ctx;
+  return {
+    ...ctx,
+    hooks: {
+      ...hooks,
+      notice: hooks.notice && ((m, p) => hooks.notice!(`${label(d)}: ${m}`, p)),
+      warning: hooks.warning && ((m, p) => hooks.warning!(`${label(d)}: ${m}`, p)),
+    },
+    rel: d.rel, target: d.target, manifestPath: d.manifestPath, manifest: d.manifest, trust: d.trust, tStat: d.tStat,
+    reason: d.reason, frozen,
+  };
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return errnoOf(e) === 'EPERM';
+  }
+}
+
+/** The pid in a run folder's name (`<prefix><pid>-XXXXXX`), if the folder is one of this DEST's. */
+function runFolderPid(folder: string, prefix: string): number | undefined {
+  const name = basename(folder);
+  const m = name.startsWith(prefix) ? name.slice(prefix.length).match(/^(\d+)-\w{6}$/) : null;
+  return m ? Number(m[1]) : undefined;
+}
+
+/**
+ * A backup job already on the domain: one a killed qsync of this DEST left
+ * (its socket is in a run folder of this DEST whose qsync is gone) is ended;
+ * any other is refused (LOCKED): it belongs to another tool, and libvirt runs
+ * one backup job per domain. Run folders of dead qsyncs are removed.
+ */
+async function endLeftovers(uri: string, dom: Domain, prefix: string, tempDir: string, hooks: SyncHooks): Promise<void> {
+  const job = await currentBackup(uri, dom.name);
+  if (job) {
+    const pid = job.socket ? runFolderPid(join(job.socket, '..', '..'), prefix) : undefined;
+    if (pid === undefined || alive(pid)) {
+      throw new QsyncError('LOCKED', `domain ${dom.name} already runs a backup job${pid === undefined ? ' (not qsync\'s for this destination)' : ` (qsync ${pid})`}`, {
+        hint: `libvirt runs one backup job per domain: wait for it to end (virsh domjobinfo ${dom.name})`,
+      });
+    }
+    hooks.notice?.(`ending the backup job a killed qsync left on domain ${dom.name}`, dom.name);
+    await abortBackup(uri, dom.name);
+  }
+  for (const f of await readdir(tempDir).catch(() => [] as string[])) {
+    const pid = runFolderPid(f, prefix);
+    if (pid !== undefined && !alive(pid)) await rm(join(tempDir, f), { recursive: true, force: true });
+  }
+}
+
+/**
+ * Delete this DEST's checkpoints that no disk's state records: the one of a
+ * failed run, and the bases the run just replaced. Returns the first error.
+ */
+async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks: Disk[], hooks: SyncHooks): Promise<unknown> {
+  try {
+    const keep = new Set<string>();
+    for (const d of disks) {
+      const s = await readImageState(d.statePath);
+      if (s && s.node === stateNode(dom, d.disk)) keep.add(s.bitmap);
+    }
+    for (const cp of await listCheckpoints(uri, dom.name)) {
+      if (!cp.startsWith(prefix) || keep.has(cp)) continue;
+      try {
+        await deleteCheckpoint(uri, dom.name, cp);
+      } catch (e) {
+        // Its bitmap is gone (a killed QEMU never saved it): nothing to merge, only libvirt's record to drop.
+        if (!(e instanceof VirshError && /not found in backing chain|missing or broken|inconsistent/i.test(e.detail))) throw e;
+        hooks.notice?.(`checkpoint ${cp} has lost its bitmap: only its metadata is deleted`, dom.name);
+        await deleteCheckpoint(uri, dom.name, cp, true);
+      }
+    }
+    return undefined;
+  } catch (e) {
+    return e;
+  }
+}
+
+/**
+ * A folder for one run (root's, 0711) with the XML qsync hands to virsh, and
+ * in it `qemu/`, owned by the user QEMU runs as (its DAC label), for the NBD
+ * socket and the scratch files libvirt creates: QEMU can write there but can
+ * neither read nor swap the XML beside it.
+ */
+async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<{ dir: string; qemuDir: string }> {
+  const dir = await mkdtemp(join(tempDir, `${prefix}${process.pid}-`));
+  await chmod(dir, 0o711);
+  const qemuDir = join(dir, 'qemu');
+  await mkdir(qemuDir, { mode: 0o700 });
+  if (dom.owner && process.getuid?.() === 0) await chown(qemuDir, dom.owner.uid, dom.owner.gid);
+  return { dir, qemuDir };
+}
+
+async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
+  const { hooks } = ctx;
+  const prefix = prefixFor(ctx.dest);
+  await endLeftovers(uri, dom, prefix, ctx.tempDir, hooks);
+  await decideAll(uri, dom, disks, hooks);
+  const tracked = disks.filter((d) => d.disk.format === 'qcow2').map((d) => d.disk.target);
+  const checkpoint = tracked.length ? `${prefix}${Date.now().toString(36)}` : undefined;
+  const { dir, qemuDir } = await runFolder(ctx.tempDir, prefix, dom);
+  const socket = join(qemuDir, 'nbd.sock');
+  let began = false;
+  let ok = false;
+  try {
+    const bx = join(dir, 'backup.xml');
+    const cx = join(dir, 'checkpoint.xml');
+    if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked), { mode: 0o600 });
+    const t0 = performance.now();
+    for (;;) {
+      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
+      try {
+        await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
+        break;
+      } catch (e) {
+        if (!(e instanceof VirshError)) throw e;
+        if (/state change lock|backup job|block job|job is active/i.test(e.detail)) {
+          throw new QsyncError('LOCKED', `domain ${dom.name} is busy with another job: ${e.detail}`, { hint: `see virsh domjobinfo ${dom.name}` }, { cause: e });
+        }
+        // A QEMU that was killed saved no bitmap: that disk's checkpoint counts nothing. Full for it, and begin again.
+        const broken = e.detail.match(/missing or broken bitmap '[^']*' for disk '([^']+)'/)?.[1];
+        const d = disks.find((x) => x.base && x.disk.target === broken);
+        if (!d) throw e;
+        d.reason = `checkpoint ${d.base} is broken (QEMU stopped without saving its bitmap)`;
+        hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
+        await removeImageState(d.statePath);
+        d.base = d.state = undefined;
+      }
+    }
+    began = true;
+    const job = await currentBackup(uri, dom.name);
+    if (!job || job.socket !== socket) throw new QsyncError('SOURCE', `the backup job qsync started on domain ${dom.name} is gone`);
+    const setupMs = performance.now() - t0;
+    const out: DiskSummary[] = [];
+    for (const d of disks) {
+      const t1 = performance.now();
+      const exp = job.disks.find((x) => x.target === d.disk.target);
+      if (!exp) throw new QsyncError('SOURCE', `libvirt's backup job does not export disk ${d.disk.target}`, { file: d.rel });
+      if (d.base && !exp.exportBitmap) throw new QsyncError('SOURCE', `libvirt's backup job exports disk ${d.disk.target} without its dirty bitmap`, { file: d.rel });
+      const uriOf = `nbd+unix:///${encodeURIComponent(exp.exportName)}?socket=${socket}`;
+      const s = await copyDisk({ uri: uriOf }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, d.base ? exp.exportBitmap : undefined));
+      // The target is committed: from now on its changes are counted from the new checkpoint.
+      if (checkpoint && d.disk.format === 'qcow2') {
+        await writeImageState(d.statePath, { node: stateNode(dom, d.disk), bitmap: checkpoint, baseChecksum: s.checksum, size: s.size });
+      }
+      const { checksum: _c, ...rest } = s;
+      out.push({ ...rest, setupMs, elapsedMs: performance.now() - t1 + setupMs });
+    }
+    ok = true;
+    return out;
+  } finally {
+    const errors: unknown[] = [];
+    if (began) await abortBackup(uri, dom.name).catch((e: unknown) => errors.push(e));
+    await rm(dir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
+    // Only once the job is gone (libvirt refuses to delete a checkpoint a job uses); a failed run's new checkpoint goes here too.
+    if (!errors.length) {
+      const e = await pruneCheckpoints(uri, dom, prefix, disks, hooks);
+      if (e) errors.push(e);
+    }
+    if (ok && errors.length) throw errors[0];
+  }
+}
+
+/**
+ * A shut-off domain: each disk image is served by qemu-storage-daemon
+ * (src/qemu/offline.ts) and read in full (allocated extents), written where
+ * it differs. Nothing writes a shut-off domain's disk through libvirt, so the
+ * checkpoint a disk's state records still counts every change since: it is
+ * kept as the base, tied to the new manifest.
+ */
+async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
+  const { hooks } = ctx;
+  const checkpoints = await listCheckpoints(uri, dom.name);
+  const covered = (cp: string): Promise<string[]> => checkpointDisks(uri, dom.name, cp);
+  const prefix = prefixFor(ctx.dest);
+  const out: DiskSummary[] = [];
+  for (const d of disks) {
+    if (d.disk.type !== 'file' || !d.disk.source) {
+      throw new QsyncError('SOURCE', `disk ${d.disk.target} of shut-off domain ${dom.name} is a ${d.disk.type} disk: only image files are read offline`, {
+        file: d.rel, hint: `start the domain (virsh start ${dom.name}) and run again`,
+      });
+    }
+    const keep = (await decide(uri, dom, d, checkpoints, covered)) === undefined ? d.base : undefined;
+    d.reason = 'domain is shut off';
+    hooks.notice?.(`${label(d)}: ${d.reason}: full read of ${d.disk.source}`, d.rel);
+    const t0 = performance.now();
+    const served = await serveImage(d.disk.source, ctx.tempDir);
+    const dir = await mkdtemp(join(ctx.tempDir, `${prefix}${process.pid}-`));
+    try {
+      const qmp = await QmpClient.connect(served.qmp);
+      try {
+        const socket = join(dir, 'nbd.sock');
+        await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
+        await qmp.execute('block-export-add', { type: 'nbd', id: 'qsync', 'node-name': served.node, writable: false, name: 'disk' });
+        const setupMs = performance.now() - t0;
+        const s = await copyDisk({ uri: `nbd+unix:///disk?socket=${socket}` }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, undefined));
+        if (keep) await writeImageState(d.statePath, { node: stateNode(dom, d.disk), bitmap: keep, baseChecksum: s.checksum, size: s.size });
+        else await removeImageState(d.statePath);
+        const { checksum: _c, ...rest } = s;
+        out.push({ ...rest, setupMs, elapsedMs: performance.now() - t0 });
+      } finally {
+        await qmp.close();
+      }
+    } finally {
+      await served.stop();
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+  return out;
+}

@@ -1,0 +1,297 @@
+/**
+ * `qsync --domain`: a libvirt domain (TCG q35, two qcow2 disks, no OS) backed
+ * up through libvirt's own pull-mode backup. Guest writes are HMP qemu-io
+ * writes through libvirt's monitor; what each disk must hold is kept in a
+ * model (the patterns written), so the check never reads a qcow2 QEMU holds.
+ * libvirtd is started when it does not answer (and left running).
+ */
+import { execFile, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runDomainBackup } from '../src/sync/domain-backup.js';
+import type { DiskSummary } from '../src/sync/image-backup.js';
+import { runQsync, sha256, stateOf } from './helpers/cli.js';
+import { needTools } from './helpers/env.js';
+import { qemuImgCreate, qemuIo, tmpDir } from './helpers/qemu.js';
+
+const pexec = promisify(execFile);
+const URI = 'qemu:///system';
+const MiB = 1 << 20;
+const virsh = async (...args: string[]): Promise<string> => (await pexec('virsh', ['-c', URI, ...args])).stdout;
+
+async function libvirtUp(): Promise<boolean> {
+  return virsh('version').then(() => true, () => false);
+}
+
+/** Run a daemon that forks itself away (`-d`): wait only for the parent, whose output nobody reads. */
+function daemon(cmd: string): Promise<number | null> {
+  return new Promise((res) => spawn(cmd, ['-d'], { stdio: 'ignore' }).once('exit', res).once('error', () => res(null)));
+}
+
+/** libvirtd (and virtlogd, which QEMU's logs go through), started as daemons when libvirt does not answer. */
+async function ensureLibvirtd(): Promise<void> {
+  if (await libvirtUp()) return;
+  await daemon('virtlogd'); // one already running makes this one exit: fine
+  await daemon('libvirtd');
+  for (let i = 0; i < 300 && !(await libvirtUp()); i++) await new Promise((r) => setTimeout(r, 100));
+  if (!(await libvirtUp())) throw new Error(`libvirtd started but ${URI} does not answer`);
+}
+
+interface TestDisk {
+  name: string;
+  target: string;
+  file: string;
+  size: number;
+  /** What the guest must see. */
+  model: Buffer;
+  /** The QEMU device whose backend qemu-io writes through. */
+  qdev?: string;
+}
+
+describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64', 'qemu-img', 'qemu-io', 'qemu-storage-daemon'))('qsync --domain (libvirt pull-mode backup)', () => {
+  let dir: string;
+  let dest: string;
+  const dom = `qsync-test-${process.pid}`;
+  const disks: TestDisk[] = [];
+
+  beforeAll(async () => {
+    await ensureLibvirtd();
+    dir = tmpDir('qsync-domain-');
+    fs.chmodSync(dir, 0o755); // QEMU runs as libvirt-qemu: it must reach the images
+    dest = path.join(dir, 'backup');
+    for (const [name, target, size] of [['web', 'vda', 64 * MiB], ['db', 'vdb', 32 * MiB]] as const) {
+      const file = path.join(dir, `${name}.qcow2`);
+      qemuImgCreate(file, String(size));
+      disks.push({ name, target, file, size, model: Buffer.alloc(size) });
+    }
+    // Data before the domain starts: written offline, into the model too.
+    qemuIo(disks[0]!.file, 'qcow2', 'write -P 0x11 0 8M');
+    disks[0]!.model.fill(0x11, 0, 8 * MiB);
+    qemuIo(disks[1]!.file, 'qcow2', 'write -P 0x21 4M 4M');
+    disks[1]!.model.fill(0x21, 4 * MiB, 8 * MiB);
+    const xml = path.join(dir, 'domain.xml');
+    fs.writeFileSync(xml, `<domain type='qemu'>
+  <name>${dom}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+${disks.map((d) => `    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${d.file}'/><target dev='${d.target}' bus='virtio'/></disk>`).join('\n')}
+  </devices>
+</domain>
+`);
+    await virsh('define', xml);
+    await start();
+  });
+
+  afterAll(async () => {
+    await virsh('domjobabort', dom).catch(() => {});
+    await virsh('destroy', dom).catch(() => {});
+    await virsh('undefine', dom, '--checkpoints-metadata').catch(() => {});
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Start the domain and learn which device backs each disk (`info block`: file, then "Attached to: .../virtio-diskN/virtio-backend"). */
+  async function start(): Promise<void> {
+    await virsh('start', dom);
+    const info = await virsh('qemu-monitor-command', dom, '--hmp', 'info block');
+    for (const d of disks) {
+      const at = info.indexOf(d.file);
+      d.qdev = info.slice(at).match(/Attached to:\s+(\S+)/)?.[1];
+      expect(d.qdev, info).toBeDefined();
+    }
+  }
+
+  /** A guest write of `pattern` at [off, off+len), through the disk's device, as the guest's would go. */
+  async function guestWrite(d: TestDisk, pattern: number, off: number, len: number): Promise<void> {
+    const out = await virsh('qemu-monitor-command', dom, '--hmp', `qemu-io -d ${d.qdev} "write -P ${pattern} ${off} ${len}"`);
+    expect(out).not.toMatch(/error|failed/i);
+    d.model.fill(pattern, off, off + len);
+  }
+
+  const target = (d: TestDisk): string => path.join(dest, `${d.name}.raw`);
+  const expectTargets = (): void => {
+    for (const d of disks) expect(fs.readFileSync(target(d)).equals(d.model), `${d.name}.raw holds what the guest wrote`).toBe(true);
+  };
+  const ourCheckpoints = async (): Promise<string[]> =>
+    (await virsh('checkpoint-list', dom, '--name')).split('\n').map((l) => l.trim()).filter((l) => l.startsWith('qsync-'));
+
+  async function backup(...extra: string[]): Promise<{ code: number | null; disks: DiskSummary[]; stderr: string }> {
+    const r = await runQsync(['--domain', dom, '--connect', URI, '--json', ...extra, dest]);
+    const doc = JSON.parse(r.stdout || '{"disks":[]}') as { disks: DiskSummary[] };
+    return { code: r.code, disks: doc.disks, stderr: r.stderr };
+  }
+  const byName = (ds: DiskSummary[], name: string): DiskSummary => ds.find((x) => x.name === name)!;
+
+  it('full, then incremental after guest writes on both disks: each target equals what its guest wrote, one checkpoint kept', async () => {
+    const full = await backup();
+    expect(full.code, full.stderr).toBe(0);
+    expect(full.disks.map((x) => x.name).sort()).toEqual(['db', 'web']);
+    for (const x of full.disks) expect(x.mode).toBe('full');
+    expect(byName(full.disks, 'web').read).toBe(8 * MiB); // allocated extents only
+    expect(byName(full.disks, 'db').read).toBe(4 * MiB);
+    expectTargets();
+    const [first] = await ourCheckpoints();
+    expect(await ourCheckpoints()).toHaveLength(1);
+
+    await guestWrite(disks[0]!, 0x55, 1 * MiB, 1 * MiB);
+    await guestWrite(disks[0]!, 0x56, 40 * MiB, 128 << 10);
+    await guestWrite(disks[1]!, 0x66, 0, 64 << 10);
+    const inc = await backup('--verify-sample', '0');
+    expect(inc.code, inc.stderr).toBe(0);
+    const [web, db] = [byName(inc.disks, 'web'), byName(inc.disks, 'db')];
+    expect(web.mode, web.reason).toBe('bitmap');
+    expect(db.mode, db.reason).toBe('bitmap');
+    expect(web.dirty).toBe(MiB + (128 << 10));
+    expect(web.read).toBe(MiB + (128 << 10));
+    expect(db.read).toBe(64 << 10);
+    expectTargets();
+    // The new checkpoint replaced the old one.
+    const now = await ourCheckpoints();
+    expect(now).toHaveLength(1);
+    expect(now[0]).not.toBe(first);
+    expect(await virsh('domjobinfo', dom)).toMatch(/Job type:\s+None/);
+  });
+
+  it('another backup job on the domain: refused with exit 3, nothing touched; after it ends nothing was lost', async () => {
+    await guestWrite(disks[0]!, 0x77, 2 * MiB, 64 << 10);
+    const before = { cps: await ourCheckpoints(), sums: disks.map((d) => sha256(target(d))) };
+    const state = fs.readdirSync(path.join(stateOf(dest), 'image')).map((f) => fs.readFileSync(path.join(stateOf(dest), 'image', f), 'utf8'));
+    const other = path.join(dir, 'other');
+    fs.mkdirSync(other);
+    fs.chownSync(other, Number((await pexec('id', ['-u', 'libvirt-qemu'])).stdout), Number((await pexec('id', ['-g', 'libvirt-qemu'])).stdout));
+    fs.writeFileSync(path.join(dir, 'other.xml'), `<domainbackup mode='pull'><server transport='unix' socket='${other}/nbd.sock'/><disks>${
+      disks.map((d) => `<disk name='${d.target}' backup='yes' type='file'><scratch file='${other}/${d.target}.scratch'/></disk>`).join('')}</disks></domainbackup>`);
+    await virsh('backup-begin', dom, path.join(dir, 'other.xml'));
+    try {
+      const r = await runQsync(['--domain', dom, dest]);
+      expect(r.code).toBe(3);
+      expect(r.stderr).toMatch(/already runs a backup job/);
+      expect(await virsh('backup-dumpxml', dom)).toContain(`${other}/nbd.sock`); // the other job still runs
+      expect(await ourCheckpoints()).toEqual(before.cps);
+      expect(disks.map((d) => sha256(target(d)))).toEqual(before.sums);
+      expect(fs.readdirSync(path.join(stateOf(dest), 'image')).map((f) => fs.readFileSync(path.join(stateOf(dest), 'image', f), 'utf8'))).toEqual(state);
+    } finally {
+      await virsh('domjobabort', dom);
+    }
+    for (let i = 0; i < 100 && !/Job type:\s+None/.test(await virsh('domjobinfo', dom)); i++) await new Promise((r) => setTimeout(r, 100));
+    const r = await backup('--verify-sample', '0');
+    expect(r.code, r.stderr).toBe(0);
+    expect(byName(r.disks, 'web').mode).toBe('bitmap');
+    expect(byName(r.disks, 'web').read).toBe(64 << 10);
+    expectTargets();
+  });
+
+  it('a run that fails after backup-begin: the job ends and its new checkpoint is deleted, the old base stays', async () => {
+    const before = await ourCheckpoints();
+    await guestWrite(disks[1]!, 0x88, 10 * MiB, 64 << 10);
+    await expect(runDomainBackup({ domain: dom, dest, tempDir: dir }, {
+      fileStart: () => {
+        throw new Error('injected failure');
+      },
+    })).rejects.toThrow(/injected failure/);
+    expect(await virsh('domjobinfo', dom)).toMatch(/Job type:\s+None/);
+    expect(await ourCheckpoints()).toEqual(before);
+    expect(fs.readdirSync(dir).filter((f) => f.startsWith('qsync-'))).toEqual([]);
+    const r = await backup('--verify-sample', '0');
+    expect(r.code, r.stderr).toBe(0);
+    expect(byName(r.disks, 'db').mode).toBe('bitmap');
+    expect(byName(r.disks, 'db').read).toBe(64 << 10);
+    expectTargets();
+  });
+
+  it('qsync killed mid-run (first disk committed, second being copied): the next run ends the left job and is correct', async () => {
+    await guestWrite(disks[0]!, 0x91, 20 * MiB, 64 << 10);
+    await guestWrite(disks[1]!, 0x92, 20 * MiB, 64 << 10);
+    // A qsync (compiled) that stops dead when it starts its second disk; then SIGKILL, as the OOM killer would.
+    const mod = path.resolve('dist/src/sync/domain-backup.js');
+    expect(fs.existsSync(mod), 'built by npm test (npx tsc -p .)').toBe(true);
+    const child = spawn(process.execPath, ['--input-type=module', '-e', `
+      const m = await import(${JSON.stringify(mod)});
+      let n = 0;
+      await m.runDomainBackup(${JSON.stringify({ domain: dom, dest, verifySamplePct: 0 })}, {
+        fileStart: () => { if (++n === 2) { process.stdout.write('stopped\\n'); Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0); } },
+      });`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((res, rej) => {
+        child.stdout.on('data', (b: Buffer) => b.toString().includes('stopped') && res());
+        child.once('exit', (code) => rej(new Error(`the qsync to kill exited ${code} first`)));
+      });
+      expect(await virsh('domjobinfo', dom)).toMatch(/Backup/);
+    } finally {
+      child.kill('SIGKILL');
+    }
+    await new Promise((r) => child.once('exit', r));
+    expect((await ourCheckpoints()).length).toBe(2); // the killed run's new checkpoint, and the old base
+
+    await guestWrite(disks[0]!, 0x93, 21 * MiB, 64 << 10);
+    await guestWrite(disks[1]!, 0x94, 21 * MiB, 64 << 10);
+    const r = await backup('--verify-sample', '0');
+    expect(r.code, r.stderr).toBe(0);
+    // web was committed by the killed run (incremental from its checkpoint); db from the old one.
+    expect(byName(r.disks, 'web').mode).toBe('bitmap');
+    expect(byName(r.disks, 'web').read).toBe(64 << 10);
+    expect(byName(r.disks, 'db').mode).toBe('bitmap');
+    expect(byName(r.disks, 'db').read).toBe(128 << 10);
+    expectTargets();
+    const left = await ourCheckpoints();
+    expect(left).toHaveLength(1);
+    // No run folder (socket, scratch files) of this DEST is left in the temp dir.
+    const prefix = left[0]!.replace(/[^-]+$/, '');
+    expect(fs.readdirSync(os.tmpdir()).filter((f) => f.startsWith(prefix))).toEqual([]);
+  });
+
+  it('QEMU killed (its bitmaps never saved): the broken checkpoint is found, each disk read in full and correct', async () => {
+    await guestWrite(disks[0]!, 0xb1, 24 * MiB, 64 << 10);
+    // The guest's writes are durable (a guest flush: qcow2 metadata too); the bitmaps are only saved when QEMU closes the image.
+    for (const d of disks) await virsh('qemu-monitor-command', dom, '--hmp', `qemu-io -d ${d.qdev} "flush"`);
+    const pid = Number(fs.readFileSync(`/run/libvirt/qemu/${dom}.pid`, 'utf8'));
+    process.kill(pid, 'SIGKILL');
+    for (let i = 0; i < 100 && !(await virsh('domstate', dom)).includes('shut off'); i++) await new Promise((r) => setTimeout(r, 100));
+    await start();
+    await guestWrite(disks[1]!, 0xb2, 24 * MiB, 64 << 10);
+    const notices: string[] = [];
+    const r = await runDomainBackup({ domain: dom, dest, tempDir: dir }, { notice: (m) => notices.push(m) });
+    for (const x of r) expect(x.reason).toMatch(/^checkpoint qsync-\S+ is broken/);
+    expect(notices.filter((m) => /^(web \(vda\)|db \(vdb\)): checkpoint .* is broken/.test(m))).toHaveLength(2);
+    expectTargets();
+    expect(await ourCheckpoints()).toHaveLength(1);
+    const [next] = [await backup('--verify-sample', '0')];
+    expect(next.code, next.stderr).toBe(0);
+    for (const x of next.disks) expect(x.mode).toBe('bitmap');
+  });
+
+  it('a remote DEST is refused (exit 1) before libvirt is asked anything', async () => {
+    const r = await runQsync(['--domain', dom, 'backuphost:/backup/vm']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/local DEST only/);
+    expect(fs.existsSync('backuphost:')).toBe(false);
+  });
+
+  it('shut off: the images are read offline and the checkpoint stays the base; started again, incremental', async () => {
+    await guestWrite(disks[0]!, 0xa1, 30 * MiB, 64 << 10);
+    // A clean QEMU exit (no guest OS to shut down): the persistent checkpoint bitmaps are stored, not left in use.
+    // (virsh may see the monitor close before its answer: the state below is what counts.)
+    await virsh('qemu-monitor-command', dom, '--hmp', 'quit').catch(() => {});
+    for (let i = 0; i < 100 && !(await virsh('domstate', dom)).includes('shut off'); i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await virsh('domstate', dom, '--reason')).toMatch(/shut off \(shutdown\)/);
+    const notices: string[] = [];
+    const off = await runDomainBackup({ domain: dom, dest, tempDir: dir }, { notice: (m) => notices.push(m) });
+    for (const x of off) expect(x.mode).toBe('full');
+    expect(notices).toEqual([`web (vda): domain is shut off: full read of ${disks[0]!.file}`, `db (vdb): domain is shut off: full read of ${disks[1]!.file}`]);
+    expectTargets();
+    expect(byName(off, 'web').written).toBe(64 << 10);
+    expect(byName(off, 'db').written).toBe(0);
+
+    await start();
+    await guestWrite(disks[0]!, 0xa2, 31 * MiB, 64 << 10);
+    const r = await backup('--verify-sample', '0');
+    expect(r.code, r.stderr).toBe(0);
+    expect(byName(r.disks, 'web').mode, byName(r.disks, 'web').reason).toBe('bitmap');
+    expect(byName(r.disks, 'web').read).toBe(128 << 10); // since the checkpoint: the write before the shutdown, and this one
+    expectTargets();
+  });
+});
