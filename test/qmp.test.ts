@@ -148,6 +148,14 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img'))('QMP client again
     await qmp.execute('blockdev-del', { 'node-name': 'null0' });
   });
 
+  it('a monitor another client holds (as libvirt holds its domains\'): refused as busy, saying what to do, not "no greeting"', async () => {
+    // fx.qmp holds fx.qsd.qmp: QEMU queues a second client without a greeting.
+    const err = await QmpClient.connect(fx.qsd.qmp).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'LOCKED' });
+    expect((err as QsyncError).message).toMatch(new RegExp(`QMP monitor ${fx.qsd.qmp} is busy or owned by another client: QEMU \\(pid ${fx.qsd.pid}\\)`));
+    expect((err as QsyncError).context.hint).toMatch(/monitor of its own.*back it up through libvirt \(--domain NAME\)/);
+  });
+
   it('cancels an event wait', async () => {
     const w = qmp.waitEvent('NEVER');
     w.cancel();
