@@ -124,9 +124,9 @@ export function startQsd(dir: string, disk: string, node = 'disk0', extra: strin
 
 /**
  * A q35 TCG VM, no kernel. Disk i (one file, or several) is qcow2 node
- * `drive<i>` on virtio-blk device `vd<a+i>`.
+ * `drive<i>` on virtio-blk device `vd<a+i>`; `extra` QEMU arguments last.
  */
-export function startVm(dir: string, disks: string | string[]): Promise<QemuProcess> {
+export function startVm(dir: string, disks: string | string[], extra: string[] = []): Promise<QemuProcess> {
   const qmp = path.join(dir, 'vm-qmp.sock');
   fs.rmSync(qmp, { force: true });
   return start(
@@ -140,6 +140,7 @@ export function startVm(dir: string, disks: string | string[]): Promise<QemuProc
       ]),
       '-qmp', `unix:${qmp},server=on,wait=off`,
       '-qmp', `unix:${qmp.replace(/\.sock$/, '2.sock')},server=on,wait=off`,
+      ...extra,
     ],
     dir,
     qmp,
