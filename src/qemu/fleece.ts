@@ -6,17 +6,14 @@
  * current ones and starts the jobs, so the frozen bitmaps and the views
  * describe the same instant.
  */
-import { execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
 import { openRegular } from '../io/safe-fs.js';
 import { isQmpError } from './errors.js';
 import type { QmpAction, QmpClient } from './qmp.js';
-
-const run = promisify(execFile);
 
 function alive(pid: number): boolean {
   try {
@@ -180,19 +177,27 @@ export class Fleece {
 
 /**
  * The overlay QEMU writes the old contents into: made 0600 (it holds guest
- * data) and owned by the user QEMU runs as, before qemu-img formats it
- * (which keeps both).
+ * data) by this process, formatted by qemu-img through the same descriptor
+ * (/dev/fd/3: no name is looked up again, so a file swapped in meanwhile is
+ * never formatted), then handed to the user QEMU runs as.
  */
 async function createOverlay(file: string, size: number, owner: FleeceOptions['owner']): Promise<void> {
   // One of this name can only be a dead run's whose pid was ours.
   await rm(file, { force: true });
-  const fh = await openRegular(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, 0o600);
+  const fh = await openRegular(file, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
   try {
+    const child = spawn('qemu-img', ['create', '-q', '-f', 'qcow2', '/dev/fd/3', String(size)], { stdio: ['ignore', 'ignore', 'pipe', fh.fd] });
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => void (stderr += d.toString()));
+    const code = await new Promise<number | null>((res, rej) => child.once('error', rej).once('close', (c) => res(c)));
+    if (code !== 0) throw new QsyncError('IO', `qemu-img could not create the overlay ${file}: ${stderr.trim() || `exit ${code}`}`, { file });
     if (owner) await fh.chown(owner.uid, owner.gid);
+  } catch (e) {
+    await rm(file, { force: true });
+    throw e;
   } finally {
     await fh.close();
   }
-  await run('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(size)]);
 }
 
 /** The export is gone only once QEMU says so; until then the bitmap it uses stays busy. */
