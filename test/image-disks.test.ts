@@ -202,5 +202,14 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-storage-daemon', 'qemu-im
     run('qemu-img', ['convert', '-O', 'raw', disk('b'), path.join(dir, 'b-convert.raw')]);
     expect(same(b!.target, fs.readFileSync(path.join(dir, 'b-convert.raw')))).toBe(true);
     expect(b!.size).toBe(64 * MiB);
+
+    // forget through --image: the persistent bitmap leaves the file.
+    expect(run('qemu-img', ['info', disk('b')])).toContain(bitmapPrefix(dest, 'b'));
+    const f = await runQsync(['forget', dest, '--image', disk('b')]);
+    expect(f.code, f.stderr).toBe(0);
+    expect(run('qemu-img', ['info', disk('b')])).not.toContain(bitmapPrefix(dest, 'b'));
+    const bad = await runQsync(['forget', dest]);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/usage: qsync forget DEST --qmp SOCKET\|--image FILE/);
   });
 });

@@ -59,10 +59,10 @@ export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: 
 
 /** `qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...`: a line per disk. */
 export async function runForget(argv: string[], io: CliIO): Promise<number> {
+  const usage = new QsyncError('USAGE', 'usage: qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...');
+  if (!argv.some((a) => /^--(?:qmp|image)(?:=|$)/.test(a))) throw usage;
   const parsed = parseArgv(argv);
-  if (parsed.kind !== 'sync' || parsed.sources.length || (parsed.options.qmp === undefined && parsed.options.image === undefined)) {
-    throw new QsyncError('USAGE', 'usage: qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...');
-  }
+  if (parsed.kind !== 'sync' || parsed.sources.length) throw usage;
   const o = parsed.options;
   if (o.stateDir !== undefined) setStateBase(o.stateDir);
   for (const d of await forgetImage({ qmp: o.qmp, image: o.image, drives: o.drives, dest: parsed.dest })) {
