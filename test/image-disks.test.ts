@@ -41,6 +41,18 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-storage-daemon', 'qemu-im
     expect(fs.readdirSync(dir).filter((f) => f.startsWith('qsync-'))).toEqual([]);
   }
 
+  /** A qsync process (compiled) that kills itself (-9) when it starts copying the second disk. */
+  async function killedOnSecondDisk(o: ImageBackupOptions): Promise<void> {
+    spawnSync('npx', ['tsc', '-p', '.'], { stdio: 'ignore' });
+    const mod = path.resolve('dist/src/sync/image-backup.js');
+    const child = spawn(process.execPath, ['--input-type=module', '-e',
+      `const m = await import(${JSON.stringify(mod)});
+       await m.runImageBackup(${JSON.stringify(o)}, { fileStart: (rel) => { if (rel === 'b.raw') process.kill(process.pid, 'SIGKILL'); } });`,
+    ], { stdio: 'ignore' });
+    const [, signal] = await new Promise<[number | null, string | null]>((res) => child.once('exit', (c, s) => res([c, s])));
+    expect(signal).toBe('SIGKILL');
+  }
+
   beforeAll(async () => {
     dir = tmpDir('qsync-disks-');
     dest = path.join(dir, 'dest');
@@ -87,14 +99,7 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-storage-daemon', 'qemu-im
   it('a qsync killed (-9) while it backs up the second disk: the next run cleans every leftover first, and is incremental and correct', async () => {
     await guestWrite('vda', 'write -P 0xa1 10M 64k');
     await guestWrite('vdb', 'write -P 0xb1 10M 64k');
-    spawnSync('npx', ['tsc', '-p', '.'], { stdio: 'ignore' });
-    const mod = path.resolve('dist/src/sync/image-backup.js');
-    const child = spawn(process.execPath, ['--input-type=module', '-e',
-      `const m = await import(${JSON.stringify(mod)});
-       await m.runImageBackup(${JSON.stringify(opts())}, { fileStart: (rel) => { if (rel === 'b.raw') process.kill(process.pid, 'SIGKILL'); } });`,
-    ], { stdio: 'ignore' });
-    const [, signal] = await new Promise<[number | null, string | null]>((res) => child.once('exit', (c, s) => res([c, s])));
-    expect(signal).toBe('SIGKILL');
+    await killedOnSecondDisk(opts());
     // It left its export, job and overlay of vdb (and the NBD server) in QEMU.
     expect((await qmp.execute<{ id: string }[]>('query-block-exports')).length).toBeGreaterThan(0);
     await guestWrite('vda', 'write -P 0xa2 20M 64k');
@@ -136,6 +141,19 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-storage-daemon', 'qemu-im
     expect(r.map((d) => d.mode)).toEqual(['bitmap', 'bitmap']);
     expect(byName(r, 'b').dirty).toBe(64 << 10);
     expect(same(byName(r, 'b').target, await live('b'))).toBe(true);
+  });
+
+  it('what a qsync killed on another DEST left: refused as another qsync\'s job (exit 3); that DEST\'s next run cleans it up', async () => {
+    const other = path.join(dir, 'other-dest');
+    await killedOnSecondDisk(opts({ dest: other }));
+    const r = await runQsync(['--qmp', vm.qmp2, `${dest}/`]);
+    expect(r.code, r.stderr).toBe(3);
+    expect(r.stderr).toMatch(/disk b .*in use by block job 'qsync-[0-9a-f]{12}-job1' \(backup\)/);
+    expect(r.stderr).toMatch(/another qsync .*run it again to clean up/);
+    await runImageBackup(opts({ dest: other }));
+    const after = await runImageBackup(opts());
+    expect(after.map((d) => d.mode)).toEqual(['bitmap', 'bitmap']);
+    await noLeftovers();
   });
 
   it('adopts a target an older qsync named after the device (vda.raw): renamed with manifest, state and bitmap, and the run stays incremental', async () => {
