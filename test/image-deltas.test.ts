@@ -18,7 +18,7 @@ const shaOf = (b: Buffer): string => createHash('sha256').update(b).digest('hex'
 describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image mode with --backup-dir and --write-batch', () => {
   const fx = useQsd('64M', (disk) => qemuIo(disk, 'qcow2', 'write -P 0x11 0 8M', 'write -P 0x22 32M 4M'));
   const dest = () => path.join(fx.dir, 'backup');
-  const target = () => path.join(dest(), 'disk0.raw');
+  const target = () => path.join(dest(), 'disk.raw');
   const guestView = async (): Promise<string> => shaOf(await readLive(fx.qmp, 'disk0', fx.dir));
   /** Guest writes: data at the given MiB offsets, and a zeroed (trimmed) range. */
   const guestWrite = (fill: number, mibs: number[], zeroMib?: number) =>
@@ -51,7 +51,7 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
   it('--write-batch applied to a copy of the previous target gives the new target, with or without a manifest; --only-write-batch is refused', async () => {
     const copyDir = path.join(fx.dir, 'copy');
     fs.mkdirSync(copyDir);
-    fs.copyFileSync(target(), path.join(copyDir, 'disk0.raw'));
+    fs.copyFileSync(target(), path.join(copyDir, 'disk.raw'));
     await guestWrite(0xc3, [3, 40], 2);
     const batch = path.join(fx.dir, 'run.qdelta');
     const r = await runQsync(['--qmp', fx.qsd.qmp2, `--write-batch=${batch}`, '--json', `${dest()}/`]);
@@ -60,17 +60,17 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('image
     const now = await guestView();
     expect(await sha256(target())).toBe(now);
     ok(await runQsync(['apply', batch, copyDir]));
-    expect(await sha256(path.join(copyDir, 'disk0.raw'))).toBe(now);
+    expect(await sha256(path.join(copyDir, 'disk.raw'))).toBe(now);
 
     // No manifest: a full run compares with the old target, and the batch names the hash of that target as its base.
-    fs.rmSync(path.join(stateOf(dest()), 'manifests', 'disk0.raw.qsm'));
+    fs.rmSync(path.join(stateOf(dest()), 'manifests', 'disk.raw.qsm'));
     await guestWrite(0xd4, [5, 41]);
     const compared = path.join(fx.dir, 'compare.qdelta');
     ok(await runQsync(['--qmp', fx.qsd.qmp2, `--write-batch=${compared}`, `${dest()}/`]));
     const later = await guestView();
     expect(await sha256(target())).toBe(later);
     ok(await runQsync(['apply', compared, copyDir]));
-    expect(await sha256(path.join(copyDir, 'disk0.raw'))).toBe(later);
+    expect(await sha256(path.join(copyDir, 'disk.raw'))).toBe(later);
 
     const only = await runQsync(['--qmp', fx.qsd.qmp2, `--only-write-batch=${path.join(fx.dir, 'only.qdelta')}`, `${dest()}/`]);
     expect(only.code).toBe(1);

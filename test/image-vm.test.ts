@@ -44,10 +44,11 @@ describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img', 'qemu-io'))('image 
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('finds the disk by device id; full, then guest writes, then only dirty extents; writes during a backup land in the next', async () => {
+  it('finds the disk by device id, names the target after its file; full, then guest writes, then only dirty extents; writes during a backup land in the next', async () => {
     expect((await qmp.execute<{ status: string }>('query-status')).status).toBe('running');
     const [full] = await runImageBackup(opts({ drives: ['vda'] }));
-    expect(full!.name).toBe('vda');
+    expect(full!.name).toBe('disk');
+    expect(full!.target).toBe(path.join(dest, 'disk.raw'));
     expect(full!.node).toBe('drive0');
     expect(full!.read).toBe(40 * MiB);
     expect(equalsTarget(full!.target, await readLive(qmp, 'drive0', dir))).toBe(true);

@@ -7,7 +7,7 @@ import { QmpError } from '../src/qemu/errors.js';
 import { QmpClient, parseQmpAddress } from '../src/qemu/qmp.js';
 import { QsyncError } from '../src/core/errors.js';
 import { needTools } from './helpers/env.js';
-import { tmpDir, useQsd } from './helpers/qemu.js';
+import { qemuImgCreate, startVm, tmpDir, useQsd } from './helpers/qemu.js';
 
 describe('QMP codec', () => {
   const decode = (chunks: Buffer[], max?: number) => {
@@ -148,9 +148,41 @@ describe.skipIf(!needTools('qemu-storage-daemon', 'qemu-img'))('QMP client again
     await qmp.execute('blockdev-del', { 'node-name': 'null0' });
   });
 
+  it('a monitor another client holds (as libvirt holds its domains\'): refused as busy, saying what to do, not "no greeting"', async () => {
+    // fx.qmp holds fx.qsd.qmp: QEMU queues a second client without a greeting.
+    const err = await QmpClient.connect(fx.qsd.qmp).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: 'LOCKED' });
+    expect((err as QsyncError).message).toMatch(new RegExp(`QMP monitor ${fx.qsd.qmp} is busy or owned by another client: QEMU \\(pid ${fx.qsd.pid}\\)`));
+    expect((err as QsyncError).context.hint).toMatch(/monitor of its own.*back it up through libvirt \(--domain NAME\)/);
+  });
+
   it('cancels an event wait', async () => {
     const w = qmp.waitEvent('NEVER');
     w.cancel();
     await expect(w).rejects.toThrow(/cancelled/);
+  });
+});
+
+describe.skipIf(!needTools('qemu-system-x86_64', 'qemu-img'))('QMP client against a monitor libvirt holds', () => {
+  it('names the domain and says to back it up through libvirt', async () => {
+    const dir = tmpDir();
+    const mon = path.join(dir, 'monitor.sock');
+    qemuImgCreate(path.join(dir, 'web.qcow2'), '16M');
+    // The monitor as libvirt sets it up (-name guest=..., chardev charmonitor), held by a client as libvirt holds it.
+    const vm = await startVm(dir, path.join(dir, 'web.qcow2'), [
+      '-name', 'guest=web,debug-threads=on',
+      '-chardev', `socket,id=charmonitor,path=${mon},server=on,wait=off`, '-mon', 'chardev=charmonitor,id=monitor,mode=control',
+    ]);
+    const libvirt = await QmpClient.connect(mon);
+    try {
+      const err = await QmpClient.connect(mon).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: 'LOCKED' });
+      expect((err as QsyncError).message).toBe(`QMP monitor ${mon} is busy: it is libvirt's monitor of domain web (libvirt holds its domains' monitors)`);
+      expect((err as QsyncError).context.hint).toBe('back it up through libvirt (--domain web)');
+    } finally {
+      await libvirt.close();
+      await vm.kill();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

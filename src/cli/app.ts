@@ -35,6 +35,10 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
   // The far end of a remote sync: stdin/stdout are the channel (src/remote/server.ts).
   if (argv[0] === '--server') return (await import('../remote/server.js')).runServer(argv.slice(1), io);
   try {
+    if (argv[0] === 'forget') {
+      const { runForget } = await import('./run-image.js');
+      return await runForget(argv.slice(1), io);
+    }
     const parsed = parseArgv(argv);
     if (parsed.kind === 'help') {
       io.stdout.write(parsed.text);

@@ -1,7 +1,8 @@
 /**
  * `qsync --qmp SOCKET [--drive NAME]... DEST`, `qsync --image FILE DEST` and `qsync --domain NAME [--connect URI] DEST`:
  * image mode, and a summary per disk of what was dirty, read, written,
- * unchanged and zero (the figures a vzdump user reads in the log).
+ * unchanged and zero (the figures a vzdump user reads in the log); and
+ * `qsync forget DEST --qmp SOCKET|--image FILE`.
  */
 import { resolve } from 'node:path';
 import { QsyncError } from '../core/errors.js';
@@ -9,7 +10,9 @@ import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import { parseRemote } from '../remote/ssh.js';
-import type { SyncOptions } from './args.js';
+import { forgetImage } from '../sync/image-forget.js';
+import { setStateBase } from '../sync/state-dir.js';
+import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, formatSize } from './output.js';
 import type { CliIO } from './run-sync.js';
@@ -60,4 +63,18 @@ export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: 
     io.stdout.write(`${JSON.stringify({ disks: [], exitCode: code, errors: [{ message: (e as Error).message, code: (e as { code?: string }).code }] }, null, 2)}\n`);
     return code;
   }
+}
+
+/** `qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...`: a line per disk. */
+export async function runForget(argv: string[], io: CliIO): Promise<number> {
+  const usage = new QsyncError('USAGE', 'usage: qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...');
+  if (!argv.some((a) => /^--(?:qmp|image)(?:=|$)/.test(a))) throw usage;
+  const parsed = parseArgv(argv);
+  if (parsed.kind !== 'sync' || parsed.sources.length) throw usage;
+  const o = parsed.options;
+  if (o.stateDir !== undefined) setStateBase(o.stateDir);
+  for (const d of await forgetImage({ qmp: o.qmp, image: o.image, drives: o.drives, dest: parsed.dest })) {
+    if (!o.quiet) io.stdout.write(`${d.name}: dropped ${d.bitmaps} bitmap${d.bitmaps === 1 ? '' : 's'} and the image state of ${resolve(parsed.dest)}\n`);
+  }
+  return EXIT.OK.code;
 }

@@ -1,10 +1,19 @@
-/** Which disks a QEMU has, and the dirty bitmaps on them, from QMP queries. */
+/** Which disks a QEMU has, the dirty bitmaps and block jobs on them, from QMP queries. */
+import { basename } from 'node:path';
 import { QsyncError } from '../core/errors.js';
 import type { QmpClient } from './qmp.js';
 
 export interface Drive {
-  /** Name for the backup target: the device's qdev id, else its drive id, else the node name. */
+  /**
+   * Name for the backup target: the image file's base name (so that `--qmp`
+   * on the VM and `--image` on its file write the same target), else
+   * `legacy`. Two disks whose files share a base name both keep `legacy`.
+   */
   name: string;
+  /** The name qsync used before it named targets after the file: qdev id, else drive id, else node name. */
+  legacy: string;
+  /** The image file the node opens (a plain path), if any. */
+  file?: string;
   /** The format node the guest sees (bitmaps live here). */
   node: string;
   driver: string;
@@ -27,6 +36,8 @@ export interface BitmapInfo {
 interface NodeInfo {
   'node-name': string;
   drv: string;
+  /** The image's file name; `json:{...}` for a node without a plain one. */
+  file?: string;
   image: { 'virtual-size': number };
   'dirty-bitmaps'?: Partial<BitmapInfo>[];
 }
@@ -59,7 +70,9 @@ export async function findDrives(qmp: QmpClient, wanted: string[] = []): Promise
   const info = new Map((await nodes(qmp)).map((n) => [n['node-name'], n]));
   const drive = (node: string, extra: Partial<Drive> = {}): Drive => {
     const n = info.get(node)!;
-    return { name: qdevId(extra.qdev) ?? (extra.device || node), node, driver: n.drv, size: n.image['virtual-size'], ...extra };
+    const legacy = qdevId(extra.qdev) ?? (extra.device || node);
+    const file = n.file?.startsWith('/') ? n.file : undefined;
+    return { name: file ? imageTargetName(file) : legacy, legacy, file, node, driver: n.drv, size: n.image['virtual-size'], ...extra };
   };
   const blocks = (await qmp.execute<BlockInfo[]>('query-block')).filter((b) => b.inserted && info.has(b.inserted['node-name']));
   let all: Drive[];
@@ -74,6 +87,7 @@ export async function findDrives(qmp: QmpClient, wanted: string[] = []): Promise
       .map((n) => drive(n.name));
   }
   all = all.filter((d) => !d.node.startsWith('qsync-'));
+  for (const d of all) if (all.some((x) => x !== d && x.name === d.name)) d.name = d.legacy;
   if (!wanted.length) return all;
   return wanted.map((w) => {
     const d = all.find((x) => [x.node, x.device, x.qdev, qdevId(x.qdev)].includes(w));
@@ -98,4 +112,40 @@ export async function listBitmaps(qmp: QmpClient, node: string): Promise<BitmapI
     granularity: b.granularity ?? 65536,
     count: b.count ?? 0,
   }));
+}
+
+/** Target name for an image file: its base name without the extension, in [A-Za-z0-9_-] (web.qcow2 → web). */
+export const imageTargetName = (file: string): string =>
+  basename(file).replace(/\.[^.]*$/, '').replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 30) || 'disk';
+
+export interface BlockJob {
+  id: string;
+  type: string;
+}
+
+/**
+ * The block jobs that hold each node: a job holds every node reachable from
+ * its edges in the block graph (a backup job's filter sits above the disk,
+ * its target overlay may be backed by it). Keyed by node name.
+ */
+export async function jobsByNode(qmp: QmpClient): Promise<Map<string, BlockJob[]>> {
+  const types = new Map((await qmp.execute<BlockJob[]>('query-jobs')).map((j) => [j.id, j.type]));
+  const g = await qmp.execute<BlockGraph>('x-debug-query-block-graph');
+  const children = new Map<number, number[]>();
+  for (const e of g.edges) children.set(e.parent, [...(children.get(e.parent) ?? []), e.child]);
+  const byId = new Map(g.nodes.map((n) => [n.id, n]));
+  const out = new Map<string, BlockJob[]>();
+  for (const job of g.nodes.filter((n) => n.type === 'block-job')) {
+    const seen = new Set<number>();
+    const todo = [...(children.get(job.id) ?? [])];
+    while (todo.length) {
+      const id = todo.pop()!;
+      if (seen.has(id)) continue;
+      seen.add(id);
+      todo.push(...(children.get(id) ?? []));
+      const name = byId.get(id)?.name;
+      if (name) out.set(name, [...(out.get(name) ?? []), { id: job.name, type: types.get(job.name) ?? 'block job' }]);
+    }
+  }
+  return out;
 }

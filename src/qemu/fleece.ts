@@ -1,19 +1,19 @@
 /**
- * A point-in-time view of a live disk (image fleecing, docs/ARCHITECTURE.md "Two views of an image"): a qcow2
+ * A point-in-time view of live disks (image fleecing, docs/ARCHITECTURE.md "Two views of an image"): a qcow2
  * overlay backed by the disk, filled by a `sync=none` backup job with the old
  * contents of whatever the guest overwrites, exported read-only over NBD.
- * One transaction starts the next dirty bitmap, freezes the current one and
- * starts the job, so the frozen bitmap and the view describe the same instant.
+ * One transaction starts the next dirty bitmap of every disk, freezes the
+ * current ones and starts the jobs, so the frozen bitmaps and the views
+ * describe the same instant.
  */
-import { execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { constants } from 'node:fs';
 import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
+import { openRegular } from '../io/safe-fs.js';
 import { isQmpError } from './errors.js';
 import type { QmpAction, QmpClient } from './qmp.js';
-
-const run = promisify(execFile);
 
 function alive(pid: number): boolean {
   try {
@@ -24,45 +24,60 @@ function alive(pid: number): boolean {
   }
 }
 
-export interface FleeceOptions {
+export interface FleeceDisk {
   node: string;
   size: number;
-  /** Names of everything qsync creates for one target start with this (`qsync-<tag>-`). */
-  prefix: string;
   /** Bitmap created in the transaction; it records from the fleece instant on. */
   newBitmap: string;
   persistent: boolean;
   /** Bitmap to disable in the transaction and export (incremental runs). */
   freeze?: string;
-  /** Folder for the overlay and the NBD socket; QEMU must be able to write there. */
-  tempDir: string;
 }
 
-type Step = 'file' | 'node' | 'job' | 'server' | 'exp';
+export interface FleeceOptions {
+  /** Everything qsync creates for one DEST starts with this (`qsync-<tag>-`). */
+  prefix: string;
+  disks: FleeceDisk[];
+  /** Folder for the overlays and the NBD socket; QEMU must be able to reach it and write there. */
+  tempDir: string;
+  /** Who QEMU runs as: the overlays are created 0600 for this user (default: this process's). */
+  owner?: { uid: number; gid: number };
+}
 
-const names = (prefix: string) => ({
-  node: `${prefix}fleece`,
-  job: `${prefix}job`,
-  exp: `${prefix}exp`,
-  exportName: `${prefix}snap`,
+type DiskStep = 'file' | 'node' | 'job' | 'exp';
+
+const names = (prefix: string, i: number) => ({
+  node: `${prefix}fleece${i}`,
+  job: `${prefix}job${i}`,
+  exp: `${prefix}exp${i}`,
+  exportName: `${prefix}snap${i}`,
 });
 
+/**
+ * Point-in-time views of several disks of one QEMU, taken at one instant: one
+ * transaction rotates every bitmap and starts every backup job, so the disks
+ * of a VM are backed up as of the same moment (as a snapshot would).
+ */
 export class Fleece {
-  readonly uri: string;
-  /** Milliseconds from the first QMP command to the export being ready. */
+  /** NBD URI of each disk's view, in the order of `opts.disks`. */
+  readonly uris: string[];
+  /** Milliseconds from the first QMP command to the exports being ready. */
   setupMs = 0;
   /** What is set up, so that stop() undoes exactly that. */
-  #steps: Record<Step, boolean> = { file: false, node: false, job: false, server: false, exp: false };
-  #file: string;
+  #steps: Record<DiskStep, boolean>[];
+  #server = false;
+  #files: string[];
   #sock: string;
 
   private constructor(
     private readonly qmp: QmpClient,
     private readonly opts: FleeceOptions,
   ) {
-    this.#file = join(opts.tempDir, `${opts.prefix}fleece-${process.pid}.qcow2`);
-    this.#sock = join(opts.tempDir, `${opts.prefix}nbd-${process.pid}.sock`);
-    this.uri = `nbd+unix:///${names(opts.prefix).exportName}?socket=${this.#sock}`;
+    const { prefix, tempDir, disks } = opts;
+    this.#steps = disks.map(() => ({ file: false, node: false, job: false, exp: false }));
+    this.#files = disks.map((_, i) => join(tempDir, `${prefix}fleece${i}-${process.pid}.qcow2`));
+    this.#sock = join(tempDir, `${prefix}nbd-${process.pid}.sock`);
+    this.uris = disks.map((_, i) => `nbd+unix:///${names(prefix, i).exportName}?socket=${this.#sock}`);
   }
 
   /** Set everything up; on failure whatever was set up is torn down again before the error is thrown. */
@@ -81,20 +96,15 @@ export class Fleece {
 
   async #start(): Promise<void> {
     const { qmp, opts } = this;
-    const n = names(opts.prefix);
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', this.#file, String(opts.size)]);
-    this.#steps.file = true;
-    await qmp.execute('blockdev-add', {
-      driver: 'qcow2', 'node-name': n.node, file: { driver: 'file', filename: this.#file }, backing: opts.node,
-    });
-    this.#steps.node = true;
-    const actions: QmpAction[] = [
-      { type: 'block-dirty-bitmap-add', data: { node: opts.node, name: opts.newBitmap, persistent: opts.persistent } },
-    ];
-    if (opts.freeze) actions.push({ type: 'block-dirty-bitmap-disable', data: { node: opts.node, name: opts.freeze } });
-    actions.push({ type: 'blockdev-backup', data: { 'job-id': n.job, device: opts.node, target: n.node, sync: 'none' } });
-    await qmp.transaction(actions);
-    this.#steps.job = true;
+    for (const [i, d] of opts.disks.entries()) {
+      await createOverlay(this.#files[i]!, d.size, opts.owner);
+      this.#steps[i]!.file = true;
+      await qmp.execute('blockdev-add', {
+        driver: 'qcow2', 'node-name': names(opts.prefix, i).node, file: { driver: 'file', filename: this.#files[i] }, backing: d.node,
+      });
+      this.#steps[i]!.node = true;
+    }
+    // Before the transaction: a server someone else runs is refused while no bitmap has moved.
     try {
       await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: this.#sock } } });
     } catch (e) {
@@ -105,33 +115,88 @@ export class Fleece {
       }
       throw e;
     }
-    this.#steps.server = true;
-    await qmp.execute('block-export-add', {
-      type: 'nbd', id: n.exp, 'node-name': n.node, writable: false, name: n.exportName, bitmaps: opts.freeze ? [opts.freeze] : [],
-    });
-    this.#steps.exp = true;
+    this.#server = true;
+    const actions: QmpAction[] = [];
+    for (const [i, d] of opts.disks.entries()) {
+      actions.push({ type: 'block-dirty-bitmap-add', data: { node: d.node, name: d.newBitmap, persistent: d.persistent } });
+      if (d.freeze) actions.push({ type: 'block-dirty-bitmap-disable', data: { node: d.node, name: d.freeze } });
+      actions.push({ type: 'blockdev-backup', data: { 'job-id': names(opts.prefix, i).job, device: d.node, target: names(opts.prefix, i).node, sync: 'none' } });
+    }
+    await qmp.transaction(actions);
+    for (const s of this.#steps) s.job = true;
+    for (const [i, d] of opts.disks.entries()) {
+      const n = names(opts.prefix, i);
+      await qmp.execute('block-export-add', {
+        type: 'nbd', id: n.exp, 'node-name': n.node, writable: false, name: n.exportName, bitmaps: d.freeze ? [d.freeze] : [],
+      });
+      this.#steps[i]!.exp = true;
+    }
   }
 
-  /** Tear down in reverse order; every step is tried, the first error is thrown at the end. */
-  async stop(): Promise<void> {
-    const n = names(this.opts.prefix);
+  /** Undo disk `i`'s part in reverse order (the NBD server stays for the others); the first error is thrown at the end. */
+  async stopDisk(i: number): Promise<void> {
     const errors: unknown[] = [];
-    const step = async (key: Step, fn: () => Promise<unknown>): Promise<void> => {
-      if (!this.#steps[key]) return;
+    await this.#stopDisk(i, errors);
+    if (errors.length) throw errors[0];
+  }
+
+  async #stopDisk(i: number, errors: unknown[], only?: DiskStep[]): Promise<void> {
+    const n = names(this.opts.prefix, i);
+    const steps = this.#steps[i]!;
+    const step = async (key: DiskStep, fn: () => Promise<unknown>): Promise<void> => {
+      if (!steps[key] || (only && !only.includes(key))) return;
       try {
         await fn();
-        this.#steps[key] = false;
+        steps[key] = false;
       } catch (e) {
         errors.push(e);
       }
     };
     await step('exp', () => deleteExport(this.qmp, n.exp));
-    await step('server', () => this.qmp.execute('nbd-server-stop'));
     await step('job', () => cancelJob(this.qmp, n.job));
     await step('node', () => this.qmp.execute('blockdev-del', { 'node-name': n.node }));
-    await step('file', () => rm(this.#file, { force: true }));
+    await step('file', () => rm(this.#files[i]!, { force: true }));
+  }
+
+  /** Tear down everything left; every step is tried, the first error is thrown at the end. */
+  async stop(): Promise<void> {
+    const errors: unknown[] = [];
+    const all = this.opts.disks.map((_, i) => i);
+    for (const i of all) await this.#stopDisk(i, errors, ['exp']);
+    if (this.#server) {
+      await this.qmp.execute('nbd-server-stop').then(
+        () => void (this.#server = false),
+        (e: unknown) => void errors.push(e),
+      );
+    }
+    for (const i of all) await this.#stopDisk(i, errors);
     await rm(this.#sock, { force: true }).catch(() => {});
     if (errors.length) throw errors[0];
+  }
+}
+
+/**
+ * The overlay QEMU writes the old contents into: made 0600 (it holds guest
+ * data) by this process, formatted by qemu-img through the same descriptor
+ * (/dev/fd/3: no name is looked up again, so a file swapped in meanwhile is
+ * never formatted), then handed to the user QEMU runs as.
+ */
+async function createOverlay(file: string, size: number, owner: FleeceOptions['owner']): Promise<void> {
+  // One of this name can only be a dead run's whose pid was ours.
+  await rm(file, { force: true });
+  const fh = await openRegular(file, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600);
+  try {
+    const child = spawn('qemu-img', ['create', '-q', '-f', 'qcow2', '/dev/fd/3', String(size)], { stdio: ['ignore', 'ignore', 'pipe', fh.fd] });
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => void (stderr += d.toString()));
+    const code = await new Promise<number | null>((res, rej) => child.once('error', rej).once('close', (c) => res(c)));
+    if (code !== 0) throw new QsyncError('IO', `qemu-img could not create the overlay ${file}: ${stderr.trim() || `exit ${code}`}`, { file });
+    if (owner) await fh.chown(owner.uid, owner.gid);
+  } catch (e) {
+    await rm(file, { force: true });
+    throw e;
+  } finally {
+    await fh.close();
   }
 }
 
@@ -159,33 +224,39 @@ async function cancelJob(qmp: QmpClient, id: string): Promise<void> {
 }
 
 /**
- * Remove what a killed qsync left behind for this target (export, NBD
- * server, job, overlay node and file). Returns true if QEMU held any of it.
+ * Remove what a killed qsync left behind for this DEST (exports, NBD
+ * server, jobs, overlay nodes and files), for every disk at once, before
+ * any new setup: a later run of the first disk must not meet what was left
+ * for the second. `prefixes`: this DEST's prefix, and the per-disk prefixes
+ * older qsync versions named these after. Returns true if QEMU held any of it.
  */
-export async function removeLeftovers(qmp: QmpClient, prefix: string, tempDir: string): Promise<boolean> {
-  const n = names(prefix);
+export async function removeLeftovers(qmp: QmpClient, prefixes: string[], tempDir: string): Promise<boolean> {
+  const ours = (id: string): boolean => id.startsWith('qsync-') && prefixes.some((p) => id.startsWith(p));
   let found = false;
   const exports = await qmp.execute<{ id: string }[]>('query-block-exports');
-  if (exports.some((e) => e.id === n.exp)) {
+  for (const e of exports.filter((x) => ours(x.id))) {
     found = true;
-    await deleteExport(qmp, n.exp);
-    // Our export was the reason the server ran; if other exports remain it is not ours to stop.
-    if (exports.length === 1) await qmp.execute('nbd-server-stop').catch(() => {});
+    await deleteExport(qmp, e.id);
   }
-  const jobs = await qmp.execute<{ id: string }[]>('query-jobs');
-  if (jobs.some((j) => j.id === n.job)) {
+  // Our exports were the reason the server ran, or our socket (of a dead run) is its address: stop it,
+  // unless exports of others remain.
+  const files = await readdir(tempDir).catch(() => [] as string[]);
+  const stale = files.filter((f) => {
+    const m = f.match(/^(qsync-[0-9a-f]+-)(?:fleece\d*|nbd)-(\d+)\.(?:qcow2|sock)$/);
+    return m && prefixes.includes(m[1]!) && !alive(Number(m[2]));
+  });
+  const othersLeft = exports.some((x) => !ours(x.id));
+  if ((found || stale.some((f) => f.endsWith('.sock'))) && !othersLeft) await qmp.execute('nbd-server-stop').catch(() => {});
+  for (const j of (await qmp.execute<{ id: string }[]>('query-jobs')).filter((x) => ours(x.id))) {
     found = true;
-    await cancelJob(qmp, n.job);
+    await cancelJob(qmp, j.id);
   }
   const nodes = await qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
-  if (nodes.some((x) => x['node-name'] === n.node)) {
+  for (const x of nodes.filter((x) => ours(x['node-name']))) {
     found = true;
-    await qmp.execute('blockdev-del', { 'node-name': n.node });
+    await qmp.execute('blockdev-del', { 'node-name': x['node-name'] });
   }
   // Overlays and sockets of runs that are gone (their pid is in the name).
-  for (const f of await readdir(tempDir).catch(() => [] as string[])) {
-    const m = f.match(/^(.*)(?:fleece|nbd)-(\d+)\.(?:qcow2|sock)$/);
-    if (m?.[1] === prefix && !alive(Number(m[2]))) await rm(join(tempDir, f), { force: true });
-  }
+  for (const f of stale) await rm(join(tempDir, f), { force: true });
   return found;
 }

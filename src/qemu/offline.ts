@@ -6,17 +6,18 @@
 import { execFile, spawn } from 'node:child_process';
 import { stat, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
-import { basename, join, resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
 import { procStat } from '../io/proc-stat.js';
 import { isLockedByOther } from '../sync/qemu-locks.js';
+import { imageTargetName } from './block.js';
 
 const run = promisify(execFile);
 
 export interface ServedImage {
   qmp: string;
-  /** Node name, from the file name (the target is named after it). */
+  /** Node name: `i` and the target name of the file. */
   node: string;
   stop(): Promise<void>;
 }
@@ -37,7 +38,7 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
   }
   const { stdout } = await run('qemu-img', ['info', '--output=json', file]);
   const format = String((JSON.parse(stdout) as { format: string }).format);
-  const node = 'i' + basename(file).replace(/\.[^.]*$/, '').replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 30);
+  const node = 'i' + imageTargetName(file);
   const dir = await mkdtemp(join(tempDir, 'qsync-qsd-'));
   const qmp = join(dir, 'qmp.sock');
   // setpriv (util-linux) gives the daemon a parent-death signal: if qsync is killed (kill -9), the daemon

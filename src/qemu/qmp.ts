@@ -8,6 +8,7 @@ import net from 'node:net';
 import { QsyncError } from '../core/errors.js';
 import { QmpDecoder, encodeQmp, type QmpMessage } from './codec.js';
 import { QmpError } from './errors.js';
+import { qemuBehind, type QemuBehind } from './process.js';
 
 export interface QmpEvent {
   event: string;
@@ -65,6 +66,22 @@ export function parseQmpAddress(address: string): net.NetConnectOpts {
   return { path: address.startsWith('unix:') ? address.slice(5) : address };
 }
 
+/** A monitor that does not greet is held by another client: say whose, and what to do instead. */
+function busyMonitor(address: string, behind: QemuBehind | undefined): QsyncError {
+  const p = behind?.proc;
+  if (p?.libvirt) {
+    const dom = p.name ?? 'NAME';
+    return new QsyncError('LOCKED', `QMP monitor ${address} is busy: it is libvirt's monitor of domain ${dom} (libvirt holds its domains' monitors)`, {
+      hint: `back it up through libvirt (--domain ${dom})`,
+    });
+  }
+  const who = p ? `QEMU (pid ${p.pid}${p.name ? `, ${p.name}` : ''}) serves` : 'QEMU serves';
+  return new QsyncError('LOCKED', `QMP monitor ${address} is busy or owned by another client: ${who} one client per monitor, and another one holds it`, {
+    hint: 'give qsync a monitor of its own (start QEMU with a second -qmp unix:PATH,server=on,wait=off), ' +
+      'or, for a libvirt domain (libvirt holds its domains\' monitors), back it up through libvirt (--domain NAME)',
+  });
+}
+
 export class QmpClient {
   readonly address: string;
   greeting: QmpGreeting | undefined;
@@ -97,12 +114,20 @@ export class QmpClient {
     const socket = net.connect(parseQmpAddress(address));
     const client = new QmpClient(address, socket);
     const greeted = new Promise<QmpMessage>((resolve) => (client.#onGreeting = resolve));
+    const timers: NodeJS.Timeout[] = [];
     const failed = new Promise<never>((_, reject) => {
       socket.once('close', () => reject(client.#closed));
-      setTimeout(() => reject(new QsyncError('IO', `no QMP greeting from ${address} in ${timeoutMs} ms`)), timeoutMs).unref();
+      // No greeting: QEMU has accepted another client on this monitor and queues us behind it. Ask /proc
+      // early whether it holds one (then say so at once), and say the same when the time is up.
+      const busy = async (final: boolean): Promise<void> => {
+        const behind = await qemuBehind(address).catch(() => undefined);
+        if (final || (behind?.clients ?? 0) > 0) reject(busyMonitor(address, behind));
+      };
+      timers.push(setTimeout(() => void busy(false), Math.min(1000, timeoutMs / 2)), setTimeout(() => void busy(true), timeoutMs));
+      for (const t of timers) t.unref();
     });
     try {
-      const msg = await Promise.race([greeted, failed]);
+      const msg = await Promise.race([greeted, failed]).finally(() => timers.forEach(clearTimeout));
       client.greeting = msg.QMP as QmpGreeting;
       await client.execute('qmp_capabilities', undefined, { timeoutMs });
       return client;

@@ -73,7 +73,7 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   const dest = resolve(opts.dest);
   const tempDir = opts.tempDir ?? os.tmpdir();
   const ctx: DiskContext = {
-    dest, blockSize, pct, tempDir, signal: opts.signal ?? new AbortController().signal, hooks, wrapSink: opts.wrapSink,
+    dest, blockSize, pct, tempDir, owner: undefined, signal: opts.signal ?? new AbortController().signal, hooks, wrapSink: opts.wrapSink,
   };
 
   const dom = await describeDomain(uri, opts.domain);

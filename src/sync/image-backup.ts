@@ -3,19 +3,19 @@
  * QEMU (running VM, qemu-storage-daemon, or an offline image served by one)
  * into DEST/<disk>.raw, a raw sparse image, with a manifest beside it.
  *
- * Per disk: decide whether the dirty bitmap can be trusted (tied to the
- * manifest it was started with), take a fleece snapshot in one transaction
- * with the next bitmap, read only dirty extents (or, for a full run, the
- * allocated ones) over NBD, check a random sample of clean blocks against the
- * manifest, write what differs, commit target → manifest → state, and only
- * then drop the frozen bitmap. On any failure the frozen bitmap is merged
- * into the new one, so no change is ever forgotten.
+ * Per disk, decide whether the dirty bitmap can be trusted (tied to the
+ * manifest it was started with); then take every disk's fleece snapshot with
+ * its next bitmap in one transaction (all disks as of one instant); then per
+ * disk read only dirty extents (or, for a full run, the allocated ones) over
+ * NBD, check a random sample of clean blocks against the manifest, write
+ * what differs, commit target → manifest → state, and only then drop the
+ * frozen bitmap. On any failure the frozen bitmap is merged into the new
+ * one, so no change is ever forgotten.
  */
-import { createHash, randomInt } from 'node:crypto';
-import { mkdir, stat } from 'node:fs/promises';
-import os from 'node:os';
-import { join, resolve } from 'node:path';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { randomInt } from 'node:crypto';
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
@@ -23,34 +23,26 @@ import { LocalFileSink, punchingSink } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { CONTEXT_ALLOCATION, dirtyBitmapContext } from '../io/nbd/constants.js';
-import { findDrives, listBitmaps, type Drive } from '../qemu/block.js';
-import { Fleece, removeLeftovers } from '../qemu/fleece.js';
-import { serveImage, type ServedImage } from '../qemu/offline.js';
+import { jobsByNode, listBitmaps, type BitmapInfo, type Drive } from '../qemu/block.js';
+import { Fleece } from '../qemu/fleece.js';
+import { checkReachable, qemuUser, type QemuUser } from '../qemu/process.js';
 import { QmpClient } from '../qemu/qmp.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import type { FileSyncContext } from './file-sync.js';
 import { intentPathFor, readIntent } from './intent.js';
-import { lockDestination } from './lock.js';
 import { emptyFingerprint, manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
-import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
+import { adoptLegacyTarget, bitmapPrefix, destPrefix } from './image-names.js';
+import { withImageSource, type ImageSourceOptions } from './image-source.js';
+import { imageStatePath, readImageState, removeImageState, writeImageState, type ImageState } from './image-state.js';
 import { hashFile } from './target-digests.js';
 import { assessManifest, type Trust } from './trust.js';
 import { commitTarget, fileData, LocalTargetState, type StateWriter } from './target.js';
 
 
-export interface ImageBackupOptions {
-  /** QMP socket of a running QEMU or qemu-storage-daemon (`--qmp`): a path, `unix:PATH` or `tcp:HOST:PORT`. */
-  qmp?: string;
-  /** An image no VM has open (`--image`). Exactly one of qmp/image. */
-  image?: string;
-  /** `--drive NAME` (repeatable): node-name, drive id or device id. Default: every disk. */
-  drives?: string[];
-  dest: string;
+export interface ImageBackupOptions extends ImageSourceOptions {
   blockSize?: number;
   /** `--verify-sample PCT`: share of clean blocks re-read and checked against the manifest (default 0.5). */
   verifySamplePct?: number;
-  /** Where the fleece overlay and NBD socket go; QEMU must be able to write there. Default os.tmpdir(). */
-  tempDir?: string;
   /** Abort (SIGINT) → cleanup, then an INTERRUPTED error. Without one, SIGINT/SIGTERM are caught for the run. */
   signal?: AbortSignal;
   /** Deltas (--write-batch, --backup-dir): wraps each disk's target, as in the file engine. */
@@ -86,49 +78,29 @@ export interface DiskSummary {
   elapsedMs: number;
 }
 
-/** Back up every selected disk; one summary per disk. */
+/** Back up every selected disk, all as of one instant; one summary per disk. */
 export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks = {}): Promise<DiskSummary[]> {
-  if (!!opts.qmp === !!opts.image) throw new QsyncError('USAGE', 'image mode needs exactly one of --qmp SOCKET or --image FILE');
   const blockSize = opts.blockSize ?? DEFAULT_BLOCK_SIZE;
   if (!isValidBlockSize(blockSize)) throw new QsyncError('USAGE', `invalid block size ${blockSize}`);
   const pct = opts.verifySamplePct ?? 0.5;
   if (!(pct >= 0 && pct <= 100)) throw new QsyncError('USAGE', `--verify-sample must be 0..100, not ${pct}`);
-  const dest = resolve(opts.dest);
-  const tempDir = opts.tempDir ?? os.tmpdir();
 
   const ac = new AbortController();
   const onSignal = (): void => ac.abort();
   const own = !opts.signal;
   if (opts.signal) opts.signal.addEventListener('abort', onSignal, { once: true });
   else for (const s of ['SIGINT', 'SIGTERM'] as const) process.on(s, onSignal);
-
-  // DEST is the user's folder, made as asked (as rsync makes a missing destination folder).
-  await mkdir(dest, { recursive: true }).catch((e) => {
-    throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${errnoText(e)}`, { file: dest }, { cause: e });
-  });
-  const lock = await lockDestination(dest);
-  let served: ServedImage | undefined;
   try {
-    served = opts.image ? await serveImage(opts.image, tempDir) : undefined;
-    const qmp = await QmpClient.connect(served?.qmp ?? opts.qmp!);
-    try {
-      const drives = await findDrives(qmp, opts.drives);
-      if (!drives.length) throw new QsyncError('SOURCE', 'QEMU has no disk to back up');
-      const out: DiskSummary[] = [];
-      for (const found of drives) {
-        const name = served ? served.node.slice(1) : found.name;
-        // A killed run's backup job leaves a filter node above the disk: remove it, then look again.
-        const stale = await removeLeftovers(qmp, bitmapPrefix(dest, name), tempDir);
-        const d = stale ? (await findDrives(qmp, [found.qdev ?? found.device ?? found.node]))[0]! : found;
-        out.push(await backupDisk(qmp, { ...d, name }, { dest, blockSize, pct, tempDir, signal: ac.signal, hooks, wrapSink: opts.wrapSink }));
-      }
-      return out;
-    } finally {
-      await qmp.close();
-    }
+    return await withImageSource(opts, async ({ qmp, address, drives, dest, tempDir }) => {
+      // Refused before anything is decided: no state and no bitmap is touched.
+      await refuseBusyDisks(qmp, drives);
+      const owner = await qemuUser(address, drives.map((d) => d.file));
+      if (owner) await checkReachable(tempDir, owner);
+      const names = new Set(drives.map((d) => d.name));
+      for (const d of drives) await adoptLegacyTarget(qmp, dest, d, names, hooks);
+      return backupDisks(qmp, drives, { dest, blockSize, pct, tempDir, owner, signal: ac.signal, hooks, wrapSink: opts.wrapSink });
+    });
   } finally {
-    await served?.stop();
-    await lock.release();
     if (own) for (const s of ['SIGINT', 'SIGTERM'] as const) process.off(s, onSignal);
     else opts.signal!.removeEventListener('abort', onSignal);
   }
@@ -139,21 +111,65 @@ export interface DiskContext {
   blockSize: number;
   pct: number;
   tempDir: string;
+  /** Who QEMU runs as, when not as this process: its overlays are made for that user. */
+  owner: QemuUser | undefined;
   signal: AbortSignal;
   hooks: SyncHooks;
   wrapSink: FileSyncContext['wrapSink'];
 }
 
-/** Bitmap names are per target: `qsync-<hash of DEST and disk>-<n>`; others are never touched. */
-function bitmapPrefix(dest: string, name: string): string {
-  return `qsync-${createHash('sha256').update(`${dest}\0${name}`).digest('hex').slice(0, 12)}-`;
+/** A disk held by a block job that is not this run's (another qsync, what one left for another DEST, libvirt's backup) is refused. */
+async function refuseBusyDisks(qmp: QmpClient, drives: Drive[]): Promise<void> {
+  const held = await jobsByNode(qmp);
+  for (const d of drives) {
+    const job = held.get(d.node)?.[0];
+    if (!job) continue;
+    throw new QsyncError('LOCKED', `disk ${d.name} (node ${d.node}) is in use by block job '${job.id}' (${job.type}); nothing was changed`, {
+      hint: job.id.startsWith('qsync-')
+        ? 'another qsync backs this disk up to another DEST (or was killed doing so: run it again to clean up); wait for it'
+        : 'another backup (e.g. libvirt\'s: virsh domjobinfo / domjobabort) holds the disk; wait for it to finish',
+    });
+  }
 }
 
-async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promise<DiskSummary> {
-  const t0 = performance.now();
-  const { dest, blockSize, hooks } = ctx;
+/** One disk of a run: what was decided before the fleece, and what its teardown needs. */
+interface DiskPlan {
+  drive: Drive;
+  /** The run's hooks, with the disk's name in front of every notice and warning. */
+  hooks: SyncHooks;
+  rel: string;
+  target: string;
+  manifestPath: string;
+  statePath: string;
+  manifest: Manifest | undefined;
+  tStat: boolean;
+  trust: Trust;
+  state: ImageState | undefined;
+  /** This target's bitmaps before the run (a full run drops them once set up). */
+  ours: BitmapInfo[];
+  /** The bitmap of the incremental run (frozen in the transaction); undefined for a full run. */
+  base: BitmapInfo | undefined;
+  /** Set: a full run, and why. */
+  reason: string | undefined;
+  newBitmap: string;
+  settled: boolean;
+}
+
+const namedHooks = (hooks: SyncHooks, name: string): SyncHooks => ({
+  ...hooks,
+  notice: hooks.notice && ((m, p) => hooks.notice!(`${name}: ${m}`, p)),
+  warning: hooks.warning && ((m, p) => hooks.warning!(`${name}: ${m}`, p)),
+});
+
+/**
+ * Decide whether the disk's bitmap can be trusted. Nothing is deleted here
+ * (a setup that fails must leave state and bitmaps as they were); only a
+ * killed run's bitmaps are folded together, which loses nothing.
+ */
+async function planDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promise<DiskPlan> {
+  const { dest, blockSize } = ctx;
+  const hooks = namedHooks(ctx.hooks, drive.name);
   const rel = `${drive.name}.raw`;
-  const target = join(dest, rel);
   const manifestPath = manifestPathFor(dest, rel);
   const statePath = imageStatePath(dest, drive.name);
   const prefix = bitmapPrefix(dest, drive.name);
@@ -166,6 +182,7 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
     hooks.notice?.(`${e.message}; full run`, rel);
   }
   try {
+    const target = join(dest, rel);
     const tStat = await stat(target, { bigint: true }).catch((e: unknown) => {
       if (errnoOf(e) === 'ENOENT') return undefined;
       throw e;
@@ -176,10 +193,12 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
     const ours = (await listBitmaps(qmp, drive.node)).filter((b) => b.name.startsWith(prefix));
     const base = state ? ours.find((b) => b.name === state.bitmap) : undefined;
 
+    // The bitmap's name ties it to this DEST and disk; its node may be named otherwise in another QEMU
+    // (the VM's, or the daemon of --image after a shutdown): it lives in the image file.
     let reason: string | undefined;
     if (!tStat) reason = 'first run';
     else if (!trust.trusted) reason = trust.reason ?? 'no manifest';
-    else if (!state || state.node !== drive.node) reason = 'no bitmap recorded for this target';
+    else if (!state) reason = 'no bitmap recorded for this target';
     else if (state.baseChecksum !== manifest!.checksum.toString('hex')) reason = 'the bitmap belongs to another manifest';
     else if (!base) reason = `bitmap ${state.bitmap} is gone (QEMU restarted or it was removed)`;
     else if (base.inconsistent) reason = `bitmap ${base.name} is inconsistent (QEMU did not shut down cleanly)`;
@@ -196,63 +215,112 @@ async function backupDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promi
       }
     } else {
       hooks.notice?.(`${reason}: full run`, rel);
-      await removeImageState(statePath);
-      for (const b of ours) await qmp.execute('block-dirty-bitmap-remove', { node: drive.node, name: b.name });
     }
+    return {
+      drive, hooks, rel, target, manifestPath, statePath, manifest, tStat: !!tStat, trust, state,
+      ours, base: reason ? undefined : base, reason,
+      newBitmap: `${prefix}${Date.now().toString(36)}`, settled: false,
+    };
+  } catch (e) {
+    await manifest?.close();
+    throw e;
+  }
+}
 
-    const newBitmap = `${prefix}${Date.now().toString(36)}`;
-    let fleece: Fleece | undefined;
-    let ok = false;
-    let summary: (DiskSummary & { checksum: string }) | undefined;
+/**
+ * Plan every disk, take them all in one transaction, then copy each and
+ * settle it (state, its part of the fleece, bitmaps) before the next.
+ */
+async function backupDisks(qmp: QmpClient, drives: Drive[], ctx: DiskContext): Promise<DiskSummary[]> {
+  const plans: DiskPlan[] = [];
+  try {
+    for (const d of drives) plans.push(await planDisk(qmp, d, ctx));
+    let fleece: Fleece;
     try {
       fleece = await Fleece.start(qmp, {
-        node: drive.node, size: drive.size, prefix, newBitmap, persistent: drive.driver === 'qcow2',
-        freeze: reason ? undefined : base!.name, tempDir: ctx.tempDir,
+        prefix: destPrefix(ctx.dest), tempDir: ctx.tempDir, owner: ctx.owner,
+        disks: plans.map((p) => ({
+          node: p.drive.node, size: p.drive.size, newBitmap: p.newBitmap, persistent: p.drive.driver === 'qcow2', freeze: p.base?.name,
+        })),
       });
-      summary = await copyDisk(fleece, drive, {
-        ...ctx, rel, target, manifestPath, manifest, trust, tStat: !!tStat, reason,
-        frozen: reason ? undefined : base!.name,
-      });
-      summary.setupMs = fleece.setupMs;
-      ok = true;
-    } finally {
-      const errors: unknown[] = [];
-      const node = drive.node;
-      // The new manifest is committed: name its bitmap at once, before the teardown (a kill there would
-      // leave the state tied to the old manifest, and the next run full).
-      let stated = false;
-      if (ok) {
-        await writeImageState(statePath, { node, bitmap: newBitmap, baseChecksum: summary!.checksum, size: drive.size }).then(
-          () => void (stated = true),
-          (e: unknown) => void errors.push(e),
-        );
-      }
-      await fleece?.stop().catch((e: unknown) => errors.push(e));
-      try {
-        if (ok) {
-          // A kill before this leaves the frozen bitmap beside the new one: the next run folds it in (rereads, loses nothing).
-          if (stated && !reason) await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
-        } else if ((await listBitmaps(qmp, node)).some((b) => b.name === newBitmap)) {
-          // The transaction happened. Incremental: keep every change since the manifest,
-          // frozen ∪ new, under the new name. Full: the new bitmap is relative to nothing.
-          if (!reason) {
-            await qmp.execute('block-dirty-bitmap-merge', { node, target: newBitmap, bitmaps: [base!.name] });
-            await qmp.execute('block-dirty-bitmap-remove', { node, name: base!.name });
-            await writeImageState(statePath, { ...state!, bitmap: newBitmap });
-          } else {
-            await qmp.execute('block-dirty-bitmap-remove', { node, name: newBitmap });
-          }
-        }
-      } catch (e) {
-        errors.push(e);
-      }
-      if (ok && errors.length) throw errors[0];
+    } catch (e) {
+      for (const p of plans) await settle(qmp, p, undefined).catch(() => {});
+      throw e;
     }
-    const { checksum: _c, ...rest } = summary!;
-    return { ...rest, elapsedMs: performance.now() - t0 };
+    const out: DiskSummary[] = [];
+    try {
+      // Set up: only now is what a full run replaces dropped.
+      for (const p of plans) {
+        if (!p.reason) continue;
+        await removeImageState(p.statePath);
+        for (const b of p.ours) await qmp.execute('block-dirty-bitmap-remove', { node: p.drive.node, name: b.name });
+      }
+      for (const [i, p] of plans.entries()) {
+        const t0 = performance.now();
+        let summary: (DiskSummary & { checksum: string }) | undefined;
+        try {
+          summary = await copyDisk({ uri: fleece.uris[i]! }, p.drive, {
+            ...ctx, hooks: p.hooks, rel: p.rel, target: p.target, manifestPath: p.manifestPath, manifest: p.manifest,
+            trust: p.trust, tStat: p.tStat, reason: p.reason, frozen: p.base?.name,
+          });
+          summary.setupMs = fleece.setupMs;
+        } finally {
+          await settle(qmp, p, summary, fleece, i);
+        }
+        const { checksum: _c, ...rest } = summary;
+        out.push({ ...rest, elapsedMs: fleece.setupMs + performance.now() - t0 });
+      }
+    } catch (e) {
+      for (const [i, p] of plans.entries()) if (!p.settled) await settle(qmp, p, undefined, fleece, i).catch(() => {});
+      await fleece.stop().catch(() => {});
+      throw e;
+    }
+    await fleece.stop();
+    return out;
   } finally {
-    await manifest?.close();
+    for (const p of plans) await p.manifest?.close();
   }
+}
+
+/**
+ * After a disk's copy (`summary`) or its failure (undefined): name the new
+ * bitmap in the state, take down the disk's part of the fleece, then drop
+ * the frozen bitmap, or on failure keep every change since the manifest
+ * (frozen ∪ new) under the new bitmap's name. Throws only after a success.
+ */
+async function settle(qmp: QmpClient, p: DiskPlan, summary: { checksum: string } | undefined, fleece?: Fleece, i = 0): Promise<void> {
+  p.settled = true;
+  const errors: unknown[] = [];
+  const { node, size } = p.drive;
+  const frozen = p.base?.name;
+  // The new manifest is committed: name its bitmap at once, before the teardown (a kill there would
+  // leave the state tied to the old manifest, and the next run full).
+  let stated = false;
+  if (summary) {
+    await writeImageState(p.statePath, { node, bitmap: p.newBitmap, baseChecksum: summary.checksum, size }).then(
+      () => void (stated = true),
+      (e: unknown) => void errors.push(e),
+    );
+  }
+  await fleece?.stopDisk(i).catch((e: unknown) => errors.push(e));
+  try {
+    if (summary) {
+      // A kill before this leaves the frozen bitmap beside the new one: the next run folds it in (rereads, loses nothing).
+      if (stated && frozen) await qmp.execute('block-dirty-bitmap-remove', { node, name: frozen });
+    } else if ((await listBitmaps(qmp, node)).some((b) => b.name === p.newBitmap)) {
+      // The transaction happened. Incremental: frozen ∪ new under the new name. Full: the new bitmap is relative to nothing.
+      if (frozen) {
+        await qmp.execute('block-dirty-bitmap-merge', { node, target: p.newBitmap, bitmaps: [frozen] });
+        await qmp.execute('block-dirty-bitmap-remove', { node, name: frozen });
+        await writeImageState(p.statePath, { ...p.state!, node, bitmap: p.newBitmap });
+      } else {
+        await qmp.execute('block-dirty-bitmap-remove', { node, name: p.newBitmap });
+      }
+    }
+  } catch (e) {
+    errors.push(e);
+  }
+  if (summary && errors.length) throw errors[0];
 }
 
 export interface CopyContext extends DiskContext {

@@ -95,13 +95,20 @@ function start(bin: string, args: string[], dir: string, qmp: string): Promise<Q
   );
 }
 
+export interface StartOptions {
+  /** Run QEMU as this user and group (setpriv), as libvirt runs it as libvirt-qemu. */
+  user?: [user: string, group: string];
+}
+
+const asUser = (bin: string, args: string[], o: StartOptions): [string, string[]] =>
+  o.user ? ['setpriv', [`--reuid=${o.user[0]}`, `--regid=${o.user[1]}`, '--clear-groups', '--', bin, ...args]] : [bin, args];
+
 /** qemu-storage-daemon with `disk` as qcow2 node `node` (file node `${node}-file`) and a QMP socket. */
-export function startQsd(dir: string, disk: string, node = 'disk0', extra: string[] = []): Promise<QemuProcess> {
+export function startQsd(dir: string, disk: string, node = 'disk0', extra: string[] = [], o: StartOptions = {}): Promise<QemuProcess> {
   const qmp = path.join(dir, 'qsd-qmp.sock');
   fs.rmSync(qmp, { force: true });
   return start(
-    'qemu-storage-daemon',
-    [
+    ...asUser('qemu-storage-daemon', [
       '--blockdev', `driver=file,node-name=${node}-file,filename=${disk}`,
       '--blockdev', `driver=qcow2,node-name=${node},file=${node}-file`,
       '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
@@ -109,25 +116,31 @@ export function startQsd(dir: string, disk: string, node = 'disk0', extra: strin
       '--chardev', `socket,id=qmp1,path=${qmp.replace(/\.sock$/, '2.sock')},server=on,wait=off`,
       '--monitor', 'chardev=qmp1',
       ...extra,
-    ],
+    ], o),
     dir,
     qmp,
   );
 }
 
-/** A q35 TCG VM, no kernel, `disk` on virtio-blk device `vda` with node `drive0`. */
-export function startVm(dir: string, disk: string): Promise<QemuProcess> {
+/**
+ * A q35 TCG VM, no kernel. Disk i (one file, or several) is qcow2 node
+ * `drive<i>` on virtio-blk device `vd<a+i>`; `extra` QEMU arguments last.
+ */
+export function startVm(dir: string, disks: string | string[], extra: string[] = []): Promise<QemuProcess> {
   const qmp = path.join(dir, 'vm-qmp.sock');
   fs.rmSync(qmp, { force: true });
   return start(
     'qemu-system-x86_64',
     [
       '-machine', 'q35,accel=tcg', '-m', '64', '-nodefaults', '-display', 'none',
-      '-blockdev', `driver=file,node-name=f0,filename=${disk}`,
-      '-blockdev', 'driver=qcow2,node-name=drive0,file=f0',
-      '-device', 'virtio-blk-pci,drive=drive0,id=vda',
+      ...[disks].flat().flatMap((disk, i) => [
+        '-blockdev', `driver=file,node-name=f${i},filename=${disk}`,
+        '-blockdev', `driver=qcow2,node-name=drive${i},file=f${i}`,
+        '-device', `virtio-blk-pci,drive=drive${i},id=vd${String.fromCharCode(97 + i)}`,
+      ]),
       '-qmp', `unix:${qmp},server=on,wait=off`,
       '-qmp', `unix:${qmp.replace(/\.sock$/, '2.sock')},server=on,wait=off`,
+      ...extra,
     ],
     dir,
     qmp,
