@@ -13,7 +13,8 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runDomainBackup } from '../src/sync/domain-backup.js';
 import type { DiskSummary } from '../src/sync/image-backup.js';
-import { runQsync, sha256, stateOf } from './helpers/cli.js';
+import { QSYNC, runQsync, sha256, stateOf } from './helpers/cli.js';
+import { startSshd } from './helpers/sshd.js';
 import { needTools } from './helpers/env.js';
 import { qemuImgCreate, qemuIo, tmpDir } from './helpers/qemu.js';
 
@@ -264,13 +265,6 @@ ${disks.map((d) => `    <disk type='file' device='disk'><driver name='qemu' type
     for (const x of next.disks) expect(x.mode).toBe('bitmap');
   });
 
-  it('a remote DEST is refused (exit 1) before libvirt is asked anything', async () => {
-    const r = await runQsync(['--domain', dom, 'backuphost:/backup/vm']);
-    expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/local DEST only/);
-    expect(fs.existsSync('backuphost:')).toBe(false);
-  });
-
   it('shut off: the images are read offline and the checkpoint stays the base; started again, incremental', async () => {
     await guestWrite(disks[0]!, 0xa1, 30 * MiB, 64 << 10);
     // A clean QEMU exit (no guest OS to shut down): the persistent checkpoint bitmaps are stored, not left in use.
@@ -293,5 +287,28 @@ ${disks.map((d) => `    <disk type='file' device='disk'><driver name='qemu' type
     expect(byName(r.disks, 'web').mode, byName(r.disks, 'web').reason).toBe('bitmap');
     expect(byName(r.disks, 'web').read).toBe(128 << 10); // since the checkpoint: the write before the shutdown, and this one
     expectTargets();
+  });
+
+  it('to a remote DEST over ssh (the far side holds targets and state): full, then incremental after guest writes', async () => {
+    const sshd = await startSshd();
+    try {
+      const rdest = path.join(dir, 'far');
+      const serverCmd = `QSYNC_STATE_DIR=${path.join(dir, 'far-state')} ${process.execPath} ${QSYNC}`;
+      const push = async () => {
+        const r = await runQsync(['--domain', dom, '--connect', URI, '--json', '-e', sshd.rsh, '--qsync-path', serverCmd, `${sshd.host}:${rdest}/`]);
+        return { code: r.code, stderr: r.stderr, disks: (JSON.parse(r.stdout || '{"disks":[]}') as { disks: DiskSummary[] }).disks };
+      };
+      const full = await push();
+      expect(full.code, full.stderr).toBe(0);
+      for (const x of full.disks) expect(x.mode).toBe('full');
+      await guestWrite(disks[1]!, 0xb1, 2 * MiB, 128 << 10);
+      const inc = await push();
+      expect(inc.code, inc.stderr).toBe(0);
+      for (const x of inc.disks) expect(x.mode, x.reason).toBe('bitmap');
+      expect(byName(inc.disks, 'db').written).toBe(128 << 10);
+      for (const d of disks) expect(fs.readFileSync(path.join(rdest, `${d.name}.raw`)).equals(d.model), `${d.name}.raw on the far side`).toBe(true);
+    } finally {
+      await sshd.stop();
+    }
   });
 });

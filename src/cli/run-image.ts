@@ -8,13 +8,17 @@ import { resolve } from 'node:path';
 import { QsyncError } from '../core/errors.js';
 import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
-import { openRunDeltas } from '../sync/run-deltas.js';
+import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
+import { RemoteDestination } from '../remote/remote-target.js';
+import { checkHello, hello } from '../remote/session.js';
+import type { Destination } from '../sync/target.js';
+import { withSession } from './run-remote.js';
 import { parseRemote } from '../remote/ssh.js';
 import { forgetImage } from '../sync/image-forget.js';
 import { setStateBase } from '../sync/state-dir.js';
 import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
-import { createPrinter, formatSize } from './output.js';
+import { createPrinter, formatSize, type Printer } from './output.js';
 import type { CliIO } from './run-sync.js';
 
 function summaryLine(d: DiskSummary, human: number): string {
@@ -31,38 +35,59 @@ function summaryLine(d: DiskSummary, human: number): string {
 export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: AbortSignal): Promise<number> {
   const printer = createPrinter(o, io);
   try {
-    if (parseRemote(dest)) {
-      throw new QsyncError('USAGE', `image mode (--qmp, --image, --domain) writes to a local DEST only, not ${dest}`, { hint: 'back up locally, then push DEST with qsync -a' });
-    }
     if (o.onlyWriteBatch !== undefined) {
       // Recording without writing would still rotate QEMU's bitmap: the next run would miss these changes.
       throw new QsyncError('USAGE', '--only-write-batch does not work with --qmp/--image/--domain: use --write-batch (the target is updated too)');
     }
+    const remote = parseRemote(dest);
+    if (remote) {
+      if (o.writeBatch !== undefined || o.backupDir !== undefined) {
+        throw new QsyncError('UNSUPPORTED', `${o.writeBatch !== undefined ? '--write-batch' : '--backup-dir'} is not supported with a remote DEST in image mode yet`, {
+          hint: 'back up to a local DEST with it, or to the remote DEST without it',
+        });
+      }
+      // The far side holds the destination (src/remote/serve-target.ts); the driver runs here, where QEMU is.
+      return await withSession(remote, o, {}, async (ch) => {
+        await ch.send(hello('target', { dest: remote.path }));
+        checkHello(await ch.control(), remote.host);
+        const destination = new RemoteDestination(ch, dest);
+        try {
+          return await backUp(dest, destination, o, io, printer, signal, undefined);
+        } finally {
+          await destination.close();
+        }
+      });
+    }
     const backupDir = o.backupDir === undefined ? undefined : resolve(dest, o.backupDir);
     const deltas = await openRunDeltas({ ...o, backupDir }, Date.now());
-    let disks: DiskSummary[];
-    try {
-      const common = { dest, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal, wrapSink: deltas.wrapSink };
-      if (o.domain !== undefined) {
-        if (o.drives.length) throw new QsyncError('USAGE', '--drive does not work with --domain: every disk of the domain is backed up at one instant');
-        disks = await runDomainBackup({ ...common, domain: o.domain, connect: o.connect }, printer);
-      } else {
-        disks = await runImageBackup({ ...common, qmp: o.qmp, image: o.image, drives: o.drives }, printer);
-      }
-    } catch (e) {
-      await deltas.finish(false);
-      throw e;
-    }
-    await deltas.finish(true);
-    if (o.json) io.stdout.write(`${JSON.stringify({ disks, exitCode: 0, errors: [] }, null, 2)}\n`);
-    else if (!o.quiet) for (const d of disks) io.stdout.write(`${summaryLine(d, o.human)}\n`);
-    return EXIT.OK.code;
+    return await backUp(dest, undefined, o, io, printer, signal, deltas);
   } catch (e) {
     if (!o.json) throw e;
     const code = exitCodeFor(e);
     io.stdout.write(`${JSON.stringify({ disks: [], exitCode: code, errors: [{ message: (e as Error).message, code: (e as { code?: string }).code }] }, null, 2)}\n`);
     return code;
   }
+}
+
+/** Every disk into `destination` (DEST on this host when undefined), the deltas closed as the run ends, and a summary per disk. */
+async function backUp(dest: string, destination: Destination | undefined, o: SyncOptions, io: CliIO, printer: Printer, signal: AbortSignal, deltas: RunDeltas | undefined): Promise<number> {
+  let disks: DiskSummary[];
+  try {
+    const common = { dest, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal, wrapSink: deltas?.wrapSink };
+    if (o.domain !== undefined) {
+      if (o.drives.length) throw new QsyncError('USAGE', '--drive does not work with --domain: every disk of the domain is backed up at one instant');
+      disks = await runDomainBackup({ ...common, domain: o.domain, connect: o.connect }, printer);
+    } else {
+      disks = await runImageBackup({ ...common, qmp: o.qmp, image: o.image, drives: o.drives }, printer);
+    }
+  } catch (e) {
+    await deltas?.finish(false);
+    throw e;
+  }
+  await deltas?.finish(true);
+  if (o.json) io.stdout.write(`${JSON.stringify({ disks, exitCode: 0, errors: [] }, null, 2)}\n`);
+  else if (!o.quiet) for (const d of disks) io.stdout.write(`${summaryLine(d, o.human)}\n`);
+  return EXIT.OK.code;
 }
 
 /** `qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...`: a line per disk. */

@@ -13,6 +13,7 @@ import { RemoteSources } from '../remote/remote-sources.js';
 import { SourceServer } from '../remote/serve-sources.js';
 import { checkHello, eventsTo, hello, readDone } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
+import type { ControlMessage } from '../core/wire.js';
 import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT } from './exit-codes.js';
 import type { Printer } from './output.js';
@@ -42,21 +43,9 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   }
   // Filter files are read here, where they were named.
   const rules = await filterRules(o.filters);
-  const child = spawnServer(remote, o.rsh, o.qsyncPath);
-  const spawned = new Promise<void>((ok, fail) => {
-    child.once('spawn', ok);
-    child.once('error', fail);
-  }).catch((e: NodeJS.ErrnoException) => {
-    throw new QsyncError('USAGE', `failed to exec the remote shell: ${e.message}`, { hint: 'give a working command with -e', exit: EXIT.IPC.code }, { cause: e });
-  });
-  // 'exit', not 'close': a grandchild of the remote shell may hold its pipes open after it is gone.
-  const exited = once(child, 'exit').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
-  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0, timeoutS: o.timeout });
-  printer = countingWire(printer, ch);
-  let failed = false;
-  try {
-    await spawned;
+  return withSession(remote, o, { onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 }, async (ch) => {
+    printer = countingWire(printer, ch);
     if (to) {
       await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }) }));
       checkHello(await ch.control(), remote.host);
@@ -77,6 +66,34 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     const code = await receive(printer, new RemoteSources(ch), from.map((r) => r!.path), dest, { ...o, filters: rules });
     await ch.send({ op: 'bye' });
     return code;
+  });
+}
+
+/**
+ * Start `qsync --server` over the remote shell and run `fn` over the
+ * channel; a channel that closes under it is reported in rsync's words (and
+ * ssh's 255), and a failed run stops the remote shell at once.
+ */
+export async function withSession<T>(
+  remote: RemotePath,
+  o: Pick<SyncOptions, 'rsh' | 'qsyncPath' | 'timeout'>,
+  opts: { onControl?: (m: ControlMessage) => boolean; rate?: number },
+  fn: (ch: Channel) => Promise<T>,
+): Promise<T> {
+  const child = spawnServer(remote, o.rsh, o.qsyncPath);
+  const spawned = new Promise<void>((ok, fail) => {
+    child.once('spawn', ok);
+    child.once('error', fail);
+  }).catch((e: NodeJS.ErrnoException) => {
+    throw new QsyncError('USAGE', `failed to exec the remote shell: ${e.message}`, { hint: 'give a working command with -e', exit: EXIT.IPC.code }, { cause: e });
+  });
+  // 'exit', not 'close': a grandchild of the remote shell may hold its pipes open after it is gone.
+  const exited = once(child, 'exit').then(([code]) => (typeof code === 'number' ? code : EXIT.SIGNAL.code), () => EXIT.REMOTE_SHELL.code);
+  const ch = new Channel(child.stdout!, child.stdin!, { peer: remote.host, onControl: opts.onControl, rate: opts.rate, timeoutS: o.timeout });
+  let failed = false;
+  try {
+    await spawned;
+    return await fn(ch);
   } catch (e) {
     failed = true;
     throw await connectionError(e, ch, remote, exited);

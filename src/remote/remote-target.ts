@@ -218,13 +218,25 @@ class RemoteTarget implements Target {
     const s = this.s;
     const fp = new Fingerprinter(o.blockSize, o.newSize);
     let appended = 0;
+    const baseBlocks = o.base && o.base.header.blockSize === o.blockSize ? blockCount(o.base.header.targetSize, o.blockSize) : undefined;
+    // The new manifest's digests are kept here too, so the next run asks for none of them.
+    const cache = await s.cache();
+    const keep = await cache.create();
     return {
       record: (blocks) => (blocks.length ? s.ch.send({ op: 't-record', blocks: [...blocks] }) : Promise.resolve()),
       async append(digests, changed = []) {
         fp.append(digests);
-        await s.ch.send({ op: 't-append', changed: [...changed] });
-        await s.ch.send(encodeDigests(appended, digests));
-        appended += digests.length / DIGEST_LEN;
+        await keep.append(digests);
+        const n = digests.length / DIGEST_LEN;
+        if (baseBlocks !== undefined && appended + n <= baseBlocks) {
+          // Within the base: only the digests that differ from it cross the wire, the far side takes the rest from its manifest.
+          await s.ch.send({ op: 't-patch', count: n, changed: [...changed] });
+          if (changed.length) await s.ch.send(encodeDigests(appended, Buffer.concat(changed.map((b) => digests.subarray((b - appended) * DIGEST_LEN, (b - appended + 1) * DIGEST_LEN)))));
+        } else {
+          await s.ch.send({ op: 't-append', changed: [...changed] });
+          await s.ch.send(encodeDigests(appended, digests));
+        }
+        appended += n;
       },
       get fingerprint() {
         return fp.digest();
@@ -232,10 +244,16 @@ class RemoteTarget implements Target {
       commit: async (_id, source) => {
         const r = await s.ask({ op: 't-commit', source: { size: source.size, mtimeNs: String(source.mtimeNs) } }, 't-committed');
         this.committed = true;
+        // Named by what they hash to: the far manifest's fingerprint, unless the two sides disagree (then the next run asks again).
+        await keep.keep(fp.digest()).catch(() => keep.discard());
+        if (o.base && !o.base.fingerprint.equals(fp.digest())) await cache.drop(o.base.fingerprint);
         return hex(r.checksum, 'checksum');
       },
       abort: async () => {
-        if (!this.committed) await s.ask({ op: 't-abort' }, 't-aborted').catch(() => {});
+        if (!this.committed) {
+          await keep.discard();
+          await s.ask({ op: 't-abort' }, 't-aborted').catch(() => {});
+        }
         this.committed = true;
       },
     };

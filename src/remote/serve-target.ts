@@ -66,6 +66,10 @@ interface Writing {
   appended: number;
   /** The "changed" list of the DIGESTS frame that comes next. */
   changed?: number[];
+  /** The manifest the write patches ("t-begin" with a base). */
+  base?: Manifest;
+  /** A patch waiting for its DIGESTS frame: `count` digests from the base with the `changed` ones replaced. */
+  patch?: { count: number; changed: number[] };
   /** The data's identity once in place ("t-finish"): what the manifest records. */
   id?: TargetIdentity;
 }
@@ -136,6 +140,11 @@ export class TargetServer {
     } else if (f.type === 'zero') {
       if (f.offset + f.length > w.size) throw bad('zeros outside the target');
       await w.data.sink.writeZeroes(f.offset, f.length);
+    } else if (f.type === 'digests' && w.patch) {
+      const { count, changed } = w.patch;
+      w.patch = undefined;
+      if (f.first !== w.appended || f.digests.length !== changed.length * DIGEST_LEN) throw bad('a patch\'s digests do not match it');
+      await this.appendPatched(w, count, changed, f.digests);
     } else if (f.type === 'digests') {
       if (f.first !== w.appended) throw bad('digests out of order');
       const n = f.digests.length / DIGEST_LEN;
@@ -159,6 +168,17 @@ export class TargetServer {
     },
     't-append': async (m) => {
       this.writing().changed = blocksOf(m.changed, 'changed blocks');
+    },
+    // The next `count` digests are the base's but for `changed` (ascending), whose new digests follow in a DIGESTS frame.
+    't-patch': async (m) => {
+      const w = this.writing();
+      const count = int(m, 'count', 1);
+      const changed = blocksOf(m.changed, 'changed blocks');
+      const end = w.appended + count;
+      if (!w.base || end > Math.ceil(w.base.header.targetSize / w.base.header.blockSize)) throw bad('a patch past the base manifest');
+      if (changed.some((b, i) => b < w.appended || b >= end || (i > 0 && b <= changed[i - 1]!))) throw bad('changed blocks outside their patch');
+      if (changed.length) w.patch = { count, changed };
+      else await this.appendPatched(w, count, [], Buffer.alloc(0));
     },
   };
 
@@ -219,6 +239,7 @@ export class TargetServer {
         if (!base || base.checksum.toString('hex') !== str(m, 'base')) throw bad('a base that is not the manifest on record');
       }
       w.writer = await w.target.state.begin({ blockSize, oldSize: int(m, 'oldSize'), newSize: int(m, 'newSize'), base });
+      w.base = base;
       w.blockSize = blockSize;
       w.size = int(m, 'newSize');
       await this.ch.send({ op: 't-begun' });
@@ -272,6 +293,15 @@ export class TargetServer {
       await this.ch.send({ op: 't-ok' });
     },
   };
+
+  /** The base's digests of the next `count` blocks, `changed` ones replaced by `digests` (in order), appended. */
+  private async appendPatched(w: Writing & { writer: StateWriter }, count: number, changed: number[], digests: Buffer): Promise<void> {
+    const buf = Buffer.alloc(count * DIGEST_LEN);
+    await w.base!.readDigests(w.appended, count, buf);
+    changed.forEach((b, i) => digests.copy(buf, (b - w.appended) * DIGEST_LEN, i * DIGEST_LEN, (i + 1) * DIGEST_LEN));
+    await w.writer.append(buf, changed);
+    w.appended += count;
+  }
 
   private async done(w: Writing): Promise<void> {
     this.w = undefined;

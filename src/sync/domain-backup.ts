@@ -12,10 +12,10 @@
  * A shut-off domain's disks are read through qemu-storage-daemon instead.
  */
 import { createHash } from 'node:crypto';
-import { chmod, chown, mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { basename, join, resolve } from 'node:path';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { errnoOf, QsyncError } from '../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import {
   abortBackup, backupXml, checkpointDisks, checkpointXml, currentBackup, DEFAULT_URI, deleteCheckpoint, describeDomain, diskCapacity,
@@ -25,11 +25,10 @@ import { serveImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
 import type { SyncHooks } from './events.js';
 import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions } from './image-backup.js';
-import { imageStatePath, readImageState, removeImageState, writeImageState, type ImageState } from './image-state.js';
-import { intentPathFor, readIntent } from './intent.js';
-import { lockDestination } from './lock.js';
-import { manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
-import { assessManifest, type Trust } from './trust.js';
+import { LocalDestination } from './local-target.js';
+import type { Manifest } from './manifest-store.js';
+import type { Destination, Target, TargetNote } from './target.js';
+import type { Trust } from './trust.js';
 
 /** Image mode's options without its sources; tempDir holds the run's folder (NBD socket, scratch files), owned by QEMU's user. */
 export interface DomainBackupOptions extends Omit<ImageBackupOptions, 'qmp' | 'image' | 'drives'> {
@@ -43,13 +42,11 @@ interface Disk {
   disk: DomainDisk;
   name: string;
   rel: string;
-  target: string;
-  manifestPath: string;
-  statePath: string;
+  target: Target;
   manifest?: Manifest;
   tStat: boolean;
   trust: Trust;
-  state?: ImageState;
+  state?: TargetNote;
   /** Set: full run, and why. */
   reason?: string;
   /** Incremental from this checkpoint. */
@@ -70,9 +67,9 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   const pct = opts.verifySamplePct ?? 0.5;
   if (!(pct >= 0 && pct <= 100)) throw new QsyncError('USAGE', `--verify-sample must be 0..100, not ${pct}`);
   const uri = opts.connect ?? DEFAULT_URI;
-  const dest = resolve(opts.dest);
+  const dest = opts.destination ? opts.dest : resolve(opts.dest);
   const tempDir = opts.tempDir ?? os.tmpdir();
-  const ctx: DiskContext = {
+  const ctx: Omit<DiskContext, 'destination'> = {
     dest, blockSize, pct, tempDir, owner: undefined, signal: opts.signal ?? new AbortController().signal, hooks, wrapSink: opts.wrapSink,
   };
 
@@ -94,40 +91,26 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
     seen.set(name, d.target);
   }
 
-  await mkdir(dest, { recursive: true }).catch((e) => {
-    throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${errnoText(e)}`, { file: dest }, { cause: e });
-  });
-  const lock = await lockDestination(dest);
+  // DEST is the user's folder, made as asked (as rsync makes a missing destination folder), and locked; or one on another host.
+  const destination = opts.destination ?? (await LocalDestination.open(dest));
   const disks: Disk[] = [];
   try {
-    for (const d of dom.disks) disks.push(await openDisk(d, dest, blockSize, hooks));
-    return online ? await backupRunning(uri, dom, disks, ctx) : await backupShutOff(uri, dom, disks, ctx);
+    for (const d of dom.disks) disks.push(await openDisk(d, destination, blockSize));
+    return online ? await backupRunning(uri, dom, disks, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
   } finally {
     for (const d of disks) await d.manifest?.close();
-    await lock.release();
+    if (!opts.destination) await destination.close();
   }
 }
 
-async function openDisk(disk: DomainDisk, dest: string, blockSize: number, hooks: SyncHooks): Promise<Disk> {
+async function openDisk(disk: DomainDisk, destination: Destination, blockSize: number): Promise<Disk> {
   const name = diskName(disk);
   const rel = `${name}.raw`;
-  const target = join(dest, rel);
-  const manifestPath = manifestPathFor(dest, rel);
-  let manifest: Manifest | undefined;
-  try {
-    manifest = await openManifest(manifestPath);
-  } catch (e) {
-    if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
-    hooks.notice?.(`${name} (${disk.target}): ${e.message}; full run`, rel);
-  }
-  const tStat = await stat(target, { bigint: true }).catch((e: unknown) => {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
-  });
-  const intent = await readIntent(intentPathFor(manifestPath));
-  const trust: Trust = tStat ? assessManifest(manifest, intent, tStat, blockSize) : { trusted: false };
-  const statePath = imageStatePath(dest, name);
-  return { disk, name, rel, target, manifestPath, statePath, manifest, tStat: !!tStat, trust, state: await readImageState(statePath) };
+  const target = destination.target(rel);
+  const tStat = await target.identity();
+  // A manifest that fails its own checks is no manifest: its reason makes the run full, and is shown then.
+  const { manifest, trust } = await target.state.assess(tStat, { blockSize });
+  return { disk, name, rel, target, manifest, tStat: !!tStat, trust, state: await target.readNote() };
 }
 
 /** The state's `node` for a libvirt disk: the domain and the disk, so that another domain's state is never taken. */
@@ -166,7 +149,7 @@ async function decideAll(uri: string, dom: Domain, disks: Disk[], hooks: SyncHoo
     d.reason = await decide(uri, dom, d, checkpoints, covers);
     if (!d.reason) continue;
     hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
-    await removeImageState(d.statePath);
+    await d.target.dropNote();
     d.state = undefined;
   }
 }
@@ -183,7 +166,7 @@ function copyContext(ctx: DiskContext, d: Disk, frozen: string | undefined): Par
       notice: hooks.notice && ((m, p) => hooks.notice!(`${label(d)}: ${m}`, p)),
       warning: hooks.warning && ((m, p) => hooks.warning!(`${label(d)}: ${m}`, p)),
     },
-    rel: d.rel, target: d.target, manifestPath: d.manifestPath, manifest: d.manifest, trust: d.trust, tStat: d.tStat,
+    rel: d.rel, target: d.target, manifest: d.manifest, trust: d.trust, tStat: d.tStat,
     reason: d.reason, frozen,
   };
 }
@@ -236,7 +219,7 @@ async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks:
   try {
     const keep = new Set<string>();
     for (const d of disks) {
-      const s = await readImageState(d.statePath);
+      const s = await d.target.readNote();
       if (s && s.node === stateNode(dom, d.disk)) keep.add(s.bitmap);
     }
     for (const cp of await listCheckpoints(uri, dom.name)) {
@@ -303,7 +286,7 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
         if (!d) throw e;
         d.reason = `checkpoint ${d.base} is broken (QEMU stopped without saving its bitmap)`;
         hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
-        await removeImageState(d.statePath);
+        await d.target.dropNote();
         d.base = d.state = undefined;
       }
     }
@@ -321,7 +304,7 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
       const s = await copyDisk({ uri: uriOf }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, d.base ? exp.exportBitmap : undefined));
       // The target is committed: from now on its changes are counted from the new checkpoint.
       if (checkpoint && d.disk.format === 'qcow2') {
-        await writeImageState(d.statePath, { node: stateNode(dom, d.disk), bitmap: checkpoint, baseChecksum: s.checksum, size: s.size });
+        await d.target.writeNote({ node: stateNode(dom, d.disk), bitmap: checkpoint, baseChecksum: s.checksum, size: s.size });
       }
       const { checksum: _c, ...rest } = s;
       out.push({ ...rest, setupMs, elapsedMs: performance.now() - t1 + setupMs });
@@ -374,8 +357,8 @@ async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
         await qmp.execute('block-export-add', { type: 'nbd', id: 'qsync', 'node-name': served.node, writable: false, name: 'disk' });
         const setupMs = performance.now() - t0;
         const s = await copyDisk({ uri: `nbd+unix:///disk?socket=${socket}` }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, undefined));
-        if (keep) await writeImageState(d.statePath, { node: stateNode(dom, d.disk), bitmap: keep, baseChecksum: s.checksum, size: s.size });
-        else await removeImageState(d.statePath);
+        if (keep) await d.target.writeNote({ node: stateNode(dom, d.disk), bitmap: keep, baseChecksum: s.checksum, size: s.size });
+        else await d.target.dropNote();
         const { checksum: _c, ...rest } = s;
         out.push({ ...rest, setupMs, elapsedMs: performance.now() - t0 });
       } finally {

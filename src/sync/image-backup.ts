@@ -13,13 +13,10 @@
  * one, so no change is ever forgotten.
  */
 import { randomInt } from 'node:crypto';
-import { stat } from 'node:fs/promises';
-import { join } from 'node:path';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
-import { LocalFileSink, punchingSink } from '../io/local-file.js';
 import type { BlockSink } from '../io/types.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { CONTEXT_ALLOCATION, dirtyBitmapContext } from '../io/nbd/constants.js';
@@ -29,14 +26,13 @@ import { checkReachable, qemuUser, type QemuUser } from '../qemu/process.js';
 import { QmpClient } from '../qemu/qmp.js';
 import type { SyncHooks, SyncMethod } from './events.js';
 import type { FileSyncContext } from './file-sync.js';
-import { intentPathFor, readIntent } from './intent.js';
-import { emptyFingerprint, manifestPathFor, openManifest, type Manifest } from './manifest-store.js';
+import { emptyFingerprint, type Manifest } from './manifest-store.js';
 import { adoptLegacyTarget, bitmapPrefix, destPrefix } from './image-names.js';
 import { withImageSource, type ImageSourceOptions } from './image-source.js';
-import { imageStatePath, readImageState, removeImageState, writeImageState, type ImageState } from './image-state.js';
 import { hashFile } from './target-digests.js';
-import { assessManifest, type Trust } from './trust.js';
-import { commitTarget, fileData, LocalTargetState, type StateWriter } from './target.js';
+import type { Trust } from './trust.js';
+import { LocalDestination } from './local-target.js';
+import { commitTarget, type Destination, type OpenData, type StateWriter, type Target, type TargetNote } from './target.js';
 
 
 export interface ImageBackupOptions extends ImageSourceOptions {
@@ -91,14 +87,15 @@ export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks 
   if (opts.signal) opts.signal.addEventListener('abort', onSignal, { once: true });
   else for (const s of ['SIGINT', 'SIGTERM'] as const) process.on(s, onSignal);
   try {
-    return await withImageSource(opts, async ({ qmp, address, drives, dest, tempDir }) => {
+    return await withImageSource(opts, async ({ qmp, address, drives, dest, destination, tempDir }) => {
       // Refused before anything is decided: no state and no bitmap is touched.
       await refuseBusyDisks(qmp, drives);
       const owner = await qemuUser(address, drives.map((d) => d.file));
       if (owner) await checkReachable(tempDir, owner);
       const names = new Set(drives.map((d) => d.name));
-      for (const d of drives) await adoptLegacyTarget(qmp, dest, d, names, hooks);
-      return backupDisks(qmp, drives, { dest, blockSize, pct, tempDir, owner, signal: ac.signal, hooks, wrapSink: opts.wrapSink });
+      // Targets of older versions are renamed where they lie on this host.
+      if (destination instanceof LocalDestination) for (const d of drives) await adoptLegacyTarget(qmp, dest, d, names, hooks);
+      return backupDisks(qmp, drives, { dest, destination, blockSize, pct, tempDir, owner, signal: ac.signal, hooks, wrapSink: opts.wrapSink });
     });
   } finally {
     if (own) for (const s of ['SIGINT', 'SIGTERM'] as const) process.off(s, onSignal);
@@ -107,7 +104,10 @@ export async function runImageBackup(opts: ImageBackupOptions, hooks: SyncHooks 
 }
 
 export interface DiskContext {
+  /** DEST as the bitmaps' names are keyed (src/sync/image-source.ts). */
   dest: string;
+  /** Where the targets are, here or on another host. */
+  destination: Destination;
   blockSize: number;
   pct: number;
   tempDir: string;
@@ -138,13 +138,11 @@ interface DiskPlan {
   /** The run's hooks, with the disk's name in front of every notice and warning. */
   hooks: SyncHooks;
   rel: string;
-  target: string;
-  manifestPath: string;
-  statePath: string;
+  target: Target;
   manifest: Manifest | undefined;
   tStat: boolean;
   trust: Trust;
-  state: ImageState | undefined;
+  state: TargetNote | undefined;
   /** This target's bitmaps before the run (a full run drops them once set up). */
   ours: BitmapInfo[];
   /** The bitmap of the incremental run (frozen in the transaction); undefined for a full run. */
@@ -170,26 +168,13 @@ async function planDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promise
   const { dest, blockSize } = ctx;
   const hooks = namedHooks(ctx.hooks, drive.name);
   const rel = `${drive.name}.raw`;
-  const manifestPath = manifestPathFor(dest, rel);
-  const statePath = imageStatePath(dest, drive.name);
   const prefix = bitmapPrefix(dest, drive.name);
-
-  let manifest: Manifest | undefined;
+  const target = ctx.destination.target(rel);
+  const tStat = await target.identity();
+  // A manifest that fails its own checks is no manifest: the reason says why, and the run is full.
+  const { manifest, trust } = await target.state.assess(tStat, { blockSize });
   try {
-    manifest = await openManifest(manifestPath);
-  } catch (e) {
-    if (!(e instanceof QsyncError) || e.code !== 'FORMAT') throw e;
-    hooks.notice?.(`${e.message}; full run`, rel);
-  }
-  try {
-    const target = join(dest, rel);
-    const tStat = await stat(target, { bigint: true }).catch((e: unknown) => {
-      if (errnoOf(e) === 'ENOENT') return undefined;
-      throw e;
-    });
-    const intent = await readIntent(intentPathFor(manifestPath));
-    const trust: Trust = tStat ? assessManifest(manifest, intent, tStat, blockSize) : { trusted: false };
-    const state = await readImageState(statePath);
+    const state = await target.readNote();
     const ours = (await listBitmaps(qmp, drive.node)).filter((b) => b.name.startsWith(prefix));
     const base = state ? ours.find((b) => b.name === state.bitmap) : undefined;
 
@@ -217,7 +202,7 @@ async function planDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promise
       hooks.notice?.(`${reason}: full run`, rel);
     }
     return {
-      drive, hooks, rel, target, manifestPath, statePath, manifest, tStat: !!tStat, trust, state,
+      drive, hooks, rel, target, manifest, tStat: !!tStat, trust, state,
       ours, base: reason ? undefined : base, reason,
       newBitmap: `${prefix}${Date.now().toString(36)}`, settled: false,
     };
@@ -252,7 +237,7 @@ async function backupDisks(qmp: QmpClient, drives: Drive[], ctx: DiskContext): P
       // Set up: only now is what a full run replaces dropped.
       for (const p of plans) {
         if (!p.reason) continue;
-        await removeImageState(p.statePath);
+        await p.target.dropNote();
         for (const b of p.ours) await qmp.execute('block-dirty-bitmap-remove', { node: p.drive.node, name: b.name });
       }
       for (const [i, p] of plans.entries()) {
@@ -260,7 +245,7 @@ async function backupDisks(qmp: QmpClient, drives: Drive[], ctx: DiskContext): P
         let summary: (DiskSummary & { checksum: string }) | undefined;
         try {
           summary = await copyDisk({ uri: fleece.uris[i]! }, p.drive, {
-            ...ctx, hooks: p.hooks, rel: p.rel, target: p.target, manifestPath: p.manifestPath, manifest: p.manifest,
+            ...ctx, hooks: p.hooks, rel: p.rel, target: p.target, manifest: p.manifest,
             trust: p.trust, tStat: p.tStat, reason: p.reason, frozen: p.base?.name,
           });
           summary.setupMs = fleece.setupMs;
@@ -297,7 +282,7 @@ async function settle(qmp: QmpClient, p: DiskPlan, summary: { checksum: string }
   // leave the state tied to the old manifest, and the next run full).
   let stated = false;
   if (summary) {
-    await writeImageState(p.statePath, { node, bitmap: p.newBitmap, baseChecksum: summary.checksum, size }).then(
+    await p.target.writeNote({ node, bitmap: p.newBitmap, baseChecksum: summary.checksum, size }).then(
       () => void (stated = true),
       (e: unknown) => void errors.push(e),
     );
@@ -312,7 +297,7 @@ async function settle(qmp: QmpClient, p: DiskPlan, summary: { checksum: string }
       if (frozen) {
         await qmp.execute('block-dirty-bitmap-merge', { node, target: p.newBitmap, bitmaps: [frozen] });
         await qmp.execute('block-dirty-bitmap-remove', { node, name: frozen });
-        await writeImageState(p.statePath, { ...p.state!, node, bitmap: p.newBitmap });
+        await p.target.writeNote({ ...p.state!, node, bitmap: p.newBitmap });
       } else {
         await qmp.execute('block-dirty-bitmap-remove', { node, name: p.newBitmap });
       }
@@ -325,8 +310,7 @@ async function settle(qmp: QmpClient, p: DiskPlan, summary: { checksum: string }
 
 export interface CopyContext extends DiskContext {
   rel: string;
-  target: string;
-  manifestPath: string;
+  target: Target;
   manifest: Manifest | undefined;
   trust: Trust;
   tStat: boolean;
@@ -386,7 +370,7 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
 
     let reason = c.reason;
     const s = {
-      name: drive.name, node: drive.node, target: c.target, size, dirty,
+      name: drive.name, node: drive.node, target: c.target.shown, size, dirty,
       read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, elapsedMs: 0,
     };
     if (nbd.canMultiConn) {
@@ -419,29 +403,31 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     if (full) s.dirty = size;
     hooks.fileStart?.(rel, size, method);
 
-    const file = await LocalFileSink.open(c.target, !c.tStat);
+    const dst = await c.target.open(!c.tStat);
     let writer: StateWriter;
     let oldSize: number;
     try {
-      oldSize = manifest?.header.targetSize ?? (c.tStat ? (await file.fh.stat()).size : 0);
+      oldSize = manifest?.header.targetSize ?? (c.tStat ? Number((await c.target.identity())?.size ?? 0) : 0);
       // The state's half of the write (src/sync/target.ts): a manifest not used for this run is removed first
       // (it would describe the old target); with a trusted one of the same size only the changed digests are patched into it.
-      writer = await new LocalTargetState(c.manifestPath).begin({ blockSize: bs, oldSize, newSize: size, base: manifest });
+      writer = await c.target.state.begin({ blockSize: bs, oldSize, newSize: size, base: manifest });
     } catch (e) {
-      await file.close();
+      await dst.close();
       throw e;
     }
     const oldBlocks = blockCount(oldSize, bs);
-    const holes: [number, number][] = [];
-    const target = punchingSink(file, holes);
-    let sink: BlockSink = target;
+    // Zeroed stretches become holes where the target lies (punched at its commit).
+    let sink: BlockSink = dst.sink;
     let checksum: Buffer;
+    let zeroed = 0;
     try {
       if (c.wrapSink) {
         // A delta names its base: the manifest's fingerprint, the empty one for a new target, else a hash of the old target.
+        const file = dst.file;
+        if (!file) throw new QsyncError('UNSUPPORTED', `--write-batch and --backup-dir need a target on this host, not ${c.target.shown}`);
         const before = manifest ? manifest.fingerprint : !c.tStat ? emptyFingerprint(bs) : await hashFile(file.fh, oldSize, bs);
         const info = { relPath: rel, blockSize: bs, oldSize, newSize: size, fingerprints: () => ({ before, after: writer.fingerprint }) };
-        sink = await c.wrapSink(target, info);
+        sink = await c.wrapSink(file, info);
       }
       if (size !== oldSize) await sink.truncate(size);
       // Hashed: every block in a full run; else dirty ones, and those the manifest cannot vouch for.
@@ -473,7 +459,7 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
         if (compare && b < oldBlocks) r.old = Buffer.allocUnsafe(len);
         const jobs: Promise<void>[] = [];
         if (r.src) jobs.push(readBlocks(b, e - b, r.src));
-        if (r.old) jobs.push(readTarget(file, r.old, off, oldSize));
+        if (r.old) jobs.push(readTarget(dst.reader, r.old, off, oldSize));
         r.ready = Promise.all(jobs).then(() => {});
         r.ready.catch(() => {}); // awaited in order below
         return r;
@@ -500,17 +486,20 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
         hooks.fileProgress?.(rel, s.read, s.written);
       }
       await pipe.finish();
-      // The one commit sequence: data durable, then the manifest naming this inode, then the intent gone.
-      checksum = await commitTarget(fileData(target), sink, writer, { size, mtimeNs: 0n });
+      zeroed = pipe.zeroed;
+      // The one commit sequence: data durable, in place, then the manifest naming it, then the intent gone.
+      checksum = await commitTarget(dst, sink, writer, { size, mtimeNs: 0n });
       await sink.close();
+      await dst.close();
     } catch (e) {
       await writer.abort();
       await sink.close().catch(() => {});
+      await dst.close();
       throw e;
     }
     hooks.fileEnd?.({
-      path: rel, itemize: s.written || holes.length ? '>f.st......' : '.f.........', kind: 'file', size, method,
-      scanned: s.read, literal: s.written, matched: s.unchanged, unchanged: !s.written && !holes.length,
+      path: rel, itemize: s.written || zeroed ? '>f.st......' : '.f.........', kind: 'file', size, method,
+      scanned: s.read, literal: s.written, matched: s.unchanged, unchanged: !s.written && !zeroed,
     });
     return { ...s, mode: full ? 'full' : 'bitmap', method, reason, checksum: checksum.toString('hex') };
   } finally {
@@ -543,6 +532,8 @@ interface Counts {
  * number of bytes in flight.
  */
 class CopyPipeline {
+  /** Stretches of zeros written (holes punched where the target can). */
+  zeroed = 0;
   readonly #piece = Buffer.alloc(PIECE * DIGEST_LEN);
   #pieceIndex = -1;
   /** Blocks of the current piece whose digest differs from the manifest's. */
@@ -634,8 +625,10 @@ class CopyPipeline {
     for (let i = from; i < to; i++) this.#batchBlocks.push(r.first + i);
     const off = (r.first + from) * this.bs;
     const len = Math.min(this.size, (r.first + to) * this.bs) - off;
-    if (zero) this.#batch.push({ off, len });
-    else {
+    if (zero) {
+      this.#batch.push({ off, len });
+      this.zeroed++;
+    } else {
       this.#batch.push({ off, len, data: r.src!.subarray(from * this.bs, from * this.bs + len) });
       this.#batchBytes += len;
       s.written += len;
@@ -689,14 +682,10 @@ function zeroBlock(len: number): Buffer {
 }
 
 /** Read `buf.length` bytes of the old target at `offset`; past its old end it reads as zero. */
-async function readTarget(sink: LocalFileSink, buf: Buffer, offset: number, oldSize: number): Promise<void> {
+async function readTarget(reader: OpenData['reader'], buf: Buffer, offset: number, oldSize: number): Promise<void> {
   buf.fill(0);
   const want = Math.max(0, Math.min(buf.length, oldSize - offset));
-  for (let done = 0; done < want; ) {
-    const { bytesRead } = await sink.fh.read(buf, done, want - done, offset + done);
-    if (!bytesRead) break;
-    done += bytesRead;
-  }
+  if (want) await reader.readAt(buf.subarray(0, want), offset);
 }
 
 /**

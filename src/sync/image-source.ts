@@ -4,16 +4,16 @@
  * `--image`), and what a killed run left for this DEST, for every disk, taken
  * away before anything else is done (docs/IMAGE-MODE.md).
  */
-import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
 import { resolve } from 'node:path';
-import { errnoText, QsyncError } from '../core/errors.js';
+import { QsyncError } from '../core/errors.js';
 import { findDrives, type Drive } from '../qemu/block.js';
 import { removeLeftovers } from '../qemu/fleece.js';
 import { serveImage, type ServedImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
 import { leftoverPrefixes } from './image-names.js';
-import { lockDestination } from './lock.js';
+import { LocalDestination } from './local-target.js';
+import type { Destination } from './target.js';
 
 export interface ImageSourceOptions {
   /** QMP socket of a running QEMU or qemu-storage-daemon (`--qmp`): a path, `unix:PATH` or `tcp:HOST:PORT`. */
@@ -23,6 +23,12 @@ export interface ImageSourceOptions {
   /** `--drive NAME` (repeatable): node-name, drive id or device id. Default: every disk. */
   drives?: string[];
   dest: string;
+  /**
+   * Where the targets are: a destination already opened (a remote one), else
+   * DEST on this host, made and locked here. `dest` then only keys the
+   * bitmaps' names.
+   */
+  destination?: Destination;
   /** Where the fleece overlays and NBD socket go; QEMU must be able to write there. Default os.tmpdir(). */
   tempDir?: string;
 }
@@ -33,19 +39,18 @@ export interface ImageSource {
   address: string;
   /** The selected disks (each once). */
   drives: Drive[];
+  /** DEST as the bitmaps' names are keyed: its real path here, or `host:path` as given. */
   dest: string;
+  destination: Destination;
   tempDir: string;
 }
 
 export async function withImageSource<T>(opts: ImageSourceOptions, fn: (src: ImageSource) => Promise<T>): Promise<T> {
   if (!!opts.qmp === !!opts.image) throw new QsyncError('USAGE', 'image mode needs exactly one of --qmp SOCKET or --image FILE');
-  const dest = resolve(opts.dest);
+  const dest = opts.destination ? opts.dest : resolve(opts.dest);
   const tempDir = opts.tempDir ?? os.tmpdir();
-  // DEST is the user's folder, made as asked (as rsync makes a missing destination folder).
-  await mkdir(dest, { recursive: true }).catch((e) => {
-    throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${errnoText(e)}`, { file: dest }, { cause: e });
-  });
-  const lock = await lockDestination(dest);
+  // DEST is the user's folder, made as asked (as rsync makes a missing destination folder), and locked.
+  const destination = opts.destination ?? (await LocalDestination.open(dest));
   let served: ServedImage | undefined;
   try {
     served = opts.image ? await serveImage(opts.image, tempDir) : undefined;
@@ -56,12 +61,12 @@ export async function withImageSource<T>(opts: ImageSourceOptions, fn: (src: Ima
       await removeLeftovers(qmp, leftoverPrefixes(dest, await findDrives(qmp)), tempDir);
       const drives = [...new Map((await findDrives(qmp, opts.drives)).map((d) => [d.node, d])).values()];
       if (!drives.length) throw new QsyncError('SOURCE', 'QEMU has no disk to back up');
-      return await fn({ qmp, address, drives, dest, tempDir });
+      return await fn({ qmp, address, drives, dest, destination, tempDir });
     } finally {
       await qmp.close();
     }
   } finally {
     await served?.stop();
-    await lock.release();
+    if (!opts.destination) await destination.close();
   }
 }

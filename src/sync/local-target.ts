@@ -81,7 +81,7 @@ class LocalTarget implements Target {
     });
     // Zeroed ranges become holes at commit (punched before the fsync), as a guest's trimmed blocks should.
     const file = punchingSink(LocalFileSink.of(fh, this.shown), []);
-    return { ...fileData(file), reader: { readAt: (buf, offset) => readUpTo(fh, buf, offset) }, close: () => file.close().catch(() => {}) };
+    return { ...fileData(file), file, reader: { readAt: (buf, offset) => readUpTo(fh, buf, offset) }, close: () => file.close().catch(() => {}) };
   }
 
   readNote() {

@@ -103,6 +103,8 @@ export interface TargetData {
 export interface OpenData extends TargetData {
   /** The data as it is (compare mode reads it when no manifest can be trusted); short only at its end. */
   readonly reader: Pick<BlockSource, 'readAt'>;
+  /** The data as a file on this host, when it is one (batch deltas and history read and hash it). */
+  readonly file?: LocalFileSink;
   close(): Promise<void>;
 }
 

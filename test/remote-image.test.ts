@@ -1,0 +1,127 @@
+/**
+ * Image mode to a remote DEST (`qsync --image FILE host:DEST/`, `--qmp SOCK
+ * host:DEST/`), end to end: Debian's real sshd on 127.0.0.1, the real ssh
+ * client, real QEMU (qemu-storage-daemon serving a qcow2, qemu-io standing in
+ * for the guest). The far side holds the target, its manifest, intent and
+ * bitmap record (src/remote/serve-target.ts); bytes through the channel are
+ * counted at the ssh command.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
+import { needTools } from './helpers/env.js';
+import { qemuImgCreate, qemuIo, startQsd, type QemuProcess } from './helpers/qemu.js';
+import { countingRsh, joinRsh, readCount, splitRsh, startSshd, type Sshd } from './helpers/sshd.js';
+
+const KiB = 1024;
+const MiB = 1 << 20;
+
+const ready = needTools('sshd', 'ssh', 'qemu-img', 'qemu-io', 'qemu-storage-daemon');
+
+let dir: string;
+let sshd: Sshd;
+let serverCmd: string;
+let counter = 0;
+
+beforeAll(async () => {
+  if (!ready) return;
+  dir = mkdtempSync(join(tmpdir(), 'qsync-remote-image-'));
+  sshd = await startSshd();
+  serverCmd = `QSYNC_STATE_DIR=${join(dir, 'server-state')} ${process.execPath} ${QSYNC}`;
+});
+afterAll(async () => {
+  await sshd?.stop();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+async function overSsh(args: string[], rsh?: string): Promise<RunResult & { wire: number }> {
+  const count = join(dir, `count-${++counter}`);
+  const r = await runQsync(['-e', countingRsh(rsh ?? sshd.rsh, count), '--qsync-path', serverCmd, ...args]);
+  const c = existsSync(count) ? readCount(count) : { sent: 0, received: 0 };
+  return { ...r, wire: c.sent + c.received };
+}
+
+const at = (p: string) => `${sshd.host}:${p}`;
+const guestView = (img: string): Buffer => {
+  const raw = join(dir, `view-${++counter}.raw`);
+  execFileSync('qemu-img', ['convert', '-O', 'raw', img, raw]);
+  const b = readFileSync(raw);
+  rmSync(raw);
+  return b;
+};
+
+/** `qsync verify TARGET` on the far side's state: the manifest describes the target exactly. */
+async function verifyFar(target: string): Promise<void> {
+  const r = await runQsync(['verify', target], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'server-state') } });
+  expect(r.code, r.stderr).toBe(0);
+}
+
+describe.skipIf(!ready)('image mode to a remote DEST over ssh', () => {
+  it('--image: a full first run, then only the written clusters and their digests cross the wire; the far target is the guest view', async () => {
+    const img = join(dir, 'web.qcow2');
+    qemuImgCreate(img, '256M');
+    qemuIo(img, 'qcow2', 'write -P 0x11 0 16M', 'write -P 0x22 128M 8M');
+    const dest = join(dir, 'bk1');
+    const first = await overSsh(['--image', img, at(`${dest}/`)]);
+    expect(first.code, first.stderr).toBe(0);
+    expect(first.stdout).toMatch(/web: full \(first run\)/);
+    expect(readFileSync(join(dest, 'web.raw')).equals(guestView(img))).toBe(true);
+    // Holes stay holes on the far side: 24 MiB of data in a 256 MiB disk.
+    expect(statSync(join(dest, 'web.raw')).blocks * 512).toBeLessThan(40 * MiB);
+    await verifyFar(join(dest, 'web.raw'));
+
+    const changed = 3 * 64 * KiB + 2 * 64 * KiB;
+    qemuIo(img, 'qcow2', 'write -P 0x33 1M 192K', 'write -P 0x44 200M 128K');
+    const second = await overSsh(['--image', img, at(`${dest}/`)]);
+    expect(second.code, second.stderr).toBe(0);
+    expect(second.stdout).toMatch(/web: incremental \(dirty bitmap\)/);
+    expect(readFileSync(join(dest, 'web.raw')).equals(guestView(img))).toBe(true);
+    await verifyFar(join(dest, 'web.raw'));
+    // The changed blocks, the manifest's digests once (this side's cache is empty), and the session.
+    expect(second.wire).toBeLessThan(1.1 * changed + 4096 * 32 + 64 * KiB);
+
+    const none = await overSsh(['--image', img, at(`${dest}/`)]);
+    expect(none.code, none.stderr).toBe(0);
+    // Nothing dirty: no block and no digest list crosses (the digests are cached now).
+    expect(none.wire).toBeLessThan(64 * KiB);
+  });
+
+  it('--qmp of a running daemon: the link cut mid-copy, the next run converges and the far manifest never lies', async () => {
+    const img = join(dir, 'db.qcow2');
+    qemuImgCreate(img, '128M');
+    qemuIo(img, 'qcow2', 'write -P 0x55 0 96M');
+    const qsd: QemuProcess = await startQsd(dir, img, 'db');
+    try {
+      const dest = join(dir, 'bk2');
+      // A remote shell that dies after 20 MiB through it: the first copy is cut.
+      const cut = joinRsh([process.execPath, join(import.meta.dirname, 'helpers/cut-rsh.mjs'), String(20 * MiB), ...splitRsh(sshd.rsh)]);
+      const broken = await overSsh(['--qmp', qsd.qmp, at(`${dest}/`)], cut);
+      expect(broken.code).not.toBe(0);
+      expect(broken.stderr).not.toMatch(/\n\s+at /);
+      const again = await overSsh(['--qmp', qsd.qmp, at(`${dest}/`)]);
+      expect(again.code, again.stderr).toBe(0);
+      await verifyFar(join(dest, 'db.raw'));
+      const next = await overSsh(['--qmp', qsd.qmp, at(`${dest}/`)]);
+      expect(next.code, next.stderr).toBe(0);
+      expect(next.stdout).toMatch(/db: incremental/);
+    } finally {
+      await qsd.kill();
+    }
+    // Read with the daemon gone: the far target is the disk.
+    expect(readFileSync(join(dir, 'bk2', 'db.raw')).equals(guestView(img))).toBe(true);
+  });
+
+  it('--write-batch and --backup-dir with a remote DEST are refused before anything is done', async () => {
+    const img = join(dir, 'x.qcow2');
+    qemuImgCreate(img, '8M');
+    for (const opt of [['--write-batch', join(dir, 'b.qdelta')], ['--backup-dir', 'hist']]) {
+      const r = await overSsh(['--image', img, ...opt, at(`${join(dir, 'bk3')}/`)]);
+      expect(r.code).toBe(1);
+      expect(r.stderr).toMatch(/not supported with a remote DEST/);
+      expect(existsSync(join(dir, 'bk3'))).toBe(false);
+    }
+  });
+});
