@@ -23,7 +23,7 @@ import {
 } from '../qemu/libvirt.js';
 import { serveImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
-import type { SyncHooks } from './events.js';
+import { prefixedHooks, type SyncHooks } from './events.js';
 import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions } from './image-backup.js';
 import { LocalDestination } from './local-target.js';
 import type { Manifest } from './manifest-store.js';
@@ -161,11 +161,7 @@ function copyContext(ctx: DiskContext, d: Disk, frozen: string | undefined): Par
   const { hooks } = ctx;
   return {
     ...ctx,
-    hooks: {
-      ...hooks,
-      notice: hooks.notice && ((m, p) => hooks.notice!(`${label(d)}: ${m}`, p)),
-      warning: hooks.warning && ((m, p) => hooks.warning!(`${label(d)}: ${m}`, p)),
-    },
+    hooks: prefixedHooks(hooks, label(d)),
     rel: d.rel, target: d.target, manifest: d.manifest, trust: d.trust, tStat: d.tStat,
     reason: d.reason, frozen,
   };

@@ -63,3 +63,19 @@ export interface SyncHooks {
   /** A per-file problem that did not stop the run (rsync exit 23). */
   warning?(message: string, path?: string): void;
 }
+
+/**
+ * The same hooks with `prefix: ` before every notice and warning (a disk's
+ * name). Every hook is called on `hooks` itself: a printer is a class whose
+ * methods a spread would lose.
+ */
+export function prefixedHooks(hooks: SyncHooks, prefix: string): SyncHooks {
+  return {
+    fileStart: hooks.fileStart && ((...a) => hooks.fileStart!(...a)),
+    fileProgress: hooks.fileProgress && ((...a) => hooks.fileProgress!(...a)),
+    fileEnd: hooks.fileEnd && ((...a) => hooks.fileEnd!(...a)),
+    deleted: hooks.deleted && ((...a) => hooks.deleted!(...a)),
+    notice: hooks.notice && ((m, p) => hooks.notice!(`${prefix}: ${m}`, p)),
+    warning: hooks.warning && ((m, p) => hooks.warning!(`${prefix}: ${m}`, p)),
+  };
+}

@@ -24,7 +24,7 @@ import { jobsByNode, listBitmaps, type BitmapInfo, type Drive } from '../qemu/bl
 import { Fleece } from '../qemu/fleece.js';
 import { checkReachable, qemuUser, type QemuUser } from '../qemu/process.js';
 import { QmpClient } from '../qemu/qmp.js';
-import type { SyncHooks, SyncMethod } from './events.js';
+import { prefixedHooks, type SyncHooks, type SyncMethod } from './events.js';
 import type { FileSyncContext } from './file-sync.js';
 import { emptyFingerprint, type Manifest } from './manifest-store.js';
 import { adoptLegacyTarget, bitmapPrefix, destPrefix } from './image-names.js';
@@ -153,11 +153,6 @@ interface DiskPlan {
   settled: boolean;
 }
 
-const namedHooks = (hooks: SyncHooks, name: string): SyncHooks => ({
-  ...hooks,
-  notice: hooks.notice && ((m, p) => hooks.notice!(`${name}: ${m}`, p)),
-  warning: hooks.warning && ((m, p) => hooks.warning!(`${name}: ${m}`, p)),
-});
 
 /**
  * Decide whether the disk's bitmap can be trusted. Nothing is deleted here
@@ -166,7 +161,7 @@ const namedHooks = (hooks: SyncHooks, name: string): SyncHooks => ({
  */
 async function planDisk(qmp: QmpClient, drive: Drive, ctx: DiskContext): Promise<DiskPlan> {
   const { dest, blockSize } = ctx;
-  const hooks = namedHooks(ctx.hooks, drive.name);
+  const hooks = prefixedHooks(ctx.hooks, drive.name);
   const rel = `${drive.name}.raw`;
   const prefix = bitmapPrefix(dest, drive.name);
   const target = ctx.destination.target(rel);
