@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { parseArgv, parseBlockSize, type ParsedArgs, type SyncOptions } from '../src/cli/args.js';
+import { parseArgv, parseBlockSize, parseSizeArg, type ParsedArgs, type SyncOptions } from '../src/cli/args.js';
 import { QsyncError } from '../src/core/errors.js';
 
 function sync(argv: string[]): { sources: string[]; dest: string; options: SyncOptions } {
@@ -37,7 +37,8 @@ describe('parseArgv', () => {
       oneFileSystem: false, blockSize: 65536, manifest: undefined, json: false, rsh: undefined, bwlimit: 0, timeout: 0,
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
-      hardLinks: false, acls: false, xattrs: false,
+      hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false,
     } satisfies SyncOptions);
   });
 
@@ -164,6 +165,37 @@ describe('parseArgv', () => {
     expect(sync(['--ignore-non-existing', 'a', 'b']).options.existing).toBe(true);
   });
 
+  it("reads rsync's deletion, size, time and folder options", () => {
+    expect(sync(['--delete-excluded', 'a', 'b']).options).toMatchObject({ delete: true, deleteExcluded: true });
+    expect(sync(['--max-delete=3', '--mkpath', '-Im', 'a', 'b']).options).toMatchObject({ maxDelete: 3, mkpath: true, ignoreTimes: true, pruneEmptyDirs: true });
+    expect(sync(['-m', '--no-m', '--mkpath', '--no-mkpath', 'a', 'b']).options).toMatchObject({ pruneEmptyDirs: false, mkpath: false });
+    // rsync: a negative limit is no deletions; popt reads C integers (hex, octal, empty = 0).
+    expect(sync(['--max-delete=-5', 'a', 'b']).options.maxDelete).toBe(0);
+    expect(sync(['--max-delete', '0x10', 'a', 'b']).options.maxDelete).toBe(16);
+    expect(sync(['--max-delete=', 'a', 'b']).options.maxDelete).toBe(0);
+    expect(failure(['--max-delete=abc', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: '--max-delete=abc: invalid numeric value' });
+    expect(sync(['-@2', 'a', 'b']).options.modifyWindow).toBe(2);
+    expect(sync(['-@', '-1', 'a', 'b']).options.modifyWindow).toBe(-1);
+    expect(failure(['--modify-window=1.5', 'a', 'b']).message).toBe('--modify-window=1.5: invalid numeric value');
+    expect(sync(['--min-size=1.5k', '--max-size', '2M-1', 'a', 'b']).options).toMatchObject({ minSize: 1536, maxSize: 2 * 1024 * 1024 - 1 });
+  });
+
+  it("reads SIZE as rsync's parse_size_arg does", () => {
+    const cases: [string, number][] = [
+      ['0', 0], ['', 0], ['100', 100], ['10b', 10], ['1k', 1024], ['1K', 1024], ['1KB', 1000], ['1kib', 1024], ['1.5m', 1572864],
+      ['1mb+1', 1_000_001], ['1g-1', 2 ** 30 - 1], ['2t', 2 * 2 ** 40], ['1P', 2 ** 50], ['.5k', 512],
+    ];
+    for (const [text, bytes] of cases) expect(parseSizeArg('max-size', text), text).toBe(bytes);
+    for (const [text, why] of [['abc', 'invalid'], ['5x', 'invalid'], ['1Ki', 'invalid'], ['1.5.2', 'invalid'], ['+1', 'invalid'], ['-1', 'too large'], ['9999999P', 'too large']]) {
+      expect(() => parseSizeArg('max-size', text!), text).toThrow(`--max-size=${text} is ${why}`);
+    }
+  });
+
+  it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {
+    expect(failure(['-ab', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { hint: expect.stringContaining('--backup-dir=DIR') } });
+    expect(sync(['-b', '--backup-dir=h', 'a', 'b']).options.backupDir).toBe('h');
+  });
+
   it('returns help and version', () => {
     const help = parseArgv(['--help']);
     expect(help.kind).toBe('help');
@@ -173,7 +205,9 @@ describe('parseArgv', () => {
     }
     expect(parseArgv(['-h']).kind).toBe('help');
     expect(parseArgv(['-a', '--help', '--bogus']).kind).toBe('help');
-    expect(parseArgv(['--version'])).toEqual({ kind: 'version' });
-    expect(parseArgv(['-V'])).toEqual({ kind: 'version' });
+    expect(parseArgv(['--version'])).toEqual({ kind: 'version', level: 1 });
+    expect(parseArgv(['-V'])).toEqual({ kind: 'version', level: 1 });
+    expect(parseArgv(['-VV'])).toEqual({ kind: 'version', level: 2 });
+    expect(parseArgv(['-V', '--version', 'a'])).toEqual({ kind: 'version', level: 2 });
   });
 });

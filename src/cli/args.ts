@@ -51,6 +51,21 @@ export interface SyncOptions {
   inplace: boolean;
   wholeFile: boolean;
   delete: boolean;
+  /** --delete-excluded: excluded names in DEST are deleted too (implies --delete). */
+  deleteExcluded: boolean;
+  /** --max-delete=NUM: at most NUM deletions (-1: no limit; rsync's exit 25 when it stops some). */
+  maxDelete: number;
+  /** --mkpath: create DEST's missing path components. */
+  mkpath: boolean;
+  /** --min-size/--max-size in bytes (-1: no limit): regular files outside are skipped. */
+  minSize: number;
+  maxSize: number;
+  /** -I: no quick check (size and mtime equal is not enough to skip a file). */
+  ignoreTimes: boolean;
+  /** --modify-window=NUM: mtimes within NUM seconds are equal; -1: to the nanosecond; 0: to the microsecond (qsync's default). */
+  modifyWindow: number;
+  /** -m: folders without a file, link or node below them (after the filters) are left out. */
+  pruneEmptyDirs: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
   filters: FilterRule[];
   sparse: boolean;
@@ -89,7 +104,7 @@ export interface SyncOptions {
 export type ParsedArgs =
   | { kind: 'sync'; sources: string[]; dest: string; options: SyncOptions }
   | { kind: 'help'; text: string }
-  | { kind: 'version' };
+  | { kind: 'version'; level: VersionLevel };
 
 type Kind =
   | 'flag' // boolean; its `neg` spellings turn it off
@@ -102,6 +117,9 @@ type Kind =
   | 'noop' // accepted, nothing to do: qsync always behaves that way
   | 'help'
   | 'version';
+
+/** -V (1) or -VV (2, rsync's JSON). */
+export type VersionLevel = 1 | 2;
 
 interface Spec {
   /** Canonical name: the yargs key, or the help label of short-only options. */
@@ -159,6 +177,15 @@ const SPECS: Spec[] = [
     aliases: ['del', 'delete-before', 'delete-during', 'delete-delay', 'delete-after'],
     help: 'delete extraneous files from dest directories',
   },
+  { name: 'delete-excluded', kind: 'flag', help: 'also delete excluded files from dest directories (implies --delete)' },
+  { name: 'max-delete', kind: 'value', arg: 'NUM', help: "don't delete more than NUM files (exit 25 when some are left)" },
+  { name: 'mkpath', kind: 'flag', neg: ['no-mkpath'], help: "create destination's missing path components" },
+  { name: 'max-size', kind: 'value', arg: 'SIZE', help: "don't transfer any file larger than SIZE" },
+  { name: 'min-size', kind: 'value', arg: 'SIZE', help: "don't transfer any file smaller than SIZE" },
+  { name: 'ignore-times', short: 'I', kind: 'flag', help: "don't skip files that match size and time" },
+  { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
+  { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
+  { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
   { name: 'partial', kind: 'noop', help: 'accepted: qsync always resumes' },
   { name: 'fsync', kind: 'noop', help: 'accepted: qsync always fsyncs' },
   { name: 'no-motd', kind: 'noop', help: 'accepted: no daemon, no MOTD' },
@@ -197,23 +224,23 @@ const UNSUPPORTED_LONG = new Set(
   `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r dirs no-dirs no-d
   old-dirs old-d executability atimes no-atimes no-U open-noatime
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
-  no-omit-link-times no-J modify-window super no-super fake-super copy-devices write-devices no-write-devices
+  no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
   munge-links no-munge-links copy-dirlinks keep-dirlinks relative no-relative
-  no-R implied-dirs no-implied-dirs i-d no-i-d chmod ignore-times max-size min-size max-alloc preallocate
-  append append-verify no-append delete-excluded delete-missing-args ignore-missing-args remove-sent-files
-  remove-source-files force no-force ignore-errors no-ignore-errors max-delete filter cvs-exclude
+  no-R implied-dirs no-implied-dirs i-d no-i-d chmod max-alloc preallocate
+  append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
+  remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
-  delay-updates no-delay-updates prune-empty-dirs no-prune-empty-dirs no-m log-file log-file-format
-  out-format log-format backup no-backup suffix list-only files-from from0 no-from0
+  delay-updates no-delay-updates log-file log-file-format
+  out-format log-format suffix list-only files-from from0 no-from0
   old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
   groupmap chown contimeout no-contimeout stop-after time-limit stop-at rsync-path
-  temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 mkpath no-mkpath qsort copy-as
+  temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 qsort copy-as
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('dEUNOJ@LkKRIfFCbT0s468Mym');
+const UNSUPPORTED_SHORT = new Set('dEUNOJLkKRfFCT0s468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -232,20 +259,24 @@ interface Normalised {
   line: string[];
   filters: FilterRule[];
   operands: string[];
-  /** Set by a help or version option, which ends parsing where it stands. */
-  stop?: 'help' | 'version';
+  /** Set by a help option, which ends parsing where it stands. */
+  stop?: 'help';
+  /** -V/--version seen this many times (rsync: twice gives its JSON). */
+  version: number;
   /** A --no-human-readable was seen: the level starts at 0 instead of 1. */
   noHuman: boolean;
 }
 
 function normalise(argv: readonly string[]): Normalised {
-  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false };
+  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false, version: 0 };
 
   const apply = (spec: Spec, negated: boolean, value?: string): void => {
     switch (spec.kind) {
       case 'help':
+        out.stop ??= 'help';
+        return;
       case 'version':
-        out.stop ??= spec.kind;
+        out.version++;
         return;
       case 'noop':
         return;
@@ -374,6 +405,53 @@ export function parseRate(text: string): number {
   return Math.round(Number(m[1]) * base ** power);
 }
 
+/** popt's POPT_ARG_INT, as rsync reads --max-delete and --modify-window: C's strtol in base 0 (12, 0x1f, 017; empty is 0). */
+function parseInt32(option: string, text: string): number {
+  const m = /^\s*([+-]?)(?:0x([0-9a-f]+)|(0[0-7]*)|([1-9]\d*))?$/i.exec(text);
+  const n = m && (m[2] !== undefined ? parseInt(m[2], 16) : m[3] !== undefined ? parseInt(m[3], 8) : m[4] !== undefined ? Number(m[4]) : text.trim() ? NaN : 0);
+  if (n === null || !Number.isSafeInteger(n) || n > 2 ** 31 - 1) throw new QsyncError('USAGE', `--${option}=${text}: invalid numeric value`, { option: `--${option}`, value: text });
+  return m![1] === '-' ? -n : n;
+}
+
+/**
+ * rsync's parse_size_arg() for --min-size/--max-size: a number with an
+ * optional fraction, a unit (b, k, m, g, t, p; bytes by default) that is
+ * 1024-based, or 1000-based when followed by "b" ("kb"), "ib" is 1024 again;
+ * then "+1" or "-1" to add or take one byte. Returns bytes.
+ */
+export function parseSizeArg(option: string, text: string): number {
+  const fail = (why: string): never => {
+    throw new QsyncError('USAGE', `--${option}=${text} is ${why}`, { option: `--${option}`, value: text });
+  };
+  const m = /^(\d*(?:\.\d*)?)(.*)$/.exec(text)!;
+  let rest = m[2]!;
+  let reps = 0;
+  if (rest && rest[0] !== '+' && rest[0] !== '-') {
+    reps = 'bkmgtp'.indexOf(rest[0]!.toLowerCase());
+    if (reps < 0) fail('invalid');
+    rest = rest.slice(1);
+  }
+  let mult = 1024;
+  if (/^b/i.test(rest)) {
+    mult = 1000;
+    rest = rest.slice(1);
+  } else if (/^ib/i.test(rest)) rest = rest.slice(2);
+  else if (rest && rest[0] !== '+' && rest[0] !== '-') fail('invalid');
+  const max = 2 ** 63 - 1;
+  const unit = mult ** reps;
+  // C's strtod over the whole text: the leading number, sign included (rsync reports a negative one as too large).
+  const d = Number(/^[+-]?\d*\.?\d*/.exec(text)![0].replace(/^([+-]?)\.?$/, '$10')) || 0;
+  if (d < 0 || d >= max / unit) fail('too large');
+  let size = Math.trunc(d * unit);
+  if ((rest.startsWith('+1') || rest.startsWith('-1')) && rest !== text) {
+    size += rest[0] === '+' ? 1 : -1;
+    rest = rest.slice(2);
+  }
+  if (rest) fail('invalid');
+  if (size < 0) fail('too large');
+  return size;
+}
+
 function parseSeconds(text: string): number {
   if (!/^\d+$/.test(text)) throw new QsyncError('USAGE', `invalid --timeout ${text}: give whole seconds (0 = no timeout)`, { option: '--timeout', value: text });
   return Number(text);
@@ -453,7 +531,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   if (argv.length === 1 && argv[0] === '-h') return { kind: 'help', text: helpText() };
   const n = normalise(argv);
   if (n.stop === 'help') return { kind: 'help', text: helpText() };
-  if (n.stop === 'version') return { kind: 'version' };
+  if (n.version) return { kind: 'version', level: n.version > 1 ? 2 : 1 };
 
   const y = yargs(n.line)
     .exitProcess(false)
@@ -500,7 +578,16 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     itemize: bool('itemize-changes'),
     inplace: bool('inplace'),
     wholeFile: bool('whole-file'),
-    delete: bool('delete'),
+    delete: bool('delete') || bool('delete-excluded'),
+    deleteExcluded: bool('delete-excluded'),
+    // rsync: a negative limit means no deletions at all.
+    maxDelete: y['max-delete'] === undefined ? -1 : Math.max(0, parseInt32('max-delete', String(str(y['max-delete'])))),
+    mkpath: bool('mkpath'),
+    minSize: y['min-size'] === undefined ? -1 : parseSizeArg('min-size', String(str(y['min-size']))),
+    maxSize: y['max-size'] === undefined ? -1 : parseSizeArg('max-size', String(str(y['max-size']))),
+    ignoreTimes: bool('ignore-times'),
+    modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
+    pruneEmptyDirs: bool('prune-empty-dirs'),
     filters: n.filters,
     sparse: bool('sparse'),
     checksum: bool('checksum'),
@@ -528,6 +615,13 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     image: str(y.image),
     verifySample: verifyText === undefined ? 0.5 : parsePercent(verifyText),
   };
+
+  if (bool('backup') && options.backupDir === undefined) {
+    throw new QsyncError('UNSUPPORTED', '-b/--backup without --backup-dir is not supported: qsync keeps no whole old copies (FILE~)', {
+      option: '--backup',
+      hint: 'give --backup-dir=DIR, which keeps the old contents of the blocks each run overwrites (qsync restore brings back any point)',
+    });
+  }
 
   const ops = n.operands;
   // Image mode and --read-batch take their source elsewhere: DEST alone is enough.

@@ -217,9 +217,10 @@ class TextPrinter implements Printer {
     this.out(message);
   }
 
-  warning(message: string): void {
-    if (this.bars) this.bars.log(`qsync: ${escapeForTerminal(message)}`);
-    else this.io.stderr.write(`qsync: ${escapeForTerminal(message)}\n`);
+  warning(message: string, _path?: string, bare?: boolean): void {
+    const line = `${bare ? '' : 'qsync: '}${escapeForTerminal(message)}`;
+    if (this.bars) this.bars.log(line);
+    else this.io.stderr.write(`${line}\n`);
   }
 
   finish(stats: RunStats | undefined, exitCode: number): number {

@@ -4,9 +4,9 @@
  */
 import { constants as fsConstants, type BigIntStats } from 'node:fs';
 import { access, constants, mkdir, stat } from 'node:fs/promises';
-import { isAbsolute, join, relative, resolve } from 'node:path';
+import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
 import { readUpTo } from '../io/local-file.js';
@@ -133,8 +133,11 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   }
   if (!sources.length) return printer.finish(undefined, EXIT.PARTIAL.code);
 
+  if (o.mkpath) await makePath(printer, dest, sources, o);
   const destStat = await statOrUndefined(dest);
   const plan = planOperands(sources, dest, destStat);
+  // -n --mkpath: the folder a single file would land in is not made either.
+  if (o.mkpath && o.dryRun && !plan.destIsDir && !(await statOrUndefined(plan.destRoot))) plan.destCreated = true;
   if (plan.destIsDir && destStat && !destStat.isDirectory()) {
     throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest, exit: EXIT.FILE_SELECT.code });
   }
@@ -180,6 +183,34 @@ export async function receive(printer: Printer, from: Sources, operands: string[
 }
 
 /**
+ * --mkpath, as rsync's make_path(): the missing folders of DEST (of its
+ * parent, when one file is copied to a DEST without a trailing slash) are
+ * made, top down, 0777 less the umask; -v or -i says how many. With -n
+ * nothing is made, and the count is what would be.
+ */
+async function makePath(printer: Printer, dest: string, sources: { stat: BigIntStats }[], o: SyncOptions): Promise<void> {
+  if (await statOrUndefined(dest)) return;
+  const single = sources.length === 1 && !sources[0]!.stat.isDirectory();
+  const trimmed = dest.replace(/(.)\/+$/, '$1');
+  const target = single && !dest.endsWith('/') ? dirname(dest) : trimmed;
+  const missing: string[] = [];
+  for (let p = target; p !== dirname(p) && p !== '.'; p = dirname(p)) {
+    const st = await lstatOrUndefined(fsPath(p));
+    if (st) break;
+    missing.unshift(p);
+  }
+  if (!o.dryRun) {
+    for (const p of missing) {
+      await mkdir(fsPath(p), 0o777).catch((e) => {
+        if (errnoOf(e) === 'EEXIST') return;
+        throw new QsyncError('TARGET', `mkdir ${resolve(p)} failed: ${errnoText(e)}`, { file: p }, { cause: e });
+      });
+    }
+  }
+  if (missing.length && (o.verbose || o.itemize)) printer.notice?.(`created ${missing.length} director${missing.length === 1 ? 'y' : 'ies'} for ${target}`);
+}
+
+/**
  * -n, and --only-write-batch (which records what a run would write), leave
  * DEST as it is, as rsync does: not made when missing, no state folder, no lock.
  */
@@ -202,8 +233,9 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   const lock = leavesDest(o) ? undefined : await lockDestination(plan.destRoot);
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
-  // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
-  if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
+  // A history folder inside the destination is not user data: protect it from --delete (and --delete-excluded), as rsync does.
+  const history: PatternRule[] = rel && !rel.startsWith('..') && !isAbsolute(rel) ? [{ type: 'exclude', pattern: `/${rel}/` }] : [];
+  rules.unshift(...history);
   let deltas: Awaited<ReturnType<typeof openRunDeltas>>;
   try {
     // A dry run writes nothing: no history folder, no (empty) batch file.
@@ -218,13 +250,14 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   try {
     const tree = new TreeSync(
       plan,
-      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity() },
+      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history) },
       compileFilters(rules),
       { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,
     );
     const outcome = await tree.run();
-    const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;
+    // rsync's precedence: 23 over 24 over 25.
+    const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : outcome.skippedDeletes ? EXIT.DEL_LIMIT.code : EXIT.OK.code;
     await deltas.finish(!outcome.partial);
     return printer.finish(outcome.stats, code);
   } catch (e) {

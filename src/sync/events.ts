@@ -60,6 +60,6 @@ export interface SyncHooks {
   deleted?(path: string): void;
   /** One line for the user, e.g. "manifest stale: falling back to compare". */
   notice?(message: string, path?: string): void;
-  /** A per-file problem that did not stop the run (rsync exit 23). */
-  warning?(message: string, path?: string): void;
+  /** A per-file problem that did not stop the run (rsync exit 23); `bare`: printed without qsync's name, as rsync prints some. */
+  warning?(message: string, path?: string, bare?: boolean): void;
 }

@@ -16,6 +16,7 @@ import type { BigIntStats } from 'node:fs';
 import { basename, join } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
@@ -36,6 +37,21 @@ export interface TreeOptions extends FileSyncOptions {
   devices: boolean;
   specials: boolean;
   delete: boolean;
+  /** --delete-excluded: names the filter excludes are deleted from DEST too. */
+  deleteExcluded?: boolean;
+  /**
+   * Names never deleted, whatever --delete-excluded says: a --backup-dir
+   * inside DEST (rsync protects it too).
+   */
+  protect?: Filter;
+  /** --max-delete: at most this many deletions (-1 or undefined: no limit). */
+  maxDelete?: number;
+  /** --min-size/--max-size in bytes (-1 or undefined: none). */
+  minSize?: number;
+  maxSize?: number;
+  /** -m: folders with nothing but folders below them (after the filters) are left out. */
+  pruneEmptyDirs?: boolean;
+  verbose?: number;
   oneFileSystem: boolean;
   /** -H, -A, -X (src/sync/hard-links.ts, src/sync/ext-attrs.ts). */
   hardLinks?: boolean;
@@ -58,6 +74,8 @@ export interface TreeOutcome {
   partial: boolean;
   /** Some source entries vanished while walking (rsync 24). */
   vanished: boolean;
+  /** Deletions --max-delete stopped (rsync 25 when > 0). */
+  skippedDeletes: number;
 }
 
 const run = promisify(execFile);
@@ -107,6 +125,7 @@ export class TreeSync {
   };
   private partial = false;
   private vanished = false;
+  private skippedDeletes = 0;
   private readonly links: HardLinks | undefined;
   private readonly ext: ExtAttrs | undefined;
 
@@ -141,7 +160,9 @@ export class TreeSync {
     await this.links?.finish(this.linkHost());
     await this.ext?.flush().catch((e) => this.fail(e, '.'));
     this.stats.elapsedMs = performance.now() - t0;
-    return { stats: this.stats, partial: this.partial, vanished: this.vanished };
+    // rsync's words, on stderr without its name.
+    if (this.skippedDeletes) this.hooks.warning?.(`Deletions stopped due to --max-delete limit (${this.skippedDeletes} skipped)`, undefined, true);
+    return { stats: this.stats, partial: this.partial, vanished: this.vanished, skippedDeletes: this.skippedDeletes };
   }
 
   /** One operand: its folder contents into the destination root, or the operand itself into it. */
@@ -269,11 +290,16 @@ export class TreeSync {
     const cur = await dst?.lstatOrUndefined(name);
     if (!cur || kindOf(cur) === want) return cur;
     if (cur.isDirectory()) {
+      const skipped = this.skippedDeletes;
       const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
       if (!gone) {
         throw new QsyncError('TARGET', `could not make way for new ${MAKE_WAY_WORD[want]}: ${rel}`, {
           file: rel,
-          hint: this.opts.delete ? 'the folder holds excluded names, which --delete keeps' : 'remove the folder, or run with --delete',
+          hint: !this.opts.delete
+            ? 'remove the folder, or run with --delete'
+            : this.skippedDeletes > skipped
+              ? 'the --max-delete limit stopped the deletions inside it'
+              : 'the folder holds excluded names, which --delete keeps',
         });
       }
     } else if (!this.noWrite) await dst!.unlink(name);
@@ -350,6 +376,8 @@ export class TreeSync {
           this.hooks.notice?.(`skipping ${childRel}/: it is qsync's state folder`, childRel);
           continue;
         }
+        // -m: a folder with nothing to copy below it is not in the transfer (so --delete removes one in DEST).
+        if (this.opts.pruneEmptyDirs && cst.isDirectory() && !(await this.holdsNonDir(src, name, childRel))) continue;
         keep.add(name);
         children.push({ name, st: cst });
       }
@@ -375,6 +403,36 @@ export class TreeSync {
     }
   }
 
+  /**
+   * -m (rsync's prune of empty directory chains): whether anything but
+   * folders, not excluded, lies below the source folder `name`. A folder
+   * that cannot be read counts as holding something: the walk reports it.
+   */
+  private async holdsNonDir(parent: SourceDir, name: string, rel: string): Promise<boolean> {
+    let d: SourceDir;
+    try {
+      d = await parent.openDir(name);
+    } catch {
+      return true;
+    }
+    try {
+      const subdirs: string[] = [];
+      for (const n of await d.readdir()) {
+        const r = joinRel(rel, n);
+        const st = await d.lstat(n).catch(() => undefined);
+        if (!st || this.filter.excluded(r, st.isDirectory()) || this.isStateBase(st)) continue;
+        if (!st.isDirectory()) return true;
+        subdirs.push(n);
+      }
+      for (const n of subdirs) if (await this.holdsNonDir(d, n, joinRel(rel, n))) return true;
+      return false;
+    } catch {
+      return true;
+    } finally {
+      await d.close();
+    }
+  }
+
   private isStateBase(st: BigIntStats): boolean {
     const b = this.opts.stateBase;
     return b !== undefined && st.isDirectory() && st.ino === b.ino && st.dev === b.dev;
@@ -394,7 +452,8 @@ export class TreeSync {
       const st = await dir.lstatOrUndefined(name);
       if (!st) return true;
       // Excluded names are protected from deletion, as in rsync without --delete-excluded.
-      if (this.filter.excluded(rel, st.isDirectory())) return false;
+      if (this.opts.protect?.excluded(rel, st.isDirectory())) return false;
+      if (!this.opts.deleteExcluded && this.filter.excluded(rel, st.isDirectory())) return false;
       if (this.isStateBase(st)) {
         this.hooks.notice?.(`not deleting ${rel}/: it is qsync's state folder`, rel);
         return false;
@@ -428,19 +487,35 @@ export class TreeSync {
       } finally {
         await sub.close();
       }
-      // rsync says it twice for a folder below the one it deletes.
-      // -n: the folder would be empty once its contents are gone.
-      if (kept || !(this.noWrite || (await this.rmdirIfEmpty(dir, name, rel, level === 'nested' ? 2 : 1)))) {
-        if (kept) for (let i = level === 'nested' ? 2 : 1; i > 0; i--) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+      // rsync says it once for what it kept inside, and a second time when it then tries to
+      // remove a folder below the one it deletes (unless --max-delete stops it first).
+      if (kept) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+      if (kept && level !== 'nested') return false;
+      if (this.atDeleteLimit(level)) return false;
+      if (kept) {
+        this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
         return false;
       }
+      // -n: the folder would be empty once its contents are gone.
+      if (!this.noWrite && !(await this.rmdirIfEmpty(dir, name, rel, level === 'nested' ? 2 : 1))) return false;
       if (!this.noWrite) await forgetManifests(this.plan.destRoot, stateRel(rel), true);
-    } else if (!this.noWrite) {
-      await dir.unlink(name);
-      if (st.isFile()) await forgetManifests(this.plan.destRoot, stateRel(rel), false);
+    } else {
+      if (this.atDeleteLimit(level)) return false;
+      if (!this.noWrite) {
+        await dir.unlink(name);
+        if (st.isFile()) await forgetManifests(this.plan.destRoot, stateRel(rel), false);
+      }
     }
     this.stats.deleted++;
     if (level !== 'make-room') this.hooks.deleted?.(st.isDirectory() ? `${rel}/` : rel);
+    return true;
+  }
+
+  /** --max-delete reached: this deletion is skipped and counted (making way for another type is no deletion). */
+  private atDeleteLimit(level: 'top' | 'nested' | 'make-room'): boolean {
+    const max = this.opts.maxDelete ?? -1;
+    if (level === 'make-room' || max < 0 || this.stats.deleted < max) return false;
+    this.skippedDeletes++;
     return true;
   }
 
@@ -466,6 +541,13 @@ export class TreeSync {
   private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
+    // --max-size/--min-size: left alone, whatever is in DEST (rsync says so with -vv).
+    const { maxSize = -1, minSize = -1 } = this.opts;
+    const over = maxSize >= 0 && st.size > BigInt(maxSize);
+    if (over || (minSize >= 0 && st.size < BigInt(minSize))) {
+      if ((this.opts.verbose ?? 0) >= 2) this.hooks.notice?.(`${rel} is ${over ? 'over max' : 'under min'}-size`, rel);
+      return;
+    }
     const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
@@ -489,7 +571,7 @@ export class TreeSync {
     let changes = cur ? this.metaChanges(st, cur, sent && !r.created) : undefined;
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
     // and its time when it differs (--size-only), as rsync does.
-    const timeDiffers = cur !== undefined && cur.mtimeNs / 1000n !== st.mtimeNs / 1000n;
+    const timeDiffers = cur !== undefined && !sameMtime(cur.mtimeNs, st.mtimeNs, this.opts.modifyWindow);
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     if (attrs) {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
@@ -568,7 +650,7 @@ export class TreeSync {
     const isFile = src.isFile();
     const c = contentChanged && o.checksum ? 'c' : '.';
     const s = isFile && src.size !== dst.size ? 's' : '.';
-    const tDiff = src.mtimeNs / 1000n !== dst.mtimeNs / 1000n;
+    const tDiff = !sameMtime(src.mtimeNs, dst.mtimeNs, o.modifyWindow);
     const t = src.isSymbolicLink() && !o.preserveTimes ? '.' : o.preserveTimes ? (tDiff ? 't' : '.') : contentChanged ? 'T' : '.';
     const p = o.perms && !src.isSymbolicLink() && (src.mode & 0o7777n) !== (dst.mode & 0o7777n) ? 'p' : '.';
     const ow = o.owner && src.uid !== dst.uid ? 'o' : '.';

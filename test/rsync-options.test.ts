@@ -1,0 +1,272 @@
+/**
+ * rsync options that backup scripts pass, each against the real rsync: the
+ * same source and starting DEST, rsync and qsync run with the same flags,
+ * then the same tree (test/helpers/rsync-compare.ts), the same exit code,
+ * the same stdout lines (sorted: rsync prints a file's line when its data
+ * is sent) and the same stderr, rsync's "at main.c(N) [role=version]" and
+ * its name aside.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runQsync } from './helpers/cli.js';
+import { needTools } from './helpers/env.js';
+import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
+
+let root: string;
+beforeAll(() => {
+  root = mkdtempSync(join(tmpdir(), 'qsync-options-'));
+});
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+interface OptCase {
+  name: string;
+  flags: string[];
+  /** Builds the source (cwd) and DEST's starting state ($D). */
+  setup: string;
+  /** After every entry got its time (T_SRC, T_DEST): set what the case is about. */
+  after?(src: string, dest: string): void;
+  rounds?: number;
+  /** DEST does not exist before the first run. */
+  fresh?: boolean;
+  /** The DEST operand below the destination copy (default: the copy, with a trailing slash). */
+  destArg?: string;
+  /** Source operands, relative to the source (default: "./", its contents). */
+  sources?: string[];
+  /** Only the stdout lines that match are compared (-vv prints rsync's protocol chatter). */
+  only?: RegExp;
+  /** A usage error: the exit code and the message (rsync adds "syntax or usage error"; qsync does not). */
+  usage?: boolean;
+}
+
+/**
+ * stderr lines without the program's name ("rsync: [generator] ", "qsync: ")
+ * or rsync's source location; qsync's line may go on with a hint where rsync's ends.
+ */
+const stderrLines = (s: string, dest: string) =>
+  s
+    .replaceAll(dest, 'DEST')
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => l.replace(/^[rq]sync error:/, 'error:').replace(/^[rq]sync: (\[\w+\] )?/, '').replace(/ at \S+\(\d+\) \[[^\]]+\]$/, ''));
+const withoutHints = (q: string[], r: string[]) => q.map((l, i) => (r[i] !== undefined && l.startsWith(`${r[i]} (`) ? r[i]! : l));
+
+async function compare(c: OptCase): Promise<void> {
+  const base = join(root, c.name.replace(/\W+/g, '_').slice(0, 80));
+  const src = join(base, 'src');
+  const init = join(base, 'init');
+  mkdirSync(src, { recursive: true });
+  mkdirSync(init);
+  sh(c.setup, src, init);
+  ageAll(src, T_SRC);
+  ageAll(init, T_DEST);
+  c.after?.(src, init);
+  const rs = join(base, 'by-rsync');
+  const qs = join(base, 'by-qsync');
+  if (!c.fresh) for (const d of [rs, qs]) execFileSync('cp', ['-a', init, d]);
+  const operands = (c.sources ?? ['./']).map((s) => join(src, s));
+  for (let round = 0; round < (c.rounds ?? 1); round++) {
+    const r = runRsync([...c.flags, ...operands, `${rs}/${c.destArg ?? ''}`], false);
+    const q = await runQsync([...c.flags, ...operands, `${qs}/${c.destArg ?? ''}`]);
+    const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
+    const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 1 : undefined);
+    expect({ round, code: q.code, stdout: out(q.stdout, qs), stderr: withoutHints(stderrLines(q.stderr, qs), rErr) }).toEqual({
+      round,
+      code: r.code,
+      stdout: out(r.stdout, rs),
+      stderr: rErr,
+    });
+    expect(existsSync(qs)).toBe(existsSync(rs));
+    if (!existsSync(rs)) continue;
+    expect(snapshot(qs)).toEqual(snapshot(rs));
+    expect(dirTimes(qs)).toEqual(dirTimes(rs));
+  }
+}
+
+/** Set the mtime of `path` to T_SRC plus `seconds`. */
+const shifted = (path: string, seconds: number) => {
+  const t = new Date(T_SRC.getTime() + seconds * 1000);
+  utimesSync(path, t, t);
+};
+
+const TREE = 'mkdir -p d/sub; echo a > f; echo b > d/g; echo c > d/sub/h; ln -s f l';
+/** A DEST with seven names the source lacks: a, b, x/k, x/y/1, x/y/2, z/q, and the folders x, x/y, z. */
+const EXTRA = 'touch f; cd "$D"; mkdir -p x/y z; touch a b x/y/1 x/y/2 x/k z/q';
+
+const cases: OptCase[] = [
+  // --mkpath
+  { name: '--mkpath: the contents of a folder into a DEST/ three levels deep', flags: ['-a', '-i', '--mkpath'], setup: TREE, fresh: true, destArg: 'a/b/c/' },
+  { name: '--mkpath: into a DEST without a trailing slash, -v', flags: ['-a', '-v', '--mkpath'], setup: TREE, fresh: true, destArg: 'a/b/c' },
+  { name: '--mkpath: a folder itself (no trailing slash on SRC)', flags: ['-a', '-i', '--mkpath'], setup: TREE, fresh: true, destArg: 'x/y/', sources: ['d'] },
+  // (To the same name: given another, rsync's line names the source, qsync's the target.)
+  { name: '--mkpath: one file two folders down (the folders made, not the name)', flags: ['-a', '-i', '--mkpath'], setup: TREE, fresh: true, destArg: 'x/y/f', sources: ['f'] },
+  { name: '--mkpath: one file into a DEST/ that does not exist', flags: ['-a', '-i', '--mkpath'], setup: TREE, fresh: true, destArg: 'p/q/', sources: ['f'] },
+  { name: '--mkpath: two files to a DEST without a slash', flags: ['-a', '-i', '--mkpath'], setup: TREE, fresh: true, destArg: 'p/q', sources: ['f', 'd/g'] },
+  { name: '--mkpath -n: says what it would make, makes nothing', flags: ['-a', '-i', '-n', '--mkpath'], setup: TREE, fresh: true, destArg: 'a/b/' },
+  { name: '--mkpath -n: one file', flags: ['-a', '-i', '-n', '--mkpath'], setup: TREE, fresh: true, destArg: 'a/b/f', sources: ['f'] },
+  { name: '--modify-window=abc: a usage error', flags: ['-a', '--modify-window=abc'], setup: 'touch f', usage: true },
+  { name: '--max-delete=1x: a usage error', flags: ['-a', '--max-delete=1x'], setup: 'touch f', usage: true },
+  { name: '--mkpath with an existing DEST: nothing to say', flags: ['-a', '-i', '--mkpath'], setup: TREE },
+  { name: '--mkpath without -v or -i: silent', flags: ['-a', '--mkpath'], setup: TREE, fresh: true, destArg: 'a/b/' },
+
+  // --max-delete
+  { name: '--max-delete=3: three deleted, the rest skipped, exit 25', flags: ['-a', '-i', '--delete', '--max-delete=3'], setup: EXTRA },
+  { name: '--max-delete=0: none deleted', flags: ['-a', '-i', '--delete', '--max-delete=0'], setup: EXTRA },
+  { name: '--max-delete=-1 is 0, as in rsync', flags: ['-a', '-i', '--delete', '--max-delete=-1'], setup: EXTRA },
+  { name: '--max-delete=1 -v: rsync -v lines', flags: ['-a', '-v', '--delete', '--max-delete=1'], setup: EXTRA },
+  { name: '--max-delete=2 -n: counted as in a real run', flags: ['-a', '-i', '-n', '--delete', '--max-delete=2'], setup: EXTRA },
+  { name: '--max-delete=7: just enough, exit 0', flags: ['-a', '-i', '--delete', '--max-delete=7'], setup: EXTRA },
+  { name: '--max-delete=6: one short', flags: ['-a', '-i', '--delete', '--max-delete=6'], setup: EXTRA },
+  { name: '--max-delete without --delete: nothing deleted, exit 0', flags: ['-a', '-i', '--max-delete=1'], setup: EXTRA },
+  {
+    name: '--max-delete=1 with excluded names kept in nested folders',
+    flags: ['-a', '-i', '--delete', '--max-delete=1', '--exclude=*.tmp'],
+    setup: 'touch f; cd "$D"; mkdir -p x/y/w v; touch x/y/keep.tmp x/y/w/n x/o v/p',
+  },
+  {
+    name: '--max-delete=2: a type change makes way without counting',
+    flags: ['-a', '-i', '--delete', '--max-delete=2'],
+    setup: 'touch wasdir; mkdir wasfile; touch wasfile/in; cd "$D"; mkdir -p wasdir/s; touch wasdir/s/a wasfile a b c',
+  },
+
+  // --delete-excluded
+  {
+    name: '--delete-excluded: excluded names in DEST go, at every depth; excluded sources are not sent',
+    flags: ['-a', '-i', '--delete-excluded', '--exclude=*.tmp', '--exclude=/cache/'],
+    setup: 'mkdir -p cache d; touch f x.tmp d/y.tmp cache/c; cd "$D"; mkdir -p cache/old d/e; touch x.tmp d/y.tmp d/e/z.tmp cache/old/c keep',
+  },
+  {
+    name: '--delete-excluded with include/exclude ordering',
+    flags: ['-a', '-i', '--delete-excluded', '--include=*.img', '--include=*/', '--exclude=*'],
+    setup: 'mkdir vms; touch vms/a.img vms/notes; cd "$D"; mkdir -p vms old; touch vms/notes vms/b.img old/x.txt top.txt',
+  },
+  {
+    name: '--delete-excluded -n --max-delete=2',
+    flags: ['-a', '-i', '-n', '--delete-excluded', '--exclude=*.tmp', '--max-delete=2'],
+    setup: 'touch f; cd "$D"; touch a.tmp b.tmp c.tmp',
+  },
+
+  // --min-size, --max-size
+  {
+    name: '--min-size/--max-size: files outside are not sent, new or existing',
+    flags: ['-a', '-i', '--min-size=10', '--max-size=1k'],
+    setup:
+      'mkdir d; : > zero; head -c 5 /dev/urandom > small; head -c 10 /dev/urandom > ten; head -c 1024 /dev/urandom > d/kib; head -c 1025 /dev/urandom > big;' +
+      'cd "$D"; echo old > small; echo old > big; mkdir d',
+  },
+  { name: '--max-size=0: only empty files', flags: ['-a', '-i', '--max-size=0', '--delete'], setup: 'touch empty; echo x > full; cd "$D"; echo old > full' },
+  { name: '--max-size=1.5k with units of 1000 and +1 (1501 bytes is over)', flags: ['-a', '-i', '--max-size=1.5kb+1'], setup: 'head -c 1501 /dev/zero > a; head -c 1502 /dev/zero > b' },
+  {
+    name: '--max-size -vv: "is over max-size" and "is under min-size"',
+    flags: ['-a', '-vv', '--max-size=2', '--min-size=2'],
+    setup: 'mkdir d; echo -n a > d/one; echo -n ab > two; echo abc > d/three',
+    only: /is (over|under)/,
+  },
+  { name: '--max-size=abc: rsync\'s message, exit 1', flags: ['-a', '--max-size=abc'], setup: 'touch f', usage: true },
+  { name: '--min-size=-1: too large', flags: ['-a', '--min-size=-1'], setup: 'touch f', usage: true },
+
+  // -I
+  { name: '-I: files with the same size and time are sent anyway', flags: ['-a', '-i', '-I'], setup: 'echo same > f; echo other > g; cp -a f g "$D"/; echo OTHER > "$D"/g' },
+  { name: '-I -n', flags: ['-a', '-i', '-I', '-n'], setup: 'echo same > f; cp f "$D"/' },
+
+  // --modify-window
+  {
+    name: '--modify-window=1: a time a second off is the same (nothing sent, the time left)',
+    flags: ['-a', '-i', '--modify-window=1'],
+    setup: 'echo same > a; echo same > b; echo xxxx > c; cd "$D"; echo same > a; echo same > b; echo yyyy > c',
+    after: (src, dest) => {
+      shifted(join(dest, 'a'), 1);
+      shifted(join(dest, 'b'), -1);
+      shifted(join(dest, 'c'), 2);
+    },
+  },
+  {
+    name: '-@2: two seconds off is the same, three is not',
+    flags: ['-a', '-i', '-@2'],
+    setup: 'echo s > a; echo t > b; cd "$D"; echo s > a; echo t > b',
+    after: (src, dest) => {
+      shifted(join(dest, 'a'), 2);
+      shifted(join(dest, 'b'), 3);
+    },
+  },
+  {
+    name: '-u --modify-window=2: a source less than two seconds newer is skipped',
+    flags: ['-a', '-i', '-u', '--modify-window=2'],
+    setup: 'echo new > a; echo new > b; echo new > c; cd "$D"; echo old > a; echo old > b; echo old > c',
+    after: (src, dest) => {
+      shifted(join(dest, 'a'), -1);
+      shifted(join(dest, 'b'), -2);
+      shifted(join(dest, 'c'), 1);
+    },
+  },
+  {
+    name: '--modify-window=-1: to the nanosecond',
+    flags: ['-a', '-i', '--modify-window=-1'],
+    setup: 'echo s > a; cd "$D"; echo s > a',
+    after: (src, dest) => shifted(join(dest, 'a'), 0.25),
+  },
+
+  // -m
+  {
+    name: '-m: folders with nothing but folders below them are not made',
+    flags: ['-a', '-i', '-m'],
+    setup: 'mkdir -p a/b/c e/f g; touch e/f/x; ln -s x g/l',
+  },
+  {
+    name: '-m with excludes: a folder that holds only excluded names is pruned',
+    flags: ['-a', '-i', '-m', '--exclude=*.tmp'],
+    setup: 'mkdir -p a/b c; touch a/b/x.tmp c/y',
+  },
+  {
+    name: '-m --delete: pruned folders in DEST are deleted',
+    flags: ['-a', '-i', '-m', '--delete', '--exclude=*.tmp'],
+    setup: 'mkdir -p a/b c e; touch c/y e/z.tmp; cd "$D"; mkdir -p a/b e c; touch a/b/old',
+  },
+];
+
+describe.skipIf(!needTools('rsync'))('rsync options, against rsync', () => {
+  for (const c of cases) it(c.name, () => compare(c));
+});
+
+describe.skipIf(!needTools('rsync'))('--delete-excluded and --backup-dir', () => {
+  it('a --backup-dir inside DEST is never deleted, even when excluded', async () => {
+    const base = join(root, 'backup-dir-protected');
+    const src = join(base, 'src');
+    const dest = join(base, 'dest');
+    mkdirSync(src, { recursive: true });
+    writeFileSync(join(src, 'disk.img'), 'one');
+    expect((await runQsync(['-a', '--backup-dir=hist', `${src}/`, `${dest}/`])).code).toBe(0);
+    writeFileSync(join(src, 'disk.img'), 'two');
+    const r = await runQsync(['-a', '--delete-excluded', '--exclude=h*', '--backup-dir=hist', `${src}/`, `${dest}/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(Object.keys(snapshot(dest))).toContain('hist');
+  });
+});
+
+describe('--version and -VV in the shape of rsync\'s', () => {
+  it('names the program, version and protocol on the first line, and lists ACLs and xattrs', async () => {
+    const r = await runQsync(['--version']);
+    expect(r.code).toBe(0);
+    expect(r.stdout.split('\n')[0]).toMatch(/^qsync {2}version \d+\.\d+\.\d+ {2}protocol version \d+$/);
+    const caps = r.stdout.slice(r.stdout.indexOf('Capabilities:')).split('\n\n')[0]!;
+    expect(caps).toMatch(/ ACLs,/);
+    expect(caps).toMatch(/ xattrs,/);
+    expect(caps).toMatch(/ no crtimes$/);
+  });
+
+  it('-VV is JSON with the keys rsync -VV has', async () => {
+    const r = await runQsync(['-VV']);
+    const doc = JSON.parse(r.stdout) as Record<string, unknown>;
+    const capabilities = doc.capabilities as Record<string, unknown>;
+    expect(doc).toMatchObject({ program: 'qsync' });
+    expect(capabilities).toMatchObject({ ACLs: true, xattrs: true, hardlinks: true, crtimes: false });
+    if (needTools('rsync')) {
+      const theirs = JSON.parse(execFileSync('rsync', ['-VV'], { encoding: 'utf8' })) as Record<string, Record<string, unknown>>;
+      // Every capability qsync names, rsync names too (and the top-level keys scripts read).
+      for (const k of Object.keys(capabilities)) expect(theirs.capabilities, k).toHaveProperty(k);
+      for (const k of ['program', 'version', 'protocol', 'capabilities']) expect(theirs).toHaveProperty(k);
+    }
+  });
+});
