@@ -38,7 +38,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false,
     } satisfies SyncOptions);
   });
 
@@ -95,7 +95,7 @@ describe('parseArgv', () => {
     expect(long.code).toBe('UNSUPPORTED');
     expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--files-from=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--chmod=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
@@ -189,6 +189,14 @@ describe('parseArgv', () => {
     for (const [text, why] of [['abc', 'invalid'], ['5x', 'invalid'], ['1Ki', 'invalid'], ['1.5.2', 'invalid'], ['+1', 'invalid'], ['-1', 'too large'], ['9999999P', 'too large']]) {
       expect(() => parseSizeArg('max-size', text!), text).toThrow(`--max-size=${text} is ${why}`);
     }
+  });
+
+  it('--files-from turns off the -r of -a, not a -r given itself (as rsync)', () => {
+    expect(sync(['-a', '--files-from=l', 'a', 'b']).options).toMatchObject({ recursive: false, filesFrom: 'l', times: true });
+    expect(sync(['-ar', '--files-from', 'l', 'a', 'b']).options.recursive).toBe(true);
+    expect(sync(['-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(true);
+    expect(sync(['-r', '--no-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(false);
+    expect(sync(['-a0', 'a', 'b']).options).toMatchObject({ recursive: true, from0: true });
   });
 
   it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {

@@ -11,6 +11,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { listedName, splitFilesFrom } from '../src/core/files-from.js';
 import { runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
@@ -39,6 +40,8 @@ interface OptCase {
   only?: RegExp;
   /** A usage error: the exit code and the message (rsync adds "syntax or usage error"; qsync does not). */
   usage?: boolean;
+  /** Written to a file LIST beside the source; "LIST" in the flags names it. */
+  list?: string;
 }
 
 /**
@@ -63,13 +66,15 @@ async function compare(c: OptCase): Promise<void> {
   ageAll(src, T_SRC);
   ageAll(init, T_DEST);
   c.after?.(src, init);
+  if (c.list !== undefined) writeFileSync(join(base, 'list'), c.list);
+  const flags = c.flags.map((f) => f.replace('LIST', join(base, 'list')));
   const rs = join(base, 'by-rsync');
   const qs = join(base, 'by-qsync');
   if (!c.fresh) for (const d of [rs, qs]) execFileSync('cp', ['-a', init, d]);
   const operands = (c.sources ?? ['./']).map((s) => join(src, s));
   for (let round = 0; round < (c.rounds ?? 1); round++) {
-    const r = runRsync([...c.flags, ...operands, `${rs}/${c.destArg ?? ''}`], false);
-    const q = await runQsync([...c.flags, ...operands, `${qs}/${c.destArg ?? ''}`]);
+    const r = runRsync([...flags, ...operands, `${rs}/${c.destArg ?? ''}`], false);
+    const q = await runQsync([...flags, ...operands, `${qs}/${c.destArg ?? ''}`]);
     const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
     const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 1 : undefined);
     expect({ round, code: q.code, stdout: out(q.stdout, qs), stderr: withoutHints(stderrLines(q.stderr, qs), rErr) }).toEqual({
@@ -224,6 +229,66 @@ const cases: OptCase[] = [
     flags: ['-a', '-i', '-m', '--delete', '--exclude=*.tmp'],
     setup: 'mkdir -p a/b c e; touch c/y e/z.tmp; cd "$D"; mkdir -p a/b e c; touch a/b/old',
   },
+
+  // --files-from, -0
+  {
+    name: '--files-from: implied folders with their attributes, "dir/" one level, comments, a leading / and a missing name (exit 23)',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'mkdir -p a/b c/d e; echo 1 > a/b/f; echo 2 > a/g; echo 3 > c/h; echo 4 > c/d/i; echo 5 > top; chmod 750 a; chmod 700 c/d',
+    list: 'c/\n/top\n#comment\n\n;x\na/b/f\nnothere\n',
+    rounds: 2,
+  },
+  {
+    name: '--files-from -r --delete: folders listed are walked whole, deletions only inside them',
+    flags: ['-a', '-r', '-i', '--delete', '--files-from=LIST'],
+    setup: 'mkdir -p a c/d; echo 2 > a/g; echo 3 > c/h; echo 4 > c/d/i; cd "$D"; mkdir -p c/old a; touch c/old/x c/y a/z w',
+    list: 'c\na/g\n',
+  },
+  {
+    name: '--files-from with -a alone: a folder listed without a slash is made, not walked (no -r from -a)',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'mkdir -p c/d; echo 3 > c/h; touch top',
+    list: 'c\ntop\n',
+  },
+  {
+    name: '--files-from: "./NAME" sends SRC\'s folder too; ".." is dropped; "e/" of an empty folder',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'mkdir -p c/d e; echo 4 > c/d/i; echo 5 > top; chmod 711 .',
+    list: './c/d/i\ne/\na/../top\n',
+  },
+  {
+    name: '--files-from -0: names with newlines and spaces',
+    flags: ['-a', '-i', '-0', '--files-from=LIST'],
+    setup: 'mkdir "d 1"; printf x > "d 1/new\nline"; printf y > "sp ace"; touch other',
+    list: 'd 1/new\nline\0sp ace\0',
+  },
+  {
+    name: '--files-from: excluded names are not sent; -n',
+    flags: ['-a', '-i', '-n', '--exclude=*.tmp', '--files-from=LIST'],
+    setup: 'mkdir d; touch d/x.tmp d/y top.tmp',
+    list: 'd/x.tmp\nd/y\ntop.tmp\n',
+  },
+  {
+    name: '--files-from with one file and a DEST that is no folder: DEST is that file',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'echo 5 > top; mkdir d; touch d/x',
+    list: 'top\n',
+    // (To the same name: given another, rsync's line names the source, qsync's the target.)
+    destArg: 'top',
+  },
+  {
+    name: '--files-from with one file in a folder: DEST is a folder',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'mkdir d; touch d/x',
+    list: 'd/x\n',
+    destArg: 'copy',
+  },
+  {
+    name: '-0 --exclude-from: NUL-ended patterns',
+    flags: ['-a', '-i', '-0', '--exclude-from=LIST'],
+    setup: 'touch a.tmp b.log c',
+    list: '*.tmp\0*.log\0',
+  },
 ];
 
 describe.skipIf(!needTools('rsync'))('rsync options, against rsync', () => {
@@ -242,6 +307,24 @@ describe.skipIf(!needTools('rsync'))('--delete-excluded and --backup-dir', () =>
     const r = await runQsync(['-a', '--delete-excluded', '--exclude=h*', '--backup-dir=hist', `${src}/`, `${dest}/`]);
     expect(r.code, r.stderr).toBe(0);
     expect(Object.keys(snapshot(dest))).toContain('hist');
+  });
+});
+
+describe('--files-from names, as rsync sanitizes them', () => {
+  it('drops a leading / and .. components, keeps a trailing slash as "its contents", "./" as the dot dir', () => {
+    expect(listedName('/top', 'L')).toEqual({ rel: 'top', contents: false, dotDir: false });
+    expect(listedName('a//b/', 'L')).toEqual({ rel: 'a/b', contents: true, dotDir: false });
+    expect(listedName('a/b/.', 'L')).toEqual({ rel: 'a/b', contents: true, dotDir: false });
+    expect(listedName('a/x/..', 'L')).toEqual({ rel: 'a', contents: true, dotDir: false });
+    expect(listedName('../../etc/passwd', 'L')).toEqual({ rel: 'etc/passwd', contents: false, dotDir: false });
+    expect(listedName('.', 'L')).toEqual({ rel: '', contents: true, dotDir: false });
+    expect(listedName('./c/d', 'L')).toEqual({ rel: 'c/d', contents: false, dotDir: true });
+    expect(() => listedName('a/./b', 'L')).toThrow('"/./"');
+  });
+
+  it('skips empty lines and comments; -0 splits at NUL only', () => {
+    expect(splitFilesFrom('a\r\n\n#c\n;d\nb c\r', false)).toEqual(['a', 'b c']);
+    expect(splitFilesFrom('a\nb\0#c\0\0d', true)).toEqual(['a\nb', 'd']);
   });
 });
 

@@ -66,6 +66,10 @@ export interface SyncOptions {
   modifyWindow: number;
   /** -m: folders without a file, link or node below them (after the filters) are left out. */
   pruneEmptyDirs: boolean;
+  /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
+  filesFrom?: string;
+  /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
+  from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
   filters: FilterRule[];
   sparse: boolean;
@@ -185,6 +189,8 @@ const SPECS: Spec[] = [
   { name: 'ignore-times', short: 'I', kind: 'flag', help: "don't skip files that match size and time" },
   { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
+  { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
+  { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
   { name: 'partial', kind: 'noop', help: 'accepted: qsync always resumes' },
   { name: 'fsync', kind: 'noop', help: 'accepted: qsync always fsyncs' },
@@ -233,14 +239,14 @@ const UNSUPPORTED_LONG = new Set(
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
   delay-updates no-delay-updates log-file log-file-format
-  out-format log-format suffix list-only files-from from0 no-from0
+  out-format log-format suffix list-only
   old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
   groupmap chown contimeout no-contimeout stop-after time-limit stop-at rsync-path
   temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 qsort copy-as
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('dEUNOJLkKRfFCT0s468My');
+const UNSUPPORTED_SHORT = new Set('dEUNOJLkKRfFCTs468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -265,12 +271,14 @@ interface Normalised {
   version: number;
   /** A --no-human-readable was seen: the level starts at 0 instead of 1. */
   noHuman: boolean;
+  /** -r given itself, not through -a (rsync: --files-from turns off the -r of -a only). */
+  ownRecursive: boolean;
 }
 
 function normalise(argv: readonly string[]): Normalised {
-  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false, version: 0 };
+  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false, version: 0, ownRecursive: false };
 
-  const apply = (spec: Spec, negated: boolean, value?: string): void => {
+  const apply = (spec: Spec, negated: boolean, value?: string, implied = false): void => {
     switch (spec.kind) {
       case 'help':
         out.stop ??= 'help';
@@ -281,7 +289,7 @@ function normalise(argv: readonly string[]): Normalised {
       case 'noop':
         return;
       case 'expand':
-        for (const name of spec.expand!) apply(specNamed(name), negated);
+        for (const name of spec.expand!) apply(specNamed(name), negated, undefined, true);
         return;
       case 'count':
         if (negated) {
@@ -292,6 +300,7 @@ function normalise(argv: readonly string[]): Normalised {
         return;
       case 'flag':
         out.line.push(negated ? `--no-${spec.name}` : `--${spec.name}`);
+        if (spec.name === 'recursive' && !implied) out.ownRecursive = !negated;
         // rsync: -A turns --perms on where it stands (a later --no-perms still turns it off).
         if (spec.name === 'acls' && !negated) out.line.push('--perms');
         return;
@@ -555,8 +564,9 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   const verifyText = str(y['verify-sample']);
   const blockText = str(y['block-size']);
 
+  const filesFrom = str(y['files-from']);
   const options: SyncOptions = {
-    recursive: bool('recursive'),
+    recursive: bool('recursive') && (filesFrom === undefined || n.ownRecursive),
     links: bool('links'),
     perms: bool('perms'),
     times: bool('times'),
@@ -588,6 +598,8 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     ignoreTimes: bool('ignore-times'),
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
+    filesFrom,
+    from0: bool('from0'),
     filters: n.filters,
     sparse: bool('sparse'),
     checksum: bool('checksum'),

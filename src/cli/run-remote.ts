@@ -27,6 +27,7 @@ const LOCAL_ONLY: [keyof SyncOptions, string][] = [
   ['onlyWriteBatch', '--only-write-batch'],
   ['backupDir', '--backup-dir'],
   ['manifest', '--manifest'],
+  ['filesFrom', '--files-from'],
 ];
 
 export async function syncRemote(shown: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
@@ -41,7 +42,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     if (o[k]) throw new QsyncError('UNSUPPORTED', `${flag} is not supported with a remote ${to ? 'destination' : 'source'} yet`, { hint: 'run it on the host that holds both sides, or without the option' });
   }
   // Filter files are read here, where they were named.
-  const rules = await filterRules(o.filters);
+  const rules = await filterRules(o.filters, o.from0);
   const child = spawnServer(remote, o.rsh, o.qsyncPath);
   const spawned = new Promise<void>((ok, fail) => {
     child.once('spawn', ok);

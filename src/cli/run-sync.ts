@@ -10,7 +10,8 @@ import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
 import { readUpTo } from '../io/local-file.js';
-import { Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
+import { decodeName, Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
+import { listedName, splitFilesFrom, type ListedName } from '../core/files-from.js';
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
@@ -53,33 +54,50 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
   const texts = new Map<string, string>();
   for (const rule of rules) {
     if ('pattern' in rule || texts.has(rule.file)) continue;
-    const { dir, name } = await resolveTrusted(rule.file, true);
-    try {
-      const fh = await dir.openFile(name, fsConstants.O_RDONLY);
-      try {
-        const { size } = await fh.stat();
-        if (size > MAX_FILTER_FILE) throw new QsyncError('USAGE', `${rule.type} file ${rule.file} is ${size} bytes; at most ${MAX_FILTER_FILE} are read`, { file: rule.file });
-        // At most the size stat gave, plus one byte to see a file that grows (or a /proc file that says 0 bytes).
-        const buf = Buffer.alloc(size + 1);
-        const n = await readUpTo(fh, buf, 0);
-        if (n > size) {
-          throw new QsyncError('USAGE', `${rule.type} file ${rule.file} grew while qsync read it (or is not a plain file of a fixed size)`, {
-            file: rule.file,
-            hint: 'give a file that does not change while qsync runs',
-          });
-        }
-        texts.set(rule.file, buf.subarray(0, n).toString('utf8'));
-      } finally {
-        await fh.close();
-      }
-    } catch (e) {
-      if (e instanceof QsyncError) throw e;
-      throw new QsyncError('IO', `failed to open ${rule.type} file ${rule.file}: ${(e as Error).message}`, { file: rule.file }, { cause: e });
-    } finally {
-      await dir.close();
-    }
+    texts.set(rule.file, (await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
   }
   return texts;
+}
+
+/** At most this much of a --files-from list is read. */
+const MAX_FILES_FROM = 256 << 20;
+
+/** A file of names or patterns the user gave (`what`: "exclude-from file", ...), read whole, at most `max` bytes. */
+async function readListFile(path: string, what: string, max: number): Promise<Buffer> {
+  const { dir, name } = await resolveTrusted(path, true);
+  try {
+    const fh = await dir.openFile(name, fsConstants.O_RDONLY);
+    try {
+      const { size } = await fh.stat();
+      if (size > max) throw new QsyncError('USAGE', `${what} ${path} is ${size} bytes; at most ${max} are read`, { file: path });
+      // At most the size stat gave, plus one byte to see a file that grows (or a /proc file that says 0 bytes).
+      const buf = Buffer.alloc(size + 1);
+      const n = await readUpTo(fh, buf, 0);
+      if (n > size) {
+        throw new QsyncError('USAGE', `${what} ${path} grew while qsync read it (or is not a plain file of a fixed size)`, {
+          file: path,
+          hint: 'give a file that does not change while qsync runs',
+        });
+      }
+      return buf.subarray(0, n);
+    } finally {
+      await fh.close();
+    }
+  } catch (e) {
+    if (e instanceof QsyncError) throw e;
+    throw new QsyncError('IO', `failed to open ${what} ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+  } finally {
+    await dir.close();
+  }
+}
+
+/**
+ * The names of a --files-from list, as rsync reads them
+ * (src/core/files-from.ts); names are bytes, decoded as names are.
+ */
+async function readFilesFrom(path: string, from0: boolean): Promise<ListedName[]> {
+  const bytes = await readListFile(path, 'files-from list', MAX_FILES_FROM);
+  return splitFilesFrom(decodeName(bytes), from0).map((line) => listedName(line, path));
 }
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
@@ -112,9 +130,9 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
  * or a peer's over the wire (the receiving end of a remote sync runs this too).
  */
 /** The filter rules with every --exclude-from/--include-from file read (here, where the user ran qsync). */
-export async function filterRules(rules: readonly FilterRule[]): Promise<PatternRule[]> {
+export async function filterRules(rules: readonly FilterRule[], from0 = false): Promise<PatternRule[]> {
   const texts = await readFilterFiles(rules);
-  return expandFilterFiles(rules, (f) => texts.get(f)!);
+  return expandFilterFiles(rules, (f) => texts.get(f)!, from0);
 }
 
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions): Promise<number> {
@@ -135,7 +153,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
 
   if (o.mkpath) await makePath(printer, dest, sources, o);
   const destStat = await statOrUndefined(dest);
-  const plan = planOperands(sources, dest, destStat);
+  const plan = o.filesFrom === undefined ? planOperands(sources, dest, destStat) : await listPlan(o.filesFrom, sources, dest, destStat, from, o.from0);
   // -n --mkpath: the folder a single file would land in is not made either.
   if (o.mkpath && o.dryRun && !plan.destIsDir && !(await statOrUndefined(plan.destRoot))) plan.destCreated = true;
   if (plan.destIsDir && destStat && !destStat.isDirectory()) {
@@ -171,7 +189,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     throw new QsyncError('USAGE', '--manifest PATH needs exactly one source file', {});
   }
 
-  const rules = await filterRules(o.filters);
+  const rules = await filterRules(o.filters, o.from0);
   // A batch file is created beside its name and renamed over it: its folder is resolved once, trusting no other user's symlink, and held.
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
   const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);
@@ -180,6 +198,23 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   } finally {
     await batchAt?.dir.close();
   }
+}
+
+/**
+ * --files-from: the names of the list below the one SRC, into the DEST
+ * folder; a list of one file (no folder on its way) is copied as one file
+ * operand would be, to DEST itself when DEST is no folder, as rsync does.
+ */
+async function listPlan(list: string, sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined, from: Sources, from0: boolean): Promise<Plan> {
+  if (sources.length !== 1 || !sources[0]!.stat.isDirectory()) {
+    throw new QsyncError('USAGE', '--files-from takes one SRC, the folder the names in the list are relative to', { hint: 'qsync --files-from=LIST SRC/ DEST/' });
+  }
+  const base = sources[0]!.operand;
+  const names = await readFilesFrom(list, from0);
+  const only = names.length === 1 && !names[0]!.dotDir && names[0]!.rel && !names[0]!.rel.includes('/') ? join(base, names[0]!.rel) : undefined;
+  const st = only === undefined ? undefined : await from.statOperand(only).catch(() => undefined);
+  if (st && !st.isDirectory()) return planOperands([{ operand: only!, stat: st }], dest, destStat);
+  return { destRoot: resolve(dest), destIsDir: true, transfers: [], list: { base, names } };
 }
 
 /**

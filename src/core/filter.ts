@@ -36,10 +36,10 @@ export type PatternRule = Extract<FilterRule, { pattern: string }>;
 /**
  * Replaces each --include-from/--exclude-from rule, in place, by the rules of
  * its file as rsync reads it: one pattern per line (LF, CRLF or CR), blank
- * lines and lines starting with ';' or '#' skipped. `readFile` gets the
- * name as typed ("-" is rsync's stdin).
+ * lines and lines starting with ';' or '#' skipped; with -0 (`from0`), one
+ * pattern per NUL-ended name. `readFile` gets the name as typed ("-" is rsync's stdin).
  */
-export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file: string) => string): PatternRule[] {
+export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file: string) => string, from0 = false): PatternRule[] {
   return rules.flatMap((rule): PatternRule[] => {
     if ('pattern' in rule) return [rule];
     const type = rule.type === 'include-from' ? 'include' : 'exclude';
@@ -50,7 +50,7 @@ export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file:
       throw new QsyncError('IO', `failed to open ${type} file ${rule.file}`, { file: rule.file }, { cause });
     }
     return text
-      .split(/\r\n|\r|\n/)
+      .split(from0 ? '\0' : /\r\n|\r|\n/)
       .filter((line) => line !== '' && !line.startsWith(';') && !line.startsWith('#'))
       .map((pattern) => ({ type, pattern }));
   });

@@ -6,6 +6,7 @@
  */
 import type { BigIntStats } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
+import type { ListedName } from '../core/files-from.js';
 
 export interface Transfer {
   /** The source operand as typed: what is copied. */
@@ -24,6 +25,8 @@ export interface Plan {
   /** The destination folder did not exist before this run (it is reported as created). */
   destCreated?: boolean;
   transfers: Transfer[];
+  /** --files-from: the names of this list, relative to the one SRC `base`, instead of `transfers`. */
+  list?: { base: string; names: ListedName[] };
 }
 
 export function planOperands(sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined): Plan {

@@ -13,11 +13,12 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
+import type { ListedName } from '../core/files-from.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
@@ -155,6 +156,7 @@ export class TreeSync {
 
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
+    if (this.plan.list) await this.listed(this.plan.list.base, this.plan.list.names);
     for (const t of this.plan.transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
@@ -201,6 +203,111 @@ export class TreeSync {
     }
   }
 
+  /**
+   * --files-from: each name below `base`, the folders on its way first
+   * (rsync's implied dirs: made and given their source's attributes, their
+   * contents not walked), then the name itself; a folder's contents are
+   * walked when it is listed with a trailing '/' (one level) or under -r
+   * (all), as rsync does. Both sides are reached folder by folder from
+   * `base` and DEST, never through a symlink. The times of the folders are
+   * set again at the end: names made inside them later changed them.
+   */
+  private async listed(base: string, names: ListedName[]): Promise<void> {
+    let root: SourceDir;
+    try {
+      root = await this.ctx.sources.openOperand(base);
+    } catch (e) {
+      this.fail(e, base);
+      return;
+    }
+    const done = new Map<string, BigIntStats>();
+    try {
+      for (const n of names) {
+        const parts = n.rel ? n.rel.split('/') : [];
+        if (n.dotDir) await this.listedOne(root, base, '', 0, done);
+        for (let i = 1; i < parts.length; i++) await this.listedOne(root, base, parts.slice(0, i).join('/'), 0, done);
+        await this.listedOne(root, base, n.rel, this.opts.recursive ? undefined : n.contents ? 1 : 0, done);
+      }
+      if (this.noWrite || !this.opts.preserveTimes) return;
+      // Deepest first, so that setting one folder's time changes no other's.
+      for (const [rel, st] of [...done].filter(([, st]) => st.isDirectory()).reverse()) {
+        const m = this.metaFor(st, false, true);
+        if (!rel) {
+          await this.dest?.setMeta({ atime: m.atime, mtime: m.mtime }).catch((e) => this.fail(e, '.'));
+          continue;
+        }
+        const at = await this.destParent(rel).catch(() => undefined);
+        if (!at?.dir) continue;
+        try {
+          const cur = await at.dir.lstatOrUndefined(at.name);
+          if (cur?.isDirectory()) await setMetaAt(at.dir, at.name, cur, { atime: m.atime, mtime: m.mtime });
+        } catch (e) {
+          this.fail(e, rel || '.');
+        } finally {
+          if (at.dir !== this.dest) await at.dir.close();
+        }
+      }
+    } finally {
+      await root.close();
+    }
+  }
+
+  /** One name of a --files-from list (or a folder on its way), once; `levels` as in dirBody. */
+  private async listedOne(root: SourceDir, base: string, rel: string, levels: number | undefined, done: Map<string, BigIntStats>): Promise<void> {
+    // Listed again (or on the way to another name): once is enough, unless its contents are asked for now.
+    if (done.has(rel) && (levels === 0 || !done.get(rel)!.isDirectory())) return;
+    const parts = rel ? rel.split('/') : [];
+    const chain: SourceDir[] = [];
+    let dst: { dir: Dir | undefined; name: string } | undefined;
+    try {
+      let dir = root;
+      for (const p of parts.slice(0, -1)) chain.push((dir = await dir.openDir(p)));
+      if (!rel) {
+        const st = await root.stat();
+        done.set('', st);
+        this.stats.files++;
+        this.stats.dirs++;
+        const cur = this.plan.destCreated ? undefined : await this.dest?.stat();
+        if (!cur) this.stats.created++;
+        await this.dirBody(root, st, this.dest, cur, '', st.dev, levels);
+        return;
+      }
+      const name = parts[parts.length - 1]!;
+      let st: BigIntStats;
+      try {
+        st = await dir.lstat(name);
+      } catch (e) {
+        if (errnoOf(e) !== 'ENOENT') throw e;
+        // rsync's words for a listed name that is not there.
+        this.partial = true;
+        this.hooks.warning?.(`link_stat "${join(resolve(base), rel)}" failed: No such file or directory (2)`, rel);
+        return;
+      }
+      if (this.filter.excluded(rel, st.isDirectory()) || this.isStateBase(st)) return;
+      done.set(rel, st);
+      dst = await this.destParent(rel);
+      await this.entry({ dir, name }, st, dst.dir, rel, st.dev, levels);
+    } catch (e) {
+      this.fail(e, rel || '.');
+    } finally {
+      for (const d of chain.reverse()) await d.close();
+      if (dst?.dir && dst.dir !== this.dest) await dst.dir.close();
+    }
+  }
+
+  /** The destination folder that holds `rel` (held; undefined where -n has not made it) and its name there. */
+  private async destParent(rel: string): Promise<{ dir: Dir | undefined; name: string }> {
+    const cut = rel.lastIndexOf('/');
+    const name = rel.slice(cut + 1);
+    if (cut < 0 || !this.dest) return { dir: this.dest, name };
+    try {
+      return { dir: await this.dest.openBeneath(rel.slice(0, cut)), name };
+    } catch (e) {
+      if (this.noWrite && errnoOf(e) === 'ENOENT') return { dir: undefined, name };
+      throw e;
+    }
+  }
+
   /** A folder opened by the walk must be the one listed: another one in its place is skipped as vanished. */
   private async checkSame(d: SourceDir, listed: BigIntStats, shown: string): Promise<void> {
     const st = await d.stat();
@@ -237,18 +344,22 @@ export class TreeSync {
   }
 
   /** The destination side of an entry: the folder that holds it (undefined: it cannot exist, -n) and its name. */
-  private async entry(src: Here, st: BigIntStats, dst: Dir | undefined, rel: string, rootDev: bigint): Promise<void> {
+  /**
+   * `levels`: under --files-from, how many levels of a folder's contents are
+   * walked (0: the folder alone); undefined: as -r says.
+   */
+  private async entry(src: Here, st: BigIntStats, dst: Dir | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const shown = rel || '.';
     const name = basename(rel);
     try {
       this.stats.files++;
       if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return;
       if (st.isDirectory()) {
-        if (!this.opts.recursive) {
+        if (!this.opts.recursive && levels === undefined) {
           this.hooks.notice?.(`skipping directory ${shown}`, shown);
           return;
         }
-        await this.dir(src, st, dst, name, rel, rootDev);
+        await this.dir(src, st, dst, name, rel, rootDev, levels);
       } else if (st.isFile()) {
         if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
@@ -306,7 +417,7 @@ export class TreeSync {
     return undefined;
   }
 
-  private async dir(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, rootDev: bigint): Promise<void> {
+  private async dir(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     this.stats.dirs++;
     const cur = await this.clearOtherType(dst, name, 'dir', rel);
     if (!cur) {
@@ -342,7 +453,7 @@ export class TreeSync {
             : e;
         });
       }
-      await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev);
+      await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev, levels);
     } finally {
       await srcDir?.close();
       await dstDir?.close();
@@ -350,7 +461,7 @@ export class TreeSync {
   }
 
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
-  private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
+  private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const attrs = this.ext && (await this.ext.read({ held: local(src) }, dst && { held: dst }, 'dir'));
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0 });
@@ -359,7 +470,7 @@ export class TreeSync {
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync -x: a mount point is created, its contents are not copied.
-    if (!this.opts.oneFileSystem || st.dev === rootDev) {
+    if ((!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0) {
       const keep = new Set<string>();
       const children: { name: string; st: BigIntStats }[] = [];
       for (const name of (await src.readdir()).sort(compareNames)) {
@@ -386,7 +497,7 @@ export class TreeSync {
       const names = children.map((c) => c.name);
       if (this.ext) await this.ext.prefetch(local(src), names);
       if (cur) await this.ext?.prefetch(dst, names);
-      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
+      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
