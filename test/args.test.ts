@@ -38,7 +38,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [],
     } satisfies SyncOptions);
   });
 
@@ -95,7 +95,7 @@ describe('parseArgv', () => {
     expect(long.code).toBe('UNSUPPORTED');
     expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--chmod=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
@@ -197,6 +197,12 @@ describe('parseArgv', () => {
     expect(sync(['-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(true);
     expect(sync(['-r', '--no-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(false);
     expect(sync(['-a0', 'a', 'b']).options).toMatchObject({ recursive: true, from0: true });
+  });
+
+  it('keeps every --chmod in order and refuses one rsync would not parse, in its words', () => {
+    expect(sync(['--chmod=D755,F644', '--chmod', 'u+x', 'a', 'b']).options.chmod).toEqual(['D755,F644', 'u+x']);
+    expect(failure(['--chmod=u+q', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'Invalid argument passed to --chmod (u+q)' });
+    expect(failure(['--chmod=', 'a', 'b']).code).toBe('USAGE');
   });
 
   it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {

@@ -289,6 +289,25 @@ const cases: OptCase[] = [
     setup: 'touch a.tmp b.log c',
     list: '*.tmp\0*.log\0',
   },
+
+  // --chmod
+  ...[
+    ['D755,F644'],
+    ['u+x,go-w'],
+    ['Fg+X,Do-rx'],
+    ['ug=rwX,o='],
+    ['g=u', 'o=g'],
+    ['a+s,Dg-s,+t'],
+    ['-w', '+r'],
+    ['F0600', 'D2750'],
+  ].map((chmod): OptCase => ({
+    name: `--chmod=${chmod.join(' --chmod=')}`,
+    flags: ['-a', '-i', ...chmod.map((c) => `--chmod=${c}`)],
+    setup: 'mkdir -p d/e; echo a > f; echo b > d/x; chmod 755 d/x; chmod 640 f; chmod 701 d/e; ln -s f l; cd "$D"; echo a > f; chmod 600 f',
+  })),
+  { name: '-rt --chmod=F600,D700: new entries get the changed mode less the umask, existing ones keep theirs', flags: ['-rt', '-i', '--chmod=F606,D707'], setup: 'mkdir d; touch d/x f; cd "$D"; touch f; chmod 644 f' },
+  { name: '--chmod=u+q: a usage error', flags: ['-a', '--chmod=u+q'], setup: 'touch f', usage: true },
+  { name: '--chmod=DF+x: a usage error', flags: ['-a', '--chmod=DF+x'], setup: 'touch f', usage: true },
 ];
 
 describe.skipIf(!needTools('rsync'))('rsync options, against rsync', () => {

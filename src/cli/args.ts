@@ -16,6 +16,7 @@ import yargs from 'yargs';
 import { QsyncError } from '../core/errors.js';
 import type { FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
+import { parseChmod } from '../core/chmod.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -68,6 +69,8 @@ export interface SyncOptions {
   pruneEmptyDirs: boolean;
   /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
   filesFrom?: string;
+  /** --chmod arguments, in order (src/core/chmod.ts). */
+  chmod: string[];
   /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
   from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
@@ -189,6 +192,7 @@ const SPECS: Spec[] = [
   { name: 'ignore-times', short: 'I', kind: 'flag', help: "don't skip files that match size and time" },
   { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
+  { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
@@ -233,7 +237,7 @@ const UNSUPPORTED_LONG = new Set(
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
   munge-links no-munge-links copy-dirlinks keep-dirlinks relative no-relative
-  no-R implied-dirs no-implied-dirs i-d no-i-d chmod max-alloc preallocate
+  no-R implied-dirs no-implied-dirs i-d no-i-d max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
@@ -273,10 +277,12 @@ interface Normalised {
   noHuman: boolean;
   /** -r given itself, not through -a (rsync: --files-from turns off the -r of -a only). */
   ownRecursive: boolean;
+  /** The values of repeatable options, as typed (yargs would drop an empty one and read "0644" as a number). */
+  lists: Map<string, string[]>;
 }
 
 function normalise(argv: readonly string[]): Normalised {
-  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false, version: 0, ownRecursive: false };
+  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false, version: 0, ownRecursive: false, lists: new Map() };
 
   const apply = (spec: Spec, negated: boolean, value?: string, implied = false): void => {
     switch (spec.kind) {
@@ -303,6 +309,9 @@ function normalise(argv: readonly string[]): Normalised {
         if (spec.name === 'recursive' && !implied) out.ownRecursive = !negated;
         // rsync: -A turns --perms on where it stands (a later --no-perms still turns it off).
         if (spec.name === 'acls' && !negated) out.line.push('--perms');
+        return;
+      case 'list':
+        out.lists.set(spec.name, [...(out.lists.get(spec.name) ?? []), value!]);
         return;
       case 'filter':
         out.filters.push(
@@ -382,7 +391,7 @@ function yargsOptions(): Record<string, { type: 'boolean' | 'count' | 'string' |
     if (kind === 'flag') opts[name] = { type: 'boolean' };
     else if (kind === 'count') opts[name] = { type: 'count' };
     else if (kind === 'value') opts[name] = { type: 'string' };
-    else if (kind === 'list' || kind === 'info') opts[name] = { type: 'array' };
+    else if (kind === 'info') opts[name] = { type: 'array' };
   }
   return opts;
 }
@@ -554,7 +563,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     })
     .parseSync();
   const bool = (name: string): boolean => y[name] === true;
-  const list = (name: string): string[] => ((y[name] as unknown[] | undefined) ?? []).map(String);
+  const list = (name: string): string[] => n.lists.get(name) ?? ((y[name] as unknown[] | undefined) ?? []).map(String);
 
   const info = parseInfo(list('info'));
   if (info === 'help') return { kind: 'help', text: infoHelpText() };
@@ -599,6 +608,10 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
     filesFrom,
+    chmod: list('chmod').map((c) => {
+      if (!parseChmod(c, 0)) throw new QsyncError('USAGE', `Invalid argument passed to --chmod (${c})`, { option: '--chmod', value: c });
+      return c;
+    }),
     from0: bool('from0'),
     filters: n.filters,
     sparse: bool('sparse'),

@@ -19,6 +19,7 @@ import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
 import type { ListedName } from '../core/files-from.js';
+import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
@@ -52,6 +53,8 @@ export interface TreeOptions extends FileSyncOptions {
   maxSize?: number;
   /** -m: folders with nothing but folders below them (after the filters) are left out. */
   pruneEmptyDirs?: boolean;
+  /** --chmod arguments (src/core/chmod.ts), checked already. */
+  chmod?: string[];
   verbose?: number;
   oneFileSystem: boolean;
   /** -H, -A, -X (src/sync/hard-links.ts, src/sync/ext-attrs.ts). */
@@ -129,6 +132,7 @@ export class TreeSync {
   private skippedDeletes = 0;
   private readonly links: HardLinks | undefined;
   private readonly ext: ExtAttrs | undefined;
+  private readonly chmod: ChmodRule[];
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -139,6 +143,7 @@ export class TreeSync {
     private readonly dest: Dir | undefined,
   ) {
     this.links = opts.hardLinks ? new HardLinks() : undefined;
+    this.chmod = (opts.chmod ?? []).flatMap((c) => parseChmod(c, UMASK) ?? []);
     const acls = opts.acls === true;
     const xattrs = opts.xattrs === true;
     const owners = opts.owner && process.getuid?.() === 0;
@@ -168,7 +173,8 @@ export class TreeSync {
   }
 
   /** One operand: its folder contents into the destination root, or the operand itself into it. */
-  private async transfer(t: Transfer): Promise<void> {
+  private async transfer(transfer: Transfer): Promise<void> {
+    const t = { ...transfer, stat: this.seen(transfer.stat) };
     const shown = t.destRel || '.';
     this.links?.transfer(t);
     if (t.destRel === '') {
@@ -263,7 +269,7 @@ export class TreeSync {
       let dir = root;
       for (const p of parts.slice(0, -1)) chain.push((dir = await dir.openDir(p)));
       if (!rel) {
-        const st = await root.stat();
+        const st = this.seen(await root.stat());
         done.set('', st);
         this.stats.files++;
         this.stats.dirs++;
@@ -275,7 +281,7 @@ export class TreeSync {
       const name = parts[parts.length - 1]!;
       let st: BigIntStats;
       try {
-        st = await dir.lstat(name);
+        st = this.seen(await dir.lstat(name));
       } catch (e) {
         if (errnoOf(e) !== 'ENOENT') throw e;
         // rsync's words for a listed name that is not there.
@@ -306,6 +312,13 @@ export class TreeSync {
       if (this.noWrite && errnoOf(e) === 'ENOENT') return { dir: undefined, name };
       throw e;
     }
+  }
+
+  /** A source's stat as the transfer sees it: --chmod changes the mode (never a symlink's), as rsync's sender does. */
+  private seen(st: BigIntStats): BigIntStats {
+    if (!this.chmod.length || st.isSymbolicLink() || !st.mode) return st;
+    const mode = BigInt(tweakMode(Number(st.mode), this.chmod));
+    return mode === st.mode ? st : (Object.assign(Object.create(Object.getPrototypeOf(st) as object), st, { mode }) as BigIntStats);
   }
 
   /** A folder opened by the walk must be the one listed: another one in its place is skipped as vanished. */
@@ -477,7 +490,7 @@ export class TreeSync {
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
         try {
-          cst = await src.lstat(name);
+          cst = this.seen(await src.lstat(name));
         } catch (e) {
           this.fail(e, childRel);
           continue;
