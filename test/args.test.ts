@@ -38,7 +38,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [],
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined,
     } satisfies SyncOptions);
   });
 
@@ -203,6 +203,19 @@ describe('parseArgv', () => {
     expect(sync(['--chmod=D755,F644', '--chmod', 'u+x', 'a', 'b']).options.chmod).toEqual(['D755,F644', 'u+x']);
     expect(failure(['--chmod=u+q', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'Invalid argument passed to --chmod (u+q)' });
     expect(failure(['--chmod=', 'a', 'b']).code).toBe('USAGE');
+  });
+
+  it('--chown is --usermap=*:USER --groupmap=*:GROUP and turns on -o/-g where it stands; each map once, as rsync', () => {
+    expect(sync(['--chown=a:b', 'x', 'y']).options).toMatchObject({ usermap: '*:a', groupmap: '*:b', owner: true, group: true });
+    expect(sync(['--chown=a', 'x', 'y']).options).toMatchObject({ usermap: '*:a', groupmap: undefined, owner: true, group: false });
+    expect(sync(['--chown=:b', 'x', 'y']).options).toMatchObject({ usermap: undefined, groupmap: '*:b', owner: false, group: true });
+    expect(sync(['--usermap=0:1', '--no-o', 'x', 'y']).options).toMatchObject({ usermap: '0:1', owner: false });
+    expect(failure(['--chown=a', '--usermap=*:b', 'x', 'y']).message).toBe('--usermap conflicts with prior --chown.');
+    expect(failure(['--groupmap=*:b', '--chown=:c', 'x', 'y']).message).toBe('--chown conflicts with prior --groupmap.');
+    expect(failure(['--usermap=1:2', '--usermap=3:4', 'x', 'y']).message).toBe('You can only specify --usermap once.');
+    expect(failure(['--chown=a', '--chown=b', 'x', 'y']).message).toBe('You can only specify a user-affecting --chown once.');
+    expect(failure(['--usermap=1-:2', 'x', 'y']).message).toBe('Invalid number in --usermap: 1-');
+    expect(failure(['--groupmap=abc', 'x', 'y']).message).toBe('No colon found in --groupmap: abc');
   });
 
   it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {

@@ -306,6 +306,26 @@ const cases: OptCase[] = [
     setup: 'mkdir -p d/e; echo a > f; echo b > d/x; chmod 755 d/x; chmod 640 f; chmod 701 d/e; ln -s f l; cd "$D"; echo a > f; chmod 600 f',
   })),
   { name: '-rt --chmod=F600,D700: new entries get the changed mode less the umask, existing ones keep theirs', flags: ['-rt', '-i', '--chmod=F606,D707'], setup: 'mkdir d; touch d/x f; cd "$D"; touch f; chmod 644 f' },
+
+  // --chown, --usermap, --groupmap
+  ...[
+    ['--chown=1234:4321'],
+    ['--chown=nobody'],
+    ['--chown=:nogroup'],
+    ['--usermap=daemon:bin,1000-2000:nobody,r*:1', '--groupmap=0:4321'],
+    ['--usermap=50:2,*:3', '--numeric-ids'],
+    ['--usermap=0:nosuchuser', '--groupmap=*:nosuchgroup'],
+  ].map((map): OptCase => ({
+    name: `-a ${map.join(' ')}`,
+    flags: ['-a', '-i', ...map],
+    setup: 'mkdir d; touch f g h d/x; ln -s f l; chown 1:1 f; chown 1234:1234 g; chown -h 50:50 l; chown 0:0 h; cd "$D"; touch f; chown 1234:4321 f',
+  })),
+  { name: '-rt --groupmap=*:4321: implies -g', flags: ['-rt', '-i', '--groupmap=*:4321'], setup: 'touch f; chown 1:1 f' },
+  { name: '--usermap=abc: a usage error', flags: ['-a', '--usermap=abc'], setup: 'touch f', usage: true },
+  { name: '--groupmap=1x:2: a usage error', flags: ['-a', '--groupmap=1x:2'], setup: 'touch f', usage: true },
+  { name: '--usermap=0: a usage error', flags: ['-a', '--usermap=0:'], setup: 'touch f', usage: true },
+  { name: '--chown then --usermap: a usage error', flags: ['-a', '--chown=a', '--usermap=*:b'], setup: 'touch f', usage: true },
+  { name: '--chown twice: a usage error', flags: ['-a', '--chown=a', '--chown=b:c'], setup: 'touch f', usage: true },
   { name: '--chmod=u+q: a usage error', flags: ['-a', '--chmod=u+q'], setup: 'touch f', usage: true },
   { name: '--chmod=DF+x: a usage error', flags: ['-a', '--chmod=DF+x'], setup: 'touch f', usage: true },
 ];

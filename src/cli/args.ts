@@ -17,6 +17,7 @@ import { QsyncError } from '../core/errors.js';
 import type { FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { parseChmod } from '../core/chmod.js';
+import { parseIdMap } from '../core/idmap.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -71,6 +72,9 @@ export interface SyncOptions {
   filesFrom?: string;
   /** --chmod arguments, in order (src/core/chmod.ts). */
   chmod: string[];
+  /** --usermap/--groupmap (src/core/idmap.ts); --chown=USER:GROUP sets them to "*:USER", "*:GROUP". */
+  usermap?: string;
+  groupmap?: string;
   /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
   from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
@@ -120,6 +124,7 @@ type Kind =
   | 'list' // takes an argument, repeatable
   | 'filter' // include/exclude rules, kept in order
   | 'info' // --info=FLAGS
+  | 'id-map' // --usermap, --groupmap, --chown: turn on -o/-g where they stand, as rsync
   | 'expand' // stands for the options in `expand` (-a, -D, -P)
   | 'noop' // accepted, nothing to do: qsync always behaves that way
   | 'help'
@@ -193,6 +198,9 @@ const SPECS: Spec[] = [
   { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
   { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
+  { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
+  { name: 'groupmap', kind: 'id-map', arg: 'STRING', help: 'custom groupname mapping' },
+  { name: 'chown', kind: 'id-map', arg: 'USER:GROUP', help: 'simple username/groupname mapping' },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
@@ -244,8 +252,8 @@ const UNSUPPORTED_LONG = new Set(
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
   delay-updates no-delay-updates log-file log-file-format
   out-format log-format suffix list-only
-  old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
-  groupmap chown contimeout no-contimeout stop-after time-limit stop-at rsync-path
+  old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender
+  contimeout no-contimeout stop-after time-limit stop-at rsync-path
   temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 qsort copy-as
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
@@ -262,7 +270,7 @@ for (const spec of SPECS) {
 }
 const specNamed = (name: string): Spec => byLong.get(name)!.spec;
 
-const takesValue = (kind: Kind): boolean => kind === 'value' || kind === 'list' || kind === 'filter' || kind === 'info';
+const takesValue = (kind: Kind): boolean => kind === 'value' || kind === 'list' || kind === 'filter' || kind === 'info' || kind === 'id-map';
 
 interface Normalised {
   /** Canonical options for yargs: --name, --no-name, --name=value. */
@@ -279,6 +287,9 @@ interface Normalised {
   ownRecursive: boolean;
   /** The values of repeatable options, as typed (yargs would drop an empty one and read "0644" as a number). */
   lists: Map<string, string[]>;
+  /** --usermap/--groupmap, --chown's included. */
+  usermap?: string;
+  groupmap?: string;
 }
 
 function normalise(argv: readonly string[]): Normalised {
@@ -310,6 +321,9 @@ function normalise(argv: readonly string[]): Normalised {
         // rsync: -A turns --perms on where it stands (a later --no-perms still turns it off).
         if (spec.name === 'acls' && !negated) out.line.push('--perms');
         return;
+      case 'id-map':
+        idMap(spec.name, value!);
+        return;
       case 'list':
         out.lists.set(spec.name, [...(out.lists.get(spec.name) ?? []), value!]);
         return;
@@ -323,6 +337,27 @@ function normalise(argv: readonly string[]): Normalised {
       default:
         out.line.push(`--${spec.name}=${value!}`);
     }
+  };
+
+  /** rsync's parse of --usermap, --groupmap and --chown: each map once, --chown's parts only where given. */
+  const chownSet = { user: false, group: false };
+  const idMap = (name: string, value: string): void => {
+    const set = (kind: 'user' | 'group', map: string, viaChown: boolean): void => {
+      const key = kind === 'user' ? 'usermap' : 'groupmap';
+      if (out[key] !== undefined) {
+        const msg = chownSet[kind] !== viaChown ? `--${viaChown ? 'chown' : key} conflicts with prior --${viaChown ? key : 'chown'}.` : viaChown ? `You can only specify a ${kind}-affecting --chown once.` : `You can only specify --${key} once.`;
+        throw new QsyncError('USAGE', msg, { option: `--${name}` });
+      }
+      out[key] = map;
+      chownSet[kind] = viaChown;
+      out.line.push(kind === 'user' ? '--owner' : '--group');
+    };
+    if (name !== 'chown') return set(name === 'usermap' ? 'user' : 'group', value, false);
+    const colon = value.indexOf(':');
+    const user = colon < 0 ? value : value.slice(0, colon);
+    const group = colon < 0 ? '' : value.slice(colon + 1);
+    if (user) set('user', `*:${user}`, true);
+    if (group) set('group', `*:${group}`, true);
   };
 
   const missingValue = (typed: string): QsyncError =>
@@ -608,6 +643,8 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
     filesFrom,
+    usermap: n.usermap === undefined ? undefined : (parseIdMap(n.usermap, 'user'), n.usermap),
+    groupmap: n.groupmap === undefined ? undefined : (parseIdMap(n.groupmap, 'group'), n.groupmap),
     chmod: list('chmod').map((c) => {
       if (!parseChmod(c, 0)) throw new QsyncError('USAGE', `Invalid argument passed to --chmod (${c})`, { option: '--chmod', value: c });
       return c;

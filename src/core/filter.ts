@@ -145,6 +145,9 @@ const ch = (s: string): number => s.charCodeAt(0);
 const SLASH = ch('/');
 const STAR = ch('*');
 
+/** rsync's wildmatch(): the whole of `text` against `pattern` ('*', '?', '[...]', '\\'), as --usermap matches names. */
+export const wildmatch = (pattern: string, text: string): boolean => wildmatchAt(utf8.encode(pattern), utf8.encode(text), 0);
+
 /** wildmatch_array(): where > 0 matches the last `where` components, < 0 at the start or after any '/'. */
 function wildmatchAt(p: Uint8Array, t: Uint8Array, where: number): boolean {
   let start = 0;

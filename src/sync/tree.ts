@@ -20,6 +20,7 @@ import { sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
 import type { ListedName } from '../core/files-from.js';
 import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
+import { IdMapper } from './id-map.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
@@ -55,6 +56,10 @@ export interface TreeOptions extends FileSyncOptions {
   pruneEmptyDirs?: boolean;
   /** --chmod arguments (src/core/chmod.ts), checked already. */
   chmod?: string[];
+  /** --usermap/--groupmap (--chown is one of them), checked already; --numeric-ids: no names matched. */
+  usermap?: string;
+  groupmap?: string;
+  numericIds?: boolean;
   verbose?: number;
   oneFileSystem: boolean;
   /** -H, -A, -X (src/sync/hard-links.ts, src/sync/ext-attrs.ts). */
@@ -133,6 +138,7 @@ export class TreeSync {
   private readonly links: HardLinks | undefined;
   private readonly ext: ExtAttrs | undefined;
   private readonly chmod: ChmodRule[];
+  private readonly ids: IdMapper | undefined;
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -144,6 +150,7 @@ export class TreeSync {
   ) {
     this.links = opts.hardLinks ? new HardLinks() : undefined;
     this.chmod = (opts.chmod ?? []).flatMap((c) => parseChmod(c, UMASK) ?? []);
+    this.ids = opts.usermap !== undefined || opts.groupmap !== undefined ? new IdMapper(opts.usermap, opts.groupmap, opts.numericIds === true) : undefined;
     const acls = opts.acls === true;
     const xattrs = opts.xattrs === true;
     const owners = opts.owner && process.getuid?.() === 0;
@@ -161,6 +168,7 @@ export class TreeSync {
 
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
+    await this.ids?.prepare((m) => this.hooks.warning?.(m, undefined, true));
     if (this.plan.list) await this.listed(this.plan.list.base, this.plan.list.names);
     for (const t of this.plan.transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
@@ -174,7 +182,7 @@ export class TreeSync {
 
   /** One operand: its folder contents into the destination root, or the operand itself into it. */
   private async transfer(transfer: Transfer): Promise<void> {
-    const t = { ...transfer, stat: this.seen(transfer.stat) };
+    const t = { ...transfer, stat: await this.seen(transfer.stat) };
     const shown = t.destRel || '.';
     this.links?.transfer(t);
     if (t.destRel === '') {
@@ -269,7 +277,7 @@ export class TreeSync {
       let dir = root;
       for (const p of parts.slice(0, -1)) chain.push((dir = await dir.openDir(p)));
       if (!rel) {
-        const st = this.seen(await root.stat());
+        const st = await this.seen(await root.stat());
         done.set('', st);
         this.stats.files++;
         this.stats.dirs++;
@@ -281,7 +289,7 @@ export class TreeSync {
       const name = parts[parts.length - 1]!;
       let st: BigIntStats;
       try {
-        st = this.seen(await dir.lstat(name));
+        st = await this.seen(await dir.lstat(name));
       } catch (e) {
         if (errnoOf(e) !== 'ENOENT') throw e;
         // rsync's words for a listed name that is not there.
@@ -314,11 +322,16 @@ export class TreeSync {
     }
   }
 
-  /** A source's stat as the transfer sees it: --chmod changes the mode (never a symlink's), as rsync's sender does. */
-  private seen(st: BigIntStats): BigIntStats {
-    if (!this.chmod.length || st.isSymbolicLink() || !st.mode) return st;
-    const mode = BigInt(tweakMode(Number(st.mode), this.chmod));
-    return mode === st.mode ? st : (Object.assign(Object.create(Object.getPrototypeOf(st) as object), st, { mode }) as BigIntStats);
+  /**
+   * A source's stat as the transfer sees it: --chmod changes the mode (never
+   * a symlink's), as rsync's sender does, and --usermap/--groupmap/--chown
+   * the owner and group, as its receiver does.
+   */
+  private async seen(st: BigIntStats): Promise<BigIntStats> {
+    const mode = this.chmod.length && !st.isSymbolicLink() && st.mode ? BigInt(tweakMode(Number(st.mode), this.chmod)) : st.mode;
+    const ids = this.ids ? await this.ids.map(st.uid, st.gid) : st;
+    if (mode === st.mode && ids.uid === st.uid && ids.gid === st.gid) return st;
+    return Object.assign(Object.create(Object.getPrototypeOf(st) as object) as BigIntStats, st, { mode, uid: ids.uid, gid: ids.gid });
   }
 
   /** A folder opened by the walk must be the one listed: another one in its place is skipped as vanished. */
@@ -490,7 +503,7 @@ export class TreeSync {
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
         try {
-          cst = this.seen(await src.lstat(name));
+          cst = await this.seen(await src.lstat(name));
         } catch (e) {
           this.fail(e, childRel);
           continue;
