@@ -38,7 +38,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false,
     } satisfies SyncOptions);
   });
 
@@ -196,7 +196,10 @@ describe('parseArgv', () => {
     expect(sync(['-ar', '--files-from', 'l', 'a', 'b']).options.recursive).toBe(true);
     expect(sync(['-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(true);
     expect(sync(['-r', '--no-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(false);
-    expect(sync(['-a0', 'a', 'b']).options).toMatchObject({ recursive: true, from0: true });
+    expect(sync(['-a0', 'a', 'b']).options).toMatchObject({ recursive: true, from0: true, relative: false });
+    expect(sync(['--files-from=l', 'a', 'b']).options.relative).toBe(true);
+    expect(sync(['-aR', 'a', 'b']).options.relative).toBe(true);
+    expect(failure(['--files-from=l', '--no-R', 'a', 'b']).code).toBe('UNSUPPORTED');
   });
 
   it('keeps every --chmod in order and refuses one rsync would not parse, in its words', () => {

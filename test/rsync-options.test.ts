@@ -34,7 +34,7 @@ interface OptCase {
   fresh?: boolean;
   /** The DEST operand below the destination copy (default: the copy, with a trailing slash). */
   destArg?: string;
-  /** Source operands, relative to the source (default: "./", its contents). */
+  /** Source operands, relative to the source (default: "./", its contents); "SRC" in one stands for the source's path, as is. */
   sources?: string[];
   /** Only the stdout lines that match are compared (-vv prints rsync's protocol chatter). */
   only?: RegExp;
@@ -71,7 +71,7 @@ async function compare(c: OptCase): Promise<void> {
   const rs = join(base, 'by-rsync');
   const qs = join(base, 'by-qsync');
   if (!c.fresh) for (const d of [rs, qs]) execFileSync('cp', ['-a', init, d]);
-  const operands = (c.sources ?? ['./']).map((s) => join(src, s));
+  const operands = (c.sources ?? ['./']).map((s) => (s.includes('SRC') ? s.replace('SRC', src) : join(src, s)));
   for (let round = 0; round < (c.rounds ?? 1); round++) {
     const r = runRsync([...flags, ...operands, `${rs}/${c.destArg ?? ''}`], false);
     const q = await runQsync([...flags, ...operands, `${qs}/${c.destArg ?? ''}`]);
@@ -97,6 +97,7 @@ const shifted = (path: string, seconds: number) => {
 };
 
 const TREE = 'mkdir -p d/sub; echo a > f; echo b > d/g; echo c > d/sub/h; ln -s f l';
+const RTREE = 'mkdir -p a/b/c; echo 1 > a/b/f; echo 2 > top; echo 3 > a/b/c/g; chmod 750 a; chmod 711 a/b';
 /** A DEST with seven names the source lacks: a, b, x/k, x/y/1, x/y/2, z/q, and the folders x, x/y, z. */
 const EXTRA = 'touch f; cd "$D"; mkdir -p x/y z; touch a b x/y/1 x/y/2 x/k z/q';
 
@@ -229,6 +230,20 @@ const cases: OptCase[] = [
     flags: ['-a', '-i', '-m', '--delete', '--exclude=*.tmp'],
     setup: 'mkdir -p a/b c e; touch c/y e/z.tmp; cd "$D"; mkdir -p a/b e c; touch a/b/old',
   },
+
+  // -R
+  { name: '-R: folders on the way made with their attributes, from a "/./" on', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/b', 'SRC/./top'], rounds: 2 },
+  { name: '-R: a file deep down', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/b/f'] },
+  { name: '-R: "./a/b" sends the base folder too', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/././a/b'] },
+  { name: '-R without -r: a folder is skipped, and the folders on its way are not made', flags: ['-lt', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/b', 'SRC/./top'] },
+  {
+    name: '-R --delete: deletions inside the folders sent, not beside them',
+    flags: ['-a', '-i', '-R', '--delete'],
+    setup: `${RTREE}; cd "$D"; mkdir -p a/b/old; touch a/b/old/x a/y z`,
+    sources: ['SRC/./a/b'],
+  },
+  { name: '-R with one file and no folder on its way: to DEST, named as DEST', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./top'], destArg: 'top' },
+  { name: '-R: ".." refused', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/./a/../top'], usage: true },
 
   // --files-from, -0
   {

@@ -75,6 +75,8 @@ export interface SyncOptions {
   /** --usermap/--groupmap (src/core/idmap.ts); --chown=USER:GROUP sets them to "*:USER", "*:GROUP". */
   usermap?: string;
   groupmap?: string;
+  /** -R: each SRC keeps its path below DEST (from a "/./" in it on). */
+  relative: boolean;
   /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
   from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
@@ -201,6 +203,7 @@ const SPECS: Spec[] = [
   { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
   { name: 'groupmap', kind: 'id-map', arg: 'STRING', help: 'custom groupname mapping' },
   { name: 'chown', kind: 'id-map', arg: 'USER:GROUP', help: 'simple username/groupname mapping' },
+  { name: 'relative', short: 'R', kind: 'flag', neg: ['no-relative', 'no-R'], help: 'use relative path names' },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
@@ -244,8 +247,7 @@ const UNSUPPORTED_LONG = new Set(
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
-  munge-links no-munge-links copy-dirlinks keep-dirlinks relative no-relative
-  no-R implied-dirs no-implied-dirs i-d no-i-d max-alloc preallocate
+  munge-links no-munge-links copy-dirlinks keep-dirlinks implied-dirs no-implied-dirs i-d no-i-d max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
@@ -258,7 +260,7 @@ const UNSUPPORTED_LONG = new Set(
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('dEUNOJLkKRfFCTs468My');
+const UNSUPPORTED_SHORT = new Set('dEUNOJLkKfFCTs468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -643,6 +645,8 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
     filesFrom,
+    // rsync: --files-from implies -R.
+    relative: bool('relative') || (filesFrom !== undefined && y.relative === undefined),
     usermap: n.usermap === undefined ? undefined : (parseIdMap(n.usermap, 'user'), n.usermap),
     groupmap: n.groupmap === undefined ? undefined : (parseIdMap(n.groupmap, 'group'), n.groupmap),
     chmod: list('chmod').map((c) => {
@@ -678,6 +682,9 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     verifySample: verifyText === undefined ? 0.5 : parsePercent(verifyText),
   };
 
+  if (filesFrom !== undefined && y.relative === false) {
+    throw new QsyncError('UNSUPPORTED', '--files-from with --no-relative is not supported: the names keep their folders in DEST', { option: '--no-relative' });
+  }
   if (bool('backup') && options.backupDir === undefined) {
     throw new QsyncError('UNSUPPORTED', '-b/--backup without --backup-dir is not supported: qsync keeps no whole old copies (FILE~)', {
       option: '--backup',

@@ -28,6 +28,7 @@ const LOCAL_ONLY: [keyof SyncOptions, string][] = [
   ['backupDir', '--backup-dir'],
   ['manifest', '--manifest'],
   ['filesFrom', '--files-from'],
+  ['relative', '-R'],
 ];
 
 export async function syncRemote(shown: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {

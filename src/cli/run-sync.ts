@@ -11,7 +11,7 @@ import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } 
 import { HashPool } from '../hash/pool.js';
 import { readUpTo } from '../io/local-file.js';
 import { decodeName, Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
-import { listedName, splitFilesFrom, type ListedName } from '../core/files-from.js';
+import { listedName, relativeOperand, splitFilesFrom, type ListedName } from '../core/files-from.js';
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
@@ -153,7 +153,12 @@ export async function receive(printer: Printer, from: Sources, operands: string[
 
   if (o.mkpath) await makePath(printer, dest, sources, o);
   const destStat = await statOrUndefined(dest);
-  const plan = o.filesFrom === undefined ? planOperands(sources, dest, destStat) : await listPlan(o.filesFrom, sources, dest, destStat, from, o.from0);
+  const plan =
+    o.filesFrom !== undefined
+      ? await listPlan(o.filesFrom, sources, dest, destStat, from, o.from0)
+      : o.relative
+        ? relativePlan(printer, sources, dest, destStat, o)
+        : planOperands(sources, dest, destStat);
   // -n --mkpath: the folder a single file would land in is not made either.
   if (o.mkpath && o.dryRun && !plan.destIsDir && !(await statOrUndefined(plan.destRoot))) plan.destCreated = true;
   if (plan.destIsDir && destStat && !destStat.isDirectory()) {
@@ -214,7 +219,25 @@ async function listPlan(list: string, sources: { operand: string; stat: BigIntSt
   const only = names.length === 1 && !names[0]!.dotDir && names[0]!.rel && !names[0]!.rel.includes('/') ? join(base, names[0]!.rel) : undefined;
   const st = only === undefined ? undefined : await from.statOperand(only).catch(() => undefined);
   if (st && !st.isDirectory()) return planOperands([{ operand: only!, stat: st }], dest, destStat);
-  return { destRoot: resolve(dest), destIsDir: true, transfers: [], list: { base, names } };
+  return { destRoot: resolve(dest), destIsDir: true, transfers: [], lists: [{ base, names, dirs: true }] };
+}
+
+/**
+ * -R: each SRC keeps its path below DEST (from its "/./" on, if it has
+ * one), the folders on the way made with their attributes, as rsync does;
+ * one file with no folder on its way is copied as a plain operand is.
+ */
+function relativePlan(printer: Printer, sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined, o: SyncOptions): Plan {
+  const named = sources.map((s) => ({ ...relativeOperand(s.operand), ...s }));
+  if (named.length === 1 && !named[0]!.stat.isDirectory() && !named[0]!.name.dotDir && !named[0]!.name.rel.includes('/')) return planOperands(sources, dest, destStat);
+  const sent = named.filter((l) => {
+    // rsync skips a folder without -r before it sends the folders on its way.
+    if (!l.stat.isDirectory() || o.recursive) return true;
+    printer.notice?.(`skipping directory ${l.name.rel || '.'}`);
+    return false;
+  });
+  const lists = sent.map((l) => ({ base: l.base, names: [l.name], dirs: false, shownPrefix: l.base === '/' && !l.operand.includes('/./') ? '/' : '' }));
+  return { destRoot: resolve(dest), destIsDir: true, transfers: [], lists };
 }
 
 /**

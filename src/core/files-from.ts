@@ -47,3 +47,19 @@ export function listedName(line: string, list: string): ListedName {
   const names = rest.filter((c) => c !== '.');
   return { rel: names.join('/'), contents: names.length === 0 || /\/(\.|\.\.)?$/.test(line), dotDir };
 }
+
+/**
+ * One SRC under -R (rsync's send_file_list with relative paths): the
+ * folder it is taken from (what comes before a "/./", else "/" for an
+ * absolute path, else ".") and its name below that folder, which it keeps
+ * in DEST. A ".." in that name is refused, as rsync refuses it.
+ */
+export function relativeOperand(operand: string): { base: string; name: ListedName } {
+  const cut = operand.indexOf('/./');
+  const base = cut >= 0 ? operand.slice(0, cut) || '/' : operand.startsWith('/') ? '/' : '.';
+  const active = cut >= 0 ? operand.slice(cut + 3) : operand;
+  const parts = active.split('/').filter((c) => c !== '');
+  const names = parts.filter((c) => c !== '.');
+  if (names.includes('..')) throw new QsyncError('USAGE', `found ".." dir in relative path: ${names.join('/')}`, { file: operand });
+  return { base, name: { rel: names.join('/'), contents: /\/\.?$/.test(active) || !names.length, dotDir: parts[0] === '.' && names.length > 0 } };
+}

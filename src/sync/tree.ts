@@ -139,6 +139,8 @@ export class TreeSync {
   private readonly ext: ExtAttrs | undefined;
   private readonly chmod: ChmodRule[];
   private readonly ids: IdMapper | undefined;
+  /** -R with an absolute SRC: rsync prints its names with their leading '/'. */
+  private shownPrefix = '';
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -169,7 +171,13 @@ export class TreeSync {
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
     await this.ids?.prepare((m) => this.hooks.warning?.(m, undefined, true));
-    if (this.plan.list) await this.listed(this.plan.list.base, this.plan.list.names);
+    const done = new Map<string, BigIntStats>();
+    for (const l of this.plan.lists ?? []) {
+      this.shownPrefix = l.shownPrefix ?? '';
+      await this.listed(l.base, l.names, l.dirs, done);
+    }
+    this.shownPrefix = '';
+    await this.retimeListed(done);
     for (const t of this.plan.transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
@@ -218,15 +226,15 @@ export class TreeSync {
   }
 
   /**
-   * --files-from: each name below `base`, the folders on its way first
-   * (rsync's implied dirs: made and given their source's attributes, their
-   * contents not walked), then the name itself; a folder's contents are
-   * walked when it is listed with a trailing '/' (one level) or under -r
-   * (all), as rsync does. Both sides are reached folder by folder from
-   * `base` and DEST, never through a symlink. The times of the folders are
-   * set again at the end: names made inside them later changed them.
+   * --files-from and -R: each name below `base`, the folders on its way
+   * first (rsync's implied dirs: made and given their source's attributes,
+   * their contents not walked), then the name itself. A folder's contents
+   * are walked under -r; a --files-from folder (`dirs`) is made without -r,
+   * and its contents walked one level when listed with a trailing '/', as
+   * rsync does. Both sides are reached folder by folder from `base` and
+   * DEST, never through a symlink. `done`: what is done, across lists.
    */
-  private async listed(base: string, names: ListedName[]): Promise<void> {
+  private async listed(base: string, names: ListedName[], dirs: boolean, done: Map<string, BigIntStats>): Promise<void> {
     let root: SourceDir;
     try {
       root = await this.ctx.sources.openOperand(base);
@@ -234,35 +242,38 @@ export class TreeSync {
       this.fail(e, base);
       return;
     }
-    const done = new Map<string, BigIntStats>();
     try {
       for (const n of names) {
         const parts = n.rel ? n.rel.split('/') : [];
         if (n.dotDir) await this.listedOne(root, base, '', 0, done);
         for (let i = 1; i < parts.length; i++) await this.listedOne(root, base, parts.slice(0, i).join('/'), 0, done);
-        await this.listedOne(root, base, n.rel, this.opts.recursive ? undefined : n.contents ? 1 : 0, done);
-      }
-      if (this.noWrite || !this.opts.preserveTimes) return;
-      // Deepest first, so that setting one folder's time changes no other's.
-      for (const [rel, st] of [...done].filter(([, st]) => st.isDirectory()).reverse()) {
-        const m = this.metaFor(st, false, true);
-        if (!rel) {
-          await this.dest?.setMeta({ atime: m.atime, mtime: m.mtime }).catch((e) => this.fail(e, '.'));
-          continue;
-        }
-        const at = await this.destParent(rel).catch(() => undefined);
-        if (!at?.dir) continue;
-        try {
-          const cur = await at.dir.lstatOrUndefined(at.name);
-          if (cur?.isDirectory()) await setMetaAt(at.dir, at.name, cur, { atime: m.atime, mtime: m.mtime });
-        } catch (e) {
-          this.fail(e, rel || '.');
-        } finally {
-          if (at.dir !== this.dest) await at.dir.close();
-        }
+        await this.listedOne(root, base, n.rel, this.opts.recursive || !dirs ? undefined : n.contents ? 1 : 0, done);
       }
     } finally {
       await root.close();
+    }
+  }
+
+  /** The times of the folders of --files-from/-R lists, set again: names made inside them later changed them. */
+  private async retimeListed(done: Map<string, BigIntStats>): Promise<void> {
+    if (this.noWrite || !this.opts.preserveTimes) return;
+    // Deepest first, so that setting one folder's time changes no other's.
+    for (const [rel, st] of [...done].filter(([, st]) => st.isDirectory()).reverse()) {
+      const m = this.metaFor(st, false, true);
+      if (!rel) {
+        await this.dest?.setMeta({ atime: m.atime, mtime: m.mtime }).catch((e) => this.fail(e, '.'));
+        continue;
+      }
+      const at = await this.destParent(rel).catch(() => undefined);
+      if (!at?.dir) continue;
+      try {
+        const cur = await at.dir.lstatOrUndefined(at.name);
+        if (cur?.isDirectory()) await setMetaAt(at.dir, at.name, cur, { atime: m.atime, mtime: m.mtime });
+      } catch (e) {
+        this.fail(e, rel || '.');
+      } finally {
+        if (at.dir !== this.dest) await at.dir.close();
+      }
     }
   }
 
@@ -644,7 +655,7 @@ export class TreeSync {
       }
     }
     this.stats.deleted++;
-    if (level !== 'make-room') this.hooks.deleted?.(st.isDirectory() ? `${rel}/` : rel);
+    if (level !== 'make-room') this.hooks.deleted?.(this.shownPrefix + (st.isDirectory() ? `${rel}/` : rel));
     return true;
   }
 
@@ -800,7 +811,7 @@ export class TreeSync {
     const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     this.hooks.fileEnd?.({
-      path: r.path,
+      path: this.shownPrefix + r.path,
       itemize: `${y}${TYPE_CHAR[r.kind]}${rest}`,
       kind: r.kind,
       size: r.size,
