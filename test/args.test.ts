@@ -38,7 +38,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, logFile: undefined, logFileFormat: undefined,
     } satisfies SyncOptions);
   });
 
@@ -219,6 +219,12 @@ describe('parseArgv', () => {
     expect(failure(['--chown=a', '--chown=b', 'x', 'y']).message).toBe('You can only specify a user-affecting --chown once.');
     expect(failure(['--usermap=1-:2', 'x', 'y']).message).toBe('Invalid number in --usermap: 1-');
     expect(failure(['--groupmap=abc', 'x', 'y']).message).toBe('No colon found in --groupmap: abc');
+  });
+
+  it('--log-file and --log-file-format; a format escape qsync cannot fill is refused, named', () => {
+    expect(sync(['--log-file=l', '--log-file-format=%o %n', 'a', 'b']).options).toMatchObject({ logFile: 'l', logFileFormat: '%o %n' });
+    expect(sync(['--log-file=l', 'a', 'b']).options.logFileFormat).toBeUndefined();
+    expect(failure(['--log-file-format=%i %-10f', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', message: '--log-file-format: %f is not supported' });
   });
 
   it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {

@@ -7,7 +7,7 @@
  * its name aside.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -42,7 +42,29 @@ interface OptCase {
   usage?: boolean;
   /** Written to a file LIST beside the source; "LIST" in the flags names it. */
   list?: string;
+  /** "LOG" in the flags names a log file of each tool's own, compared after the run. */
+  log?: boolean;
 }
+
+/**
+ * A --log-file's lines without their time and pid, rsync's protocol byte
+ * counts and source location; sorted, as the output is.
+ */
+const logLines = (path: string, dest: string) =>
+  (existsSync(path) ? readFileSync(path, 'latin1') : '')
+    .replaceAll(dest, 'DEST')
+    .split('\n')
+    .filter(Boolean)
+    .map((l) =>
+      l
+        .replace(/^\d{4}\/\d\d\/\d\d \d\d:\d\d:\d\d \[\d+\] /, '')
+        .replace(/^sent [\d,]+ bytes {2}received [\d,]+ bytes( {2}[\d.,]+ bytes\/sec)?/, (_m, rate?: string) => `sent N bytes  received N bytes${rate ? '  R bytes/sec' : ''}`)
+        .replace(/ {2}speedup is .*/, '')
+        .replace(/^[rq]sync error:/, 'error:')
+        .replace(/^[rq]sync: (\[\w+\] )?/, '')
+        .replace(/ at \S+\(\d+\) \[[^\]]+\]$/, ''),
+    )
+    .sort();
 
 /**
  * stderr lines without the program's name ("rsync: [generator] ", "qsync: ")
@@ -73,8 +95,10 @@ async function compare(c: OptCase): Promise<void> {
   if (!c.fresh) for (const d of [rs, qs]) execFileSync('cp', ['-a', init, d]);
   const operands = (c.sources ?? ['./']).map((s) => (s.includes('SRC') ? s.replace('SRC', src) : join(src, s)));
   for (let round = 0; round < (c.rounds ?? 1); round++) {
-    const r = runRsync([...flags, ...operands, `${rs}/${c.destArg ?? ''}`], false);
-    const q = await runQsync([...flags, ...operands, `${qs}/${c.destArg ?? ''}`]);
+    const logOf = (d: string) => `${d}.log`;
+    const r = runRsync([...flags.map((f) => f.replace('LOG', logOf(rs))), ...operands, `${rs}/${c.destArg ?? ''}`], false);
+    const q = await runQsync([...flags.map((f) => f.replace('LOG', logOf(qs))), ...operands, `${qs}/${c.destArg ?? ''}`]);
+    if (c.log) expect(logLines(logOf(qs), qs)).toEqual(logLines(logOf(rs), rs));
     const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
     const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 1 : undefined);
     expect({ round, code: q.code, stdout: out(q.stdout, qs), stderr: withoutHints(stderrLines(q.stderr, qs), rErr) }).toEqual({
@@ -244,6 +268,26 @@ const cases: OptCase[] = [
   },
   { name: '-R with one file and no folder on its way: to DEST, named as DEST', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./top'], destArg: 'top' },
   { name: '-R: ".." refused', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/./a/../top'], usage: true },
+
+  // --log-file
+  { name: '--log-file: changes, links and the closing line', flags: ['-a', '--log-file=LOG'], setup: `${TREE}; cd "$D"; echo old > f`, log: true, rounds: 2 },
+  {
+    name: '--log-file with --delete: deletions and what cannot be deleted',
+    flags: ['-a', '--delete', '--exclude=*.tmp', '--log-file=LOG'],
+    setup: `${TREE}; cd "$D"; mkdir -p x/y gone; touch x/y/k.tmp gone/z extra`,
+    log: true,
+  },
+  {
+    name: '--log-file-format without %i or %o: "deleting NAME"; widths',
+    flags: ['-a', '--delete', '--log-file=LOG', '--log-file-format=%n %l|%-6l|%6n|%%|%u'],
+    setup: `${TREE}; cd "$D"; touch extra`,
+    log: true,
+  },
+  { name: '--log-file-format=%o %i %n%L', flags: ['-a', '--delete', '--log-file=LOG', '--log-file-format=%o %i %n%L'], setup: `${TREE}; cd "$D"; touch extra`, log: true },
+  { name: '--log-file with a failure: the error and exit lines', flags: ['-a', '--log-file=LOG'], setup: 'touch f', sources: ['./', 'missing'], log: true },
+  { name: '--log-file with --max-delete: exit 25', flags: ['-a', '--delete', '--max-delete=1', '--log-file=LOG'], setup: EXTRA, log: true },
+  { name: '--log-file -v: the closing summary instead of the byte line', flags: ['-a', '-v', '--log-file=LOG'], setup: TREE, log: true },
+  { name: '--log-file -n', flags: ['-a', '-n', '--delete', '--log-file=LOG'], setup: `${TREE}; cd "$D"; touch extra`, log: true },
 
   // --files-from, -0
   {

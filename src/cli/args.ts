@@ -18,6 +18,7 @@ import type { FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { parseChmod } from '../core/chmod.js';
 import { parseIdMap } from '../core/idmap.js';
+import { checkLogFormat } from './log-file.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -75,6 +76,9 @@ export interface SyncOptions {
   /** --usermap/--groupmap (src/core/idmap.ts); --chown=USER:GROUP sets them to "*:USER", "*:GROUP". */
   usermap?: string;
   groupmap?: string;
+  /** --log-file=FILE, --log-file-format=FMT (src/cli/log-file.ts). */
+  logFile?: string;
+  logFileFormat?: string;
   /** -R: each SRC keeps its path below DEST (from a "/./" in it on). */
   relative: boolean;
   /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
@@ -203,6 +207,8 @@ const SPECS: Spec[] = [
   { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
   { name: 'groupmap', kind: 'id-map', arg: 'STRING', help: 'custom groupname mapping' },
   { name: 'chown', kind: 'id-map', arg: 'USER:GROUP', help: 'simple username/groupname mapping' },
+  { name: 'log-file', kind: 'value', arg: 'FILE', help: "log what we're doing to the specified FILE" },
+  { name: 'log-file-format', kind: 'value', arg: 'FMT', help: 'log updates using the specified FMT' },
   { name: 'relative', short: 'R', kind: 'flag', neg: ['no-relative', 'no-R'], help: 'use relative path names' },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
@@ -252,7 +258,7 @@ const UNSUPPORTED_LONG = new Set(
   remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
-  delay-updates no-delay-updates log-file log-file-format
+  delay-updates no-delay-updates
   out-format log-format suffix list-only
   old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender
   contimeout no-contimeout stop-after time-limit stop-at rsync-path
@@ -645,6 +651,8 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
     filesFrom,
+    logFile: str(y['log-file']),
+    logFileFormat: y['log-file-format'] === undefined ? undefined : (checkLogFormat(String(str(y['log-file-format']))), str(y['log-file-format'])),
     // rsync: --files-from implies -R.
     relative: bool('relative') || (filesFrom !== undefined && y.relative === undefined),
     usermap: n.usermap === undefined ? undefined : (parseIdMap(n.usermap, 'user'), n.usermap),

@@ -22,6 +22,7 @@ import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, type Printer } from './output.js';
+import { withLogFile } from './log-file.js';
 import { parseRemote } from '../remote/ssh.js';
 
 export interface CliIO {
@@ -101,10 +102,13 @@ async function readFilesFrom(path: string, from0: boolean): Promise<ListedName[]
 }
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
-  const printer = createPrinter(o, io);
+  const shown = createPrinter(o, io);
+  const logged = o.logFile === undefined ? undefined : withLogFile(shown, o.logFile, o);
+  const printer = logged ?? shown;
   try {
     return await syncWith(printer, operands, dest, o);
   } catch (e) {
+    logged?.failed(e, exitCodeFor(e));
     // The error still reaches the user: on stderr, or inside the --json document.
     if (o.json) return printer.finish(undefined, exitCodeFor(e), e);
     throw e;
@@ -146,7 +150,12 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       // A source that is missing is reported and skipped; a link to the sources that broke ends the run.
       if (e instanceof QsyncError && e.context.fatal) throw e;
       missing = true;
-      printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
+      printer.warning?.(
+        errnoOf(e) === 'ENOENT'
+          ? `link_stat "${from.remote ? operand : resolve(operand)}" failed: No such file or directory (2)` // rsync's words
+          : `cannot read source ${operand}: ${(e as Error).message}`,
+        operand,
+      );
     }
   }
   if (!sources.length) return printer.finish(undefined, EXIT.PARTIAL.code);

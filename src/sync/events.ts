@@ -29,6 +29,10 @@ export interface FileReport {
   matched: number;
   /** Nothing changed (content, or metadata either). */
   unchanged: boolean;
+  /** The source's st_size, whatever its kind (a folder's, a symlink's target length): rsync's %l. */
+  length?: number;
+  /** A symlink's target (`path` ends in " -> TARGET"). */
+  target?: string;
 }
 
 export interface RunStats {

@@ -479,7 +479,7 @@ export class TreeSync {
       } catch (e) {
         // Listed, then unreadable or gone: the folder made for it is reported and gets the listed metadata, as rsync gives it (not 0700).
         if (!cur && !this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true)).catch(() => {});
-        this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0 });
+        this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0, length: st.size });
         throw e;
       }
       if (dst && (cur || !this.noWrite)) {
@@ -501,7 +501,7 @@ export class TreeSync {
   private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const attrs = this.ext && (await this.ext.read({ held: local(src) }, dst && { held: dst }, 'dir'));
     const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0 });
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size });
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
@@ -738,7 +738,7 @@ export class TreeSync {
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       await attrs?.apply({ dir: dst!, name, expect: st });
-      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0 });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0, length: st.size, target });
       return;
     }
     if (!this.noWrite) {
@@ -748,7 +748,7 @@ export class TreeSync {
       await (await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
-    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0 });
+    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0, length: st.size, target });
   }
 
   private async special(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
@@ -761,7 +761,7 @@ export class TreeSync {
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
     await attrs?.apply({ dir: dst!, name, expect: st });
     const changes = cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`);
-    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0 });
+    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0, length: st.size });
   }
 
   /** What the hard-link pass (src/sync/hard-links.ts) needs of the walk. */
@@ -806,12 +806,15 @@ export class TreeSync {
     return `${c}${s}${t}${p}${ow}${g}`;
   }
 
-  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; result?: FileSyncResult }): void {
+  /** `length`: the source's st_size (a folder's, a link's target length), for --log-file's %l. */
+  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; length?: bigint; target?: string; result?: FileSyncResult }): void {
     const y = r.kind === 'file' ? (r.result?.transferred ? '>' : '.') : r.created || r.changes?.startsWith('c') ? 'c' : '.';
     const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     this.hooks.fileEnd?.({
       path: this.shownPrefix + r.path,
+      length: r.length === undefined ? r.size : Number(r.length),
+      target: r.target,
       itemize: `${y}${TYPE_CHAR[r.kind]}${rest}`,
       kind: r.kind,
       size: r.size,
