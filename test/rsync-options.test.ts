@@ -6,13 +6,13 @@
  * is sent) and the same stderr, rsync's "at main.c(N) [role=version]" and
  * its name aside.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listedName, splitFilesFrom } from '../src/core/files-from.js';
-import { runQsync } from './helpers/cli.js';
+import { QSYNC, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
 
@@ -405,6 +405,27 @@ describe.skipIf(!needTools('rsync'))('--delete-excluded and --backup-dir', () =>
     const r = await runQsync(['-a', '--delete-excluded', '--exclude=h*', '--backup-dir=hist', `${src}/`, `${dest}/`]);
     expect(r.code, r.stderr).toBe(0);
     expect(Object.keys(snapshot(dest))).toContain('hist');
+  });
+});
+
+describe.skipIf(!needTools('rsync'))('--files-from=- reads the list from stdin', () => {
+  it('as `find | rsync --files-from=- -0`', () => {
+    const base = join(root, 'files-from-stdin');
+    const src = join(base, 'src');
+    mkdirSync(join(src, 'd'), { recursive: true });
+    sh('echo 1 > d/a; echo 2 > b; echo 3 > c', src, base);
+    ageAll(src, T_SRC);
+    const list = 'd/a\0c\0';
+    const run = (cmd: string[], dest: string) => spawnSync(cmd[0]!, [...cmd.slice(1), '-a', '-i', '-0', '--files-from=-', `${src}/`, `${dest}/`], { input: list, encoding: 'utf8' });
+    const r = run(['rsync'], join(base, 'by-rsync'));
+    const q = run(['node', QSYNC], join(base, 'by-qsync'));
+    expect({ code: q.status, stdout: sortedLines(q.stdout.replaceAll('by-qsync', 'DEST')), stderr: q.stderr }).toEqual({
+      code: r.status,
+      stdout: sortedLines(r.stdout.replaceAll('by-rsync', 'DEST')),
+      stderr: r.stderr,
+    });
+    expect(snapshot(join(base, 'by-qsync'))).toEqual(snapshot(join(base, 'by-rsync')));
+    expect(Object.keys(snapshot(join(base, 'by-qsync')))).toEqual(['c', 'd', 'd/a']);
   });
 });
 

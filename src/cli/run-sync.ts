@@ -92,12 +92,24 @@ async function readListFile(path: string, what: string, max: number): Promise<Bu
   }
 }
 
+/** All of stdin ("--files-from=-", as `find ... | qsync --files-from=- ...`), at most `max` bytes. */
+async function readStdin(max: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of process.stdin as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > max) throw new QsyncError('USAGE', `the files-from list on stdin is over ${max} bytes`, { hint: 'split the list, or give it as a file' });
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks);
+}
+
 /**
  * The names of a --files-from list, as rsync reads them
  * (src/core/files-from.ts); names are bytes, decoded as names are.
  */
 async function readFilesFrom(path: string, from0: boolean): Promise<ListedName[]> {
-  const bytes = await readListFile(path, 'files-from list', MAX_FILES_FROM);
+  const bytes = path === '-' ? await readStdin(MAX_FILES_FROM) : await readListFile(path, 'files-from list', MAX_FILES_FROM);
   return splitFilesFrom(decodeName(bytes), from0).map((line) => listedName(line, path));
 }
 
