@@ -186,6 +186,11 @@ const cases: OptCase[] = [
       'mkdir d; : > zero; head -c 5 /dev/urandom > small; head -c 10 /dev/urandom > ten; head -c 1024 /dev/urandom > d/kib; head -c 1025 /dev/urandom > big;' +
       'cd "$D"; echo old > small; echo old > big; mkdir d',
   },
+  {
+    name: '-H --max-size: linked files over the size are all left alone, the others linked',
+    flags: ['-aH', '-i', '--max-size=10'],
+    setup: 'head -c 100 /dev/zero > big; ln big big2; echo s > small; ln small small2; cd "$D"; echo old > big2',
+  },
   { name: '--max-size=0: only empty files', flags: ['-a', '-i', '--max-size=0', '--delete'], setup: 'touch empty; echo x > full; cd "$D"; echo old > full' },
   { name: '--max-size=1.5k with units of 1000 and +1 (1501 bytes is over)', flags: ['-a', '-i', '--max-size=1.5kb+1'], setup: 'head -c 1501 /dev/zero > a; head -c 1502 /dev/zero > b' },
   {

@@ -16,7 +16,7 @@ import type { BigIntStats } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
-import { sameMtime } from '../core/mtime.js';
+import { newerOnReceiver, sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
 import type { ListedName } from '../core/files-from.js';
 import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
@@ -398,6 +398,8 @@ export class TreeSync {
         }
         await this.dir(src, st, dst, name, rel, rootDev, levels);
       } else if (st.isFile()) {
+        // Before -H takes it: the other links of a file left alone are left alone too.
+        if (this.outsideSizes(st, rel)) return;
         if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
         if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
@@ -410,6 +412,17 @@ export class TreeSync {
     } catch (e) {
       this.fail(e, shown);
     }
+  }
+
+  /** --max-size/--min-size: a file outside is counted, and left alone whatever is in DEST (rsync says so with -vv). */
+  private outsideSizes(st: BigIntStats, rel: string): boolean {
+    const { maxSize = -1, minSize = -1 } = this.opts;
+    const over = maxSize >= 0 && st.size > BigInt(maxSize);
+    if (!over && !(minSize >= 0 && st.size < BigInt(minSize))) return false;
+    this.stats.regularFiles++;
+    this.stats.totalSize += Number(st.size);
+    if ((this.opts.verbose ?? 0) >= 2) this.hooks.notice?.(`${rel} is ${over ? 'over max' : 'under min'}-size`, rel);
+    return true;
   }
 
   /**
@@ -689,13 +702,6 @@ export class TreeSync {
   private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
-    // --max-size/--min-size: left alone, whatever is in DEST (rsync says so with -vv).
-    const { maxSize = -1, minSize = -1 } = this.opts;
-    const over = maxSize >= 0 && st.size > BigInt(maxSize);
-    if (over || (minSize >= 0 && st.size < BigInt(minSize))) {
-      if ((this.opts.verbose ?? 0) >= 2) this.hooks.notice?.(`${rel} is ${over ? 'over max' : 'under min'}-size`, rel);
-      return;
-    }
     const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
@@ -782,7 +788,7 @@ export class TreeSync {
       dirMeta: (st) => this.metaFor(st, false, true),
       changes: (src, dst) => this.metaChanges(src, dst),
       skips: (st, cur) =>
-        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && cur.mtimeNs > st.mtimeNs) : this.opts.existing,
+        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && newerOnReceiver(st.mtimeNs, cur.mtimeNs, this.opts.modifyWindow)) : this.opts.existing,
       attrLetters:
         this.ext &&
         (async (src, st, dst, name, cur, changes) => {
