@@ -413,7 +413,19 @@ describe.skipIf(!needTools('rsync'))('--delete-excluded and --backup-dir', () =>
   });
 });
 
-describe.skipIf(!needTools('rsync'))('--files-from=- reads the list from stdin', () => {
+describe.skipIf(!needTools('rsync'))('--files-from=- and --exclude-from=- read stdin', () => {
+  it('--exclude-from=- too', () => {
+    const base = join(root, 'exclude-from-stdin');
+    const src = join(base, 'src');
+    mkdirSync(src, { recursive: true });
+    sh('touch a.tmp b c.log', src, base);
+    const run = (cmd: string[], dest: string) => spawnSync(cmd[0]!, [...cmd.slice(1), '-a', '-i', '--exclude-from=-', `${src}/`, `${dest}/`], { input: '*.tmp\n*.log\n', encoding: 'utf8' });
+    const r = run(['rsync'], join(base, 'by-rsync'));
+    const q = run(['node', QSYNC], join(base, 'by-qsync'));
+    expect({ code: q.status, stdout: sortedLines(q.stdout.replaceAll('by-qsync', 'DEST')) }).toEqual({ code: r.status, stdout: sortedLines(r.stdout.replaceAll('by-rsync', 'DEST')) });
+    expect(Object.keys(snapshot(join(base, 'by-qsync')))).toEqual(['b']);
+  });
+
   it('as `find | rsync --files-from=- -0`', () => {
     const base = join(root, 'files-from-stdin');
     const src = join(base, 'src');

@@ -55,7 +55,8 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
   const texts = new Map<string, string>();
   for (const rule of rules) {
     if ('pattern' in rule || texts.has(rule.file)) continue;
-    texts.set(rule.file, (await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
+    // "-" is stdin, as for rsync.
+    texts.set(rule.file, (rule.file === '-' ? await readStdin(MAX_FILTER_FILE) : await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
   }
   return texts;
 }
