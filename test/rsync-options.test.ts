@@ -7,7 +7,7 @@
  * its name aside.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -19,6 +19,8 @@ import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } 
 let root: string;
 beforeAll(() => {
   root = mkdtempSync(join(tmpdir(), 'qsync-options-'));
+  // nobody's cases reach their trees through it.
+  chmodSync(root, 0o755);
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -44,6 +46,8 @@ interface OptCase {
   list?: string;
   /** "LOG" in the flags names a log file of each tool's own, compared after the run. */
   log?: boolean;
+  /** Both run as nobody, over trees nobody owns. */
+  nobody?: boolean;
 }
 
 /**
@@ -90,14 +94,15 @@ async function compare(c: OptCase): Promise<void> {
   c.after?.(src, init);
   if (c.list !== undefined) writeFileSync(join(base, 'list'), c.list);
   const flags = c.flags.map((f) => f.replace('LIST', join(base, 'list')));
+  if (c.nobody) execFileSync('chown', ['-R', '65534:65534', base]);
   const rs = join(base, 'by-rsync');
   const qs = join(base, 'by-qsync');
   if (!c.fresh) for (const d of [rs, qs]) execFileSync('cp', ['-a', init, d]);
   const operands = (c.sources ?? ['./']).map((s) => (s.includes('SRC') ? s.replace('SRC', src) : join(src, s)));
   for (let round = 0; round < (c.rounds ?? 1); round++) {
     const logOf = (d: string) => `${d}.log`;
-    const r = runRsync([...flags.map((f) => f.replace('LOG', logOf(rs))), ...operands, `${rs}/${c.destArg ?? ''}`], false);
-    const q = await runQsync([...flags.map((f) => f.replace('LOG', logOf(qs))), ...operands, `${qs}/${c.destArg ?? ''}`]);
+    const r = runRsync([...flags.map((f) => f.replace('LOG', logOf(rs))), ...operands, `${rs}/${c.destArg ?? ''}`], c.nobody === true);
+    const q = await runQsync([...flags.map((f) => f.replace('LOG', logOf(qs))), ...operands, `${qs}/${c.destArg ?? ''}`], { asNobody: c.nobody });
     if (c.log) expect(logLines(logOf(qs), qs)).toEqual(logLines(logOf(rs), rs));
     const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
     const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 1 : undefined);
@@ -293,6 +298,12 @@ const cases: OptCase[] = [
   { name: '--log-file with --max-delete: exit 25', flags: ['-a', '--delete', '--max-delete=1', '--log-file=LOG'], setup: EXTRA, log: true },
   { name: '--log-file -v: the closing summary instead of the byte line', flags: ['-a', '-v', '--log-file=LOG'], setup: TREE, log: true },
   { name: '--log-file -n', flags: ['-a', '-n', '--delete', '--log-file=LOG'], setup: `${TREE}; cd "$D"; touch extra`, log: true },
+
+  // As nobody, over trees nobody owns
+  { name: 'nobody: --chmod=Du+w,go-rwx,F400', flags: ['-a', '-i', '--chmod=Du+w,go-rwx,F400'], setup: `${TREE}; cd "$D"; echo a > f; chmod 644 f`, nobody: true, rounds: 2 },
+  { name: 'nobody: --max-delete=2 --delete-excluded -m', flags: ['-a', '-i', '--delete-excluded', '--exclude=*.tmp', '--max-delete=2', '-m'], setup: EXTRA + '; touch k.tmp; mkdir -p e/f', nobody: true },
+  { name: 'nobody: -R and --mkpath', flags: ['-a', '-i', '-R', '--mkpath'], setup: RTREE, sources: ['SRC/./a/b'], destArg: 'x/y/', fresh: true, nobody: true },
+  { name: 'nobody: --files-from with --chown (not root: owners stay)', flags: ['-a', '-i', '--files-from=LIST', '--chown=1234:4321'], setup: RTREE, list: 'a/b/f\ntop\n', nobody: true },
 
   // --files-from, -0
   {
