@@ -56,7 +56,7 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
   for (const rule of rules) {
     if ('pattern' in rule || texts.has(rule.file)) continue;
     // "-" is stdin, as for rsync.
-    texts.set(rule.file, (rule.file === '-' ? await readStdin(MAX_FILTER_FILE) : await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
+    texts.set(rule.file, (rule.file === '-' ? await readStdin(MAX_FILTER_FILE, `${rule.type} list`) : await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
   }
   return texts;
 }
@@ -93,13 +93,13 @@ async function readListFile(path: string, what: string, max: number): Promise<Bu
   }
 }
 
-/** All of stdin ("--files-from=-", as `find ... | qsync --files-from=- ...`), at most `max` bytes. */
-async function readStdin(max: number): Promise<Buffer> {
+/** All of stdin ("--files-from=-", as `find ... | qsync --files-from=- ...`), at most `max` bytes; `what` it is, for messages. */
+async function readStdin(max: number, what: string): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of process.stdin as AsyncIterable<Buffer>) {
     size += chunk.length;
-    if (size > max) throw new QsyncError('USAGE', `the files-from list on stdin is over ${max} bytes`, { hint: 'split the list, or give it as a file' });
+    if (size > max) throw new QsyncError('USAGE', `the ${what} on stdin is over ${max} bytes`, { hint: 'split it, or give it as a file' });
     chunks.push(chunk);
   }
   return Buffer.concat(chunks);
@@ -110,7 +110,7 @@ async function readStdin(max: number): Promise<Buffer> {
  * (src/core/files-from.ts); names are bytes, decoded as names are.
  */
 async function readFilesFrom(path: string, from0: boolean): Promise<ListedName[]> {
-  const bytes = path === '-' ? await readStdin(MAX_FILES_FROM) : await readListFile(path, 'files-from list', MAX_FILES_FROM);
+  const bytes = path === '-' ? await readStdin(MAX_FILES_FROM, 'files-from list') : await readListFile(path, 'files-from list', MAX_FILES_FROM);
   return splitFilesFrom(decodeName(bytes), from0).map((line) => listedName(line, path));
 }
 

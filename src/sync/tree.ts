@@ -380,10 +380,11 @@ export class TreeSync {
     this.hooks.warning?.(msg, path);
   }
 
-  /** The destination side of an entry: the folder that holds it (undefined: it cannot exist, -n) and its name. */
   /**
-   * `levels`: under --files-from, how many levels of a folder's contents are
-   * walked (0: the folder alone); undefined: as -r says.
+   * The destination side of an entry: the folder that holds it (undefined: it
+   * cannot exist, -n) and its name. `levels`: under --files-from, how many
+   * levels of a folder's contents are walked (0: the folder alone);
+   * undefined: as -r says.
    */
   private async entry(src: Here, st: BigIntStats, dst: Dir | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const shown = rel || '.';
