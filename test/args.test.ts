@@ -38,7 +38,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, logFile: undefined, logFileFormat: undefined,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, logFile: undefined, logFileFormat: undefined, dirs: false,
     } satisfies SyncOptions);
   });
 
@@ -95,7 +95,7 @@ describe('parseArgv', () => {
     expect(long.code).toBe('UNSUPPORTED');
     expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--old-dirs', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
@@ -169,6 +169,8 @@ describe('parseArgv', () => {
     expect(sync(['--delete-excluded', 'a', 'b']).options).toMatchObject({ delete: true, deleteExcluded: true });
     expect(sync(['--max-delete=3', '--mkpath', '-Im', 'a', 'b']).options).toMatchObject({ maxDelete: 3, mkpath: true, ignoreTimes: true, pruneEmptyDirs: true });
     expect(sync(['-m', '--no-m', '--mkpath', '--no-mkpath', 'a', 'b']).options).toMatchObject({ pruneEmptyDirs: false, mkpath: false });
+    expect(sync(['-d', 'a', 'b']).options.dirs).toBe(true);
+    expect(sync(['--dirs', '--no-d', 'a', 'b']).options.dirs).toBe(false);
     // rsync: a negative limit is no deletions; popt reads C integers (hex, octal, empty = 0).
     expect(sync(['--max-delete=-5', 'a', 'b']).options.maxDelete).toBe(0);
     expect(sync(['--max-delete', '0x10', 'a', 'b']).options.maxDelete).toBe(16);

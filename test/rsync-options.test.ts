@@ -48,6 +48,8 @@ interface OptCase {
   log?: boolean;
   /** Both run as nobody, over trees nobody owns. */
   nobody?: boolean;
+  /** rsync's flags, where they are not qsync's. */
+  rsyncFlags?: string[];
 }
 
 /**
@@ -101,7 +103,7 @@ async function compare(c: OptCase): Promise<void> {
   const operands = (c.sources ?? ['./']).map((s) => (s.includes('SRC') ? s.replace('SRC', src) : join(src, s)));
   for (let round = 0; round < (c.rounds ?? 1); round++) {
     const logOf = (d: string) => `${d}.log`;
-    const r = runRsync([...flags.map((f) => f.replace('LOG', logOf(rs))), ...operands, `${rs}/${c.destArg ?? ''}`], c.nobody === true);
+    const r = runRsync([...(c.rsyncFlags ?? flags).map((f) => f.replace('LOG', logOf(rs))), ...operands, `${rs}/${c.destArg ?? ''}`], c.nobody === true);
     const q = await runQsync([...flags.map((f) => f.replace('LOG', logOf(qs))), ...operands, `${qs}/${c.destArg ?? ''}`], { asNobody: c.nobody });
     if (c.log) expect(logLines(logOf(qs), qs)).toEqual(logLines(logOf(rs), rs));
     const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
@@ -264,6 +266,23 @@ const cases: OptCase[] = [
     flags: ['-a', '-i', '-m', '--delete', '--exclude=*.tmp'],
     setup: 'mkdir -p a/b c e; touch c/y e/z.tmp; cd "$D"; mkdir -p a/b e c; touch a/b/old',
   },
+
+  // -d: the rsync 3.5.0 here walks folders whole with -d (against its manual); its --old-d (-r with the
+  // filter "- /*/*") does what the manual says -d does, so qsync -d is compared with rsync --old-d.
+  ...[
+    { name: 'the contents of SRC/, one level', sources: ['./'] },
+    { name: 'a folder without a slash: made, not walked', sources: ['d'] },
+    { name: 'a file and a folder', sources: ['f', 'd'] },
+    { name: '"d/.": its contents, one level', sources: ['d/.'] },
+  ].map(({ name, sources }): OptCase => ({ name: `-d: ${name}`, flags: ['-lptgoD', '-i', '-d'], rsyncFlags: ['-lptgoD', '-i', '--old-d'], setup: TREE, sources, rounds: 2 })),
+  {
+    name: '-d --delete: deletions in the folder whose contents are sent, not in the folders below',
+    flags: ['-lptgoD', '-i', '-d', '--delete'],
+    rsyncFlags: ['-lptgoD', '-i', '--old-d', '--delete'],
+    // (Not an extraneous folder with something in it: --old-d's filter keeps what is in it, -d deletes it.)
+    setup: `${TREE}; cd "$D"; mkdir -p d/old gone; touch d/old/x d/y extra`,
+  },
+  { name: '-d with -r: -r wins', flags: ['-a', '-i', '-d'], setup: TREE },
 
   // -R
   { name: '-R: folders on the way made with their attributes, from a "/./" on', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/b', 'SRC/./top'], rounds: 2 },

@@ -69,6 +69,8 @@ export interface SyncOptions {
   modifyWindow: number;
   /** -m: folders without a file, link or node below them (after the filters) are left out. */
   pruneEmptyDirs: boolean;
+  /** -d: folders are made without recursing (contents of an operand ending in '/' or "." one level). */
+  dirs: boolean;
   /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
   filesFrom?: string;
   /** --chmod arguments, in order (src/core/chmod.ts). */
@@ -202,6 +204,7 @@ const SPECS: Spec[] = [
   { name: 'min-size', kind: 'value', arg: 'SIZE', help: "don't transfer any file smaller than SIZE" },
   { name: 'ignore-times', short: 'I', kind: 'flag', help: "don't skip files that match size and time" },
   { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
+  { name: 'dirs', short: 'd', kind: 'flag', neg: ['no-dirs', 'no-d'], help: 'transfer directories without recursing' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
   { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
   { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
@@ -248,7 +251,7 @@ const SPECS: Spec[] = [
  * anything else unknown is a plain usage error.
  */
 const UNSUPPORTED_LONG = new Set(
-  `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r dirs no-dirs no-d
+  `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r
   old-dirs old-d executability atimes no-atimes no-U open-noatime
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
@@ -266,7 +269,7 @@ const UNSUPPORTED_LONG = new Set(
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('dEUNOJLkKfFCTs468My');
+const UNSUPPORTED_SHORT = new Set('EUNOJLkKfFCTs468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -650,6 +653,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     ignoreTimes: bool('ignore-times'),
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
+    dirs: bool('dirs'),
     filesFrom,
     logFile: str(y['log-file']),
     logFileFormat: y['log-file-format'] === undefined ? undefined : (checkLogFormat(String(str(y['log-file-format']))), str(y['log-file-format'])),

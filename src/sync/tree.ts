@@ -54,6 +54,8 @@ export interface TreeOptions extends FileSyncOptions {
   maxSize?: number;
   /** -m: folders with nothing but folders below them (after the filters) are left out. */
   pruneEmptyDirs?: boolean;
+  /** -d: folders are made without -r (contents walked only of an operand ending in '/' or "."). */
+  dirs?: boolean;
   /** --chmod arguments (src/core/chmod.ts), checked already. */
   chmod?: string[];
   /** --usermap/--groupmap (--chown is one of them), checked already; --numeric-ids: no names matched. */
@@ -203,7 +205,8 @@ export class TreeSync {
         const cur = this.plan.destCreated ? undefined : await this.dest?.stat();
         this.stats.dirs++;
         if (!cur) this.stats.created++;
-        await this.dirBody(src, t.stat, this.dest, cur, '', t.stat.dev);
+        // -d without -r: the folder's contents, one level (its folders made, not walked).
+        await this.dirBody(src, t.stat, this.dest, cur, '', t.stat.dev, this.opts.dirs && !this.opts.recursive ? 1 : undefined);
       } catch (e) {
         this.fail(e, shown);
       } finally {
@@ -219,7 +222,8 @@ export class TreeSync {
       return;
     }
     try {
-      await this.entry(parent, t.stat, this.dest, t.destRel, t.stat.dev);
+      // -d without -r: a folder named without a trailing slash is made, its contents not walked.
+      await this.entry(parent, t.stat, this.dest, t.destRel, t.stat.dev, this.opts.dirs && !this.opts.recursive ? 0 : undefined);
     } finally {
       await parent.dir.close();
     }
@@ -382,7 +386,7 @@ export class TreeSync {
 
   /**
    * The destination side of an entry: the folder that holds it (undefined: it
-   * cannot exist, -n) and its name. `levels`: under --files-from, how many
+   * cannot exist, -n) and its name. `levels`: under --files-from and -d, how many
    * levels of a folder's contents are walked (0: the folder alone);
    * undefined: as -r says.
    */
