@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { parseArgv, parseBlockSize, type ParsedArgs, type SyncOptions } from '../src/cli/args.js';
+import { parseArgv, parseBlockSize, parseSizeArg, type ParsedArgs, type SyncOptions } from '../src/cli/args.js';
 import { QsyncError } from '../src/core/errors.js';
 
 function sync(argv: string[]): { sources: string[]; dest: string; options: SyncOptions } {
@@ -37,7 +37,8 @@ describe('parseArgv', () => {
       oneFileSystem: false, blockSize: 65536, manifest: undefined, json: false, rsh: undefined, bwlimit: 0, timeout: 0,
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
-      hardLinks: false, acls: false, xattrs: false,
+      hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, logFile: undefined, logFileFormat: undefined, dirs: false,
     } satisfies SyncOptions);
   });
 
@@ -94,7 +95,7 @@ describe('parseArgv', () => {
     expect(long.code).toBe('UNSUPPORTED');
     expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--files-from=x', '-b', '--append', '-L', '--filter=- x', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--old-dirs', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
@@ -165,6 +166,75 @@ describe('parseArgv', () => {
     expect(sync(['--ignore-non-existing', 'a', 'b']).options.existing).toBe(true);
   });
 
+  it("reads rsync's deletion, size, time and folder options", () => {
+    expect(sync(['--delete-excluded', 'a', 'b']).options).toMatchObject({ delete: true, deleteExcluded: true });
+    expect(sync(['--max-delete=3', '--mkpath', '-Im', 'a', 'b']).options).toMatchObject({ maxDelete: 3, mkpath: true, ignoreTimes: true, pruneEmptyDirs: true });
+    expect(sync(['-m', '--no-m', '--mkpath', '--no-mkpath', 'a', 'b']).options).toMatchObject({ pruneEmptyDirs: false, mkpath: false });
+    expect(sync(['-d', 'a', 'b']).options.dirs).toBe(true);
+    expect(sync(['--dirs', '--no-d', 'a', 'b']).options.dirs).toBe(false);
+    // rsync: a negative limit is no deletions; popt reads C integers (hex, octal, empty = 0).
+    expect(sync(['--max-delete=-5', 'a', 'b']).options.maxDelete).toBe(0);
+    expect(sync(['--max-delete', '0x10', 'a', 'b']).options.maxDelete).toBe(16);
+    expect(sync(['--max-delete=', 'a', 'b']).options.maxDelete).toBe(0);
+    expect(failure(['--max-delete=abc', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: '--max-delete=abc: invalid numeric value' });
+    expect(sync(['-@2', 'a', 'b']).options.modifyWindow).toBe(2);
+    expect(sync(['-@', '-1', 'a', 'b']).options.modifyWindow).toBe(-1);
+    expect(failure(['--modify-window=1.5', 'a', 'b']).message).toBe('--modify-window=1.5: invalid numeric value');
+    expect(sync(['--min-size=1.5k', '--max-size', '2M-1', 'a', 'b']).options).toMatchObject({ minSize: 1536, maxSize: 2 * 1024 * 1024 - 1 });
+  });
+
+  it("reads SIZE as rsync's parse_size_arg does", () => {
+    const cases: [string, number][] = [
+      ['0', 0], ['', 0], ['100', 100], ['10b', 10], ['1k', 1024], ['1K', 1024], ['1KB', 1000], ['1kib', 1024], ['1.5m', 1572864],
+      ['1mb+1', 1_000_001], ['1g-1', 2 ** 30 - 1], ['2t', 2 * 2 ** 40], ['1P', 2 ** 50], ['.5k', 512],
+    ];
+    for (const [text, bytes] of cases) expect(parseSizeArg('max-size', text), text).toBe(bytes);
+    for (const [text, why] of [['abc', 'invalid'], ['5x', 'invalid'], ['1Ki', 'invalid'], ['1.5.2', 'invalid'], ['+1', 'invalid'], ['-1', 'too large'], ['9999999P', 'too large']]) {
+      expect(() => parseSizeArg('max-size', text!), text).toThrow(`--max-size=${text} is ${why}`);
+    }
+  });
+
+  it('--files-from turns off the -r of -a, not a -r given itself (as rsync)', () => {
+    expect(sync(['-a', '--files-from=l', 'a', 'b']).options).toMatchObject({ recursive: false, filesFrom: 'l', times: true });
+    expect(sync(['-ar', '--files-from', 'l', 'a', 'b']).options.recursive).toBe(true);
+    expect(sync(['-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(true);
+    expect(sync(['-r', '--no-r', '-a', '--files-from=l', 'a', 'b']).options.recursive).toBe(false);
+    expect(sync(['-a0', 'a', 'b']).options).toMatchObject({ recursive: true, from0: true, relative: false });
+    expect(sync(['--files-from=l', 'a', 'b']).options.relative).toBe(true);
+    expect(sync(['-aR', 'a', 'b']).options.relative).toBe(true);
+    expect(failure(['--files-from=l', '--no-R', 'a', 'b']).code).toBe('UNSUPPORTED');
+  });
+
+  it('keeps every --chmod in order and refuses one rsync would not parse, in its words', () => {
+    expect(sync(['--chmod=D755,F644', '--chmod', 'u+x', 'a', 'b']).options.chmod).toEqual(['D755,F644', 'u+x']);
+    expect(failure(['--chmod=u+q', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'Invalid argument passed to --chmod (u+q)' });
+    expect(failure(['--chmod=', 'a', 'b']).code).toBe('USAGE');
+  });
+
+  it('--chown is --usermap=*:USER --groupmap=*:GROUP and turns on -o/-g where it stands; each map once, as rsync', () => {
+    expect(sync(['--chown=a:b', 'x', 'y']).options).toMatchObject({ usermap: '*:a', groupmap: '*:b', owner: true, group: true });
+    expect(sync(['--chown=a', 'x', 'y']).options).toMatchObject({ usermap: '*:a', groupmap: undefined, owner: true, group: false });
+    expect(sync(['--chown=:b', 'x', 'y']).options).toMatchObject({ usermap: undefined, groupmap: '*:b', owner: false, group: true });
+    expect(sync(['--usermap=0:1', '--no-o', 'x', 'y']).options).toMatchObject({ usermap: '0:1', owner: false });
+    expect(failure(['--chown=a', '--usermap=*:b', 'x', 'y']).message).toBe('--usermap conflicts with prior --chown.');
+    expect(failure(['--groupmap=*:b', '--chown=:c', 'x', 'y']).message).toBe('--chown conflicts with prior --groupmap.');
+    expect(failure(['--usermap=1:2', '--usermap=3:4', 'x', 'y']).message).toBe('You can only specify --usermap once.');
+    expect(failure(['--chown=a', '--chown=b', 'x', 'y']).message).toBe('You can only specify a user-affecting --chown once.');
+    expect(failure(['--usermap=1-:2', 'x', 'y']).message).toBe('Invalid number in --usermap: 1-');
+    expect(failure(['--groupmap=abc', 'x', 'y']).message).toBe('No colon found in --groupmap: abc');
+  });
+
+  it('--log-file and --log-file-format; a format escape qsync cannot fill is refused, named', () => {
+    expect(sync(['--log-file=l', '--log-file-format=%o %n', 'a', 'b']).options).toMatchObject({ logFile: 'l', logFileFormat: '%o %n' });
+    expect(sync(['--log-file=l', 'a', 'b']).options.logFileFormat).toBeUndefined();
+    expect(failure(['--log-file-format=%i %-10f', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', message: '--log-file-format: %f is not supported' });
+  });
+
+  it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {
+    expect(failure(['-ab', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { hint: expect.stringContaining('--backup-dir=DIR') } });
+    expect(sync(['-b', '--backup-dir=h', 'a', 'b']).options.backupDir).toBe('h');
+  });
+
   it('returns help and version', () => {
     const help = parseArgv(['--help']);
     expect(help.kind).toBe('help');
@@ -174,7 +244,9 @@ describe('parseArgv', () => {
     }
     expect(parseArgv(['-h']).kind).toBe('help');
     expect(parseArgv(['-a', '--help', '--bogus']).kind).toBe('help');
-    expect(parseArgv(['--version'])).toEqual({ kind: 'version' });
-    expect(parseArgv(['-V'])).toEqual({ kind: 'version' });
+    expect(parseArgv(['--version'])).toEqual({ kind: 'version', level: 1 });
+    expect(parseArgv(['-V'])).toEqual({ kind: 'version', level: 1 });
+    expect(parseArgv(['-VV'])).toEqual({ kind: 'version', level: 2 });
+    expect(parseArgv(['-V', '--version', 'a'])).toEqual({ kind: 'version', level: 2 });
   });
 });

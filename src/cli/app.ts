@@ -5,6 +5,7 @@
 import { isQsyncError, QsyncError } from '../core/errors.js';
 import { escapeForTerminal } from './output.js';
 import { parseArgv } from './args.js';
+import { versionText } from './version.js';
 import { describeExit, EXIT, exitCodeFor } from './exit-codes.js';
 import { DELTA_COMMANDS } from './commands.js';
 import type { CliIO } from './run-sync.js';
@@ -45,7 +46,7 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       return 0;
     }
     if (parsed.kind === 'version') {
-      io.stdout.write(`qsync ${io.version}\n`);
+      io.stdout.write(versionText(io.version, parsed.level));
       return 0;
     }
     const o = parsed.options;

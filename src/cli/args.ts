@@ -16,6 +16,9 @@ import yargs from 'yargs';
 import { QsyncError } from '../core/errors.js';
 import type { FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
+import { parseChmod } from '../core/chmod.js';
+import { parseIdMap } from '../core/idmap.js';
+import { checkLogFormat } from './log-file.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -51,6 +54,37 @@ export interface SyncOptions {
   inplace: boolean;
   wholeFile: boolean;
   delete: boolean;
+  /** --delete-excluded: excluded names in DEST are deleted too (implies --delete). */
+  deleteExcluded: boolean;
+  /** --max-delete=NUM: at most NUM deletions (-1: no limit; rsync's exit 25 when it stops some). */
+  maxDelete: number;
+  /** --mkpath: create DEST's missing path components. */
+  mkpath: boolean;
+  /** --min-size/--max-size in bytes (-1: no limit): regular files outside are skipped. */
+  minSize: number;
+  maxSize: number;
+  /** -I: no quick check (size and mtime equal is not enough to skip a file). */
+  ignoreTimes: boolean;
+  /** --modify-window=NUM: mtimes within NUM seconds are equal; -1: to the nanosecond; 0: to the microsecond (qsync's default). */
+  modifyWindow: number;
+  /** -m: folders without a file, link or node below them (after the filters) are left out. */
+  pruneEmptyDirs: boolean;
+  /** -d: folders are made without recursing (contents of an operand ending in '/' or "." one level). */
+  dirs: boolean;
+  /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
+  filesFrom?: string;
+  /** --chmod arguments, in order (src/core/chmod.ts). */
+  chmod: string[];
+  /** --usermap/--groupmap (src/core/idmap.ts); --chown=USER:GROUP sets them to "*:USER", "*:GROUP". */
+  usermap?: string;
+  groupmap?: string;
+  /** --log-file=FILE, --log-file-format=FMT (src/cli/log-file.ts). */
+  logFile?: string;
+  logFileFormat?: string;
+  /** -R: each SRC keeps its path below DEST (from a "/./" in it on). */
+  relative: boolean;
+  /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
+  from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
   filters: FilterRule[];
   sparse: boolean;
@@ -93,7 +127,7 @@ export interface SyncOptions {
 export type ParsedArgs =
   | { kind: 'sync'; sources: string[]; dest: string; options: SyncOptions }
   | { kind: 'help'; text: string }
-  | { kind: 'version' };
+  | { kind: 'version'; level: VersionLevel };
 
 type Kind =
   | 'flag' // boolean; its `neg` spellings turn it off
@@ -102,10 +136,14 @@ type Kind =
   | 'list' // takes an argument, repeatable
   | 'filter' // include/exclude rules, kept in order
   | 'info' // --info=FLAGS
+  | 'id-map' // --usermap, --groupmap, --chown: turn on -o/-g where they stand, as rsync
   | 'expand' // stands for the options in `expand` (-a, -D, -P)
   | 'noop' // accepted, nothing to do: qsync always behaves that way
   | 'help'
   | 'version';
+
+/** -V (1) or -VV (2, rsync's JSON). */
+export type VersionLevel = 1 | 2;
 
 interface Spec {
   /** Canonical name: the yargs key, or the help label of short-only options. */
@@ -163,6 +201,25 @@ const SPECS: Spec[] = [
     aliases: ['del', 'delete-before', 'delete-during', 'delete-delay', 'delete-after'],
     help: 'delete extraneous files from dest directories',
   },
+  { name: 'delete-excluded', kind: 'flag', help: 'also delete excluded files from dest directories (implies --delete)' },
+  { name: 'max-delete', kind: 'value', arg: 'NUM', help: "don't delete more than NUM files (exit 25 when some are left)" },
+  { name: 'mkpath', kind: 'flag', neg: ['no-mkpath'], help: "create destination's missing path components" },
+  { name: 'max-size', kind: 'value', arg: 'SIZE', help: "don't transfer any file larger than SIZE" },
+  { name: 'min-size', kind: 'value', arg: 'SIZE', help: "don't transfer any file smaller than SIZE" },
+  { name: 'ignore-times', short: 'I', kind: 'flag', help: "don't skip files that match size and time" },
+  { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
+  { name: 'dirs', short: 'd', kind: 'flag', neg: ['no-dirs', 'no-d'], help: 'transfer directories without recursing' },
+  { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
+  { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
+  { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
+  { name: 'groupmap', kind: 'id-map', arg: 'STRING', help: 'custom groupname mapping' },
+  { name: 'chown', kind: 'id-map', arg: 'USER:GROUP', help: 'simple username/groupname mapping' },
+  { name: 'log-file', kind: 'value', arg: 'FILE', help: "log what we're doing to the specified FILE" },
+  { name: 'log-file-format', kind: 'value', arg: 'FMT', help: 'log updates using the specified FMT' },
+  { name: 'relative', short: 'R', kind: 'flag', neg: ['no-relative', 'no-R'], help: 'use relative path names' },
+  { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
+  { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
+  { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
   { name: 'partial', kind: 'noop', help: 'accepted: qsync always resumes' },
   { name: 'fsync', kind: 'noop', help: 'accepted: qsync always fsyncs' },
   { name: 'no-motd', kind: 'noop', help: 'accepted: no daemon, no MOTD' },
@@ -200,26 +257,25 @@ const SPECS: Spec[] = [
  * anything else unknown is a plain usage error.
  */
 const UNSUPPORTED_LONG = new Set(
-  `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r dirs no-dirs no-d
+  `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r
   old-dirs old-d executability atimes no-atimes no-U open-noatime
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
-  no-omit-link-times no-J modify-window super no-super fake-super copy-devices write-devices no-write-devices
+  no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
-  munge-links no-munge-links copy-dirlinks keep-dirlinks relative no-relative
-  no-R implied-dirs no-implied-dirs i-d no-i-d chmod ignore-times max-size min-size max-alloc preallocate
-  append append-verify no-append delete-excluded delete-missing-args ignore-missing-args remove-sent-files
-  remove-source-files force no-force ignore-errors no-ignore-errors max-delete filter cvs-exclude
+  munge-links no-munge-links copy-dirlinks keep-dirlinks implied-dirs no-implied-dirs i-d no-i-d max-alloc preallocate
+  append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
+  remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
-  delay-updates no-delay-updates prune-empty-dirs no-prune-empty-dirs no-m log-file log-file-format
-  out-format log-format backup no-backup suffix list-only files-from from0 no-from0
-  old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender usermap
-  groupmap chown contimeout no-contimeout stop-after time-limit stop-at rsync-path
-  temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 mkpath no-mkpath qsort copy-as
+  delay-updates no-delay-updates
+  out-format log-format suffix list-only
+  old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender
+  contimeout no-contimeout stop-after time-limit stop-at rsync-path
+  temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 qsort copy-as
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('dEUNOJ@LkKRIfFCbT0s468Mym');
+const UNSUPPORTED_SHORT = new Set('EUNOJLkKfFCTs468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -231,32 +287,43 @@ for (const spec of SPECS) {
 }
 const specNamed = (name: string): Spec => byLong.get(name)!.spec;
 
-const takesValue = (kind: Kind): boolean => kind === 'value' || kind === 'list' || kind === 'filter' || kind === 'info';
+const takesValue = (kind: Kind): boolean => kind === 'value' || kind === 'list' || kind === 'filter' || kind === 'info' || kind === 'id-map';
 
 interface Normalised {
   /** Canonical options for yargs: --name, --no-name, --name=value. */
   line: string[];
   filters: FilterRule[];
   operands: string[];
-  /** Set by a help or version option, which ends parsing where it stands. */
-  stop?: 'help' | 'version';
+  /** Set by a help option, which ends parsing where it stands. */
+  stop?: 'help';
+  /** -V/--version seen this many times (rsync: twice gives its JSON). */
+  version: number;
   /** A --no-human-readable was seen: the level starts at 0 instead of 1. */
   noHuman: boolean;
+  /** -r given itself, not through -a (rsync: --files-from turns off the -r of -a only). */
+  ownRecursive: boolean;
+  /** The values of repeatable options, as typed (yargs would drop an empty one and read "0644" as a number). */
+  lists: Map<string, string[]>;
+  /** --usermap/--groupmap, --chown's included. */
+  usermap?: string;
+  groupmap?: string;
 }
 
 function normalise(argv: readonly string[]): Normalised {
-  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false };
+  const out: Normalised = { line: [], filters: [], operands: [], noHuman: false, version: 0, ownRecursive: false, lists: new Map() };
 
-  const apply = (spec: Spec, negated: boolean, value?: string): void => {
+  const apply = (spec: Spec, negated: boolean, value?: string, implied = false): void => {
     switch (spec.kind) {
       case 'help':
+        out.stop ??= 'help';
+        return;
       case 'version':
-        out.stop ??= spec.kind;
+        out.version++;
         return;
       case 'noop':
         return;
       case 'expand':
-        for (const name of spec.expand!) apply(specNamed(name), negated);
+        for (const name of spec.expand!) apply(specNamed(name), negated, undefined, true);
         return;
       case 'count':
         if (negated) {
@@ -267,8 +334,15 @@ function normalise(argv: readonly string[]): Normalised {
         return;
       case 'flag':
         out.line.push(negated ? `--no-${spec.name}` : `--${spec.name}`);
+        if (spec.name === 'recursive' && !implied) out.ownRecursive = !negated;
         // rsync: -A turns --perms on where it stands (a later --no-perms still turns it off).
         if (spec.name === 'acls' && !negated) out.line.push('--perms');
+        return;
+      case 'id-map':
+        idMap(spec.name, value!);
+        return;
+      case 'list':
+        out.lists.set(spec.name, [...(out.lists.get(spec.name) ?? []), value!]);
         return;
       case 'filter':
         out.filters.push(
@@ -280,6 +354,27 @@ function normalise(argv: readonly string[]): Normalised {
       default:
         out.line.push(`--${spec.name}=${value!}`);
     }
+  };
+
+  /** rsync's parse of --usermap, --groupmap and --chown: each map once, --chown's parts only where given. */
+  const chownSet = { user: false, group: false };
+  const idMap = (name: string, value: string): void => {
+    const set = (kind: 'user' | 'group', map: string, viaChown: boolean): void => {
+      const key = kind === 'user' ? 'usermap' : 'groupmap';
+      if (out[key] !== undefined) {
+        const msg = chownSet[kind] !== viaChown ? `--${viaChown ? 'chown' : key} conflicts with prior --${viaChown ? key : 'chown'}.` : viaChown ? `You can only specify a ${kind}-affecting --chown once.` : `You can only specify --${key} once.`;
+        throw new QsyncError('USAGE', msg, { option: `--${name}` });
+      }
+      out[key] = map;
+      chownSet[kind] = viaChown;
+      out.line.push(kind === 'user' ? '--owner' : '--group');
+    };
+    if (name !== 'chown') return set(name === 'usermap' ? 'user' : 'group', value, false);
+    const colon = value.indexOf(':');
+    const user = colon < 0 ? value : value.slice(0, colon);
+    const group = colon < 0 ? '' : value.slice(colon + 1);
+    if (user) set('user', `*:${user}`, true);
+    if (group) set('group', `*:${group}`, true);
   };
 
   const missingValue = (typed: string): QsyncError =>
@@ -348,7 +443,7 @@ function yargsOptions(): Record<string, { type: 'boolean' | 'count' | 'string' |
     if (kind === 'flag') opts[name] = { type: 'boolean' };
     else if (kind === 'count') opts[name] = { type: 'count' };
     else if (kind === 'value') opts[name] = { type: 'string' };
-    else if (kind === 'list' || kind === 'info') opts[name] = { type: 'array' };
+    else if (kind === 'info') opts[name] = { type: 'array' };
   }
   return opts;
 }
@@ -378,6 +473,53 @@ export function parseRate(text: string): number {
   const base = m[3]?.toLowerCase() === 'b' ? 1000 : 1024;
   const power = m[2] ? 'kmg'.indexOf(m[2].toLowerCase()) + 1 : 1;
   return Math.round(Number(m[1]) * base ** power);
+}
+
+/** popt's POPT_ARG_INT, as rsync reads --max-delete and --modify-window: C's strtol in base 0 (12, 0x1f, 017; empty is 0). */
+function parseInt32(option: string, text: string): number {
+  const m = /^\s*([+-]?)(?:0x([0-9a-f]+)|(0[0-7]*)|([1-9]\d*))?$/i.exec(text);
+  const n = m && (m[2] !== undefined ? parseInt(m[2], 16) : m[3] !== undefined ? parseInt(m[3], 8) : m[4] !== undefined ? Number(m[4]) : text.trim() ? NaN : 0);
+  if (n === null || !Number.isSafeInteger(n) || n > 2 ** 31 - 1) throw new QsyncError('USAGE', `--${option}=${text}: invalid numeric value`, { option: `--${option}`, value: text });
+  return m![1] === '-' ? -n : n;
+}
+
+/**
+ * rsync's parse_size_arg() for --min-size/--max-size: a number with an
+ * optional fraction, a unit (b, k, m, g, t, p; bytes by default) that is
+ * 1024-based, or 1000-based when followed by "b" ("kb"), "ib" is 1024 again;
+ * then "+1" or "-1" to add or take one byte. Returns bytes.
+ */
+export function parseSizeArg(option: string, text: string): number {
+  const fail = (why: string): never => {
+    throw new QsyncError('USAGE', `--${option}=${text} is ${why}`, { option: `--${option}`, value: text });
+  };
+  const m = /^(\d*(?:\.\d*)?)(.*)$/.exec(text)!;
+  let rest = m[2]!;
+  let reps = 0;
+  if (rest && rest[0] !== '+' && rest[0] !== '-') {
+    reps = 'bkmgtp'.indexOf(rest[0]!.toLowerCase());
+    if (reps < 0) fail('invalid');
+    rest = rest.slice(1);
+  }
+  let mult = 1024;
+  if (/^b/i.test(rest)) {
+    mult = 1000;
+    rest = rest.slice(1);
+  } else if (/^ib/i.test(rest)) rest = rest.slice(2);
+  else if (rest && rest[0] !== '+' && rest[0] !== '-') fail('invalid');
+  const max = 2 ** 63 - 1;
+  const unit = mult ** reps;
+  // C's strtod over the whole text: the leading number, sign included (rsync reports a negative one as too large).
+  const d = Number(/^[+-]?\d*\.?\d*/.exec(text)![0].replace(/^([+-]?)\.?$/, '$10')) || 0;
+  if (d < 0 || d >= max / unit) fail('too large');
+  let size = Math.trunc(d * unit);
+  if ((rest.startsWith('+1') || rest.startsWith('-1')) && rest !== text) {
+    size += rest[0] === '+' ? 1 : -1;
+    rest = rest.slice(2);
+  }
+  if (rest) fail('invalid');
+  if (size < 0) fail('too large');
+  return size;
 }
 
 function parseSeconds(text: string): number {
@@ -461,7 +603,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   if (argv.length === 1 && argv[0] === '-h') return { kind: 'help', text: helpText() };
   const n = normalise(argv);
   if (n.stop === 'help') return { kind: 'help', text: helpText() };
-  if (n.stop === 'version') return { kind: 'version' };
+  if (n.version) return { kind: 'version', level: n.version > 1 ? 2 : 1 };
 
   const y = yargs(n.line)
     .exitProcess(false)
@@ -475,7 +617,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     })
     .parseSync();
   const bool = (name: string): boolean => y[name] === true;
-  const list = (name: string): string[] => ((y[name] as unknown[] | undefined) ?? []).map(String);
+  const list = (name: string): string[] => n.lists.get(name) ?? ((y[name] as unknown[] | undefined) ?? []).map(String);
 
   const info = parseInfo(list('info'));
   if (info === 'help') return { kind: 'help', text: infoHelpText() };
@@ -485,8 +627,9 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   const verifyText = str(y['verify-sample']);
   const blockText = str(y['block-size']);
 
+  const filesFrom = str(y['files-from']);
   const options: SyncOptions = {
-    recursive: bool('recursive'),
+    recursive: bool('recursive') && (filesFrom === undefined || n.ownRecursive),
     links: bool('links'),
     perms: bool('perms'),
     times: bool('times'),
@@ -508,7 +651,29 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     itemize: bool('itemize-changes'),
     inplace: bool('inplace'),
     wholeFile: bool('whole-file'),
-    delete: bool('delete'),
+    delete: bool('delete') || bool('delete-excluded'),
+    deleteExcluded: bool('delete-excluded'),
+    // rsync: a negative limit means no deletions at all.
+    maxDelete: y['max-delete'] === undefined ? -1 : Math.max(0, parseInt32('max-delete', String(str(y['max-delete'])))),
+    mkpath: bool('mkpath'),
+    minSize: y['min-size'] === undefined ? -1 : parseSizeArg('min-size', String(str(y['min-size']))),
+    maxSize: y['max-size'] === undefined ? -1 : parseSizeArg('max-size', String(str(y['max-size']))),
+    ignoreTimes: bool('ignore-times'),
+    modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
+    pruneEmptyDirs: bool('prune-empty-dirs'),
+    dirs: bool('dirs'),
+    filesFrom,
+    logFile: str(y['log-file']),
+    logFileFormat: y['log-file-format'] === undefined ? undefined : (checkLogFormat(String(str(y['log-file-format']))), str(y['log-file-format'])),
+    // rsync: --files-from implies -R.
+    relative: bool('relative') || (filesFrom !== undefined && y.relative === undefined),
+    usermap: n.usermap === undefined ? undefined : (parseIdMap(n.usermap, 'user'), n.usermap),
+    groupmap: n.groupmap === undefined ? undefined : (parseIdMap(n.groupmap, 'group'), n.groupmap),
+    chmod: list('chmod').map((c) => {
+      if (!parseChmod(c, 0)) throw new QsyncError('USAGE', `Invalid argument passed to --chmod (${c})`, { option: '--chmod', value: c });
+      return c;
+    }),
+    from0: bool('from0'),
     filters: n.filters,
     sparse: bool('sparse'),
     checksum: bool('checksum'),
@@ -538,6 +703,16 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     connect: str(y.connect),
     verifySample: verifyText === undefined ? 0.5 : parsePercent(verifyText),
   };
+
+  if (filesFrom !== undefined && y.relative === false) {
+    throw new QsyncError('UNSUPPORTED', '--files-from with --no-relative is not supported: the names keep their folders in DEST', { option: '--no-relative' });
+  }
+  if (bool('backup') && options.backupDir === undefined) {
+    throw new QsyncError('UNSUPPORTED', '-b/--backup without --backup-dir is not supported: qsync keeps no whole old copies (FILE~)', {
+      option: '--backup',
+      hint: 'give --backup-dir=DIR, which keeps the old contents of the blocks each run overwrites (qsync restore brings back any point)',
+    });
+  }
 
   const ops = n.operands;
   // Image mode and --read-batch take their source elsewhere: DEST alone is enough.

@@ -18,6 +18,7 @@ export const EXIT = {
   SIGNAL: { code: 20, text: 'received SIGINT, SIGTERM, or SIGHUP' },
   PARTIAL: { code: 23, text: 'some files/attrs were not transferred (see previous errors)' },
   VANISHED: { code: 24, text: 'some files vanished before they could be transferred' },
+  DEL_LIMIT: { code: 25, text: 'the --max-delete limit stopped deletions' },
   IPC: { code: 14, text: 'error in IPC code' },
   TIMEOUT: { code: 30, text: 'timeout in data send/receive' },
   REMOTE_SHELL: { code: 255, text: 'unexplained error' },

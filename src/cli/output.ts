@@ -92,6 +92,20 @@ export function formatProgress(done: number, size: number, elapsedMs: number, hu
 
 const pad2 = (n: number): string => String(n).padStart(2, '0');
 
+/** rsync's two closing lines of -v and --stats: "sent N bytes  received N bytes  R bytes/sec", "total size is N  speedup is S". */
+export function summaryLines(stats: RunStats, o: Pick<SyncOptions, 'human' | 'dryRun'>): string[] {
+  const h = o.human;
+  // Local runs have no wire: what is "sent" is the data written to the target, and the target is never read back.
+  const sent = stats.wireSent ?? stats.literal;
+  const received = stats.wireReceived ?? 0;
+  const rate = ((sent + received) * 1000) / Math.max(stats.elapsedMs, 1);
+  const speedup = stats.totalSize / Math.max(sent + received, 1);
+  return [
+    `sent ${formatSize(sent, h)} bytes  received ${formatSize(received, h)} bytes  ${formatDecimal(rate, h)} bytes/sec`,
+    `total size is ${formatSize(stats.totalSize, h)}  speedup is ${formatDecimal(speedup, Math.min(h, 1))}${o.dryRun ? ' (DRY RUN)' : ''}`,
+  ];
+}
+
 /** A name as rsync prints it: directories end in '/', the root is "./". */
 function shownName(r: Pick<FileReport, 'path' | 'kind'>): string {
   if (r.kind !== 'dir') return r.path;
@@ -217,9 +231,10 @@ class TextPrinter implements Printer {
     this.out(message);
   }
 
-  warning(message: string): void {
-    if (this.bars) this.bars.log(`qsync: ${escapeForTerminal(message)}`);
-    else this.io.stderr.write(`qsync: ${escapeForTerminal(message)}\n`);
+  warning(message: string, _path?: string, bare?: boolean): void {
+    const line = `${bare ? '' : 'qsync: '}${escapeForTerminal(message)}`;
+    if (this.bars) this.bars.log(line);
+    else this.io.stderr.write(`${line}\n`);
   }
 
   finish(stats: RunStats | undefined, exitCode: number): number {
@@ -251,11 +266,8 @@ class TextPrinter implements Printer {
         this.out(`Total bytes received: ${formatSize(received, h)}`);
       }
       if (o.stats || o.verbose) {
-        const rate = ((sent + received) * 1000) / Math.max(stats.elapsedMs, 1);
-        const speedup = stats.totalSize / Math.max(sent + received, 1);
         this.out('');
-        this.out(`sent ${formatSize(sent, h)} bytes  received ${formatSize(received, h)} bytes  ${formatDecimal(rate, h)} bytes/sec`);
-        this.out(`total size is ${formatSize(stats.totalSize, h)}  speedup is ${formatDecimal(speedup, Math.min(h, 1))}${o.dryRun ? ' (DRY RUN)' : ''}`);
+        for (const line of summaryLines(stats, o)) this.out(line);
       }
     }
     if (exitCode !== 0) this.io.stderr.write(`${describeExit(exitCode)}\n`);

@@ -28,6 +28,8 @@ const LOCAL_ONLY: [keyof SyncOptions, string][] = [
   ['onlyWriteBatch', '--only-write-batch'],
   ['backupDir', '--backup-dir'],
   ['manifest', '--manifest'],
+  ['filesFrom', '--files-from'],
+  ['relative', '-R'],
 ];
 
 export async function syncRemote(shown: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
@@ -42,7 +44,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     if (o[k]) throw new QsyncError('UNSUPPORTED', `${flag} is not supported with a remote ${to ? 'destination' : 'source'} yet`, { hint: 'run it on the host that holds both sides, or without the option' });
   }
   // Filter files are read here, where they were named.
-  const rules = await filterRules(o.filters);
+  const rules = await filterRules(o.filters, o.from0);
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
   return withSession(remote, o, { onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 }, async (ch) => {
     printer = countingWire(printer, ch);

@@ -4,13 +4,14 @@
  */
 import { constants as fsConstants, type BigIntStats } from 'node:fs';
 import { access, constants, mkdir, stat } from 'node:fs/promises';
-import { isAbsolute, join, relative, resolve } from 'node:path';
+import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
-import { errnoOf, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
 import { readUpTo } from '../io/local-file.js';
-import { Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
+import { decodeName, Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
+import { listedName, relativeOperand, splitFilesFrom, type ListedName } from '../core/files-from.js';
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
@@ -21,6 +22,7 @@ import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createPrinter, type Printer } from './output.js';
+import { withLogFile } from './log-file.js';
 import { parseRemote } from '../remote/ssh.js';
 
 export interface CliIO {
@@ -53,40 +55,73 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
   const texts = new Map<string, string>();
   for (const rule of rules) {
     if ('pattern' in rule || texts.has(rule.file)) continue;
-    const { dir, name } = await resolveTrusted(rule.file, true);
-    try {
-      const fh = await dir.openFile(name, fsConstants.O_RDONLY);
-      try {
-        const { size } = await fh.stat();
-        if (size > MAX_FILTER_FILE) throw new QsyncError('USAGE', `${rule.type} file ${rule.file} is ${size} bytes; at most ${MAX_FILTER_FILE} are read`, { file: rule.file });
-        // At most the size stat gave, plus one byte to see a file that grows (or a /proc file that says 0 bytes).
-        const buf = Buffer.alloc(size + 1);
-        const n = await readUpTo(fh, buf, 0);
-        if (n > size) {
-          throw new QsyncError('USAGE', `${rule.type} file ${rule.file} grew while qsync read it (or is not a plain file of a fixed size)`, {
-            file: rule.file,
-            hint: 'give a file that does not change while qsync runs',
-          });
-        }
-        texts.set(rule.file, buf.subarray(0, n).toString('utf8'));
-      } finally {
-        await fh.close();
-      }
-    } catch (e) {
-      if (e instanceof QsyncError) throw e;
-      throw new QsyncError('IO', `failed to open ${rule.type} file ${rule.file}: ${(e as Error).message}`, { file: rule.file }, { cause: e });
-    } finally {
-      await dir.close();
-    }
+    // "-" is stdin, as for rsync.
+    texts.set(rule.file, (rule.file === '-' ? await readStdin(MAX_FILTER_FILE, `${rule.type} list`) : await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
   }
   return texts;
 }
 
+/** At most this much of a --files-from list is read. */
+const MAX_FILES_FROM = 256 << 20;
+
+/** A file of names or patterns the user gave (`what`: "exclude-from file", ...), read whole, at most `max` bytes. */
+async function readListFile(path: string, what: string, max: number): Promise<Buffer> {
+  const { dir, name } = await resolveTrusted(path, true);
+  try {
+    const fh = await dir.openFile(name, fsConstants.O_RDONLY);
+    try {
+      const { size } = await fh.stat();
+      if (size > max) throw new QsyncError('USAGE', `${what} ${path} is ${size} bytes; at most ${max} are read`, { file: path });
+      // At most the size stat gave, plus one byte to see a file that grows (or a /proc file that says 0 bytes).
+      const buf = Buffer.alloc(size + 1);
+      const n = await readUpTo(fh, buf, 0);
+      if (n > size) {
+        throw new QsyncError('USAGE', `${what} ${path} grew while qsync read it (or is not a plain file of a fixed size)`, {
+          file: path,
+          hint: 'give a file that does not change while qsync runs',
+        });
+      }
+      return buf.subarray(0, n);
+    } finally {
+      await fh.close();
+    }
+  } catch (e) {
+    if (e instanceof QsyncError) throw e;
+    throw new QsyncError('IO', `failed to open ${what} ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+  } finally {
+    await dir.close();
+  }
+}
+
+/** All of stdin ("--files-from=-", as `find ... | qsync --files-from=- ...`), at most `max` bytes; `what` it is, for messages. */
+async function readStdin(max: number, what: string): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of process.stdin as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > max) throw new QsyncError('USAGE', `the ${what} on stdin is over ${max} bytes`, { hint: 'split it, or give it as a file' });
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks);
+}
+
+/**
+ * The names of a --files-from list, as rsync reads them
+ * (src/core/files-from.ts); names are bytes, decoded as names are.
+ */
+async function readFilesFrom(path: string, from0: boolean): Promise<ListedName[]> {
+  const bytes = path === '-' ? await readStdin(MAX_FILES_FROM, 'files-from list') : await readListFile(path, 'files-from list', MAX_FILES_FROM);
+  return splitFilesFrom(decodeName(bytes), from0).map((line) => listedName(line, path));
+}
+
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
-  const printer = createPrinter(o, io);
+  const shown = createPrinter(o, io);
+  const logged = o.logFile === undefined ? undefined : withLogFile(shown, o.logFile, o);
+  const printer = logged ?? shown;
   try {
     return await syncWith(printer, operands, dest, o);
   } catch (e) {
+    logged?.failed(e, exitCodeFor(e));
     // The error still reaches the user: on stderr, or inside the --json document.
     if (o.json) return printer.finish(undefined, exitCodeFor(e), e);
     throw e;
@@ -112,9 +147,9 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
  * or a peer's over the wire (the receiving end of a remote sync runs this too).
  */
 /** The filter rules with every --exclude-from/--include-from file read (here, where the user ran qsync). */
-export async function filterRules(rules: readonly FilterRule[]): Promise<PatternRule[]> {
+export async function filterRules(rules: readonly FilterRule[], from0 = false): Promise<PatternRule[]> {
   const texts = await readFilterFiles(rules);
-  return expandFilterFiles(rules, (f) => texts.get(f)!);
+  return expandFilterFiles(rules, (f) => texts.get(f)!, from0);
 }
 
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions): Promise<number> {
@@ -128,13 +163,26 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       // A source that is missing is reported and skipped; a link to the sources that broke ends the run.
       if (e instanceof QsyncError && e.context.fatal) throw e;
       missing = true;
-      printer.warning?.(`cannot read source ${operand}: ${errnoOf(e) === 'ENOENT' ? 'no such file or directory' : (e as Error).message}`, operand);
+      printer.warning?.(
+        errnoOf(e) === 'ENOENT'
+          ? `link_stat "${from.remote ? operand : resolve(operand)}" failed: No such file or directory (2)` // rsync's words
+          : `cannot read source ${operand}: ${(e as Error).message}`,
+        operand,
+      );
     }
   }
   if (!sources.length) return printer.finish(undefined, EXIT.PARTIAL.code);
 
+  if (o.mkpath) await makePath(printer, dest, sources, o);
   const destStat = await statOrUndefined(dest);
-  const plan = planOperands(sources, dest, destStat);
+  const plan =
+    o.filesFrom !== undefined
+      ? await listPlan(o.filesFrom, sources, dest, destStat, from, o.from0)
+      : o.relative
+        ? relativePlan(printer, sources, dest, destStat, o)
+        : planOperands(sources, dest, destStat);
+  // -n --mkpath: the folder a single file would land in is not made either.
+  if (o.mkpath && o.dryRun && !plan.destIsDir && !(await statOrUndefined(plan.destRoot))) plan.destCreated = true;
   if (plan.destIsDir && destStat && !destStat.isDirectory()) {
     throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest, exit: EXIT.FILE_SELECT.code });
   }
@@ -168,7 +216,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     throw new QsyncError('USAGE', '--manifest PATH needs exactly one source file', {});
   }
 
-  const rules = await filterRules(o.filters);
+  const rules = await filterRules(o.filters, o.from0);
   // A batch file is created beside its name and renamed over it: its folder is resolved once, trusting no other user's symlink, and held.
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
   const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);
@@ -177,6 +225,69 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   } finally {
     await batchAt?.dir.close();
   }
+}
+
+/**
+ * --files-from: the names of the list below the one SRC, into the DEST
+ * folder; a list of one file (no folder on its way) is copied as one file
+ * operand would be, to DEST itself when DEST is no folder, as rsync does.
+ */
+async function listPlan(list: string, sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined, from: Sources, from0: boolean): Promise<Plan> {
+  if (sources.length !== 1 || !sources[0]!.stat.isDirectory()) {
+    throw new QsyncError('USAGE', '--files-from takes one SRC, the folder the names in the list are relative to', { hint: 'qsync --files-from=LIST SRC/ DEST/' });
+  }
+  const base = sources[0]!.operand;
+  const names = await readFilesFrom(list, from0);
+  const only = names.length === 1 && !names[0]!.dotDir && names[0]!.rel && !names[0]!.rel.includes('/') ? join(base, names[0]!.rel) : undefined;
+  const st = only === undefined ? undefined : await from.statOperand(only).catch(() => undefined);
+  if (st && !st.isDirectory()) return planOperands([{ operand: only!, stat: st }], dest, destStat);
+  return { destRoot: resolve(dest), destIsDir: true, transfers: [], lists: [{ base, names, dirs: true }] };
+}
+
+/**
+ * -R: each SRC keeps its path below DEST (from its "/./" on, if it has
+ * one), the folders on the way made with their attributes, as rsync does;
+ * one file with no folder on its way is copied as a plain operand is.
+ */
+function relativePlan(printer: Printer, sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined, o: SyncOptions): Plan {
+  const named = sources.map((s) => ({ ...relativeOperand(s.operand), ...s }));
+  if (named.length === 1 && !named[0]!.stat.isDirectory() && !named[0]!.name.dotDir && !named[0]!.name.rel.includes('/')) return planOperands(sources, dest, destStat);
+  const sent = named.filter((l) => {
+    // rsync skips a folder without -r before it sends the folders on its way.
+    if (!l.stat.isDirectory() || o.recursive) return true;
+    printer.notice?.(`skipping directory ${l.name.rel || '.'}`);
+    return false;
+  });
+  const lists = sent.map((l) => ({ base: l.base, names: [l.name], dirs: false, shownPrefix: l.base === '/' && !l.operand.includes('/./') ? '/' : '' }));
+  return { destRoot: resolve(dest), destIsDir: true, transfers: [], lists };
+}
+
+/**
+ * --mkpath, as rsync's make_path(): the missing folders of DEST (of its
+ * parent, when one file is copied to a DEST without a trailing slash) are
+ * made, top down, 0777 less the umask; -v or -i says how many. With -n
+ * nothing is made, and the count is what would be.
+ */
+async function makePath(printer: Printer, dest: string, sources: { stat: BigIntStats }[], o: SyncOptions): Promise<void> {
+  if (await statOrUndefined(dest)) return;
+  const single = sources.length === 1 && !sources[0]!.stat.isDirectory();
+  const trimmed = dest.replace(/(.)\/+$/, '$1');
+  const target = single && !dest.endsWith('/') ? dirname(dest) : trimmed;
+  const missing: string[] = [];
+  for (let p = target; p !== dirname(p) && p !== '.'; p = dirname(p)) {
+    const st = await lstatOrUndefined(fsPath(p));
+    if (st) break;
+    missing.unshift(p);
+  }
+  if (!o.dryRun) {
+    for (const p of missing) {
+      await mkdir(fsPath(p), 0o777).catch((e) => {
+        if (errnoOf(e) === 'EEXIST') return;
+        throw new QsyncError('TARGET', `mkdir ${resolve(p)} failed: ${errnoText(e)}`, { file: p }, { cause: e });
+      });
+    }
+  }
+  if (missing.length && (o.verbose || o.itemize)) printer.notice?.(`created ${missing.length} director${missing.length === 1 ? 'y' : 'ies'} for ${target}`);
 }
 
 /**
@@ -202,8 +313,9 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   const lock = leavesDest(o) ? undefined : await lockDestination(plan.destRoot);
   const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
-  // A history folder inside the destination is not user data: protect it from --delete, as rsync does.
-  if (rel && !rel.startsWith('..') && !isAbsolute(rel)) rules.unshift({ type: 'exclude', pattern: `/${rel}/` });
+  // A history folder inside the destination is not user data: protect it from --delete (and --delete-excluded), as rsync does.
+  const history: PatternRule[] = rel && !rel.startsWith('..') && !isAbsolute(rel) ? [{ type: 'exclude', pattern: `/${rel}/` }] : [];
+  rules.unshift(...history);
   let deltas: Awaited<ReturnType<typeof openRunDeltas>>;
   try {
     // A dry run writes nothing: no history folder, no (empty) batch file.
@@ -218,13 +330,14 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   try {
     const tree = new TreeSync(
       plan,
-      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity() },
+      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history) },
       compileFilters(rules),
       { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,
     );
     const outcome = await tree.run();
-    const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;
+    // rsync's precedence: 23 over 24 over 25.
+    const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : outcome.skippedDeletes ? EXIT.DEL_LIMIT.code : EXIT.OK.code;
     await deltas.finish(!outcome.partial);
     return printer.finish(outcome.stats, code);
   } catch (e) {

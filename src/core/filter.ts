@@ -36,10 +36,10 @@ export type PatternRule = Extract<FilterRule, { pattern: string }>;
 /**
  * Replaces each --include-from/--exclude-from rule, in place, by the rules of
  * its file as rsync reads it: one pattern per line (LF, CRLF or CR), blank
- * lines and lines starting with ';' or '#' skipped. `readFile` gets the
- * name as typed ("-" is rsync's stdin).
+ * lines and lines starting with ';' or '#' skipped; with -0 (`from0`), one
+ * pattern per NUL-ended name. `readFile` gets the name as typed ("-" is rsync's stdin).
  */
-export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file: string) => string): PatternRule[] {
+export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file: string) => string, from0 = false): PatternRule[] {
   return rules.flatMap((rule): PatternRule[] => {
     if ('pattern' in rule) return [rule];
     const type = rule.type === 'include-from' ? 'include' : 'exclude';
@@ -50,7 +50,7 @@ export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file:
       throw new QsyncError('IO', `failed to open ${type} file ${rule.file}`, { file: rule.file }, { cause });
     }
     return text
-      .split(/\r\n|\r|\n/)
+      .split(from0 ? '\0' : /\r\n|\r|\n/)
       .filter((line) => line !== '' && !line.startsWith(';') && !line.startsWith('#'))
       .map((pattern) => ({ type, pattern }));
   });
@@ -144,6 +144,9 @@ const ABORT_TO_STARSTAR = -2;
 const ch = (s: string): number => s.charCodeAt(0);
 const SLASH = ch('/');
 const STAR = ch('*');
+
+/** rsync's wildmatch(): the whole of `text` against `pattern` ('*', '?', '[...]', '\\'), as --usermap matches names. */
+export const wildmatch = (pattern: string, text: string): boolean => wildmatchAt(utf8.encode(pattern), utf8.encode(text), 0);
 
 /** wildmatch_array(): where > 0 matches the last `where` components, < 0 at the start or after any '/'. */
 function wildmatchAt(p: Uint8Array, t: Uint8Array, where: number): boolean {

@@ -61,8 +61,8 @@ export class ForwardingPrinter implements Printer {
   notice(message: string, path?: string): void {
     this.post('notice', [message, path]);
   }
-  warning(message: string, path?: string): void {
-    this.post('warning', [message, path]);
+  warning(message: string, path?: string, bare?: boolean): void {
+    this.post('warning', [message, path, bare]);
   }
   finish(stats: RunStats | undefined, exitCode: number, error?: unknown): number {
     this.ch.write({ op: 'done', stats, code: exitCode, error: error === undefined ? undefined : errorMessage(error) });

@@ -29,6 +29,10 @@ export interface FileReport {
   matched: number;
   /** Nothing changed (content, or metadata either). */
   unchanged: boolean;
+  /** The source's st_size, whatever its kind (a folder's, a symlink's target length): rsync's %l. */
+  length?: number;
+  /** A symlink's target (`path` ends in " -> TARGET"). */
+  target?: string;
 }
 
 export interface RunStats {
@@ -60,8 +64,8 @@ export interface SyncHooks {
   deleted?(path: string): void;
   /** One line for the user, e.g. "manifest stale: falling back to compare". */
   notice?(message: string, path?: string): void;
-  /** A per-file problem that did not stop the run (rsync exit 23). */
-  warning?(message: string, path?: string): void;
+  /** A per-file problem that did not stop the run (rsync exit 23); `bare`: printed without qsync's name, as rsync prints some. */
+  warning?(message: string, path?: string, bare?: boolean): void;
 }
 
 /**
@@ -76,6 +80,6 @@ export function prefixedHooks(hooks: SyncHooks, prefix: string): SyncHooks {
     fileEnd: hooks.fileEnd && ((...a) => hooks.fileEnd!(...a)),
     deleted: hooks.deleted && ((...a) => hooks.deleted!(...a)),
     notice: hooks.notice && ((m, p) => hooks.notice!(`${prefix}: ${m}`, p)),
-    warning: hooks.warning && ((m, p) => hooks.warning!(`${prefix}: ${m}`, p)),
+    warning: hooks.warning && ((m, ...rest) => hooks.warning!(`${prefix}: ${m}`, ...rest)),
   };
 }

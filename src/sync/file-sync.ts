@@ -9,6 +9,7 @@ import { constants, type BigIntStats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
+import { newerOnReceiver, sameMtime } from '../core/mtime.js';
 import { digestOf } from '../hash/blake3.js';
 import { copySparse, LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
 import { setMetaByFd, type Dir, type MetaChange } from '../io/safe-fs.js';
@@ -32,6 +33,10 @@ export interface FileSyncOptions {
   update: boolean;
   existing: boolean;
   ignoreExisting: boolean;
+  /** -I: size and mtime equal is no reason to skip a file. */
+  ignoreTimes?: boolean;
+  /** --modify-window (src/core/mtime.ts); 0 when not given. */
+  modifyWindow?: number;
   /** --only-write-batch: record what would be written, leave the target (and its manifest) alone. */
   recordOnly?: boolean;
 }
@@ -67,7 +72,7 @@ export interface FileSyncResult {
 const skipped = (method: SyncMethod): FileSyncResult => ({ method, transferred: false, created: false, scanned: 0, literal: 0, matched: 0 });
 
 /** rsync's quick check when there is no usable manifest: same size and mtime. */
-const sameSizeAndTime = (a: BigIntStats, b: BigIntStats) => a.size === b.size && a.mtimeNs / 1000n === b.mtimeNs / 1000n;
+const sameSizeAndTime = (a: BigIntStats, b: BigIntStats, window: number) => a.size === b.size && sameMtime(a.mtimeNs, b.mtimeNs, window);
 
 /**
  * One regular file to bring up to date. Both sides are reached through the
@@ -100,7 +105,8 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   }
   if (!dstStat && opts.existing) return undefined;
   if (dstStat && opts.ignoreExisting) return undefined;
-  if (dstStat && opts.update && dstStat.mtimeNs > srcStat.mtimeNs) return undefined;
+  const window = opts.modifyWindow ?? 0;
+  if (dstStat && opts.update && newerOnReceiver(srcStat.mtimeNs, dstStat.mtimeNs, window)) return undefined;
 
   const state = new LocalTargetState(manifestPath);
   // -n writes nothing, not even a pending journal: it is applied in memory.
@@ -109,11 +115,12 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
 
   try {
     const size = Number(srcStat.size);
-    if (dstStat && !opts.checksum && !opts.wholeFile) {
+    if (dstStat && !opts.checksum && !opts.wholeFile && !opts.ignoreTimes) {
       const h = manifest?.header;
-      if (trust.trusted && !trust.unknown && h!.sourceSize === size && h!.sourceMtimeNs === srcStat.mtimeNs) return skipped('quick');
+      const sameTime = window > 0 ? sameMtime(h?.sourceMtimeNs ?? -1n, srcStat.mtimeNs, window) : h?.sourceMtimeNs === srcStat.mtimeNs;
+      if (trust.trusted && !trust.unknown && h!.sourceSize === size && sameTime) return skipped('quick');
       // rsync's quick check stands in for a manifest only when there is none: one distrusted for a reason means compare.
-      if (opts.sizeOnly ? dstStat.size === srcStat.size : !trust.trusted && !trust.reason && sameSizeAndTime(dstStat, srcStat)) return skipped('quick');
+      if (opts.sizeOnly ? dstStat.size === srcStat.size : !trust.trusted && !trust.reason && sameSizeAndTime(dstStat, srcStat, window)) return skipped('quick');
     }
     const method: SyncMethod = !dstStat ? 'new' : opts.wholeFile ? 'whole' : trust.trusted ? 'manifest' : 'compare';
     if (opts.dryRun) return { ...skipped(method), transferred: true, created: !dstStat };

@@ -6,6 +6,7 @@
  */
 import type { BigIntStats } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
+import type { ListedName } from '../core/files-from.js';
 
 export interface Transfer {
   /** The source operand as typed: what is copied. */
@@ -24,6 +25,12 @@ export interface Plan {
   /** The destination folder did not exist before this run (it is reported as created). */
   destCreated?: boolean;
   transfers: Transfer[];
+  /**
+   * --files-from or -R: names below folders `base` (relative to the current
+   * folder), kept as they are below DEST, instead of `transfers`. `dirs`
+   * (--files-from): folders named are made even without -r.
+   */
+  lists?: { base: string; names: ListedName[]; dirs: boolean; shownPrefix?: string }[];
 }
 
 export function planOperands(sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined): Plan {

@@ -13,10 +13,14 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { newerOnReceiver, sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
+import type { ListedName } from '../core/files-from.js';
+import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
+import { IdMapper } from './id-map.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
@@ -36,6 +40,29 @@ export interface TreeOptions extends FileSyncOptions {
   devices: boolean;
   specials: boolean;
   delete: boolean;
+  /** --delete-excluded: names the filter excludes are deleted from DEST too. */
+  deleteExcluded?: boolean;
+  /**
+   * Names never deleted, whatever --delete-excluded says: a --backup-dir
+   * inside DEST (rsync protects it too).
+   */
+  protect?: Filter;
+  /** --max-delete: at most this many deletions (-1 or undefined: no limit). */
+  maxDelete?: number;
+  /** --min-size/--max-size in bytes (-1 or undefined: none). */
+  minSize?: number;
+  maxSize?: number;
+  /** -m: folders with nothing but folders below them (after the filters) are left out. */
+  pruneEmptyDirs?: boolean;
+  /** -d: folders are made without -r (contents walked only of an operand ending in '/' or "."). */
+  dirs?: boolean;
+  /** --chmod arguments (src/core/chmod.ts), checked already. */
+  chmod?: string[];
+  /** --usermap/--groupmap (--chown is one of them), checked already; --numeric-ids: no names matched. */
+  usermap?: string;
+  groupmap?: string;
+  numericIds?: boolean;
+  verbose?: number;
   oneFileSystem: boolean;
   /** -H, -A, -X (src/sync/hard-links.ts, src/sync/ext-attrs.ts). */
   hardLinks?: boolean;
@@ -58,6 +85,8 @@ export interface TreeOutcome {
   partial: boolean;
   /** Some source entries vanished while walking (rsync 24). */
   vanished: boolean;
+  /** Deletions --max-delete stopped (rsync 25 when > 0). */
+  skippedDeletes: number;
 }
 
 const run = promisify(execFile);
@@ -107,8 +136,13 @@ export class TreeSync {
   };
   private partial = false;
   private vanished = false;
+  private skippedDeletes = 0;
   private readonly links: HardLinks | undefined;
   private readonly ext: ExtAttrs | undefined;
+  private readonly chmod: ChmodRule[];
+  private readonly ids: IdMapper | undefined;
+  /** -R with an absolute SRC: rsync prints its names with their leading '/'. */
+  private shownPrefix = '';
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -119,6 +153,8 @@ export class TreeSync {
     private readonly dest: Dir | undefined,
   ) {
     this.links = opts.hardLinks ? new HardLinks() : undefined;
+    this.chmod = (opts.chmod ?? []).flatMap((c) => parseChmod(c, UMASK) ?? []);
+    this.ids = opts.usermap !== undefined || opts.groupmap !== undefined ? new IdMapper(opts.usermap, opts.groupmap, opts.numericIds === true) : undefined;
     const acls = opts.acls === true;
     const xattrs = opts.xattrs === true;
     const owners = opts.owner && process.getuid?.() === 0;
@@ -136,16 +172,27 @@ export class TreeSync {
 
   async run(): Promise<TreeOutcome> {
     const t0 = performance.now();
+    await this.ids?.prepare((m) => this.hooks.warning?.(m, undefined, true));
+    const done = new Map<string, BigIntStats>();
+    for (const l of this.plan.lists ?? []) {
+      this.shownPrefix = l.shownPrefix ?? '';
+      await this.listed(l.base, l.names, l.dirs, done);
+    }
+    this.shownPrefix = '';
+    await this.retimeListed(done);
     for (const t of this.plan.transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
     await this.ext?.flush().catch((e) => this.fail(e, '.'));
     this.stats.elapsedMs = performance.now() - t0;
-    return { stats: this.stats, partial: this.partial, vanished: this.vanished };
+    // rsync's words, on stderr without its name.
+    if (this.skippedDeletes) this.hooks.warning?.(`Deletions stopped due to --max-delete limit (${this.skippedDeletes} skipped)`, undefined, true);
+    return { stats: this.stats, partial: this.partial, vanished: this.vanished, skippedDeletes: this.skippedDeletes };
   }
 
   /** One operand: its folder contents into the destination root, or the operand itself into it. */
-  private async transfer(t: Transfer): Promise<void> {
+  private async transfer(transfer: Transfer): Promise<void> {
+    const t = { ...transfer, stat: await this.seen(transfer.stat) };
     const shown = t.destRel || '.';
     this.links?.transfer(t);
     if (t.destRel === '') {
@@ -158,7 +205,8 @@ export class TreeSync {
         const cur = this.plan.destCreated ? undefined : await this.dest?.stat();
         this.stats.dirs++;
         if (!cur) this.stats.created++;
-        await this.dirBody(src, t.stat, this.dest, cur, '', t.stat.dev);
+        // -d without -r: the folder's contents, one level (its folders made, not walked).
+        await this.dirBody(src, t.stat, this.dest, cur, '', t.stat.dev, this.opts.dirs && !this.opts.recursive ? 1 : undefined);
       } catch (e) {
         this.fail(e, shown);
       } finally {
@@ -174,10 +222,131 @@ export class TreeSync {
       return;
     }
     try {
-      await this.entry(parent, t.stat, this.dest, t.destRel, t.stat.dev);
+      // -d without -r: a folder named without a trailing slash is made, its contents not walked.
+      await this.entry(parent, t.stat, this.dest, t.destRel, t.stat.dev, this.opts.dirs && !this.opts.recursive ? 0 : undefined);
     } finally {
       await parent.dir.close();
     }
+  }
+
+  /**
+   * --files-from and -R: each name below `base`, the folders on its way
+   * first (rsync's implied dirs: made and given their source's attributes,
+   * their contents not walked), then the name itself. A folder's contents
+   * are walked under -r; a --files-from folder (`dirs`) is made without -r,
+   * and its contents walked one level when listed with a trailing '/', as
+   * rsync does. Both sides are reached folder by folder from `base` and
+   * DEST, never through a symlink. `done`: what is done, across lists.
+   */
+  private async listed(base: string, names: ListedName[], dirs: boolean, done: Map<string, BigIntStats>): Promise<void> {
+    let root: SourceDir;
+    try {
+      root = await this.ctx.sources.openOperand(base);
+    } catch (e) {
+      this.fail(e, base);
+      return;
+    }
+    try {
+      for (const n of names) {
+        const parts = n.rel ? n.rel.split('/') : [];
+        if (n.dotDir) await this.listedOne(root, base, '', 0, done);
+        for (let i = 1; i < parts.length; i++) await this.listedOne(root, base, parts.slice(0, i).join('/'), 0, done);
+        await this.listedOne(root, base, n.rel, this.opts.recursive || !dirs ? undefined : n.contents ? 1 : 0, done);
+      }
+    } finally {
+      await root.close();
+    }
+  }
+
+  /** The times of the folders of --files-from/-R lists, set again: names made inside them later changed them. */
+  private async retimeListed(done: Map<string, BigIntStats>): Promise<void> {
+    if (this.noWrite || !this.opts.preserveTimes) return;
+    // Deepest first, so that setting one folder's time changes no other's.
+    for (const [rel, st] of [...done].filter(([, st]) => st.isDirectory()).reverse()) {
+      const m = this.metaFor(st, false, true);
+      if (!rel) {
+        await this.dest?.setMeta({ atime: m.atime, mtime: m.mtime }).catch((e) => this.fail(e, '.'));
+        continue;
+      }
+      const at = await this.destParent(rel).catch(() => undefined);
+      if (!at?.dir) continue;
+      try {
+        const cur = await at.dir.lstatOrUndefined(at.name);
+        if (cur?.isDirectory()) await setMetaAt(at.dir, at.name, cur, { atime: m.atime, mtime: m.mtime });
+      } catch (e) {
+        this.fail(e, rel || '.');
+      } finally {
+        if (at.dir !== this.dest) await at.dir.close();
+      }
+    }
+  }
+
+  /** One name of a --files-from list (or a folder on its way), once; `levels` as in dirBody. */
+  private async listedOne(root: SourceDir, base: string, rel: string, levels: number | undefined, done: Map<string, BigIntStats>): Promise<void> {
+    // Listed again (or on the way to another name): once is enough, unless its contents are asked for now.
+    if (done.has(rel) && (levels === 0 || !done.get(rel)!.isDirectory())) return;
+    const parts = rel ? rel.split('/') : [];
+    const chain: SourceDir[] = [];
+    let dst: { dir: Dir | undefined; name: string } | undefined;
+    try {
+      let dir = root;
+      for (const p of parts.slice(0, -1)) chain.push((dir = await dir.openDir(p)));
+      if (!rel) {
+        const st = await this.seen(await root.stat());
+        done.set('', st);
+        this.stats.files++;
+        this.stats.dirs++;
+        const cur = this.plan.destCreated ? undefined : await this.dest?.stat();
+        if (!cur) this.stats.created++;
+        await this.dirBody(root, st, this.dest, cur, '', st.dev, levels);
+        return;
+      }
+      const name = parts[parts.length - 1]!;
+      let st: BigIntStats;
+      try {
+        st = await this.seen(await dir.lstat(name));
+      } catch (e) {
+        if (errnoOf(e) !== 'ENOENT') throw e;
+        // rsync's words for a listed name that is not there.
+        this.partial = true;
+        this.hooks.warning?.(`link_stat "${join(resolve(base), rel)}" failed: No such file or directory (2)`, rel);
+        return;
+      }
+      if (this.filter.excluded(rel, st.isDirectory()) || this.isStateBase(st)) return;
+      done.set(rel, st);
+      dst = await this.destParent(rel);
+      await this.entry({ dir, name }, st, dst.dir, rel, st.dev, levels);
+    } catch (e) {
+      this.fail(e, rel || '.');
+    } finally {
+      for (const d of chain.reverse()) await d.close();
+      if (dst?.dir && dst.dir !== this.dest) await dst.dir.close();
+    }
+  }
+
+  /** The destination folder that holds `rel` (held; undefined where -n has not made it) and its name there. */
+  private async destParent(rel: string): Promise<{ dir: Dir | undefined; name: string }> {
+    const cut = rel.lastIndexOf('/');
+    const name = rel.slice(cut + 1);
+    if (cut < 0 || !this.dest) return { dir: this.dest, name };
+    try {
+      return { dir: await this.dest.openBeneath(rel.slice(0, cut)), name };
+    } catch (e) {
+      if (this.noWrite && errnoOf(e) === 'ENOENT') return { dir: undefined, name };
+      throw e;
+    }
+  }
+
+  /**
+   * A source's stat as the transfer sees it: --chmod changes the mode (never
+   * a symlink's), as rsync's sender does, and --usermap/--groupmap/--chown
+   * the owner and group, as its receiver does.
+   */
+  private async seen(st: BigIntStats): Promise<BigIntStats> {
+    const mode = this.chmod.length && !st.isSymbolicLink() && st.mode ? BigInt(tweakMode(Number(st.mode), this.chmod)) : st.mode;
+    const ids = this.ids ? await this.ids.map(st.uid, st.gid) : st;
+    if (mode === st.mode && ids.uid === st.uid && ids.gid === st.gid) return st;
+    return Object.assign(Object.create(Object.getPrototypeOf(st) as object) as BigIntStats, st, { mode, uid: ids.uid, gid: ids.gid });
   }
 
   /** A folder opened by the walk must be the one listed: another one in its place is skipped as vanished. */
@@ -215,20 +384,27 @@ export class TreeSync {
     this.hooks.warning?.(msg, path);
   }
 
-  /** The destination side of an entry: the folder that holds it (undefined: it cannot exist, -n) and its name. */
-  private async entry(src: Here, st: BigIntStats, dst: Dir | undefined, rel: string, rootDev: bigint): Promise<void> {
+  /**
+   * The destination side of an entry: the folder that holds it (undefined: it
+   * cannot exist, -n) and its name. `levels`: under --files-from and -d, how many
+   * levels of a folder's contents are walked (0: the folder alone);
+   * undefined: as -r says.
+   */
+  private async entry(src: Here, st: BigIntStats, dst: Dir | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const shown = rel || '.';
     const name = basename(rel);
     try {
       this.stats.files++;
       if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return;
       if (st.isDirectory()) {
-        if (!this.opts.recursive) {
+        if (!this.opts.recursive && levels === undefined) {
           this.hooks.notice?.(`skipping directory ${shown}`, shown);
           return;
         }
-        await this.dir(src, st, dst, name, rel, rootDev);
+        await this.dir(src, st, dst, name, rel, rootDev, levels);
       } else if (st.isFile()) {
+        // Before -H takes it: the other links of a file left alone are left alone too.
+        if (this.outsideSizes(st, rel)) return;
         if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
         if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
@@ -241,6 +417,17 @@ export class TreeSync {
     } catch (e) {
       this.fail(e, shown);
     }
+  }
+
+  /** --max-size/--min-size: a file outside is counted, and left alone whatever is in DEST (rsync says so with -vv). */
+  private outsideSizes(st: BigIntStats, rel: string): boolean {
+    const { maxSize = -1, minSize = -1 } = this.opts;
+    const over = maxSize >= 0 && st.size > BigInt(maxSize);
+    if (!over && !(minSize >= 0 && st.size < BigInt(minSize))) return false;
+    this.stats.regularFiles++;
+    this.stats.totalSize += Number(st.size);
+    if ((this.opts.verbose ?? 0) >= 2) this.hooks.notice?.(`${rel} is ${over ? 'over max' : 'under min'}-size`, rel);
+    return true;
   }
 
   /**
@@ -269,18 +456,23 @@ export class TreeSync {
     const cur = await dst?.lstatOrUndefined(name);
     if (!cur || kindOf(cur) === want) return cur;
     if (cur.isDirectory()) {
+      const skipped = this.skippedDeletes;
       const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
       if (!gone) {
         throw new QsyncError('TARGET', `could not make way for new ${MAKE_WAY_WORD[want]}: ${rel}`, {
           file: rel,
-          hint: this.opts.delete ? 'the folder holds excluded names, which --delete keeps' : 'remove the folder, or run with --delete',
+          hint: !this.opts.delete
+            ? 'remove the folder, or run with --delete'
+            : this.skippedDeletes > skipped
+              ? 'the --max-delete limit stopped the deletions inside it'
+              : 'the folder holds excluded names, which --delete keeps',
         });
       }
     } else if (!this.noWrite) await dst!.unlink(name);
     return undefined;
   }
 
-  private async dir(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, rootDev: bigint): Promise<void> {
+  private async dir(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     this.stats.dirs++;
     const cur = await this.clearOtherType(dst, name, 'dir', rel);
     if (!cur) {
@@ -305,7 +497,7 @@ export class TreeSync {
       } catch (e) {
         // Listed, then unreadable or gone: the folder made for it is reported and gets the listed metadata, as rsync gives it (not 0700).
         if (!cur && !this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true)).catch(() => {});
-        this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0 });
+        this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0, length: st.size });
         throw e;
       }
       if (dst && (cur || !this.noWrite)) {
@@ -316,7 +508,7 @@ export class TreeSync {
             : e;
         });
       }
-      await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev);
+      await this.dirBody(srcDir, st, dstDir, cur, rel, rootDev, levels);
     } finally {
       await srcDir?.close();
       await dstDir?.close();
@@ -324,23 +516,23 @@ export class TreeSync {
   }
 
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
-  private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint): Promise<void> {
+  private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const attrs = this.ext && (await this.ext.read({ held: local(src) }, dst && { held: dst }, 'dir'));
     const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0 });
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size });
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync -x: a mount point is created, its contents are not copied.
-    if (!this.opts.oneFileSystem || st.dev === rootDev) {
+    if ((!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0) {
       const keep = new Set<string>();
       const children: { name: string; st: BigIntStats }[] = [];
       for (const name of (await src.readdir()).sort(compareNames)) {
         const childRel = joinRel(rel, name);
         let cst: BigIntStats;
         try {
-          cst = await src.lstat(name);
+          cst = await this.seen(await src.lstat(name));
         } catch (e) {
           this.fail(e, childRel);
           continue;
@@ -350,6 +542,8 @@ export class TreeSync {
           this.hooks.notice?.(`skipping ${childRel}/: it is qsync's state folder`, childRel);
           continue;
         }
+        // -m: a folder with nothing to copy below it is not in the transfer (so --delete removes one in DEST).
+        if (this.opts.pruneEmptyDirs && cst.isDirectory() && !(await this.holdsNonDir(src, name, childRel))) continue;
         keep.add(name);
         children.push({ name, st: cst });
       }
@@ -358,7 +552,7 @@ export class TreeSync {
       const names = children.map((c) => c.name);
       if (this.ext) await this.ext.prefetch(local(src), names);
       if (cur) await this.ext?.prefetch(dst, names);
-      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev);
+      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
@@ -372,6 +566,36 @@ export class TreeSync {
       } catch (e) {
         this.fail(e, rel || '.');
       }
+    }
+  }
+
+  /**
+   * -m (rsync's prune of empty directory chains): whether anything but
+   * folders, not excluded, lies below the source folder `name`. A folder
+   * that cannot be read counts as holding something: the walk reports it.
+   */
+  private async holdsNonDir(parent: SourceDir, name: string, rel: string): Promise<boolean> {
+    let d: SourceDir;
+    try {
+      d = await parent.openDir(name);
+    } catch {
+      return true;
+    }
+    try {
+      const subdirs: string[] = [];
+      for (const n of await d.readdir()) {
+        const r = joinRel(rel, n);
+        const st = await d.lstat(n).catch(() => undefined);
+        if (!st || this.filter.excluded(r, st.isDirectory()) || this.isStateBase(st)) continue;
+        if (!st.isDirectory()) return true;
+        subdirs.push(n);
+      }
+      for (const n of subdirs) if (await this.holdsNonDir(d, n, joinRel(rel, n))) return true;
+      return false;
+    } catch {
+      return true;
+    } finally {
+      await d.close();
     }
   }
 
@@ -394,7 +618,8 @@ export class TreeSync {
       const st = await dir.lstatOrUndefined(name);
       if (!st) return true;
       // Excluded names are protected from deletion, as in rsync without --delete-excluded.
-      if (this.filter.excluded(rel, st.isDirectory())) return false;
+      if (this.opts.protect?.excluded(rel, st.isDirectory())) return false;
+      if (!this.opts.deleteExcluded && this.filter.excluded(rel, st.isDirectory())) return false;
       if (this.isStateBase(st)) {
         this.hooks.notice?.(`not deleting ${rel}/: it is qsync's state folder`, rel);
         return false;
@@ -428,19 +653,35 @@ export class TreeSync {
       } finally {
         await sub.close();
       }
-      // rsync says it twice for a folder below the one it deletes.
-      // -n: the folder would be empty once its contents are gone.
-      if (kept || !(this.noWrite || (await this.rmdirIfEmpty(dir, name, rel, level === 'nested' ? 2 : 1)))) {
-        if (kept) for (let i = level === 'nested' ? 2 : 1; i > 0; i--) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+      // rsync says it once for what it kept inside, and a second time when it then tries to
+      // remove a folder below the one it deletes (unless --max-delete stops it first).
+      if (kept) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+      if (kept && level !== 'nested') return false;
+      if (this.atDeleteLimit(level)) return false;
+      if (kept) {
+        this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
         return false;
       }
+      // -n: the folder would be empty once its contents are gone.
+      if (!this.noWrite && !(await this.rmdirIfEmpty(dir, name, rel, level === 'nested' ? 2 : 1))) return false;
       if (!this.noWrite) await forgetManifests(this.plan.destRoot, stateRel(rel), true);
-    } else if (!this.noWrite) {
-      await dir.unlink(name);
-      if (st.isFile()) await forgetManifests(this.plan.destRoot, stateRel(rel), false);
+    } else {
+      if (this.atDeleteLimit(level)) return false;
+      if (!this.noWrite) {
+        await dir.unlink(name);
+        if (st.isFile()) await forgetManifests(this.plan.destRoot, stateRel(rel), false);
+      }
     }
     this.stats.deleted++;
-    if (level !== 'make-room') this.hooks.deleted?.(st.isDirectory() ? `${rel}/` : rel);
+    if (level !== 'make-room') this.hooks.deleted?.(this.shownPrefix + (st.isDirectory() ? `${rel}/` : rel));
+    return true;
+  }
+
+  /** --max-delete reached: this deletion is skipped and counted (making way for another type is no deletion). */
+  private atDeleteLimit(level: 'top' | 'nested' | 'make-room'): boolean {
+    const max = this.opts.maxDelete ?? -1;
+    if (level === 'make-room' || max < 0 || this.stats.deleted < max) return false;
+    this.skippedDeletes++;
     return true;
   }
 
@@ -489,7 +730,7 @@ export class TreeSync {
     let changes = cur ? this.metaChanges(st, cur, sent && !r.created) : undefined;
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
     // and its time when it differs (--size-only), as rsync does.
-    const timeDiffers = cur !== undefined && cur.mtimeNs / 1000n !== st.mtimeNs / 1000n;
+    const timeDiffers = cur !== undefined && !sameMtime(cur.mtimeNs, st.mtimeNs, this.opts.modifyWindow);
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     if (attrs) {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
@@ -508,7 +749,7 @@ export class TreeSync {
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       await attrs?.apply({ dir: dst!, name, expect: st });
-      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0 });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0, length: st.size, target });
       return;
     }
     if (!this.noWrite) {
@@ -518,7 +759,7 @@ export class TreeSync {
       await (await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
-    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0 });
+    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0, length: st.size, target });
   }
 
   private async special(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
@@ -531,7 +772,7 @@ export class TreeSync {
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
     await attrs?.apply({ dir: dst!, name, expect: st });
     const changes = cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`);
-    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0 });
+    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0, length: st.size });
   }
 
   /** What the hard-link pass (src/sync/hard-links.ts) needs of the walk. */
@@ -552,7 +793,7 @@ export class TreeSync {
       dirMeta: (st) => this.metaFor(st, false, true),
       changes: (src, dst) => this.metaChanges(src, dst),
       skips: (st, cur) =>
-        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && cur.mtimeNs > st.mtimeNs) : this.opts.existing,
+        cur ? this.opts.ignoreExisting || (this.opts.update && cur.isFile() && newerOnReceiver(st.mtimeNs, cur.mtimeNs, this.opts.modifyWindow)) : this.opts.existing,
       attrLetters:
         this.ext &&
         (async (src, st, dst, name, cur, changes) => {
@@ -568,7 +809,7 @@ export class TreeSync {
     const isFile = src.isFile();
     const c = contentChanged && o.checksum ? 'c' : '.';
     const s = isFile && src.size !== dst.size ? 's' : '.';
-    const tDiff = src.mtimeNs / 1000n !== dst.mtimeNs / 1000n;
+    const tDiff = !sameMtime(src.mtimeNs, dst.mtimeNs, o.modifyWindow);
     const t = src.isSymbolicLink() && !o.preserveTimes ? '.' : o.preserveTimes ? (tDiff ? 't' : '.') : contentChanged ? 'T' : '.';
     const p = o.perms && !src.isSymbolicLink() && (src.mode & 0o7777n) !== (dst.mode & 0o7777n) ? 'p' : '.';
     const ow = o.owner && src.uid !== dst.uid ? 'o' : '.';
@@ -576,12 +817,15 @@ export class TreeSync {
     return `${c}${s}${t}${p}${ow}${g}`;
   }
 
-  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; result?: FileSyncResult }): void {
+  /** `length`: the source's st_size (a folder's, a link's target length), for --log-file's %l. */
+  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; length?: bigint; target?: string; result?: FileSyncResult }): void {
     const y = r.kind === 'file' ? (r.result?.transferred ? '>' : '.') : r.created || r.changes?.startsWith('c') ? 'c' : '.';
     const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     this.hooks.fileEnd?.({
-      path: r.path,
+      path: this.shownPrefix + r.path,
+      length: r.length === undefined ? r.size : Number(r.length),
+      target: r.target,
       itemize: `${y}${TYPE_CHAR[r.kind]}${rest}`,
       kind: r.kind,
       size: r.size,

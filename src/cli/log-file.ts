@@ -1,0 +1,132 @@
+/**
+ * --log-file=FILE and --log-file-format=FMT, as rsync writes them for a
+ * local run: each line "YYYY/MM/DD HH:MM:SS [PID] TEXT", appended;
+ * "building file list" first, then a line (in FMT, default "%i %n%L") for
+ * each entry that changed and each deletion, the notices and errors the run
+ * prints (not the bare rsync-style warnings, which rsync does not log
+ * either; with -n, neither the files it would send nor deletions), and at the end "sent N bytes  received N bytes  total size N"
+ * and, for a failure, the exit line. A Printer wrapped around the one that
+ * prints to the terminal.
+ */
+import { closeSync, constants, openSync, writeSync } from 'node:fs';
+import { QsyncError } from '../core/errors.js';
+import type { FileReport, RunStats } from '../sync/events.js';
+import { describeExit } from './exit-codes.js';
+import { summaryLines, type Printer } from './output.js';
+import type { SyncOptions } from './args.js';
+
+export const DEFAULT_LOG_FORMAT = '%i %n%L';
+
+/** rsync's escapes qsync cannot give (their values come from rsync's protocol or the sending side's paths). */
+const NOT_GIVEN = new Set(['f', 'b', 'c', 'C', 'M', 'U', 'G', 'B']);
+
+/** Refuse a format with an escape qsync cannot fill, naming it. */
+export function checkLogFormat(format: string): void {
+  for (const m of format.matchAll(/%'?-?\d*([a-zA-Z%])/g)) {
+    if (NOT_GIVEN.has(m[1]!)) {
+      throw new QsyncError('UNSUPPORTED', `--log-file-format: %${m[1]} is not supported`, {
+        option: '--log-file-format',
+        hint: 'use %t %p %o %n %L %i %l',
+      });
+    }
+  }
+}
+
+const pad2 = (n: number): string => String(n).padStart(2, '0');
+/** rsync's timestring(): local time, "2026/12/07 19:57:12". */
+function timestring(d: Date): string {
+  return `${d.getFullYear()}/${pad2(d.getMonth() + 1)}/${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
+}
+
+interface Item {
+  op: 'send' | 'del.';
+  name: string;
+  link: string;
+  itemize: string;
+  length: number;
+}
+
+/** rsync's log_formatted(): %[-][WIDTH]X, right-justified to WIDTH ('-': left); unknown escapes stay as they are. */
+function formatItem(format: string, item: Item, now: Date): string {
+  return format.replace(/%('?)(-?)(\d*)([a-zA-Z%])/g, (all, _q: string, left: string, width: string, c: string) => {
+    const value: Record<string, string> = {
+      t: timestring(now),
+      p: String(process.pid),
+      o: item.op,
+      n: item.name,
+      L: item.link,
+      i: item.itemize,
+      l: String(item.length),
+      '%': '%',
+    };
+    const v = value[c];
+    if (v === undefined) return all;
+    const w = Number(width || 0);
+    return left ? v.padEnd(w) : v.padStart(w);
+  });
+}
+
+/** `inner` with every line that rsync would log also appended to `path`. */
+export function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, 'logFileFormat' | 'dryRun' | 'verbose' | 'stats' | 'quiet' | 'human'>): Printer & { failed(e: unknown, code: number): void } {
+  const { dryRun } = o;
+  let fd: number;
+  try {
+    fd = openSync(path, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_NOFOLLOW, 0o666);
+  } catch (e) {
+    throw new QsyncError('IO', `failed to open log-file ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+  }
+  const fmt = o.logFileFormat ?? DEFAULT_LOG_FORMAT;
+  const hasOpOrItemize = /%'?-?\d*[oi]/.test(fmt);
+  const log = (text: string): void => {
+    // Control characters in names become rsync's \#ooo, so a name cannot forge a line.
+    const safe = text.replace(/[\x00-\x08\x0a-\x1f]/g, (c) => `\\#${c.charCodeAt(0).toString(8).padStart(3, '0')}`);
+    writeSync(fd, `${timestring(new Date())} [${process.pid}] ${safe}\n`);
+  };
+  const close = (): void => {
+    if (fd >= 0) closeSync(fd);
+    fd = -1;
+  };
+  log('building file list');
+  return {
+    fileStart: (...a) => inner.fileStart?.(...a),
+    fileProgress: (...a) => inner.fileProgress?.(...a),
+    fileEnd(r: FileReport) {
+      inner.fileEnd?.(r);
+      // -n: rsync logs what its receiving side would change, not the files it would send.
+      if (r.unchanged || !fmt || (dryRun && r.itemize.startsWith('>'))) return;
+      const arrow = r.target !== undefined ? ` -> ${r.target}` : r.itemize.startsWith('h') && r.path.includes(' => ') ? r.path.slice(r.path.lastIndexOf(' => ')) : '';
+      const name = r.path.slice(0, r.path.length - arrow.length);
+      const shown = r.kind === 'dir' && !name.endsWith('/') ? `${name || '.'}/` : name;
+      log(formatItem(fmt, { op: 'send', name: shown, link: arrow, itemize: r.itemize, length: r.length ?? r.size }, new Date()));
+    },
+    deleted(path: string) {
+      inner.deleted?.(path);
+      if (dryRun) return;
+      const item = { op: 'del.' as const, name: path, link: '', itemize: '*deleting  ', length: 0 };
+      log(formatItem(hasOpOrItemize ? fmt : 'deleting %n', item, new Date()));
+    },
+    notice(message: string, path?: string) {
+      inner.notice?.(message, path);
+      log(message);
+    },
+    warning(message: string, path?: string, bare?: boolean) {
+      inner.warning?.(message, path, bare);
+      if (!bare) log(`qsync: ${message}`);
+    },
+    finish(stats: RunStats | undefined, exitCode: number, error?: unknown) {
+      // rsync logs the closing lines it prints (-v, --stats), else one line of its own.
+      if (stats && (o.verbose || o.stats) && !o.quiet) for (const line of summaryLines(stats, o)) log(line);
+      else if (stats) log(`sent ${stats.wireSent ?? stats.literal} bytes  received ${stats.wireReceived ?? 0} bytes  total size ${stats.totalSize}`);
+      if (exitCode !== 0) log(describeExit(exitCode));
+      close();
+      return inner.finish(stats, exitCode, error);
+    },
+    /** The run ended on an error before finish(): it is logged as rsync logs its last words. */
+    failed(e: unknown, code: number) {
+      if (fd < 0) return;
+      log(`qsync: ${e instanceof Error ? e.message : String(e)}`);
+      log(describeExit(code));
+      close();
+    },
+  };
+}
