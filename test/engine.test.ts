@@ -262,7 +262,7 @@ describe('bad input', () => {
     const d = join(dir, 'bad-missing');
     const r = await runQsync(['-a', join(dir, 'no-such-file'), `${d}/`]);
     expect(r.code).toBe(23);
-    expect(r.stderr).toMatch(/no-such-file.*no such file/);
+    expect(r.stderr).toMatch(/no-such-file.*no such file/i);
     expect(existsSync(d)).toBe(false);
   });
 
