@@ -14,6 +14,7 @@ import { Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js'
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
+import { DropIn } from '../sync/dropin.js';
 import { checkStateRoot, stateBaseIdentity, stateBaseWithin, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { LocalSources, type Sources } from '../sync/source.js';
@@ -216,14 +217,22 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
     throw e;
   }
   try {
+    // Images of libvirt domains go through their domain (src/sync/dropin.ts); without libvirt, nothing changes.
+    const dropIn = from.remote || o.manifest || deltas.recordOnly ? undefined : await DropIn.find(o.connect);
     const tree = new TreeSync(
       plan,
-      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity() },
+      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), claim: dropIn && ((st, rel) => dropIn.claim(st, rel)) },
       compileFilters(rules),
       { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,
     );
     const outcome = await tree.run();
+    if (dropIn) {
+      const announce = o.verbose > 0 || o.itemize || o.json;
+      const t0 = performance.now();
+      if (await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce }, printer, outcome.stats)) outcome.partial = true;
+      outcome.stats.elapsedMs += performance.now() - t0;
+    }
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;
     await deltas.finish(!outcome.partial);
     return printer.finish(outcome.stats, code);

@@ -27,7 +27,8 @@ import type { SyncHooks } from './events.js';
 import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions } from './image-backup.js';
 import { LocalDestination } from './local-target.js';
 import type { Manifest } from './manifest-store.js';
-import type { Destination, Target, TargetNote } from './target.js';
+import { qcow2Target } from './qcow2-target.js';
+import type { Target, TargetNote } from './target.js';
 import type { Trust } from './trust.js';
 
 /** Image mode's options without its sources; tempDir holds the run's folder (NBD socket, scratch files), owned by QEMU's user. */
@@ -35,6 +36,12 @@ export interface DomainBackupOptions extends Omit<ImageBackupOptions, 'qmp' | 'i
   domain: string;
   /** libvirt URI (`--connect`), default qemu:///system. */
   connect?: string;
+  /**
+   * Only these disks (target device → the name of its copy in DEST), the
+   * drop-in's (src/sync/dropin.ts); a qcow2 disk whose copy is named *.qcow2
+   * stays a qcow2 (src/sync/qcow2-target.ts). Default: every disk, as <disk>.raw.
+   */
+  only?: ReadonlyMap<string, string>;
 }
 
 /** One disk of the run: its target, what qsync knows of it, and what this run does. */
@@ -74,17 +81,21 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   };
 
   const dom = await describeDomain(uri, opts.domain);
+  const { only } = opts;
+  const skipped = only ? dom.disks.filter((d) => !only.has(d.target)).map((d) => d.target) : [];
+  if (only) dom.disks = dom.disks.filter((d) => only.has(d.target));
   const online = dom.state === 'running' || dom.state === 'paused';
   if (!online && dom.state !== 'shut off') {
     throw new QsyncError('SOURCE', `domain ${dom.name} is ${dom.state}`, { hint: 'back it up running, paused or shut off' });
   }
   if (!dom.disks.length) throw new QsyncError('SOURCE', `domain ${dom.name} has no disk to back up`);
   const seen = new Map<string, string>();
+  const relOf = (d: DomainDisk): string => only?.get(d.target) ?? `${diskName(d)}.raw`;
   for (const d of dom.disks) {
-    const name = diskName(d);
+    const name = relOf(d);
     const other = seen.get(name);
     if (other) {
-      throw new QsyncError('SOURCE', `disks ${other} and ${d.target} of domain ${dom.name} would both be backed up as ${name}.raw`, {
+      throw new QsyncError('SOURCE', `disks ${other} and ${d.target} of domain ${dom.name} would both be backed up as ${name}`, {
         hint: 'give their image files different names',
       });
     }
@@ -95,18 +106,22 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   const destination = opts.destination ?? (await LocalDestination.open(dest));
   const disks: Disk[] = [];
   try {
-    for (const d of dom.disks) disks.push(await openDisk(d, destination, blockSize));
-    return online ? await backupRunning(uri, dom, disks, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
+    for (const d of dom.disks) {
+      const rel = relOf(d);
+      const target = only && d.format === 'qcow2' && rel.endsWith('.qcow2') && destination instanceof LocalDestination
+        ? qcow2Target(destination, rel, tempDir)
+        : destination.target(rel);
+      disks.push(await openDisk(d, rel, target, blockSize));
+    }
+    return online ? await backupRunning(uri, dom, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
   } finally {
     for (const d of disks) await d.manifest?.close();
     if (!opts.destination) await destination.close();
   }
 }
 
-async function openDisk(disk: DomainDisk, destination: Destination, blockSize: number): Promise<Disk> {
+async function openDisk(disk: DomainDisk, rel: string, target: Target, blockSize: number): Promise<Disk> {
   const name = diskName(disk);
-  const rel = `${name}.raw`;
-  const target = destination.target(rel);
   const tStat = await target.identity();
   // A manifest that fails its own checks is no manifest: its reason makes the run full, and is shown then.
   const { manifest, trust } = await target.state.assess(tStat, { blockSize });
@@ -254,7 +269,8 @@ async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<
   return { dir, qemuDir };
 }
 
-async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
+/** `skipped`: the domain's disks this run leaves out (neither backed up nor given a checkpoint bitmap). */
+async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: string[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
   const prefix = prefixFor(ctx.dest);
   await endLeftovers(uri, dom, prefix, ctx.tempDir, hooks);
@@ -268,10 +284,10 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
   try {
     const bx = join(dir, 'backup.xml');
     const cx = join(dir, 'checkpoint.xml');
-    if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked), { mode: 0o600 });
+    if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked, skipped), { mode: 0o600 });
     const t0 = performance.now();
     for (;;) {
-      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
+      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) })), skipped), { mode: 0o600 });
       try {
         await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
         break;

@@ -15,13 +15,14 @@ import { checkName, Dir, fsPath } from '../io/safe-fs.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor } from './manifest-store.js';
-import { fileData, LocalTargetState, type Destination, type OpenData, type Target } from './target.js';
+import { fileData, LocalTargetState, type Destination, type OpenData, type Target, type TargetIdentity } from './target.js';
 
 export class LocalDestination implements Destination {
   private constructor(
     readonly root: string,
     private readonly dir: Dir,
-    private readonly lock: DestLock,
+    /** Undefined: a folder below a destination whose run holds the lock (the drop-in's domain disks, src/sync/dropin.ts). */
+    private readonly lock: DestLock | undefined,
   ) {}
 
   get shown(): string {
@@ -43,33 +44,47 @@ export class LocalDestination implements Destination {
     }
   }
 
+  /** A folder inside a destination the caller has locked: opened, not locked again. */
+  static async within(folder: string): Promise<LocalDestination> {
+    const root = resolve(folder);
+    const dir = await Dir.open(root).catch((e) => {
+      throw new QsyncError('TARGET', `cannot open destination directory ${root}: ${(e as Error).message}`, { file: root }, { cause: e });
+    });
+    return new LocalDestination(root, dir, undefined);
+  }
+
   target(name: string): Target {
     checkName(name);
     return new LocalTarget(this.root, this.dir, name);
   }
 
+  /** The folder, held: for targets of other kinds (src/sync/qcow2-target.ts). */
+  get folder(): Dir {
+    return this.dir;
+  }
+
   async close(): Promise<void> {
     await this.dir.close().catch(() => {});
-    await this.lock.release();
+    await this.lock?.release();
   }
 }
 
-class LocalTarget implements Target {
+export class LocalTarget implements Target {
   readonly state: LocalTargetState;
   readonly shown: string;
   private readonly notePath: string;
 
   constructor(
     root: string,
-    private readonly dir: Dir,
-    private readonly name: string,
+    protected readonly dir: Dir,
+    protected readonly name: string,
   ) {
     this.shown = join(root, name);
     this.state = new LocalTargetState(manifestPathFor(root, name));
     this.notePath = imageStatePath(root, name.replace(/\.raw$/, ''));
   }
 
-  async identity() {
+  async identity(): Promise<TargetIdentity | undefined> {
     const st = await this.dir.lstatOrUndefined(this.name);
     if (st && !st.isFile()) throw new QsyncError('TARGET', `${this.shown} is not a regular file; left alone`, { file: this.shown, hint: 'move it away, or back up into another folder' });
     return st;

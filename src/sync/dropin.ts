@@ -1,0 +1,164 @@
+/**
+ * The drop-in line for libvirt hosts (docs/IMAGE-MODE.md "The drop-in line"):
+ * `qsync -a /var/lib/libvirt/images/ /backup/images/` backs up an image a
+ * libvirt domain uses through that domain, running or shut off
+ * (src/sync/domain-backup.ts: one instant for all its disks), instead of
+ * copying its bytes; every other file is synced as before.
+ *
+ * Before the walk, the domains are listed (`virsh list --all`, quick and
+ * silent: no libvirt, no socket or any error means no domain, and the run is
+ * what it always was) and their disk image files known by device and inode.
+ * The walk hands such a file here instead of copying it (`claim`); after the
+ * walk, one domain backup per domain and DEST folder writes them under their
+ * own names: a qcow2 stays a qcow2 (src/sync/qcow2-target.ts), a raw one
+ * stays raw. Each is reported as rsync reports a file, with one notice per
+ * domain.
+ */
+import type { BigIntStats } from 'node:fs';
+import { access, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { QsyncError } from '../core/errors.js';
+import { DEFAULT_URI, describeDomain, listDomains, type DomainDisk } from '../qemu/libvirt.js';
+import { fsPath } from '../io/safe-fs.js';
+import { runDomainBackup } from './domain-backup.js';
+import type { RunStats, SyncHooks } from './events.js';
+import { LocalDestination } from './local-target.js';
+
+/** The sockets a local libvirt answers qemu:///system on (monolithic libvirtd, or the modular virtqemud). */
+const SYSTEM_SOCKETS = ['/run/libvirt/libvirt-sock', '/run/libvirt/virtqemud-sock'];
+
+interface OwnedDisk {
+  domain: string;
+  disk: DomainDisk;
+}
+
+/** A file of the tree that a domain's backup writes. */
+interface Claimed extends OwnedDisk {
+  /** Its path below the destination root. */
+  rel: string;
+  size: number;
+}
+
+export interface DropInOptions {
+  /** libvirt URI (`--connect`), default qemu:///system. */
+  connect?: string;
+  blockSize: number;
+  verifySample?: number;
+  dryRun: boolean;
+  /** Notices per domain (-v, -i, --json). */
+  announce: boolean;
+}
+
+export class DropIn {
+  readonly #claimed: Claimed[] = [];
+
+  private constructor(
+    private readonly uri: string,
+    private readonly owned: Map<string, OwnedDisk>,
+  ) {}
+
+  /**
+   * The disk image files of every domain libvirt defines, by device and
+   * inode; undefined when there is none, or no libvirt to ask.
+   */
+  static async find(connect: string | undefined): Promise<DropIn | undefined> {
+    const uri = connect ?? DEFAULT_URI;
+    if (uri === DEFAULT_URI && !(await someExists(SYSTEM_SOCKETS))) return undefined;
+    const owned = new Map<string, OwnedDisk>();
+    try {
+      for (const name of await listDomains(uri)) {
+        const dom = await describeDomain(uri, name);
+        for (const disk of dom.disks) {
+          if (disk.type !== 'file' || !disk.source) continue;
+          const st = await stat(fsPath(disk.source), { bigint: true }).catch(() => undefined);
+          if (st?.isFile()) owned.set(keyOf(st), { domain: dom.name, disk });
+        }
+      }
+    } catch (e) {
+      // No virsh, libvirtd gone, a domain undefined meanwhile: the run is what it was without libvirt.
+      if (e instanceof QsyncError) return undefined;
+      throw e;
+    }
+    return owned.size ? new DropIn(uri, owned) : undefined;
+  }
+
+  /** The walk met a regular file at `rel`: true when a domain's backup takes it (the walk then leaves it). */
+  claim(st: BigIntStats, rel: string): boolean {
+    const o = this.owned.get(keyOf(st));
+    if (!o) return false;
+    this.#claimed.push({ ...o, rel, size: Number(st.size) });
+    return true;
+  }
+
+  /**
+   * Back up the claimed files through their domains into `destRoot` (whose
+   * lock the run holds). Returns whether some failed (rsync's exit 23);
+   * `stats` counts what was written.
+   */
+  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+    const groups = new Map<string, Claimed[]>();
+    for (const c of this.#claimed) {
+      const key = `${c.domain}\0${dirname(c.rel)}`;
+      groups.set(key, [...(groups.get(key) ?? []), c]);
+    }
+    let failed = false;
+    for (const files of groups.values()) {
+      const { domain } = files[0]!;
+      const folder = dirname(files[0]!.rel);
+      const shownOf = new Map(files.map((f) => [basename(f.rel), f.rel]));
+      const names = files.map((f) => f.rel).join(', ');
+      if (o.dryRun) {
+        for (const f of files) hooks.fileEnd?.({ path: f.rel, itemize: '>f.........', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
+        if (o.announce) hooks.notice?.(`would back up ${names} through libvirt domain ${domain}`);
+        continue;
+      }
+      const at = join(destRoot, folder);
+      let destination: LocalDestination | undefined;
+      try {
+        destination = await LocalDestination.within(at);
+        const existed = new Set<string>();
+        for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));
+        const inTree = (p: string): string => shownOf.get(p) ?? p;
+        const summaries = await runDomainBackup({
+          domain, connect: this.uri, dest: at, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample,
+          only: new Map(files.map((f) => [f.disk.target, basename(f.rel)])),
+        }, {
+          fileStart: (p, size, method) => hooks.fileStart?.(inTree(p), size, method),
+          fileProgress: (p, scanned, written) => hooks.fileProgress?.(inTree(p), scanned, written),
+          fileEnd: (r) => hooks.fileEnd?.({ ...r, path: inTree(r.path), itemize: existed.has(r.path) ? r.itemize : '>f+++++++++', unchanged: existed.has(r.path) && r.unchanged }),
+          notice: o.announce ? (m, p) => hooks.notice?.(m, p && inTree(p)) : undefined,
+          warning: (m, p) => hooks.warning?.(m, p && inTree(p)),
+        });
+        const parts: string[] = [];
+        for (const s of summaries) {
+          const rel = inTree(basename(s.target));
+          const sent = s.written > 0 || !existed.has(basename(s.target));
+          if (sent) {
+            stats.transferred++;
+            stats.transferredSize += s.size;
+            if (!existed.has(basename(s.target))) stats.created++;
+          }
+          stats.literal += s.written;
+          stats.matched += s.unchanged;
+          stats.scanned += s.read;
+          parts.push(`${rel} (${s.node}: ${s.mode === 'bitmap' ? 'changed blocks only' : `full read${s.reason ? `, ${s.reason}` : ''}`})`);
+        }
+        if (o.announce) hooks.notice?.(`backed up through libvirt domain ${domain}, all its disks as of one instant: ${parts.join(', ')}`);
+      } catch (e) {
+        failed = true;
+        const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : (e as Error).message;
+        hooks.warning?.(`${names}: backup through libvirt domain ${domain} failed: ${msg}`, files[0]!.rel);
+      } finally {
+        await destination?.close();
+      }
+    }
+    return failed;
+  }
+}
+
+const keyOf = (st: BigIntStats): string => `${st.dev}:${st.ino}`;
+
+async function someExists(paths: string[]): Promise<boolean> {
+  for (const p of paths) if (await access(p).then(() => true, () => false)) return true;
+  return false;
+}

@@ -1,0 +1,162 @@
+/**
+ * The drop-in line on a libvirt host: `qsync -a IMAGES/ DEST/` over a folder
+ * like /var/lib/libvirt/images backs up the disks of libvirt's domains
+ * through the domain (one instant for all its disks), keeps a qcow2 a qcow2
+ * (written through QEMU's qcow2 driver) and a raw image raw, and syncs every
+ * other file as rsync does. A real libvirtd (started by the test when it
+ * does not answer), a TCG q35 domain with two qcow2 disks, a shut-off domain
+ * with a raw disk; guest writes are HMP qemu-io writes.
+ */
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { FileReport } from '../src/sync/events.js';
+import { runQsync } from './helpers/cli.js';
+import { needTools } from './helpers/env.js';
+import { defineDomain, dropDomain, ensureLibvirtd, startDomain, virsh } from './helpers/libvirt.js';
+import { qemuImgCreate, qemuIo, startQsd, tmpDir } from './helpers/qemu.js';
+
+const MiB = 1 << 20;
+
+interface Doc {
+  files: FileReport[];
+  notices: { message: string }[];
+  errors: { message: string }[];
+  exitCode: number;
+}
+
+describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64', 'qemu-img', 'qemu-io', 'qemu-storage-daemon', 'rsync'))('the drop-in line on a libvirt host', () => {
+  let dir: string;
+  let images: string;
+  let dest: string;
+  const vm = `qsync-dropin-${process.pid}`;
+  const off = `qsync-dropin-off-${process.pid}`;
+  const qdev = new Map<string, string>();
+  const disk = (name: string): string => path.join(images, name);
+
+  beforeAll(async () => {
+    await ensureLibvirtd();
+    dir = tmpDir('qsync-dropin-');
+    fs.chmodSync(dir, 0o755); // QEMU runs as libvirt-qemu: it must reach the images
+    images = path.join(dir, 'images');
+    fs.mkdirSync(images, { mode: 0o755 });
+    dest = path.join(dir, 'backup');
+    qemuImgCreate(disk('web.qcow2'), '32M');
+    qemuImgCreate(disk('data.qcow2'), '16M');
+    qemuImgCreate(disk('old.raw'), '8M', 'raw');
+    qemuIo(disk('web.qcow2'), 'qcow2', 'write -P 0x11 0 4M');
+    qemuIo(disk('data.qcow2'), 'qcow2', 'write -P 0x21 2M 2M');
+    qemuIo(disk('old.raw'), 'raw', 'write -P 0x31 1M 1M');
+    fs.writeFileSync(disk('notes.txt'), 'not a disk\n');
+    await defineDomain(dir, vm, [{ file: disk('web.qcow2'), format: 'qcow2', target: 'vda' }, { file: disk('data.qcow2'), format: 'qcow2', target: 'vdb' }]);
+    await defineDomain(dir, off, [{ file: disk('old.raw'), format: 'raw', target: 'vda' }]);
+    await start();
+  });
+
+  afterAll(async () => {
+    for (const d of [vm, off]) await dropDomain(d);
+    if (dir) fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function start(): Promise<void> {
+    for (const [f, dev] of await startDomain(vm, [disk('web.qcow2'), disk('data.qcow2')])) qdev.set(path.basename(f), dev);
+  }
+
+  const hmp = (cmd: string): Promise<string> => virsh('qemu-monitor-command', vm, '--hmp', cmd);
+  async function guestWrite(f: string, pattern: number, off: number, len: number): Promise<void> {
+    expect(await hmp(`qemu-io -d ${qdev.get(f)} "write -P ${pattern} ${off} ${len}"`)).not.toMatch(/error|failed/i);
+  }
+
+  async function dropIn(...extra: string[]): Promise<Doc & { code: number | null; stderr: string }> {
+    const r = await runQsync(['-a', '--json', '--verify-sample', '0', ...extra, `${images}/`, `${dest}/`]);
+    return { ...(JSON.parse(r.stdout) as Doc), code: r.code, stderr: r.stderr };
+  }
+  const file = (doc: Doc, name: string): FileReport => doc.files.find((f) => f.path === name)!;
+  const formatOf = (f: string): string => (JSON.parse(execFileSync('qemu-img', ['info', '--output=json', f], { encoding: 'utf8' })) as { format: string }).format;
+
+  /** Each backed-up disk equals its source as the guest sees it, taken with the domain paused (its writes flushed). */
+  async function expectEqualToDisks(running: boolean): Promise<void> {
+    if (running) {
+      await virsh('suspend', vm);
+      for (const f of ['web.qcow2', 'data.qcow2']) await hmp(`qemu-io -d ${qdev.get(f)} "flush"`);
+    }
+    try {
+      for (const f of ['web.qcow2', 'data.qcow2']) {
+        expect(formatOf(path.join(dest, f)), `${f} stays a qcow2`).toBe('qcow2');
+        execFileSync('qemu-img', ['compare', ...(running ? ['-U'] : []), '-f', 'qcow2', '-F', 'qcow2', disk(f), path.join(dest, f)]);
+      }
+      expect(formatOf(path.join(dest, 'old.raw'))).toBe('raw');
+      expect(fs.readFileSync(path.join(dest, 'old.raw')).equals(fs.readFileSync(disk('old.raw')))).toBe(true);
+    } finally {
+      if (running) await virsh('resume', vm);
+    }
+  }
+
+  it('first run: the disks through their domains (qcow2 stays qcow2, raw stays raw), the plain file as rsync does', async () => {
+    const r = await dropIn('-i');
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    for (const f of ['web.qcow2', 'data.qcow2', 'old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    await expectEqualToDisks(true);
+    // The new qcow2 is the owner's alone.
+    expect(fs.statSync(path.join(dest, 'web.qcow2')).mode & 0o777).toBe(0o600);
+    expect(r.notices.map((n) => n.message).join('\n')).toMatch(new RegExp(`backed up through libvirt domain ${vm}, all its disks as of one instant: web.qcow2 .*data.qcow2`));
+    // The plain file: what rsync -a makes of it.
+    const ref = path.join(dir, 'rsync-ref');
+    execFileSync('rsync', ['-a', `${disk('notes.txt')}`, `${ref}/`]);
+    const [a, b] = [fs.statSync(path.join(dest, 'notes.txt'), { bigint: true }), fs.statSync(path.join(ref, 'notes.txt'), { bigint: true })];
+    expect([a.mode, a.mtimeNs / 1000n, a.size]).toEqual([b.mode, b.mtimeNs / 1000n, b.size]);
+    expect(fs.readFileSync(path.join(dest, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+  });
+
+  it('second run after guest writes: only the dirty extents are read, the qcow2 updated in place', async () => {
+    const ino = fs.statSync(path.join(dest, 'web.qcow2')).ino;
+    await guestWrite('web.qcow2', 0x55, 1 * MiB, 1 * MiB);
+    await guestWrite('data.qcow2', 0x66, 8 * MiB, 64 << 10);
+    qemuIo(disk('old.raw'), 'raw', 'write -P 0x32 4M 64k');
+    const r = await dropIn();
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    expect(file(r, 'web.qcow2')).toMatchObject({ method: 'bitmap', scanned: MiB, literal: MiB });
+    expect(file(r, 'data.qcow2')).toMatchObject({ method: 'bitmap', scanned: 64 << 10, literal: 64 << 10 });
+    expect(file(r, 'old.raw').literal).toBe(64 << 10); // shut off: read in full, only the change written
+    expect(file(r, 'notes.txt').unchanged).toBe(true);
+    expect(fs.statSync(path.join(dest, 'web.qcow2')).ino).toBe(ino);
+    await expectEqualToDisks(true);
+  });
+
+  it('the domain shut down between runs: read offline, still only the change written; started again, changed blocks only', async () => {
+    await guestWrite('web.qcow2', 0x71, 20 * MiB, 64 << 10);
+    // A clean QEMU exit: the checkpoint bitmaps are stored in the images.
+    await hmp('quit').catch(() => {});
+    for (let i = 0; i < 100 && !(await virsh('domstate', vm)).includes('shut off'); i++) await new Promise((r) => setTimeout(r, 100));
+    const down = await dropIn();
+    expect(down.code, down.stderr + JSON.stringify(down.errors)).toBe(0);
+    expect(file(down, 'web.qcow2')).toMatchObject({ method: 'manifest', literal: 64 << 10 });
+    expect(file(down, 'data.qcow2')).toMatchObject({ method: 'manifest', literal: 0 });
+    await expectEqualToDisks(false);
+
+    await start();
+    await guestWrite('data.qcow2', 0x72, 3 * MiB, 64 << 10);
+    const up = await dropIn();
+    expect(up.code, up.stderr + JSON.stringify(up.errors)).toBe(0);
+    expect(file(up, 'data.qcow2')).toMatchObject({ method: 'bitmap', scanned: 64 << 10, literal: 64 << 10 });
+    // web: the write before the shutdown is in its checkpoint too, and is found already equal.
+    expect(file(up, 'web.qcow2')).toMatchObject({ method: 'bitmap', scanned: 64 << 10, literal: 0 });
+    await expectEqualToDisks(true);
+  });
+
+  it('a file a QEMU outside libvirt holds is still refused (exit 23), with the hint', async () => {
+    const other = path.join(dir, 'other');
+    fs.mkdirSync(other);
+    const held = path.join(other, 'held.qcow2');
+    qemuImgCreate(held, '8M');
+    const qsd = await startQsd(dir, held);
+    try {
+      const r = await runQsync(['-a', `${other}/`, path.join(dir, 'other-backup')]);
+      expect(r.code).toBe(23);
+      expect(r.stderr).toMatch(/held\.qcow2 is open in a running QEMU.*image mode/);
+    } finally {
+      await qsd.kill();
+    }
+  });
+});
