@@ -230,7 +230,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
     if (dropIn) {
       const announce = o.verbose > 0 || o.itemize || o.json;
       const t0 = performance.now();
-      if (await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce }, printer, outcome.stats)) outcome.partial = true;
+      if (await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, times: o.times, announce }, printer, outcome.stats)) outcome.partial = true;
       outcome.stats.elapsedMs += performance.now() - t0;
     }
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;

@@ -21,6 +21,7 @@ import {
   abortBackup, backupXml, checkpointDisks, checkpointXml, currentBackup, DEFAULT_URI, deleteCheckpoint, describeDomain, diskCapacity,
   listCheckpoints, virsh, VirshError, type Domain, type DomainDisk,
 } from '../qemu/libvirt.js';
+import { listBitmaps } from '../qemu/block.js';
 import { serveImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
 import type { SyncHooks } from './events.js';
@@ -111,7 +112,7 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
       const target = only && d.format === 'qcow2' && rel.endsWith('.qcow2') && destination instanceof LocalDestination
         ? qcow2Target(destination, rel, tempDir)
         : destination.target(rel);
-      disks.push(await openDisk(d, rel, target, blockSize));
+      disks.push(await openDisk(d, rel, target, blockSize, !!only));
     }
     return online ? await backupRunning(uri, dom, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
   } finally {
@@ -120,8 +121,9 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   }
 }
 
-async function openDisk(disk: DomainDisk, rel: string, target: Target, blockSize: number): Promise<Disk> {
-  const name = diskName(disk);
+/** `named`: the disk is known by its copy's name (the drop-in's), not its image's. */
+async function openDisk(disk: DomainDisk, rel: string, target: Target, blockSize: number, named: boolean): Promise<Disk> {
+  const name = named ? rel : diskName(disk);
   const tStat = await target.identity();
   // A manifest that fails its own checks is no manifest: its reason makes the run full, and is shown then.
   const { manifest, trust } = await target.state.assess(tStat, { blockSize });
@@ -342,10 +344,14 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: s
 
 /**
  * A shut-off domain: each disk image is served by qemu-storage-daemon
- * (src/qemu/offline.ts) and read in full (allocated extents), written where
- * it differs. Nothing writes a shut-off domain's disk through libvirt, so the
- * checkpoint a disk's state records still counts every change since: it is
- * kept as the base, tied to the new manifest.
+ * (src/qemu/offline.ts). The checkpoint a disk's state validly records has
+ * its bitmap in the qcow2 (QEMU stored it at shutdown, and any QEMU that
+ * opened the image since kept counting in it): a disabled, non-persistent
+ * copy of it is exported with the disk and only its dirty extents are read
+ * (the image's own bitmap is never changed). Without one (no checkpoint, a
+ * raw disk, a bitmap left in use by a crash) the disk is read in full
+ * (allocated extents), written where it differs. The checkpoint stays the
+ * base, tied to the new manifest.
  */
 async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
@@ -360,19 +366,31 @@ async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
       });
     }
     const keep = (await decide(uri, dom, d, checkpoints, covered)) === undefined ? d.base : undefined;
-    d.reason = 'domain is shut off';
-    hooks.notice?.(`${label(d)}: ${d.reason}: full read of ${d.disk.source}`, d.rel);
     const t0 = performance.now();
     const served = await serveImage(d.disk.source, ctx.tempDir);
     const dir = await mkdtemp(join(ctx.tempDir, `${prefix}${process.pid}-`));
     try {
       const qmp = await QmpClient.connect(served.qmp);
       try {
+        const bitmap = keep && (await listBitmaps(qmp, served.node)).find((b) => b.name === keep);
+        let frozen: string | undefined;
+        if (bitmap && !bitmap.inconsistent) {
+          frozen = 'qsync-offline';
+          await qmp.execute('block-dirty-bitmap-add', { node: served.node, name: frozen, persistent: false, disabled: true });
+          await qmp.execute('block-dirty-bitmap-merge', { node: served.node, target: frozen, bitmaps: [keep] });
+          d.reason = undefined;
+          hooks.notice?.(`${label(d)}: domain is shut off: changes since checkpoint ${keep} read from ${d.disk.source}`, d.rel);
+        } else {
+          d.reason = keep ? `domain is shut off and its image lacks a sound bitmap of checkpoint ${keep}` : 'domain is shut off';
+          hooks.notice?.(`${label(d)}: ${d.reason}: full read of ${d.disk.source}`, d.rel);
+        }
         const socket = join(dir, 'nbd.sock');
         await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
-        await qmp.execute('block-export-add', { type: 'nbd', id: 'qsync', 'node-name': served.node, writable: false, name: 'disk' });
+        await qmp.execute('block-export-add', {
+          type: 'nbd', id: 'qsync', 'node-name': served.node, writable: false, name: 'disk', ...(frozen ? { bitmaps: [frozen] } : {}),
+        });
         const setupMs = performance.now() - t0;
-        const s = await copyDisk({ uri: `nbd+unix:///disk?socket=${socket}` }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, undefined));
+        const s = await copyDisk({ uri: `nbd+unix:///disk?socket=${socket}` }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, frozen));
         if (keep) await d.target.writeNote({ node: stateNode(dom, d.disk), bitmap: keep, baseChecksum: s.checksum, size: s.size });
         else await d.target.dropNote();
         const { checksum: _c, ...rest } = s;

@@ -19,9 +19,10 @@ import { access, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { QsyncError } from '../core/errors.js';
 import { DEFAULT_URI, describeDomain, listDomains, type DomainDisk } from '../qemu/libvirt.js';
-import { fsPath } from '../io/safe-fs.js';
+import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
 import { runDomainBackup } from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
+import { nsToSeconds } from './file-sync.js';
 import { LocalDestination } from './local-target.js';
 
 /** The sockets a local libvirt answers qemu:///system on (monolithic libvirtd, or the modular virtqemud). */
@@ -45,6 +46,8 @@ export interface DropInOptions {
   blockSize: number;
   verifySample?: number;
   dryRun: boolean;
+  /** -t: the walk gave the DEST folders their source's times; a file made here must not move them. */
+  times: boolean;
   /** Notices per domain (-v, -i, --json). */
   announce: boolean;
 }
@@ -108,7 +111,10 @@ export class DropIn {
       const shownOf = new Map(files.map((f) => [basename(f.rel), f.rel]));
       const names = files.map((f) => f.rel).join(', ');
       if (o.dryRun) {
-        for (const f of files) hooks.fileEnd?.({ path: f.rel, itemize: '>f.........', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
+        for (const f of files) {
+          const there = await lstatOrUndefined(fsPath(join(destRoot, f.rel)));
+          hooks.fileEnd?.({ path: f.rel, itemize: there ? '>f.........' : '>f+++++++++', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
+        }
         if (o.announce) hooks.notice?.(`would back up ${names} through libvirt domain ${domain}`);
         continue;
       }
@@ -116,6 +122,7 @@ export class DropIn {
       let destination: LocalDestination | undefined;
       try {
         destination = await LocalDestination.within(at);
+        const folderTimes = await destination.folder.stat();
         const existed = new Set<string>();
         for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));
         const inTree = (p: string): string => shownOf.get(p) ?? p;
@@ -144,6 +151,10 @@ export class DropIn {
           parts.push(`${rel} (${s.node}: ${s.mode === 'bitmap' ? 'changed blocks only' : `full read${s.reason ? `, ${s.reason}` : ''}`})`);
         }
         if (o.announce) hooks.notice?.(`backed up through libvirt domain ${domain}, all its disks as of one instant: ${parts.join(', ')}`);
+        // A new file moved its folder's mtime: back to what the walk set, as rsync leaves a folder it has synced.
+        if (o.times && (await destination.folder.stat()).mtimeNs !== folderTimes.mtimeNs) {
+          await destination.folder.setMeta({ atime: nsToSeconds(folderTimes.atimeNs), mtime: nsToSeconds(folderTimes.mtimeNs) });
+        }
       } catch (e) {
         failed = true;
         const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : (e as Error).message;
