@@ -7,7 +7,7 @@
  * does not answer), a TCG q35 domain with two qcow2 disks, a shut-off domain
  * with a raw disk; guest writes are HMP qemu-io writes.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -146,6 +146,46 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     // web: the write before the shutdown is in its checkpoint too, and is found already equal.
     expect(file(up, 'web.qcow2')).toMatchObject({ method: 'bitmap', scanned: 64 << 10, literal: 0 });
     await expectEqualToDisks(true);
+  });
+
+  it('the copy boots when copied back: a boot sector the guest wrote runs from the restored qcow2', async () => {
+    // 16-bit code the BIOS runs from sector 0: write one sector of 'Q' (int 13h) to sector 1 of the boot disk, then halt.
+    const code = Buffer.from([
+      0x31, 0xc0, 0x8e, 0xd8, 0x8e, 0xc0, // xor ax,ax; mov ds,ax; mov es,ax
+      0xbf, 0x00, 0x7e, 0xb9, 0x00, 0x02, 0xb0, 0x51, 0xfc, 0xf3, 0xaa, // mov di,0x7e00; mov cx,512; mov al,'Q'; cld; rep stosb
+      0xbb, 0x00, 0x7e, 0xb8, 0x01, 0x03, 0xb9, 0x02, 0x00, 0x30, 0xf6, 0xcd, 0x13, // es:bx=0x7e00; ah=3 al=1; ch=0 cl=2; dh=0; int 13h (dl: the boot drive)
+      0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp back to hlt
+    ]);
+    const sector = Buffer.alloc(512);
+    code.copy(sector);
+    sector.writeUInt16LE(0xaa55, 510);
+    const boot = path.join(dir, 'boot.bin');
+    fs.writeFileSync(boot, sector);
+    expect(await hmp(`qemu-io -d ${qdev.get('web.qcow2')} "write -s ${boot} 0 512"`)).not.toMatch(/error|failed/i);
+    const r = await dropIn();
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    expect(file(r, 'web.qcow2')).toMatchObject({ method: 'bitmap', literal: 64 << 10 });
+
+    const restored = path.join(dir, 'restored');
+    fs.mkdirSync(restored, { mode: 0o755 });
+    fs.copyFileSync(path.join(dest, 'web.qcow2'), path.join(restored, 'web.qcow2'));
+    const back = `qsync-dropin-back-${process.pid}`;
+    await defineDomain(dir, back, [{ file: path.join(restored, 'web.qcow2'), format: 'qcow2', target: 'vda' }]);
+    try {
+      await virsh('start', back);
+      // What the boot sector writes shows up in the image once the guest has run it (a data write into a cluster the
+      // image already has: read beside the running QEMU with -U). Bounded wait: TCG is slow on a loaded machine.
+      const written = (): string => spawnSync('qemu-io', ['-U', '-r', '-f', 'qcow2', '-c', 'read -P 0x51 512 512', path.join(restored, 'web.qcow2')], { encoding: 'utf8' }).stdout;
+      let out = written();
+      for (let i = 0; i < 600 && /verification failed/i.test(out); i++) {
+        await new Promise((res) => setTimeout(res, 100));
+        out = written();
+      }
+      expect(out).toMatch(/read 512\/512 bytes at offset 512/);
+      expect(out).not.toMatch(/verification failed/i);
+    } finally {
+      await dropDomain(back);
+    }
   });
 
   it('a file a QEMU outside libvirt holds is still refused (exit 23), with the hint', async () => {
