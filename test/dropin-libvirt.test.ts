@@ -188,6 +188,19 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     }
   });
 
+  it('no libvirt answering (--connect to a socket nobody serves): the run is what it was, the running domain\'s disks refused', async () => {
+    const elsewhere = path.join(dir, 'no-libvirt');
+    const r = await runQsync(['-a', '--connect', `qemu+unix:///system?socket=${path.join(dir, 'nobody.sock')}`, `${images}/`, `${elsewhere}/`]);
+    expect(r.code).toBe(23);
+    expect(r.stderr).toMatch(/web\.qcow2 is open in a running QEMU/);
+    expect(r.stderr).toMatch(/data\.qcow2 is open in a running QEMU/);
+    expect(r.stderr).not.toMatch(/libvirt|virsh/);
+    // The shut-off domain's raw image is a plain file then, copied as rsync would.
+    expect(fs.readFileSync(path.join(elsewhere, 'old.raw')).equals(fs.readFileSync(disk('old.raw')))).toBe(true);
+    expect(fs.readFileSync(path.join(elsewhere, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+    expect(fs.existsSync(path.join(elsewhere, 'web.qcow2'))).toBe(false);
+  });
+
   it('a file a QEMU outside libvirt holds is still refused (exit 23), with the hint', async () => {
     const other = path.join(dir, 'other');
     fs.mkdirSync(other);

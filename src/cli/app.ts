@@ -54,7 +54,8 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       if (parsed.sources.length) throw new QsyncError('USAGE', '--read-batch=FILE takes only the destination operand: the sources are in FILE');
       return await runDeltaCommand(['apply', o.readBatch, parsed.dest], io);
     }
-    if (o.connect !== undefined && o.domain === undefined) throw new QsyncError('USAGE', '--connect URI goes with --domain NAME');
+    // --connect: the libvirt of --domain, or of a local sync's domains (the drop-in line, src/sync/dropin.ts).
+    if (o.connect !== undefined && (o.qmp !== undefined || o.image !== undefined)) throw new QsyncError('USAGE', '--connect URI goes with --domain NAME or a local sync, not with --qmp or --image');
     if (o.qmp !== undefined || o.image !== undefined || o.domain !== undefined) {
       const modes = (['qmp', 'image', 'domain'] as const).filter((m) => o[m] !== undefined);
       if (modes.length > 1) throw new QsyncError('USAGE', `--${modes[0]} and --${modes[1]} are two sources: give one`);

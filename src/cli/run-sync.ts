@@ -95,7 +95,10 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
 }
 
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
-  if ([...operands, dest].some((p) => parseRemote(p))) return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
+  if ([...operands, dest].some((p) => parseRemote(p))) {
+    if (o.connect !== undefined) throw new QsyncError('USAGE', '--connect URI is for a local sync (its libvirt domains) or --domain NAME: a sync over ssh does not back up through libvirt');
+    return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
+  }
   if (o.bwlimit) printer.warning?.('--bwlimit paces remote transfers only: this local run is not limited');
   if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot while the operands are checked and the tree is walked.

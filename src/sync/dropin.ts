@@ -67,20 +67,26 @@ export class DropIn {
   static async find(connect: string | undefined): Promise<DropIn | undefined> {
     const uri = connect ?? DEFAULT_URI;
     if (uri === DEFAULT_URI && !(await someExists(SYSTEM_SOCKETS))) return undefined;
-    const owned = new Map<string, OwnedDisk>();
-    try {
-      for (const name of await listDomains(uri)) {
-        const dom = await describeDomain(uri, name);
-        for (const disk of dom.disks) {
-          if (disk.type !== 'file' || !disk.source) continue;
-          const st = await stat(fsPath(disk.source), { bigint: true }).catch(() => undefined);
-          if (st?.isFile()) owned.set(keyOf(st), { domain: dom.name, disk });
-        }
-      }
-    } catch (e) {
-      // No virsh, libvirtd gone, a domain undefined meanwhile: the run is what it was without libvirt.
-      if (e instanceof QsyncError) return undefined;
+    // No virsh, or no libvirtd answering: the run is what it was without libvirt.
+    const names = await listDomains(uri).catch((e: unknown) => {
+      if (e instanceof QsyncError) return [];
       throw e;
+    });
+    const owned = new Map<string, OwnedDisk>();
+    for (const name of names) {
+      // A domain undefined meanwhile is no domain (its files, if a QEMU holds them, are refused by the walk as before).
+      const dom = await describeDomain(uri, name).catch((e: unknown) => {
+        if (e instanceof QsyncError) return undefined;
+        throw e;
+      });
+      for (const disk of dom?.disks ?? []) {
+        if (disk.type !== 'file' || !disk.source) continue;
+        const st = await stat(fsPath(disk.source), { bigint: true }).catch(() => undefined);
+        if (!st?.isFile()) continue;
+        // Two definitions of one image (a clone's, a spare's): the one that runs holds it, and backs it up.
+        const up = dom!.state === 'running' || dom!.state === 'paused';
+        if (!owned.has(keyOf(st)) || up) owned.set(keyOf(st), { domain: dom!.name, disk });
+      }
     }
     return owned.size ? new DropIn(uri, owned) : undefined;
   }
