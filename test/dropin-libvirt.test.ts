@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FileReport } from '../src/sync/events.js';
-import { runQsync } from './helpers/cli.js';
+import { runQsync, stateOf } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 import { defineDomain, dropDomain, ensureLibvirtd, startDomain, virsh } from './helpers/libvirt.js';
 import { qemuImgCreate, qemuIo, startQsd, tmpDir } from './helpers/qemu.js';
@@ -41,16 +41,17 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     fs.chmodSync(dir, 0o755); // QEMU runs as libvirt-qemu: it must reach the images
     images = path.join(dir, 'images');
     fs.mkdirSync(images, { mode: 0o755 });
+    fs.mkdirSync(path.join(images, 'archive'), { mode: 0o755 }); // a disk in a folder of the tree: the same path below DEST
     dest = path.join(dir, 'backup');
     qemuImgCreate(disk('web.qcow2'), '32M');
     qemuImgCreate(disk('data.qcow2'), '16M');
-    qemuImgCreate(disk('old.raw'), '8M', 'raw');
+    qemuImgCreate(disk('archive/old.raw'), '8M', 'raw');
     qemuIo(disk('web.qcow2'), 'qcow2', 'write -P 0x11 0 4M');
     qemuIo(disk('data.qcow2'), 'qcow2', 'write -P 0x21 2M 2M');
-    qemuIo(disk('old.raw'), 'raw', 'write -P 0x31 1M 1M');
+    qemuIo(disk('archive/old.raw'), 'raw', 'write -P 0x31 1M 1M');
     fs.writeFileSync(disk('notes.txt'), 'not a disk\n');
     await defineDomain(dir, vm, [{ file: disk('web.qcow2'), format: 'qcow2', target: 'vda' }, { file: disk('data.qcow2'), format: 'qcow2', target: 'vdb' }]);
-    await defineDomain(dir, off, [{ file: disk('old.raw'), format: 'raw', target: 'vda' }]);
+    await defineDomain(dir, off, [{ file: disk('archive/old.raw'), format: 'raw', target: 'vda' }]);
     await start();
   });
 
@@ -87,8 +88,8 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
         execFileSync('qemu-img', ['check', '-q', path.join(dest, f)]); // no corruption, no leaked cluster
         execFileSync('qemu-img', ['compare', ...(running ? ['-U'] : []), '-f', 'qcow2', '-F', 'qcow2', disk(f), path.join(dest, f)]);
       }
-      expect(formatOf(path.join(dest, 'old.raw'))).toBe('raw');
-      expect(fs.readFileSync(path.join(dest, 'old.raw')).equals(fs.readFileSync(disk('old.raw')))).toBe(true);
+      expect(formatOf(path.join(dest, 'archive/old.raw'))).toBe('raw');
+      expect(fs.readFileSync(path.join(dest, 'archive/old.raw')).equals(fs.readFileSync(disk('archive/old.raw')))).toBe(true);
     } finally {
       if (running) await virsh('resume', vm);
     }
@@ -97,7 +98,7 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
   it('first run: the disks through their domains (qcow2 stays qcow2, raw stays raw), the plain file as rsync does', async () => {
     const r = await dropIn('-i');
     expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
-    for (const f of ['web.qcow2', 'data.qcow2', 'old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    for (const f of ['web.qcow2', 'data.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
     await expectEqualToDisks(true);
     // The new qcow2 is the owner's alone.
     expect(fs.statSync(path.join(dest, 'web.qcow2')).mode & 0o777).toBe(0o600);
@@ -108,20 +109,24 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     const [a, b] = [fs.statSync(path.join(dest, 'notes.txt'), { bigint: true }), fs.statSync(path.join(ref, 'notes.txt'), { bigint: true })];
     expect([a.mode, a.mtimeNs / 1000n, a.size]).toEqual([b.mode, b.mtimeNs / 1000n, b.size]);
     expect(fs.readFileSync(path.join(dest, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+    // Their state is DEST's: a raw copy's manifest where file mode keeps one (the bytes are the guest view), a qcow2's apart.
+    expect(fs.existsSync(path.join(stateOf(dest), 'manifests', 'archive', 'old.raw.qsm'))).toBe(true);
+    expect(fs.existsSync(path.join(stateOf(dest), 'guest', 'web.qcow2.qsm'))).toBe(true);
+    expect(fs.existsSync(path.join(stateOf(dest), 'manifests', 'web.qcow2.qsm'))).toBe(false);
   });
 
   it('second run after guest writes: only the dirty extents are read, the qcow2 updated in place', async () => {
     const ino = fs.statSync(path.join(dest, 'web.qcow2')).ino;
     await guestWrite('web.qcow2', 0x55, 1 * MiB, 1 * MiB);
     await guestWrite('data.qcow2', 0x66, 8 * MiB, 64 << 10);
-    qemuIo(disk('old.raw'), 'raw', 'write -P 0x32 4M 64k');
+    qemuIo(disk('archive/old.raw'), 'raw', 'write -P 0x32 4M 64k');
     const r = await dropIn();
     expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
     expect(file(r, 'web.qcow2')).toMatchObject({ method: 'bitmap', scanned: MiB, literal: MiB });
     expect(file(r, 'data.qcow2')).toMatchObject({ method: 'bitmap', scanned: 64 << 10, literal: 64 << 10 });
-    expect(file(r, 'old.raw').literal).toBe(64 << 10); // shut off: read in full, only the change written
+    expect(file(r, 'archive/old.raw').literal).toBe(64 << 10); // shut off: read in full, only the change written
     // Only the disks changed: no folder's time moved when a disk's copy was made in it.
-    expect(r.files.filter((f) => !f.unchanged).map((f) => f.path).sort()).toEqual(['data.qcow2', 'old.raw', 'web.qcow2']);
+    expect(r.files.filter((f) => !f.unchanged).map((f) => f.path).sort()).toEqual(['archive/old.raw', 'data.qcow2', 'web.qcow2']);
     expect(fs.statSync(path.join(dest, 'web.qcow2')).ino).toBe(ino);
     await expectEqualToDisks(true);
   });
@@ -196,7 +201,7 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     expect(r.stderr).toMatch(/data\.qcow2 is open in a running QEMU/);
     expect(r.stderr).not.toMatch(/libvirt|virsh/);
     // The shut-off domain's raw image is a plain file then, copied as rsync would.
-    expect(fs.readFileSync(path.join(elsewhere, 'old.raw')).equals(fs.readFileSync(disk('old.raw')))).toBe(true);
+    expect(fs.readFileSync(path.join(elsewhere, 'archive/old.raw')).equals(fs.readFileSync(disk('archive/old.raw')))).toBe(true);
     expect(fs.readFileSync(path.join(elsewhere, 'notes.txt'), 'utf8')).toBe('not a disk\n');
     expect(fs.existsSync(path.join(elsewhere, 'web.qcow2'))).toBe(false);
   });

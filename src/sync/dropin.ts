@@ -127,7 +127,7 @@ export class DropIn {
       const at = join(destRoot, folder);
       let destination: LocalDestination | undefined;
       try {
-        destination = await LocalDestination.within(at);
+        destination = await LocalDestination.within(destRoot, folder === '.' ? '' : folder);
         const folderTimes = await destination.folder.stat();
         const existed = new Set<string>();
         for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));

@@ -23,6 +23,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { readUpTo } from '../io/local-file.js';
+import { checkName } from '../io/safe-fs.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { startDaemon, type StorageDaemon } from '../qemu/offline.js';
 import { LocalTarget, type LocalDestination } from './local-target.js';
@@ -34,17 +35,18 @@ const HEADER_LEN = 80;
 
 /** `name` in `dest` as a qcow2 target; `tempDir` holds its daemon's sockets. */
 export function qcow2Target(dest: LocalDestination, name: string, tempDir: string): Target {
-  return new Qcow2Target(dest.root, dest.folder, name, tempDir);
+  checkName(name);
+  return new Qcow2Target(dest, name, tempDir);
 }
 
+/** Its manifest is kept under `guest/` (src/sync/manifest-store.ts): it describes the guest view, not the file. */
 class Qcow2Target extends LocalTarget {
   constructor(
-    root: string,
-    dir: LocalDestination['folder'],
+    dest: LocalDestination,
     name: string,
     private readonly tempDir: string,
   ) {
-    super(root, dir, name);
+    super(dest.root, dest.folder, name, dest.stateAt, 'guest');
   }
 
   override async identity(): Promise<TargetIdentity | undefined> {
