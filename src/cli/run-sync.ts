@@ -21,6 +21,7 @@ import { LocalSources, type Sources } from '../sync/source.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
+import { armInterrupt, disarmInterrupt } from './interrupt.js';
 import { createPrinter, type Printer } from './output.js';
 import { parseRemote } from '../remote/ssh.js';
 
@@ -233,7 +234,14 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
     if (dropIn) {
       const announce = o.verbose > 0 || o.itemize || o.json;
       const t0 = performance.now();
-      if (await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, times: o.times, announce }, printer, outcome.stats)) outcome.partial = true;
+      // A signal now ends the domains' backup jobs and exports before qsync stops (src/cli/interrupt.ts).
+      const signal = armInterrupt();
+      try {
+        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, times: o.times, announce, signal }, printer, outcome.stats);
+        if (failed) outcome.partial = true;
+      } finally {
+        disarmInterrupt();
+      }
       outcome.stats.elapsedMs += performance.now() - t0;
     }
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : EXIT.OK.code;

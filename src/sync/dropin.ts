@@ -50,6 +50,8 @@ export interface DropInOptions {
   times: boolean;
   /** Notices per domain (-v, -i, --json). */
   announce: boolean;
+  /** Aborted: the running backup cleans up (its job ended, its checkpoint pruned) and the run ends (INTERRUPTED). */
+  signal?: AbortSignal;
 }
 
 export class DropIn {
@@ -112,6 +114,7 @@ export class DropIn {
     }
     let failed = false;
     for (const files of groups.values()) {
+      if (o.signal?.aborted) throw new QsyncError('INTERRUPTED', 'interrupted');
       const { domain } = files[0]!;
       const folder = dirname(files[0]!.rel);
       const shownOf = new Map(files.map((f) => [basename(f.rel), f.rel]));
@@ -133,7 +136,7 @@ export class DropIn {
         for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));
         const inTree = (p: string): string => shownOf.get(p) ?? p;
         const summaries = await runDomainBackup({
-          domain, connect: this.uri, dest: at, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample,
+          domain, connect: this.uri, dest: at, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
           only: new Map(files.map((f) => [f.disk.target, basename(f.rel)])),
         }, {
           fileStart: (p, size, method) => hooks.fileStart?.(inTree(p), size, method),
@@ -162,6 +165,7 @@ export class DropIn {
           await destination.folder.setMeta({ atime: nsToSeconds(folderTimes.atimeNs), mtime: nsToSeconds(folderTimes.mtimeNs) });
         }
       } catch (e) {
+        if (e instanceof QsyncError && (e.code === 'INTERRUPTED' || e.context.fatal)) throw e;
         failed = true;
         const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : (e as Error).message;
         hooks.warning?.(`${names}: backup through libvirt domain ${domain} failed: ${msg}`, files[0]!.rel);
