@@ -18,7 +18,7 @@ import type { BigIntStats } from 'node:fs';
 import { access, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { QsyncError } from '../core/errors.js';
-import { DEFAULT_URI, describeDomain, listDomains, type DomainDisk } from '../qemu/libvirt.js';
+import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
 import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
 import { runDomainBackup } from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
@@ -27,6 +27,8 @@ import { LocalDestination } from './local-target.js';
 
 /** The sockets a local libvirt answers qemu:///system on (monolithic libvirtd, or the modular virtqemud). */
 const SYSTEM_SOCKETS = ['/run/libvirt/libvirt-sock', '/run/libvirt/virtqemud-sock'];
+/** Domains described at once. */
+const DESCRIBE_AT_ONCE = 8;
 
 interface OwnedDisk {
   domain: string;
@@ -74,13 +76,22 @@ export class DropIn {
       if (e instanceof QsyncError) return [];
       throw e;
     });
+    // A few virsh at a time: a host's dozens of domains cost a fraction of a second, not one virsh after another.
+    const doms: (Domain | undefined)[] = [];
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < names.length) {
+        const i = next++;
+        // A domain undefined meanwhile is no domain (its files, if a QEMU holds them, are refused by the walk as before).
+        doms[i] = await describeDomain(uri, names[i]!).catch((e: unknown) => {
+          if (e instanceof QsyncError) return undefined;
+          throw e;
+        });
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(DESCRIBE_AT_ONCE, names.length) }, worker));
     const owned = new Map<string, OwnedDisk>();
-    for (const name of names) {
-      // A domain undefined meanwhile is no domain (its files, if a QEMU holds them, are refused by the walk as before).
-      const dom = await describeDomain(uri, name).catch((e: unknown) => {
-        if (e instanceof QsyncError) return undefined;
-        throw e;
-      });
+    for (const dom of doms) {
       for (const disk of dom?.disks ?? []) {
         if (disk.type !== 'file' || !disk.source) continue;
         const st = await stat(fsPath(disk.source), { bigint: true }).catch(() => undefined);
