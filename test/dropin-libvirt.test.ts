@@ -95,6 +95,15 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     }
   }
 
+  it('-n says what the run would do and does nothing: no DEST, no backup job, no checkpoint', async () => {
+    const r = await dropIn('-n');
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    for (const f of ['web.qcow2', 'data.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    expect(r.notices.map((n) => n.message)).toContain(`would back up data.qcow2, web.qcow2 through libvirt domain ${vm}`);
+    expect(fs.existsSync(dest)).toBe(false);
+    expect((await virsh('checkpoint-list', vm, '--name')).trim()).toBe('');
+  });
+
   it('first run: the disks through their domains (qcow2 stays qcow2, raw stays raw), the plain file as rsync does', async () => {
     const r = await dropIn('-i');
     expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
