@@ -202,6 +202,21 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     }
   });
 
+  it('a DEST copy qsync will not write (not a qcow2): that domain\'s files fail (exit 23) and are left alone, the rest is synced', async () => {
+    const elsewhere = path.join(dir, 'junk-backup');
+    fs.mkdirSync(elsewhere);
+    fs.writeFileSync(path.join(elsewhere, 'web.qcow2'), 'not an image\n');
+    const cps = await virsh('checkpoint-list', vm, '--name');
+    const r = await runQsync(['-a', `${images}/`, `${elsewhere}/`]);
+    expect(r.code).toBe(23);
+    expect(r.stderr).toMatch(new RegExp(`data\\.qcow2, web\\.qcow2: backup through libvirt domain ${vm} failed: \\S+/web\\.qcow2 is not a qcow2 image; left alone`));
+    expect(fs.readFileSync(path.join(elsewhere, 'web.qcow2'), 'utf8')).toBe('not an image\n');
+    expect(fs.existsSync(path.join(elsewhere, 'data.qcow2'))).toBe(false);
+    expect(fs.readFileSync(path.join(elsewhere, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+    expect(formatOf(path.join(elsewhere, 'archive/old.raw'))).toBe('raw'); // another domain's: backed up
+    expect(await virsh('checkpoint-list', vm, '--name')).toBe(cps);
+  });
+
   it('no libvirt answering (--connect to a socket nobody serves): the run is what it was, the running domain\'s disks refused', async () => {
     const elsewhere = path.join(dir, 'no-libvirt');
     const r = await runQsync(['-a', '--connect', `qemu+unix:///system?socket=${path.join(dir, 'nobody.sock')}`, `${images}/`, `${elsewhere}/`]);

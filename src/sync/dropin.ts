@@ -17,7 +17,7 @@
 import type { BigIntStats } from 'node:fs';
 import { access, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
 import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
 import { runDomainBackup } from './domain-backup.js';
@@ -176,9 +176,10 @@ export class DropIn {
           await destination.folder.setMeta({ atime: nsToSeconds(folderTimes.atimeNs), mtime: nsToSeconds(folderTimes.mtimeNs) });
         }
       } catch (e) {
-        if (e instanceof QsyncError && (e.code === 'INTERRUPTED' || e.context.fatal)) throw e;
+        // Ctrl-C ends the run; an error that is neither qsync's nor the system's is a bug, not a failed file.
+        if (e instanceof QsyncError ? e.code === 'INTERRUPTED' || e.context.fatal : !errnoOf(e)) throw e;
         failed = true;
-        const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : (e as Error).message;
+        const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : errnoText(e);
         hooks.warning?.(`${names}: backup through libvirt domain ${domain} failed: ${msg}`, files[0]!.rel);
       } finally {
         await destination?.close();
