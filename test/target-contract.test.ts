@@ -9,6 +9,7 @@
  * file scanned and planned on the hash pool, written into an in-memory
  * target.
  */
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { open, readFile, writeFile } from 'node:fs/promises';
@@ -24,6 +25,9 @@ import { Channel } from '../src/remote/channel.js';
 import { RemoteDestination } from '../src/remote/remote-target.js';
 import { TargetServer } from '../src/remote/serve-target.js';
 import { LocalDestination } from '../src/sync/local-target.js';
+import { qcow2Target } from '../src/sync/qcow2-target.js';
+import { needTools } from './helpers/env.js';
+import { qemuImgCreate, qemuIo } from './helpers/qemu.js';
 import type { BlockSink } from '../src/io/types.js';
 import { takeChunk } from '../src/sync/engine.js';
 import { Fingerprinter, type Manifest } from '../src/sync/manifest-store.js';
@@ -53,7 +57,8 @@ beforeAll(() => {
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 let n = 0;
-const implementations: { name: string; make(): Promise<Subject> }[] = [
+/** `align`: the data's size is a multiple of it (a qcow2's virtual size is whole 512-byte sectors). */
+const implementations: { name: string; align?: number; make(): Promise<Subject> }[] = [
   {
     name: 'local destination (a file reached by descriptor, its state in the state folder)',
     async make() {
@@ -79,6 +84,46 @@ const implementations: { name: string; make(): Promise<Subject> }[] = [
       });
     },
   },
+  ...(needTools('qemu-img', 'qemu-io', 'qemu-storage-daemon') ? [{
+    name: 'qcow2 image (written through QEMU\'s qcow2 driver over NBD, its state in the state folder)',
+    align: 512,
+    async make(): Promise<Subject> {
+      const dest = join(root, `dest${n++}`);
+      const d = await LocalDestination.open(dest);
+      const path = join(dest, 'disk.qcow2');
+      qemuImgCreate(path, '0');
+      const t = qcow2Target(d, 'disk.qcow2', root);
+      const over = overTarget(d, t, path, async () => {});
+      let last: OpenData | undefined;
+      return {
+        ...over,
+        // A run that stopped took its daemon with it (as a killed qsync's dies with it): the next one can open the image.
+        async open() {
+          await last?.close();
+          last = await t.open(false);
+          return last;
+        },
+        // The guest view, read by QEMU; -U: a stopped run's daemon may still hold the image.
+        bytes: async () => {
+          const raw = join(dest, 'view.raw');
+          execFileSync('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', path, raw]);
+          return readFile(raw);
+        },
+        // Someone else's guest write, through QEMU: the file's mtime moves.
+        async tamper(offset, bytes) {
+          await last?.close();
+          writeFileSync(join(dest, 'tamper.bin'), bytes);
+          qemuIo(path, 'qcow2', `write -s ${join(dest, 'tamper.bin')} ${offset} ${bytes.length}`);
+          const later = Date.now() / 1000 + 5;
+          utimesSync(path, later, later);
+        },
+        async close() {
+          await last?.close();
+          await over.close();
+        },
+      };
+    },
+  }] : []),
   {
     name: 'in memory',
     async make() {
@@ -186,7 +231,8 @@ async function assess(s: Subject, o: { strict?: boolean; blockSize?: number } = 
 
 describe.each(implementations)('Target contract: $name', (impl) => {
   let s: Subject;
-  const fresh = randomBytes(SIZE);
+  const sized = (n: number): number => Math.ceil(n / (impl.align ?? 1)) * (impl.align ?? 1);
+  const fresh = randomBytes(sized(SIZE));
 
   async function committed(): Promise<Manifest> {
     s = await impl.make();
@@ -259,7 +305,7 @@ describe.each(implementations)('Target contract: $name', (impl) => {
   it('a run without a trusted base forgets the old manifest before it writes: stopped, nothing is on record', async () => {
     const base = await committed();
     await base.close();
-    const next = randomBytes(SIZE);
+    const next = randomBytes(sized(SIZE));
     await expect(write(s, next, undefined, { stopAfter: 4 })).rejects.toThrow('stopped');
     const { manifest, trust } = await assess(s);
     expect(manifest).toBeUndefined();
@@ -304,7 +350,7 @@ describe.each(implementations)('Target contract: $name', (impl) => {
     let a = await assess(s);
     expect(a.trust).toEqual({ trusted: true });
     expect(a.manifest!.fingerprint).toEqual(fingerprintOf(grown));
-    const shrunk = grown.subarray(0, 5 * BS + 1);
+    const shrunk = grown.subarray(0, sized(5 * BS + 1));
     await write(s, shrunk, a.manifest);
     await a.manifest!.close();
     a = await assess(s);

@@ -2,6 +2,7 @@
  * qsync as a function: parse, dispatch, map errors to rsync's exit codes.
  * Output goes to the injected streams; no exit here.
  */
+import { armInterrupt, disarmInterrupt, interruptArmed } from './interrupt.js';
 import { isQsyncError, QsyncError } from '../core/errors.js';
 import { escapeForTerminal } from './output.js';
 import { parseArgv } from './args.js';
@@ -15,13 +16,10 @@ import { setStateBase } from '../sync/state-dir.js';
 /** Loaded on use: each mode's modules cost start-up time the others should not pay. */
 const runDeltaCommand = async (argv: string[], io: CliIO) => (await import('./cmd-delta.js')).runDeltaCommand(argv, io);
 
-/** An image-mode run cleans up QEMU (exports, jobs, bitmaps) before it ends: it is aborted, not killed. */
-let abortable: AbortController | undefined;
-
 export function onSignal(sig: NodeJS.Signals): void {
-  if (abortable && !abortable.signal.aborted) {
+  // An image-mode run (or the drop-in's domain backups) cleans up QEMU (exports, jobs, bitmaps) before it ends.
+  if (interruptArmed()) {
     process.stderr.write(`\nqsync: received ${sig}, cleaning up in QEMU; send it again to stop at once\n`);
-    abortable.abort();
     return;
   }
   // The intent records keep the targets recoverable; only the locks must go.
@@ -55,17 +53,18 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       if (parsed.sources.length) throw new QsyncError('USAGE', '--read-batch=FILE takes only the destination operand: the sources are in FILE');
       return await runDeltaCommand(['apply', o.readBatch, parsed.dest], io);
     }
-    if (o.connect !== undefined && o.domain === undefined) throw new QsyncError('USAGE', '--connect URI goes with --domain NAME');
+    // --connect: the libvirt of --domain, or of a local sync's domains (the drop-in line, src/sync/dropin.ts).
+    if (o.connect !== undefined && (o.qmp !== undefined || o.image !== undefined)) throw new QsyncError('USAGE', '--connect URI goes with --domain NAME or a local sync, not with --qmp or --image');
     if (o.qmp !== undefined || o.image !== undefined || o.domain !== undefined) {
       const modes = (['qmp', 'image', 'domain'] as const).filter((m) => o[m] !== undefined);
       if (modes.length > 1) throw new QsyncError('USAGE', `--${modes[0]} and --${modes[1]} are two sources: give one`);
       if (parsed.sources.length) throw new QsyncError('USAGE', `--${modes[0]} takes only the destination operand (a folder for the disk images)`);
-      abortable = new AbortController();
+      const signal = armInterrupt();
       try {
         const { runImage } = await import('./run-image.js');
-        return await runImage(parsed.dest, o, io, abortable.signal);
+        return await runImage(parsed.dest, o, io, signal);
       } finally {
-        abortable = undefined;
+        disarmInterrupt();
       }
     }
     const { runSync } = await import('./run-sync.js');

@@ -118,7 +118,7 @@ export interface SyncOptions {
   image?: string;
   /** `--domain NAME`: a libvirt domain, backed up through libvirt's backup API. */
   domain?: string;
-  /** `--connect URI`: the libvirt URI for --domain (default qemu:///system). */
+  /** `--connect URI`: the libvirt URI for --domain and for a local sync's domains (default qemu:///system). */
   connect?: string;
   /** Percent of blocks re-read to verify, 0..100. */
   verifySample: number;
@@ -246,7 +246,7 @@ const SPECS: Spec[] = [
   { name: 'drive', kind: 'list', arg: 'NAME', help: 'image mode: drive to back up (repeatable)' },
   { name: 'image', kind: 'value', arg: 'FILE', help: 'image mode: read an offline image through NBD' },
   { name: 'domain', kind: 'value', arg: 'NAME', help: "image mode: every disk of a libvirt domain, through libvirt's backup API" },
-  { name: 'connect', kind: 'value', arg: 'URI', help: 'libvirt URI for --domain (default qemu:///system)' },
+  { name: 'connect', kind: 'value', arg: 'URI', help: 'libvirt URI for --domain and a local sync\'s domains (default qemu:///system)' },
   { name: 'verify-sample', kind: 'value', arg: 'PCT', help: 'percent of blocks re-read to verify (default 0.5)' },
   { name: 'version', short: 'V', kind: 'version', help: 'print the version and exit' },
   { name: 'help', kind: 'help', help: 'show this help (-h is help only on its own)' },

@@ -15,12 +15,14 @@ import { listedName, relativeOperand, splitFilesFrom, type ListedName } from '..
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
+import { DropIn } from '../sync/dropin.js';
 import { checkStateRoot, stateBaseIdentity, stateBaseWithin, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { LocalSources, type Sources } from '../sync/source.js';
 import { openRunDeltas } from '../sync/run-deltas.js';
 import type { SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
+import { armInterrupt, disarmInterrupt } from './interrupt.js';
 import { createPrinter, type Printer } from './output.js';
 import { withLogFile } from './log-file.js';
 import { parseRemote } from '../remote/ssh.js';
@@ -129,7 +131,10 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
 }
 
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
-  if ([...operands, dest].some((p) => parseRemote(p))) return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
+  if ([...operands, dest].some((p) => parseRemote(p))) {
+    if (o.connect !== undefined) throw new QsyncError('USAGE', '--connect URI is for a local sync (its libvirt domains) or --domain NAME: a sync over ssh does not back up through libvirt');
+    return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
+  }
   if (o.bwlimit) printer.warning?.('--bwlimit paces remote transfers only: this local run is not limited');
   if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot while the operands are checked and the tree is walked.
@@ -328,14 +333,29 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
     throw e;
   }
   try {
+    // Images of libvirt domains go through their domain (src/sync/dropin.ts); without libvirt, nothing changes.
+    const dropIn = from.remote || o.manifest || deltas.recordOnly ? undefined : await DropIn.find(o.connect);
     const tree = new TreeSync(
       plan,
-      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history) },
+      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history), claim: dropIn && ((st, rel) => dropIn.claim(st, rel)) },
       compileFilters(rules),
       { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,
     );
     const outcome = await tree.run();
+    if (dropIn) {
+      const announce = o.verbose > 0 || o.itemize || o.json;
+      const t0 = performance.now();
+      // A signal now ends the domains' backup jobs and exports before qsync stops (src/cli/interrupt.ts).
+      const signal = armInterrupt();
+      try {
+        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, times: o.times, announce, signal }, printer, outcome.stats);
+        if (failed) outcome.partial = true;
+      } finally {
+        disarmInterrupt();
+      }
+      outcome.stats.elapsedMs += performance.now() - t0;
+    }
     // rsync's precedence: 23 over 24 over 25.
     const code = missing || outcome.partial ? EXIT.PARTIAL.code : outcome.vanished ? EXIT.VANISHED.code : outcome.skippedDeletes ? EXIT.DEL_LIMIT.code : EXIT.OK.code;
     await deltas.finish(!outcome.partial);

@@ -107,6 +107,11 @@ export interface Domain {
   owner?: { uid: number; gid: number };
 }
 
+/** The names of every domain the URI defines, running or not. */
+export async function listDomains(uri: string): Promise<string[]> {
+  return (await virsh(uri, ['list', '--all', '--name'])).split('\n').map((l) => l.trim()).filter(Boolean);
+}
+
 export async function describeDomain(uri: string, name: string): Promise<Domain> {
   const state = (await virsh(uri, ['domstate', '--', name])).trim();
   const xml = await virsh(uri, ['dumpxml', '--', name]);
@@ -160,8 +165,12 @@ export async function deleteCheckpoint(uri: string, domain: string, checkpoint: 
   await virsh(uri, ['checkpoint-delete', ...(metadataOnly ? ['--metadata'] : []), '--', domain, checkpoint]);
 }
 
-export function checkpointXml(name: string, targets: string[]): string {
-  const disks = targets.map((t) => `    <disk name='${escapeXml(t)}' checkpoint='bitmap'/>\n`).join('');
+/** `skipped`: disks named without a bitmap (libvirt would give an unlisted disk one). */
+export function checkpointXml(name: string, targets: string[], skipped: string[] = []): string {
+  const disks = [
+    ...targets.map((t) => `    <disk name='${escapeXml(t)}' checkpoint='bitmap'/>\n`),
+    ...skipped.map((t) => `    <disk name='${escapeXml(t)}' checkpoint='no'/>\n`),
+  ].join('');
   return `<domaincheckpoint>\n  <name>${escapeXml(name)}</name>\n  <disks>\n${disks}  </disks>\n</domaincheckpoint>\n`;
 }
 
@@ -174,11 +183,13 @@ export interface BackupDisk {
   scratch: string;
 }
 
-export function backupXml(socket: string, disks: BackupDisk[]): string {
+/** `skipped`: disks left out of the job (libvirt would back up an unlisted disk). */
+export function backupXml(socket: string, disks: BackupDisk[], skipped: string[] = []): string {
   const rows = disks.map((d) => {
     const mode = d.incremental ? `backupmode='incremental' incremental='${escapeXml(d.incremental)}'` : `backupmode='full'`;
     return `    <disk name='${escapeXml(d.target)}' backup='yes' type='file' ${mode}><scratch file='${escapeXml(d.scratch)}'/></disk>\n`;
   });
+  for (const t of skipped) rows.push(`    <disk name='${escapeXml(t)}' backup='no'/>\n`);
   return `<domainbackup mode='pull'>\n  <server transport='unix' socket='${escapeXml(socket)}'/>\n  <disks>\n${rows.join('')}  </disks>\n</domainbackup>\n`;
 }
 

@@ -39,26 +39,49 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
   const { stdout } = await run('qemu-img', ['info', '--output=json', file]);
   const format = String((JSON.parse(stdout) as { format: string }).format);
   const node = 'i' + imageTargetName(file);
-  const dir = await mkdtemp(join(tempDir, 'qsync-qsd-'));
+  const daemon = await startDaemon(tempDir, [
+    '--blockdev', `driver=file,node-name=${node}-file,filename=${file}`,
+    '--blockdev', `driver=${format},node-name=${node},file=${node}-file`,
+  ]);
+  if (typeof daemon === 'string') throw new QsyncError('SOURCE', `qemu-storage-daemon could not open ${image}: ${daemon}`, { file: image });
+  return { qmp: daemon.qmp, node, stop: daemon.stop };
+}
+
+export interface StorageDaemon {
+  /** Its QMP socket, in a folder of its own (`dir`, removed by stop). */
+  qmp: string;
+  dir: string;
+  /** SIGTERM (it closes its images cleanly: caches flushed, bitmaps written back), SIGKILL after 10 s. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Start a qemu-storage-daemon with `args` (its block devices, exports) and a
+ * QMP monitor, and wait until the monitor answers. `fds`: descriptors handed
+ * to it as its fds 3, 4 ... (`filename=/dev/fd/3`: the file qsync opened, not
+ * a path that could be swapped). Returns the daemon, or why it did not start.
+ */
+export async function startDaemon(tempDir: string, args: string[], fds: number[] = [], dir?: string): Promise<StorageDaemon | string> {
+  dir ??= await mkdtemp(join(tempDir, 'qsync-qsd-'));
   const qmp = join(dir, 'qmp.sock');
   // setpriv (util-linux) gives the daemon a parent-death signal: if qsync is killed (kill -9), the daemon
   // gets SIGTERM, closes the image cleanly and exits, instead of holding it open and blocking every later run.
   const child = spawn('setpriv', ['--pdeathsig', 'TERM', '--', 'qemu-storage-daemon',
-    '--blockdev', `driver=file,node-name=${node}-file,filename=${file}`,
-    '--blockdev', `driver=${format},node-name=${node},file=${node}-file`,
+    ...args,
     '--chardev', `socket,id=qmp0,path=${qmp},server=on,wait=off`,
     '--monitor', 'chardev=qmp0',
-  ], { stdio: ['ignore', 'ignore', 'pipe'] });
+  ], { stdio: ['ignore', 'ignore', 'pipe', ...fds] });
   let stderr = '';
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<void>((res) => child.once('exit', () => res()));
+  const folder = dir;
   const stop = async (): Promise<void> => {
     // SIGTERM makes it close the image cleanly, which writes persistent bitmaps back.
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
     const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
     await exited;
     clearTimeout(t);
-    await rm(dir, { recursive: true, force: true });
+    await rm(folder, { recursive: true, force: true });
   };
   for (let i = 0; i < 200; i++) {
     if (child.exitCode !== null) break;
@@ -66,11 +89,11 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
       const s = connect(qmp, () => (s.destroy(), res(true)));
       s.on('error', () => res(false));
     });
-    if (ok) return { qmp, node, stop };
+    if (ok) return { qmp, dir, stop };
     await new Promise((r) => setTimeout(r, 50));
   }
   await stop();
-  throw new QsyncError('SOURCE', `qemu-storage-daemon could not open ${image}: ${stderr.trim() || 'no QMP socket'}`, { file: image });
+  return stderr.trim() || 'no QMP socket';
 }
 
 /**

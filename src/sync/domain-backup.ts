@@ -21,13 +21,15 @@ import {
   abortBackup, backupXml, checkpointDisks, checkpointXml, currentBackup, DEFAULT_URI, deleteCheckpoint, describeDomain, diskCapacity,
   listCheckpoints, virsh, VirshError, type Domain, type DomainDisk,
 } from '../qemu/libvirt.js';
+import { listBitmaps } from '../qemu/block.js';
 import { serveImage } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
 import { prefixedHooks, type SyncHooks } from './events.js';
 import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions } from './image-backup.js';
 import { LocalDestination } from './local-target.js';
 import type { Manifest } from './manifest-store.js';
-import type { Destination, Target, TargetNote } from './target.js';
+import { qcow2Target } from './qcow2-target.js';
+import type { Target, TargetNote } from './target.js';
 import type { Trust } from './trust.js';
 
 /** Image mode's options without its sources; tempDir holds the run's folder (NBD socket, scratch files), owned by QEMU's user. */
@@ -35,6 +37,12 @@ export interface DomainBackupOptions extends Omit<ImageBackupOptions, 'qmp' | 'i
   domain: string;
   /** libvirt URI (`--connect`), default qemu:///system. */
   connect?: string;
+  /**
+   * Only these disks (target device → the name of its copy in DEST), the
+   * drop-in's (src/sync/dropin.ts); a qcow2 disk whose copy is named *.qcow2
+   * stays a qcow2 (src/sync/qcow2-target.ts). Default: every disk, as <disk>.raw.
+   */
+  only?: ReadonlyMap<string, string>;
 }
 
 /** One disk of the run: its target, what qsync knows of it, and what this run does. */
@@ -74,17 +82,21 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   };
 
   const dom = await describeDomain(uri, opts.domain);
+  const { only } = opts;
+  const skipped = only ? dom.disks.filter((d) => !only.has(d.target)).map((d) => d.target) : [];
+  if (only) dom.disks = dom.disks.filter((d) => only.has(d.target));
   const online = dom.state === 'running' || dom.state === 'paused';
   if (!online && dom.state !== 'shut off') {
     throw new QsyncError('SOURCE', `domain ${dom.name} is ${dom.state}`, { hint: 'back it up running, paused or shut off' });
   }
   if (!dom.disks.length) throw new QsyncError('SOURCE', `domain ${dom.name} has no disk to back up`);
   const seen = new Map<string, string>();
+  const relOf = (d: DomainDisk): string => only?.get(d.target) ?? `${diskName(d)}.raw`;
   for (const d of dom.disks) {
-    const name = diskName(d);
+    const name = relOf(d);
     const other = seen.get(name);
     if (other) {
-      throw new QsyncError('SOURCE', `disks ${other} and ${d.target} of domain ${dom.name} would both be backed up as ${name}.raw`, {
+      throw new QsyncError('SOURCE', `disks ${other} and ${d.target} of domain ${dom.name} would both be backed up as ${name}`, {
         hint: 'give their image files different names',
       });
     }
@@ -95,18 +107,23 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   const destination = opts.destination ?? (await LocalDestination.open(dest));
   const disks: Disk[] = [];
   try {
-    for (const d of dom.disks) disks.push(await openDisk(d, destination, blockSize));
-    return online ? await backupRunning(uri, dom, disks, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
+    for (const d of dom.disks) {
+      const rel = relOf(d);
+      const target = only && d.format === 'qcow2' && rel.endsWith('.qcow2') && destination instanceof LocalDestination
+        ? qcow2Target(destination, rel, tempDir)
+        : destination.target(rel);
+      disks.push(await openDisk(d, rel, target, blockSize, !!only));
+    }
+    return online ? await backupRunning(uri, dom, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
   } finally {
     for (const d of disks) await d.manifest?.close();
     if (!opts.destination) await destination.close();
   }
 }
 
-async function openDisk(disk: DomainDisk, destination: Destination, blockSize: number): Promise<Disk> {
-  const name = diskName(disk);
-  const rel = `${name}.raw`;
-  const target = destination.target(rel);
+/** `named`: the disk is known by its copy's name (the drop-in's), not its image's. */
+async function openDisk(disk: DomainDisk, rel: string, target: Target, blockSize: number, named: boolean): Promise<Disk> {
+  const name = named ? rel : diskName(disk);
   const tStat = await target.identity();
   // A manifest that fails its own checks is no manifest: its reason makes the run full, and is shown then.
   const { manifest, trust } = await target.state.assess(tStat, { blockSize });
@@ -250,7 +267,8 @@ async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<
   return { dir, qemuDir };
 }
 
-async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
+/** `skipped`: the domain's disks this run leaves out (neither backed up nor given a checkpoint bitmap). */
+async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: string[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
   const prefix = prefixFor(ctx.dest);
   await endLeftovers(uri, dom, prefix, ctx.tempDir, hooks);
@@ -264,10 +282,10 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
   try {
     const bx = join(dir, 'backup.xml');
     const cx = join(dir, 'checkpoint.xml');
-    if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked), { mode: 0o600 });
+    if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked, skipped), { mode: 0o600 });
     const t0 = performance.now();
     for (;;) {
-      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) }))), { mode: 0o600 });
+      await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) })), skipped), { mode: 0o600 });
       try {
         await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
         break;
@@ -322,10 +340,14 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
 
 /**
  * A shut-off domain: each disk image is served by qemu-storage-daemon
- * (src/qemu/offline.ts) and read in full (allocated extents), written where
- * it differs. Nothing writes a shut-off domain's disk through libvirt, so the
- * checkpoint a disk's state records still counts every change since: it is
- * kept as the base, tied to the new manifest.
+ * (src/qemu/offline.ts). The checkpoint a disk's state validly records has
+ * its bitmap in the qcow2 (QEMU stored it at shutdown, and any QEMU that
+ * opened the image since kept counting in it): a disabled, non-persistent
+ * copy of it is exported with the disk and only its dirty extents are read
+ * (the image's own bitmap is never changed). Without one (no checkpoint, a
+ * raw disk, a bitmap left in use by a crash) the disk is read in full
+ * (allocated extents), written where it differs. The checkpoint stays the
+ * base, tied to the new manifest.
  */
 async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
@@ -340,19 +362,31 @@ async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
       });
     }
     const keep = (await decide(uri, dom, d, checkpoints, covered)) === undefined ? d.base : undefined;
-    d.reason = 'domain is shut off';
-    hooks.notice?.(`${label(d)}: ${d.reason}: full read of ${d.disk.source}`, d.rel);
     const t0 = performance.now();
     const served = await serveImage(d.disk.source, ctx.tempDir);
     const dir = await mkdtemp(join(ctx.tempDir, `${prefix}${process.pid}-`));
     try {
       const qmp = await QmpClient.connect(served.qmp);
       try {
+        const bitmap = keep && (await listBitmaps(qmp, served.node)).find((b) => b.name === keep);
+        let frozen: string | undefined;
+        if (bitmap && !bitmap.inconsistent) {
+          frozen = 'qsync-offline';
+          await qmp.execute('block-dirty-bitmap-add', { node: served.node, name: frozen, persistent: false, disabled: true });
+          await qmp.execute('block-dirty-bitmap-merge', { node: served.node, target: frozen, bitmaps: [keep] });
+          d.reason = undefined;
+          hooks.notice?.(`${label(d)}: domain is shut off: changes since checkpoint ${keep} read from ${d.disk.source}`, d.rel);
+        } else {
+          d.reason = keep ? `domain is shut off and its image lacks a sound bitmap of checkpoint ${keep}` : 'domain is shut off';
+          hooks.notice?.(`${label(d)}: ${d.reason}: full read of ${d.disk.source}`, d.rel);
+        }
         const socket = join(dir, 'nbd.sock');
         await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
-        await qmp.execute('block-export-add', { type: 'nbd', id: 'qsync', 'node-name': served.node, writable: false, name: 'disk' });
+        await qmp.execute('block-export-add', {
+          type: 'nbd', id: 'qsync', 'node-name': served.node, writable: false, name: 'disk', ...(frozen ? { bitmaps: [frozen] } : {}),
+        });
         const setupMs = performance.now() - t0;
-        const s = await copyDisk({ uri: `nbd+unix:///disk?socket=${socket}` }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, undefined));
+        const s = await copyDisk({ uri: `nbd+unix:///disk?socket=${socket}` }, { name: d.name, node: d.disk.target }, copyContext(ctx, d, frozen));
         if (keep) await d.target.writeNote({ node: stateNode(dom, d.disk), bitmap: keep, baseChecksum: s.checksum, size: s.size });
         else await d.target.dropNote();
         const { checksum: _c, ...rest } = s;

@@ -15,13 +15,16 @@ import { checkName, Dir, fsPath } from '../io/safe-fs.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor } from './manifest-store.js';
-import { fileData, LocalTargetState, type Destination, type OpenData, type Target } from './target.js';
+import { fileData, LocalTargetState, type Destination, type OpenData, type Target, type TargetIdentity } from './target.js';
 
 export class LocalDestination implements Destination {
   private constructor(
     readonly root: string,
     private readonly dir: Dir,
-    private readonly lock: DestLock,
+    /** Undefined: a folder below a destination whose run holds the lock (the drop-in's domain disks, src/sync/dropin.ts). */
+    private readonly lock: DestLock | undefined,
+    /** Where the targets' state is kept: that destination's root, and this folder's path below it ('' or 'sub/'). */
+    readonly stateAt: { root: string; prefix: string } = { root, prefix: '' },
   ) {}
 
   get shown(): string {
@@ -43,33 +46,60 @@ export class LocalDestination implements Destination {
     }
   }
 
+  /**
+   * Folder `rel` ('' or 'a/b') of destination `destRoot`, whose lock the
+   * caller holds: opened below the root without following a symlink, not
+   * locked again; its targets' state is the destination's (`rel/name`).
+   */
+  static async within(destRoot: string, rel: string): Promise<LocalDestination> {
+    const root = resolve(destRoot, rel);
+    let dir: Dir;
+    try {
+      // The root as the run holds it (a symlink given as DEST is followed, as rsync does); nothing below it is.
+      const top = await Dir.open(resolve(destRoot), { follow: true });
+      dir = await top.openBeneath(rel).finally(() => top.close());
+    } catch (e) {
+      throw new QsyncError('TARGET', `cannot open destination directory ${root}: ${(e as Error).message}`, { file: root }, { cause: e });
+    }
+    return new LocalDestination(root, dir, undefined, { root: resolve(destRoot), prefix: rel ? `${rel}/` : '' });
+  }
+
   target(name: string): Target {
     checkName(name);
-    return new LocalTarget(this.root, this.dir, name);
+    return new LocalTarget(this.root, this.dir, name, this.stateAt);
+  }
+
+  /** The folder, held: for targets of other kinds (src/sync/qcow2-target.ts). */
+  get folder(): Dir {
+    return this.dir;
   }
 
   async close(): Promise<void> {
     await this.dir.close().catch(() => {});
-    await this.lock.release();
+    await this.lock?.release();
   }
 }
 
-class LocalTarget implements Target {
+export class LocalTarget implements Target {
   readonly state: LocalTargetState;
   readonly shown: string;
   private readonly notePath: string;
 
+  /** `stateAt`: where the state is kept (a destination's root, and the path of `root` below it); `manifests`: the manifest folder. */
   constructor(
     root: string,
-    private readonly dir: Dir,
-    private readonly name: string,
+    protected readonly dir: Dir,
+    protected readonly name: string,
+    stateAt: { root: string; prefix: string } = { root, prefix: '' },
+    manifests: 'manifests' | 'guest' = 'manifests',
   ) {
     this.shown = join(root, name);
-    this.state = new LocalTargetState(manifestPathFor(root, name));
-    this.notePath = imageStatePath(root, name.replace(/\.raw$/, ''));
+    const rel = `${stateAt.prefix}${name}`;
+    this.state = new LocalTargetState(manifestPathFor(stateAt.root, rel, manifests));
+    this.notePath = imageStatePath(stateAt.root, rel.replace(/\.raw$/, ''));
   }
 
-  async identity() {
+  async identity(): Promise<TargetIdentity | undefined> {
     const st = await this.dir.lstatOrUndefined(this.name);
     if (st && !st.isFile()) throw new QsyncError('TARGET', `${this.shown} is not a regular file; left alone`, { file: this.shown, hint: 'move it away, or back up into another folder' });
     return st;

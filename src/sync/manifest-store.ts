@@ -47,13 +47,16 @@ const MAX_PLAIN_NAME = 255 - 40;
  * `manifests/` in the destination's state folder, its name plus `.qsm`. A name too long to carry the
  * suffixes is named by its hash instead (`~<64 hex>.qsm`); were a short name
  * ever to look the same, the manifest's target identity tells the two apart.
+ * `guest`: the manifests of qcow2 copies (src/sync/qcow2-target.ts), which
+ * describe the guest view, not the file's bytes, kept apart so that file
+ * mode never takes one for a manifest of the file.
  */
-export function manifestPathFor(destRoot: string, relPath: string): string {
+export function manifestPathFor(destRoot: string, relPath: string, folder: 'manifests' | 'guest' = 'manifests'): string {
   const at = relPath.lastIndexOf('/');
   const name = relPath.slice(at + 1);
   const bytes = encodeName(name);
   const stored = bytes.length > MAX_PLAIN_NAME ? `~${digestOf(bytes).toString('hex')}` : name;
-  return join(stateFolderFor(destRoot), 'manifests', `${relPath.slice(0, at + 1)}${stored}.qsm`);
+  return join(stateFolderFor(destRoot), folder, `${relPath.slice(0, at + 1)}${stored}.qsm`);
 }
 
 /**

@@ -76,6 +76,11 @@ export interface TreeOptions extends FileSyncOptions {
    * copied from a source nor deleted from the destination.
    */
   stateBase?: { dev: bigint; ino: bigint };
+  /**
+   * A regular file the walk meets at `rel` that another driver writes (the
+   * drop-in's domain disks, src/sync/dropin.ts): true, and the walk leaves it.
+   */
+  claim?: (st: BigIntStats, rel: string) => boolean;
 }
 
 /** Outcome flags the CLI turns into rsync's exit codes. */
@@ -707,6 +712,7 @@ export class TreeSync {
   private async file(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
+    if (this.opts.claim?.(st, rel)) return;
     const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.

@@ -1,0 +1,197 @@
+/**
+ * The drop-in line for libvirt hosts (docs/IMAGE-MODE.md "The drop-in line"):
+ * `qsync -a /var/lib/libvirt/images/ /backup/images/` backs up an image a
+ * libvirt domain uses through that domain, running or shut off
+ * (src/sync/domain-backup.ts: one instant for all its disks), instead of
+ * copying its bytes; every other file is synced as before.
+ *
+ * Before the walk, the domains are listed (`virsh list --all`, quick and
+ * silent: no libvirt, no socket or any error means no domain, and the run is
+ * what it always was) and their disk image files known by device and inode.
+ * The walk hands such a file here instead of copying it (`claim`); after the
+ * walk, one domain backup per domain and DEST folder writes them under their
+ * own names: a qcow2 stays a qcow2 (src/sync/qcow2-target.ts), a raw one
+ * stays raw. Each is reported as rsync reports a file, with one notice per
+ * domain.
+ */
+import type { BigIntStats } from 'node:fs';
+import { access, stat } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
+import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
+import { runDomainBackup } from './domain-backup.js';
+import type { RunStats, SyncHooks } from './events.js';
+import { nsToSeconds } from './file-sync.js';
+import { LocalDestination } from './local-target.js';
+
+/** The sockets a local libvirt answers qemu:///system on (monolithic libvirtd, or the modular virtqemud). */
+const SYSTEM_SOCKETS = ['/run/libvirt/libvirt-sock', '/run/libvirt/virtqemud-sock'];
+/** Domains described at once. */
+const DESCRIBE_AT_ONCE = 8;
+
+interface OwnedDisk {
+  domain: string;
+  disk: DomainDisk;
+}
+
+/** A file of the tree that a domain's backup writes. */
+interface Claimed extends OwnedDisk {
+  /** Its path below the destination root. */
+  rel: string;
+  size: number;
+}
+
+export interface DropInOptions {
+  /** libvirt URI (`--connect`), default qemu:///system. */
+  connect?: string;
+  blockSize: number;
+  verifySample?: number;
+  dryRun: boolean;
+  /** -t: the walk gave the DEST folders their source's times; a file made here must not move them. */
+  times: boolean;
+  /** Notices per domain (-v, -i, --json). */
+  announce: boolean;
+  /** Aborted: the running backup cleans up (its job ended, its checkpoint pruned) and the run ends (INTERRUPTED). */
+  signal?: AbortSignal;
+}
+
+export class DropIn {
+  readonly #claimed: Claimed[] = [];
+
+  private constructor(
+    private readonly uri: string,
+    private readonly owned: Map<string, OwnedDisk>,
+  ) {}
+
+  /**
+   * The disk image files of every domain libvirt defines, by device and
+   * inode; undefined when there is none, or no libvirt to ask.
+   */
+  static async find(connect: string | undefined): Promise<DropIn | undefined> {
+    const uri = connect ?? DEFAULT_URI;
+    if (uri === DEFAULT_URI && !(await someExists(SYSTEM_SOCKETS))) return undefined;
+    // No virsh, or no libvirtd answering: the run is what it was without libvirt.
+    const names = await listDomains(uri).catch((e: unknown) => {
+      if (e instanceof QsyncError) return [];
+      throw e;
+    });
+    // A few virsh at a time: a host's dozens of domains cost a fraction of a second, not one virsh after another.
+    const doms: (Domain | undefined)[] = [];
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < names.length) {
+        const i = next++;
+        // A domain undefined meanwhile is no domain (its files, if a QEMU holds them, are refused by the walk as before).
+        doms[i] = await describeDomain(uri, names[i]!).catch((e: unknown) => {
+          if (e instanceof QsyncError) return undefined;
+          throw e;
+        });
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(DESCRIBE_AT_ONCE, names.length) }, worker));
+    const owned = new Map<string, OwnedDisk>();
+    for (const dom of doms) {
+      for (const disk of dom?.disks ?? []) {
+        if (disk.type !== 'file' || !disk.source) continue;
+        const st = await stat(fsPath(disk.source), { bigint: true }).catch(() => undefined);
+        if (!st?.isFile()) continue;
+        // Two definitions of one image (a clone's, a spare's): the one that runs holds it, and backs it up.
+        const up = dom!.state === 'running' || dom!.state === 'paused';
+        if (!owned.has(keyOf(st)) || up) owned.set(keyOf(st), { domain: dom!.name, disk });
+      }
+    }
+    return owned.size ? new DropIn(uri, owned) : undefined;
+  }
+
+  /** The walk met a regular file at `rel`: true when a domain's backup takes it (the walk then leaves it). */
+  claim(st: BigIntStats, rel: string): boolean {
+    const o = this.owned.get(keyOf(st));
+    if (!o) return false;
+    this.#claimed.push({ ...o, rel, size: Number(st.size) });
+    return true;
+  }
+
+  /**
+   * Back up the claimed files through their domains into `destRoot` (whose
+   * lock the run holds). Returns whether some failed (rsync's exit 23);
+   * `stats` counts what was written.
+   */
+  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+    const groups = new Map<string, Claimed[]>();
+    for (const c of this.#claimed) {
+      const key = `${c.domain}\0${dirname(c.rel)}`;
+      groups.set(key, [...(groups.get(key) ?? []), c]);
+    }
+    let failed = false;
+    for (const files of groups.values()) {
+      if (o.signal?.aborted) throw new QsyncError('INTERRUPTED', 'interrupted');
+      const { domain } = files[0]!;
+      const folder = dirname(files[0]!.rel);
+      const shownOf = new Map(files.map((f) => [basename(f.rel), f.rel]));
+      const names = files.map((f) => f.rel).join(', ');
+      if (o.dryRun) {
+        for (const f of files) {
+          const there = await lstatOrUndefined(fsPath(join(destRoot, f.rel)));
+          hooks.fileEnd?.({ path: f.rel, itemize: there ? '>f.........' : '>f+++++++++', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
+        }
+        if (o.announce) hooks.notice?.(`would back up ${names} through libvirt domain ${domain}`);
+        continue;
+      }
+      const at = join(destRoot, folder);
+      let destination: LocalDestination | undefined;
+      try {
+        destination = await LocalDestination.within(destRoot, folder === '.' ? '' : folder);
+        const folderTimes = await destination.folder.stat();
+        const existed = new Set<string>();
+        for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));
+        const inTree = (p: string): string => shownOf.get(p) ?? p;
+        const summaries = await runDomainBackup({
+          domain, connect: this.uri, dest: at, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
+          only: new Map(files.map((f) => [f.disk.target, basename(f.rel)])),
+        }, {
+          fileStart: (p, size, method) => hooks.fileStart?.(inTree(p), size, method),
+          fileProgress: (p, scanned, written) => hooks.fileProgress?.(inTree(p), scanned, written),
+          fileEnd: (r) => hooks.fileEnd?.({ ...r, path: inTree(r.path), itemize: existed.has(r.path) ? r.itemize : '>f+++++++++', unchanged: existed.has(r.path) && r.unchanged }),
+          notice: o.announce ? (m, p) => hooks.notice?.(m, p && inTree(p)) : undefined,
+          warning: (m, p) => hooks.warning?.(m, p && inTree(p)),
+        });
+        const parts: string[] = [];
+        for (const s of summaries) {
+          const rel = inTree(basename(s.target));
+          const sent = s.written > 0 || !existed.has(basename(s.target));
+          if (sent) {
+            stats.transferred++;
+            stats.transferredSize += s.size;
+            if (!existed.has(basename(s.target))) stats.created++;
+          }
+          stats.literal += s.written;
+          stats.matched += s.unchanged;
+          stats.scanned += s.read;
+          parts.push(`${rel} (${s.node}: ${s.mode === 'bitmap' ? 'changed blocks only' : `full read${s.reason ? `, ${s.reason}` : ''}`})`);
+        }
+        if (o.announce) hooks.notice?.(`backed up through libvirt domain ${domain}, all its disks as of one instant: ${parts.join(', ')}`);
+        // A new file moved its folder's mtime: back to what the walk set, as rsync leaves a folder it has synced.
+        if (o.times && (await destination.folder.stat()).mtimeNs !== folderTimes.mtimeNs) {
+          await destination.folder.setMeta({ atime: nsToSeconds(folderTimes.atimeNs), mtime: nsToSeconds(folderTimes.mtimeNs) });
+        }
+      } catch (e) {
+        // Ctrl-C ends the run; an error that is neither qsync's nor the system's is a bug, not a failed file.
+        if (e instanceof QsyncError ? e.code === 'INTERRUPTED' || e.context.fatal : !errnoOf(e)) throw e;
+        failed = true;
+        const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : errnoText(e);
+        hooks.warning?.(`${names}: backup through libvirt domain ${domain} failed: ${msg}`, files[0]!.rel);
+      } finally {
+        await destination?.close();
+      }
+    }
+    return failed;
+  }
+}
+
+const keyOf = (st: BigIntStats): string => `${st.dev}:${st.ino}`;
+
+async function someExists(paths: string[]): Promise<boolean> {
+  for (const p of paths) if (await access(p).then(() => true, () => false)) return true;
+  return false;
+}
