@@ -29,6 +29,11 @@ export class BufferRing {
     this.#mem = Buffer.allocUnsafe(capacity);
   }
 
+  /** No loan is out. */
+  get idle(): boolean {
+    return this.#first === this.#slots.length;
+  }
+
   /** A loan of `len` bytes (1..capacity), or undefined when the ring has no room now. */
   tryLend(len: number): Loan | undefined {
     if (!(len > 0 && len <= this.capacity)) throw new RangeError(`buffer ring: a loan of ${len} bytes (capacity ${this.capacity})`);
@@ -78,4 +83,18 @@ export class BufferRing {
       w.resolve(l);
     }
   }
+}
+
+/** Rings no copy is using: their memory returns to the system only at a GC, so the next copy takes one of them. */
+const idle: BufferRing[] = [];
+
+/** A ring of `capacity` bytes for one copy: an idle one when there is one. */
+export function borrowRing(capacity: number): BufferRing {
+  const i = idle.findIndex((r) => r.capacity === capacity);
+  return i >= 0 ? idle.splice(i, 1)[0]! : new BufferRing(capacity);
+}
+
+/** After a copy that ended well, nothing in flight using the ring: the next copy may take it (one with loans out is left to the GC). */
+export function returnRing(ring: BufferRing): void {
+  if (ring.idle && !idle.includes(ring)) idle.push(ring);
 }

@@ -17,7 +17,7 @@ import { QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
-import { BufferRing, type Loan } from '../io/buffer-ring.js';
+import { borrowRing, returnRing, type BufferRing, type Loan } from '../io/buffer-ring.js';
 import type { BlockSink } from '../io/types.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { CONTEXT_ALLOCATION, dirtyBitmapContext } from '../io/nbd/constants.js';
@@ -349,6 +349,8 @@ const RING_BYTES = 16 << 20;
 /** Writes issued together after one intent record (one intent write per batch, not per block). */
 const BATCH_BLOCKS = 256;
 const BATCH_BYTES = 8 << 20;
+/** Written bytes after which the target is asked to put them on storage (BlockSink.writeback), one such flush at a time. */
+const WRITEBACK_BYTES = 64 << 20;
 /** Digests per manifest piece (1 MiB): old ones read and new ones appended in these; a read never spans two. */
 const PIECE = 32768;
 
@@ -396,8 +398,8 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       s.read += len;
     };
     const blockLen = (b: number): number => Math.min(bs, size - b * bs);
-    // Room for a run and its old bytes whatever the block size.
-    const ring = new BufferRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ)));
+    // Room for a run and its old bytes whatever the block size; the next disk reuses it.
+    const ring = borrowRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ)));
 
     if (!reason && c.pct > 0) {
       const bad = await verifySample(c, kind, nBlocks, blockLen, readBlocks, ring);
@@ -526,6 +528,8 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       checksum = await commitTarget(dst, sink, writer, { size, mtimeNs: 0n });
       await sink.close();
       await dst.close();
+      // Every read and write is done (after a failure some may not be: that ring is left to the GC).
+      returnRing(ring);
     } catch (e) {
       await writer.abort();
       await sink.close().catch(() => {});
@@ -591,6 +595,10 @@ class CopyPipeline {
   #writeBytes = 0;
   #intentChain = Promise.resolve();
   #lastWrite: Promise<unknown> = Promise.resolve();
+  /** Bytes written since the last writeback began, and the one in flight (its failure surfaces in finish()). */
+  #unflushed = 0;
+  #writeback: Promise<void> | undefined;
+  #writebackBusy = false;
 
   constructor(
     private readonly bs: number,
@@ -702,10 +710,29 @@ class CopyPipeline {
       done.catch(() => {});
       // The sink is done with the data once its write settles (src/io/types.ts BlockSink).
       if (run) void done.then(() => unref(run), () => unref(run));
+      this.#unflushed += bytes;
+      if (this.#unflushed >= WRITEBACK_BYTES) this.#startWriteback(done);
       this.#lastWrite = done;
       this.#writes.push({ done, bytes });
       this.#writeBytes += bytes;
     }
+  }
+
+  /**
+   * Once `after` is written, let the target start putting what it holds on
+   * storage, so the disk works while more is read and hashed, and commit's
+   * fsync finds little left. One at a time; a failure is kept for finish().
+   */
+  #startWriteback(after: Promise<void>): void {
+    const sink = this.sink;
+    if (!sink.writeback || this.#writebackBusy) return;
+    this.#writebackBusy = true;
+    this.#unflushed = 0;
+    const prev = this.#writeback ?? Promise.resolve();
+    this.#writeback = Promise.all([prev, after.catch(() => {})])
+      .then(() => sink.writeback!())
+      .finally(() => (this.#writebackBusy = false));
+    this.#writeback.catch(() => {}); // surfaces in finish()
   }
 
   /** Send the batch on, then wait for the oldest write: its data's room in the ring comes back. */
@@ -725,7 +752,7 @@ class CopyPipeline {
       await this.#seek(pieces - 1);
       await this.#appendPiece(pieces - 1);
     }
-    await Promise.all([...this.#writes.map((w) => w.done), this.#intentChain]);
+    await Promise.all([...this.#writes.map((w) => w.done), this.#intentChain, this.#writeback]);
   }
 }
 
