@@ -782,15 +782,21 @@ async function verifySample(
   readBlocks: (first: number, count: number, buf: Buffer) => Promise<void>,
   ring: BufferRing,
 ): Promise<number | undefined> {
-  const clean: number[] = [];
-  for (let b = 0; b < nBlocks; b++) if (!(kind[b]! & DIRTY)) clean.push(b);
-  const want = Math.min(clean.length, Math.ceil((clean.length * c.pct) / 100));
-  // Partial Fisher-Yates: `want` distinct blocks.
-  for (let i = 0; i < want; i++) {
-    const j = randomInt(i, clean.length);
-    [clean[i], clean[j]] = [clean[j]!, clean[i]!];
+  let cleanCount = 0;
+  for (let b = 0; b < nBlocks; b++) if (!(kind[b]! & DIRTY)) cleanCount++;
+  const want = Math.min(cleanCount, Math.ceil((cleanCount * c.pct) / 100));
+  // Floyd's sampling: `want` distinct ranks among the clean blocks, in memory for the sample only (not a list of every clean block).
+  const ranks = new Set<number>();
+  for (let j = cleanCount - want; j < cleanCount; j++) {
+    const t = randomInt(0, j + 1);
+    ranks.add(ranks.has(t) ? j : t);
   }
-  const sample = clean.slice(0, want).sort((a, b) => a - b);
+  const sorted = Float64Array.from(ranks).sort();
+  const sample: number[] = [];
+  for (let b = 0, rank = 0; b < nBlocks && sample.length < sorted.length; b++) {
+    if (kind[b]! & DIRTY) continue;
+    if (rank++ === sorted[sample.length]) sample.push(b);
+  }
   const digest = Buffer.alloc(DIGEST_LEN);
   // A batch's reads all in flight at once (few at a time would idle the server), old digests looked up meanwhile.
   const batch = Math.max(1, Math.floor(READ_AHEAD_BYTES / c.blockSize));
