@@ -16,30 +16,12 @@ import type { DiskSummary } from '../src/sync/image-backup.js';
 import { QSYNC, runQsync, sha256, stateOf } from './helpers/cli.js';
 import { startSshd } from './helpers/sshd.js';
 import { needTools } from './helpers/env.js';
+import { diskDevices, ensureLibvirtd, LIBVIRT_URI, virsh } from './helpers/libvirt.js';
 import { qemuImgCreate, qemuIo, tmpDir } from './helpers/qemu.js';
 
 const pexec = promisify(execFile);
-const URI = 'qemu:///system';
+const URI = LIBVIRT_URI;
 const MiB = 1 << 20;
-const virsh = async (...args: string[]): Promise<string> => (await pexec('virsh', ['-c', URI, ...args])).stdout;
-
-async function libvirtUp(): Promise<boolean> {
-  return virsh('version').then(() => true, () => false);
-}
-
-/** Run a daemon that forks itself away (`-d`): wait only for the parent, whose output nobody reads. */
-function daemon(cmd: string): Promise<number | null> {
-  return new Promise((res) => spawn(cmd, ['-d'], { stdio: 'ignore' }).once('exit', res).once('error', () => res(null)));
-}
-
-/** libvirtd (and virtlogd, which QEMU's logs go through), started as daemons when libvirt does not answer. */
-async function ensureLibvirtd(): Promise<void> {
-  if (await libvirtUp()) return;
-  await daemon('virtlogd'); // one already running makes this one exit: fine
-  await daemon('libvirtd');
-  for (let i = 0; i < 300 && !(await libvirtUp()); i++) await new Promise((r) => setTimeout(r, 100));
-  if (!(await libvirtUp())) throw new Error(`libvirtd started but ${URI} does not answer`);
-}
 
 interface TestDisk {
   name: string;
@@ -98,12 +80,11 @@ ${disks.map((d) => `    <disk type='file' device='disk'><driver name='qemu' type
   /** Start the domain and learn which device backs each disk (`info block`: file, then "Attached to: .../virtio-diskN/virtio-backend"). */
   async function start(): Promise<void> {
     await virsh('start', dom);
-    const info = await virsh('qemu-monitor-command', dom, '--hmp', 'info block');
-    for (const d of disks) {
-      const at = info.indexOf(d.file);
-      d.qdev = info.slice(at).match(/Attached to:\s+(\S+)/)?.[1];
-      expect(d.qdev, info).toBeDefined();
-    }
+    const devs = await diskDevices(dom, disks.map((d) => d.file));
+    disks.forEach((d, i) => {
+      d.qdev = devs[i];
+      expect(d.qdev, `device of ${d.file}`).toBeDefined();
+    });
   }
 
   /** A guest write of `pattern` at [off, off+len), through the disk's device, as the guest's would go. */
