@@ -1,15 +1,16 @@
 /** The benchmark's command line, parsed without side effects. */
 import { parseArgs } from 'node:util';
 
-export const SCENARIO_NAMES = ['first', 'touch', 'scattered', 'clustered', 'grow', 'qcow2', 'memory', 'image', 'remote'] as const;
+export const SCENARIO_NAMES = ['first', 'touch', 'scattered', 'clustered', 'grow', 'qcow2', 'memory', 'image', 'remote', 'domain'] as const;
 export type ScenarioName = (typeof SCENARIO_NAMES)[number];
 
 /**
  * Scenarios run when --scenarios is not given (and by --quick, the CI smoke
  * test): memory writes a 16 GiB sparse file, image needs QEMU, remote needs
- * root for a network namespace: opt in.
+ * root for a network namespace, domain libvirt and virtnbdbackup: opt in.
  */
-const DEFAULT_SCENARIOS: readonly ScenarioName[] = SCENARIO_NAMES.filter((s) => s !== 'memory' && s !== 'image' && s !== 'remote');
+const OPT_IN: readonly ScenarioName[] = ['memory', 'image', 'remote', 'domain'];
+const DEFAULT_SCENARIOS: readonly ScenarioName[] = SCENARIO_NAMES.filter((s) => !OPT_IN.includes(s));
 
 export interface BenchOptions {
   /** Source image size in bytes (multiple of the 64 KiB block). */
@@ -38,7 +39,7 @@ export const USAGE = `usage: npm run bench -- [options]
   --change P      scattered change, e.g. 1% or 0.01 (default 1%)
   --runs N        timed runs per tool and scenario (default 5; --quick: 1)
   --scenarios L   comma list of ${SCENARIO_NAMES.join(',')}
-                  (default: all but memory, image and remote)
+                  (default: all but memory, image, remote and domain)
   --quick         64 MiB, 1 run, the default scenarios: the CI smoke test
   --cold          drop the page cache before each timed run (root)
   --out DIR       where latest.json and latest.svg are written (default bench/results)

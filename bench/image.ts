@@ -15,7 +15,7 @@ import { NbdClient } from '../src/io/nbd/client.js';
 import { QmpClient } from '../src/qemu/qmp.js';
 import { BLOCK, type BenchOptions } from './args.js';
 import { measure, type Measurement } from './measure.js';
-import { fail, load, summarize, type ScenarioResult, type ToolResult } from './report.js';
+import { fail, load, markUnavailable, summarize, type ScenarioResult, type ToolResult } from './report.js';
 import type { Scenario } from './scenarios.js';
 import { pickScattered } from './data.js';
 import type { makeTools } from './tools.js';
@@ -180,10 +180,9 @@ export async function runImageScenario(sc: Scenario, o: BenchOptions, tools: Ret
   } catch {
     why[0] ??= 'missing'; // no QEMU to back up from
   }
-  if (why.some(Boolean)) {
-    results.forEach((r, i) => (r.status = why[i] ?? 'ok'));
-    log(`skipped: ${why.filter(Boolean).join(', ')}`);
-    s.loadAfter = load();
+  const skipped = markUnavailable(s, why);
+  if (skipped) {
+    log(`skipped: ${skipped}`);
     return s;
   }
   const dir = join(work, sc.name);

@@ -12,7 +12,8 @@ import {
   writeSparseFile,
 } from './data.js';
 import type { LinkOptions } from './link.js';
-import { IMAGE_TOOLS, MEMORY_TOOLS, REMOTE_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
+import { DOMAIN_DESCRIPTION } from './domain.js';
+import { DOMAIN_TOOLS, IMAGE_TOOLS, MEMORY_TOOLS, REMOTE_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
 
 export interface Scenario {
   name: ScenarioName;
@@ -133,6 +134,19 @@ export function makeScenarios(o: BenchOptions): Record<ScenarioName, Scenario> {
       create: (path) => makeQcow2(path, o.size),
       mutate: async () => {
         throw new Error('the image scenario changes the disk through QEMU (bench/image.ts)');
+      },
+    },
+    domain: {
+      ...base,
+      name: 'domain',
+      file: 'sys.qcow2',
+      description: DOMAIN_DESCRIPTION,
+      tools: DOMAIN_TOOLS,
+      create: async () => {
+        throw new Error('the domain scenario makes its own images (bench/domain.ts)');
+      },
+      mutate: async () => {
+        throw new Error('the domain scenario changes the disks through libvirt (bench/domain.ts)');
       },
     },
   };

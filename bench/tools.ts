@@ -2,7 +2,8 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 
-export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S' | 'qsync-qmp' | 'nbdcopy' | 'rsync-ssh' | 'qsync-ssh';
+export type ToolId = 'qsync' | 'qsync-c' | 'rsync' | 'rsync-inplace' | 'cat' | 'b3sum' | 'qsync-S' | 'qsync-c-S' | 'qsync-qmp' | 'nbdcopy' | 'rsync-ssh' | 'qsync-ssh'
+  | 'qsync-domain-full' | 'qsync-domain-inc' | 'virtnbdbackup-full' | 'virtnbdbackup-inc';
 
 export interface Tool {
   id: ToolId;
@@ -46,6 +47,11 @@ export function makeTools(main: string): Record<ToolId, Tool> {
     argv: (src, dst) => [cmd, ...flags, src, ...(withDst ? [`${dst}/`] : [])],
     unavailable: () => (onPath(cmd) ? undefined : 'missing'),
   });
+  const virtnbdbackup = (level: 'full' | 'inc'): Tool => ({
+    ...external(`virtnbdbackup-${level}`, 'sync', 'virtnbdbackup', [], false),
+    label: `virtnbdbackup -d DOM -l ${level} -o DIR`,
+    argv: (dom, dst) => ['virtnbdbackup', '-d', dom, '-l', level, '-o', dst],
+  });
   return {
     qsync: qsync('qsync', ['-a']),
     'qsync-c': qsync('qsync-c', ['-a', '-c']),
@@ -59,6 +65,11 @@ export function makeTools(main: string): Record<ToolId, Tool> {
     cat: external('cat', 'floor', 'cat', [], false),
     b3sum: external('b3sum', 'floor', 'b3sum', ['--num-threads', '2'], false),
     nbdcopy: { ...external('nbdcopy', 'floor', 'nbdcopy', [], false), label: 'nbdcopy DISK null:', argv: (src) => ['nbdcopy', src, 'null:'] },
+    // The domain scenario: SRC is the libvirt domain's name, DEST the backup folder (both tools keep their chain there).
+    'qsync-domain-full': { ...qsync('qsync-domain-full', ['--json', '--domain']), label: 'qsync --domain DOM DEST (full)' },
+    'qsync-domain-inc': { ...qsync('qsync-domain-inc', ['--json', '--domain']), label: 'qsync --domain DOM DEST (incremental)' },
+    'virtnbdbackup-full': virtnbdbackup('full'),
+    'virtnbdbackup-inc': virtnbdbackup('inc'),
     // The remote scenario: push to host:DIR over the same ssh. The far side's qsync keeps its
     // state under this run's QSYNC_STATE_DIR too (ssh does not pass the environment on).
     'rsync-ssh': {
@@ -86,5 +97,7 @@ export const MEMORY_TOOLS: readonly ToolId[] = ['qsync-S', 'qsync-c-S'];
 export const IMAGE_TOOLS: readonly ToolId[] = ['qsync-qmp', 'nbdcopy', 'qsync-c'];
 /** The remote scenario: rsync's delta algorithm and qsync, both pushing over ssh through the shaped link. */
 export const REMOTE_TOOLS: readonly ToolId[] = ['rsync-ssh', 'qsync-ssh'];
+/** The domain scenario: one libvirt domain each, full then incremental. */
+export const DOMAIN_TOOLS: readonly ToolId[] = ['qsync-domain-full', 'virtnbdbackup-full', 'qsync-domain-inc', 'virtnbdbackup-inc'];
 /** The read floor every ratio is taken against. */
 export const REFERENCE: ToolId = 'cat';

@@ -111,6 +111,10 @@ export class LocalFileSink implements BlockSink {
     await this.fh.sync();
   }
 
+  async writeback(): Promise<void> {
+    await this.fh.datasync();
+  }
+
   async close(): Promise<void> {
     await this.fh.close();
   }
@@ -136,6 +140,7 @@ export function punchingSink(file: LocalFileSink, holes: [number, number][]): Lo
       await punchHoles(file, holes);
       await file.commit();
     },
+    writeback: () => file.writeback(),
     close: () => file.close(),
   };
 }

@@ -40,5 +40,12 @@ export interface BlockSink {
   truncate(size: number): Promise<void>;
   /** Flush everything written to stable storage. Idempotent. */
   commit(): Promise<void>;
+  /**
+   * Optional: put what has been written so far on storage now, while more is
+   * written (a long copy then does not leave all of its writeback to
+   * commit). Promises nothing: only commit() makes the data durable. A
+   * failure must still be reported (a failed flush may not fail again).
+   */
+  writeback?(): Promise<void>;
   close(): Promise<void>;
 }

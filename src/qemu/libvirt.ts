@@ -113,8 +113,8 @@ export async function listDomains(uri: string): Promise<string[]> {
 }
 
 export async function describeDomain(uri: string, name: string): Promise<Domain> {
-  const state = (await virsh(uri, ['domstate', '--', name])).trim();
-  const xml = await virsh(uri, ['dumpxml', '--', name]);
+  // Asked together: each virsh is a process and a connection.
+  const [state, xml] = await Promise.all([virsh(uri, ['domstate', '--', name]).then((s) => s.trim()), virsh(uri, ['dumpxml', '--', name])]);
   const devices = elements(xml, 'devices')[0] ?? '';
   const disks: DomainDisk[] = [];
   for (const d of elements(devices, 'disk')) {

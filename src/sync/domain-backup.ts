@@ -137,7 +137,7 @@ const stateNode = (dom: Domain, d: DomainDisk): string => `libvirt:${dom.uuid}/$
  * Why `d` cannot be incremental from the checkpoint its state records, or
  * undefined (then `d.base` is that checkpoint).
  */
-async function decide(uri: string, dom: Domain, d: Disk, checkpoints: string[], covers: (cp: string) => Promise<string[]>): Promise<string | undefined> {
+async function decide(dom: Domain, d: Disk, checkpoints: string[], covers: (cp: string) => Promise<string[]>, capacity: (target: string) => Promise<number>): Promise<string | undefined> {
   const { state, manifest } = d;
   if (!d.tStat) return 'first run';
   if (!d.trust.trusted) return d.trust.reason ?? 'no manifest';
@@ -147,23 +147,37 @@ async function decide(uri: string, dom: Domain, d: Disk, checkpoints: string[], 
   if (!checkpoints.includes(state.bitmap)) return `checkpoint ${state.bitmap} is gone`;
   if (!(await covers(state.bitmap)).includes(d.disk.target)) return `checkpoint ${state.bitmap} does not cover this disk`;
   if (dom.state !== 'shut off') {
-    const size = await diskCapacity(uri, dom.name, d.disk.target);
+    const size = await capacity(d.disk.target);
     if (size !== manifest!.header.targetSize) return `disk was resized (${manifest!.header.targetSize} → ${size})`;
   }
   d.base = state.bitmap;
   return undefined;
 }
 
-/** Decide every disk; a full one forgets its state (its checkpoint then goes with the next prune). */
-async function decideAll(uri: string, dom: Domain, disks: Disk[], hooks: SyncHooks): Promise<void> {
-  const checkpoints = await listCheckpoints(uri, dom.name);
+/** What decide() asks libvirt, asked up front and all at once (each virsh is a process and a connection); nothing is changed. */
+function lookups(uri: string, dom: Domain, disks: Disk[]) {
+  const quiet = <T>(p: Promise<T>): Promise<T> => (p.catch(() => {}), p); // awaited where needed
+  const checkpoints = quiet(listCheckpoints(uri, dom.name));
   const covered = new Map<string, Promise<string[]>>();
   const covers = (cp: string): Promise<string[]> => {
-    if (!covered.has(cp)) covered.set(cp, checkpointDisks(uri, dom.name, cp));
+    if (!covered.has(cp)) covered.set(cp, quiet(checkpointDisks(uri, dom.name, cp)));
     return covered.get(cp)!;
   };
+  for (const d of disks) if (d.state?.bitmap) void covers(d.state.bitmap);
+  const sizes = new Map<string, Promise<number>>();
+  const capacity = (target: string): Promise<number> => {
+    if (!sizes.has(target)) sizes.set(target, quiet(diskCapacity(uri, dom.name, target)));
+    return sizes.get(target)!;
+  };
+  if (dom.state !== 'shut off') for (const d of disks) if (d.state) void capacity(d.disk.target);
+  return { checkpoints, covers, capacity };
+}
+
+/** Decide every disk; a full one forgets its state (its checkpoint then goes with the next prune). */
+async function decideAll(dom: Domain, disks: Disk[], hooks: SyncHooks, asked: ReturnType<typeof lookups>): Promise<void> {
+  const checkpoints = await asked.checkpoints;
   for (const d of disks) {
-    d.reason = await decide(uri, dom, d, checkpoints, covers);
+    d.reason = await decide(dom, d, checkpoints, asked.covers, asked.capacity);
     if (!d.reason) continue;
     hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
     await d.target.dropNote();
@@ -271,8 +285,9 @@ async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<
 async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: string[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
   const prefix = prefixFor(ctx.dest);
+  const asked = lookups(uri, dom, disks);
   await endLeftovers(uri, dom, prefix, ctx.tempDir, hooks);
-  await decideAll(uri, dom, disks, hooks);
+  await decideAll(dom, disks, hooks, asked);
   const tracked = disks.filter((d) => d.disk.format === 'qcow2').map((d) => d.disk.target);
   const checkpoint = tracked.length ? `${prefix}${Date.now().toString(36)}` : undefined;
   const { dir, qemuDir } = await runFolder(ctx.tempDir, prefix, dom);
@@ -361,7 +376,7 @@ async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
         file: d.rel, hint: `start the domain (virsh start ${dom.name}) and run again`,
       });
     }
-    const keep = (await decide(uri, dom, d, checkpoints, covered)) === undefined ? d.base : undefined;
+    const keep = (await decide(dom, d, checkpoints, covered, (t) => diskCapacity(uri, dom.name, t))) === undefined ? d.base : undefined;
     const t0 = performance.now();
     const served = await serveImage(d.disk.source, ctx.tempDir);
     const dir = await mkdtemp(join(ctx.tempDir, `${prefix}${process.pid}-`));

@@ -45,12 +45,11 @@ ${disks.map((d) => `    <disk type='file' device='disk'><driver name='qemu' type
 /** Start a domain; the QEMU device backing each of `files` (`info block`: the file, then "Attached to: .../virtio-diskN/virtio-backend"). */
 export async function startDomain(name: string, files: string[]): Promise<Map<string, string>> {
   await virsh('start', name);
-  const info = await virsh('qemu-monitor-command', name, '--hmp', 'info block');
+  const found = await diskDevices(name, files);
   const devices = new Map<string, string>();
-  for (const f of files) {
-    const dev = info.slice(info.indexOf(f)).match(/Attached to:\s+(\S+)/)?.[1];
-    if (!dev) throw new Error(`no device for ${f} in: ${info}`);
-    devices.set(f, dev);
+  for (const [i, f] of files.entries()) {
+    if (!found[i]) throw new Error(`no device for ${f} in the domain's 'info block'`);
+    devices.set(f, found[i]!);
   }
   return devices;
 }
@@ -60,4 +59,13 @@ export async function dropDomain(name: string): Promise<void> {
   await virsh('domjobabort', name).catch(() => {});
   await virsh('destroy', name).catch(() => {});
   await virsh('undefine', name, '--checkpoints-metadata').catch(() => {});
+}
+
+/** The QEMU device whose backend each disk file is attached to (`info block`: the file, then "Attached to: .../virtio-backend"), for HMP qemu-io. */
+export async function diskDevices(domain: string, files: string[]): Promise<(string | undefined)[]> {
+  const info = await virsh('qemu-monitor-command', domain, '--hmp', 'info block');
+  return files.map((f) => {
+    const at = info.indexOf(f);
+    return at < 0 ? undefined : info.slice(at).match(/Attached to:\s+(\S+)/)?.[1];
+  });
 }

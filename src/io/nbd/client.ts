@@ -71,6 +71,9 @@ interface OptionReply {
 
 const bad = (msg: string): QsyncError => new QsyncError('PROTOCOL', `NBD: ${msg}`);
 
+/** The socket's read buffer for headers, status and data read out of place. */
+const SCRATCH = 64 * 1024;
+
 export class NbdClient implements ExtentSource {
   readonly uri: string;
   size = 0;
@@ -92,6 +95,8 @@ export class NbdClient implements ExtentSource {
   #corked = false;
   #inbox: OptionReply[] = [];
   #inboxWaiter: { resolve(r: OptionReply): void; reject(e: Error): void } | undefined;
+  /** What the socket reads into outside READ data (#readBuffer). */
+  readonly #scratch = Buffer.allocUnsafe(SCRATCH);
 
   private constructor(uri: string, socket: net.Socket, opts: NbdConnectOptions) {
     this.uri = uri;
@@ -100,7 +105,7 @@ export class NbdClient implements ExtentSource {
     this.#parser = new NbdParser(
       {
         greeting: (flags) => this.#deliver({ option: -1, type: flags, data: Buffer.alloc(0) }),
-        optionReply: (option, type, data) => this.#deliver({ option, type, data }),
+        optionReply: (option, type, data) => this.#deliver({ option, type, data: Buffer.from(data) }),
         simpleReply: (h, err) => this.#simpleReply(h, err),
         simpleDone: (h, err) => this.#simpleDone(h, err),
         data: (h, off, piece) => this.#data(h, off, piece),
@@ -109,20 +114,47 @@ export class NbdClient implements ExtentSource {
       opts.limits,
     );
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => {
-      try {
-        this.#parser.write(chunk);
-      } catch (e) {
-        this.#teardown(e instanceof QsyncError ? e : bad(String(e)));
-      }
-    });
     socket.on('error', (cause) => this.#teardown(new QsyncError('IO', `NBD connection ${uri}: ${cause.message}`, {}, { cause })));
     socket.on('close', () => this.#teardown(new QsyncError('IO', `NBD connection ${uri} closed`)));
   }
 
+  /**
+   * The socket reads into the buffer this returns: READ data the parser is
+   * streaming goes straight into the request's own buffer (no copy, no
+   * garbage); everything else into one scratch buffer of the connection,
+   * which the parser copies out of what it keeps.
+   */
+  #readBuffer(): Buffer {
+    const at = this.#parser.streaming();
+    const r = at && this.#pending.get(at.handle);
+    if (r?.cmd === K.CMD_READ && r.buf) {
+      const rel = at!.offset - r.offset;
+      // Out of the request's bounds: the parser refuses it from the scratch buffer.
+      if (rel >= 0 && rel + at!.remaining <= r.length) return r.buf.subarray(rel, rel + at!.remaining);
+    }
+    return this.#scratch;
+  }
+
+  #onRead(n: number, buf: Buffer): void {
+    try {
+      this.#parser.write(buf.subarray(0, n));
+    } catch (e) {
+      this.#teardown(e instanceof QsyncError ? e : bad(String(e)));
+    }
+  }
+
   static async connect(uri: string, opts: NbdConnectOptions = {}): Promise<NbdClient> {
     const addr = parseNbdUri(uri);
-    const client = new NbdClient(uri, net.connect(addr.connect), opts);
+    let client: NbdClient | undefined;
+    const onread: net.OnReadOpts = {
+      buffer: () => (client ? client.#readBuffer() : Buffer.allocUnsafe(SCRATCH)),
+      callback: (n, buf) => {
+        client!.#onRead(n, buf as Buffer);
+        return true;
+      },
+    };
+    const socket = net.connect({ ...addr.connect, onread } as net.NetConnectOpts);
+    client = new NbdClient(uri, socket, opts);
     const timeoutMs = opts.timeoutMs ?? 10_000;
     const timer = setTimeout(() => client.#teardown(new QsyncError('IO', `NBD handshake with ${uri} timed out`)), timeoutMs);
     try {
@@ -458,7 +490,8 @@ export class NbdClient implements ExtentSource {
     if (r.cmd !== K.CMD_READ || !r.buf) throw bad('data for a request that is not a READ');
     const rel = offset - r.offset;
     if (rel < 0 || rel + piece.length > r.length) throw bad(`READ data at ${offset}+${piece.length} outside request ${r.offset}+${r.length}`);
-    piece.copy(r.buf, rel);
+    // Read in place by the socket (#readBuffer), or into the scratch buffer.
+    if (piece.buffer !== r.buf.buffer || piece.byteOffset !== r.buf.byteOffset + rel) piece.copy(r.buf, rel);
     r.covered += piece.length;
   }
 

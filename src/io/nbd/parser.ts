@@ -2,8 +2,11 @@
  * NBD framing from the server side of the wire, fed chunks in any split
  * (undici receiver style): it never touches the socket and reports to a
  * handler. Headers and small payloads are collected (a subarray when they sit
- * in one chunk); READ data is streamed to the handler as it arrives, so
- * nothing large is buffered here. Every length is checked before use.
+ * in one chunk, valid only during the handler's call); READ data is streamed
+ * to the handler as it arrives, so nothing large is buffered here, and
+ * streaming() tells the transport where the data being streamed is to go, so
+ * it can read it there itself. The caller may reuse a chunk once write()
+ * returns. Every length is checked before use.
  */
 import { QsyncError } from '../../core/errors.js';
 import {
@@ -12,6 +15,7 @@ import {
 
 export interface NbdParserHandler {
   greeting(flags: number): void;
+  /** `data` is only valid during the call. */
   optionReply(option: number, type: number, data: Buffer): void;
   /**
    * Header of a simple reply. Returns the READ data that follows it (only a
@@ -22,7 +26,7 @@ export interface NbdParserHandler {
   simpleDone(handle: number, error: number): void;
   /** READ data as it arrives; `piece` is only valid during the call. */
   data(handle: number, offset: number, piece: Buffer): void;
-  /** A structured chunk is complete; for OFFSET_DATA the payload went to data() and is empty here. */
+  /** A structured chunk is complete (`payload` is only valid during the call); for OFFSET_DATA the payload went to data() and is empty here. */
   chunk(handle: number, flags: number, type: number, payload: Buffer): void;
 }
 
@@ -51,7 +55,8 @@ type State =
 export class NbdParser {
   limits: NbdParserLimits;
   #state: State;
-  #parts: Buffer[] = [];
+  /** A collect that spans chunks: its bytes so far. */
+  #partial: Buffer | undefined;
   #collected = 0;
   #failed = false;
 
@@ -66,6 +71,12 @@ export class NbdParser {
   /** After the final reply to NBD_OPT_GO: from now on only transmission replies come. */
   enterTransmission(): void {
     this.#collect(16, (b) => this.#reply(b));
+  }
+
+  /** READ data being streamed: whose, from which offset, how many bytes are still to come (undefined between replies). */
+  streaming(): { handle: number; offset: number; remaining: number } | undefined {
+    const s = this.#state;
+    return s.kind === 'stream' && !this.#failed ? { handle: s.handle, offset: s.offset, remaining: s.remaining } : undefined;
   }
 
   /** Throws a QsyncError (PROTOCOL) on a violation; the parser then refuses further input. */
@@ -101,13 +112,15 @@ export class NbdParser {
         s.then(b);
         continue;
       }
+      // Copied: the chunk may be reused once write() returns.
       const n = Math.min(s.need - this.#collected, avail);
-      this.#parts.push(chunk.subarray(pos, pos + n));
+      this.#partial ??= Buffer.allocUnsafe(s.need);
+      chunk.copy(this.#partial, this.#collected, pos, pos + n);
       this.#collected += n;
       pos += n;
       if (this.#collected === s.need) {
-        const b = Buffer.concat(this.#parts, s.need);
-        this.#parts = [];
+        const b = this.#partial;
+        this.#partial = undefined;
         this.#collected = 0;
         s.then(b);
       }
