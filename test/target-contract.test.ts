@@ -28,6 +28,7 @@ import type { BlockSink } from '../src/io/types.js';
 import { takeChunk } from '../src/sync/engine.js';
 import { Fingerprinter, type Manifest } from '../src/sync/manifest-store.js';
 import { scanAndPlan } from '../src/sync/source.js';
+import type { Trust } from '../src/sync/trust.js';
 import { commitTarget, MemoryTarget, type Destination, type OpenData, type Target, type TargetData, type TargetIdentity, type TargetState } from '../src/sync/target.js';
 
 const BS = 4096;
@@ -152,6 +153,8 @@ interface Run {
   stopAfter?: number;
   /** The data's own commit fails (an fsync error). */
   failDataCommit?: boolean;
+  /** Blocks an interrupted run may have written (the trust verdict's `unknown`): rewritten whatever they hold, as drivers do. */
+  rewrite?: Iterable<number>;
 }
 
 /** One run of a driver: record, write the changed blocks, append every digest, commit. */
@@ -159,7 +162,7 @@ async function write(s: Subject, next: Buffer, base: Manifest | undefined, run: 
   const old = await s.bytes();
   const data = await s.open();
   const w = await s.state.begin({ blockSize: BS, oldSize: old.length, newSize: next.length, base });
-  const changed = base ? changedBlocks(old, next) : [...Array(blockCount(next.length, BS)).keys()];
+  const changed = base ? [...new Set([...changedBlocks(old, next), ...(run.rewrite ?? [])])].sort((a, b) => a - b) : [...Array(blockCount(next.length, BS)).keys()];
   try {
     if (next.length !== old.length) await data.sink.truncate(next.length);
     await w.record(changed);
@@ -180,6 +183,12 @@ async function write(s: Subject, next: Buffer, base: Manifest | undefined, run: 
   }
 }
 
+/** Blocks a verdict leaves in doubt: those an interrupted run recorded, and all from `unknownFrom` (what drivers rewrite). */
+function suspects(t: Trust): number[] {
+  const from = t.unknownFrom ?? Infinity;
+  return [...(t.unknown ?? []), ...[...Array(blockCount(SIZE, BS)).keys()].filter((b) => b >= from)];
+}
+
 async function assess(s: Subject, o: { strict?: boolean; blockSize?: number } = {}) {
   return s.state.assess(await s.identity(), { blockSize: o.blockSize ?? BS, strict: o.strict });
 }
@@ -194,6 +203,18 @@ describe.each(implementations)('Target contract: $name', (impl) => {
     const a = await assess(s);
     expect(a.trust.trusted).toBe(true);
     return a.manifest!;
+  }
+
+  /** A run to `next` on the manifest as judged now, rewriting what it leaves in doubt: trusted after, the data is `next`. */
+  async function converges(next: Buffer): Promise<void> {
+    const { manifest, trust } = await assess(s);
+    await write(s, next, manifest, { rewrite: suspects(trust) });
+    await manifest!.close();
+    const after = await assess(s);
+    expect(after.trust).toEqual({ trusted: true });
+    expect(await s.bytes()).toEqual(next);
+    await after.manifest!.close();
+    await s.close();
   }
 
   it('nothing on record for a target that does not exist; a committed write is trusted and its manifest holds the data\'s digests', async () => {
@@ -246,14 +267,35 @@ describe.each(implementations)('Target contract: $name', (impl) => {
     const strict = await assess(s, { strict: true });
     expect(strict.trust.trusted).toBe(false);
     await strict.manifest?.close();
-    // The next run, against that base, converges.
-    await write(s, next, manifest, {});
     await manifest!.close();
-    const after = await assess(s);
-    expect(after.trust).toEqual({ trusted: true });
-    expect(await s.bytes()).toEqual(next);
-    await after.manifest!.close();
-    await s.close();
+    // The next run, against that base as judged last, converges.
+    await converges(next);
+  });
+
+  it('a resumed run stopped again: what both runs may have written stays distrusted, and the rest matches the data', async () => {
+    const base = await committed();
+    const next = Buffer.from(fresh);
+    for (const b of [2, 5, 11]) randomBytes(BS).copy(next, b * BS);
+    await expect(write(s, next, base, { stopAfter: 1 })).rejects.toThrow('stopped');
+    await base.close();
+    const first = await assess(s);
+    // The second run changes block 7 and would rewrite 2, 5 and 11 after it, but stops before writing any.
+    const other = await s.bytes();
+    randomBytes(BS).copy(other, 7 * BS);
+    await expect(write(s, other, first.manifest, { stopAfter: 0 })).rejects.toThrow('stopped');
+    await first.manifest!.close();
+    const { manifest, trust } = await assess(s);
+    expect(trust.trusted).toBe(true);
+    expect([...trust.unknown!].sort((a, b) => a - b)).toEqual([2, 5, 7, 11]);
+    // Every block the manifest still vouches for holds what it says (block 2 holds the first run's write).
+    const data = await s.bytes();
+    const digests = await manifestDigests(manifest!);
+    for (let b = 0; b < blockCount(data.length, BS); b++) {
+      if (trust.unknown!.has(b)) continue;
+      expect(digestOf(data.subarray(b * BS, (b + 1) * BS)).equals(digests.subarray(b * DIGEST_LEN, (b + 1) * DIGEST_LEN))).toBe(true);
+    }
+    await manifest!.close();
+    await converges(next);
   });
 
   it('a run without a trusted base forgets the old manifest before it writes: stopped, nothing is on record', async () => {
