@@ -65,7 +65,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     }
     if (h.role === 'target') {
       if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
-      const dest = await LocalDestination.open(await restrictedPath(h.dest, restrict));
+      const dest = await LocalDestination.open(await restrictedPath(h.dest, restrict), { within: restrict });
       try {
         await ch.send(hello('target', {}));
         const last = await new TargetServer(ch, dest).serve();
