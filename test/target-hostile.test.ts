@@ -5,7 +5,9 @@
  * launder a manifest it does not trust, nor grow without bound; the near
  * side (src/remote/remote-target.ts) must refuse a malformed answer with a
  * protocol error, not a crash. Each peer here is a raw channel that sends
- * exactly the frames under test.
+ * exactly the frames under test. Last, a real `qsync --server` killed with
+ * SIGKILL at points of a write: what it leaves never vouches for a block
+ * that does not hold what it says, and the next run converges.
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync } from 'node:fs';
@@ -13,16 +15,19 @@ import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
+import { spawn } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QsyncError } from '../src/core/errors.js';
 import { encodeData, encodeDigests, encodeZero, type ControlMessage } from '../src/core/wire.js';
 import { DIGEST_LEN, digestOf } from '../src/hash/blake3.js';
 import { Channel } from '../src/remote/channel.js';
 import { RemoteDestination } from '../src/remote/remote-target.js';
+import { checkHello, hello } from '../src/remote/session.js';
 import { TargetServer } from '../src/remote/serve-target.js';
 import { IntentWriter, MAX_INTENT_BLOCKS } from '../src/sync/intent.js';
 import { LocalDestination } from '../src/sync/local-target.js';
 import { commitTarget } from '../src/sync/target.js';
+import { QSYNC, runQsync } from './helpers/cli.js';
 
 const BS = 4096;
 const NAME = 'disk.raw';
@@ -360,4 +365,92 @@ describe('the near side refuses a broken server\'s answers with a protocol error
       expect((e as QsyncError).code).toBe('PROTOCOL');
     });
   }
+});
+
+describe('kill -9 of a real qsync --server at points of a write: the next run converges and verify passes', () => {
+  const SIZE = 40 * BS + 123;
+
+  /** `qsync --server` (the built CLI) holding `dest`, driven from here through a RemoteDestination. */
+  async function server(dest: string) {
+    const child = spawn(process.execPath, [QSYNC, '--server'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const ch = new Channel(child.stdout, child.stdin, { peer: 'the server' });
+    await ch.send(hello('target', { dest }));
+    checkHello(await ch.control(), 'the server');
+    const gone = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+    return { d: new RemoteDestination(ch, `peer:${dest}`), child, gone };
+  }
+
+  /**
+   * One image-mode-like run to `next` on what the far side vouches for:
+   * the doubtful and changed blocks recorded and written, then the digests
+   * (patched within the base), then the one commit sequence. At `stop`
+   * the server is killed, once it has taken every frame sent (a t-stat is
+   * answered after them), and the run goes no further.
+   */
+  async function run(dest: string, next: Buffer, stop?: 'written' | 'synced' | 'finished') {
+    const { d, child, gone } = await server(dest);
+    try {
+      const t = d.target(NAME);
+      const id = await t.identity();
+      const { manifest, trust } = await t.state.assess(id, { blockSize: BS });
+      const base = trust.trusted ? manifest : undefined;
+      const old = id ? readFileSync(join(dest, NAME)) : Buffer.alloc(0);
+      const data = await t.open(!id);
+      const w = await t.state.begin({ blockSize: BS, oldSize: old.length, newSize: next.length, base });
+      if (old.length !== next.length) await data.sink.truncate(next.length);
+      const nb = Math.ceil(next.length / BS);
+      const doubt = (b: number) => !base || trust.unknown?.has(b) || b >= (trust.unknownFrom ?? Infinity);
+      const digests = digestsOf(next);
+      const was = base ? Buffer.alloc(nb * DIGEST_LEN) : undefined;
+      if (was) await base!.readDigests(0, nb, was);
+      const differs = (b: number) => !was || !was.subarray(b * DIGEST_LEN, (b + 1) * DIGEST_LEN).equals(digests.subarray(b * DIGEST_LEN, (b + 1) * DIGEST_LEN));
+      const blocks = [...Array(nb).keys()].filter((b) => doubt(b) || differs(b));
+      await w.record(blocks);
+      for (const b of blocks) await data.sink.write(b * BS, next.subarray(b * BS, (b + 1) * BS));
+      const kill = async () => {
+        await t.identity();
+        child.kill('SIGKILL');
+        await gone;
+      };
+      if (stop === 'written') return await kill();
+      await w.append(digests, [...Array(nb).keys()].filter((b) => was && differs(b)));
+      await data.sink.commit();
+      if (stop === 'synced') return await kill();
+      const placed = await data.finish();
+      if (stop === 'finished') return await kill();
+      await w.commit(placed, { size: next.length, mtimeNs: 1n });
+      await manifest?.close();
+      await d.close();
+      child.stdin.end();
+      await gone;
+    } finally {
+      child.kill('SIGKILL');
+      await gone;
+    }
+  }
+
+  it('killed with blocks written, after t-sync, after t-finish: the manifest never lies, and the next run converges', async () => {
+    for (const at of ['written', 'synced', 'finished'] as const) {
+      const dest = join(root, `kill${n++}`);
+      const first = randomBytes(SIZE);
+      await run(dest, first);
+      const next = Buffer.from(first);
+      for (const b of [1, 17, 40]) randomBytes(BS).copy(next, b * BS);
+      await run(dest, next, at);
+      // What is on record vouches only for blocks that hold what it says.
+      const { manifest, trust } = await onRecord(dest);
+      if (trust.trusted) {
+        const data = readFileSync(join(dest, NAME));
+        for (let b = 0; b < Math.ceil(data.length / BS); b++) {
+          if (trust.unknown?.has(b) || b >= (trust.unknownFrom ?? Infinity)) continue;
+          expect(digestOf(data.subarray(b * BS, (b + 1) * BS)).equals(manifest!.digests!.subarray(b * DIGEST_LEN, (b + 1) * DIGEST_LEN)), `${at}: block ${b}`).toBe(true);
+        }
+      }
+      await run(dest, next);
+      expect(readFileSync(join(dest, NAME)).equals(next)).toBe(true);
+      expect((await onRecord(dest)).trust).toEqual({ trusted: true });
+      const v = await runQsync(['verify', join(dest, NAME)]);
+      expect(v.code, v.stderr).toBe(0);
+    }
+  });
 });
