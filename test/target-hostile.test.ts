@@ -10,13 +10,13 @@
  * that does not hold what it says, and the next run converges.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { spawn } from 'node:child_process';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { QsyncError } from '../src/core/errors.js';
 import { encodeData, encodeDigests, encodeZero, type ControlMessage } from '../src/core/wire.js';
 import { DIGEST_LEN, digestOf } from '../src/hash/blake3.js';
@@ -26,7 +26,9 @@ import { checkHello, hello } from '../src/remote/session.js';
 import { TargetServer } from '../src/remote/serve-target.js';
 import { IntentWriter, MAX_INTENT_BLOCKS } from '../src/sync/intent.js';
 import { LocalDestination } from '../src/sync/local-target.js';
-import { commitTarget } from '../src/sync/target.js';
+import { commitTarget, LocalTargetState } from '../src/sync/target.js';
+import { parseArgv } from '../src/cli/args.js';
+import { runSync, type CliIO } from '../src/cli/run-sync.js';
 import { QSYNC, runQsync } from './helpers/cli.js';
 
 const BS = 4096;
@@ -452,5 +454,39 @@ describe('kill -9 of a real qsync --server at points of a write: the next run co
       const v = await runQsync(['verify', join(dest, NAME)]);
       expect(v.code, v.stderr).toBe(0);
     }
+  });
+});
+
+describe('file sync: a state that cannot begin leaves nothing behind', () => {
+  /** What this process holds open below `dir` (qsync's state folders, cached, lie elsewhere). */
+  const openBelow = (dir: string): string[] =>
+    readdirSync('/proc/self/fd').flatMap((f) => {
+      try {
+        const to = readlinkSync(`/proc/self/fd/${f}`);
+        return to.startsWith(`${dir}/`) ? [to] : [];
+      } catch {
+        return [];
+      }
+    });
+
+  it('no temp file in DEST and no descriptor left open when the manifest writer cannot start', async () => {
+    const src = join(root, `fsrc${n++}`);
+    const dest = join(root, `fdest${n++}`);
+    mkdirSync(src);
+    mkdirSync(dest);
+    writeFileSync(join(src, 'f'), randomBytes(3 * BS));
+    const spy = vi.spyOn(LocalTargetState.prototype, 'begin').mockRejectedValue(new QsyncError('IO', 'injected: the state folder is gone'));
+    try {
+      const parsed = parseArgv(['-a', `${src}/`, `${dest}/`]);
+      if (parsed.kind !== 'sync') throw new Error('not a sync');
+      const err: string[] = [];
+      const io = { stdout: { write: () => true }, stderr: { write: (s: string) => err.push(s) } } as unknown as CliIO;
+      expect(await runSync(parsed.sources, parsed.dest, parsed.options, io)).not.toBe(0);
+      expect(err.join('')).toMatch(/injected/);
+    } finally {
+      spy.mockRestore();
+    }
+    expect(readdirSync(dest)).toEqual([]);
+    expect([...openBelow(src), ...openBelow(dest)]).toEqual([]);
   });
 });
