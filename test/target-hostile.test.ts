@@ -15,7 +15,7 @@ import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { QsyncError } from '../src/core/errors.js';
 import { encodeData, encodeDigests, encodeZero, type ControlMessage } from '../src/core/wire.js';
@@ -116,6 +116,26 @@ describe('the far side of a remote target refuses what a hostile client sends', 
       expect(readdirSync(dest)).toEqual([]);
     }
     expect(existsSync(join(root, 'escape'))).toBe(false);
+  });
+
+  it('a symlink or a FIFO as the target in DEST is neither followed nor opened: the client hears why, nothing outside changes', async () => {
+    const outside = join(root, `victim${n++}`);
+    writeFileSync(outside, 'precious');
+    for (const make of [(p: string) => symlinkSync(outside, p), (p: string) => execFileSync('mkfifo', [p])]) {
+      const dest = join(root, `d${n++}`);
+      mkdirSync(dest);
+      make(join(dest, NAME));
+      const s = await session(dest);
+      await s.ch.send({ op: 't-stat', name: NAME });
+      await expect(s.ch.expect('t-id')).rejects.toThrow(/not a regular file/);
+      await s.ch.send({ op: 't-open', name: NAME, create: false });
+      await expect(s.ch.expect('t-opened')).rejects.toThrow(/symlink|not a regular file/);
+      await s.ch.send({ op: 't-open', name: NAME, create: true });
+      await expect(s.ch.expect('t-opened')).rejects.toThrow(/exists|symlink|EEXIST/i);
+      await s.ch.send({ op: 'bye' });
+      await s.serving;
+    }
+    expect(readFileSync(outside, 'utf8')).toBe('precious');
   });
 
   it('a block that does not match its digest ends the session before it is written; a base that is not on record is refused', async () => {
