@@ -337,6 +337,18 @@ describe.each(implementations)('Target contract: $name', (impl) => {
     await s.close();
   });
 
+  it('digests read past the manifest\'s end are left as they were (a grown disk\'s run reads its last piece whole)', async () => {
+    const base = await committed();
+    const n = blockCount(SIZE, BS);
+    const out = Buffer.alloc(4 * DIGEST_LEN, 0xee);
+    await base.readDigests(n - 2, 4, out);
+    expect(out.subarray(0, 2 * DIGEST_LEN)).toEqual(digestsOf(fresh).subarray((n - 2) * DIGEST_LEN));
+    expect(out.subarray(2 * DIGEST_LEN)).toEqual(Buffer.alloc(2 * DIGEST_LEN, 0xee));
+    await base.readDigests(n + 5, 2, out);
+    await base.close();
+    await s.close();
+  });
+
   it('a resize: grown and shrunk targets are described to their new length', async () => {
     const base = await committed();
     const grown = Buffer.concat([fresh, randomBytes(3 * BS)]);

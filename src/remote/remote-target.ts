@@ -58,10 +58,13 @@ class RemoteManifest implements Manifest {
     readonly checksum: Buffer,
   ) {}
 
+  /** As a local manifest reads: blocks past its end are left as they are in `out` (a grown disk's run reads them). */
   readDigests(first: number, count: number, out: Uint8Array): Promise<void> {
+    const avail = Math.min(count, blockCount(this.header.targetSize, this.header.blockSize) - first);
+    if (avail <= 0) return Promise.resolve();
     this.digests ??= this.t.fetchDigests(this);
     this.digests.catch(() => {});
-    return this.digests.then((d) => d.readDigests(first, count, out));
+    return this.digests.then((d) => d.readDigests(first, avail, out));
   }
 
   async close(): Promise<void> {
