@@ -342,15 +342,46 @@ describe('qsync --server --restrict: DEST is reached below DIR without following
 });
 
 describe('the near side refuses a broken server\'s answers with a protocol error', () => {
-  /** A RemoteDestination whose server is this test: `answer` is sent back to its first request. */
-  async function near(answer: ControlMessage) {
+  /** A server that answers each request with the next of `answers` (a message, or frames as they are). */
+  function scripted(answers: (ControlMessage | Buffer)[]) {
     const up = new PassThrough();
     const down = new PassThrough();
     const server = new Channel(up, down, { peer: 'the client' });
-    const d = new RemoteDestination(new Channel(down, up, { peer: 'the server' }), 'peer:/x');
-    void server.control().then(() => server.send(answer));
-    return d;
+    void (async () => {
+      for (const a of answers) {
+        if (Buffer.isBuffer(a)) down.write(a);
+        else {
+          await server.next();
+          await server.send(a);
+        }
+      }
+    })().catch(() => {});
+    return new RemoteDestination(new Channel(down, up, { peer: 'the server' }), 'peer:/x');
   }
+
+  it('an identity that is not numbers, reads of the wrong length or with a wrong digest: refused, nothing is taken', async () => {
+    const isProtocol = (e: unknown) => {
+      expect(e).toBeInstanceOf(QsyncError);
+      expect((e as QsyncError).code).toBe('PROTOCOL');
+    };
+    isProtocol(await scripted([{ op: 't-id', id: { size: '1e9', mtimeNs: '1', ino: '1', dev: '1' } }]).target(NAME).identity().catch((e: unknown) => e));
+    isProtocol(await scripted([{ op: 't-id', id: 7 }]).target(NAME).identity().catch((e: unknown) => e));
+    const bytes = randomBytes(100);
+    const reads: [string, (ControlMessage | Buffer)[]][] = [
+      ['longer than asked', [{ op: 't-read', n: 200 }]],
+      ['shorter data than said', [{ op: 't-read', n: 100 }, Buffer.concat([encodeData(0, digestOf(bytes.subarray(0, 50)), bytes.subarray(0, 50))])]],
+      ['a wrong digest', [{ op: 't-read', n: 100 }, Buffer.concat([encodeData(0, digestOf(randomBytes(100)), bytes)])]],
+      ['another offset', [{ op: 't-read', n: 100 }, Buffer.concat([encodeData(4096, digestOf(bytes), bytes)])]],
+    ];
+    for (const [what, answers] of reads) {
+      const t = scripted([{ op: 't-opened' }, ...answers]).target(NAME);
+      const data = await t.open(false);
+      const buf = Buffer.alloc(100);
+      const e = await data.reader.readAt(buf, 0).catch((x: unknown) => x);
+      isProtocol(e);
+      expect(buf.equals(Buffer.alloc(100)), what).toBe(true);
+    }
+  });
 
   const cases: [string, ControlMessage][] = [
     ['a verdict whose unknown blocks are not a list', { op: 't-assessed', trust: { trusted: true, unknown: 'all' } }],
@@ -381,7 +412,7 @@ describe('the near side refuses a broken server\'s answers with a protocol error
 
   for (const [what, answer] of cases) {
     it(what, async () => {
-      const d = await near(answer);
+      const d = scripted([answer]);
       const e = await d.target(NAME).state.assess(undefined, { blockSize: BS }).catch((x: unknown) => x);
       expect(e).toBeInstanceOf(QsyncError);
       expect((e as QsyncError).code).toBe('PROTOCOL');
