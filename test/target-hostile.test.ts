@@ -309,6 +309,22 @@ describe('the far side never commits a manifest that describes written blocks ot
 });
 
 describe('the far side stays bounded', () => {
+  it('t-assess of many names without a manifest keeps nothing for them', async () => {
+    const far = await LocalDestination.open(join(root, `d${n++}`));
+    const up = new PassThrough();
+    const down = new PassThrough();
+    const server = new TargetServer(new Channel(up, down, { peer: 'the client' }), far);
+    const serving = server.serve().finally(() => far.close());
+    const ch = new Channel(down, up, { peer: 'the server' });
+    for (let i = 0; i < 200; i++) {
+      await ch.send({ op: 't-assess', name: `n${i}-${'x'.repeat(200)}`, blockSize: BS });
+      await ch.expect('t-assessed');
+    }
+    expect((server as unknown as { verdicts: Map<string, unknown> }).verdicts.size).toBe(0);
+    await ch.send({ op: 'bye' });
+    await serving;
+  });
+
   it('an intent flooded with t-record grows no further than "too many to list"', async () => {
     const dir = join(root, `intent${n++}`);
     mkdirSync(dir);

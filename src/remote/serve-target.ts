@@ -287,8 +287,11 @@ export class TargetServer {
       await this.manifests.get(name)?.close();
       this.manifests.delete(name);
       const { manifest, trust } = await t.state.assess(await t.identity(), { blockSize, strict: m.strict === true });
-      if (manifest) this.manifests.set(name, manifest);
-      this.verdicts.set(name, trust);
+      // Kept for the names that have a manifest only (a base is one of them): as many as the targets on record.
+      if (manifest) {
+        this.manifests.set(name, manifest);
+        this.verdicts.set(name, trust);
+      } else this.verdicts.delete(name);
       await this.ch.send({
         op: 't-assessed',
         trust: { trusted: trust.trusted, reason: trust.reason, unknown: trust.unknown && [...trust.unknown], unknownFrom: trust.unknownFrom },
