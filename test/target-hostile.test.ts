@@ -28,7 +28,10 @@ import { IntentWriter, MAX_INTENT_BLOCKS } from '../src/sync/intent.js';
 import { LocalDestination } from '../src/sync/local-target.js';
 import { commitTarget, LocalTargetState } from '../src/sync/target.js';
 import { parseArgv } from '../src/cli/args.js';
-import { runSync, type CliIO } from '../src/cli/run-sync.js';
+import { receive, runSync, type CliIO } from '../src/cli/run-sync.js';
+import { createPrinter } from '../src/cli/output.js';
+import { HashPool } from '../src/hash/pool.js';
+import { LocalSources } from '../src/sync/source.js';
 import { QSYNC, runQsync } from './helpers/cli.js';
 
 const BS = 4096;
@@ -354,6 +357,31 @@ describe('qsync --server --restrict: DEST is reached below DIR without following
     await d.close();
     expect(statSync(join(top, 'b', 'c')).isDirectory()).toBe(true);
     await expect(LocalDestination.open(join(root, 'elsewhere'), { within: top })).rejects.toThrow(/is not inside/);
+  });
+
+  it('a push (role receiver) into DEST whose folder was swapped for a symlink: nothing is made or written outside DIR', async () => {
+    const top = join(root, `restrict${n++}`);
+    const outside = join(root, `outside${n++}`);
+    const src = join(root, `psrc${n++}`);
+    for (const d of [top, outside, src]) mkdirSync(d);
+    writeFileSync(join(src, 'f'), randomBytes(3 * BS));
+    symlinkSync(outside, join(top, 'a'));
+    const parsed = parseArgv(['-a', `${src}/`, 'x/']);
+    if (parsed.kind !== 'sync') throw new Error('not a sync');
+    const io = { stdout: { write: () => true }, stderr: { write: () => true }, isTTY: false, version: 'test' } as unknown as CliIO;
+    const pool = new HashPool(parsed.options.blockSize);
+    try {
+      // DEST missing: it would be made through the symlink. DEST there: it would be opened through it.
+      for (const existing of [false, true]) {
+        if (existing) mkdirSync(join(outside, 'dest'));
+        const got = await receive(createPrinter(parsed.options, io), new LocalSources(pool), [`${src}/`], `${join(top, 'a', 'dest')}/`, parsed.options, top).catch((e: unknown) => e);
+        expect(got, existing ? 'opened through the symlink' : 'made through the symlink').toBeInstanceOf(QsyncError);
+        expect(readdirSync(outside)).toEqual(existing ? ['dest'] : []);
+        if (existing) expect(readdirSync(join(outside, 'dest'))).toEqual([]);
+      }
+    } finally {
+      await pool.close();
+    }
   });
 });
 

@@ -87,7 +87,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch), operands, dest, o);
+      code = await receive(printer, new RemoteSources(ch), operands, dest, o, restrict);
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

@@ -11,7 +11,7 @@ import { mkdir } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
-import { checkName, Dir, fsPath } from '../io/safe-fs.js';
+import { checkName, Dir, fsPath, openBeneathMaking } from '../io/safe-fs.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor } from './manifest-store.js';
@@ -46,7 +46,7 @@ export class LocalDestination implements Destination {
     }
     const lock = await lockDestination(root);
     try {
-      return new LocalDestination(root, rel === undefined ? await Dir.open(root, { follow: true }) : await openBeneath(opts.within!, rel), lock);
+      return new LocalDestination(root, rel === undefined ? await Dir.open(root, { follow: true }) : await openBeneathMaking(opts.within!, rel), lock);
     } catch (e) {
       await lock.release();
       throw new QsyncError('TARGET', `cannot open destination directory ${root}: ${(e as Error).message}`, { file: root }, { cause: e });
@@ -61,28 +61,6 @@ export class LocalDestination implements Destination {
   async close(): Promise<void> {
     await this.dir.close().catch(() => {});
     await this.lock.release();
-  }
-}
-
-/** Folder `rel` below `top`, each folder on the way made if missing (0777 less the umask, as mkdir -p) and none followed if a symlink. */
-async function openBeneath(top: string, rel: string): Promise<Dir> {
-  let d = await Dir.open(top, { follow: true });
-  try {
-    for (const name of rel.split('/').filter((c) => c)) {
-      await d.mkdir(name, 0o777).catch((e) => {
-        if (errnoOf(e) !== 'EEXIST') throw e;
-      });
-      const next = await d.openDir(name).catch((e) => {
-        if (errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR') throw new QsyncError('USAGE', `${d.shown(name)} is not a folder (a symlink on the way is refused here)`, { file: d.shown(name) });
-        throw e;
-      });
-      await d.close();
-      d = next;
-    }
-    return d;
-  } catch (e) {
-    await d.close();
-    throw e;
   }
 }
 
