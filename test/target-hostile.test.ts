@@ -311,6 +311,33 @@ describe('the far side never commits a manifest that describes written blocks ot
   });
 });
 
+describe('the near side of a remote target', () => {
+  it('a target opened again after a committed write, then closed unwritten, is let go there (the next open is not refused)', async () => {
+    const dest = join(root, `d${n++}`);
+    const far = await LocalDestination.open(dest);
+    const up = new PassThrough();
+    const down = new PassThrough();
+    const serving = new TargetServer(new Channel(up, down, { peer: 'the client' }), far).serve().finally(() => far.close());
+    const d = new RemoteDestination(new Channel(down, up, { peer: 'the server' }), `peer:${dest}`);
+    const t = d.target(NAME);
+    const data = await t.open(true);
+    const w = await t.state.begin({ blockSize: BS, oldSize: 0, newSize: BS });
+    const block = randomBytes(BS);
+    await data.sink.truncate(BS);
+    await w.record([0]);
+    await data.sink.write(0, block);
+    await w.append(digestOf(block));
+    await commitTarget(data, data.sink, w, { size: BS, mtimeNs: 1n });
+    await data.close();
+    // A later run that gives up before it begins.
+    await (await t.open(false)).close();
+    const again = await t.open(false);
+    await again.close();
+    await d.close();
+    await serving;
+  });
+});
+
 describe('the far side stays bounded', () => {
   it('t-assess of many names without a manifest keeps nothing for them', async () => {
     const far = await LocalDestination.open(join(root, `d${n++}`));

@@ -168,6 +168,8 @@ class RemoteTarget implements Target {
 
   async open(create: boolean): Promise<OpenData> {
     await this.ask({ op: 't-open', create }, 't-opened');
+    // Open there until committed or aborted: a close before either lets it go.
+    this.committed = false;
     const s = this.s;
     let bs = 0;
     const sink: BlockSink = {
