@@ -114,6 +114,29 @@ describe.skipIf(!ready)('image mode to a remote DEST over ssh', () => {
     expect(readFileSync(join(dir, 'bk2', 'db.raw')).equals(guestView(img))).toBe(true);
   });
 
+  it('--image of a grown, then shrunk disk: each run turns full on the manifest it has, and the far target and manifest are the new disk', async () => {
+    const img = join(dir, 'grow.qcow2');
+    qemuImgCreate(img, '16M');
+    qemuIo(img, 'qcow2', 'write -P 0x61 0 4M', 'write -P 0x62 15M 1M');
+    const dest = join(dir, 'bk4');
+    const first = await overSsh(['--image', img, at(`${dest}/`)]);
+    expect(first.code, first.stderr).toBe(0);
+    execFileSync('qemu-img', ['resize', '-q', img, '24M']);
+    qemuIo(img, 'qcow2', 'write -P 0x63 1M 64K', 'write -P 0x64 20M 1M');
+    const grown = await overSsh(['--image', img, at(`${dest}/`)]);
+    expect(grown.code, grown.stderr).toBe(0);
+    expect(grown.stdout).toMatch(/resized/);
+    expect(readFileSync(join(dest, 'grow.raw')).equals(guestView(img))).toBe(true);
+    await verifyFar(join(dest, 'grow.raw'));
+    // Shrunk to a size that ends inside a block: its digests come patched from the larger manifest.
+    execFileSync('qemu-img', ['resize', '-q', '--shrink', img, String(12 * MiB + 512)]);
+    qemuIo(img, 'qcow2', 'write -P 0x65 12M 512');
+    const shrunk = await overSsh(['--image', img, at(`${dest}/`)]);
+    expect(shrunk.code, shrunk.stderr).toBe(0);
+    expect(readFileSync(join(dest, 'grow.raw')).equals(guestView(img))).toBe(true);
+    await verifyFar(join(dest, 'grow.raw'));
+  });
+
   it('--write-batch and --backup-dir with a remote DEST are refused before anything is done', async () => {
     const img = join(dir, 'x.qcow2');
     qemuImgCreate(img, '8M');

@@ -4,13 +4,14 @@
  */
 import { constants as fsConstants, type BigIntStats } from 'node:fs';
 import { access, constants, mkdir, stat } from 'node:fs/promises';
-import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
+import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
+import { checkInside } from '../remote/restrict.js';
 import { readUpTo } from '../io/local-file.js';
-import { decodeName, Dir, fsPath, lstatOrUndefined, resolveTrusted } from '../io/safe-fs.js';
+import { decodeName, Dir, fsPath, lstatOrUndefined, openBeneathMaking, resolveTrusted } from '../io/safe-fs.js';
 import { listedName, relativeOperand, splitFilesFrom, type ListedName } from '../core/files-from.js';
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
@@ -157,7 +158,7 @@ export async function filterRules(rules: readonly FilterRule[], from0 = false): 
   return expandFilterFiles(rules, (f) => texts.get(f)!, from0);
 }
 
-export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions): Promise<number> {
+export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, within?: string): Promise<number> {
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
@@ -205,7 +206,10 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);
     if (!destStat && !leavesDest(o)) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
-      await mkdir(fsPath(plan.destRoot), plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777).catch(async (e) => {
+      const mode = plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777;
+      // With --restrict the folders above it are reached from DIR, none through a symlink (nothing is made outside DIR).
+      const made = within === undefined ? mkdir(fsPath(plan.destRoot), mode) : mkdirBeneath(within, plan.destRoot, mode);
+      await made.catch(async (e) => {
         // A --state-dir inside DEST: making the state folder made DEST.
         if (errnoOf(e) === 'EEXIST' && (await statOrUndefined(dest))?.isDirectory() && stateBaseWithin(plan.destRoot)) return;
         throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
@@ -226,7 +230,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
   const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);
   try {
-    return await syncAt(printer, from, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o);
+    return await syncAt(printer, from, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o, within);
   } finally {
     await batchAt?.dir.close();
   }
@@ -301,12 +305,24 @@ async function makePath(printer: Printer, dest: string, sources: { stat: BigIntS
  */
 const leavesDest = (o: SyncOptions): boolean => o.dryRun || o.onlyWriteBatch !== undefined;
 
-async function syncAt(printer: Printer, from: Sources, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
+/** mkdir of `path`, which lies below `top`, reached from `top` without following a symlink. */
+async function mkdirBeneath(top: string, path: string, mode: number): Promise<void> {
+  const parent = await openBeneathMaking(top, relative(resolve(top), dirname(resolve(path))));
+  try {
+    await parent.mkdir(basename(resolve(path)), mode);
+  } finally {
+    await parent.close();
+  }
+}
+
+/** `within` (qsync --server --restrict DIR): the destination root, once held, must lie in DIR. */
+async function syncAt(printer: Printer, from: Sources, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions, within?: string): Promise<number> {
   // The destination root (a symlink the user gave as DEST is followed, as rsync does); everything below it is reached through it.
   const destDir = plan.destCreated && leavesDest(o) ? undefined : await Dir.open(plan.destRoot).catch((e) => {
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
+    if (destDir && within !== undefined) await checkInside(destDir.self, within);
     return await syncInto(printer, from, plan, destDir, batch, rules, missing, o);
   } finally {
     await destDir?.close();

@@ -374,6 +374,33 @@ export async function openRegular(path: PathLike, flags: number, mode = 0o600, s
   return fh;
 }
 
+/**
+ * Folder `rel` below `top` (qsync --server --restrict DIR: `top` is DIR,
+ * reached as its path says), each folder on the way made if missing (0777
+ * less the umask, as mkdir -p) and none followed if it is a symlink: a
+ * folder swapped for one after the path was checked leads nowhere else.
+ */
+export async function openBeneathMaking(top: string, rel: string): Promise<Dir> {
+  let d = await Dir.open(top, { follow: true });
+  try {
+    for (const name of rel.split('/').filter((c) => c && c !== '.')) {
+      await d.mkdir(name, 0o777).catch((e) => {
+        if (errnoOf(e) !== 'EEXIST') throw e;
+      });
+      const next = await d.openDir(name).catch((e) => {
+        if (errnoOf(e) === 'ELOOP' || errnoOf(e) === 'ENOTDIR') throw new QsyncError('USAGE', `${d.shown(name)} is not a folder (a symlink on the way is refused here)`, { file: d.shown(name) });
+        throw e;
+      });
+      await d.close();
+      d = next;
+    }
+    return d;
+  } catch (e) {
+    await d.close();
+    throw e;
+  }
+}
+
 /** The parent directory and last name of an absolute or relative path. */
 export function splitPath(path: string): { dir: string; name: string } {
   const trimmed = path.replace(/\/+$/, '') || '/';

@@ -11,7 +11,7 @@
  * One request is answered at a time, in order: a driver writes one target
  * at a time through one session.
  */
-import { blockCount } from '../core/geometry.js';
+import { blockCount, isValidBlockSize } from '../core/geometry.js';
 import { encodeData, encodeDigests, encodeZero, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, digestOf, hashBlocksInto } from '../hash/blake3.js';
 import type { BlockSink } from '../io/types.js';
@@ -58,10 +58,13 @@ class RemoteManifest implements Manifest {
     readonly checksum: Buffer,
   ) {}
 
+  /** As a local manifest reads: blocks past its end are left as they are in `out` (a grown disk's run reads them). */
   readDigests(first: number, count: number, out: Uint8Array): Promise<void> {
+    const avail = Math.min(count, blockCount(this.header.targetSize, this.header.blockSize) - first);
+    if (avail <= 0) return Promise.resolve();
     this.digests ??= this.t.fetchDigests(this);
     this.digests.catch(() => {});
-    return this.digests.then((d) => d.readDigests(first, count, out));
+    return this.digests.then((d) => d.readDigests(first, avail, out));
   }
 
   async close(): Promise<void> {
@@ -101,7 +104,7 @@ class RemoteTarget implements Target {
     // The far side judges against the data as it finds it, not as this side last saw it.
     const r = await this.ask({ op: 't-assess', blockSize: o.blockSize, strict: o.strict === true }, 't-assessed');
     const t = r.trust as Record<string, unknown>;
-    if (typeof t !== 'object' || t === null || typeof t.trusted !== 'boolean') throw bad('a malformed verdict');
+    if (typeof t !== 'object' || t === null || typeof t.trusted !== 'boolean' || (t.unknown !== undefined && !Array.isArray(t.unknown))) throw bad('a malformed verdict');
     const unknown = t.unknown === undefined ? undefined : new Set((t.unknown as unknown[]).map((b) => safe(b, 'a block')));
     const trust = {
       trusted: t.trusted,
@@ -110,9 +113,10 @@ class RemoteTarget implements Target {
       unknownFrom: t.unknownFrom === undefined ? undefined : safe(t.unknownFrom, 'a block'),
     };
     for (const k of ['reason', 'unknown', 'unknownFrom'] as const) if (trust[k] === undefined) delete trust[k];
-    const m = r.manifest as Record<string, unknown> | undefined;
-    if (!m) return { manifest: undefined, trust };
-    const h = m.header as Record<string, unknown>;
+    const m = r.manifest as Record<string, unknown> | undefined | null;
+    if (m === undefined || m === null) return { manifest: undefined, trust };
+    const h = m.header as Record<string, unknown> | undefined;
+    if (typeof m !== 'object' || typeof h !== 'object' || h === null || !isValidBlockSize(h.blockSize as number)) throw bad('a malformed manifest header');
     const header: ManifestHeader = {
       blockSize: safe(h.blockSize, 'block size'),
       targetSize: safe(h.targetSize, 'target size'),
@@ -145,6 +149,7 @@ class RemoteTarget implements Target {
             break;
           }
           if (f.type !== 'digests' || f.first !== got) throw bad('digests out of order');
+          if (got + f.digests.length / DIGEST_LEN > n) throw bad(`more digests than the manifest's ${n}`);
           fp.append(f.digests);
           await w.append(f.digests);
           got += f.digests.length / DIGEST_LEN;
@@ -163,6 +168,8 @@ class RemoteTarget implements Target {
 
   async open(create: boolean): Promise<OpenData> {
     await this.ask({ op: 't-open', create }, 't-opened');
+    // Open there until committed or aborted: a close before either lets it go.
+    this.committed = false;
     const s = this.s;
     let bs = 0;
     const sink: BlockSink = {

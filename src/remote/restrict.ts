@@ -6,7 +6,7 @@
  * follows a symlink; what an operand opens is checked again once open
  * (src/remote/serve-sources.ts).
  */
-import { lstat } from 'node:fs/promises';
+import { lstat, readlink, realpath } from 'node:fs/promises';
 import { isAbsolute, join } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { fsPath } from '../io/safe-fs.js';
@@ -36,3 +36,17 @@ export async function restrictedPath(p: string, root: string | undefined, opts: 
   return join(root, ...parts) + (p.endsWith('/') || parts.length === 0 ? '/' : '');
 }
 
+
+/**
+ * With --restrict: what `path` reaches now (a `/proc/self/fd/N` link to a
+ * held folder or file, or a path with its symlinks resolved) must lie in
+ * `root`. Checked once open, so that a folder swapped for a symlink after
+ * restrictedPath looked leads nowhere else.
+ */
+export async function checkInside(path: string, root: string): Promise<void> {
+  const realRoot = await realpath(root);
+  const real = path.startsWith('/proc/self/fd/') ? await readlink(path) : await realpath(fsPath(path) as string);
+  if (real !== realRoot && !real.startsWith(`${realRoot === '/' ? '' : realRoot}/`)) {
+    throw new QsyncError('USAGE', `a path outside the served root was refused (it resolves to a place outside ${root})`, {});
+  }
+}

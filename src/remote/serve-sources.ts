@@ -13,7 +13,6 @@
  * must lie inside DIR once symlinks are resolved. Below an operand nothing is
  * followed anyway: entries are reached through held folders.
  */
-import { readlink, realpath } from 'node:fs/promises';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
@@ -22,12 +21,12 @@ import { blockCount } from '../core/geometry.js';
 import { encodeData, encodeZero, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
-import { Dir, fsPath } from '../io/safe-fs.js';
+import { Dir } from '../io/safe-fs.js';
 import { Fingerprinter } from '../sync/manifest-store.js';
 import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type ScanPlan } from '../sync/source.js';
 import { errorMessage, type Channel } from './channel.js';
 import { DigestCache } from './digest-cache.js';
-import { restrictedPath } from './restrict.js';
+import { checkInside, restrictedPath } from './restrict.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
 
 /** Entries per listing frame: well under the control limit with long names. */
@@ -55,7 +54,6 @@ export class SourceServer {
   private nextHandle = 1;
   private readonly local: LocalSources;
   private cache?: DigestCache;
-  private realRoot?: string;
 
   constructor(
     private readonly ch: Channel,
@@ -186,12 +184,7 @@ export class SourceServer {
 
   /** With --restrict: `path`, symlinks resolved, must lie inside the root. */
   private async inside(path: string): Promise<void> {
-    if (this.restrict === undefined) return;
-    this.realRoot ??= await realpath(this.restrict);
-    const real = path.startsWith('/proc/self/fd/') ? await readlink(path) : await realpath(fsPath(path) as string);
-    if (real !== this.realRoot && !real.startsWith(`${this.realRoot === '/' ? '' : this.realRoot}/`)) {
-      throw new QsyncError('USAGE', `a path outside the served root was refused (it resolves to a place outside ${this.restrict})`, {});
-    }
+    if (this.restrict !== undefined) await checkInside(path, this.restrict);
   }
 
   private async scan(m: ControlMessage): Promise<void> {

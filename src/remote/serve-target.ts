@@ -12,19 +12,25 @@
  * before it is written.
  */
 import { QsyncError } from '../core/errors.js';
-import { isValidBlockSize } from '../core/geometry.js';
+import { blockCount, isValidBlockSize } from '../core/geometry.js';
 import { encodeData, encodeDigests, protocolError, type ControlMessage, type WireFrame } from '../core/wire.js';
-import { DIGEST_LEN, digestOf, hashBlocksInto } from '../hash/blake3.js';
+import { DIGEST_LEN, digestOf, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { MAX_INTENT_BLOCKS } from '../sync/intent.js';
 import type { LocalDestination } from '../sync/local-target.js';
 import type { Manifest } from '../sync/manifest-store.js';
 import type { OpenData, StateWriter, Target, TargetIdentity, TargetNote } from '../sync/target.js';
+import type { Trust } from '../sync/trust.js';
 import { errorMessage, type Channel } from './channel.js';
 
 /** Digests per DIGESTS frame (1 MiB). */
 const DIGESTS_PER_FRAME = 32768;
 /** Longest read a client may ask for at once. */
 export const MAX_TARGET_READ = 4 << 20;
+/**
+ * Most blocks written ahead of their manifest digests (the client appends a
+ * piece's digests once its blocks are sent: src/sync/image-backup.ts).
+ */
+export const MAX_WRITTEN_AHEAD = MAX_INTENT_BLOCKS;
 
 const bad = protocolError;
 
@@ -57,6 +63,7 @@ export function noteFromWire(v: unknown): TargetNote {
 }
 
 interface Writing {
+  name: string;
   target: Target;
   data: OpenData;
   writer?: StateWriter;
@@ -70,13 +77,25 @@ interface Writing {
   base?: Manifest;
   /** A patch waiting for its DIGESTS frame: `count` digests from the base with the `changed` ones replaced. */
   patch?: { count: number; changed: number[] };
+  /** Blocks an interrupted run may have written (the base's verdict): each must be written again before it is described. */
+  suspect?: Pick<Trust, 'unknown' | 'unknownFrom'>;
+  /**
+   * Blocks written whose manifest digests have not come yet, with the digest
+   * of what was written: each must be described by it. A block is written
+   * once, before its digest (zeros are only punched at "t-sync": a later
+   * write to it would be undone, and an earlier digest could not be checked).
+   */
+  written: Map<number, Buffer>;
+  /** "t-sync" done: the data is durable as the manifest will describe it; nothing more is written. */
+  synced: boolean;
   /** The data's identity once in place ("t-finish"): what the manifest records. */
   id?: TargetIdentity;
 }
 
 export class TargetServer {
-  /** Each target's manifest as the client's last assess saw it (its base, and where its digests come from). */
+  /** Each target's manifest as the client's last assess saw it (its base, and where its digests come from), with its verdict. */
   private readonly manifests = new Map<string, Manifest>();
+  private readonly verdicts = new Map<string, Trust>();
   private w?: Writing;
 
   constructor(
@@ -126,19 +145,36 @@ export class TargetServer {
     return this.w as Writing & { writer: StateWriter };
   }
 
+  /** As `streaming`, with no digests announced and not yet sent. */
+  private announcing(): Writing & { writer: StateWriter } {
+    const w = this.streaming();
+    if (w.patch || w.changed) throw bad('digests announced before the last ones came');
+    return w;
+  }
+
+  /** The write begun, still taking blocks and digests (not after "t-sync"). */
+  private streaming(): Writing & { writer: StateWriter } {
+    const w = this.writing();
+    if (w.synced) throw bad('blocks or digests sent after "t-sync"');
+    return w;
+  }
+
   /** A block stream frame: checked against its digests, then written. */
   private async frame(f: WireFrame): Promise<void> {
-    const w = this.writing();
+    const w = this.streaming();
     if (f.type === 'data') {
       if (f.compressed) throw bad('compressed blocks are not taken here');
       const n = f.digests.length / DIGEST_LEN;
-      if (f.offset % w.blockSize !== 0 || f.offset + f.data.length > w.size || Math.ceil(f.data.length / w.blockSize) !== n) throw bad('blocks outside the target');
+      if (!this.whole(w, f.offset, f.data.length) || Math.ceil(f.data.length / w.blockSize) !== n) throw bad('blocks outside the target');
       const got = Buffer.alloc(f.digests.length);
       hashBlocksInto(f.data, w.blockSize, got);
       if (!got.equals(f.digests)) throw bad(`blocks at ${f.offset} do not match their digests`);
+      this.wrote(w, f.offset / w.blockSize, n, (i) => got.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN));
       await w.data.sink.write(f.offset, f.data);
     } else if (f.type === 'zero') {
-      if (f.offset + f.length > w.size) throw bad('zeros outside the target');
+      if (!this.whole(w, f.offset, f.length)) throw bad('zeros outside the target');
+      const first = f.offset / w.blockSize;
+      this.wrote(w, first, blockCount(f.length, w.blockSize), (i) => zeroDigest(Math.min(w.blockSize, w.size - (first + i) * w.blockSize)));
       await w.data.sink.writeZeroes(f.offset, f.length);
     } else if (f.type === 'digests' && w.patch) {
       const { count, changed } = w.patch;
@@ -148,30 +184,84 @@ export class TargetServer {
     } else if (f.type === 'digests') {
       if (f.first !== w.appended) throw bad('digests out of order');
       const n = f.digests.length / DIGEST_LEN;
-      const changed = w.changed ?? [];
+      const claimed = w.changed ?? [];
       w.changed = undefined;
-      if (changed.some((b) => b < f.first || b >= f.first + n)) throw bad('changed blocks outside their digests');
-      await w.writer.append(f.digests, changed);
-      w.appended += n;
+      if (claimed.some((b) => b < f.first || b >= f.first + n)) throw bad('changed blocks outside their digests');
+      await this.append(w, Buffer.from(f.digests), await this.changedFromBase(w, f.digests));
     }
+  }
+
+  /** [offset, offset+length): whole blocks of the target (the last may end at its end), not empty. */
+  private whole(w: Writing, offset: number, length: number): boolean {
+    const end = offset + length;
+    return length > 0 && offset % w.blockSize === 0 && end <= w.size && (end % w.blockSize === 0 || end === w.size);
+  }
+
+  /** Blocks [first, first+n) written, the i-th with digest(i): each kept until its manifest digest comes. */
+  private wrote(w: Writing, first: number, n: number, digest: (i: number) => Buffer): void {
+    if (first < w.appended) throw bad(`block ${first} written after its manifest digest`);
+    if (w.written.size + n > MAX_WRITTEN_AHEAD) throw bad('too many blocks written ahead of their manifest digests');
+    for (let i = 0; i < n; i++) {
+      if (w.written.has(first + i)) throw bad(`block ${first + i} written twice`);
+      w.written.set(first + i, Buffer.from(digest(i)));
+    }
+  }
+
+  /**
+   * The next digests of the new manifest, `changed` those that differ from
+   * the base: every block written among them must be described by the
+   * digest of what was written, and every block an interrupted run may have
+   * written must have been written again. So the manifest never describes a
+   * written block otherwise than as it was written.
+   */
+  private async append(w: Writing & { writer: StateWriter }, digests: Buffer, changed: number[]): Promise<void> {
+    const n = digests.length / DIGEST_LEN;
+    const total = blockCount(w.size, w.blockSize);
+    if (w.appended + n > total) throw bad(`manifest digests past the target's ${total} blocks`);
+    const { unknown, unknownFrom = Infinity } = w.suspect ?? {};
+    for (let i = 0; i < n; i++) {
+      const b = w.appended + i;
+      const d = w.written.get(b);
+      if (d) {
+        if (!d.equals(digests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN))) throw bad(`block ${b} is described by another digest than the one written`);
+        w.written.delete(b);
+      } else if (unknown?.has(b) || b >= unknownFrom) {
+        throw bad(`block ${b}, which an interrupted run may have written, is described without being written again`);
+      }
+    }
+    await w.writer.append(digests, changed);
+    w.appended += n;
+  }
+
+  /** Which of the next digests differ from the base's (the manifest writer keeps only those when it patches the base). */
+  private async changedFromBase(w: Writing, digests: Uint8Array): Promise<number[]> {
+    const changed: number[] = [];
+    if (!w.base) return changed;
+    const n = Math.min(digests.length / DIGEST_LEN, blockCount(w.base.header.targetSize, w.blockSize) - w.appended);
+    if (n <= 0) return changed;
+    const old = Buffer.alloc(n * DIGEST_LEN);
+    await w.base.readDigests(w.appended, n, old);
+    for (let i = 0; i < n; i++) if (!old.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN).equals(digests.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN))) changed.push(w.appended + i);
+    return changed;
   }
 
   /** Requests without an answer. */
   private readonly streamed: Record<string, (m: ControlMessage) => Promise<void>> = {
     't-record': async (m) => {
-      await this.writing().writer.record(blocksOf(m.blocks, 'the intent'));
+      await this.streaming().writer.record(blocksOf(m.blocks, 'the intent'));
     },
     't-truncate': async (m) => {
-      const w = this.writing();
+      const w = this.streaming();
       if (int(m, 'size') !== w.size) throw bad('a truncate to another size than begun');
       await w.data.sink.truncate(w.size);
     },
+    // What differs from the base is worked out here (the client's `changed` is checked for shape only).
     't-append': async (m) => {
-      this.writing().changed = blocksOf(m.changed, 'changed blocks');
+      this.announcing().changed = blocksOf(m.changed, 'changed blocks');
     },
     // The next `count` digests are the base's but for `changed` (ascending), whose new digests follow in a DIGESTS frame.
     't-patch': async (m) => {
-      const w = this.writing();
+      const w = this.announcing();
       const count = int(m, 'count', 1);
       const changed = blocksOf(m.changed, 'changed blocks');
       const end = w.appended + count;
@@ -192,10 +282,16 @@ export class TargetServer {
       const blockSize = int(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
       const t = this.target(m);
+      // The manifest being patched stays open until the write ends.
+      if (this.w?.name === name) throw bad(`"t-assess" of ${JSON.stringify(name)} while it is written`);
       await this.manifests.get(name)?.close();
       this.manifests.delete(name);
       const { manifest, trust } = await t.state.assess(await t.identity(), { blockSize, strict: m.strict === true });
-      if (manifest) this.manifests.set(name, manifest);
+      // Kept for the names that have a manifest only (a base is one of them): as many as the targets on record.
+      if (manifest) {
+        this.manifests.set(name, manifest);
+        this.verdicts.set(name, trust);
+      } else this.verdicts.delete(name);
       await this.ch.send({
         op: 't-assessed',
         trust: { trusted: trust.trusted, reason: trust.reason, unknown: trust.unknown && [...trust.unknown], unknownFrom: trust.unknownFrom },
@@ -224,7 +320,7 @@ export class TargetServer {
     't-open': async (m) => {
       if (this.w) throw bad('a target opened while another is');
       const target = this.target(m);
-      this.w = { target, data: await target.open(m.create === true), blockSize: 0, size: 0, appended: 0 };
+      this.w = { name: str(m, 'name'), target, data: await target.open(m.create === true), blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
       await this.ch.send({ op: 't-opened' });
     },
     't-begin': async (m) => {
@@ -232,11 +328,15 @@ export class TargetServer {
       if (!w || w.writer) throw bad('"t-begin" without an open target');
       const blockSize = int(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
+      if (str(m, 'name') !== w.name) throw bad('"t-begin" of another target than the one open');
       let base: Manifest | undefined;
       if (m.base !== null && m.base !== undefined) {
-        base = this.manifests.get(str(m, 'name'));
-        // The base must be the manifest this side judged: a client cannot name another.
+        base = this.manifests.get(w.name);
+        // The base must be the manifest this side judged, and trusted, of this block size: a client cannot name another.
         if (!base || base.checksum.toString('hex') !== str(m, 'base')) throw bad('a base that is not the manifest on record');
+        const trust = this.verdicts.get(w.name);
+        if (!trust?.trusted || base.header.blockSize !== blockSize) throw bad('a base this side does not trust');
+        w.suspect = { unknown: trust.unknown, unknownFrom: trust.unknownFrom };
       }
       w.writer = await w.target.state.begin({ blockSize, oldSize: int(m, 'oldSize'), newSize: int(m, 'newSize'), base });
       w.base = base;
@@ -255,11 +355,15 @@ export class TargetServer {
       if (n) await this.ch.send(encodeData(int(m, 'offset'), digestOf(buf.subarray(0, n)), buf.subarray(0, n)));
     },
     't-sync': async () => {
-      await this.writing().data.sink.commit();
+      const w = this.streaming();
+      if (w.patch || w.changed) throw bad('"t-sync" before the digests announced');
+      w.synced = true;
+      await w.data.sink.commit();
       await this.ch.send({ op: 't-synced' });
     },
     't-finish': async () => {
       const w = this.writing();
+      if (!w.synced) throw bad('"t-finish" before "t-sync"');
       w.id = await w.data.finish();
       await this.ch.send({ op: 't-finished', id: idToWire(w.id) });
     },
@@ -269,6 +373,8 @@ export class TargetServer {
       if (typeof src !== 'object' || src === null || typeof src.mtimeNs !== 'string' || !/^-?\d{1,20}$/.test(src.mtimeNs)) throw bad('a malformed source');
       // The identity recorded is the one this side read once the data was in place, whatever the client believes.
       if (!w.id) throw bad('"t-commit" before "t-finish"');
+      const total = blockCount(w.size, w.blockSize);
+      if (w.appended !== total) throw bad(`"t-commit" with ${w.appended} of the manifest's ${total} digests`);
       const checksum = await w.writer.commit(w.id, { size: int(src, 'size'), mtimeNs: BigInt(src.mtimeNs) });
       await this.done(w);
       await this.ch.send({ op: 't-committed', checksum: checksum.toString('hex') });
@@ -294,13 +400,23 @@ export class TargetServer {
     },
   };
 
-  /** The base's digests of the next `count` blocks, `changed` ones replaced by `digests` (in order), appended. */
+  /** The base's digests of the next `count` blocks, `changed` ones replaced by `digests` (in order), appended a frame's worth at a time. */
   private async appendPatched(w: Writing & { writer: StateWriter }, count: number, changed: number[], digests: Buffer): Promise<void> {
-    const buf = Buffer.alloc(count * DIGEST_LEN);
-    await w.base!.readDigests(w.appended, count, buf);
-    changed.forEach((b, i) => digests.copy(buf, (b - w.appended) * DIGEST_LEN, i * DIGEST_LEN, (i + 1) * DIGEST_LEN));
-    await w.writer.append(buf, changed);
-    w.appended += count;
+    const buf = Buffer.alloc(Math.min(count, DIGESTS_PER_FRAME) * DIGEST_LEN);
+    let k = 0;
+    for (let left = count; left > 0; ) {
+      const first = w.appended;
+      const n = Math.min(left, DIGESTS_PER_FRAME);
+      const part = buf.subarray(0, n * DIGEST_LEN);
+      await w.base!.readDigests(first, n, part);
+      const mine: number[] = [];
+      for (; k < changed.length && changed[k]! < first + n; k++) {
+        digests.copy(part, (changed[k]! - first) * DIGEST_LEN, k * DIGEST_LEN, (k + 1) * DIGEST_LEN);
+        mine.push(changed[k]!);
+      }
+      await this.append(w, part, mine);
+      left -= n;
+    }
   }
 
   private async done(w: Writing): Promise<void> {

@@ -65,7 +65,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     }
     if (h.role === 'target') {
       if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
-      const dest = await LocalDestination.open(await restrictedPath(h.dest, restrict));
+      const dest = await LocalDestination.open(await restrictedPath(h.dest, restrict), { within: restrict });
       try {
         await ch.send(hello('target', {}));
         const last = await new TargetServer(ch, dest).serve();
@@ -87,7 +87,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch), operands, dest, o);
+      code = await receive(printer, new RemoteSources(ch), operands, dest, o, restrict);
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

@@ -18,7 +18,7 @@ import type { SyncHooks, SyncMethod } from './events.js';
 import { emptyFingerprint, Fingerprinter, type Manifest } from './manifest-store.js';
 import type { Trust } from './trust.js';
 import { takeChunk } from './engine.js';
-import { commitTarget, fileData, LocalTargetState, type TargetData, type TargetState } from './target.js';
+import { commitTarget, fileData, LocalTargetState, type StateWriter, type TargetData, type TargetState } from './target.js';
 import type { DigestReader, SourceDir, Sources } from './source.js';
 import { DigestScratch, hashFile } from './target-digests.js';
 
@@ -207,8 +207,9 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
   }
   // The state's half of the write: a manifest not used for this run is removed first (it would describe the old target),
   // a trusted one is named by the intent and patched.
-  const writer = touch ? await state.begin({ blockSize, oldSize, newSize: size, base: trust.trusted ? manifest : undefined }) : undefined;
-  const resultFp = writer ? undefined : new Fingerprinter(blockSize, size);
+  let writer: StateWriter | undefined;
+  let sink: BlockSink;
+  const resultFp = touch ? undefined : new Fingerprinter(blockSize, size);
   const info: SinkInfo = {
     relPath,
     blockSize,
@@ -216,7 +217,18 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
     newSize: size,
     fingerprints: () => ({ before: base ?? baseFp!.digest(), after: writer?.fingerprint ?? resultFp!.digest() }),
   };
-  const sink: BlockSink = ctx.wrapSink ? await ctx.wrapSink(target, info) : target!;
+  try {
+    writer = touch ? await state.begin({ blockSize, oldSize, newSize: size, base: trust.trusted ? manifest : undefined }) : undefined;
+    sink = ctx.wrapSink ? await ctx.wrapSink(target, info) : target!;
+  } catch (e) {
+    // Nothing was written yet: the state gives up, the descriptors close and a temporary copy goes.
+    await writer?.abort();
+    await target?.close().catch(() => {});
+    if (targetFh !== target?.fh) await targetFh?.close().catch(() => {});
+    await source.close();
+    if (tmp) await job.dstDir!.unlink(tmp).catch(() => {});
+    throw e;
+  }
   const result: FileSyncResult = { method, transferred: true, created: !dstStat, scanned: 0, literal: 0, matched: 0 };
   const oldBlocks = blockCount(oldSize, blockSize);
   // Blocks at or past the old end read as zero after the resize below; a new file is all holes,

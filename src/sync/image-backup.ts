@@ -623,6 +623,10 @@ class CopyPipeline {
   }
 
   async #appendPiece(p: number): Promise<void> {
+    // A piece's blocks are written before its digests are appended: a remote target checks each block it wrote
+    // against the digest that describes it (src/remote/serve-target.ts), and a block it had described is never written.
+    await this.#flush();
+    await this.#drain();
     await this.writer.append(this.#piece.subarray(0, this.#pieceLen(p) * DIGEST_LEN), this.#pieceChanged);
     this.#pieceChanged = [];
   }
@@ -739,6 +743,13 @@ class CopyPipeline {
     this.#writeBytes -= w.bytes;
   }
 
+  /** Wait for every write issued (and the intent records before them). */
+  async #drain(): Promise<void> {
+    const writes = this.#writes.splice(0);
+    this.#writeBytes = 0;
+    await Promise.all([...writes.map((w) => w.done), this.#intentChain]);
+  }
+
   /** Write what is left and append the rest of the manifest. */
   async finish(): Promise<void> {
     await this.#flush();
@@ -747,7 +758,8 @@ class CopyPipeline {
       await this.#seek(pieces - 1);
       await this.#appendPiece(pieces - 1);
     }
-    await Promise.all([...this.#writes.map((w) => w.done), this.#intentChain, this.#writeback]);
+    await this.#drain();
+    await this.#writeback;
   }
 }
 

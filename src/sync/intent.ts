@@ -85,9 +85,13 @@ export class IntentWriter {
     return new IntentWriter(fh, path);
   }
 
-  /** Record blocks before they are written (no fsync: see the module comment). */
+  /**
+   * Record blocks before they are written (no fsync: see the module comment).
+   * Past MAX_INTENT_BLOCKS the record already says "too many to list" (the
+   * next run compares everything): it grows no further.
+   */
   async add(blocks: number[]): Promise<void> {
-    if (!blocks.length) return;
+    if (!blocks.length || this.at > HEADER_LEN + MAX_INTENT_BLOCKS * 8) return;
     const b = Buffer.alloc(blocks.length * 8);
     blocks.forEach((n, i) => b.writeBigUInt64LE(BigInt(n), i * 8));
     const at = this.at;

@@ -8,10 +8,10 @@
  */
 import { constants } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { isAbsolute, join, relative, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { LocalFileSink, punchingSink, readUpTo } from '../io/local-file.js';
-import { checkName, Dir, fsPath } from '../io/safe-fs.js';
+import { checkName, Dir, fsPath, openBeneathMaking } from '../io/safe-fs.js';
 import { imageStatePath, readImageState, removeImageState, writeImageState } from './image-state.js';
 import { lockDestination, type DestLock } from './lock.js';
 import { manifestPathFor } from './manifest-store.js';
@@ -31,15 +31,25 @@ export class LocalDestination implements Destination {
     return this.root;
   }
 
-  /** The destination folder, made as asked (as rsync makes a missing destination folder), then locked. */
-  static async open(dest: string): Promise<LocalDestination> {
+  /**
+   * The destination folder, made as asked (as rsync makes a missing
+   * destination folder), then locked. `within` (qsync --server --restrict
+   * DIR): DEST lies below that folder and is reached from it one folder at a
+   * time, each made if missing and none through a symlink, so a folder
+   * swapped for a symlink after the path was checked leads nowhere else.
+   */
+  static async open(dest: string, opts: { within?: string } = {}): Promise<LocalDestination> {
     const root = resolve(dest);
-    await mkdir(fsPath(root), { recursive: true }).catch((e) => {
-      throw new QsyncError('TARGET', `cannot create destination directory ${root}: ${errnoText(e)}`, { file: root }, { cause: e });
-    });
+    const rel = opts.within === undefined ? undefined : relative(resolve(opts.within), root);
+    if (rel !== undefined && (rel === '..' || rel.startsWith('../') || isAbsolute(rel))) throw new QsyncError('USAGE', `${root} is not inside ${opts.within}`, { file: root });
+    if (rel === undefined) {
+      await mkdir(fsPath(root), { recursive: true }).catch((e) => {
+        throw new QsyncError('TARGET', `cannot create destination directory ${root}: ${errnoText(e)}`, { file: root }, { cause: e });
+      });
+    }
     const lock = await lockDestination(root);
     try {
-      return new LocalDestination(root, await Dir.open(root, { follow: true }), lock);
+      return new LocalDestination(root, rel === undefined ? await Dir.open(root, { follow: true }) : await openBeneathMaking(opts.within!, rel), lock);
     } catch (e) {
       await lock.release();
       throw new QsyncError('TARGET', `cannot open destination directory ${root}: ${(e as Error).message}`, { file: root }, { cause: e });

@@ -187,6 +187,17 @@ async function judge(read: () => Promise<Manifest | undefined>, intent: () => Pr
   }
 }
 
+/**
+ * What a new run's intent must keep of an interrupted run's on the same
+ * base (one resumed, then stopped again): the blocks it may have written,
+ * and its smallest size (blocks from there on are unknown), or the next run
+ * would trust them although neither run rewrote them.
+ */
+function carriedIntent(prior: Intent | undefined, o: BeginOptions): { blocks: number[]; oldSize: number } | undefined {
+  if (!prior?.blocks || !prior.sameBoot || !o.base || !prior.baseChecksum.equals(o.base.checksum)) return undefined;
+  return { blocks: [...prior.blocks], oldSize: Math.min(o.oldSize, prior.oldSize, prior.newSize) };
+}
+
 /** The state in qsync's state folder: `PATH` (the manifest), `PATH.intent`, `PATH.journal`. */
 export class LocalTargetState implements TargetState {
   constructor(readonly manifestPath: string) {}
@@ -203,9 +214,11 @@ export class LocalTargetState implements TargetState {
   async begin(o: BeginOptions): Promise<StateWriter> {
     const intentPath = intentPathFor(this.manifestPath);
     if (!o.base) await removeStatePath(this.manifestPath);
-    const intent = o.base ? await IntentWriter.create(intentPath, o.base.checksum, o.oldSize, o.newSize) : undefined;
+    const carried = o.base && carriedIntent(await readIntent(intentPath), o);
+    const intent = o.base ? await IntentWriter.create(intentPath, o.base.checksum, carried?.oldSize ?? o.oldSize, o.newSize) : undefined;
     let writer: ManifestWriter;
     try {
+      if (carried?.blocks.length) await intent!.add(carried.blocks);
       writer = await ManifestWriter.create(this.manifestPath, o.blockSize, o.newSize, o.base);
     } catch (e) {
       await intent?.close();
@@ -251,10 +264,11 @@ class MemoryManifest implements Manifest {
     readonly checksum: Buffer,
   ) {}
 
+  /** As the on-disk manifest reads: blocks past its end are left as they are in `out`. */
   async readDigests(first: number, count: number, out: Uint8Array): Promise<void> {
     const n = manifestBlockCount(this.header);
-    if (first < 0 || first + count > n) throw new Error(`internal: digests ${first}+${count} of ${n}`);
-    out.set(this.digests.subarray(first * MANIFEST_DIGEST_LEN, (first + count) * MANIFEST_DIGEST_LEN));
+    if (first < 0) throw new Error(`internal: digests from ${first}`);
+    out.set(this.digests.subarray(first * MANIFEST_DIGEST_LEN, Math.min(n, first + count) * MANIFEST_DIGEST_LEN));
   }
 
   async close(): Promise<void> {}
@@ -277,7 +291,8 @@ export class MemoryTargetState implements TargetState {
   async begin(o: BeginOptions): Promise<StateWriter> {
     if (!o.base) await this.forget();
     if (o.base) {
-      this.intent = { baseChecksum: o.base.checksum, oldSize: o.oldSize, newSize: o.newSize, sameBoot: true, blocks: new Set() };
+      const carried = carriedIntent(this.intent, o);
+      this.intent = { baseChecksum: o.base.checksum, oldSize: carried?.oldSize ?? o.oldSize, newSize: o.newSize, sameBoot: true, blocks: new Set(carried?.blocks) };
       this.journal.push('intent');
     }
     const intent = this.intent;
