@@ -297,6 +297,8 @@ const cases: OptCase[] = [
   },
   { name: '-R with one file and no folder on its way: to DEST, named as DEST', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./top'], destArg: 'top' },
   { name: '-R: ".." refused', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/./a/../top'], usage: true },
+  { name: '-R: ".." in an operand without "/./" refused, named whole', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/a/../top'], usage: true },
+  { name: '-R: a second "/./" and a trailing "/." are dropped', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/./b/.'] },
 
   // --log-file
   { name: '--log-file: changes, links and the closing line', flags: ['-a', '--log-file=LOG'], setup: `${TREE}; cd "$D"; echo old > f`, log: true, rounds: 2 },
@@ -349,6 +351,12 @@ const cases: OptCase[] = [
     flags: ['-a', '-i', '--files-from=LIST'],
     setup: 'mkdir -p c/d e; echo 4 > c/d/i; echo 5 > top; chmod 711 .',
     list: './c/d/i\ne/\na/../top\n',
+  },
+  {
+    name: '--files-from: ".." at the top is SRC (one level), "c/d/.." is c with its contents, "/./NAME" is "./NAME"',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'mkdir -p c/d e/f; echo 4 > c/d/i; echo 5 > top; echo 6 > e/f/j; chmod 711 .',
+    list: '..\nc/d/..\n/./e/f\n',
   },
   {
     name: '--files-from -0: names with newlines and spaces',
@@ -508,6 +516,9 @@ describe('--files-from names, as rsync sanitizes them', () => {
   it('skips empty lines and comments; -0 splits at NUL only', () => {
     expect(splitFilesFrom('a\r\n\n#c\n;d\nb c\r', false)).toEqual(['a', 'b c']);
     expect(splitFilesFrom('a\nb\0#c\0\0d', true)).toEqual(['a\nb', 'd']);
+    expect(listedName('..', 'L')).toEqual({ rel: '', contents: true, dotDir: false });
+    expect(listedName('/./a', 'L')).toEqual({ rel: 'a', contents: false, dotDir: true });
+    expect(() => listedName('a/b/./', 'L')).toThrow('"/./"');
   });
 });
 
