@@ -1,6 +1,11 @@
-import { describe, expect, it } from 'vitest';
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseArgv, parseBlockSize, parseSizeArg, type ParsedArgs, type SyncOptions } from '../src/cli/args.js';
 import { QsyncError } from '../src/core/errors.js';
+import { needTools } from './helpers/env.js';
 
 function sync(argv: string[]): { sources: string[]; dest: string; options: SyncOptions } {
   const r: ParsedArgs = parseArgv(argv);
@@ -183,7 +188,7 @@ describe('parseArgv', () => {
     expect(sync(['--min-size=1.5k', '--max-size', '2M-1', 'a', 'b']).options).toMatchObject({ minSize: 1536, maxSize: 2 * 1024 * 1024 - 1 });
   });
 
-  it("reads SIZE as rsync's parse_size_arg does", () => {
+  it("reads SIZE as rsync's manual describes it", () => {
     const cases: [string, number][] = [
       ['0', 0], ['', 0], ['100', 100], ['10b', 10], ['1k', 1024], ['1K', 1024], ['1KB', 1000], ['1kib', 1024], ['1.5m', 1572864],
       ['1mb+1', 1_000_001], ['1g-1', 2 ** 30 - 1], ['2t', 2 * 2 ** 40], ['1P', 2 ** 50], ['.5k', 512],
@@ -248,5 +253,62 @@ describe('parseArgv', () => {
     expect(parseArgv(['-V'])).toEqual({ kind: 'version', level: 1 });
     expect(parseArgv(['-VV'])).toEqual({ kind: 'version', level: 2 });
     expect(parseArgv(['-V', '--version', 'a'])).toEqual({ kind: 'version', level: 2 });
+  });
+});
+
+/**
+ * What the manual leaves open, against the rsync on this machine: the
+ * value it reads (the one it would pass to a remote rsync, shown by -vv
+ * before the remote shell, here `false`, fails) or the first line of its
+ * complaint, for the same words from parseArgv.
+ */
+describe.skipIf(!needTools('rsync'))('option values read as the real rsync reads them', () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), 'qsync-args-'));
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  /** rsync's first line for a run with `flags`, or '' when the options pass. */
+  const rsyncSays = (flags: string[], remote = false): string => {
+    const r = spawnSync('rsync', [...flags, ...(remote ? ['-vv', '-e', 'false', `${dir}/`, 'host:d/'] : ['-n', '-r', `${dir}/`, `${dir}/d/`])], { encoding: 'utf8' });
+    const said = `${r.stdout}${r.stderr}`.split('\n')[0]!;
+    return said.startsWith('opening connection') ? said : r.status === 0 ? '' : said.replace(/^rsync: /, '');
+  };
+  const qsyncSays = (flags: string[]): string => {
+    try {
+      parseArgv([...flags, 'a', 'b']);
+      return '';
+    } catch (e) {
+      if (e instanceof QsyncError) return e.message;
+      throw e;
+    }
+  };
+
+  it('SIZE: fractions rounded down, units, offsets, a leading minus, the 2^63 bound', () => {
+    const sizes = [
+      '1.9999999k', '0.3333k', '2.05mb', '1.07gb', '1.1P', '1.1PB', '8191P', '8191.999999999P', '9223372036854775295', '9007199254740993',
+      '', '.', 'k', '.+1', 'k+1', '1bb', '1bib', '1KIB', '1.5+1', '1.5-1', '1.000001-1', '00012',
+      '+1', '+5', '1+0', '1k+', '1iB', '1e3', ' 1', '1kbb', '-0', '-.', '-k', '-0.0',
+      '-1', '-.5', '-1x', '0-1', '0.5-1', '0.999999-1', '8192P', '8192P-1', '9223372036854775296', '99999999999999999999',
+    ];
+    for (const size of sizes) {
+      const said = rsyncSays([`--max-size=${size}`], true);
+      const value = said.startsWith('opening connection') ? /--max-size=(\d+) /.exec(said)![1] : undefined;
+      if (value === undefined) expect(qsyncSays([`--max-size=${size}`]), size).toBe(said);
+      else expect(parseSizeArg('max-size', size), size).toBe(Number(value));
+    }
+  });
+
+  it('--chmod: which items it accepts', () => {
+    const items = ['DDu+x', 'FFo=u', 'D0', '00000000000000007777', 'uu+x', 'u+XX', '+', '=', 'u+', 'D+', 'o=st', 'ug=o', 'a=u',
+      'DF+x', 'DDF+x', '17777', '010000', '8', 'u', 'D', 'u+r-w', 'u+x+w', 'g=uo', 'g=ur', 'u=gg', '=755', ' u+x', 'u+x,', ',', 'd755'];
+    for (const item of items) expect(qsyncSays([`--chmod=${item}`]), item).toBe(rsyncSays([`--chmod=${item}`]));
+  });
+
+  it('--usermap/--groupmap: the checks and their order (the last pair is checked first)', () => {
+    const maps = ['abc,1x:2', '1x:2,abc', '1:2,1x:3,abc', '1x:99999999999', '99999999999:x', '5-99999999999:4294967296', '2:4294967296',
+      '4294967295-1:4294967295', '1-2-3:4', '1--2:3', '1 :2', ' 1:2', '-1:2', '[a-z]*:1', ':', '1:', '1:2,', ''];
+    for (const map of maps) expect(qsyncSays([`--usermap=${map}`]), map).toBe(rsyncSays([`--usermap=${map}`]));
   });
 });

@@ -297,6 +297,8 @@ const cases: OptCase[] = [
   },
   { name: '-R with one file and no folder on its way: to DEST, named as DEST', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./top'], destArg: 'top' },
   { name: '-R: ".." refused', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/./a/../top'], usage: true },
+  { name: '-R: ".." in an operand without "/./" refused, named whole', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/a/../top'], usage: true },
+  { name: '-R: a second "/./" and a trailing "/." are dropped', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/./b/.'] },
 
   // --log-file
   { name: '--log-file: changes, links and the closing line', flags: ['-a', '--log-file=LOG'], setup: `${TREE}; cd "$D"; echo old > f`, log: true, rounds: 2 },
@@ -351,6 +353,12 @@ const cases: OptCase[] = [
     list: './c/d/i\ne/\na/../top\n',
   },
   {
+    name: '--files-from: ".." at the top is SRC (one level), "c/d/.." is c with its contents, "/./NAME" is "./NAME"',
+    flags: ['-a', '-i', '--files-from=LIST'],
+    setup: 'mkdir -p c/d e/f; echo 4 > c/d/i; echo 5 > top; echo 6 > e/f/j; chmod 711 .',
+    list: '..\nc/d/..\n/./e/f\n',
+  },
+  {
     name: '--files-from -0: names with newlines and spaces',
     flags: ['-a', '-i', '-0', '--files-from=LIST'],
     setup: 'mkdir "d 1"; printf x > "d 1/new\nline"; printf y > "sp ace"; touch other',
@@ -399,6 +407,19 @@ const cases: OptCase[] = [
     flags: ['-a', '-i', ...chmod.map((c) => `--chmod=${c}`)],
     setup: 'mkdir -p d/e; echo a > f; echo b > d/x; chmod 755 d/x; chmod 640 f; chmod 701 d/e; ln -s f l; cd "$D"; echo a > f; chmod 600 f',
   })),
+  // What chmod(1) and rsync's manual leave open, over modes with set-user-ID, set-group-ID and sticky bits.
+  ...[
+    ['u+x,+X'], // X looks at the source's mode before any item
+    ['o+s', '+t'], // s without u or g is set-user-ID; t is sticky whoever is named
+    ['u=t,g=rs', 'o=s'], // '=' with s or t clears set-user-ID for u, set-group-ID for g, nothing for o
+    ['o=u', 'g=o'], // a copy '=' clears the destination class's special bit
+    ['=u', '-w'], // no class named: the umask's bits are left alone
+    ['D00755,F0'], // an octal mode sets all twelve bits, a folder's too
+  ].map((chmod): OptCase => ({
+    name: `--chmod=${chmod.join(' --chmod=')} over special bits`,
+    flags: ['-a', '-i', ...chmod.map((c) => `--chmod=${c}`)],
+    setup: 'mkdir sg tmp; touch sg/x su plain gx; chmod 2755 sg; chmod 1777 tmp; chmod 4755 su; chmod 644 plain; chmod 010 gx; cd "$D"; touch plain; chmod 600 plain',
+  })),
   { name: '-rt --chmod=F600,D700: new entries get the changed mode less the umask, existing ones keep theirs', flags: ['-rt', '-i', '--chmod=F606,D707'], setup: 'mkdir d; touch d/x f; cd "$D"; touch f; chmod 644 f' },
 
   // --chown, --usermap, --groupmap
@@ -409,6 +430,8 @@ const cases: OptCase[] = [
     ['--usermap=daemon:bin,1000-2000:nobody,r*:1', '--groupmap=0:4321'],
     ['--usermap=50:2,*:3', '--numeric-ids'],
     ['--usermap=0:nosuchuser', '--groupmap=*:nosuchgroup'],
+    // A FROM with no wildcard is a name compared whole (a backslash escapes nothing there); an empty one matches the IDs without a name.
+    ['--usermap=d\\aemon:2,d?emon:3,:4', '--groupmap=[!r]*:5,2-1:6'],
   ].map((map): OptCase => ({
     name: `-a ${map.join(' ')}`,
     flags: ['-a', '-i', ...map],
@@ -419,6 +442,8 @@ const cases: OptCase[] = [
   { name: '--groupmap=1x:2: a usage error', flags: ['-a', '--groupmap=1x:2'], setup: 'touch f', usage: true },
   { name: '--usermap=0: a usage error', flags: ['-a', '--usermap=0:'], setup: 'touch f', usage: true },
   { name: '--chown then --usermap: a usage error', flags: ['-a', '--chown=a', '--usermap=*:b'], setup: 'touch f', usage: true },
+  { name: '--usermap=abc,1x:2: the last pair is checked first', flags: ['-a', '--usermap=abc,1x:2'], setup: 'touch f', usage: true },
+  { name: '--groupmap=1:4294967296: a usage error', flags: ['-a', '--groupmap=1:4294967296'], setup: 'touch f', usage: true },
   { name: '--chown twice: a usage error', flags: ['-a', '--chown=a', '--chown=b:c'], setup: 'touch f', usage: true },
   { name: '--chmod=u+q: a usage error', flags: ['-a', '--chmod=u+q'], setup: 'touch f', usage: true },
   { name: '--chmod=DF+x: a usage error', flags: ['-a', '--chmod=DF+x'], setup: 'touch f', usage: true },
@@ -491,6 +516,9 @@ describe('--files-from names, as rsync sanitizes them', () => {
   it('skips empty lines and comments; -0 splits at NUL only', () => {
     expect(splitFilesFrom('a\r\n\n#c\n;d\nb c\r', false)).toEqual(['a', 'b c']);
     expect(splitFilesFrom('a\nb\0#c\0\0d', true)).toEqual(['a\nb', 'd']);
+    expect(listedName('..', 'L')).toEqual({ rel: '', contents: true, dotDir: false });
+    expect(listedName('/./a', 'L')).toEqual({ rel: 'a', contents: false, dotDir: true });
+    expect(() => listedName('a/b/./', 'L')).toThrow('"/./"');
   });
 });
 

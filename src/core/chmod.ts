@@ -1,141 +1,135 @@
 /**
- * rsync's --chmod (its chmod.c, ported): comma-separated items, each an
- * optional D (folders only) or F (everything else) and then either chmod(1)
- * symbolic form ([ugoa]*[-+=][rwxXst]* or [ugoa]*[-+=][ugo]) or an octal
- * mode. A symbolic item without [ugoa] leaves alone what the umask masks,
- * as chmod(1) does. Applied to the source's mode before anything is compared
- * or set; symlinks are never changed.
+ * --chmod=CHMOD as `man rsync` describes it: comma-separated items in
+ * chmod(1)'s grammar, each either an octal mode or a symbolic one, and
+ * each optionally prefixed by 'D' (directories only) or 'F' (everything
+ * else). The result is the mode the source is taken to have.
+ *
+ *   item     := ('D'+ | 'F'+)? (octal | symbolic)
+ *   octal    := [0-7]+, at most 07777: the permission bits, all 12 of them
+ *   symbolic := [ugoa]* ('+' | '-' | '=') ([rwxXst]* | 'u' | 'g' | 'o')
+ *
+ * One operator per item ("u+r-w" is refused; write "u+r,u-w"), and a
+ * permission-copy item (g=u) copies from one class, without letters.
+ *
+ * What chmod(1) leaves open, rsync 3.5 does this way (observed, and pinned
+ * by the differential cases in test/rsync-options.test.ts):
+ * - no u/g/o/a: all classes, but bits set in the umask are not added or
+ *   removed ('=' still clears them);
+ * - X looks at the mode the source had before any item: a directory, or
+ *   any execute bit;
+ * - s is set-user-ID for u, set-group-ID for g, both for both, and
+ *   set-user-ID when neither u nor g is named ("o+s", "+s");
+ *   t is the sticky bit whoever is named;
+ * - '=' clears the named classes' rwx bits; with an s or t among the
+ *   letters it also clears set-user-ID for u and set-group-ID for g.
+ *   A permission-copy '=' clears each destination class's special bit
+ *   (u: set-user-ID, g: set-group-ID, o: sticky), as the manual says;
+ * - a copy reads the class's bits as the items before it left them.
  */
 
-const CHMOD_BITS = 0o7777;
-const X_KEEP = 1;
-const DIRS_ONLY = 2;
-const FILES_ONLY = 4;
-const S_IFDIR = 0o040000;
 const S_IFMT = 0o170000;
+const S_IFDIR = 0o040000;
+const SETUID = 0o4000;
+const SETGID = 0o2000;
+const STICKY = 0o1000;
+const PERMS = 0o7777;
 
-const enum Op {
-  Add = 1,
-  Sub,
-  Eq,
-  Set,
+/** The rwx bits of each class, and the special bit a copy '=' clears in it. */
+const CLASSES = {
+  u: { rwx: 0o700, shift: 6, special: SETUID },
+  g: { rwx: 0o070, shift: 3, special: SETGID },
+  o: { rwx: 0o007, shift: 0, special: STICKY },
+} as const;
+type ClassName = keyof typeof CLASSES;
+const ALL_CLASSES: readonly ClassName[] = ['u', 'g', 'o'];
+
+/** The union over `classes` of one of their masks. */
+const union = (classes: readonly ClassName[], mask: (c: (typeof CLASSES)[ClassName]) => number): number =>
+  classes.reduce((bits, c) => bits | mask(CLASSES[c]), 0);
+
+type Applies = 'all' | 'dirs' | 'files';
+
+/** One item: set the permission bits, or change them for some classes. */
+export type ChmodRule =
+  | { applies: Applies; kind: 'octal'; bits: number }
+  | {
+      applies: Applies;
+      kind: 'symbolic';
+      op: '+' | '-' | '=';
+      /** The classes named; none means all of them, less the umask. */
+      who: ClassName[];
+      /** Letters from rwxXst, or the class whose bits are copied. */
+      perms: { letters: string } | { copy: ClassName };
+      /** Bits the operation may add or remove (0o7777 less the umask when no class is named). */
+      allowed: number;
+    };
+
+function parseItem(item: string, umask: number): ChmodRule | undefined {
+  const m = /^(D+|F+)?(?:([0-7]+)|([ugoa]*)([-+=])(?:([rwxXst]*)|([ugo])))$/.exec(item);
+  if (!m) return undefined;
+  const applies: Applies = m[1] === undefined ? 'all' : m[1][0] === 'D' ? 'dirs' : 'files';
+  if (m[2] !== undefined) {
+    const bits = parseInt(m[2], 8);
+    return bits > PERMS ? undefined : { applies, kind: 'octal', bits };
+  }
+  const named = m[3]!.replace(/a/g, 'ugo');
+  const who = ALL_CLASSES.filter((c) => named.includes(c));
+  const perms = m[6] !== undefined ? { copy: m[6] as ClassName } : { letters: m[5]! };
+  return { applies, kind: 'symbolic', op: m[4] as '+' | '-' | '=', who, perms, allowed: who.length ? PERMS : PERMS & ~umask };
 }
 
-export interface ChmodRule {
-  and: number;
-  or: number;
-  copySrc: number;
-  copyDst: number;
-  copyAnd: number;
-  op: Op;
-  flags: number;
-}
-
-const specialBitsFor = (where: number): number => (where & 0o100 ? 0o4000 : 0) | (where & 0o010 ? 0o2000 : 0) | (where & 0o001 ? 0o1000 : 0);
-
-/** rsync's parse_chmod(): the rules of one --chmod argument, or undefined when it is not valid. */
+/**
+ * The rules of one --chmod argument, or undefined when rsync would refuse
+ * it ("Invalid argument passed to --chmod"). `umask` limits the items that
+ * name no class, as chmod(1) does.
+ */
 export function parseChmod(text: string, umask: number): ChmodRule[] | undefined {
   const rules: ChmodRule[] = [];
-  let where = 0;
-  let what = 0;
-  let op = 0;
-  let topbits = 0;
-  let topoct = 0;
-  let flags = 0;
-  let copybits = 0;
-  let state: 'first' | 'second' | 'octal' = 'first';
-  for (let i = 0; ; i++) {
-    const c = text[i];
-    if (c === undefined || c === ',') {
-      if (!op) return undefined;
-      const whereGiven = where;
-      let bits: number;
-      if (where) bits = where * what;
-      else {
-        where = 0o111;
-        bits = (where * what) & ~umask;
-      }
-      const copyAnd = whereGiven ? CHMOD_BITS : ~umask;
-      const rule: ChmodRule = { and: 0, or: 0, copySrc: copybits, copyDst: where, copyAnd, op, flags };
-      if (op === Op.Add) Object.assign(rule, { and: CHMOD_BITS, or: bits + topoct });
-      else if (op === Op.Sub) Object.assign(rule, { and: CHMOD_BITS - bits - topoct, or: 0 });
-      else if (op === Op.Eq) {
-        Object.assign(rule, { and: CHMOD_BITS - where * 7 - (topoct ? topbits : 0) - (copybits ? specialBitsFor(where) : 0), or: bits + topoct });
-      } else Object.assign(rule, { and: 0, or: bits, copySrc: 0, copyDst: 0, copyAnd: CHMOD_BITS });
-      rules.push(rule);
-      if (c === undefined) return rules;
-      state = 'first';
-      where = what = op = topoct = topbits = flags = copybits = 0;
-      continue;
-    }
-    if (state === 'first') {
-      if (c === 'D') {
-        if (flags & FILES_ONLY) return undefined;
-        flags |= DIRS_ONLY;
-      } else if (c === 'F') {
-        if (flags & DIRS_ONLY) return undefined;
-        flags |= FILES_ONLY;
-      } else if (c === 'u') {
-        where |= 0o100;
-        topbits |= 0o4000;
-      } else if (c === 'g') {
-        where |= 0o010;
-        topbits |= 0o2000;
-      } else if (c === 'o') where |= 0o001;
-      else if (c === 'a') {
-        where |= 0o111;
-        topbits |= 0o6000;
-      } else if (c === '+' || c === '-' || c === '=') {
-        op = c === '+' ? Op.Add : c === '-' ? Op.Sub : Op.Eq;
-        state = 'second';
-      } else if (c >= '0' && c <= '7' && !where) {
-        op = Op.Set;
-        state = 'octal';
-        where = 1;
-        what = Number(c);
-      } else return undefined;
-    } else if (state === 'second') {
-      if ('rwxXst'.includes(c) && copybits) return undefined;
-      if (c === 'r') what |= 4;
-      else if (c === 'w') what |= 2;
-      else if (c === 'x' || c === 'X') {
-        if (c === 'X') flags |= X_KEEP;
-        what |= 1;
-      } else if (c === 's') topoct = topbits ? topoct | topbits : 0o4000;
-      else if (c === 't') topoct |= 0o1000;
-      else if (c === 'u' || c === 'g' || c === 'o') {
-        if (what || topoct || copybits) return undefined;
-        copybits = c === 'u' ? 0o100 : c === 'g' ? 0o010 : 0o001;
-      } else return undefined;
-    } else {
-      if (!(c >= '0' && c <= '7')) return undefined;
-      what = what * 8 + Number(c);
-      if (what > CHMOD_BITS) return undefined;
-    }
+  for (const item of text.split(',')) {
+    const rule = parseItem(item, umask);
+    if (!rule) return undefined;
+    rules.push(rule);
   }
+  return rules;
 }
 
-function copyBits(mode: number, src: number, dst: number, and: number): number {
+/** The bits an item's letters stand for, for its classes; X as the source's `original` mode says. */
+function letterBits(letters: string, who: readonly ClassName[], original: number): number {
+  const rwx = union(who.length ? who : ALL_CLASSES, (c) => c.rwx);
+  const executable = (original & S_IFMT) === S_IFDIR || (original & 0o111) !== 0;
   let bits = 0;
-  if (src & 0o100) bits |= (mode >> 6) & 7;
-  if (src & 0o010) bits |= (mode >> 3) & 7;
-  if (src & 0o001) bits |= mode & 7;
-  return (dst * bits) & and;
+  for (const letter of letters) {
+    if (letter === 'r') bits |= 0o444 & rwx;
+    else if (letter === 'w') bits |= 0o222 & rwx;
+    else if (letter === 'x' || (letter === 'X' && executable)) bits |= 0o111 & rwx;
+    else if (letter === 's') bits |= (who.includes('g') ? SETGID : 0) | (who.includes('u') || !who.includes('g') ? SETUID : 0);
+    else if (letter === 't') bits |= STICKY;
+  }
+  return bits;
 }
 
-/** rsync's tweak_mode(): `mode` (type bits included) after the rules. */
-export function tweakMode(mode: number, rules: readonly ChmodRule[]): number {
-  const isX = mode & 0o111;
-  const nonPerm = mode & ~CHMOD_BITS;
-  const isDir = (nonPerm & S_IFMT) === S_IFDIR;
-  for (const r of rules) {
-    if (r.flags & DIRS_ONLY && !isDir) continue;
-    if (r.flags & FILES_ONLY && isDir) continue;
-    const copied = copyBits(mode, r.copySrc, r.copyDst, r.copyAnd);
-    mode &= r.and;
-    mode |= r.flags & X_KEEP && !isX && !isDir ? r.or & ~0o111 : r.or;
-    if (r.op === Op.Sub) mode &= CHMOD_BITS - copied;
-    else mode |= copied;
+function applyRule(mode: number, rule: ChmodRule, original: number): number {
+  const isDir = (original & S_IFMT) === S_IFDIR;
+  if ((rule.applies === 'dirs' && !isDir) || (rule.applies === 'files' && isDir)) return mode;
+  if (rule.kind === 'octal') return (mode & ~PERMS) | rule.bits;
+  const classes = rule.who.length ? rule.who : ALL_CLASSES;
+  let bits: number;
+  let clear = union(classes, (c) => c.rwx);
+  if ('copy' in rule.perms) {
+    const from = (mode >> CLASSES[rule.perms.copy].shift) & 0o7;
+    bits = union(classes, (c) => from << c.shift);
+    clear |= union(classes, (c) => c.special);
+  } else {
+    bits = letterBits(rule.perms.letters, rule.who, original);
+    if (/[st]/.test(rule.perms.letters)) clear |= (rule.who.includes('u') ? SETUID : 0) | (rule.who.includes('g') ? SETGID : 0);
   }
-  return (mode & CHMOD_BITS) | nonPerm;
+  bits &= rule.allowed;
+  if (rule.op === '+') return mode | bits;
+  if (rule.op === '-') return mode & ~bits;
+  return (mode & ~clear) | bits;
+}
+
+/** A source's mode (file type included) after every rule, in order. */
+export function tweakMode(mode: number, rules: readonly ChmodRule[]): number {
+  return rules.reduce((m, rule) => applyRule(m, rule, mode), mode);
 }

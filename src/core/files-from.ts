@@ -1,12 +1,20 @@
 /**
- * rsync's --files-from list: which names, relative to the one SRC, are
- * transferred (rsync's read_line, sanitize_path and send_file_list, ported
- * for local lists). Lines end at LF or CR (NUL with -0); empty lines and
- * lines starting with '#' or ';' are skipped. A leading '/' and '..'
- * components are dropped (sanitize_path: a name never leaves SRC); a
- * leading "./" makes SRC's own folder part of the transfer (its attributes
- * go to DEST); a name ending in '/' (or "/.", or "." alone) has its
- * contents listed too, one level unless -r.
+ * Names relative to a source folder: the lines of a --files-from list and
+ * the operands of -R, as `man rsync` describes them. Details the manual
+ * leaves open were taken from rsync 3.5's answers and are pinned by the
+ * differential cases in test/rsync-options.test.ts.
+ *
+ * A --files-from line: lines end at LF or CR (at NUL with -0); empty ones
+ * and those starting with '#' or ';' are skipped. A leading '/' is dropped
+ * and '..' takes back the component before it (at the top it is dropped),
+ * so a name never leaves SRC. A leading "./" sends SRC's own folder too;
+ * a name ending in '/', "/." or ".." (or naming SRC itself) has its
+ * contents listed. A "/./" further in, where rsync starts the relative
+ * path over, is refused.
+ *
+ * A -R operand keeps its path from its first "/./" on (the part before is
+ * the folder it is read from), or all of it; '.' components and doubled
+ * slashes are dropped, and a '..' is refused in rsync's words.
  */
 import { QsyncError } from './errors.js';
 
@@ -19,47 +27,46 @@ export interface ListedName {
   dotDir: boolean;
 }
 
-/** Split a --files-from text into its names (rsync's read_line with comments dropped). */
+/** The components of a path, without the empty ones that doubled, leading and trailing slashes leave. */
+const components = (path: string): string[] => path.split('/').filter((c) => c !== '');
+
+/** Whether a name asks for a folder's contents: it ends in '/', "/.", "/.." or is "." or "..". */
+const endsAsFolder = (path: string): boolean => /(^|\/)\.{0,2}$/.test(path);
+
+/** The names of a --files-from list's text, comments and empty lines left out. */
 export function splitFilesFrom(text: string, from0: boolean): string[] {
-  return text.split(from0 ? '\0' : /\r|\n/).filter((l) => l !== '' && !l.startsWith('#') && !l.startsWith(';'));
+  return text.split(from0 ? '\0' : /\r|\n/).filter((line) => line !== '' && line[0] !== '#' && line[0] !== ';');
 }
 
-/** One line of the list as rsync reads it; `list` names the list in messages. */
+/** One name of a --files-from list; `list` names the list in messages. */
 export function listedName(line: string, list: string): ListedName {
-  // sanitize_path() keeping dot dirs: slashes collapsed, '..' takes back the component before it (or is dropped).
-  const parts: string[] = [];
-  for (const c of line.split('/')) {
-    if (c === '') continue;
-    if (c === '..') parts.pop();
-    else parts.push(c);
-  }
-  if (!parts.length) return { rel: '', contents: true, dotDir: false };
-  const dotDir = parts[0] === '.' && parts.length > 1;
-  const rest = dotDir ? parts.slice(1) : parts;
-  const last = rest.length - 1;
-  if (rest.some((c, i) => c === '.' && i < last)) {
-    throw new QsyncError('UNSUPPORTED', `--files-from ${list}: "${line}" marks where the relative path starts with "/./", which qsync does not support`, {
+  let path = line.replace(/^\/+/, '');
+  const dotDir = path.startsWith('./');
+  if (dotDir) path = path.slice(2).replace(/^\/+/, '');
+  if (path.includes('/./') || path.startsWith('./')) {
+    throw new QsyncError('UNSUPPORTED', `--files-from ${list}: the name "${line}" has a "/./" inside, which qsync does not support`, {
       file: list,
-      hint: 'list the names relative to SRC, and give the folder before "/./" as SRC',
+      value: line,
+      hint: 'list the name from SRC without the "/./"',
     });
   }
-  // "NAME/", "NAME/." and "NAME/X/.." (which sanitizes to "NAME/") all end in a slash for rsync.
-  const names = rest.filter((c) => c !== '.');
-  return { rel: names.join('/'), contents: names.length === 0 || /\/(\.|\.\.)?$/.test(line), dotDir };
+  const kept: string[] = [];
+  for (const c of components(path)) {
+    if (c === '..') kept.pop();
+    else if (c !== '.') kept.push(c);
+  }
+  return { rel: kept.join('/'), contents: kept.length === 0 || endsAsFolder(path), dotDir };
 }
 
-/**
- * One SRC under -R (rsync's send_file_list with relative paths): the
- * folder it is taken from (what comes before a "/./", else "/" for an
- * absolute path, else ".") and its name below that folder, which it keeps
- * in DEST. A ".." in that name is refused, as rsync refuses it.
- */
+/** A -R operand: the folder it is read from (`base`) and its name below it. */
 export function relativeOperand(operand: string): { base: string; name: ListedName } {
-  const cut = operand.indexOf('/./');
-  const base = cut >= 0 ? operand.slice(0, cut) || '/' : operand.startsWith('/') ? '/' : '.';
-  const active = cut >= 0 ? operand.slice(cut + 3) : operand;
-  const parts = active.split('/').filter((c) => c !== '');
-  const names = parts.filter((c) => c !== '.');
-  if (names.includes('..')) throw new QsyncError('USAGE', `found ".." dir in relative path: ${names.join('/')}`, { file: operand });
-  return { base, name: { rel: names.join('/'), contents: /\/\.?$/.test(active) || !names.length, dotDir: parts[0] === '.' && names.length > 0 } };
+  const marker = operand.indexOf('/./');
+  const base = marker >= 0 ? operand.slice(0, marker) || '/' : operand.startsWith('/') ? '/' : '.';
+  const path = marker >= 0 ? operand.slice(marker + 3) : operand;
+  const kept = components(path).filter((c) => c !== '.');
+  if (kept.includes('..')) {
+    const shown = (marker < 0 && operand.startsWith('/') ? '/' : '') + kept.join('/');
+    throw new QsyncError('USAGE', `found ".." dir in relative path: ${shown}`, { operand });
+  }
+  return { base, name: { rel: kept.join('/'), contents: kept.length === 0 || endsAsFolder(path), dotDir: path.startsWith('./') } };
 }

@@ -1,26 +1,39 @@
 /**
- * rsync's --include/--exclude semantics as a pure matcher (rsync's
- * exclude.c rule_matches and lib/wildmatch.c, ported):
+ * --include/--exclude (and their -from files) as `man rsync` describes them
+ * under PATTERN MATCHING RULES, as a pure matcher:
  *
  * - rules are tried in order and the first match decides;
  * - a leading '/' anchors the pattern at the transfer root;
  * - a trailing '/' matches directories only;
  * - a pattern with no '/' (other than a trailing one) and no '**' matches
- *   the last path component at any depth;
- * - an unanchored pattern with an inner '/' and no '**' matches the last
- *   N+1 components (N = its slashes); with '**' it may match after any '/';
- * - '*' matches within a component, '**' across '/', '?' one byte but not
- *   '/', '[...]' a class ('!' or '^' negates, ranges, [:alpha:] ...), '\'
- *   quotes the next character;
- * - 'dir/***' matches dir itself and everything inside it;
+ *   the last path component at any depth; one with an inner '/' and no
+ *   '**' the last components, as many as it has; one with '**' the whole
+ *   path or any tail of it that starts after a '/';
+ * - with '*', '?' or '[' in it a pattern is a wildcard: '*' matches within
+ *   a component, '**' across '/', '?' one byte but not '/', '[...]' one
+ *   byte of a class ('!' or '^' negates, ranges, [:alpha:] ...; never
+ *   '/'), '\' quotes the next character; without one it is compared as it
+ *   is (a '\' is itself);
+ * - 'dir/***' matches the directory dir and everything inside it;
  * - "+ " and "- " at the start of a pattern make it an include or exclude
  *   whatever option gave it, and a lone "!" clears the rules before it.
  *
- * Paths are relative to the transfer root with '/' separators. An excluded
- * directory is not descended: the caller's walker must skip it.
+ * Details the manual leaves open were taken from rsync 3.5's answers and
+ * are pinned by the differential cases in test/filter.test.ts: in an
+ * unanchored pattern a leading '**' and the '/' after it may match
+ * nothing (so "**" + "/c" matches a top-level c), elsewhere a '**' between
+ * slashes matches at least one byte; a class never matches '/', and a
+ * reversed range ("[c-a]") matches its first byte only; a pattern with an
+ * unclosed '[' matches nothing; "+ " or "- " with nothing after it is
+ * refused in rsync's words.
+ *
+ * Paths are relative to the transfer root with '/' separators; names are
+ * matched as their UTF-8 bytes. An excluded directory is not descended:
+ * the caller's walker must skip it.
  */
 
 import { QsyncError } from './errors.js';
+import { splitFilesFrom } from './files-from.js';
 
 export type FilterRule =
   | { type: 'include' | 'exclude'; pattern: string }
@@ -46,221 +59,177 @@ export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file:
     let text: string;
     try {
       text = readFile(rule.file);
-    } catch (cause) {
-      throw new QsyncError('IO', `failed to open ${type} file ${rule.file}`, { file: rule.file }, { cause });
+    } catch (e) {
+      if (e instanceof QsyncError) throw e;
+      throw new QsyncError('IO', `failed to open ${type} file ${rule.file}`, { file: rule.file }, { cause: e });
     }
-    return text
-      .split(from0 ? '\0' : /\r\n|\r|\n/)
-      .filter((line) => line !== '' && !line.startsWith(';') && !line.startsWith('#'))
-      .map((pattern) => ({ type, pattern }));
+    return splitFilesFrom(text, from0).map((pattern) => ({ type, pattern }));
   });
+}
+
+/** A name as the byte string rsync matches: one char per UTF-8 byte. */
+const bytesOf = (s: string): string => Buffer.from(s, 'utf8').toString('latin1');
+
+const escapeRe = (ch: string): string => ch.replace(/[\\^$.*+?()[\]{}|/-]/g, '\\$&');
+
+/** The ASCII bytes of the POSIX classes a '[...]' may name. */
+const POSIX_CLASSES: Record<string, string> = {
+  alnum: '0-9A-Za-z',
+  alpha: 'A-Za-z',
+  blank: ' \\t',
+  cntrl: '\\x00-\\x1f\\x7f',
+  digit: '0-9',
+  graph: '!-~',
+  lower: 'a-z',
+  print: ' -~',
+  punct: '!-\\/:-@\\[-`{-~',
+  space: '\\t-\\r ',
+  upper: 'A-Z',
+  xdigit: '0-9A-Fa-f',
+};
+
+/** The regular expression body of a '[...]' starting at `at` (on '['), and where it ends; undefined when it never closes. */
+function classAt(p: string, at: number): { re: string; end: number } | undefined {
+  let i = at + 1;
+  const negated = p[i] === '!' || p[i] === '^';
+  if (negated) i++;
+  let body = '';
+  for (let first = true; i < p.length; first = false) {
+    const ch = p[i]!;
+    if (ch === ']' && !first) return { re: negated ? `[^/${body}]` : `(?!/)[${body}]`, end: i + 1 };
+    if (ch === '[' && p[i + 1] === ':') {
+      const close = p.indexOf(':]', i + 2);
+      const set = close < 0 ? undefined : POSIX_CLASSES[p.slice(i + 2, close)];
+      if (set !== undefined) {
+        body += set;
+        i = close + 2;
+        continue;
+      }
+    }
+    let lo = ch;
+    i++;
+    if (lo === '\\' && i < p.length) lo = p[i++]!;
+    if (p[i] === '-' && i + 1 < p.length && p[i + 1] !== ']') {
+      let hi = p[i + 1]!;
+      i += 2;
+      if (hi === '\\' && i < p.length) hi = p[i++]!;
+      // A reversed range (c-a) matches its first byte only.
+      body += hi >= lo ? `${escapeRe(lo)}-${escapeRe(hi)}` : escapeRe(lo);
+    } else {
+      body += escapeRe(lo);
+    }
+  }
+  return undefined;
+}
+
+/** A wildcard pattern (bytes) as an anchored regular expression; undefined when it can match nothing. */
+function wildRegExp(p: string, leadingAnyDirs: boolean): RegExp | undefined {
+  let re = '';
+  let i = 0;
+  if (leadingAnyDirs && p.startsWith('**/')) {
+    re = '(?:.*/)?';
+    i = 3;
+  }
+  while (i < p.length) {
+    const ch = p[i]!;
+    if (ch === '*') {
+      let stars = 1;
+      while (p[i + stars] === '*') stars++;
+      re += stars > 1 ? '.*' : '[^/]*';
+      i += stars;
+    } else if (ch === '?') {
+      re += '[^/]';
+      i++;
+    } else if (ch === '[') {
+      const cls = classAt(p, i);
+      if (!cls) return undefined;
+      re += cls.re;
+      i = cls.end;
+    } else if (ch === '\\' && i + 1 < p.length) {
+      re += escapeRe(p[i + 1]!);
+      i += 2;
+    } else {
+      re += escapeRe(ch);
+      i++;
+    }
+  }
+  return new RegExp(`^${re}$`, 's');
+}
+
+/** Whether `text` (bytes) is the pattern: a wildcard match, or the same bytes. */
+type Matcher = (text: string) => boolean;
+
+function matcherOf(p: string, leadingAnyDirs: boolean): Matcher {
+  if (!/[*?[]/.test(p)) return (text) => text === p;
+  const re = wildRegExp(p, leadingAnyDirs);
+  return re ? (text) => re.test(text) : () => false;
+}
+
+/** The whole of `text` against a wildcard `pattern` ('*', '?', '[...]', '\\'), as --usermap matches names. */
+export const wildmatch = (pattern: string, text: string): boolean => {
+  const re = wildRegExp(bytesOf(pattern), false);
+  return re !== undefined && re.test(bytesOf(text));
+};
+
+/** Whether a path (bytes) is matched by pattern `p` (no leading or trailing '/'), as its shape says. */
+function pathMatcher(p: string, anchored: boolean): Matcher {
+  const match = matcherOf(p, !anchored);
+  if (anchored) return match;
+  if (!p.includes('/') && !p.includes('**')) return (path) => match(path.slice(path.lastIndexOf('/') + 1));
+  if (p.includes('**')) {
+    // The whole path, or any tail of it after a '/'.
+    return (path) => match(path) || [...path.matchAll(/\//g)].some((m) => match(path.slice(m.index + 1)));
+  }
+  const slashes = p.split('/').length - 1;
+  return (path) => {
+    const parts = path.split('/');
+    return parts.length > slashes && match(parts.slice(parts.length - slashes - 1).join('/'));
+  };
 }
 
 interface Compiled {
   include: boolean;
-  /** The pattern without its leading '/' (if anchored) and trailing '/'. */
-  pattern: string;
-  bytes: Uint8Array;
-  anchored: boolean;
-  dirOnly: boolean;
-  /** Slashes in the pattern, a leading one included (rsync's slash_cnt). */
-  slashes: number;
-  wild: boolean;
-  /** Contains '**'. */
-  wild2: boolean;
-  /** Starts with '**'. */
-  wild2Prefix: boolean;
-  /** Ends with '***'. */
-  wild3Suffix: boolean;
+  matches(path: string, isDir: boolean): boolean;
 }
 
-const utf8 = new TextEncoder();
+function compileRule(include: boolean, pattern: string): Compiled {
+  let p = bytesOf(pattern);
+  const anchored = p.startsWith('/');
+  if (anchored) p = p.slice(1);
+  const dirOnly = p.endsWith('/');
+  if (dirOnly) p = p.slice(0, -1);
+  if (p.endsWith('/***')) {
+    // "dir/***": the folder itself (as "dir/") and everything inside it (as "dir/**").
+    const self = pathMatcher(p.slice(0, -4), anchored);
+    const inside = pathMatcher(p.slice(0, -1), anchored);
+    return { include, matches: (path, isDir) => (isDir && self(path)) || ((!dirOnly || isDir) && inside(path)) };
+  }
+  const match = pathMatcher(p, anchored);
+  return { include, matches: (path, isDir) => (!dirOnly || isDir) && match(path) };
+}
 
+/** The rules, in order, as one filter: "+ "/"- " prefixes read, "!" clearing, empty patterns ignored. */
 export function compileFilters(rules: readonly PatternRule[]): Filter {
   let compiled: Compiled[] = [];
   for (const rule of rules) {
     let include = rule.type === 'include';
-    let pat = rule.pattern;
-    if (pat.startsWith('- ') || pat.startsWith('+ ')) {
-      include = pat[0] === '+';
-      pat = pat.slice(2);
-    } else if (pat === '!') {
+    let pattern = rule.pattern;
+    if (pattern === '!') {
       compiled = [];
       continue;
     }
-    if (!pat) continue;
-    const dirOnly = pat.length > 1 && pat.endsWith('/');
-    if (dirOnly) pat = pat.slice(0, -1);
-    const wild = /[*?[]/.test(pat);
-    const wild2 = wild && pat.includes('**');
-    const anchored = pat.startsWith('/');
-    const pattern = anchored ? pat.slice(1) : pat;
-    compiled.push({
-      include,
-      pattern,
-      bytes: utf8.encode(pattern),
-      anchored,
-      dirOnly,
-      slashes: pat.split('/').length - 1,
-      wild,
-      wild2,
-      wild2Prefix: wild2 && pat.startsWith('**'),
-      wild3Suffix: wild2 && pat.endsWith('***'),
-    });
+    if (pattern.startsWith('+ ') || pattern.startsWith('- ')) {
+      include = pattern[0] === '+';
+      if (pattern.length === 2) throw new QsyncError('USAGE', `unexpected end of filter rule: ${pattern}`, { value: pattern });
+      pattern = pattern.slice(2);
+    }
+    if (pattern) compiled.push(compileRule(include, pattern));
   }
   return {
-    excluded(relPath: string, isDir: boolean): boolean {
-      for (const rule of compiled) if (matches(rule, relPath, isDir)) return !rule.include;
-      return false;
+    excluded(relPath, isDir) {
+      const path = bytesOf(relPath);
+      const hit = compiled.find((r) => r.matches(path, isDir));
+      return hit !== undefined && !hit.include;
     },
   };
-}
-
-/** rsync's rule_matches() for a name relative to the transfer root. */
-function matches(rule: Compiled, path: string, isDir: boolean): boolean {
-  if (!path) return false;
-  let name = path;
-  if (!rule.slashes && !rule.wild2) name = path.slice(path.lastIndexOf('/') + 1);
-  else if (rule.wild2Prefix) name = `/${name}`; // lets a leading "**/" match at the root
-  if (isDir) {
-    if (rule.wild3Suffix) name += '/'; // lets "dir/***" match dir itself
-  } else if (rule.dirOnly) return false;
-
-  if (!rule.wild) {
-    if (rule.anchored) return name === rule.pattern;
-    return name === rule.pattern || name.endsWith(`/${rule.pattern}`);
-  }
-  let where: number;
-  if (!rule.anchored && rule.slashes && !rule.wild2) where = rule.slashes + 1; // the last N components
-  else if (!rule.anchored && !rule.wild2Prefix && rule.wild2) where = -1; // after any '/'
-  else where = 0;
-  return wildmatchAt(rule.bytes, utf8.encode(name), where);
-}
-
-const TRUE = 1;
-const FALSE = 0;
-const ABORT_ALL = -1;
-const ABORT_TO_STARSTAR = -2;
-const ch = (s: string): number => s.charCodeAt(0);
-const SLASH = ch('/');
-const STAR = ch('*');
-
-/** rsync's wildmatch(): the whole of `text` against `pattern` ('*', '?', '[...]', '\\'), as --usermap matches names. */
-export const wildmatch = (pattern: string, text: string): boolean => wildmatchAt(utf8.encode(pattern), utf8.encode(text), 0);
-
-/** wildmatch_array(): where > 0 matches the last `where` components, < 0 at the start or after any '/'. */
-function wildmatchAt(p: Uint8Array, t: Uint8Array, where: number): boolean {
-  let start = 0;
-  if (where > 0) {
-    let count = where;
-    start = -1;
-    for (let i = t.length - 1; i >= 0; i--) {
-      if (t[i] === SLASH && !--count) {
-        start = i + 1;
-        break;
-      }
-    }
-    if (start < 0 && count === 1) start = 0;
-    if (start < 0) return false;
-  }
-  let matched = dowild(p, 0, t, start);
-  if (matched !== TRUE && where < 0 && matched !== ABORT_ALL) {
-    for (let i = start; ; ) {
-      if (i >= t.length) return false;
-      if (t[i++] === SLASH && (matched = dowild(p, 0, t, i)) !== FALSE && matched !== ABORT_TO_STARSTAR) break;
-    }
-  }
-  return matched === TRUE;
-}
-
-const CLASSES: Record<string, (c: number) => boolean> = {
-  alnum: (c) => /[A-Za-z0-9]/.test(String.fromCharCode(c)),
-  alpha: (c) => /[A-Za-z]/.test(String.fromCharCode(c)),
-  blank: (c) => c === 0x20 || c === 0x09,
-  cntrl: (c) => c < 0x20 || c === 0x7f,
-  digit: (c) => c >= 0x30 && c <= 0x39,
-  graph: (c) => c > 0x20 && c < 0x7f,
-  lower: (c) => c >= 0x61 && c <= 0x7a,
-  print: (c) => c >= 0x20 && c < 0x7f,
-  punct: (c) => c > 0x20 && c < 0x7f && !/[A-Za-z0-9]/.test(String.fromCharCode(c)),
-  space: (c) => (c >= 0x09 && c <= 0x0d) || c === 0x20,
-  upper: (c) => c >= 0x41 && c <= 0x5a,
-  xdigit: (c) => /[0-9A-Fa-f]/.test(String.fromCharCode(c)),
-};
-
-/** rsync's dowild(): pattern p from pi against text t from ti, over bytes. */
-function dowild(p: Uint8Array, pi: number, t: Uint8Array, ti: number): number {
-  const at = (i: number): number => p[i] ?? 0; // 0 marks the end, as the C string's NUL
-  for (; pi < p.length; pi++, ti++) {
-    let pch = p[pi]!;
-    if (ti >= t.length && pch !== STAR) return ABORT_ALL;
-    const tch = t[ti] ?? 0;
-    switch (String.fromCharCode(pch)) {
-      case '\\':
-        if (tch !== at(++pi)) return FALSE;
-        continue;
-      case '?':
-        if (tch === SLASH) return FALSE;
-        continue;
-      case '*': {
-        const special = at(pi + 1) === STAR;
-        while (at(pi) === STAR) pi++;
-        if (pi >= p.length) {
-          // A trailing "**" matches everything, a trailing "*" only up to the next '/'.
-          return special || !t.subarray(ti).includes(SLASH) ? TRUE : FALSE;
-        }
-        for (; ti < t.length; ti++) {
-          const matched = dowild(p, pi, t, ti);
-          if (matched !== FALSE) {
-            if (!special || matched !== ABORT_TO_STARSTAR) return matched;
-          } else if (!special && t[ti] === SLASH) return ABORT_TO_STARSTAR;
-        }
-        return ABORT_ALL;
-      }
-      case '[': {
-        pch = at(++pi);
-        if (pch === ch('^')) pch = ch('!');
-        const negated = pch === ch('!');
-        if (negated) pch = at(++pi);
-        let prev = 0;
-        let matched = false;
-        do {
-          if (!pch) return ABORT_ALL;
-          if (pch === ch('\\')) {
-            pch = at(++pi);
-            if (!pch) return ABORT_ALL;
-            if (tch === pch) matched = true;
-          } else if (pch === ch('-') && prev && at(pi + 1) && at(pi + 1) !== ch(']')) {
-            pch = at(++pi);
-            if (pch === ch('\\')) {
-              pch = at(++pi);
-              if (!pch) return ABORT_ALL;
-            }
-            if (tch <= pch && tch >= prev) matched = true;
-            pch = 0; // no range may start here
-          } else if (pch === ch('[') && at(pi + 1) === ch(':')) {
-            const s = (pi += 2);
-            while (at(pi) && at(pi) !== ch(']')) pi++;
-            if (!at(pi)) return ABORT_ALL;
-            if (pi - s - 1 < 0 || at(pi - 1) !== ch(':')) {
-              // No ":]": a plain '['.
-              pi = s - 2;
-              pch = ch('[');
-              if (tch === pch) matched = true;
-              continue;
-            }
-            const test = CLASSES[new TextDecoder().decode(p.subarray(s, pi - 1))];
-            if (!test) return ABORT_ALL;
-            if (test(tch)) matched = true;
-            pch = 0;
-          } else if (tch === pch) matched = true;
-        } while (((prev = pch), (pch = at(++pi)) !== ch(']')));
-        if (matched === negated || tch === SLASH) return FALSE;
-        continue;
-      }
-      default:
-        if (tch !== pch) return FALSE;
-    }
-  }
-  return ti >= t.length ? TRUE : FALSE;
 }
