@@ -475,7 +475,7 @@ export function parseRate(text: string): number {
   return Math.round(Number(m[1]) * base ** power);
 }
 
-/** popt's POPT_ARG_INT, as rsync reads --max-delete and --modify-window: C's strtol in base 0 (12, 0x1f, 017; empty is 0). */
+/** An integer as rsync takes --max-delete and --modify-window (observed): C's strtol in base 0 (12, 0x1f, 017; empty is 0). */
 function parseInt32(option: string, text: string): number {
   const m = /^\s*([+-]?)(?:0x([0-9a-f]+)|(0[0-7]*)|([1-9]\d*))?$/i.exec(text);
   const n = m && (m[2] !== undefined ? parseInt(m[2], 16) : m[3] !== undefined ? parseInt(m[3], 8) : m[4] !== undefined ? Number(m[4]) : text.trim() ? NaN : 0);

@@ -33,7 +33,7 @@ export function checkLogFormat(format: string): void {
 }
 
 const pad2 = (n: number): string => String(n).padStart(2, '0');
-/** rsync's timestring(): local time, "2026/12/07 19:57:12". */
+/** Local time as rsync writes it in its log file: "2026/12/07 19:57:12". */
 function timestring(d: Date): string {
   return `${d.getFullYear()}/${pad2(d.getMonth() + 1)}/${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
 }
@@ -46,7 +46,7 @@ interface Item {
   length: number;
 }
 
-/** rsync's log_formatted(): %[-][WIDTH]X, right-justified to WIDTH ('-': left); unknown escapes stay as they are. */
+/** The --log-file-format escapes as rsync's manual gives them: %[-][WIDTH]X, right-justified to WIDTH ('-': left); unknown escapes stay as they are. */
 function formatItem(format: string, item: Item, now: Date): string {
   return format.replace(/%('?)(-?)(\d*)([a-zA-Z%])/g, (all, _q: string, left: string, width: string, c: string) => {
     const value: Record<string, string> = {

@@ -66,7 +66,7 @@ export function formatSize(n: number, human: number): string {
   return human ? digits.replace(/\B(?=(\d{3})+$)/g, ',') : digits;
 }
 
-/** rsync's human_dnum(): a decimal with `places` digits, grouped or in units like formatSize. */
+/** A number as rsync prints it in --stats: a decimal with `places` digits, grouped or in units like formatSize. */
 function formatDecimal(x: number, human: number, places = 2): string {
   if (!human || Math.abs(x) < 1000) return x.toFixed(places);
   if (human >= 2) return formatSize(x, human);

@@ -272,7 +272,7 @@ function relativePlan(printer: Printer, sources: { operand: string; stat: BigInt
 }
 
 /**
- * --mkpath, as rsync's make_path(): the missing folders of DEST (of its
+ * --mkpath, as rsync's manual describes it: the missing folders of DEST (of its
  * parent, when one file is copied to a DEST without a trailing slash) are
  * made, top down, 0777 less the umask; -v or -i says how many. With -n
  * nothing is made, and the count is what would be.

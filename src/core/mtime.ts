@@ -1,6 +1,6 @@
 /**
  * When two modification times are "the same", as rsync's --modify-window
- * says (rsync's same_time()): window > 0, whole seconds at most `window`
+ * says (observed against rsync): window > 0, whole seconds at most `window`
  * apart (the fractions ignored); window < 0, to the nanosecond; 0, qsync's
  * default, to the microsecond (rsync's default compares whole seconds only:
  * README "Where qsync differs on purpose").
