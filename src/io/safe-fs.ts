@@ -15,8 +15,8 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { constants, type BigIntStats, type PathLike } from 'node:fs';
-import { chmod, chown, lchown, lstat, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
+import { constants, fstatSync, lstatSync, type BigIntStats, type PathLike } from 'node:fs';
+import { chmod, chown, lchown, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
 
@@ -24,14 +24,13 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 export const O_PATH = 0o10000000;
 const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW, O_NONBLOCK, O_CREAT, O_EXCL } = constants;
 
-/** lstat a path; undefined when nothing is there. */
+/**
+ * lstat a path; undefined when nothing is there. On this thread: an lstat
+ * answered from the kernel's caches costs microseconds, a trip through
+ * libuv's thread pool ten times that, and a walk makes one or two per entry.
+ */
 export async function lstatOrUndefined(path: PathLike): Promise<BigIntStats | undefined> {
-  try {
-    return await lstat(path, { bigint: true });
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
-  }
+  return lstatSync(path, { bigint: true, throwIfNoEntry: false });
 }
 
 const typeName = (s: BigIntStats): string =>
@@ -227,8 +226,9 @@ export class Dir {
     }
   }
 
-  lstat(name: string): Promise<BigIntStats> {
-    return lstat(this.ref(name), { bigint: true });
+  /** On this thread, as lstatOrUndefined. */
+  async lstat(name: string): Promise<BigIntStats> {
+    return lstatSync(this.ref(name), { bigint: true });
   }
 
   lstatOrUndefined(name: string): Promise<BigIntStats | undefined> {
@@ -291,8 +291,15 @@ export class Dir {
   }
 
   /** Metadata of the directory itself, through its descriptor. */
-  setMeta(m: MetaChange): Promise<void> {
-    return setMetaByFd(this.fh.fd, m);
+  /** Owner, mode and times of the folder itself; what it has already (read with fstat, on this thread) is not set again. */
+  async setMeta(m: MetaChange): Promise<void> {
+    const st = fstatSync(this.fh.fd, { bigint: true });
+    const change = changedMeta(st, m);
+    // utimes keeps whole microseconds: a folder already at that microsecond is not timed again.
+    const us = (seconds: number | undefined, ns: bigint) => seconds === undefined || BigInt(Math.floor(seconds * 1e6)) === ns / 1000n;
+    if (change.mtime !== undefined && us(change.mtime, st.mtimeNs) && us(change.atime, st.atimeNs)) change.mtime = change.atime = undefined;
+    if (change.uid === undefined && change.gid === undefined && change.mode === undefined && change.mtime === undefined) return;
+    return setMetaByFd(this.fh.fd, change);
   }
 
   close(): Promise<void> {
@@ -322,13 +329,25 @@ export async function setMetaByFd(fd: number, m: MetaChange): Promise<void> {
   if (m.mtime !== undefined) await utimes(p, m.atime ?? m.mtime, m.mtime);
 }
 
+/** What of `m` differs from `st` (owner, group, mode: an entry that has them already needs no call). */
+function changedMeta(st: BigIntStats, m: MetaChange): MetaChange {
+  const out = { ...m };
+  if (out.uid !== undefined && BigInt(out.uid) === st.uid) out.uid = undefined;
+  if (out.gid !== undefined && BigInt(out.gid) === st.gid) out.gid = undefined;
+  // chown clears set-id bits: a mode is only left out when no chown comes before it.
+  if (out.mode !== undefined && out.uid === undefined && out.gid === undefined && BigInt(out.mode) === (st.mode & 0o7777n)) out.mode = undefined;
+  return out;
+}
+
 /**
  * Change the metadata of `name` in `dir`, whatever its type, without
  * following it: symlinks through lchown/lutimes (their mode cannot change),
  * everything else through an O_PATH|O_NOFOLLOW descriptor checked to be of
  * the type `expect` says (so a swapped entry is refused, not changed).
  */
-export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, m: MetaChange): Promise<void> {
+export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, change: MetaChange): Promise<void> {
+  const m = changedMeta(expect, change);
+  if (m.uid === undefined && m.gid === undefined && m.mode === undefined && m.mtime === undefined) return;
   if (expect.isSymbolicLink()) {
     const st = await dir.lstat(name);
     if (!st.isSymbolicLink()) throw swapped(dir.shown(name), expect, st);

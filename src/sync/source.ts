@@ -19,6 +19,7 @@ import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { planChunk, type WriteRun } from '../core/plan.js';
 import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
+import { readUpTo } from '../io/local-file.js';
 import { Dir, fsPath } from '../io/safe-fs.js';
 import { isLockedByOther } from './qemu-locks.js';
 
@@ -96,6 +97,12 @@ export interface Sources {
    * only while it is the inode the walk listed (else "file has vanished").
    */
   openFile(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<SourceFile>;
+  /**
+   * A small file's bytes, read whole on this thread (src/sync/small-file.ts):
+   * the listed size, from the inode the walk listed. Only where reading one
+   * costs less than a round trip (this host).
+   */
+  readWhole?(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<Buffer>;
 }
 
 /** An open source file. */
@@ -212,6 +219,8 @@ export class LocalSources implements Sources {
   async openFile(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<SourceFile> {
     if (!(dir instanceof Dir)) throw new Error('LocalSources.openFile: not a local folder');
     const fh = await openListed(dir, name, listed, shown);
+    // The workers boot with the first file that needs them: a tree of small files never starts them.
+    this.pool.warm();
     return {
       scan: async (plan, onChunk) => {
         await scanAndPlan(this.pool, fh.fd, shown, plan, onChunk);
@@ -219,5 +228,23 @@ export class LocalSources implements Sources {
       },
       close: () => fh.close(),
     };
+  }
+
+  async readWhole(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<Buffer> {
+    if (!(dir instanceof Dir)) throw new Error('LocalSources.readWhole: not a local folder');
+    const fh = await openListed(dir, name, listed, shown);
+    try {
+      const buf = Buffer.allocUnsafe(Number(listed.size));
+      let got: number;
+      try {
+        got = await readUpTo(fh, buf, 0);
+      } catch (e) {
+        throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+      }
+      if (got !== buf.length) throw vanished(shown, `it shrank to ${got} bytes while qsync read it`);
+      return buf;
+    } finally {
+      await fh.close();
+    }
   }
 }
