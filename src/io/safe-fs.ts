@@ -15,7 +15,7 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { constants, fstatSync, lstatSync, type BigIntStats, type PathLike } from 'node:fs';
+import { closeSync, constants, fchmodSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
 import { chmod, chown, lchown, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -209,6 +209,28 @@ export class Dir {
     return openRegular(this.ref(name), flags, mode, this.shown(name));
   }
 
+  /** As openFile, on this thread; returns the descriptor (a small file's few syscalls cost less than a thread pool trip each). */
+  openFileSync(name: string, flags: number, mode = 0o600): number {
+    return openRegularSync(this.ref(name), flags, mode, this.shown(name));
+  }
+
+  /** As createTemp, on this thread; returns the descriptor. */
+  createTempSync(name: string, mode: number): { fd: number; name: string } {
+    for (;;) {
+      const tmp = tempNameFor(name);
+      try {
+        return { fd: this.openFileSync(tmp, constants.O_RDWR | O_CREAT | O_EXCL, mode), name: tmp };
+      } catch (e) {
+        if (errnoOf(e) !== 'EEXIST') throw e;
+      }
+    }
+  }
+
+  /** As rename, on this thread. */
+  renameSync(from: string, to: Dir, toName: string): void {
+    renameSync(this.ref(from), to.ref(toName));
+  }
+
   /** Create `name` (O_EXCL: never an existing file, never a symlink's target) with `mode`. */
   createFile(name: string, mode: number, flags = constants.O_RDWR): Promise<FileHandle> {
     return this.openFile(name, flags | O_CREAT | O_EXCL, mode);
@@ -391,6 +413,32 @@ export async function openRegular(path: PathLike, flags: number, mode = 0o600, s
     throw new QsyncError('IO', `${shown} is ${typeName(st)}, not a regular file; remove it`, { file: shown });
   }
   return fh;
+}
+
+/** As openRegular, on this thread; returns the descriptor. */
+export function openRegularSync(path: PathLike, flags: number, mode = 0o600, shown = String(path)): number {
+  let fd: number;
+  try {
+    fd = openSync(path, flags | O_NOFOLLOW | O_NONBLOCK, mode);
+  } catch (e) {
+    if (errnoOf(e) === 'ELOOP') {
+      throw new QsyncError('IO', `${shown} is a symlink: qsync does not follow symlinks here; remove it`, { file: shown }, { cause: e });
+    }
+    throw e;
+  }
+  const st = fstatSync(fd, { bigint: true });
+  if (!st.isFile()) {
+    closeSync(fd);
+    throw new QsyncError('IO', `${shown} is ${typeName(st)}, not a regular file; remove it`, { file: shown });
+  }
+  return fd;
+}
+
+/** setMetaByFd for a descriptor of a regular file opened for reading or writing, on this thread (fchown, fchmod, futimes). */
+export function setFileMetaSync(fd: number, m: MetaChange): void {
+  if (m.uid !== undefined || m.gid !== undefined) fchownSync(fd, m.uid ?? -1, m.gid ?? -1);
+  if (m.mode !== undefined) fchmodSync(fd, m.mode);
+  if (m.mtime !== undefined) futimesSync(fd, m.atime ?? m.mtime, m.mtime);
 }
 
 /** The parent directory and last name of an absolute or relative path. */

@@ -13,11 +13,10 @@
  *   Until then its time is the time it was written, so a file a power cut
  *   left incomplete never passes the next run's quick check.
  */
-import { constants, readdirSync, readFileSync } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
+import { closeSync, constants, fstatSync, fsync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
-import { readUpTo } from '../io/local-file.js';
-import { setMetaByFd, type MetaChange } from '../io/safe-fs.js';
+import { setFileMetaSync, type MetaChange } from '../io/safe-fs.js';
 import { syncFileSystem } from '../io/syncfs.js';
 import type { FileJob, FileSyncContext, FileSyncOptions, FileSyncResult } from './file-sync.js';
 import { forgetManifestAt } from './manifest-store.js';
@@ -57,26 +56,32 @@ function fdsInUse(): number {
 }
 
 interface Pending {
-  fh: FileHandle;
+  fd: number;
   times: MetaChange;
   shown: string;
 }
 
+const fsyncFd = promisify(fsync);
+
 /**
- * The small files a run wrote whose data is not yet known durable. flush()
- * (when the batch is full, and at the end of the walk) syncs each file
- * system they are on once, then gives them their times and closes them.
+ * The small files a run wrote whose data is not yet known durable, held by
+ * descriptor. flush() (when the batch is full, and at the end of the walk)
+ * syncs each file system they are on once, then gives them their times and
+ * closes them. A batch holds at most half the descriptors free when it
+ * starts, so the walk keeps what it needs as it goes deeper.
  */
 export class SmallFileBatch {
   private pending: Pending[] = [];
   private bytes = 0;
+  private cap = 0;
   private readonly fdLimit = fdLimit();
 
-  /** Descriptors stay bounded by the tree's depth, not its width: a batch ends early when they run short. */
-  async add(fh: FileHandle, size: number, times: MetaChange, shown: string): Promise<void> {
-    this.pending.push({ fh, times, shown });
+  async add(fd: number, size: number, times: MetaChange, shown: string): Promise<void> {
+    // fdsInUse counts this file's descriptor: the batch's first file sees what the walk holds.
+    if (!this.pending.length) this.cap = Math.max(1, Math.min(BATCH_FILES, Math.floor((this.fdLimit - fdsInUse() - FD_HEADROOM) / 2)));
+    this.pending.push({ fd, times, shown });
     this.bytes += size;
-    if (this.pending.length >= BATCH_FILES || this.bytes >= BATCH_BYTES || fdsInUse() + FD_HEADROOM > this.fdLimit) await this.flush();
+    if (this.pending.length >= this.cap || this.bytes >= BATCH_BYTES) await this.flush();
   }
 
   async flush(): Promise<void> {
@@ -86,21 +91,25 @@ export class SmallFileBatch {
     if (!batch.length) return;
     let first: unknown;
     try {
-      const byDev = new Map<bigint, FileHandle[]>();
-      for (const p of batch.length > FSYNC_EACH ? batch : []) {
-        const { dev } = await p.fh.stat({ bigint: true });
-        byDev.set(dev, [...(byDev.get(dev) ?? []), p.fh]);
+      if (batch.length <= FSYNC_EACH) await Promise.all(batch.map((p) => fsyncFd(p.fd)));
+      else {
+        const byDev = new Map<bigint, number[]>();
+        for (const p of batch) {
+          const { dev } = fstatSync(p.fd, { bigint: true });
+          byDev.set(dev, [...(byDev.get(dev) ?? []), p.fd]);
+        }
+        for (const fds of byDev.values()) await syncFileSystem(fds[0]!, fds);
       }
-      if (batch.length <= FSYNC_EACH) await Promise.all(batch.map((p) => p.fh.sync()));
-      else for (const fhs of byDev.values()) await syncFileSystem(fhs[0]!, fhs);
       for (const p of batch) {
         if (p.times.mtime === undefined) continue;
-        await setMetaByFd(p.fh.fd, p.times).catch((e) => {
+        try {
+          setFileMetaSync(p.fd, p.times);
+        } catch (e) {
           first ??= new QsyncError('TARGET', `cannot set the times of ${p.shown}: ${(e as Error).message}`, { file: p.shown }, { cause: e });
-        });
+        }
       }
     } finally {
-      for (const p of batch) await p.fh.close().catch(() => {});
+      for (const p of batch) closeSync(p.fd);
     }
     if (first) throw first;
   }
@@ -133,25 +142,29 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   ctx.hooks.fileStart?.(relPath, size, method);
   const dir = dstDir!;
   if (method === 'compare' && dstStat!.size === srcStat.size) {
-    const fh = await openTarget(job);
+    const fd = openTarget(job);
     try {
       const old = Buffer.allocUnsafe(size);
-      if ((await readUpTo(fh, old, 0)) === size && old.equals(data)) {
+      if (readAll(fd, old) === size && old.equals(data)) {
         // Identical: only the attributes change, on the inode that was read.
-        await setMetaByFd(fh.fd, job.meta);
+        setFileMetaSync(fd, job.meta);
         ctx.hooks.fileProgress?.(relPath, size, 0);
         return { method, transferred: true, created: false, scanned: size, literal: 0, matched: size };
       }
     } finally {
-      await fh.close();
+      closeSync(fd);
     }
   }
 
   // A new copy under a temporary name (created no wider than 0600 and the source), complete with owner and mode before it takes the real name.
-  const { fh, name: tmp } = await dir.createTemp(dstName, Number(srcStat.mode & 0o600n)).catch((e) => {
+  let created: { fd: number; name: string };
+  try {
+    created = dir.createTempSync(dstName, Number(srcStat.mode & 0o600n));
+  } catch (e) {
     if (e instanceof QsyncError) throw e;
     throw new QsyncError('TARGET', `cannot write ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
-  });
+  }
+  const { fd, name: tmp } = created;
   const { atime, mtime, ...now } = job.meta;
   // What the old target had and the options do not set stays as it was (as an update in place keeps it).
   if (dstStat) {
@@ -162,30 +175,38 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
     }
   }
   try {
-    for (let done = 0; done < size; ) done += (await fh.write(data, done, size - done, done)).bytesWritten;
-    await setMetaByFd(fh.fd, now);
-    await dir.rename(tmp, dir, dstName).catch((e) => {
+    for (let done = 0; done < size; ) done += writeSync(fd, data, done, size - done, done);
+    setFileMetaSync(fd, now);
+    try {
+      dir.renameSync(tmp, dir, dstName);
+    } catch (e) {
       throw new QsyncError('TARGET', `cannot put ${dst} in place: ${(e as Error).message}`, { file: dst }, { cause: e });
-    });
+    }
   } catch (e) {
-    await fh.close();
+    closeSync(fd);
     await dir.unlink(tmp).catch(() => {});
     throw e;
   }
   // A manifest an earlier run kept for this name describes another file now.
   if (dstStat) await forgetManifestAt(job.manifestPath);
   ctx.hooks.fileProgress?.(relPath, size, size);
-  await ctx.small!.add(fh, size, { atime, mtime }, dst);
+  await ctx.small!.add(fd, size, { atime, mtime }, dst);
   return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0 };
 }
 
+function readAll(fd: number, buf: Buffer): number {
+  let got = 0;
+  for (let n = -1; got < buf.length && n !== 0; got += n) n = readSync(fd, buf, got, buf.length - got, got);
+  return got;
+}
+
 /** The existing target, for reading, only while it is the inode the walk saw. */
-async function openTarget(job: FileJob): Promise<FileHandle> {
-  const fh = await job.dstDir!.openFile(job.dstName, constants.O_RDONLY);
-  const st = await fh.stat({ bigint: true });
+function openTarget(job: FileJob): number {
+  const fd = job.dstDir!.openFileSync(job.dstName, constants.O_RDONLY);
+  const st = fstatSync(fd, { bigint: true });
   if (st.ino !== job.dstStat!.ino || st.dev !== job.dstStat!.dev) {
-    await fh.close();
+    closeSync(fd);
     throw new QsyncError('TARGET', `${job.dst} was replaced while qsync worked on it; left alone`, { file: job.dst, hint: 'run again' });
   }
-  return fh;
+  return fd;
 }

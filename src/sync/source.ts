@@ -12,14 +12,13 @@
  * records the intent, and feeds the digests to the manifest; it never sees
  * whether they came from a local read or from the wire.
  */
-import { constants, type BigIntStats } from 'node:fs';
+import { closeSync, constants, fstatSync, readSync, type BigIntStats } from 'node:fs';
 import { lstat, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { planChunk, type WriteRun } from '../core/plan.js';
 import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
-import { readUpTo } from '../io/local-file.js';
 import { Dir, fsPath } from '../io/safe-fs.js';
 import { isLockedByOther } from './qemu-locks.js';
 
@@ -119,6 +118,14 @@ export interface SourceFile {
 /** A source file changed between the listing and the open: it is skipped (rsync's "vanished", exit 24), never read. */
 export const vanished = (src: string, why: string) => new QsyncError('SOURCE', `file has vanished: ${src} (${why})`, { file: src, vanished: true });
 
+/** Why a listed source could not be opened, in rsync's terms. */
+function openFailure(e: unknown, shown: string): QsyncError {
+  if (errnoOf(e) === 'ENOENT') return vanished(shown, 'it is gone');
+  // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
+  if (e instanceof QsyncError) return vanished(shown, 'something other than a regular file took its name while qsync worked; not read');
+  return new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+}
+
 /**
  * Open the listed source through its folder: never through a symlink, never
  * blocking on a FIFO, and only if it is still the inode that was listed.
@@ -128,10 +135,7 @@ export async function openListed(dir: Dir, name: string, listed: BigIntStats, sh
   try {
     fh = await dir.openFile(name, constants.O_RDONLY);
   } catch (e) {
-    if (errnoOf(e) === 'ENOENT') throw vanished(shown, 'it is gone');
-    // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
-    if (e instanceof QsyncError) throw vanished(shown, 'something other than a regular file took its name while qsync worked; not read');
-    throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+    throw openFailure(e, shown);
   }
   const st = await fh.stat({ bigint: true });
   if (st.dev !== listed.dev || st.ino !== listed.ino) {
@@ -232,19 +236,26 @@ export class LocalSources implements Sources {
 
   async readWhole(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<Buffer> {
     if (!(dir instanceof Dir)) throw new Error('LocalSources.readWhole: not a local folder');
-    const fh = await openListed(dir, name, listed, shown);
+    let fd: number;
     try {
+      fd = dir.openFileSync(name, constants.O_RDONLY);
+    } catch (e) {
+      throw openFailure(e, shown);
+    }
+    try {
+      const st = fstatSync(fd, { bigint: true });
+      if (st.dev !== listed.dev || st.ino !== listed.ino) throw vanished(shown, 'another file took its name while qsync worked; not read');
       const buf = Buffer.allocUnsafe(Number(listed.size));
-      let got: number;
+      let got = 0;
       try {
-        got = await readUpTo(fh, buf, 0);
+        for (let n = -1; got < buf.length && n !== 0; got += n) n = readSync(fd, buf, got, buf.length - got, got);
       } catch (e) {
         throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
       }
       if (got !== buf.length) throw vanished(shown, `it shrank to ${got} bytes while qsync read it`);
       return buf;
     } finally {
-      await fh.close();
+      closeSync(fd);
     }
   }
 }
