@@ -75,6 +75,9 @@ export class SmallFileBatch {
   private bytes = 0;
   private cap = 0;
   private readonly fdLimit = fdLimit();
+  /** The file being synced, both sides: one buffer each for the run, not one per file (the garbage would be RSS). */
+  readonly source = Buffer.allocUnsafe(SMALL_FILE_MAX);
+  readonly target = Buffer.allocUnsafe(SMALL_FILE_MAX);
 
   async add(fd: number, size: number, times: MetaChange, shown: string): Promise<void> {
     // fdsInUse counts this file's descriptor: the batch's first file sees what the walk holds.
@@ -138,13 +141,13 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   if (opts.dryRun) return { method, ...none, transferred: true, created: !dstStat };
 
   await ctx.sources.checkUsable(srcStat, src);
-  const data = await ctx.sources.readWhole!(job.srcDir, job.srcName, srcStat, src);
+  const data = await ctx.sources.readWhole!(job.srcDir, job.srcName, srcStat, src, ctx.small!.source);
   ctx.hooks.fileStart?.(relPath, size, method);
   const dir = dstDir!;
   if (method === 'compare' && dstStat!.size === srcStat.size) {
     const fd = openTarget(job);
     try {
-      const old = Buffer.allocUnsafe(size);
+      const old = ctx.small!.target.subarray(0, size);
       if (readAll(fd, old) === size && old.equals(data)) {
         // Identical: only the attributes change, on the inode that was read.
         setFileMetaSync(fd, job.meta);

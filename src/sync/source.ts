@@ -99,9 +99,10 @@ export interface Sources {
   /**
    * A small file's bytes, read whole on this thread (src/sync/small-file.ts):
    * the listed size, from the inode the walk listed. Only where reading one
-   * costs less than a round trip (this host).
+   * costs less than a round trip (this host). Read into `into` (at least the
+   * listed size) and returned as its first bytes.
    */
-  readWhole?(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<Buffer>;
+  readWhole?(dir: SourceDir, name: string, listed: BigIntStats, shown: string, into: Buffer): Promise<Buffer>;
 }
 
 /** An open source file. */
@@ -234,7 +235,7 @@ export class LocalSources implements Sources {
     };
   }
 
-  async readWhole(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<Buffer> {
+  async readWhole(dir: SourceDir, name: string, listed: BigIntStats, shown: string, into: Buffer): Promise<Buffer> {
     if (!(dir instanceof Dir)) throw new Error('LocalSources.readWhole: not a local folder');
     let fd: number;
     try {
@@ -245,7 +246,7 @@ export class LocalSources implements Sources {
     try {
       const st = fstatSync(fd, { bigint: true });
       if (st.dev !== listed.dev || st.ino !== listed.ino) throw vanished(shown, 'another file took its name while qsync worked; not read');
-      const buf = Buffer.allocUnsafe(Number(listed.size));
+      const buf = into.subarray(0, Number(listed.size));
       let got = 0;
       try {
         for (let n = -1; got < buf.length && n !== 0; got += n) n = readSync(fd, buf, got, buf.length - got, got);
