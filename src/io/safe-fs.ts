@@ -15,8 +15,8 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { closeSync, constants, fchmodSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
-import { chmod, chown, lchown, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
+import { closeSync, constants, fchmodSync, readdirSync, readlinkSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
+import { chmod, chown, lchown, lutimes, mkdir, open, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
 
@@ -268,7 +268,7 @@ export class Dir {
 
   /** Entry names as raw bytes (names need not be UTF-8). */
   readdirRaw(): Promise<Buffer[]> {
-    return readdir(this.self, { encoding: 'buffer' });
+    return Promise.resolve(readdirSync(this.self, { encoding: 'buffer' }));
   }
 
   async mkdir(name: string, mode: number): Promise<void> {
@@ -289,7 +289,7 @@ export class Dir {
 
   /** A symlink's target, escaped as names are when it is not valid UTF-8. */
   async readlink(name: string): Promise<string> {
-    return decodeName(await readlink(this.ref(name), { encoding: 'buffer' }));
+    return decodeName(readlinkSync(this.ref(name), { encoding: 'buffer' }));
   }
 
   /** rename(2) from this directory to `to` (which may be this one): neither name is followed. */
@@ -318,8 +318,7 @@ export class Dir {
     const st = fstatSync(this.fh.fd, { bigint: true });
     const change = changedMeta(st, m);
     // utimes keeps whole microseconds: a folder already at that microsecond is not timed again.
-    const us = (seconds: number | undefined, ns: bigint) => seconds === undefined || BigInt(Math.floor(seconds * 1e6)) === ns / 1000n;
-    if (change.mtime !== undefined && us(change.mtime, st.mtimeNs) && us(change.atime, st.atimeNs)) change.mtime = change.atime = undefined;
+    if (change.mtime !== undefined && sameMicros(change, st)) change.mtime = change.atime = undefined;
     if (change.uid === undefined && change.gid === undefined && change.mode === undefined && change.mtime === undefined) return;
     return setMetaByFd(this.fh.fd, change);
   }
@@ -351,6 +350,12 @@ export async function setMetaByFd(fd: number, m: MetaChange): Promise<void> {
   if (m.mtime !== undefined) await utimes(p, m.atime ?? m.mtime, m.mtime);
 }
 
+/** Whether the times `m` sets are what `st` has already, to the microsecond (all utimes keeps). */
+function sameMicros(m: MetaChange, st: BigIntStats): boolean {
+  const us = (seconds: number | undefined, ns: bigint) => seconds === undefined || BigInt(Math.floor(seconds * 1e6)) === ns / 1000n;
+  return us(m.mtime, st.mtimeNs) && us(m.atime ?? m.mtime, st.atimeNs);
+}
+
 /** What of `m` differs from `st` (owner, group, mode: an entry that has them already needs no call). */
 function changedMeta(st: BigIntStats, m: MetaChange): MetaChange {
   const out = { ...m };
@@ -374,7 +379,7 @@ export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, cha
     const st = await dir.lstat(name);
     if (!st.isSymbolicLink()) throw swapped(dir.shown(name), expect, st);
     if (m.uid !== undefined || m.gid !== undefined) await dir.lchown(name, m.uid ?? -1, m.gid ?? -1);
-    if (m.mtime !== undefined) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
+    if (m.mtime !== undefined && !sameMicros(m, st)) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
     return;
   }
   const fh = await open(dir.ref(name), O_PATH | O_NOFOLLOW);

@@ -857,7 +857,7 @@ export class TreeSync {
   private metaFor(st: BigIntStats, created: boolean, times: boolean): MetaChange {
     const o = this.opts;
     const m: MetaChange = {};
-    if ((o.owner || o.group) && process.getuid?.() === 0) {
+    if ((o.owner || o.group) && ME === 0) {
       if (o.owner) m.uid = Number(st.uid);
       if (o.group) m.gid = Number(st.gid);
     }
