@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AS_NOBODY, nobodyStateBase, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
+import { SMALL_FILE_MAX } from '../src/sync/small-file.js';
 
 let root: string;
 beforeAll(() => {
@@ -77,7 +78,8 @@ function makeTree(src: string): void {
   linkSync(join(src, 'a'), join(src, 'z'));
   writeFileSync(join(src, 'b'), 'group two\n');
   linkSync(join(src, 'b'), join(src, 'c'));
-  writeFileSync(join(src, 'plain'), 'plain\n');
+  // Big enough to get a manifest (a small file has none: src/sync/small-file.ts), which round 1 makes stale.
+  writeFileSync(join(src, 'plain'), Buffer.alloc(SMALL_FILE_MAX + 1, 'p'));
   // A file whose other link is outside the transfer: copied as a plain file.
   writeFileSync(join(src, 'outside-linked'), 'half of a pair\n');
   linkSync(join(src, 'outside-linked'), join(src, '..', 'outside'));

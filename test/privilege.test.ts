@@ -16,6 +16,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { AS_NOBODY, NOBODY, QSYNC, runQsync, sha256, stateOf, stateSlot } from './helpers/cli.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
+import { SMALL_FILE_MAX } from '../src/sync/small-file.js';
 
 const BIG = 256 << 20;
 const asRoot = process.getuid?.() === 0;
@@ -174,7 +175,8 @@ describe.skipIf(!asRoot)('paths root is given that pass through a folder a user 
   function smallTree(): { src: string; bk: string } {
     const src = join(base, 'src');
     mkdirSync(src);
-    writeFileSync(join(src, 'f'), 'data\n');
+    // Big enough to get a manifest (a small file has none: src/sync/small-file.ts).
+    writeFileSync(join(src, 'f'), Buffer.alloc(SMALL_FILE_MAX + 1, 'd'));
     return { src, bk: join(base, 'bk') };
   }
 

@@ -8,6 +8,10 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { setStateBase, stateBase, stateFolderFor, stateFolderIn } from '../src/sync/state-dir.js';
 import { NOBODY, runQsync } from './helpers/cli.js';
+import { SMALL_FILE_MAX } from '../src/sync/small-file.js';
+
+/** A file that gets a manifest (a small one has none: src/sync/small-file.ts). */
+const BIG = SMALL_FILE_MAX + 4096;
 
 let dir: string;
 beforeAll(() => {
@@ -60,7 +64,7 @@ describe('end to end', () => {
   it('a user without --state-dir gets $XDG_STATE_HOME/qsync, made 0700; DEST holds the mirror only', async () => {
     const home = join(dir, 'home');
     mkdirSync(join(home, 'src'), { recursive: true });
-    writeFileSync(join(home, 'src', 'f'), 'data');
+    writeFileSync(join(home, 'src', 'f'), Buffer.alloc(BIG, 1));
     chownSync(home, NOBODY, NOBODY);
     chownSync(join(home, 'src'), NOBODY, NOBODY);
     const { QSYNC_STATE_DIR: _unused, ...rest } = process.env;
@@ -83,11 +87,11 @@ describe('end to end', () => {
     const src = join(dir, 'e2e-src');
     const dest = join(dir, 'e2e-dest');
     mkdirSync(src);
-    writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, 7));
+    writeFileSync(join(src, 'f.img'), Buffer.alloc(BIG, 7));
     const a = join(dir, 'state-a');
     expect((await runQsync(['-a', '--state-dir', a, `${src}/`, `${dest}/`])).code).toBe(0);
     expect(readdirSync(join(stateFolderIn(a, dest), 'manifests'))).toEqual(['f.img.qsm']);
-    writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, 8));
+    writeFileSync(join(src, 'f.img'), Buffer.alloc(BIG, 8));
     const b = join(dir, 'state-b');
     const r = await runQsync(['-a', '--json', '--state-dir', b, `${src}/`, `${dest}/`]);
     expect(r.code, r.stderr).toBe(0);
@@ -115,14 +119,14 @@ describe('a state base inside SRC or DEST', () => {
     const src = join(dir, 'in-dest-src');
     const dest = join(dir, 'in-dest-dest');
     mkdirSync(src);
-    writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, 7));
+    writeFileSync(join(src, 'f.img'), Buffer.alloc(BIG, 7));
     const st = join(dest, '.st');
     const first = await runQsync(['-a', '--delete', '--state-dir', st, `${src}/`, `${dest}/`]);
     expect(first.stderr).toBe('');
     expect(first.code).toBe(0);
     const folder = stateFolderIn(st, dest);
     expect(readdirSync(join(folder, 'manifests'))).toEqual(['f.img.qsm']);
-    writeFileSync(join(src, 'g'), 'new');
+    writeFileSync(join(src, 'g'), Buffer.alloc(BIG, 2));
     const second = await runQsync(['-a', '--delete', '--json', '--state-dir', st, `${src}/`, `${dest}/`]);
     expect(second.code, second.stderr).toBe(0);
     const doc = JSON.parse(second.stdout);
@@ -130,14 +134,14 @@ describe('a state base inside SRC or DEST', () => {
     // --delete left qsync's own state alone: its record of DEST, its manifests.
     expect(readFileSync(join(folder, 'dest'), 'utf8')).toBe(`${dest}\n`);
     expect(readdirSync(join(folder, 'manifests')).sort()).toEqual(['f.img.qsm', 'g.qsm']);
-    expect(readFileSync(join(dest, 'g'), 'utf8')).toBe('new');
+    expect(readFileSync(join(dest, 'g')).equals(Buffer.alloc(BIG, 2))).toBe(true);
   });
 
   it('--state-dir inside SRC: qsync\'s state is not copied into the mirror', async () => {
     const src = join(dir, 'in-src-src');
     const dest = join(dir, 'in-src-dest');
     mkdirSync(src);
-    writeFileSync(join(src, 'a'), 'a');
+    writeFileSync(join(src, 'a'), Buffer.alloc(BIG, 1));
     const st = join(src, 'state');
     for (let i = 0; i < 2; i++) {
       const r = await runQsync(['-a', '--delete', '--state-dir', st, `${src}/`, `${dest}/`]);
@@ -175,7 +179,7 @@ describe('qsync restore and another state base', () => {
     mkdirSync(outer);
     const a = join(dir, 'hist-base-a');
     for (const fill of [1, 2, 3]) {
-      writeFileSync(join(src, 'f.img'), Buffer.alloc(200_000, fill));
+      writeFileSync(join(src, 'f.img'), Buffer.alloc(BIG, fill));
       const r = await runQsync(['-a', '--state-dir', a, '--backup-dir', hist, `${src}/`, `${dest}/`]);
       expect(r.code, r.stderr).toBe(0);
     }
@@ -198,7 +202,7 @@ describe('qsync restore and another state base', () => {
     const out = join(dir, 'hist-restored.img');
     const r = await runQsync(['restore', '--state-dir', b, '--backup-dir', hist, '--at', '2', join(dest, 'f.img'), out]);
     expect(r.code, r.stderr).toBe(0);
-    expect(readFileSync(out).equals(Buffer.alloc(200_000, 1))).toBe(true);
+    expect(readFileSync(out).equals(Buffer.alloc(BIG, 1))).toBe(true);
   });
 
   it('a target the history does not name, in no synced destination: a clear error, nothing on stdout', async () => {

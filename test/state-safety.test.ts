@@ -258,7 +258,7 @@ describe('A: nothing in the state folder is followed; it is private', () => {
     const src = join(dir, 'src');
     const dest = join(dir, 'dest');
     mkdirSync(join(src, 'a', 'b'), { recursive: true });
-    randomFile(join(src, 'a', 'b', 'f.img'), 64 * KiB);
+    randomFile(join(src, 'a', 'b', 'f.img'), 320 * KiB); // not small: it gets a manifest
     expect((await runWithin(['-a', `${src}/`, dest])).code).toBe(0);
     // Someone swapped the manifests of a/ for a symlink to a folder of theirs.
     const theirs = join(dir, 'theirs');

@@ -138,9 +138,8 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
   }
   if (o.bwlimit) printer.warning?.('--bwlimit paces remote transfers only: this local run is not limited');
   if (o.acls || o.xattrs) await checkAttrTools();
-  // The hash workers boot while the operands are checked and the tree is walked.
+  // The hash workers boot with the first file that is not small (src/sync/small-file.ts): a tree of small files never needs them.
   const pool = new HashPool(o.blockSize);
-  if (!o.dryRun) pool.warm();
   try {
     return await receive(printer, new LocalSources(pool), operands, dest, o);
   } finally {

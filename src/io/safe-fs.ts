@@ -15,8 +15,8 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { constants, type BigIntStats, type PathLike } from 'node:fs';
-import { chmod, chown, lchown, lstat, lutimes, mkdir, open, readdir, readlink, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
+import { closeSync, constants, fchmodSync, readdirSync, readlinkSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
+import { chmod, chown, lchown, lutimes, mkdir, open, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
 
@@ -24,14 +24,13 @@ import { errnoOf, QsyncError } from '../core/errors.js';
 export const O_PATH = 0o10000000;
 const { O_RDONLY, O_DIRECTORY, O_NOFOLLOW, O_NONBLOCK, O_CREAT, O_EXCL } = constants;
 
-/** lstat a path; undefined when nothing is there. */
+/**
+ * lstat a path; undefined when nothing is there. On this thread: an lstat
+ * answered from the kernel's caches costs microseconds, a trip through
+ * libuv's thread pool ten times that, and a walk makes one or two per entry.
+ */
 export async function lstatOrUndefined(path: PathLike): Promise<BigIntStats | undefined> {
-  try {
-    return await lstat(path, { bigint: true });
-  } catch (e) {
-    if (errnoOf(e) === 'ENOENT') return undefined;
-    throw e;
-  }
+  return lstatSync(path, { bigint: true, throwIfNoEntry: false });
 }
 
 const typeName = (s: BigIntStats): string =>
@@ -210,6 +209,28 @@ export class Dir {
     return openRegular(this.ref(name), flags, mode, this.shown(name));
   }
 
+  /** As openFile, on this thread; returns the descriptor (a small file's few syscalls cost less than a thread pool trip each). */
+  openFileSync(name: string, flags: number, mode = 0o600): number {
+    return openRegularSync(this.ref(name), flags, mode, this.shown(name));
+  }
+
+  /** As createTemp, on this thread; returns the descriptor. */
+  createTempSync(name: string, mode: number): { fd: number; name: string } {
+    for (;;) {
+      const tmp = tempNameFor(name);
+      try {
+        return { fd: this.openFileSync(tmp, constants.O_RDWR | O_CREAT | O_EXCL, mode), name: tmp };
+      } catch (e) {
+        if (errnoOf(e) !== 'EEXIST') throw e;
+      }
+    }
+  }
+
+  /** As rename, on this thread. */
+  renameSync(from: string, to: Dir, toName: string): void {
+    renameSync(this.ref(from), to.ref(toName));
+  }
+
   /** Create `name` (O_EXCL: never an existing file, never a symlink's target) with `mode`. */
   createFile(name: string, mode: number, flags = constants.O_RDWR): Promise<FileHandle> {
     return this.openFile(name, flags | O_CREAT | O_EXCL, mode);
@@ -227,8 +248,9 @@ export class Dir {
     }
   }
 
-  lstat(name: string): Promise<BigIntStats> {
-    return lstat(this.ref(name), { bigint: true });
+  /** On this thread, as lstatOrUndefined. */
+  async lstat(name: string): Promise<BigIntStats> {
+    return lstatSync(this.ref(name), { bigint: true });
   }
 
   lstatOrUndefined(name: string): Promise<BigIntStats | undefined> {
@@ -246,7 +268,7 @@ export class Dir {
 
   /** Entry names as raw bytes (names need not be UTF-8). */
   readdirRaw(): Promise<Buffer[]> {
-    return readdir(this.self, { encoding: 'buffer' });
+    return Promise.resolve(readdirSync(this.self, { encoding: 'buffer' }));
   }
 
   async mkdir(name: string, mode: number): Promise<void> {
@@ -267,7 +289,7 @@ export class Dir {
 
   /** A symlink's target, escaped as names are when it is not valid UTF-8. */
   async readlink(name: string): Promise<string> {
-    return decodeName(await readlink(this.ref(name), { encoding: 'buffer' }));
+    return decodeName(readlinkSync(this.ref(name), { encoding: 'buffer' }));
   }
 
   /** rename(2) from this directory to `to` (which may be this one): neither name is followed. */
@@ -291,8 +313,14 @@ export class Dir {
   }
 
   /** Metadata of the directory itself, through its descriptor. */
-  setMeta(m: MetaChange): Promise<void> {
-    return setMetaByFd(this.fh.fd, m);
+  /** Owner, mode and times of the folder itself; what it has already (read with fstat, on this thread) is not set again. */
+  async setMeta(m: MetaChange): Promise<void> {
+    const st = fstatSync(this.fh.fd, { bigint: true });
+    const change = changedMeta(st, m);
+    // utimes keeps whole microseconds: a folder already at that microsecond is not timed again.
+    if (change.mtime !== undefined && sameMicros(change, st)) change.mtime = change.atime = undefined;
+    if (change.uid === undefined && change.gid === undefined && change.mode === undefined && change.mtime === undefined) return;
+    return setMetaByFd(this.fh.fd, change);
   }
 
   close(): Promise<void> {
@@ -322,18 +350,36 @@ export async function setMetaByFd(fd: number, m: MetaChange): Promise<void> {
   if (m.mtime !== undefined) await utimes(p, m.atime ?? m.mtime, m.mtime);
 }
 
+/** Whether the times `m` sets are what `st` has already, to the microsecond (all utimes keeps). */
+function sameMicros(m: MetaChange, st: BigIntStats): boolean {
+  const us = (seconds: number | undefined, ns: bigint) => seconds === undefined || BigInt(Math.floor(seconds * 1e6)) === ns / 1000n;
+  return us(m.mtime, st.mtimeNs) && us(m.atime ?? m.mtime, st.atimeNs);
+}
+
+/** What of `m` differs from `st` (owner, group, mode: an entry that has them already needs no call). */
+function changedMeta(st: BigIntStats, m: MetaChange): MetaChange {
+  const out = { ...m };
+  if (out.uid !== undefined && BigInt(out.uid) === st.uid) out.uid = undefined;
+  if (out.gid !== undefined && BigInt(out.gid) === st.gid) out.gid = undefined;
+  // chown clears set-id bits: a mode is only left out when no chown comes before it.
+  if (out.mode !== undefined && out.uid === undefined && out.gid === undefined && BigInt(out.mode) === (st.mode & 0o7777n)) out.mode = undefined;
+  return out;
+}
+
 /**
  * Change the metadata of `name` in `dir`, whatever its type, without
  * following it: symlinks through lchown/lutimes (their mode cannot change),
  * everything else through an O_PATH|O_NOFOLLOW descriptor checked to be of
  * the type `expect` says (so a swapped entry is refused, not changed).
  */
-export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, m: MetaChange): Promise<void> {
+export async function setMetaAt(dir: Dir, name: string, expect: BigIntStats, change: MetaChange): Promise<void> {
+  const m = changedMeta(expect, change);
+  if (m.uid === undefined && m.gid === undefined && m.mode === undefined && m.mtime === undefined) return;
   if (expect.isSymbolicLink()) {
     const st = await dir.lstat(name);
     if (!st.isSymbolicLink()) throw swapped(dir.shown(name), expect, st);
     if (m.uid !== undefined || m.gid !== undefined) await dir.lchown(name, m.uid ?? -1, m.gid ?? -1);
-    if (m.mtime !== undefined) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
+    if (m.mtime !== undefined && !sameMicros(m, st)) await dir.lutimes(name, m.atime ?? m.mtime, m.mtime);
     return;
   }
   const fh = await open(dir.ref(name), O_PATH | O_NOFOLLOW);
@@ -399,6 +445,32 @@ export async function openBeneathMaking(top: string, rel: string): Promise<Dir> 
     await d.close();
     throw e;
   }
+}
+
+/** As openRegular, on this thread; returns the descriptor. */
+export function openRegularSync(path: PathLike, flags: number, mode = 0o600, shown = String(path)): number {
+  let fd: number;
+  try {
+    fd = openSync(path, flags | O_NOFOLLOW | O_NONBLOCK, mode);
+  } catch (e) {
+    if (errnoOf(e) === 'ELOOP') {
+      throw new QsyncError('IO', `${shown} is a symlink: qsync does not follow symlinks here; remove it`, { file: shown }, { cause: e });
+    }
+    throw e;
+  }
+  const st = fstatSync(fd, { bigint: true });
+  if (!st.isFile()) {
+    closeSync(fd);
+    throw new QsyncError('IO', `${shown} is ${typeName(st)}, not a regular file; remove it`, { file: shown });
+  }
+  return fd;
+}
+
+/** setMetaByFd for a descriptor of a regular file opened for reading or writing, on this thread (fchown, fchmod, futimes). */
+export function setFileMetaSync(fd: number, m: MetaChange): void {
+  if (m.uid !== undefined || m.gid !== undefined) fchownSync(fd, m.uid ?? -1, m.gid ?? -1);
+  if (m.mode !== undefined) fchmodSync(fd, m.mode);
+  if (m.mtime !== undefined) futimesSync(fd, m.atime ?? m.mtime, m.mtime);
 }
 
 /** The parent directory and last name of an absolute or relative path. */

@@ -27,11 +27,11 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
   const st = await stat(file).catch((e: unknown) => {
     throw new QsyncError('SOURCE', `cannot open ${image}: ${(e as Error).message}`, { file: image }, { cause: e });
   });
-  if ((await isLockedByOther(st.dev, st.ino)) && (await stopLeftoverDaemon(file))) {
+  if ((await isLockedByOther(st.dev, st.ino, 0)) && (await stopLeftoverDaemon(file))) {
     // Its locks go as it exits: wait for that, a bounded while.
-    for (let i = 0; i < 100 && (await isLockedByOther(st.dev, st.ino)); i++) await new Promise((r) => setTimeout(r, 100));
+    for (let i = 0; i < 100 && (await isLockedByOther(st.dev, st.ino, 0)); i++) await new Promise((r) => setTimeout(r, 100));
   }
-  if (await isLockedByOther(st.dev, st.ino)) {
+  if (await isLockedByOther(st.dev, st.ino, 0)) {
     throw new QsyncError('LOCKED', `${image} is open in a running QEMU`, {
       file: image, hint: 'back it up through that QEMU: qsync --qmp /path/to/qmp.sock DEST',
     });

@@ -21,6 +21,7 @@ import { takeChunk } from './engine.js';
 import { commitTarget, fileData, LocalTargetState, type StateWriter, type TargetData, type TargetState } from './target.js';
 import type { DigestReader, SourceDir, Sources } from './source.js';
 import { DigestScratch, hashFile } from './target-digests.js';
+import { isSmallJob, syncSmallFile, type SmallFileBatch } from './small-file.js';
 
 export interface FileSyncOptions {
   blockSize: number;
@@ -57,6 +58,8 @@ export interface FileSyncContext {
   hooks: SyncHooks;
   /** Wrap the target's sink (deltas: tee, reverse delta); `target` is undefined with recordOnly. */
   wrapSink?: (target: LocalFileSink | undefined, info: SinkInfo) => Promise<BlockSink> | BlockSink;
+  /** Where small files wait for their batch's sync (src/sync/small-file.ts); without it every file has a manifest. */
+  small?: SmallFileBatch;
 }
 
 export interface FileSyncResult {
@@ -107,6 +110,11 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   if (dstStat && opts.ignoreExisting) return undefined;
   const window = opts.modifyWindow ?? 0;
   if (dstStat && opts.update && newerOnReceiver(srcStat.mtimeNs, dstStat.mtimeNs, window)) return undefined;
+  if (isSmallJob(job, opts, ctx)) {
+    const quick = dstStat !== undefined && !opts.checksum && !opts.wholeFile && !opts.ignoreTimes &&
+      (opts.sizeOnly ? dstStat.size === srcStat.size : sameSizeAndTime(dstStat, srcStat, window));
+    return syncSmallFile(job, opts, ctx, quick);
+  }
 
   const state = new LocalTargetState(manifestPath);
   // -n writes nothing, not even a pending journal: it is applied in memory.

@@ -65,10 +65,14 @@ export function manifestPathFor(destRoot: string, relPath: string, folder: 'mani
  * Reached through the state folder by descriptor; nothing is followed.
  */
 export async function forgetManifests(destRoot: string, relPath: string, folder: boolean): Promise<void> {
-  const path = folder ? join(stateFolderFor(destRoot), 'manifests', relPath) : manifestPathFor(destRoot, relPath);
+  if (!folder) return forgetManifestAt(manifestPathFor(destRoot, relPath));
+  await withStateParent(join(stateFolderFor(destRoot), 'manifests', relPath), false, ({ dir, name }) => removeTreeAt(dir, name));
+}
+
+/** Remove a file's manifest at `path`, with its intent and patch journal. */
+export async function forgetManifestAt(path: string): Promise<void> {
   await withStateParent(path, false, async ({ dir, name }) => {
-    if (folder) await removeTreeAt(dir, name);
-    else for (const n of [name, `${name}.intent`, journalName(name)]) await unlinkState(dir, n);
+    for (const n of [name, `${name}.intent`, journalName(name)]) await unlinkState(dir, n);
   });
 }
 

@@ -12,7 +12,7 @@
  * records the intent, and feeds the digests to the manifest; it never sees
  * whether they came from a local read or from the wire.
  */
-import { constants, type BigIntStats } from 'node:fs';
+import { closeSync, constants, fstatSync, readSync, type BigIntStats } from 'node:fs';
 import { lstat, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
@@ -96,6 +96,13 @@ export interface Sources {
    * only while it is the inode the walk listed (else "file has vanished").
    */
   openFile(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<SourceFile>;
+  /**
+   * A small file's bytes, read whole on this thread (src/sync/small-file.ts):
+   * the listed size, from the inode the walk listed. Only where reading one
+   * costs less than a round trip (this host). Read into `into` (at least the
+   * listed size) and returned as its first bytes.
+   */
+  readWhole?(dir: SourceDir, name: string, listed: BigIntStats, shown: string, into: Buffer): Promise<Buffer>;
 }
 
 /** An open source file. */
@@ -112,6 +119,14 @@ export interface SourceFile {
 /** A source file changed between the listing and the open: it is skipped (rsync's "vanished", exit 24), never read. */
 export const vanished = (src: string, why: string) => new QsyncError('SOURCE', `file has vanished: ${src} (${why})`, { file: src, vanished: true });
 
+/** Why a listed source could not be opened, in rsync's terms. */
+function openFailure(e: unknown, shown: string): QsyncError {
+  if (errnoOf(e) === 'ENOENT') return vanished(shown, 'it is gone');
+  // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
+  if (e instanceof QsyncError) return vanished(shown, 'something other than a regular file took its name while qsync worked; not read');
+  return new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+}
+
 /**
  * Open the listed source through its folder: never through a symlink, never
  * blocking on a FIFO, and only if it is still the inode that was listed.
@@ -121,10 +136,7 @@ export async function openListed(dir: Dir, name: string, listed: BigIntStats, sh
   try {
     fh = await dir.openFile(name, constants.O_RDONLY);
   } catch (e) {
-    if (errnoOf(e) === 'ENOENT') throw vanished(shown, 'it is gone');
-    // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
-    if (e instanceof QsyncError) throw vanished(shown, 'something other than a regular file took its name while qsync worked; not read');
-    throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+    throw openFailure(e, shown);
   }
   const st = await fh.stat({ bigint: true });
   if (st.dev !== listed.dev || st.ino !== listed.ino) {
@@ -212,6 +224,8 @@ export class LocalSources implements Sources {
   async openFile(dir: SourceDir, name: string, listed: BigIntStats, shown: string): Promise<SourceFile> {
     if (!(dir instanceof Dir)) throw new Error('LocalSources.openFile: not a local folder');
     const fh = await openListed(dir, name, listed, shown);
+    // The workers boot with the first file that needs them: a tree of small files never starts them.
+    this.pool.warm();
     return {
       scan: async (plan, onChunk) => {
         await scanAndPlan(this.pool, fh.fd, shown, plan, onChunk);
@@ -219,5 +233,30 @@ export class LocalSources implements Sources {
       },
       close: () => fh.close(),
     };
+  }
+
+  async readWhole(dir: SourceDir, name: string, listed: BigIntStats, shown: string, into: Buffer): Promise<Buffer> {
+    if (!(dir instanceof Dir)) throw new Error('LocalSources.readWhole: not a local folder');
+    let fd: number;
+    try {
+      fd = dir.openFileSync(name, constants.O_RDONLY);
+    } catch (e) {
+      throw openFailure(e, shown);
+    }
+    try {
+      const st = fstatSync(fd, { bigint: true });
+      if (st.dev !== listed.dev || st.ino !== listed.ino) throw vanished(shown, 'another file took its name while qsync worked; not read');
+      const buf = into.subarray(0, Number(listed.size));
+      let got = 0;
+      try {
+        for (let n = -1; got < buf.length && n !== 0; got += n) n = readSync(fd, buf, got, buf.length - got, got);
+      } catch (e) {
+        throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+      }
+      if (got !== buf.length) throw vanished(shown, `it shrank to ${got} bytes while qsync read it`);
+      return buf;
+    } finally {
+      closeSync(fd);
+    }
   }
 }

@@ -22,6 +22,7 @@ import type { ListedName } from '../core/files-from.js';
 import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
 import { IdMapper } from './id-map.js';
 import type { FileReport, RunStats, SyncHooks } from './events.js';
+import { SmallFileBatch } from './small-file.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
 import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
@@ -146,6 +147,7 @@ export class TreeSync {
   private readonly ext: ExtAttrs | undefined;
   private readonly chmod: ChmodRule[];
   private readonly ids: IdMapper | undefined;
+  private readonly ctx: FileSyncContext;
   /** -R with an absolute SRC: rsync prints its names with their leading '/'. */
   private shownPrefix = '';
 
@@ -154,9 +156,11 @@ export class TreeSync {
     private readonly plan: Plan,
     private readonly opts: TreeOptions,
     private readonly filter: Filter,
-    private readonly ctx: FileSyncContext,
+    context: FileSyncContext,
     private readonly dest: Dir | undefined,
   ) {
+    // A single file given its own --manifest keeps one, whatever its size.
+    this.ctx = opts.manifest ? context : { ...context, small: new SmallFileBatch() };
     this.links = opts.hardLinks ? new HardLinks() : undefined;
     this.chmod = (opts.chmod ?? []).flatMap((c) => parseChmod(c, UMASK) ?? []);
     this.ids = opts.usermap !== undefined || opts.groupmap !== undefined ? new IdMapper(opts.usermap, opts.groupmap, opts.numericIds === true) : undefined;
@@ -176,6 +180,16 @@ export class TreeSync {
   }
 
   async run(): Promise<TreeOutcome> {
+    try {
+      return await this.walk();
+    } catch (e) {
+      // The small files written so far get their times once durable, whatever stopped the walk.
+      await this.ctx.small?.flush().catch(() => {});
+      throw e;
+    }
+  }
+
+  private async walk(): Promise<TreeOutcome> {
     const t0 = performance.now();
     await this.ids?.prepare((m) => this.hooks.warning?.(m, undefined, true));
     const done = new Map<string, BigIntStats>();
@@ -189,6 +203,8 @@ export class TreeSync {
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
     await this.ext?.flush().catch((e) => this.fail(e, '.'));
+    // Small files written are made durable, then timed (src/sync/small-file.ts).
+    await this.ctx.small?.flush().catch((e) => this.fail(e, '.'));
     this.stats.elapsedMs = performance.now() - t0;
     // rsync's words, on stderr without its name.
     if (this.skippedDeletes) this.hooks.warning?.(`Deletions stopped due to --max-delete limit (${this.skippedDeletes} skipped)`, undefined, true);
@@ -847,7 +863,7 @@ export class TreeSync {
   private metaFor(st: BigIntStats, created: boolean, times: boolean): MetaChange {
     const o = this.opts;
     const m: MetaChange = {};
-    if ((o.owner || o.group) && process.getuid?.() === 0) {
+    if ((o.owner || o.group) && ME === 0) {
       if (o.owner) m.uid = Number(st.uid);
       if (o.group) m.gid = Number(st.gid);
     }
