@@ -123,7 +123,8 @@ describe('apply refuses what it cannot vouch for', () => {
 
   it('a huge result size is refused at once: no sparse giant, no growing scratch file', async () => {
     const d = fresh('huge');
-    const { target, base } = await synced(d, 256 * KiB);
+    // Above the small-file threshold (256 KiB), so the target has a manifest of its own.
+    const { target, base } = await synced(d, 512 * KiB);
     const baseFp = fingerprintOf(base, bs);
     for (const size of [64 * 2 ** 30, 2 ** 40]) {
       const delta = join(d, `huge-${size}.qdelta`);

@@ -596,7 +596,8 @@ describe('file sync: a state that cannot begin leaves nothing behind', () => {
     const dest = join(root, `fdest${n++}`);
     mkdirSync(src);
     mkdirSync(dest);
-    writeFileSync(join(src, 'f'), randomBytes(3 * BS));
+    // Above the small-file threshold (256 KiB): a file with a manifest of its own.
+    writeFileSync(join(src, 'f'), randomBytes(300 * 1024));
     const spy = vi.spyOn(LocalTargetState.prototype, 'begin').mockRejectedValue(new QsyncError('IO', 'injected: the state folder is gone'));
     try {
       const parsed = parseArgv(['-a', `${src}/`, `${dest}/`]);
