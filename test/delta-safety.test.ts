@@ -313,7 +313,9 @@ describe('--backup-dir history survives kill -9', () => {
     await sync();
     let kills = 0;
     // The run is writing the target once its history temp file holds a few old blocks (each is recorded just before its write).
-    const writing = (p: string) => existsSync(p) && readdirSync(p).some((x) => x.endsWith('.tmp') && statSync(join(p, x)).size > 4 * bs);
+    // (A temp file may go between the listing and its stat: the lock's, or the history's at its rename.)
+    const writing = (p: string) =>
+      existsSync(p) && readdirSync(p).some((x) => x.endsWith('.tmp') && (statSync(join(p, x), { throwIfNoEntry: false })?.size ?? 0) > 4 * bs);
     for (const [k, ms] of [0, 2, 5, 10, 20, 40].entries()) {
       const size = statSync(img).size;
       mutateBlocks(img, size, 0.3);
