@@ -43,6 +43,20 @@ export type WireFrame =
 export const protocolError = (what: string): QsyncError => new QsyncError('PROTOCOL', `protocol error: ${what}`, { fatal: true });
 const bad = protocolError;
 
+/** Field `k` of a control message, which must be a string. */
+export function fieldString(m: Record<string, unknown>, k: string): string {
+  const v = m[k];
+  if (typeof v !== 'string') throw bad(`"${String(m.op)}" needs a string "${k}"`);
+  return v;
+}
+
+/** Field `k` of a control message, which must be a safe integer ≥ `min`. */
+export function fieldInt(m: Record<string, unknown>, k: string, min = 0): number {
+  const v = m[k];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) throw bad(`"${k}" is not an integer ≥ ${min}`);
+  return v;
+}
+
 function header(type: number, bodyLength: number): Buffer {
   const h = Buffer.alloc(5);
   h.writeUInt32LE(1 + bodyLength, 0);

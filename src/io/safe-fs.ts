@@ -36,9 +36,11 @@ export async function lstatOrUndefined(path: PathLike): Promise<BigIntStats | un
 const typeName = (s: BigIntStats): string =>
   s.isFile() ? 'a regular file' : s.isDirectory() ? 'a directory' : s.isSymbolicLink() ? 'a symlink' : s.isFIFO() ? 'a FIFO' : s.isSocket() ? 'a socket' : 'a device';
 
+const oneComponent = (name: string): boolean => !!name && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0');
+
 /** A name inside one directory: no slash, not `.` or `..`, not empty. */
 export function checkName(name: string): string {
-  if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) {
+  if (!oneComponent(name)) {
     throw new QsyncError('USAGE', `internal: ${JSON.stringify(name)} is not a single path component`);
   }
   return name;
@@ -103,6 +105,13 @@ export function encodeName(name: string): Buffer {
 }
 
 /** A path for the fs calls: the string itself when it is plain, its bytes when it holds escaped ones. */
+/**
+ * A name a folder can hold, as a local listing gives it: one component (as
+ * checkName), and in the one spelling decodeName gives its bytes (so two
+ * names a peer sends never stand for the same file).
+ */
+export const isEntryName = (name: string): boolean => oneComponent(name) && decodeName(encodeName(name)) === name;
+
 export const fsPath = (path: string): PathLike => (ESCAPED.test(path) ? encodeName(path) : path);
 
 /** Order of names as rsync sorts them: by their bytes. */

@@ -13,7 +13,7 @@ import type { WriteRun } from '../core/plan.js';
 import { inflateRawSync } from 'node:zlib';
 import { encodeDigests, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
-import { decodeName, encodeName } from '../io/safe-fs.js';
+import { isEntryName } from '../io/safe-fs.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
 import { remoteError, type Channel } from './channel.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
@@ -70,16 +70,6 @@ export class RemoteSources implements Sources {
     const r = await this.call({ op: 'open-file', h: dir.h, name, st: statsToWire(listed) });
     return new RemoteFile(this, handle(r.f));
   }
-}
-
-/**
- * A name a folder can hold, as a local listing gives it: not empty, `.` or
- * `..`, no `/` or NUL, and in the one spelling decodeName gives its bytes
- * (so two names never stand for the same file).
- */
-export function isEntryName(name: string): boolean {
-  if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) return false;
-  return decodeName(encodeName(name)) === name;
 }
 
 function handle(v: unknown): number {

@@ -18,7 +18,7 @@ import { basename, dirname, resolve } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
-import { encodeData, encodeZero, protocolError, type ControlMessage } from '../core/wire.js';
+import { encodeData, encodeZero, fieldInt, fieldString, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
 import { Dir } from '../io/safe-fs.js';
@@ -36,17 +36,7 @@ const PROGRESS_BLOCKS = 4096;
 
 const bad = protocolError;
 
-function str(m: ControlMessage, k: string): string {
-  const v = m[k];
-  if (typeof v !== 'string') throw bad(`"${m.op}" needs a string "${k}"`);
-  return v;
-}
 
-function int(m: Record<string, unknown>, k: string, min = 0): number {
-  const v = m[k];
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) throw bad(`"${k}" is not an integer ≥ ${min}`);
-  return v;
-}
 
 export class SourceServer {
   private readonly dirs = new Map<number, Dir>();
@@ -76,13 +66,13 @@ export class SourceServer {
         if (f.type !== 'control') throw bad(`unexpected ${f.type} frame`);
         const m = f.msg;
         if (m.op === 'close') {
-          await this.dirs.get(int(m, 'h', 1))?.close();
-          this.dirs.delete(int(m, 'h', 1));
+          await this.dirs.get(fieldInt(m, 'h', 1))?.close();
+          this.dirs.delete(fieldInt(m, 'h', 1));
           continue;
         }
         if (m.op === 'close-file') {
-          await this.files.get(int(m, 'f', 1))?.fh.close();
-          this.files.delete(int(m, 'f', 1));
+          await this.files.get(fieldInt(m, 'f', 1))?.fh.close();
+          this.files.delete(fieldInt(m, 'f', 1));
           continue;
         }
         if (!(m.op in this.handlers)) return m;
@@ -102,18 +92,18 @@ export class SourceServer {
 
   private readonly handlers: Record<string, (m: ControlMessage) => Promise<void>> = {
     stat: async (m) => {
-      const p = await this.operand(str(m, 'operand'));
+      const p = await this.operand(fieldString(m, 'operand'));
       const st = await this.local.statOperand(p);
       // The operand followed (SRC/) must lie inside the root; one not followed is checked through its folder.
       await this.inside(p.endsWith('/') ? p : dirname(resolve(p)));
       await this.ok({ st: statsToWire(st) });
     },
     'open-operand': async (m) => {
-      const d = await Dir.open(await this.operand(str(m, 'operand')));
+      const d = await Dir.open(await this.operand(fieldString(m, 'operand')));
       await this.hold(d);
     },
     'open-parent': async (m) => {
-      const abs = resolve(await this.operand(str(m, 'operand')));
+      const abs = resolve(await this.operand(fieldString(m, 'operand')));
       const d = await Dir.open(dirname(abs));
       await this.hold(d, basename(abs));
     },
@@ -134,15 +124,15 @@ export class SourceServer {
       }
       await this.ok({});
     },
-    lstat: async (m) => this.ok({ st: statsToWire(await this.dir(m).lstat(str(m, 'name'))) }),
+    lstat: async (m) => this.ok({ st: statsToWire(await this.dir(m).lstat(fieldString(m, 'name'))) }),
     'open-dir': async (m) => {
-      const d = await this.dir(m).openDir(str(m, 'name'));
+      const d = await this.dir(m).openDir(fieldString(m, 'name'));
       await this.hold(d);
     },
-    readlink: async (m) => this.ok({ target: await this.dir(m).readlink(str(m, 'name')) }),
+    readlink: async (m) => this.ok({ target: await this.dir(m).readlink(fieldString(m, 'name')) }),
     'open-file': async (m) => {
       const d = this.dir(m);
-      const name = str(m, 'name');
+      const name = fieldString(m, 'name');
       const listed = statsFromWire(m.st);
       const shown = d.shown(name);
       await refuseIfQemuHolds(listed, shown);
@@ -159,7 +149,7 @@ export class SourceServer {
   }
 
   private dir(m: ControlMessage): Dir {
-    const d = this.dirs.get(int(m, 'h', 1));
+    const d = this.dirs.get(fieldInt(m, 'h', 1));
     if (!d) throw bad(`no folder handle ${String(m.h)}`);
     return d;
   }
@@ -188,13 +178,13 @@ export class SourceServer {
   }
 
   private async scan(m: ControlMessage): Promise<void> {
-    const file = this.files.get(int(m, 'f', 1));
+    const file = this.files.get(fieldInt(m, 'f', 1));
     if (!file) throw bad(`no file handle ${String(m.f)}`);
     const p = (typeof m.plan === 'object' && m.plan !== null ? m.plan : {}) as Record<string, unknown>;
-    const size = int(p, 'size');
-    const blockSize = int(p, 'blockSize', 1);
-    const oldSize = int(p, 'oldSize');
-    const holeFrom = p.holeFrom === -1 ? Infinity : int(p, 'holeFrom');
+    const size = fieldInt(p, 'size');
+    const blockSize = fieldInt(p, 'blockSize', 1);
+    const oldSize = fieldInt(p, 'oldSize');
+    const holeFrom = p.holeFrom === -1 ? Infinity : fieldInt(p, 'holeFrom');
     const mode = p.mode;
     if (blockSize !== this.pool.blockSize) throw bad(`block size ${blockSize} is not the session's ${this.pool.blockSize}`);
     if (mode !== 'manifest' && mode !== 'rewrite') throw bad(`scan mode ${String(mode)}`);
@@ -205,7 +195,7 @@ export class SourceServer {
     if (typeof p.suspect === 'object' && p.suspect !== null) {
       const s = p.suspect as Record<string, unknown>;
       if (!Array.isArray(s.blocks) || !s.blocks.every((b) => Number.isSafeInteger(b) && b >= 0)) throw bad('suspect blocks');
-      suspect = { blocks: new Set(s.blocks as number[]), from: s.from === -1 ? Infinity : int(s, 'from') };
+      suspect = { blocks: new Set(s.blocks as number[]), from: s.from === -1 ? Infinity : fieldInt(s, 'from') };
     }
     let old: (DigestReader & { close(): Promise<void> }) | undefined;
     const oldFp = typeof p.fp === 'string' && /^[0-9a-f]{64}$/.test(p.fp) ? Buffer.from(p.fp, 'hex') : undefined;

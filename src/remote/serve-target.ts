@@ -13,7 +13,8 @@
  */
 import { QsyncError } from '../core/errors.js';
 import { blockCount, isValidBlockSize } from '../core/geometry.js';
-import { encodeData, encodeDigests, protocolError, type ControlMessage, type WireFrame } from '../core/wire.js';
+import { encodeData, encodeDigests, fieldInt, fieldString, protocolError, type ControlMessage, type WireFrame } from '../core/wire.js';
+import { isEntryName } from '../io/safe-fs.js';
 import { DIGEST_LEN, digestOf, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { MAX_INTENT_BLOCKS } from '../sync/intent.js';
 import type { LocalDestination } from '../sync/local-target.js';
@@ -34,17 +35,7 @@ export const MAX_WRITTEN_AHEAD = MAX_INTENT_BLOCKS;
 
 const bad = protocolError;
 
-function int(m: Record<string, unknown>, k: string, min = 0): number {
-  const v = m[k];
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) throw bad(`"${k}" is not an integer ≥ ${min}`);
-  return v;
-}
 
-function str(m: Record<string, unknown>, k: string): string {
-  const v = m[k];
-  if (typeof v !== 'string') throw bad(`"${String(m.op)}" needs a string "${k}"`);
-  return v;
-}
 
 /** A bigint as it travels (JSON has none): a decimal string. */
 export const idToWire = (id: TargetIdentity): Record<string, string> => ({ size: String(id.size), mtimeNs: String(id.mtimeNs), ino: String(id.ino), dev: String(id.dev) });
@@ -135,8 +126,8 @@ export class TargetServer {
   }
 
   private target(m: ControlMessage): Target {
-    const name = str(m, 'name');
-    if (!name || name === '.' || name === '..' || name.includes('/') || name.includes('\0')) throw bad(`${JSON.stringify(name)} is not a name in the destination`);
+    const name = fieldString(m, 'name');
+    if (!isEntryName(name)) throw bad(`${JSON.stringify(name)} is not a name in the destination`);
     return this.dest.target(name);
   }
 
@@ -252,7 +243,7 @@ export class TargetServer {
     },
     't-truncate': async (m) => {
       const w = this.streaming();
-      if (int(m, 'size') !== w.size) throw bad('a truncate to another size than begun');
+      if (fieldInt(m, 'size') !== w.size) throw bad('a truncate to another size than begun');
       await w.data.sink.truncate(w.size);
     },
     // What differs from the base is worked out here (the client's `changed` is checked for shape only).
@@ -262,7 +253,7 @@ export class TargetServer {
     // The next `count` digests are the base's but for `changed` (ascending), whose new digests follow in a DIGESTS frame.
     't-patch': async (m) => {
       const w = this.announcing();
-      const count = int(m, 'count', 1);
+      const count = fieldInt(m, 'count', 1);
       const changed = blocksOf(m.changed, 'changed blocks');
       const end = w.appended + count;
       if (!w.base || end > Math.ceil(w.base.header.targetSize / w.base.header.blockSize)) throw bad('a patch past the base manifest');
@@ -278,8 +269,8 @@ export class TargetServer {
       await this.ch.send({ op: 't-id', id: id && idToWire(id) });
     },
     't-assess': async (m) => {
-      const name = str(m, 'name');
-      const blockSize = int(m, 'blockSize', 1);
+      const name = fieldString(m, 'name');
+      const blockSize = fieldInt(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
       const t = this.target(m);
       // The manifest being patched stays open until the write ends.
@@ -303,10 +294,10 @@ export class TargetServer {
       });
     },
     't-digests': async (m) => {
-      const mf = this.manifests.get(str(m, 'name'));
+      const mf = this.manifests.get(fieldString(m, 'name'));
       if (!mf) throw bad('digests asked of a target with no manifest');
-      const first = int(m, 'first');
-      const count = int(m, 'count');
+      const first = fieldInt(m, 'first');
+      const count = fieldInt(m, 'count');
       const n = Math.ceil(mf.header.targetSize / mf.header.blockSize);
       if (first + count > n) throw bad('digests past the manifest');
       const buf = Buffer.alloc(Math.min(count, DIGESTS_PER_FRAME) * DIGEST_LEN);
@@ -320,39 +311,39 @@ export class TargetServer {
     't-open': async (m) => {
       if (this.w) throw bad('a target opened while another is');
       const target = this.target(m);
-      this.w = { name: str(m, 'name'), target, data: await target.open(m.create === true), blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
+      this.w = { name: fieldString(m, 'name'), target, data: await target.open(m.create === true), blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
       await this.ch.send({ op: 't-opened' });
     },
     't-begin': async (m) => {
       const w = this.w;
       if (!w || w.writer) throw bad('"t-begin" without an open target');
-      const blockSize = int(m, 'blockSize', 1);
+      const blockSize = fieldInt(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
-      if (str(m, 'name') !== w.name) throw bad('"t-begin" of another target than the one open');
+      if (fieldString(m, 'name') !== w.name) throw bad('"t-begin" of another target than the one open');
       let base: Manifest | undefined;
       if (m.base !== null && m.base !== undefined) {
         base = this.manifests.get(w.name);
         // The base must be the manifest this side judged, and trusted, of this block size: a client cannot name another.
-        if (!base || base.checksum.toString('hex') !== str(m, 'base')) throw bad('a base that is not the manifest on record');
+        if (!base || base.checksum.toString('hex') !== fieldString(m, 'base')) throw bad('a base that is not the manifest on record');
         const trust = this.verdicts.get(w.name);
         if (!trust?.trusted || base.header.blockSize !== blockSize) throw bad('a base this side does not trust');
         w.suspect = { unknown: trust.unknown, unknownFrom: trust.unknownFrom };
       }
-      w.writer = await w.target.state.begin({ blockSize, oldSize: int(m, 'oldSize'), newSize: int(m, 'newSize'), base });
+      w.writer = await w.target.state.begin({ blockSize, oldSize: fieldInt(m, 'oldSize'), newSize: fieldInt(m, 'newSize'), base });
       w.base = base;
       w.blockSize = blockSize;
-      w.size = int(m, 'newSize');
+      w.size = fieldInt(m, 'newSize');
       await this.ch.send({ op: 't-begun' });
     },
     't-read': async (m) => {
       const w = this.w;
       if (!w) throw bad('"t-read" without an open target');
-      const length = int(m, 'length');
+      const length = fieldInt(m, 'length');
       if (length > MAX_TARGET_READ) throw bad('a read over the limit');
       const buf = Buffer.alloc(length);
-      const n = await w.data.reader.readAt(buf, int(m, 'offset'));
+      const n = await w.data.reader.readAt(buf, fieldInt(m, 'offset'));
       await this.ch.send({ op: 't-read', n });
-      if (n) await this.ch.send(encodeData(int(m, 'offset'), digestOf(buf.subarray(0, n)), buf.subarray(0, n)));
+      if (n) await this.ch.send(encodeData(fieldInt(m, 'offset'), digestOf(buf.subarray(0, n)), buf.subarray(0, n)));
     },
     't-sync': async () => {
       const w = this.streaming();
@@ -375,7 +366,7 @@ export class TargetServer {
       if (!w.id) throw bad('"t-commit" before "t-finish"');
       const total = blockCount(w.size, w.blockSize);
       if (w.appended !== total) throw bad(`"t-commit" with ${w.appended} of the manifest's ${total} digests`);
-      const checksum = await w.writer.commit(w.id, { size: int(src, 'size'), mtimeNs: BigInt(src.mtimeNs) });
+      const checksum = await w.writer.commit(w.id, { size: fieldInt(src, 'size'), mtimeNs: BigInt(src.mtimeNs) });
       await this.done(w);
       await this.ch.send({ op: 't-committed', checksum: checksum.toString('hex') });
     },
