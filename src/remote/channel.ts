@@ -3,7 +3,9 @@
  * socket): the transport half of the wire protocol. Frames are decoded by
  * core/wire.ts as chunks arrive and queued; the input is paused while the
  * queue is full, so a slow consumer holds the peer back through the pipe
- * instead of growing memory. Writes wait for 'drain'.
+ * instead of growing memory. A sender waits for 'drain' once QUEUED bytes
+ * wait in the output: the scan that finds changed blocks keeps hashing while
+ * the link carries what it found, instead of taking turns with it.
  *
  * Control messages the owner marks as out of band (`onControl` returns
  * true: progress events) are handled on arrival and never queued: the peer
@@ -15,6 +17,12 @@ import { encodeControl, MAX_FRAME, protocolError, WireDecoder, type ControlMessa
 
 const HIGH = 64;
 const LOW = 16;
+/**
+ * Bytes a sender may leave queued in the output before it waits: a few
+ * hundred milliseconds of a fast WAN link, so a scan that finds a changed
+ * block every so often never stalls on the link, and memory stays bounded.
+ */
+export const QUEUED = 16 * 1024 * 1024;
 
 /** An error the peer reported ({"op":"error"}), raised again on this side with its code and context. */
 export function remoteError(msg: ControlMessage): Error {
@@ -172,7 +180,7 @@ export class Channel {
       if (wait > 0) await new Promise((ok2) => setTimeout(ok2, wait));
     }
     // Only while the output still needs it: a 'drain' during the pause above has been and gone.
-    if (!ok && this.output.writableNeedDrain) {
+    if (!ok && this.output.writableNeedDrain && this.output.writableLength >= QUEUED) {
       await new Promise<void>((ok, fail) => {
         const done = (e?: Error) => {
           this.draining.delete(done);
