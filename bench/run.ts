@@ -48,6 +48,9 @@ interface Lane {
   /** qsync's state folder for `dst` (outside it), and its saved copy: restored with the target. */
   state: string;
   savedState: string;
+  /** A push's wire cache of the far target's digests, and its saved copy: restored with the target. */
+  wireCache?: string;
+  savedCache: string;
   dirty: boolean;
 }
 
@@ -121,7 +124,10 @@ async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof 
       continue;
     }
     const dst = join(dir, `dst-${id}`);
-    const lane = { tool, result, dst, saved: join(dir, `saved-${id}`), state: stateFolderFor(dst), savedState: join(dir, `saved-${id}.state`), dirty: false };
+    // A push keeps the far target's digests in its own wire cache (src/remote/digest-cache.ts): restored with the
+    // target, so every timed run finds them as a second run in real use does, not the ones of the run before.
+    const wireCache = id === 'qsync-ssh' ? join(process.env.QSYNC_STATE_DIR!, 'wire-cache') : undefined;
+    const lane = { tool, result, dst, saved: join(dir, `saved-${id}`), state: stateFolderFor(dst), savedState: join(dir, `saved-${id}.state`), wireCache, savedCache: join(dir, `saved-${id}.cache`), dirty: false };
     lanes.push(lane);
     if (tool.kind === 'floor') continue;
     mkdirSync(lane.dst);
@@ -138,6 +144,7 @@ async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof 
     if (sc.runs > 1) {
       await saveTree(lane.dst, lane.saved);
       if (existsSync(lane.state)) await saveTree(lane.state, lane.savedState);
+      if (lane.wireCache && existsSync(lane.wireCache)) await saveTree(lane.wireCache, lane.savedCache);
     }
   }
 
@@ -156,6 +163,7 @@ async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof 
       if (lane.dirty) {
         restoreTree(lane.saved, lane.dst);
         if (existsSync(lane.savedState)) restoreTree(lane.savedState, lane.state);
+        if (lane.wireCache && existsSync(lane.savedCache)) restoreTree(lane.savedCache, lane.wireCache);
       }
       if (o.cold) dropCaches();
       const m = await runner.run(tool, src, lane.dst, String(r));

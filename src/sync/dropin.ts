@@ -20,7 +20,6 @@ import { basename, dirname, join } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
 import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
-import { runDomainBackup } from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
 import { nsToSeconds } from './file-sync.js';
 import { LocalDestination } from './local-target.js';
@@ -146,6 +145,8 @@ export class DropIn {
         const existed = new Set<string>();
         for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));
         const inTree = (p: string): string => shownOf.get(p) ?? p;
+        // Loaded on use: a host without domains to back up does not pay for the image-mode modules at start-up.
+        const { runDomainBackup } = await import('./domain-backup.js');
         const summaries = await runDomainBackup({
           domain, connect: this.uri, dest: at, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
           only: new Map(files.map((f) => [f.disk.target, basename(f.rel)])),
