@@ -15,7 +15,7 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { closeSync, constants, fchmodSync, readdirSync, readlinkSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
+import { closeSync, constants, fsync, fchmodSync, readdirSync, readlinkSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
 import { chmod, chown, lchown, lutimes, mkdir, open, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
@@ -126,13 +126,23 @@ export const isTempNameFor = (entry: string, name: string): boolean => {
   return entry.length === stem.length + 16 && entry.startsWith(stem) && /^[0-9a-f]{12}\.tmp$/.test(entry.slice(stem.length));
 };
 
-/** A directory held open by descriptor; every entry is reached relative to it. */
+/**
+ * A directory held open by descriptor; every entry is reached relative to it.
+ * Opened, stat'ed and closed on this thread, as entries are lstat'ed: a
+ * folder's open is a few microseconds, and a round trip through libuv's
+ * thread pool for each of a tree's thousands of folders cost more than the
+ * walk itself. The descriptor is closed once; a closed Dir reaches nothing.
+ */
 export class Dir {
+  #fd: number;
+
   private constructor(
-    private readonly fh: FileHandle,
+    fd: number,
     /** For messages only: never used to reach the directory again. */
     readonly path: string,
-  ) {}
+  ) {
+    this.#fd = fd;
+  }
 
   /**
    * Open a directory by path. `follow` (the default) lets the last component
@@ -141,11 +151,11 @@ export class Dir {
    */
   static async open(path: string, opts: { follow?: boolean } = {}): Promise<Dir> {
     const flags = O_RDONLY | O_DIRECTORY | (opts.follow === false ? O_NOFOLLOW : 0);
-    return new Dir(await open(fsPath(path), flags), path);
+    return new Dir(openSync(fsPath(path), flags), path);
   }
 
   get fd(): number {
-    return this.fh.fd;
+    return this.#fd;
   }
 
   /** How `name` inside this directory is named in messages (no `//` below `/`). */
@@ -155,7 +165,7 @@ export class Dir {
 
   /** The path that reaches `name` inside this directory without trusting any other path. */
   at(name: string): string {
-    return `/proc/self/fd/${this.fh.fd}/${checkName(name)}`;
+    return `/proc/self/fd/${this.#fd}/${checkName(name)}`;
   }
 
   /** As `at`, as bytes when the name is not valid UTF-8 (what the fs calls below take). */
@@ -165,12 +175,12 @@ export class Dir {
 
   /** This directory itself, by descriptor. */
   get self(): string {
-    return `/proc/self/fd/${this.fh.fd}`;
+    return `/proc/self/fd/${this.#fd}`;
   }
 
   /** Open a subdirectory; a symlink in its place is refused. */
   async openDir(name: string): Promise<Dir> {
-    return new Dir(await open(this.ref(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), this.shown(name));
+    return new Dir(openSync(this.ref(name), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), this.shown(name));
   }
 
   /**
@@ -189,10 +199,10 @@ export class Dir {
 
   private static async passage(path: PathLike, shown: string, extra: number): Promise<Dir> {
     try {
-      return new Dir(await open(path, O_RDONLY | O_DIRECTORY | extra), shown);
+      return new Dir(openSync(path, O_RDONLY | O_DIRECTORY | extra), shown);
     } catch (e) {
       if (errnoOf(e) !== 'EACCES') throw e;
-      return new Dir(await open(path, O_PATH | O_DIRECTORY | extra), shown);
+      return new Dir(openSync(path, O_PATH | O_DIRECTORY | extra), shown);
     }
   }
 
@@ -210,7 +220,7 @@ export class Dir {
 
   /** A second handle on the same directory (closed independently). */
   async dup(): Promise<Dir> {
-    return new Dir(await open(this.self, O_RDONLY | O_DIRECTORY), this.path);
+    return new Dir(openSync(this.self, O_RDONLY | O_DIRECTORY), this.path);
   }
 
   /** Open `name` as a regular file, never through a symlink, never blocking on a FIFO. */
@@ -266,8 +276,8 @@ export class Dir {
     return lstatOrUndefined(this.ref(name));
   }
 
-  stat(): Promise<BigIntStats> {
-    return this.fh.stat({ bigint: true });
+  async stat(): Promise<BigIntStats> {
+    return fstatSync(this.#fd, { bigint: true });
   }
 
   /** Entry names, those that are not valid UTF-8 with their bytes escaped (decodeName). */
@@ -318,22 +328,26 @@ export class Dir {
 
   /** fsync the directory, so that names created or renamed in it are durable. */
   sync(): Promise<void> {
-    return this.fh.sync();
+    const fd = this.#fd;
+    return new Promise((ok, fail) => fsync(fd, (e) => (e ? fail(e) : ok())));
   }
 
   /** Metadata of the directory itself, through its descriptor. */
   /** Owner, mode and times of the folder itself; what it has already (read with fstat, on this thread) is not set again. */
   async setMeta(m: MetaChange): Promise<void> {
-    const st = fstatSync(this.fh.fd, { bigint: true });
+    const st = fstatSync(this.#fd, { bigint: true });
     const change = changedMeta(st, m);
     // utimes keeps whole microseconds: a folder already at that microsecond is not timed again.
     if (change.mtime !== undefined && sameMicros(change, st)) change.mtime = change.atime = undefined;
     if (change.uid === undefined && change.gid === undefined && change.mode === undefined && change.mtime === undefined) return;
-    return setMetaByFd(this.fh.fd, change);
+    return setMetaByFd(this.#fd, change);
   }
 
-  close(): Promise<void> {
-    return this.fh.close();
+  async close(): Promise<void> {
+    const fd = this.#fd;
+    if (fd < 0) return;
+    this.#fd = -1;
+    closeSync(fd);
   }
 }
 
@@ -359,10 +373,14 @@ export async function setMetaByFd(fd: number, m: MetaChange): Promise<void> {
   if (m.mtime !== undefined) await utimes(p, m.atime ?? m.mtime, m.mtime);
 }
 
-/** Whether the times `m` sets are what `st` has already, to the microsecond (all utimes keeps). */
+/**
+ * Whether the mtime `m` sets is what `st` has already, to the microsecond
+ * (all utimes keeps). The atime is not asked: reading a folder or a symlink
+ * moves it (relatime), so comparing it would re-time every folder and link
+ * on every run; qsync, as rsync without --atimes, keeps mtimes only.
+ */
 function sameMicros(m: MetaChange, st: BigIntStats): boolean {
-  const us = (seconds: number | undefined, ns: bigint) => seconds === undefined || BigInt(Math.floor(seconds * 1e6)) === ns / 1000n;
-  return us(m.mtime, st.mtimeNs) && us(m.atime ?? m.mtime, st.atimeNs);
+  return m.mtime === undefined || BigInt(Math.floor(m.mtime * 1e6)) === st.mtimeNs / 1000n;
 }
 
 /** What of `m` differs from `st` (owner, group, mode: an entry that has them already needs no call). */
