@@ -107,7 +107,6 @@ function qsync(d: Daemon, dest: string, json: string, extra: string[] = [], bin 
   const r = spawnSync('/usr/bin/time', ['-f', '%M', '-o', rss, 'node', ...prof, bin, '--json', ...extra, '--qmp', d.qmp, `${dest}/`], { encoding: 'utf8', maxBuffer: 1 << 26 });
   const wallS = (performance.now() - t0) / 1000;
   if (r.status !== 0) throw new Error(`qsync exit ${r.status}: ${r.stderr}`);
-  if (process.env.SHOW_STDERR) process.stderr.write(r.stderr);
   writeFileSync(json, r.stdout);
   return { fig: (JSON.parse(r.stdout) as { disks: Figures[] }).disks[0]!, wallS, rssMiB: Number(readFileSync(rss, 'utf8').trim()) / 1024 };
 }
