@@ -33,7 +33,7 @@ interface DiskFigures {
   elapsedMs: number;
 }
 
-class Daemon {
+export class Daemon {
   #child: ChildProcess | undefined;
   constructor(
     private readonly image: string,

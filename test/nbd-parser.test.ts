@@ -119,6 +119,26 @@ describe('NBD parser', () => {
     expect(feed(stream, Array.from({ length: len }, (_, i) => i))).toEqual(whole);
   });
 
+  it('tells the transport where READ data begins: a reply header is read no further', () => {
+    const p = new NbdParser(recorder().h);
+    p.write(Buffer.concat([greeting(), optReply(K.OPT_GO, K.REP_ACK, Buffer.alloc(0))]));
+    expect(p.headerRemaining()).toBeUndefined(); // negotiating: read freely
+    p.enterTransmission();
+    const reply = chunk(1, K.REPLY_FLAG_DONE, K.REPLY_TYPE_OFFSET_DATA, offsetData(4096, Buffer.from('abcdef')));
+    // Byte by byte through the 28 header bytes, the rest of them each time; then the data is streamed.
+    for (let i = 0; i < 28; i++) {
+      expect(p.headerRemaining()).toBe(28 - i);
+      p.write(reply.subarray(i, i + 1));
+    }
+    expect(p.headerRemaining()).toBeUndefined();
+    expect(p.streaming()).toEqual({ handle: 1, offset: 4096, remaining: 6 });
+    p.write(reply.subarray(28));
+    expect(p.headerRemaining()).toBe(28);
+    // Another kind of chunk: its payload is no READ data, read freely once its type is known.
+    p.write(chunk(2, 0, K.REPLY_TYPE_BLOCK_STATUS, Buffer.alloc(12)).subarray(0, 16));
+    expect(p.headerRemaining()).toBeUndefined();
+  });
+
   it('streams simple-reply READ data of the length the handler names', () => {
     const s = [greeting(), optReply(K.OPT_GO, K.REP_ACK, Buffer.alloc(0)), simple(7, 0, Buffer.from('0102030405', 'hex')), simple(8, 5)];
     const want = ['data 7 @100', 'simple 7 0 0102030405', 'simple 8 5 '];

@@ -27,7 +27,7 @@ function summaryLine(d: DiskSummary, human: number): string {
   return (
     `${d.name}: ${how} -> ${d.target}\n` +
     `  disk ${size(d.size)}, dirty ${size(d.dirty)}, read ${size(d.read)} (sample ${size(d.sampled)}), written ${size(d.written)}, ` +
-    `unchanged ${size(d.unchanged)}, zero ${size(d.zero)}; setup ${d.setupMs.toFixed(0)} ms, map ${d.mapMs.toFixed(0)} ms, ` +
+    `unchanged ${size(d.unchanged)}, zero ${size(d.zero)}; setup ${d.setupMs.toFixed(0)} ms, map ${d.mapMs.toFixed(0)} ms, copy ${(d.copyMs / 1000).toFixed(2)} s, ` +
     `total ${(d.elapsedMs / 1000).toFixed(2)} s`
   );
 }

@@ -72,6 +72,8 @@ export interface DiskSummary {
   setupMs: number;
   /** Dirty/allocation map over NBD, ms. */
   mapMs: number;
+  /** Reading, hashing and writing the data, ms: the verify sample included; the map, the target's commit (fsync, manifest) and the teardown not. */
+  copyMs: number;
   elapsedMs: number;
 }
 
@@ -324,11 +326,21 @@ const WANT = 4;
 /** The manifest does not vouch for the target here (grown, or touched by an interrupted run): written even when the digest matches. */
 const SUSPECT = 8;
 
-/** Largest NBD read: adjacent wanted blocks are read together up to this (or the server's maximum). */
+/** Largest run of adjacent wanted blocks read, hashed and planned together. */
 const MAX_READ = 4 << 20;
-/** Reads ahead of the hashing, by bytes and by count: scattered 64 KiB blocks need many in flight to keep QEMU busy. */
+/**
+ * Largest NBD request: a longer run is read as several, spread over the
+ * connections, so that QEMU serves it in parallel and sends one piece while
+ * it reads the next (one 4 MiB request is read whole, then sent).
+ */
+const READ_REQUEST = 1 << 20;
+/**
+ * Reads ahead of the hashing, by bytes and by count: scattered 64 KiB blocks
+ * need many in flight to keep QEMU busy (bench/image-read.ts: 64 left the
+ * server idle between replies; 256 is 64 queued per connection).
+ */
 const READ_AHEAD_BYTES = 16 << 20;
-const READS_AHEAD = 64;
+const READS_AHEAD = 256;
 /** NBD connections reading at once when the export allows it: QEMU serves at most 16 requests of one connection at a time. */
 const READ_CONNECTIONS = 4;
 /** Target writes in flight behind the hashing, by bytes. */
@@ -338,7 +350,8 @@ const WRITE_BEHIND_BYTES = 16 << 20;
  * batch, being written) is lent from one ring of this size, so read-ahead and
  * write-behind share it: a run that finds no room waits for writes to finish.
  * Measured (bench/README.md, image mode): 16, 24 and 32 MiB copy a disk
- * equally fast; each 8 MiB more is 8 MiB more peak RSS.
+ * equally fast, and 32 MiB read dirty data no faster than 16
+ * (bench/image-read.ts); each 8 MiB more is 8 MiB more peak RSS.
  */
 const RING_BYTES = 16 << 20;
 /** Writes issued together after one intent record (one intent write per batch, not per block). */
@@ -377,7 +390,7 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     let reason = c.reason;
     const s = {
       name: drive.name, node: drive.node, target: c.target.shown, size, dirty,
-      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, elapsedMs: 0,
+      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, copyMs: 0, elapsedMs: 0,
     };
     if (nbd.canMultiConn) {
       for (let i = 1; i < READ_CONNECTIONS; i++) {
@@ -389,7 +402,13 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     let turn = 0;
     const readBlocks = async (first: number, count: number, buf: Buffer): Promise<void> => {
       const len = Math.min(count * bs, size - first * bs);
-      await (await readers[turn++ % readers.length]!).read(buf.subarray(0, len), first * bs);
+      const jobs: Promise<void>[] = [];
+      for (let at = 0; at < len; at += READ_REQUEST) {
+        const n = Math.min(READ_REQUEST, len - at);
+        const reader = readers[turn++ % readers.length]!;
+        jobs.push(reader.then((c) => c.read(buf.subarray(at, at + n), first * bs + at)));
+      }
+      await Promise.all(jobs);
       s.read += len;
     };
     const blockLen = (b: number): number => Math.min(bs, size - b * bs);
@@ -518,6 +537,7 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
         hooks.fileProgress?.(rel, s.read, s.written);
       }
       await pipe.finish();
+      s.copyMs = performance.now() - tMap - mapMs;
       zeroed = pipe.zeroed;
       // The one commit sequence: data durable, in place, then the manifest naming it, then the intent gone.
       checksum = await commitTarget(dst, sink, writer, { size, mtimeNs: 0n });

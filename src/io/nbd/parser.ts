@@ -49,7 +49,8 @@ export const DEFAULT_LIMITS: NbdParserLimits = {
 const EMPTY = Buffer.alloc(0);
 
 type State =
-  | { kind: 'collect'; need: number; then: (b: Buffer) => void }
+  /** `header`: bytes of a reply's header that follow these (transmission replies only). */
+  | { kind: 'collect'; need: number; then: (b: Buffer) => void; header?: number }
   | { kind: 'stream'; handle: number; offset: number; remaining: number; then: () => void };
 
 export class NbdParser {
@@ -70,7 +71,20 @@ export class NbdParser {
 
   /** After the final reply to NBD_OPT_GO: from now on only transmission replies come. */
   enterTransmission(): void {
-    this.#collect(16, (b) => this.#reply(b));
+    // A reply header; if it is an OFFSET_DATA chunk, its length and offset come next (12 bytes).
+    this.#collect(16, (b) => this.#reply(b), 12);
+  }
+
+  /**
+   * Between transmission replies: how many bytes to read so as to stop where
+   * READ data would begin (the rest of a reply header, and of an OFFSET_DATA
+   * chunk's length and offset after it); undefined otherwise. Reading no more
+   * than this lets the transport read the data itself into its place.
+   */
+  headerRemaining(): number | undefined {
+    const s = this.#state;
+    if (s.kind !== 'collect' || this.#failed) return undefined;
+    return s.header === undefined ? undefined : s.need - this.#collected + s.header;
   }
 
   /** READ data being streamed: whose, from which offset, how many bytes are still to come (undefined between replies). */
@@ -128,9 +142,9 @@ export class NbdParser {
   }
 
   /** Next state collects `need` bytes; a zero-length collect completes at once. */
-  #collect(need: number, then: (b: Buffer) => void): void {
+  #collect(need: number, then: (b: Buffer) => void, header?: number): void {
     if (need === 0) then(EMPTY);
-    else this.#state = { kind: 'collect', need, then };
+    else this.#state = { kind: 'collect', need, then, header };
   }
 
   #greeting(b: Buffer): void {
@@ -189,7 +203,7 @@ export class NbdParser {
               this.handler.chunk(handle, flags, type, EMPTY);
             },
           };
-        });
+        }, 0);
         return;
       }
       if (len > this.limits.maxChunk) throw bad(`reply chunk of ${len} bytes exceeds ${this.limits.maxChunk}`);
@@ -197,7 +211,7 @@ export class NbdParser {
         this.enterTransmission();
         this.handler.chunk(handle, flags, type, payload);
       });
-    });
+    }, type === REPLY_TYPE_OFFSET_DATA ? 8 : undefined);
   }
 }
 
