@@ -401,7 +401,7 @@ describe('qsync --server --restrict: DEST is reached below DIR without following
       // DEST missing: it would be made through the symlink. DEST there: it would be opened through it.
       for (const existing of [false, true]) {
         if (existing) mkdirSync(join(outside, 'dest'));
-        const got = await receive(createPrinter(parsed.options, io), new LocalSources(pool), [`${src}/`], `${join(top, 'a', 'dest')}/`, parsed.options, top).catch((e: unknown) => e);
+        const got = await receive(createPrinter(parsed.options, io), new LocalSources(pool), [`${src}/`], `${join(top, 'a', 'dest')}/`, parsed.options, { within: top }).catch((e: unknown) => e);
         expect(got, existing ? 'opened through the symlink' : 'made through the symlink').toBeInstanceOf(QsyncError);
         expect(readdirSync(outside)).toEqual(existing ? ['dest'] : []);
         if (existing) expect(readdirSync(join(outside, 'dest'))).toEqual([]);

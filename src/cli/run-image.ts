@@ -41,18 +41,17 @@ export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: 
     }
     const remote = parseRemote(dest);
     if (remote) {
-      if (o.writeBatch !== undefined || o.backupDir !== undefined) {
-        throw new QsyncError('UNSUPPORTED', `${o.writeBatch !== undefined ? '--write-batch' : '--backup-dir'} is not supported with a remote DEST in image mode yet`, {
-          hint: 'back up to a local DEST with it, or to the remote DEST without it',
-        });
-      }
       // The far side holds the destination (src/remote/serve-target.ts); the driver runs here, where QEMU is.
+      // --backup-dir is a path there (relative to DEST, as rsync's) and the history is kept there, from the blocks each write
+      // replaces; --write-batch is written here, from the blocks sent.
       return await withSession(remote, o, {}, async (ch) => {
-        await ch.send(hello('target', { dest: remote.path }));
+        await ch.send(hello('target', { dest: remote.path, backupDir: o.backupDir, compress: o.compress }));
         checkHello(await ch.control(), remote.host);
         const destination = new RemoteDestination(ch, dest);
+        let deltas: RunDeltas | undefined;
         try {
-          return await backUp(dest, destination, o, io, printer, signal, undefined);
+          deltas = o.writeBatch === undefined ? undefined : await openRunDeltas({ writeBatch: o.writeBatch, compress: o.compress }, Date.now());
+          return await backUp(dest, destination, o, io, printer, signal, deltas);
         } finally {
           await destination.close();
         }

@@ -103,8 +103,10 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   if (!Array.isArray(out.filters) || !out.filters.every((r) => (r.type === 'include' || r.type === 'exclude') && typeof (r as { pattern?: unknown }).pattern === 'string')) {
     throw new QsyncError('PROTOCOL', 'protocol error: filter rules');
   }
-  // Local-only choices stay the server's own.
-  for (const k of ['stateDir', 'manifest', 'backupDir', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
+  if (out.backupDir !== undefined && (typeof out.backupDir !== 'string' || out.backupDir === '')) throw protocolError('option backupDir is not a path');
+  // Local-only choices stay the server's own; --backup-dir is a path on this side, relative to DEST (as rsync's),
+  // and the batch is the client's (src/remote/batch-relay.ts).
+  for (const k of ['stateDir', 'manifest', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
   out.json = false;
   return out;
 }
