@@ -10,6 +10,9 @@ import { closeSync, cpSync, existsSync, mkdirSync, mkdtempSync, openSync, readdi
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BatchRecorder } from '../src/remote/batch-relay.js';
+import { openBatch } from '../src/sync/delta-sinks.js';
+import { verifyDeltaFile } from '../src/io/delta-file.js';
 import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 import { needTools } from './helpers/env.js';
@@ -307,5 +310,67 @@ describe.skipIf(!ready || !qemuReady)('image mode to a remote DEST', () => {
     ok(await runQsync([`--read-batch=${batch}`, `${old}/`]), 'apply');
     expect(readFileSync(join(old, 'web.raw')).equals(v1)).toBe(true);
     await expect(onFarSide(['verify', join(dest, 'web.raw')])).resolves.toMatchObject({ code: 0 });
+  });
+});
+
+describe('the client of a push refuses a broken server\'s batch messages', () => {
+  let here: string;
+  beforeAll(() => {
+    here = mkdtempSync(join(tmpdir(), 'qsync-batch-recorder-'));
+  });
+  afterAll(() => rmSync(here, { recursive: true, force: true }));
+  const fp = (c: string) => c.repeat(64);
+  const recorder = async (name: string) => {
+    const path = join(here, name);
+    return { path, r: new BatchRecorder(await openBatch(path, 'none', Date.now()), BLOCK) };
+  };
+  const begin = (name = 'vm.raw', more: Record<string, unknown> = {}) => ({ op: 'b-begin', name, blockSize: BLOCK, baseSize: 2 * BLOCK, resultSize: 2 * BLOCK, ...more });
+
+  it.each([
+    ['a name that climbs out', begin('../etc/x')],
+    ['an absolute name', begin('/etc/x')],
+    ['a "." component', begin('a/./b')],
+    ['a name longer than a delta holds', begin('x'.repeat(5000))],
+    ['another block size', begin('vm.raw', { blockSize: 4096 })],
+    ['a size past 2^53', begin('vm.raw', { resultSize: 2 ** 60 })],
+    ['an end outside a member', { op: 'b-end', base: fp('a'), result: fp('b') }],
+    ['a drop outside a member', { op: 'b-drop' }],
+  ])('%s: a protocol error, and no batch is kept', async (_what, m) => {
+    const { path, r } = await recorder(`bad-${++counter}.qdelta`);
+    await expect(r.take(m)).rejects.toThrow(/protocol error/);
+    expect(await r.close(true)).toBe(false);
+    expect(existsSync(path)).toBe(false);
+  });
+
+  it('a member begun twice, or an end without fingerprints, is refused; a dropped member leaves nothing of itself', async () => {
+    const twice = await recorder(`twice-${++counter}.qdelta`);
+    await twice.r.take(begin());
+    await expect(twice.r.take(begin())).rejects.toThrow(/before the last member ended/);
+    await twice.r.close(false);
+    const nofp = await recorder(`nofp-${++counter}.qdelta`);
+    await nofp.r.take(begin());
+    await expect(nofp.r.take({ op: 'b-end', base: 'zz', result: fp('b') })).rejects.toThrow(/fingerprint/);
+    await nofp.r.close(false);
+
+    const { path, r } = await recorder(`ok-${++counter}.qdelta`);
+    await r.take(begin('dropped.raw'));
+    await r.data(0, randomBytes(BLOCK));
+    await r.take({ op: 'b-drop' });
+    await r.take(begin('kept.raw'));
+    await r.data(BLOCK, randomBytes(BLOCK));
+    await r.take({ op: 'b-end', base: fp('a'), result: fp('b') });
+    await r.take({ op: 'b-finish', keep: true });
+    expect(await r.close(true)).toBe(true);
+    const members = await verifyDeltaFile(path);
+    expect(members.map((m) => [m.header.name, m.records])).toEqual([['kept.raw', 1]]);
+  });
+
+  it('b-finish without keep (a file failed there): the batch is dropped', async () => {
+    const { path, r } = await recorder(`nokeep-${++counter}.qdelta`);
+    await r.take(begin());
+    await r.take({ op: 'b-end', base: fp('a'), result: fp('b') });
+    await r.take({ op: 'b-finish', keep: false });
+    expect(await r.close(true)).toBe(false);
+    expect(existsSync(path)).toBe(false);
   });
 });
