@@ -313,6 +313,41 @@ describe.skipIf(!ready || !qemuReady)('image mode to a remote DEST', () => {
   });
 });
 
+describe.skipIf(!ready)('a far qsync that does not name the feature (an older one) is refused, not silently left without history or batch', () => {
+  const batch = () => join(dir, 'old.qdelta');
+  /** Each run against a far side that answers an older hello: exit 1 naming the option, no batch file left. */
+  async function refused(runs: [string[], RegExp][]): Promise<void> {
+    const rsh = `${process.execPath} ${join(import.meta.dirname, 'helpers', 'old-server.mjs')}`;
+    for (const [args, message] of runs) {
+      const r = await runQsync(['-e', rsh, ...args, 'far:/nowhere/']);
+      expect(r.code, r.stderr).toBe(1);
+      expect(r.stderr).toMatch(message);
+      expect(r.stderr).toMatch(/install the same qsync version on both hosts/);
+      expect(existsSync(batch())).toBe(false);
+      expect(readdirSync(dir).filter((n) => n.startsWith('.old.qdelta'))).toEqual([]);
+    }
+  }
+
+  it('a push with --backup-dir or --write-batch', async () => {
+    const src = join(dir, 'old-src');
+    mkdirSync(src);
+    randomFile(join(src, 'f.raw'), 1 * MiB);
+    await refused([
+      [['-a', '--backup-dir=../h', `${src}/`], /does not support --backup-dir over ssh/],
+      [['-a', `--write-batch=${batch()}`, `${src}/`], /does not support --write-batch over ssh/],
+    ]);
+  });
+
+  it.skipIf(!qemuReady)('image mode with --backup-dir or --write-batch', async () => {
+    const img = join(dir, 'old.qcow2');
+    qemuImgCreate(img, '8M');
+    await refused([
+      [['--image', img, '--backup-dir=../h'], /does not support --backup-dir over ssh/],
+      [['--image', img, `--write-batch=${batch()}`], /does not support --write-batch over ssh/],
+    ]);
+  });
+});
+
 describe('the client of a push refuses a broken server\'s batch messages', () => {
   let here: string;
   beforeAll(() => {

@@ -10,7 +10,7 @@ import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { RemoteDestination } from '../remote/remote-target.js';
-import { checkHello, hello } from '../remote/session.js';
+import { checkFeatures, checkHello, hello, type Feature } from '../remote/session.js';
 import type { Destination } from '../sync/target.js';
 import { withSession } from './run-remote.js';
 import { parseRemote } from '../remote/ssh.js';
@@ -46,7 +46,12 @@ export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: 
       // replaces; --write-batch is written here, from the blocks sent.
       return await withSession(remote, o, {}, async (ch) => {
         await ch.send(hello('target', { dest: remote.path, backupDir: o.backupDir, compress: o.compress }));
-        checkHello(await ch.control(), remote.host);
+        const h = await ch.control();
+        checkHello(h, remote.host);
+        const wanted: [Feature, string][] = [];
+        if (o.backupDir !== undefined) wanted.push(['backup-dir', '--backup-dir']);
+        if (o.writeBatch !== undefined) wanted.push(['t-hash', '--write-batch']);
+        checkFeatures(h, wanted, remote.host);
         const destination = new RemoteDestination(ch, dest);
         let deltas: RunDeltas | undefined;
         try {

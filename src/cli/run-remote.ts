@@ -14,7 +14,7 @@ import { RemoteSources } from '../remote/remote-sources.js';
 import { resolveTrusted } from '../io/safe-fs.js';
 import { openBatch } from '../sync/delta-sinks.js';
 import { SourceServer } from '../remote/serve-sources.js';
-import { checkHello, eventsTo, hello, readDone } from '../remote/session.js';
+import { checkFeatures, checkHello, eventsTo, hello, readDone, type Feature } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
 import type { ControlMessage } from '../core/wire.js';
 import { parseArgv, type SyncOptions } from './args.js';
@@ -54,7 +54,12 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       let done: ReturnType<typeof readDone> | undefined;
       try {
         await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write') }));
-        checkHello(await ch.control(), remote.host);
+        const h = await ch.control();
+        checkHello(h, remote.host);
+        const wanted: [Feature, string][] = [];
+        if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
+        if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
+        checkFeatures(h, wanted, remote.host);
         const pool = new HashPool(o.blockSize);
         pool.warm();
         let last;

@@ -24,7 +24,7 @@ import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
 import { LocalDestination } from '../sync/local-target.js';
-import { checkHello, ForwardingPrinter, hello, optionsFromWire } from './session.js';
+import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire } from './session.js';
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
   let restrict: string | undefined;
@@ -75,7 +75,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
           if (typeof h.backupDir !== 'string' || h.backupDir === '') throw protocolError('a bad backup dir');
           deltas = await openRunDeltas({ backupDir: await historyPath(dest.shown, h.backupDir, restrict), compress: h.compress === true, within: restrict }, Date.now());
         }
-        await ch.send(hello('target', {}));
+        await ch.send(hello('target', { features: FEATURES }));
         const last = await new TargetServer(ch, dest, deltas?.wrapSink).serve();
         if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
       } finally {
@@ -98,7 +98,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     // The client writes the batch (--write-batch, --only-write-batch) from what it sends; this side says what each member is.
     if (h.batch !== undefined && h.batch !== 'write' && h.batch !== 'only') throw protocolError('a bad batch mode');
     const relay = h.batch === undefined ? undefined : new RelayToClient(ch, h.batch === 'only');
-    await ch.send(hello('receiver', {}));
+    await ch.send(hello('receiver', { features: FEATURES }));
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {

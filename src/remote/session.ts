@@ -37,6 +37,22 @@ export function checkHello(m: ControlMessage, peer: string): void {
   }
 }
 
+/**
+ * What a receiving or target server does beyond the first protocol, named in its hello: a client that needs one
+ * the server does not name refuses before anything is written, rather than lose it silently (an older server
+ * would drop --backup-dir, and send no batch).
+ */
+export const FEATURES = ['backup-dir', 'batch', 't-hash'] as const;
+export type Feature = (typeof FEATURES)[number];
+
+/** The server's hello names every feature in `wanted`, else a clear error naming the option (`what`). */
+export function checkFeatures(m: ControlMessage, wanted: readonly [Feature, string][], peer: string): void {
+  const has = Array.isArray(m.features) ? m.features : [];
+  for (const [f, what] of wanted) {
+    if (!has.includes(f)) throw new QsyncError('UNSUPPORTED', `the qsync on ${peer} does not support ${what} over ssh`, { hint: 'install the same qsync version on both hosts' });
+  }
+}
+
 const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'warning'] as const;
 type Hook = (typeof HOOKS)[number];
 
