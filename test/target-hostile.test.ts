@@ -32,6 +32,10 @@ import { receive, runSync, type CliIO } from '../src/cli/run-sync.js';
 import { createPrinter } from '../src/cli/output.js';
 import { HashPool } from '../src/hash/pool.js';
 import { LocalSources } from '../src/sync/source.js';
+import type { FileSyncContext } from '../src/sync/file-sync.js';
+import { Fingerprinter } from '../src/sync/manifest-store.js';
+import { openRunDeltas } from '../src/sync/run-deltas.js';
+import { openDelta, readDeltaFile, verifyDeltaFile } from '../src/io/delta-file.js';
 import { QSYNC, runQsync } from './helpers/cli.js';
 
 const BS = 4096;
@@ -51,12 +55,12 @@ function digestsOf(data: Buffer): Buffer {
   return out;
 }
 
-/** A TargetServer on a fresh DEST, and the raw channel a hostile client speaks on. */
-async function session(dest = join(root, `d${n++}`)) {
+/** A TargetServer on a fresh DEST (keeping a history with `history`), and the raw channel a hostile client speaks on. */
+async function session(dest = join(root, `d${n++}`), history?: FileSyncContext['wrapSink']) {
   const far = await LocalDestination.open(dest);
   const up = new PassThrough();
   const down = new PassThrough();
-  const serving = new TargetServer(new Channel(up, down, { peer: 'the client' }), far).serve().finally(() => far.close());
+  const serving = new TargetServer(new Channel(up, down, { peer: 'the client' }), far, history).serve().finally(() => far.close());
   serving.catch(() => {});
   const ch = new Channel(down, up, { peer: 'the server' });
   const ask = async (m: ControlMessage, reply: string) => {
@@ -158,6 +162,65 @@ describe('the far side of a remote target refuses what a hostile client sends', 
     await expect(s2.serving).rejects.toThrow(/do not match their digests/);
     expect(readFileSync(join(s2.dest, 'disk.raw')).equals(Buffer.alloc(2 * BS))).toBe(true);
     expect(readdirSync(dest)).toEqual(['disk.raw']);
+  });
+});
+
+describe('t-hash, and a history kept by the far side (--backup-dir to host:DEST)', () => {
+  const fingerprintOf = (data: Buffer) => {
+    const fp = new Fingerprinter(BS, data.length);
+    fp.append(digestsOf(data));
+    return fp.digest().toString('hex');
+  };
+
+  it('t-hash answers the data as it was; once a block reached it, t-hash ends the session', async () => {
+    const dest = join(root, `d${n++}`);
+    mkdirSync(dest);
+    const old = randomBytes(3 * BS);
+    writeFileSync(join(dest, NAME), old);
+    const s = await session(dest);
+    await s.ask({ op: 't-open', create: false }, 't-opened');
+    expect((await s.ask({ op: 't-hash', blockSize: BS }, 't-hashed')).fp).toBe(fingerprintOf(old));
+    await s.ask({ op: 't-begin', blockSize: BS, oldSize: 3 * BS, newSize: 3 * BS, base: null }, 't-begun');
+    const block = randomBytes(BS);
+    await s.ch.send(encodeData(0, digestsOf(block), block));
+    await s.ch.send({ op: 't-hash', name: NAME, blockSize: BS });
+    await expect(s.serving).rejects.toThrow(/after its data was written/);
+  });
+
+  it('t-sync before every manifest digest came is refused; the history still holds the old content of what was written', async () => {
+    const dest = join(root, `d${n++}`);
+    const hist = join(root, `h${n++}`);
+    mkdirSync(dest);
+    const old = randomBytes(3 * BS);
+    writeFileSync(join(dest, NAME), old);
+    const deltas = await openRunDeltas({ backupDir: hist, compress: false }, Date.now());
+    const s = await session(dest, deltas.wrapSink);
+    await s.ask({ op: 't-open', create: false }, 't-opened');
+    await s.ask({ op: 't-begin', blockSize: BS, oldSize: 3 * BS, newSize: 3 * BS, base: null }, 't-begun');
+    const block = randomBytes(BS);
+    await s.ch.send(encodeData(BS, digestsOf(block), block));
+    await s.ch.send({ op: 't-sync' });
+    await expect(s.serving).rejects.toThrow(/before every manifest digest came/);
+    await deltas.finish(false);
+    const files = readdirSync(hist).filter((f) => f.endsWith('.qdelta'));
+    expect(files.length).toBe(1);
+    const [member] = await verifyDeltaFile(join(hist, files[0]!));
+    // Ended as a crash's member is salvaged: no base (the data was left half-written), one record (block 1's old
+    // content), and no result (no manifest vouched for the state before, so the member names none).
+    expect(member!.records).toBe(1);
+    expect(member!.header.baseFingerprint.equals(Buffer.alloc(DIGEST_LEN))).toBe(true);
+    expect(member!.header.resultFingerprint.equals(Buffer.alloc(DIGEST_LEN))).toBe(true);
+    expect(member!.header.baseSize).toBe(3 * BS);
+    const fh = await openDelta(join(hist, files[0]!));
+    try {
+      const records = [];
+      for await (const ev of readDeltaFile(fh, files[0]!)) if (ev.type === 'record') records.push(ev);
+      expect(records.map((r) => r.record.index)).toEqual([1]);
+      expect(records[0]!.content?.equals(old.subarray(BS, 2 * BS))).toBe(true);
+    } finally {
+      await fh.close();
+    }
+    expect(readFileSync(join(dest, NAME)).subarray(BS, 2 * BS).equals(block)).toBe(true);
   });
 });
 
@@ -401,7 +464,7 @@ describe('qsync --server --restrict: DEST is reached below DIR without following
       // DEST missing: it would be made through the symlink. DEST there: it would be opened through it.
       for (const existing of [false, true]) {
         if (existing) mkdirSync(join(outside, 'dest'));
-        const got = await receive(createPrinter(parsed.options, io), new LocalSources(pool), [`${src}/`], `${join(top, 'a', 'dest')}/`, parsed.options, top).catch((e: unknown) => e);
+        const got = await receive(createPrinter(parsed.options, io), new LocalSources(pool), [`${src}/`], `${join(top, 'a', 'dest')}/`, parsed.options, { within: top }).catch((e: unknown) => e);
         expect(got, existing ? 'opened through the symlink' : 'made through the symlink').toBeInstanceOf(QsyncError);
         expect(readdirSync(outside)).toEqual(existing ? ['dest'] : []);
         if (existing) expect(readdirSync(join(outside, 'dest'))).toEqual([]);

@@ -10,7 +10,7 @@ import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { RemoteDestination } from '../remote/remote-target.js';
-import { checkHello, hello } from '../remote/session.js';
+import { checkFeatures, checkHello, hello, type Feature } from '../remote/session.js';
 import type { Destination } from '../sync/target.js';
 import { withSession } from './run-remote.js';
 import { parseRemote } from '../remote/ssh.js';
@@ -41,18 +41,22 @@ export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: 
     }
     const remote = parseRemote(dest);
     if (remote) {
-      if (o.writeBatch !== undefined || o.backupDir !== undefined) {
-        throw new QsyncError('UNSUPPORTED', `${o.writeBatch !== undefined ? '--write-batch' : '--backup-dir'} is not supported with a remote DEST in image mode yet`, {
-          hint: 'back up to a local DEST with it, or to the remote DEST without it',
-        });
-      }
       // The far side holds the destination (src/remote/serve-target.ts); the driver runs here, where QEMU is.
+      // --backup-dir is a path there (relative to DEST, as rsync's) and the history is kept there, from the blocks each write
+      // replaces; --write-batch is written here, from the blocks sent.
       return await withSession(remote, o, {}, async (ch) => {
-        await ch.send(hello('target', { dest: remote.path }));
-        checkHello(await ch.control(), remote.host);
+        await ch.send(hello('target', { dest: remote.path, backupDir: o.backupDir, compress: o.compress }));
+        const h = await ch.control();
+        checkHello(h, remote.host);
+        const wanted: [Feature, string][] = [];
+        if (o.backupDir !== undefined) wanted.push(['backup-dir', '--backup-dir']);
+        if (o.writeBatch !== undefined) wanted.push(['t-hash', '--write-batch']);
+        checkFeatures(h, wanted, remote.host);
         const destination = new RemoteDestination(ch, dest);
+        let deltas: RunDeltas | undefined;
         try {
-          return await backUp(dest, destination, o, io, printer, signal, undefined);
+          deltas = o.writeBatch === undefined ? undefined : await openRunDeltas({ writeBatch: o.writeBatch, compress: o.compress }, Date.now());
+          return await backUp(dest, destination, o, io, printer, signal, deltas);
         } finally {
           await destination.close();
         }

@@ -9,9 +9,12 @@ import { once } from 'node:events';
 import { QsyncError } from '../core/errors.js';
 import { HashPool } from '../hash/pool.js';
 import { Channel } from '../remote/channel.js';
+import { BatchRecorder } from '../remote/batch-relay.js';
 import { RemoteSources } from '../remote/remote-sources.js';
+import { resolveTrusted } from '../io/safe-fs.js';
+import { openBatch } from '../sync/delta-sinks.js';
 import { SourceServer } from '../remote/serve-sources.js';
-import { checkHello, eventsTo, hello, readDone } from '../remote/session.js';
+import { checkFeatures, checkHello, eventsTo, hello, readDone, type Feature } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
 import type { ControlMessage } from '../core/wire.js';
 import { parseArgv, type SyncOptions } from './args.js';
@@ -24,9 +27,6 @@ const LOCAL_ONLY: [keyof SyncOptions, string][] = [
   ['hardLinks', '-H'],
   ['acls', '-A'],
   ['xattrs', '-X'],
-  ['writeBatch', '--write-batch'],
-  ['onlyWriteBatch', '--only-write-batch'],
-  ['backupDir', '--backup-dir'],
   ['manifest', '--manifest'],
   ['filesFrom', '--files-from'],
   ['relative', '-R'],
@@ -49,19 +49,36 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   return withSession(remote, o, { onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 }, async (ch) => {
     printer = countingWire(printer, ch);
     if (to) {
-      await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }) }));
-      checkHello(await ch.control(), remote.host);
-      const pool = new HashPool(o.blockSize);
-      pool.warm();
-      let last;
+      // --write-batch/--only-write-batch: written here, as rsync does, from the blocks this side sends (src/remote/batch-relay.ts).
+      const batch = await openPushBatch(o);
+      let done: ReturnType<typeof readDone> | undefined;
       try {
-        last = await new SourceServer(ch, pool, undefined, o.compress).serve();
+        await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write') }));
+        const h = await ch.control();
+        checkHello(h, remote.host);
+        const wanted: [Feature, string][] = [];
+        if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
+        if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
+        checkFeatures(h, wanted, remote.host);
+        const pool = new HashPool(o.blockSize);
+        pool.warm();
+        let last;
+        try {
+          last = await new SourceServer(ch, pool, undefined, o.compress, batch?.recorder).serve();
+        } finally {
+          await pool.close();
+        }
+        done = readDone(last);
       } finally {
-        await pool.close();
+        await batch?.close(done !== undefined && !done.error);
       }
-      const done = readDone(last);
       if (done.error) throw done.error instanceof QsyncError ? new QsyncError(done.error.code, done.error.message, { ...done.error.context, exit: done.code }) : done.error;
-      return printer.finish(done.stats, done.code);
+      let code = done.code;
+      if (batch?.recorder.failed) {
+        printer.warning?.(`the batch ${batch.path} was not written: ${batch.recorder.failed.message}`, batch.path);
+        code = Math.max(code, EXIT.PARTIAL.code);
+      }
+      return printer.finish(done.stats, code);
     }
     await ch.send(hello('sender', { blockSize: o.blockSize, compress: o.compress, bwlimit: o.bwlimit }));
     checkHello(await ch.control(), remote.host);
@@ -69,6 +86,30 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     await ch.send({ op: 'bye' });
     return code;
   });
+}
+
+/** A push's batch file, reached as a local run reaches it (its folder held, no other user's symlink followed); none with -n. */
+async function openPushBatch(o: SyncOptions): Promise<{ recorder: BatchRecorder; path: string; close(ok: boolean): Promise<void> } | undefined> {
+  const path = o.writeBatch ?? o.onlyWriteBatch;
+  if (path === undefined || o.dryRun) return undefined;
+  const at = await resolveTrusted(path, false);
+  try {
+    const recorder = new BatchRecorder(await openBatch(at.dir.at(at.name), o.compress ? 'brotli' : 'none', Date.now()), o.blockSize);
+    return {
+      recorder,
+      path,
+      async close(ok) {
+        try {
+          await recorder.close(ok);
+        } finally {
+          await at.dir.close();
+        }
+      },
+    };
+  } catch (e) {
+    await at.dir.close();
+    throw e;
+  }
 }
 
 /**

@@ -9,7 +9,8 @@ import type { Writable } from 'node:stream';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
-import { checkInside } from '../remote/restrict.js';
+import { checkInside, historyPath } from '../remote/restrict.js';
+import type { BatchRelay } from '../sync/run-deltas.js';
 import { readUpTo } from '../io/local-file.js';
 import { decodeName, Dir, fsPath, lstatOrUndefined, openBeneathMaking, resolveTrusted } from '../io/safe-fs.js';
 import { listedName, relativeOperand, splitFilesFrom, type ListedName } from '../core/files-from.js';
@@ -157,7 +158,17 @@ export async function filterRules(rules: readonly FilterRule[], from0 = false): 
   return expandFilterFiles(rules, (f) => texts.get(f)!, from0);
 }
 
-export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, within?: string): Promise<number> {
+/**
+ * What the receiving end of a push (qsync --server) adds: `within`, the --restrict DIR every path must lie in;
+ * `relay`, the client's --write-batch/--only-write-batch, which it writes itself from what this side says.
+ */
+export interface FarEnd {
+  within?: string;
+  relay?: BatchRelay;
+}
+
+export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, far: FarEnd = {}): Promise<number> {
+  const { within } = far;
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
@@ -192,7 +203,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     throw new QsyncError('USAGE', `destination ${dest} is a file, but must be a directory when copying a directory or more than one file`, { file: dest, exit: EXIT.FILE_SELECT.code });
   }
   // qsync's own state folder is checked (and made) before anything lands in DEST.
-  await checkStateRoot(plan.destRoot, !leavesDest(o));
+  await checkStateRoot(plan.destRoot, !leavesDest(o, far));
   const legacy = join(plan.destRoot, '.qsync');
   const sourceHasOne = async () =>
     from.remote || (await Promise.all(sources.map((s) => (s.operand.endsWith('/') ? lstatOrUndefined(fsPath(join(s.operand, '.qsync'))) : undefined)))).some(Boolean);
@@ -203,7 +214,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
     if (!destStat) plan.destCreated = true;
     // rsync's line for a destination folder it makes, with -v or -i.
     if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);
-    if (!destStat && !leavesDest(o)) {
+    if (!destStat && !leavesDest(o, far)) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
       const mode = plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777;
       // With --restrict the folders above it are reached from DIR, none through a symlink (nothing is made outside DIR).
@@ -215,7 +226,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       });
     }
   }
-  if (!leavesDest(o)) {
+  if (!leavesDest(o, far)) {
     await access(fsPath(plan.destRoot), constants.W_OK).catch((e) => {
       throw new QsyncError('TARGET', `destination ${plan.destRoot} is not writable: ${(e as Error).message}`, { file: plan.destRoot, hint: 'check its permissions or mount' });
     });
@@ -227,9 +238,9 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   const rules = await filterRules(o.filters, o.from0);
   // A batch file is created beside its name and renamed over it: its folder is resolved once, trusting no other user's symlink, and held.
   const batchPath = o.writeBatch ?? o.onlyWriteBatch;
-  const batchAt = batchPath === undefined ? undefined : await resolveTrusted(batchPath, false);
+  const batchAt = batchPath === undefined || far.relay ? undefined : await resolveTrusted(batchPath, false);
   try {
-    return await syncAt(printer, from, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o, within);
+    return await syncAt(printer, from, plan, batchAt && batchAt.dir.at(batchAt.name), rules, missing, o, far);
   } finally {
     await batchAt?.dir.close();
   }
@@ -302,7 +313,7 @@ async function makePath(printer: Printer, dest: string, sources: { stat: BigIntS
  * -n, and --only-write-batch (which records what a run would write), leave
  * DEST as it is, as rsync does: not made when missing, no state folder, no lock.
  */
-const leavesDest = (o: SyncOptions): boolean => o.dryRun || o.onlyWriteBatch !== undefined;
+const leavesDest = (o: SyncOptions, far: FarEnd = {}): boolean => o.dryRun || o.onlyWriteBatch !== undefined || far.relay?.recordOnly === true;
 
 /** mkdir of `path`, which lies below `top`, reached from `top` without following a symlink. */
 async function mkdirBeneath(top: string, path: string, mode: number): Promise<void> {
@@ -314,24 +325,28 @@ async function mkdirBeneath(top: string, path: string, mode: number): Promise<vo
   }
 }
 
-/** `within` (qsync --server --restrict DIR): the destination root, once held, must lie in DIR. */
-async function syncAt(printer: Printer, from: Sources, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions, within?: string): Promise<number> {
+/** `far.within` (qsync --server --restrict DIR): the destination root, once held, must lie in DIR. */
+async function syncAt(printer: Printer, from: Sources, plan: Plan, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions, far: FarEnd): Promise<number> {
+  const { within } = far;
   // The destination root (a symlink the user gave as DEST is followed, as rsync does); everything below it is reached through it.
-  const destDir = plan.destCreated && leavesDest(o) ? undefined : await Dir.open(plan.destRoot).catch((e) => {
+  const destDir = plan.destCreated && leavesDest(o, far) ? undefined : await Dir.open(plan.destRoot).catch((e) => {
     throw new QsyncError('TARGET', `cannot open destination ${plan.destRoot}: ${(e as Error).message}`, { file: plan.destRoot }, { cause: e });
   });
   try {
     if (destDir && within !== undefined) await checkInside(destDir.self, within);
-    return await syncInto(printer, from, plan, destDir, batch, rules, missing, o);
+    return await syncInto(printer, from, plan, destDir, batch, rules, missing, o, far);
   } finally {
     await destDir?.close();
   }
 }
 
 /** `batch`: the --write-batch/--only-write-batch file, reached through its held folder. */
-async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions): Promise<number> {
-  const lock = leavesDest(o) ? undefined : await lockDestination(plan.destRoot);
-  const backupDir = o.backupDir === undefined ? undefined : resolve(plan.destRoot, o.backupDir);
+async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Dir | undefined, batch: string | undefined, rules: PatternRule[], missing: boolean, o: SyncOptions, far: FarEnd): Promise<number> {
+  const lock = leavesDest(o, far) ? undefined : await lockDestination(plan.destRoot);
+  const backupDir = o.backupDir === undefined ? undefined : await historyPath(plan.destRoot, o.backupDir, far.within).catch(async (e) => {
+    await lock?.release();
+    throw e;
+  });
   const rel = backupDir === undefined ? '' : relative(plan.destRoot, backupDir);
   // A history folder inside the destination is not user data: protect it from --delete (and --delete-excluded), as rsync does.
   const history: PatternRule[] = rel && !rel.startsWith('..') && !isAbsolute(rel) ? [{ type: 'exclude', pattern: `/${rel}/` }] : [];
@@ -340,7 +355,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   try {
     // A dry run writes nothing: no history folder, no (empty) batch file.
     deltas = await openRunDeltas(
-      o.dryRun ? { compress: o.compress } : { ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch },
+      o.dryRun ? { compress: o.compress } : { ...o, backupDir, writeBatch: o.writeBatch && batch, onlyWriteBatch: o.onlyWriteBatch && batch, relay: far.relay, within: far.within },
       Date.now(),
     );
   } catch (e) {

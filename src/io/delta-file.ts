@@ -171,6 +171,35 @@ export class DeltaFileWriter {
     return header;
   }
 
+  /**
+   * End the current member of a file whose write stopped part way, as a crash's is salvaged
+   * (src/sync/delta-sinks.ts salvageHistory): it names no base (the target was left half-written), its base size is
+   * the larger of its sizes, and its result is the provisional one. A member with no record is dropped instead.
+   */
+  async endTorn(): Promise<void> {
+    const m = this.requireMember();
+    if (m.records === 0) return this.dropMember();
+    await this.endMember({ baseFingerprint: Buffer.alloc(DIGEST_LEN), resultFingerprint: m.header.resultFingerprint, baseSize: Math.max(m.header.baseSize, m.header.resultSize) });
+  }
+
+  /** Whether a member is begun and not ended. */
+  get inMember(): boolean {
+    return this.member !== undefined;
+  }
+
+  /** Drop the current member as if it had never begun (a file whose run failed): the file ends where it started. */
+  async dropMember(): Promise<void> {
+    const m = this.requireMember();
+    this.member = undefined;
+    if (m.at >= this.flushed) {
+      this.used = m.at - this.flushed;
+      return;
+    }
+    this.used = 0;
+    await this.fh.truncate(m.at);
+    this.flushed = m.at;
+  }
+
   /** Make everything added so far durable (the file keeps its temp name). */
   async sync(): Promise<void> {
     await this.flush();

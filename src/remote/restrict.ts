@@ -7,7 +7,7 @@
  * (src/remote/serve-sources.ts).
  */
 import { lstat, readlink, realpath } from 'node:fs/promises';
-import { isAbsolute, join } from 'node:path';
+import { isAbsolute, join, relative, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { fsPath } from '../io/safe-fs.js';
 
@@ -49,4 +49,19 @@ export async function checkInside(path: string, root: string): Promise<void> {
   if (real !== realRoot && !real.startsWith(`${realRoot === '/' ? '' : realRoot}/`)) {
     throw new QsyncError('USAGE', `a path outside the served root was refused (it resolves to a place outside ${root})`, {});
   }
+}
+
+/**
+ * --backup-dir as the user gave it: relative to the destination root, as rsync takes it. With `within`
+ * (qsync --server --restrict DIR) it must stay inside DIR: an absolute path, one that leads out of DIR,
+ * and a symlink on its way are refused, as for DEST.
+ */
+export async function historyPath(destRoot: string, backupDir: string, within: string | undefined): Promise<string> {
+  const abs = resolve(destRoot, backupDir);
+  if (within === undefined) return abs;
+  const rel = relative(within, abs);
+  if (isAbsolute(backupDir) || rel === '..' || rel.startsWith('../') || isAbsolute(rel)) {
+    throw new QsyncError('USAGE', `--backup-dir ${backupDir} lies outside the folder this server serves (give a path relative to DEST that stays inside it)`, { file: backupDir });
+  }
+  return restrictedPath(rel, within);
 }

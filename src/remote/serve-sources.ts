@@ -25,6 +25,7 @@ import { Dir } from '../io/safe-fs.js';
 import { Fingerprinter } from '../sync/manifest-store.js';
 import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type ScanPlan } from '../sync/source.js';
 import { errorMessage, type Channel } from './channel.js';
+import type { BatchRecorder } from './batch-relay.js';
 import { DigestCache } from './digest-cache.js';
 import { checkInside, restrictedPath } from './restrict.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
@@ -51,6 +52,8 @@ export class SourceServer {
     private readonly restrict?: string,
     /** -z: send blocks deflated where that makes them smaller. */
     private readonly compress = false,
+    /** A push's --write-batch: what the scans send is recorded here (src/remote/batch-relay.ts). */
+    private readonly batch?: BatchRecorder,
   ) {
     this.local = new LocalSources(pool);
   }
@@ -75,6 +78,7 @@ export class SourceServer {
           this.files.delete(fieldInt(m, 'f', 1));
           continue;
         }
+        if (await this.batch?.take(m)) continue;
         if (!(m.op in this.handlers)) return m;
         try {
           await this.handlers[m.op]!(m);
@@ -221,13 +225,17 @@ export class SourceServer {
           await keep.append(c.digests);
           for (const r of c.runs) {
             const off = r.first * blockSize;
-            if (r.zero) await this.ch.send(encodeZero(off, Math.min(size, (r.first + r.count) * blockSize) - off));
-            else {
+            if (r.zero) {
+              const len = Math.min(size, (r.first + r.count) * blockSize) - off;
+              await this.ch.send(encodeZero(off, len));
+              await this.batch?.zero(off, len);
+            } else {
               const i = (r.first - c.first) * DIGEST_LEN;
               const bytes = c.bytes(r);
               const z = this.compress ? deflateRawSync(bytes, { level: 1 }) : undefined;
               const small = z !== undefined && z.length < bytes.length - (bytes.length >> 5);
               await this.ch.send(encodeData(off, c.digests.subarray(i, i + r.count * DIGEST_LEN), small ? z : bytes, small));
+              await this.batch?.data(off, bytes);
             }
           }
           quiet = c.runs.length ? 0 : quiet + c.digests.length / DIGEST_LEN;

@@ -16,9 +16,12 @@ import { blockCount, isValidBlockSize } from '../core/geometry.js';
 import { encodeData, encodeDigests, fieldInt, fieldString, protocolError, type ControlMessage, type WireFrame } from '../core/wire.js';
 import { isEntryName } from '../io/safe-fs.js';
 import { DIGEST_LEN, digestOf, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
+import type { BlockSink } from '../io/types.js';
+import type { FileSyncContext } from '../sync/file-sync.js';
 import { MAX_INTENT_BLOCKS } from '../sync/intent.js';
+import { emptyFingerprint, type Manifest } from '../sync/manifest-store.js';
+import { hashFile } from '../sync/target-digests.js';
 import type { LocalDestination } from '../sync/local-target.js';
-import type { Manifest } from '../sync/manifest-store.js';
 import type { OpenData, StateWriter, Target, TargetIdentity, TargetNote } from '../sync/target.js';
 import type { Trust } from '../sync/trust.js';
 import { errorMessage, type Channel } from './channel.js';
@@ -57,6 +60,14 @@ interface Writing {
   name: string;
   target: Target;
   data: OpenData;
+  /** The data made by "t-open" (there was none). */
+  created: boolean;
+  /** Where blocks go: the data's sink, or the history's around it (--backup-dir kept here). */
+  sink?: BlockSink;
+  /** The fingerprint of the data as it was before this write ("t-hash", and the history's base), once hashed. */
+  hashed?: { blockSize: number; fp: Promise<Buffer> };
+  /** A block or a truncate reached the data: it is no longer as it was. */
+  touched?: boolean;
   writer?: StateWriter;
   blockSize: number;
   size: number;
@@ -92,6 +103,8 @@ export class TargetServer {
   constructor(
     private readonly ch: Channel,
     private readonly dest: LocalDestination,
+    /** --backup-dir on this side (src/sync/run-deltas.ts): every target written keeps its old blocks in the history. */
+    private readonly history?: FileSyncContext['wrapSink'],
   ) {}
 
   /** Answer until the client's "bye" (returned). */
@@ -120,6 +133,7 @@ export class TargetServer {
       }
     } finally {
       await this.w?.writer?.abort().catch(() => {});
+      await this.w?.sink?.close().catch(() => {});
       await this.w?.data.close();
       for (const m of this.manifests.values()) await m.close().catch(() => {});
     }
@@ -153,6 +167,7 @@ export class TargetServer {
   /** A block stream frame: checked against its digests, then written. */
   private async frame(f: WireFrame): Promise<void> {
     const w = this.streaming();
+    if (f.type === 'data' || f.type === 'zero') w.touched = true;
     if (f.type === 'data') {
       if (f.compressed) throw bad('compressed blocks are not taken here');
       const n = f.digests.length / DIGEST_LEN;
@@ -161,12 +176,12 @@ export class TargetServer {
       hashBlocksInto(f.data, w.blockSize, got);
       if (!got.equals(f.digests)) throw bad(`blocks at ${f.offset} do not match their digests`);
       this.wrote(w, f.offset / w.blockSize, n, (i) => got.subarray(i * DIGEST_LEN, (i + 1) * DIGEST_LEN));
-      await w.data.sink.write(f.offset, f.data);
+      await w.sink!.write(f.offset, f.data);
     } else if (f.type === 'zero') {
       if (!this.whole(w, f.offset, f.length)) throw bad('zeros outside the target');
       const first = f.offset / w.blockSize;
       this.wrote(w, first, blockCount(f.length, w.blockSize), (i) => zeroDigest(Math.min(w.blockSize, w.size - (first + i) * w.blockSize)));
-      await w.data.sink.writeZeroes(f.offset, f.length);
+      await w.sink!.writeZeroes(f.offset, f.length);
     } else if (f.type === 'digests' && w.patch) {
       const { count, changed } = w.patch;
       w.patch = undefined;
@@ -244,7 +259,8 @@ export class TargetServer {
     't-truncate': async (m) => {
       const w = this.streaming();
       if (fieldInt(m, 'size') !== w.size) throw bad('a truncate to another size than begun');
-      await w.data.sink.truncate(w.size);
+      w.touched = true;
+      await w.sink!.truncate(w.size);
     },
     // What differs from the base is worked out here (the client's `changed` is checked for shape only).
     't-append': async (m) => {
@@ -311,7 +327,8 @@ export class TargetServer {
     't-open': async (m) => {
       if (this.w) throw bad('a target opened while another is');
       const target = this.target(m);
-      this.w = { name: fieldString(m, 'name'), target, data: await target.open(m.create === true), blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
+      const created = m.create === true;
+      this.w = { name: fieldString(m, 'name'), target, data: await target.open(created), created, blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
       await this.ch.send({ op: 't-opened' });
     },
     't-begin': async (m) => {
@@ -333,7 +350,24 @@ export class TargetServer {
       w.base = base;
       w.blockSize = blockSize;
       w.size = fieldInt(m, 'newSize');
+      w.sink = w.data.sink;
+      if (this.history) {
+        // The history's member names the data as this side holds it: its size, and its manifest's fingerprint or a hash of it.
+        const writer = w.writer;
+        const oldSize = w.created ? 0 : Number((await w.target.identity())?.size ?? 0);
+        const before = base ? base.fingerprint : w.created ? emptyFingerprint(blockSize) : await this.hashed(w, blockSize);
+        const info = { relPath: w.name, blockSize, oldSize, newSize: w.size, fingerprints: () => ({ before, after: writer.fingerprint }) };
+        w.sink = await this.history(w.data.file ?? w.data.sink, info);
+      }
       await this.ch.send({ op: 't-begun' });
+    },
+    // The data's fingerprint as it is before this write (a forward delta's base, --write-batch on the client).
+    't-hash': async (m) => {
+      const w = this.w;
+      if (!w || fieldString(m, 'name') !== w.name || w.touched) throw bad('"t-hash" of no target open, or after its data was written');
+      const blockSize = fieldInt(m, 'blockSize', 1);
+      if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
+      await this.ch.send({ op: 't-hashed', fp: (await this.hashed(w, blockSize)).toString('hex') });
     },
     't-read': async (m) => {
       const w = this.w;
@@ -348,8 +382,10 @@ export class TargetServer {
     't-sync': async () => {
       const w = this.streaming();
       if (w.patch || w.changed) throw bad('"t-sync" before the digests announced');
+      // The history's member is sealed here with the new manifest's fingerprint: every digest must have come.
+      if (this.history && w.appended !== blockCount(w.size, w.blockSize)) throw bad('"t-sync" before every manifest digest came');
       w.synced = true;
-      await w.data.sink.commit();
+      await w.sink!.commit();
       await this.ch.send({ op: 't-synced' });
     },
     't-finish': async () => {
@@ -412,6 +448,24 @@ export class TargetServer {
 
   private async done(w: Writing): Promise<void> {
     this.w = undefined;
-    await w.data.close();
+    try {
+      await w.sink?.close();
+    } finally {
+      await w.data.close();
+    }
+  }
+
+  /** The data's fingerprint as it is now, hashed once per write (a new target: the empty one). */
+  private hashed(w: Writing, blockSize: number): Promise<Buffer> {
+    if (w.created) return Promise.resolve(emptyFingerprint(blockSize));
+    if (w.hashed?.blockSize !== blockSize) {
+      const fp = (async () => {
+        const file = w.data.file;
+        if (!file) throw new QsyncError('UNSUPPORTED', `${w.target.shown} cannot be hashed here`);
+        return hashFile(file.fh, Number((await file.fh.stat()).size), blockSize);
+      })();
+      w.hashed = { blockSize, fp };
+    }
+    return w.hashed.fp;
   }
 }

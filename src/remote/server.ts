@@ -17,12 +17,14 @@ import { parseArgv } from '../cli/args.js';
 import { exitCodeFor } from '../cli/exit-codes.js';
 import { receive, type CliIO } from '../cli/run-sync.js';
 import { Channel, errorMessage } from './channel.js';
+import { RelayToClient } from './batch-relay.js';
 import { RemoteSources } from './remote-sources.js';
-import { restrictedPath } from './restrict.js';
+import { historyPath, restrictedPath } from './restrict.js';
+import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
 import { LocalDestination } from '../sync/local-target.js';
-import { checkHello, ForwardingPrinter, hello, optionsFromWire } from './session.js';
+import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire } from './session.js';
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
   let restrict: string | undefined;
@@ -66,12 +68,22 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     if (h.role === 'target') {
       if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
       const dest = await LocalDestination.open(await restrictedPath(h.dest, restrict), { within: restrict });
+      let deltas: RunDeltas | undefined;
       try {
-        await ch.send(hello('target', {}));
-        const last = await new TargetServer(ch, dest).serve();
+        // --backup-dir: a path on this side, relative to DEST as rsync's; the history is kept here, from the blocks each write replaces.
+        if (h.backupDir !== undefined) {
+          if (typeof h.backupDir !== 'string' || h.backupDir === '') throw protocolError('a bad backup dir');
+          deltas = await openRunDeltas({ backupDir: await historyPath(dest.shown, h.backupDir, restrict), compress: h.compress === true, within: restrict }, Date.now());
+        }
+        await ch.send(hello('target', { features: FEATURES }));
+        const last = await new TargetServer(ch, dest, deltas?.wrapSink).serve();
         if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
       } finally {
-        await dest.close();
+        try {
+          await deltas?.finish(true);
+        } finally {
+          await dest.close();
+        }
       }
       await ch.end();
       return 0;
@@ -83,11 +95,14 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     const operands = strings(h.operands, 'operands');
     if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
     const dest = await restrictedPath(h.dest, restrict);
-    await ch.send(hello('receiver', {}));
+    // The client writes the batch (--write-batch, --only-write-batch) from what it sends; this side says what each member is.
+    if (h.batch !== undefined && h.batch !== 'write' && h.batch !== 'only') throw protocolError('a bad batch mode');
+    const relay = h.batch === undefined ? undefined : new RelayToClient(ch, h.batch === 'only');
+    await ch.send(hello('receiver', { features: FEATURES }));
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch), operands, dest, o, restrict);
+      code = await receive(printer, new RemoteSources(ch), operands, dest, o, { within: restrict, relay });
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

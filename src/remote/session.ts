@@ -37,6 +37,22 @@ export function checkHello(m: ControlMessage, peer: string): void {
   }
 }
 
+/**
+ * What a receiving or target server does beyond the first protocol, named in its hello: a client that needs one
+ * the server does not name refuses before anything is written, rather than lose it silently (an older server
+ * would drop --backup-dir, and send no batch).
+ */
+export const FEATURES = ['backup-dir', 'batch', 't-hash'] as const;
+export type Feature = (typeof FEATURES)[number];
+
+/** The server's hello names every feature in `wanted`, else a clear error naming the option (`what`). */
+export function checkFeatures(m: ControlMessage, wanted: readonly [Feature, string][], peer: string): void {
+  const has = Array.isArray(m.features) ? m.features : [];
+  for (const [f, what] of wanted) {
+    if (!has.includes(f)) throw new QsyncError('UNSUPPORTED', `the qsync on ${peer} does not support ${what} over ssh`, { hint: 'install the same qsync version on both hosts' });
+  }
+}
+
 const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'warning'] as const;
 type Hook = (typeof HOOKS)[number];
 
@@ -103,8 +119,10 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   if (!Array.isArray(out.filters) || !out.filters.every((r) => (r.type === 'include' || r.type === 'exclude') && typeof (r as { pattern?: unknown }).pattern === 'string')) {
     throw new QsyncError('PROTOCOL', 'protocol error: filter rules');
   }
-  // Local-only choices stay the server's own.
-  for (const k of ['stateDir', 'manifest', 'backupDir', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
+  if (out.backupDir !== undefined && (typeof out.backupDir !== 'string' || out.backupDir === '')) throw protocolError('option backupDir is not a path');
+  // Local-only choices stay the server's own; --backup-dir is a path on this side, relative to DEST (as rsync's),
+  // and the batch is the client's (src/remote/batch-relay.ts).
+  for (const k of ['stateDir', 'manifest', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
   out.json = false;
   return out;
 }

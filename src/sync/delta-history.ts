@@ -15,13 +15,13 @@
  */
 import { constants } from 'node:fs';
 import { link, mkdir, type FileHandle } from 'node:fs/promises';
-import { dirname, join, relative, resolve } from 'node:path';
+import { basename, dirname, join, relative, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
 import { MemberPatch, openDelta, readDeltaFile, summarize, type DeltaMemberSummary } from '../io/delta-file.js';
 import { fsyncDir } from '../io/fsync-dir.js';
 import { copySparse } from '../io/local-file.js';
-import { checkOwnDir, checkOwnStat, Dir, isTempNameFor, lstatOrUndefined, openRegular, resolveTrusted } from '../io/safe-fs.js';
+import { checkOwnDir, checkOwnStat, Dir, isTempNameFor, lstatOrUndefined, openBeneathMaking, openRegular, resolveTrusted } from '../io/safe-fs.js';
 import { intentPathFor, readIntent } from './intent.js';
 import { lockIn, type DestLock } from './lock.js';
 import { manifestPathFor, openManifest } from './manifest-store.js';
@@ -411,11 +411,22 @@ export async function lockHistory(d: Dir, dir: string): Promise<DestLock> {
   }
 }
 
-/** Make the history folder (owner-only) if needed; a symlink or another user's folder is refused. */
-export async function ensureHistoryDir(dir: string): Promise<void> {
+/**
+ * Make the history folder (owner-only) if needed; a symlink or another user's folder is refused.
+ * `within` (qsync --server --restrict DIR): the folders on the way are made from DIR, none through a symlink.
+ */
+export async function ensureHistoryDir(dir: string, within?: string): Promise<void> {
   await checkHistoryPath(dir);
   if (await checkOwnDir(dir, 'backup dir')) return;
-  await mkdir(dir, { recursive: true, mode: 0o700 });
+  if (within === undefined) await mkdir(dir, { recursive: true, mode: 0o700 });
+  else {
+    const parent = await openBeneathMaking(within, relative(within, dirname(dir)));
+    try {
+      await parent.mkdir(basename(dir), 0o700);
+    } finally {
+      await parent.close();
+    }
+  }
   await checkHistoryPath(dir);
   await checkOwnDir(dir, 'backup dir');
   await fsyncDir(dirname(dir));

@@ -62,8 +62,9 @@ function* blocksOf(offset: number, length: number, blockSize: number): Generator
  * end first (the engine writes none there): a delta's result is never larger
  * than its base and its records (checkResultSize), and apply keeps them holes.
  */
-class ForwardRecorder {
+export class ForwardRecorder {
   private grown = false;
+  private ended = false;
 
   constructor(
     private readonly w: DeltaFileWriter,
@@ -97,6 +98,14 @@ class ForwardRecorder {
     await this.grow();
     const { before, after } = this.info.fingerprints();
     await this.w.endMember({ baseFingerprint: before, resultFingerprint: after });
+    this.ended = true;
+  }
+
+  /** A file that failed before its end: its member goes (a batch with a failed file is dropped anyway). */
+  async drop(): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    await this.w.dropMember();
   }
 }
 
@@ -112,7 +121,7 @@ export function forwardDeltaSink(batch: DeltaFileWriter, info: DeltaSinkInfo): B
     writeZeroes: (offset, length) => rec.writeZeroes(offset, length),
     truncate: async () => undefined, // the member's sizes carry the resize
     commit: () => rec.end(),
-    close: async () => undefined,
+    close: () => rec.drop(),
   };
 }
 
@@ -133,7 +142,10 @@ export function teeDeltaSink(target: BlockSink, batch: DeltaFileWriter, info: De
       await target.commit();
       await rec.end();
     },
-    close: () => target.close(),
+    close: async () => {
+      await rec.drop();
+      await target.close();
+    },
   };
 }
 
@@ -187,6 +199,7 @@ export async function reverseDeltaSink(target: LocalFileSink, history: DeltaFile
     if (added) await history.push();
   }
 
+  let ended = false;
   const span = (offset: number, length: number): [number, number] => [Math.floor(offset / blockSize), Math.ceil((offset + length) / blockSize)];
   let size = oldSize;
   return {
@@ -208,12 +221,19 @@ export async function reverseDeltaSink(target: LocalFileSink, history: DeltaFile
       // With the manifest's view, `before` is the manifest's fingerprint: claimed only if every old block matched it.
       const claim = view && before.equals(view.fingerprint) && !vouch ? Buffer.alloc(DIGEST_LEN) : before;
       await history.endMember({ baseFingerprint: after, resultFingerprint: claim });
+      ended = true;
       await history.sync();
       await target.commit();
     },
     close: async () => {
-      await view?.close();
-      await target.close();
+      try {
+        // A file that failed part way: its records are the old content of every block it wrote, kept as a crash's are.
+        if (!ended) await history.endTorn();
+        ended = true;
+      } finally {
+        await view?.close();
+        await target.close();
+      }
     },
   };
 }

@@ -56,8 +56,11 @@ export interface FileSyncContext {
   /** Where sources are read and hashed: this host, or a peer over the wire (src/sync/source.ts). */
   sources: Sources;
   hooks: SyncHooks;
-  /** Wrap the target's sink (deltas: tee, reverse delta); `target` is undefined with recordOnly. */
-  wrapSink?: (target: LocalFileSink | undefined, info: SinkInfo) => Promise<BlockSink> | BlockSink;
+  /**
+   * Wrap the target's sink (deltas: tee, reverse delta); `target` is undefined with recordOnly, and a
+   * LocalFileSink when the target is a file on this host (a remote target's is its wire sink).
+   */
+  wrapSink?: (target: LocalFileSink | BlockSink | undefined, info: SinkInfo) => Promise<BlockSink> | BlockSink;
   /** Where small files wait for their batch's sync (src/sync/small-file.ts); without it every file has a manifest. */
   small?: SmallFileBatch;
 }
@@ -189,10 +192,12 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
   const me = process.getuid?.() ?? 0;
   const readOnlyOwn = me !== 0 && dstStat !== undefined && dstStat.uid === BigInt(me) && !(dstStat.mode & 0o200n);
   const detach = touch && dstStat !== undefined && (dstStat.nlink > 1n || readOnlyOwn);
-  const base = trust.trusted ? manifest!.fingerprint : !dstStat ? emptyFingerprint(blockSize) : undefined;
-  // A delta must name its base: without a trusted manifest, hash the old target while comparing.
-  const baseFp = ctx.wrapSink && !base ? new Fingerprinter(blockSize, oldSize) : undefined;
-  const readTarget = method === 'compare' || baseFp !== undefined;
+  let base = trust.trusted ? manifest!.fingerprint : !dstStat ? emptyFingerprint(blockSize) : undefined;
+  // A delta must name its base: without a trusted manifest, hash the old target while comparing
+  // (a source that cannot read the target beside it, a peer, has it hashed here first, below).
+  const baseFp = ctx.wrapSink && !base && ctx.sources.readsTarget ? new Fingerprinter(blockSize, oldSize) : undefined;
+  const hashFirst = !ctx.sources.readsTarget && (method === 'compare' || (ctx.wrapSink !== undefined && !base));
+  const readTarget = method === 'compare' || baseFp !== undefined || hashFirst;
 
   const source = await ctx.sources.openFile(job.srcDir, job.srcName, srcStat, src);
   let target: LocalFileSink | undefined;
@@ -218,6 +223,10 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
   let writer: StateWriter | undefined;
   let sink: BlockSink;
   const resultFp = touch ? undefined : new Fingerprinter(blockSize, size);
+  // A source that cannot read the target beside it (a peer) compares against the target's digests, hashed here
+  // before anything is written; with deltas their fingerprint is the base the delta names.
+  let scratch: DigestScratch | undefined;
+  let hashed: DigestReader | undefined;
   const info: SinkInfo = {
     relPath,
     blockSize,
@@ -226,10 +235,20 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
     fingerprints: () => ({ before: base ?? baseFp!.digest(), after: writer?.fingerprint ?? resultFp!.digest() }),
   };
   try {
+    if (hashFirst && method === 'compare') {
+      scratch = await DigestScratch.open(`${manifestPath}.compare-digests`);
+      const s = scratch;
+      const fingerprint = await hashFile(targetFh!, oldSize, blockSize, (first, d) => s.set(first, d));
+      hashed = { fingerprint, readDigests: (first, n, out) => s.read(first, n, out) };
+      base ??= fingerprint;
+    } else if (hashFirst) {
+      base = await hashFile(targetFh!, oldSize, blockSize);
+    }
     writer = touch ? await state.begin({ blockSize, oldSize, newSize: size, base: trust.trusted ? manifest : undefined }) : undefined;
     sink = ctx.wrapSink ? await ctx.wrapSink(target, info) : target!;
   } catch (e) {
     // Nothing was written yet: the state gives up, the descriptors close and a temporary copy goes.
+    await scratch?.close(true);
     await writer?.abort();
     await target?.close().catch(() => {});
     if (targetFh !== target?.fh) await targetFh?.close().catch(() => {});
@@ -243,7 +262,6 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
   // where zeros are written only without -S (as rsync allocates them).
   const holeFrom = method !== 'new' ? oldBlocks : opts.sparse ? 0 : Infinity;
 
-  let scratch: DigestScratch | undefined;
   const closeAll = async () => {
     await sink.close().catch(() => {});
     if (targetFh !== target?.fh) await targetFh?.close();
@@ -252,16 +270,9 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
   };
   try {
     ctx.hooks.fileStart?.(relPath, size, method);
-    // A source that cannot read the target beside it (a peer) compares against the target's digests, hashed here first.
-    let old: DigestReader | undefined = method === 'manifest' ? manifest : undefined;
-    let mode: 'manifest' | 'compare' | 'rewrite' = method === 'manifest' || method === 'compare' ? method : 'rewrite';
-    if (method === 'compare' && !ctx.sources.readsTarget) {
-      scratch = await DigestScratch.open(`${manifestPath}.compare-digests`);
-      const s = scratch;
-      const fingerprint = await hashFile(targetFh!, oldSize, blockSize, (first, d) => s.set(first, d));
-      old = { fingerprint, readDigests: (first, n, out) => s.read(first, n, out) };
-      mode = 'manifest';
-    }
+    // A peer compares against the target's digests hashed above.
+    const old: DigestReader | undefined = method === 'manifest' ? manifest : hashed;
+    const mode: 'manifest' | 'compare' | 'rewrite' = hashed ? 'manifest' : method === 'manifest' || method === 'compare' ? method : 'rewrite';
     if (size !== oldSize) await sink.truncate(size);
     const u = trust.unknown;
     const vouched = await source.scan({

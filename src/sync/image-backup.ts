@@ -449,12 +449,12 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     let zeroed = 0;
     try {
       if (c.wrapSink) {
-        // A delta names its base: the manifest's fingerprint, the empty one for a new target, else a hash of the old target.
+        // A delta names its base: the manifest's fingerprint, the empty one for a new target, else a hash of the old target
+        // (a remote target's is hashed where it is: src/remote/remote-target.ts).
         const file = dst.file;
-        if (!file) throw new QsyncError('UNSUPPORTED', `--write-batch and --backup-dir need a target on this host, not ${c.target.shown}`);
-        const before = manifest ? manifest.fingerprint : !c.tStat ? emptyFingerprint(bs) : await hashFile(file.fh, oldSize, bs);
+        const before = manifest ? manifest.fingerprint : !c.tStat ? emptyFingerprint(bs) : file ? await hashFile(file.fh, oldSize, bs) : await dst.hash!(oldSize, bs);
         const info = { relPath: rel, blockSize: bs, oldSize, newSize: size, fingerprints: () => ({ before, after: writer.fingerprint }) };
-        sink = await c.wrapSink(file, info);
+        sink = await c.wrapSink(file ?? dst.sink, info);
       }
       if (size !== oldSize) await sink.truncate(size);
       // Hashed: every block in a full run; else dirty ones, and those the manifest cannot vouch for.

@@ -8,8 +8,9 @@ import { QsyncError } from '../core/errors.js';
 import type { DeltaFileWriter } from '../io/delta-file.js';
 import type { BlockSink } from '../io/types.js';
 import type { Dir } from '../io/safe-fs.js';
+import { checkInside } from '../remote/restrict.js';
 import { ensureHistoryDir, lockHistory, openHistoryDir } from './delta-history.js';
-import { forwardDeltaSink, openBatch, openHistory, reverseDeltaSink, teeDeltaSink } from './delta-sinks.js';
+import { forwardDeltaSink, openBatch, openHistory, reverseDeltaSink, teeDeltaSink, type DeltaSinkInfo } from './delta-sinks.js';
 import type { DestLock } from './lock.js';
 import type { FileSyncContext } from './file-sync.js';
 
@@ -19,6 +20,20 @@ export interface DeltaOptions {
   /** Absolute. */
   backupDir?: string;
   compress: boolean;
+  /** The forward delta is written elsewhere (a push's client, src/remote/batch-relay.ts): each file's member goes there. */
+  relay?: BatchRelay;
+  /** qsync --server --restrict DIR: the history folder is made from DIR one folder at a time and must lie in it. */
+  within?: string;
+}
+
+/** A forward delta recorded on another host: told of each file's member as the engine writes it. */
+export interface BatchRelay {
+  /** --only-write-batch: the target is left alone. */
+  readonly recordOnly: boolean;
+  /** One file's member: a sink around the target's (undefined when record-only), its commit ending the member. */
+  wrap(target: BlockSink | undefined, info: DeltaSinkInfo): BlockSink;
+  /** The run ends: the delta is kept or dropped. */
+  finish(keep: boolean): Promise<void>;
 }
 
 export interface RunDeltas {
@@ -31,7 +46,7 @@ export interface RunDeltas {
 
 export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise<RunDeltas> {
   if (o.writeBatch && o.onlyWriteBatch) throw new QsyncError('USAGE', '--write-batch and --only-write-batch cannot be used together');
-  if (o.onlyWriteBatch && o.backupDir) throw new QsyncError('USAGE', '--backup-dir keeps the old blocks of a target that --only-write-batch leaves alone: use one or the other');
+  if ((o.onlyWriteBatch || o.relay?.recordOnly) && o.backupDir) throw new QsyncError('USAGE', '--backup-dir keeps the old blocks of a target that --only-write-batch leaves alone: use one or the other');
   const compression = o.compress ? 'brotli' : 'none';
   let historyLock: DestLock | undefined;
   let history: DeltaFileWriter | undefined;
@@ -45,9 +60,10 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
     }
   };
   if (o.backupDir) {
-    await ensureHistoryDir(o.backupDir);
+    await ensureHistoryDir(o.backupDir, o.within);
     historyDir = await openHistoryDir(o.backupDir, true);
     try {
+      if (o.within !== undefined) await checkInside(historyDir.self, o.within);
       historyLock = await lockHistory(historyDir, o.backupDir);
       history = await openHistory(historyDir, o.backupDir, startedMs, compression);
     } catch (e) {
@@ -64,15 +80,18 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
       })
     : undefined;
   let historyMembers = 0;
-  const recordOnly = Boolean(o.onlyWriteBatch);
+  const relay = o.relay;
+  const recordOnly = Boolean(o.onlyWriteBatch) || relay?.recordOnly === true;
 
   const wrapSink: FileSyncContext['wrapSink'] = async (target, info) => {
     let sink: BlockSink | undefined = target;
     if (history && target) {
+      if (!('fh' in target)) throw new QsyncError('UNSUPPORTED', '--backup-dir needs a target on this host');
       sink = await reverseDeltaSink(target, history, info);
       historyMembers++;
     }
     if (batch) sink = recordOnly ? forwardDeltaSink(batch, info) : teeDeltaSink(sink!, batch, info);
+    if (relay) sink = relay.wrap(recordOnly ? undefined : sink, info);
     return sink!;
   };
 
@@ -83,11 +102,14 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
   };
   return {
     recordOnly,
-    wrapSink: batch || history ? wrapSink : undefined,
+    wrapSink: batch || history || relay ? wrapSink : undefined,
     async finish(ok) {
       try {
         await close(batch, ok);
-        await close(history, ok && historyMembers > 0);
+        // A failed run's history is kept too: each file it wrote holds the old content of the blocks written (src/sync/delta-sinks.ts).
+        if (history?.inMember) await history.endTorn();
+        await close(history, historyMembers > 0);
+        await relay?.finish(ok);
       } finally {
         await dropHistoryDir();
       }

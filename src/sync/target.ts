@@ -105,6 +105,8 @@ export interface OpenData extends TargetData {
   readonly reader: Pick<BlockSource, 'readAt'>;
   /** The data as a file on this host, when it is one (batch deltas and history read and hash it). */
   readonly file?: LocalFileSink;
+  /** Without `file`: the fingerprint of the first `size` bytes of the data as it is, hashed where it lies (a delta's base). */
+  hash?(size: number, blockSize: number): Promise<Buffer>;
   close(): Promise<void>;
 }
 
