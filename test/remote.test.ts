@@ -187,9 +187,9 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
     const notQsync = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', 'cat', `${src}/`, at('/tmp/nowhere/')]);
     expect(notQsync.code).toBe(12);
     expect(notQsync.stderr).not.toMatch(/internal error/);
-    const h = await runQsync(['-aH', '-e', sshd.rsh, `${src}/`, at('/tmp/nowhere/')]);
-    expect(h.code).toBe(1);
-    expect(h.stderr).toMatch(/-H is not supported with a remote destination/);
+    const m = await runQsync(['-a', '--manifest', join(dir, 'm.qsm'), '-e', sshd.rsh, `${src}/f`, at('/tmp/nowhere/f')]);
+    expect(m.code).toBe(1);
+    expect(m.stderr).toMatch(/--manifest is not supported with a remote destination/);
     const both = await runQsync(['-a', 'a:x', 'b:y']);
     expect(both.code).toBe(1);
     expect(existsSync('/tmp/nowhere')).toBe(false);

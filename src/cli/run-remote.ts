@@ -18,12 +18,10 @@ import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT } from './exit-codes.js';
 import type { Printer } from './output.js';
 import { filterRules, receive } from './run-sync.js';
+import { attrChoice, checkAttrTools } from '../sync/ext-attrs.js';
 
 /** What the receiving end cannot do yet with a peer's files, or on a peer's DEST. */
 const LOCAL_ONLY: [keyof SyncOptions, string][] = [
-  ['hardLinks', '-H'],
-  ['acls', '-A'],
-  ['xattrs', '-X'],
   ['writeBatch', '--write-batch'],
   ['onlyWriteBatch', '--only-write-batch'],
   ['backupDir', '--backup-dir'],
@@ -43,6 +41,8 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   for (const [k, flag] of LOCAL_ONLY) {
     if (o[k]) throw new QsyncError('UNSUPPORTED', `${flag} is not supported with a remote ${to ? 'destination' : 'source'} yet`, { hint: 'run it on the host that holds both sides, or without the option' });
   }
+  // A push reads the ACLs and xattrs here (a pull's receiving end checks in receive()).
+  if (to && (o.acls || o.xattrs)) await checkAttrTools();
   // Filter files are read here, where they were named.
   const rules = await filterRules(o.filters, o.from0);
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
@@ -65,7 +65,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     }
     await ch.send(hello('sender', { blockSize: o.blockSize, compress: o.compress, bwlimit: o.bwlimit }));
     checkHello(await ch.control(), remote.host);
-    const code = await receive(printer, new RemoteSources(ch), from.map((r) => r!.path), dest, { ...o, filters: rules });
+    const code = await receive(printer, new RemoteSources(ch, attrChoice(o)), from.map((r) => r!.path), dest, { ...o, filters: rules });
     await ch.send({ op: 'bye' });
     return code;
   });

@@ -137,7 +137,6 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
     return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
   }
   if (o.bwlimit) printer.warning?.('--bwlimit paces remote transfers only: this local run is not limited');
-  if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot with the first file that is not small (src/sync/small-file.ts): a tree of small files never needs them.
   const pool = new HashPool(o.blockSize);
   try {
@@ -158,6 +157,8 @@ export async function filterRules(rules: readonly FilterRule[], from0 = false): 
 }
 
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, within?: string): Promise<number> {
+  // -A/-X: the tools are here (the receiving end reads its targets' and writes them), before anything is written.
+  if (o.acls || o.xattrs) await checkAttrTools();
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {

@@ -22,6 +22,7 @@ import { restrictedPath } from './restrict.js';
 import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
 import { LocalDestination } from '../sync/local-target.js';
+import { attrChoice } from '../sync/ext-attrs.js';
 import { checkHello, ForwardingPrinter, hello, optionsFromWire } from './session.js';
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
@@ -87,7 +88,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch), operands, dest, o, restrict);
+      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, restrict);
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

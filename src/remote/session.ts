@@ -104,7 +104,7 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
     throw new QsyncError('PROTOCOL', 'protocol error: filter rules');
   }
   // Local-only choices stay the server's own.
-  for (const k of ['stateDir', 'manifest', 'backupDir', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
+  for (const k of ['stateDir', 'manifest', 'backupDir', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh', 'filesFrom', 'logFile'] as const) delete (out as unknown as Record<string, unknown>)[k];
   out.json = false;
   return out;
 }
