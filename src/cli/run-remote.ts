@@ -11,13 +11,13 @@ import { HashPool } from '../hash/pool.js';
 import { Channel } from '../remote/channel.js';
 import { RemoteSources } from '../remote/remote-sources.js';
 import { SourceServer } from '../remote/serve-sources.js';
-import { checkHello, eventsTo, hello, readDone } from '../remote/session.js';
+import { checkHello, eventsTo, hello, readDone, sendFilesFrom } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
 import type { ControlMessage } from '../core/wire.js';
 import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT } from './exit-codes.js';
 import type { Printer } from './output.js';
-import { filterRules, receive } from './run-sync.js';
+import { filterRules, readFilesFrom, receive } from './run-sync.js';
 import { attrChoice, checkAttrTools } from '../sync/ext-attrs.js';
 
 /** What the receiving end cannot do yet with a peer's files, or on a peer's DEST. */
@@ -26,8 +26,6 @@ const LOCAL_ONLY: [keyof SyncOptions, string][] = [
   ['onlyWriteBatch', '--only-write-batch'],
   ['backupDir', '--backup-dir'],
   ['manifest', '--manifest'],
-  ['filesFrom', '--files-from'],
-  ['relative', '-R'],
 ];
 
 export async function syncRemote(shown: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
@@ -45,12 +43,15 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   if (to && (o.acls || o.xattrs)) await checkAttrTools();
   // Filter files are read here, where they were named.
   const rules = await filterRules(o.filters, o.from0);
+  // So is a --files-from list: a pull's receiving end is here and reads it in receive(); a push sends its lines.
+  const listed = to && o.filesFrom !== undefined ? await readFilesFrom(o.filesFrom, o.from0) : undefined;
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
   return withSession(remote, o, { onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 }, async (ch) => {
     printer = countingWire(printer, ch);
     if (to) {
-      await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }) }));
+      await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), filesFrom: listed && o.filesFrom }));
       checkHello(await ch.control(), remote.host);
+      if (listed) await sendFilesFrom(ch, listed);
       const pool = new HashPool(o.blockSize);
       pool.warm();
       let last;

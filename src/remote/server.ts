@@ -15,7 +15,7 @@ import { HashPool } from '../hash/pool.js';
 import { setStateBase } from '../sync/state-dir.js';
 import { parseArgv } from '../cli/args.js';
 import { exitCodeFor } from '../cli/exit-codes.js';
-import { receive, type CliIO } from '../cli/run-sync.js';
+import { MAX_FILES_FROM, receive, type CliIO } from '../cli/run-sync.js';
 import { Channel, errorMessage } from './channel.js';
 import { RemoteSources } from './remote-sources.js';
 import { restrictedPath } from './restrict.js';
@@ -23,7 +23,7 @@ import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
 import { LocalDestination } from '../sync/local-target.js';
 import { attrChoice } from '../sync/ext-attrs.js';
-import { checkHello, ForwardingPrinter, hello, optionsFromWire } from './session.js';
+import { checkHello, ForwardingPrinter, hello, optionsFromWire, receiveFilesFrom } from './session.js';
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
   let restrict: string | undefined;
@@ -85,10 +85,12 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
     const dest = await restrictedPath(h.dest, restrict);
     await ch.send(hello('receiver', {}));
+    // --files-from: the client read its list and sends the lines (this end reads no list of its own).
+    const filesFrom = typeof h.filesFrom === 'string' ? { name: h.filesFrom, lines: await receiveFilesFrom(ch, MAX_FILES_FROM) } : undefined;
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, restrict);
+      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, restrict, filesFrom);
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

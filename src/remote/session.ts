@@ -37,6 +37,46 @@ export function checkHello(m: ControlMessage, peer: string): void {
   }
 }
 
+/** A page of a --files-from list: names up to about this many characters a message (the control limit is 4 MiB). */
+const LIST_PAGE_CHARS = 1 << 20;
+
+/**
+ * A push with --files-from: the list, read where the user named it, goes
+ * to the receiving server (which runs the walk) after the hellos, as
+ * `files-from {names}` pages and `files-from-end`.
+ */
+export async function sendFilesFrom(ch: Channel, names: string[]): Promise<void> {
+  let page: string[] = [];
+  let chars = 0;
+  for (const n of names) {
+    if (page.length && chars + n.length > LIST_PAGE_CHARS) {
+      await ch.send({ op: 'files-from', names: page });
+      page = [];
+      chars = 0;
+    }
+    page.push(n);
+    chars += n.length + 8;
+  }
+  if (page.length) await ch.send({ op: 'files-from', names: page });
+  await ch.send({ op: 'files-from-end' });
+}
+
+/** The receiving server's side of sendFilesFrom: at most `max` characters of names in all. */
+export async function receiveFilesFrom(ch: Channel, max: number): Promise<string[]> {
+  const names: string[] = [];
+  let chars = 0;
+  for (;;) {
+    const m = await ch.control();
+    if (m.op === 'files-from-end') return names;
+    if (m.op !== 'files-from' || !Array.isArray(m.names) || !m.names.every((n) => typeof n === 'string')) throw protocolError(`expected a page of the files-from list, got "${m.op}"`);
+    for (const n of m.names as string[]) {
+      chars += n.length + 1;
+      if (chars > max) throw new QsyncError('USAGE', `the files-from list is over ${max} bytes`, { hint: 'split it into several runs' });
+      names.push(n);
+    }
+  }
+}
+
 const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'warning'] as const;
 type Hook = (typeof HOOKS)[number];
 

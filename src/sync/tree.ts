@@ -335,7 +335,8 @@ export class TreeSync {
         if (errnoOf(e) !== 'ENOENT') throw e;
         // rsync's words for a listed name that is not there.
         this.partial = true;
-        this.hooks.warning?.(`link_stat "${join(resolve(base), rel)}" failed: No such file or directory (2)`, rel);
+        // A peer's base is its path there, as given (this side cannot resolve it).
+        this.hooks.warning?.(`link_stat "${join(this.ctx.sources.remote ? base : resolve(base), rel)}" failed: No such file or directory (2)`, rel);
         return;
       }
       if (this.filter.excluded(rel, st.isDirectory()) || this.isStateBase(st)) return;
