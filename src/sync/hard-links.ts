@@ -46,6 +46,8 @@ interface Base {
   operand: string;
   whole: boolean;
   prefix: string;
+  /** A --files-from or -R list's folder: DEST's root is not one of its folders unless listed (its times are the list's). */
+  list?: boolean;
 }
 
 /** A base reopened: its folder, and the operand's name in it (not `whole`). */
@@ -118,6 +120,11 @@ export class HardLinks {
   /** A transfer starts: its members are reached later through its operand. */
   transfer(t: Transfer): void {
     this.bases.push({ operand: t.operand, whole: t.destRel === '', prefix: t.destRel });
+  }
+
+  /** A --files-from or -R list starts: its names are below `base`, as they are below DEST. */
+  list(base: string): void {
+    this.bases.push({ operand: base, whole: true, prefix: '', list: true });
   }
 
   /** The source path of member `rel` of transfer `t`, below its reopened base. */
@@ -314,7 +321,7 @@ export class HardLinks {
   private async refreshFolders(host: HardLinkHost, base: (t: number) => Promise<OpenBase>): Promise<void> {
     for (const [rel, t] of this.touched) {
       // The destination root is a folder of the transfer only when the contents of a folder land in it.
-      if (rel === '' && !this.bases[t]!.whole) continue;
+      if (rel === '' && (!this.bases[t]!.whole || this.bases[t]!.list)) continue;
       try {
         const root = await base(t);
         const at = await sourceFolder(root.dir, this.srcRel(t, root, rel));

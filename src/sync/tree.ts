@@ -272,6 +272,7 @@ export class TreeSync {
       this.fail(e, base);
       return;
     }
+    this.links?.list(base);
     try {
       for (const n of names) {
         const parts = n.rel ? n.rel.split('/') : [];
