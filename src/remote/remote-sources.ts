@@ -5,7 +5,9 @@
  * time, in the walk's order; a scan streams back only the blocks the plan
  * writes, each checked against the digest that came with it, and ends with
  * the fingerprint of the source's digests, which the engine checks before
- * it commits a manifest (docs/FORMATS.md "Wire protocol").
+ * it commits a manifest (docs/FORMATS.md "Wire protocol"). With -A/-X a
+ * folder answers SourceDir.attrs from what the peer read and sent, each
+ * attribute checked against the wire's bounds before the engine sees it.
  */
 import type { BigIntStats } from 'node:fs';
 import { blockCount, blockLength } from '../core/geometry.js';

@@ -6,7 +6,9 @@
  * itself: read and hashed on the local worker pool, planned against the
  * target's old digests (from its verified cache when it has them, else sent
  * once by the peer), and only the blocks the plan writes go back
- * (docs/FORMATS.md "Wire protocol").
+ * (docs/FORMATS.md "Wire protocol"). With -A/-X a listing carries each
+ * entry's ACLs and xattrs, read here through descriptors as a local run
+ * reads them (src/sync/ext-attrs.ts), within the wire's bounds.
  *
  * With `restrict` (qsync --server --restrict DIR) every operand is a path
  * inside DIR: absolute paths and `..` are refused, and what an operand opens

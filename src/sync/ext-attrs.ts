@@ -179,7 +179,7 @@ export class AttrPair {
       await this.owner.write(this.heldDst.fd, this.src, this.dst ?? new Map(), this.kind, this.heldDst.path);
       return;
     }
-    const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
+    const now = at && (await openNode({ ...at, sameInode: false }));
     if (!now) return;
     const nowSt = await now.stat({ bigint: true });
     if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
@@ -199,7 +199,6 @@ export class AttrPair {
 
 /** Entries read per getfattr run by prefetch (each one descriptor passed to it). */
 export const ATTR_BATCH = 64;
-const BATCH = ATTR_BATCH;
 
 export interface Cached {
   dev: bigint;
@@ -236,11 +235,6 @@ export class ExtAttrs {
     return pick(a) !== pick(b);
   }
 
-  /** An O_PATH descriptor of `name` in `dir`, checked to be of `expect`'s type (and, `sameInode`, its inode). */
-  openNode(n: { dir: Dir; name: string; expect: BigIntStats; sameInode: boolean }): Promise<FileHandle> {
-    return openNode(n);
-  }
-
   /**
    * Read the source's attributes and the target's (when it exists: `dst`)
    * before the target is touched. The source must still be the inode listed
@@ -249,10 +243,10 @@ export class ExtAttrs {
   async read(src: Node | SourceAttrs, dst: Node | undefined, kind: AttrPair['kind']): Promise<AttrPair> {
     // Read ahead from the very inode listed: no need to reach it again.
     const early = 'attrs' in src ? src.attrs : 'held' in src ? undefined : this.cached(src.dir, src.name, src.expect);
-    const srcFh = 'attrs' in src || 'held' in src || early ? undefined : await this.openNode({ ...src, sameInode: true });
+    const srcFh = 'attrs' in src || 'held' in src || early ? undefined : await openNode({ ...src, sameInode: true });
     let dstFh: FileHandle | undefined;
     try {
-      dstFh = dst && !('held' in dst) ? await this.openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
+      dstFh = dst && !('held' in dst) ? await openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
       const dstSt = await dstFh?.stat({ bigint: true });
       const dstEarly = dstSt && dst && !('held' in dst) ? this.cached(dst.dir, dst.name, dstSt) : undefined;
       const fds: number[] = [];
@@ -286,7 +280,7 @@ export class ExtAttrs {
 
   /**
    * Read the attributes of the entries `names` of `dir` (a folder being
-   * walked) ahead, up to BATCH per getfattr run, each through its own
+   * walked) ahead, up to ATTR_BATCH per getfattr run, each through its own
    * descriptor: read() then runs nothing for them. Best effort: what cannot
    * be read ahead is read one by one later.
    */
@@ -294,9 +288,9 @@ export class ExtAttrs {
     if (!dir) return;
     const cached = new Map<string, Cached>();
     this.cache.set(dir, cached);
-    for (let i = 0; i < names.length; i += BATCH) {
+    for (let i = 0; i < names.length; i += ATTR_BATCH) {
       // A batch that fails is read one by one instead, later.
-      const got = await readEntryAttrs(dir, names.slice(i, i + BATCH)).catch(() => new Map<string, Cached>());
+      const got = await readEntryAttrs(dir, names.slice(i, i + ATTR_BATCH)).catch(() => new Map<string, Cached>());
       for (const [name, c] of got) cached.set(name, c);
     }
   }
@@ -342,7 +336,7 @@ export class ExtAttrs {
     }
   }
 
-  /** New inodes waiting for their attributes (held by descriptor): read back and written BATCH at a time. */
+  /** New inodes waiting for their attributes (held by descriptor): read back and written ATTR_BATCH at a time. */
   private readonly pending: { fh: FileHandle; src: AttrMap; kind: AttrPair['kind']; shown: string; cur?: AttrMap }[] = [];
 
   /**
@@ -354,7 +348,7 @@ export class ExtAttrs {
     const w = cur && this.diff(fh.fd, src, cur, kind, shown);
     if (w && !w.set.length && !w.remove.length) return void (await fh.close());
     this.pending.push({ fh, src, kind, shown, cur });
-    if (this.pending.length >= BATCH) await this.flush();
+    if (this.pending.length >= ATTR_BATCH) await this.flush();
   }
 
   /**
