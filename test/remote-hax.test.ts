@@ -65,6 +65,15 @@ describe.skipIf(!ready)('-aHAX over ssh gives what rsync -aHAX over ssh gives', 
         for (const d of [rs, qs]) relinkTargets(d);
       }
       if (round === 2) attrsOnly(src);
+      {
+        // -n says the same and changes nothing.
+        const before = round === 0 ? undefined : snapshot(qs, { dirTimes: true });
+        const dry = await runQsync(['-aHAX', '-n', '-i', '-e', sshd.rsh, '--qsync-path', serverCmd, ...operands(qs)]);
+        expect(dry.code, dry.stderr).toBe(0);
+        const rdry = sh('rsync', '-aHAX', '-n', '-i', '-e', sshd.rsh, ...operands(rs)).replace(/^<f/gm, '>f');
+        expect(lines(dry.stdout).filter((l) => l !== NOTICE), `round ${round} -n`).toEqual(lines(rdry));
+        if (before) expect(snapshot(qs, { dirTimes: true })).toEqual(before);
+      }
       // rsync marks a file it sends `<` in a push; qsync prints the receiving end's `>` either way (left as is).
       const r = sh('rsync', '-aHAX', '-i', '-e', sshd.rsh, ...operands(rs)).replace(/^<f/gm, '>f');
       const q = await runQsync(['-aHAX', '-i', '-e', sshd.rsh, '--qsync-path', serverCmd, ...operands(qs)]);
