@@ -4,9 +4,9 @@
  * ends. Bytes through the channel are counted at the ssh command (an -e
  * wrapper), the way a user would measure them.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync, closeSync } from 'node:fs';
+import { existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -187,9 +187,9 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
     const notQsync = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', 'cat', `${src}/`, at('/tmp/nowhere/')]);
     expect(notQsync.code).toBe(12);
     expect(notQsync.stderr).not.toMatch(/internal error/);
-    const h = await runQsync(['-aH', '-e', sshd.rsh, `${src}/`, at('/tmp/nowhere/')]);
-    expect(h.code).toBe(1);
-    expect(h.stderr).toMatch(/-H is not supported with a remote destination/);
+    const m = await runQsync(['-a', '--manifest', join(dir, 'm.qsm'), '-e', sshd.rsh, `${src}/f`, at('/tmp/nowhere/f')]);
+    expect(m.code).toBe(1);
+    expect(m.stderr).toMatch(/--manifest is not supported with a remote destination/);
     const both = await runQsync(['-a', 'a:x', 'b:y']);
     expect(both.code).toBe(1);
     expect(existsSync('/tmp/nowhere')).toBe(false);
@@ -287,6 +287,36 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
     const p = await via([`${restricted.host}:vm1/`, `${back}/`]);
     expect(p.code, p.stderr).toBe(0);
     expectSameTree(src, back);
+  });
+
+  it.skipIf(!needTools('getfattr', 'setfattr', 'getfacl', 'setfacl') || process.getuid?.() !== 0)('-aHAX and --files-from push below DIR and pull back: links, ACLs and xattrs arrive, nothing lands outside', async () => {
+    const src = join(dir, 'r-hax');
+    mkdirSync(join(src, 'd'), { recursive: true });
+    writeFileSync(join(src, 'a'), 'linked\n');
+    linkSync(join(src, 'a'), join(src, 'd/b'));
+    execFileSync('setfattr', ['-n', 'user.note', '-v', 'kept', join(src, 'a')]);
+    execFileSync('setfacl', ['-m', 'u:1234:r', join(src, 'd/b')]);
+    execFileSync('setfacl', ['-d', '-m', 'g:4321:rx', join(src, 'd')]);
+    const list = join(dir, 'r-hax-list');
+    writeFileSync(list, 'a\nd/b\n');
+    const attrsOf = (p: string) => execFileSync('getfattr', ['--absolute-names', '-d', '-m', '-', '-e', 'base64', p], { encoding: 'utf8' }).replace(/^# file: .*\n/m, '');
+    const check = (d: string) => {
+      expect(lstatSync(join(d, 'd/b')).ino).toBe(lstatSync(join(d, 'a')).ino);
+      expect(attrsOf(join(d, 'a'))).toBe(attrsOf(join(src, 'a')));
+      expect(attrsOf(join(d, 'd'))).toBe(attrsOf(join(src, 'd')));
+      expect(attrsOf(join(d, 'a'))).toMatch(/user\.note=0sa2VwdA==/);
+    };
+    for (const extra of [[], [`--files-from=${list}`]]) {
+      const at = extra.length ? 'vm3' : 'vm2';
+      const r = await via(['-HAX', ...extra, `${src}/`, `${restricted.host}:${at}/`]);
+      expect(r.code, r.stderr).toBe(0);
+      check(join(root, at));
+      const back = join(dir, `r-hax-back-${at}`);
+      const p = await via(['-HAX', ...extra, `${restricted.host}:${at}/`, `${back}/`]);
+      expect(p.code, p.stderr).toBe(0);
+      check(back);
+    }
+    expect(readdirSync(outside)).toEqual(['secret']);
   });
 
   it.each([

@@ -371,6 +371,14 @@ const cases: OptCase[] = [
     list: 'd/x.tmp\nd/y\ntop.tmp\n',
   },
   {
+    name: '--files-from -H: listed names that are links of one another are linked, as rsync links them',
+    flags: ['-aH', '-i', '--files-from=LIST'],
+    setup: 'mkdir d e; echo x > a; ln a d/b; ln a e/c; echo y > f; ln f g',
+    list: 'a\nd/b\ne/\nf\n',
+    rounds: 2,
+  },
+  { name: '-R -H: operands that are links of one another are linked', flags: ['-aH', '-i', '-R'], setup: 'mkdir -p d/e; echo x > a; ln a d/e/b', sources: ['SRC/./a', 'SRC/./d/e/b'] },
+  {
     name: '--files-from with one file and a DEST that is no folder: DEST is that file',
     flags: ['-a', '-i', '--files-from=LIST'],
     setup: 'echo 5 > top; mkdir d; touch d/x',

@@ -6,7 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
 import { QsyncError } from '../src/core/errors.js';
-import { encodeControl, encodeData, encodeDigests, encodeZero, FRAME, WireDecoder, type WireFrame } from '../src/core/wire.js';
+import { attrPairsProblem, encodeControl, encodeData, encodeDigests, encodeZero, FRAME, MAX_ATTR_VALUE, MAX_ENTRY_ATTRS, WireDecoder, type WireFrame } from '../src/core/wire.js';
 
 const D = 32;
 
@@ -119,5 +119,24 @@ describe('wire codec', () => {
         expect((e as QsyncError).code).toBe('PROTOCOL');
       }
     }
+  });
+});
+
+describe('-A/-X attribute pairs on the wire', () => {
+  const b64 = (n: number) => `0s${Buffer.alloc(n, 7).toString('base64')}`;
+  it('takes what getfattr prints: quoted names, base64 values up to 64 KiB, empty values', () => {
+    expect(attrPairsProblem([['user.odd\\075name with space', b64(10)], ['user.\\377x\tz', '""'], ['system.posix_acl_access', b64(28)], ['trusted.big', b64(MAX_ATTR_VALUE)]])).toBeUndefined();
+  });
+  it.each([
+    ['a value one byte over 64 KiB', [['user.a', b64(MAX_ATTR_VALUE + 1)]], /at most 65536 bytes/],
+    ['a value that is not base64', [['user.a', 'plain text']], /not base64/],
+    ['a name with a newline (another line of setfattr\'s input)', [['user.a\n# file: /proc/self/fd/4', '""']], /that is not one/],
+    ['a name with "=" unquoted', [['user.a=b', '""']], /that is not one/],
+    ['a name outside the kernel\'s namespaces', [['# file: x', '""']], /that is not one/],
+    ['a name twice', [['user.a', '""'], ['user.a', '""']], /twice/],
+    ['more than 1 MiB for one entry', Array.from({ length: 17 }, (_, i) => [`user.n${i}`, b64(MAX_ATTR_VALUE)]), new RegExp(`more than ${MAX_ENTRY_ATTRS} bytes`)],
+    ['not pairs', [['user.a']], /not a \[name, value\] pair/],
+  ])('refuses %s', (_what, pairs, why) => {
+    expect(attrPairsProblem(pairs)).toMatch(why);
   });
 });

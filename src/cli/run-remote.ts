@@ -14,22 +14,18 @@ import { RemoteSources } from '../remote/remote-sources.js';
 import { resolveTrusted } from '../io/safe-fs.js';
 import { openBatch } from '../sync/delta-sinks.js';
 import { SourceServer } from '../remote/serve-sources.js';
-import { checkFeatures, checkHello, eventsTo, hello, readDone, type Feature } from '../remote/session.js';
+import { checkFeatures, checkHello, eventsTo, hello, readDone, sendFilesFrom, type Feature } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
 import type { ControlMessage } from '../core/wire.js';
 import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT } from './exit-codes.js';
 import type { Printer } from './output.js';
-import { filterRules, receive } from './run-sync.js';
+import { filterRules, readFilesFrom, receive } from './run-sync.js';
+import { attrChoice, checkAttrTools } from '../sync/ext-attrs.js';
 
 /** What the receiving end cannot do yet with a peer's files, or on a peer's DEST. */
 const LOCAL_ONLY: [keyof SyncOptions, string][] = [
-  ['hardLinks', '-H'],
-  ['acls', '-A'],
-  ['xattrs', '-X'],
   ['manifest', '--manifest'],
-  ['filesFrom', '--files-from'],
-  ['relative', '-R'],
 ];
 
 export async function syncRemote(shown: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
@@ -43,8 +39,12 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   for (const [k, flag] of LOCAL_ONLY) {
     if (o[k]) throw new QsyncError('UNSUPPORTED', `${flag} is not supported with a remote ${to ? 'destination' : 'source'} yet`, { hint: 'run it on the host that holds both sides, or without the option' });
   }
+  // A push reads the ACLs and xattrs here (a pull's receiving end checks in receive()).
+  if (to && (o.acls || o.xattrs)) await checkAttrTools();
   // Filter files are read here, where they were named.
   const rules = await filterRules(o.filters, o.from0);
+  // So is a --files-from list: a pull's receiving end is here and reads it in receive(); a push sends its lines.
+  const listed = to && o.filesFrom !== undefined ? await readFilesFrom(o.filesFrom, o.from0) : undefined;
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
   return withSession(remote, o, { onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 }, async (ch) => {
     printer = countingWire(printer, ch);
@@ -53,13 +53,14 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       const batch = await openPushBatch(o);
       let done: ReturnType<typeof readDone> | undefined;
       try {
-        await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write') }));
+        await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom }));
         const h = await ch.control();
         checkHello(h, remote.host);
         const wanted: [Feature, string][] = [];
         if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
         if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
         checkFeatures(h, wanted, remote.host);
+        if (listed) await sendFilesFrom(ch, listed);
         const pool = new HashPool(o.blockSize);
         pool.warm();
         let last;
@@ -82,7 +83,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
     }
     await ch.send(hello('sender', { blockSize: o.blockSize, compress: o.compress, bwlimit: o.bwlimit }));
     checkHello(await ch.control(), remote.host);
-    const code = await receive(printer, new RemoteSources(ch), from.map((r) => r!.path), dest, { ...o, filters: rules });
+    const code = await receive(printer, new RemoteSources(ch, attrChoice(o)), from.map((r) => r!.path), dest, { ...o, filters: rules });
     await ch.send({ op: 'bye' });
     return code;
   });

@@ -13,7 +13,7 @@ import { checkInside, historyPath } from '../remote/restrict.js';
 import type { BatchRelay } from '../sync/run-deltas.js';
 import { readUpTo } from '../io/local-file.js';
 import { decodeName, Dir, fsPath, lstatOrUndefined, openBeneathMaking, resolveTrusted } from '../io/safe-fs.js';
-import { listedName, relativeOperand, splitFilesFrom, type ListedName } from '../core/files-from.js';
+import { listedName, relativeOperand, splitFilesFrom } from '../core/files-from.js';
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
@@ -66,7 +66,7 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
 }
 
 /** At most this much of a --files-from list is read. */
-const MAX_FILES_FROM = 256 << 20;
+export const MAX_FILES_FROM = 256 << 20;
 
 /** A file of names or patterns the user gave (`what`: "exclude-from file", ...), read whole, at most `max` bytes. */
 async function readListFile(path: string, what: string, max: number): Promise<Buffer> {
@@ -110,12 +110,12 @@ async function readStdin(max: number, what: string): Promise<Buffer> {
 }
 
 /**
- * The names of a --files-from list, as rsync reads them
+ * The lines of a --files-from list, as rsync reads them
  * (src/core/files-from.ts); names are bytes, decoded as names are.
  */
-async function readFilesFrom(path: string, from0: boolean): Promise<ListedName[]> {
+export async function readFilesFrom(path: string, from0: boolean): Promise<string[]> {
   const bytes = path === '-' ? await readStdin(MAX_FILES_FROM, 'files-from list') : await readListFile(path, 'files-from list', MAX_FILES_FROM);
-  return splitFilesFrom(decodeName(bytes), from0).map((line) => listedName(line, path));
+  return splitFilesFrom(decodeName(bytes), from0);
 }
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
@@ -138,7 +138,6 @@ async function syncWith(printer: Printer, operands: string[], dest: string, o: S
     return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
   }
   if (o.bwlimit) printer.warning?.('--bwlimit paces remote transfers only: this local run is not limited');
-  if (o.acls || o.xattrs) await checkAttrTools();
   // The hash workers boot with the first file that is not small (src/sync/small-file.ts): a tree of small files never needs them.
   const pool = new HashPool(o.blockSize);
   try {
@@ -160,15 +159,20 @@ export async function filterRules(rules: readonly FilterRule[], from0 = false): 
 
 /**
  * What the receiving end of a push (qsync --server) adds: `within`, the --restrict DIR every path must lie in;
- * `relay`, the client's --write-batch/--only-write-batch, which it writes itself from what this side says.
+ * `relay`, the client's --write-batch/--only-write-batch, which it writes itself from what this side says;
+ * `filesFrom`, the lines of a --files-from list read by the client (the server reads no list of its own), and
+ * the list's name.
  */
 export interface FarEnd {
   within?: string;
   relay?: BatchRelay;
+  filesFrom?: { name: string; lines: string[] };
 }
 
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, far: FarEnd = {}): Promise<number> {
-  const { within } = far;
+  const { within, filesFrom } = far;
+  // -A/-X: the tools are here (the receiving end reads its targets' and writes them), before anything is written.
+  if (o.acls || o.xattrs) await checkAttrTools();
   const sources: { operand: string; stat: BigIntStats }[] = [];
   let missing = false;
   for (const operand of operands) {
@@ -191,9 +195,10 @@ export async function receive(printer: Printer, from: Sources, operands: string[
 
   if (o.mkpath) await makePath(printer, dest, sources, o);
   const destStat = await statOrUndefined(dest);
+  const list = filesFrom ?? (o.filesFrom === undefined ? undefined : { name: o.filesFrom, lines: await readFilesFrom(o.filesFrom, o.from0) });
   const plan =
-    o.filesFrom !== undefined
-      ? await listPlan(o.filesFrom, sources, dest, destStat, from, o.from0)
+    list !== undefined
+      ? await listPlan(list, sources, dest, destStat, from)
       : o.relative
         ? relativePlan(printer, sources, dest, destStat, o)
         : planOperands(sources, dest, destStat);
@@ -251,12 +256,12 @@ export async function receive(printer: Printer, from: Sources, operands: string[
  * folder; a list of one file (no folder on its way) is copied as one file
  * operand would be, to DEST itself when DEST is no folder, as rsync does.
  */
-async function listPlan(list: string, sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined, from: Sources, from0: boolean): Promise<Plan> {
+async function listPlan(list: { name: string; lines: string[] }, sources: { operand: string; stat: BigIntStats }[], dest: string, destStat: BigIntStats | undefined, from: Sources): Promise<Plan> {
   if (sources.length !== 1 || !sources[0]!.stat.isDirectory()) {
     throw new QsyncError('USAGE', '--files-from takes one SRC, the folder the names in the list are relative to', { hint: 'qsync --files-from=LIST SRC/ DEST/' });
   }
   const base = sources[0]!.operand;
-  const names = await readFilesFrom(list, from0);
+  const names = list.lines.map((line) => listedName(line, list.name));
   const only = names.length === 1 && !names[0]!.dotDir && names[0]!.rel && !names[0]!.rel.includes('/') ? join(base, names[0]!.rel) : undefined;
   const st = only === undefined ? undefined : await from.statOperand(only).catch(() => undefined);
   if (st && !st.isDirectory()) return planOperands([{ operand: only!, stat: st }], dest, destStat);

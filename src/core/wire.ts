@@ -57,6 +57,56 @@ export function fieldInt(m: Record<string, unknown>, k: string, min = 0): number
   return v;
 }
 
+/** -A/-X over the wire: one attribute value at most this many bytes (Linux's XATTR_SIZE_MAX). */
+export const MAX_ATTR_VALUE = 64 << 10;
+/** Names and values (as sent) of one entry's attributes together, at most. */
+export const MAX_ENTRY_ATTRS = 1 << 20;
+/** One name, as getfattr quotes it (a byte as `\ooo` at most: 4 × XATTR_NAME_MAX). */
+const MAX_ATTR_NAME = 1020;
+/**
+ * A name as getfattr prints it and setfattr reads it back: a kernel
+ * namespace, then printable ASCII (space and tab included) without `=` or
+ * `\`, which come as `\ooo` escapes, as every byte past 0x7f does.
+ */
+const ATTR_NAME = /^(?:user|trusted|security|system)\.(?:[\t\x20-\x3c\x3e-\x5b\x5d-\x7e]|\\[0-3][0-7]{2})+$/;
+/** A value as getfattr -e base64 prints it (`""`: empty). */
+const ATTR_VALUE = /^(?:""|0s[A-Za-z0-9+/]+={0,2})$/;
+
+/** The decoded length of a value checked by ATTR_VALUE. */
+const valueBytes = (v: string): number => (v === '""' ? 0 : Math.floor(((v.length - 2) * 3) / 4) - (v.endsWith('==') ? 2 : v.endsWith('=') ? 1 : 0));
+
+/**
+ * Why a list of [name, value] attribute pairs cannot travel (or be taken
+ * from a peer): undefined when it can. Each name once; bounds above. These
+ * pairs end up as lines of setfattr's --restore input, so nothing that
+ * could start another line or section there passes.
+ */
+export function attrPairsProblem(pairs: unknown): string | undefined {
+  if (!Array.isArray(pairs)) return 'attributes that are not a list';
+  const seen = new Set<string>();
+  let total = 0;
+  for (const p of pairs as unknown[]) {
+    if (!Array.isArray(p) || p.length !== 2 || typeof p[0] !== 'string' || typeof p[1] !== 'string') return 'an attribute that is not a [name, value] pair';
+    const [name, value] = p as [string, string];
+    if (name.length > MAX_ATTR_NAME || !ATTR_NAME.test(name)) return `an attribute name ${JSON.stringify(name.slice(0, 80))} that is not one`;
+    if (seen.has(name)) return `the attribute ${name} twice`;
+    seen.add(name);
+    if (value.length > 2 + Math.ceil(MAX_ATTR_VALUE / 3) * 4 || !ATTR_VALUE.test(value) || valueBytes(value) > MAX_ATTR_VALUE) {
+      return `a value of the attribute ${name} that is not base64 of at most ${MAX_ATTR_VALUE} bytes (${value.length} characters)`;
+    }
+    total += name.length + value.length;
+    if (total > MAX_ENTRY_ATTRS) return `attributes of more than ${MAX_ENTRY_ATTRS} bytes for one entry`;
+  }
+  return undefined;
+}
+
+/** A peer's attribute pairs, checked (attrPairsProblem): anything else ends the run. */
+export function attrPairsFromWire(pairs: unknown, of: string): [string, string][] {
+  const problem = attrPairsProblem(pairs);
+  if (problem) throw bad(`${problem} (for ${of})`);
+  return pairs as [string, string][];
+}
+
 function header(type: number, bodyLength: number): Buffer {
   const h = Buffer.alloc(5);
   h.writeUInt32LE(1 + bodyLength, 0);

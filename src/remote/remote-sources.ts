@@ -5,13 +5,17 @@
  * time, in the walk's order; a scan streams back only the blocks the plan
  * writes, each checked against the digest that came with it, and ends with
  * the fingerprint of the source's digests, which the engine checks before
- * it commits a manifest (docs/FORMATS.md "Wire protocol").
+ * it commits a manifest (docs/FORMATS.md "Wire protocol"). With -A/-X a
+ * folder answers SourceDir.attrs from what the peer read and sent, each
+ * attribute checked against the wire's bounds before the engine sees it.
  */
 import type { BigIntStats } from 'node:fs';
 import { blockCount, blockLength } from '../core/geometry.js';
 import type { WriteRun } from '../core/plan.js';
 import { inflateRawSync } from 'node:zlib';
-import { encodeDigests, protocolError, type ControlMessage } from '../core/wire.js';
+import { attrPairsFromWire, encodeDigests, protocolError, type ControlMessage } from '../core/wire.js';
+import type { AttrMap } from '../io/attr-tool.js';
+import type { AttrChoice } from '../sync/ext-attrs.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { isEntryName } from '../io/safe-fs.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
@@ -38,7 +42,11 @@ export class RemoteSources implements Sources {
   readonly remote = true;
   readonly readsTarget = false;
 
-  constructor(readonly ch: Channel) {}
+  /** `attrs` (-A/-X): the peer sends what it read of each entry's ACLs and xattrs with its listing. */
+  constructor(
+    readonly ch: Channel,
+    readonly attrs?: AttrChoice,
+  ) {}
 
   /** One request, one answer ("ok", or the peer's error raised here). */
   async call(msg: ControlMessage): Promise<ControlMessage> {
@@ -51,14 +59,14 @@ export class RemoteSources implements Sources {
   }
 
   async openOperand(operand: string): Promise<SourceDir> {
-    const r = await this.call({ op: 'open-operand', operand });
-    return new RemoteDir(this, handle(r.h), String(r.path), r.st);
+    const r = await this.call({ op: 'open-operand', operand, attrs: this.attrs });
+    return new RemoteDir(this, handle(r.h), String(r.path), r);
   }
 
   async openParent(operand: string): Promise<{ dir: SourceDir; name: string }> {
     const r = await this.call({ op: 'open-parent', operand });
     if (typeof r.name !== 'string') throw bad('open-parent without a name');
-    return { dir: new RemoteDir(this, handle(r.h), String(r.path), r.st), name: r.name };
+    return { dir: new RemoteDir(this, handle(r.h), String(r.path), r), name: r.name };
   }
 
   async checkUsable(): Promise<void> {
@@ -72,6 +80,12 @@ export class RemoteSources implements Sources {
   }
 }
 
+/** An entry's attributes as the peer sent them (`xa`, checked), or why it could not read them (`xaError`); undefined: not sent. */
+function attrsOf(m: Record<string, unknown>, of: string): AttrMap | Error | undefined {
+  if (m.xaError !== undefined) return remoteError(m.xaError as ControlMessage);
+  return m.xa === undefined ? undefined : new Map(attrPairsFromWire(m.xa, of));
+}
+
 function handle(v: unknown): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw bad('a bad handle');
   return v;
@@ -80,17 +94,21 @@ function handle(v: unknown): number {
 class RemoteDir implements SourceDir {
   /** lstat of each entry, from the last listing: the walk lists a folder, then stats its entries. */
   private listed = new Map<string, BigIntStats | Error>();
+  /** -A/-X: each entry's attributes from the last listing, with the stat they go with. */
+  private listedAttrs = new Map<string, { st: BigIntStats; attrs: AttrMap | Error }>();
 
-  /** The folder's stat as it was opened (sent with the handle). */
+  /** The folder's stat as it was opened (sent with the handle), and with -A/-X its attributes. */
   private readonly opened?: BigIntStats;
+  private readonly openedAttrs?: AttrMap | Error;
 
   constructor(
     private readonly peer: RemoteSources,
     readonly h: number,
     readonly path: string,
-    st?: unknown,
+    answer: Record<string, unknown> = {},
   ) {
-    this.opened = st === undefined ? undefined : stats(st);
+    this.opened = answer.st === undefined ? undefined : stats(answer.st);
+    this.openedAttrs = attrsOf(answer, path);
   }
 
   shown(name: string): string {
@@ -103,8 +121,9 @@ class RemoteDir implements SourceDir {
   }
 
   async readdir(): Promise<string[]> {
-    await this.peer.ch.send({ op: 'list', h: this.h });
+    await this.peer.ch.send({ op: 'list', h: this.h, attrs: this.peer.attrs });
     this.listed = new Map();
+    this.listedAttrs = new Map();
     for (;;) {
       const m = await this.peer.ch.control();
       if (m.op === 'ok') break;
@@ -114,7 +133,10 @@ class RemoteDir implements SourceDir {
         // The walk joins these to paths on this side (the target, its manifest): only one component, once, will do.
         if (!isEntryName(e.name)) throw bad(`the listing of ${this.path} names ${JSON.stringify(e.name)}, which is not a name in a folder`);
         if (this.listed.has(e.name)) throw bad(`the listing of ${this.path} names ${JSON.stringify(e.name)} twice`);
-        this.listed.set(e.name, e.error ? remoteError(e.error as ControlMessage) : stats(e.st));
+        const st = e.error ? remoteError(e.error as ControlMessage) : stats(e.st);
+        this.listed.set(e.name, st);
+        const attrs = attrsOf(e, this.shown(e.name));
+        if (attrs && !(st instanceof Error)) this.listedAttrs.set(e.name, { st, attrs });
       }
     }
     return [...this.listed.keys()];
@@ -128,8 +150,20 @@ class RemoteDir implements SourceDir {
   }
 
   async openDir(name: string): Promise<SourceDir> {
-    const r = await this.peer.call({ op: 'open-dir', h: this.h, name });
-    return new RemoteDir(this.peer, handle(r.h), String(r.path), r.st);
+    const r = await this.peer.call({ op: 'open-dir', h: this.h, name, attrs: this.peer.attrs });
+    return new RemoteDir(this.peer, handle(r.h), String(r.path), r);
+  }
+
+  async attrs(name: string | undefined, expect: BigIntStats): Promise<AttrMap> {
+    const known = name === undefined ? this.openedAttrs : this.listedAttrs.get(name);
+    const got = known && 'st' in known ? (known.st.ino === expect.ino && known.st.dev === expect.dev ? known.attrs : undefined) : known;
+    if (got instanceof Error) throw got;
+    if (got) return got;
+    // Not listed with them (reached by name, or listed as another inode): asked for, from the inode the walk has.
+    const r = await this.peer.call({ op: 'attrs', h: this.h, name, st: name === undefined ? undefined : statsToWire(expect), attrs: this.peer.attrs });
+    const a = attrsOf(r, name === undefined ? this.path : this.shown(name));
+    if (!(a instanceof Map)) throw bad('an attrs answer without attributes');
+    return a;
   }
 
   async readlink(name: string): Promise<string> {
@@ -140,6 +174,7 @@ class RemoteDir implements SourceDir {
 
   async close(): Promise<void> {
     this.listed = new Map();
+    this.listedAttrs = new Map();
     await this.peer.ch.send({ op: 'close', h: this.h }).catch(() => {});
   }
 }

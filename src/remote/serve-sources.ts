@@ -6,7 +6,9 @@
  * itself: read and hashed on the local worker pool, planned against the
  * target's old digests (from its verified cache when it has them, else sent
  * once by the peer), and only the blocks the plan writes go back
- * (docs/FORMATS.md "Wire protocol").
+ * (docs/FORMATS.md "Wire protocol"). With -A/-X a listing carries each
+ * entry's ACLs and xattrs, read here through descriptors as a local run
+ * reads them (src/sync/ext-attrs.ts), within the wire's bounds.
  *
  * With `restrict` (qsync --server --restrict DIR) every operand is a path
  * inside DIR: absolute paths and `..` are refused, and what an operand opens
@@ -18,11 +20,13 @@ import { basename, dirname, resolve } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
 import { QsyncError } from '../core/errors.js';
 import { blockCount } from '../core/geometry.js';
-import { encodeData, encodeZero, fieldInt, fieldString, protocolError, type ControlMessage } from '../core/wire.js';
+import { attrPairsProblem, encodeData, encodeZero, fieldInt, fieldString, MAX_ENTRY_ATTRS, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
 import { Dir } from '../io/safe-fs.js';
 import { Fingerprinter } from '../sync/manifest-store.js';
+import { ATTR_BATCH, chosenAttrs, readEntryAttrs, readNodeAttrs, type AttrChoice, type Cached, type Node } from '../sync/ext-attrs.js';
+import type { AttrMap } from '../io/attr-tool.js';
 import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type ScanPlan } from '../sync/source.js';
 import { errorMessage, type Channel } from './channel.js';
 import type { BatchRecorder } from './batch-relay.js';
@@ -32,6 +36,29 @@ import { statsFromWire, statsToWire } from './wire-stats.js';
 
 /** Entries per listing frame: well under the control limit with long names. */
 const LIST_PAGE = 2000;
+/** A listing frame is sent once it holds about this many bytes (an entry's attributes are at most MAX_ENTRY_ATTRS). */
+const LIST_BYTES = 2 * MAX_ENTRY_ATTRS;
+
+/** The -A/-X a request asks for (its `attrs`), or undefined. */
+function attrChoice(m: ControlMessage): AttrChoice | undefined {
+  const a = m.attrs;
+  if (a === undefined) return undefined;
+  if (typeof a !== 'object' || a === null) throw protocolError('"attrs" is not an object');
+  const { acls, xattrs } = a as Record<string, unknown>;
+  return acls === true || xattrs === true ? { acls: acls === true, xattrs: xattrs === true } : undefined;
+}
+
+/** What an answer carries of attributes `m` (or the failure to read them): `xa` pairs within the wire's bounds, or `xaError`. */
+function attrsAnswer(m: AttrMap | Error, want: AttrChoice, shown: string): { xa: [string, string][] } | { xaError: ControlMessage } {
+  if (m instanceof Error) return { xaError: errorMessage(m) };
+  const xa = chosenAttrs(m, want);
+  const problem = attrPairsProblem(xa);
+  if (problem) return { xaError: errorMessage(new QsyncError('SOURCE', `the ACLs and xattrs of ${shown} cannot be sent: ${problem}`, { file: shown })) };
+  return { xa };
+}
+
+/** The attributes of `node`, or why they could not be read. */
+const attrsOrError = (node: Node): Promise<AttrMap | Error> => readNodeAttrs(node).catch((e: unknown) => (e instanceof Error ? e : new Error(String(e))));
 /** A progress message at least this often while nothing needs sending. */
 const PROGRESS_BLOCKS = 4096;
 
@@ -104,7 +131,7 @@ export class SourceServer {
     },
     'open-operand': async (m) => {
       const d = await Dir.open(await this.operand(fieldString(m, 'operand')));
-      await this.hold(d);
+      await this.hold(d, undefined, attrChoice(m));
     },
     'open-parent': async (m) => {
       const abs = resolve(await this.operand(fieldString(m, 'operand')));
@@ -114,24 +141,52 @@ export class SourceServer {
     'dir-stat': async (m) => this.ok({ st: statsToWire(await this.dir(m).stat()) }),
     list: async (m) => {
       const d = this.dir(m);
+      const want = attrChoice(m);
       const names = await d.readdir();
-      for (let i = 0; i < names.length; i += LIST_PAGE) {
-        const entries = [];
-        for (const name of names.slice(i, i + LIST_PAGE)) {
+      let entries: Record<string, unknown>[] = [];
+      let bytes = 0;
+      // -A/-X: read a batch of entries at a time (one getfattr run each), as a local walk does.
+      for (let i = 0; i < names.length; i += ATTR_BATCH) {
+        const batch = names.slice(i, i + ATTR_BATCH);
+        const attrs = want ? await readEntryAttrs(d, batch).catch(() => new Map<string, Cached>()) : undefined;
+        for (const name of batch) {
+          let entry: Record<string, unknown>;
           try {
-            entries.push({ name, st: statsToWire(await d.lstat(name)) });
+            const st = await d.lstat(name);
+            entry = { name, st: statsToWire(st) };
+            const a = attrs?.get(name);
+            // Read from this very inode, or left out: the receiving end then asks for them by name and inode.
+            if (want && a && a.ino === st.ino && a.dev === st.dev) Object.assign(entry, attrsAnswer(a.attrs, want, d.shown(name)));
           } catch (e) {
-            entries.push({ name, error: errorMessage(e) });
+            entry = { name, error: errorMessage(e) };
           }
+          const size = JSON.stringify(entry).length;
+          if (entries.length && (entries.length >= LIST_PAGE || bytes + size > LIST_BYTES)) {
+            await this.ch.send({ op: 'entries', entries });
+            entries = [];
+            bytes = 0;
+          }
+          entries.push(entry);
+          bytes += size;
         }
-        await this.ch.send({ op: 'entries', entries });
       }
+      if (entries.length) await this.ch.send({ op: 'entries', entries });
       await this.ok({});
+    },
+    attrs: async (m) => {
+      const d = this.dir(m);
+      const want = attrChoice(m);
+      if (!want) throw bad('"attrs" without ACLs or xattrs to read');
+      const name = m.name === undefined ? undefined : fieldString(m, 'name');
+      const node: Node = name === undefined ? { held: d } : { dir: d, name, expect: statsFromWire(m.st) };
+      const a = attrsAnswer(await attrsOrError(node), want, name === undefined ? d.path : d.shown(name));
+      if ('xaError' in a) await this.ch.send(a.xaError);
+      else await this.ok(a);
     },
     lstat: async (m) => this.ok({ st: statsToWire(await this.dir(m).lstat(fieldString(m, 'name'))) }),
     'open-dir': async (m) => {
       const d = await this.dir(m).openDir(fieldString(m, 'name'));
-      await this.hold(d);
+      await this.hold(d, undefined, attrChoice(m));
     },
     readlink: async (m) => this.ok({ target: await this.dir(m).readlink(fieldString(m, 'name')) }),
     'open-file': async (m) => {
@@ -158,7 +213,7 @@ export class SourceServer {
     return d;
   }
 
-  private async hold(d: Dir, name?: string): Promise<void> {
+  private async hold(d: Dir, name?: string, want?: AttrChoice): Promise<void> {
     try {
       await this.inside(`/proc/self/fd/${d.fd}`);
     } catch (e) {
@@ -167,8 +222,9 @@ export class SourceServer {
     }
     const h = this.nextHandle++;
     this.dirs.set(h, d);
-    // The folder's own stat comes along: the walk checks it is the one listed.
-    await this.ok({ h, path: d.path, name, st: statsToWire(await d.stat()) });
+    // The folder's own stat comes along: the walk checks it is the one listed. With -A/-X, its attributes too.
+    const xa = want && attrsAnswer(await attrsOrError({ held: d }), want, d.path);
+    await this.ok({ h, path: d.path, name, st: statsToWire(await d.stat()), ...xa });
   }
 
   /** An operand as the peer gave it, mapped into the --restrict root. */

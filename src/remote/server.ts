@@ -15,7 +15,7 @@ import { HashPool } from '../hash/pool.js';
 import { setStateBase } from '../sync/state-dir.js';
 import { parseArgv } from '../cli/args.js';
 import { exitCodeFor } from '../cli/exit-codes.js';
-import { receive, type CliIO } from '../cli/run-sync.js';
+import { MAX_FILES_FROM, receive, type CliIO } from '../cli/run-sync.js';
 import { Channel, errorMessage } from './channel.js';
 import { RelayToClient } from './batch-relay.js';
 import { RemoteSources } from './remote-sources.js';
@@ -24,7 +24,8 @@ import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
 import { LocalDestination } from '../sync/local-target.js';
-import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire } from './session.js';
+import { attrChoice } from '../sync/ext-attrs.js';
+import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire, receiveFilesFrom } from './session.js';
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
   let restrict: string | undefined;
@@ -99,10 +100,12 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     if (h.batch !== undefined && h.batch !== 'write' && h.batch !== 'only') throw protocolError('a bad batch mode');
     const relay = h.batch === undefined ? undefined : new RelayToClient(ch, h.batch === 'only');
     await ch.send(hello('receiver', { features: FEATURES }));
+    // --files-from: the client read its list and sends the lines (this end reads no list of its own).
+    const filesFrom = typeof h.filesFrom === 'string' ? { name: h.filesFrom, lines: await receiveFilesFrom(ch, MAX_FILES_FROM) } : undefined;
     const printer = new ForwardingPrinter(ch);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch), operands, dest, o, { within: restrict, relay });
+      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, { within: restrict, relay, filesFrom });
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

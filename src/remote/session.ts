@@ -53,6 +53,46 @@ export function checkFeatures(m: ControlMessage, wanted: readonly [Feature, stri
   }
 }
 
+/** A page of a --files-from list: names up to about this many characters a message (the control limit is 4 MiB). */
+const LIST_PAGE_CHARS = 1 << 20;
+
+/**
+ * A push with --files-from: the list, read where the user named it, goes
+ * to the receiving server (which runs the walk) after the hellos, as
+ * `files-from {names}` pages and `files-from-end`.
+ */
+export async function sendFilesFrom(ch: Channel, names: string[]): Promise<void> {
+  let page: string[] = [];
+  let chars = 0;
+  for (const n of names) {
+    if (page.length && chars + n.length > LIST_PAGE_CHARS) {
+      await ch.send({ op: 'files-from', names: page });
+      page = [];
+      chars = 0;
+    }
+    page.push(n);
+    chars += n.length + 8;
+  }
+  if (page.length) await ch.send({ op: 'files-from', names: page });
+  await ch.send({ op: 'files-from-end' });
+}
+
+/** The receiving server's side of sendFilesFrom: at most `max` characters of names in all. */
+export async function receiveFilesFrom(ch: Channel, max: number): Promise<string[]> {
+  const names: string[] = [];
+  let chars = 0;
+  for (;;) {
+    const m = await ch.control();
+    if (m.op === 'files-from-end') return names;
+    if (m.op !== 'files-from' || !Array.isArray(m.names) || !m.names.every((n) => typeof n === 'string')) throw protocolError(`expected a page of the files-from list, got "${m.op}"`);
+    for (const n of m.names as string[]) {
+      chars += n.length + 1;
+      if (chars > max) throw new QsyncError('USAGE', `the files-from list is over ${max} bytes`, { hint: 'split it into several runs' });
+      names.push(n);
+    }
+  }
+}
+
 const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'warning'] as const;
 type Hook = (typeof HOOKS)[number];
 
@@ -121,8 +161,8 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   }
   if (out.backupDir !== undefined && (typeof out.backupDir !== 'string' || out.backupDir === '')) throw protocolError('option backupDir is not a path');
   // Local-only choices stay the server's own; --backup-dir is a path on this side, relative to DEST (as rsync's),
-  // and the batch is the client's (src/remote/batch-relay.ts).
-  for (const k of ['stateDir', 'manifest', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh'] as const) delete (out as unknown as Record<string, unknown>)[k];
+  // and the batch is the client's (src/remote/batch-relay.ts); no file named by the client is read here.
+  for (const k of ['stateDir', 'manifest', 'writeBatch', 'onlyWriteBatch', 'readBatch', 'qmp', 'image', 'rsh', 'filesFrom', 'logFile'] as const) delete (out as unknown as Record<string, unknown>)[k];
   out.json = false;
   return out;
 }

@@ -40,6 +40,22 @@ export interface ExtAttrOptions {
 /** An entry reached through its folder (checked against `expect`), or a folder held by descriptor. */
 export type Node = { dir: Dir; name: string; expect: BigIntStats } | { held: Dir };
 
+/**
+ * A source whose attributes were read where it lies: a peer's entry, read
+ * there through the same machinery (src/remote/serve-sources.ts).
+ */
+export type SourceAttrs = { attrs: AttrMap };
+
+/** Which attributes a run compares: what a peer serving its files needs to send. */
+export interface AttrChoice {
+  acls: boolean;
+  xattrs: boolean;
+}
+
+/** The AttrChoice of a run's options: undefined without -A and -X. */
+export const attrChoice = (o: { acls?: boolean; xattrs?: boolean }): AttrChoice | undefined =>
+  o.acls || o.xattrs ? { acls: o.acls === true, xattrs: o.xattrs === true } : undefined;
+
 const typeBits = (s: BigIntStats) => s.mode & 0o170000n;
 
 /** fstat of any descriptor, O_PATH included (through /proc, as setMetaByFd reaches it). */
@@ -50,6 +66,53 @@ const nodePath = (n: Node): string => ('held' in n ? n.held.path : n.dir.shown(n
 
 /** `name` in `dir` itself (never what a symlink points to), held without opening it (no FIFO blocks, no device opens). */
 const openPath = (dir: Dir, name: string): Promise<FileHandle> => open(dir.at(name), O_PATH | constants.O_NOFOLLOW);
+
+/** An O_PATH descriptor of `name` in `dir`, checked to be of `expect`'s type (and, `sameInode`, its inode). */
+export async function openNode(n: { dir: Dir; name: string; expect: BigIntStats; sameInode: boolean }): Promise<FileHandle> {
+  const fh = await openPath(n.dir, n.name);
+  const st = await fh.stat({ bigint: true });
+  if (typeBits(st) !== typeBits(n.expect) || (n.sameInode && (st.ino !== n.expect.ino || st.dev !== n.expect.dev))) {
+    await fh.close();
+    throw new QsyncError('SOURCE', `file has vanished: ${n.dir.shown(n.name)} (another entry took its name while qsync worked)`, { file: n.name, vanished: true });
+  }
+  return fh;
+}
+
+/** The attributes of `node` (one getfattr run). */
+export async function readNodeAttrs(node: Node): Promise<AttrMap> {
+  const fh = 'held' in node ? undefined : await openNode({ ...node, sameInode: true });
+  try {
+    return (await readAttrs([fh?.fd ?? (node as { held: Dir }).held.fd], [nodePath(node)]))[0]!;
+  } finally {
+    await fh?.close();
+  }
+}
+
+/**
+ * The attributes of the entries `names` of `dir`, read with one getfattr run
+ * (each entry through an O_PATH descriptor of its own, with the inode it was
+ * read from). An entry that cannot be held is left out; a failed run throws.
+ */
+export async function readEntryAttrs(dir: Dir, names: string[]): Promise<Map<string, Cached>> {
+  const out = new Map<string, Cached>();
+  const held: { name: string; fh: FileHandle; st: BigIntStats }[] = [];
+  try {
+    for (const name of names) {
+      const fh = await openPath(dir, name).catch(() => undefined);
+      if (fh) held.push({ name, fh, st: await fh.stat({ bigint: true }) });
+    }
+    const maps = await readAttrs(held.map((o) => o.fh.fd), held.map((o) => dir.shown(o.name)));
+    held.forEach((o, k) => out.set(o.name, { dev: o.st.dev, ino: o.st.ino, attrs: maps[k]! }));
+    return out;
+  } finally {
+    for (const o of held) await o.fh.close();
+  }
+}
+
+/** The part of `m` a run with `want` compares, as [name, value] pairs (what a peer sends). */
+export function chosenAttrs(m: AttrMap, want: AttrChoice): [string, string][] {
+  return [...m].filter(([n]) => (n === ACCESS || n === DEFAULT ? want.acls : want.xattrs && !n.startsWith('system.')));
+}
 
 /** The entries of a binary POSIX ACL (header u32 version, then u16 tag, u16 perm, u32 id each). */
 function aclEntries(value: string | undefined): { tag: number; perm: number; id: number }[] {
@@ -116,7 +179,7 @@ export class AttrPair {
       await this.owner.write(this.heldDst.fd, this.src, this.dst ?? new Map(), this.kind, this.heldDst.path);
       return;
     }
-    const now = at && (await this.owner.openNode({ ...at, sameInode: false }));
+    const now = at && (await openNode({ ...at, sameInode: false }));
     if (!now) return;
     const nowSt = await now.stat({ bigint: true });
     if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
@@ -135,9 +198,9 @@ export class AttrPair {
 }
 
 /** Entries read per getfattr run by prefetch (each one descriptor passed to it). */
-const BATCH = 64;
+export const ATTR_BATCH = 64;
 
-interface Cached {
+export interface Cached {
   dev: bigint;
   ino: bigint;
   attrs: AttrMap;
@@ -172,35 +235,25 @@ export class ExtAttrs {
     return pick(a) !== pick(b);
   }
 
-  /** An O_PATH descriptor of `name` in `dir`, checked to be of `expect`'s type (and, `sameInode`, its inode). */
-  async openNode(n: { dir: Dir; name: string; expect: BigIntStats; sameInode: boolean }): Promise<FileHandle> {
-    const fh = await openPath(n.dir, n.name);
-    const st = await fh.stat({ bigint: true });
-    if (typeBits(st) !== typeBits(n.expect) || (n.sameInode && (st.ino !== n.expect.ino || st.dev !== n.expect.dev))) {
-      await fh.close();
-      throw new QsyncError('SOURCE', `file has vanished: ${n.dir.shown(n.name)} (another entry took its name while qsync worked)`, { file: n.name, vanished: true });
-    }
-    return fh;
-  }
-
   /**
    * Read the source's attributes and the target's (when it exists: `dst`)
-   * before the target is touched. The source must still be the inode listed.
+   * before the target is touched. The source must still be the inode listed
+   * (a peer's source comes with its attributes, read there).
    */
-  async read(src: Node, dst: Node | undefined, kind: AttrPair['kind']): Promise<AttrPair> {
+  async read(src: Node | SourceAttrs, dst: Node | undefined, kind: AttrPair['kind']): Promise<AttrPair> {
     // Read ahead from the very inode listed: no need to reach it again.
-    const early = 'held' in src ? undefined : this.cached(src.dir, src.name, src.expect);
-    const srcFh = 'held' in src || early ? undefined : await this.openNode({ ...src, sameInode: true });
+    const early = 'attrs' in src ? src.attrs : 'held' in src ? undefined : this.cached(src.dir, src.name, src.expect);
+    const srcFh = 'attrs' in src || 'held' in src || early ? undefined : await openNode({ ...src, sameInode: true });
     let dstFh: FileHandle | undefined;
     try {
-      dstFh = dst && !('held' in dst) ? await this.openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
+      dstFh = dst && !('held' in dst) ? await openNode({ ...dst, sameInode: true }).catch(() => undefined) : undefined;
       const dstSt = await dstFh?.stat({ bigint: true });
       const dstEarly = dstSt && dst && !('held' in dst) ? this.cached(dst.dir, dst.name, dstSt) : undefined;
       const fds: number[] = [];
       const shown: string[] = [];
       if (!early) {
         fds.push(srcFh?.fd ?? (src as { held: Dir }).held.fd);
-        shown.push(nodePath(src));
+        shown.push(nodePath(src as Node));
       }
       const dstFd = dstEarly ? undefined : (dstFh?.fd ?? (dst && 'held' in dst ? dst.held.fd : undefined));
       if (dstFd !== undefined) {
@@ -227,7 +280,7 @@ export class ExtAttrs {
 
   /**
    * Read the attributes of the entries `names` of `dir` (a folder being
-   * walked) ahead, up to BATCH per getfattr run, each through its own
+   * walked) ahead, up to ATTR_BATCH per getfattr run, each through its own
    * descriptor: read() then runs nothing for them. Best effort: what cannot
    * be read ahead is read one by one later.
    */
@@ -235,20 +288,10 @@ export class ExtAttrs {
     if (!dir) return;
     const cached = new Map<string, Cached>();
     this.cache.set(dir, cached);
-    for (let i = 0; i < names.length; i += BATCH) {
-      const open: { name: string; fh: FileHandle; st: BigIntStats }[] = [];
-      try {
-        for (const name of names.slice(i, i + BATCH)) {
-          const fh = await openPath(dir, name).catch(() => undefined);
-          if (fh) open.push({ name, fh, st: await fh.stat({ bigint: true }) });
-        }
-        const maps = await readAttrs(open.map((o) => o.fh.fd), open.map((o) => dir.shown(o.name)));
-        open.forEach((o, k) => cached.set(o.name, { dev: o.st.dev, ino: o.st.ino, attrs: maps[k]! }));
-      } catch {
-        // Read one by one instead.
-      } finally {
-        for (const o of open) await o.fh.close();
-      }
+    for (let i = 0; i < names.length; i += ATTR_BATCH) {
+      // A batch that fails is read one by one instead, later.
+      const got = await readEntryAttrs(dir, names.slice(i, i + ATTR_BATCH)).catch(() => new Map<string, Cached>());
+      for (const [name, c] of got) cached.set(name, c);
     }
   }
 
@@ -293,7 +336,7 @@ export class ExtAttrs {
     }
   }
 
-  /** New inodes waiting for their attributes (held by descriptor): read back and written BATCH at a time. */
+  /** New inodes waiting for their attributes (held by descriptor): read back and written ATTR_BATCH at a time. */
   private readonly pending: { fh: FileHandle; src: AttrMap; kind: AttrPair['kind']; shown: string; cur?: AttrMap }[] = [];
 
   /**
@@ -305,7 +348,7 @@ export class ExtAttrs {
     const w = cur && this.diff(fh.fd, src, cur, kind, shown);
     if (w && !w.set.length && !w.remove.length) return void (await fh.close());
     this.pending.push({ fh, src, kind, shown, cur });
-    if (this.pending.length >= BATCH) await this.flush();
+    if (this.pending.length >= ATTR_BATCH) await this.flush();
   }
 
   /**

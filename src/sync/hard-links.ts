@@ -22,11 +22,12 @@
  */
 import type { BigIntStats } from 'node:fs';
 import { link } from 'node:fs/promises';
-import { basename, dirname, resolve } from 'node:path';
+import { basename, dirname } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { Dir, tempNameFor, type MetaChange } from '../io/safe-fs.js';
 import type { FileReport } from './events.js';
 import type { Transfer } from './operands.js';
+import type { SourceDir, Sources } from './source.js';
 
 interface Member {
   rel: string;
@@ -35,17 +36,49 @@ interface Member {
   t: number;
 }
 
-/** Where a transfer's sources are: a folder reopened by the operand's path, and source paths below it. */
+/**
+ * Where a transfer's sources are: the operand, reopened through the run's
+ * Sources (this host's or a peer's): the folder itself when its contents
+ * land in DEST (`whole`), else the folder that holds it; `prefix` is where
+ * it lands.
+ */
 interface Base {
-  path: string;
-  srcRel(destRel: string): string;
+  operand: string;
+  whole: boolean;
+  prefix: string;
+  /** A --files-from or -R list's folder: DEST's root is not one of its folders unless listed (its times are the list's). */
+  list?: boolean;
+}
+
+/** A base reopened: its folder, and the operand's name in it (not `whole`). */
+interface OpenBase {
+  dir: SourceDir;
+  name: string;
+}
+
+/** The source folder `rel` below `base`, one folder at a time, none through a symlink; `base` itself for '.' (left open by done()). */
+async function sourceFolder(base: SourceDir, rel: string): Promise<{ dir: SourceDir; done(): Promise<void> }> {
+  let d = base;
+  try {
+    for (const p of rel.split('/').filter((x) => x && x !== '.')) {
+      const next = await d.openDir(p);
+      if (d !== base) await d.close();
+      d = next;
+    }
+  } catch (e) {
+    if (d !== base) await d.close();
+    throw e;
+  }
+  return { dir: d, done: async () => void (d !== base && (await d.close())) };
 }
 
 export interface HardLinkHost {
+  /** The run's sources: this host's files or a peer's (the members' groups are by the stats they list, dev and ino). */
+  sources: Sources;
   dest: Dir | undefined;
   noWrite: boolean;
   /** Bring the leader up to date as any entry of its type (report included). */
-  syncEntry(src: { dir: Dir; name: string }, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void>;
+  syncEntry(src: { dir: SourceDir; name: string }, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void>;
   /** A member made a link (or found one): counts as an entry of the transfer (a regular file: its size too). */
   counted(st: BigIntStats): void;
   report(r: FileReport): void;
@@ -58,7 +91,7 @@ export interface HardLinkHost {
   /** --existing, --ignore-existing, --update: this member is left alone. */
   skips(st: BigIntStats, cur: BigIntStats | undefined): boolean;
   /** With -A/-X: `changes` with the letters a and x of an existing target against its source. */
-  attrLetters?(src: { dir: Dir; name: string }, st: BigIntStats, dst: Dir, name: string, cur: BigIntStats, changes: string): Promise<string>;
+  attrLetters?(src: { dir: SourceDir; name: string }, st: BigIntStats, dst: Dir, name: string, cur: BigIntStats, changes: string): Promise<string>;
 }
 
 /** rsync's file-list order: within a folder its files before its subfolders; names as bytes. */
@@ -86,14 +119,18 @@ export class HardLinks {
 
   /** A transfer starts: its members are reached later through its operand. */
   transfer(t: Transfer): void {
-    if (t.destRel === '') {
-      const path = t.operand;
-      this.bases.push({ path, srcRel: (rel) => rel });
-    } else {
-      const abs = resolve(t.operand);
-      const prefix = t.destRel;
-      this.bases.push({ path: dirname(abs), srcRel: (rel) => basename(abs) + rel.slice(prefix.length) });
-    }
+    this.bases.push({ operand: t.operand, whole: t.destRel === '', prefix: t.destRel });
+  }
+
+  /** A --files-from or -R list starts: its names are below `base`, as they are below DEST. */
+  list(base: string): void {
+    this.bases.push({ operand: base, whole: true, prefix: '', list: true });
+  }
+
+  /** The source path of member `rel` of transfer `t`, below its reopened base. */
+  private srcRel(t: number, b: OpenBase, rel: string): string {
+    const base = this.bases[t]!;
+    return base.whole ? rel : b.name + rel.slice(base.prefix.length);
   }
 
   /** The walk met a file, symlink or special file: true when it waits for its group (it has other links). */
@@ -108,10 +145,14 @@ export class HardLinks {
 
   /** After the walk: every group, then the folders it changed. */
   async finish(host: HardLinkHost): Promise<void> {
-    const opened = new Map<number, Dir>();
-    const base = async (t: number): Promise<Dir> => {
+    const opened = new Map<number, OpenBase>();
+    const base = async (t: number): Promise<OpenBase> => {
       let d = opened.get(t);
-      if (!d) opened.set(t, (d = await Dir.open(this.bases[t]!.path)));
+      if (!d) {
+        const b = this.bases[t]!;
+        d = b.whole ? { dir: await host.sources.openOperand(b.operand), name: '' } : await host.sources.openParent(b.operand);
+        opened.set(t, d);
+      }
       return d;
     };
     try {
@@ -121,11 +162,18 @@ export class HardLinks {
       }
       if (!host.noWrite) await this.refreshFolders(host, base);
     } finally {
-      for (const d of opened.values()) await d.close();
+      for (const d of opened.values()) await d.dir.close();
     }
   }
 
-  private async group(host: HardLinkHost, all: Member[], base: (t: number) => Promise<Dir>): Promise<void> {
+  /** The source folder that holds member `m`, and its name there. */
+  private async sourceOf(m: Member, base: (t: number) => Promise<OpenBase>): Promise<{ dir: SourceDir; name: string; done(): Promise<void> }> {
+    const b = await base(m.t);
+    const srcRel = this.srcRel(m.t, b, m.rel);
+    return { ...(await sourceFolder(b.dir, dirname(srcRel))), name: basename(srcRel) };
+  }
+
+  private async group(host: HardLinkHost, all: Member[], base: (t: number) => Promise<OpenBase>): Promise<void> {
     // Members --existing, --ignore-existing or --update leave alone are out of the group, as in rsync.
     const members: Member[] = [];
     const curs: (BigIntStats | undefined)[] = [];
@@ -145,14 +193,12 @@ export class HardLinks {
     try {
       lh = await this.destFolder(host, leader.rel);
       await this.writable(host, lh, leader);
-      const b = await base(leader.t);
-      const srcRel = this.bases[leader.t]!.srcRel(leader.rel);
-      const srcDir = dirname(srcRel) === '.' ? await b.dup() : await b.openBeneath(dirname(srcRel));
+      const src = await this.sourceOf(leader, base);
       const before = await lh?.lstatOrUndefined(basename(leader.rel));
       try {
-        await host.syncEntry({ dir: srcDir, name: basename(srcRel) }, leader.st, lh, basename(leader.rel), leader.rel);
+        await host.syncEntry(src, leader.st, lh, basename(leader.rel), leader.rel);
       } finally {
-        await srcDir.close();
+        await src.done();
       }
       const now = await lh?.lstatOrUndefined(basename(leader.rel));
       // A new inode took the name (new file, or a copy replacing one with other links): its folder changed.
@@ -187,7 +233,7 @@ export class HardLinks {
     leaderRel: string,
     lh: Dir | undefined,
     leaderSt: BigIntStats | undefined,
-    sourceBase: (t: number) => Promise<Dir>,
+    sourceBase: (t: number) => Promise<OpenBase>,
   ): Promise<void> {
     host.counted(m.st);
     const name = basename(m.rel);
@@ -200,13 +246,11 @@ export class HardLinks {
     let changes = sameType ? host.changes(m.st, cur!).padEnd(9, '.') : '+++++++++';
     // rsync -n compares the old target's ACLs and xattrs too (its real run compares the new link: always equal).
     if (sameType && host.noWrite && host.attrLetters) {
-      const srcRel = this.bases[m.t]!.srcRel(m.rel);
-      const b = await sourceBase(m.t);
-      const srcDir = dirname(srcRel) === '.' ? await b.dup() : await b.openBeneath(dirname(srcRel));
+      const src = await this.sourceOf(m, sourceBase);
       try {
-        changes = await host.attrLetters({ dir: srcDir, name: basename(srcRel) }, m.st, dir!, name, cur!, changes);
+        changes = await host.attrLetters(src, m.st, dir!, name, cur!, changes);
       } finally {
-        await srcDir.close();
+        await src.done();
       }
     }
     if (linked) {
@@ -274,15 +318,14 @@ export class HardLinks {
   }
 
   /** Set again the metadata (times) of the folders that got names after they were finished. */
-  private async refreshFolders(host: HardLinkHost, base: (t: number) => Promise<Dir>): Promise<void> {
+  private async refreshFolders(host: HardLinkHost, base: (t: number) => Promise<OpenBase>): Promise<void> {
     for (const [rel, t] of this.touched) {
-      const b = this.bases[t]!;
       // The destination root is a folder of the transfer only when the contents of a folder land in it.
-      if (rel === '' && b.srcRel('x') !== 'x') continue;
+      if (rel === '' && (!this.bases[t]!.whole || this.bases[t]!.list)) continue;
       try {
         const root = await base(t);
-        const srcRel = b.srcRel(rel);
-        const src = srcRel === '' ? await root.dup() : await root.openBeneath(srcRel);
+        const at = await sourceFolder(root.dir, this.srcRel(t, root, rel));
+        const src = at.dir;
         try {
           const dst = rel === '' ? await host.dest!.dup() : await host.dest!.openBeneath(rel);
           try {
@@ -293,7 +336,7 @@ export class HardLinks {
             await dst.close();
           }
         } finally {
-          await src.close();
+          await at.done();
         }
       } catch (e) {
         host.fail(e, rel || '.');

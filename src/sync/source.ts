@@ -20,6 +20,7 @@ import { planChunk, type WriteRun } from '../core/plan.js';
 import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
 import { Dir, fsPath } from '../io/safe-fs.js';
+import type { AttrMap } from '../io/attr-tool.js';
 import { isLockedByOther } from './qemu-locks.js';
 
 /** A source folder held open; its entries are reached through it, never through a symlink. */
@@ -32,6 +33,13 @@ export interface SourceDir {
   lstat(name: string): Promise<BigIntStats>;
   openDir(name: string): Promise<SourceDir>;
   readlink(name: string): Promise<string>;
+  /**
+   * -A/-X with a peer's files: the attributes of entry `name` (undefined:
+   * this folder), read by the peer from the inode `expect` describes. A
+   * local folder has none: its entries are read through descriptors here
+   * (src/sync/ext-attrs.ts).
+   */
+  attrs?(name: string | undefined, expect: BigIntStats): Promise<AttrMap>;
   close(): Promise<void>;
 }
 
@@ -79,7 +87,7 @@ export interface PlannedChunk {
 
 /** Where the sources of a run are. */
 export interface Sources {
-  /** A peer over the wire: no -H/-A/-X, no batch deltas (the CLI refuses them). */
+  /** A peer over the wire: no batch deltas (the CLI refuses them); -A/-X through SourceDir.attrs. */
   readonly remote: boolean;
   /** Whether `ScanPlan.target` may be given (compare by reading the target beside the source). */
   readonly readsTarget: boolean;

@@ -30,7 +30,7 @@ import { forgetManifests, manifestPathFor } from './manifest-store.js';
 import type { SourceDir } from './source.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
 import { HardLinks, type HardLinkHost } from './hard-links.js';
-import { ExtAttrs } from './ext-attrs.js';
+import { ExtAttrs, type Node, type SourceAttrs } from './ext-attrs.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
@@ -129,11 +129,16 @@ interface Here {
   name: string;
 }
 
-/** -A/-X and -H read the source through local descriptors: they are refused with a peer's sources (src/cli/run-sync.ts). */
-const local = (d: SourceDir): Dir => {
-  if (!(d instanceof Dir)) throw new Error('a local source folder was expected');
-  return d;
-};
+/**
+ * -A/-X: a source as ExtAttrs reads it: this host's entry through its
+ * descriptors, or a peer's with the attributes the peer read of it.
+ * `name` undefined: the folder `dir` itself.
+ */
+async function attrSource(dir: SourceDir, name: string | undefined, st: BigIntStats): Promise<Node | SourceAttrs> {
+  if (dir instanceof Dir) return name === undefined ? { held: dir } : { dir, name, expect: st };
+  if (!dir.attrs) throw new Error('a source folder without attributes');
+  return { attrs: await dir.attrs(name, st) };
+}
 
 export class TreeSync {
   private readonly stats: RunStats = {
@@ -267,6 +272,7 @@ export class TreeSync {
       this.fail(e, base);
       return;
     }
+    this.links?.list(base);
     try {
       for (const n of names) {
         const parts = n.rel ? n.rel.split('/') : [];
@@ -330,7 +336,8 @@ export class TreeSync {
         if (errnoOf(e) !== 'ENOENT') throw e;
         // rsync's words for a listed name that is not there.
         this.partial = true;
-        this.hooks.warning?.(`link_stat "${join(resolve(base), rel)}" failed: No such file or directory (2)`, rel);
+        // A peer's base is its path there, as given (this side cannot resolve it).
+        this.hooks.warning?.(`link_stat "${join(this.ctx.sources.remote ? base : resolve(base), rel)}" failed: No such file or directory (2)`, rel);
         return;
       }
       if (this.filter.excluded(rel, st.isDirectory()) || this.isStateBase(st)) return;
@@ -538,7 +545,7 @@ export class TreeSync {
 
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
   private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
-    const attrs = this.ext && (await this.ext.read({ held: local(src) }, dst && { held: dst }, 'dir'));
+    const attrs = this.ext && (await this.ext.read(await attrSource(src, undefined, st), dst && { held: dst }, 'dir'));
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size });
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
@@ -571,7 +578,7 @@ export class TreeSync {
       if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
       const names = children.map((c) => c.name);
-      if (this.ext) await this.ext.prefetch(local(src), names);
+      if (src instanceof Dir) await this.ext?.prefetch(src, names);
       if (cur) await this.ext?.prefetch(dst, names);
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
       // New entries' attributes, written together.
@@ -732,7 +739,7 @@ export class TreeSync {
     const cur = await this.clearOtherType(dst, name, 'file', rel);
     const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
-    const attrs = await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, cur && { dir: dst!, name, expect: cur }, 'other');
+    const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), cur && { dir: dst!, name, expect: cur }, 'other');
     const r = await syncFile({
       src: src.dir.shown(src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
       dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
@@ -767,7 +774,7 @@ export class TreeSync {
     this.stats.totalSize += encodeName(target).length;
     const cur = await this.clearOtherType(dst, name, 'symlink', rel);
     if (cur && (await dst!.readlink(name)) === target) {
-      const attrs = await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, { dir: dst!, name, expect: cur }, 'symlink');
+      const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), { dir: dst!, name, expect: cur }, 'symlink');
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       await attrs?.apply({ dir: dst!, name, expect: st });
@@ -778,7 +785,7 @@ export class TreeSync {
       if (cur) await dst!.unlink(name);
       await dst!.symlink(target, name);
       await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
-      await (await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
+      await (await this.ext?.read(await attrSource(src.dir, src.name, st), undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
     this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0, length: st.size, target });
@@ -788,7 +795,7 @@ export class TreeSync {
     const kind = kindOf(st);
     const cur = await this.clearOtherType(dst, name, kind, rel);
     const sameNode = cur && cur.rdev === st.rdev && (cur.mode & 0o170000n) === (st.mode & 0o170000n);
-    const attrs = await this.ext?.read({ dir: local(src.dir), name: src.name, expect: st }, sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
+    const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
     if (!sameNode && !this.noWrite) await makeNode(dst!, name, st);
     if (!cur) this.stats.created++;
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
@@ -800,6 +807,7 @@ export class TreeSync {
   /** What the hard-link pass (src/sync/hard-links.ts) needs of the walk. */
   private linkHost(): HardLinkHost {
     return {
+      sources: this.ctx.sources,
       dest: this.dest,
       noWrite: this.noWrite,
       syncEntry: (src, st, dst, name, rel) =>
@@ -820,7 +828,7 @@ export class TreeSync {
         this.ext &&
         (async (src, st, dst, name, cur, changes) => {
           const kind = st.isSymbolicLink() ? 'symlink' : 'other';
-          return (await this.ext!.read({ dir: local(src.dir), name: src.name, expect: st }, { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
+          return (await this.ext!.read(await attrSource(src.dir, src.name, st), { dir: dst, name, expect: cur }, kind)).letters(changes, st, cur, true);
         }),
     };
   }

@@ -5,7 +5,8 @@
 // the scenario describes, with whatever lies the scenario asks for:
 //
 //   tree:      { type: 'dir', entries: { NAME: node } } | { type: 'file', text } | { type: 'link', target }
-//              (NAME may be anything: '..', 'a/b', '' — the point of the test)
+//              (NAME may be anything: '..', 'a/b', '' — the point of the test); a node's `xa`:
+//              the [name, value] attribute pairs sent for it when -A/-X asks (none otherwise)
 //   dupes:     list every entry twice
 //   scanEnd:   'wrong' — a scan-end fingerprint other than the digests sent
 //   a file's lie: 'outside' | 'badhash' (see the scan below)
@@ -58,10 +59,10 @@ let next = 1;
 const send = (m) => output.write(encodeControl(m));
 const ok = (b = {}) => send({ op: 'ok', ...b });
 const enoent = () => send({ op: 'error', code: 'SOURCE', message: 'no such file', errno: 'ENOENT', context: {} });
-const hold = (n, path, name) => {
+const hold = (n, path, name, attrs) => {
   const h = next++;
   handles.set(h, n);
-  ok({ h, path, name, st: st(n) });
+  ok({ h, path, name, st: st(n), ...(attrs ? { xa: n.xa ?? [] } : {}) });
 };
 
 let helloDone = false;
@@ -87,7 +88,7 @@ function onMessage(m) {
       return n ? ok({ st: st(n) }) : enoent();
     }
     case 'open-operand':
-      return hold(lookup(m.operand), m.operand);
+      return hold(lookup(m.operand), m.operand, undefined, m.attrs);
     case 'open-parent': {
       const parts = m.operand.split('/').filter(Boolean);
       const name = parts.pop() ?? '.';
@@ -96,7 +97,7 @@ function onMessage(m) {
     case 'dir-stat':
       return ok({ st: st(dirOf()) });
     case 'list': {
-      const entries = Object.entries(dirOf().entries).map(([name, n]) => ({ name, st: st(n) }));
+      const entries = Object.entries(dirOf().entries).map(([name, n]) => ({ name, st: st(n), ...(m.attrs ? { xa: n.xa ?? [] } : {}) }));
       send({ op: 'entries', entries: scenario.dupes ? [...entries, ...entries] : entries });
       return ok();
     }
@@ -105,7 +106,11 @@ function onMessage(m) {
       return n ? ok({ st: st(n) }) : enoent();
     }
     case 'open-dir':
-      return hold(dirOf().entries[m.name], m.name);
+      return hold(dirOf().entries[m.name], m.name, undefined, m.attrs);
+    case 'attrs': {
+      const n = m.name === undefined ? dirOf() : dirOf().entries[m.name];
+      return n ? ok({ xa: n.xa ?? [] }) : enoent();
+    }
     case 'readlink':
       return ok({ target: dirOf().entries[m.name].target });
     case 'open-file': {
