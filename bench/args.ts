@@ -1,15 +1,16 @@
 /** The benchmark's command line, parsed without side effects. */
 import { parseArgs } from 'node:util';
 
-export const SCENARIO_NAMES = ['first', 'touch', 'scattered', 'clustered', 'grow', 'qcow2', 'memory', 'image', 'remote', 'domain'] as const;
+export const SCENARIO_NAMES = ['first', 'touch', 'scattered', 'clustered', 'grow', 'qcow2', 'memory', 'image', 'remote', 'domain', 'cold'] as const;
 export type ScenarioName = (typeof SCENARIO_NAMES)[number];
 
 /**
  * Scenarios run when --scenarios is not given (and by --quick, the CI smoke
  * test): memory writes a 16 GiB sparse file, image needs QEMU, remote needs
- * root for a network namespace, domain libvirt and virtnbdbackup: opt in.
+ * root for a network namespace, domain libvirt and virtnbdbackup, cold root
+ * to drop the page cache: opt in.
  */
-const OPT_IN: readonly ScenarioName[] = ['memory', 'image', 'remote', 'domain'];
+const OPT_IN: readonly ScenarioName[] = ['memory', 'image', 'remote', 'domain', 'cold'];
 const DEFAULT_SCENARIOS: readonly ScenarioName[] = SCENARIO_NAMES.filter((s) => !OPT_IN.includes(s));
 
 export interface BenchOptions {
@@ -19,7 +20,7 @@ export interface BenchOptions {
   change: number;
   runs: number;
   scenarios: ScenarioName[];
-  /** Drop the page cache before every timed run (root only). */
+  /** Drop the page cache before every timed run (root only); alone, it picks the cold scenario. */
   cold: boolean;
   /** Where latest.json and latest.svg go. */
   out: string;
@@ -39,9 +40,10 @@ export const USAGE = `usage: npm run bench -- [options]
   --change P      scattered change, e.g. 1% or 0.01 (default 1%)
   --runs N        timed runs per tool and scenario (default 5; --quick: 1)
   --scenarios L   comma list of ${SCENARIO_NAMES.join(',')}
-                  (default: all but memory, image, remote and domain)
+                  (default: all but memory, image, remote, domain and cold)
   --quick         64 MiB, 1 run, the default scenarios: the CI smoke test
-  --cold          drop the page cache before each timed run (root)
+  --cold          drop the page cache before each timed run (root); without
+                  --scenarios: the cold scenario (forced read against cat and b3sum)
   --out DIR       where latest.json and latest.svg are written (default bench/results)
   --tmp DIR       parent of the work directory (default: the OS temp dir)
   --keep          keep the work directory
@@ -86,7 +88,8 @@ export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: str
   if (size < 16 * BLOCK || size % BLOCK) throw new Error(`--size must be a multiple of 64 KiB and at least 1 MiB`);
   const runs = values.runs ? Number(values.runs) : quick ? 1 : 5;
   if (!Number.isInteger(runs) || runs < 1) throw new Error(`bad --runs: ${values.runs}`);
-  const scenarios = values.scenarios ? values.scenarios.split(',').map((s) => s.trim()) : [...DEFAULT_SCENARIOS];
+  const cold = values.cold ?? false;
+  const scenarios = values.scenarios ? values.scenarios.split(',').map((s) => s.trim()) : cold ? ['cold'] : [...DEFAULT_SCENARIOS];
   for (const s of scenarios) {
     if (!(SCENARIO_NAMES as readonly string[]).includes(s)) throw new Error(`unknown scenario: ${s}`);
   }
@@ -95,7 +98,7 @@ export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: str
     change: values.change ? parseFraction(values.change) : 0.01,
     runs,
     scenarios: scenarios as ScenarioName[],
-    cold: values.cold ?? false,
+    cold,
     out: values.out ?? defaults.out,
     tmp: values.tmp ?? defaults.tmp,
     keep: values.keep ?? false,

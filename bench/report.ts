@@ -69,6 +69,8 @@ export interface ScenarioResult {
   changedBytes: number;
   loadBefore: number[];
   loadAfter: number[];
+  /** The page cache was dropped before every timed command. */
+  cold?: boolean;
   tools: ToolResult[];
   /** Remote scenario: the link, as set up and as measured through ssh, and the goal. */
   link?: {
@@ -210,13 +212,27 @@ function linkLines(s: ScenarioResult): string[] {
   ];
 }
 
+/**
+ * qsync's forced read against the floors of the same run: each floor's
+ * median wall time, and the faster of them (the read goals are set against it).
+ */
+function floorLine(s: ScenarioResult): string[] {
+  const wall = (id: ToolId): number | undefined => {
+    const t = s.tools.find((x) => x.id === id);
+    return t?.status === 'ok' ? t.summary?.wallMedianS : undefined;
+  };
+  const [q, cat, b3] = [wall('qsync-c'), wall('cat'), wall('b3sum')];
+  if (q === undefined || cat === undefined || b3 === undefined) return [];
+  return [`forced read: qsync -a -c ÷ cat ${f(q / cat)}×, ÷ b3sum ${f(q / b3)}×, ÷ the faster of the two ${f(q / Math.min(cat, b3))}×`];
+}
+
 /** Markdown table: readable on a terminal and pasteable into the README. */
 export function table(r: BenchResult): string {
   const out: string[] = [];
   for (const s of r.scenarios) {
     out.push(
       `### ${s.name}: ${s.description}`,
-      `source ${f(s.sourceBytes / MiB, 0)} MiB, changed ${f(s.changedBytes / MiB, 1)} MiB, load ${s.loadBefore[0]} → ${s.loadAfter[0]}`,
+      `source ${f(s.sourceBytes / MiB, 0)} MiB, changed ${f(s.changedBytes / MiB, 1)} MiB, load ${s.loadBefore[0]} → ${s.loadAfter[0]}, page cache ${s.cold ? 'dropped before every command' : 'warm'}`,
       '',
     );
     const wire = s.link !== undefined;
@@ -225,6 +241,8 @@ export function table(r: BenchResult): string {
     const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
     const line = (cells: string[]): string => `| ${cells.map((c, i) => c.padEnd(widths[i]!)).join(' | ')} |`;
     out.push(line(rows[0]!), `|${widths.map((w) => '-'.repeat(w + 2)).join('|')}|`, ...rows.slice(1).map(line));
+    const floors = floorLine(s);
+    if (floors.length) out.push('', ...floors);
     const failed = failures(s);
     if (failed.length) out.push('', ...failed);
     // The memory check cares about the first copy too; elsewhere it is only set-up.

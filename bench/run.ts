@@ -152,7 +152,8 @@ async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof 
   const known = await sc.mutate(src);
   const reference = lanes.find((l) => l.tool.kind === 'sync' && l.result.status === 'ok');
   const changedBytes = known ?? (reference ? diffBlocks(src, join(reference.dst, sc.file)) : -1);
-  if (!o.cold) execFileSync('cat', [src], { stdio: ['ignore', 'ignore', 'inherit'] }); // warm the page cache
+  const cold = o.cold || sc.cold === true;
+  if (!cold) execFileSync('cat', [src], { stdio: ['ignore', 'ignore', 'inherit'] }); // warm the page cache
 
   const timed = lanes.filter((l) => l.result.status === 'ok');
   for (let r = 0; r < sc.runs; r++) {
@@ -165,7 +166,7 @@ async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof 
         if (existsSync(lane.savedState)) restoreTree(lane.savedState, lane.state);
         if (lane.wireCache && existsSync(lane.savedCache)) restoreTree(lane.savedCache, lane.wireCache);
       }
-      if (o.cold) dropCaches();
+      if (cold) dropCaches();
       const m = await runner.run(tool, src, lane.dst, String(r));
       let correct: boolean | null = null;
       if (tool.kind === 'sync') {
@@ -190,6 +191,7 @@ async function runLanes(sc: Scenario, o: BenchOptions, tools: ReturnType<typeof 
     changedBytes,
     loadBefore,
     loadAfter: load(),
+    cold,
     tools: results,
   };
   addRatios(s, REFERENCE);
@@ -226,10 +228,12 @@ async function main(): Promise<void> {
     return;
   }
   if (!existsSync(TIME_BIN)) throw new Error(`${TIME_BIN} is missing: install the Debian package "time"`);
-  if (o.cold && process.getuid?.() !== 0) throw new Error('--cold drops the page cache: run as root');
   const tools = makeTools(resolve(o.qsync));
   const all = makeScenarios(o);
   const scenarios = o.scenarios.map((n) => all[n]);
+  if ((o.cold || scenarios.some((s) => s.cold)) && process.getuid?.() !== 0) {
+    throw new Error(`${o.cold ? '--cold' : 'the cold scenario'} drops the page cache before every timed command (writes /proc/sys/vm/drop_caches): run as root, or leave it out`);
+  }
   checkSpace(o, scenarios);
 
   const work = mkdtempSync(join(o.tmp, 'qsync-bench-'));

@@ -13,7 +13,7 @@ import {
 } from './data.js';
 import type { LinkOptions } from './link.js';
 import { DOMAIN_DESCRIPTION } from './domain.js';
-import { DOMAIN_TOOLS, IMAGE_TOOLS, MEMORY_TOOLS, REMOTE_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
+import { COLD_TOOLS, DOMAIN_TOOLS, IMAGE_TOOLS, MEMORY_TOOLS, REMOTE_TOOLS, STANDARD_TOOLS, type ToolId } from './tools.js';
 
 export interface Scenario {
   name: ScenarioName;
@@ -27,6 +27,8 @@ export interface Scenario {
   link?: LinkOptions;
   /** Timed runs per tool (the memory scenario runs once). */
   runs: number;
+  /** The page cache is dropped before every timed command (root), whatever --cold says. */
+  cold?: boolean;
   /** Writes the image as it is before the change. */
   create(path: string): Promise<void>;
   /**
@@ -106,6 +108,14 @@ export function makeScenarios(o: BenchOptions): Record<ScenarioName, Scenario> {
         bumpMtime(path);
         return undefined; // clusters moved, tables updated: measured by diffing the file
       },
+    },
+    cold: {
+      ...base,
+      name: 'cold',
+      description: `${pct(o.change)} of 64 KiB blocks rewritten, scattered; page cache dropped before every command`,
+      tools: COLD_TOOLS,
+      cold: true,
+      mutate: changeRaw(() => pickScattered(nblocks, scattered)),
     },
     memory: {
       name: 'memory',

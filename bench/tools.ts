@@ -91,6 +91,8 @@ export function makeTools(main: string): Record<ToolId, Tool> {
 
 /** The tools of every scenario but memory, in the order they are interleaved. */
 export const STANDARD_TOOLS: readonly ToolId[] = ['qsync', 'qsync-c', 'rsync', 'rsync-inplace', 'cat', 'b3sum'];
+/** The cold scenario: qsync's read path (quick check and forced read) against the read and hash floors. */
+export const COLD_TOOLS: readonly ToolId[] = ['qsync', 'qsync-c', 'cat', 'b3sum'];
 /** The memory scenario: a 16 GiB sparse file, holes kept (-S) so the target stays small. */
 export const MEMORY_TOOLS: readonly ToolId[] = ['qsync-S', 'qsync-c-S'];
 /** The image scenario: image mode, the NBD read reference, a forced file-mode scan of the same image. */

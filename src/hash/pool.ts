@@ -1,9 +1,10 @@
 /**
  * Reads and hashes a file on a pool of worker threads, so both cores work at
- * once, and hands the chunks back in file order. Workers take every N-th
- * chunk and run ahead into their own slots; the main thread consumes slots in
- * order and frees them (src/hash/slots.ts). Memory is bounded by the slots
- * (workers × slots × chunk size), whatever the size of the file.
+ * once, and hands the chunks back in file order. Workers claim the next chunk
+ * as they come free and fill a ring of slots shared by all of them; the main
+ * thread consumes slots in order and hands them on (src/hash/slots.ts).
+ * Memory is bounded by the ring (workers × slots × chunk size), whatever the
+ * size of the file.
  */
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -11,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { QsyncError } from '../core/errors.js';
 import { DIGEST_LEN } from './blake3.js';
-import { ABORT, controlLength, FAILED, FREE, slotBytes, slotViews, stateIndex, type ScanMessage, type SlotViews, type WorkerReport } from './slots.js';
+import { ABORT, controlLength, FAILED, readyIndex, resetControl, slotBytes, slotViews, turnIndex, type PoolSetup, type ScanMessage, type SlotViews, type WorkerReport } from './slots.js';
 
 export interface ScannedChunk {
   /** Byte offset of the chunk in the source (a multiple of the block size). */
@@ -87,9 +88,10 @@ export class HashPool {
     this.views = this.buffers.map((b) => slotViews(b, this.chunkSize, this.blockSize));
     this.control = new SharedArrayBuffer(4 * controlLength(n));
     const path = workerPath();
+    const workerData: PoolSetup = { control: this.control, buffers: this.buffers, chunkSize: this.chunkSize, blockSize: this.blockSize };
     this.workers = Array.from({ length: this.nWorkers }, (_, index) => {
       // A small young generation: the workers allocate little, and each MiB here is RSS.
-      const w = new Worker(path, { resourceLimits: { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 32 } });
+      const w = new Worker(path, { workerData, resourceLimits: { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 32 } });
       w.on('message', (r: WorkerReport) => this.reports[index]?.(r));
       w.on('error', (e) => {
         this.broken = e;
@@ -108,17 +110,14 @@ export class HashPool {
     if (this.broken) throw this.broken;
     const scanId = ++this.scanId;
     const state = new Int32Array(this.control);
-    state.fill(FREE);
+    const slots = this.views.length;
+    resetControl(state, slots);
     const from = job.from ?? 0;
+    const m: ScanMessage = { scanId, fd: job.fd, size: job.size, from, targetFd: job.targetFd, targetSize: job.targetSize ?? 0, hashTarget: Boolean(job.hashTarget) };
     const done = this.workers.map(
       (w, index) =>
         new Promise<WorkerReport>((resolve) => {
           this.reports[index] = resolve;
-          const m: ScanMessage = {
-            scanId, control: this.control, buffers: this.buffers, slotsPerWorker: this.slotsPerWorker, index, workers: this.nWorkers,
-            chunkSize: this.chunkSize, blockSize: this.blockSize, fd: job.fd, size: job.size, from,
-            targetFd: job.targetFd, targetSize: job.targetSize ?? 0, hashTarget: Boolean(job.hashTarget),
-          };
           w.postMessage(m);
         }),
     );
@@ -128,19 +127,28 @@ export class HashPool {
         offset: e.offset,
       });
     };
+    // Stop workers still running ahead, and wait for them: the slots are reused by the next scan.
+    const stop = (): Promise<WorkerReport[]> => {
+      Atomics.store(state, ABORT, 1);
+      for (let i = 1; i < state.length; i++) Atomics.notify(state, i);
+      return Promise.all(done);
+    };
     try {
       const chunks = Math.ceil(Math.max(0, job.size - from) / this.chunkSize);
       for (let c = 0; c < chunks; c++) {
-        const w = c % this.nWorkers;
-        const at = w * this.slotsPerWorker + (Math.floor(c / this.nWorkers) % this.slotsPerWorker);
-        const st = stateIndex(at);
-        while (Atomics.load(state, st) === FREE) {
+        const at = c % slots;
+        const ready = readyIndex(at);
+        for (let r; (r = Atomics.load(state, ready)) !== c + 1; ) {
+          if (r === FAILED) {
+            // The reason comes in the report of whichever worker had claimed the chunk.
+            const errors = (await stop()).flatMap((x) => (x.error ? [x.error] : []));
+            fail(errors.find((e) => e.offset === from + c * this.chunkSize) ?? errors[0]!);
+          }
           if (this.broken) throw this.broken;
-          const r = waitAsync(state, st, FREE, 1000);
-          if (r.async) await r.value;
+          const w = waitAsync(state, ready, r, 1000);
+          if (w.async) await w.value;
         }
-        if (Atomics.load(state, st) === FAILED) fail((await done[w]).error!);
-        const v = this.views[at];
+        const v = this.views[at]!;
         const offset = from + c * this.chunkSize;
         const length = Math.min(this.chunkSize, job.size - offset);
         const blocks = Math.ceil(length / this.blockSize);
@@ -149,16 +157,13 @@ export class HashPool {
           data: Buffer.from(v.data.buffer, v.data.byteOffset, length),
           digests: v.digests.subarray(0, blocks * DIGEST_LEN),
           differs: job.targetFd === undefined ? undefined : v.differs.subarray(0, blocks),
-          targetDigests: job.hashTarget ? v.targetDigests.subarray(0, Math.ceil(v.meta[0] / this.blockSize) * DIGEST_LEN) : undefined,
+          targetDigests: job.hashTarget ? v.targetDigests.subarray(0, Math.ceil(v.meta[0]! / this.blockSize) * DIGEST_LEN) : undefined,
         });
-        Atomics.store(state, st, FREE);
-        Atomics.notify(state, st);
+        Atomics.store(state, turnIndex(at), c + slots);
+        Atomics.notify(state, turnIndex(at));
       }
     } finally {
-      // Stop workers still running ahead, and wait: the slots are reused by the next scan.
-      Atomics.store(state, ABORT, 1);
-      for (let i = 1; i < state.length; i++) Atomics.notify(state, i);
-      await Promise.all(done);
+      await stop();
     }
   }
 
