@@ -12,6 +12,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runDomainBackup } from '../src/sync/domain-backup.js';
+import { virshBatch, VirshError } from '../src/qemu/libvirt.js';
 import type { DiskSummary } from '../src/sync/image-backup.js';
 import { QSYNC, runQsync, sha256, stateOf } from './helpers/cli.js';
 import { startSshd } from './helpers/sshd.js';
@@ -89,6 +90,20 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     return { code: r.code, disks: doc.disks, stderr: r.stderr };
   }
   const byName = (ds: DiskSummary[], name: string): DiskSummary => ds.find((x) => x.name === name)!;
+
+  it('several virsh commands in one process: each answer apart, any word passed as is, an error fails the batch unless tolerated', async () => {
+    const odd = `it's "odd"; echo \\ # x`;
+    const [state, echoed, list] = await virshBatch(URI, [['domstate', '--', dom], ['echo', '--', odd], ['checkpoint-list', '--name', '--', dom]]);
+    expect(state!.trim()).toBe('running');
+    expect(echoed).toBe(`${odd}\n`);
+    expect(list).toBeDefined();
+    const gone = `${dom}-none`;
+    const err = await virshBatch(URI, [['domstate', '--', dom], ['domstate', '--', gone]]).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(VirshError);
+    expect((err as VirshError).message).toMatch(new RegExp(`failed to get domain '${gone}'`));
+    const [, none] = await virshBatch(URI, [['domstate', '--', dom], ['backup-dumpxml', '--', dom]], /no domain backup job/);
+    expect(none!.trim()).toBe(''); // the failed command printed nothing
+  });
 
   it('full, then incremental after guest writes on both disks: each target equals what its guest wrote, one checkpoint kept', async () => {
     const full = await backup();

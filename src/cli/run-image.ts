@@ -9,10 +9,8 @@ import { QsyncError } from '../core/errors.js';
 import { runDomainBackup } from '../sync/domain-backup.js';
 import { runImageBackup, type DiskSummary } from '../sync/image-backup.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
-import { RemoteDestination } from '../remote/remote-target.js';
-import { checkFeatures, checkHello, hello, type Feature } from '../remote/session.js';
+import type { Feature } from '../remote/session.js';
 import type { Destination } from '../sync/target.js';
-import { withSession } from './run-remote.js';
 import { parseRemote } from '../remote/ssh.js';
 import { forgetImage } from '../sync/image-forget.js';
 import { setStateBase } from '../sync/state-dir.js';
@@ -41,6 +39,10 @@ export async function runImage(dest: string, o: SyncOptions, io: CliIO, signal: 
     }
     const remote = parseRemote(dest);
     if (remote) {
+      // Loaded only here: a local run starts without the remote half (a third of the modules).
+      const [{ RemoteDestination }, { checkFeatures, checkHello, hello }, { withSession }] = await Promise.all([
+        import('../remote/remote-target.js'), import('../remote/session.js'), import('./run-remote.js'),
+      ]);
       // The far side holds the destination (src/remote/serve-target.ts); the driver runs here, where QEMU is.
       // --backup-dir is a path there (relative to DEST, as rsync's) and the history is kept there, from the blocks each write
       // replaces; --write-batch is written here, from the blocks sent.

@@ -5,6 +5,7 @@
  * stays untainted and libvirt keeps its view of every bitmap.
  */
 import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { QsyncError } from '../core/errors.js';
 
 export const DEFAULT_URI = 'qemu:///system';
@@ -19,16 +20,49 @@ export function virsh(uri: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
     execFile('virsh', ['-c', uri, ...args], { timeout: VIRSH_TIMEOUT_MS, maxBuffer: VIRSH_MAX_OUTPUT, encoding: 'utf8' }, (err, stdout, stderr) => {
       if (!err) return resolve(stdout);
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-        return reject(new QsyncError('SOURCE', 'virsh is not installed', { hint: 'install libvirt-clients (apt-get install libvirt-clients)' }, { cause: err }));
+      reject(virshFailure(uri, args[0] ?? '', stderr, err));
+    });
+  });
+}
+
+function virshFailure(uri: string, command: string, stderr: string, err: Error): QsyncError {
+  if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+    return new QsyncError('SOURCE', 'virsh is not installed', { hint: 'install libvirt-clients (apt-get install libvirt-clients)' }, { cause: err });
+  }
+  const msg = stderr.split('\n').map((l) => l.replace(/^error: /, '').trim()).filter(Boolean).join('; ') || err.message;
+  const hint = /failed to connect|no such file or directory.*sock|connection refused/i.test(msg)
+    ? `is libvirtd running and ${uri} the right URI (--connect)?`
+    : /failed to get domain|domain not found/i.test(msg)
+      ? `virsh -c ${uri} list --all shows the domains there`
+      : undefined;
+  return new VirshError(command, msg, hint, err);
+}
+
+/** One word for virsh's own command parser (shell-like: '...' is literal). */
+const virshWord = (w: string): string => `'${w.replace(/'/g, "'\\''")}'`;
+
+/**
+ * Several virsh commands in one process and one connection (each virsh
+ * process costs some 20-40 ms to start and connect): each command's stdout,
+ * split at `echo` markers. virsh goes on after a failed command, and its
+ * errors cannot be told apart by command: any error fails the whole batch,
+ * but those matching `tolerate` (a command that failed so prints nothing).
+ */
+export function virshBatch(uri: string, commands: string[][], tolerate?: RegExp): Promise<string[]> {
+  if (commands.length === 1 && !tolerate) return virsh(uri, commands[0]!).then((out) => [out]);
+  const marker = `qsync-${randomBytes(8).toString('hex')}`;
+  const line = commands.map((c) => c.map(virshWord).join(' ')).join(` ; echo ${marker} ; `);
+  const names = commands.map((c) => c[0]).join(', ');
+  return new Promise((resolve, reject) => {
+    execFile('virsh', ['-c', uri, line], { timeout: VIRSH_TIMEOUT_MS, maxBuffer: VIRSH_MAX_OUTPUT, encoding: 'utf8' }, (err, stdout, stderr) => {
+      const failed = stderr.split('\n').filter((l) => /^error:/.test(l) && !tolerate?.test(l));
+      // A virsh that failed without saying why (killed, missing, timed out) fails the batch too.
+      if (failed.length || (err && !/^error:/m.test(stderr))) {
+        return reject(virshFailure(uri, commands[0]![0]!, failed.length ? failed.join('\n') : stderr, err ?? new Error(`virsh ${names} failed`)));
       }
-      const msg = stderr.split('\n').map((l) => l.replace(/^error: /, '').trim()).filter(Boolean).join('; ') || err.message;
-      const hint = /failed to connect|no such file or directory.*sock|connection refused/i.test(msg)
-        ? `is libvirtd running and ${uri} the right URI (--connect)?`
-        : /failed to get domain|domain not found/i.test(msg)
-          ? `virsh -c ${uri} list --all shows the domains there`
-          : undefined;
-      reject(new VirshError(args[0] ?? '', msg, hint, err));
+      const parts = stdout.split(`${marker}\n`);
+      if (parts.length !== commands.length) return reject(new VirshError(names, 'its answer does not split into one part per command', undefined, undefined));
+      resolve(parts);
     });
   });
 }
@@ -113,8 +147,37 @@ export async function listDomains(uri: string): Promise<string[]> {
 }
 
 export async function describeDomain(uri: string, name: string): Promise<Domain> {
-  // Asked together: each virsh is a process and a connection.
-  const [state, xml] = await Promise.all([virsh(uri, ['domstate', '--', name]).then((s) => s.trim()), virsh(uri, ['dumpxml', '--', name])]);
+  return (await surveyDomain(uri, name, false)).domain;
+}
+
+export interface DomainSurvey {
+  domain: Domain;
+  /** Its checkpoints' names. */
+  checkpoints: string[];
+  /** libvirt runs a job on the domain (a backup or any other). */
+  busy: boolean;
+}
+
+/** A domain, and (`all`) its checkpoints and whether a job runs on it: asked in one virsh. */
+export async function surveyDomain(uri: string, name: string, all: true): Promise<DomainSurvey>;
+export async function surveyDomain(uri: string, name: string, all: false): Promise<Pick<DomainSurvey, 'domain'>>;
+export async function surveyDomain(uri: string, name: string, all: boolean): Promise<Pick<DomainSurvey, 'domain'> & Partial<DomainSurvey>> {
+  // A domain that is not running has no job to show: domjobinfo says so as an error.
+  const [state, xml, list, job] = await virshBatch(
+    uri,
+    [['domstate', '--', name], ['dumpxml', '--', name], ...(all ? [['checkpoint-list', '--name', '--', name], ['domjobinfo', '--', name]] : [])],
+    all ? /domain is not running/ : undefined,
+  );
+  const domain = parseDomain(name, state!.trim(), xml!);
+  if (!all) return { domain };
+  const type = job!.match(/^Job type:\s*(\S+)/m)?.[1] ?? (domain.state === 'shut off' ? 'None' : undefined);
+  if (!type) throw new QsyncError('SOURCE', `virsh domjobinfo ${name}: no job type in its answer`);
+  return { domain, checkpoints: names(list!), busy: type !== 'None' };
+}
+
+const names = (out: string): string[] => out.split('\n').map((l) => l.trim()).filter(Boolean);
+
+function parseDomain(name: string, state: string, xml: string): Domain {
   const devices = elements(xml, 'devices')[0] ?? '';
   const disks: DomainDisk[] = [];
   for (const d of elements(devices, 'disk')) {
@@ -138,7 +201,12 @@ export async function describeDomain(uri: string, name: string): Promise<Domain>
 
 /** A disk's capacity in bytes (what the guest sees). */
 export async function diskCapacity(uri: string, domain: string, target: string): Promise<number> {
-  const out = await virsh(uri, ['domblkinfo', '--', domain, target]);
+  return parseCapacity(await virsh(uri, diskCapacityCommand(domain, target)), domain, target);
+}
+
+export const diskCapacityCommand = (domain: string, target: string): string[] => ['domblkinfo', '--', domain, target];
+
+export function parseCapacity(out: string, domain: string, target: string): number {
   const m = out.match(/^Capacity:\s+(\d+)/m);
   if (!m) throw new QsyncError('SOURCE', `virsh domblkinfo ${domain} ${target}: no capacity in its answer`);
   return Number(m[1]);
@@ -147,12 +215,17 @@ export async function diskCapacity(uri: string, domain: string, target: string):
 // --- checkpoints ---
 
 export async function listCheckpoints(uri: string, domain: string): Promise<string[]> {
-  return (await virsh(uri, ['checkpoint-list', '--name', '--', domain])).split('\n').map((l) => l.trim()).filter(Boolean);
+  return names(await virsh(uri, ['checkpoint-list', '--name', '--', domain]));
 }
 
 /** The disks (targets) a checkpoint tracks with a bitmap. */
 export async function checkpointDisks(uri: string, domain: string, checkpoint: string): Promise<string[]> {
-  const xml = await virsh(uri, ['checkpoint-dumpxml', '--no-domain', '--', domain, checkpoint]);
+  return parseCheckpointDisks(await virsh(uri, checkpointDisksCommand(domain, checkpoint)));
+}
+
+export const checkpointDisksCommand = (domain: string, checkpoint: string): string[] => ['checkpoint-dumpxml', '--no-domain', '--', domain, checkpoint];
+
+export function parseCheckpointDisks(xml: string): string[] {
   return elements(elements(xml, 'disks')[0] ?? '', 'disk').map(attrs).filter((a) => a.checkpoint === 'bitmap').map((a) => a.name!);
 }
 
@@ -205,9 +278,16 @@ export async function currentBackup(uri: string, domain: string): Promise<Backup
   try {
     xml = await virsh(uri, ['backup-dumpxml', '--', domain]);
   } catch (e) {
-    if (e instanceof VirshError && /no domain backup job/i.test(e.detail)) return undefined;
+    if (e instanceof VirshError && NO_BACKUP_JOB.test(e.detail)) return undefined;
     throw e;
   }
+  return parseBackup(xml);
+}
+
+const NO_BACKUP_JOB = /no domain backup job/i;
+
+function parseBackup(xml: string): BackupJob | undefined {
+  if (!xml.trim()) return undefined;
   const server = elements(xml, 'server')[0];
   const disks = elements(elements(xml, 'disks')[0] ?? '', 'disk')
     .map(attrs)
@@ -216,16 +296,30 @@ export async function currentBackup(uri: string, domain: string): Promise<Backup
   return { socket: server ? attrs(server).socket : undefined, disks };
 }
 
+/**
+ * `virsh backup-begin DOMAIN BACKUP_XML [CHECKPOINT_XML]` and, in the same
+ * virsh, the job it began (undefined: gone already). A failed begin is a
+ * VirshError with begin's own message.
+ */
+export async function beginBackup(uri: string, domain: string, backupXmlFile: string, checkpointXmlFile?: string): Promise<BackupJob | undefined> {
+  const [, shown] = await virshBatch(uri, [['backup-begin', '--', domain, backupXmlFile, ...(checkpointXmlFile ? [checkpointXmlFile] : [])], ['backup-dumpxml', '--', domain]], NO_BACKUP_JOB);
+  return parseBackup(shown!);
+}
+
 /** `virsh domjobabort`, then wait (bounded) until libvirt has ended the job: only then are its checkpoints free to delete. */
 export async function abortBackup(uri: string, domain: string): Promise<void> {
-  try {
-    await virsh(uri, ['domjobabort', '--', domain]);
-  } catch (e) {
-    if (!(e instanceof VirshError && /no job is active|not running/i.test(e.detail))) throw e;
-  }
-  for (let i = 0; i < 300; i++) {
+  // Asked in the same virsh: is the job gone already? (No job to abort, or none to show, is no error here.)
+  const [, shown] = await virshBatch(uri, [['domjobabort', '--', domain], ['backup-dumpxml', '--', domain]], /no job is active|not running|no domain backup job/i);
+  if (!parseBackup(shown!)) return;
+  // libvirt ends a pull-mode job when QEMU reports its block jobs cancelled, usually within tens of ms: asked again
+  // after growing pauses (each question is a virsh of its own, some 20-40 ms).
+  const deadline = performance.now() + ABORT_WAIT_MS;
+  for (let pause = 5; ; pause = Math.min(pause * 2, 100)) {
+    await new Promise((r) => setTimeout(r, pause));
     if (!(await currentBackup(uri, domain))) return;
-    await new Promise((r) => setTimeout(r, 100));
+    if (performance.now() > deadline) break;
   }
-  throw new QsyncError('SOURCE', `libvirt did not end the backup job of domain ${domain} within 30 s`, { hint: `see virsh domjobinfo ${domain}` });
+  throw new QsyncError('SOURCE', `libvirt did not end the backup job of domain ${domain} within ${ABORT_WAIT_MS / 1000} s`, { hint: `see virsh domjobinfo ${domain}` });
 }
+
+const ABORT_WAIT_MS = 30_000;

@@ -18,8 +18,8 @@ import { basename, join, resolve } from 'node:path';
 import { errnoOf, QsyncError } from '../core/errors.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import {
-  abortBackup, backupXml, checkpointDisks, checkpointXml, currentBackup, DEFAULT_URI, deleteCheckpoint, describeDomain, diskCapacity,
-  listCheckpoints, virsh, VirshError, type Domain, type DomainDisk,
+  abortBackup, backupXml, beginBackup, checkpointDisksCommand, checkpointXml, currentBackup, DEFAULT_URI, deleteCheckpoint, diskCapacityCommand,
+  listCheckpoints, parseCapacity, parseCheckpointDisks, surveyDomain, virshBatch, VirshError, type Domain, type DomainDisk, type DomainSurvey, type BackupJob,
 } from '../qemu/libvirt.js';
 import { listBitmaps } from '../qemu/block.js';
 import { serveImage } from '../qemu/offline.js';
@@ -81,7 +81,8 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
     dest, blockSize, pct, tempDir, owner: undefined, signal: opts.signal ?? new AbortController().signal, hooks, wrapSink: opts.wrapSink,
   };
 
-  const dom = await describeDomain(uri, opts.domain);
+  const survey = await surveyDomain(uri, opts.domain, true);
+  const dom = survey.domain;
   const { only } = opts;
   const skipped = only ? dom.disks.filter((d) => !only.has(d.target)).map((d) => d.target) : [];
   if (only) dom.disks = dom.disks.filter((d) => only.has(d.target));
@@ -114,7 +115,7 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
         : destination.target(rel);
       disks.push(await openDisk(d, rel, target, blockSize, !!only));
     }
-    return online ? await backupRunning(uri, dom, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, dom, disks, { ...ctx, destination });
+    return online ? await backupRunning(uri, survey, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, survey, disks, { ...ctx, destination });
   } finally {
     for (const d of disks) await d.manifest?.close();
     if (!opts.destination) await destination.close();
@@ -137,7 +138,7 @@ const stateNode = (dom: Domain, d: DomainDisk): string => `libvirt:${dom.uuid}/$
  * Why `d` cannot be incremental from the checkpoint its state records, or
  * undefined (then `d.base` is that checkpoint).
  */
-async function decide(dom: Domain, d: Disk, checkpoints: string[], covers: (cp: string) => Promise<string[]>, capacity: (target: string) => Promise<number>): Promise<string | undefined> {
+function decide(dom: Domain, d: Disk, checkpoints: string[], asked: Asked): string | undefined {
   const { state, manifest } = d;
   if (!d.tStat) return 'first run';
   if (!d.trust.trusted) return d.trust.reason ?? 'no manifest';
@@ -145,39 +146,37 @@ async function decide(dom: Domain, d: Disk, checkpoints: string[], covers: (cp: 
   if (!state || state.node !== stateNode(dom, d.disk)) return 'no checkpoint recorded for this target';
   if (state.baseChecksum !== manifest!.checksum.toString('hex')) return 'the checkpoint belongs to another manifest';
   if (!checkpoints.includes(state.bitmap)) return `checkpoint ${state.bitmap} is gone`;
-  if (!(await covers(state.bitmap)).includes(d.disk.target)) return `checkpoint ${state.bitmap} does not cover this disk`;
+  if (!asked.covers.get(state.bitmap)!.includes(d.disk.target)) return `checkpoint ${state.bitmap} does not cover this disk`;
   if (dom.state !== 'shut off') {
-    const size = await capacity(d.disk.target);
+    const size = asked.capacity.get(d.disk.target)!;
     if (size !== manifest!.header.targetSize) return `disk was resized (${manifest!.header.targetSize} → ${size})`;
   }
   d.base = state.bitmap;
   return undefined;
 }
 
-/** What decide() asks libvirt, asked up front and all at once (each virsh is a process and a connection); nothing is changed. */
-function lookups(uri: string, dom: Domain, disks: Disk[]) {
-  const quiet = <T>(p: Promise<T>): Promise<T> => (p.catch(() => {}), p); // awaited where needed
-  const checkpoints = quiet(listCheckpoints(uri, dom.name));
-  const covered = new Map<string, Promise<string[]>>();
-  const covers = (cp: string): Promise<string[]> => {
-    if (!covered.has(cp)) covered.set(cp, quiet(checkpointDisks(uri, dom.name, cp)));
-    return covered.get(cp)!;
-  };
-  for (const d of disks) if (d.state?.bitmap) void covers(d.state.bitmap);
-  const sizes = new Map<string, Promise<number>>();
-  const capacity = (target: string): Promise<number> => {
-    if (!sizes.has(target)) sizes.set(target, quiet(diskCapacity(uri, dom.name, target)));
-    return sizes.get(target)!;
-  };
-  if (dom.state !== 'shut off') for (const d of disks) if (d.state) void capacity(d.disk.target);
-  return { checkpoints, covers, capacity };
+/** What decide() asks libvirt beyond the survey: the disks each recorded checkpoint covers, and (running) the disks' capacities. */
+interface Asked {
+  covers: Map<string, string[]>;
+  capacity: Map<string, number>;
+}
+
+/** Everything decide() will ask, in one virsh (none when no disk records a checkpoint that still exists); nothing is changed. */
+async function lookups(uri: string, dom: Domain, disks: Disk[], checkpoints: string[]): Promise<Asked> {
+  const cps = [...new Set(disks.map((d) => d.state?.bitmap).filter((b): b is string => !!b && checkpoints.includes(b)))];
+  const targets = dom.state === 'shut off' || !cps.length ? [] : disks.filter((d) => d.state).map((d) => d.disk.target);
+  const asked: Asked = { covers: new Map(), capacity: new Map() };
+  if (!cps.length) return asked;
+  const outs = await virshBatch(uri, [...cps.map((cp) => checkpointDisksCommand(dom.name, cp)), ...targets.map((t) => diskCapacityCommand(dom.name, t))]);
+  cps.forEach((cp, i) => asked.covers.set(cp, parseCheckpointDisks(outs[i]!)));
+  targets.forEach((t, i) => asked.capacity.set(t, parseCapacity(outs[cps.length + i]!, dom.name, t)));
+  return asked;
 }
 
 /** Decide every disk; a full one forgets its state (its checkpoint then goes with the next prune). */
-async function decideAll(dom: Domain, disks: Disk[], hooks: SyncHooks, asked: ReturnType<typeof lookups>): Promise<void> {
-  const checkpoints = await asked.checkpoints;
+async function decideAll(dom: Domain, disks: Disk[], hooks: SyncHooks, checkpoints: string[], asked: Asked): Promise<void> {
   for (const d of disks) {
-    d.reason = await decide(dom, d, checkpoints, asked.covers, asked.capacity);
+    d.reason = decide(dom, d, checkpoints, asked);
     if (!d.reason) continue;
     hooks.notice?.(`${label(d)}: ${d.reason}: full run`, d.rel);
     await d.target.dropNote();
@@ -220,8 +219,9 @@ function runFolderPid(folder: string, prefix: string): number | undefined {
  * any other is refused (LOCKED): it belongs to another tool, and libvirt runs
  * one backup job per domain. Run folders of dead qsyncs are removed.
  */
-async function endLeftovers(uri: string, dom: Domain, prefix: string, tempDir: string, hooks: SyncHooks): Promise<void> {
-  const job = await currentBackup(uri, dom.name);
+async function endLeftovers(uri: string, dom: Domain, busy: boolean, prefix: string, tempDir: string, hooks: SyncHooks): Promise<void> {
+  // A job of any kind: see whether it is a backup job (asked only then).
+  const job = busy ? await currentBackup(uri, dom.name) : undefined;
   if (job) {
     const pid = job.socket ? runFolderPid(join(job.socket, '..', '..'), prefix) : undefined;
     if (pid === undefined || alive(pid)) {
@@ -242,14 +242,14 @@ async function endLeftovers(uri: string, dom: Domain, prefix: string, tempDir: s
  * Delete this DEST's checkpoints that no disk's state records: the one of a
  * failed run, and the bases the run just replaced. Returns the first error.
  */
-async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks: Disk[], hooks: SyncHooks): Promise<unknown> {
+async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks: Disk[], hooks: SyncHooks, listed: Promise<string[]>): Promise<unknown> {
   try {
     const keep = new Set<string>();
     for (const d of disks) {
       const s = await d.target.readNote();
       if (s && s.node === stateNode(dom, d.disk)) keep.add(s.bitmap);
     }
-    for (const cp of await listCheckpoints(uri, dom.name)) {
+    for (const cp of await listed) {
       if (!cp.startsWith(prefix) || keep.has(cp)) continue;
       try {
         await deleteCheckpoint(uri, dom.name, cp);
@@ -282,12 +282,14 @@ async function runFolder(tempDir: string, prefix: string, dom: Domain): Promise<
 }
 
 /** `skipped`: the domain's disks this run leaves out (neither backed up nor given a checkpoint bitmap). */
-async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: string[], ctx: DiskContext): Promise<DiskSummary[]> {
+async function backupRunning(uri: string, survey: DomainSurvey, disks: Disk[], skipped: string[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
+  const { domain: dom, checkpoints } = survey;
   const prefix = prefixFor(ctx.dest);
-  const asked = lookups(uri, dom, disks);
-  await endLeftovers(uri, dom, prefix, ctx.tempDir, hooks);
-  await decideAll(dom, disks, hooks, asked);
+  const asked = lookups(uri, dom, disks, checkpoints);
+  asked.catch(() => {}); // awaited below
+  await endLeftovers(uri, dom, survey.busy, prefix, ctx.tempDir, hooks);
+  await decideAll(dom, disks, hooks, checkpoints, await asked);
   const tracked = disks.filter((d) => d.disk.format === 'qcow2').map((d) => d.disk.target);
   const checkpoint = tracked.length ? `${prefix}${Date.now().toString(36)}` : undefined;
   const { dir, qemuDir } = await runFolder(ctx.tempDir, prefix, dom);
@@ -299,10 +301,11 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: s
     const cx = join(dir, 'checkpoint.xml');
     if (checkpoint) await writeFile(cx, checkpointXml(checkpoint, tracked, skipped), { mode: 0o600 });
     const t0 = performance.now();
+    let job: BackupJob | undefined;
     for (;;) {
       await writeFile(bx, backupXml(socket, disks.map((d) => ({ target: d.disk.target, incremental: d.base, scratch: join(qemuDir, `${d.disk.target}.scratch`) })), skipped), { mode: 0o600 });
       try {
-        await virsh(uri, ['backup-begin', '--', dom.name, bx, ...(checkpoint ? [cx] : [])]);
+        job = await beginBackup(uri, dom.name, bx, checkpoint ? cx : undefined);
         break;
       } catch (e) {
         if (!(e instanceof VirshError)) throw e;
@@ -320,7 +323,6 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: s
       }
     }
     began = true;
-    const job = await currentBackup(uri, dom.name);
     if (!job || job.socket !== socket) throw new QsyncError('SOURCE', `the backup job qsync started on domain ${dom.name} is gone`);
     const setupMs = performance.now() - t0;
     const out: DiskSummary[] = [];
@@ -342,11 +344,14 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: s
     return out;
   } finally {
     const errors: unknown[] = [];
+    // Listed while the job ends: a job neither makes nor deletes checkpoints (the one it began with is already there).
+    const listed = listCheckpoints(uri, dom.name);
+    listed.catch(() => {}); // awaited in pruneCheckpoints
     if (began) await abortBackup(uri, dom.name).catch((e: unknown) => errors.push(e));
     await rm(dir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
     // Only once the job is gone (libvirt refuses to delete a checkpoint a job uses); a failed run's new checkpoint goes here too.
     if (!errors.length) {
-      const e = await pruneCheckpoints(uri, dom, prefix, disks, hooks);
+      const e = await pruneCheckpoints(uri, dom, prefix, disks, hooks, listed);
       if (e) errors.push(e);
     }
     if (ok && errors.length) throw errors[0];
@@ -364,10 +369,10 @@ async function backupRunning(uri: string, dom: Domain, disks: Disk[], skipped: s
  * (allocated extents), written where it differs. The checkpoint stays the
  * base, tied to the new manifest.
  */
-async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
+async function backupShutOff(uri: string, survey: DomainSurvey, disks: Disk[], ctx: DiskContext): Promise<DiskSummary[]> {
   const { hooks } = ctx;
-  const checkpoints = await listCheckpoints(uri, dom.name);
-  const covered = (cp: string): Promise<string[]> => checkpointDisks(uri, dom.name, cp);
+  const { domain: dom, checkpoints } = survey;
+  const asked = await lookups(uri, dom, disks, checkpoints);
   const prefix = prefixFor(ctx.dest);
   const out: DiskSummary[] = [];
   for (const d of disks) {
@@ -376,7 +381,7 @@ async function backupShutOff(uri: string, dom: Domain, disks: Disk[], ctx: DiskC
         file: d.rel, hint: `start the domain (virsh start ${dom.name}) and run again`,
       });
     }
-    const keep = (await decide(dom, d, checkpoints, covered, (t) => diskCapacity(uri, dom.name, t))) === undefined ? d.base : undefined;
+    const keep = decide(dom, d, checkpoints, asked) === undefined ? d.base : undefined;
     const t0 = performance.now();
     const served = await serveImage(d.disk.source, ctx.tempDir);
     const dir = await mkdtemp(join(ctx.tempDir, `${prefix}${process.pid}-`));
