@@ -87,7 +87,8 @@ async function backUp(dest: string, destination: Destination | undefined, o: Syn
       disks = await runImageBackup({ ...common, qmp: o.qmp, image: o.image, drives: o.drives }, printer);
     }
   } catch (e) {
-    await deltas?.finish(false);
+    // The run's own error is the one to report; a history or batch that could not be closed after it is named beside it.
+    await deltas?.finish(false).catch((f: unknown) => printer.warning?.((f as Error).message));
     throw e;
   }
   await deltas?.finish(true);

@@ -396,7 +396,8 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
     await deltas.finish(!outcome.partial);
     return printer.finish(outcome.stats, code);
   } catch (e) {
-    await deltas.finish(false);
+    // The run's own error is the one to report; a history or batch that could not be closed after it is named beside it.
+    await deltas.finish(false).catch((f: unknown) => printer.warning?.((f as Error).message));
     throw e;
   } finally {
     await lock?.release();

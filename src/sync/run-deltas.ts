@@ -4,7 +4,8 @@
  * blocks, a point in time to restore). One delta file per run, one member
  * per file; the engine reaches them through FileSyncContext.wrapSink.
  */
-import { QsyncError } from '../core/errors.js';
+import { basename, join } from 'node:path';
+import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import type { DeltaFileWriter } from '../io/delta-file.js';
 import type { BlockSink } from '../io/types.js';
 import type { Dir } from '../io/safe-fs.js';
@@ -95,20 +96,40 @@ export async function openRunDeltas(o: DeltaOptions, startedMs: number): Promise
     return sink!;
   };
 
-  const close = async (w: DeltaFileWriter | undefined, keep: boolean) => {
+  /** Finish (or drop) a history or batch file; one that cannot be finished (its disk full, say) is dropped and named. */
+  let finished = false;
+  const close = async (w: DeltaFileWriter | undefined, keep: boolean, what: string, shown: string) => {
     if (!w) return;
-    if (keep) await w.finish();
-    else await w.abort();
+    if (!keep) return w.abort();
+    try {
+      await w.finish();
+    } catch (e) {
+      await w.abort();
+      throw new QsyncError('IO', `could not finish ${what} ${shown}: ${errnoText(e)}`, {
+        file: shown,
+        hint: errnoOf(e) === 'ENOSPC' || errnoOf(e) === 'EDQUOT' ? `free space where it lies (the targets were written; this run's ${what === 'the history file' ? 'old blocks are not kept' : 'batch is not written'})` : undefined,
+      }, { cause: e });
+    }
   };
   return {
     recordOnly,
     wrapSink: batch || history || relay ? wrapSink : undefined,
     async finish(ok) {
+      // Once: a caller's error path may come here again after a failed finish.
+      if (finished) return;
+      finished = true;
       try {
-        await close(batch, ok);
-        // A failed run's history is kept too: each file it wrote holds the old content of the blocks written (src/sync/delta-sinks.ts).
-        if (history?.inMember) await history.endTorn();
-        await close(history, historyMembers > 0);
+        // Each is closed whatever became of the other; the first failure is the run's.
+        const closing = await Promise.allSettled([
+          close(batch, ok, 'the batch', batchPath ?? ''),
+          (async () => {
+            // A failed run's history is kept too: each file it wrote holds the old content of the blocks written (src/sync/delta-sinks.ts).
+            if (history?.inMember) await history.endTorn();
+            await close(history, historyMembers > 0, 'the history file', history ? join(o.backupDir ?? '', basename(history.path)) : '');
+          })(),
+        ]);
+        const failed = closing.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        if (failed) throw failed.reason;
         await relay?.finish(ok);
       } finally {
         await dropHistoryDir();
