@@ -114,8 +114,8 @@ describe('text printer', () => {
     expect(p.stdout.text).toBe(
       [
         'sending incremental file list', './', 'vm/', 'vm/disk.qcow2',
-        // rsync's first tick after 32 KiB, then the file's last line, each after a carriage return (also when piped).
-        '\r         32,768   2%   32.00kB/s    0:00:01  \r      1,234,567 100%    1.18MB/s    0:00:01 (xfr#1, ir-chk=0/3)', 'link',
+        // rsync's first tick after 32 KiB (with the time left), then the file's last line (the time taken), each after a carriage return, also when piped.
+        '\r         32,768   2%   32.00kB/s    0:00:36  \r      1,234,567 100%    1.18MB/s    0:00:01 (xfr#1, ir-chk=0/3)', 'link',
         // Names printed, deletions are too (rsync's stdout format is set).
         'deleting old.raw', '',
       ].join('\n'),

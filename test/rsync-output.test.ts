@@ -6,6 +6,7 @@
  * files under 32 KiB: rsync's progress then shows one tick per file, whatever the clock.
  */
 import { chmodSync, chownSync, mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -100,6 +101,20 @@ describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
     const r = await runBoth(join(root, 'owned-again'), owned, ['-av'], { seed: copy, nobody: true });
     expect({ code: r.qsync.code, stdout: r.qsync.stdout, stderr: r.qsync.stderr }).toEqual({ code: r.rsync.code, stdout: r.rsync.stdout, stderr: r.rsync.stderr });
     expect(r.qsync.stdout).not.toMatch(/c\.txt|b\//);
+  });
+
+  it("the speedup of a run that changes nothing is of rsync's order, not the total size over one byte", async () => {
+    const one = join(root, 'one-image');
+    mkdirSync(one);
+    randomFile(join(one, 'disk.img'), 1_000_000);
+    ageAll(one, T_SRC);
+    const dest = join(root, 'one-image-dest');
+    expect((await runQsync(['-a', `${one}/`, `${dest}/`])).code).toBe(0);
+    const q = await runQsync(['-av', `${one}/`, `${dest}/`]);
+    const r = spawnSync('rsync', ['-av', `${one}/`, `${dest}/`], { encoding: 'utf8' });
+    const speedup = (out: string) => Number(/speedup is ([\d,.]+)/.exec(out)![1]!.replaceAll(',', ''));
+    expect(speedup(q.stdout)).toBeGreaterThan(speedup(r.stdout) / 10);
+    expect(speedup(q.stdout)).toBeLessThan(speedup(r.stdout) * 10);
   });
 
   it("qsync's own notices go to stderr, never to stdout", async () => {

@@ -78,8 +78,12 @@ function formatDecimal(x: number, human: number, places = 2): string {
   return formatSize(x, human) + x.toFixed(places).replace(/^-?\d+/, '');
 }
 
-/** rsync's progress line: "     1,234,567 100%   12.34MB/s    0:00:01". */
-export function formatProgress(done: number, size: number, elapsedMs: number, human: number): string {
+/**
+ * rsync's progress line: "     1,234,567 100%   12.34MB/s    0:00:01". The
+ * time is the elapsed one, or with `eta` (a tick while the file goes) the
+ * time left at this rate, as rsync shows them.
+ */
+export function formatProgress(done: number, size: number, elapsedMs: number, human: number, eta = false): string {
   let rate = (done * 1000) / Math.max(elapsedMs, 1) / 1024;
   let units = 'kB/s';
   if (rate > 1024 * 1024) {
@@ -89,7 +93,8 @@ export function formatProgress(done: number, size: number, elapsedMs: number, hu
     rate /= 1024;
     units = 'MB/s';
   }
-  const secs = Math.floor(elapsedMs / 1000);
+  const perMs = done / Math.max(elapsedMs, 1);
+  const secs = Math.floor(eta ? (perMs ? (size - done) / perMs / 1000 : 0) : elapsedMs / 1000);
   const time = `${String(Math.floor(secs / 3600)).padStart(4)}:${pad2(Math.floor(secs / 60) % 60)}:${pad2(secs % 60)}`;
   const pct = done === size ? 100 : Math.floor((100 * done) / size);
   return `${formatSize(done, human).padStart(15)} ${String(pct).padStart(3)}% ${rate.toFixed(2).padStart(7)}${units} ${time}`;
@@ -177,7 +182,7 @@ class TextPrinter implements Printer {
   private seen = 0;
   private readonly createdKinds = emptyTally();
   private deletedDirs = 0;
-  private readonly started = new Map<string, { at: number; tick: number; named: boolean }>();
+  private readonly started = new Map<string, { at: number; tick: number; named: boolean; size: number }>();
   /** The counted file list (TreeOptions.countFirst): "to-chk" then counts down from it. */
   private list?: { entries: number; size: number };
   private lastIndex = -1;
@@ -241,21 +246,25 @@ class TextPrinter implements Printer {
   }
 
   fileStart(path: string, size: number): void {
-    this.started.set(path, { at: this.now(), tick: this.now(), named: false });
+    this.started.set(path, { at: this.now(), tick: this.now(), named: false, size });
     this.bars?.start(path, size);
   }
 
   fileProgress(path: string, scanned: number, written: number): void {
     this.bars?.progress(scanned, written);
-    // A long file: rsync's line shows the bytes done, once a second (the name comes first with -v; -i's line only at the end).
+    // A long file: rsync's line shows the bytes done once a second, after its name (with -v; -i's line comes
+    // only at the end, once its letters are known) and a first tick after 32 KiB.
     const f = this.started.get(path);
     if (this.bars || !f || this.levels.progress !== 1 || this.o.itemize || this.o.outFormat) return;
     const t = this.now();
     if (t - f.tick < 1000) return;
-    if (!f.named && this.format) this.out(path);
+    if (!f.named) {
+      if (this.format) this.out(path);
+      this.raw(`\r${formatProgress(Math.min(f.size, FIRST_TICK), f.size, t - f.at, this.o.human, true)}  `, true);
+    }
     f.named = true;
     f.tick = t;
-    this.raw(`\r${formatProgress(scanned, Math.max(scanned, 1), t - f.at, this.o.human).replace(/ 100%/, scanned ? ' 100%' : '   0%')}  `, true);
+    this.raw(`\r${formatProgress(scanned, f.size, t - f.at, this.o.human, true)}  `, true);
   }
 
   /** The line of --out-format/-i/-v for an entry, as rsync decides to log it. */
@@ -291,7 +300,7 @@ class TextPrinter implements Printer {
     const h = this.o.human;
     const elapsed = this.now() - (f?.at ?? this.now());
     if (this.levels.progress === 1) {
-      if (!f?.named) this.raw(`\r${formatProgress(Math.min(r.size, FIRST_TICK), r.size, elapsed, h)}  `, true);
+      if (!f?.named) this.raw(`\r${formatProgress(Math.min(r.size, FIRST_TICK), r.size, elapsed, h, true)}  `, true);
       this.raw(`\r${formatProgress(r.size, r.size, elapsed, h)} (xfr#${this.transferred}, ${this.chk(r.index)})\n`);
     } else if (this.levels.progress >= 2) {
       const total = this.list?.size ?? this.transferredBytes;
@@ -308,8 +317,9 @@ class TextPrinter implements Printer {
   }
 
   info(message: string, category: InfoCategory): void {
-    if (this.o.quiet && category !== 'always') return;
-    if (category === 'always' || (this.levels as Record<string, number>)[category]! >= 1) this.out(message);
+    // -q drops rsync's informational lines, these too.
+    if (this.o.quiet) return;
+    if (category === 'always' || this.levels[category] >= 1) this.out(message);
   }
 
   notice(message: string): void {

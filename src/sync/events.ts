@@ -85,7 +85,7 @@ export interface SyncHooks {
   notice?(message: string, path?: string): void;
   /**
    * One of rsync's own informational lines, which it prints on stdout when
-   * the --info level of `category` allows ('always': whatever the levels):
+   * the --info level of `category` allows ('always': whatever the levels, but -q):
    * "skipping non-regular file", "cannot delete non-empty directory", ...
    * qsync's own messages are notices.
    */
