@@ -50,6 +50,17 @@ beforeAll(async () => {
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
+/** A folder `name` holding one disk.img of `size` random bytes, copied once by qsync -a into `name`-dest. */
+async function syncedImage(name: string, size: number): Promise<{ src: string; dest: string }> {
+  const src = join(root, name);
+  mkdirSync(src);
+  randomFile(join(src, 'disk.img'), size);
+  ageAll(src, T_SRC);
+  const dest = join(root, `${name}-dest`);
+  expect((await runQsync(['-a', `${src}/`, `${dest}/`])).code).toBe(0);
+  return { src, dest };
+}
+
 /** The last state of each line a script reads: the text after the line's last carriage return. */
 const lastOfEachLine = (s: string): string => s.split('\n').map((l) => l.slice(l.lastIndexOf('\r') + 1)).join('\n');
 
@@ -104,12 +115,7 @@ describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
   });
 
   it("the speedup of a run that changes nothing is of rsync's order, not the total size over one byte", async () => {
-    const one = join(root, 'one-image');
-    mkdirSync(one);
-    randomFile(join(one, 'disk.img'), 1_000_000);
-    ageAll(one, T_SRC);
-    const dest = join(root, 'one-image-dest');
-    expect((await runQsync(['-a', `${one}/`, `${dest}/`])).code).toBe(0);
+    const { src: one, dest } = await syncedImage('one-image', 1_000_000);
     const q = await runQsync(['-av', `${one}/`, `${dest}/`]);
     const r = spawnSync('rsync', ['-av', `${one}/`, `${dest}/`], { encoding: 'utf8' });
     const speedup = (out: string) => Number(/speedup is ([\d,.]+)/.exec(out)![1]!.replaceAll(',', ''));
@@ -119,12 +125,7 @@ describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
 
   it("qsync's own notices go to stderr, never to stdout", async () => {
     // A target changed behind qsync's back: qsync says it compares; rsync, which has no manifest, says nothing.
-    const big = join(root, 'big-src');
-    mkdirSync(big);
-    randomFile(join(big, 'disk.img'), 300_000);
-    ageAll(big, T_SRC);
-    const dest = join(root, 'big-dest');
-    expect((await runQsync(['-a', `${big}/`, `${dest}/`])).code).toBe(0);
+    const { src: big, dest } = await syncedImage('big', 300_000);
     utimesSync(join(dest, 'disk.img'), T_DEST, T_DEST);
     const q = await runQsync(['-a', `${big}/`, `${dest}/`]);
     expect(q.stdout).toBe('');

@@ -297,6 +297,8 @@ class TextPrinter implements Printer {
     this.transferred++;
     this.transferredBytes += r.size;
     if (this.bars) return this.bars.end(r);
+    // -n sends nothing: rsync shows no progress for it.
+    if (this.o.dryRun) return;
     const h = this.o.human;
     const elapsed = this.now() - (f?.at ?? this.now());
     if (this.levels.progress === 1) {
