@@ -490,6 +490,10 @@ class JsonPrinter implements Printer {
     this.doc.notices.push({ message, path });
   }
 
+  info(message: string): void {
+    this.doc.notices.push({ message });
+  }
+
   warning(message: string, path?: string): void {
     this.doc.errors.push({ message, path });
   }

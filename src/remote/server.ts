@@ -84,7 +84,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     if (typeof h.dest !== 'string') throw new QsyncError('PROTOCOL', 'protocol error: no destination');
     const dest = await restrictedPath(h.dest, restrict);
     await ch.send(hello('receiver', {}));
-    const printer = new ForwardingPrinter(ch);
+    const printer = new ForwardingPrinter(ch, [o.outFormat, o.logFileFormat]);
     let code: number;
     try {
       code = await receive(printer, new RemoteSources(ch), operands, dest, o, restrict);
