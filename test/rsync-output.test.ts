@@ -91,6 +91,11 @@ describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
     expect({ code: r.qsync.code, stdout: shown(r.qsync), stderr: r.qsync.stderr }).toEqual({ code: r.rsync.code, stdout: shown(r.rsync), stderr: r.rsync.stderr });
   });
 
+  it('several operands: listed files first, then folders, each by name, as rsync sorts them', async () => {
+    const r = await runBoth(join(root, 'operands'), src, ['-av', '--progress'], { operands: ['b', 'z.txt', 'a'].map((n) => join(src, n)) });
+    expect({ code: r.qsync.code, stdout: r.qsync.stdout, stderr: r.qsync.stderr }).toEqual({ code: r.rsync.code, stdout: r.rsync.stdout, stderr: r.rsync.stderr });
+  });
+
   it('a progress line is \\r-updated when piped, and counts the whole list', async () => {
     const r = await runBoth(join(root, 'piped'), src, ['-a', '--progress']);
     expect(r.qsync.stdout).toMatch(/^b\/sub\/f2\n\r +20,000 100% RATE TIME {2}\r +20,000 100% RATE TIME \(xfr#7, to-chk=0\/11\)$/m);

@@ -223,10 +223,14 @@ export class TreeSync {
       this.stats.flistMs = performance.now() - c0;
       this.hooks.listTotal?.(total.entries, total.size);
     }
-    // The operands make the first list ("." alone for SRC/, whose contents are the next).
-    this.plan.transfers.forEach((t, i) => this.indexOf.set(t.destRel, i));
-    this.nextList = this.plan.transfers.length;
-    for (const t of this.plan.transfers) await this.transfer(t);
+    // The operands make the first list ("." alone for SRC/, whose contents are the next), in rsync's order
+    // (its files, then its folders, by name) when each is copied by its name.
+    const transfers = this.plan.transfers.some((t) => t.destRel === '')
+      ? this.plan.transfers
+      : [...this.plan.transfers].sort((a, b) => Number(a.stat.isDirectory()) - Number(b.stat.isDirectory()) || compareNames(a.destRel, b.destRel));
+    transfers.forEach((t, i) => this.indexOf.set(t.destRel, i));
+    this.nextList = transfers.length;
+    for (const t of transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
     await this.ext?.flush().catch((e) => this.fail(e, '.'));

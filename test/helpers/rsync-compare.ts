@@ -114,10 +114,11 @@ export const normaliseOutput = (s: string): string =>
 
 /**
  * rsync and qsync with the same arguments on `src` into `D` (each in a folder
- * of its own below `base`, made from `seed` when given, cp -a); as nobody
+ * of its own below `base`, made from `seed` when given, cp -a), or the
+ * `operands` given instead of SRC/; as nobody
  * with `nobody` (then the folders are nobody's). Output as latin1 (names are bytes).
  */
-export async function runBoth(base: string, src: string, args: string[], opts: { seed?: string; nobody?: boolean } = {}) {
+export async function runBoth(base: string, src: string, args: string[], opts: { seed?: string; nobody?: boolean; operands?: string[] } = {}) {
   const out: Record<'rsync' | 'qsync', { code: number | null; stdout: string; stderr: string }> = {} as never;
   for (const tool of ['rsync', 'qsync'] as const) {
     const cwd = `${base}/${tool}`;
@@ -125,7 +126,7 @@ export async function runBoth(base: string, src: string, args: string[], opts: {
     execFileSync('mkdir', ['-p', cwd]);
     if (opts.seed) execFileSync('cp', ['-a', opts.seed, `${cwd}/D`]);
     if (opts.nobody) execFileSync('chown', ['-R', `${NOBODY}:${NOBODY}`, cwd]);
-    const argv = [...args, `${src}/`, 'D/'];
+    const argv = [...args, ...(opts.operands ?? [`${src}/`]), 'D/'];
     const [cmd, cmdArgs] = tool === 'rsync' ? ['rsync', argv] : ['node', [QSYNC, ...argv]];
     const env = tool === 'qsync' && opts.nobody ? { ...process.env, QSYNC_STATE_DIR: nobodyStateBase() } : process.env;
     const r = opts.nobody ? spawnSync('setpriv', [...AS_NOBODY, cmd, ...cmdArgs], { cwd, env, encoding: 'latin1' }) : spawnSync(cmd, cmdArgs, { cwd, env, encoding: 'latin1' });
