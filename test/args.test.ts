@@ -33,6 +33,19 @@ describe('parseArgv', () => {
     expect(r.options).toMatchObject({ ...ARCHIVE, verbose: 1, human: 2, progress: true, progress2: false });
   });
 
+  it('sets --info levels as rsync does: -v, --progress, --stats, -q, then --info=FLAGS', () => {
+    expect(sync(['-v', 'a', 'b']).options.info).toMatchObject({ name: 1, del: 1, flist: 1, stats: 1, skip: 0 });
+    expect(sync(['-vv', 'a', 'b']).options.info).toMatchObject({ name: 2, skip: 1 });
+    expect(sync(['--progress', 'a', 'b']).options.info).toMatchObject({ name: 1, flist: 2, progress: 1, stats: 0 });
+    expect(sync(['-i', '--progress', 'a', 'b']).options.info).toMatchObject({ name: 0, progress: 1 });
+    expect(sync(['--stats', 'a', 'b']).options.info).toMatchObject({ stats: 2 });
+    expect(sync(['-vq', 'a', 'b']).options.info).toMatchObject({ name: 0, nonreg: 0, stats: 0 });
+    expect(sync(['-v', '--info=name0,stats3,del0', 'a', 'b']).options.info).toMatchObject({ name: 0, stats: 3, del: 0, flist: 1 });
+    expect(sync(['--out-format=%n %b', 'a', 'b']).options.outFormat).toBe('%n %b');
+    expect(sync(['--log-format=%n', 'a', 'b']).options.outFormat).toBe('%n');
+    expect(failure(['--out-format=%n %C', 'a', 'b']).message).toMatch(/--out-format: %C is not supported/);
+  });
+
   it('has rsync defaults', () => {
     expect(sync(['a', 'b']).options).toEqual({
       recursive: false, links: false, perms: false, times: false, group: false, owner: false, devices: false,
@@ -44,6 +57,7 @@ describe('parseArgv', () => {
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
       minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, logFile: undefined, logFileFormat: undefined, dirs: false,
+      outFormat: undefined, info: { nonreg: 1, copy: 0, del: 0, flist: 0, misc: 0, name: 0, stats: 0, skip: 0, progress: 0 },
     } satisfies SyncOptions);
   });
 
@@ -232,7 +246,7 @@ describe('parseArgv', () => {
   it('--log-file and --log-file-format; a format escape qsync cannot fill is refused, named', () => {
     expect(sync(['--log-file=l', '--log-file-format=%o %n', 'a', 'b']).options).toMatchObject({ logFile: 'l', logFileFormat: '%o %n' });
     expect(sync(['--log-file=l', 'a', 'b']).options.logFileFormat).toBeUndefined();
-    expect(failure(['--log-file-format=%i %-10f', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', message: '--log-file-format: %f is not supported' });
+    expect(failure(['--log-file-format=%i %-10c', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', message: '--log-file-format: %c is not supported (qsync computes no rsync checksums)' });
   });
 
   it('refuses -b without --backup-dir, pointing to it; accepts it with one', () => {

@@ -49,10 +49,12 @@ describe('one file', () => {
     const src = join(dir, 'one.img');
     const quick = await runQsync(['-a', '--json', src, join(dir, 'one-copy.img')], { measureIo: true });
     expect(quick.code).toBe(0);
-    expect(quick.io!.rchar).toBeLessThan(statSync(src).size / 2);
+    // Node's own start reads about 1.3-1.6 MB (its modules): the file's 3 MiB would show on top of that.
+    expect(quick.io!.rchar).toBeLessThan(statSync(src).size);
     const forced = await runQsync(['-a', '-c', src, join(dir, 'one-copy.img')], { measureIo: true });
     expect(forced.code).toBe(0);
     expect(forced.io!.rchar).toBeGreaterThan(statSync(src).size);
+    expect(forced.io!.rchar - quick.io!.rchar).toBeGreaterThan(statSync(src).size * 0.9);
     expect(forced.io!.wchar).toBeLessThan(MiB);
   });
 });
@@ -214,7 +216,7 @@ describe('kill -9 during a run', () => {
     if (interrupted) {
       // The intent (and the manifest's patch journal) bound the damage: the next run never falls back to
       // comparing, so the target is not read; either it resumes from the intent or the commit had finished.
-      expect(again.stdout).not.toMatch(/comparing/);
+      expect(again.stderr).not.toMatch(/comparing/);
       expect(again.io!.rchar).toBeLessThan(192 * MiB * 1.1);
       if (ms === 'writing' && !committed) expect(again.stdout + again.stderr).toMatch(/resuming an interrupted run \(\d+ blocks to re-check\)/);
     }

@@ -114,7 +114,10 @@ describe('text printer', () => {
     expect(p.stdout.text).toBe(
       [
         'sending incremental file list', './', 'vm/', 'vm/disk.qcow2',
-        '      1,234,567 100%    1.18MB/s    0:00:01 (xfr#1, ir-chk=0/3)', 'link', '',
+        // rsync's first tick after 32 KiB (with the time left), then the file's last line (the time taken), each after a carriage return, also when piped.
+        '\r         32,768   2%   32.00kB/s    0:00:36  \r      1,234,567 100%    1.18MB/s    0:00:01 (xfr#1, ir-chk=0/3)', 'link',
+        // Names printed, deletions are too (rsync's stdout format is set).
+        'deleting old.raw', '',
       ].join('\n'),
     );
   });
@@ -122,7 +125,8 @@ describe('text printer', () => {
   it('--info=progress2 prints one total line', () => {
     const p = setup({ progress2: true, human: 2 });
     run(p);
-    expect(p.stdout.text).toBe('          1.23M  99%  602.82kB/s    0:00:02 (xfr#1, to-chk=0/5)\n');
+    // One \r-updated line: after each transferred file, and the total at the end.
+    expect(p.stdout.text).toBe('\r          1.23M 100%  602.82kB/s    0:00:02 (xfr#1, ir-chk=0/3)\r          1.23M  99%  602.82kB/s    0:00:02 (xfr#1, to-chk=0/5)\n');
   });
 
   it('--stats prints rsync-shaped statistics', () => {
@@ -131,7 +135,8 @@ describe('text printer', () => {
     expect(p.stdout.text).toBe(
       [
         '',
-        'Number of files: 5 (reg: 2, dir: 2, link: 1)',
+        // The kinds come from the walk's counts (skipped entries included, as rsync lists them): this run's stats count no link.
+        'Number of files: 5 (reg: 3, dir: 2)',
         'Number of created files: 3 (reg: 1, dir: 1, link: 1)',
         'Number of deleted files: 1 (reg: 1)',
         'Number of regular files transferred: 1',
@@ -140,6 +145,8 @@ describe('text printer', () => {
         'Literal data: 65,536 bytes',
         'Matched data: 1,169,031 bytes',
         'File list size: 0',
+        'File list generation time: 0.001 seconds',
+        'File list transfer time: 0.000 seconds',
         'Total bytes sent: 65,536',
         'Total bytes received: 0',
         '',

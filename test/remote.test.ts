@@ -369,7 +369,7 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
     const per = Math.ceil(frames.length / sessions);
     for (let s = 0; s < sessions; s++) {
       const role = s % 2 ? 'sender' : 'receiver';
-      const helloMsg = encodeControl({ op: 'hello', magic: 'qsync-wire', version: 1, role, dest: 'd/', operands: ['x/'], options: {}, blockSize: 65536 });
+      const helloMsg = encodeControl({ op: 'hello', magic: 'qsync-wire', version: 2, role, dest: 'd/', operands: ['x/'], options: {}, blockSize: 65536 });
       const input = Buffer.concat([helloMsg, ...frames.slice(s * per, (s + 1) * per)]);
       const r = await serverWith(input, fuzzRoot);
       expect(r.signal, r.stderr).toBeNull();

@@ -146,8 +146,7 @@ describe('a state base inside SRC or DEST', () => {
     for (let i = 0; i < 2; i++) {
       const r = await runQsync(['-a', '--delete', '--state-dir', st, `${src}/`, `${dest}/`]);
       expect(r.code, r.stderr).toBe(0);
-      expect(r.stderr).toBe('');
-      expect(r.stdout).toMatch(/skipping state\/: it is qsync's state folder/);
+      expect(r.stderr).toMatch(/^qsync: skipping state\/: it is qsync's state folder\n$/);
     }
     expect(tree(dest)).toEqual(['a']);
     expect(readdirSync(join(stateFolderIn(st, dest), 'manifests'))).toEqual(['a.qsm']);

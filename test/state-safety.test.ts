@@ -299,7 +299,7 @@ describe('B: an untrusted manifest means the run really compares', () => {
     closeSync(fd);
     const r = await runWithin(['-a', `${s.src}/`, s.dest]);
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/failed its checksum.*comparing source and target/);
+    expect(r.stderr).toMatch(/failed its checksum.*comparing source and target/);
     await expectSame(s.file, s.target);
   });
 
@@ -310,7 +310,7 @@ describe('B: an untrusted manifest means the run really compares', () => {
     writeFileSync(`${s.manifest}.intent`, intent('another-boot-0000-0000-000000000000', m.subarray(m.length - 32), MiB, MiB, [5]));
     const r = await runWithin(['-a', `${s.src}/`, s.dest]);
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/cannot be bounded/);
+    expect(r.stderr).toMatch(/cannot be bounded/);
     await expectSame(s.file, s.target);
   });
 
@@ -343,7 +343,7 @@ describe('B (-c)', () => {
     closeSync(fd);
     const r = await runWithin(['-a', '-c', `${s.src}/`, s.dest]);
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/target changed since the last run.*comparing source and target/);
+    expect(r.stderr).toMatch(/target changed since the last run.*comparing source and target/);
     await expectSame(s.file, s.target);
   });
 });
@@ -517,7 +517,7 @@ describe('D: no state file hangs a run or sticks it in a failure', () => {
     writeFileSync(`${s.manifest}.journal`, encodeJournal([far], Buffer.alloc(32, 9), m.subarray(0, 80), m.subarray(m.length - 64), m.length - 64));
     let r = await runWithin(['-a', `${s.src}/`, s.dest]);
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/patch journal that does not fit it.*comparing source and target/);
+    expect(r.stderr).toMatch(/patch journal that does not fit it.*comparing source and target/);
     await expectSame(s.file, s.target);
     expect(existsSync(`${s.manifest}.journal`)).toBe(false);
     expect(statSync(s.manifest).size).toBe(80 + 16 * 32 + 64);

@@ -19,7 +19,7 @@ import type { FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { parseChmod } from '../core/chmod.js';
 import { parseIdMap } from '../core/idmap.js';
-import { checkLogFormat } from './log-file.js';
+import { checkLogFormat } from './log-format.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -79,6 +79,10 @@ export interface SyncOptions {
   /** --usermap/--groupmap (src/core/idmap.ts); --chown=USER:GROUP sets them to "*:USER", "*:GROUP". */
   usermap?: string;
   groupmap?: string;
+  /** --out-format=FORMAT: the line printed for each change and deletion (src/cli/log-format.ts). */
+  outFormat?: string;
+  /** rsync's --info levels, from -v/-q, --progress, --stats and --info=FLAGS as rsync sets them (what prints what: src/cli/output.ts). */
+  info: InfoLevels;
   /** --log-file=FILE, --log-file-format=FMT (src/cli/log-file.ts). */
   logFile?: string;
   logFileFormat?: string;
@@ -124,6 +128,9 @@ export interface SyncOptions {
   /** Percent of blocks re-read to verify, 0..100. */
   verifySample: number;
 }
+
+/** The --info words whose levels qsync's output follows. */
+export type InfoLevels = Record<'name' | 'del' | 'skip' | 'flist' | 'misc' | 'stats' | 'nonreg' | 'progress' | 'copy', number>;
 
 export type ParsedArgs =
   | { kind: 'sync'; sources: string[]; dest: string; options: SyncOptions }
@@ -217,6 +224,7 @@ const SPECS: Spec[] = [
   { name: 'chown', kind: 'id-map', arg: 'USER:GROUP', help: 'simple username/groupname mapping' },
   { name: 'log-file', kind: 'value', arg: 'FILE', help: "log what we're doing to the specified FILE" },
   { name: 'log-file-format', kind: 'value', arg: 'FMT', help: 'log updates using the specified FMT' },
+  { name: 'out-format', kind: 'value', arg: 'FORMAT', aliases: ['log-format'], help: 'output updates using the specified FORMAT' },
   { name: 'relative', short: 'R', kind: 'flag', neg: ['no-relative', 'no-R'], help: 'use relative path names' },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
@@ -269,7 +277,7 @@ const UNSUPPORTED_LONG = new Set(
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
   delay-updates no-delay-updates
-  out-format log-format suffix list-only
+  suffix list-only
   old-args no-old-args secluded-args no-secluded-args protect-args no-protect-args no-s trust-sender
   contimeout no-contimeout stop-after time-limit stop-at rsync-path
   temp-dir iconv no-iconv ipv4 ipv6 8-bit-output no-8-bit-output no-8 qsort copy-as
@@ -564,6 +572,36 @@ function parseInfo(values: readonly string[]): Map<string, number> | 'help' {
   return levels;
 }
 
+/**
+ * The --info levels as rsync sets them: each -v turns on a set of words
+ * (none: NONREG; -v: COPY DEL FLIST MISC NAME STATS; -vv: SKIP, MISC2,
+ * NAME2), --progress adds FLIST2 and PROGRESS (and NAME, unless -i or
+ * --out-format names the files), --stats STATS2, -q silences all, and
+ * --info=FLAGS has the last word.
+ */
+function infoLevels(verbose: number, quiet: boolean, progress: boolean, stats: boolean, formatted: boolean, given: Map<string, number>): InfoLevels {
+  const v = quiet ? -1 : verbose;
+  const l: InfoLevels = {
+    nonreg: v >= 0 ? 1 : 0,
+    copy: v >= 1 ? 1 : 0,
+    del: v >= 1 ? 1 : 0,
+    flist: v >= 1 ? 1 : 0,
+    misc: v >= 2 ? 2 : v >= 1 ? 1 : 0,
+    name: v >= 2 ? 2 : v >= 1 ? 1 : 0,
+    stats: v >= 1 ? 1 : 0,
+    skip: v >= 2 ? 1 : 0,
+    progress: 0,
+  };
+  if (stats && !quiet) l.stats = Math.max(l.stats, 2);
+  if (progress && !quiet) {
+    if (!formatted && l.name === 0) l.name = 1;
+    l.flist = Math.max(l.flist, 2);
+    l.progress = 1;
+  }
+  for (const [word, level] of given) if (word in l) l[word as keyof InfoLevels] = level;
+  return l;
+}
+
 function helpText(): string {
   const rows = SPECS.map((s) => {
     const long = s.noLong ? '' : `--${s.name}${s.arg ? `=${s.arg}` : ''}`;
@@ -615,6 +653,9 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   if (info === 'help') return { kind: 'help', text: infoHelpText() };
   const progressLevel = info.get('progress');
   const statsLevel = info.get('stats');
+  const outFormat = str(y['out-format']);
+  if (outFormat !== undefined) checkLogFormat(outFormat, '--out-format');
+  const levels = infoLevels(Number(y.verbose ?? 0), bool('quiet'), bool('progress'), bool('stats'), bool('itemize-changes') || outFormat !== undefined, info);
 
   const verifyText = str(y['verify-sample']);
   const blockText = str(y['block-size']);
@@ -640,6 +681,8 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     progress: progressLevel === undefined ? bool('progress') : progressLevel === 1,
     progress2: (progressLevel ?? 0) >= 2,
     stats: statsLevel === undefined ? bool('stats') : statsLevel >= 2,
+    outFormat,
+    info: levels,
     itemize: bool('itemize-changes'),
     inplace: bool('inplace'),
     wholeFile: bool('whole-file'),

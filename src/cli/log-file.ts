@@ -13,58 +13,10 @@ import { QsyncError } from '../core/errors.js';
 import type { FileReport, RunStats } from '../sync/events.js';
 import { describeExit } from './exit-codes.js';
 import { summaryLines, type Printer } from './output.js';
+import { formatItem, itemOf, timestring } from './log-format.js';
 import type { SyncOptions } from './args.js';
 
 export const DEFAULT_LOG_FORMAT = '%i %n%L';
-
-/** rsync's escapes qsync cannot give (their values come from rsync's protocol or the sending side's paths). */
-const NOT_GIVEN = new Set(['f', 'b', 'c', 'C', 'M', 'U', 'G', 'B']);
-
-/** Refuse a format with an escape qsync cannot fill, naming it. */
-export function checkLogFormat(format: string): void {
-  for (const m of format.matchAll(/%'?-?\d*([a-zA-Z%])/g)) {
-    if (NOT_GIVEN.has(m[1]!)) {
-      throw new QsyncError('UNSUPPORTED', `--log-file-format: %${m[1]} is not supported`, {
-        option: '--log-file-format',
-        hint: 'use %t %p %o %n %L %i %l',
-      });
-    }
-  }
-}
-
-const pad2 = (n: number): string => String(n).padStart(2, '0');
-/** Local time as rsync writes it in its log file: "2026/12/07 19:57:12". */
-function timestring(d: Date): string {
-  return `${d.getFullYear()}/${pad2(d.getMonth() + 1)}/${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
-}
-
-interface Item {
-  op: 'send' | 'del.';
-  name: string;
-  link: string;
-  itemize: string;
-  length: number;
-}
-
-/** The --log-file-format escapes as rsync's manual gives them: %[-][WIDTH]X, right-justified to WIDTH ('-': left); unknown escapes stay as they are. */
-function formatItem(format: string, item: Item, now: Date): string {
-  return format.replace(/%('?)(-?)(\d*)([a-zA-Z%])/g, (all, _q: string, left: string, width: string, c: string) => {
-    const value: Record<string, string> = {
-      t: timestring(now),
-      p: String(process.pid),
-      o: item.op,
-      n: item.name,
-      L: item.link,
-      i: item.itemize,
-      l: String(item.length),
-      '%': '%',
-    };
-    const v = value[c];
-    if (v === undefined) return all;
-    const w = Number(width || 0);
-    return left ? v.padEnd(w) : v.padStart(w);
-  });
-}
 
 /** `inner` with every line that rsync would log also appended to `path`. */
 export function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, 'logFileFormat' | 'dryRun' | 'verbose' | 'stats' | 'quiet' | 'human'>): Printer & { failed(e: unknown, code: number): void } {
@@ -94,17 +46,20 @@ export function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, '
       inner.fileEnd?.(r);
       // -n: rsync logs what its receiving side would change, not the files it would send.
       if (r.unchanged || !fmt || (dryRun && r.itemize.startsWith('>'))) return;
-      const arrow = r.target !== undefined ? ` -> ${r.target}` : r.itemize.startsWith('h') && r.path.includes(' => ') ? r.path.slice(r.path.lastIndexOf(' => ')) : '';
-      const name = r.path.slice(0, r.path.length - arrow.length);
-      const shown = r.kind === 'dir' && !name.endsWith('/') ? `${name || '.'}/` : name;
-      log(formatItem(fmt, { op: 'send', name: shown, link: arrow, itemize: r.itemize, length: r.length ?? r.size }, new Date()));
+      log(formatItem(fmt, itemOf(r), new Date()));
     },
     deleted(path: string) {
       inner.deleted?.(path);
       if (dryRun) return;
-      const item = { op: 'del.' as const, name: path, link: '', itemize: '*deleting  ', length: 0 };
+      const item = { op: 'del.' as const, name: path, link: '', itemize: '*deleting  ', length: 0, source: path };
       log(formatItem(hasOpOrItemize ? fmt : 'deleting %n', item, new Date()));
     },
+    info(message, category) {
+      inner.info?.(message, category);
+      log(message);
+    },
+    listTotal: (...a) => inner.listTotal?.(...a),
+    wantsTotal: inner.wantsTotal,
     notice(message: string, path?: string) {
       inner.notice?.(message, path);
       log(message);

@@ -14,8 +14,9 @@ import type { Writable } from 'node:stream';
 import type cliProgress from 'cli-progress';
 import { createRequire } from 'node:module';
 import { isQsyncError } from '../core/errors.js';
-import type { FileReport, RunStats, SyncHooks } from '../sync/events.js';
-import type { SyncOptions } from './args.js';
+import type { FileReport, InfoCategory, RunStats, SyncHooks } from '../sync/events.js';
+import type { InfoLevels, SyncOptions } from './args.js';
+import { formatItem, itemOf } from './log-format.js';
 import { describeExit } from './exit-codes.js';
 
 export interface OutputIO {
@@ -33,13 +34,17 @@ export interface Printer extends SyncHooks {
    * `stats` is undefined when the run ended before syncing anything.
    * Returns `exitCode`.
    */
+  /** The printer numbers progress with the whole file list: count it first (TreeOptions.countFirst). */
+  readonly wantsTotal?: boolean;
   finish(stats: RunStats | undefined, exitCode: number, error?: unknown): number;
 }
 
-type Options = Pick<SyncOptions, 'verbose' | 'quiet' | 'human' | 'progress' | 'progress2' | 'stats' | 'itemize' | 'dryRun' | 'json'>;
+type Options = Pick<SyncOptions, 'verbose' | 'quiet' | 'human' | 'progress' | 'progress2' | 'stats' | 'itemize' | 'dryRun' | 'json'> &
+  Partial<Pick<SyncOptions, 'outFormat' | 'info'>>;
 
-export function createPrinter(o: Options, io: OutputIO, now: () => number = Date.now): Printer {
-  return o.json ? new JsonPrinter(io) : new TextPrinter(o, io, now);
+/** `noticesToStderr`: qsync's own notices on stderr, keeping stdout rsync's (a tree sync). */
+export function createPrinter(o: Options, io: OutputIO, now: () => number = Date.now, noticesToStderr = false): Printer {
+  return o.json ? new JsonPrinter(io) : new TextPrinter(o, io, now, noticesToStderr);
 }
 
 const UNITS = 'KMGTP';
@@ -73,8 +78,12 @@ function formatDecimal(x: number, human: number, places = 2): string {
   return formatSize(x, human) + x.toFixed(places).replace(/^-?\d+/, '');
 }
 
-/** rsync's progress line: "     1,234,567 100%   12.34MB/s    0:00:01". */
-export function formatProgress(done: number, size: number, elapsedMs: number, human: number): string {
+/**
+ * rsync's progress line: "     1,234,567 100%   12.34MB/s    0:00:01". The
+ * time is the elapsed one, or with `eta` (a tick while the file goes) the
+ * time left at this rate, as rsync shows them.
+ */
+export function formatProgress(done: number, size: number, elapsedMs: number, human: number, eta = false): string {
   let rate = (done * 1000) / Math.max(elapsedMs, 1) / 1024;
   let units = 'kB/s';
   if (rate > 1024 * 1024) {
@@ -84,7 +93,8 @@ export function formatProgress(done: number, size: number, elapsedMs: number, hu
     rate /= 1024;
     units = 'MB/s';
   }
-  const secs = Math.floor(elapsedMs / 1000);
+  const perMs = done / Math.max(elapsedMs, 1);
+  const secs = Math.floor(eta ? (perMs ? (size - done) / perMs / 1000 : 0) : elapsedMs / 1000);
   const time = `${String(Math.floor(secs / 3600)).padStart(4)}:${pad2(Math.floor(secs / 60) % 60)}:${pad2(secs % 60)}`;
   const pct = done === size ? 100 : Math.floor((100 * done) / size);
   return `${formatSize(done, human).padStart(15)} ${String(pct).padStart(3)}% ${rate.toFixed(2).padStart(7)}${units} ${time}`;
@@ -93,11 +103,19 @@ export function formatProgress(done: number, size: number, elapsedMs: number, hu
 const pad2 = (n: number): string => String(n).padStart(2, '0');
 
 /** rsync's two closing lines of -v and --stats: "sent N bytes  received N bytes  R bytes/sec", "total size is N  speedup is S". */
+/**
+ * rsync's "sent" and "received": a remote run's bytes through the remote
+ * shell; a local run has no wire: what it sends is the data written to the
+ * target and about what rsync's file list would take (RunStats.flistSize),
+ * so that the speedup compares with rsync's and never divides by nothing.
+ */
+export function wireBytes(stats: RunStats): { sent: number; received: number } {
+  return { sent: stats.wireSent ?? stats.literal + (stats.flistSize ?? 0), received: stats.wireReceived ?? 0 };
+}
+
 export function summaryLines(stats: RunStats, o: Pick<SyncOptions, 'human' | 'dryRun'>): string[] {
   const h = o.human;
-  // Local runs have no wire: what is "sent" is the data written to the target, and the target is never read back.
-  const sent = stats.wireSent ?? stats.literal;
-  const received = stats.wireReceived ?? 0;
+  const { sent, received } = wireBytes(stats);
   const rate = ((sent + received) * 1000) / Math.max(stats.elapsedMs, 1);
   const speedup = stats.totalSize / Math.max(sent + received, 1);
   return [
@@ -152,83 +170,166 @@ export function escapeForTerminal(line: string, utf8 = UTF8_LOCALE): string {
   return out;
 }
 
+/** rsync's whole-file transfer shows its first progress after this many bytes (or the whole, smaller file). */
+const FIRST_TICK = 32 * 1024;
+
 class TextPrinter implements Printer {
   /** Set while bars are drawn; the closing lines go to stdout after them. */
   private bars?: Bars;
   private headerDone = false;
   private transferred = 0;
+  private transferredBytes = 0;
   private seen = 0;
-  private readonly kinds = emptyTally();
   private readonly createdKinds = emptyTally();
   private deletedDirs = 0;
-  private readonly started = new Map<string, number>();
+  private readonly started = new Map<string, { at: number; tick: number; named: boolean; size: number }>();
+  /** The counted file list (TreeOptions.countFirst): "to-chk" then counts down from it. */
+  private list?: { entries: number; size: number };
+  private lastIndex = -1;
+  /** A progress line without its newline is on stdout (progress2, or a tick): the next line starts with one. */
+  private openLine = false;
+  /** rsync's stdout format: --out-format, -i's "%i %n%L", or -v's "%n%L" (undefined: no names). */
+  private readonly format: string | undefined;
+  private readonly hasI: boolean;
+  private readonly hasOI: boolean;
+  readonly wantsTotal: boolean;
+  private readonly t0: number;
 
   constructor(
     private readonly o: Options,
     private readonly io: OutputIO,
     private readonly now: () => number,
+    /** qsync's own notices go to stderr (a tree sync, whose stdout is rsync's), else stdout (image mode's lines). */
+    private readonly noticesToStderr = false,
   ) {
-    if (io.isTTY && !o.quiet && (o.progress || o.progress2)) this.bars = new Bars(io.stderr, o.human, now);
+    const info = o.info ?? defaultInfo(o);
+    this.levels = info;
+    if (io.isTTY && !o.quiet && info.progress) this.bars = new Bars(io.stderr, o.human, now);
+    this.format = o.outFormat ?? (o.itemize ? '%i %n%L' : info.name >= 1 ? '%n%L' : undefined);
+    this.hasI = this.format !== undefined && /%'?-?\d*i/.test(this.format);
+    this.hasOI = this.format !== undefined && /%'?-?\d*[oi]/.test(this.format);
+    this.wantsTotal = !this.bars && info.progress > 0;
+    this.t0 = now();
   }
 
+  private readonly levels: InfoLevels;
+
   private out(line: string): void {
-    if (this.o.quiet) return;
-    // rsync's -v/--progress header; "incremental" is rsync's word for a list sent while it is built.
-    if (!this.headerDone && (this.o.verbose || this.o.progress)) this.emit('sending incremental file list');
+    // rsync's header (--info=flist); "incremental" is rsync's word for a list sent while it is built.
+    if (!this.headerDone && this.levels.flist >= 1 && !this.o.quiet) this.emit('sending incremental file list');
     this.headerDone = true;
     this.emit(line);
   }
 
   private emit(line: string): void {
-    if (this.bars) this.bars.log(escapeForTerminal(line));
-    else this.io.stdout.write(`${escapeForTerminal(line)}\n`);
+    if (this.bars) return this.bars.log(escapeForTerminal(line));
+    this.raw(`${escapeForTerminal(line)}\n`);
+  }
+
+  /** Text to stdout as it is, after the newline an open progress line needs. */
+  private raw(text: string, open = false): void {
+    if (this.openLine && !text.startsWith('\r')) this.io.stdout.write('\n');
+    this.io.stdout.write(text);
+    this.openLine = open;
+  }
+
+  listTotal(entries: number, size: number): void {
+    this.list = { entries, size };
+  }
+
+  /** rsync's count after a progress line: "to-chk=R/T" with the counted list, else what is known so far ("ir-chk"). */
+  private chk(index: number | undefined): string {
+    if (index !== undefined) this.lastIndex = Math.max(this.lastIndex, index);
+    if (this.list && index !== undefined) return `to-chk=${this.list.entries - index - 1}/${this.list.entries}`;
+    if (this.list) return `to-chk=${Math.max(this.list.entries - this.lastIndex - 1, 0)}/${this.list.entries}`;
+    return `ir-chk=0/${this.seen}`;
   }
 
   fileStart(path: string, size: number): void {
-    this.started.set(path, this.now());
+    this.started.set(path, { at: this.now(), tick: this.now(), named: false, size });
     this.bars?.start(path, size);
   }
 
-  fileProgress(_path: string, scanned: number, written: number): void {
+  fileProgress(path: string, scanned: number, written: number): void {
     this.bars?.progress(scanned, written);
+    // A long file: rsync's line shows the bytes done once a second, after its name (with -v; -i's line comes
+    // only at the end, once its letters are known) and a first tick after 32 KiB.
+    const f = this.started.get(path);
+    if (this.bars || !f || this.levels.progress !== 1 || this.o.itemize || this.o.outFormat) return;
+    const t = this.now();
+    if (t - f.tick < 1000) return;
+    if (!f.named) {
+      if (this.format) this.out(path);
+      this.raw(`\r${formatProgress(Math.min(f.size, FIRST_TICK), f.size, t - f.at, this.o.human, true)}  `, true);
+    }
+    f.named = true;
+    f.tick = t;
+    this.raw(`\r${formatProgress(scanned, f.size, t - f.at, this.o.human, true)}  `, true);
+  }
+
+  /** The line of --out-format/-i/-v for an entry, as rsync decides to log it. */
+  private logLine(r: FileReport, transfer: boolean): string | undefined {
+    if (!this.format) return undefined;
+    if (r.unchanged) return this.hasI && (this.o.itemize && this.levels.name >= 2) ? this.formatted(r) : undefined;
+    // rsync logs what it sends, and else a change only with %i, a folder, or what was made here.
+    if (transfer || this.hasI || r.kind === 'dir' || r.itemize.startsWith('c')) return this.formatted(r);
+    return undefined;
+  }
+
+  private formatted(r: FileReport): string {
+    return formatItem(this.format!, itemOf(r), new Date(this.now()));
   }
 
   fileEnd(r: FileReport): void {
     this.seen++;
     const key = TALLY_KEY[r.kind];
-    if (key) {
-      this.kinds[key]++;
-      if (r.itemize.slice(2).startsWith('+')) this.createdKinds[key]++;
-    }
-    const name = shownName(r);
-    const shows = this.o.verbose || (this.o.progress && !this.o.progress2);
-    if (!r.unchanged) {
-      if (this.o.itemize) this.out(`${r.itemize} ${name}`);
-      // rsync -v names a folder whatever changed in it, anything else only when made or sent (not for its attributes alone).
-      else if (shows && (r.kind === 'dir' || /^[>c]/.test(r.itemize))) this.out(name);
-    } else if (this.o.verbose >= 2) this.out(`${name} is uptodate`);
-
-    if (r.kind !== 'file' || !r.itemize.startsWith('>')) return;
-    this.transferred++;
-    const startedAt = this.started.get(r.path) ?? this.now();
+    if (key && r.itemize.slice(2).startsWith('+')) this.createdKinds[key]++;
+    const transfer = r.kind === 'file' && r.itemize.startsWith('>');
+    const f = this.started.get(r.path);
     this.started.delete(r.path);
-    if (this.bars) this.bars.end(r);
-    else if (this.o.progress && !this.o.progress2) {
-      // The walk is streamed: like rsync's incremental recursion, count what is known so far.
-      this.out(
-        `${formatProgress(r.size, r.size, this.now() - startedAt, this.o.human)} (xfr#${this.transferred}, ir-chk=0/${this.seen})`,
-      );
+    const line = this.logLine(r, transfer);
+    if (line !== undefined && !f?.named) this.out(line);
+    else if (r.unchanged && r.kind !== 'dir' && this.levels.name >= 2 && !this.hasI) this.out(`${shownName(r)} is uptodate`);
+    if (!transfer) {
+      if (r.index !== undefined) this.chk(r.index);
+      return;
+    }
+    this.transferred++;
+    this.transferredBytes += r.size;
+    if (this.bars) return this.bars.end(r);
+    // -n sends nothing: rsync shows no progress for it.
+    if (this.o.dryRun) return;
+    const h = this.o.human;
+    const elapsed = this.now() - (f?.at ?? this.now());
+    if (this.levels.progress === 1) {
+      if (!f?.named) this.raw(`\r${formatProgress(Math.min(r.size, FIRST_TICK), r.size, elapsed, h, true)}  `, true);
+      this.raw(`\r${formatProgress(r.size, r.size, elapsed, h)} (xfr#${this.transferred}, ${this.chk(r.index)})\n`);
+    } else if (this.levels.progress >= 2) {
+      const total = this.list?.size ?? this.transferredBytes;
+      this.raw(`\r${formatProgress(this.transferredBytes, total, this.now() - this.t0, h)} (xfr#${this.transferred}, ${this.chk(r.index)})`, true);
     }
   }
 
   deleted(path: string): void {
     if (path.endsWith('/')) this.deletedDirs++;
-    if (this.o.itemize) this.out(`*deleting   ${path}`);
-    else if (this.o.verbose) this.out(`deleting ${path}`);
+    // rsync names deletions with --info=del, or whenever it names files (-v, -i, --out-format).
+    if (this.levels.del < 1 && !this.format) return;
+    const fmt = this.hasOI ? this.format! : 'deleting %n';
+    this.out(formatItem(fmt, { op: 'del.', name: path, link: '', itemize: '*deleting  ', length: 0, source: path.replace(/\/$/, '') }, new Date(this.now())));
+  }
+
+  info(message: string, category: InfoCategory): void {
+    // -q drops rsync's informational lines, these too.
+    if (this.o.quiet) return;
+    if (category === 'always' || this.levels[category] >= 1) this.out(message);
   }
 
   notice(message: string): void {
-    this.out(message);
+    if (this.o.quiet) return;
+    if (!this.noticesToStderr) return this.out(message);
+    const line = `qsync: ${escapeForTerminal(message)}`;
+    if (this.bars) this.bars.log(line);
+    else this.io.stderr.write(`${line}\n`);
   }
 
   warning(message: string, _path?: string, bare?: boolean): void {
@@ -243,17 +344,13 @@ class TextPrinter implements Printer {
     const o = this.o;
     if (stats && !o.quiet) {
       const h = o.human;
-      if (o.progress2) {
-        this.out(
-          `${formatProgress(stats.transferredSize, stats.totalSize, stats.elapsedMs, h)} (xfr#${stats.transferred}, to-chk=0/${stats.files})`,
-        );
+      if (this.levels.progress >= 2) {
+        this.raw(`\r${formatProgress(stats.transferredSize, stats.totalSize, stats.elapsedMs, h)} (xfr#${stats.transferred}, to-chk=0/${stats.files})\n`);
       }
-      // Local runs have no wire: what is "sent" is the data written to the target, and the target is never read back.
-      const sent = stats.wireSent ?? stats.literal;
-      const received = stats.wireReceived ?? 0;
-      if (o.stats) {
+      if (this.levels.stats >= 2) {
+        const kinds: Tally = { dir: stats.dirs, link: stats.symlinks ?? 0, dev: stats.devices ?? 0, special: stats.specials ?? 0 };
         this.out('');
-        this.out(itemizedCount('Number of files', stats.files, this.kinds));
+        this.out(itemizedCount('Number of files', stats.files, kinds));
         this.out(itemizedCount('Number of created files', stats.created, this.createdKinds));
         this.out(itemizedCount('Number of deleted files', stats.deleted, { ...emptyTally(), dir: this.deletedDirs }));
         this.out(`Number of regular files transferred: ${formatSize(stats.transferred, 1)}`);
@@ -261,18 +358,34 @@ class TextPrinter implements Printer {
         this.out(`Total transferred file size: ${formatSize(stats.transferredSize, h)} bytes`);
         this.out(`Literal data: ${formatSize(stats.literal, h)} bytes`);
         this.out(`Matched data: ${formatSize(stats.matched, h)} bytes`);
-        this.out(`File list size: ${formatSize(0, h)}`);
+        this.out(`File list size: ${formatSize(0, h)}`); // rsync's, locally: its incremental list is not counted
+        // rsync prints the list's times once building it took a millisecond.
+        this.out(`File list generation time: ${formatDecimal(Math.max(stats.flistMs ?? 0, 1) / 1000, 1, 3)} seconds`);
+        this.out(`File list transfer time: ${formatDecimal(0, 1, 3)} seconds`);
+        const { sent, received } = wireBytes(stats);
         this.out(`Total bytes sent: ${formatSize(sent, h)}`);
         this.out(`Total bytes received: ${formatSize(received, h)}`);
       }
-      if (o.stats || o.verbose) {
+      if (this.levels.stats >= 1) {
         this.out('');
         for (const line of summaryLines(stats, o)) this.out(line);
       }
     }
+    if (this.openLine) this.raw('');
     if (exitCode !== 0) this.io.stderr.write(`${describeExit(exitCode)}\n`);
     return exitCode;
   }
+}
+
+/** The levels a caller without parsed --info gets (image mode, tests): -v's and --progress's, --stats's. */
+function defaultInfo(o: Options): InfoLevels {
+  if (o.quiet) return { nonreg: 0, copy: 0, misc: 0, skip: 0, del: 0, flist: 0, name: 0, stats: 0, progress: 0 };
+  const v = o.verbose;
+  return {
+    nonreg: v >= 0 ? 1 : 0, copy: 0, misc: 0, skip: v >= 2 ? 1 : 0,
+    del: v >= 1 ? 1 : 0, flist: v >= 1 || o.progress ? 1 : 0, name: v >= 2 ? 2 : v >= 1 || o.progress ? 1 : 0,
+    stats: o.stats ? 2 : v >= 1 ? 1 : 0, progress: o.progress2 ? 2 : o.progress ? 1 : 0,
+  };
 }
 
 /** A file bar and a total bar on stderr. The total grows as files start: the walk is streamed. */
@@ -375,6 +488,10 @@ class JsonPrinter implements Printer {
 
   notice(message: string, path?: string): void {
     this.doc.notices.push({ message, path });
+  }
+
+  info(message: string): void {
+    this.doc.notices.push({ message });
   }
 
   warning(message: string, path?: string): void {

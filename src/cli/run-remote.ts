@@ -168,6 +168,9 @@ function countingWire(p: Printer, ch: Channel): Printer {
     fileEnd: (...a) => p.fileEnd?.(...a),
     deleted: (...a) => p.deleted?.(...a),
     notice: (...a) => p.notice?.(...a),
+    info: (...a) => p.info?.(...a),
+    wantsTotal: p.wantsTotal,
+    listTotal: (...a) => p.listTotal?.(...a),
     warning: (...a) => p.warning?.(...a),
     finish: (stats, code, error) => p.finish(stats && { ...stats, wireSent: ch.sent, wireReceived: ch.received }, code, error),
   };

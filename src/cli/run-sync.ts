@@ -119,7 +119,7 @@ export async function readFilesFrom(path: string, from0: boolean): Promise<strin
 }
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
-  const shown = createPrinter(o, io);
+  const shown = createPrinter(o, io, Date.now, true);
   const logged = o.logFile === undefined ? undefined : withLogFile(shown, o.logFile, o);
   const printer = logged ?? shown;
   try {
@@ -218,7 +218,7 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   if (plan.destIsDir) {
     if (!destStat) plan.destCreated = true;
     // rsync's line for a destination folder it makes, with -v or -i.
-    if (!destStat && (o.verbose || o.itemize)) printer.notice?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`);
+    if (!destStat && namesMade(o)) printer.info?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`, 'always');
     if (!destStat && !leavesDest(o, far)) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
       const mode = plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777;
@@ -279,7 +279,7 @@ function relativePlan(printer: Printer, sources: { operand: string; stat: BigInt
   const sent = named.filter((l) => {
     // rsync skips a folder without -r before it sends the folders on its way.
     if (!l.stat.isDirectory() || o.recursive) return true;
-    printer.notice?.(`skipping directory ${l.name.rel || '.'}`);
+    printer.info?.(`skipping directory ${l.name.rel || '.'}`, 'always');
     return false;
   });
   const lists = sent.map((l) => ({ base: l.base, names: [l.name], dirs: false, shownPrefix: l.base === '/' && !l.operand.includes('/./') ? '/' : '' }));
@@ -311,8 +311,11 @@ async function makePath(printer: Printer, dest: string, sources: { stat: BigIntS
       });
     }
   }
-  if (missing.length && (o.verbose || o.itemize)) printer.notice?.(`created ${missing.length} director${missing.length === 1 ? 'y' : 'ies'} for ${target}`);
+  if (missing.length && namesMade(o)) printer.info?.(`created ${missing.length} director${missing.length === 1 ? 'y' : 'ies'} for ${target}`, 'always');
 }
+
+/** rsync names the folders it makes for DEST with --info=name, -i or an --out-format with %i. */
+const namesMade = (o: SyncOptions): boolean => (o.info?.name ?? o.verbose) >= 1 || o.itemize || /%'?-?\d*i/.test(o.outFormat ?? '');
 
 /**
  * -n, and --only-write-batch (which records what a run would write), leave
@@ -372,7 +375,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
     const dropIn = from.remote || o.manifest || deltas.recordOnly ? undefined : await DropIn.find(o.connect);
     const tree = new TreeSync(
       plan,
-      { ...o, preserveTimes: o.times, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history), claim: dropIn && ((st, rel) => dropIn.claim(st, rel)) },
+      { ...o, preserveTimes: o.times, countFirst: printer.wantsTotal === true && !from.remote, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history), claim: dropIn && ((st, rel) => dropIn.claim(st, rel)) },
       compileFilters(rules),
       { sources: from, hooks: printer, wrapSink: deltas.wrapSink },
       destDir,

@@ -17,7 +17,7 @@
 import { QsyncError } from './errors.js';
 
 export const WIRE_MAGIC = 'qsync-wire';
-export const WIRE_VERSION = 1;
+export const WIRE_VERSION = 2;
 export const DIGEST_BYTES = 32;
 
 /** Control messages are small; a listing is paged to stay well below this. */

@@ -102,7 +102,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     await ch.send(hello('receiver', { features: FEATURES }));
     // --files-from: the client read its list and sends the lines (this end reads no list of its own).
     const filesFrom = typeof h.filesFrom === 'string' ? { name: h.filesFrom, lines: await receiveFilesFrom(ch, MAX_FILES_FROM) } : undefined;
-    const printer = new ForwardingPrinter(ch);
+    const printer = new ForwardingPrinter(ch, [o.outFormat, o.logFileFormat]);
     let code: number;
     try {
       code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, { within: restrict, relay, filesFrom });

@@ -20,7 +20,7 @@
 import { QsyncError } from '../core/errors.js';
 import { isValidBlockSize } from '../core/geometry.js';
 import { protocolError, WIRE_MAGIC, WIRE_VERSION, type ControlMessage } from '../core/wire.js';
-import type { FileReport, RunStats } from '../sync/events.js';
+import type { FileReport, InfoCategory, RunStats } from '../sync/events.js';
 import type { SyncOptions } from '../cli/args.js';
 import type { Printer } from '../cli/output.js';
 import { errorMessage, remoteError, type Channel } from './channel.js';
@@ -93,12 +93,19 @@ export async function receiveFilesFrom(ch: Channel, max: number): Promise<string
   }
 }
 
-const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'warning'] as const;
+const HOOKS = ['fileStart', 'fileProgress', 'fileEnd', 'deleted', 'notice', 'info', 'warning'] as const;
 type Hook = (typeof HOOKS)[number];
 
 /** The receiving end of a push: what a local run prints goes to the client as events. */
 export class ForwardingPrinter implements Printer {
-  constructor(private readonly ch: Channel) {}
+  /** `formats`: the client's --out-format and --log-file-format, which say whether a report's attributes (%M %U %G %B) are worth their bytes. */
+  constructor(
+    private readonly ch: Channel,
+    formats: (string | undefined)[] = [],
+  ) {
+    this.attrs = formats.some((f) => typeof f === 'string' && /%'?-?\d*[MUGB]/.test(f));
+  }
+  private readonly attrs: boolean;
   private post(hook: Hook, args: unknown[]): void {
     this.ch.write({ op: 'event', hook, args });
   }
@@ -109,13 +116,18 @@ export class ForwardingPrinter implements Printer {
     this.post('fileProgress', [path, scanned, written]);
   }
   fileEnd(r: FileReport): void {
-    this.post('fileEnd', [r]);
+    // The index is this side's walk's (the client counts its own), the source path this side's: neither is the client's.
+    const { index: _i, source: _s, mtime, uid, gid, mode, ...rest } = r;
+    this.post('fileEnd', [this.attrs ? { ...rest, mtime, uid, gid, mode } : rest]);
   }
   deleted(path: string): void {
     this.post('deleted', [path]);
   }
   notice(message: string, path?: string): void {
     this.post('notice', [message, path]);
+  }
+  info(message: string, category: InfoCategory): void {
+    this.post('info', [message, category]);
   }
   warning(message: string, path?: string, bare?: boolean): void {
     this.post('warning', [message, path, bare]);

@@ -33,6 +33,14 @@ export interface FileReport {
   length?: number;
   /** A symlink's target (`path` ends in " -> TARGET"). */
   target?: string;
+  /** Its index in rsync's file list (src/sync/tree.ts), when the walk numbers entries: progress's "to-chk". */
+  index?: number;
+  /** The source's path on this side (rsync's %f), mtime in seconds (%M), owner, group and st_mode (%U %G %B). */
+  source?: string;
+  mtime?: number;
+  uid?: number;
+  gid?: number;
+  mode?: number;
 }
 
 export interface RunStats {
@@ -48,10 +56,21 @@ export interface RunStats {
   matched: number;
   scanned: number;
   elapsedMs: number;
+  /** Entries of these kinds met, also when skipped (rsync lists them): "Number of files" of --stats. */
+  symlinks?: number;
+  /** About the bytes rsync's file list would take for the entries reported (a local run has no list to measure). */
+  flistSize?: number;
+  /** Milliseconds spent counting the file list first (TreeOptions.countFirst): rsync's "File list generation time". */
+  flistMs?: number;
+  devices?: number;
+  specials?: number;
   /** A remote sync: bytes this side sent and received through the remote shell (rsync's "sent"/"received"). */
   wireSent?: number;
   wireReceived?: number;
 }
+
+/** rsync's --info categories of the lines SyncHooks.info prints. */
+export type InfoCategory = 'nonreg' | 'skip' | 'misc' | 'always';
 
 export interface SyncHooks {
   /** A regular file is about to be synced; `size` is the source size. */
@@ -64,6 +83,15 @@ export interface SyncHooks {
   deleted?(path: string): void;
   /** One line for the user, e.g. "manifest stale: falling back to compare". */
   notice?(message: string, path?: string): void;
+  /**
+   * One of rsync's own informational lines, which it prints on stdout when
+   * the --info level of `category` allows ('always': whatever the levels, but -q):
+   * "skipping non-regular file", "cannot delete non-empty directory", ...
+   * qsync's own messages are notices.
+   */
+  info?(message: string, category: InfoCategory): void;
+  /** The file list is counted (TreeOptions.countFirst): `entries` in all, `size` bytes of files and link targets. */
+  listTotal?(entries: number, size: number): void;
   /** A per-file problem that did not stop the run (rsync exit 23); `bare`: printed without qsync's name, as rsync prints some. */
   warning?(message: string, path?: string, bare?: boolean): void;
 }
@@ -80,6 +108,8 @@ export function prefixedHooks(hooks: SyncHooks, prefix: string): SyncHooks {
     fileEnd: hooks.fileEnd && ((...a) => hooks.fileEnd!(...a)),
     deleted: hooks.deleted && ((...a) => hooks.deleted!(...a)),
     notice: hooks.notice && ((m, p) => hooks.notice!(`${prefix}: ${m}`, p)),
+    info: hooks.info && ((...a) => hooks.info!(...a)),
+    listTotal: hooks.listTotal && ((...a) => hooks.listTotal!(...a)),
     warning: hooks.warning && ((m, ...rest) => hooks.warning!(`${prefix}: ${m}`, ...rest)),
   };
 }

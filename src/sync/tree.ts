@@ -82,6 +82,12 @@ export interface TreeOptions extends FileSyncOptions {
    * drop-in's domain disks, src/sync/dropin.ts): true, and the walk leaves it.
    */
   claim?: (st: BigIntStats, rel: string) => boolean;
+  /**
+   * Count the whole transfer (entries and bytes, rsync's file list) before
+   * the walk and give it to hooks.listTotal: the progress lines say
+   * "to-chk=R/T" as rsync does once its list is complete.
+   */
+  countFirst?: boolean;
 }
 
 /** Outcome flags the CLI turns into rsync's exit codes. */
@@ -107,6 +113,9 @@ const DEST_FATAL: Record<string, string> = {
 const UMASK = process.umask();
 /** Who runs qsync: not root (0), it may only open up folders and files of its own, as rsync does. */
 const ME = process.getuid?.() ?? 0;
+/** The groups a user who is not root may give files (rsync's is_in_group): others are neither set nor reported. */
+const MY_GROUPS = new Set(ME === 0 ? [] : [process.getegid?.() ?? 0, ...(process.getgroups?.() ?? [])]);
+const mayGiveGroup = (gid: bigint): boolean => ME === 0 || MY_GROUPS.has(Number(gid));
 
 type Kind = FileReport['kind'];
 const kindOf = (s: BigIntStats): Kind =>
@@ -155,6 +164,15 @@ export class TreeSync {
   private readonly ctx: FileSyncContext;
   /** -R with an absolute SRC: rsync prints its names with their leading '/'. */
   private shownPrefix = '';
+  /**
+   * rsync's file-list index of the entries listed and not yet reported, by
+   * path: a folder's list is its non-folders, then its folders (each sorted
+   * by bytes), and the lists follow one another folder by folder, depth
+   * first, as the walk goes; the progress lines count with it.
+   */
+  private readonly indexOf = new Map<string, number>();
+  /** Where the next folder's list starts in that numbering. */
+  private nextList = 0;
 
   /** `dest`: the destination root, held (undefined only with -n when it does not exist yet). */
   constructor(
@@ -204,7 +222,20 @@ export class TreeSync {
     }
     this.shownPrefix = '';
     await this.retimeListed(done);
-    for (const t of this.plan.transfers) await this.transfer(t);
+    if (this.opts.countFirst && !this.plan.lists?.length) {
+      const c0 = performance.now();
+      const total = await this.count();
+      this.stats.flistMs = performance.now() - c0;
+      this.hooks.listTotal?.(total.entries, total.size);
+    }
+    // The operands make the first list ("." alone for SRC/, whose contents are the next), in rsync's order
+    // (its files, then its folders, by name) when each is copied by its name.
+    const transfers = this.plan.transfers.some((t) => t.destRel === '')
+      ? this.plan.transfers
+      : [...this.plan.transfers].sort((a, b) => Number(a.stat.isDirectory()) - Number(b.stat.isDirectory()) || compareNames(a.destRel, b.destRel));
+    transfers.forEach((t, i) => this.indexOf.set(t.destRel, i));
+    this.nextList = transfers.length;
+    for (const t of transfers) await this.transfer(t);
     // -H: files with other links waited for the whole walk (rsync semantics).
     await this.links?.finish(this.linkHost());
     await this.ext?.flush().catch((e) => this.fail(e, '.'));
@@ -426,7 +457,7 @@ export class TreeSync {
       if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return;
       if (st.isDirectory()) {
         if (!this.opts.recursive && levels === undefined) {
-          this.hooks.notice?.(`skipping directory ${shown}`, shown);
+          this.hooks.info?.(`skipping directory ${shown}`, 'nonreg');
           return;
         }
         await this.dir(src, st, dst, name, rel, rootDev, levels);
@@ -435,11 +466,18 @@ export class TreeSync {
         if (this.outsideSizes(st, rel)) return;
         if (!this.links?.defer(st, rel)) await this.file(src, st, dst, name, rel);
       } else if (st.isSymbolicLink()) {
-        if (!this.opts.links) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
+        this.stats.symlinks = (this.stats.symlinks ?? 0) + 1;
+        if (!this.opts.links) {
+          // Listed all the same: rsync counts the link's length in the total size.
+          this.stats.totalSize += Number(st.size);
+          return this.hooks.info?.(`skipping non-regular file "${shown}"`, 'nonreg');
+        }
         if (!this.links?.defer(st, rel)) await this.symlink(src, st, dst, name, rel);
       } else {
         const dev = st.isCharacterDevice() || st.isBlockDevice();
-        if (dev ? !this.opts.devices : !this.opts.specials) return this.hooks.notice?.(`skipping non-regular file "${shown}"`, shown);
+        if (dev) this.stats.devices = (this.stats.devices ?? 0) + 1;
+        else this.stats.specials = (this.stats.specials ?? 0) + 1;
+        if (dev ? !this.opts.devices : !this.opts.specials) return this.hooks.info?.(`skipping non-regular file "${shown}"`, 'nonreg');
         if (!this.links?.defer(st, rel)) await this.special(src, st, dst, name, rel);
       }
     } catch (e) {
@@ -454,7 +492,7 @@ export class TreeSync {
     if (!over && !(minSize >= 0 && st.size < BigInt(minSize))) return false;
     this.stats.regularFiles++;
     this.stats.totalSize += Number(st.size);
-    if ((this.opts.verbose ?? 0) >= 2) this.hooks.notice?.(`${rel} is ${over ? 'over max' : 'under min'}-size`, rel);
+    this.hooks.info?.(`${rel} is ${over ? 'over max' : 'under min'}-size`, 'skip');
     return true;
   }
 
@@ -543,44 +581,105 @@ export class TreeSync {
     }
   }
 
+  /**
+   * The entries of source folder `src` (at `rel`) the transfer takes, in
+   * rsync's list order: its non-folders, then its folders, each sorted by
+   * bytes. Not `quiet`: an entry that cannot be read is reported as failed.
+   */
+  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<{ name: string; st: BigIntStats }[]> {
+    const files: { name: string; st: BigIntStats }[] = [];
+    const dirs: { name: string; st: BigIntStats }[] = [];
+    for (const name of (await src.readdir()).sort(compareNames)) {
+      const childRel = joinRel(rel, name);
+      let cst: BigIntStats;
+      try {
+        cst = await this.seen(await src.lstat(name));
+      } catch (e) {
+        if (!quiet) this.fail(e, childRel);
+        continue;
+      }
+      if (this.filter.excluded(childRel, cst.isDirectory())) continue;
+      if (this.isStateBase(cst)) {
+        if (!quiet) this.hooks.notice?.(`skipping ${childRel}/: it is qsync's state folder`, childRel);
+        continue;
+      }
+      // -m: a folder with nothing to copy below it is not in the transfer (so --delete removes one in DEST).
+      if (this.opts.pruneEmptyDirs && cst.isDirectory() && !(await this.holdsNonDir(src, name, childRel))) continue;
+      (cst.isDirectory() ? dirs : files).push({ name, st: cst });
+    }
+    return [...files, ...dirs];
+  }
+
+  /** Whether the walk goes into a folder's contents (-x, -d levels). */
+  private walksInto(st: BigIntStats, rootDev: bigint, levels: number | undefined): boolean {
+    return (!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0;
+  }
+
+  /** The file list the walk will go through, counted first (countFirst): entries, and bytes of files and link targets. */
+  private async count(): Promise<{ entries: number; size: number }> {
+    const total = { entries: 0, size: 0 };
+    const levels = this.opts.dirs && !this.opts.recursive ? 1 : undefined;
+    const below = async (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> => {
+      if (!this.walksInto(st, rootDev, lv)) return;
+      for (const c of await this.listChildren(d, rel, true)) {
+        total.entries++;
+        if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
+        if (!c.st.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
+        const sub = await d.openDir(c.name).catch(() => undefined);
+        if (!sub) continue;
+        try {
+          await below(sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
+        } finally {
+          await sub.close();
+        }
+      }
+    };
+    for (const t of this.plan.transfers) {
+      total.entries++;
+      const st = await this.seen(t.stat);
+      if (st.isFile() || st.isSymbolicLink()) total.size += Number(st.size);
+      if (!st.isDirectory()) continue;
+      try {
+        if (t.destRel === '') {
+          const d = await this.ctx.sources.openOperand(t.operand);
+          await below(d, st, '', st.dev, levels).finally(() => d.close());
+        } else if (this.opts.recursive) {
+          const parent = await this.ctx.sources.openParent(t.operand);
+          const d = await parent.dir.openDir(parent.name).finally(() => parent.dir.close());
+          await below(d, st, t.destRel, st.dev, undefined).finally(() => d.close());
+        }
+      } catch {
+        // The walk reports what cannot be read.
+      }
+    }
+    return total;
+  }
+
   /** A folder's contents, then its own metadata (after them: a read-only or timed folder stays so). */
   private async dirBody(src: SourceDir, st: BigIntStats, dst: Dir | undefined, cur: BigIntStats | undefined, rel: string, rootDev: bigint, levels?: number): Promise<void> {
     const attrs = this.ext && (await this.ext.read(await attrSource(src, undefined, st), dst && { held: dst }, 'dir'));
     const changes = cur ? this.metaChanges(st, cur) : undefined;
-    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size });
+    const walks = this.walksInto(st, rootDev, levels);
+    // rsync -x: a mount point is created, its contents are not copied.
+    const children = walks ? await this.listChildren(src, rel) : [];
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
-    // rsync -x: a mount point is created, its contents are not copied.
-    if ((!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0) {
-      const keep = new Set<string>();
-      const children: { name: string; st: BigIntStats }[] = [];
-      for (const name of (await src.readdir()).sort(compareNames)) {
-        const childRel = joinRel(rel, name);
-        let cst: BigIntStats;
-        try {
-          cst = await this.seen(await src.lstat(name));
-        } catch (e) {
-          this.fail(e, childRel);
-          continue;
-        }
-        if (this.filter.excluded(childRel, cst.isDirectory())) continue;
-        if (this.isStateBase(cst)) {
-          this.hooks.notice?.(`skipping ${childRel}/: it is qsync's state folder`, childRel);
-          continue;
-        }
-        // -m: a folder with nothing to copy below it is not in the transfer (so --delete removes one in DEST).
-        if (this.opts.pruneEmptyDirs && cst.isDirectory() && !(await this.holdsNonDir(src, name, childRel))) continue;
-        keep.add(name);
-        children.push({ name, st: cst });
-      }
-      if (this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, keep);
+    // rsync deletes in a folder as its list starts, and names the folder after (its line waits in rsync's output buffer).
+    if (walks && this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+    this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size, st, source: rel ? src.shown('.').replace(/\/\.$/, '') : src.shown('.') });
+    if (walks) {
+      const start = this.nextList;
+      this.nextList += children.length;
+      children.forEach((c, i) => this.indexOf.set(joinRel(rel, c.name), start + i));
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
       const names = children.map((c) => c.name);
       if (src instanceof Dir) await this.ext?.prefetch(src, names);
       if (cur) await this.ext?.prefetch(dst, names);
       for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
+      // Entries skipped or failed were never reported.
+      for (const c of children) this.indexOf.delete(joinRel(rel, c.name));
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
@@ -634,8 +733,7 @@ export class TreeSync {
 
   /** --delete: the names in `dst` the source does not have (rsync's order: reverse, by bytes). */
   private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
-    for (const name of (await dst.readdir()).sort(compareNames).reverse()) {
-      if (keep.has(name)) continue;
+    for (const name of await deleteOrder(dst, (await dst.readdir()).filter((n) => !keep.has(n)))) {
       await this.deleteChild(dst, name, joinRel(rel, name), 'top');
     }
   }
@@ -675,7 +773,7 @@ export class TreeSync {
       }
       const sub = await dir.openDir(name);
       try {
-        for (const n of (await sub.readdir()).sort(compareNames).reverse()) {
+        for (const n of await deleteOrder(sub, await sub.readdir())) {
           if (!(await this.deleteChild(sub, n, joinRel(rel, n), 'nested'))) kept = true;
         }
       } finally {
@@ -683,11 +781,11 @@ export class TreeSync {
       }
       // rsync says it once for what it kept inside, and a second time when it then tries to
       // remove a folder below the one it deletes (unless --max-delete stops it first).
-      if (kept) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+      if (kept) this.hooks.info?.(`cannot delete non-empty directory: ${rel}`, 'always');
       if (kept && level !== 'nested') return false;
       if (this.atDeleteLimit(level)) return false;
       if (kept) {
-        this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+        this.hooks.info?.(`cannot delete non-empty directory: ${rel}`, 'always');
         return false;
       }
       // -n: the folder would be empty once its contents are gone.
@@ -728,7 +826,7 @@ export class TreeSync {
         },
       );
     }
-    if (!gone) for (let i = 0; i < times; i++) this.hooks.notice?.(`cannot delete non-empty directory: ${rel}`, rel);
+    if (!gone) for (let i = 0; i < times; i++) this.hooks.info?.(`cannot delete non-empty directory: ${rel}`, 'always');
     return gone;
   }
 
@@ -765,7 +863,7 @@ export class TreeSync {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
       await attrs.apply({ dir: dst!, name, expect: st });
     }
-    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent } });
+    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent }, st, source: src.dir.shown(src.name) });
   }
 
   private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
@@ -778,7 +876,7 @@ export class TreeSync {
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
       await attrs?.apply({ dir: dst!, name, expect: st });
-      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0, length: st.size, target });
+      this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0, length: st.size, target, st, source: src.dir.shown(src.name) });
       return;
     }
     if (!this.noWrite) {
@@ -788,7 +886,7 @@ export class TreeSync {
       await (await this.ext?.read(await attrSource(src.dir, src.name, st), undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
     }
     if (!cur) this.stats.created++;
-    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0, length: st.size, target });
+    this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0, length: st.size, target, st, source: src.dir.shown(src.name) });
   }
 
   private async special(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
@@ -801,7 +899,7 @@ export class TreeSync {
     if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
     await attrs?.apply({ dir: dst!, name, expect: st });
     const changes = cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`);
-    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0, length: st.size });
+    this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0, length: st.size, st, source: src.dir.shown(src.name) });
   }
 
   /** What the hard-link pass (src/sync/hard-links.ts) needs of the walk. */
@@ -842,16 +940,26 @@ export class TreeSync {
     const tDiff = !sameMtime(src.mtimeNs, dst.mtimeNs, o.modifyWindow);
     const t = src.isSymbolicLink() && !o.preserveTimes ? '.' : o.preserveTimes ? (tDiff ? 't' : '.') : contentChanged ? 'T' : '.';
     const p = o.perms && !src.isSymbolicLink() && (src.mode & 0o7777n) !== (dst.mode & 0o7777n) ? 'p' : '.';
-    const ow = o.owner && src.uid !== dst.uid ? 'o' : '.';
-    const g = o.group && src.gid !== dst.gid ? 'g' : '.';
+    // Not root: owners cannot be set, nor groups one is not in; rsync says nothing of them.
+    const ow = o.owner && ME === 0 && src.uid !== dst.uid ? 'o' : '.';
+    const g = o.group && src.gid !== dst.gid && mayGiveGroup(src.gid) ? 'g' : '.';
     return `${c}${s}${t}${p}${ow}${g}`;
   }
 
-  /** `length`: the source's st_size (a folder's, a link's target length), for --log-file's %l. */
-  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; length?: bigint; target?: string; result?: FileSyncResult }): void {
+  /**
+   * `length`: the source's st_size (a folder's, a link's target length), for
+   * --log-file's %l; `st` and `source` (its path on this side) for the other
+   * escapes of --out-format and --log-file-format.
+   */
+  private report(r: { path: string; kind: Kind; created: boolean; changes?: string; size: number; length?: bigint; target?: string; result?: FileSyncResult; st?: BigIntStats; source?: string }): void {
     const y = r.kind === 'file' ? (r.result?.transferred ? '>' : '.') : r.created || r.changes?.startsWith('c') ? 'c' : '.';
     const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
+    const rel = r.kind === 'dir' ? r.path.replace(/\/$/, '').replace(/^\.$/, '') : r.target !== undefined ? r.path.slice(0, -(r.target.length + 4)) : r.path;
+    const index = this.indexOf.get(rel);
+    this.indexOf.delete(rel);
+    // What rsync's file list would carry for it, about: its name and ten bytes of attributes.
+    this.stats.flistSize = (this.stats.flistSize ?? 0) + Buffer.byteLength(basename(rel)) + 10;
     this.hooks.fileEnd?.({
       path: this.shownPrefix + r.path,
       length: r.length === undefined ? r.size : Number(r.length),
@@ -864,6 +972,9 @@ export class TreeSync {
       literal: r.result?.literal ?? 0,
       matched: r.result?.matched ?? 0,
       unchanged,
+      index,
+      source: r.source,
+      ...(r.st && { mtime: Number(r.st.mtimeNs / 1_000_000_000n), uid: Number(r.st.uid), gid: Number(r.st.gid), mode: Number(r.st.mode) }),
     });
   }
 
@@ -874,7 +985,7 @@ export class TreeSync {
     if ((o.owner || o.group) && ME === 0) {
       if (o.owner) m.uid = Number(st.uid);
       if (o.group) m.gid = Number(st.gid);
-    }
+    } else if (o.group && mayGiveGroup(st.gid)) m.gid = Number(st.gid);
     if (!st.isSymbolicLink()) {
       const mode = Number(st.mode & 0o7777n);
       if (o.perms) m.mode = mode;
@@ -887,6 +998,13 @@ export class TreeSync {
     }
     return m;
   }
+}
+
+/** rsync's order of deletions in a folder: its list (non-folders, then folders, each by bytes) from the end. */
+async function deleteOrder(dir: Dir, names: string[]): Promise<string[]> {
+  const isDir = new Map(await Promise.all(names.map(async (n) => [n, (await dir.lstatOrUndefined(n))?.isDirectory() === true] as const)));
+  const sorted = names.sort(compareNames);
+  return [...sorted.filter((n) => !isDir.get(n)), ...sorted.filter((n) => isDir.get(n))].reverse();
 }
 
 /**

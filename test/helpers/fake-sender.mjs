@@ -69,7 +69,7 @@ let helloDone = false;
 function onMessage(m) {
   if (!helloDone) {
     helloDone = true;
-    if (!push) send({ op: 'hello', magic: 'qsync-wire', version: 1, role: 'sender' });
+    if (!push) send({ op: 'hello', magic: 'qsync-wire', version: 2, role: 'sender' });
     if (scenario.closeAfterHello) output.end();
     return;
   }
@@ -153,5 +153,5 @@ input.on('data', (c) => decoder.push(c));
 input.on('end', () => {
   if (!push && !scenario.silent && !scenario.closeAfterHello) process.exit(0);
 });
-if (push) send({ op: 'hello', magic: 'qsync-wire', version: 1, role: 'receiver', dest: scenario.dest, operands: ['src/'], options: scenario.options ?? {} });
+if (push) send({ op: 'hello', magic: 'qsync-wire', version: 2, role: 'receiver', dest: scenario.dest, operands: ['src/'], options: scenario.options ?? {} });
 if (scenario.silent || scenario.closeAfterHello) setTimeout(() => process.exit(0), scenario.lingerMs ?? 120_000);

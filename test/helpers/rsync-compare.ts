@@ -5,7 +5,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { lstatSync, lutimesSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
-import { AS_NOBODY } from './cli.js';
+import { AS_NOBODY, NOBODY, nobodyStateBase, QSYNC } from './cli.js';
 
 export interface Entry {
   type: string;
@@ -94,4 +94,43 @@ export function runRsync(args: string[], nobody: boolean): { code: number; stdou
   const [cmd, argv] = nobody ? ['setpriv', [...AS_NOBODY, 'rsync', ...args]] : ['rsync', args];
   const r = spawnSync(cmd, argv, { encoding: 'latin1', timeout: 60_000 });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
+}
+
+/**
+ * Output with its times and rates made constant, and nothing else: progress
+ * rates ("12.34kB/s") and times ("0:00:01"), "N bytes/sec", the seconds of
+ * rsync's "File list ... time" lines, and the byte counts of rsync's protocol
+ * ("sent N bytes  received N bytes", "Total bytes sent/received", and the
+ * speedup made of them), which a local qsync has no protocol for.
+ */
+export const normaliseOutput = (s: string): string =>
+  s
+    .replace(/ +[\d.,]+[kMG]B\/s /g, ' RATE ')
+    .replace(/ +\d+:\d\d:\d\d/g, ' TIME')
+    .replace(/^sent \S+ bytes {2}received \S+ bytes {2}\S+ bytes\/sec$/gm, 'sent N bytes  received N bytes  R bytes/sec')
+    .replace(/^(total size is \S+ {2}speedup is )\S+/gm, '$1S')
+    .replace(/^(Total bytes (sent|received): )\S+$/gm, '$1N')
+    .replace(/^(File list (generation|transfer) time: )\S+/gm, '$1T');
+
+/**
+ * rsync and qsync with the same arguments on `src` into `D` (each in a folder
+ * of its own below `base`, made from `seed` when given, cp -a), or the
+ * `operands` given instead of SRC/; as nobody
+ * with `nobody` (then the folders are nobody's). Output as latin1 (names are bytes).
+ */
+export async function runBoth(base: string, src: string, args: string[], opts: { seed?: string; nobody?: boolean; operands?: string[] } = {}) {
+  const out: Record<'rsync' | 'qsync', { code: number | null; stdout: string; stderr: string }> = {} as never;
+  for (const tool of ['rsync', 'qsync'] as const) {
+    const cwd = `${base}/${tool}`;
+    execFileSync('rm', ['-rf', cwd]);
+    execFileSync('mkdir', ['-p', cwd]);
+    if (opts.seed) execFileSync('cp', ['-a', opts.seed, `${cwd}/D`]);
+    if (opts.nobody) execFileSync('chown', ['-R', `${NOBODY}:${NOBODY}`, cwd]);
+    const argv = [...args, ...(opts.operands ?? [`${src}/`]), 'D/'];
+    const [cmd, cmdArgs] = tool === 'rsync' ? ['rsync', argv] : ['node', [QSYNC, ...argv]];
+    const env = tool === 'qsync' && opts.nobody ? { ...process.env, QSYNC_STATE_DIR: nobodyStateBase() } : process.env;
+    const r = opts.nobody ? spawnSync('setpriv', [...AS_NOBODY, cmd, ...cmdArgs], { cwd, env, encoding: 'latin1' }) : spawnSync(cmd, cmdArgs, { cwd, env, encoding: 'latin1' });
+    out[tool] = { code: r.status, stdout: normaliseOutput(r.stdout), stderr: r.stderr };
+  }
+  return out;
 }
