@@ -4,6 +4,7 @@
  * process.exit after writing to a pipe), except on a signal.
  */
 import { readFileSync } from 'node:fs';
+import { sizeHeap } from '../hash/heap.js';
 import { decodeName } from '../io/safe-fs.js';
 import { main, onSignal } from './app.js';
 
@@ -24,6 +25,7 @@ function rawArgs(): string[] {
   }
 }
 
+sizeHeap();
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, onSignal);
 // Output piped into `head` and closed: the sync goes on (stopping it halfway would gain nothing), unheard.
 for (const stream of [process.stdout, process.stderr]) {

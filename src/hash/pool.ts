@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { QsyncError } from '../core/errors.js';
 import { DIGEST_LEN } from './blake3.js';
+import { sizeHeap } from './heap.js';
 import { ABORT, controlLength, FAILED, readyIndex, resetControl, slotBytes, slotViews, turnIndex, type PoolSetup, type ScanMessage, type SlotViews, type WorkerReport } from './slots.js';
 
 export interface ScannedChunk {
@@ -93,6 +94,8 @@ export class HashPool {
       // A small young generation: the workers allocate little, and each MiB here is RSS.
       const w = new Worker(path, { workerData, resourceLimits: { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 32 } });
       w.on('message', (r: WorkerReport) => this.reports[index]?.(r));
+      // A worker's start set V8's flags again from the command line: the main heap's sizing is set again.
+      w.once('online', sizeHeap);
       w.on('error', (e) => {
         this.broken = e;
         this.reports[index]?.({ scanId: this.scanId, error: { message: `hash worker failed: ${e.message}`, side: 'source', offset: 0 } });

@@ -114,8 +114,16 @@ export const isEntryName = (name: string): boolean => oneComponent(name) && deco
 
 export const fsPath = (path: string): PathLike => (ESCAPED.test(path) ? encodeName(path) : path);
 
-/** Order of names as rsync sorts them: by their bytes. */
-export const compareNames = (a: string, b: string): number => Buffer.compare(encodeName(a), encodeName(b));
+/** Any UTF-16 surrogate: a character past U+FFFF, or an escaped byte. */
+const SURROGATE = /[\ud800-\udfff]/;
+
+/**
+ * Order of names as rsync sorts them: by their bytes. Without surrogates,
+ * UTF-16 order is code point order, which is UTF-8's byte order: the strings
+ * are compared as they are (sorting a folder makes no Buffer per comparison).
+ */
+export const compareNames = (a: string, b: string): number =>
+  SURROGATE.test(a) || SURROGATE.test(b) ? Buffer.compare(encodeName(a), encodeName(b)) : a < b ? -1 : a > b ? 1 : 0;
 
 /** A fresh unpredictable name to create beside `name` and rename over it once complete. */
 export const tempNameFor = (name: string): string => `.${name.slice(0, 200)}.${randomBytes(6).toString('hex')}.tmp`;
@@ -283,6 +291,22 @@ export class Dir {
   /** Entry names, those that are not valid UTF-8 with their bytes escaped (decodeName). */
   async readdir(): Promise<string[]> {
     return (await this.readdirRaw()).map(decodeName);
+  }
+
+  /**
+   * As readdir, with whether each entry is a folder: its type in the listing.
+   * Node stats the entries a file system gives no type; when one of those
+   * is gone by then, the types are left unknown (undefined) rather than fail.
+   */
+  async readdirTypes(): Promise<{ name: string; dir?: boolean }[]> {
+    let listed;
+    try {
+      listed = readdirSync(this.self, { encoding: 'buffer', withFileTypes: true });
+    } catch (e) {
+      if (errnoOf(e) !== 'ENOENT') throw e;
+      return (await this.readdir()).map((name) => ({ name }));
+    }
+    return listed.map((d) => ({ name: decodeName(d.name as unknown as Buffer), dir: d.isDirectory() }));
   }
 
   /** Entry names as raw bytes (names need not be UTF-8). */

@@ -135,7 +135,7 @@ async function verifyManifest(fh: FileHandle, path: string, overlay: JournalPatc
   const header = decodeManifestHeader(head, size, path);
   const count = manifestBlockCount(header);
   const fp = new Fingerprinter(header.blockSize, header.targetSize);
-  const buf = Buffer.alloc(READ_CHUNK);
+  const buf = Buffer.alloc(Math.min(READ_CHUNK, count * MANIFEST_DIGEST_LEN));
   for (let off = 0; off < count * MANIFEST_DIGEST_LEN; off += READ_CHUNK) {
     const part = buf.subarray(0, Math.min(READ_CHUNK, count * MANIFEST_DIGEST_LEN - off));
     await readExactly(fh, part, MANIFEST_HEADER_LEN + off, path);
@@ -215,7 +215,8 @@ const MAX_PATCHES = 32768;
  */
 export class ManifestWriter {
   private readonly fp: Fingerprinter;
-  private readonly buf = Buffer.alloc(READ_CHUNK);
+  /** Digests waiting to be written: READ_CHUNK at most, no more than the manifest holds (one per big file of a tree). */
+  private readonly buf: Buffer;
   private fill = 0;
   private written = 0;
   private fh?: FileHandle;
@@ -233,7 +234,9 @@ export class ManifestWriter {
     private readonly base?: Manifest,
   ) {
     this.fp = new Fingerprinter(blockSize, targetSize);
-    if (base) this.patches = { index: [], digests: Buffer.alloc(MAX_PATCHES * MANIFEST_DIGEST_LEN) };
+    const count = Math.max(1, manifestBlockCount({ blockSize, targetSize }));
+    this.buf = Buffer.alloc(Math.min(READ_CHUNK / MANIFEST_DIGEST_LEN, count) * MANIFEST_DIGEST_LEN);
+    if (base) this.patches = { index: [], digests: Buffer.alloc(Math.min(MAX_PATCHES, count) * MANIFEST_DIGEST_LEN) };
   }
 
   static async create(path: string, blockSize: number, targetSize: number, base?: Manifest): Promise<ManifestWriter> {
@@ -281,7 +284,7 @@ export class ManifestWriter {
     this.patches = undefined;
     await this.openTemp();
     const step = READ_CHUNK / MANIFEST_DIGEST_LEN;
-    const part = Buffer.alloc(READ_CHUNK);
+    const part = Buffer.alloc(Math.min(step, upTo) * MANIFEST_DIGEST_LEN);
     let k = 0;
     for (let b = 0; b < upTo; b += step) {
       const n = Math.min(step, upTo - b);

@@ -99,7 +99,9 @@ export class SmallFileBatch {
         const byDev = new Map<bigint, number[]>();
         for (const p of batch) {
           const { dev } = fstatSync(p.fd, { bigint: true });
-          byDev.set(dev, [...(byDev.get(dev) ?? []), p.fd]);
+          const fds = byDev.get(dev);
+          if (fds) fds.push(p.fd);
+          else byDev.set(dev, [p.fd]);
         }
         for (const fds of byDev.values()) await syncFileSystem(fds[0]!, fds);
       }
