@@ -293,22 +293,6 @@ export class Dir {
     return (await this.readdirRaw()).map(decodeName);
   }
 
-  /**
-   * As readdir, with whether each entry is a folder: its type in the listing.
-   * Node stats the entries a file system gives no type; when one of those
-   * is gone by then, the types are left unknown (undefined) rather than fail.
-   */
-  async readdirTypes(): Promise<{ name: string; dir?: boolean }[]> {
-    let listed;
-    try {
-      listed = readdirSync(this.self, { encoding: 'buffer', withFileTypes: true });
-    } catch (e) {
-      if (errnoOf(e) !== 'ENOENT') throw e;
-      return (await this.readdir()).map((name) => ({ name }));
-    }
-    return listed.map((d) => ({ name: decodeName(d.name as unknown as Buffer), dir: d.isDirectory() }));
-  }
-
   /** Entry names as raw bytes (names need not be UTF-8). */
   readdirRaw(): Promise<Buffer[]> {
     return Promise.resolve(readdirSync(this.self, { encoding: 'buffer' }));

@@ -30,8 +30,6 @@ export interface SourceDir {
   shown(name: string): string;
   stat(): Promise<BigIntStats>;
   readdir(): Promise<string[]>;
-  /** As readdir, with whether each entry is a folder (by the listing's file types; undefined: not known). */
-  readdirTypes?(): Promise<{ name: string; dir?: boolean }[]>;
   lstat(name: string): Promise<BigIntStats>;
   openDir(name: string): Promise<SourceDir>;
   readlink(name: string): Promise<string>;

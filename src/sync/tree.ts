@@ -586,18 +586,11 @@ export class TreeSync {
    * rsync's list order: its non-folders, then its folders, each sorted by
    * bytes. Not `quiet`: an entry that cannot be read is reported as failed.
    */
-  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<{ name: string; st?: BigIntStats }[]> {
-    const files: { name: string; st?: BigIntStats }[] = [];
+  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<{ name: string; st: BigIntStats }[]> {
+    const files: { name: string; st: BigIntStats }[] = [];
     const dirs: { name: string; st: BigIntStats }[] = [];
-    const listed = src.readdirTypes ? await src.readdirTypes() : (await src.readdir()).map((name) => ({ name, dir: undefined as boolean | undefined }));
-    for (const { name, dir } of listed.sort((a, b) => compareNames(a.name, b.name))) {
+    for (const name of (await src.readdir()).sort(compareNames)) {
       const childRel = joinRel(rel, name);
-      // What the listing says is no folder is stat'ed in its turn (statInTurn): a folder of 18,000 files
-      // holds 18,000 names here, not 18,000 stats (README "Trees of small files").
-      if (dir === false) {
-        if (!this.filter.excluded(childRel, false)) files.push({ name });
-        continue;
-      }
       let cst: BigIntStats;
       try {
         cst = await this.seen(await src.lstat(name));
@@ -629,15 +622,13 @@ export class TreeSync {
     const below = async (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> => {
       if (!this.walksInto(st, rootDev, lv)) return;
       for (const c of await this.listChildren(d, rel, true)) {
-        const cst = c.st ?? (await d.lstat(c.name).catch(() => undefined));
-        if (!cst) continue;
         total.entries++;
-        if (cst.isFile() || cst.isSymbolicLink()) total.size += Number(cst.size);
-        if (!cst.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
+        if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
+        if (!c.st.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
         const sub = await d.openDir(c.name).catch(() => undefined);
         if (!sub) continue;
         try {
-          await below(sub, cst, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
+          await below(sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
         } finally {
           await sub.close();
         }
@@ -686,11 +677,7 @@ export class TreeSync {
       const names = children.map((c) => c.name);
       if (src instanceof Dir) await this.ext?.prefetch(src, names);
       if (cur) await this.ext?.prefetch(dst, names);
-      for (const c of children) {
-        const childRel = joinRel(rel, c.name);
-        const cst = c.st ?? (await this.statInTurn(src, c.name, childRel));
-        if (cst) await this.entry({ dir: src, name: c.name }, cst, dst, childRel, rootDev, levels === undefined ? undefined : levels - 1);
-      }
+      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
       // Entries skipped or failed were never reported.
       for (const c of children) this.indexOf.delete(joinRel(rel, c.name));
       // New entries' attributes, written together.
@@ -714,22 +701,6 @@ export class TreeSync {
    * folders, not excluded, lies below the source folder `name`. A folder
    * that cannot be read counts as holding something: the walk reports it.
    */
-  /**
-   * The stat of an entry its folder's listing gave as no folder, taken in its
-   * turn; undefined when that failed (reported) or when it has become a
-   * folder the filter excludes (or qsync's state folder).
-   */
-  private async statInTurn(src: SourceDir, name: string, rel: string): Promise<BigIntStats | undefined> {
-    let st: BigIntStats;
-    try {
-      st = await this.seen(await src.lstat(name));
-    } catch (e) {
-      this.fail(e, rel);
-      return undefined;
-    }
-    return st.isDirectory() && (this.filter.excluded(rel, true) || this.isStateBase(st)) ? undefined : st;
-  }
-
   private async holdsNonDir(parent: SourceDir, name: string, rel: string): Promise<boolean> {
     let d: SourceDir;
     try {
