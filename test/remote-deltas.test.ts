@@ -16,8 +16,9 @@ import { verifyDeltaFile } from '../src/io/delta-file.js';
 import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
 import { mutateBlocks, randomFile } from './helpers/data.js';
 import { needTools } from './helpers/env.js';
+import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
 import { qemuImgCreate, qemuIo } from './helpers/qemu.js';
-import { countingRsh, readCount, startSshd, type Sshd } from './helpers/sshd.js';
+import { startSshd, type Sshd } from './helpers/sshd.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -26,35 +27,10 @@ const BLOCK = 64 * KiB;
 const ready = needTools('sshd', 'ssh');
 const qemuReady = needTools('qemu-img', 'qemu-io');
 
-let dir: string;
-let sshd: Sshd;
-let serverState: string;
-let serverCmd: string;
+const ssh = useQsyncOverSsh('qsync-rdelta-', ready);
+const { at, overSsh, onFarSide } = ssh;
+/** For names of this file's scratch files. */
 let counter = 0;
-
-beforeAll(async () => {
-  if (!ready) return;
-  dir = mkdtempSync(join(tmpdir(), 'qsync-rdelta-'));
-  sshd = await startSshd();
-  serverState = join(dir, 'server-state');
-  serverCmd = `QSYNC_STATE_DIR=${serverState} ${process.execPath} ${QSYNC}`;
-});
-afterAll(async () => {
-  await sshd?.stop();
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
-
-async function overSsh(args: string[], rsh?: string): Promise<RunResult & { wire: number }> {
-  const count = join(dir, `count-${++counter}`);
-  const r = await runQsync(['-e', countingRsh(rsh ?? sshd.rsh, count), '--qsync-path', serverCmd, ...args]);
-  const { sent, received } = readCount(count);
-  return { ...r, wire: sent + received };
-}
-
-/** qsync as the far host runs it (its own state base): restore, verify. */
-const onFarSide = (args: string[]) => runQsync(args, { env: { ...process.env, QSYNC_STATE_DIR: serverState } });
-
-const at = (p: string) => `${sshd.host}:${p}`;
 
 function ok(r: RunResult, what = ''): void {
   expect(r.code, `${what} ${r.stdout}${r.stderr}`).toBe(0);
@@ -80,13 +56,13 @@ const same = (a: string, b: string) => readFileSync(a).equals(readFileSync(b));
 
 describe.skipIf(!ready)('history over ssh', () => {
   it('push --backup-dir (relative to DEST, on the far side): two runs with changes, then restore there gives each version byte for byte; the history costs nothing on the wire', async () => {
-    const src = join(dir, 'bk-src');
-    const dst = join(dir, 'bk', 'images');
-    const hist = join(dir, 'bk', 'history');
+    const src = join(ssh.dir, 'bk-src');
+    const dst = join(ssh.dir, 'bk', 'images');
+    const hist = join(ssh.dir, 'bk', 'history');
     tree(src);
-    mkdirSync(join(dir, 'bk'));
-    const v0 = join(dir, 'bk-v0');
-    const v1 = join(dir, 'bk-v1');
+    mkdirSync(join(ssh.dir, 'bk'));
+    const v0 = join(ssh.dir, 'bk-v0');
+    const v1 = join(ssh.dir, 'bk-v1');
     ok(await overSsh(['-a', '--backup-dir=../history', `${src}/`, at(`${dst}/`)]), 'first push');
     cpSync(src, v0, { recursive: true });
     changeBlocks(join(src, 'vm1.raw'), 3);
@@ -104,11 +80,11 @@ describe.skipIf(!ready)('history over ssh', () => {
     const list = await onFarSide(['restore', join(dst, 'vm1.raw'), '--backup-dir', hist, '--list']);
     ok(list, 'list');
     for (const [n, version] of [['1', v1], ['2', v0]] as const) {
-      const out = join(dir, `bk-restored-${n}.raw`);
+      const out = join(ssh.dir, `bk-restored-${n}.raw`);
       ok(await onFarSide(['restore', join(dst, 'vm1.raw'), out, '--backup-dir', hist, '--at', n]), `restore vm1 at ${n}`);
       expect(same(out, join(version, 'vm1.raw')), `vm1 at ${n}`).toBe(true);
     }
-    const out2 = join(dir, 'bk-restored-vm2.raw');
+    const out2 = join(ssh.dir, 'bk-restored-vm2.raw');
     // vm2 changed in the second run only: its newest point is the first version.
     ok(await onFarSide(['restore', join(dst, 'sub', 'vm2.raw'), out2, '--backup-dir', hist, '--at', '1']), 'restore vm2');
     expect(same(out2, join(v0, 'sub', 'vm2.raw'))).toBe(true);
@@ -117,18 +93,18 @@ describe.skipIf(!ready)('history over ssh', () => {
   });
 
   it('pull --backup-dir and --write-batch: history and batch on this side; the batch turns a copy of the old DEST into the new one', async () => {
-    const src = join(dir, 'pl-src');
-    const dst = join(dir, 'pl-dst');
-    const hist = join(dir, 'pl-hist');
+    const src = join(ssh.dir, 'pl-src');
+    const dst = join(ssh.dir, 'pl-dst');
+    const hist = join(ssh.dir, 'pl-hist');
     tree(src);
     ok(await overSsh(['-a', `--backup-dir=${hist}`, at(`${src}/`), `${dst}/`]), 'first pull');
-    const old = join(dir, 'pl-old');
+    const old = join(ssh.dir, 'pl-old');
     cpSync(dst, old, { recursive: true });
     changeBlocks(join(src, 'vm1.raw'), 3);
-    const batch = join(dir, 'pl.qdelta');
+    const batch = join(ssh.dir, 'pl.qdelta');
     ok(await overSsh(['-a', `--backup-dir=${hist}`, `--write-batch=${batch}`, at(`${src}/`), `${dst}/`]), 'second pull');
     expect(same(join(dst, 'vm1.raw'), join(src, 'vm1.raw'))).toBe(true);
-    const out = join(dir, 'pl-restored.raw');
+    const out = join(ssh.dir, 'pl-restored.raw');
     ok(await runQsync(['restore', join(dst, 'vm1.raw'), out, '--backup-dir', hist, '--at', '1']), 'restore');
     expect(same(out, join(old, 'vm1.raw'))).toBe(true);
     ok(await runQsync([`--read-batch=${batch}`, `${old}/`]), 'apply');
@@ -139,11 +115,11 @@ describe.skipIf(!ready)('history over ssh', () => {
 
 describe.skipIf(!ready)('batches over a push', () => {
   it('--write-batch is written here from the blocks sent (no more on the wire); applied to a copy of the old far target it gives the new one', async () => {
-    const src = join(dir, 'wb-src');
-    const dst = join(dir, 'wb-dst');
+    const src = join(ssh.dir, 'wb-src');
+    const dst = join(ssh.dir, 'wb-dst');
     tree(src);
     ok(await overSsh(['-a', `${src}/`, at(`${dst}/`)]), 'first push');
-    const old = join(dir, 'wb-old');
+    const old = join(ssh.dir, 'wb-old');
     cpSync(dst, old, { recursive: true });
     // A new file and a grown one go into the batch too.
     randomFile(join(src, 'new.raw'), 1 * MiB);
@@ -151,7 +127,7 @@ describe.skipIf(!ready)('batches over a push', () => {
     writeSync(fd, randomBytes(3 * BLOCK + 100));
     closeSync(fd);
     const changed = changeBlocks(join(src, 'vm1.raw'), 4) + 1 * MiB + 3 * BLOCK + 100;
-    const batch = join(dir, 'wb.qdelta');
+    const batch = join(ssh.dir, 'wb.qdelta');
     const r = await overSsh(['-a', '--stats', `--write-batch=${batch}`, `${src}/`, at(`${dst}/`)]);
     ok(r, 'push with a batch');
     expect(r.wire).toBeLessThanOrEqual(1.1 * changed + 64 * KiB);
@@ -168,21 +144,21 @@ describe.skipIf(!ready)('batches over a push', () => {
   });
 
   it('--only-write-batch leaves the far DEST alone; the batch brings a copy up to date; a batch for another base is refused', async () => {
-    const src = join(dir, 'ob-src');
-    const dst = join(dir, 'ob-dst');
+    const src = join(ssh.dir, 'ob-src');
+    const dst = join(ssh.dir, 'ob-dst');
     tree(src);
     ok(await overSsh(['-a', `${src}/`, at(`${dst}/`)]), 'first push');
     const before = readFileSync(join(dst, 'vm1.raw'));
-    const copy = join(dir, 'ob-copy');
+    const copy = join(ssh.dir, 'ob-copy');
     cpSync(dst, copy, { recursive: true });
     changeBlocks(join(src, 'vm1.raw'), 2);
-    const batch = join(dir, 'ob.qdelta');
+    const batch = join(ssh.dir, 'ob.qdelta');
     ok(await overSsh(['-a', `--only-write-batch=${batch}`, `${src}/`, at(`${dst}/`)]), 'record only');
     expect(readFileSync(join(dst, 'vm1.raw')).equals(before)).toBe(true);
     ok(await runQsync([`--read-batch=${batch}`, `${copy}/`]), 'apply');
     expect(same(join(copy, 'vm1.raw'), join(src, 'vm1.raw'))).toBe(true);
     // The far DEST was not changed: the same batch applies to it, and to nothing else.
-    const other = join(dir, 'ob-other');
+    const other = join(ssh.dir, 'ob-other');
     mkdirSync(other);
     randomFile(join(other, 'vm1.raw'), 8 * MiB);
     const wrong = await runQsync(['apply', batch, join(other, 'vm1.raw')]);
@@ -191,27 +167,27 @@ describe.skipIf(!ready)('batches over a push', () => {
   });
 
   it('-n --write-batch writes no batch, as a local run', async () => {
-    const src = join(dir, 'nb-src');
+    const src = join(ssh.dir, 'nb-src');
     tree(src);
-    const batch = join(dir, 'nb.qdelta');
-    ok(await overSsh(['-an', `--write-batch=${batch}`, `${src}/`, at(`${join(dir, 'nb-dst')}/`)]));
+    const batch = join(ssh.dir, 'nb.qdelta');
+    ok(await overSsh(['-an', `--write-batch=${batch}`, `${src}/`, at(`${join(ssh.dir, 'nb-dst')}/`)]));
     expect(existsSync(batch)).toBe(false);
   });
 });
 
 describe.skipIf(!ready)('the link killed mid-push with --backup-dir', () => {
   it('the next run converges, the history restores the version before, and every listed point restores', async () => {
-    const src = join(dir, 'kh-src');
-    const dst = join(dir, 'kh-dst');
-    const hist = join(dir, 'kh-hist');
+    const src = join(ssh.dir, 'kh-src');
+    const dst = join(ssh.dir, 'kh-dst');
+    const hist = join(ssh.dir, 'kh-hist');
     mkdirSync(src);
     randomFile(join(src, 'big.raw'), 24 * MiB);
     ok(await overSsh(['-a', `--backup-dir=${hist}`, `${src}/`, at(`${dst}/`)]), 'first push');
-    const v0 = join(dir, 'kh-v0.raw');
+    const v0 = join(ssh.dir, 'kh-v0.raw');
     cpSync(join(src, 'big.raw'), v0);
     changeBlocks(join(src, 'big.raw'), 120);
     // Cut the link half way through the changed blocks.
-    const cut = await runQsync(['-a', `--backup-dir=${hist}`, '-e', `${process.execPath} ${join(import.meta.dirname, 'helpers', 'cut-rsh.mjs')} ${60 * BLOCK} ${sshd.rsh}`, '--qsync-path', serverCmd, `${src}/`, at(`${dst}/`)]);
+    const cut = await runQsync(['-a', `--backup-dir=${hist}`, '-e', `${process.execPath} ${join(import.meta.dirname, 'helpers', 'cut-rsh.mjs')} ${60 * BLOCK} ${ssh.sshd.rsh}`, '--qsync-path', ssh.serverCmd, `${src}/`, at(`${dst}/`)]);
     expect(cut.code).not.toBe(0);
     expect(cut.stderr).not.toMatch(/internal error/);
     ok(await overSsh(['-a', `--backup-dir=${hist}`, `${src}/`, at(`${dst}/`)]), 'the run after');
@@ -224,7 +200,7 @@ describe.skipIf(!ready)('the link killed mid-push with --backup-dir', () => {
     expect(points).toBeGreaterThanOrEqual(1);
     let found = false;
     for (let n = 1; n <= points; n++) {
-      const out = join(dir, `kh-restored-${n}.raw`);
+      const out = join(ssh.dir, `kh-restored-${n}.raw`);
       ok(await onFarSide(['restore', join(dst, 'big.raw'), out, '--backup-dir', hist, '--at', String(n)]), `restore ${n}`);
       found ||= same(out, v0);
     }
@@ -237,17 +213,17 @@ describe.skipIf(!ready)('--backup-dir under qsync --server --restrict DIR', () =
   let root: string;
   let outside: string;
   beforeAll(async () => {
-    root = join(dir, 'jail');
-    outside = join(dir, 'jail-outside');
+    root = join(ssh.dir, 'jail');
+    outside = join(ssh.dir, 'jail-outside');
     mkdirSync(join(root, 'vm1'), { recursive: true });
     mkdirSync(outside);
     symlinkSync(outside, join(root, 'esc'));
-    restricted = await startSshd({ authorizedKeyOptions: `command="QSYNC_STATE_DIR=${join(dir, 'jail-state')} ${process.execPath} ${QSYNC} --server --restrict ${root}",restrict` });
+    restricted = await startSshd({ authorizedKeyOptions: `command="QSYNC_STATE_DIR=${join(ssh.dir, 'jail-state')} ${process.execPath} ${QSYNC} --server --restrict ${root}",restrict` });
   });
   afterAll(() => restricted?.stop());
 
   it('a history inside DIR is kept; one outside it, absolute, or through a symlink is refused and nothing is written', async () => {
-    const src = join(dir, 'j-src');
+    const src = join(ssh.dir, 'j-src');
     mkdirSync(src);
     randomFile(join(src, 'disk.raw'), 1 * MiB);
     const via = (extra: string[]) => runQsync(['-a', '-e', restricted.rsh, ...extra, `${src}/`, `${restricted.host}:vm1/`]);
@@ -274,26 +250,26 @@ describe.skipIf(!ready || !qemuReady)('image mode to a remote DEST', () => {
   };
 
   it('--image with --backup-dir (far side) and --write-batch (here): restore there gives the guest view before; the batch turns a copy of the old target into the new one', async () => {
-    const img = join(dir, 'web.qcow2');
+    const img = join(ssh.dir, 'web.qcow2');
     qemuImgCreate(img, '64M');
     qemuIo(img, 'qcow2', 'write -P 0x11 0 8M', 'write -P 0x12 40M 1M');
-    mkdirSync(join(dir, 'ib'));
-    const dest = join(dir, 'ib', 'vm');
-    const hist = join(dir, 'ib', 'hist');
+    mkdirSync(join(ssh.dir, 'ib'));
+    const dest = join(ssh.dir, 'ib', 'vm');
+    const hist = join(ssh.dir, 'ib', 'hist');
     ok(await overSsh(['--image', img, '--backup-dir=../hist', at(`${dest}/`)]), 'first run');
-    const v0 = guestView(img, join(dir, 'ib-v0.raw'));
+    const v0 = guestView(img, join(ssh.dir, 'ib-v0.raw'));
     expect(readFileSync(join(dest, 'web.raw')).equals(v0)).toBe(true);
-    const old = join(dir, 'ib-old');
+    const old = join(ssh.dir, 'ib-old');
     mkdirSync(old);
     cpSync(join(dest, 'web.raw'), join(old, 'web.raw'));
 
     qemuIo(img, 'qcow2', 'write -P 0x33 1M 192K', 'write -P 0x44 50M 128K', 'write -z 40M 64K');
     const changed = 192 * KiB + 128 * KiB + 64 * KiB;
-    const batch = join(dir, 'ib.qdelta');
+    const batch = join(ssh.dir, 'ib.qdelta');
     const second = await overSsh(['--image', img, '--backup-dir=../hist', `--write-batch=${batch}`, at(`${dest}/`)]);
     ok(second, 'second run');
     expect(second.stdout).toMatch(/web: incremental/);
-    const v1 = guestView(img, join(dir, 'ib-v1.raw'));
+    const v1 = guestView(img, join(ssh.dir, 'ib-v1.raw'));
     expect(readFileSync(join(dest, 'web.raw')).equals(v1)).toBe(true);
     // The old blocks stay on the far side, the batch is written from the blocks sent: only the changed blocks cross.
     expect(second.wire).toBeLessThan(1.1 * changed + 64 * KiB);
@@ -302,7 +278,7 @@ describe.skipIf(!ready || !qemuReady)('image mode to a remote DEST', () => {
     ok(await overSsh(['--image', img, '--backup-dir=../hist', at(`${dest}/`)]), 'third run');
     expect(readdirSync(hist).filter((n) => n.endsWith('.qdelta')).length).toBe(3);
     for (const [n, version] of [['1', v1], ['2', v0]] as const) {
-      const out = join(dir, `ib-restored-${n}.raw`);
+      const out = join(ssh.dir, `ib-restored-${n}.raw`);
       ok(await onFarSide(['restore', join(dest, 'web.raw'), out, '--backup-dir', hist, '--at', n]), `restore ${n}`);
       expect(readFileSync(out).equals(version), `point ${n}`).toBe(true);
     }
@@ -314,7 +290,7 @@ describe.skipIf(!ready || !qemuReady)('image mode to a remote DEST', () => {
 });
 
 describe.skipIf(!ready)('a far qsync that does not name the feature (an older one) is refused, not silently left without history or batch', () => {
-  const batch = () => join(dir, 'old.qdelta');
+  const batch = () => join(ssh.dir, 'old.qdelta');
   /** Each run against a far side that answers an older hello: exit 1 naming the option, no batch file left. */
   async function refused(runs: [string[], RegExp][]): Promise<void> {
     const rsh = `${process.execPath} ${join(import.meta.dirname, 'helpers', 'old-server.mjs')}`;
@@ -324,12 +300,12 @@ describe.skipIf(!ready)('a far qsync that does not name the feature (an older on
       expect(r.stderr).toMatch(message);
       expect(r.stderr).toMatch(/install the same qsync version on both hosts/);
       expect(existsSync(batch())).toBe(false);
-      expect(readdirSync(dir).filter((n) => n.startsWith('.old.qdelta'))).toEqual([]);
+      expect(readdirSync(ssh.dir).filter((n) => n.startsWith('.old.qdelta'))).toEqual([]);
     }
   }
 
   it('a push with --backup-dir or --write-batch', async () => {
-    const src = join(dir, 'old-src');
+    const src = join(ssh.dir, 'old-src');
     mkdirSync(src);
     randomFile(join(src, 'f.raw'), 1 * MiB);
     await refused([
@@ -339,7 +315,7 @@ describe.skipIf(!ready)('a far qsync that does not name the feature (an older on
   });
 
   it.skipIf(!qemuReady)('image mode with --backup-dir or --write-batch', async () => {
-    const img = join(dir, 'old.qcow2');
+    const img = join(ssh.dir, 'old.qcow2');
     qemuImgCreate(img, '8M');
     await refused([
       [['--image', img, '--backup-dir=../h'], /does not support --backup-dir over ssh/],

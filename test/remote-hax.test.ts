@@ -15,29 +15,15 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QSYNC, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
+import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
 import { ageDirs, lines, makeTree, mutateTree, relinkTargets, sh, snapshot } from './helpers/hax-tree.js';
-import { startSshd, type Sshd } from './helpers/sshd.js';
 import { MAX_ATTR_VALUE } from '../src/core/wire.js';
 
 const asRoot = process.getuid?.() === 0;
 const ready = needTools('sshd', 'ssh', 'rsync', 'getfattr', 'setfattr', 'getfacl', 'setfacl') && asRoot;
 
-let dir: string;
-let sshd: Sshd;
-let serverCmd: string;
-
-beforeAll(async () => {
-  if (!ready) return;
-  dir = mkdtempSync(join(tmpdir(), 'qsync-remote-hax-'));
-  sshd = await startSshd();
-  serverCmd = `QSYNC_STATE_DIR=${join(dir, 'server-state')} ${process.execPath} ${QSYNC}`;
-});
-afterAll(async () => {
-  await sshd?.stop();
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
-
-const at = (p: string) => `${sshd.host}:${p}`;
+const ssh = useQsyncOverSsh('qsync-remote-hax-', ready);
+const { at } = ssh;
 /** The notice a target replaced behind qsync's back gets (round 1), on stderr as qsync's own: rsync has none. */
 const NOTICE = 'qsync: target was replaced since the last run; comparing source and target';
 
@@ -51,7 +37,7 @@ function attrsOnly(src: string): void {
 
 describe.skipIf(!ready)('-aHAX over ssh gives what rsync -aHAX over ssh gives', () => {
   it.each(['push', 'pull'])('%s: first run, after changes, after an xattr/ACL-only change, with nothing to do', async (way) => {
-    const base = join(dir, way);
+    const base = join(ssh.dir, way);
     const src = join(base, 'src');
     mkdirSync(src, { recursive: true });
     makeTree(src);
@@ -68,15 +54,15 @@ describe.skipIf(!ready)('-aHAX over ssh gives what rsync -aHAX over ssh gives', 
       {
         // -n says the same and changes nothing.
         const before = round === 0 ? undefined : snapshot(qs, { dirTimes: true });
-        const dry = await runQsync(['-aHAX', '-n', '-i', '-e', sshd.rsh, '--qsync-path', serverCmd, ...operands(qs)]);
+        const dry = await runQsync(['-aHAX', '-n', '-i', '-e', ssh.sshd.rsh, '--qsync-path', ssh.serverCmd, ...operands(qs)]);
         expect(dry.code, dry.stderr).toBe(0);
-        const rdry = sh('rsync', '-aHAX', '-n', '-i', '-e', sshd.rsh, ...operands(rs)).replace(/^<f/gm, '>f');
+        const rdry = sh('rsync', '-aHAX', '-n', '-i', '-e', ssh.sshd.rsh, ...operands(rs)).replace(/^<f/gm, '>f');
         expect(lines(dry.stdout), `round ${round} -n`).toEqual(lines(rdry));
         if (before) expect(snapshot(qs, { dirTimes: true })).toEqual(before);
       }
       // rsync marks a file it sends `<` in a push; qsync prints the receiving end's `>` either way (left as is).
-      const r = sh('rsync', '-aHAX', '-i', '-e', sshd.rsh, ...operands(rs)).replace(/^<f/gm, '>f');
-      const q = await runQsync(['-aHAX', '-i', '-e', sshd.rsh, '--qsync-path', serverCmd, ...operands(qs)]);
+      const r = sh('rsync', '-aHAX', '-i', '-e', ssh.sshd.rsh, ...operands(rs)).replace(/^<f/gm, '>f');
+      const q = await runQsync(['-aHAX', '-i', '-e', ssh.sshd.rsh, '--qsync-path', ssh.serverCmd, ...operands(qs)]);
       expect(lines(q.stderr).filter((l) => !l.startsWith(NOTICE)), `round ${round}`).toEqual([]);
       expect(q.code, `round ${round}`).toBe(0);
       expect(lines(q.stdout), `round ${round}`).toEqual(lines(r));

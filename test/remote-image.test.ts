@@ -7,46 +7,24 @@
  * counted at the ssh command.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
+import { describe, expect, it } from 'vitest';
 import { needTools } from './helpers/env.js';
+import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
 import { qemuImgCreate, qemuIo, startQsd, type QemuProcess } from './helpers/qemu.js';
-import { countingRsh, joinRsh, readCount, splitRsh, startSshd, type Sshd } from './helpers/sshd.js';
+import { joinRsh, splitRsh } from './helpers/sshd.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
 
 const ready = needTools('sshd', 'ssh', 'qemu-img', 'qemu-io', 'qemu-storage-daemon');
 
-let dir: string;
-let sshd: Sshd;
-let serverCmd: string;
-let counter = 0;
-
-beforeAll(async () => {
-  if (!ready) return;
-  dir = mkdtempSync(join(tmpdir(), 'qsync-remote-image-'));
-  sshd = await startSshd();
-  serverCmd = `QSYNC_STATE_DIR=${join(dir, 'server-state')} ${process.execPath} ${QSYNC}`;
-});
-afterAll(async () => {
-  await sshd?.stop();
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
-
-async function overSsh(args: string[], rsh?: string): Promise<RunResult & { wire: number }> {
-  const count = join(dir, `count-${++counter}`);
-  const r = await runQsync(['-e', countingRsh(rsh ?? sshd.rsh, count), '--qsync-path', serverCmd, ...args]);
-  const c = existsSync(count) ? readCount(count) : { sent: 0, received: 0 };
-  return { ...r, wire: c.sent + c.received };
-}
-
-const at = (p: string) => `${sshd.host}:${p}`;
+const ssh = useQsyncOverSsh('qsync-remote-image-', ready);
+const { at, overSsh } = ssh;
+let views = 0;
 const guestView = (img: string): Buffer => {
-  const raw = join(dir, `view-${++counter}.raw`);
+  const raw = join(ssh.dir, `view-${++views}.raw`);
   execFileSync('qemu-img', ['convert', '-O', 'raw', img, raw]);
   const b = readFileSync(raw);
   rmSync(raw);
@@ -55,16 +33,16 @@ const guestView = (img: string): Buffer => {
 
 /** `qsync verify TARGET` on the far side's state: the manifest describes the target exactly. */
 async function verifyFar(target: string): Promise<void> {
-  const r = await runQsync(['verify', target], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'server-state') } });
+  const r = await ssh.onFarSide(['verify', target]);
   expect(r.code, r.stderr).toBe(0);
 }
 
 describe.skipIf(!ready)('image mode to a remote DEST over ssh', () => {
   it('--image: a full first run, then only the written clusters and their digests cross the wire; the far target is the guest view', async () => {
-    const img = join(dir, 'web.qcow2');
+    const img = join(ssh.dir, 'web.qcow2');
     qemuImgCreate(img, '256M');
     qemuIo(img, 'qcow2', 'write -P 0x11 0 16M', 'write -P 0x22 128M 8M');
-    const dest = join(dir, 'bk1');
+    const dest = join(ssh.dir, 'bk1');
     const first = await overSsh(['--image', img, at(`${dest}/`)]);
     expect(first.code, first.stderr).toBe(0);
     expect(first.stdout).toMatch(/web: full \(first run\)/);
@@ -90,14 +68,14 @@ describe.skipIf(!ready)('image mode to a remote DEST over ssh', () => {
   });
 
   it('--qmp of a running daemon: the link cut mid-copy, the next run converges and the far manifest never lies', async () => {
-    const img = join(dir, 'db.qcow2');
+    const img = join(ssh.dir, 'db.qcow2');
     qemuImgCreate(img, '128M');
     qemuIo(img, 'qcow2', 'write -P 0x55 0 96M');
-    const qsd: QemuProcess = await startQsd(dir, img, 'db');
+    const qsd: QemuProcess = await startQsd(ssh.dir, img, 'db');
     try {
-      const dest = join(dir, 'bk2');
+      const dest = join(ssh.dir, 'bk2');
       // A remote shell that dies after 20 MiB through it: the first copy is cut.
-      const cut = joinRsh([process.execPath, join(import.meta.dirname, 'helpers/cut-rsh.mjs'), String(20 * MiB), ...splitRsh(sshd.rsh)]);
+      const cut = joinRsh([process.execPath, join(import.meta.dirname, 'helpers/cut-rsh.mjs'), String(20 * MiB), ...splitRsh(ssh.sshd.rsh)]);
       const broken = await overSsh(['--qmp', qsd.qmp, at(`${dest}/`)], cut);
       expect(broken.code).not.toBe(0);
       expect(broken.stderr).not.toMatch(/\n\s+at /);
@@ -111,14 +89,14 @@ describe.skipIf(!ready)('image mode to a remote DEST over ssh', () => {
       await qsd.kill();
     }
     // Read with the daemon gone: the far target is the disk.
-    expect(readFileSync(join(dir, 'bk2', 'db.raw')).equals(guestView(img))).toBe(true);
+    expect(readFileSync(join(ssh.dir, 'bk2', 'db.raw')).equals(guestView(img))).toBe(true);
   });
 
   it('--image of a grown, then shrunk disk: each run turns full on the manifest it has, and the far target and manifest are the new disk', async () => {
-    const img = join(dir, 'grow.qcow2');
+    const img = join(ssh.dir, 'grow.qcow2');
     qemuImgCreate(img, '16M');
     qemuIo(img, 'qcow2', 'write -P 0x61 0 4M', 'write -P 0x62 15M 1M');
-    const dest = join(dir, 'bk4');
+    const dest = join(ssh.dir, 'bk4');
     const first = await overSsh(['--image', img, at(`${dest}/`)]);
     expect(first.code, first.stderr).toBe(0);
     execFileSync('qemu-img', ['resize', '-q', img, '24M']);
@@ -139,12 +117,12 @@ describe.skipIf(!ready)('image mode to a remote DEST over ssh', () => {
 
   // --write-batch and --backup-dir to a remote DEST: test/remote-deltas.test.ts.
   it('--only-write-batch with a remote DEST is refused before anything is done', async () => {
-    const img = join(dir, 'x.qcow2');
+    const img = join(ssh.dir, 'x.qcow2');
     qemuImgCreate(img, '8M');
-    const r = await overSsh(['--image', img, '--only-write-batch', join(dir, 'b.qdelta'), at(`${join(dir, 'bk3')}/`)]);
+    const r = await overSsh(['--image', img, '--only-write-batch', join(ssh.dir, 'b.qdelta'), at(`${join(ssh.dir, 'bk3')}/`)]);
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/--only-write-batch does not work with --qmp/);
-    expect(existsSync(join(dir, 'bk3'))).toBe(false);
-    expect(existsSync(join(dir, 'b.qdelta'))).toBe(false);
+    expect(existsSync(join(ssh.dir, 'bk3'))).toBe(false);
+    expect(existsSync(join(ssh.dir, 'b.qdelta'))).toBe(false);
   });
 });

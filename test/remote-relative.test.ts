@@ -5,31 +5,17 @@
  * and exit code. The list is read where the command runs, as rsync reads
  * it: a push sends its lines to the receiving server, a pull walks it here.
  */
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { QSYNC, runQsync } from './helpers/cli.js';
+import { describe, expect, it } from 'vitest';
+import { runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
+import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
 import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_SRC } from './helpers/rsync-compare.js';
-import { startSshd, type Sshd } from './helpers/sshd.js';
 
 const ready = needTools('sshd', 'ssh', 'rsync');
 
-let dir: string;
-let sshd: Sshd;
-let serverCmd: string;
-
-beforeAll(async () => {
-  if (!ready) return;
-  dir = mkdtempSync(join(tmpdir(), 'qsync-remote-rel-'));
-  sshd = await startSshd();
-  serverCmd = `QSYNC_STATE_DIR=${join(dir, 'server-state')} ${process.execPath} ${QSYNC}`;
-});
-afterAll(async () => {
-  await sshd?.stop();
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
+const ssh = useQsyncOverSsh('qsync-remote-rel-', ready);
 
 const RTREE = 'mkdir -p a/b/c c/d; echo 1 > a/b/f; echo 2 > top; echo 3 > a/b/c/g; echo 4 > c/h; echo 5 > c/d/i; chmod 750 a; chmod 711 a/b; chmod 700 c/d';
 
@@ -51,7 +37,7 @@ const cases: Case[] = [
 
 describe.skipIf(!ready)('-R and --files-from over ssh give what rsync gives', () => {
   it.each(cases.flatMap((c) => ['push', 'pull'].map((way) => ({ ...c, way }))))('$way: $name', async (c) => {
-    const base = join(dir, `${c.way}-${c.name.replace(/\W+/g, '_').slice(0, 60)}`);
+    const base = join(ssh.dir, `${c.way}-${c.name.replace(/\W+/g, '_').slice(0, 60)}`);
     const src = join(base, 'src');
     mkdirSync(src, { recursive: true });
     sh(RTREE, src, base);
@@ -60,13 +46,13 @@ describe.skipIf(!ready)('-R and --files-from over ssh give what rsync gives', ()
     if (c.list !== undefined) writeFileSync(list, c.list);
     const flags = c.flags.map((f) => f.replace('LIST', list));
     const paths = (c.sources ?? ['SRC/']).map((s) => s.replace('SRC', src));
-    const args = (d: string) => (c.way === 'push' ? [...paths, `${sshd.host}:${d}/`] : [...paths.map((p) => `${sshd.host}:${p}`), `${d}/`]);
+    const args = (d: string) => (c.way === 'push' ? [...paths, `${ssh.sshd.host}:${d}/`] : [...paths.map((p) => `${ssh.sshd.host}:${p}`), `${d}/`]);
     const rs = join(base, 'by-rsync');
     const qs = join(base, 'by-qsync');
     const lines: string[][] = [];
     for (let round = 0; round < (c.rounds ?? 1); round++) {
-      const r = runRsync([...flags, '-e', sshd.rsh, ...args(rs)], false);
-      const q = await runQsync([...flags, '-e', sshd.rsh, '--qsync-path', serverCmd, ...args(qs)]);
+      const r = runRsync([...flags, '-e', ssh.sshd.rsh, ...args(rs)], false);
+      const q = await runQsync([...flags, '-e', ssh.sshd.rsh, '--qsync-path', ssh.serverCmd, ...args(qs)]);
       // rsync marks a file it sends `<` in a push; qsync prints the receiving end's `>` either way.
       const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST').replace(/^<f/gm, '>f'));
       expect({ round, code: q.code, stdout: out(q.stdout, qs) }, q.stderr).toEqual({ round, code: r.code, stdout: out(r.stdout, rs) });

@@ -6,14 +6,14 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync, closeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, linkSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, statSync, symlinkSync, truncateSync, utimesSync, writeFileSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeControl, encodeData, encodeDigests, encodeZero } from '../src/core/wire.js';
-import { QSYNC, runQsync, type RunResult } from './helpers/cli.js';
+import { QSYNC, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
-import { countingRsh, readCount, startSshd, type Sshd } from './helpers/sshd.js';
+import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
+import { startSshd, type Sshd } from './helpers/sshd.js';
 
 const KiB = 1024;
 const MiB = 1 << 20;
@@ -21,32 +21,10 @@ const BLOCK = 64 * KiB;
 
 const ready = needTools('sshd', 'ssh');
 
-let dir: string;
-let sshd: Sshd;
-/** The far side's qsync, with a state base of its own. */
-let serverCmd: string;
+const ssh = useQsyncOverSsh('qsync-remote-', ready);
+const { at, overSsh } = ssh;
+/** For names of this file's scratch files. */
 let counter = 0;
-
-beforeAll(async () => {
-  if (!ready) return;
-  dir = mkdtempSync(join(tmpdir(), 'qsync-remote-'));
-  sshd = await startSshd();
-  serverCmd = `QSYNC_STATE_DIR=${join(dir, 'server-state')} ${process.execPath} ${QSYNC}`;
-});
-afterAll(async () => {
-  await sshd?.stop();
-  if (dir) rmSync(dir, { recursive: true, force: true });
-});
-
-/** Run qsync with `args` over the test's sshd; returns the result and the bytes through ssh. */
-async function overSsh(args: string[], opts: { rsh?: string } = {}): Promise<RunResult & { wire: number }> {
-  const count = join(dir, `count-${++counter}`);
-  const r = await runQsync(['-e', countingRsh(opts.rsh ?? sshd.rsh, count), '--qsync-path', serverCmd, ...args]);
-  const { sent, received } = readCount(count);
-  return { ...r, wire: sent + received };
-}
-
-const at = (p: string) => `${sshd.host}:${p}`;
 
 function randomFile(path: string, size: number): void {
   const fd = openSync(path, 'w');
@@ -97,8 +75,8 @@ function imageTree(root: string): void {
 
 describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
   it('push: a tree of images arrives whole; the next run moves ≤ 1.1 × the changed bytes + 64 KiB; an unchanged one ≤ 4 KiB', async () => {
-    const src = join(dir, 'push-src');
-    const dst = join(dir, 'push-dst');
+    const src = join(ssh.dir, 'push-src');
+    const dst = join(ssh.dir, 'push-dst');
     imageTree(src);
     const first = await overSsh(['-av', `${src}/`, at(`${dst}/`)]);
     expect(first.code, first.stderr).toBe(0);
@@ -123,8 +101,8 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
   });
 
   it('pull: the same from the far side, into a local DEST', async () => {
-    const src = join(dir, 'pull-src');
-    const dst = join(dir, 'pull-dst');
+    const src = join(ssh.dir, 'pull-src');
+    const dst = join(ssh.dir, 'pull-dst');
     imageTree(src);
     const first = await overSsh(['-a', at(`${src}/`), `${dst}/`]);
     expect(first.code, first.stderr).toBe(0);
@@ -140,37 +118,37 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
   });
 
   it('-z sends compressible blocks deflated, both ways; --bwlimit paces the sending side', async () => {
-    const src = join(dir, 'z-src');
+    const src = join(ssh.dir, 'z-src');
     mkdirSync(src);
     writeFileSync(join(src, 'text.img'), Buffer.alloc(6 * MiB, 'a log line that repeats itself\n'));
-    const push = await overSsh(['-az', `${src}/`, at(join(dir, 'z-dst') + '/')]);
+    const push = await overSsh(['-az', `${src}/`, at(join(ssh.dir, 'z-dst') + '/')]);
     expect(push.code, push.stderr).toBe(0);
-    expectSameTree(src, join(dir, 'z-dst'));
+    expectSameTree(src, join(ssh.dir, 'z-dst'));
     expect(push.wire).toBeLessThan(MiB);
-    const pull = await overSsh(['-az', at(`${src}/`), join(dir, 'z-pull') + '/']);
+    const pull = await overSsh(['-az', at(`${src}/`), join(ssh.dir, 'z-pull') + '/']);
     expect(pull.code, pull.stderr).toBe(0);
-    expectSameTree(src, join(dir, 'z-pull'));
+    expectSameTree(src, join(ssh.dir, 'z-pull'));
     expect(pull.wire).toBeLessThan(MiB);
     // A lower bound only: 2 MiB at 1 MiB/s cannot take less than about 1.5 s (50 ms of burst aside).
-    const bw = join(dir, 'bw-src');
+    const bw = join(ssh.dir, 'bw-src');
     mkdirSync(bw);
     randomFile(join(bw, 'rand.img'), 2 * MiB);
-    for (const args of [[`${bw}/`, at(join(dir, 'bw-dst') + '/')], [at(`${bw}/`), join(dir, 'bw-pull') + '/']]) {
+    for (const args of [[`${bw}/`, at(join(ssh.dir, 'bw-dst') + '/')], [at(`${bw}/`), join(ssh.dir, 'bw-pull') + '/']]) {
       const t0 = performance.now();
       const r = await overSsh(['-a', '--bwlimit=1M', ...args]);
       expect(r.code, r.stderr).toBe(0);
       expect(performance.now() - t0).toBeGreaterThan(1500);
     }
-    expectSameTree(bw, join(dir, 'bw-pull'));
+    expectSameTree(bw, join(ssh.dir, 'bw-pull'));
   });
 
   it('names with spaces, quotes and shell characters reach no shell: copied as they are, nothing run', async () => {
-    const src = join(dir, 'names-src');
+    const src = join(ssh.dir, 'names-src');
     mkdirSync(src);
     // A name may not hold '/': the command it would run makes a file in the current folder (the far side's home).
     const evil = `a b'c"$(touch qsync-pwned);\`touch qsync-pwned\`;|&`;
     writeFileSync(join(src, evil), 'x\n');
-    const dst = join(dir, `dest with 'quotes' and $HOME`);
+    const dst = join(ssh.dir, `dest with 'quotes' and $HOME`);
     const r = await overSsh(['-a', `${src}/`, at(`${dst}/`)]);
     expect(r.code, r.stderr).toBe(0);
     expect(readFileSync(join(dst, evil), 'utf8')).toBe('x\n');
@@ -178,16 +156,16 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
   });
 
   it('connection failures exit as rsync does: 255 from ssh, 12 for a far side that does not speak qsync; remote-only limits are clear', async () => {
-    const src = join(dir, 'fail-src');
+    const src = join(ssh.dir, 'fail-src');
     mkdirSync(src);
     writeFileSync(join(src, 'f'), 'x');
     const closed = await runQsync(['-a', '-e', 'ssh -p 1 -o BatchMode=yes -o StrictHostKeyChecking=no', `${src}/`, '127.0.0.1:/tmp/nowhere/']);
     expect(closed.code).toBe(255);
     expect(closed.stderr).toMatch(/connection unexpectedly closed/);
-    const notQsync = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', 'cat', `${src}/`, at('/tmp/nowhere/')]);
+    const notQsync = await runQsync(['-a', '-e', ssh.sshd.rsh, '--qsync-path', 'cat', `${src}/`, at('/tmp/nowhere/')]);
     expect(notQsync.code).toBe(12);
     expect(notQsync.stderr).not.toMatch(/internal error/);
-    const m = await runQsync(['-a', '--manifest', join(dir, 'm.qsm'), '-e', sshd.rsh, `${src}/f`, at('/tmp/nowhere/f')]);
+    const m = await runQsync(['-a', '--manifest', join(ssh.dir, 'm.qsm'), '-e', ssh.sshd.rsh, `${src}/f`, at('/tmp/nowhere/f')]);
     expect(m.code).toBe(1);
     expect(m.stderr).toMatch(/--manifest is not supported with a remote destination/);
     const both = await runQsync(['-a', 'a:x', 'b:y']);
@@ -198,10 +176,10 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
 
 describe.skipIf(!ready)('odd operands, as rsync takes them', () => {
   it('a remote DEST that is a file: exit 3, as rsync, with or without a trailing slash; nothing changes', async () => {
-    const src = join(dir, 'odd-src');
+    const src = join(ssh.dir, 'odd-src');
     mkdirSync(src);
     writeFileSync(join(src, 'f'), 'x');
-    const file = join(dir, 'odd-file');
+    const file = join(ssh.dir, 'odd-file');
     writeFileSync(file, 'keep\n');
     for (const dest of [file, `${file}/`]) {
       const r = await overSsh(['-a', `${src}/`, at(dest)]);
@@ -214,19 +192,19 @@ describe.skipIf(!ready)('odd operands, as rsync takes them', () => {
   });
 
   it('`host:` is the remote home folder (the far side\'s working folder), as with rsync', async () => {
-    const home = join(dir, 'odd-home');
+    const home = join(ssh.dir, 'odd-home');
     mkdirSync(home);
     writeFileSync(join(home, 'h'), 'home\n');
     // The far side runs in `home`: its command line starts with a cd there.
-    const cmd = `cd ${home} && ${serverCmd}`;
-    const pulled = join(dir, 'odd-pulled');
-    const r = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', cmd, `${sshd.host}:`, `${pulled}/`]);
+    const cmd = `cd ${home} && ${ssh.serverCmd}`;
+    const pulled = join(ssh.dir, 'odd-pulled');
+    const r = await runQsync(['-a', '-e', ssh.sshd.rsh, '--qsync-path', cmd, `${ssh.sshd.host}:`, `${pulled}/`]);
     expect(r.code, r.stderr).toBe(0);
     expect(readFileSync(join(pulled, 'h'), 'utf8')).toBe('home\n');
-    const src = join(dir, 'odd-src2');
+    const src = join(ssh.dir, 'odd-src2');
     mkdirSync(src);
     writeFileSync(join(src, 'pushed'), 'p\n');
-    const p = await runQsync(['-a', '-e', sshd.rsh, '--qsync-path', cmd, `${src}/`, `${sshd.host}:`]);
+    const p = await runQsync(['-a', '-e', ssh.sshd.rsh, '--qsync-path', cmd, `${src}/`, `${ssh.sshd.host}:`]);
     expect(p.code, p.stderr).toBe(0);
     expect(readFileSync(join(home, 'pushed'), 'utf8')).toBe('p\n');
   });
@@ -234,8 +212,8 @@ describe.skipIf(!ready)('odd operands, as rsync takes them', () => {
 
 describe.skipIf(!ready)('the link killed mid-transfer', () => {
   it('at several points of a first copy and of an update: the next run converges, and the far manifest never lies', async () => {
-    const src = join(dir, 'kill-src');
-    const dst = join(dir, 'kill-dst');
+    const src = join(ssh.dir, 'kill-src');
+    const dst = join(ssh.dir, 'kill-dst');
     mkdirSync(src);
     randomFile(join(src, 'big.raw'), 48 * MiB);
     for (const phase of ['first', 'update']) {
@@ -243,7 +221,7 @@ describe.skipIf(!ready)('the link killed mid-transfer', () => {
       for (const after of [0.1, 0.5, 0.9]) {
         // Kill ssh (the link) once this much of the file went through it.
         const limit = Math.floor(after * (phase === 'first' ? 48 * MiB : 200 * BLOCK));
-        const r = await runQsync(['-a', '-e', `${process.execPath} ${join(import.meta.dirname, 'helpers', 'cut-rsh.mjs')} ${limit} ${sshd.rsh}`, '--qsync-path', serverCmd, `${src}/`, at(`${dst}/`)]);
+        const r = await runQsync(['-a', '-e', `${process.execPath} ${join(import.meta.dirname, 'helpers', 'cut-rsh.mjs')} ${limit} ${ssh.sshd.rsh}`, '--qsync-path', ssh.serverCmd, `${src}/`, at(`${dst}/`)]);
         expect(r.code, `${phase} ${after}: ${r.stderr}`).not.toBe(0);
         expect(r.stderr).not.toMatch(/internal error/);
         // A first copy never leaves a partial file under the real name.
@@ -253,7 +231,7 @@ describe.skipIf(!ready)('the link killed mid-transfer', () => {
       expect(done.code, done.stderr).toBe(0);
       expectSameTree(src, dst);
       // What the far side's manifest says is what its target holds.
-      const v = await runQsync(['verify', join(dst, 'big.raw')], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'server-state') } });
+      const v = await runQsync(['verify', join(dst, 'big.raw')], { env: { ...process.env, QSYNC_STATE_DIR: join(ssh.dir, 'server-state') } });
       expect(v.code, v.stdout + v.stderr).toBe(0);
     }
   });
@@ -264,40 +242,40 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
   let root: string;
   let outside: string;
   beforeAll(async () => {
-    root = join(dir, 'jail');
-    outside = join(dir, 'outside');
+    root = join(ssh.dir, 'jail');
+    outside = join(ssh.dir, 'outside');
     mkdirSync(join(root, 'vm1'), { recursive: true });
     mkdirSync(outside);
     writeFileSync(join(outside, 'secret'), 'outside\n');
     symlinkSync(outside, join(root, 'esc'));
-    restricted = await startSshd({ authorizedKeyOptions: `command="QSYNC_STATE_DIR=${join(dir, 'jail-state')} ${process.execPath} ${QSYNC} --server --restrict ${root}",restrict` });
+    restricted = await startSshd({ authorizedKeyOptions: `command="QSYNC_STATE_DIR=${join(ssh.dir, 'jail-state')} ${process.execPath} ${QSYNC} --server --restrict ${root}",restrict` });
   });
   afterAll(() => restricted?.stop());
 
   const via = (args: string[]) => runQsync(['-a', '-e', restricted.rsh, ...args]);
 
   it('pushes and pulls below DIR', async () => {
-    const src = join(dir, 'r-src');
+    const src = join(ssh.dir, 'r-src');
     mkdirSync(src);
     writeFileSync(join(src, 'disk.raw'), randomBytes(300 * KiB));
     const r = await via([`${src}/`, `${restricted.host}:vm1/`]);
     expect(r.code, r.stderr).toBe(0);
     expectSameTree(src, join(root, 'vm1'));
-    const back = join(dir, 'r-back');
+    const back = join(ssh.dir, 'r-back');
     const p = await via([`${restricted.host}:vm1/`, `${back}/`]);
     expect(p.code, p.stderr).toBe(0);
     expectSameTree(src, back);
   });
 
   it.skipIf(!needTools('getfattr', 'setfattr', 'getfacl', 'setfacl') || process.getuid?.() !== 0)('-aHAX and --files-from push below DIR and pull back: links, ACLs and xattrs arrive, nothing lands outside', async () => {
-    const src = join(dir, 'r-hax');
+    const src = join(ssh.dir, 'r-hax');
     mkdirSync(join(src, 'd'), { recursive: true });
     writeFileSync(join(src, 'a'), 'linked\n');
     linkSync(join(src, 'a'), join(src, 'd/b'));
     execFileSync('setfattr', ['-n', 'user.note', '-v', 'kept', join(src, 'a')]);
     execFileSync('setfacl', ['-m', 'u:1234:r', join(src, 'd/b')]);
     execFileSync('setfacl', ['-d', '-m', 'g:4321:rx', join(src, 'd')]);
-    const list = join(dir, 'r-hax-list');
+    const list = join(ssh.dir, 'r-hax-list');
     writeFileSync(list, 'a\nd/b\n');
     const attrsOf = (p: string) => execFileSync('getfattr', ['--absolute-names', '-d', '-m', '-', '-e', 'base64', p], { encoding: 'utf8' }).replace(/^# file: .*\n/m, '');
     const check = (d: string) => {
@@ -311,7 +289,7 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
       const r = await via(['-HAX', ...extra, `${src}/`, `${restricted.host}:${at}/`]);
       expect(r.code, r.stderr).toBe(0);
       check(join(root, at));
-      const back = join(dir, `r-hax-back-${at}`);
+      const back = join(ssh.dir, `r-hax-back-${at}`);
       const p = await via(['-HAX', ...extra, `${restricted.host}:${at}/`, `${back}/`]);
       expect(p.code, p.stderr).toBe(0);
       check(back);
@@ -326,44 +304,44 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
     ['a symlink out of DIR', 'esc/'],
     ['a path through a symlink out of DIR', 'esc/sub/'],
   ])('refuses %s, as DEST and as SRC, and touches nothing', async (_what, path) => {
-    const src = join(dir, `r-src2-${++counter}`);
+    const src = join(ssh.dir, `r-src2-${++counter}`);
     mkdirSync(src);
     writeFileSync(join(src, 'secret'), 'pushed\n');
     const push = await via([`${src}/`, `${restricted.host}:${path}`]);
     expect(push.code, push.stderr).toBe(1);
     expect(push.stderr).toMatch(/refused/);
-    const pull = await via([`${restricted.host}:${path}`, join(dir, `r-pulled-${counter}/`)]);
+    const pull = await via([`${restricted.host}:${path}`, join(ssh.dir, `r-pulled-${counter}/`)]);
     expect(pull.code, pull.stderr).not.toBe(0);
     expect(pull.stderr).toMatch(/refused/);
-    expect(existsSync(join(dir, `r-pulled-${counter}`, 'secret'))).toBe(false);
+    expect(existsSync(join(ssh.dir, `r-pulled-${counter}`, 'secret'))).toBe(false);
     expect(readFileSync(join(outside, 'secret'), 'utf8')).toBe('outside\n');
     expect(readdirSync(outside)).toEqual(['secret']);
   });
 
   it('a symlink pushed into DIR is a symlink there, never a way out on the next run', async () => {
-    const src = join(dir, 'r-src3');
+    const src = join(ssh.dir, 'r-src3');
     mkdirSync(src);
     symlinkSync(outside, join(src, 'evil'));
     const first = await via([`${src}/`, `${restricted.host}:vm2/`]);
     expect(first.code, first.stderr).toBe(0);
     expect(lstatSync(join(root, 'vm2', 'evil')).isSymbolicLink()).toBe(true);
-    const next = join(dir, 'r-src4');
+    const next = join(ssh.dir, 'r-src4');
     mkdirSync(next);
     writeFileSync(join(next, 'secret'), 'pushed\n');
     const r = await via([`${next}/`, `${restricted.host}:vm2/evil/`]);
     expect(r.code).toBe(1);
     expect(readdirSync(outside)).toEqual(['secret']);
     // Pulling the link without a trailing slash copies the link, not what it names.
-    const pulled = join(dir, 'r-pulled-link');
+    const pulled = join(ssh.dir, 'r-pulled-link');
     const back = await via([`${restricted.host}:vm2/evil`, `${pulled}/`]);
     expect(back.code, back.stderr).toBe(0);
     expect(lstatSync(join(pulled, 'evil')).isSymbolicLink()).toBe(true);
   });
 
   it('1,000 fuzzed frames cannot crash the server or write outside its root', async () => {
-    const fuzzRoot = join(dir, 'fuzz-root');
+    const fuzzRoot = join(ssh.dir, 'fuzz-root');
     mkdirSync(fuzzRoot);
-    const before = readdirSync(dir).sort();
+    const before = readdirSync(ssh.dir).sort();
     const frames = fuzzFrames(1000);
     const sessions = 40;
     const per = Math.ceil(frames.length / sessions);
@@ -377,7 +355,7 @@ describe.skipIf(!ready)('qsync --server --restrict DIR (a command= key)', () => 
       expect(r.stderr).not.toMatch(/internal error|at .*\.js:\d+/);
     }
     // Nothing appeared beside the root; inside it, at most the receiving folder.
-    expect(readdirSync(dir).sort()).toEqual(before);
+    expect(readdirSync(ssh.dir).sort()).toEqual(before);
     for (const n of readdirSync(fuzzRoot)) expect(n).toBe('d');
     expect(readdirSync(outside)).toEqual(['secret']);
   });
@@ -411,7 +389,7 @@ function fuzzFrames(n: number): Buffer[] {
 /** `qsync --server --restrict ROOT` fed `input` on stdin; its exit and stderr. */
 function serverWith(input: Buffer, root: string): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }> {
   return new Promise((resolve) => {
-    const p = spawn(process.execPath, [QSYNC, '--server', '--restrict', root], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'fuzz-state') } });
+    const p = spawn(process.execPath, [QSYNC, '--server', '--restrict', root], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, QSYNC_STATE_DIR: join(ssh.dir, 'fuzz-state') } });
     let stderr = '';
     p.stderr.on('data', (d) => (stderr += d));
     p.stdout.resume();
@@ -427,22 +405,22 @@ function serverWith(input: Buffer, root: string): Promise<{ code: number | null;
 
 describe.skipIf(!ready)('many hosts, one backup server', () => {
   it('four pushes at once into their own DESTs, and a pull, do not interfere', async () => {
-    const srcs = [1, 2, 3, 4].map((i) => join(dir, `many-src${i}`));
+    const srcs = [1, 2, 3, 4].map((i) => join(ssh.dir, `many-src${i}`));
     for (const s of srcs) {
       mkdirSync(s);
       randomFile(join(s, 'disk.raw'), 12 * MiB);
     }
-    const pullSrc = join(dir, 'many-pull-src');
+    const pullSrc = join(ssh.dir, 'many-pull-src');
     mkdirSync(pullSrc);
     randomFile(join(pullSrc, 'disk.raw'), 12 * MiB);
     const runs = [
-      ...srcs.map((s, i) => overSsh(['-a', `${s}/`, at(join(dir, `many-dst${i + 1}`) + '/')])),
-      overSsh(['-a', at(`${pullSrc}/`), join(dir, 'many-pulled') + '/']),
+      ...srcs.map((s, i) => overSsh(['-a', `${s}/`, at(join(ssh.dir, `many-dst${i + 1}`) + '/')])),
+      overSsh(['-a', at(`${pullSrc}/`), join(ssh.dir, 'many-pulled') + '/']),
     ];
     const results = await Promise.all(runs);
     for (const r of results) expect(r.code, r.stderr).toBe(0);
-    srcs.forEach((s, i) => expectSameTree(s, join(dir, `many-dst${i + 1}`)));
-    expectSameTree(pullSrc, join(dir, 'many-pulled'));
+    srcs.forEach((s, i) => expectSameTree(s, join(ssh.dir, `many-dst${i + 1}`)));
+    expectSameTree(pullSrc, join(ssh.dir, 'many-pulled'));
   });
 });
 
