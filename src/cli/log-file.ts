@@ -13,7 +13,7 @@ import { QsyncError } from '../core/errors.js';
 import type { FileReport, RunStats } from '../sync/events.js';
 import { describeExit } from './exit-codes.js';
 import { summaryLines, type Printer } from './output.js';
-import { formatItem, itemOf, timestring } from './log-format.js';
+import { formatItem, itemOf, timestring, usesEscape } from './log-format.js';
 import type { SyncOptions } from './args.js';
 
 export const DEFAULT_LOG_FORMAT = '%i %n%L';
@@ -28,7 +28,7 @@ export function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, '
     throw new QsyncError('IO', `failed to open log-file ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
   }
   const fmt = o.logFileFormat ?? DEFAULT_LOG_FORMAT;
-  const hasOpOrItemize = /%'?-?\d*[oi]/.test(fmt);
+  const hasOpOrItemize = usesEscape(fmt, 'oi');
   const log = (text: string): void => {
     // Control characters in names become rsync's \#ooo, so a name cannot forge a line.
     const safe = text.replace(/[\x00-\x08\x0a-\x1f]/g, (c) => `\\#${c.charCodeAt(0).toString(8).padStart(3, '0')}`);

@@ -104,3 +104,6 @@ export function formatItem(format: string, item: Item, now: Date): string {
     return left ? v.padEnd(w) : v.padStart(w);
   });
 }
+
+/** Whether `format` (--out-format, --log-file-format) uses one of the escapes `letters` (as `[oi]`), with or without a width. */
+export const usesEscape = (format: string | undefined, letters: string): boolean => format !== undefined && new RegExp(`%'?-?\\d*[${letters}]`).test(format);

@@ -16,7 +16,7 @@ import { createRequire } from 'node:module';
 import { isQsyncError } from '../core/errors.js';
 import type { FileReport, InfoCategory, RunStats, SyncHooks } from '../sync/events.js';
 import type { InfoLevels, SyncOptions } from './args.js';
-import { formatItem, itemOf } from './log-format.js';
+import { formatItem, itemOf, usesEscape } from './log-format.js';
 import { describeExit } from './exit-codes.js';
 
 export interface OutputIO {
@@ -206,8 +206,8 @@ class TextPrinter implements Printer {
     this.levels = info;
     if (io.isTTY && !o.quiet && info.progress) this.bars = new Bars(io.stderr, o.human, now);
     this.format = o.outFormat ?? (o.itemize ? '%i %n%L' : info.name >= 1 ? '%n%L' : undefined);
-    this.hasI = this.format !== undefined && /%'?-?\d*i/.test(this.format);
-    this.hasOI = this.format !== undefined && /%'?-?\d*[oi]/.test(this.format);
+    this.hasI = usesEscape(this.format, 'i');
+    this.hasOI = usesEscape(this.format, 'oi');
     this.wantsTotal = !this.bars && info.progress > 0;
     this.t0 = now();
   }

@@ -27,6 +27,7 @@ import { EXIT, exitCodeFor } from './exit-codes.js';
 import { armInterrupt, disarmInterrupt } from './interrupt.js';
 import { createPrinter, type Printer } from './output.js';
 import { withLogFile } from './log-file.js';
+import { usesEscape } from './log-format.js';
 import { parseRemote } from '../remote/ssh.js';
 
 export interface CliIO {
@@ -315,7 +316,7 @@ async function makePath(printer: Printer, dest: string, sources: { stat: BigIntS
 }
 
 /** rsync names the folders it makes for DEST with --info=name, -i or an --out-format with %i. */
-const namesMade = (o: SyncOptions): boolean => (o.info?.name ?? o.verbose) >= 1 || o.itemize || /%'?-?\d*i/.test(o.outFormat ?? '');
+const namesMade = (o: SyncOptions): boolean => (o.info?.name ?? o.verbose) >= 1 || o.itemize || usesEscape(o.outFormat, 'i');
 
 /**
  * -n, and --only-write-batch (which records what a run would write), leave

@@ -57,6 +57,13 @@ export function fieldInt(m: Record<string, unknown>, k: string, min = 0): number
   return v;
 }
 
+/** Field `k` of a control message, which must be a BLAKE3 digest in lowercase hex (`what`: a fingerprint, a checksum). */
+export function fieldDigest(m: Record<string, unknown>, k: string, what = 'digest'): Buffer {
+  const v = m[k];
+  if (typeof v !== 'string' || !/^[0-9a-f]{64}$/.test(v)) throw bad(`"${k}" is not a ${what}`);
+  return Buffer.from(v, 'hex');
+}
+
 /** -A/-X over the wire: one attribute value at most this many bytes (Linux's XATTR_SIZE_MAX). */
 export const MAX_ATTR_VALUE = 64 << 10;
 /** Names and values (as sent) of one entry's attributes together, at most. */

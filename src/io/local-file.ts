@@ -1,5 +1,6 @@
 /** BlockSource and BlockSink over a local file or block device. */
 import { execFile } from 'node:child_process';
+import { readSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
@@ -15,6 +16,13 @@ export async function readUpTo(fh: FileHandle, buf: Uint8Array, position: number
     if (bytesRead === 0) break;
     done += bytesRead;
   }
+  return done;
+}
+
+/** readUpTo on this thread, for a descriptor: a small file read whole without a trip through libuv's pool. */
+export function readUpToSync(fd: number, buf: Uint8Array, position: number): number {
+  let done = 0;
+  for (let n = -1; done < buf.length && n !== 0; done += n) n = readSync(fd, buf, done, buf.length - done, position + done);
   return done;
 }
 

@@ -15,10 +15,11 @@
  * exactly the inode that was checked. docs/RELIABILITY.md has the promises
  * built on this.
  */
-import { closeSync, constants, fsync, fchmodSync, readdirSync, readlinkSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
+import { closeSync, constants, fchmodSync, readdirSync, readlinkSync, fchownSync, fstatSync, futimesSync, lstatSync, openSync, renameSync, type BigIntStats, type PathLike } from 'node:fs';
 import { chmod, chown, lchown, lutimes, mkdir, open, rename, rmdir, symlink, unlink, utimes, type FileHandle } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { errnoOf, QsyncError } from '../core/errors.js';
+import { fsyncFd } from './syncfs.js';
 
 /** Linux's O_PATH (the same value on x86-64 and arm64); node:fs does not export it. */
 export const O_PATH = 0o10000000;
@@ -336,8 +337,7 @@ export class Dir {
 
   /** fsync the directory, so that names created or renamed in it are durable. */
   sync(): Promise<void> {
-    const fd = this.#fd;
-    return new Promise((ok, fail) => fsync(fd, (e) => (e ? fail(e) : ok())));
+    return fsyncFd(this.#fd);
   }
 
   /** Metadata of the directory itself, through its descriptor. */

@@ -2,7 +2,8 @@ import { spawn } from 'node:child_process';
 import { fsync } from 'node:fs';
 import { promisify } from 'node:util';
 
-const fsyncFd = promisify(fsync);
+/** fsync(2) of an open descriptor, off this thread. */
+export const fsyncFd = promisify(fsync);
 
 /**
  * syncfs(2) of the file system that holds the open file `fd`: everything

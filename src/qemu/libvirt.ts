@@ -199,11 +199,7 @@ function parseDomain(name: string, state: string, xml: string): Domain {
   return { name, uuid: text(xml, 'uuid') ?? '', state, disks, owner };
 }
 
-/** A disk's capacity in bytes (what the guest sees). */
-export async function diskCapacity(uri: string, domain: string, target: string): Promise<number> {
-  return parseCapacity(await virsh(uri, diskCapacityCommand(domain, target)), domain, target);
-}
-
+/** A disk's capacity in bytes (what the guest sees): the command, and its answer parsed. */
 export const diskCapacityCommand = (domain: string, target: string): string[] => ['domblkinfo', '--', domain, target];
 
 export function parseCapacity(out: string, domain: string, target: string): number {
@@ -218,11 +214,7 @@ export async function listCheckpoints(uri: string, domain: string): Promise<stri
   return names(await virsh(uri, ['checkpoint-list', '--name', '--', domain]));
 }
 
-/** The disks (targets) a checkpoint tracks with a bitmap. */
-export async function checkpointDisks(uri: string, domain: string, checkpoint: string): Promise<string[]> {
-  return parseCheckpointDisks(await virsh(uri, checkpointDisksCommand(domain, checkpoint)));
-}
-
+/** The disks (targets) a checkpoint tracks with a bitmap: the command, and its answer parsed. */
 export const checkpointDisksCommand = (domain: string, checkpoint: string): string[] => ['checkpoint-dumpxml', '--no-domain', '--', domain, checkpoint];
 
 export function parseCheckpointDisks(xml: string): string[] {

@@ -15,7 +15,7 @@
  */
 import { isAbsolute } from 'node:path';
 import { MAX_NAME_LEN } from '../core/delta-codec.js';
-import { fieldInt, fieldString, protocolError, type ControlMessage } from '../core/wire.js';
+import { fieldDigest, fieldInt, fieldString, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import type { DeltaFileWriter } from '../io/delta-file.js';
 import type { BlockSink } from '../io/types.js';
@@ -24,7 +24,6 @@ import type { BatchRelay } from '../sync/run-deltas.js';
 import type { Channel } from './channel.js';
 
 const bad = protocolError;
-const MAX_SIZE = Number.MAX_SAFE_INTEGER;
 
 /** The receiving server's half: tells the client what each member is. */
 export class RelayToClient implements BatchRelay {
@@ -61,11 +60,6 @@ export class RelayToClient implements BatchRelay {
 
 const BATCH_OPS = new Set(['b-begin', 'b-end', 'b-drop', 'b-finish']);
 
-function fingerprint(m: ControlMessage, k: string): Buffer {
-  const v = fieldString(m, k);
-  if (!/^[0-9a-f]{64}$/.test(v)) throw bad(`"${m.op}" needs a fingerprint "${k}"`);
-  return Buffer.from(v, 'hex');
-}
 
 /** The client's half: the batch file, written from what this side sends. */
 export class BatchRecorder {
@@ -95,7 +89,6 @@ export class BatchRecorder {
       if (fieldInt(m, 'blockSize', 1) !== this.blockSize) throw bad('a member of another block size than the session\'s');
       const baseSize = fieldInt(m, 'baseSize');
       const resultSize = fieldInt(m, 'resultSize');
-      if (baseSize > MAX_SIZE || resultSize > MAX_SIZE) throw bad('a member too large');
       const fps = { before: Buffer.alloc(DIGEST_LEN), after: Buffer.alloc(DIGEST_LEN) };
       const info: DeltaSinkInfo = { relPath: name, blockSize: this.blockSize, oldSize: baseSize, newSize: resultSize, fingerprints: () => fps };
       await this.guard(async () => {
@@ -107,7 +100,7 @@ export class BatchRecorder {
     if (!member && !this.failed) throw bad(`"${m.op}" outside a member`);
     this.member = undefined;
     if (m.op === 'b-end') {
-      member && Object.assign(member.fps, { before: fingerprint(m, 'base'), after: fingerprint(m, 'result') });
+      member && Object.assign(member.fps, { before: fieldDigest(m, 'base', 'fingerprint'), after: fieldDigest(m, 'result', 'fingerprint') });
       await this.guard(async () => member?.rec.end());
     } else {
       await this.guard(async () => member && this.w.dropMember());

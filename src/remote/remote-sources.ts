@@ -13,7 +13,7 @@ import type { BigIntStats } from 'node:fs';
 import { blockCount, blockLength } from '../core/geometry.js';
 import type { WriteRun } from '../core/plan.js';
 import { inflateRawSync } from 'node:zlib';
-import { attrPairsFromWire, encodeDigests, protocolError, type ControlMessage } from '../core/wire.js';
+import { attrPairsFromWire, encodeDigests, fieldDigest, protocolError, type ControlMessage } from '../core/wire.js';
 import type { AttrMap } from '../io/attr-tool.js';
 import type { AttrChoice } from '../sync/ext-attrs.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
@@ -294,10 +294,10 @@ class RemoteFile implements SourceFile {
           if (typeof upTo !== 'number' || !Number.isSafeInteger(upTo) || upTo < next || upTo > n) throw bad('progress out of order');
           await gapTo(upTo);
         } else if (m.op === 'scan-end') {
-          if (typeof m.fp !== 'string' || !/^[0-9a-f]{64}$/.test(m.fp)) throw bad('scan-end without a fingerprint');
+          const fp = fieldDigest(m, 'fp', 'fingerprint');
           await gapTo(n);
           if (failed) throw failed.e;
-          return Buffer.from(m.fp, 'hex');
+          return fp;
         } else throw bad(`unexpected "${m.op}" during a scan`);
       } else throw bad(`unexpected ${f.type} frame during a scan`);
     }

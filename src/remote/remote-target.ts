@@ -12,7 +12,7 @@
  * at a time through one session.
  */
 import { blockCount, isValidBlockSize } from '../core/geometry.js';
-import { encodeData, encodeDigests, encodeZero, protocolError, type ControlMessage } from '../core/wire.js';
+import { encodeData, fieldDigest, encodeDigests, encodeZero, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN, digestOf, hashBlocksInto } from '../hash/blake3.js';
 import type { BlockSink } from '../io/types.js';
 import type { ManifestHeader } from '../core/manifest.js';
@@ -36,10 +36,6 @@ function idFromWire(v: unknown): TargetIdentity | undefined {
   return { size: big(o.size, 'size'), mtimeNs: big(o.mtimeNs, 'mtime'), ino: big(o.ino, 'inode'), dev: big(o.dev, 'device') };
 }
 
-const hex = (v: unknown, what: string): Buffer => {
-  if (typeof v !== 'string' || !/^[0-9a-f]{64}$/.test(v)) throw bad(`${what} is not a digest`);
-  return Buffer.from(v, 'hex');
-};
 
 const safe = (v: unknown, what: string): number => {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw bad(`${what} is not a size`);
@@ -126,7 +122,7 @@ class RemoteTarget implements Target {
       targetIno: big(h.targetIno, 'inode'),
       targetDev: big(h.targetDev, 'device'),
     };
-    return { manifest: new RemoteManifest(this, this.shown, header, hex(m.fingerprint, 'fingerprint'), hex(m.checksum, 'checksum')), trust };
+    return { manifest: new RemoteManifest(this, this.shown, header, fieldDigest(m, 'fingerprint', 'fingerprint'), fieldDigest(m, 'checksum', 'checksum')), trust };
   }
 
   /** The manifest's digests: the cached copy when one hashes to its fingerprint, else all of them once over the wire. */
@@ -188,7 +184,7 @@ class RemoteTarget implements Target {
       sink,
       finish: async () => idFromWire((await s.ask({ op: 't-finish' }, 't-finished')).id)!,
       // Hashed where the data is: nothing but its fingerprint crosses.
-      hash: async (_size, blockSize) => hex((await this.ask({ op: 't-hash', blockSize }, 't-hashed')).fp, 'fingerprint'),
+      hash: async (_size, blockSize) => fieldDigest(await this.ask({ op: 't-hash', blockSize }, 't-hashed'), 'fp', 'fingerprint'),
       reader: {
         async readAt(buf, offset) {
           let done = 0;
@@ -256,7 +252,7 @@ class RemoteTarget implements Target {
         // Named by what they hash to: the far manifest's fingerprint, unless the two sides disagree (then the next run asks again).
         await keep.keep(fp.digest()).catch(() => keep.discard());
         if (o.base && !o.base.fingerprint.equals(fp.digest())) await cache.drop(o.base.fingerprint);
-        return hex(r.checksum, 'checksum');
+        return fieldDigest(r, 'checksum', 'checksum');
       },
       abort: async () => {
         if (!this.committed) {

@@ -160,7 +160,8 @@ export class SourceServer {
           } catch (e) {
             entry = { name, error: errorMessage(e) };
           }
-          const size = JSON.stringify(entry).length;
+          // Only entries with attributes can outgrow a page by bytes (names alone stay far below it at LIST_PAGE): measured then only.
+          const size = want ? JSON.stringify(entry).length : 0;
           if (entries.length && (entries.length >= LIST_PAGE || bytes + size > LIST_BYTES)) {
             await this.ch.send({ op: 'entries', entries });
             entries = [];

@@ -355,7 +355,7 @@ export class TargetServer {
         // The history's member names the data as this side holds it: its size, and its manifest's fingerprint or a hash of it.
         const writer = w.writer;
         const oldSize = w.created ? 0 : Number((await w.target.identity())?.size ?? 0);
-        const before = base ? base.fingerprint : w.created ? emptyFingerprint(blockSize) : await this.hashed(w, blockSize);
+        const before = base?.fingerprint ?? (await this.hashed(w, blockSize));
         const info = { relPath: w.name, blockSize, oldSize, newSize: w.size, fingerprints: () => ({ before, after: writer.fingerprint }) };
         w.sink = await this.history(w.data.file ?? w.data.sink, info);
       }

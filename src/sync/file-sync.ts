@@ -103,6 +103,13 @@ export interface FileJob {
   relPath: string;
 }
 
+/** rsync's quick check may skip a file: not under -c, -W or -I. */
+const quickCheckOn = (o: FileSyncOptions): boolean => !o.checksum && !o.wholeFile && !o.ignoreTimes;
+
+/** rsync's quick check itself: the same size (--size-only), else the same size and mtime. */
+const quickMatch = (dst: BigIntStats, src: BigIntStats, o: FileSyncOptions, window: number): boolean =>
+  o.sizeOnly ? dst.size === src.size : sameSizeAndTime(dst, src, window);
+
 /** Returns undefined when the file is skipped by --existing, --ignore-existing or --update. */
 export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult | undefined> {
   const { src, srcStat, dst, dstStat, manifestPath, relPath } = job;
@@ -114,8 +121,7 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
   const window = opts.modifyWindow ?? 0;
   if (dstStat && opts.update && newerOnReceiver(srcStat.mtimeNs, dstStat.mtimeNs, window)) return undefined;
   if (isSmallJob(job, opts, ctx)) {
-    const quick = dstStat !== undefined && !opts.checksum && !opts.wholeFile && !opts.ignoreTimes &&
-      (opts.sizeOnly ? dstStat.size === srcStat.size : sameSizeAndTime(dstStat, srcStat, window));
+    const quick = dstStat !== undefined && quickCheckOn(opts) && quickMatch(dstStat, srcStat, opts, window);
     return syncSmallFile(job, opts, ctx, quick);
   }
 
@@ -126,12 +132,12 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
 
   try {
     const size = Number(srcStat.size);
-    if (dstStat && !opts.checksum && !opts.wholeFile && !opts.ignoreTimes) {
+    if (dstStat && quickCheckOn(opts)) {
       const h = manifest?.header;
       const sameTime = window > 0 ? sameMtime(h?.sourceMtimeNs ?? -1n, srcStat.mtimeNs, window) : h?.sourceMtimeNs === srcStat.mtimeNs;
       if (trust.trusted && !trust.unknown && h!.sourceSize === size && sameTime) return skipped('quick');
       // rsync's quick check stands in for a manifest only when there is none: one distrusted for a reason means compare.
-      if (opts.sizeOnly ? dstStat.size === srcStat.size : !trust.trusted && !trust.reason && sameSizeAndTime(dstStat, srcStat, window)) return skipped('quick');
+      if (quickMatch(dstStat, srcStat, opts, window) && (opts.sizeOnly || (!trust.trusted && !trust.reason))) return skipped('quick');
     }
     const method: SyncMethod = !dstStat ? 'new' : opts.wholeFile ? 'whole' : trust.trusted ? 'manifest' : 'compare';
     if (opts.dryRun) return { ...skipped(method), transferred: true, created: !dstStat };

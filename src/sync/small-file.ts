@@ -13,11 +13,11 @@
  *   Until then its time is the time it was written, so a file a power cut
  *   left incomplete never passes the next run's quick check.
  */
-import { closeSync, constants, fstatSync, fsync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
-import { promisify } from 'node:util';
+import { closeSync, constants, fstatSync, readdirSync, readFileSync, writeSync } from 'node:fs';
 import { QsyncError } from '../core/errors.js';
 import { setFileMetaSync, type MetaChange } from '../io/safe-fs.js';
-import { syncFileSystem } from '../io/syncfs.js';
+import { readUpToSync } from '../io/local-file.js';
+import { fsyncFd, syncFileSystem } from '../io/syncfs.js';
 import type { FileJob, FileSyncContext, FileSyncOptions, FileSyncResult } from './file-sync.js';
 import { forgetManifestAt } from './manifest-store.js';
 
@@ -61,7 +61,6 @@ interface Pending {
   shown: string;
 }
 
-const fsyncFd = promisify(fsync);
 
 /**
  * The small files a run wrote whose data is not yet known durable, held by
@@ -150,7 +149,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
     const fd = openTarget(job);
     try {
       const old = ctx.small!.target.subarray(0, size);
-      if (readAll(fd, old) === size && old.equals(data)) {
+      if (readUpToSync(fd, old, 0) === size && old.equals(data)) {
         // Identical: only the attributes change, on the inode that was read.
         setFileMetaSync(fd, job.meta);
         ctx.hooks.fileProgress?.(relPath, size, 0);
@@ -199,11 +198,6 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0 };
 }
 
-function readAll(fd: number, buf: Buffer): number {
-  let got = 0;
-  for (let n = -1; got < buf.length && n !== 0; got += n) n = readSync(fd, buf, got, buf.length - got, got);
-  return got;
-}
 
 /** The existing target, for reading, only while it is the inode the walk saw. */
 function openTarget(job: FileJob): number {

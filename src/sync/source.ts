@@ -12,7 +12,7 @@
  * records the intent, and feeds the digests to the manifest; it never sees
  * whether they came from a local read or from the wire.
  */
-import { closeSync, constants, fstatSync, readSync, type BigIntStats } from 'node:fs';
+import { closeSync, constants, fstatSync, type BigIntStats } from 'node:fs';
 import { lstat, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
@@ -20,6 +20,7 @@ import { planChunk, type WriteRun } from '../core/plan.js';
 import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
 import { Dir, fsPath } from '../io/safe-fs.js';
+import { readUpToSync } from '../io/local-file.js';
 import type { AttrMap } from '../io/attr-tool.js';
 import { isLockedByOther } from './qemu-locks.js';
 
@@ -255,9 +256,9 @@ export class LocalSources implements Sources {
       const st = fstatSync(fd, { bigint: true });
       if (st.dev !== listed.dev || st.ino !== listed.ino) throw vanished(shown, 'another file took its name while qsync worked; not read');
       const buf = into.subarray(0, Number(listed.size));
-      let got = 0;
+      let got: number;
       try {
-        for (let n = -1; got < buf.length && n !== 0; got += n) n = readSync(fd, buf, got, buf.length - got, got);
+        got = readUpToSync(fd, buf, 0);
       } catch (e) {
         throw new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
       }
