@@ -5,11 +5,11 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { stat, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { QsyncError } from '../core/errors.js';
 import { procStat } from '../io/proc-stat.js';
+import { socketAnswers } from '../io/socket-probe.js';
 import { isLockedByOther } from '../sync/qemu-locks.js';
 import { imageTargetName } from './block.js';
 
@@ -85,11 +85,7 @@ export async function startDaemon(tempDir: string, args: string[], fds: number[]
   };
   for (let i = 0; i < 200; i++) {
     if (child.exitCode !== null) break;
-    const ok = await new Promise<boolean>((res) => {
-      const s = connect(qmp, () => (s.destroy(), res(true)));
-      s.on('error', () => res(false));
-    });
-    if (ok) return { qmp, dir, stop };
+    if (await socketAnswers(qmp)) return { qmp, dir, stop };
     await new Promise((r) => setTimeout(r, 50));
   }
   await stop();

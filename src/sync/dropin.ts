@@ -6,7 +6,7 @@
  * copying its bytes; every other file is synced as before.
  *
  * Before the walk, the domains are listed (`virsh list --all`, quick and
- * silent: no libvirt, no socket or any error means no domain, and the run is
+ * silent: no libvirt, no socket that answers, or any error means no domain, and the run is
  * what it always was) and their disk image files known by device and inode.
  * The walk hands such a file here instead of copying it (`claim`); after the
  * walk, one domain backup per domain and DEST folder writes them under their
@@ -15,11 +15,12 @@
  * domain.
  */
 import type { BigIntStats } from 'node:fs';
-import { access, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
 import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
+import { socketAnswers } from '../io/socket-probe.js';
 import type * as DomainBackup from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
 import { nsToSeconds } from './file-sync.js';
@@ -76,7 +77,7 @@ export class DropIn {
    */
   static async find(connect: string | undefined): Promise<DropIn | undefined> {
     const uri = connect ?? DEFAULT_URI;
-    if (uri === DEFAULT_URI && !(await someExists(SYSTEM_SOCKETS))) return undefined;
+    if (uri === DEFAULT_URI && !(await someAnswers(SYSTEM_SOCKETS))) return undefined;
     // No virsh, or no libvirtd answering: the run is what it was without libvirt.
     const names = await listDomains(uri).catch((e: unknown) => {
       if (e instanceof QsyncError) return [];
@@ -197,7 +198,8 @@ export class DropIn {
 
 const keyOf = (st: BigIntStats): string => `${st.dev}:${st.ino}`;
 
-async function someExists(paths: string[]): Promise<boolean> {
-  for (const p of paths) if (await access(p).then(() => true, () => false)) return true;
+/** Whether a daemon listens on one of `paths` (a socket file a stopped libvirtd left behind does not count). */
+async function someAnswers(paths: string[]): Promise<boolean> {
+  for (const p of paths) if (await socketAnswers(p)) return true;
   return false;
 }
