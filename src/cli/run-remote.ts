@@ -7,6 +7,10 @@
  */
 import { once } from 'node:events';
 import { QsyncError } from '../core/errors.js';
+import { protocolError } from '../core/wire.js';
+import { DropIn } from '../sync/dropin.js';
+import { backUpClaimed } from '../remote/domain-claims.js';
+import { armInterrupt, disarmInterrupt } from './interrupt.js';
 import { HashPool } from '../hash/pool.js';
 import { Channel } from '../remote/channel.js';
 import { BatchRecorder } from '../remote/batch-relay.js';
@@ -53,9 +57,17 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       const batch = await openPushBatch(o);
       let done: ReturnType<typeof readDone> | undefined;
       try {
-        await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom }));
+        // The drop-in line: images of this host's libvirt domains go through their domain (src/remote/domain-claims.ts).
+        const dropIn = o.onlyWriteBatch !== undefined ? undefined : await DropIn.find(o.connect);
+        await ch.send(hello('receiver', {
+          dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom,
+          claims: dropIn?.keys(),
+        }));
         const h = await ch.control();
         checkHello(h, remote.host);
+        if (dropIn && !(Array.isArray(h.features) && h.features.includes('domains'))) {
+          printer.warning?.(`the qsync on ${remote.host} cannot take images of libvirt domains: those held by a running domain are refused, and the others copied as files (install the same qsync version on both hosts)`);
+        }
         const wanted: [Feature, string][] = [];
         if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
         if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
@@ -68,6 +80,20 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
           last = await new SourceServer(ch, pool, undefined, o.compress, batch?.recorder).serve();
         } finally {
           await pool.close();
+        }
+        if (last.op === 'claimed') {
+          if (!dropIn) throw protocolError('"claimed" without claims');
+          // A signal now ends the domains' backup jobs and exports before qsync stops (src/cli/interrupt.ts).
+          const signal = armInterrupt();
+          try {
+            const announce = o.verbose > 0 || o.itemize || o.json;
+            await backUpClaimed(ch, last, dropIn, `${remote.user ? `${remote.user}@` : ''}${remote.host}:${to.path.replace(/\/+$/, '')}`, {
+              connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal,
+            }, printer);
+          } finally {
+            disarmInterrupt();
+          }
+          last = await ch.control();
         }
         done = readDone(last);
       } finally {

@@ -17,7 +17,8 @@ import { listedName, relativeOperand, splitFilesFrom } from '../core/files-from.
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
-import { DropIn } from '../sync/dropin.js';
+import { DropIn, localFolders, type DropInOptions } from '../sync/dropin.js';
+import type { RunStats, SyncHooks } from '../sync/events.js';
 import { checkStateRoot, stateBaseIdentity, stateBaseWithin, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { LocalSources, type Sources } from '../sync/source.js';
@@ -168,6 +169,20 @@ export interface FarEnd {
   within?: string;
   relay?: BatchRelay;
   filesFrom?: { name: string; lines: string[] };
+  /** A push from a libvirt host: the files its domains back up, left by the walk to the client (src/remote/domain-claims.ts). */
+  claims?: DomainClaims;
+}
+
+/** Files of the tree a domain's backup takes instead of the walk (the drop-in line, src/sync/dropin.ts). */
+export interface DomainClaims {
+  claim(st: BigIntStats, rel: string): boolean;
+  /** After the walk: back them up into `destRoot` (held by this run); true when some failed. */
+  run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean>;
+}
+
+/** The drop-in on this host: its DEST's folders reached below the held root (-t: their times kept). */
+function localClaims(d: DropIn | undefined, times: boolean): DomainClaims | undefined {
+  return d && { claim: (st, rel) => d.claim(st, rel), run: (destRoot, o, hooks, stats) => d.run(localFolders(destRoot, times), o, hooks, stats) };
 }
 
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, far: FarEnd = {}): Promise<number> {
@@ -373,7 +388,8 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   }
   try {
     // Images of libvirt domains go through their domain (src/sync/dropin.ts); without libvirt, nothing changes.
-    const dropIn = from.remote || o.manifest || deltas.recordOnly ? undefined : await DropIn.find(o.connect);
+    // In a push, the client found them and this side leaves them to it (src/remote/domain-claims.ts).
+    const dropIn = far.claims ?? (from.remote || o.manifest || deltas.recordOnly ? undefined : localClaims(await DropIn.find(o.connect), o.times));
     const tree = new TreeSync(
       plan,
       { ...o, preserveTimes: o.times, countFirst: printer.wantsTotal === true && !from.remote, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history), claim: dropIn && ((st, rel) => dropIn.claim(st, rel)) },
@@ -388,7 +404,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
       // A signal now ends the domains' backup jobs and exports before qsync stops (src/cli/interrupt.ts).
       const signal = armInterrupt();
       try {
-        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, times: o.times, announce, signal }, printer, outcome.stats);
+        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal }, printer, outcome.stats);
         if (failed) outcome.partial = true;
       } finally {
         disarmInterrupt();

@@ -75,6 +75,8 @@ class RemoteTarget implements Target {
   constructor(
     private readonly s: RemoteDestination,
     private readonly name: string,
+    /** 'qcow2': the copy is a qcow2 the far side writes through its own QEMU (src/sync/qcow2-target.ts). */
+    private readonly format?: 'qcow2',
   ) {
     const t = this;
     this.state = {
@@ -89,7 +91,7 @@ class RemoteTarget implements Target {
   }
 
   private ask(m: ControlMessage, reply: string): Promise<ControlMessage> {
-    return this.s.ask({ ...m, name: this.name }, reply);
+    return this.s.ask({ ...m, name: this.name, ...(this.format && { format: this.format }) }, reply);
   }
 
   async identity(): Promise<TargetIdentity | undefined> {
@@ -289,6 +291,11 @@ export class RemoteDestination implements Destination {
 
   target(name: string): Target {
     return new RemoteTarget(this, name);
+  }
+
+  /** A qcow2 copy on the far side (a server with the "domains" feature). */
+  qcow2(name: string): Target {
+    return new RemoteTarget(this, name, 'qcow2');
   }
 
   cache(): Promise<DigestCache> {

@@ -11,6 +11,7 @@
  * Every block that arrives is checked against the digest sent with it
  * before it is written.
  */
+import { tmpdir } from 'node:os';
 import { QsyncError } from '../core/errors.js';
 import { blockCount, isValidBlockSize } from '../core/geometry.js';
 import { encodeData, encodeDigests, fieldInt, fieldString, protocolError, type ControlMessage, type WireFrame } from '../core/wire.js';
@@ -22,6 +23,7 @@ import { MAX_INTENT_BLOCKS } from '../sync/intent.js';
 import { emptyFingerprint, type Manifest } from '../sync/manifest-store.js';
 import { hashFile } from '../sync/target-digests.js';
 import type { LocalDestination } from '../sync/local-target.js';
+import { qcow2Target } from '../sync/qcow2-target.js';
 import type { OpenData, StateWriter, Target, TargetIdentity, TargetNote } from '../sync/target.js';
 import type { Trust } from '../sync/trust.js';
 import { errorMessage, type Channel } from './channel.js';
@@ -142,7 +144,10 @@ export class TargetServer {
   private target(m: ControlMessage): Target {
     const name = fieldString(m, 'name');
     if (!isEntryName(name)) throw bad(`${JSON.stringify(name)} is not a name in the destination`);
-    return this.dest.target(name);
+    if (m.format === undefined) return this.dest.target(name);
+    // The drop-in's copy of a qcow2 disk stays a qcow2, written here through this host's QEMU.
+    if (m.format !== 'qcow2') throw bad(`a bad format ${JSON.stringify(m.format)}`);
+    return qcow2Target(this.dest, name, tmpdir());
   }
 
   private writing(): Writing & { writer: StateWriter } {

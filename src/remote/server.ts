@@ -23,6 +23,7 @@ import { historyPath, restrictedPath } from './restrict.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
+import { ClaimsForPeer, claimsFromWire } from './domain-claims.js';
 import { LocalDestination } from '../sync/local-target.js';
 import { attrChoice } from '../sync/ext-attrs.js';
 import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire, receiveFilesFrom } from './session.js';
@@ -105,7 +106,10 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     const printer = new ForwardingPrinter(ch, [o.outFormat, o.logFileFormat]);
     let code: number;
     try {
-      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, { within: restrict, relay, filesFrom });
+      // The drop-in line from a libvirt host: the files its domains back up are left to it (src/remote/domain-claims.ts).
+      const keys = claimsFromWire(h.claims);
+      const claims = keys && new ClaimsForPeer(ch, keys, o.times);
+      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, { within: restrict, relay, filesFrom, claims });
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

@@ -42,7 +42,7 @@ export function checkHello(m: ControlMessage, peer: string): void {
  * the server does not name refuses before anything is written, rather than lose it silently (an older server
  * would drop --backup-dir, and send no batch).
  */
-export const FEATURES = ['backup-dir', 'batch', 't-hash'] as const;
+export const FEATURES = ['backup-dir', 'batch', 't-hash', 'domains'] as const;
 export type Feature = (typeof FEATURES)[number];
 
 /** The server's hello names every feature in `wanted`, else a clear error naming the option (`what`). */

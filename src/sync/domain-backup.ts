@@ -28,7 +28,7 @@ import { prefixedHooks, type SyncHooks } from './events.js';
 import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions } from './image-backup.js';
 import { LocalDestination } from './local-target.js';
 import type { Manifest } from './manifest-store.js';
-import { qcow2Target } from './qcow2-target.js';
+import { qcow2In } from './qcow2-target.js';
 import type { Target, TargetNote } from './target.js';
 import type { Trust } from './trust.js';
 
@@ -110,9 +110,7 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   try {
     for (const d of dom.disks) {
       const rel = relOf(d);
-      const target = only && d.format === 'qcow2' && rel.endsWith('.qcow2') && destination instanceof LocalDestination
-        ? qcow2Target(destination, rel, tempDir)
-        : destination.target(rel);
+      const target = only && d.format === 'qcow2' && rel.endsWith('.qcow2') ? qcow2In(destination, rel, tempDir) : destination.target(rel);
       disks.push(await openDisk(d, rel, target, blockSize, !!only));
     }
     return online ? await backupRunning(uri, survey, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, survey, disks, { ...ctx, destination });

@@ -16,15 +16,16 @@
  */
 import type { BigIntStats } from 'node:fs';
 import { stat } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
-import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
+import { fsPath } from '../io/safe-fs.js';
 import { socketAnswers } from '../io/socket-probe.js';
 import type * as DomainBackup from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
 import { nsToSeconds } from './file-sync.js';
 import { LocalDestination } from './local-target.js';
+import type { Destination } from './target.js';
 
 /**
  * Image mode (QMP, NBD, qcow2 targets) loads only when a domain is backed
@@ -55,8 +56,6 @@ export interface DropInOptions {
   blockSize: number;
   verifySample?: number;
   dryRun: boolean;
-  /** -t: the walk gave the DEST folders their source's times; a file made here must not move them. */
-  times: boolean;
   /** Notices per domain (-v, -i, --json). */
   announce: boolean;
   /** Aborted: the running backup cleans up (its job ended, its checkpoint pruned) and the run ends (INTERRUPTED). */
@@ -112,19 +111,30 @@ export class DropIn {
   }
 
   /** The walk met a regular file at `rel`: true when a domain's backup takes it (the walk then leaves it). */
-  claim(st: BigIntStats, rel: string): boolean {
+  claim(st: Pick<BigIntStats, 'dev' | 'ino' | 'size'>, rel: string): boolean {
     const o = this.owned.get(keyOf(st));
     if (!o) return false;
     this.#claimed.push({ ...o, rel, size: Number(st.size) });
     return true;
   }
 
+  /** The domains' image files as `dev:ino` (keyOf), for a far walk to leave (src/remote/domain-claims.ts). */
+  keys(): string[] {
+    return [...this.owned.keys()];
+  }
+
+  /** Whether the walk left some file to a domain. */
+  get claimed(): boolean {
+    return this.#claimed.length > 0;
+  }
+
   /**
-   * Back up the claimed files through their domains into `destRoot` (whose
-   * lock the run holds). Returns whether some failed (rsync's exit 23);
-   * `stats` counts what was written.
+   * Back up the claimed files through their domains, each folder of DEST
+   * reached through `open` (a local DEST's folders: `localFolders`; a far
+   * one's: src/remote/domain-claims.ts). Returns whether some failed
+   * (rsync's exit 23); `stats` counts what was written.
    */
-  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+  async run(open: FolderOpener, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
     const groups = new Map<string, Claimed[]>();
     for (const c of this.#claimed) {
       const key = `${c.domain}\0${dirname(c.rel)}`;
@@ -137,24 +147,21 @@ export class DropIn {
       const folder = dirname(files[0]!.rel);
       const shownOf = new Map(files.map((f) => [basename(f.rel), f.rel]));
       const names = files.map((f) => f.rel).join(', ');
-      if (o.dryRun) {
-        for (const f of files) {
-          const there = await lstatOrUndefined(fsPath(join(destRoot, f.rel)));
-          hooks.fileEnd?.({ path: f.rel, itemize: there ? '>f.........' : '>f+++++++++', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
-        }
-        if (o.announce) hooks.notice?.(`would back up ${names} through libvirt domain ${domain}`);
-        continue;
-      }
-      const at = join(destRoot, folder);
-      let destination: LocalDestination | undefined;
+      let at: DropInFolder | undefined;
       try {
-        destination = await LocalDestination.within(destRoot, folder === '.' ? '' : folder);
-        const folderTimes = await destination.folder.stat();
+        at = await open(folder === '.' ? '' : folder, o.dryRun);
         const existed = new Set<string>();
-        for (const f of files) if (await destination.folder.lstatOrUndefined(basename(f.rel))) existed.add(basename(f.rel));
+        for (const f of files) if (await at?.destination.target(basename(f.rel)).identity()) existed.add(basename(f.rel));
+        if (o.dryRun || !at) {
+          for (const f of files) {
+            hooks.fileEnd?.({ path: f.rel, itemize: existed.has(basename(f.rel)) ? '>f.........' : '>f+++++++++', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
+          }
+          if (o.announce) hooks.notice?.(`would back up ${names} through libvirt domain ${domain}`);
+          continue;
+        }
         const inTree = (p: string): string => shownOf.get(p) ?? p;
         const summaries = await (await loadDomainBackup()).runDomainBackup({
-          domain, connect: this.uri, dest: at, destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
+          domain, connect: this.uri, dest: at.destination.shown, destination: at.destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
           only: new Map(files.map((f) => [f.disk.target, basename(f.rel)])),
         }, {
           fileStart: (p, size, method) => hooks.fileStart?.(inTree(p), size, method),
@@ -178,10 +185,6 @@ export class DropIn {
           parts.push(`${rel} (${s.node}: ${s.mode === 'bitmap' ? 'changed blocks only' : `full read${s.reason ? `, ${s.reason}` : ''}`})`);
         }
         if (o.announce) hooks.notice?.(`backed up through libvirt domain ${domain}, all its disks as of one instant: ${parts.join(', ')}`);
-        // A new file moved its folder's mtime: back to what the walk set, as rsync leaves a folder it has synced.
-        if (o.times && (await destination.folder.stat()).mtimeNs !== folderTimes.mtimeNs) {
-          await destination.folder.setMeta({ atime: nsToSeconds(folderTimes.atimeNs), mtime: nsToSeconds(folderTimes.mtimeNs) });
-        }
       } catch (e) {
         // Ctrl-C ends the run; an error that is neither qsync's nor the system's is a bug, not a failed file.
         if (e instanceof QsyncError ? e.code === 'INTERRUPTED' || e.context.fatal : !errnoOf(e)) throw e;
@@ -189,14 +192,57 @@ export class DropIn {
         const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : errnoText(e);
         hooks.warning?.(`${names}: backup through libvirt domain ${domain} failed: ${msg}`, files[0]!.rel);
       } finally {
-        await destination?.close();
+        await at?.close();
       }
     }
     return failed;
   }
 }
 
-const keyOf = (st: BigIntStats): string => `${st.dev}:${st.ino}`;
+/** A folder of DEST the domains' copies are written into, held while they are. */
+export interface DropInFolder {
+  readonly destination: Destination;
+  /** Done with the folder: with -t, its mtime is put back to what the walk set (a new file moved it), as rsync leaves a folder it has synced. */
+  close(): Promise<void>;
+}
+
+/** Folder `rel` ('' or 'a/b') of DEST; undefined with -n when it does not exist (nothing is made). */
+export type FolderOpener = (rel: string, dryRun: boolean) => Promise<DropInFolder | undefined>;
+
+/** The folders of a DEST on this host, whose lock the run holds: `times` (-t) as for DropInFolder.close. */
+export function localFolders(destRoot: string, times: boolean): FolderOpener {
+  return async (rel, dryRun) => {
+    const destination = await LocalDestination.within(destRoot, rel).catch((e: unknown) => {
+      // -n made nothing: a folder still missing holds no copy yet.
+      if (dryRun) return undefined;
+      throw e;
+    });
+    return destination && heldFolder(destination, times);
+  };
+}
+
+/** `destination` as a DropInFolder: its mtime as found is put back on close when -t and a new file moved it. */
+export async function heldFolder(destination: LocalDestination, times: boolean): Promise<DropInFolder> {
+  const before = await destination.folder.stat().catch(async (e: unknown) => {
+    await destination.close();
+    throw e;
+  });
+  return {
+    destination,
+    async close() {
+      try {
+        if (times && (await destination.folder.stat()).mtimeNs !== before.mtimeNs) {
+          await destination.folder.setMeta({ atime: nsToSeconds(before.atimeNs), mtime: nsToSeconds(before.mtimeNs) });
+        }
+      } finally {
+        await destination.close();
+      }
+    },
+  };
+}
+
+/** A file's key: its device and inode, as `dev:ino` (also on the wire, src/remote/domain-claims.ts). */
+export const keyOf = (st: Pick<BigIntStats, 'dev' | 'ino'>): string => `${st.dev}:${st.ino}`;
 
 /** Whether a daemon listens on one of `paths` (a socket file a stopped libvirtd left behind does not count). */
 async function someAnswers(paths: string[]): Promise<boolean> {

@@ -26,8 +26,8 @@ import { readUpTo } from '../io/local-file.js';
 import { checkName } from '../io/safe-fs.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { startDaemon, type StorageDaemon } from '../qemu/offline.js';
-import { LocalTarget, type LocalDestination } from './local-target.js';
-import type { OpenData, Target, TargetIdentity } from './target.js';
+import { LocalDestination, LocalTarget } from './local-target.js';
+import type { Destination, OpenData, Target, TargetIdentity } from './target.js';
 
 const QCOW2_MAGIC = 0x514649fb;
 /** Bytes of the header read: up to the v3 incompatible features. */
@@ -37,6 +37,13 @@ const HEADER_LEN = 80;
 export function qcow2Target(dest: LocalDestination, name: string, tempDir: string): Target {
   checkName(name);
   return new Qcow2Target(dest, name, tempDir);
+}
+
+/** `name` in any destination as a qcow2 copy: on this host as above; on a far one, written there (src/remote/serve-target.ts). */
+export function qcow2In(dest: Destination, name: string, tempDir: string): Target {
+  if (dest instanceof LocalDestination) return qcow2Target(dest, name, tempDir);
+  if (dest.qcow2) return dest.qcow2(name);
+  throw new QsyncError('UNSUPPORTED', `${dest.shown} cannot keep ${name} as a qcow2`, { hint: 'install the same qsync version on both hosts' });
 }
 
 /** Its manifest is kept under `guest/` (src/sync/manifest-store.ts): it describes the guest view, not the file. */

@@ -138,6 +138,8 @@ export interface Destination {
   readonly shown: string;
   /** `name`: one file name below the destination (image mode's `<disk>.raw`). */
   target(name: string): Target;
+  /** `name` as a qcow2 copy written through QEMU where the destination is (the drop-in's, src/sync/qcow2-target.ts qcow2In). */
+  qcow2?(name: string): Target;
   close(): Promise<void>;
 }
 

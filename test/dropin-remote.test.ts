@@ -1,0 +1,145 @@
+/**
+ * The drop-in line pushed to another host, as a libvirt host backs up:
+ * `qsync -a IMAGES/ host:DEST/` over a real sshd on 127.0.0.1. The walk runs
+ * on the far side; the files the near host's domains hold are left to the
+ * near side, which backs them up through their domain (one instant for all
+ * of a domain's disks) into the far DEST over the same ssh session: a qcow2
+ * stays a qcow2 (written there through the far host's QEMU), a raw image
+ * raw, and only changed blocks cross. A real libvirtd, a TCG q35 domain with
+ * a qcow2 disk, a shut-off domain with a raw disk; guest writes are HMP
+ * qemu-io writes.
+ */
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { FileReport } from '../src/sync/events.js';
+import { needTools } from './helpers/env.js';
+import { defineDomain, dropDomain, ensureLibvirtd, startDomain, virsh } from './helpers/libvirt.js';
+import { qemuImgCreate, qemuIo } from './helpers/qemu.js';
+import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
+
+const MiB = 1 << 20;
+
+interface Doc {
+  files: FileReport[];
+  notices: { message: string }[];
+  errors: { message: string }[];
+}
+
+const ready = needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64', 'qemu-img', 'qemu-io', 'qemu-storage-daemon', 'sshd', 'ssh');
+
+describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
+  const ssh = useQsyncOverSsh('qsync-dropin-remote-', ready);
+  let images: string;
+  let dest: string;
+  const vm = `qsync-rdrop-${process.pid}`;
+  const off = `qsync-rdrop-off-${process.pid}`;
+  const qdev = new Map<string, string>();
+  const disk = (name: string): string => path.join(images, name);
+
+  beforeAll(async () => {
+    await ensureLibvirtd();
+    fs.chmodSync(ssh.dir, 0o755); // QEMU runs as libvirt-qemu: it must reach the images
+    images = path.join(ssh.dir, 'images');
+    fs.mkdirSync(path.join(images, 'archive'), { recursive: true, mode: 0o755 });
+    dest = path.join(ssh.dir, 'far', 'backup');
+    fs.mkdirSync(path.dirname(dest));
+    qemuImgCreate(disk('web.qcow2'), '32M');
+    qemuImgCreate(disk('archive/old.raw'), '8M', 'raw');
+    qemuIo(disk('web.qcow2'), 'qcow2', 'write -P 0x11 0 4M');
+    qemuIo(disk('archive/old.raw'), 'raw', 'write -P 0x31 1M 1M');
+    fs.writeFileSync(disk('notes.txt'), 'not a disk\n');
+    await defineDomain(ssh.dir, vm, [{ file: disk('web.qcow2'), format: 'qcow2', target: 'vda' }]);
+    await defineDomain(ssh.dir, off, [{ file: disk('archive/old.raw'), format: 'raw', target: 'vda' }]);
+    for (const [f, dev] of await startDomain(vm, [disk('web.qcow2')])) qdev.set(path.basename(f), dev);
+  });
+
+  afterAll(async () => {
+    for (const d of [vm, off]) await dropDomain(d);
+  });
+
+  const hmp = (cmd: string): Promise<string> => virsh('qemu-monitor-command', vm, '--hmp', cmd);
+
+  async function push(...extra: string[]): Promise<Doc & { code: number | null; stderr: string; wire: number }> {
+    const r = await ssh.overSsh(['-a', '--json', '--verify-sample', '0', ...extra, `${images}/`, ssh.at(`${dest}/`)]);
+    return { ...(JSON.parse(r.stdout) as Doc), code: r.code, stderr: r.stderr, wire: r.wire };
+  }
+  const file = (doc: Doc, name: string): FileReport | undefined => doc.files.find((f) => f.path === name);
+  const formatOf = (f: string): string => (JSON.parse(execFileSync('qemu-img', ['info', '--output=json', f], { encoding: 'utf8' })) as { format: string }).format;
+
+  /** The far copies equal the disks as the guest sees them, with the domain paused (its writes flushed). */
+  async function expectEqualToDisks(): Promise<void> {
+    await virsh('suspend', vm);
+    try {
+      await hmp(`qemu-io -d ${qdev.get('web.qcow2')} "flush"`);
+      expect(formatOf(path.join(dest, 'web.qcow2')), 'the copy stays a qcow2').toBe('qcow2');
+      execFileSync('qemu-img', ['check', '-q', path.join(dest, 'web.qcow2')]);
+      execFileSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', disk('web.qcow2'), path.join(dest, 'web.qcow2')]);
+      expect(formatOf(path.join(dest, 'archive/old.raw'))).toBe('raw');
+      expect(fs.readFileSync(path.join(dest, 'archive/old.raw')).equals(fs.readFileSync(disk('archive/old.raw')))).toBe(true);
+    } finally {
+      await virsh('resume', vm);
+    }
+  }
+
+  it('-n lists the domains\' files as new and writes nothing on either side', async () => {
+    const r = await push('-n');
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    for (const f of ['web.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    expect(r.notices.map((n) => n.message)).toContain(`would back up web.qcow2 through libvirt domain ${vm}`);
+    expect(fs.existsSync(dest)).toBe(false);
+    expect((await virsh('checkpoint-list', vm, '--name')).trim()).toBe('');
+  });
+
+  it('first push: the running domain\'s qcow2 through the domain, kept a qcow2 on the far side; the raw and the plain file too', async () => {
+    const r = await push('-i');
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    for (const f of ['web.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    expect(r.notices.map((n) => n.message).join('\n')).toMatch(new RegExp(`backed up through libvirt domain ${vm}, all its disks as of one instant: web\\.qcow2`));
+    expect(fs.statSync(path.join(dest, 'web.qcow2')).mode & 0o777).toBe(0o600);
+    expect(fs.readFileSync(path.join(dest, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+    await expectEqualToDisks();
+    // The far side keeps the state: the qcow2's manifest describes the guest view, apart from file mode's manifests.
+    const kept = (fs.readdirSync(ssh.serverState, { recursive: true }) as string[]).filter((f) => f.endsWith('.qsm'));
+    expect(kept.filter((f) => f.endsWith('web.qcow2.qsm')).map((f) => path.basename(path.dirname(f)))).toEqual(['guest']);
+    expect(kept.some((f) => f.endsWith(path.join('manifests', 'archive', 'old.raw.qsm')))).toBe(true);
+  });
+
+  it('after guest writes: only the dirty extents are read and cross the wire, the far qcow2 updated in place', async () => {
+    const ino = fs.statSync(path.join(dest, 'web.qcow2')).ino;
+    expect(await hmp(`qemu-io -d ${qdev.get('web.qcow2')} "write -P 0x55 1M 1M"`)).not.toMatch(/error|failed/i);
+    qemuIo(disk('archive/old.raw'), 'raw', 'write -P 0x32 4M 64k');
+    const r = await push();
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    expect(file(r, 'web.qcow2')).toMatchObject({ method: 'bitmap', scanned: MiB, literal: MiB });
+    expect(file(r, 'archive/old.raw')?.literal).toBe(64 << 10);
+    expect(file(r, 'notes.txt')).toMatchObject({ unchanged: true, literal: 0 });
+    // Changed bytes: 1 MiB + 64 KiB; what crossed is those blocks, their digests and the session.
+    expect(r.wire).toBeLessThanOrEqual(1.1 * (MiB + (64 << 10)) + 64 * 1024);
+    expect(fs.statSync(path.join(dest, 'web.qcow2')).ino).toBe(ino);
+    await expectEqualToDisks();
+  });
+
+  it('--delete keeps the domains\' copies and removes what the source no longer has', async () => {
+    fs.writeFileSync(path.join(dest, 'stale.txt'), 'gone from the source\n');
+    const r = await push('--delete');
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    expect(fs.existsSync(path.join(dest, 'stale.txt'))).toBe(false);
+    expect(fs.existsSync(path.join(dest, 'web.qcow2'))).toBe(true);
+    expect(fs.existsSync(path.join(dest, 'archive/old.raw'))).toBe(true);
+    await expectEqualToDisks();
+  });
+
+  it('a far copy qsync will not write (not a qcow2): that domain\'s file fails (exit 23) and is left alone, the rest is synced', async () => {
+    const elsewhere = path.join(ssh.dir, 'far', 'junk');
+    fs.mkdirSync(elsewhere);
+    fs.writeFileSync(path.join(elsewhere, 'web.qcow2'), 'not an image\n');
+    const r = await ssh.overSsh(['-a', `${images}/`, ssh.at(`${elsewhere}/`)]);
+    expect(r.code).toBe(23);
+    expect(r.stderr).toMatch(new RegExp(`web\\.qcow2: backup through libvirt domain ${vm} failed: \\S+/web\\.qcow2 is not a qcow2 image; left alone`));
+    expect(fs.readFileSync(path.join(elsewhere, 'web.qcow2'), 'utf8')).toBe('not an image\n');
+    expect(fs.readFileSync(path.join(elsewhere, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+    expect(formatOf(path.join(elsewhere, 'archive/old.raw'))).toBe('raw'); // the other domain's: backed up
+  });
+});
