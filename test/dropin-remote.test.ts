@@ -43,16 +43,19 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
     fs.chmodSync(ssh.dir, 0o755); // QEMU runs as libvirt-qemu: it must reach the images
     images = path.join(ssh.dir, 'images');
     fs.mkdirSync(path.join(images, 'archive'), { recursive: true, mode: 0o755 });
+    fs.mkdirSync(path.join(images, 'data'), { mode: 0o755 }); // the domain's second disk, in another folder of the tree
     dest = path.join(ssh.dir, 'far', 'backup');
     fs.mkdirSync(path.dirname(dest));
     qemuImgCreate(disk('web.qcow2'), '32M');
+    qemuImgCreate(disk('data/db.qcow2'), '16M');
+    qemuIo(disk('data/db.qcow2'), 'qcow2', 'write -P 0x21 2M 2M');
     qemuImgCreate(disk('archive/old.raw'), '8M', 'raw');
     qemuIo(disk('web.qcow2'), 'qcow2', 'write -P 0x11 0 4M');
     qemuIo(disk('archive/old.raw'), 'raw', 'write -P 0x31 1M 1M');
     fs.writeFileSync(disk('notes.txt'), 'not a disk\n');
-    await defineDomain(ssh.dir, vm, [{ file: disk('web.qcow2'), format: 'qcow2', target: 'vda' }]);
+    await defineDomain(ssh.dir, vm, [{ file: disk('web.qcow2'), format: 'qcow2', target: 'vda' }, { file: disk('data/db.qcow2'), format: 'qcow2', target: 'vdb' }]);
     await defineDomain(ssh.dir, off, [{ file: disk('archive/old.raw'), format: 'raw', target: 'vda' }]);
-    for (const [f, dev] of await startDomain(vm, [disk('web.qcow2')])) qdev.set(path.basename(f), dev);
+    for (const [f, dev] of await startDomain(vm, [disk('web.qcow2'), disk('data/db.qcow2')])) qdev.set(path.basename(f), dev);
   });
 
   afterAll(async () => {
@@ -72,10 +75,12 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
   async function expectEqualToDisks(): Promise<void> {
     await virsh('suspend', vm);
     try {
-      await hmp(`qemu-io -d ${qdev.get('web.qcow2')} "flush"`);
-      expect(formatOf(path.join(dest, 'web.qcow2')), 'the copy stays a qcow2').toBe('qcow2');
-      execFileSync('qemu-img', ['check', '-q', path.join(dest, 'web.qcow2')]);
-      execFileSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', disk('web.qcow2'), path.join(dest, 'web.qcow2')]);
+      for (const f of ['web.qcow2', 'data/db.qcow2']) {
+        await hmp(`qemu-io -d ${qdev.get(path.basename(f))} "flush"`);
+        expect(formatOf(path.join(dest, f)), `${f} stays a qcow2`).toBe('qcow2');
+        execFileSync('qemu-img', ['check', '-q', path.join(dest, f)]);
+        execFileSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', disk(f), path.join(dest, f)]);
+      }
       expect(formatOf(path.join(dest, 'archive/old.raw'))).toBe('raw');
       expect(fs.readFileSync(path.join(dest, 'archive/old.raw')).equals(fs.readFileSync(disk('archive/old.raw')))).toBe(true);
     } finally {
@@ -86,17 +91,19 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
   it('-n lists the domains\' files as new and writes nothing on either side', async () => {
     const r = await push('-n');
     expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
-    for (const f of ['web.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
-    expect(r.notices.map((n) => n.message)).toContain(`would back up web.qcow2 through libvirt domain ${vm}`);
+    for (const f of ['web.qcow2', 'data/db.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    expect(r.notices.map((n) => n.message)).toContain(`would back up web.qcow2, data/db.qcow2 through libvirt domain ${vm}`);
     expect(fs.existsSync(dest)).toBe(false);
     expect((await virsh('checkpoint-list', vm, '--name')).trim()).toBe('');
   });
 
-  it('first push: the running domain\'s qcow2 through the domain, kept a qcow2 on the far side; the raw and the plain file too', async () => {
+  it('first push: the running domain\'s disks through the domain in one backup (two folders, one instant), kept qcow2 on the far side; the raw and the plain file too', async () => {
     const r = await push('-i');
     expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
-    for (const f of ['web.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
-    expect(r.notices.map((n) => n.message).join('\n')).toMatch(new RegExp(`backed up through libvirt domain ${vm}, all its disks as of one instant: web\\.qcow2`));
+    for (const f of ['web.qcow2', 'data/db.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+    // One backup job for both disks: one notice naming both, one checkpoint.
+    expect(r.notices.map((n) => n.message).join('\n')).toMatch(new RegExp(`backed up through libvirt domain ${vm}, all its disks as of one instant: (data/db|web)\\.qcow2 .*(web|data/db)\\.qcow2`));
+    expect((await virsh('checkpoint-list', vm, '--name')).trim().split('\n')).toHaveLength(1);
     expect(fs.statSync(path.join(dest, 'web.qcow2')).mode & 0o777).toBe(0o600);
     expect(fs.readFileSync(path.join(dest, 'notes.txt'), 'utf8')).toBe('not a disk\n');
     await expectEqualToDisks();
@@ -137,7 +144,8 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
     fs.writeFileSync(path.join(elsewhere, 'web.qcow2'), 'not an image\n');
     const r = await ssh.overSsh(['-a', `${images}/`, ssh.at(`${elsewhere}/`)]);
     expect(r.code).toBe(23);
-    expect(r.stderr).toMatch(new RegExp(`web\\.qcow2: backup through libvirt domain ${vm} failed: \\S+/web\\.qcow2 is not a qcow2 image; left alone`));
+    expect(r.stderr).toMatch(new RegExp(`web\\.qcow2, data/db\\.qcow2: backup through libvirt domain ${vm} failed: \\S+/web\\.qcow2 is not a qcow2 image; left alone`));
+    expect(fs.existsSync(path.join(elsewhere, 'data', 'db.qcow2'))).toBe(false); // the same backup: not written either
     expect(fs.readFileSync(path.join(elsewhere, 'web.qcow2'), 'utf8')).toBe('not an image\n');
     expect(fs.readFileSync(path.join(elsewhere, 'notes.txt'), 'utf8')).toBe('not a disk\n');
     expect(formatOf(path.join(elsewhere, 'archive/old.raw'))).toBe('raw'); // the other domain's: backed up

@@ -5,18 +5,20 @@
  * (device and inode, as its listing gives them to this side). The receiving
  * walk here leaves those files, as a local walk leaves them to the drop-in;
  * once it is done, it tells the client which they are and where they go
- * (`claimed`), and then holds DEST's folders, one at a time as the client
- * asks (`claims-folder`), as targets (src/remote/serve-target.ts) for the
- * client's domain backups, until the client is done (`claims-done`, with
- * what it wrote, counted into this run's statistics). DEST stays locked by
- * this run throughout; a qcow2 disk's copy stays a qcow2 written through
- * this host's QEMU.
+ * (`claimed`); asked (`claims-targets`), it holds every DEST folder those
+ * files are in and serves them as targets by folder
+ * (src/remote/serve-target.ts) for the client's domain backups, one per
+ * domain whichever folders its disks are in, until the client is done
+ * (`claims-done`, with what it wrote, counted into this run's statistics).
+ * DEST stays locked by this run throughout; a qcow2 disk's copy stays a
+ * qcow2 written through this host's QEMU.
  */
 import type { BigIntStats } from 'node:fs';
 import { dirname } from 'node:path';
-import { fieldString, protocolError, type ControlMessage } from '../core/wire.js';
+import { QsyncError } from '../core/errors.js';
+import { protocolError, type ControlMessage } from '../core/wire.js';
 import type { RunStats, SyncHooks } from '../sync/events.js';
-import { keyOf, localFolders, type DropIn, type DropInOptions, type FolderOpener } from '../sync/dropin.js';
+import { keyOf, localFolders, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
 import type { LocalDestination } from '../sync/local-target.js';
 import { errorMessage, type Channel } from './channel.js';
 import { RemoteDestination } from './remote-target.js';
@@ -56,37 +58,46 @@ export class ClaimsForPeer {
   async run(destRoot: string, o: DropInOptions, _hooks: SyncHooks, stats: RunStats): Promise<boolean> {
     if (!this.#claimed.length) return false;
     await this.ch.send({ op: 'claimed', files: this.#claimed });
-    const folders = new Set(this.#claimed.map((c) => folderOf(c.rel)));
+    const m = await this.ch.control();
+    if (m.op === 'claims-targets') await this.serveFolders(destRoot, o.dryRun);
+    else if (m.op !== 'claims-done') throw protocolError(`unexpected "${m.op}"`);
+    const done = m.op === 'claims-done' ? m : await this.ch.control();
+    if (done.op !== 'claims-done') throw protocolError(`unexpected "${done.op}"`);
+    const add = (done.stats ?? {}) as Record<string, unknown>;
+    for (const k of COUNTED) {
+      const n = add[k];
+      if (!Number.isSafeInteger(n) || (n as number) < 0) throw protocolError(`bad claims-done ${k}`);
+      stats[k] += n as number;
+    }
+    return done.failed === true;
+  }
+
+  /**
+   * Every folder of a claimed file held (below DEST's root, no symlink
+   * followed; with -n a missing one is named in `missing`), and served as
+   * targets by folder until the client's "bye".
+   */
+  private async serveFolders(destRoot: string, dryRun: boolean): Promise<void> {
     const open = localFolders(destRoot, this.times);
-    for (;;) {
-      const m = await this.ch.control();
-      if (m.op === 'claims-done') {
-        const add = (m.stats ?? {}) as Record<string, unknown>;
-        for (const k of COUNTED) {
-          const n = add[k];
-          if (!Number.isSafeInteger(n) || (n as number) < 0) throw protocolError(`bad claims-done ${k}`);
-          stats[k] += n as number;
-        }
-        return m.failed === true;
-      }
-      if (m.op !== 'claims-folder') throw protocolError(`unexpected "${m.op}"`);
-      const rel = fieldString(m, 'folder');
-      if (!folders.has(rel)) throw protocolError(`${JSON.stringify(rel)} holds no claimed file`);
-      let folder;
+    const held = new Map<string, DropInFolder>();
+    try {
+      const missing: string[] = [];
       try {
-        folder = await open(rel, o.dryRun);
+        for (const rel of new Set(this.#claimed.map((c) => folderOf(c.rel)))) {
+          const f = await open(rel, dryRun);
+          if (f) held.set(rel, f);
+          else missing.push(rel);
+        }
       } catch (e) {
         await this.ch.send(errorMessage(e));
-        continue;
+        return;
       }
-      await this.ch.send({ op: 'claims-folder-ok', exists: folder !== undefined });
-      if (!folder) continue;
-      try {
-        const last = await new TargetServer(this.ch, folder.destination as LocalDestination).serve();
-        if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
-      } finally {
-        await folder.close();
-      }
+      await this.ch.send({ op: 'claims-targets-ok', missing });
+      const folders = new Map([...held].map(([rel, f]) => [rel, f.destination as LocalDestination]));
+      const last = await new TargetServer(this.ch, folders).serve();
+      if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
+    } finally {
+      for (const f of held.values()) await f.close();
     }
   }
 }
@@ -96,8 +107,8 @@ const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(r
 /**
  * The client's side: the far walk said which files its domains take
  * (`claimed`); they are backed up through the domains into the far DEST's
- * folders, reached over the same channel; `claims-done` then tells the far
- * side whether some failed and what was written.
+ * folders, served by the far side over the same channel; `claims-done`
+ * then tells it whether some failed and what was written.
  */
 export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: DropIn, shownRoot: string, o: DropInOptions, hooks: SyncHooks): Promise<void> {
   const files = m.files;
@@ -111,17 +122,24 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
     if (!dropIn.claim({ dev: BigInt(key[0]!), ino: BigInt(key[1]!), size: BigInt(f.size as number) }, rel)) throw protocolError(`${rel} is no file of a domain here`);
   }
   const stats = { transferred: 0, transferredSize: 0, created: 0, literal: 0, matched: 0, scanned: 0 } as RunStats;
-  const failed = await dropIn.run(farFolders(ch, shownRoot), o, hooks, stats);
+  let failed: boolean;
+  await ch.send({ op: 'claims-targets' });
+  const r = await ch.control().catch((e: unknown) => {
+    // DEST's folders could not be held: every domain's files fail (exit 23), the rest of the run stands.
+    if (!(e instanceof QsyncError) || e.context.fatal || e.code === 'PROTOCOL') throw e;
+    hooks.warning?.(`${(files as { rel: string }[]).map((f) => f.rel).join(', ')}: backup through libvirt failed: ${e.message}`);
+    return undefined;
+  });
+  if (!r) failed = true;
+  else {
+    if (r.op !== 'claims-targets-ok' || !Array.isArray(r.missing) || !r.missing.every((x) => typeof x === 'string')) throw protocolError(`unexpected "${r.op}"`);
+    const missing = new Set(r.missing as string[]);
+    const root = new RemoteDestination(ch, shownRoot);
+    try {
+      failed = await dropIn.run(async (rel) => (missing.has(rel) ? undefined : { destination: root.inFolder(rel), close: async () => {} }), o, hooks, stats);
+    } finally {
+      await root.close();
+    }
+  }
   await ch.send({ op: 'claims-done', failed, stats: Object.fromEntries(COUNTED.map((k) => [k, stats[k]])) });
-}
-
-/** The far DEST's folders, each held by the far side while its copies are written. */
-function farFolders(ch: Channel, shownRoot: string): FolderOpener {
-  return async (rel) => {
-    await ch.send({ op: 'claims-folder', folder: rel });
-    const r = await ch.expect('claims-folder-ok');
-    if (r.exists === false) return undefined;
-    const destination = new RemoteDestination(ch, rel ? `${shownRoot}/${rel}` : shownRoot);
-    return { destination, close: () => destination.close() };
-  };
 }

@@ -91,7 +91,7 @@ class RemoteTarget implements Target {
   }
 
   private ask(m: ControlMessage, reply: string): Promise<ControlMessage> {
-    return this.s.ask({ ...m, name: this.name, ...(this.format && { format: this.format }) }, reply);
+    return this.s.ask({ ...m, ...this.s.names(this.name, this.format) }, reply);
   }
 
   async identity(): Promise<TargetIdentity | undefined> {
@@ -138,7 +138,7 @@ class RemoteTarget implements Target {
     const fp = new Fingerprinter(blockSize, targetSize);
     try {
       await this.s.exclusive(async () => {
-        await this.s.ch.send({ op: 't-digests', name: this.name, first: 0, count: n });
+        await this.s.ch.send({ op: 't-digests', ...this.s.names(this.name, this.format), first: 0, count: n });
         for (let got = 0; ; ) {
           const f = await this.s.ch.next();
           if (f.type === 'control') {
@@ -287,7 +287,19 @@ export class RemoteDestination implements Destination {
   constructor(
     readonly ch: Channel,
     readonly shown: string,
+    /** A folder of the far DEST ('a/b') the far side serves beside others (src/remote/domain-claims.ts), and the destination it is of. */
+    private readonly at?: { folder: string; of: RemoteDestination },
   ) {}
+
+  /** Folder `rel` ('' or 'a/b') of this destination, when the far side serves its folders by name: one session, one turn. */
+  inFolder(rel: string): RemoteDestination {
+    return new RemoteDestination(this.ch, rel ? `${this.shown}/${rel}` : this.shown, { folder: rel, of: this });
+  }
+
+  /** What names a target in a request: its name, its folder when served by folder, its format. */
+  names(name: string, format?: 'qcow2'): { name: string; folder?: string; format?: 'qcow2' } {
+    return { name, ...(this.at && { folder: this.at.folder }), ...(format && { format }) };
+  }
 
   target(name: string): Target {
     return new RemoteTarget(this, name);
@@ -299,6 +311,7 @@ export class RemoteDestination implements Destination {
   }
 
   cache(): Promise<DigestCache> {
+    if (this.at) return this.at.of.cache();
     return (this.digestCache ??= DigestCache.open());
   }
 
@@ -309,6 +322,7 @@ export class RemoteDestination implements Destination {
    * before the next may start (reads ahead of a copy ask concurrently).
    */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.at) return this.at.of.exclusive(fn);
     const run = this.turn.then(fn, fn);
     this.turn = run.catch(() => {});
     return run;
@@ -322,7 +336,9 @@ export class RemoteDestination implements Destination {
     });
   }
 
+  /** The session's end (a folder's view leaves it to its destination's). */
   async close(): Promise<void> {
+    if (this.at) return;
     await this.ch.send({ op: 'bye' }).catch(() => {});
     const c = await this.digestCache?.catch(() => undefined);
     await c?.close();

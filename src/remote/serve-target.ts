@@ -102,9 +102,13 @@ export class TargetServer {
   private readonly verdicts = new Map<string, Trust>();
   private w?: Writing;
 
+  /**
+   * `dest`: the destination, or (the drop-in's far side, src/remote/domain-claims.ts) its folders by
+   * their path below DEST ('' or 'a/b'), which requests name in `folder`.
+   */
   constructor(
     private readonly ch: Channel,
-    private readonly dest: LocalDestination,
+    private readonly dest: LocalDestination | ReadonlyMap<string, LocalDestination>,
     /** --backup-dir on this side (src/sync/run-deltas.ts): every target written keeps its old blocks in the history. */
     private readonly history?: FileSyncContext['wrapSink'],
   ) {}
@@ -141,13 +145,30 @@ export class TargetServer {
     }
   }
 
-  private target(m: ControlMessage): Target {
+  /** The folder a request names (`folder`, only among those served), and the target's key: its path below DEST. */
+  private placeOf(m: ControlMessage): { dest: LocalDestination; name: string; key: string } {
     const name = fieldString(m, 'name');
     if (!isEntryName(name)) throw bad(`${JSON.stringify(name)} is not a name in the destination`);
-    if (m.format === undefined) return this.dest.target(name);
+    if (!(this.dest instanceof Map)) {
+      if (m.folder !== undefined) throw bad('a folder where the destination is one');
+      return { dest: this.dest as LocalDestination, name, key: name };
+    }
+    const folder = m.folder;
+    const dest = typeof folder === 'string' ? this.dest.get(folder) : undefined;
+    if (!dest) throw bad(`${JSON.stringify(folder)} is not a folder of this session`);
+    return { dest, name, key: folder ? `${folder as string}/${name}` : name };
+  }
+
+  private keyOf(m: ControlMessage): string {
+    return this.placeOf(m).key;
+  }
+
+  private target(m: ControlMessage): Target {
+    const { dest, name } = this.placeOf(m);
+    if (m.format === undefined) return dest.target(name);
     // The drop-in's copy of a qcow2 disk stays a qcow2, written here through this host's QEMU.
     if (m.format !== 'qcow2') throw bad(`a bad format ${JSON.stringify(m.format)}`);
-    return qcow2Target(this.dest, name, tmpdir());
+    return qcow2Target(dest, name, tmpdir());
   }
 
   private writing(): Writing & { writer: StateWriter } {
@@ -290,7 +311,7 @@ export class TargetServer {
       await this.ch.send({ op: 't-id', id: id && idToWire(id) });
     },
     't-assess': async (m) => {
-      const name = fieldString(m, 'name');
+      const name = this.keyOf(m);
       const blockSize = fieldInt(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
       const t = this.target(m);
@@ -315,7 +336,7 @@ export class TargetServer {
       });
     },
     't-digests': async (m) => {
-      const mf = this.manifests.get(fieldString(m, 'name'));
+      const mf = this.manifests.get(this.keyOf(m));
       if (!mf) throw bad('digests asked of a target with no manifest');
       const first = fieldInt(m, 'first');
       const count = fieldInt(m, 'count');
@@ -333,7 +354,7 @@ export class TargetServer {
       if (this.w) throw bad('a target opened while another is');
       const target = this.target(m);
       const created = m.create === true;
-      this.w = { name: fieldString(m, 'name'), target, data: await target.open(created), created, blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
+      this.w = { name: this.keyOf(m), target, data: await target.open(created), created, blockSize: 0, size: 0, appended: 0, written: new Map(), synced: false };
       await this.ch.send({ op: 't-opened' });
     },
     't-begin': async (m) => {
@@ -341,7 +362,7 @@ export class TargetServer {
       if (!w || w.writer) throw bad('"t-begin" without an open target');
       const blockSize = fieldInt(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
-      if (fieldString(m, 'name') !== w.name) throw bad('"t-begin" of another target than the one open');
+      if (this.keyOf(m) !== w.name) throw bad('"t-begin" of another target than the one open');
       let base: Manifest | undefined;
       if (m.base !== null && m.base !== undefined) {
         base = this.manifests.get(w.name);
@@ -369,7 +390,7 @@ export class TargetServer {
     // The data's fingerprint as it is before this write (a forward delta's base, --write-batch on the client).
     't-hash': async (m) => {
       const w = this.w;
-      if (!w || fieldString(m, 'name') !== w.name || w.touched) throw bad('"t-hash" of no target open, or after its data was written');
+      if (!w || this.keyOf(m) !== w.name || w.touched) throw bad('"t-hash" of no target open, or after its data was written');
       const blockSize = fieldInt(m, 'blockSize', 1);
       if (!isValidBlockSize(blockSize)) throw bad('a bad block size');
       await this.ch.send({ op: 't-hashed', fp: (await this.hashed(w, blockSize)).toString('hex') });

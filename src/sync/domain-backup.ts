@@ -29,7 +29,7 @@ import { copyDisk, type DiskContext, type DiskSummary, type ImageBackupOptions }
 import { LocalDestination } from './local-target.js';
 import type { Manifest } from './manifest-store.js';
 import { qcow2In } from './qcow2-target.js';
-import type { Target, TargetNote } from './target.js';
+import type { Destination, Target, TargetNote } from './target.js';
 import type { Trust } from './trust.js';
 
 /** Image mode's options without its sources; tempDir holds the run's folder (NBD socket, scratch files), owned by QEMU's user. */
@@ -38,11 +38,19 @@ export interface DomainBackupOptions extends Omit<ImageBackupOptions, 'qmp' | 'i
   /** libvirt URI (`--connect`), default qemu:///system. */
   connect?: string;
   /**
-   * Only these disks (target device → the name of its copy in DEST), the
-   * drop-in's (src/sync/dropin.ts); a qcow2 disk whose copy is named *.qcow2
-   * stays a qcow2 (src/sync/qcow2-target.ts). Default: every disk, as <disk>.raw.
+   * Only these disks (target device → its copy), the drop-in's
+   * (src/sync/dropin.ts); a qcow2 disk whose copy is named *.qcow2 stays a
+   * qcow2 (src/sync/qcow2-target.ts). Default: every disk, as <disk>.raw in
+   * `destination`.
    */
-  only?: ReadonlyMap<string, string>;
+  only?: ReadonlyMap<string, OnlyDisk>;
+}
+
+/** A disk's copy in the drop-in: `name` in `destination` (a folder of DEST); `rel`, its path below DEST, names it in reports. */
+export interface OnlyDisk {
+  rel: string;
+  name: string;
+  destination: Destination;
 }
 
 /** One disk of the run: its target, what qsync knows of it, and what this run does. */
@@ -92,7 +100,7 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   }
   if (!dom.disks.length) throw new QsyncError('SOURCE', `domain ${dom.name} has no disk to back up`);
   const seen = new Map<string, string>();
-  const relOf = (d: DomainDisk): string => only?.get(d.target) ?? `${diskName(d)}.raw`;
+  const relOf = (d: DomainDisk): string => only?.get(d.target)?.rel ?? `${diskName(d)}.raw`;
   for (const d of dom.disks) {
     const name = relOf(d);
     const other = seen.get(name);
@@ -110,7 +118,10 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   try {
     for (const d of dom.disks) {
       const rel = relOf(d);
-      const target = only && d.format === 'qcow2' && rel.endsWith('.qcow2') ? qcow2In(destination, rel, tempDir) : destination.target(rel);
+      const copy = only?.get(d.target);
+      const at = copy?.destination ?? destination;
+      const name = copy?.name ?? rel;
+      const target = copy && d.format === 'qcow2' && name.endsWith('.qcow2') ? qcow2In(at, name, tempDir) : at.target(name);
       disks.push(await openDisk(d, rel, target, blockSize, !!only));
     }
     return online ? await backupRunning(uri, survey, disks, skipped, { ...ctx, destination }) : await backupShutOff(uri, survey, disks, { ...ctx, destination });

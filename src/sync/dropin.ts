@@ -135,54 +135,52 @@ export class DropIn {
    * (rsync's exit 23); `stats` counts what was written.
    */
   async run(open: FolderOpener, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+    // One backup per domain, whichever folders of the tree its disks lie in: all its disks as of one instant.
     const groups = new Map<string, Claimed[]>();
-    for (const c of this.#claimed) {
-      const key = `${c.domain}\0${dirname(c.rel)}`;
-      groups.set(key, [...(groups.get(key) ?? []), c]);
-    }
+    for (const c of this.#claimed) groups.set(c.domain, [...(groups.get(c.domain) ?? []), c]);
     let failed = false;
     for (const files of groups.values()) {
       if (o.signal?.aborted) throw new QsyncError('INTERRUPTED', 'interrupted');
       const { domain } = files[0]!;
-      const folder = dirname(files[0]!.rel);
-      const shownOf = new Map(files.map((f) => [basename(f.rel), f.rel]));
       const names = files.map((f) => f.rel).join(', ');
-      let at: DropInFolder | undefined;
+      const held = new Map<string, DropInFolder | undefined>();
       try {
-        at = await open(folder === '.' ? '' : folder, o.dryRun);
+        for (const folder of [...new Set(files.map((f) => folderOf(f.rel)))].sort()) held.set(folder, await open(folder, o.dryRun));
+        const at = (f: Claimed): DropInFolder | undefined => held.get(folderOf(f.rel));
         const existed = new Set<string>();
-        for (const f of files) if (await at?.destination.target(basename(f.rel)).identity()) existed.add(basename(f.rel));
-        if (o.dryRun || !at) {
+        for (const f of files) if (await at(f)?.destination.target(basename(f.rel)).identity()) existed.add(f.rel);
+        if (o.dryRun) {
           for (const f of files) {
-            hooks.fileEnd?.({ path: f.rel, itemize: existed.has(basename(f.rel)) ? '>f.........' : '>f+++++++++', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
+            hooks.fileEnd?.({ path: f.rel, itemize: existed.has(f.rel) ? '>f.........' : '>f+++++++++', kind: 'file', size: f.size, scanned: 0, literal: 0, matched: 0, unchanged: false });
           }
           if (o.announce) hooks.notice?.(`would back up ${names} through libvirt domain ${domain}`);
           continue;
         }
-        const inTree = (p: string): string => shownOf.get(p) ?? p;
+        // The checkpoints are keyed by a DEST folder: the first of the domain's (its only one, mostly).
+        const first = [...held.values()][0]!.destination;
         const summaries = await (await loadDomainBackup()).runDomainBackup({
-          domain, connect: this.uri, dest: at.destination.shown, destination: at.destination, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
-          only: new Map(files.map((f) => [f.disk.target, basename(f.rel)])),
+          domain, connect: this.uri, dest: first.shown, destination: first, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
+          only: new Map(files.map((f) => [f.disk.target, { rel: f.rel, name: basename(f.rel), destination: at(f)!.destination }])),
         }, {
-          fileStart: (p, size, method) => hooks.fileStart?.(inTree(p), size, method),
-          fileProgress: (p, scanned, written) => hooks.fileProgress?.(inTree(p), scanned, written),
-          fileEnd: (r) => hooks.fileEnd?.({ ...r, path: inTree(r.path), itemize: existed.has(r.path) ? r.itemize : '>f+++++++++', unchanged: existed.has(r.path) && r.unchanged }),
-          notice: o.announce ? (m, p) => hooks.notice?.(m, p && inTree(p)) : undefined,
-          warning: (m, p) => hooks.warning?.(m, p && inTree(p)),
+          // The printer's own methods, called on it (a class's are not own properties to spread).
+          fileStart: (p, size, method) => hooks.fileStart?.(p, size, method),
+          fileProgress: (p, scanned, written) => hooks.fileProgress?.(p, scanned, written),
+          fileEnd: (r) => hooks.fileEnd?.({ ...r, itemize: existed.has(r.path) ? r.itemize : '>f+++++++++', unchanged: existed.has(r.path) && r.unchanged }),
+          notice: o.announce ? (m, p) => hooks.notice?.(m, p) : undefined,
+          warning: (m, p) => hooks.warning?.(m, p),
         });
         const parts: string[] = [];
         for (const s of summaries) {
-          const rel = inTree(basename(s.target));
-          const sent = s.written > 0 || !existed.has(basename(s.target));
+          const sent = s.written > 0 || !existed.has(s.name);
           if (sent) {
             stats.transferred++;
             stats.transferredSize += s.size;
-            if (!existed.has(basename(s.target))) stats.created++;
+            if (!existed.has(s.name)) stats.created++;
           }
           stats.literal += s.written;
           stats.matched += s.unchanged;
           stats.scanned += s.read;
-          parts.push(`${rel} (${s.node}: ${s.mode === 'bitmap' ? 'changed blocks only' : `full read${s.reason ? `, ${s.reason}` : ''}`})`);
+          parts.push(`${s.name} (${s.node}: ${s.mode === 'bitmap' ? 'changed blocks only' : `full read${s.reason ? `, ${s.reason}` : ''}`})`);
         }
         if (o.announce) hooks.notice?.(`backed up through libvirt domain ${domain}, all its disks as of one instant: ${parts.join(', ')}`);
       } catch (e) {
@@ -192,12 +190,14 @@ export class DropIn {
         const msg = e instanceof QsyncError ? e.message + (e.context.hint ? ` (${e.context.hint})` : '') : errnoText(e);
         hooks.warning?.(`${names}: backup through libvirt domain ${domain} failed: ${msg}`, files[0]!.rel);
       } finally {
-        await at?.close();
+        for (const f of held.values()) await f?.close();
       }
     }
     return failed;
   }
 }
+
+const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(rel));
 
 /** A folder of DEST the domains' copies are written into, held while they are. */
 export interface DropInFolder {
