@@ -9,12 +9,15 @@
  * a qcow2 disk, a shut-off domain with a raw disk; guest writes are HMP
  * qemu-io writes.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FileReport } from '../src/sync/events.js';
 import { needTools } from './helpers/env.js';
+import { QSYNC } from './helpers/cli.js';
+import { Channel } from '../src/remote/channel.js';
+import { hello } from '../src/remote/session.js';
 import { defineDomain, dropDomain, ensureLibvirtd, startDomain, virsh } from './helpers/libvirt.js';
 import { qemuImgCreate, qemuIo } from './helpers/qemu.js';
 import { useQsyncOverSsh } from './helpers/qsync-ssh.js';
@@ -149,5 +152,66 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
     expect(fs.readFileSync(path.join(elsewhere, 'web.qcow2'), 'utf8')).toBe('not an image\n');
     expect(fs.readFileSync(path.join(elsewhere, 'notes.txt'), 'utf8')).toBe('not a disk\n');
     expect(formatOf(path.join(elsewhere, 'archive/old.raw'))).toBe('raw'); // the other domain's: backed up
+  });
+
+  describe('a pull from the libvirt host (qsync -a host:IMAGES/ DEST/)', () => {
+    let local: string;
+    async function pull(...extra: string[]): Promise<Doc & { code: number | null; stderr: string; wire: number }> {
+      const r = await ssh.overSsh(['-a', '--json', '--verify-sample', '0', ...extra, ssh.at(`${images}/`), `${local}/`]);
+      return { ...(JSON.parse(r.stdout) as Doc), code: r.code, stderr: r.stderr, wire: r.wire };
+    }
+
+    it('the far host backs up its domains\' files into this DEST, one backup per domain; then only what the guest wrote crosses', async () => {
+      local = path.join(ssh.dir, 'pulled');
+      const checkpoints = async (): Promise<number> => (await virsh('checkpoint-list', vm, '--name')).trim().split('\n').filter(Boolean).length;
+      const before = await checkpoints();
+      const r = await pull('-i');
+      expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+      for (const f of ['web.qcow2', 'data/db.qcow2', 'archive/old.raw', 'notes.txt']) expect(file(r, f)?.itemize, f).toBe('>f+++++++++');
+      expect(r.notices.map((n) => n.message).join('\n')).toMatch(new RegExp(`backed up through libvirt domain ${vm}, all its disks as of one instant: (data/db|web)\\.qcow2 .*(web|data/db)\\.qcow2`));
+      expect(await checkpoints()).toBe(before + 1);
+      expect(fs.readFileSync(path.join(local, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+
+      expect(await hmp(`qemu-io -d ${qdev.get('db.qcow2')} "write -P 0x77 5M 128k"`)).not.toMatch(/error|failed/i);
+      const again = await pull();
+      expect(again.code, again.stderr + JSON.stringify(again.errors)).toBe(0);
+      expect(file(again, 'data/db.qcow2')).toMatchObject({ method: 'bitmap', scanned: 128 << 10, literal: 128 << 10 });
+      expect(file(again, 'web.qcow2')).toMatchObject({ method: 'bitmap', literal: 0 });
+      expect(again.wire).toBeLessThanOrEqual(1.1 * (128 << 10) + 64 * 1024);
+      await virsh('suspend', vm);
+      try {
+        for (const f of ['web.qcow2', 'data/db.qcow2']) {
+          await hmp(`qemu-io -d ${qdev.get(path.basename(f))} "flush"`);
+          expect(formatOf(path.join(local, f)), `${f} stays a qcow2`).toBe('qcow2');
+          execFileSync('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'qcow2', disk(f), path.join(local, f)]);
+        }
+        expect(fs.readFileSync(path.join(local, 'archive/old.raw')).equals(fs.readFileSync(disk('archive/old.raw')))).toBe(true);
+      } finally {
+        await virsh('resume', vm);
+      }
+    });
+  });
+
+  it('a hostile client of a --restrict server cannot have a domain\'s disk outside DIR backed up to it: refused, no job, no checkpoint', async () => {
+    const jail = path.join(images, 'archive'); // web.qcow2 (the running domain's) lies outside it
+    const server = spawn(process.execPath, [QSYNC, '--server', '--restrict', jail], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, QSYNC_STATE_DIR: ssh.serverState } });
+    const ch = new Channel(server.stdout!, server.stdin!, { peer: 'the server' });
+    const exited = new Promise<number | null>((res) => server.on('close', (code) => res(code)));
+    const before = await virsh('checkpoint-list', vm, '--name');
+    try {
+      await ch.send(hello('sender', { blockSize: 65536, domains: {} }));
+      const h = await ch.control();
+      const st = fs.statSync(disk('web.qcow2'), { bigint: true });
+      const key = `${st.dev}:${st.ino}`;
+      expect(h.claims).toContain(key); // the host's domains are named by device and inode only
+      // Never listed to it (outside DIR), claimed all the same.
+      await ch.send({ op: 'claimed', files: [{ rel: 'web.qcow2', key, size: Number(st.size) }], dest: 'thief:/loot', options: {} });
+      await expect(ch.control()).rejects.toThrow(/no file of a domain in the tree served/);
+    } finally {
+      await ch.end().catch(() => {});
+    }
+    expect(await exited).toBe(12);
+    expect(await virsh('checkpoint-list', vm, '--name')).toBe(before);
+    expect((await virsh('domjobinfo', vm)).trim()).toMatch(/None/);
   });
 });

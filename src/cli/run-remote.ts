@@ -9,7 +9,7 @@ import { once } from 'node:events';
 import { QsyncError } from '../core/errors.js';
 import { protocolError } from '../core/wire.js';
 import { DropIn } from '../sync/dropin.js';
-import { backUpClaimed } from '../remote/domain-claims.js';
+import { backUpClaimed, ClaimsForPeer, claimsFromWire } from '../remote/domain-claims.js';
 import { armInterrupt, disarmInterrupt } from './interrupt.js';
 import { HashPool } from '../hash/pool.js';
 import { Channel } from '../remote/channel.js';
@@ -50,7 +50,8 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
   // So is a --files-from list: a pull's receiving end is here and reads it in receive(); a push sends its lines.
   const listed = to && o.filesFrom !== undefined ? await readFilesFrom(o.filesFrom, o.from0) : undefined;
   // --bwlimit paces what this side sends; in a pull the server sends the data and paces itself.
-  return withSession(remote, o, { onControl: to ? eventsTo(printer) : undefined, rate: to ? o.bwlimit : 0 }, async (ch) => {
+  // The far end's lines reach this printer as events: a push's receiving server, and a pull's sender backing up its domains' files.
+  return withSession(remote, o, { onControl: eventsTo(shown), rate: to ? o.bwlimit : 0 }, async (ch) => {
     printer = countingWire(printer, ch);
     if (to) {
       // --write-batch/--only-write-batch: written here, as rsync does, from the blocks this side sends (src/remote/batch-relay.ts).
@@ -76,8 +77,11 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
         const pool = new HashPool(o.blockSize);
         pool.warm();
         let last;
+        let sources: SourceServer;
         try {
-          last = await new SourceServer(ch, pool, undefined, o.compress, batch?.recorder).serve();
+          sources = new SourceServer(ch, pool, undefined, o.compress, batch?.recorder);
+          if (dropIn) sources.watch(new Set(dropIn.keys()));
+          last = await sources.serve();
         } finally {
           await pool.close();
         }
@@ -87,7 +91,8 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
           const signal = armInterrupt();
           try {
             const announce = o.verbose > 0 || o.itemize || o.json;
-            await backUpClaimed(ch, last, dropIn, `${remote.user ? `${remote.user}@` : ''}${remote.host}:${to.path.replace(/\/+$/, '')}`, {
+            const served = sources;
+            await backUpClaimed(ch, last, dropIn, (k) => served.shown(k), `${remote.user ? `${remote.user}@` : ''}${remote.host}:${to.path.replace(/\/+$/, '')}`, {
               connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal,
             }, printer);
           } finally {
@@ -107,9 +112,14 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       }
       return printer.finish(done.stats, code);
     }
-    await ch.send(hello('sender', { blockSize: o.blockSize, compress: o.compress, bwlimit: o.bwlimit }));
-    checkHello(await ch.control(), remote.host);
-    const code = await receive(printer, new RemoteSources(ch, attrChoice(o)), from.map((r) => r!.path), dest, { ...o, filters: rules });
+    // The drop-in line in a pull: the far host's libvirt domains back up their own files into DEST (src/remote/domain-claims.ts).
+    const domains = o.manifest || o.onlyWriteBatch !== undefined ? undefined : { connect: o.connect, verifySample: o.verifySample };
+    await ch.send(hello('sender', { blockSize: o.blockSize, compress: o.compress, bwlimit: o.bwlimit, domains }));
+    const h = await ch.control();
+    checkHello(h, remote.host);
+    const keys = claimsFromWire(h.claims);
+    const claims = keys && new ClaimsForPeer(ch, keys, o.times);
+    const code = await receive(printer, new RemoteSources(ch, attrChoice(o)), from.map((r) => r!.path), dest, { ...o, filters: rules }, { claims });
     await ch.send({ op: 'bye' });
     return code;
   });

@@ -14,6 +14,7 @@
  * qcow2 written through this host's QEMU.
  */
 import type { BigIntStats } from 'node:fs';
+import { hostname } from 'node:os';
 import { dirname } from 'node:path';
 import { QsyncError } from '../core/errors.js';
 import { protocolError, type ControlMessage } from '../core/wire.js';
@@ -21,6 +22,8 @@ import type { RunStats, SyncHooks } from '../sync/events.js';
 import { keyOf, localFolders, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
 import type { LocalDestination } from '../sync/local-target.js';
 import { errorMessage, type Channel } from './channel.js';
+import { ForwardingPrinter } from './session.js';
+import { armInterrupt, disarmInterrupt } from '../cli/interrupt.js';
 import { RemoteDestination } from './remote-target.js';
 import { TargetServer } from './serve-target.js';
 
@@ -57,7 +60,9 @@ export class ClaimsForPeer {
 
   async run(destRoot: string, o: DropInOptions, _hooks: SyncHooks, stats: RunStats): Promise<boolean> {
     if (!this.#claimed.length) return false;
-    await this.ch.send({ op: 'claimed', files: this.#claimed });
+    // What a pull's sending end needs to run the backups (a push's client has them already): how, and DEST for its messages and checkpoints.
+    const { dryRun, verifySample, announce } = o;
+    await this.ch.send({ op: 'claimed', files: this.#claimed, dest: `${hostname()}:${destRoot}`, options: { dryRun, verifySample, announce } });
     const m = await this.ch.control();
     if (m.op === 'claims-targets') await this.serveFolders(destRoot, o.dryRun);
     else if (m.op !== 'claims-done') throw protocolError(`unexpected "${m.op}"`);
@@ -110,7 +115,7 @@ const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(r
  * folders, served by the far side over the same channel; `claims-done`
  * then tells it whether some failed and what was written.
  */
-export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: DropIn, shownRoot: string, o: DropInOptions, hooks: SyncHooks): Promise<void> {
+export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: DropIn, shown: (key: string) => boolean, shownRoot: string, o: DropInOptions, hooks: SyncHooks): Promise<void> {
   const files = m.files;
   if (!Array.isArray(files) || files.length > MAX_CLAIMS) throw protocolError('bad claimed files');
   for (const f of files as Record<string, unknown>[]) {
@@ -119,7 +124,10 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
     if (!rel || rel.startsWith('/') || rel.split('/').some((p) => p === '..' || p === '' || p === '.') || !key || !Number.isSafeInteger(f.size)) {
       throw protocolError('bad claimed file');
     }
-    if (!dropIn.claim({ dev: BigInt(key[0]!), ino: BigInt(key[1]!), size: BigInt(f.size as number) }, rel)) throw protocolError(`${rel} is no file of a domain here`);
+    // Only a file this session listed to the peer: a domain's disk outside the tree served (or --restrict) is never backed up for it.
+    if (!shown(f.key as string) || !dropIn.claim({ dev: BigInt(key[0]!), ino: BigInt(key[1]!), size: BigInt(f.size as number) }, rel)) {
+      throw protocolError(`${rel} is no file of a domain in the tree served`);
+    }
   }
   const stats = { transferred: 0, transferredSize: 0, created: 0, literal: 0, matched: 0, scanned: 0 } as RunStats;
   let failed: boolean;
@@ -142,4 +150,35 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
     }
   }
   await ch.send({ op: 'claims-done', failed, stats: Object.fromEntries(COUNTED.map((k) => [k, stats[k]])) });
+}
+
+/** A pull's hello asks the sending end for its domains' files (`domains`), with the options their backups take. */
+export interface DomainsAsked {
+  connect?: string;
+  verifySample?: number;
+}
+
+export function domainsFromWire(v: unknown): DomainsAsked {
+  if (typeof v !== 'object' || v === null) throw protocolError('bad domains');
+  const { connect, verifySample } = v as Record<string, unknown>;
+  if (connect !== undefined && (typeof connect !== 'string' || connect.length > 4096)) throw protocolError('bad domains connect');
+  if (verifySample !== undefined && (typeof verifySample !== 'number' || !(verifySample >= 0 && verifySample <= 100))) throw protocolError('bad domains verifySample');
+  return { connect: connect as string | undefined, verifySample: verifySample as number | undefined };
+}
+
+/**
+ * A pull's sending end (this host has the domains): the receiving client's
+ * walk left their files (`claimed`); they are backed up into the client's
+ * DEST, what the client would print sent to it as events.
+ */
+export async function backUpForPeer(ch: Channel, m: ControlMessage, dropIn: DropIn, shown: (key: string) => boolean, o: DomainsAsked & { blockSize: number }): Promise<void> {
+  const opts = (typeof m.options === 'object' && m.options !== null ? m.options : {}) as Record<string, unknown>;
+  const signal = armInterrupt();
+  try {
+    await backUpClaimed(ch, m, dropIn, shown, typeof m.dest === 'string' ? m.dest : 'the client', {
+      connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: opts.dryRun === true, announce: opts.announce === true, signal,
+    }, new ForwardingPrinter(ch));
+  } finally {
+    disarmInterrupt();
+  }
 }

@@ -15,6 +15,7 @@
  * must lie inside DIR once symlinks are resolved. Below an operand nothing is
  * followed anyway: entries are reached through held folders.
  */
+import type { BigIntStats } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { deflateRawSync } from 'node:zlib';
@@ -73,6 +74,12 @@ export class SourceServer {
   private readonly local: LocalSources;
   private cache?: DigestCache;
 
+  /** The drop-in's image files (`dev:ino`, src/remote/domain-claims.ts): which of them the peer was shown. */
+  #watched?: ReadonlySet<string>;
+  readonly #shown = new Set<string>();
+  /** Requests answered beside the sources' own (a pull's `claimed`). */
+  readonly #more = new Map<string, (m: ControlMessage) => Promise<void>>();
+
   constructor(
     private readonly ch: Channel,
     private readonly pool: HashPool,
@@ -83,6 +90,26 @@ export class SourceServer {
     private readonly batch?: BatchRecorder,
   ) {
     this.local = new LocalSources(pool);
+  }
+
+  /** Note which of `keys` (`dev:ino` of regular files) this session's answers show the peer (`shown`). */
+  watch(keys: ReadonlySet<string>): void {
+    this.#watched = keys;
+  }
+
+  /** Whether a stat or listing of this session showed the peer that file: only those may be claimed (src/remote/domain-claims.ts). */
+  shown(key: string): boolean {
+    return this.#shown.has(key);
+  }
+
+  /** Answer `op` with `fn` too (its errors end the session). */
+  answer(op: string, fn: (m: ControlMessage) => Promise<void>): void {
+    this.#more.set(op, fn);
+  }
+
+  private note(st: BigIntStats): BigIntStats {
+    if (this.#watched && st.isFile() && this.#watched.has(`${st.dev}:${st.ino}`)) this.#shown.add(`${st.dev}:${st.ino}`);
+    return st;
   }
 
   /**
@@ -106,6 +133,11 @@ export class SourceServer {
           continue;
         }
         if (await this.batch?.take(m)) continue;
+        const more = this.#more.get(m.op);
+        if (more) {
+          await more(m);
+          continue;
+        }
         if (!(m.op in this.handlers)) return m;
         try {
           await this.handlers[m.op]!(m);
@@ -127,7 +159,7 @@ export class SourceServer {
       const st = await this.local.statOperand(p);
       // The operand followed (SRC/) must lie inside the root; one not followed is checked through its folder.
       await this.inside(p.endsWith('/') ? p : dirname(resolve(p)));
-      await this.ok({ st: statsToWire(st) });
+      await this.ok({ st: statsToWire(this.note(st)) });
     },
     'open-operand': async (m) => {
       const d = await Dir.open(await this.operand(fieldString(m, 'operand')));
@@ -152,7 +184,7 @@ export class SourceServer {
         for (const name of batch) {
           let entry: Record<string, unknown>;
           try {
-            const st = await d.lstat(name);
+            const st = this.note(await d.lstat(name));
             entry = { name, st: statsToWire(st) };
             const a = attrs?.get(name);
             // Read from this very inode, or left out: the receiving end then asks for them by name and inode.
@@ -184,7 +216,7 @@ export class SourceServer {
       if ('xaError' in a) await this.ch.send(a.xaError);
       else await this.ok(a);
     },
-    lstat: async (m) => this.ok({ st: statsToWire(await this.dir(m).lstat(fieldString(m, 'name'))) }),
+    lstat: async (m) => this.ok({ st: statsToWire(this.note(await this.dir(m).lstat(fieldString(m, 'name')))) }),
     'open-dir': async (m) => {
       const d = await this.dir(m).openDir(fieldString(m, 'name'));
       await this.hold(d, undefined, attrChoice(m));

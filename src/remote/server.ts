@@ -23,7 +23,8 @@ import { historyPath, restrictedPath } from './restrict.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
 import { TargetServer } from './serve-target.js';
-import { ClaimsForPeer, claimsFromWire } from './domain-claims.js';
+import { backUpForPeer, ClaimsForPeer, claimsFromWire, domainsFromWire } from './domain-claims.js';
+import { DropIn } from '../sync/dropin.js';
 import { LocalDestination } from '../sync/local-target.js';
 import { attrChoice } from '../sync/ext-attrs.js';
 import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire, receiveFilesFrom } from './session.js';
@@ -55,11 +56,20 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     if (h.role === 'sender') {
       const blockSize = h.blockSize;
       if (typeof blockSize !== 'number' || !isValidBlockSize(blockSize)) throw new QsyncError('PROTOCOL', 'protocol error: a bad block size');
-      await ch.send(hello('sender', {}));
+      // The drop-in line in a pull: images of this host's libvirt domains go through their domain (src/remote/domain-claims.ts).
+      const domains = h.domains === undefined ? undefined : domainsFromWire(h.domains);
+      const dropIn = domains && (await DropIn.find(domains.connect));
+      await ch.send(hello('sender', { claims: dropIn?.keys() }));
       if (typeof h.bwlimit === 'number' && Number.isFinite(h.bwlimit) && h.bwlimit > 0) ch.limit(h.bwlimit);
       const pool = new HashPool(blockSize);
       try {
-        const last = await new SourceServer(ch, pool, restrict, h.compress === true).serve();
+        const sources = new SourceServer(ch, pool, restrict, h.compress === true);
+        if (dropIn) {
+          // Only files this session listed may be claimed: a domain's disk outside the tree served is never backed up for the client.
+          sources.watch(new Set(dropIn.keys()));
+          sources.answer('claimed', (m) => backUpForPeer(ch, m, dropIn, (k) => sources.shown(k), { ...domains!, blockSize }));
+        }
+        const last = await sources.serve();
         if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
       } finally {
         await pool.close();
