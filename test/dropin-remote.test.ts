@@ -203,8 +203,9 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
       const h = await ch.control();
       const st = fs.statSync(disk('web.qcow2'), { bigint: true });
       const key = `${st.dev}:${st.ino}`;
-      expect(h.claims).toContain(key); // the host's domains are named by device and inode only
-      // Never listed to it (outside DIR), claimed all the same.
+      // Only disks inside DIR are named to it (by device and inode); the one outside is not.
+      expect(h.claims).toEqual([`${fs.statSync(disk('archive/old.raw')).dev}:${fs.statSync(disk('archive/old.raw')).ino}`]);
+      // Never listed to it (outside DIR), claimed all the same (a client could guess its numbers).
       await ch.send({ op: 'claimed', files: [{ rel: 'web.qcow2', key, size: Number(st.size) }], dest: 'thief:/loot', options: {} });
       await expect(ch.control()).rejects.toThrow(/no file of a domain in the tree served/);
     } finally {

@@ -59,7 +59,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
       // The drop-in line in a pull: images of this host's libvirt domains go through their domain (src/remote/domain-claims.ts).
       const domains = h.domains === undefined ? undefined : domainsFromWire(h.domains);
       const dropIn = domains && (await DropIn.find(domains.connect));
-      await ch.send(hello('sender', { claims: dropIn?.keys() }));
+      await ch.send(hello('sender', { claims: dropIn?.keys(restrict) }));
       if (typeof h.bwlimit === 'number' && Number.isFinite(h.bwlimit) && h.bwlimit > 0) ch.limit(h.bwlimit);
       const pool = new HashPool(blockSize);
       try {

@@ -118,9 +118,14 @@ export class DropIn {
     return true;
   }
 
-  /** The domains' image files as `dev:ino` (keyOf), for a far walk to leave (src/remote/domain-claims.ts). */
-  keys(): string[] {
-    return [...this.owned.keys()];
+  /**
+   * The domains' image files as `dev:ino` (keyOf), for a far walk to leave
+   * (src/remote/domain-claims.ts); `within` (a server's --restrict DIR):
+   * only those whose path libvirt gives lies in DIR, so a client learns
+   * nothing of the others (which it could never claim anyway).
+   */
+  keys(within?: string): string[] {
+    return [...this.owned].filter(([, o]) => within === undefined || o.disk.source!.startsWith(`${within.replace(/\/+$/, '')}/`)).map(([k]) => k);
   }
 
   /** Whether the walk left some file to a domain. */
