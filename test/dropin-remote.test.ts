@@ -15,7 +15,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { FileReport } from '../src/sync/events.js';
 import { needTools } from './helpers/env.js';
-import { QSYNC } from './helpers/cli.js';
+import { QSYNC, runQsync } from './helpers/cli.js';
 import { Channel } from '../src/remote/channel.js';
 import { hello } from '../src/remote/session.js';
 import { defineDomain, dropDomain, ensureLibvirtd, startDomain, virsh } from './helpers/libvirt.js';
@@ -138,6 +138,23 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
     expect(fs.existsSync(path.join(dest, 'stale.txt'))).toBe(false);
     expect(fs.existsSync(path.join(dest, 'web.qcow2'))).toBe(true);
     expect(fs.existsSync(path.join(dest, 'archive/old.raw'))).toBe(true);
+    await expectEqualToDisks();
+  });
+
+  it('the client killed while its domain backup writes to the far side: the job it left is ended, the next push converges', async () => {
+    // Enough guest data that the copy takes a while.
+    expect(await hmp(`qemu-io -d ${qdev.get('web.qcow2')} "write -P 0x5a 6M 24M"`)).not.toMatch(/error|failed/i);
+    let pid = 0;
+    const run = runQsync(['-a', '-e', ssh.sshd.rsh, '--qsync-path', ssh.serverCmd, `${images}/`, ssh.at(`${dest}/`)], { onSpawn: (p) => (pid = p) });
+    const backupJob = (): Promise<boolean> => virsh('backup-dumpxml', vm).then(() => true, () => false);
+    for (let i = 0; i < 600 && !(await backupJob()); i++) await new Promise((res) => setTimeout(res, 20));
+    process.kill(pid, 'SIGKILL');
+    expect((await run).signal).toBe('SIGKILL');
+    // Killed mid-backup: libvirt's job outlives the client.
+    expect(await backupJob()).toBe(true);
+    const r = await push();
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    expect((await virsh('domjobinfo', vm)).trim()).toMatch(/None/);
     await expectEqualToDisks();
   });
 
