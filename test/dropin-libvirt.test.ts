@@ -202,6 +202,25 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     }
   });
 
+  it('--backup-dir: the raw copy keeps its history (an earlier version restores byte for byte); the qcow2 copies are named as kept without', async () => {
+    const hist = path.join(dir, 'history');
+    const first = await dropIn('--backup-dir', hist);
+    expect(first.code, first.stderr + JSON.stringify(first.errors)).toBe(0);
+    const before = fs.readFileSync(path.join(dest, 'archive/old.raw'));
+    qemuIo(disk('archive/old.raw'), 'raw', 'write -P 0x3c 2M 128k');
+    const r = await dropIn('--backup-dir', hist);
+    expect(r.code, r.stderr + JSON.stringify(r.errors)).toBe(0);
+    expect(file(r, 'archive/old.raw').literal).toBe(128 << 10);
+    // No silent gap: each qcow2 copy is named, the raw one is not.
+    const named = r.errors.map((e) => e.message).filter((m) => /without --backup-dir history/.test(m));
+    expect(named.map((m) => m.split(':')[0]).sort()).toEqual(['data.qcow2', 'web.qcow2']);
+    const out = path.join(dir, 'old-before.raw');
+    const restored = await runQsync(['restore', path.join(dest, 'archive/old.raw'), out, '--backup-dir', hist, '--at', '1']);
+    expect(restored.code, restored.stderr).toBe(0);
+    expect(fs.readFileSync(out).equals(before)).toBe(true);
+    expect(fs.readFileSync(path.join(dest, 'archive/old.raw')).equals(fs.readFileSync(disk('archive/old.raw')))).toBe(true);
+  });
+
   it('a DEST copy qsync will not write (not a qcow2): that domain\'s files fail (exit 23) and are left alone, the rest is synced', async () => {
     const elsewhere = path.join(dir, 'junk-backup');
     fs.mkdirSync(elsewhere);

@@ -404,7 +404,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
       // A signal now ends the domains' backup jobs and exports before qsync stops (src/cli/interrupt.ts).
       const signal = armInterrupt();
       try {
-        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal }, printer, outcome.stats);
+        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal, wrapSink: deltas.wrapSink }, printer, outcome.stats);
         if (failed) outcome.partial = true;
       } finally {
         disarmInterrupt();

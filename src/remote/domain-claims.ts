@@ -19,7 +19,7 @@ import { dirname } from 'node:path';
 import { QsyncError } from '../core/errors.js';
 import { protocolError, type ControlMessage } from '../core/wire.js';
 import type { RunStats, SyncHooks } from '../sync/events.js';
-import { keyOf, localFolders, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
+import { keyOf, localFolders, unkept, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
 import type { LocalDestination } from '../sync/local-target.js';
 import { errorMessage, type Channel } from './channel.js';
 import { ForwardingPrinter } from './session.js';
@@ -58,8 +58,10 @@ export class ClaimsForPeer {
     return true;
   }
 
-  async run(destRoot: string, o: DropInOptions, _hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
     if (!this.#claimed.length) return false;
+    // Written over the wire through the domain, not by this run's engine: no history, no batch member.
+    if (o.wrapSink) for (const c of this.#claimed) hooks.warning?.(unkept(c.rel), c.rel);
     // What a pull's sending end needs to run the backups (a push's client has them already): how, and DEST for its messages and checkpoints.
     const { dryRun, verifySample, announce } = o;
     await this.ch.send({ op: 'claimed', files: this.#claimed, dest: `${hostname()}:${destRoot}`, options: { dryRun, verifySample, announce } });

@@ -23,7 +23,7 @@ import { fsPath } from '../io/safe-fs.js';
 import { socketAnswers } from '../io/socket-probe.js';
 import type * as DomainBackup from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
-import { nsToSeconds } from './file-sync.js';
+import { nsToSeconds, type FileSyncContext } from './file-sync.js';
 import { LocalDestination } from './local-target.js';
 import type { Destination } from './target.js';
 
@@ -60,6 +60,12 @@ export interface DropInOptions {
   announce: boolean;
   /** Aborted: the running backup cleans up (its job ended, its checkpoint pruned) and the run ends (INTERRUPTED). */
   signal?: AbortSignal;
+  /**
+   * The run's --backup-dir history and --write-batch record (src/sync/run-deltas.ts), for copies on
+   * this host whose bytes are the guest's (raw); a qcow2 copy, or one on another host, keeps neither:
+   * each such file is named in a warning and backed up without.
+   */
+  wrapSink?: FileSyncContext['wrapSink'];
 }
 
 export class DropIn {
@@ -164,7 +170,7 @@ export class DropIn {
         // The checkpoints are keyed by a DEST folder: the first of the domain's (its only one, mostly).
         const first = [...held.values()][0]!.destination;
         const summaries = await (await loadDomainBackup()).runDomainBackup({
-          domain, connect: this.uri, dest: first.shown, destination: first, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal,
+          domain, connect: this.uri, dest: first.shown, destination: first, blockSize: o.blockSize, verifySamplePct: o.verifySample, signal: o.signal, wrapSink: rawOnly(o.wrapSink, hooks),
           only: new Map(files.map((f) => [f.disk.target, { rel: f.rel, name: basename(f.rel), destination: at(f)!.destination }])),
         }, {
           // The printer's own methods, called on it (a class's are not own properties to spread).
@@ -203,6 +209,19 @@ export class DropIn {
 }
 
 const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(rel));
+
+/** History and batches for a copy that is a file on this host (raw: its bytes are the guest's); any other is named and kept out. */
+function rawOnly(wrap: FileSyncContext['wrapSink'], hooks: SyncHooks): FileSyncContext['wrapSink'] {
+  return wrap && ((target, info) => {
+    if (target && 'fh' in target) return wrap(target, info);
+    hooks.warning?.(unkept(info.relPath), info.relPath);
+    return target!;
+  });
+}
+
+/** Why a domain's file gets no history or batch record (the run goes on without them). */
+export const unkept = (rel: string): string =>
+  `${rel}: backed up through libvirt without --backup-dir history or --write-batch record (kept only for a raw copy on this host)`;
 
 /** A folder of DEST the domains' copies are written into, held while they are. */
 export interface DropInFolder {
