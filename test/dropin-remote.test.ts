@@ -158,6 +158,24 @@ describe.skipIf(!ready)('the drop-in line to host:DEST over ssh', () => {
     await expectEqualToDisks();
   });
 
+  it('a far host without QEMU\'s tools: the qcow2 copies fail (exit 23) saying what to install there; the raw copy and the plain file arrive', async () => {
+    const bare = path.join(ssh.dir, 'far', 'bare');
+    fs.mkdirSync(bare);
+    const bin = path.join(ssh.dir, 'bin-without-qemu');
+    fs.mkdirSync(bin);
+    for (const t of ['setpriv', 'sh', 'sync']) fs.symlinkSync(execFileSync('sh', ['-c', `command -v ${t}`], { encoding: 'utf8' }).trim(), path.join(bin, t));
+    const r = await runQsync(['-a', '-e', ssh.sshd.rsh, '--qsync-path', `PATH=${bin} ${ssh.serverCmd}`, `${images}/`, ssh.at(`${bare}/`)]);
+    expect(r.code, r.stderr).toBe(23);
+    expect(r.stderr).toMatch(new RegExp(`web\\.qcow2, data/db\\.qcow2: backup through libvirt domain ${vm} failed: .*install QEMU's tools on the host that holds DEST`));
+    expect(fs.existsSync(path.join(bare, 'web.qcow2'))).toBe(false); // no empty file left for the next run to refuse
+    expect(formatOf(path.join(bare, 'archive/old.raw'))).toBe('raw');
+    expect(fs.readFileSync(path.join(bare, 'notes.txt'), 'utf8')).toBe('not a disk\n');
+    // The tools installed: the next run makes the copies.
+    const again = await ssh.overSsh(['-a', `${images}/`, ssh.at(`${bare}/`)]);
+    expect(again.code, again.stderr).toBe(0);
+    for (const f of ['web.qcow2', 'data/db.qcow2']) expect(formatOf(path.join(bare, f))).toBe('qcow2');
+  });
+
   it('a far copy qsync will not write (not a qcow2): that domain\'s file fails (exit 23) and is left alone, the rest is synced', async () => {
     const elsewhere = path.join(ssh.dir, 'far', 'junk');
     fs.mkdirSync(elsewhere);

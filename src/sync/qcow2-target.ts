@@ -30,6 +30,8 @@ import { LocalDestination, LocalTarget } from './local-target.js';
 import type { Destination, OpenData, Target, TargetIdentity } from './target.js';
 
 const QCOW2_MAGIC = 0x514649fb;
+/** Where the tools a qcow2 copy is written with are missing (a backup host without QEMU). */
+const QEMU_TOOLS = "install QEMU's tools on the host that holds DEST (Debian: qemu-utils and qemu-system-common), which write a qcow2 copy";
 /** Bytes of the header read: up to the v3 incompatible features. */
 const HEADER_LEN = 80;
 
@@ -116,7 +118,10 @@ class Qcow2Target extends LocalTarget {
         await rm(dir, { recursive: true, force: true });
         throw e;
       });
-      if (typeof d === 'string') throw new QsyncError('TARGET', `qemu-storage-daemon could not open ${shown}: ${d}`, { file: shown, hint: 'is it open in a QEMU (a VM booted from the backup)?' });
+      if (typeof d === 'string') {
+        const missing = /failed to execute|No such file/i.test(d);
+        throw new QsyncError('TARGET', `qemu-storage-daemon could not open ${shown}: ${d}`, { file: shown, hint: missing ? QEMU_TOOLS : 'is it open in a QEMU (a VM booted from the backup)?' });
+      }
       daemon = d;
       nbd = await NbdClient.connect(`nbd+unix:///disk?socket=${socket}`);
       return nbd;
@@ -131,6 +136,12 @@ class Qcow2Target extends LocalTarget {
       await serve();
     } catch (e) {
       await stop();
+      // A copy this run made and could not make a qcow2 of goes again (left, the next run would refuse it as no qcow2).
+      if (create) {
+        const mine = await fh.stat({ bigint: true });
+        const there = await this.dir.lstatOrUndefined(this.name).catch(() => undefined);
+        if (there && there.ino === mine.ino && there.dev === mine.dev) await this.dir.unlink(this.name).catch(() => {});
+      }
       await fh.close();
       throw e;
     }
@@ -172,7 +183,7 @@ function qemuImg(args: string[], fd: number, shown: string): Promise<void> {
     const child = spawn('qemu-img', args, { stdio: ['ignore', 'ignore', 'pipe', fd] });
     let stderr = '';
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-    child.on('error', (e) => reject(new QsyncError('TARGET', `cannot run qemu-img for ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e })));
+    child.on('error', (e) => reject(new QsyncError('TARGET', `cannot run qemu-img for ${shown}: ${errnoText(e)}`, { file: shown, hint: errnoOf(e) === 'ENOENT' ? QEMU_TOOLS : undefined }, { cause: e })));
     child.on('exit', (code) => {
       if (code === 0) resolve();
       else reject(new QsyncError('TARGET', `qemu-img ${args[0]} ${shown}: ${stderr.trim() || `exit ${code}`}`, { file: shown }));
