@@ -236,6 +236,22 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
     expect(await virsh('checkpoint-list', vm, '--name')).toBe(cps);
   });
 
+  it('a second name of a disk (a hard link) is no second copy: the first goes through the domain, the other is refused as a held file (exit 23)', async () => {
+    const other = path.join(dir, 'linked');
+    fs.linkSync(disk('web.qcow2'), disk('zz-web.qcow2'));
+    try {
+      const r = await runQsync(['-a', '--json', '--verify-sample', '0', `${images}/`, `${other}/`]);
+      const doc = JSON.parse(r.stdout) as Doc;
+      expect(r.code).toBe(23);
+      expect(file(doc, 'web.qcow2')?.itemize).toBe('>f+++++++++');
+      expect(formatOf(path.join(other, 'web.qcow2'))).toBe('qcow2');
+      expect(doc.errors.map((e) => e.message).join('\n')).toMatch(/zz-web\.qcow2 is open in a running QEMU/);
+      expect(fs.existsSync(path.join(other, 'zz-web.qcow2'))).toBe(false);
+    } finally {
+      fs.unlinkSync(disk('zz-web.qcow2'));
+    }
+  });
+
   it('no libvirt answering (--connect to a socket nobody serves): the run is what it was, the running domain\'s disks refused', async () => {
     const elsewhere = path.join(dir, 'no-libvirt');
     const r = await runQsync(['-a', '--connect', `qemu+unix:///system?socket=${path.join(dir, 'nobody.sock')}`, `${images}/`, `${elsewhere}/`]);

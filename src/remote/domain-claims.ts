@@ -53,7 +53,8 @@ export class ClaimsForPeer {
 
   claim(st: BigIntStats, rel: string): boolean {
     const key = keyOf(st);
-    if (!this.keys.has(key)) return false;
+    // One name a disk, as a local walk claims it (src/sync/dropin.ts DropIn.claim).
+    if (!this.keys.has(key) || this.#claimed.some((c) => c.key === key)) return false;
     this.#claimed.push({ rel, key, size: Number(st.size) });
     return true;
   }

@@ -119,7 +119,8 @@ export class DropIn {
   /** The walk met a regular file at `rel`: true when a domain's backup takes it (the walk then leaves it). */
   claim(st: Pick<BigIntStats, 'dev' | 'ino' | 'size'>, rel: string): boolean {
     const o = this.owned.get(keyOf(st));
-    if (!o) return false;
+    // A second name of a disk (a hard link) is no second copy: the walk takes it as any file (a running domain's is refused).
+    if (!o || this.#claimed.some((c) => c.domain === o.domain && c.disk.target === o.disk.target)) return false;
     this.#claimed.push({ ...o, rel, size: Number(st.size) });
     return true;
   }
