@@ -292,4 +292,35 @@ describe.skipIf(!needTools('virsh', 'libvirtd', 'virtlogd', 'qemu-system-x86_64'
       await sshd.stop();
     }
   });
+
+  it('qsync forget DEST --domain: that DEST\'s checkpoints and notes go, another\'s stay; its next run is full and correct; a DEST moved away is forgotten too', async () => {
+    const other = path.join(dir, 'other-backup');
+    const o = await runQsync(['--domain', dom, '--connect', URI, '--json', other]);
+    expect(o.code, o.stderr).toBe(0);
+    const before = await ourCheckpoints();
+    expect(before.length).toBeGreaterThanOrEqual(2); // this file's DESTs each keep one
+
+    const f = await runQsync(['forget', dest, '--domain', dom, '--connect', URI]);
+    expect(f.code, f.stderr).toBe(0);
+    expect(f.stdout).toBe(`${dom}: dropped 1 checkpoint and the image state of ${dest}\n`);
+    const after = await ourCheckpoints();
+    expect(after).toHaveLength(before.length - 1);
+    expect(fs.readdirSync(path.join(stateOf(dest), 'image')).filter((n) => n.endsWith('.json'))).toEqual([]);
+
+    // The copies stay; the next run reads each disk in full and they still equal what the guest wrote.
+    await guestWrite(disks[0]!, 0xc1, 3 * MiB, 64 << 10);
+    const next = await backup('--verify-sample', '0');
+    expect(next.code, next.stderr).toBe(0);
+    for (const x of next.disks) expect(x.mode).toBe('full');
+    expect(byName(next.disks, 'web').written).toBe(64 << 10);
+    expectTargets();
+
+    // A DEST the user moved away: its checkpoint would pile up in the domain; forget drops it and makes nothing.
+    fs.renameSync(other, `${other}.moved`);
+    const g = await runQsync(['forget', other, '--domain', dom, '--connect', URI]);
+    expect(g.code, g.stderr).toBe(0);
+    expect(g.stdout).toMatch(/dropped 1 checkpoint/);
+    expect(fs.existsSync(other)).toBe(false);
+    expect(await ourCheckpoints()).toHaveLength(before.length - 1); // this DEST's new one, and no other
+  });
 });

@@ -615,7 +615,7 @@ function helpText(): string {
     '  or   qsync --qmp SOCKET [--drive NAME]... [OPTION]... DEST',
     '  or   qsync --image FILE [OPTION]... DEST',
     '  or   qsync --domain NAME [--connect URI] [OPTION]... DEST',
-    '  or   qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...',
+    '  or   qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]... | --domain NAME [--connect URI]',
     '  or   qsync --read-batch=FILE [OPTION]... DEST',
     '  or   qsync apply DELTA TARGET | verify DELTA|TARGET | info DELTA',
     '  or   qsync restore TARGET [OUT] --backup-dir DIR (--list | --at N|TIME) | prune DIR --keep N',

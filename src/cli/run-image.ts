@@ -12,7 +12,7 @@ import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import type { Feature } from '../remote/session.js';
 import type { Destination } from '../sync/target.js';
 import { parseRemote } from '../remote/ssh.js';
-import { forgetImage } from '../sync/image-forget.js';
+import { forgetDomain, forgetImage } from '../sync/image-forget.js';
 import { setStateBase } from '../sync/state-dir.js';
 import { parseArgv, type SyncOptions } from './args.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
@@ -97,14 +97,19 @@ async function backUp(dest: string, destination: Destination | undefined, o: Syn
   return EXIT.OK.code;
 }
 
-/** `qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...`: a line per disk. */
+/** `qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...` or `--domain NAME [--connect URI]`: a line per disk, or per domain. */
 export async function runForget(argv: string[], io: CliIO): Promise<number> {
-  const usage = new QsyncError('USAGE', 'usage: qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]...');
-  if (!argv.some((a) => /^--(?:qmp|image)(?:=|$)/.test(a))) throw usage;
+  const usage = new QsyncError('USAGE', 'usage: qsync forget DEST --qmp SOCKET|--image FILE [--drive NAME]... | --domain NAME [--connect URI]');
+  if (!argv.some((a) => /^--(?:qmp|image|domain)(?:=|$)/.test(a))) throw usage;
   const parsed = parseArgv(argv);
   if (parsed.kind !== 'sync' || parsed.sources.length) throw usage;
   const o = parsed.options;
   if (o.stateDir !== undefined) setStateBase(o.stateDir);
+  if (o.domain !== undefined) {
+    const cps = await forgetDomain({ domain: o.domain, connect: o.connect, dest: parsed.dest }, { notice: (m) => !o.quiet && io.stderr.write(`qsync: ${m}\n`) });
+    if (!o.quiet) io.stdout.write(`${o.domain}: dropped ${cps.length} checkpoint${cps.length === 1 ? '' : 's'} and the image state of ${resolve(parsed.dest)}\n`);
+    return EXIT.OK.code;
+  }
   for (const d of await forgetImage({ qmp: o.qmp, image: o.image, drives: o.drives, dest: parsed.dest })) {
     if (!o.quiet) io.stdout.write(`${d.name}: dropped ${d.bitmaps} bitmap${d.bitmaps === 1 ? '' : 's'} and the image state of ${resolve(parsed.dest)}\n`);
   }

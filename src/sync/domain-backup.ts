@@ -70,10 +70,10 @@ interface Disk {
 }
 
 /** Checkpoints and run folders of one DEST start with this; others are never touched. */
-const prefixFor = (dest: string): string => `qsync-${createHash('sha256').update(dest).digest('hex').slice(0, 12)}-`;
+export const prefixFor = (dest: string): string => `qsync-${createHash('sha256').update(dest).digest('hex').slice(0, 12)}-`;
 
 /** The target's name: its source file's name without the extension (web.qcow2 → web), else the target device. */
-function diskName(d: DomainDisk): string {
+export function diskName(d: DomainDisk): string {
   return (d.source ? basename(d.source).replace(/\.[^.]*$/, '') : '') || d.target;
 }
 
@@ -247,6 +247,18 @@ async function endLeftovers(uri: string, dom: Domain, busy: boolean, prefix: str
   }
 }
 
+/** Delete checkpoint `cp` of `domain` (its bitmaps merged into the one before, as libvirt does). */
+export async function dropCheckpoint(uri: string, domain: string, cp: string, hooks: SyncHooks): Promise<void> {
+  try {
+    await deleteCheckpoint(uri, domain, cp);
+  } catch (e) {
+    // Its bitmap is gone (a killed QEMU never saved it): nothing to merge, only libvirt's record to drop.
+    if (!(e instanceof VirshError && /not found in backing chain|missing or broken|inconsistent/i.test(e.detail))) throw e;
+    hooks.notice?.(`checkpoint ${cp} has lost its bitmap: only its metadata is deleted`, domain);
+    await deleteCheckpoint(uri, domain, cp, true);
+  }
+}
+
 /**
  * Delete this DEST's checkpoints that no disk's state records: the one of a
  * failed run, and the bases the run just replaced. Returns the first error.
@@ -260,14 +272,7 @@ async function pruneCheckpoints(uri: string, dom: Domain, prefix: string, disks:
     }
     for (const cp of await listed) {
       if (!cp.startsWith(prefix) || keep.has(cp)) continue;
-      try {
-        await deleteCheckpoint(uri, dom.name, cp);
-      } catch (e) {
-        // Its bitmap is gone (a killed QEMU never saved it): nothing to merge, only libvirt's record to drop.
-        if (!(e instanceof VirshError && /not found in backing chain|missing or broken|inconsistent/i.test(e.detail))) throw e;
-        hooks.notice?.(`checkpoint ${cp} has lost its bitmap: only its metadata is deleted`, dom.name);
-        await deleteCheckpoint(uri, dom.name, cp, true);
-      }
+      await dropCheckpoint(uri, dom.name, cp, hooks);
     }
     return undefined;
   } catch (e) {

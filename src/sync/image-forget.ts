@@ -4,7 +4,13 @@
  * those disks. The targets and their manifests stay: the next run is full
  * (it reads every allocated block) but writes only what differs.
  */
+import { resolve } from 'node:path';
 import { listBitmaps } from '../qemu/block.js';
+import { DEFAULT_URI, describeDomain, listCheckpoints } from '../qemu/libvirt.js';
+import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
+import { diskName, dropCheckpoint, prefixFor } from './domain-backup.js';
+import type { SyncHooks } from './events.js';
+import { LocalDestination } from './local-target.js';
 import { bitmapPrefix } from './image-names.js';
 import { imageStatePath, removeImageState } from './image-state.js';
 import { withImageSource, type ImageSourceOptions } from './image-source.js';
@@ -29,4 +35,30 @@ export function forgetImage(opts: ImageSourceOptions): Promise<Forgotten[]> {
     }
     return out;
   });
+}
+
+/**
+ * `qsync forget DEST --domain NAME [--connect URI]`: delete the libvirt
+ * checkpoints DEST owns on that domain (those `--domain` made, or the
+ * drop-in line writing into the DEST folder), and DEST's notes of the
+ * domain's disks. DEST may be gone: its checkpoints are what would pile up;
+ * when it is there it is locked meanwhile, so no run into it is under way.
+ * The copies and manifests stay: the next run reads each disk in full and
+ * writes only what differs.
+ */
+export async function forgetDomain(o: { domain: string; connect?: string; dest: string }, hooks: SyncHooks = {}): Promise<string[]> {
+  const uri = o.connect ?? DEFAULT_URI;
+  const dest = resolve(o.dest);
+  const destination = (await lstatOrUndefined(fsPath(dest))) ? await LocalDestination.open(dest) : undefined;
+  try {
+    const dom = await describeDomain(uri, o.domain);
+    const prefix = prefixFor(dest);
+    // Newest first: each deletion merges its bitmap into the one before.
+    const ours = (await listCheckpoints(uri, dom.name)).filter((cp) => cp.startsWith(prefix)).reverse();
+    for (const cp of ours) await dropCheckpoint(uri, dom.name, cp, hooks);
+    if (destination) for (const d of dom.disks) await destination.target(`${diskName(d)}.raw`).dropNote();
+    return ours;
+  } finally {
+    await destination?.close();
+  }
 }
