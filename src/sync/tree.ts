@@ -861,7 +861,8 @@ export class TreeSync {
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     if (attrs) {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
-      await attrs.apply({ dir: dst!, name, expect: st });
+      // The inode written, or the target as it was when nothing was: nothing else under the name gets the attributes.
+      await attrs.apply({ dir: dst!, name, expect: st, inode: r.inode ?? cur });
     }
     this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent }, st, source: src.dir.shown(src.name) });
   }

@@ -1,0 +1,56 @@
+/**
+ * Hostile users against code added late: -A/-X applied by root into a folder
+ * another user owns, a hostile client's options and --files-from lines on a
+ * `qsync --server --restrict DIR`, and a hostile server's batch members and
+ * events on a push. Each case is an attack that once worked, or one that
+ * must keep failing.
+ */
+import { execFileSync } from 'node:child_process';
+import { chownSync, lstatSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { NOBODY } from './helpers/cli.js';
+import { needTools } from './helpers/env.js';
+
+const asRoot = process.getuid?.() === 0;
+
+let dir: string;
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'qsync-hostile2-'));
+});
+afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+const attrsOf = (path: string): string => execFileSync('getfattr', ['--absolute-names', '-d', '-m', '-', path], { encoding: 'utf8' });
+
+describe.skipIf(!needTools('getfattr', 'setfattr') || !asRoot)('-X as root into a folder another user owns, without -o', () => {
+  it('a target swapped for the user\'s own file after qsync wrote it gets none of the source\'s attributes', async () => {
+    const { ExtAttrs } = await import('../src/sync/ext-attrs.js');
+    const { Dir } = await import('../src/io/safe-fs.js');
+    const d = join(dir, 'dest');
+    mkdirSync(d);
+    chownSync(d, NOBODY, NOBODY);
+    // The source carries a root-only attribute (as a binary's security.capability would be).
+    writeFileSync(join(dir, 'src'), 'tool');
+    execFileSync('setfattr', ['-n', 'trusted.qsync-test', '-v', 'root-granted', join(dir, 'src')]);
+    // What qsync wrote (a new target), and the user's own file, which the user renames over it.
+    writeFileSync(join(d, 'tool'), 'tool');
+    writeFileSync(join(d, 'mine'), 'evil');
+    chownSync(join(d, 'mine'), NOBODY, NOBODY);
+    const ext = new ExtAttrs({ acls: false, xattrs: true, noWrite: false, owners: false });
+    const srcDir = await Dir.open(dir);
+    const dst = await Dir.open(d);
+    try {
+      const st = lstatSync(join(dir, 'src'), { bigint: true });
+      const pair = await ext.read({ dir: srcDir, name: 'src', expect: st }, undefined, 'other');
+      const wrote = lstatSync(join(d, 'tool'), { bigint: true });
+      renameSync(join(d, 'mine'), join(d, 'tool')); // the swap, after the write and before the attributes
+      await expect(pair.apply({ dir: dst, name: 'tool', expect: st, inode: wrote })).rejects.toThrow(/changed while qsync worked on it/);
+      await ext.flush();
+      expect(attrsOf(join(d, 'tool'))).not.toMatch(/trusted\.qsync-test/);
+    } finally {
+      await srcDir.close();
+      await dst.close();
+    }
+  });
+});
