@@ -5,17 +5,19 @@
  * events on a push. Each case is an attack that once worked, or one that
  * must keep failing.
  */
-import { execFileSync } from 'node:child_process';
-import { chownSync, lstatSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { NOBODY } from './helpers/cli.js';
+import { NOBODY, QSYNC } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 
 const asRoot = process.getuid?.() === 0;
+const FAKE = join(import.meta.dirname, 'helpers', 'fake-sender.mjs');
 
 let dir: string;
+let n = 0;
 beforeEach(() => {
   dir = mkdtempSync(join(tmpdir(), 'qsync-hostile2-'));
 });
@@ -52,5 +54,45 @@ describe.skipIf(!needTools('getfattr', 'setfattr') || !asRoot)('-X as root into 
       await srcDir.close();
       await dst.close();
     }
+  });
+});
+
+function scenarioFile(s: Record<string, unknown>): string {
+  const p = join(dir, `scenario-${++n}.json`);
+  writeFileSync(p, JSON.stringify(s));
+  return p;
+}
+
+/** A hostile client (test/helpers/fake-sender.mjs) pushing `scenario` into `qsync --server --restrict root`. */
+function pushInto(root: string, scenario: Record<string, unknown>): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [FAKE, scenarioFile(scenario), '--push', process.execPath, QSYNC, '--server', '--restrict', root], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'state') },
+    });
+    let stderr = '';
+    p.stderr.on('data', (d) => (stderr += d));
+    p.on('close', (code) => resolve({ code, stderr }));
+  });
+}
+
+const oneFile = { type: 'dir', entries: { f: { type: 'file', text: 'fine\n' } } };
+
+describe('a hostile client\'s options on a push into --restrict DIR', () => {
+  it.each([
+    ['usermap', 5],
+    ['groupmap', {}],
+    ['chmod', [7]],
+    ['chmod', 'u+s'],
+    ['outFormat', { x: 1 }],
+    ['info', { name: 'all' }],
+    ['info', [1]],
+  ])('option %s = %j is refused as a protocol error naming it: nothing is written', async (k, v) => {
+    const root = join(dir, 'jail');
+    mkdirSync(root);
+    const r = await pushInto(root, { dest: 'd/', options: { recursive: true, [k]: v }, tree: oneFile });
+    expect(r.code, r.stderr).toBe(12);
+    expect(r.stderr).toMatch(new RegExp(`protocol error: option ${k} `));
+    expect(readdirSync(root)).toEqual([]);
   });
 });

@@ -162,8 +162,13 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   const o = { ...defaults } as unknown as Record<string, unknown>;
   for (const [k, val] of Object.entries(v as Record<string, unknown>)) {
     if (!(k in o) || val === undefined || val === null) continue;
-    const want = k === 'filters' ? 'object' : typeof o[k];
-    if (want !== 'undefined' && typeof val !== want) throw protocolError(`option ${k} is a ${typeof val}`);
+    // An option without a default is a string (a path, a format, a map); a list (--chmod) is one of strings;
+    // --info's levels are numbers. Anything else would reach the code that parses it as something it is not.
+    const want = k === 'filters' ? 'object' : o[k] === undefined ? 'string' : typeof o[k];
+    if (typeof val !== want) throw protocolError(`option ${k} is a ${Array.isArray(val) ? 'list' : typeof val}`);
+    if (Array.isArray(o[k]) !== Array.isArray(val)) throw protocolError(`option ${k} is ${Array.isArray(val) ? 'a list' : 'not a list'}`);
+    if (k !== 'filters' && Array.isArray(val) && !val.every((s) => typeof s === 'string')) throw protocolError(`option ${k} is not a list of strings`);
+    if (k === 'info' && !Object.entries(val as object).every(([f, l]) => f in (o.info as object) && Number.isSafeInteger(l))) throw protocolError(`option ${k} is not a set of levels`);
     o[k] = val;
   }
   const out = o as unknown as SyncOptions;
