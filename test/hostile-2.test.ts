@@ -96,3 +96,67 @@ describe('a hostile client\'s options on a push into --restrict DIR', () => {
     expect(readdirSync(root)).toEqual([]);
   });
 });
+
+describe('a hostile server\'s events on a push', () => {
+  const report = { path: 'f', itemize: '>f+++++++++', kind: 'file', size: 1, scanned: 1, literal: 1, matched: 0, unchanged: false };
+  it.each([
+    ['fileEnd', [{ ...report, path: 5 }]],
+    ['fileEnd', [null]],
+    ['fileEnd', ['x']],
+    ['fileEnd', [{ ...report, kind: 'pipe' }]],
+    ['deleted', [{}]],
+    ['notice', [{}, null]],
+    ['info', ['text', 'loud']],
+    ['warning', ['text', 5]],
+    ['fileProgress', ['f', '1', 1]],
+  ])('%s with arguments %j is a protocol error, not an internal one', async (hook, args) => {
+    const { eventsTo } = await import('../src/remote/session.js');
+    const { createPrinter } = await import('../src/cli/output.js');
+    const { parseArgv } = await import('../src/cli/args.js');
+    const parsed = parseArgv(['-avi', '--progress', 'a', 'b']);
+    if (parsed.kind !== 'sync') throw new Error('not a sync');
+    let out = '';
+    const sink = { write: (s: string) => ((out += s), true) } as unknown as NodeJS.WriteStream;
+    const handle = eventsTo(createPrinter(parsed.options, { stdout: sink, stderr: sink, isTTY: false }, Date.now, true));
+    expect(() => handle({ op: 'event', hook, args })).toThrow(/protocol error: a malformed event/);
+    expect(out).toBe('');
+  });
+
+  it('the events a server sends are printed', async () => {
+    const { eventsTo } = await import('../src/remote/session.js');
+    const { createPrinter } = await import('../src/cli/output.js');
+    const { parseArgv } = await import('../src/cli/args.js');
+    const parsed = parseArgv(['-avi', 'a', 'b']);
+    if (parsed.kind !== 'sync') throw new Error('not a sync');
+    let out = '';
+    const sink = { write: (s: string) => ((out += s), true) } as unknown as NodeJS.WriteStream;
+    const handle = eventsTo(createPrinter(parsed.options, { stdout: sink, stderr: sink, isTTY: false }, Date.now, true));
+    handle({ op: 'event', hook: 'fileStart', args: ['f', 1, 'new'] });
+    handle({ op: 'event', hook: 'fileEnd', args: [report] });
+    handle({ op: 'event', hook: 'deleted', args: ['gone'] });
+    handle({ op: 'event', hook: 'notice', args: ['a notice', null] });
+    handle({ op: 'event', hook: 'warning', args: ['a warning', 'f', null] });
+    expect(out).toMatch(/>f\+{9} f\n/);
+    expect(out).toMatch(/\*deleting +gone/);
+    expect(out).toMatch(/a notice/);
+    expect(out).toMatch(/a warning/);
+  });
+});
+
+describe('a hostile server\'s "done" on a push', () => {
+  it.each([
+    [{ code: 0, stats: { files: 'many' } }],
+    [{ code: 0, stats: [1] }],
+    [{ code: 1.5 }],
+    [{ code: -1 }],
+    [{ code: 1e9 }],
+  ])('%j is a protocol error', async (body) => {
+    const { readDone } = await import('../src/remote/session.js');
+    expect(() => readDone({ op: 'done', ...body })).toThrow(/protocol error/);
+  });
+
+  it('an honest one is read', async () => {
+    const { readDone } = await import('../src/remote/session.js');
+    expect(readDone({ op: 'done', code: 23, stats: { files: 2, literal: 5 } })).toMatchObject({ code: 23, stats: { files: 2, literal: 5 } });
+  });
+});

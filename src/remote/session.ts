@@ -138,12 +138,51 @@ export class ForwardingPrinter implements Printer {
   }
 }
 
+/**
+ * What each event's arguments must be, in order: `s` a string, `n` a number, `b` a boolean, `r` a file report,
+ * `c` an --info category; a capital letter may also be absent (null). What the printer then does with them is
+ * what it does with a local run's.
+ */
+const EVENT_ARGS: Record<Hook, string> = { fileStart: 'sns', fileProgress: 'snn', fileEnd: 'r', deleted: 's', notice: 'sS', info: 'sc', warning: 'sSB' };
+const REPORT_KINDS = ['file', 'dir', 'symlink', 'device', 'special'];
+const REPORT_FIELDS: Record<string, string> = { path: 's', itemize: 's', kind: 's', size: 'n', scanned: 'n', literal: 'n', matched: 'n', unchanged: 'b' };
+const REPORT_OPTIONAL: Record<string, string> = { method: 's', length: 'n', target: 's', mtime: 'n', uid: 'n', gid: 'n', mode: 'n' };
+
+function isReport(v: unknown): boolean {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return false;
+  const r = v as Record<string, unknown>;
+  return (
+    Object.entries(REPORT_FIELDS).every(([k, t]) => isArg(r[k], t)) &&
+    Object.entries(REPORT_OPTIONAL).every(([k, t]) => r[k] === undefined || isArg(r[k], t)) &&
+    REPORT_KINDS.includes(r.kind as string)
+  );
+}
+
+function isArg(v: unknown, t: string): boolean {
+  if (v === null || v === undefined) return t !== t.toLowerCase();
+  switch (t.toLowerCase()) {
+    case 's':
+      return typeof v === 'string';
+    case 'n':
+      return typeof v === 'number' && Number.isFinite(v);
+    case 'b':
+      return typeof v === 'boolean';
+    case 'c':
+      return ['nonreg', 'skip', 'misc', 'always'].includes(v as string);
+    default:
+      return isReport(v);
+  }
+}
+
 /** The client's handler for the events a receiving server sends: each goes to the local printer, as a local run's would. */
 export function eventsTo(printer: Printer): (m: ControlMessage) => boolean {
   return (m) => {
     if (m.op !== 'event') return false;
     const hook = m.hook as Hook;
-    if (!HOOKS.includes(hook) || !Array.isArray(m.args)) throw new QsyncError('PROTOCOL', 'protocol error: a malformed event');
+    const want = HOOKS.includes(hook) ? EVENT_ARGS[hook] : undefined;
+    if (!want || !Array.isArray(m.args) || m.args.length > want.length || ![...want].every((t, i) => isArg((m.args as unknown[])[i], t))) {
+      throw new QsyncError('PROTOCOL', 'protocol error: a malformed event');
+    }
     const fn = printer[hook] as ((...a: unknown[]) => void) | undefined;
     fn?.apply(printer, m.args);
     return true;
@@ -153,6 +192,12 @@ export function eventsTo(printer: Printer): (m: ControlMessage) => boolean {
 /** The receiving server's "done": its stats and exit code, and the error that ended it, if one did. */
 export function readDone(m: ControlMessage): { stats?: RunStats; code: number; error?: Error } {
   if (m.op !== 'done' || typeof m.code !== 'number') throw protocolError(`expected "done", got "${m.op}"`);
+  // The exit status is one a process can have; the stats are numbers (the summary lines print them).
+  if (!Number.isInteger(m.code) || m.code < 0 || m.code > 255) throw protocolError(`exit code ${m.code}`);
+  const s = m.stats;
+  if (s !== undefined && s !== null && (typeof s !== 'object' || Array.isArray(s) || !Object.values(s).every((v) => typeof v === 'number' && Number.isFinite(v)))) {
+    throw protocolError('malformed stats');
+  }
   return { stats: m.stats as RunStats | undefined, code: m.code, error: m.error ? remoteError(m.error as ControlMessage) : undefined };
 }
 
