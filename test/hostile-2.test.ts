@@ -160,3 +160,15 @@ describe('a hostile server\'s "done" on a push', () => {
     expect(readDone({ op: 'done', code: 23, stats: { files: 2, literal: 5 } })).toMatchObject({ code: 23, stats: { files: 2, literal: 5 } });
   });
 });
+
+describe('a hostile server\'s error codes on a pull', () => {
+  it.each(['FOO', 'toString', '__proto__'])('an error of code %j ends the run with a failure exit and the server\'s message, never exit 0 or a stack trace', async (code) => {
+    const { runQsync } = await import('./helpers/cli.js');
+    const r = await runQsync(['-a', '-e', `${process.execPath} ${FAKE} ${scenarioFile({ helloError: code, tree: { type: 'dir', entries: {} } })}`, 'fake:src/', `${join(dir, 'dest')}/`], {
+      env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'state') },
+    });
+    expect(r.code, r.stderr).toBe(11);
+    expect(r.stderr).toMatch(/^qsync: refused by the server$/m);
+    expect(r.stderr).not.toMatch(/TypeError|    at /);
+  });
+});

@@ -12,6 +12,8 @@
 //   a file's lie: 'outside' | 'badhash' (see the scan below)
 //   silent:    after the hello, read and never answer
 //   closeAfterHello: close stdout after the hello but stay alive
+//   statError: answer "stat" with an error of this code
+//   helloError: answer the hello with an error of this code
 //
 // `node fake-sender.mjs SCENARIO.json --push CMD...` plays a hostile client
 // of a push instead: it runs CMD (a `qsync --server ...`), opens with the
@@ -80,6 +82,7 @@ function onMessage(m) {
       output.end();
       return;
     }
+    if (!push && scenario.helloError) return send({ op: 'error', code: scenario.helloError, message: 'refused by the server' });
     if (!push) send({ op: 'hello', magic: 'qsync-wire', version: 2, role: 'sender' });
     // A push's --files-from: the lines the client read, after the server's hello.
     if (push && scenario.filesFrom) {
@@ -100,6 +103,7 @@ function onMessage(m) {
   const dirOf = () => handles.get(m.h);
   switch (m.op) {
     case 'stat': {
+      if (scenario.statError) return send({ op: 'error', code: scenario.statError, message: 'refused by the server' });
       const n = lookup(m.operand);
       return n ? ok({ st: st(n) }) : enoent();
     }
