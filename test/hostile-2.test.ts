@@ -172,3 +172,16 @@ describe('a hostile server\'s error codes on a pull', () => {
     expect(r.stderr).not.toMatch(/TypeError|    at /);
   });
 });
+
+describe('a hostile server\'s batch members on a push with --write-batch', () => {
+  it.each(['', 'a//b', 'a/', '/etc/passwd', 'a/../../b', './a'])('a member named %j is a protocol error; the batch is dropped', async (name) => {
+    const { BatchRecorder } = await import('../src/remote/batch-relay.js');
+    const { DeltaFileWriter } = await import('../src/io/delta-file.js');
+    const path = join(dir, 'batch.qdelta');
+    const w = await DeltaFileWriter.create(path);
+    const rec = new BatchRecorder(w, 65536);
+    await expect(rec.take({ op: 'b-begin', name, blockSize: 65536, baseSize: 0, resultSize: 1 })).rejects.toThrow(/protocol error: a member named/);
+    expect(await rec.close(true)).toBe(false);
+    expect(readdirSync(dir)).toEqual([]);
+  });
+});
