@@ -185,3 +185,25 @@ describe('a hostile server\'s batch members on a push with --write-batch', () =>
     expect(readdirSync(dir)).toEqual([]);
   });
 });
+
+describe('--files-from names with a NUL byte', () => {
+  it('a local list: the run says which name and what to do, not an internal error', async () => {
+    const { runQsync } = await import('./helpers/cli.js');
+    mkdirSync(join(dir, 'src'));
+    writeFileSync(join(dir, 'src', 'a'), 'a');
+    writeFileSync(join(dir, 'list'), 'a\0b\na\n');
+    const r = await runQsync(['-a', `--files-from=${join(dir, 'list')}`, `${join(dir, 'src')}/`, `${join(dir, 'dest')}/`], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'state') } });
+    expect(r.stderr).not.toMatch(/internal/);
+    expect(r.stderr).toMatch(/--files-from .*list: the name "a\\u0000b" holds a NUL byte/);
+    expect(r.code).toBe(1);
+  });
+
+  it('lines a hostile client sends to --restrict DIR: refused the same way, nothing written', async () => {
+    const root = join(dir, 'jail');
+    mkdirSync(root);
+    const r = await pushInto(root, { dest: 'd/', options: { relative: true, dirs: true }, hello: { filesFrom: 'list' }, filesFrom: ['f\0x', 'f'], tree: oneFile });
+    expect(r.stderr).toMatch(/holds a NUL byte/);
+    expect(r.code).toBe(1);
+    expect(readdirSync(root)).toEqual([]);
+  });
+});
