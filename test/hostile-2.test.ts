@@ -207,3 +207,16 @@ describe('--files-from names with a NUL byte', () => {
     expect(readdirSync(root)).toEqual([]);
   });
 });
+
+describe('a hostile client\'s "__proto__" option on a push into --restrict DIR', () => {
+  it.each(['writeBatch', 'onlyWriteBatch', 'manifest'])('options {"__proto__": {"%s": PATH}} make no file at PATH, outside DIR', async (k) => {
+    const root = join(dir, 'jail');
+    mkdirSync(root);
+    const pwned = join(dir, 'pwned');
+    const options = JSON.parse(`{"recursive": true, "__proto__": {${JSON.stringify(k)}: ${JSON.stringify(pwned)}}}`) as Record<string, unknown>;
+    const r = await pushInto(root, { dest: 'd/', options, tree: oneFile });
+    expect(r.code, r.stderr).toBe(0);
+    expect(readdirSync(dir).filter((x) => !x.startsWith('scenario-') && x !== 'state' && x !== 'jail')).toEqual([]);
+    expect(readdirSync(join(root, 'd'))).toEqual(['f']);
+  });
+});

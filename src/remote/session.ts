@@ -206,7 +206,9 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   if (typeof v !== 'object' || v === null) throw new QsyncError('PROTOCOL', 'protocol error: options are not an object');
   const o = { ...defaults } as unknown as Record<string, unknown>;
   for (const [k, val] of Object.entries(v as Record<string, unknown>)) {
-    if (!(k in o) || val === undefined || val === null) continue;
+    // Own options only: "__proto__" would give the object a prototype of the client's, and every option deleted
+    // below (a batch or manifest path, the state dir) would then be read from it.
+    if (!Object.hasOwn(o, k) || val === undefined || val === null) continue;
     // An option without a default is a string (a path, a format, a map); a list (--chmod) is one of strings;
     // --info's levels are numbers. Anything else would reach the code that parses it as something it is not.
     const want = k === 'filters' ? 'object' : o[k] === undefined ? 'string' : typeof o[k];
