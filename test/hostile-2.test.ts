@@ -208,6 +208,26 @@ describe('--files-from names with a NUL byte', () => {
   });
 });
 
+describe('a hostile client\'s requests on a pull', () => {
+  it.each(['toString', 'constructor', '__proto__', 'hasOwnProperty'])('a request named %j is no request: serve() ends on it as on any message it does not serve', async (op) => {
+    const { PassThrough } = await import('node:stream');
+    const { Channel } = await import('../src/remote/channel.js');
+    const { SourceServer } = await import('../src/remote/serve-sources.js');
+    const { HashPool } = await import('../src/hash/pool.js');
+    const { encodeControl } = await import('../src/core/wire.js');
+    const toServer = new PassThrough();
+    const fromServer = new PassThrough();
+    const pool = new HashPool(65536);
+    try {
+      const served = new SourceServer(new Channel(toServer, fromServer), pool).serve();
+      toServer.write(encodeControl({ op }));
+      await expect(served).resolves.toMatchObject({ op });
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
 describe('a hostile client\'s "__proto__" option on a push into --restrict DIR', () => {
   it.each(['writeBatch', 'onlyWriteBatch', 'manifest'])('options {"__proto__": {"%s": PATH}} make no file at PATH, outside DIR', async (k) => {
     const root = join(dir, 'jail');
