@@ -240,3 +240,33 @@ describe('a hostile client\'s "__proto__" option on a push into --restrict DIR',
     expect(readdirSync(join(root, 'd'))).toEqual(['f']);
   });
 });
+
+describe('filter patterns with many stars', () => {
+  it('a pattern of many "**" and "*" against a long name is answered (no backtracking blow-up), as the same pattern as a regular expression answers short ones', async () => {
+    const { compileFilters, wildmatch } = await import('../src/core/filter.js');
+    const evil = compileFilters([{ type: 'exclude', pattern: '**a**a**a**a**a**a**a**a**b' }, { type: 'exclude', pattern: '*a*a*a*a*a*a*a*a*a*a*c' }]);
+    expect(evil.excluded('a'.repeat(250), false)).toBe(false);
+    expect(evil.excluded(`${'a/'.repeat(120)}b`, false)).toBe(true);
+    expect(wildmatch('*a*a*a*a*a*a*a*a*a*b', 'a'.repeat(250))).toBe(false);
+    // The same answers as the backtracking expression on names short enough for it, for patterns of every token.
+    const reOf = (p: string) => {
+      let re = '';
+      for (let i = 0; i < p.length; ) {
+        if (p.startsWith('**', i)) (re += '.*'), (i += 2);
+        else if (p[i] === '*') (re += '[^/]*'), i++;
+        else if (p[i] === '?') (re += '[^/]'), i++;
+        else if (p.startsWith('[ab]', i)) (re += '(?!/)[ab]'), (i += 4);
+        else (re += p[i] === '/' ? '\\/' : p[i]), i++;
+      }
+      return new RegExp(`^${re}$`, 's');
+    };
+    let seed = 7;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff), seed % n);
+    const pieces = ['a', 'b', '/', '*', '**', '?', '[ab]'];
+    for (let k = 0; k < 3000; k++) {
+      const p = Array.from({ length: 1 + rand(6) }, () => pieces[rand(pieces.length)]).join('');
+      const text = Array.from({ length: rand(8) }, () => 'ab/'[rand(3)]).join('');
+      expect(wildmatch(p, text), `${p} ${text}`).toBe(reOf(p).test(text));
+    }
+  });
+});
