@@ -270,3 +270,15 @@ describe('filter patterns with many stars', () => {
     }
   });
 });
+
+describe('a hostile server\'s symlink targets on a pull', () => {
+  it.each([['a\0b'], [''], ['x'.repeat(5000)]])('a target %# (NUL, empty, longer than PATH_MAX) ends the run as a protocol error (exit 12)', async (target) => {
+    const { runQsync } = await import('./helpers/cli.js');
+    const tree = { type: 'dir', entries: { l: { type: 'link', target }, f: { type: 'file', text: 'x' } } };
+    const r = await runQsync(['-a', '-e', `${process.execPath} ${FAKE} ${scenarioFile({ tree })}`, 'fake:src/', `${join(dir, 'dest')}/`], {
+      env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'state') },
+    });
+    expect(r.stderr).toMatch(/protocol error: a symlink target that is not one/);
+    expect(r.code).toBe(12);
+  });
+});
