@@ -282,3 +282,34 @@ describe('a hostile server\'s symlink targets on a pull', () => {
     expect(r.code).toBe(12);
   });
 });
+
+describe.skipIf(!asRoot)('--log-file as root through a folder another user owns', () => {
+  it('a folder on the way swapped for the user\'s symlink to a root-only folder: no log is made there, the run says why', async () => {
+    const { runQsync } = await import('./helpers/cli.js');
+    const { symlinkSync, existsSync, lchownSync } = await import('node:fs');
+    const victim = join(dir, 'victim');
+    mkdirSync(victim, { mode: 0o700 });
+    const home = join(dir, 'home');
+    mkdirSync(home);
+    chownSync(home, NOBODY, NOBODY);
+    // The user's folder, where root was asked to log, is now the user's symlink to the root-only folder.
+    symlinkSync(victim, join(home, 'logs'));
+    lchownSync(join(home, 'logs'), NOBODY, NOBODY);
+    mkdirSync(join(dir, 'src'));
+    writeFileSync(join(dir, 'src', 'f'), 'x');
+    const r = await runQsync(['-a', `--log-file=${join(home, 'logs', 'q.log')}`, `${join(dir, 'src')}/`, `${join(dir, 'dest')}/`], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'state') } });
+    expect(readdirSync(victim)).toEqual([]);
+    expect(r.stderr).toMatch(/is a symlink owned by uid 65534/);
+    expect(r.code).toBe(11);
+    expect(existsSync(join(dir, 'dest'))).toBe(false);
+  });
+
+  it('a FIFO in the log\'s place is refused, not waited on', async () => {
+    const { runQsync } = await import('./helpers/cli.js');
+    execFileSync('mkfifo', [join(dir, 'q.log')]);
+    mkdirSync(join(dir, 'src'));
+    const r = await runQsync(['-a', `--log-file=${join(dir, 'q.log')}`, `${join(dir, 'src')}/`, `${join(dir, 'dest')}/`], { env: { ...process.env, QSYNC_STATE_DIR: join(dir, 'state') } });
+    expect(r.stderr).toMatch(/failed to open log-file .*q\.log: no such device or address \(ENXIO\)/);
+    expect(r.code).toBe(11);
+  });
+});
