@@ -313,3 +313,31 @@ describe.skipIf(!asRoot)('--log-file as root through a folder another user owns'
     expect(r.code).toBe(11);
   });
 });
+
+describe('a hostile client\'s operands on a pull from --restrict DIR', () => {
+  it.each(['', '.', './', 'a/..', '..', '/'])('"open-parent" of %j holds no folder outside DIR', async (operand) => {
+    const { PassThrough } = await import('node:stream');
+    const { Channel } = await import('../src/remote/channel.js');
+    const { SourceServer } = await import('../src/remote/serve-sources.js');
+    const { HashPool } = await import('../src/hash/pool.js');
+    const { encodeControl, WireDecoder } = await import('../src/core/wire.js');
+    const root = join(dir, 'jail');
+    mkdirSync(join(root, 'a'), { recursive: true });
+    const toServer = new PassThrough();
+    const fromServer = new PassThrough();
+    const answers: Record<string, unknown>[] = [];
+    const decoder = new WireDecoder((f) => f.type === 'control' && answers.push(f.msg));
+    fromServer.on('data', (c: Buffer) => decoder.push(c));
+    const pool = new HashPool(65536);
+    try {
+      const served = new SourceServer(new Channel(toServer, fromServer), pool, root).serve();
+      toServer.write(encodeControl({ op: 'open-parent', operand }));
+      toServer.write(encodeControl({ op: 'bye' }));
+      await served;
+      expect(answers).toHaveLength(1);
+      expect(answers[0]!.op, JSON.stringify(answers[0])).toBe('error');
+    } finally {
+      await pool.close();
+    }
+  });
+});
