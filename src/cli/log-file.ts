@@ -8,8 +8,9 @@
  * and, for a failure, the exit line. A Printer wrapped around the one that
  * prints to the terminal.
  */
-import { closeSync, constants, openSync, writeSync } from 'node:fs';
-import { QsyncError } from '../core/errors.js';
+import { closeSync, constants, writeSync } from 'node:fs';
+import { resolveTrusted } from '../io/safe-fs.js';
+import { errnoText, QsyncError } from '../core/errors.js';
 import type { FileReport, RunStats } from '../sync/events.js';
 import { describeExit } from './exit-codes.js';
 import { summaryLines, type Printer } from './output.js';
@@ -18,14 +19,24 @@ import type { SyncOptions } from './args.js';
 
 export const DEFAULT_LOG_FORMAT = '%i %n%L';
 
-/** `inner` with every line that rsync would log also appended to `path`. */
-export function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, 'logFileFormat' | 'dryRun' | 'verbose' | 'stats' | 'quiet' | 'human'>): Printer & { failed(e: unknown, code: number): void } {
+/**
+ * `inner` with every line that rsync would log also appended to `path`. The
+ * log is reached through no other user's symlink (resolveTrusted, as a batch
+ * file is) and must be a regular file: root logging into a folder a user owns
+ * appends nowhere else, and a FIFO there does not hang the run.
+ */
+export async function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, 'logFileFormat' | 'dryRun' | 'verbose' | 'stats' | 'quiet' | 'human'>): Promise<Printer & { failed(e: unknown, code: number): void }> {
   const { dryRun } = o;
   let fd: number;
   try {
-    fd = openSync(path, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_NOFOLLOW, 0o666);
+    const { dir, name } = await resolveTrusted(path, false);
+    try {
+      fd = dir.openFileSync(name, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT, 0o666);
+    } finally {
+      await dir.close();
+    }
   } catch (e) {
-    throw new QsyncError('IO', `failed to open log-file ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+    throw new QsyncError('IO', `failed to open log-file ${path}: ${errnoText(e)}`, { file: path }, { cause: e });
   }
   const fmt = o.logFileFormat ?? DEFAULT_LOG_FORMAT;
   const hasOpOrItemize = usesEscape(fmt, 'oi');

@@ -122,7 +122,7 @@ export async function readFilesFrom(path: string, from0: boolean): Promise<strin
 
 export async function runSync(operands: string[], dest: string, o: SyncOptions, io: CliIO): Promise<number> {
   const shown = createPrinter(o, io, Date.now, true);
-  const logged = o.logFile === undefined ? undefined : withLogFile(shown, o.logFile, o);
+  const logged = o.logFile === undefined ? undefined : await withLogFile(shown, o.logFile, o);
   const printer = logged ?? shown;
   try {
     return await syncWith(printer, operands, dest, o);

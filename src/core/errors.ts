@@ -3,18 +3,23 @@
  * exit status (src/cli/exit-codes.ts), context fields for the message, and
  * the underlying `cause`.
  */
-export type ErrorCode =
-  | 'USAGE' // bad flag or operand (rsync exit 1)
-  | 'UNSUPPORTED' // an rsync option qsync does not implement (exit 1)
-  | 'SOURCE' // source missing or unreadable (exit 23 for a file, 3 for an operand)
-  | 'TARGET' // destination unwritable (exit 11)
-  | 'LOCKED' // another qsync holds the target, or QEMU holds the image
-  | 'FORMAT' // manifest, delta or wire data failed validation
-  | 'BASE_MISMATCH' // a delta made for another base
-  | 'PROTOCOL' // NBD / QMP / wire protocol violation
-  | 'QMP' // QEMU answered a command with an error
-  | 'IO' // any other I/O failure
-  | 'INTERRUPTED'; // SIGINT/SIGTERM (exit 20)
+export const ERROR_CODES = [
+  'USAGE', // bad flag or operand (rsync exit 1)
+  'UNSUPPORTED', // an rsync option qsync does not implement (exit 1)
+  'SOURCE', // source missing or unreadable (exit 23 for a file, 3 for an operand)
+  'TARGET', // destination unwritable (exit 11)
+  'LOCKED', // another qsync holds the target, or QEMU holds the image
+  'FORMAT', // manifest, delta or wire data failed validation
+  'BASE_MISMATCH', // a delta made for another base
+  'PROTOCOL', // NBD / QMP / wire protocol violation
+  'QMP', // QEMU answered a command with an error
+  'IO', // any other I/O failure
+  'INTERRUPTED', // SIGINT/SIGTERM (exit 20)
+] as const;
+export type ErrorCode = (typeof ERROR_CODES)[number];
+
+/** Whether `v` (a peer's word, say) is one of the codes. */
+export const isErrorCode = (v: unknown): v is ErrorCode => (ERROR_CODES as readonly unknown[]).includes(v);
 
 export interface ErrorContext {
   file?: string;

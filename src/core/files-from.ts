@@ -5,9 +5,9 @@
  * differential cases in test/rsync-options.test.ts.
  *
  * A --files-from line: lines end at LF or CR (at NUL with -0); empty ones
- * and those starting with '#' or ';' are skipped. A leading '/' is dropped
- * and '..' takes back the component before it (at the top it is dropped),
- * so a name never leaves SRC. A leading "./" sends SRC's own folder too;
+ * and those starting with '#' or ';' are skipped, one holding a NUL is
+ * refused. A leading '/' is dropped and '..' takes back the component
+ * before it (at the top it is dropped), so a name never leaves SRC. A leading "./" sends SRC's own folder too;
  * a name ending in '/', "/." or ".." (or naming SRC itself) has its
  * contents listed. A "/./" further in, where rsync starts the relative
  * path over, is refused.
@@ -40,6 +40,13 @@ export function splitFilesFrom(text: string, from0: boolean): string[] {
 
 /** One name of a --files-from list; `list` names the list in messages. */
 export function listedName(line: string, list: string): ListedName {
+  if (line.includes('\0')) {
+    throw new QsyncError('USAGE', `--files-from ${list}: the name ${JSON.stringify(line)} holds a NUL byte, which no file name can`, {
+      file: list,
+      value: line,
+      hint: 'end the names with newlines, or give -0 for a list that ends them with NUL',
+    });
+  }
   let path = line.replace(/^\/+/, '');
   const dotDir = path.startsWith('./');
   if (dotDir) path = path.slice(2).replace(/^\/+/, '');

@@ -122,53 +122,94 @@ function classAt(p: string, at: number): { re: string; end: number } | undefined
   return undefined;
 }
 
-/** A wildcard pattern (bytes) as an anchored regular expression; undefined when it can match nothing. */
-function wildRegExp(p: string, leadingAnyDirs: boolean): RegExp | undefined {
-  let re = '';
+/** A pattern's piece: one byte it takes, or a star (any run of bytes; across '/' for '**'). */
+type Token = { one: (ch: string) => boolean } | { star: boolean };
+
+/** A wildcard pattern (bytes) as tokens; undefined when it can match nothing. */
+function wildTokens(p: string): Token[] | undefined {
+  const out: Token[] = [];
+  const literal = (x: string): Token => ({ one: (ch) => ch === x });
   let i = 0;
-  if (leadingAnyDirs && p.startsWith('**/')) {
-    re = '(?:.*/)?';
-    i = 3;
-  }
   while (i < p.length) {
     const ch = p[i]!;
     if (ch === '*') {
       let stars = 1;
       while (p[i + stars] === '*') stars++;
-      re += stars > 1 ? '.*' : '[^/]*';
+      out.push({ star: stars > 1 });
       i += stars;
     } else if (ch === '?') {
-      re += '[^/]';
+      out.push({ one: (c) => c !== '/' });
       i++;
     } else if (ch === '[') {
       const cls = classAt(p, i);
       if (!cls) return undefined;
-      re += cls.re;
+      const re = new RegExp(`^${cls.re}$`, 's');
+      out.push({ one: (c) => re.test(c) });
       i = cls.end;
     } else if (ch === '\\' && i + 1 < p.length) {
-      re += escapeRe(p[i + 1]!);
+      out.push(literal(p[i + 1]!));
       i += 2;
     } else {
-      re += escapeRe(ch);
+      out.push(literal(ch));
       i++;
     }
   }
-  return new RegExp(`^${re}$`, 's');
+  return out;
 }
 
-/** Whether `text` (bytes) is the pattern: a wildcard match, or the same bytes. */
+/**
+ * Whether `text` (bytes) is the whole of `tokens`, every way of matching it
+ * followed at once (the set of places in the pattern reached so far), so a
+ * pattern with many stars costs pattern × text steps: a backtracking regular
+ * expression took time exponential in the stars on a long name, which a
+ * hostile name or a client's filter on a server could ask for.
+ */
+function tokensMatch(tokens: Token[], text: string): boolean {
+  const m = tokens.length;
+  let cur = new Uint8Array(m + 1);
+  let next = new Uint8Array(m + 1);
+  // A star may take nothing: the place after it is reached too (in order, so stars in a row all pass).
+  const skipStars = (s: Uint8Array) => {
+    for (let i = 0; i < m; i++) if (s[i] && 'star' in tokens[i]!) s[i + 1] = 1;
+  };
+  cur[0] = 1;
+  skipStars(cur);
+  for (let k = 0; k < text.length; k++) {
+    const ch = text[k]!;
+    next.fill(0);
+    let alive = false;
+    for (let i = 0; i < m; i++) {
+      if (!cur[i]) continue;
+      const t = tokens[i]!;
+      // A star takes the byte and stays; any other token takes it and moves on.
+      if ('star' in t ? t.star || ch !== '/' : t.one(ch)) {
+        next['star' in t ? i : i + 1] = 1;
+        alive = true;
+      }
+    }
+    if (!alive) return false;
+    skipStars(next);
+    [cur, next] = [next, cur];
+  }
+  return cur[m] === 1;
+}
+
+/** Whether `text` is the pattern: a wildcard match, or the same bytes. */
 type Matcher = (text: string) => boolean;
 
 function matcherOf(p: string, leadingAnyDirs: boolean): Matcher {
   if (!/[*?[]/.test(p)) return (text) => text === p;
-  const re = wildRegExp(p, leadingAnyDirs);
-  return re ? (text) => re.test(text) : () => false;
+  const tokens = wildTokens(p);
+  if (!tokens) return () => false;
+  // A leading "**/" also matches nothing: the rest alone.
+  const rest = leadingAnyDirs && p.startsWith('**/') ? wildTokens(p.slice(3)) : undefined;
+  return rest ? (text) => tokensMatch(rest, text) || tokensMatch(tokens, text) : (text) => tokensMatch(tokens, text);
 }
 
 /** The whole of `text` against a wildcard `pattern` ('*', '?', '[...]', '\\'), as --usermap matches names. */
 export const wildmatch = (pattern: string, text: string): boolean => {
-  const re = wildRegExp(bytesOf(pattern), false);
-  return re !== undefined && re.test(bytesOf(text));
+  const tokens = wildTokens(bytesOf(pattern));
+  return tokens !== undefined && tokensMatch(tokens, bytesOf(text));
 };
 
 /** Whether a path (bytes) is matched by pattern `p` (no leading or trailing '/'), as its shape says. */

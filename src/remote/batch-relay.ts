@@ -84,8 +84,8 @@ export class BatchRecorder {
     if (m.op === 'b-begin') {
       if (this.member) throw bad('"b-begin" before the last member ended');
       const name = fieldString(m, 'name');
-      // The name of a file below the destination root, as a local batch names it.
-      if (Buffer.byteLength(name) > MAX_NAME_LEN || isAbsolute(name) || name.split('/').some((c) => c === '..' || c === '.') || name.includes('\0')) throw bad(`a member named ${JSON.stringify(name)}`);
+      // The name of a file below the destination root, as a local batch names it (no empty, '.' or '..' component).
+      if (Buffer.byteLength(name) > MAX_NAME_LEN || isAbsolute(name) || name.split('/').some((c) => c === '..' || c === '.' || c === '') || name.includes('\0')) throw bad(`a member named ${JSON.stringify(name)}`);
       if (fieldInt(m, 'blockSize', 1) !== this.blockSize) throw bad('a member of another block size than the session\'s');
       const baseSize = fieldInt(m, 'baseSize');
       const resultSize = fieldInt(m, 'resultSize');

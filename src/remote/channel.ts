@@ -12,7 +12,7 @@
  * may send them while this side is busy sending, and must not wait on them.
  */
 import type { Readable, Writable } from 'node:stream';
-import { QsyncError, type ErrorCode } from '../core/errors.js';
+import { isErrorCode, QsyncError, type ErrorCode } from '../core/errors.js';
 import { encodeControl, MAX_FRAME, protocolError, WireDecoder, type ControlMessage, type WireFrame } from '../core/wire.js';
 
 const HIGH = 64;
@@ -29,7 +29,8 @@ export function remoteError(msg: ControlMessage): Error {
   const errno = typeof msg.errno === 'string' ? msg.errno : undefined;
   const message = typeof msg.message === 'string' ? msg.message : 'the peer reported an error';
   if (errno && msg.code === undefined) return Object.assign(new Error(message), { code: errno });
-  const code = (typeof msg.code === 'string' ? msg.code : 'IO') as ErrorCode;
+  // A code this side does not know (a hostile peer's "toString") would map to no exit status at all.
+  const code: ErrorCode = isErrorCode(msg.code) ? msg.code : 'IO';
   // Only the fields that describe the error: the peer does not choose this side's exit status or what is fatal here.
   const c = typeof msg.context === 'object' && msg.context !== null ? (msg.context as Record<string, unknown>) : {};
   const context = Object.fromEntries(Object.entries({ file: c.file, hint: c.hint, vanished: c.vanished === true || undefined, offset: c.offset, block: c.block }).filter(([, v]) => typeof v === 'string' || typeof v === 'number' || v === true));

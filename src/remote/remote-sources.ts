@@ -17,7 +17,7 @@ import { attrPairsFromWire, encodeDigests, fieldDigest, protocolError, type Cont
 import type { AttrMap } from '../io/attr-tool.js';
 import type { AttrChoice } from '../sync/ext-attrs.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
-import { isEntryName } from '../io/safe-fs.js';
+import { encodeName, isEntryName } from '../io/safe-fs.js';
 import type { PlannedChunk, ScanPlan, SourceDir, SourceFile, Sources } from '../sync/source.js';
 import { remoteError, type Channel } from './channel.js';
 import { statsFromWire, statsToWire } from './wire-stats.js';
@@ -168,8 +168,10 @@ class RemoteDir implements SourceDir {
 
   async readlink(name: string): Promise<string> {
     const r = await this.peer.call({ op: 'readlink', h: this.h, name });
-    if (typeof r.target !== 'string') throw bad('readlink without a target');
-    return r.target;
+    // What symlink(2) can make: not empty, no NUL, under PATH_MAX bytes.
+    const t = r.target;
+    if (typeof t !== 'string' || t === '' || t.includes('\0') || encodeName(t).length >= 4096) throw bad(`a symlink target that is not one (for ${this.shown(name)})`);
+    return t;
   }
 
   async close(): Promise<void> {

@@ -133,12 +133,13 @@ export class SourceServer {
           continue;
         }
         if (await this.batch?.take(m)) continue;
-        const more = this.#more.get(m.op);
+        const more = typeof m.op === 'string' ? this.#more.get(m.op) : undefined;
         if (more) {
           await more(m);
           continue;
         }
-        if (!(m.op in this.handlers)) return m;
+        // Its own handlers only: a peer's "toString" or "__proto__" names none (an `in` test would find Object's).
+        if (typeof m.op !== 'string' || !Object.hasOwn(this.handlers, m.op)) return m;
         try {
           await this.handlers[m.op]!(m);
         } catch (e) {

@@ -138,12 +138,51 @@ export class ForwardingPrinter implements Printer {
   }
 }
 
+/**
+ * What each event's arguments must be, in order: `s` a string, `n` a number, `b` a boolean, `r` a file report,
+ * `c` an --info category; a capital letter may also be absent (null). What the printer then does with them is
+ * what it does with a local run's.
+ */
+const EVENT_ARGS: Record<Hook, string> = { fileStart: 'sns', fileProgress: 'snn', fileEnd: 'r', deleted: 's', notice: 'sS', info: 'sc', warning: 'sSB' };
+const REPORT_KINDS = ['file', 'dir', 'symlink', 'device', 'special'];
+const REPORT_FIELDS: Record<string, string> = { path: 's', itemize: 's', kind: 's', size: 'n', scanned: 'n', literal: 'n', matched: 'n', unchanged: 'b' };
+const REPORT_OPTIONAL: Record<string, string> = { method: 's', length: 'n', target: 's', mtime: 'n', uid: 'n', gid: 'n', mode: 'n' };
+
+function isReport(v: unknown): boolean {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return false;
+  const r = v as Record<string, unknown>;
+  return (
+    Object.entries(REPORT_FIELDS).every(([k, t]) => isArg(r[k], t)) &&
+    Object.entries(REPORT_OPTIONAL).every(([k, t]) => r[k] === undefined || isArg(r[k], t)) &&
+    REPORT_KINDS.includes(r.kind as string)
+  );
+}
+
+function isArg(v: unknown, t: string): boolean {
+  if (v === null || v === undefined) return t !== t.toLowerCase();
+  switch (t.toLowerCase()) {
+    case 's':
+      return typeof v === 'string';
+    case 'n':
+      return typeof v === 'number' && Number.isFinite(v);
+    case 'b':
+      return typeof v === 'boolean';
+    case 'c':
+      return ['nonreg', 'skip', 'misc', 'always'].includes(v as string);
+    default:
+      return isReport(v);
+  }
+}
+
 /** The client's handler for the events a receiving server sends: each goes to the local printer, as a local run's would. */
 export function eventsTo(printer: Printer): (m: ControlMessage) => boolean {
   return (m) => {
     if (m.op !== 'event') return false;
     const hook = m.hook as Hook;
-    if (!HOOKS.includes(hook) || !Array.isArray(m.args)) throw new QsyncError('PROTOCOL', 'protocol error: a malformed event');
+    const want = HOOKS.includes(hook) ? EVENT_ARGS[hook] : undefined;
+    if (!want || !Array.isArray(m.args) || m.args.length > want.length || ![...want].every((t, i) => isArg((m.args as unknown[])[i], t))) {
+      throw new QsyncError('PROTOCOL', 'protocol error: a malformed event');
+    }
     const fn = printer[hook] as ((...a: unknown[]) => void) | undefined;
     fn?.apply(printer, m.args);
     return true;
@@ -153,6 +192,12 @@ export function eventsTo(printer: Printer): (m: ControlMessage) => boolean {
 /** The receiving server's "done": its stats and exit code, and the error that ended it, if one did. */
 export function readDone(m: ControlMessage): { stats?: RunStats; code: number; error?: Error } {
   if (m.op !== 'done' || typeof m.code !== 'number') throw protocolError(`expected "done", got "${m.op}"`);
+  // The exit status is one a process can have; the stats are numbers (the summary lines print them).
+  if (!Number.isInteger(m.code) || m.code < 0 || m.code > 255) throw protocolError(`exit code ${m.code}`);
+  const s = m.stats;
+  if (s !== undefined && s !== null && (typeof s !== 'object' || Array.isArray(s) || !Object.values(s).every((v) => typeof v === 'number' && Number.isFinite(v)))) {
+    throw protocolError('malformed stats');
+  }
   return { stats: m.stats as RunStats | undefined, code: m.code, error: m.error ? remoteError(m.error as ControlMessage) : undefined };
 }
 
@@ -161,9 +206,16 @@ export function optionsFromWire(v: unknown, defaults: SyncOptions): SyncOptions 
   if (typeof v !== 'object' || v === null) throw new QsyncError('PROTOCOL', 'protocol error: options are not an object');
   const o = { ...defaults } as unknown as Record<string, unknown>;
   for (const [k, val] of Object.entries(v as Record<string, unknown>)) {
-    if (!(k in o) || val === undefined || val === null) continue;
-    const want = k === 'filters' ? 'object' : typeof o[k];
-    if (want !== 'undefined' && typeof val !== want) throw protocolError(`option ${k} is a ${typeof val}`);
+    // Own options only: "__proto__" would give the object a prototype of the client's, and every option deleted
+    // below (a batch or manifest path, the state dir) would then be read from it.
+    if (!Object.hasOwn(o, k) || val === undefined || val === null) continue;
+    // An option without a default is a string (a path, a format, a map); a list (--chmod) is one of strings;
+    // --info's levels are numbers. Anything else would reach the code that parses it as something it is not.
+    const want = k === 'filters' ? 'object' : o[k] === undefined ? 'string' : typeof o[k];
+    if (typeof val !== want) throw protocolError(`option ${k} is a ${Array.isArray(val) ? 'list' : typeof val}`);
+    if (Array.isArray(o[k]) !== Array.isArray(val)) throw protocolError(`option ${k} is ${Array.isArray(val) ? 'a list' : 'not a list'}`);
+    if (k !== 'filters' && Array.isArray(val) && !val.every((s) => typeof s === 'string')) throw protocolError(`option ${k} is not a list of strings`);
+    if (k === 'info' && !Object.entries(val as object).every(([f, l]) => f in (o.info as object) && Number.isSafeInteger(l))) throw protocolError(`option ${k} is not a set of levels`);
     o[k] = val;
   }
   const out = o as unknown as SyncOptions;

@@ -169,10 +169,12 @@ export class AttrPair {
 
   /**
    * Make the target's attributes the source's. `at`: where the target is now
-   * (a file may have been replaced by a new inode under its name); a held
+   * (a file may have been replaced by a new inode under its name), and
+   * `inode`, the one the run left there when it knows it (a file it wrote or
+   * checked): another inode under the name is refused, owner or not; a held
    * folder is the target itself.
    */
-  async apply(at?: { dir: Dir; name: string; expect: BigIntStats }): Promise<void> {
+  async apply(at?: { dir: Dir; name: string; expect: BigIntStats; inode?: { dev: bigint; ino: bigint } }): Promise<void> {
     if (this.owner.o.noWrite) return;
     if (this.heldDst) {
       // A folder: held by the walk, which closes it when done; written now.
@@ -182,10 +184,13 @@ export class AttrPair {
     const now = at && (await openNode({ ...at, sameInode: false }));
     if (!now) return;
     const nowSt = await now.stat({ bigint: true });
-    if (this.owner.o.owners && nowSt.uid !== at.expect.uid) {
-      // Not the inode qsync just gave the source's owner: another file took the name. Its attributes are not ours to set.
+    // Not the inode qsync wrote (or gave the source's owner): another file took the name (a user who owns the folder
+    // renamed one of theirs over it). Its attributes are not ours to set: as root they may be security.* ones.
+    const other = at.inode && (at.inode.ino !== nowSt.ino || at.inode.dev !== nowSt.dev);
+    if (other || (this.owner.o.owners && nowSt.uid !== at.expect.uid)) {
       await now.close();
-      throw new QsyncError('TARGET', `${at.dir.shown(at.name)} changed while qsync worked on it (owned by uid ${nowSt.uid}, not ${at.expect.uid}); its ACLs and xattrs left alone`, {
+      const why = other ? 'another file took its name' : `owned by uid ${nowSt.uid}, not ${at.expect.uid}`;
+      throw new QsyncError('TARGET', `${at.dir.shown(at.name)} changed while qsync worked on it (${why}); its ACLs and xattrs left alone`, {
         file: at.name,
         hint: 'run again',
       });

@@ -73,6 +73,8 @@ export interface FileSyncResult {
   scanned: number;
   literal: number;
   matched: number;
+  /** The inode the run left under the target's name, when it wrote one (-A/-X give their attributes to it alone). */
+  inode?: { dev: bigint; ino: bigint };
 }
 
 const skipped = (method: SyncMethod): FileSyncResult => ({ method, transferred: false, created: false, scanned: 0, literal: 0, matched: 0 });
@@ -209,12 +211,14 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
   let target: LocalFileSink | undefined;
   let targetFh: FileHandle | undefined;
   let tmp: string | undefined;
+  let written: BigIntStats | undefined;
   try {
     if (touch) {
       const t = await openTarget(job, detach);
       tmp = t.tmp;
       // -S: blocks that became zero are punched as holes at commit (a new file's are never written).
       target = opts.sparse ? punchingSink(LocalFileSink.of(t.fh, dst), []) : LocalFileSink.of(t.fh, dst);
+      written = await t.fh.stat({ bigint: true });
     }
     targetFh = target?.fh ?? (readTarget ? await job.dstDir!.openFile(job.dstName, constants.O_RDONLY) : undefined);
   } catch (e) {
@@ -262,7 +266,7 @@ async function transfer(job: FileJob, method: SyncMethod, state: TargetState, ma
     if (tmp) await job.dstDir!.unlink(tmp).catch(() => {});
     throw e;
   }
-  const result: FileSyncResult = { method, transferred: true, created: !dstStat, scanned: 0, literal: 0, matched: 0 };
+  const result: FileSyncResult = { method, transferred: true, created: !dstStat, scanned: 0, literal: 0, matched: 0, inode: written && { dev: written.dev, ino: written.ino } };
   const oldBlocks = blockCount(oldSize, blockSize);
   // Blocks at or past the old end read as zero after the resize below; a new file is all holes,
   // where zeros are written only without -S (as rsync allocates them).

@@ -153,7 +153,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
         // Identical: only the attributes change, on the inode that was read.
         setFileMetaSync(fd, job.meta);
         ctx.hooks.fileProgress?.(relPath, size, 0);
-        return { method, transferred: true, created: false, scanned: size, literal: 0, matched: size };
+        return { method, transferred: true, created: false, scanned: size, literal: 0, matched: size, inode: { dev: dstStat!.dev, ino: dstStat!.ino } };
       }
     } finally {
       closeSync(fd);
@@ -169,6 +169,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
     throw new QsyncError('TARGET', `cannot write ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
   const { fd, name: tmp } = created;
+  const inode = fstatSync(fd, { bigint: true });
   const { atime, mtime, ...now } = job.meta;
   // What the old target had and the options do not set stays as it was (as an update in place keeps it).
   if (dstStat) {
@@ -195,7 +196,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   if (dstStat) await forgetManifestAt(job.manifestPath);
   ctx.hooks.fileProgress?.(relPath, size, size);
   await ctx.small!.add(fd, size, { atime, mtime }, dst);
-  return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0 };
+  return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0, inode: { dev: inode.dev, ino: inode.ino } };
 }
 
 

@@ -861,7 +861,8 @@ export class TreeSync {
     if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     if (attrs) {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
-      await attrs.apply({ dir: dst!, name, expect: st });
+      // The inode written, or the target as it was when nothing was: nothing else under the name gets the attributes.
+      await attrs.apply({ dir: dst!, name, expect: st, inode: r.inode ?? cur });
     }
     this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent }, st, source: src.dir.shown(src.name) });
   }
@@ -875,15 +876,17 @@ export class TreeSync {
       const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), { dir: dst!, name, expect: cur }, 'symlink');
       const changes = this.metaChanges(st, cur);
       if (!this.noWrite) await setMetaAt(dst!, name, cur, this.metaFor(st, false, true));
-      await attrs?.apply({ dir: dst!, name, expect: st });
+      await attrs?.apply({ dir: dst!, name, expect: st, inode: cur });
       this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: false, changes: attrs?.letters(changes, st, cur, false) ?? changes, size: 0, length: st.size, target, st, source: src.dir.shown(src.name) });
       return;
     }
     if (!this.noWrite) {
       if (cur) await dst!.unlink(name);
       await dst!.symlink(target, name);
-      await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true));
-      await (await this.ext?.read(await attrSource(src.dir, src.name, st), undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st });
+      // The link made (a symlink cannot be held open): metadata and attributes go to it alone, not to one put in its place.
+      const made = await dst!.lstat(name);
+      await setMetaAt(dst!, name, made, this.metaFor(st, true, true));
+      await (await this.ext?.read(await attrSource(src.dir, src.name, st), undefined, 'symlink'))?.apply({ dir: dst!, name, expect: st, inode: made });
     }
     if (!cur) this.stats.created++;
     this.report({ path: `${rel} -> ${target}`, kind: 'symlink', created: !cur, changes: cur && `c${this.metaChanges(st, cur).slice(1)}`, size: 0, length: st.size, target, st, source: src.dir.shown(src.name) });
@@ -896,8 +899,9 @@ export class TreeSync {
     const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), sameNode ? { dir: dst!, name, expect: cur } : undefined, 'other');
     if (!sameNode && !this.noWrite) await makeNode(dst!, name, st);
     if (!cur) this.stats.created++;
-    if (!this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, !cur, true));
-    await attrs?.apply({ dir: dst!, name, expect: st });
+    const made = this.noWrite ? undefined : await dst!.lstat(name);
+    if (made) await setMetaAt(dst!, name, made, this.metaFor(st, !cur, true));
+    await attrs?.apply({ dir: dst!, name, expect: st, inode: made });
     const changes = cur && (sameNode ? this.metaChanges(st, cur) : `c${this.metaChanges(st, cur).slice(1)}`);
     this.report({ path: rel, kind, created: !cur, changes: sameNode && changes ? (attrs?.letters(changes, st, cur, false) ?? changes) : changes, size: 0, length: st.size, st, source: src.dir.shown(src.name) });
   }

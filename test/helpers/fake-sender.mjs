@@ -12,10 +12,14 @@
 //   a file's lie: 'outside' | 'badhash' (see the scan below)
 //   silent:    after the hello, read and never answer
 //   closeAfterHello: close stdout after the hello but stay alive
+//   statError: answer "stat" with an error of this code
+//   helloError: answer the hello with an error of this code
 //
 // `node fake-sender.mjs SCENARIO.json --push CMD...` plays a hostile client
 // of a push instead: it runs CMD (a `qsync --server ...`), opens with the
-// receiver's hello (scenario.dest, operands ['src/'], scenario.options),
+// receiver's hello (scenario.dest, operands ['src/'], scenario.options, and
+// the fields of scenario.hello; scenario.filesFrom: the lines of a
+// --files-from list, sent after the server's hello),
 // serves the tree the same way, and exits with the code of the server's
 // "done" (its error, if any, on stderr).
 import { spawn } from 'node:child_process';
@@ -50,6 +54,9 @@ const lookup = (path) => {
 
 const push = process.argv[3] === '--push' ? process.argv.slice(4) : undefined;
 const server = push && spawn(push[0], push.slice(1), { stdio: ['pipe', 'pipe', 'inherit'] });
+server?.on('close', (code) => {
+  process.exitCode ??= code;
+});
 const input = server ? server.stdout : process.stdin;
 const output = server ? server.stdin : process.stdout;
 output.on('error', () => {});
@@ -69,7 +76,19 @@ let helloDone = false;
 function onMessage(m) {
   if (!helloDone) {
     helloDone = true;
+    if (push && m.op === 'error') {
+      // Refused before its hello: the server's message, and its exit code once it is gone.
+      process.stderr.write(`${m.message}\n`);
+      output.end();
+      return;
+    }
+    if (!push && scenario.helloError) return send({ op: 'error', code: scenario.helloError, message: 'refused by the server' });
     if (!push) send({ op: 'hello', magic: 'qsync-wire', version: 2, role: 'sender' });
+    // A push's --files-from: the lines the client read, after the server's hello.
+    if (push && scenario.filesFrom) {
+      send({ op: 'files-from', names: scenario.filesFrom });
+      send({ op: 'files-from-end' });
+    }
     if (scenario.closeAfterHello) output.end();
     return;
   }
@@ -84,6 +103,7 @@ function onMessage(m) {
   const dirOf = () => handles.get(m.h);
   switch (m.op) {
     case 'stat': {
+      if (scenario.statError) return send({ op: 'error', code: scenario.statError, message: 'refused by the server' });
       const n = lookup(m.operand);
       return n ? ok({ st: st(n) }) : enoent();
     }
@@ -153,5 +173,5 @@ input.on('data', (c) => decoder.push(c));
 input.on('end', () => {
   if (!push && !scenario.silent && !scenario.closeAfterHello) process.exit(0);
 });
-if (push) send({ op: 'hello', magic: 'qsync-wire', version: 2, role: 'receiver', dest: scenario.dest, operands: ['src/'], options: scenario.options ?? {} });
+if (push) send({ op: 'hello', magic: 'qsync-wire', version: 2, role: 'receiver', dest: scenario.dest, operands: ['src/'], options: scenario.options ?? {}, ...scenario.hello });
 if (scenario.silent || scenario.closeAfterHello) setTimeout(() => process.exit(0), scenario.lingerMs ?? 120_000);
