@@ -228,6 +228,19 @@ describe('a hostile client\'s requests on a pull', () => {
   });
 });
 
+describe('a hostile client\'s requests to a target server', () => {
+  it.each(['toString', 'constructor', '__proto__', 'hasOwnProperty'])('a request named %j is no request: serve() ends on it', async (op) => {
+    const { PassThrough } = await import('node:stream');
+    const { Channel } = await import('../src/remote/channel.js');
+    const { TargetServer } = await import('../src/remote/serve-target.js');
+    const { encodeControl } = await import('../src/core/wire.js');
+    const toServer = new PassThrough();
+    const served = new TargetServer(new Channel(toServer, new PassThrough()), new Map()).serve();
+    toServer.write(encodeControl({ op }));
+    await expect(served).resolves.toMatchObject({ op });
+  });
+});
+
 describe('a hostile client\'s "__proto__" option on a push into --restrict DIR', () => {
   it.each(['writeBatch', 'onlyWriteBatch', 'manifest'])('options {"__proto__": {"%s": PATH}} make no file at PATH, outside DIR', async (k) => {
     const root = join(dir, 'jail');

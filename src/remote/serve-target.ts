@@ -123,12 +123,13 @@ export class TargetServer {
           continue;
         }
         const m = f.msg;
-        const h = this.streamed[m.op];
+        // Own handlers only: a peer's "toString" or "constructor" names none (Object's would be found).
+        const h = Object.hasOwn(this.streamed, m.op) ? this.streamed[m.op] : undefined;
         if (h) {
           await h(m);
           continue;
         }
-        const r = this.requests[m.op];
+        const r = Object.hasOwn(this.requests, m.op) ? this.requests[m.op] : undefined;
         if (!r) return m;
         try {
           await r(m);
