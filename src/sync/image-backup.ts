@@ -16,6 +16,7 @@ import { randomInt } from 'node:crypto';
 import { QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
+import { sampleRanks } from '../core/sample.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { borrowRing, returnRing, type BufferRing, type Loan } from '../io/buffer-ring.js';
 import type { BlockSink } from '../io/types.js';
@@ -318,13 +319,9 @@ export interface CopyContext extends DiskContext {
   frozen: string | undefined;
 }
 
-/** Per-block bits: from the extent map, then what this run does with the block. */
+/** Per-block bits of the extent map: in the dirty bitmap, allocated (not known to read as zeros). */
 const DIRTY = 1;
 const DATA = 2;
-/** Hashed in this run. */
-const WANT = 4;
-/** The manifest does not vouch for the target here (grown, or touched by an interrupted run): written even when the digest matches. */
-const SUSPECT = 8;
 
 /** Largest run of adjacent wanted blocks read, hashed and planned together. */
 const MAX_READ = 4 << 20;
@@ -361,6 +358,75 @@ const BATCH_BYTES = 8 << 20;
 const WRITEBACK_BYTES = 64 << 20;
 /** Digests per manifest piece (1 MiB): old ones read and new ones appended in these; a read never spans two. */
 const PIECE = 32768;
+/**
+ * Blocks per window of the extent map (64 GiB of 64 KiB blocks): a copy
+ * holds the map of one window only, one byte per block, and asks the server
+ * for the next when it gets there, so its memory is the same whatever the
+ * disk's size. A whole number of pieces: a run never spans two windows.
+ */
+const MAP_WINDOW = 32 * PIECE;
+
+/**
+ * The extent map of a disk, one window at a time (MAP_WINDOW blocks): DIRTY
+ * and DATA per block of the window held. A disk of one window is asked once;
+ * a larger one once per pass over it (the export is a fixed point in time:
+ * every pass finds the same map).
+ */
+class BlockMap {
+  readonly kind: Uint8Array;
+  /** The window held: blocks [start, end). */
+  start = 0;
+  end = 0;
+  /** Bytes of the window held that the bitmap calls dirty. */
+  dirty = 0;
+  /** Time spent asking for the map, ms. */
+  ms = 0;
+
+  constructor(
+    private readonly nbd: NbdClient,
+    private readonly bs: number,
+    readonly nBlocks: number,
+  ) {
+    this.kind = new Uint8Array(Math.min(MAP_WINDOW, nBlocks));
+  }
+
+  /** Hold the window of block `b` (< nBlocks). */
+  async seek(b: number): Promise<void> {
+    if (b >= this.start && b < this.end) return;
+    const t = performance.now();
+    const { bs, kind } = this;
+    const start = b - (b % MAP_WINDOW);
+    const end = Math.min(this.nBlocks, start + MAP_WINDOW);
+    kind.fill(0);
+    // Held as empty until filled: a failure part way leaves no half-filled window behind.
+    [this.start, this.end, this.dirty] = [0, 0, 0];
+    let dirty = 0;
+    for await (const e of this.nbd.extents(start * bs, (end - start) * bs)) {
+      if (e.dirty) dirty += e.length;
+      const bits = (e.dirty ? DIRTY : 0) | (e.zero ? 0 : DATA);
+      const last = Math.min(end, Math.ceil((e.offset + e.length) / bs));
+      for (let i = Math.floor(e.offset / bs); i < last; i++) kind[i - start]! |= bits;
+    }
+    [this.start, this.end, this.dirty] = [start, end, dirty];
+    this.ms += performance.now() - t;
+  }
+
+  /** The bits of block `b` of the window held. */
+  at(b: number): number {
+    return this.kind[b - this.start]!;
+  }
+
+  /** Blocks with no dirty byte, over the whole disk. */
+  async cleanBlocks(check: () => void): Promise<number> {
+    let clean = 0;
+    for (let w = 0; w < this.nBlocks; w += MAP_WINDOW) {
+      check();
+      await this.seek(w);
+      for (let i = 0; i < this.end - this.start; i++) if (!(this.kind[i]! & DIRTY)) clean++;
+    }
+    return clean;
+  }
+}
 
 /** Copy one exported disk (any NBD export: a fleece, libvirt's backup job, an offline image) into its target. */
 export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name' | 'node'>, c: CopyContext): Promise<DiskSummary & { checksum: string }> {
@@ -374,23 +440,15 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
   try {
     const size = nbd.size;
     const nBlocks = blockCount(size, bs);
-    const kind = new Uint8Array(nBlocks);
-    let dirty = 0;
+    const map = new BlockMap(nbd, bs, nBlocks);
     const tMap = performance.now();
-    for await (const e of nbd.extents(0, size)) {
-      if (e.dirty) dirty += e.length;
-      const first = Math.floor(e.offset / bs);
-      const last = Math.ceil((e.offset + e.length) / bs);
-      const bits = (e.dirty ? DIRTY : 0) | (e.zero ? 0 : DATA);
-      for (let b = first; b < last; b++) kind[b]! |= bits;
-    }
-    const mapMs = performance.now() - tMap;
+    if (nBlocks) await map.seek(0);
     check();
 
     let reason = c.reason;
     const s = {
-      name: drive.name, node: drive.node, target: c.target.shown, size, dirty,
-      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, copyMs: 0, elapsedMs: 0,
+      name: drive.name, node: drive.node, target: c.target.shown, size, dirty: 0,
+      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs: 0, copyMs: 0, elapsedMs: 0,
     };
     if (nbd.canMultiConn) {
       for (let i = 1; i < READ_CONNECTIONS; i++) {
@@ -416,7 +474,7 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     const ring = borrowRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ)));
 
     if (!reason && c.pct > 0) {
-      const bad = await verifySample(c, kind, nBlocks, blockLen, readBlocks, ring);
+      const bad = await verifySample(c, map, check, blockLen, readBlocks, ring);
       s.sampled = s.read;
       if (bad !== undefined) {
         reason = `verify sample: block ${bad} changed but the bitmap calls it clean (change tracking lied)`;
@@ -427,7 +485,6 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     const full = reason !== undefined;
     const manifest = c.trust.trusted ? c.manifest : undefined;
     const method: SyncMethod = !full ? 'bitmap' : !c.tStat ? 'new' : manifest ? 'manifest' : 'compare';
-    if (full) s.dirty = size;
     hooks.fileStart?.(rel, size, method);
 
     const dst = await c.target.open(!c.tStat);
@@ -457,36 +514,48 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
         sink = await c.wrapSink(file ?? dst.sink, info);
       }
       if (size !== oldSize) await sink.truncate(size);
+      // The manifest does not vouch for the target (grown, or touched by an interrupted run): written even when the digest matches.
+      const suspectFrom = manifest ? Math.min(oldBlocks, c.trust.unknownFrom ?? Infinity) : Infinity;
+      const unknown = manifest && c.trust.unknown?.size ? c.trust.unknown : undefined;
+      const suspect = (b: number): boolean => b >= suspectFrom || (unknown?.has(b) ?? false);
       // Hashed: every block in a full run; else dirty ones, and those the manifest cannot vouch for.
-      for (let b = 0; b < nBlocks; b++) if (full || kind[b]! & DIRTY) kind[b]! |= WANT;
-      if (manifest) {
-        for (let b = Math.min(oldBlocks, c.trust.unknownFrom ?? Infinity); b < nBlocks; b++) kind[b]! |= WANT | SUSPECT;
-        for (const b of c.trust.unknown ?? []) if (b < nBlocks) kind[b]! |= WANT | SUSPECT;
-      }
+      const wanted = (b: number, k: number): boolean => full || (k & DIRTY) !== 0 || suspect(b);
       const compare = !manifest && c.tStat;
       const maxRun = Math.max(1, Math.floor(Math.min(MAX_READ, nbd.blockSizes.maximum) / bs));
       // Delta sinks take one write at a time.
-      const pipe = new CopyPipeline(bs, size, kind, oldBlocks, sink, !!c.wrapSink, manifest, writer);
+      const pipe = new CopyPipeline(bs, size, nBlocks, suspect, oldBlocks, sink, !!c.wrapSink, manifest, writer);
 
       /** Runs of wanted blocks, in order: same kind (data or zero), within one piece, at most one read long. */
       let planned = 0;
-      const planRun = (): { b: number; e: number; data: boolean } | undefined => {
+      /** The map's windows passed: each adds its dirty bytes once. */
+      let windows = 0;
+      const planRun = async (): Promise<{ b: number; e: number; data: boolean } | undefined> => {
         let b = planned;
-        while (b < nBlocks && !(kind[b]! & WANT)) b++;
-        if (b >= nBlocks) return undefined;
-        const data = (kind[b]! & DATA) !== 0;
-        // Zero runs need no I/O unless the target must be read to compare.
+        for (;;) {
+          if (b >= nBlocks) return undefined;
+          if (b >= windows * MAP_WINDOW) {
+            await map.seek(b);
+            s.dirty += map.dirty;
+            windows++;
+            check();
+          }
+          const end = map.end;
+          while (b < end && !wanted(b, map.at(b))) b++;
+          if (b < end) break;
+        }
+        const data = (map.at(b) & DATA) !== 0;
+        // Zero runs need no I/O unless the target must be read to compare. A piece never spans two windows of the map.
         const limit = Math.min(nBlocks, (Math.floor(b / PIECE) + 1) * PIECE, data || compare ? b + maxRun : Infinity);
         let e = b + 1;
-        while (e < limit && kind[e]! & WANT && ((kind[e]! & DATA) !== 0) === data) e++;
+        while (e < limit && wanted(e, map.at(e)) && ((map.at(e) & DATA) !== 0) === data) e++;
         planned = e;
         return { b, e, data };
       };
       /** A planned run that found no room in the ring yet. */
-      let waiting: ReturnType<typeof planRun>;
+      let waiting: Awaited<ReturnType<typeof planRun>>;
       /** The next run with its reads started, or undefined: none left, or no room for it (`waiting`). */
-      const nextRun = (): BlockRun | undefined => {
-        const p = waiting ?? planRun();
+      const nextRun = async (): Promise<BlockRun | undefined> => {
+        const p = waiting ?? (await planRun());
         waiting = undefined;
         if (!p) return undefined;
         const { b, e, data } = p;
@@ -511,33 +580,35 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       const ahead: BlockRun[] = [];
       let aheadBytes = 0;
       const held = (r: BlockRun): number => (r.src?.length ?? 0) + (r.old?.length ?? 0);
-      const fill = (): void => {
+      const fill = async (): Promise<void> => {
         while (ahead.length < READS_AHEAD && aheadBytes < READ_AHEAD_BYTES) {
-          const r = nextRun();
+          const r = await nextRun();
           if (!r) return;
           ahead.push(r);
           aheadBytes += held(r);
         }
       };
-      fill();
+      await fill();
       while (ahead.length || waiting) {
         check();
         if (!ahead.length) {
           // The ring is full of data on its way to the target: wait for some of it to be written.
           await pipe.makeRoom();
-          fill();
+          await fill();
           continue;
         }
         const r = ahead.shift()!;
         await r.ready;
         aheadBytes -= held(r);
-        fill();
+        await fill();
         await pipe.take(r, s);
         unref(r);
         hooks.fileProgress?.(rel, s.read, s.written);
       }
       await pipe.finish();
-      s.copyMs = performance.now() - tMap - mapMs;
+      if (full) s.dirty = size;
+      s.mapMs = map.ms;
+      s.copyMs = performance.now() - tMap - map.ms;
       zeroed = pipe.zeroed;
       // The one commit sequence: data durable, in place, then the manifest naming it, then the intent gone.
       checksum = await commitTarget(dst, sink, writer, { size, mtimeNs: 0n });
@@ -618,7 +689,9 @@ class CopyPipeline {
   constructor(
     private readonly bs: number,
     private readonly size: number,
-    private readonly kind: Uint8Array,
+    private readonly nBlocks: number,
+    /** Blocks the manifest does not vouch for: written even when their digest matches. */
+    private readonly suspect: (b: number) => boolean,
     /** Blocks of the old target (the manifest's, or the file's). */
     private readonly oldBlocks: number,
     private readonly sink: BlockSink,
@@ -630,7 +703,7 @@ class CopyPipeline {
   ) {}
 
   #pieceLen(p: number): number {
-    return Math.min(PIECE, this.kind.length - p * PIECE);
+    return Math.min(PIECE, this.nBlocks - p * PIECE);
   }
 
   /** Make piece `p` current (old digests loaded), appending the digests of the pieces before it. */
@@ -673,7 +746,7 @@ class CopyPipeline {
       first: r.first, digests, size, blockSize: bs,
       mode: manifest ? 'manifest' : differs ? 'compare' : 'rewrite',
       old, oldBlocks: this.oldBlocks, differs,
-      suspect: (b) => (this.kind[b]! & SUSPECT) !== 0,
+      suspect: this.suspect,
       // Zeros that differ become holes (punched at commit), except where the target is already one.
       holeFrom: manifest || differs ? Infinity : 0,
       zeroDigest,
@@ -773,7 +846,7 @@ class CopyPipeline {
   /** Write what is left and append the rest of the manifest. */
   async finish(): Promise<void> {
     await this.#flush();
-    const pieces = Math.ceil(this.kind.length / PIECE);
+    const pieces = Math.ceil(this.nBlocks / PIECE);
     if (pieces) {
       await this.#seek(pieces - 1);
       await this.#appendPiece(pieces - 1);
@@ -797,59 +870,80 @@ async function readTarget(reader: OpenData['reader'], buf: Buffer, offset: numbe
   if (want) await reader.readAt(buf.subarray(0, want), offset);
 }
 
+/** A uniform number in (0, 1), from the system's random source. */
+const randomUnit = (): number => (randomInt(0, 2 ** 48 - 1) + 0.5) / 2 ** 48;
+
 /**
  * Re-read a random sample of the blocks the bitmap calls clean and compare
- * them with the manifest. Returns the first block that differs.
+ * them with the manifest. Returns the first block that differs. The sample
+ * is drawn in block order as the map is walked (src/core/sample.ts), a batch
+ * at a time: nothing held grows with the disk.
  */
 async function verifySample(
   c: CopyContext,
-  kind: Uint8Array,
-  nBlocks: number,
+  map: BlockMap,
+  check: () => void,
   blockLen: (b: number) => number,
   readBlocks: (first: number, count: number, buf: Buffer) => Promise<void>,
   ring: BufferRing,
 ): Promise<number | undefined> {
-  let cleanCount = 0;
-  for (let b = 0; b < nBlocks; b++) if (!(kind[b]! & DIRTY)) cleanCount++;
+  const cleanCount = await map.cleanBlocks(check);
   const want = Math.min(cleanCount, Math.ceil((cleanCount * c.pct) / 100));
-  // Floyd's sampling: `want` distinct ranks among the clean blocks, in memory for the sample only (not a list of every clean block).
-  const ranks = new Set<number>();
-  for (let j = cleanCount - want; j < cleanCount; j++) {
-    const t = randomInt(0, j + 1);
-    ranks.add(ranks.has(t) ? j : t);
-  }
-  const sorted = Float64Array.from(ranks).sort();
-  const sample: number[] = [];
-  for (let b = 0, rank = 0; b < nBlocks && sample.length < sorted.length; b++) {
-    if (kind[b]! & DIRTY) continue;
-    if (rank++ === sorted[sample.length]) sample.push(b);
-  }
-  const digest = Buffer.alloc(DIGEST_LEN);
+  const ranks = sampleRanks(cleanCount, want, randomUnit, (k) => randomInt(0, k));
   // A batch's reads all in flight at once (few at a time would idle the server), old digests looked up meanwhile.
   const batch = Math.max(1, Math.floor(READ_AHEAD_BYTES / c.blockSize));
-  for (let i = 0; i < sample.length; i += batch) {
-    const part = sample.slice(i, i + batch);
-    const loan = await ring.lend(part.length * c.blockSize);
-    const bufs = part.map((b, k) => (kind[b]! & DATA ? loan.buf.subarray(k * c.blockSize, (k + 1) * c.blockSize) : undefined));
-    const reads = Promise.all(part.map((b, k) => (bufs[k] ? readBlocks(b, 1, bufs[k]!) : undefined)));
-    reads.catch(() => {}); // awaited below
-    try {
-      const old = Buffer.alloc(part.length * DIGEST_LEN);
-      // One at a time, in order: the manifest reads ahead in windows.
-      for (let k = 0; k < part.length; k++) await c.manifest!.readDigests(part[k]!, 1, old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN));
-      await reads;
-      for (let k = 0; k < part.length; k++) {
-        const b = part[k]!;
-        const len = blockLen(b);
-        if (bufs[k]) hashBlocksInto(bufs[k]!.subarray(0, len), c.blockSize, digest);
-        else zeroDigest(len).copy(digest);
-        if (!old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN).equals(digest)) return b;
-      }
-    } finally {
-      await reads.catch(() => {}); // the loan is the reads' until they are done
-      loan.release();
+  const part: number[] = [];
+  const data: boolean[] = [];
+  let next = ranks.next();
+  for (let b = 0, rank = 0; b < map.nBlocks && !next.done; b++) {
+    if (b >= map.end || b < map.start) {
+      check();
+      await map.seek(b);
+    }
+    const k = map.at(b);
+    if (k & DIRTY) continue;
+    if (rank++ !== next.value) continue;
+    part.push(b);
+    data.push((k & DATA) !== 0);
+    next = ranks.next();
+    if (part.length === batch || next.done) {
+      const bad = await checkSample(c, part, data, blockLen, readBlocks, ring);
+      if (bad !== undefined) return bad;
+      part.length = data.length = 0;
     }
   }
   return undefined;
 }
 
+/** Read the sampled blocks `part` (those with `data`; the others read as zeros) and compare them with the manifest. */
+async function checkSample(
+  c: CopyContext,
+  part: number[],
+  data: boolean[],
+  blockLen: (b: number) => number,
+  readBlocks: (first: number, count: number, buf: Buffer) => Promise<void>,
+  ring: BufferRing,
+): Promise<number | undefined> {
+  const digest = Buffer.alloc(DIGEST_LEN);
+  const loan = await ring.lend(part.length * c.blockSize);
+  const bufs = part.map((_b, k) => (data[k] ? loan.buf.subarray(k * c.blockSize, (k + 1) * c.blockSize) : undefined));
+  const reads = Promise.all(part.map((b, k) => (bufs[k] ? readBlocks(b, 1, bufs[k]!) : undefined)));
+  reads.catch(() => {}); // awaited below
+  try {
+    const old = Buffer.alloc(part.length * DIGEST_LEN);
+    // One at a time, in order: the manifest reads ahead in windows.
+    for (let k = 0; k < part.length; k++) await c.manifest!.readDigests(part[k]!, 1, old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN));
+    await reads;
+    for (let k = 0; k < part.length; k++) {
+      const b = part[k]!;
+      const len = blockLen(b);
+      if (bufs[k]) hashBlocksInto(bufs[k]!.subarray(0, len), c.blockSize, digest);
+      else zeroDigest(len).copy(digest);
+      if (!old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN).equals(digest)) return b;
+    }
+  } finally {
+    await reads.catch(() => {}); // the loan is the reads' until they are done
+    loan.release();
+  }
+  return undefined;
+}
