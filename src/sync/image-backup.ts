@@ -340,6 +340,12 @@ const READ_AHEAD_BYTES = 16 << 20;
 const READS_AHEAD = 256;
 /** NBD connections reading at once when the export allows it: QEMU serves at most 16 requests of one connection at a time. */
 const READ_CONNECTIONS = 4;
+/**
+ * The verify sample's reads in flight, by bytes: 64 blocks of 64 KiB keep the
+ * 16 requests QEMU serves per connection busy on each of the 4, and the
+ * ring's memory a sample touches stays 4 MiB whatever the sample's size.
+ */
+const SAMPLE_AHEAD = 4 << 20;
 /** Target writes in flight behind the hashing, by bytes. */
 const WRITE_BEHIND_BYTES = 16 << 20;
 /**
@@ -876,8 +882,10 @@ const randomUnit = (): number => (randomInt(0, 2 ** 48 - 1) + 0.5) / 2 ** 48;
 /**
  * Re-read a random sample of the blocks the bitmap calls clean and compare
  * them with the manifest. Returns the first block that differs. The sample
- * is drawn in block order as the map is walked (src/core/sample.ts), a batch
- * at a time: nothing held grows with the disk.
+ * is drawn in block order as the map is walked (src/core/sample.ts), and
+ * read through SAMPLE_AHEAD slots of the ring, the oldest checked as soon as
+ * its read is done and its slot taken by the next: nothing held grows with
+ * the disk or with the sample.
  */
 async function verifySample(
   c: CopyContext,
@@ -887,63 +895,59 @@ async function verifySample(
   readBlocks: (first: number, count: number, buf: Buffer) => Promise<void>,
   ring: BufferRing,
 ): Promise<number | undefined> {
+  const bs = c.blockSize;
   const cleanCount = await map.cleanBlocks(check);
   const want = Math.min(cleanCount, Math.ceil((cleanCount * c.pct) / 100));
+  if (!want) return undefined;
   const ranks = sampleRanks(cleanCount, want, randomUnit, (k) => randomInt(0, k));
-  // A batch's reads all in flight at once (few at a time would idle the server), old digests looked up meanwhile.
-  const batch = Math.max(1, Math.floor(READ_AHEAD_BYTES / c.blockSize));
-  const part: number[] = [];
-  const data: boolean[] = [];
-  let next = ranks.next();
-  for (let b = 0, rank = 0; b < map.nBlocks && !next.done; b++) {
-    if (b >= map.end || b < map.start) {
-      check();
-      await map.seek(b);
-    }
-    const k = map.at(b);
-    if (k & DIRTY) continue;
-    if (rank++ !== next.value) continue;
-    part.push(b);
-    data.push((k & DATA) !== 0);
-    next = ranks.next();
-    if (part.length === batch || next.done) {
-      const bad = await checkSample(c, part, data, blockLen, readBlocks, ring);
-      if (bad !== undefined) return bad;
-      part.length = data.length = 0;
-    }
-  }
-  return undefined;
-}
-
-/** Read the sampled blocks `part` (those with `data`; the others read as zeros) and compare them with the manifest. */
-async function checkSample(
-  c: CopyContext,
-  part: number[],
-  data: boolean[],
-  blockLen: (b: number) => number,
-  readBlocks: (first: number, count: number, buf: Buffer) => Promise<void>,
-  ring: BufferRing,
-): Promise<number | undefined> {
+  const slots = Math.max(1, Math.min(want, Math.floor(SAMPLE_AHEAD / bs)));
+  const loan = await ring.lend(slots * bs);
   const digest = Buffer.alloc(DIGEST_LEN);
-  const loan = await ring.lend(part.length * c.blockSize);
-  const bufs = part.map((_b, k) => (data[k] ? loan.buf.subarray(k * c.blockSize, (k + 1) * c.blockSize) : undefined));
-  const reads = Promise.all(part.map((b, k) => (bufs[k] ? readBlocks(b, 1, bufs[k]!) : undefined)));
-  reads.catch(() => {}); // awaited below
+  const old = Buffer.alloc(DIGEST_LEN);
+  /** Sampled blocks in order, their reads started (a block without data reads as zeros: none). */
+  const reading: { b: number; buf: Buffer | undefined; read: Promise<void> }[] = [];
+  /** Check the oldest block read: its slot is free after. */
+  const checkOldest = async (): Promise<number | undefined> => {
+    const { b, buf, read } = reading[0]!;
+    // The manifest reads ahead in windows: one block at a time, in order.
+    await c.manifest!.readDigests(b, 1, old);
+    await read;
+    reading.shift();
+    const len = blockLen(b);
+    if (buf) hashBlocksInto(buf.subarray(0, len), bs, digest);
+    else zeroDigest(len).copy(digest);
+    return old.equals(digest) ? undefined : b;
+  };
   try {
-    const old = Buffer.alloc(part.length * DIGEST_LEN);
-    // One at a time, in order: the manifest reads ahead in windows.
-    for (let k = 0; k < part.length; k++) await c.manifest!.readDigests(part[k]!, 1, old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN));
-    await reads;
-    for (let k = 0; k < part.length; k++) {
-      const b = part[k]!;
-      const len = blockLen(b);
-      if (bufs[k]) hashBlocksInto(bufs[k]!.subarray(0, len), c.blockSize, digest);
-      else zeroDigest(len).copy(digest);
-      if (!old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN).equals(digest)) return b;
+    let next = ranks.next();
+    for (let b = 0, rank = 0, taken = 0; b < map.nBlocks && !next.done; b++) {
+      if (b >= map.end || b < map.start) {
+        check();
+        await map.seek(b);
+      }
+      const k = map.at(b);
+      if (k & DIRTY) continue;
+      if (rank++ !== next.value) continue;
+      next = ranks.next();
+      if (reading.length === slots) {
+        const bad = await checkOldest();
+        if (bad !== undefined) return bad;
+      }
+      // Slot i is taken again by the block `slots` after, read only once this one is checked.
+      const slot = taken++ % slots;
+      const buf = k & DATA ? loan.buf.subarray(slot * bs, (slot + 1) * bs) : undefined;
+      const read = buf ? readBlocks(b, 1, buf) : Promise.resolve();
+      read.catch(() => {}); // awaited in checkOldest
+      reading.push({ b, buf, read });
     }
+    while (reading.length) {
+      const bad = await checkOldest();
+      if (bad !== undefined) return bad;
+    }
+    return undefined;
   } finally {
-    await reads.catch(() => {}); // the loan is the reads' until they are done
+    // The slots are the reads' until they are done.
+    await Promise.all(reading.map((r) => r.read.catch(() => {})));
     loan.release();
   }
-  return undefined;
 }
