@@ -350,13 +350,16 @@ const SAMPLE_AHEAD = 4 << 20;
 const WRITE_BEHIND_BYTES = 16 << 20;
 /**
  * All a copy's data in memory at once (read ahead, being hashed, waiting in a
- * batch, being written) is lent from one ring of this size, so read-ahead and
- * write-behind share it: a run that finds no room waits for writes to finish.
- * Measured (bench/README.md, image mode): 16, 24 and 32 MiB copy a disk
- * equally fast, and 32 MiB read dirty data no faster than 16
- * (bench/image-read.ts); each 8 MiB more is 8 MiB more peak RSS.
+ * batch, being written) is lent from one ring of this size, or of room for
+ * two runs when a run is larger (a compared run lends its old bytes too), so
+ * read-ahead and write-behind share it: a run that finds no room waits for
+ * writes to finish. Only the part of the ring a copy uses is ever resident.
+ * Measured (bench/README.md, image mode): 8, 16, 24 and 32 MiB copy a disk
+ * equally fast, and 8 MiB read dirty data no slower than 16
+ * (bench/image-read.ts); each 8 MiB more is 8 MiB more peak RSS once more
+ * than that much is copied.
  */
-const RING_BYTES = 16 << 20;
+const RING_BYTES = 8 << 20;
 /** Writes issued together after one intent record (one intent write per batch, not per block). */
 const BATCH_BLOCKS = 256;
 const BATCH_BYTES = 8 << 20;
@@ -476,8 +479,11 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       s.read += len;
     };
     const blockLen = (b: number): number => Math.min(bs, size - b * bs);
-    // Room for a run and its old bytes whatever the block size; the next disk reuses it.
-    const ring = borrowRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ)));
+    // Without a trusted manifest, an existing target's bytes are read to compare with.
+    const manifest = c.trust.trusted ? c.manifest : undefined;
+    const compare = !manifest && c.tStat;
+    // Room for two runs (and their old bytes) whatever the block size; the next disk reuses it.
+    const ring = borrowRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ) * (compare ? 2 : 1)));
 
     if (!reason && c.pct > 0) {
       const bad = await verifySample(c, map, check, blockLen, readBlocks, ring);
@@ -489,7 +495,6 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     }
     check();
     const full = reason !== undefined;
-    const manifest = c.trust.trusted ? c.manifest : undefined;
     const method: SyncMethod = !full ? 'bitmap' : !c.tStat ? 'new' : manifest ? 'manifest' : 'compare';
     hooks.fileStart?.(rel, size, method);
 
@@ -526,7 +531,6 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       const suspect = (b: number): boolean => b >= suspectFrom || (unknown?.has(b) ?? false);
       // Hashed: every block in a full run; else dirty ones, and those the manifest cannot vouch for.
       const wanted = (b: number, k: number): boolean => full || (k & DIRTY) !== 0 || suspect(b);
-      const compare = !manifest && c.tStat;
       const maxRun = Math.max(1, Math.floor(Math.min(MAX_READ, nbd.blockSizes.maximum) / bs));
       // Delta sinks take one write at a time.
       const pipe = new CopyPipeline(bs, size, nBlocks, suspect, oldBlocks, sink, !!c.wrapSink, manifest, writer);
