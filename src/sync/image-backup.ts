@@ -741,8 +741,18 @@ class CopyPipeline {
     const blockLen = (i: number): number => Math.min(bs, size - (r.first + i) * bs);
     const digests = this.#runDigests.subarray(0, r.count * DIGEST_LEN);
     if (r.src) hashBlocksInto(r.src, bs, digests);
-    else for (let i = 0; i < r.count; i++) zeroDigest(blockLen(i)).copy(digests, i * DIGEST_LEN);
+    else {
+      // Only the disk's last block may be short.
+      digests.fill(zeroDigest(bs));
+      zeroDigest(blockLen(r.count - 1)).copy(digests, (r.count - 1) * DIGEST_LEN);
+    }
     const old = this.#piece.subarray(at * DIGEST_LEN, (at + r.count) * DIGEST_LEN);
+    if (!r.src && !manifest && !r.old) {
+      // Zeros where the target reads as zeros already (a new target, or past the old one's end): nothing to write.
+      s.zero += Math.min(size, (r.first + r.count) * bs) - r.first * bs;
+      digests.copy(old);
+      return;
+    }
     // Without a manifest: compare with the old target's bytes where there are any; elsewhere the target is already a hole.
     let differs: Uint8Array | undefined;
     if (!manifest && r.old) {
