@@ -88,9 +88,10 @@ export class BufferRing {
 /** Rings no copy is using: their memory returns to the system only at a GC, so the next copy takes one of them. */
 const idle: BufferRing[] = [];
 
-/** A ring of `capacity` bytes for one copy: an idle one when there is one. */
+/** A ring of at least `capacity` bytes for one copy: the smallest idle one that is large enough, when there is one (its memory is resident already). */
 export function borrowRing(capacity: number): BufferRing {
-  const i = idle.findIndex((r) => r.capacity === capacity);
+  idle.sort((a, b) => a.capacity - b.capacity);
+  const i = idle.findIndex((r) => r.capacity >= capacity);
   return i >= 0 ? idle.splice(i, 1)[0]! : new BufferRing(capacity);
 }
 

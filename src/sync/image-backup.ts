@@ -16,6 +16,7 @@ import { randomInt } from 'node:crypto';
 import { QsyncError } from '../core/errors.js';
 import { blockCount, DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { planChunk } from '../core/plan.js';
+import { sampleRanks } from '../core/sample.js';
 import { DIGEST_LEN, hashBlocksInto, zeroDigest } from '../hash/blake3.js';
 import { borrowRing, returnRing, type BufferRing, type Loan } from '../io/buffer-ring.js';
 import type { BlockSink } from '../io/types.js';
@@ -318,13 +319,9 @@ export interface CopyContext extends DiskContext {
   frozen: string | undefined;
 }
 
-/** Per-block bits: from the extent map, then what this run does with the block. */
+/** Per-block bits of the extent map: in the dirty bitmap, allocated (not known to read as zeros). */
 const DIRTY = 1;
 const DATA = 2;
-/** Hashed in this run. */
-const WANT = 4;
-/** The manifest does not vouch for the target here (grown, or touched by an interrupted run): written even when the digest matches. */
-const SUSPECT = 8;
 
 /** Largest run of adjacent wanted blocks read, hashed and planned together. */
 const MAX_READ = 4 << 20;
@@ -343,17 +340,26 @@ const READ_AHEAD_BYTES = 16 << 20;
 const READS_AHEAD = 256;
 /** NBD connections reading at once when the export allows it: QEMU serves at most 16 requests of one connection at a time. */
 const READ_CONNECTIONS = 4;
+/**
+ * The verify sample's reads in flight, by bytes: 64 blocks of 64 KiB keep the
+ * 16 requests QEMU serves per connection busy on each of the 4, and the
+ * ring's memory a sample touches stays 4 MiB whatever the sample's size.
+ */
+const SAMPLE_AHEAD = 4 << 20;
 /** Target writes in flight behind the hashing, by bytes. */
 const WRITE_BEHIND_BYTES = 16 << 20;
 /**
  * All a copy's data in memory at once (read ahead, being hashed, waiting in a
- * batch, being written) is lent from one ring of this size, so read-ahead and
- * write-behind share it: a run that finds no room waits for writes to finish.
- * Measured (bench/README.md, image mode): 16, 24 and 32 MiB copy a disk
- * equally fast, and 32 MiB read dirty data no faster than 16
- * (bench/image-read.ts); each 8 MiB more is 8 MiB more peak RSS.
+ * batch, being written) is lent from one ring of this size, or of room for
+ * two runs when a run is larger (a compared run lends its old bytes too), so
+ * read-ahead and write-behind share it: a run that finds no room waits for
+ * writes to finish. Only the part of the ring a copy uses is ever resident.
+ * Measured (bench/README.md, image mode): 8, 16, 24 and 32 MiB copy a disk
+ * equally fast, and 8 MiB read dirty data no slower than 16
+ * (bench/image-read.ts); each 8 MiB more is 8 MiB more peak RSS once more
+ * than that much is copied.
  */
-const RING_BYTES = 16 << 20;
+const RING_BYTES = 8 << 20;
 /** Writes issued together after one intent record (one intent write per batch, not per block). */
 const BATCH_BLOCKS = 256;
 const BATCH_BYTES = 8 << 20;
@@ -361,6 +367,75 @@ const BATCH_BYTES = 8 << 20;
 const WRITEBACK_BYTES = 64 << 20;
 /** Digests per manifest piece (1 MiB): old ones read and new ones appended in these; a read never spans two. */
 const PIECE = 32768;
+/**
+ * Blocks per window of the extent map (64 GiB of 64 KiB blocks): a copy
+ * holds the map of one window only, one byte per block, and asks the server
+ * for the next when it gets there, so its memory is the same whatever the
+ * disk's size. A whole number of pieces: a run never spans two windows.
+ */
+const MAP_WINDOW = 32 * PIECE;
+
+/**
+ * The extent map of a disk, one window at a time (MAP_WINDOW blocks): DIRTY
+ * and DATA per block of the window held. A disk of one window is asked once;
+ * a larger one once per pass over it (the export is a fixed point in time:
+ * every pass finds the same map).
+ */
+class BlockMap {
+  readonly kind: Uint8Array;
+  /** The window held: blocks [start, end). */
+  start = 0;
+  end = 0;
+  /** Bytes of the window held that the bitmap calls dirty. */
+  dirty = 0;
+  /** Time spent asking for the map, ms. */
+  ms = 0;
+
+  constructor(
+    private readonly nbd: NbdClient,
+    private readonly bs: number,
+    readonly nBlocks: number,
+  ) {
+    this.kind = new Uint8Array(Math.min(MAP_WINDOW, nBlocks));
+  }
+
+  /** Hold the window of block `b` (< nBlocks). */
+  async seek(b: number): Promise<void> {
+    if (b >= this.start && b < this.end) return;
+    const t = performance.now();
+    const { bs, kind } = this;
+    const start = b - (b % MAP_WINDOW);
+    const end = Math.min(this.nBlocks, start + MAP_WINDOW);
+    kind.fill(0);
+    // Held as empty until filled: a failure part way leaves no half-filled window behind.
+    [this.start, this.end, this.dirty] = [0, 0, 0];
+    let dirty = 0;
+    for await (const e of this.nbd.extents(start * bs, (end - start) * bs)) {
+      if (e.dirty) dirty += e.length;
+      const bits = (e.dirty ? DIRTY : 0) | (e.zero ? 0 : DATA);
+      const last = Math.min(end, Math.ceil((e.offset + e.length) / bs));
+      for (let i = Math.floor(e.offset / bs); i < last; i++) kind[i - start]! |= bits;
+    }
+    [this.start, this.end, this.dirty] = [start, end, dirty];
+    this.ms += performance.now() - t;
+  }
+
+  /** The bits of block `b` of the window held. */
+  at(b: number): number {
+    return this.kind[b - this.start]!;
+  }
+
+  /** Blocks with no dirty byte, over the whole disk. */
+  async cleanBlocks(check: () => void): Promise<number> {
+    let clean = 0;
+    for (let w = 0; w < this.nBlocks; w += MAP_WINDOW) {
+      check();
+      await this.seek(w);
+      for (let i = 0; i < this.end - this.start; i++) if (!(this.kind[i]! & DIRTY)) clean++;
+    }
+    return clean;
+  }
+}
 
 /** Copy one exported disk (any NBD export: a fleece, libvirt's backup job, an offline image) into its target. */
 export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name' | 'node'>, c: CopyContext): Promise<DiskSummary & { checksum: string }> {
@@ -374,23 +449,15 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
   try {
     const size = nbd.size;
     const nBlocks = blockCount(size, bs);
-    const kind = new Uint8Array(nBlocks);
-    let dirty = 0;
+    const map = new BlockMap(nbd, bs, nBlocks);
     const tMap = performance.now();
-    for await (const e of nbd.extents(0, size)) {
-      if (e.dirty) dirty += e.length;
-      const first = Math.floor(e.offset / bs);
-      const last = Math.ceil((e.offset + e.length) / bs);
-      const bits = (e.dirty ? DIRTY : 0) | (e.zero ? 0 : DATA);
-      for (let b = first; b < last; b++) kind[b]! |= bits;
-    }
-    const mapMs = performance.now() - tMap;
+    if (nBlocks) await map.seek(0);
     check();
 
     let reason = c.reason;
     const s = {
-      name: drive.name, node: drive.node, target: c.target.shown, size, dirty,
-      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs, copyMs: 0, elapsedMs: 0,
+      name: drive.name, node: drive.node, target: c.target.shown, size, dirty: 0,
+      read: 0, sampled: 0, written: 0, unchanged: 0, zero: 0, setupMs: 0, mapMs: 0, copyMs: 0, elapsedMs: 0,
     };
     if (nbd.canMultiConn) {
       for (let i = 1; i < READ_CONNECTIONS; i++) {
@@ -412,11 +479,14 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       s.read += len;
     };
     const blockLen = (b: number): number => Math.min(bs, size - b * bs);
-    // Room for a run and its old bytes whatever the block size; the next disk reuses it.
-    const ring = borrowRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ)));
+    // Without a trusted manifest, an existing target's bytes are read to compare with.
+    const manifest = c.trust.trusted ? c.manifest : undefined;
+    const compare = !manifest && c.tStat;
+    // Room for two runs (and their old bytes) whatever the block size; the next disk reuses it.
+    const ring = borrowRing(Math.max(RING_BYTES, 2 * Math.max(bs, MAX_READ) * (compare ? 2 : 1)));
 
     if (!reason && c.pct > 0) {
-      const bad = await verifySample(c, kind, nBlocks, blockLen, readBlocks, ring);
+      const bad = await verifySample(c, map, check, blockLen, readBlocks, ring);
       s.sampled = s.read;
       if (bad !== undefined) {
         reason = `verify sample: block ${bad} changed but the bitmap calls it clean (change tracking lied)`;
@@ -425,9 +495,7 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
     }
     check();
     const full = reason !== undefined;
-    const manifest = c.trust.trusted ? c.manifest : undefined;
     const method: SyncMethod = !full ? 'bitmap' : !c.tStat ? 'new' : manifest ? 'manifest' : 'compare';
-    if (full) s.dirty = size;
     hooks.fileStart?.(rel, size, method);
 
     const dst = await c.target.open(!c.tStat);
@@ -457,36 +525,47 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
         sink = await c.wrapSink(file ?? dst.sink, info);
       }
       if (size !== oldSize) await sink.truncate(size);
+      // The manifest does not vouch for the target (grown, or touched by an interrupted run): written even when the digest matches.
+      const suspectFrom = manifest ? Math.min(oldBlocks, c.trust.unknownFrom ?? Infinity) : Infinity;
+      const unknown = manifest && c.trust.unknown?.size ? c.trust.unknown : undefined;
+      const suspect = (b: number): boolean => b >= suspectFrom || (unknown?.has(b) ?? false);
       // Hashed: every block in a full run; else dirty ones, and those the manifest cannot vouch for.
-      for (let b = 0; b < nBlocks; b++) if (full || kind[b]! & DIRTY) kind[b]! |= WANT;
-      if (manifest) {
-        for (let b = Math.min(oldBlocks, c.trust.unknownFrom ?? Infinity); b < nBlocks; b++) kind[b]! |= WANT | SUSPECT;
-        for (const b of c.trust.unknown ?? []) if (b < nBlocks) kind[b]! |= WANT | SUSPECT;
-      }
-      const compare = !manifest && c.tStat;
+      const wanted = (b: number, k: number): boolean => full || (k & DIRTY) !== 0 || suspect(b);
       const maxRun = Math.max(1, Math.floor(Math.min(MAX_READ, nbd.blockSizes.maximum) / bs));
       // Delta sinks take one write at a time.
-      const pipe = new CopyPipeline(bs, size, kind, oldBlocks, sink, !!c.wrapSink, manifest, writer);
+      const pipe = new CopyPipeline(bs, size, nBlocks, suspect, oldBlocks, sink, !!c.wrapSink, manifest, writer);
 
       /** Runs of wanted blocks, in order: same kind (data or zero), within one piece, at most one read long. */
       let planned = 0;
-      const planRun = (): { b: number; e: number; data: boolean } | undefined => {
+      /** The map's windows passed: each adds its dirty bytes once. */
+      let windows = 0;
+      const planRun = async (): Promise<{ b: number; e: number; data: boolean } | undefined> => {
         let b = planned;
-        while (b < nBlocks && !(kind[b]! & WANT)) b++;
-        if (b >= nBlocks) return undefined;
-        const data = (kind[b]! & DATA) !== 0;
-        // Zero runs need no I/O unless the target must be read to compare.
+        for (;;) {
+          if (b >= nBlocks) return undefined;
+          if (b >= windows * MAP_WINDOW) {
+            await map.seek(b);
+            s.dirty += map.dirty;
+            windows++;
+            check();
+          }
+          const end = map.end;
+          while (b < end && !wanted(b, map.at(b))) b++;
+          if (b < end) break;
+        }
+        const data = (map.at(b) & DATA) !== 0;
+        // Zero runs need no I/O unless the target must be read to compare. A piece never spans two windows of the map.
         const limit = Math.min(nBlocks, (Math.floor(b / PIECE) + 1) * PIECE, data || compare ? b + maxRun : Infinity);
         let e = b + 1;
-        while (e < limit && kind[e]! & WANT && ((kind[e]! & DATA) !== 0) === data) e++;
+        while (e < limit && wanted(e, map.at(e)) && ((map.at(e) & DATA) !== 0) === data) e++;
         planned = e;
         return { b, e, data };
       };
       /** A planned run that found no room in the ring yet. */
-      let waiting: ReturnType<typeof planRun>;
+      let waiting: Awaited<ReturnType<typeof planRun>>;
       /** The next run with its reads started, or undefined: none left, or no room for it (`waiting`). */
-      const nextRun = (): BlockRun | undefined => {
-        const p = waiting ?? planRun();
+      const nextRun = async (): Promise<BlockRun | undefined> => {
+        const p = waiting ?? (await planRun());
         waiting = undefined;
         if (!p) return undefined;
         const { b, e, data } = p;
@@ -511,33 +590,35 @@ export async function copyDisk(source: { uri: string }, drive: Pick<Drive, 'name
       const ahead: BlockRun[] = [];
       let aheadBytes = 0;
       const held = (r: BlockRun): number => (r.src?.length ?? 0) + (r.old?.length ?? 0);
-      const fill = (): void => {
+      const fill = async (): Promise<void> => {
         while (ahead.length < READS_AHEAD && aheadBytes < READ_AHEAD_BYTES) {
-          const r = nextRun();
+          const r = await nextRun();
           if (!r) return;
           ahead.push(r);
           aheadBytes += held(r);
         }
       };
-      fill();
+      await fill();
       while (ahead.length || waiting) {
         check();
         if (!ahead.length) {
           // The ring is full of data on its way to the target: wait for some of it to be written.
           await pipe.makeRoom();
-          fill();
+          await fill();
           continue;
         }
         const r = ahead.shift()!;
         await r.ready;
         aheadBytes -= held(r);
-        fill();
+        await fill();
         await pipe.take(r, s);
         unref(r);
         hooks.fileProgress?.(rel, s.read, s.written);
       }
       await pipe.finish();
-      s.copyMs = performance.now() - tMap - mapMs;
+      if (full) s.dirty = size;
+      s.mapMs = map.ms;
+      s.copyMs = performance.now() - tMap - map.ms;
       zeroed = pipe.zeroed;
       // The one commit sequence: data durable, in place, then the manifest naming it, then the intent gone.
       checksum = await commitTarget(dst, sink, writer, { size, mtimeNs: 0n });
@@ -618,7 +699,9 @@ class CopyPipeline {
   constructor(
     private readonly bs: number,
     private readonly size: number,
-    private readonly kind: Uint8Array,
+    private readonly nBlocks: number,
+    /** Blocks the manifest does not vouch for: written even when their digest matches. */
+    private readonly suspect: (b: number) => boolean,
     /** Blocks of the old target (the manifest's, or the file's). */
     private readonly oldBlocks: number,
     private readonly sink: BlockSink,
@@ -630,7 +713,7 @@ class CopyPipeline {
   ) {}
 
   #pieceLen(p: number): number {
-    return Math.min(PIECE, this.kind.length - p * PIECE);
+    return Math.min(PIECE, this.nBlocks - p * PIECE);
   }
 
   /** Make piece `p` current (old digests loaded), appending the digests of the pieces before it. */
@@ -658,8 +741,18 @@ class CopyPipeline {
     const blockLen = (i: number): number => Math.min(bs, size - (r.first + i) * bs);
     const digests = this.#runDigests.subarray(0, r.count * DIGEST_LEN);
     if (r.src) hashBlocksInto(r.src, bs, digests);
-    else for (let i = 0; i < r.count; i++) zeroDigest(blockLen(i)).copy(digests, i * DIGEST_LEN);
+    else {
+      // Only the disk's last block may be short.
+      digests.fill(zeroDigest(bs));
+      zeroDigest(blockLen(r.count - 1)).copy(digests, (r.count - 1) * DIGEST_LEN);
+    }
     const old = this.#piece.subarray(at * DIGEST_LEN, (at + r.count) * DIGEST_LEN);
+    if (!r.src && !manifest && !r.old) {
+      // Zeros where the target reads as zeros already (a new target, or past the old one's end): nothing to write.
+      s.zero += Math.min(size, (r.first + r.count) * bs) - r.first * bs;
+      digests.copy(old);
+      return;
+    }
     // Without a manifest: compare with the old target's bytes where there are any; elsewhere the target is already a hole.
     let differs: Uint8Array | undefined;
     if (!manifest && r.old) {
@@ -673,7 +766,7 @@ class CopyPipeline {
       first: r.first, digests, size, blockSize: bs,
       mode: manifest ? 'manifest' : differs ? 'compare' : 'rewrite',
       old, oldBlocks: this.oldBlocks, differs,
-      suspect: (b) => (this.kind[b]! & SUSPECT) !== 0,
+      suspect: this.suspect,
       // Zeros that differ become holes (punched at commit), except where the target is already one.
       holeFrom: manifest || differs ? Infinity : 0,
       zeroDigest,
@@ -773,7 +866,7 @@ class CopyPipeline {
   /** Write what is left and append the rest of the manifest. */
   async finish(): Promise<void> {
     await this.#flush();
-    const pieces = Math.ceil(this.kind.length / PIECE);
+    const pieces = Math.ceil(this.nBlocks / PIECE);
     if (pieces) {
       await this.#seek(pieces - 1);
       await this.#appendPiece(pieces - 1);
@@ -797,59 +890,78 @@ async function readTarget(reader: OpenData['reader'], buf: Buffer, offset: numbe
   if (want) await reader.readAt(buf.subarray(0, want), offset);
 }
 
+/** A uniform number in (0, 1), from the system's random source. */
+const randomUnit = (): number => (randomInt(0, 2 ** 48 - 1) + 0.5) / 2 ** 48;
+
 /**
  * Re-read a random sample of the blocks the bitmap calls clean and compare
- * them with the manifest. Returns the first block that differs.
+ * them with the manifest. Returns the first block that differs. The sample
+ * is drawn in block order as the map is walked (src/core/sample.ts), and
+ * read through SAMPLE_AHEAD slots of the ring, the oldest checked as soon as
+ * its read is done and its slot taken by the next: nothing held grows with
+ * the disk or with the sample.
  */
 async function verifySample(
   c: CopyContext,
-  kind: Uint8Array,
-  nBlocks: number,
+  map: BlockMap,
+  check: () => void,
   blockLen: (b: number) => number,
   readBlocks: (first: number, count: number, buf: Buffer) => Promise<void>,
   ring: BufferRing,
 ): Promise<number | undefined> {
-  let cleanCount = 0;
-  for (let b = 0; b < nBlocks; b++) if (!(kind[b]! & DIRTY)) cleanCount++;
+  const bs = c.blockSize;
+  const cleanCount = await map.cleanBlocks(check);
   const want = Math.min(cleanCount, Math.ceil((cleanCount * c.pct) / 100));
-  // Floyd's sampling: `want` distinct ranks among the clean blocks, in memory for the sample only (not a list of every clean block).
-  const ranks = new Set<number>();
-  for (let j = cleanCount - want; j < cleanCount; j++) {
-    const t = randomInt(0, j + 1);
-    ranks.add(ranks.has(t) ? j : t);
-  }
-  const sorted = Float64Array.from(ranks).sort();
-  const sample: number[] = [];
-  for (let b = 0, rank = 0; b < nBlocks && sample.length < sorted.length; b++) {
-    if (kind[b]! & DIRTY) continue;
-    if (rank++ === sorted[sample.length]) sample.push(b);
-  }
+  if (!want) return undefined;
+  const ranks = sampleRanks(cleanCount, want, randomUnit, (k) => randomInt(0, k));
+  const slots = Math.max(1, Math.min(want, Math.floor(SAMPLE_AHEAD / bs)));
+  const loan = await ring.lend(slots * bs);
   const digest = Buffer.alloc(DIGEST_LEN);
-  // A batch's reads all in flight at once (few at a time would idle the server), old digests looked up meanwhile.
-  const batch = Math.max(1, Math.floor(READ_AHEAD_BYTES / c.blockSize));
-  for (let i = 0; i < sample.length; i += batch) {
-    const part = sample.slice(i, i + batch);
-    const loan = await ring.lend(part.length * c.blockSize);
-    const bufs = part.map((b, k) => (kind[b]! & DATA ? loan.buf.subarray(k * c.blockSize, (k + 1) * c.blockSize) : undefined));
-    const reads = Promise.all(part.map((b, k) => (bufs[k] ? readBlocks(b, 1, bufs[k]!) : undefined)));
-    reads.catch(() => {}); // awaited below
-    try {
-      const old = Buffer.alloc(part.length * DIGEST_LEN);
-      // One at a time, in order: the manifest reads ahead in windows.
-      for (let k = 0; k < part.length; k++) await c.manifest!.readDigests(part[k]!, 1, old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN));
-      await reads;
-      for (let k = 0; k < part.length; k++) {
-        const b = part[k]!;
-        const len = blockLen(b);
-        if (bufs[k]) hashBlocksInto(bufs[k]!.subarray(0, len), c.blockSize, digest);
-        else zeroDigest(len).copy(digest);
-        if (!old.subarray(k * DIGEST_LEN, (k + 1) * DIGEST_LEN).equals(digest)) return b;
+  const old = Buffer.alloc(DIGEST_LEN);
+  /** Sampled blocks in order, their reads started (a block without data reads as zeros: none). */
+  const reading: { b: number; buf: Buffer | undefined; read: Promise<void> }[] = [];
+  /** Check the oldest block read: its slot is free after. */
+  const checkOldest = async (): Promise<number | undefined> => {
+    const { b, buf, read } = reading[0]!;
+    // The manifest reads ahead in windows: one block at a time, in order.
+    await c.manifest!.readDigests(b, 1, old);
+    await read;
+    reading.shift();
+    const len = blockLen(b);
+    if (buf) hashBlocksInto(buf.subarray(0, len), bs, digest);
+    else zeroDigest(len).copy(digest);
+    return old.equals(digest) ? undefined : b;
+  };
+  try {
+    let next = ranks.next();
+    for (let b = 0, rank = 0, taken = 0; b < map.nBlocks && !next.done; b++) {
+      if (b >= map.end || b < map.start) {
+        check();
+        await map.seek(b);
       }
-    } finally {
-      await reads.catch(() => {}); // the loan is the reads' until they are done
-      loan.release();
+      const k = map.at(b);
+      if (k & DIRTY) continue;
+      if (rank++ !== next.value) continue;
+      next = ranks.next();
+      if (reading.length === slots) {
+        const bad = await checkOldest();
+        if (bad !== undefined) return bad;
+      }
+      // Slot i is taken again by the block `slots` after, read only once this one is checked.
+      const slot = taken++ % slots;
+      const buf = k & DATA ? loan.buf.subarray(slot * bs, (slot + 1) * bs) : undefined;
+      const read = buf ? readBlocks(b, 1, buf) : Promise.resolve();
+      read.catch(() => {}); // awaited in checkOldest
+      reading.push({ b, buf, read });
     }
+    while (reading.length) {
+      const bad = await checkOldest();
+      if (bad !== undefined) return bad;
+    }
+    return undefined;
+  } finally {
+    // The slots are the reads' until they are done.
+    await Promise.all(reading.map((r) => r.read.catch(() => {})));
+    loan.release();
   }
-  return undefined;
 }
-

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { createReadStream, mkdirSync } from 'node:fs';
+import { createReadStream, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { stateFolderIn } from '../../src/sync/state-dir.js';
 
@@ -35,6 +36,8 @@ export interface RunResult {
   stderr: string;
   /** The child's I/O counters from /proc (rchar/wchar: bytes through read/write syscalls). */
   io?: { rchar: number; wchar: number };
+  /** With `peakRss`: the qsync process's peak resident set (VmHWM at its exit), MiB; NaN if it did not report one. */
+  peakRssMiB?: number;
 }
 
 /**
@@ -42,9 +45,13 @@ export interface RunResult {
  * prints its own /proc/self/io after waiting for qsync: Linux adds a reaped
  * child's counters (all its threads) to the parent's, so the numbers are the
  * child's, measured from outside it. `asNobody`: run as nobody, through setpriv.
+ * `peakRss`: qsync's own peak RSS, read as it exits (test/helpers/peak-rss.mjs).
  */
-export function runQsync(args: string[], opts: { measureIo?: boolean; env?: NodeJS.ProcessEnv; onSpawn?: (pid: number) => void; asNobody?: boolean } = {}): Promise<RunResult> {
-  const cmd = opts.measureIo
+export function runQsync(args: string[], opts: { measureIo?: boolean; env?: NodeJS.ProcessEnv; onSpawn?: (pid: number) => void; asNobody?: boolean; peakRss?: boolean } = {}): Promise<RunResult> {
+  const rssFile = opts.peakRss ? join(mkdtempSync(join(tmpdir(), 'qsync-rss-')), 'kib') : undefined;
+  const cmd = rssFile
+    ? spawn('node', ['--import', join(import.meta.dirname, 'peak-rss.mjs'), QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...(opts.env ?? process.env), QSYNC_TEST_PEAK_RSS: rssFile } })
+    : opts.measureIo
     ? spawn('sh', ['-c', 'node "$@"; rc=$?; cat /proc/$$/io >&3; exit $rc', 'sh', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe', 'pipe'], env: opts.env ?? process.env })
     : opts.asNobody
       ? spawn('setpriv', [...AS_NOBODY, 'node', QSYNC, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...(opts.env ?? process.env), QSYNC_STATE_DIR: nobodyStateBase() } })
@@ -59,7 +66,12 @@ export function runQsync(args: string[], opts: { measureIo?: boolean; env?: Node
   return new Promise((resolve) => {
     cmd.on('close', (code, signal) => {
       const field = (k: string) => Number(io.match(new RegExp(`^${k}: (\\d+)$`, 'm'))?.[1] ?? NaN);
-      resolve({ code, signal, stdout, stderr, io: opts.measureIo ? { rchar: field('rchar'), wchar: field('wchar') } : undefined });
+      let peakRssMiB: number | undefined;
+      if (rssFile) {
+        peakRssMiB = Number(readFileSync(rssFile, { encoding: 'utf8', flag: 'a+' }) || NaN) / 1024;
+        rmSync(dirname(rssFile), { recursive: true, force: true });
+      }
+      resolve({ code, signal, stdout, stderr, io: opts.measureIo ? { rchar: field('rchar'), wchar: field('wchar') } : undefined, peakRssMiB });
     });
   });
 }

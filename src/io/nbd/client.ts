@@ -56,8 +56,8 @@ interface Request {
   buf: Buffer | undefined;
   /** READ bytes delivered (data + holes). */
   covered: number;
-  /** BLOCK_STATUS descriptors by context id. */
-  status: Map<number, StatusDescriptor[]>;
+  /** BLOCK_STATUS descriptors by context id: length and flags of each, in pairs (8 bytes a descriptor, not an object each). */
+  status: Map<number, Uint32Array>;
   error: QsyncError | undefined;
   resolve(r: Request): void;
   reject(e: Error): void;
@@ -395,11 +395,19 @@ export class NbdClient implements ExtentSource {
    * (continue from where its descriptors end); descriptors are by context name.
    */
   async blockStatus(offset: number, length: number): Promise<Map<string, StatusDescriptor[]>> {
+    const out = new Map<string, StatusDescriptor[]>();
+    for (const [name, pairs] of await this.#blockStatus(offset, length)) {
+      out.set(name, Array.from({ length: pairs.length / 2 }, (_, i) => ({ length: pairs[2 * i]!, flags: pairs[2 * i + 1]! })));
+    }
+    return out;
+  }
+
+  async #blockStatus(offset: number, length: number): Promise<Map<string, Uint32Array>> {
     if (!this.contexts.size) throw new QsyncError('UNSUPPORTED', `no metadata context selected on ${this.uri}`);
     this.#checkRange(offset, length);
     if (length === 0 || length > K.MAX_REQUEST_LENGTH) throw new QsyncError('IO', `NBD block status length ${length} out of range`);
     const req = await this.#request(K.CMD_BLOCK_STATUS, offset, length);
-    const out = new Map<string, StatusDescriptor[]>();
+    const out = new Map<string, Uint32Array>();
     for (const [name, id] of this.contexts) out.set(name, req.status.get(id)!);
     return out;
   }
@@ -407,8 +415,9 @@ export class NbdClient implements ExtentSource {
   /**
    * Extents of `[offset, offset+length)`: `zero` from base:allocation,
    * `dirty` from the first qemu:dirty-bitmap context (true everywhere without
-   * one). Block status is asked in requests of up to 4 GiB, several in flight;
-   * equal neighbours are merged.
+   * one). Block status is asked in requests of up to 4 GiB, STATUS_AHEAD in
+   * flight (a reply of a fragmented map holds up to 2^17 descriptors a
+   * context, 1 MiB kept); equal neighbours are merged.
    */
   async *extents(offset: number, length: number): AsyncIterable<Extent> {
     const end = Math.min(offset + length, this.size);
@@ -422,11 +431,11 @@ export class NbdClient implements ExtentSource {
     const window = this.#bigRequest();
     const windows: [number, number][] = [];
     for (let s = offset; s < end; s += window) windows.push([s, Math.min(end, s + window)]);
-    const depth = Math.max(1, Math.min(8, this.#maxInFlight));
-    const ahead: Promise<Map<string, StatusDescriptor[]>>[] = [];
+    const depth = Math.max(1, Math.min(STATUS_AHEAD, this.#maxInFlight));
+    const ahead: Promise<Map<string, Uint32Array>>[] = [];
     const ask = (i: number): void => {
       if (i < windows.length) {
-        const p = this.blockStatus(windows[i]![0], windows[i]![1] - windows[i]![0]);
+        const p = this.#blockStatus(windows[i]![0], windows[i]![1] - windows[i]![0]);
         p.catch(() => {}); // awaited below in order; a failure after an abort must not go unhandled
         ahead.push(p);
       }
@@ -448,7 +457,7 @@ export class NbdClient implements ExtentSource {
           at = e.offset + e.length;
         }
         if (at >= wEnd) break;
-        reply = await this.blockStatus(at, wEnd - at);
+        reply = await this.#blockStatus(at, wEnd - at);
       }
     }
     if (cur) yield cur;
@@ -521,11 +530,11 @@ export class NbdClient implements ExtentSource {
         if (r.cmd !== K.CMD_BLOCK_STATUS || p.length < 12 || (p.length - 4) % 8) throw bad('bad BLOCK_STATUS chunk');
         const id = p.readUInt32BE(0);
         if (![...this.contexts.values()].includes(id) || r.status.has(id)) throw bad(`block status for context ${id} unexpected`);
-        const list: StatusDescriptor[] = [];
-        for (let o = 4; o < p.length; o += 8) {
-          const length = p.readUInt32BE(o);
-          if (length === 0) throw bad('block status descriptor of length 0');
-          list.push({ length, flags: p.readUInt32BE(o + 4) });
+        const list = new Uint32Array((p.length - 4) / 4);
+        for (let o = 4, i = 0; o < p.length; o += 8, i += 2) {
+          list[i] = p.readUInt32BE(o);
+          if (list[i] === 0) throw bad('block status descriptor of length 0');
+          list[i + 1] = p.readUInt32BE(o + 4);
         }
         r.status.set(id, list);
         break;
@@ -571,26 +580,32 @@ export class NbdClient implements ExtentSource {
   }
 }
 
-/** Intersect one reply's two descriptor lists into extents from `offset`, no further than `limit` bytes. */
-function mergeContexts(offset: number, limit: number, alloc: StatusDescriptor[] | undefined, dirty: StatusDescriptor[] | undefined): Extent[] {
-  const out: Extent[] = [];
-  const total = (l: StatusDescriptor[] | undefined): number => (l ? l.reduce((s, d) => s + d.length, 0) : Infinity);
+/** Block status requests in flight ahead of the one being read. */
+const STATUS_AHEAD = 4;
+
+/** Intersect one reply's two descriptor lists (length, flags pairs) into extents from `offset`, no further than `limit` bytes, one at a time. */
+function* mergeContexts(offset: number, limit: number, alloc: Uint32Array | undefined, dirty: Uint32Array | undefined): Generator<Extent> {
+  const total = (l: Uint32Array | undefined): number => {
+    if (!l) return Infinity;
+    let sum = 0;
+    for (let i = 0; i < l.length; i += 2) sum += l[i]!;
+    return sum;
+  };
   const span = Math.min(limit, total(alloc), total(dirty));
-  let ia = 0, id = 0, ra = alloc?.[0]?.length ?? Infinity, rd = dirty?.[0]?.length ?? Infinity;
+  let ia = 0, id = 0, ra = alloc?.[0] ?? Infinity, rd = dirty?.[0] ?? Infinity;
   for (let at = 0; at < span; ) {
     const n = Math.min(ra, rd, span - at);
-    out.push({
+    yield {
       offset: offset + at, length: n,
-      zero: alloc ? (alloc[ia]!.flags & K.STATE_ZERO) !== 0 : false,
-      dirty: dirty ? (dirty[id]!.flags & K.STATE_DIRTY) !== 0 : true,
-    });
+      zero: alloc ? (alloc[ia + 1]! & K.STATE_ZERO) !== 0 : false,
+      dirty: dirty ? (dirty[id + 1]! & K.STATE_DIRTY) !== 0 : true,
+    };
     at += n;
     ra -= n;
     rd -= n;
-    if (ra === 0) ra = alloc![++ia]?.length ?? Infinity;
-    if (rd === 0) rd = dirty![++id]?.length ?? Infinity;
+    if (ra === 0) ra = alloc![(ia += 2)] ?? Infinity;
+    if (rd === 0) rd = dirty![(id += 2)] ?? Infinity;
   }
-  return out;
 }
 
 function u32(n: number): Buffer {
