@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listedName, splitFilesFrom } from '../src/core/files-from.js';
 import { QSYNC, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
-import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
+import { ageAll, dirTimes, normaliseOutput, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
 
 let root: string;
 beforeAll(() => {
@@ -40,7 +40,7 @@ interface OptCase {
   sources?: string[];
   /** Only the stdout lines that match are compared (-vv prints rsync's protocol chatter). */
   only?: RegExp;
-  /** A usage error: the exit code and the message (rsync adds "syntax or usage error"; qsync does not). */
+  /** A usage error: the exit code, the message and rsync's "syntax or usage error (code 1)" (what rsync 3.5 may add after, "received SIGUSR1 (code 19)", aside). */
   usage?: boolean;
   /** Written to a file LIST beside the source; "LIST" in the flags names it. */
   list?: string;
@@ -54,7 +54,7 @@ interface OptCase {
 
 /**
  * A --log-file's lines without their time and pid, rsync's protocol byte
- * counts and source location; sorted, as the output is.
+ * counts and source location, times as normaliseOutput makes them; sorted, as the output is.
  */
 const logLines = (path: string, dest: string) =>
   (existsSync(path) ? readFileSync(path, 'latin1') : '')
@@ -70,6 +70,7 @@ const logLines = (path: string, dest: string) =>
         .replace(/^[rq]sync: (\[\w+\] )?/, '')
         .replace(/ at \S+\(\d+\) \[[^\]]+\]$/, ''),
     )
+    .map(normaliseOutput)
     .sort();
 
 /**
@@ -107,7 +108,7 @@ async function compare(c: OptCase): Promise<void> {
     const q = await runQsync([...flags.map((f) => f.replace('LOG', logOf(qs))), ...operands, `${qs}/${c.destArg ?? ''}`], { asNobody: c.nobody });
     if (c.log) expect(logLines(logOf(qs), qs)).toEqual(logLines(logOf(rs), rs));
     const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
-    const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 1 : undefined);
+    const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 2 : undefined);
     expect({ round, code: q.code, stdout: out(q.stdout, qs), stderr: withoutHints(stderrLines(q.stderr, qs), rErr) }).toEqual({
       round,
       code: r.code,
@@ -455,6 +456,20 @@ const cases: OptCase[] = [
   { name: '--chown twice: a usage error', flags: ['-a', '--chown=a', '--chown=b:c'], setup: 'touch f', usage: true },
   { name: '--chmod=u+q: a usage error', flags: ['-a', '--chmod=u+q'], setup: 'touch f', usage: true },
   { name: '--chmod=DF+x: a usage error', flags: ['-a', '--chmod=DF+x'], setup: 'touch f', usage: true },
+  // Usage errors in rsync's words
+  { name: 'an unknown long option', flags: ['-a', '--bogus'], setup: 'touch f', usage: true },
+  { name: 'an unknown short option: named with its cluster', flags: ['-avY'], setup: 'touch f', usage: true },
+  { name: 'a value to an option that takes none', flags: ['-a', '--verbose=2'], setup: 'touch f', usage: true },
+  { name: 'an unknown --info word', flags: ['-a', '--info=name,foo'], setup: 'touch f', usage: true },
+  { name: 'an unknown --debug word', flags: ['-a', '--debug=foo'], setup: 'touch f', usage: true },
+  { name: '--debug=none: accepted, no debug output', flags: ['-a', '-i', '--debug=none'], setup: TREE },
+
+  // --log-file follows the --info levels (-q quiets stdout only); a deletion's %f is its name without the slash
+  { name: '--log-file -q --stats: the statistics block and the closing lines are logged', flags: ['-a', '-q', '--stats', '--delete', '--log-file=LOG'], setup: EXTRA, log: true },
+  { name: '--log-file --info=stats1: the closing lines', flags: ['-a', '--info=stats1', '--log-file=LOG'], setup: TREE, log: true },
+  { name: '--log-file -v --info=stats0: the byte line', flags: ['-a', '-v', '--info=stats0', '--log-file=LOG'], setup: TREE, log: true },
+  { name: '--log-file-format=%o %f %n over deleted folders', flags: ['-a', '--delete', '--log-file=LOG', '--log-file-format=%o %f %n'], setup: EXTRA, log: true },
+  { name: '--out-format=%o %f %n over deleted folders', flags: ['-a', '--delete', '--out-format=%o %f %n'], setup: EXTRA },
 ];
 
 describe.skipIf(!needTools('rsync'))('rsync options, against rsync', () => {

@@ -20,6 +20,8 @@ let src: string;
 /** A copy of src as both tools leave it, and one with extra names for --delete. */
 let full: string;
 let extra: string;
+/** full, with one file's mode changed (a changed time would send it: rsync names a sent file when it sends it, behind the generator's lines). */
+let touched: string;
 
 beforeAll(async () => {
   root = mkdtempSync(join(tmpdir(), 'qsync-rsync-out-'));
@@ -47,6 +49,9 @@ beforeAll(async () => {
   writeFileSync(join(extra, 'old/deep/x'), 'x');
   writeFileSync(join(extra, 'zz'), 'gone');
   ageAll(extra, T_DEST);
+  touched = join(root, 'touched');
+  execFileSync('cp', ['-a', full, touched]);
+  chmodSync(join(touched, 'c.txt'), 0o600);
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -82,6 +87,13 @@ const cases: { name: string; args: string[]; seed?: () => string; last?: boolean
   { name: '--info=del0 -v --delete: no deletion lines', args: ['-av', '--delete', '--info=del0'], seed: () => extra },
   { name: '--info=name2: unchanged files say so', args: ['-a', '--info=name2'], seed: () => full },
   { name: '--info=stats2,flist0 -v', args: ['-av', '--info=stats2,flist0'] },
+  // -q silences stdout whatever else asks for lines: -v, -i, --out-format, --info, --progress, --stats.
+  { name: '-q with -v, -i, --info=name2,del,progress2 and --stats: nothing on stdout', args: ['-avq', '-i', '--info=name2,del,progress2', '--stats', '--delete'], seed: () => extra },
+  { name: '-q with --out-format and --progress: nothing on stdout', args: ['-aq', '--out-format=%o %n', '--progress', '--delete'], seed: () => extra },
+  { name: '-vv --debug=none: "is uptodate" names without their link target; an entry with only its attributes changed by its name', args: ['-avv', '--debug=none'], seed: () => touched },
+  { name: '-ii: unchanged entries too, with spaces for their dots', args: ['-aii'], seed: () => touched },
+  { name: '--out-format with %i and --info=name2: unchanged entries too', args: ['-a', '--out-format=%i|%n', '--info=name2'], seed: () => touched },
+  { name: '-ii with an --out-format without %i: as -i', args: ['-aii', '--out-format=%n'], seed: () => touched },
 ];
 
 describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
