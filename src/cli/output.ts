@@ -37,12 +37,27 @@ export interface Printer extends SyncHooks {
   /** The printer numbers progress with the whole file list: count it first (TreeOptions.countFirst). */
   readonly wantsTotal?: boolean;
   finish(stats: RunStats | undefined, exitCode: number, error?: unknown): number;
+  /** rsync's header line(s), if not printed yet (TextPrinter.header). */
+  header?(): void;
 }
 
 type Options = Pick<SyncOptions, 'verbose' | 'quiet' | 'human' | 'progress' | 'progress2' | 'stats' | 'itemize' | 'dryRun' | 'json'> &
-  Partial<Pick<SyncOptions, 'outFormat' | 'info'>>;
+  Partial<Pick<SyncOptions, 'outFormat' | 'info' | 'recursive' | 'dirs' | 'filesFrom' | 'pruneEmptyDirs'>>;
 
-/** `noticesToStderr`: qsync's own notices on stderr, keeping stdout rsync's (a tree sync). */
+/**
+ * rsync's first line at --info=flist1, as a tree sync prints it: "sending
+ * incremental file list" when the list goes out as it is built (-r, and not
+ * -m, which needs it whole), "building file list ... done" when it is built
+ * first (-d, --files-from or -m), nothing without folders to send (neither
+ * -r nor -d). With --progress the built list is counted as it grows: the
+ * count follows (TextPrinter.listTotal).
+ */
+function flistHeader(o: Options): { incremental: boolean } | undefined {
+  if (!o.recursive && !o.dirs && o.filesFrom === undefined) return undefined;
+  return { incremental: Boolean(o.recursive) && !o.pruneEmptyDirs };
+}
+
+/** `noticesToStderr`: qsync's own notices on stderr, keeping stdout rsync's (a tree sync, whose header is printed at once, as rsync's, before any error). */
 export function createPrinter(o: Options, io: OutputIO, now: () => number = Date.now, noticesToStderr = false): Printer {
   return o.json ? new JsonPrinter(io) : new TextPrinter(o, io, now, noticesToStderr);
 }
@@ -253,12 +268,39 @@ class TextPrinter implements Printer {
     this.t0 = now();
   }
 
+  /**
+   * rsync's header (--info=flist), once: before the first line, at the end
+   * of a run that printed none, and before a failure that is no usage error
+   * (rsync prints it as it starts; "incremental" is its word for a list sent
+   * while it is built). A tree sync's follows flistHeader; image mode's is the incremental one.
+   */
+  header(): void {
+    if (this.headerDone) return;
+    this.headerDone = true;
+    if (this.levels.flist < 1) return;
+    const header = this.noticesToStderr ? flistHeader(this.o) : { incremental: true };
+    if (header?.incremental) this.emit('sending incremental file list');
+    else if (header && this.levels.flist >= 2 && this.levels.progress) {
+      this.raw('building file list ... \n 0 files...\r');
+      this.counting = true;
+    } else if (header) this.emit('building file list ... done');
+  }
+
+  /** "building file list ... " is out, its count to come: " 100 files...\r" each hundred, then "N files to consider". */
+  private counting = false;
+
+  private countDone(entries: number): void {
+    if (!this.counting) return;
+    this.counting = false;
+    let ticks = '';
+    for (let n = 100; n <= entries; n += 100) ticks += ` ${n} files...\r`;
+    this.raw(`${ticks}${entries} file${entries === 1 ? ' ' : 's '}to consider\n`);
+  }
+
   private readonly levels: InfoLevels;
 
   private out(line: string): void {
-    // rsync's header (--info=flist); "incremental" is rsync's word for a list sent while it is built.
-    if (!this.headerDone && this.levels.flist >= 1) this.emit('sending incremental file list');
-    this.headerDone = true;
+    this.header();
     this.emit(line);
   }
 
@@ -276,6 +318,8 @@ class TextPrinter implements Printer {
 
   listTotal(entries: number, size: number): void {
     this.list = { entries, size };
+    this.header();
+    this.countDone(entries);
   }
 
   /** rsync's count after a progress line: "to-chk=R/T" with the counted list, else what is known so far ("ir-chk"). */
@@ -384,6 +428,8 @@ class TextPrinter implements Printer {
     this.bars?.stop();
     this.bars = undefined;
     const o = this.o;
+    this.header();
+    if (stats) this.countDone(stats.files);
     if (stats && !o.quiet) {
       const h = o.human;
       if (this.levels.progress >= 2) {

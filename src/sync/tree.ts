@@ -21,7 +21,7 @@ import type { Filter } from '../core/filter.js';
 import type { ListedName } from '../core/files-from.js';
 import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
 import { IdMapper } from './id-map.js';
-import type { FileReport, RunStats, SyncHooks } from './events.js';
+import { noStats, type FileReport, type RunStats, type SyncHooks } from './events.js';
 import { SmallFileBatch } from './small-file.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
@@ -150,10 +150,7 @@ async function attrSource(dir: SourceDir, name: string | undefined, st: BigIntSt
 }
 
 export class TreeSync {
-  private readonly stats: RunStats = {
-    files: 0, regularFiles: 0, dirs: 0, created: 0, deleted: 0, transferred: 0,
-    totalSize: 0, transferredSize: 0, literal: 0, matched: 0, scanned: 0, elapsedMs: 0,
-  };
+  private readonly stats: RunStats = noStats();
   private partial = false;
   private vanished = false;
   private skippedDeletes = 0;
@@ -214,6 +211,7 @@ export class TreeSync {
 
   private async walk(): Promise<TreeOutcome> {
     const t0 = performance.now();
+    if (!this.ctx.sources.remote) this.destRoot = await this.dest?.stat().catch(() => undefined);
     await this.ids?.prepare((m) => this.hooks.warning?.(m, undefined, true));
     const done = new Map<string, BigIntStats>();
     for (const l of this.plan.lists ?? []) {
@@ -253,6 +251,8 @@ export class TreeSync {
     const shown = t.destRel || '.';
     this.links?.transfer(t);
     if (t.destRel === '') {
+      // Neither -r nor -d: rsync skips a folder's contents as it skips a folder, and lists nothing of it.
+      if (!this.opts.recursive && !this.opts.dirs) return this.hooks.info?.('skipping directory .', 'nonreg');
       // SRC/ (or .): the operand is the folder itself; the user's path to it is followed, as rsync does.
       let src: SourceDir | undefined;
       try {
@@ -612,8 +612,16 @@ export class TreeSync {
 
   /** Whether the walk goes into a folder's contents (-x, -d levels). */
   private walksInto(st: BigIntStats, rootDev: bigint, levels: number | undefined): boolean {
-    return (!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0;
+    return (!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0 && !(this.destRoot && st.dev === this.destRoot.dev && st.ino === this.destRoot.ino);
   }
+
+  /**
+   * DEST's own folder, when the sources are here: met in a source (DEST
+   * inside SRC, as "qsync -a ./ D/"), it is made and not walked, as the copy
+   * in it would be walked again without end (rsync, whose list is taken
+   * ahead, finds it empty).
+   */
+  private destRoot?: { dev: bigint; ino: bigint };
 
   /** The file list the walk will go through, counted first (countFirst): entries, and bytes of files and link targets. */
   private async count(): Promise<{ entries: number; size: number }> {
