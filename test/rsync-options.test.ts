@@ -326,6 +326,13 @@ const cases: OptCase[] = [
   { name: 'nobody: --chmod=Du+w,go-rwx,F400', flags: ['-a', '-i', '--chmod=Du+w,go-rwx,F400'], setup: `${TREE}; cd "$D"; echo a > f; chmod 644 f`, nobody: true, rounds: 2 },
   { name: 'nobody: --max-delete=2 --delete-excluded -m', flags: ['-a', '-i', '--delete-excluded', '--exclude=*.tmp', '--max-delete=2', '-m'], setup: EXTRA + '; touch k.tmp; mkdir -p e/f', nobody: true },
   { name: 'nobody: -R and --mkpath', flags: ['-a', '-i', '-R', '--mkpath'], setup: RTREE, sources: ['SRC/./a/b'], destArg: 'x/y/', fresh: true, nobody: true },
+  {
+    name: 'nobody: an unreadable source folder: rsync\'s opendir line, its mode given to DEST\'s, no deletion after it, exit 23',
+    flags: ['-a', '-i', '--delete'],
+    setup: 'mkdir -p d; echo b > d/g; mkdir a; echo x > a/x; chmod 000 a; cd "$D"; mkdir -p a d; echo old > a/keep; echo e > d/extra2',
+    nobody: true,
+  },
+  { name: 'nobody: an unreadable source file: rsync\'s send_files line, the rest copied, exit 23', flags: ['-a', '-v'], setup: 'echo a > f; echo s > secret; chmod 000 secret', nobody: true, fresh: true },
   { name: 'nobody: --files-from with --chown (not root: owners stay)', flags: ['-a', '-i', '--files-from=LIST', '--chown=1234:4321'], setup: RTREE, list: 'a/b/f\ntop\n', nobody: true },
 
   // --files-from, -0
@@ -464,6 +471,10 @@ const cases: OptCase[] = [
   { name: 'an unknown --info word', flags: ['-a', '--info=name,foo'], setup: 'touch f', usage: true },
   { name: 'an unknown --debug word', flags: ['-a', '--debug=foo'], setup: 'touch f', usage: true },
   { name: '--debug=none: accepted, no debug output', flags: ['-a', '-i', '--debug=none'], setup: TREE },
+
+  // --existing, --ignore-existing: what they leave alone is listed all the same (the totals of -v and --stats)
+  { name: '--existing -v --stats: the names left alone in the totals', flags: ['-a', '-v', '--stats', '--existing'], setup: `${TREE}; mkdir -p e/f; echo x > e/f/y; cd "$D"; echo old > f; mkdir d` },
+  { name: '--ignore-existing -v --stats: the names left alone in the totals', flags: ['-a', '-v', '--stats', '--ignore-existing'], setup: `${TREE}; mkdir -p e/f; echo x > e/f/y; cd "$D"; echo old > f; mkdir -p d/sub` },
 
   // Operands: missing ones, a DEST whose folder is missing, "dir/..", no -r
   { name: 'every source missing: rsync\'s link_stat and change_dir lines, the closing lines, exit 23', flags: ['-av'], setup: TREE, sources: ['missing', 'gone/'] },

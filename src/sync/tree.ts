@@ -15,7 +15,7 @@ import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError, rsyncErrnoText } from '../core/errors.js';
 import { newerOnReceiver, sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
 import type { ListedName } from '../core/files-from.js';
@@ -454,7 +454,7 @@ export class TreeSync {
     const name = basename(rel);
     try {
       this.stats.files++;
-      if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return;
+      if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return await this.countSkipped(src, st, rel, rootDev, levels);
       if (st.isDirectory()) {
         if (!this.opts.recursive && levels === undefined) {
           this.hooks.info?.(`skipping directory ${shown}`, 'nonreg');
@@ -502,6 +502,19 @@ export class TreeSync {
    * (anything but a folder that exists, of whatever type, is left alone; a
    * folder whose name holds something else cannot be entered: exit 23).
    */
+  /** An entry --existing or --ignore-existing leaves alone is in rsync's list all the same, with what is below it: counted in the totals. */
+  private async countSkipped(src: Here, st: BigIntStats, rel: string, rootDev: bigint, levels: number | undefined): Promise<void> {
+    const total = { entries: 0, size: st.isFile() || st.isSymbolicLink() ? Number(st.size) : 0, dirs: st.isDirectory() ? 1 : 0, links: st.isSymbolicLink() ? 1 : 0 };
+    if (st.isDirectory() && (this.opts.recursive || levels !== undefined)) {
+      const d = await src.dir.openDir(src.name).catch(() => undefined);
+      if (d) await this.countBelow(total, d, st, rel, rootDev, levels).finally(() => d.close());
+    }
+    this.stats.files += total.entries;
+    this.stats.totalSize += total.size;
+    this.stats.dirs += total.dirs;
+    this.stats.symlinks = (this.stats.symlinks ?? 0) + total.links;
+  }
+
   private async skipByExistence(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<boolean> {
     if (!name) return false;
     const cur = await dst?.lstatOrUndefined(name);
@@ -555,14 +568,14 @@ export class TreeSync {
         srcDir = await src.dir.openDir(src.name).catch((e) => {
           const errno = errnoOf(e);
           const shown = src.dir.shown(src.name);
-          throw errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR'
-            ? new QsyncError('SOURCE', `file has vanished: ${shown}`, { file: rel, vanished: true })
-            : new QsyncError('SOURCE', `opendir ${shown} failed: ${errnoText(e)}`, { file: rel }, { cause: e });
+          if (errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR') throw new QsyncError('SOURCE', `file has vanished: ${shown}`, { file: rel, vanished: true });
+          this.listError = true;
+          throw new QsyncError('SOURCE', `opendir "${this.ctx.sources.remote ? shown : resolve(shown)}" failed: ${rsyncErrnoText(e)}`, { file: rel }, { cause: e });
         });
         await this.checkSame(srcDir, st, rel);
       } catch (e) {
-        // Listed, then unreadable or gone: the folder made for it is reported and gets the listed metadata, as rsync gives it (not 0700).
-        if (!cur && !this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true)).catch(() => {});
+        // Listed, then unreadable or gone: its folder here is reported and gets the listed metadata, as rsync gives it (a new one: not 0700).
+        if (!this.noWrite) await setMetaAt(dst!, name, cur ?? (await dst!.lstat(name)), this.metaFor(st, !cur, true)).catch(() => {});
         this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0, length: st.size });
         throw e;
       }
@@ -623,25 +636,38 @@ export class TreeSync {
    */
   private destRoot?: { dev: bigint; ino: bigint };
 
+  /**
+   * A source folder could not be read: as rsync, no deletion after it (what
+   * the list lacks might be there), said once.
+   */
+  private listError = false;
+  private listErrorSaid = false;
+
+  /** Add to `total` the entries below folder `d` (`st`) the walk would list, and the bytes of their files and link targets. */
+  private async countBelow(total: { entries: number; size: number; dirs?: number; links?: number }, d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> {
+    if (!this.walksInto(st, rootDev, lv)) return;
+    for (const c of await this.listChildren(d, rel, true)) {
+      total.entries++;
+      if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
+      if (c.st.isSymbolicLink() && total.links !== undefined) total.links++;
+      if (!c.st.isDirectory()) continue;
+      if (total.dirs !== undefined) total.dirs++;
+      if (!this.opts.recursive && lv === undefined) continue;
+      const sub = await d.openDir(c.name).catch(() => undefined);
+      if (!sub) continue;
+      try {
+        await this.countBelow(total, sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
+      } finally {
+        await sub.close();
+      }
+    }
+  }
+
   /** The file list the walk will go through, counted first (countFirst): entries, and bytes of files and link targets. */
   private async count(): Promise<{ entries: number; size: number }> {
     const total = { entries: 0, size: 0 };
     const levels = this.opts.dirs && !this.opts.recursive ? 1 : undefined;
-    const below = async (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> => {
-      if (!this.walksInto(st, rootDev, lv)) return;
-      for (const c of await this.listChildren(d, rel, true)) {
-        total.entries++;
-        if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
-        if (!c.st.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
-        const sub = await d.openDir(c.name).catch(() => undefined);
-        if (!sub) continue;
-        try {
-          await below(sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
-        } finally {
-          await sub.close();
-        }
-      }
-    };
+    const below = (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined) => this.countBelow(total, d, st, rel, rootDev, lv);
     for (const t of this.plan.transfers) {
       total.entries++;
       const st = await this.seen(t.stat);
@@ -675,7 +701,13 @@ export class TreeSync {
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync deletes in a folder as its list starts, and names the folder after (its line waits in rsync's output buffer).
-    if (walks && this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+    if (walks && this.opts.delete && cur && dst) {
+      if (!this.listError) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+      else if (!this.listErrorSaid) {
+        this.listErrorSaid = true;
+        this.hooks.info?.('IO error encountered -- skipping file deletion', 'always');
+      }
+    }
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size, st, source: rel ? src.shown('.').replace(/\/\.$/, '') : src.shown('.') });
     if (walks) {
       const start = this.nextList;
