@@ -302,6 +302,12 @@ const cases: OptCase[] = [
   { name: '-R: ".." in an operand without "/./" refused, named whole', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/a/../top'], usage: true },
   { name: '-R: a second "/./" and a trailing "/." are dropped', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/./b/.'] },
 
+  // --no-implied-dirs
+  { name: '-R --no-implied-dirs: the folders on the way made plain (0777 less the umask), not sent, not named', flags: ['-a', '-i', '-R', '--no-implied-dirs'], setup: RTREE, sources: ['SRC/./a/b/f', 'SRC/./top', 'SRC/./a/b/c'], fresh: true },
+  { name: '-R --no-implied-dirs: a folder on the way that exists keeps its mode and time', flags: ['-a', '-i', '-R', '--no-i-d'], setup: `${RTREE}; mkdir -p "$D"/a; chmod 700 "$D"/a`, sources: ['SRC/./a/b/f'] },
+  { name: '-R --no-implied-dirs -n: nothing made', flags: ['-a', '-i', '-n', '-R', '--no-implied-dirs'], setup: RTREE, sources: ['SRC/./a/b/f'], fresh: true },
+  { name: '--files-from --no-implied-dirs', flags: ['-a', '-i', '--no-implied-dirs', '--files-from=LIST'], setup: RTREE, list: 'a/b/c/g\ntop\n' },
+
   // --log-file
   { name: '--log-file: changes, links and the closing line', flags: ['-a', '--log-file=LOG'], setup: `${TREE}; cd "$D"; echo old > f`, log: true, rounds: 2 },
   {

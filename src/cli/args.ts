@@ -88,6 +88,8 @@ export interface SyncOptions {
   logFileFormat?: string;
   /** -R: each SRC keeps its path below DEST (from a "/./" in it on). */
   relative: boolean;
+  /** --no-implied-dirs (false): -R's folders on the way are not sent; missing ones are made plain, existing ones left as they are. */
+  impliedDirs: boolean;
   /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
   from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
@@ -227,6 +229,7 @@ const SPECS: Spec[] = [
   { name: 'log-file-format', kind: 'value', arg: 'FMT', help: 'log updates using the specified FMT' },
   { name: 'out-format', kind: 'value', arg: 'FORMAT', aliases: ['log-format'], help: 'output updates using the specified FORMAT' },
   { name: 'relative', short: 'R', kind: 'flag', neg: ['no-relative', 'no-R'], help: 'use relative path names' },
+  { name: 'implied-dirs', kind: 'flag', aliases: ['i-d'], neg: ['no-implied-dirs', 'no-i-d'], help: "with -R: --no-implied-dirs doesn't send the folders on the way" },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
@@ -272,7 +275,7 @@ const UNSUPPORTED_LONG = new Set(
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
-  munge-links no-munge-links copy-dirlinks keep-dirlinks implied-dirs no-implied-dirs i-d no-i-d max-alloc preallocate
+  munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
@@ -732,6 +735,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     logFileFormat: y['log-file-format'] === undefined ? undefined : (checkLogFormat(String(str(y['log-file-format']))), str(y['log-file-format'])),
     // rsync: --files-from implies -R.
     relative: bool('relative') || (filesFrom !== undefined && y.relative === undefined),
+    impliedDirs: y['implied-dirs'] !== false,
     usermap: n.usermap === undefined ? undefined : (parseIdMap(n.usermap, 'user'), n.usermap),
     groupmap: n.groupmap === undefined ? undefined : (parseIdMap(n.groupmap, 'group'), n.groupmap),
     chmod: list('chmod').map((c) => {

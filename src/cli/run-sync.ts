@@ -145,6 +145,7 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
 
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
   if ([...operands, dest].some((p) => parseRemote(p))) {
+    if (!o.impliedDirs) throw new QsyncError('UNSUPPORTED', '--no-implied-dirs is supported by qsync for a local run only', { option: '--no-implied-dirs' });
     if (o.connect !== undefined) throw new QsyncError('USAGE', '--connect URI is for a local sync (its libvirt domains) or --domain NAME: a sync over ssh does not back up through libvirt');
     return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
   }

@@ -34,6 +34,8 @@ import { ExtAttrs, type Node, type SourceAttrs } from './ext-attrs.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
+  /** false (--no-implied-dirs): the folders on the way to a -R or --files-from name are not sent (TreeSync.implied). */
+  impliedDirs?: boolean;
   links: boolean;
   perms: boolean;
   owner: boolean;
@@ -308,11 +310,36 @@ export class TreeSync {
       for (const n of names) {
         const parts = n.rel ? n.rel.split('/') : [];
         if (n.dotDir) await this.listedOne(root, base, '', 0, done);
-        for (let i = 1; i < parts.length; i++) await this.listedOne(root, base, parts.slice(0, i).join('/'), 0, done);
+        for (let i = 1; i < parts.length; i++) {
+          const onTheWay = parts.slice(0, i).join('/');
+          if (this.opts.impliedDirs === false) await this.implied(onTheWay);
+          else await this.listedOne(root, base, onTheWay, 0, done);
+        }
         await this.listedOne(root, base, n.rel, this.opts.recursive || !dirs ? undefined : n.contents ? 1 : 0, done);
       }
     } finally {
       await root.close();
+    }
+  }
+
+  /**
+   * --no-implied-dirs: a folder on the way to a listed name, in DEST only, as
+   * rsync's receiver makes it: when missing, plain (0777 less the umask), not
+   * named, not counted; whatever stands there is left as it is (a symlink,
+   * or a file, fails the names below it, never followed).
+   */
+  private async implied(rel: string): Promise<void> {
+    if (this.noWrite) return;
+    let at: { dir: Dir | undefined; name: string } | undefined;
+    try {
+      at = await this.destParent(rel);
+      if (!at.dir || (await at.dir.lstatOrUndefined(at.name))) return;
+      await at.dir.mkdir(at.name, 0o777);
+    } catch (e) {
+      // rsync's words.
+      this.fail(new QsyncError('TARGET', `recv_generator: mkdir "${join(this.plan.destRoot, rel)}" failed: ${rsyncErrnoText(e)}`, { file: rel }, { cause: e }), rel);
+    } finally {
+      if (at?.dir && at.dir !== this.dest) await at.dir.close();
     }
   }
 
