@@ -10,7 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NOBODY, runQsync } from './helpers/cli.js';
+import { NOBODY, QSYNC, runQsync } from './helpers/cli.js';
 import { ageAll, runBoth, T_DEST, T_SRC } from './helpers/rsync-compare.js';
 import { needTools } from './helpers/env.js';
 import { randomFile } from './helpers/data.js';
@@ -106,6 +106,14 @@ describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
   it('several operands: listed files first, then folders, each by name, as rsync sorts them', async () => {
     const r = await runBoth(join(root, 'operands'), src, ['-av', '--progress'], { operands: ['b', 'z.txt', 'a'].map((n) => join(src, n)) });
     expect({ code: r.qsync.code, stdout: r.qsync.stdout, stderr: r.qsync.stderr }).toEqual({ code: r.rsync.code, stdout: r.rsync.stdout, stderr: r.rsync.stderr });
+  });
+
+  it('--info=help: rsync\'s text, exit 0, whatever else is on the line', () => {
+    for (const args of [['--info=help'], ['-av', '--info=name,help', 'x', 'y']]) {
+      const r = spawnSync('rsync', args, { encoding: 'utf8' });
+      const q = spawnSync('node', [QSYNC, ...args], { encoding: 'utf8' });
+      expect({ code: q.status, stdout: q.stdout, stderr: q.stderr }).toEqual({ code: r.status, stdout: r.stdout, stderr: r.stderr });
+    }
   });
 
   it('a progress line is \\r-updated when piped, and counts the whole list', async () => {

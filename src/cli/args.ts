@@ -556,7 +556,6 @@ function parsePercent(text: string): number {
   return pct;
 }
 
-const INFO_WORDS = ['backup', 'copy', 'del', 'flist', 'misc', 'mount', 'name', 'nonreg', 'progress', 'remove', 'skip', 'stats', 'symsafe'];
 
 /**
  * --info=FLAGS as rsync reads it: comma-separated words, each with an
@@ -658,8 +657,41 @@ function helpText(): string {
   ].join('\n');
 }
 
+/** rsync's --info=HELP, word for word: what scripts and users read for the words and levels. */
+const INFO_HELP: [string, string][] = [
+  ['BACKUP', 'Mention files backed up'],
+  ['COPY', 'Mention files copied locally on the receiving side'],
+  ['DEL', 'Mention deletions on the receiving side'],
+  ['FLIST', 'Mention file-list receiving/sending (levels 1-2)'],
+  ['MISC', 'Mention miscellaneous information (levels 1-2)'],
+  ['MOUNT', 'Mention mounts that were found or skipped'],
+  ['NAME', 'Mention 1) updated file/dir names, 2) unchanged names'],
+  ['NONREG', 'Mention skipped non-regular files (default 1, 0 disables)'],
+  ['PROGRESS', 'Mention 1) per-file progress or 2) total transfer progress'],
+  ['REMOVE', 'Mention files removed on the sending side'],
+  ['SKIP', 'Mention files skipped due to transfer overrides (levels 1-2)'],
+  ['STATS', 'Mention statistics at end of run (levels 1-3)'],
+  ['SYMSAFE', 'Mention symlinks that are unsafe'],
+];
+
+const INFO_WORDS = INFO_HELP.map(([w]) => w.toLowerCase());
+
 const infoHelpText = (): string =>
-  ['Use OPT or OPT1 for level 1 output, OPT2 for level 2, etc.; OPT0 silences.', '', ...INFO_WORDS.map((w) => w.toUpperCase()), ''].join('\n');
+  [
+    'Use OPT or OPT1 for level 1 output, OPT2 for level 2, etc.; OPT0 silences.',
+    '',
+    ...INFO_HELP.map(([w, text]) => `${w.padEnd(10)} ${text}`),
+    '',
+    `${'ALL'.padEnd(10)} Set all --info options (e.g. all4)`,
+    `${'NONE'.padEnd(10)} Silence all --info options (same as all0)`,
+    `${'HELP'.padEnd(10)} Output this help message`,
+    '',
+    'Options added at each level of verbosity:',
+    '0) NONREG',
+    '1) COPY,DEL,FLIST,MISC,NAME,STATS,SYMSAFE',
+    '2) BACKUP,MISC2,MOUNT,NAME2,REMOVE,SKIP',
+    '',
+  ].join('\n');
 
 function str(v: unknown): string | undefined {
   // A value option given twice reaches us as an array; the last one wins, as in rsync.
