@@ -39,7 +39,11 @@ describe('parseArgv', () => {
     expect(sync(['--progress', 'a', 'b']).options.info).toMatchObject({ name: 1, flist: 2, progress: 1, stats: 0 });
     expect(sync(['-i', '--progress', 'a', 'b']).options.info).toMatchObject({ name: 0, progress: 1 });
     expect(sync(['--stats', 'a', 'b']).options.info).toMatchObject({ stats: 2 });
-    expect(sync(['-vq', 'a', 'b']).options.info).toMatchObject({ name: 0, nonreg: 0, stats: 0 });
+    // -q keeps the levels (the log file follows them, test/rsync-options.test.ts); the printer then prints nothing on stdout.
+    expect(sync(['-vq', '--stats', 'a', 'b']).options).toMatchObject({ quiet: true, info: { name: 1, nonreg: 1, stats: 2 } });
+    // -ii: unchanged entries too, as --info=name2.
+    expect(sync(['-ii', 'a', 'b']).options).toMatchObject({ itemize: true, info: { name: 2 } });
+    expect(sync(['-ii', '--out-format=%n', 'a', 'b']).options.info).toMatchObject({ name: 0 });
     expect(sync(['-v', '--info=name0,stats3,del0', 'a', 'b']).options.info).toMatchObject({ name: 0, stats: 3, del: 0, flist: 1 });
     expect(sync(['--out-format=%n %b', 'a', 'b']).options.outFormat).toBe('%n %b');
     expect(sync(['--log-format=%n', 'a', 'b']).options.outFormat).toBe('%n');
@@ -56,7 +60,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, logFile: undefined, logFileFormat: undefined, dirs: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, impliedDirs: true, logFile: undefined, logFileFormat: undefined, dirs: false,
       outFormat: undefined, info: { nonreg: 1, copy: 0, del: 0, flist: 0, misc: 0, name: 0, stats: 0, skip: 0, progress: 0 },
     } satisfies SyncOptions);
   });
@@ -87,7 +91,7 @@ describe('parseArgv', () => {
     expect(sync(['--stats', '--info=none', 'a', 'b']).options.stats).toBe(false);
     expect(parseArgv(['--info=help'])).toMatchObject({ kind: 'help' });
     const e = failure(['--info=progres2', 'a', 'b']);
-    expect([e.code, e.message]).toEqual(['USAGE', 'unknown --info item: "progres"']);
+    expect([e.code, e.message]).toEqual(['USAGE', 'Unknown --info item: "progres"']);
   });
 
   it('reads block sizes with rsync suffixes', () => {
@@ -107,18 +111,20 @@ describe('parseArgv', () => {
   });
 
   it('refuses unknown options with USAGE and rsync options qsync lacks with UNSUPPORTED, as typed', () => {
-    expect(failure(['--foo', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'unknown option --foo' });
-    expect(failure(['-aj', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: 'unknown option -j' });
-    expect(failure(['--verb', 'a', 'b']).message).toBe('unknown option --verb'); // no abbreviations, as popt
+    // rsync's words: the option as typed, a short one's whole cluster.
+    expect(failure(['--foo', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: '--foo: unknown option' });
+    expect(failure(['-aj', 'a', 'b'])).toMatchObject({ code: 'USAGE', message: '-aj: unknown option', context: { option: '-j' } });
+    expect(failure(['--verb', 'a', 'b']).message).toBe('--verb: unknown option'); // no abbreviations, as popt
     const long = failure(['-a', '--link-dest=x', 'a', 'b']);
     expect(long.code).toBe('UNSUPPORTED');
-    expect(long.message).toBe('option --link-dest is not supported (rsync option); remove it or use rsync');
+    expect(long.message).toBe('option --link-dest is not supported by qsync; remove it or use rsync');
+    expect(failure(['--suffix=.old', 'a', 'b']).message).toMatch(/^option --suffix is not supported by qsync: .*--backup-dir.*README\.md/);
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
     for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--old-dirs', '--filter=- x', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');
-    expect(failure(['a', 'b', '--exclude'])).toMatchObject({ code: 'USAGE', message: 'option --exclude requires an argument' });
+    expect(failure(['a', 'b', '--exclude'])).toMatchObject({ code: 'USAGE', message: '--exclude: missing argument' });
   });
 
   it('reads -H, -A, -X (-aHAX, the long forms and their --no- forms); -A implies -p, as in rsync', () => {

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listedName, splitFilesFrom } from '../src/core/files-from.js';
 import { QSYNC, runQsync } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
-import { ageAll, dirTimes, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
+import { ageAll, dirTimes, normaliseOutput, runRsync, sh, snapshot, sortedLines, T_DEST, T_SRC } from './helpers/rsync-compare.js';
 
 let root: string;
 beforeAll(() => {
@@ -40,7 +40,7 @@ interface OptCase {
   sources?: string[];
   /** Only the stdout lines that match are compared (-vv prints rsync's protocol chatter). */
   only?: RegExp;
-  /** A usage error: the exit code and the message (rsync adds "syntax or usage error"; qsync does not). */
+  /** A usage error: the exit code, the message and rsync's "syntax or usage error (code 1)" (what rsync 3.5 may add, "received SIGUSR1 (code 19)", aside). */
   usage?: boolean;
   /** Written to a file LIST beside the source; "LIST" in the flags names it. */
   list?: string;
@@ -54,7 +54,7 @@ interface OptCase {
 
 /**
  * A --log-file's lines without their time and pid, rsync's protocol byte
- * counts and source location; sorted, as the output is.
+ * counts and source location, times as normaliseOutput makes them; sorted, as the output is.
  */
 const logLines = (path: string, dest: string) =>
   (existsSync(path) ? readFileSync(path, 'latin1') : '')
@@ -70,6 +70,7 @@ const logLines = (path: string, dest: string) =>
         .replace(/^[rq]sync: (\[\w+\] )?/, '')
         .replace(/ at \S+\(\d+\) \[[^\]]+\]$/, ''),
     )
+    .map(normaliseOutput)
     .sort();
 
 /**
@@ -106,8 +107,9 @@ async function compare(c: OptCase): Promise<void> {
     const r = runRsync([...(c.rsyncFlags ?? flags).map((f) => f.replace('LOG', logOf(rs))), ...operands, `${rs}/${c.destArg ?? ''}`], c.nobody === true);
     const q = await runQsync([...flags.map((f) => f.replace('LOG', logOf(qs))), ...operands, `${qs}/${c.destArg ?? ''}`], { asNobody: c.nobody });
     if (c.log) expect(logLines(logOf(qs), qs)).toEqual(logLines(logOf(rs), rs));
-    const out = (s: string, d: string) => sortedLines(s.replaceAll(d, 'DEST')).filter((l) => !c.only || c.only.test(l));
-    const rErr = stderrLines(r.stderr, rs).slice(0, c.usage ? 1 : undefined);
+    const out = (s: string, d: string) => sortedLines(normaliseOutput(s.replaceAll(d, 'DEST'))).filter((l) => !c.only || c.only.test(l));
+    // (rsync 3.5 may add "received SIGUSR1 (code 19)" to a usage error, before or after its own line.)
+    const rErr = stderrLines(r.stderr, rs).filter((l) => !c.usage || !/received SIGUSR1/.test(l));
     expect({ round, code: q.code, stdout: out(q.stdout, qs), stderr: withoutHints(stderrLines(q.stderr, qs), rErr) }).toEqual({
       round,
       code: r.code,
@@ -300,6 +302,12 @@ const cases: OptCase[] = [
   { name: '-R: ".." in an operand without "/./" refused, named whole', flags: ['-a', '-R'], setup: RTREE, sources: ['SRC/a/../top'], usage: true },
   { name: '-R: a second "/./" and a trailing "/." are dropped', flags: ['-a', '-i', '-R'], setup: RTREE, sources: ['SRC/./a/./b/.'] },
 
+  // --no-implied-dirs
+  { name: '-R --no-implied-dirs: the folders on the way made plain (0777 less the umask), not sent, not named', flags: ['-a', '-i', '-R', '--no-implied-dirs'], setup: RTREE, sources: ['SRC/./a/b/f', 'SRC/./top', 'SRC/./a/b/c'], fresh: true },
+  { name: '-R --no-implied-dirs: a folder on the way that exists keeps its mode and time', flags: ['-a', '-i', '-R', '--no-i-d'], setup: `${RTREE}; mkdir -p "$D"/a; chmod 700 "$D"/a`, sources: ['SRC/./a/b/f'] },
+  { name: '-R --no-implied-dirs -n: nothing made', flags: ['-a', '-i', '-n', '-R', '--no-implied-dirs'], setup: RTREE, sources: ['SRC/./a/b/f'], fresh: true },
+  { name: '--files-from --no-implied-dirs', flags: ['-a', '-i', '--no-implied-dirs', '--files-from=LIST'], setup: RTREE, list: 'a/b/c/g\ntop\n' },
+
   // --log-file
   { name: '--log-file: changes, links and the closing line', flags: ['-a', '--log-file=LOG'], setup: `${TREE}; cd "$D"; echo old > f`, log: true, rounds: 2 },
   {
@@ -324,6 +332,13 @@ const cases: OptCase[] = [
   { name: 'nobody: --chmod=Du+w,go-rwx,F400', flags: ['-a', '-i', '--chmod=Du+w,go-rwx,F400'], setup: `${TREE}; cd "$D"; echo a > f; chmod 644 f`, nobody: true, rounds: 2 },
   { name: 'nobody: --max-delete=2 --delete-excluded -m', flags: ['-a', '-i', '--delete-excluded', '--exclude=*.tmp', '--max-delete=2', '-m'], setup: EXTRA + '; touch k.tmp; mkdir -p e/f', nobody: true },
   { name: 'nobody: -R and --mkpath', flags: ['-a', '-i', '-R', '--mkpath'], setup: RTREE, sources: ['SRC/./a/b'], destArg: 'x/y/', fresh: true, nobody: true },
+  {
+    name: 'nobody: an unreadable source folder: rsync\'s opendir line, its mode given to DEST\'s, no deletion after it, exit 23',
+    flags: ['-a', '-i', '--delete'],
+    setup: 'mkdir -p d; echo b > d/g; mkdir a; echo x > a/x; chmod 000 a; cd "$D"; mkdir -p a d; echo old > a/keep; echo e > d/extra2',
+    nobody: true,
+  },
+  { name: 'nobody: an unreadable source file: rsync\'s send_files line, the rest copied, exit 23', flags: ['-a', '-v'], setup: 'echo a > f; echo s > secret; chmod 000 secret', nobody: true, fresh: true },
   { name: 'nobody: --files-from with --chown (not root: owners stay)', flags: ['-a', '-i', '--files-from=LIST', '--chown=1234:4321'], setup: RTREE, list: 'a/b/f\ntop\n', nobody: true },
 
   // --files-from, -0
@@ -455,10 +470,51 @@ const cases: OptCase[] = [
   { name: '--chown twice: a usage error', flags: ['-a', '--chown=a', '--chown=b:c'], setup: 'touch f', usage: true },
   { name: '--chmod=u+q: a usage error', flags: ['-a', '--chmod=u+q'], setup: 'touch f', usage: true },
   { name: '--chmod=DF+x: a usage error', flags: ['-a', '--chmod=DF+x'], setup: 'touch f', usage: true },
+  // Usage errors in rsync's words
+  { name: 'an unknown long option', flags: ['-a', '--bogus'], setup: 'touch f', usage: true },
+  { name: 'an unknown short option: named with its cluster', flags: ['-avY'], setup: 'touch f', usage: true },
+  { name: 'a value to an option that takes none', flags: ['-a', '--verbose=2'], setup: 'touch f', usage: true },
+  { name: 'an unknown --info word', flags: ['-a', '--info=name,foo'], setup: 'touch f', usage: true },
+  { name: 'an unknown --debug word', flags: ['-a', '--debug=foo'], setup: 'touch f', usage: true },
+  { name: '--debug=none: accepted, no debug output', flags: ['-a', '-i', '--debug=none'], setup: TREE },
+
+  // --existing, --ignore-existing: what they leave alone is listed all the same (the totals of -v and --stats)
+  { name: '--existing -v --stats: the names left alone in the totals', flags: ['-a', '-v', '--stats', '--existing'], setup: `${TREE}; mkdir -p e/f; echo x > e/f/y; cd "$D"; echo old > f; mkdir d` },
+  { name: '--ignore-existing -v --stats: the names left alone in the totals', flags: ['-a', '-v', '--stats', '--ignore-existing'], setup: `${TREE}; mkdir -p e/f; echo x > e/f/y; cd "$D"; echo old > f; mkdir -p d/sub` },
+
+  // Operands: missing ones, a DEST whose folder is missing, "dir/..", no -r
+  { name: 'every source missing: rsync\'s link_stat and change_dir lines, the closing lines, exit 23', flags: ['-av'], setup: TREE, sources: ['missing', 'gone/'] },
+  { name: 'a folder copied into a DEST whose parent is missing: mkdir failed, exit 11, nothing said made', flags: ['-av'], setup: TREE, destArg: 'nope/deeper/' },
+  { name: 'one file copied to a name in a folder that is missing: exit 3', flags: ['-av'], setup: TREE, sources: ['f'], destArg: 'nope/deeper' },
+  { name: '"d/.." sends the contents of d\'s parent', flags: ['-ai'], setup: TREE, sources: ['d/..'] },
+  { name: 'neither -r nor -d: "skipping directory ." and nothing sent', flags: ['-lptv', '--stats'], setup: TREE },
+  { name: 'neither -r nor -d: a folder operand skipped, a file sent, no header', flags: ['-lptv'], setup: TREE, sources: ['d', 'f'] },
+  { name: '-m: the list is built first ("building file list ... done")', flags: ['-av', '-m'], setup: TREE },
+  { name: '--files-from without -r: the list is built first', flags: ['-av', '--files-from=LIST'], setup: TREE, list: 'd/g\nf\n' },
+  { name: 'a --files-from list that is not there: rsync\'s usage error', flags: ['-av', '--files-from=/nonexistent/list'], setup: TREE, usage: true },
+  { name: 'an --exclude-from file that is not there: exit 11, no header', flags: ['-av', '--exclude-from=/nonexistent/list'], setup: TREE },
+
+  // --log-file follows the --info levels (-q quiets stdout only); a deletion's %f is its name without the slash
+  { name: '--log-file -q --stats: the statistics block and the closing lines are logged', flags: ['-a', '-q', '--stats', '--delete', '--log-file=LOG'], setup: EXTRA, log: true },
+  { name: '--log-file --info=stats1: the closing lines', flags: ['-a', '--info=stats1', '--log-file=LOG'], setup: TREE, log: true },
+  { name: '--log-file -v --info=stats0: the byte line', flags: ['-a', '-v', '--info=stats0', '--log-file=LOG'], setup: TREE, log: true },
+  { name: '--log-file-format=%o %f %n over deleted folders', flags: ['-a', '--delete', '--log-file=LOG', '--log-file-format=%o %f %n'], setup: EXTRA, log: true },
+  { name: '--out-format=%o %f %n over deleted folders', flags: ['-a', '--delete', '--out-format=%o %f %n'], setup: EXTRA },
 ];
 
 describe.skipIf(!needTools('rsync'))('rsync options, against rsync', () => {
   for (const c of cases) it(c.name, () => compare(c));
+});
+
+describe('DEST inside SRC', () => {
+  it('"qsync -a ./ D/" makes D/D and does not walk the copy it is making', async () => {
+    const src = join(root, 'dest-inside');
+    mkdirSync(join(src, 'x'), { recursive: true });
+    writeFileSync(join(src, 'x/f'), 'f');
+    const r = await runQsync(['-a', `${src}/`, `${src}/D/`]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(Object.keys(snapshot(join(src, 'D'))).sort()).toEqual(['D', 'x', 'x/f']);
+  });
 });
 
 describe.skipIf(!needTools('rsync'))('--delete-excluded and --backup-dir', () => {

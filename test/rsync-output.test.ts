@@ -10,7 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NOBODY, runQsync } from './helpers/cli.js';
+import { NOBODY, QSYNC, runQsync } from './helpers/cli.js';
 import { ageAll, runBoth, T_DEST, T_SRC } from './helpers/rsync-compare.js';
 import { needTools } from './helpers/env.js';
 import { randomFile } from './helpers/data.js';
@@ -20,6 +20,8 @@ let src: string;
 /** A copy of src as both tools leave it, and one with extra names for --delete. */
 let full: string;
 let extra: string;
+/** full, with one file's mode changed (a changed time would send it: rsync names a sent file when it sends it, behind the generator's lines). */
+let touched: string;
 
 beforeAll(async () => {
   root = mkdtempSync(join(tmpdir(), 'qsync-rsync-out-'));
@@ -47,6 +49,9 @@ beforeAll(async () => {
   writeFileSync(join(extra, 'old/deep/x'), 'x');
   writeFileSync(join(extra, 'zz'), 'gone');
   ageAll(extra, T_DEST);
+  touched = join(root, 'touched');
+  execFileSync('cp', ['-a', full, touched]);
+  chmodSync(join(touched, 'c.txt'), 0o600);
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
@@ -82,6 +87,13 @@ const cases: { name: string; args: string[]; seed?: () => string; last?: boolean
   { name: '--info=del0 -v --delete: no deletion lines', args: ['-av', '--delete', '--info=del0'], seed: () => extra },
   { name: '--info=name2: unchanged files say so', args: ['-a', '--info=name2'], seed: () => full },
   { name: '--info=stats2,flist0 -v', args: ['-av', '--info=stats2,flist0'] },
+  // -q silences stdout whatever else asks for lines: -v, -i, --out-format, --info, --progress, --stats.
+  { name: '-q with -v, -i, --info=name2,del,progress2 and --stats: nothing on stdout', args: ['-avq', '-i', '--info=name2,del,progress2', '--stats', '--delete'], seed: () => extra },
+  { name: '-q with --out-format and --progress: nothing on stdout', args: ['-aq', '--out-format=%o %n', '--progress', '--delete'], seed: () => extra },
+  { name: '-vv --debug=none: "is uptodate" names without their link target; an entry with only its attributes changed by its name', args: ['-avv', '--debug=none'], seed: () => touched },
+  { name: '-ii: unchanged entries too, with spaces for their dots', args: ['-aii'], seed: () => touched },
+  { name: '--out-format with %i and --info=name2: unchanged entries too', args: ['-a', '--out-format=%i|%n', '--info=name2'], seed: () => touched },
+  { name: '-ii with an --out-format without %i: as -i', args: ['-aii', '--out-format=%n'], seed: () => touched },
 ];
 
 describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
@@ -94,6 +106,14 @@ describe.skipIf(!needTools('rsync'))('output as rsync prints it', () => {
   it('several operands: listed files first, then folders, each by name, as rsync sorts them', async () => {
     const r = await runBoth(join(root, 'operands'), src, ['-av', '--progress'], { operands: ['b', 'z.txt', 'a'].map((n) => join(src, n)) });
     expect({ code: r.qsync.code, stdout: r.qsync.stdout, stderr: r.qsync.stderr }).toEqual({ code: r.rsync.code, stdout: r.rsync.stdout, stderr: r.rsync.stderr });
+  });
+
+  it('--info=help: rsync\'s text, exit 0, whatever else is on the line', () => {
+    for (const args of [['--info=help'], ['-av', '--info=name,help', 'x', 'y']]) {
+      const r = spawnSync('rsync', args, { encoding: 'utf8' });
+      const q = spawnSync('node', [QSYNC, ...args], { encoding: 'utf8' });
+      expect({ code: q.status, stdout: q.stdout, stderr: q.stderr }).toEqual({ code: r.status, stdout: r.stdout, stderr: r.stderr });
+    }
   });
 
   it('a progress line is \\r-updated when piped, and counts the whole list', async () => {

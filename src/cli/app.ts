@@ -78,7 +78,8 @@ export async function main(argv: string[], io: CliIO): Promise<number> {
       io.stderr.write(`qsync: internal error: ${escapeForTerminal(`${(e as Error)?.message ?? e}`)}\n`);
       if (process.env.QSYNC_DEBUG) io.stderr.write(`${(e as Error)?.stack}\n`);
     }
-    if (code !== EXIT.SYNTAX.code || !isQsyncError(e)) io.stderr.write(`${describeExit(code)}\n`);
+    // rsync's closing line, a usage error's too ("syntax or usage error (code 1)").
+    io.stderr.write(`${describeExit(code)}\n`);
     return code;
   }
 }

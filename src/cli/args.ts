@@ -19,7 +19,7 @@ import type { FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { parseChmod } from '../core/chmod.js';
 import { parseIdMap } from '../core/idmap.js';
-import { checkLogFormat } from './log-format.js';
+import { checkLogFormat, usesEscape } from './log-format.js';
 
 export interface SyncOptions {
   recursive: boolean;
@@ -88,6 +88,8 @@ export interface SyncOptions {
   logFileFormat?: string;
   /** -R: each SRC keeps its path below DEST (from a "/./" in it on). */
   relative: boolean;
+  /** --no-implied-dirs (false): -R's folders on the way are not sent; missing ones are made plain, existing ones left as they are. */
+  impliedDirs: boolean;
   /** -0: --files-from, --exclude-from and --include-from lists end names with NUL, not newlines. */
   from0: boolean;
   /** In command-line order; *-from files not yet read (see expandFilterFiles). */
@@ -175,6 +177,7 @@ const ARCHIVE = ['recursive', 'links', 'perms', 'times', 'group', 'owner', 'devi
 const SPECS: Spec[] = [
   { name: 'verbose', short: 'v', kind: 'count', neg: ['no-verbose', 'no-v'], help: 'increase verbosity' },
   { name: 'info', kind: 'info', arg: 'FLAGS', help: 'fine-grained informational verbosity (progress2, stats2, ...)' },
+  { name: 'debug', kind: 'list', arg: 'FLAGS', help: 'only none or WORD0: qsync prints none of rsync\'s debug output (-vv\'s included)' },
   { name: 'quiet', short: 'q', kind: 'flag', help: 'suppress non-error messages' },
   { name: 'checksum', short: 'c', kind: 'flag', neg: ['no-checksum', 'no-c'], help: 'read and compare every file, not mod-time & size' },
   { name: 'archive', short: 'a', kind: 'expand', expand: ARCHIVE, help: 'archive mode is -rlptgoD' },
@@ -226,6 +229,7 @@ const SPECS: Spec[] = [
   { name: 'log-file-format', kind: 'value', arg: 'FMT', help: 'log updates using the specified FMT' },
   { name: 'out-format', kind: 'value', arg: 'FORMAT', aliases: ['log-format'], help: 'output updates using the specified FORMAT' },
   { name: 'relative', short: 'R', kind: 'flag', neg: ['no-relative', 'no-R'], help: 'use relative path names' },
+  { name: 'implied-dirs', kind: 'flag', aliases: ['i-d'], neg: ['no-implied-dirs', 'no-i-d'], help: "with -R: --no-implied-dirs doesn't send the folders on the way" },
   { name: 'files-from', kind: 'value', arg: 'FILE', help: 'read list of source-file names from FILE' },
   { name: 'from0', short: '0', kind: 'flag', neg: ['no-from0'], help: 'all *-from/filter files are delimited by 0s' },
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
@@ -243,7 +247,7 @@ const SPECS: Spec[] = [
   { name: 'human-readable', short: 'h', kind: 'count', neg: ['no-human-readable', 'no-h'], help: 'output numbers in a human-readable format' },
   { name: 'progress', kind: 'flag', neg: ['no-progress'], help: 'show progress during transfer' },
   { name: 'P', short: 'P', noLong: true, kind: 'expand', expand: ['partial', 'progress'], help: 'same as --partial --progress' },
-  { name: 'itemize-changes', short: 'i', kind: 'flag', neg: ['no-itemize-changes', 'no-i'], help: 'output a change-summary for all updates' },
+  { name: 'itemize-changes', short: 'i', kind: 'count', neg: ['no-itemize-changes', 'no-i'], help: 'output a change-summary for all updates' },
   { name: 'write-batch', kind: 'value', arg: 'FILE', help: 'write a delta to FILE' },
   { name: 'only-write-batch', kind: 'value', arg: 'FILE', help: 'like --write-batch but w/o updating dest' },
   { name: 'read-batch', kind: 'value', arg: 'FILE', help: 'apply the delta in FILE to DEST' },
@@ -266,12 +270,12 @@ const SPECS: Spec[] = [
  * anything else unknown is a plain usage error.
  */
 const UNSUPPORTED_LONG = new Set(
-  `debug stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r
+  `stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r
   old-dirs old-d executability atimes no-atimes no-U open-noatime
   no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
-  munge-links no-munge-links copy-dirlinks keep-dirlinks implied-dirs no-implied-dirs i-d no-i-d max-alloc preallocate
+  munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
@@ -388,7 +392,7 @@ function normalise(argv: readonly string[]): Normalised {
   };
 
   const missingValue = (typed: string): QsyncError =>
-    new QsyncError('USAGE', `option ${typed} requires an argument`, { option: typed });
+    new QsyncError('USAGE', `${typed}: missing argument`, { option: typed });
 
   let i = 0;
   while (i < argv.length && !out.stop) {
@@ -410,14 +414,14 @@ function normalise(argv: readonly string[]): Normalised {
         else throw missingValue(typed);
         apply(hit.spec, false, value);
       } else {
-        if (eq >= 0) throw new QsyncError('USAGE', `option ${typed} does not take an argument`, { option: typed });
+        if (eq >= 0) throw new QsyncError('USAGE', `${arg}: option does not take an argument`, { option: typed });
         apply(hit.spec, hit.negated);
       }
     } else if (arg.startsWith('-') && arg.length > 1) {
       for (let j = 1; j < arg.length && !out.stop; j++) {
         const ch = arg[j]!;
         const spec = byShort.get(ch);
-        if (!spec) throw unknownOption(`-${ch}`, UNSUPPORTED_SHORT.has(ch));
+        if (!spec) throw unknownOption(`-${ch}`, UNSUPPORTED_SHORT.has(ch), arg);
         if (!takesValue(spec.kind)) {
           apply(spec, false);
           continue;
@@ -438,12 +442,16 @@ function normalise(argv: readonly string[]): Normalised {
   return out;
 }
 
-function unknownOption(typed: string, knownToRsync: boolean): QsyncError {
-  return knownToRsync
-    ? new QsyncError('UNSUPPORTED', `option ${typed} is not supported (rsync option); remove it or use rsync`, {
-        option: typed,
-      })
-    : new QsyncError('USAGE', `unknown option ${typed}`, { option: typed });
+/** rsync's options qsync refuses for a reason of its own, said with the refusal. */
+const REFUSED_WHY: Record<string, string> = {
+  '--suffix': "qsync's --backup-dir keeps the old blocks each run overwrites (qsync restore), not renamed copies for a suffix to name; see README.md, \"Deltas and history\"",
+};
+
+/** `typed`: the option as named in the message; `arg`: the argument it came in (rsync names a short option's whole cluster). */
+function unknownOption(typed: string, knownToRsync: boolean, arg = typed): QsyncError {
+  if (!knownToRsync) return new QsyncError('USAGE', `${arg}: unknown option`, { option: typed });
+  const why = REFUSED_WHY[typed];
+  return new QsyncError('UNSUPPORTED', `option ${typed} is not supported by qsync${why ? `: ${why}` : ''}; remove it or use rsync`, { option: typed });
 }
 
 /**
@@ -548,7 +556,6 @@ function parsePercent(text: string): number {
   return pct;
 }
 
-const INFO_WORDS = ['backup', 'copy', 'del', 'flist', 'misc', 'mount', 'name', 'nonreg', 'progress', 'remove', 'skip', 'stats', 'symsafe'];
 
 /**
  * --info=FLAGS as rsync reads it: comma-separated words, each with an
@@ -567,22 +574,43 @@ function parseInfo(values: readonly string[]): Map<string, number> | 'help' {
     if (word === 'none' || word === 'all') {
       for (const w of INFO_WORDS) levels.set(w, word === 'none' ? 0 : level);
     } else if (INFO_WORDS.includes(word)) levels.set(word, level);
-    else throw new QsyncError('USAGE', `unknown --info item: "${m[1]}"`, { option: '--info', value: item });
+    else throw new QsyncError('USAGE', `Unknown --info item: "${m[1]}"`, { option: '--info', value: item });
   }
   return levels;
 }
 
+const DEBUG_WORDS = 'acl backup bind chdir connect cmd del deltasum dup exit filter flist fuzzy genr hash hlink iconv io nstr own proto recv send time all'.split(' ');
+
 /**
- * The --info levels as rsync sets them: each -v turns on a set of words
+ * --debug=FLAGS: rsync's debug output, which qsync has none of (not even
+ * what rsync's -vv turns on: its "delta-transmission ..." and "total:
+ * matches=..." lines). What turns it off is accepted (NONE, WORD0, ALL0);
+ * anything asking for some is refused rather than ignored.
+ */
+function checkDebug(values: readonly string[]): void {
+  for (const item of values.flatMap((v) => v.split(','))) {
+    const m = /^(.*?)(\d*)$/.exec(item)!;
+    const word = m[1]!.toLowerCase();
+    if (!item || word === 'none' || (DEBUG_WORDS.includes(word) && m[2] !== '' && Number(m[2]) === 0)) continue;
+    if (word !== 'help' && !DEBUG_WORDS.includes(word)) throw new QsyncError('USAGE', `Unknown --debug item: "${m[1]}"`, { option: '--debug', value: item });
+    throw new QsyncError('UNSUPPORTED', `--debug=${item} is not supported by qsync, which has no debug output; only --debug=none (or WORD0) is accepted`, { option: '--debug', value: item });
+  }
+}
+
+/**
+ * The --info levels as rsync sets them, the one reading of -v, --progress,
+ * --stats, -i and --info=FLAGS (what prints what: src/cli/output.ts; what
+ * --log-file adds: src/cli/log-file.ts): each -v turns on a set of words
  * (none: NONREG; -v: COPY DEL FLIST MISC NAME STATS; -vv: SKIP, MISC2,
  * NAME2), --progress adds FLIST2 and PROGRESS (and NAME, unless -i or
- * --out-format names the files), --stats STATS2, -q silences all, and
- * --info=FLAGS has the last word.
+ * --out-format names the files), --stats STATS2, and --info=FLAGS has the
+ * last word. -q changes no level, as in rsync: it silences stdout
+ * (TextPrinter), not the log file.
  */
-function infoLevels(verbose: number, quiet: boolean, progress: boolean, stats: boolean, formatted: boolean, given: Map<string, number>): InfoLevels {
-  const v = quiet ? -1 : verbose;
+export function infoLevels(verbose: number, progress: boolean, stats: boolean, formatted: boolean, given: ReadonlyMap<string, number> = new Map()): InfoLevels {
+  const v = verbose;
   const l: InfoLevels = {
-    nonreg: v >= 0 ? 1 : 0,
+    nonreg: 1,
     copy: v >= 1 ? 1 : 0,
     del: v >= 1 ? 1 : 0,
     flist: v >= 1 ? 1 : 0,
@@ -592,8 +620,8 @@ function infoLevels(verbose: number, quiet: boolean, progress: boolean, stats: b
     skip: v >= 2 ? 1 : 0,
     progress: 0,
   };
-  if (stats && !quiet) l.stats = Math.max(l.stats, 2);
-  if (progress && !quiet) {
+  if (stats) l.stats = Math.max(l.stats, 2);
+  if (progress) {
     if (!formatted && l.name === 0) l.name = 1;
     l.flist = Math.max(l.flist, 2);
     l.progress = 1;
@@ -629,8 +657,41 @@ function helpText(): string {
   ].join('\n');
 }
 
+/** rsync's --info=HELP, word for word: what scripts and users read for the words and levels. */
+const INFO_HELP: [string, string][] = [
+  ['BACKUP', 'Mention files backed up'],
+  ['COPY', 'Mention files copied locally on the receiving side'],
+  ['DEL', 'Mention deletions on the receiving side'],
+  ['FLIST', 'Mention file-list receiving/sending (levels 1-2)'],
+  ['MISC', 'Mention miscellaneous information (levels 1-2)'],
+  ['MOUNT', 'Mention mounts that were found or skipped'],
+  ['NAME', 'Mention 1) updated file/dir names, 2) unchanged names'],
+  ['NONREG', 'Mention skipped non-regular files (default 1, 0 disables)'],
+  ['PROGRESS', 'Mention 1) per-file progress or 2) total transfer progress'],
+  ['REMOVE', 'Mention files removed on the sending side'],
+  ['SKIP', 'Mention files skipped due to transfer overrides (levels 1-2)'],
+  ['STATS', 'Mention statistics at end of run (levels 1-3)'],
+  ['SYMSAFE', 'Mention symlinks that are unsafe'],
+];
+
+const INFO_WORDS = INFO_HELP.map(([w]) => w.toLowerCase());
+
 const infoHelpText = (): string =>
-  ['Use OPT or OPT1 for level 1 output, OPT2 for level 2, etc.; OPT0 silences.', '', ...INFO_WORDS.map((w) => w.toUpperCase()), ''].join('\n');
+  [
+    'Use OPT or OPT1 for level 1 output, OPT2 for level 2, etc.; OPT0 silences.',
+    '',
+    ...INFO_HELP.map(([w, text]) => `${w.padEnd(10)} ${text}`),
+    '',
+    `${'ALL'.padEnd(10)} Set all --info options (e.g. all4)`,
+    `${'NONE'.padEnd(10)} Silence all --info options (same as all0)`,
+    `${'HELP'.padEnd(10)} Output this help message`,
+    '',
+    'Options added at each level of verbosity:',
+    '0) NONREG',
+    '1) COPY,DEL,FLIST,MISC,NAME,STATS,SYMSAFE',
+    '2) BACKUP,MISC2,MOUNT,NAME2,REMOVE,SKIP',
+    '',
+  ].join('\n');
 
 function str(v: unknown): string | undefined {
   // A value option given twice reaches us as an array; the last one wins, as in rsync.
@@ -649,13 +710,17 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
   const bool = (name: string): boolean => y[name] === true;
   const list = (name: string): string[] => n.lists.get(name) ?? ((y[name] as unknown[] | undefined) ?? []).map(String);
 
+  checkDebug(list('debug'));
   const info = parseInfo(list('info'));
   if (info === 'help') return { kind: 'help', text: infoHelpText() };
   const progressLevel = info.get('progress');
   const statsLevel = info.get('stats');
   const outFormat = str(y['out-format']);
   if (outFormat !== undefined) checkLogFormat(outFormat, '--out-format');
-  const levels = infoLevels(Number(y.verbose ?? 0), bool('quiet'), bool('progress'), bool('stats'), bool('itemize-changes') || outFormat !== undefined, info);
+  const itemizeCount = Number(y['itemize-changes'] ?? 0);
+  const levels = infoLevels(Number(y.verbose ?? 0), bool('progress'), bool('stats'), itemizeCount > 0 || outFormat !== undefined, info);
+  // rsync: -ii shows unchanged entries too, as --info=name2 does, where the line has %i.
+  if (itemizeCount >= 2 && (outFormat === undefined || usesEscape(outFormat, 'i'))) levels.name = Math.max(levels.name, 2);
 
   const verifyText = str(y['verify-sample']);
   const blockText = str(y['block-size']);
@@ -683,7 +748,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     stats: statsLevel === undefined ? bool('stats') : statsLevel >= 2,
     outFormat,
     info: levels,
-    itemize: bool('itemize-changes'),
+    itemize: itemizeCount > 0,
     inplace: bool('inplace'),
     wholeFile: bool('whole-file'),
     delete: bool('delete') || bool('delete-excluded'),
@@ -702,6 +767,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     logFileFormat: y['log-file-format'] === undefined ? undefined : (checkLogFormat(String(str(y['log-file-format']))), str(y['log-file-format'])),
     // rsync: --files-from implies -R.
     relative: bool('relative') || (filesFrom !== undefined && y.relative === undefined),
+    impliedDirs: y['implied-dirs'] !== false,
     usermap: n.usermap === undefined ? undefined : (parseIdMap(n.usermap, 'user'), n.usermap),
     groupmap: n.groupmap === undefined ? undefined : (parseIdMap(n.groupmap, 'group'), n.groupmap),
     chmod: list('chmod').map((c) => {

@@ -13,8 +13,8 @@ import { resolveTrusted } from '../io/safe-fs.js';
 import { errnoText, QsyncError } from '../core/errors.js';
 import type { FileReport, RunStats } from '../sync/events.js';
 import { describeExit } from './exit-codes.js';
-import { summaryLines, type Printer } from './output.js';
-import { formatItem, itemOf, timestring, usesEscape } from './log-format.js';
+import { closingLines, KindTally, type Printer } from './output.js';
+import { deletionItem, formatItem, itemOf, timestring, usesEscape } from './log-format.js';
 import type { SyncOptions } from './args.js';
 
 export const DEFAULT_LOG_FORMAT = '%i %n%L';
@@ -25,7 +25,7 @@ export const DEFAULT_LOG_FORMAT = '%i %n%L';
  * file is) and must be a regular file: root logging into a folder a user owns
  * appends nowhere else, and a FIFO there does not hang the run.
  */
-export async function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, 'logFileFormat' | 'dryRun' | 'verbose' | 'stats' | 'quiet' | 'human'>): Promise<Printer & { failed(e: unknown, code: number): void }> {
+export async function withLogFile(inner: Printer, path: string, o: Pick<SyncOptions, 'logFileFormat' | 'dryRun' | 'info' | 'human'>): Promise<Printer & { failed(e: unknown, code: number): void }> {
   const { dryRun } = o;
   let fd: number;
   try {
@@ -49,21 +49,23 @@ export async function withLogFile(inner: Printer, path: string, o: Pick<SyncOpti
     if (fd >= 0) closeSync(fd);
     fd = -1;
   };
+  const tally = new KindTally();
   log('building file list');
   return {
     fileStart: (...a) => inner.fileStart?.(...a),
     fileProgress: (...a) => inner.fileProgress?.(...a),
     fileEnd(r: FileReport) {
       inner.fileEnd?.(r);
+      tally.fileEnd(r);
       // -n: rsync logs what its receiving side would change, not the files it would send.
       if (r.unchanged || !fmt || (dryRun && r.itemize.startsWith('>'))) return;
       log(formatItem(fmt, itemOf(r), new Date()));
     },
     deleted(path: string) {
       inner.deleted?.(path);
+      tally.deleted(path);
       if (dryRun) return;
-      const item = { op: 'del.' as const, name: path, link: '', itemize: '*deleting  ', length: 0, source: path };
-      log(formatItem(hasOpOrItemize ? fmt : 'deleting %n', item, new Date()));
+      log(formatItem(hasOpOrItemize ? fmt : 'deleting %n', deletionItem(path), new Date()));
     },
     info(message, category) {
       inner.info?.(message, category);
@@ -80,9 +82,10 @@ export async function withLogFile(inner: Printer, path: string, o: Pick<SyncOpti
       if (!bare) log(`qsync: ${message}`);
     },
     finish(stats: RunStats | undefined, exitCode: number, error?: unknown) {
-      // rsync logs the closing lines it prints (-v, --stats), else one line of its own.
-      if (stats && (o.verbose || o.stats) && !o.quiet) for (const line of summaryLines(stats, o)) log(line);
-      else if (stats) log(`sent ${stats.wireSent ?? stats.literal} bytes  received ${stats.wireReceived ?? 0} bytes  total size ${stats.totalSize}`);
+      // rsync logs the closing lines of its --info=stats level (-q or not: -q only quiets stdout), else one line of its own.
+      if (stats && o.info.stats >= 1) {
+        for (const line of closingLines(stats, o.info.stats, tally, o)) if (line) log(line);
+      } else if (stats) log(`sent ${stats.wireSent ?? stats.literal} bytes  received ${stats.wireReceived ?? 0} bytes  total size ${stats.totalSize}`);
       if (exitCode !== 0) log(describeExit(exitCode));
       close();
       return inner.finish(stats, exitCode, error);

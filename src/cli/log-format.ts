@@ -58,6 +58,9 @@ function permString(mode: number): string {
   return out;
 }
 
+/** rsync's %i: an entry with nothing changed ('.', 'c' or 'h', then only dots) shows spaces after its type, ".d          ". */
+const shownItemize = (i: string): string => (/^[.ch].\.+$/.test(i) ? i.slice(0, 2).padEnd(i.length) : i);
+
 /** The values of a report, as rsync's sending side logs an entry. */
 export function itemOf(r: FileReport): Item {
   const arrow = r.target !== undefined ? ` -> ${r.target}` : r.itemize.startsWith('h') && r.path.includes(' => ') ? r.path.slice(r.path.lastIndexOf(' => ')) : '';
@@ -67,7 +70,7 @@ export function itemOf(r: FileReport): Item {
     op: 'send',
     name: shown,
     link: arrow,
-    itemize: r.itemize,
+    itemize: shownItemize(r.itemize),
     length: r.length ?? r.size,
     // rsync's sending side works from '/', and drops it.
     source: (r.source ?? shown.replace(/(.)\/$/, '$1')).replace(/^\/+/, ''),
@@ -77,6 +80,11 @@ export function itemOf(r: FileReport): Item {
     gid: r.gid,
     mode: r.mode,
   };
+}
+
+/** The values of a deletion of `path` (a folder's ends in '/'), for the terminal and the log file alike: %n keeps the slash, %f drops it, as rsync's. */
+export function deletionItem(path: string): Item {
+  return { op: 'del.', name: path, link: '', itemize: '*deleting  ', length: 0, source: path.replace(/(.)\/$/, '$1') };
 }
 
 /** `format` filled in for `item`; escapes without a value here (rsync's daemon ones, %a %h %m %P %u) stay as typed, as rsync leaves them outside a daemon. */

@@ -15,8 +15,8 @@ import type cliProgress from 'cli-progress';
 import { createRequire } from 'node:module';
 import { isQsyncError } from '../core/errors.js';
 import type { FileReport, InfoCategory, RunStats, SyncHooks } from '../sync/events.js';
-import type { InfoLevels, SyncOptions } from './args.js';
-import { formatItem, itemOf, usesEscape } from './log-format.js';
+import { infoLevels, type InfoLevels, type SyncOptions } from './args.js';
+import { deletionItem, formatItem, itemOf, usesEscape } from './log-format.js';
 import { describeExit } from './exit-codes.js';
 
 export interface OutputIO {
@@ -37,12 +37,27 @@ export interface Printer extends SyncHooks {
   /** The printer numbers progress with the whole file list: count it first (TreeOptions.countFirst). */
   readonly wantsTotal?: boolean;
   finish(stats: RunStats | undefined, exitCode: number, error?: unknown): number;
+  /** rsync's header line(s), if not printed yet (TextPrinter.header). */
+  header?(): void;
 }
 
 type Options = Pick<SyncOptions, 'verbose' | 'quiet' | 'human' | 'progress' | 'progress2' | 'stats' | 'itemize' | 'dryRun' | 'json'> &
-  Partial<Pick<SyncOptions, 'outFormat' | 'info'>>;
+  Partial<Pick<SyncOptions, 'outFormat' | 'info' | 'recursive' | 'dirs' | 'filesFrom' | 'pruneEmptyDirs'>>;
 
-/** `noticesToStderr`: qsync's own notices on stderr, keeping stdout rsync's (a tree sync). */
+/**
+ * rsync's first line at --info=flist1, as a tree sync prints it: "sending
+ * incremental file list" when the list goes out as it is built (-r, and not
+ * -m, which needs it whole), "building file list ... done" when it is built
+ * first (-d, --files-from or -m), nothing without folders to send (neither
+ * -r nor -d). With --progress the built list is counted as it grows: the
+ * count follows (TextPrinter.listTotal).
+ */
+function flistHeader(o: Options): { incremental: boolean } | undefined {
+  if (!o.recursive && !o.dirs && o.filesFrom === undefined) return undefined;
+  return { incremental: Boolean(o.recursive) && !o.pruneEmptyDirs };
+}
+
+/** `noticesToStderr`: qsync's own notices on stderr, keeping stdout rsync's (a tree sync, whose header is printed at once, as rsync's, before any error). */
 export function createPrinter(o: Options, io: OutputIO, now: () => number = Date.now, noticesToStderr = false): Printer {
   return o.json ? new JsonPrinter(io) : new TextPrinter(o, io, now, noticesToStderr);
 }
@@ -124,16 +139,57 @@ export function summaryLines(stats: RunStats, o: Pick<SyncOptions, 'human' | 'dr
   ];
 }
 
-/** A name as rsync prints it: directories end in '/', the root is "./". */
-function shownName(r: Pick<FileReport, 'path' | 'kind'>): string {
-  if (r.kind !== 'dir') return r.path;
-  if (r.path === '' || r.path === '.') return './';
-  return r.path.endsWith('/') ? r.path : `${r.path}/`;
-}
-
 type Tally = Record<'dir' | 'link' | 'dev' | 'special', number>;
 const emptyTally = (): Tally => ({ dir: 0, link: 0, dev: 0, special: 0 });
 const TALLY_KEY: Partial<Record<FileReport['kind'], keyof Tally>> = { dir: 'dir', symlink: 'link', device: 'dev', special: 'special' };
+
+/** What --stats counts by kind that RunStats does not: the entries made and the folders deleted, as the run reports them. */
+export class KindTally {
+  readonly created = emptyTally();
+  deletedDirs = 0;
+
+  fileEnd(r: FileReport): void {
+    const key = TALLY_KEY[r.kind];
+    if (key && r.itemize.slice(2).startsWith('+')) this.created[key]++;
+  }
+
+  deleted(path: string): void {
+    if (path.endsWith('/')) this.deletedDirs++;
+  }
+}
+
+/**
+ * rsync's closing lines at --info=stats`level`: the --stats block (2), then
+ * "sent ... received ..." and "total size ... speedup" (1); none at 0. The
+ * terminal and the log file print the same.
+ */
+export function closingLines(stats: RunStats, level: number, tally: KindTally, o: Pick<SyncOptions, 'human' | 'dryRun'>): string[] {
+  const h = o.human;
+  const lines: string[] = [];
+  if (level >= 2) {
+    const kinds: Tally = { dir: stats.dirs, link: stats.symlinks ?? 0, dev: stats.devices ?? 0, special: stats.specials ?? 0 };
+    const { sent, received } = wireBytes(stats);
+    lines.push(
+      '',
+      itemizedCount('Number of files', stats.files, kinds),
+      itemizedCount('Number of created files', stats.created, tally.created),
+      itemizedCount('Number of deleted files', stats.deleted, { ...emptyTally(), dir: tally.deletedDirs }),
+      `Number of regular files transferred: ${formatSize(stats.transferred, 1)}`,
+      `Total file size: ${formatSize(stats.totalSize, h)} bytes`,
+      `Total transferred file size: ${formatSize(stats.transferredSize, h)} bytes`,
+      `Literal data: ${formatSize(stats.literal, h)} bytes`,
+      `Matched data: ${formatSize(stats.matched, h)} bytes`,
+      `File list size: ${formatSize(0, h)}`, // rsync's, locally: its incremental list is not counted
+      // rsync prints the list's times once building it took a millisecond.
+      `File list generation time: ${formatDecimal(Math.max(stats.flistMs ?? 0, 1) / 1000, 1, 3)} seconds`,
+      `File list transfer time: ${formatDecimal(0, 1, 3)} seconds`,
+      `Total bytes sent: ${formatSize(sent, h)}`,
+      `Total bytes received: ${formatSize(received, h)}`,
+    );
+  }
+  if (level >= 1) lines.push('', ...summaryLines(stats, o));
+  return lines;
+}
 
 /** rsync's "Number of files: 5 (reg: 3, dir: 2)": regular files are what the other kinds leave of the total. */
 function itemizedCount(label: string, total: number, t: Tally): string {
@@ -180,8 +236,7 @@ class TextPrinter implements Printer {
   private transferred = 0;
   private transferredBytes = 0;
   private seen = 0;
-  private readonly createdKinds = emptyTally();
-  private deletedDirs = 0;
+  private readonly tally = new KindTally();
   private readonly started = new Map<string, { at: number; tick: number; named: boolean; size: number }>();
   /** The counted file list (TreeOptions.countFirst): "to-chk" then counts down from it. */
   private list?: { entries: number; size: number };
@@ -202,22 +257,50 @@ class TextPrinter implements Printer {
     /** qsync's own notices go to stderr (a tree sync, whose stdout is rsync's), else stdout (image mode's lines). */
     private readonly noticesToStderr = false,
   ) {
-    const info = o.info ?? defaultInfo(o);
+    // -q: rsync keeps its levels (the log file follows them) and prints nothing of them on stdout.
+    const info = o.quiet ? SILENT : (o.info ?? defaultInfo(o));
     this.levels = info;
-    if (io.isTTY && !o.quiet && info.progress) this.bars = new Bars(io.stderr, o.human, now);
-    this.format = o.outFormat ?? (o.itemize ? '%i %n%L' : info.name >= 1 ? '%n%L' : undefined);
+    if (io.isTTY && info.progress) this.bars = new Bars(io.stderr, o.human, now);
+    this.format = o.quiet ? undefined : (o.outFormat ?? (o.itemize ? '%i %n%L' : info.name >= 1 ? '%n%L' : undefined));
     this.hasI = usesEscape(this.format, 'i');
     this.hasOI = usesEscape(this.format, 'oi');
     this.wantsTotal = !this.bars && info.progress > 0;
     this.t0 = now();
   }
 
+  /**
+   * rsync's header (--info=flist), once: before the first line, at the end
+   * of a run that printed none, and before a failure that is no usage error
+   * (rsync prints it as it starts; "incremental" is its word for a list sent
+   * while it is built). A tree sync's follows flistHeader; image mode's is the incremental one.
+   */
+  header(): void {
+    if (this.headerDone) return;
+    this.headerDone = true;
+    if (this.levels.flist < 1) return;
+    const header = this.noticesToStderr ? flistHeader(this.o) : { incremental: true };
+    if (header?.incremental) this.emit('sending incremental file list');
+    else if (header && this.levels.flist >= 2 && this.levels.progress) {
+      this.raw('building file list ... \n 0 files...\r');
+      this.counting = true;
+    } else if (header) this.emit('building file list ... done');
+  }
+
+  /** "building file list ... " is out, its count to come: " 100 files...\r" each hundred, then "N files to consider". */
+  private counting = false;
+
+  private countDone(entries: number): void {
+    if (!this.counting) return;
+    this.counting = false;
+    let ticks = '';
+    for (let n = 100; n <= entries; n += 100) ticks += ` ${n} files...\r`;
+    this.raw(`${ticks}${entries} file${entries === 1 ? ' ' : 's '}to consider\n`);
+  }
+
   private readonly levels: InfoLevels;
 
   private out(line: string): void {
-    // rsync's header (--info=flist); "incremental" is rsync's word for a list sent while it is built.
-    if (!this.headerDone && this.levels.flist >= 1 && !this.o.quiet) this.emit('sending incremental file list');
-    this.headerDone = true;
+    this.header();
     this.emit(line);
   }
 
@@ -235,6 +318,8 @@ class TextPrinter implements Printer {
 
   listTotal(entries: number, size: number): void {
     this.list = { entries, size };
+    this.header();
+    this.countDone(entries);
   }
 
   /** rsync's count after a progress line: "to-chk=R/T" with the counted list, else what is known so far ("ir-chk"). */
@@ -270,7 +355,8 @@ class TextPrinter implements Printer {
   /** The line of --out-format/-i/-v for an entry, as rsync decides to log it. */
   private logLine(r: FileReport, transfer: boolean): string | undefined {
     if (!this.format) return undefined;
-    if (r.unchanged) return this.hasI && (this.o.itemize && this.levels.name >= 2) ? this.formatted(r) : undefined;
+    // rsync's -ii, or --info=name2 with %i in the line: unchanged entries too.
+    if (r.unchanged) return this.hasI && this.levels.name >= 2 ? this.formatted(r) : undefined;
     // rsync logs what it sends, and else a change only with %i, a folder, or what was made here.
     if (transfer || this.hasI || r.kind === 'dir' || r.itemize.startsWith('c')) return this.formatted(r);
     return undefined;
@@ -282,14 +368,14 @@ class TextPrinter implements Printer {
 
   fileEnd(r: FileReport): void {
     this.seen++;
-    const key = TALLY_KEY[r.kind];
-    if (key && r.itemize.slice(2).startsWith('+')) this.createdKinds[key]++;
+    this.tally.fileEnd(r);
     const transfer = r.kind === 'file' && r.itemize.startsWith('>');
     const f = this.started.get(r.path);
     this.started.delete(r.path);
     const line = this.logLine(r, transfer);
     if (line !== undefined && !f?.named) this.out(line);
-    else if (r.unchanged && r.kind !== 'dir' && this.levels.name >= 2 && !this.hasI) this.out(`${shownName(r)} is uptodate`);
+    // rsync's --info=name2 without %i: each entry but a folder, with its attributes updated or not (the name alone, no "-> target").
+    else if (line === undefined && r.kind !== 'dir' && this.levels.name >= 2 && !this.hasI) this.out(`${itemOf(r).name}${r.unchanged ? ' is uptodate' : ''}`);
     if (!transfer) {
       if (r.index !== undefined) this.chk(r.index);
       return;
@@ -311,11 +397,11 @@ class TextPrinter implements Printer {
   }
 
   deleted(path: string): void {
-    if (path.endsWith('/')) this.deletedDirs++;
+    this.tally.deleted(path);
     // rsync names deletions with --info=del, or whenever it names files (-v, -i, --out-format).
     if (this.levels.del < 1 && !this.format) return;
     const fmt = this.hasOI ? this.format! : 'deleting %n';
-    this.out(formatItem(fmt, { op: 'del.', name: path, link: '', itemize: '*deleting  ', length: 0, source: path.replace(/\/$/, '') }, new Date(this.now())));
+    this.out(formatItem(fmt, deletionItem(path), new Date(this.now())));
   }
 
   info(message: string, category: InfoCategory): void {
@@ -342,34 +428,14 @@ class TextPrinter implements Printer {
     this.bars?.stop();
     this.bars = undefined;
     const o = this.o;
+    this.header();
+    if (stats) this.countDone(stats.files);
     if (stats && !o.quiet) {
       const h = o.human;
       if (this.levels.progress >= 2) {
         this.raw(`\r${formatProgress(stats.transferredSize, stats.totalSize, stats.elapsedMs, h)} (xfr#${stats.transferred}, to-chk=0/${stats.files})\n`);
       }
-      if (this.levels.stats >= 2) {
-        const kinds: Tally = { dir: stats.dirs, link: stats.symlinks ?? 0, dev: stats.devices ?? 0, special: stats.specials ?? 0 };
-        this.out('');
-        this.out(itemizedCount('Number of files', stats.files, kinds));
-        this.out(itemizedCount('Number of created files', stats.created, this.createdKinds));
-        this.out(itemizedCount('Number of deleted files', stats.deleted, { ...emptyTally(), dir: this.deletedDirs }));
-        this.out(`Number of regular files transferred: ${formatSize(stats.transferred, 1)}`);
-        this.out(`Total file size: ${formatSize(stats.totalSize, h)} bytes`);
-        this.out(`Total transferred file size: ${formatSize(stats.transferredSize, h)} bytes`);
-        this.out(`Literal data: ${formatSize(stats.literal, h)} bytes`);
-        this.out(`Matched data: ${formatSize(stats.matched, h)} bytes`);
-        this.out(`File list size: ${formatSize(0, h)}`); // rsync's, locally: its incremental list is not counted
-        // rsync prints the list's times once building it took a millisecond.
-        this.out(`File list generation time: ${formatDecimal(Math.max(stats.flistMs ?? 0, 1) / 1000, 1, 3)} seconds`);
-        this.out(`File list transfer time: ${formatDecimal(0, 1, 3)} seconds`);
-        const { sent, received } = wireBytes(stats);
-        this.out(`Total bytes sent: ${formatSize(sent, h)}`);
-        this.out(`Total bytes received: ${formatSize(received, h)}`);
-      }
-      if (this.levels.stats >= 1) {
-        this.out('');
-        for (const line of summaryLines(stats, o)) this.out(line);
-      }
+      for (const line of closingLines(stats, this.levels.stats, this.tally, o)) this.out(line);
     }
     if (this.openLine) this.raw('');
     if (exitCode !== 0) this.io.stderr.write(`${describeExit(exitCode)}\n`);
@@ -377,16 +443,14 @@ class TextPrinter implements Printer {
   }
 }
 
-/** The levels a caller without parsed --info gets (image mode, tests): -v's and --progress's, --stats's. */
+/** The levels a caller without parsed --info gets (image mode, tests): rsync's for its -v, --progress or --info=progress2, --stats, -i. */
 function defaultInfo(o: Options): InfoLevels {
-  if (o.quiet) return { nonreg: 0, copy: 0, misc: 0, skip: 0, del: 0, flist: 0, name: 0, stats: 0, progress: 0 };
-  const v = o.verbose;
-  return {
-    nonreg: v >= 0 ? 1 : 0, copy: 0, misc: 0, skip: v >= 2 ? 1 : 0,
-    del: v >= 1 ? 1 : 0, flist: v >= 1 || o.progress ? 1 : 0, name: v >= 2 ? 2 : v >= 1 || o.progress ? 1 : 0,
-    stats: o.stats ? 2 : v >= 1 ? 1 : 0, progress: o.progress2 ? 2 : o.progress ? 1 : 0,
-  };
+  const levels = infoLevels(o.verbose, o.progress, o.stats, o.itemize || o.outFormat !== undefined);
+  if (o.progress2) levels.progress = 2;
+  return levels;
 }
+
+const SILENT: InfoLevels = { nonreg: 0, copy: 0, misc: 0, skip: 0, del: 0, flist: 0, name: 0, stats: 0, progress: 0 };
 
 /** A file bar and a total bar on stderr. The total grows as files start: the walk is streamed. */
 class Bars {

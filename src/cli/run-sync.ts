@@ -6,7 +6,7 @@ import { constants as fsConstants, type BigIntStats } from 'node:fs';
 import { access, constants, mkdir, stat } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import type { Writable } from 'node:stream';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, isQsyncError, QsyncError, rsyncErrnoText } from '../core/errors.js';
 import { compileFilters, expandFilterFiles, type FilterRule, type PatternRule } from '../core/filter.js';
 import { HashPool } from '../hash/pool.js';
 import { checkInside, historyPath } from '../remote/restrict.js';
@@ -17,8 +17,8 @@ import { listedName, relativeOperand, splitFilesFrom } from '../core/files-from.
 import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
+import { noStats, type RunStats, type SyncHooks } from '../sync/events.js';
 import { DropIn, localFolders, type DropInOptions } from '../sync/dropin.js';
-import type { RunStats, SyncHooks } from '../sync/events.js';
 import { checkStateRoot, stateBaseIdentity, stateBaseWithin, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { LocalSources, type Sources } from '../sync/source.js';
@@ -62,7 +62,7 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
   for (const rule of rules) {
     if ('pattern' in rule || texts.has(rule.file)) continue;
     // "-" is stdin, as for rsync.
-    texts.set(rule.file, (rule.file === '-' ? await readStdin(MAX_FILTER_FILE, `${rule.type} list`) : await readListFile(rule.file, `${rule.type} file`, MAX_FILTER_FILE)).toString('utf8'));
+    texts.set(rule.file, (rule.file === '-' ? await readStdin(MAX_FILTER_FILE, `${rule.type} list`) : await readListFile(rule.file, `${rule.type.replace('-from', '')} file`, MAX_FILTER_FILE)).toString('utf8'));
   }
   return texts;
 }
@@ -70,9 +70,16 @@ async function readFilterFiles(rules: readonly FilterRule[]): Promise<Map<string
 /** At most this much of a --files-from list is read. */
 export const MAX_FILES_FROM = 256 << 20;
 
-/** A file of names or patterns the user gave (`what`: "exclude-from file", ...), read whole, at most `max` bytes. */
-async function readListFile(path: string, what: string, max: number): Promise<Buffer> {
-  const { dir, name } = await resolveTrusted(path, true);
+/**
+ * A file of names or patterns the user gave (`what`: "exclude file", ...), read whole, at most `max` bytes.
+ * One that cannot be opened is rsync's I/O error (exit 11), or with `usage` its usage error (exit 1, as a --files-from list).
+ */
+async function readListFile(path: string, what: string, max: number, usage = false): Promise<Buffer> {
+  // (rsync reads these lists before it starts: no header before the message.)
+  const failed = (e: unknown) => new QsyncError(usage ? 'USAGE' : 'IO', `failed to open ${what} ${path}: ${rsyncErrnoText(e, !usage)}`, { file: path, beforeStart: true }, { cause: e });
+  const { dir, name } = await resolveTrusted(path, true).catch((e) => {
+    throw isQsyncError(e) ? e : failed(e);
+  });
   try {
     const fh = await dir.openFile(name, fsConstants.O_RDONLY);
     try {
@@ -93,7 +100,7 @@ async function readListFile(path: string, what: string, max: number): Promise<Bu
     }
   } catch (e) {
     if (e instanceof QsyncError) throw e;
-    throw new QsyncError('IO', `failed to open ${what} ${path}: ${(e as Error).message}`, { file: path }, { cause: e });
+    throw failed(e);
   } finally {
     await dir.close();
   }
@@ -116,7 +123,7 @@ async function readStdin(max: number, what: string): Promise<Buffer> {
  * (src/core/files-from.ts); names are bytes, decoded as names are.
  */
 export async function readFilesFrom(path: string, from0: boolean): Promise<string[]> {
-  const bytes = path === '-' ? await readStdin(MAX_FILES_FROM, 'files-from list') : await readListFile(path, 'files-from list', MAX_FILES_FROM);
+  const bytes = path === '-' ? await readStdin(MAX_FILES_FROM, 'files-from list') : await readListFile(path, 'files-from file', MAX_FILES_FROM, true);
   return splitFilesFrom(decodeName(bytes), from0);
 }
 
@@ -128,6 +135,8 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
     return await syncWith(printer, operands, dest, o);
   } catch (e) {
     logged?.failed(e, exitCodeFor(e));
+    // rsync has printed its header by the time anything but a usage error stops it.
+    if (exitCodeFor(e) !== EXIT.SYNTAX.code && !(isQsyncError(e) && e.context.beforeStart)) shown.header?.();
     // The error still reaches the user: on stderr, or inside the --json document.
     if (o.json) return printer.finish(undefined, exitCodeFor(e), e);
     throw e;
@@ -136,6 +145,7 @@ export async function runSync(operands: string[], dest: string, o: SyncOptions, 
 
 async function syncWith(printer: Printer, operands: string[], dest: string, o: SyncOptions): Promise<number> {
   if ([...operands, dest].some((p) => parseRemote(p))) {
+    if (!o.impliedDirs) throw new QsyncError('UNSUPPORTED', '--no-implied-dirs is supported by qsync for a local run only', { option: '--no-implied-dirs' });
     if (o.connect !== undefined) throw new QsyncError('USAGE', '--connect URI is for a local sync (its libvirt domains) or --domain NAME: a sync over ssh does not back up through libvirt');
     return (await import('./run-remote.js')).syncRemote(printer, operands, dest, o);
   }
@@ -199,15 +209,15 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       // A source that is missing is reported and skipped; a link to the sources that broke ends the run.
       if (e instanceof QsyncError && e.context.fatal) throw e;
       missing = true;
-      printer.warning?.(
-        errnoOf(e) === 'ENOENT'
-          ? `link_stat "${from.remote ? operand : resolve(operand)}" failed: No such file or directory (2)` // rsync's words
-          : `cannot read source ${operand}: ${(e as Error).message}`,
-        operand,
-      );
+      // rsync's words: it lstats an operand, and changes into one ending in '/' to list its contents.
+      const shown = from.remote ? operand.replace(/(.)\/+$/, '$1') : resolve(operand);
+      printer.warning?.(errnoOf(e) ? `${operand.endsWith('/') ? 'change_dir' : 'link_stat'} "${shown}" failed: ${rsyncErrnoText(e)}` : `cannot read source ${operand}: ${(e as Error).message}`, operand);
     }
   }
-  if (!sources.length) return printer.finish(undefined, EXIT.PARTIAL.code);
+  // Nothing to send: rsync still closes with its lines (sent, total size 0).
+  if (!sources.length) {
+    return printer.finish(noStats(), EXIT.PARTIAL.code);
+  }
 
   if (o.mkpath) await makePath(printer, dest, sources, o);
   const destStat = await statOrUndefined(dest);
@@ -233,8 +243,6 @@ export async function receive(printer: Printer, from: Sources, operands: string[
   }
   if (plan.destIsDir) {
     if (!destStat) plan.destCreated = true;
-    // rsync's line for a destination folder it makes, with -v or -i.
-    if (!destStat && namesMade(o)) printer.info?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`, 'always');
     if (!destStat && !leavesDest(o, far)) {
       // When the contents of a folder land in it, it gets that folder's mode at the end: 0700 until then.
       const mode = plan.transfers.some((t) => t.destRel === '') ? 0o700 : 0o777;
@@ -243,12 +251,18 @@ export async function receive(printer: Printer, from: Sources, operands: string[
       await made.catch(async (e) => {
         // A --state-dir inside DEST: making the state folder made DEST.
         if (errnoOf(e) === 'EEXIST' && (await statOrUndefined(dest))?.isDirectory() && stateBaseWithin(plan.destRoot)) return;
-        throw new QsyncError('TARGET', `cannot create destination directory ${dest}: ${(e as Error).message}`, { file: dest }, { cause: e });
+        throw new QsyncError('TARGET', `mkdir "${resolve(dest)}" failed: ${rsyncErrnoText(e)}`, { file: dest }, { cause: e });
       });
     }
+    // rsync's line for a destination folder it makes, with -v or -i (once made).
+    if (!destStat && namesMade(o)) printer.info?.(`created directory ${dest.replace(/(.)\/+$/, '$1')}`, 'always');
   }
   if (!leavesDest(o, far)) {
     await access(fsPath(plan.destRoot), constants.W_OK).catch((e) => {
+      // One file to a name in a folder that is not there: rsync's words and exit 3.
+      if (errnoOf(e) === 'ENOENT' || errnoOf(e) === 'ENOTDIR') {
+        throw new QsyncError('TARGET', `change_dir#3 "${resolve(plan.destRoot)}" failed: ${rsyncErrnoText(e)}`, { file: plan.destRoot, exit: EXIT.FILE_SELECT.code });
+      }
       throw new QsyncError('TARGET', `destination ${plan.destRoot} is not writable: ${(e as Error).message}`, { file: plan.destRoot, hint: 'check its permissions or mount' });
     });
   }

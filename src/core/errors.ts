@@ -3,6 +3,7 @@
  * exit status (src/cli/exit-codes.ts), context fields for the message, and
  * the underlying `cause`.
  */
+import { constants as osConstants } from 'node:os';
 export const ERROR_CODES = [
   'USAGE', // bad flag or operand (rsync exit 1)
   'UNSUPPORTED', // an rsync option qsync does not implement (exit 1)
@@ -54,6 +55,14 @@ export function errnoOf(e: unknown): string | undefined {
  * files through /proc/self/fd/N/NAME, which tells a user nothing):
  * "EACCES: permission denied, open '/proc/self/fd/27/f'" → "permission denied (EACCES)".
  */
+/** A system error as rsync words it: "No such file or directory (2)" (strerror and the errno's number, `number` false: without); else its message. */
+export function rsyncErrnoText(e: unknown, number = true): string {
+  const code = errnoOf(e);
+  const num = code === undefined ? undefined : (osConstants.errno as Record<string, number>)[code];
+  const m = /^[A-Z0-9]+: ([^,]+)/.exec((e as Error | null)?.message ?? '');
+  return num !== undefined && m ? `${m[1]![0]!.toUpperCase()}${m[1]!.slice(1)}${number ? ` (${num})` : ''}` : errnoText(e);
+}
+
 export function errnoText(e: unknown): string {
   const message = (e as Error | null)?.message ?? String(e);
   const m = /^([A-Z0-9]+): ([^,]+)/.exec(message);

@@ -69,6 +69,12 @@ export interface RunStats {
   wireReceived?: number;
 }
 
+/** A run's counts before anything is counted. */
+export const noStats = (): RunStats => ({
+  files: 0, regularFiles: 0, dirs: 0, created: 0, deleted: 0, transferred: 0,
+  totalSize: 0, transferredSize: 0, literal: 0, matched: 0, scanned: 0, elapsedMs: 0,
+});
+
 /** rsync's --info categories of the lines SyncHooks.info prints. */
 export type InfoCategory = 'nonreg' | 'skip' | 'misc' | 'always';
 

@@ -45,7 +45,8 @@ export function planOperands(sources: { operand: string; stat: BigIntStats }[], 
     transfers: sources.map(({ operand, stat }) => ({
       operand,
       stat,
-      destRel: stat.isDirectory() && (operand.endsWith('/') || basename(operand) === '.') ? '' : basename(resolve(operand)),
+      // rsync: "dir/", "dir/." and "dir/.." send a folder's contents.
+      destRel: stat.isDirectory() && (operand.endsWith('/') || basename(operand) === '.' || basename(operand) === '..') ? '' : basename(resolve(operand)),
     })),
   };
 }

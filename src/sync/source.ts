@@ -15,7 +15,7 @@
 import { closeSync, constants, fstatSync, type BigIntStats } from 'node:fs';
 import { lstat, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError, rsyncErrnoText } from '../core/errors.js';
 import { planChunk, type WriteRun } from '../core/plan.js';
 import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
@@ -133,7 +133,8 @@ function openFailure(e: unknown, shown: string): QsyncError {
   if (errnoOf(e) === 'ENOENT') return vanished(shown, 'it is gone');
   // openRegular refused it: a symlink, FIFO or other non-regular file took its name.
   if (e instanceof QsyncError) return vanished(shown, 'something other than a regular file took its name while qsync worked; not read');
-  return new QsyncError('SOURCE', `cannot read ${shown}: ${errnoText(e)}`, { file: shown }, { cause: e });
+  // rsync's words.
+  return new QsyncError('SOURCE', `send_files failed to open "${resolve(shown)}": ${rsyncErrnoText(e)}`, { file: shown }, { cause: e });
 }
 
 /**

@@ -15,13 +15,13 @@ import { createServer } from 'node:net';
 import type { BigIntStats } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
+import { errnoOf, errnoText, QsyncError, rsyncErrnoText } from '../core/errors.js';
 import { newerOnReceiver, sameMtime } from '../core/mtime.js';
 import type { Filter } from '../core/filter.js';
 import type { ListedName } from '../core/files-from.js';
 import { parseChmod, tweakMode, type ChmodRule } from '../core/chmod.js';
 import { IdMapper } from './id-map.js';
-import type { FileReport, RunStats, SyncHooks } from './events.js';
+import { noStats, type FileReport, type RunStats, type SyncHooks } from './events.js';
 import { SmallFileBatch } from './small-file.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
@@ -34,6 +34,8 @@ import { ExtAttrs, type Node, type SourceAttrs } from './ext-attrs.js';
 
 export interface TreeOptions extends FileSyncOptions {
   recursive: boolean;
+  /** false (--no-implied-dirs): the folders on the way to a -R or --files-from name are not sent (TreeSync.implied). */
+  impliedDirs?: boolean;
   links: boolean;
   perms: boolean;
   owner: boolean;
@@ -150,10 +152,7 @@ async function attrSource(dir: SourceDir, name: string | undefined, st: BigIntSt
 }
 
 export class TreeSync {
-  private readonly stats: RunStats = {
-    files: 0, regularFiles: 0, dirs: 0, created: 0, deleted: 0, transferred: 0,
-    totalSize: 0, transferredSize: 0, literal: 0, matched: 0, scanned: 0, elapsedMs: 0,
-  };
+  private readonly stats: RunStats = noStats();
   private partial = false;
   private vanished = false;
   private skippedDeletes = 0;
@@ -214,6 +213,7 @@ export class TreeSync {
 
   private async walk(): Promise<TreeOutcome> {
     const t0 = performance.now();
+    if (!this.ctx.sources.remote) this.destRoot = await this.dest?.stat().catch(() => undefined);
     await this.ids?.prepare((m) => this.hooks.warning?.(m, undefined, true));
     const done = new Map<string, BigIntStats>();
     for (const l of this.plan.lists ?? []) {
@@ -253,6 +253,8 @@ export class TreeSync {
     const shown = t.destRel || '.';
     this.links?.transfer(t);
     if (t.destRel === '') {
+      // Neither -r nor -d: rsync skips a folder's contents as it skips a folder, and lists nothing of it.
+      if (!this.opts.recursive && !this.opts.dirs) return this.hooks.info?.('skipping directory .', 'nonreg');
       // SRC/ (or .): the operand is the folder itself; the user's path to it is followed, as rsync does.
       let src: SourceDir | undefined;
       try {
@@ -308,11 +310,36 @@ export class TreeSync {
       for (const n of names) {
         const parts = n.rel ? n.rel.split('/') : [];
         if (n.dotDir) await this.listedOne(root, base, '', 0, done);
-        for (let i = 1; i < parts.length; i++) await this.listedOne(root, base, parts.slice(0, i).join('/'), 0, done);
+        for (let i = 1; i < parts.length; i++) {
+          const onTheWay = parts.slice(0, i).join('/');
+          if (this.opts.impliedDirs === false) await this.implied(onTheWay);
+          else await this.listedOne(root, base, onTheWay, 0, done);
+        }
         await this.listedOne(root, base, n.rel, this.opts.recursive || !dirs ? undefined : n.contents ? 1 : 0, done);
       }
     } finally {
       await root.close();
+    }
+  }
+
+  /**
+   * --no-implied-dirs: a folder on the way to a listed name, in DEST only, as
+   * rsync's receiver makes it: when missing, plain (0777 less the umask), not
+   * named, not counted; whatever stands there is left as it is (a symlink,
+   * or a file, fails the names below it, never followed).
+   */
+  private async implied(rel: string): Promise<void> {
+    if (this.noWrite) return;
+    let at: { dir: Dir | undefined; name: string } | undefined;
+    try {
+      at = await this.destParent(rel);
+      if (!at.dir || (await at.dir.lstatOrUndefined(at.name))) return;
+      await at.dir.mkdir(at.name, 0o777);
+    } catch (e) {
+      // rsync's words.
+      this.fail(new QsyncError('TARGET', `recv_generator: mkdir "${join(this.plan.destRoot, rel)}" failed: ${rsyncErrnoText(e)}`, { file: rel }, { cause: e }), rel);
+    } finally {
+      if (at?.dir && at.dir !== this.dest) await at.dir.close();
     }
   }
 
@@ -454,7 +481,7 @@ export class TreeSync {
     const name = basename(rel);
     try {
       this.stats.files++;
-      if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return;
+      if ((this.opts.existing || this.opts.ignoreExisting) && (await this.skipByExistence(st, dst, name, rel))) return await this.countSkipped(src, st, rel, rootDev, levels);
       if (st.isDirectory()) {
         if (!this.opts.recursive && levels === undefined) {
           this.hooks.info?.(`skipping directory ${shown}`, 'nonreg');
@@ -502,6 +529,19 @@ export class TreeSync {
    * (anything but a folder that exists, of whatever type, is left alone; a
    * folder whose name holds something else cannot be entered: exit 23).
    */
+  /** An entry --existing or --ignore-existing leaves alone is in rsync's list all the same, with what is below it: counted in the totals. */
+  private async countSkipped(src: Here, st: BigIntStats, rel: string, rootDev: bigint, levels: number | undefined): Promise<void> {
+    const total = { entries: 0, size: st.isFile() || st.isSymbolicLink() ? Number(st.size) : 0, dirs: st.isDirectory() ? 1 : 0, links: st.isSymbolicLink() ? 1 : 0 };
+    if (st.isDirectory() && (this.opts.recursive || levels !== undefined)) {
+      const d = await src.dir.openDir(src.name).catch(() => undefined);
+      if (d) await this.countBelow(total, d, st, rel, rootDev, levels).finally(() => d.close());
+    }
+    this.stats.files += total.entries;
+    this.stats.totalSize += total.size;
+    this.stats.dirs += total.dirs;
+    this.stats.symlinks = (this.stats.symlinks ?? 0) + total.links;
+  }
+
   private async skipByExistence(st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<boolean> {
     if (!name) return false;
     const cur = await dst?.lstatOrUndefined(name);
@@ -555,14 +595,14 @@ export class TreeSync {
         srcDir = await src.dir.openDir(src.name).catch((e) => {
           const errno = errnoOf(e);
           const shown = src.dir.shown(src.name);
-          throw errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR'
-            ? new QsyncError('SOURCE', `file has vanished: ${shown}`, { file: rel, vanished: true })
-            : new QsyncError('SOURCE', `opendir ${shown} failed: ${errnoText(e)}`, { file: rel }, { cause: e });
+          if (errno === 'ENOENT' || errno === 'ELOOP' || errno === 'ENOTDIR') throw new QsyncError('SOURCE', `file has vanished: ${shown}`, { file: rel, vanished: true });
+          this.listError = true;
+          throw new QsyncError('SOURCE', `opendir "${this.ctx.sources.remote ? shown : resolve(shown)}" failed: ${rsyncErrnoText(e)}`, { file: rel }, { cause: e });
         });
         await this.checkSame(srcDir, st, rel);
       } catch (e) {
-        // Listed, then unreadable or gone: the folder made for it is reported and gets the listed metadata, as rsync gives it (not 0700).
-        if (!cur && !this.noWrite) await setMetaAt(dst!, name, await dst!.lstat(name), this.metaFor(st, true, true)).catch(() => {});
+        // Listed, then unreadable or gone: its folder here is reported and gets the listed metadata, as rsync gives it (a new one: not 0700).
+        if (!this.noWrite) await setMetaAt(dst!, name, cur ?? (await dst!.lstat(name)), this.metaFor(st, !cur, true)).catch(() => {});
         this.report({ path: `${rel}/`, kind: 'dir', created: !cur, changes: cur ? this.metaChanges(st, cur) : undefined, size: 0, length: st.size });
         throw e;
       }
@@ -612,28 +652,49 @@ export class TreeSync {
 
   /** Whether the walk goes into a folder's contents (-x, -d levels). */
   private walksInto(st: BigIntStats, rootDev: bigint, levels: number | undefined): boolean {
-    return (!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0;
+    return (!this.opts.oneFileSystem || st.dev === rootDev) && levels !== 0 && !(this.destRoot && st.dev === this.destRoot.dev && st.ino === this.destRoot.ino);
+  }
+
+  /**
+   * DEST's own folder, when the sources are here: met in a source (DEST
+   * inside SRC, as "qsync -a ./ D/"), it is made and not walked, as the copy
+   * in it would be walked again without end (rsync, whose list is taken
+   * ahead, finds it empty).
+   */
+  private destRoot?: { dev: bigint; ino: bigint };
+
+  /**
+   * A source folder could not be read: as rsync, no deletion after it (what
+   * the list lacks might be there), said once.
+   */
+  private listError = false;
+  private listErrorSaid = false;
+
+  /** Add to `total` the entries below folder `d` (`st`) the walk would list, and the bytes of their files and link targets. */
+  private async countBelow(total: { entries: number; size: number; dirs?: number; links?: number }, d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> {
+    if (!this.walksInto(st, rootDev, lv)) return;
+    for (const c of await this.listChildren(d, rel, true)) {
+      total.entries++;
+      if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
+      if (c.st.isSymbolicLink() && total.links !== undefined) total.links++;
+      if (!c.st.isDirectory()) continue;
+      if (total.dirs !== undefined) total.dirs++;
+      if (!this.opts.recursive && lv === undefined) continue;
+      const sub = await d.openDir(c.name).catch(() => undefined);
+      if (!sub) continue;
+      try {
+        await this.countBelow(total, sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
+      } finally {
+        await sub.close();
+      }
+    }
   }
 
   /** The file list the walk will go through, counted first (countFirst): entries, and bytes of files and link targets. */
   private async count(): Promise<{ entries: number; size: number }> {
     const total = { entries: 0, size: 0 };
     const levels = this.opts.dirs && !this.opts.recursive ? 1 : undefined;
-    const below = async (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> => {
-      if (!this.walksInto(st, rootDev, lv)) return;
-      for (const c of await this.listChildren(d, rel, true)) {
-        total.entries++;
-        if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
-        if (!c.st.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
-        const sub = await d.openDir(c.name).catch(() => undefined);
-        if (!sub) continue;
-        try {
-          await below(sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
-        } finally {
-          await sub.close();
-        }
-      }
-    };
+    const below = (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined) => this.countBelow(total, d, st, rel, rootDev, lv);
     for (const t of this.plan.transfers) {
       total.entries++;
       const st = await this.seen(t.stat);
@@ -667,7 +728,13 @@ export class TreeSync {
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync deletes in a folder as its list starts, and names the folder after (its line waits in rsync's output buffer).
-    if (walks && this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+    if (walks && this.opts.delete && cur && dst) {
+      if (!this.listError) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+      else if (!this.listErrorSaid) {
+        this.listErrorSaid = true;
+        this.hooks.info?.('IO error encountered -- skipping file deletion', 'always');
+      }
+    }
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size, st, source: rel ? src.shown('.').replace(/\/\.$/, '') : src.shown('.') });
     if (walks) {
       const start = this.nextList;
