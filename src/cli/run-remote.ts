@@ -53,20 +53,25 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       const batch = await openPushBatch(o);
       let done: ReturnType<typeof readDone> | undefined;
       try {
-        await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom }));
-        const h = await ch.control();
-        checkHello(h, remote.host);
-        const wanted: [Feature, string][] = [];
-        if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
-        if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
-        checkFeatures(h, wanted, remote.host);
-        if (listed) await sendFilesFrom(ch, listed);
         const pool = new HashPool(o.blockSize);
+        // Its workers start while ssh connects: the first request may be the scan.
         pool.warm();
+        const server = new SourceServer(ch, pool, undefined, o.compress, batch?.recorder);
         let last;
         try {
-          last = await new SourceServer(ch, pool, undefined, o.compress, batch?.recorder).serve();
+          // The walk's first requests, answered with the hello: the far side's walk starts without a round trip each.
+          const ahead = await server.answerAhead(operands, attrChoice(o));
+          await ch.send(hello('receiver', { dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom, ahead: ahead.length ? ahead : undefined }));
+          const h = await ch.control();
+          checkHello(h, remote.host);
+          const wanted: [Feature, string][] = [];
+          if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
+          if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
+          checkFeatures(h, wanted, remote.host);
+          if (listed) await sendFilesFrom(ch, listed);
+          last = await server.serve();
         } finally {
+          await server.release();
           await pool.close();
         }
         done = readDone(last);

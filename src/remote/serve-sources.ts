@@ -59,6 +59,8 @@ function attrsAnswer(m: AttrMap | Error, want: AttrChoice, shown: string): { xa:
 
 /** The attributes of `node`, or why they could not be read. */
 const attrsOrError = (node: Node): Promise<AttrMap | Error> => readNodeAttrs(node).catch((e: unknown) => (e instanceof Error ? e : new Error(String(e))));
+/** Operands answered ahead (a pre-opened file or folder each, held until the session ends). */
+const MAX_AHEAD = 16;
 /** A progress message at least this often while nothing needs sending. */
 const PROGRESS_BLOCKS = 4096;
 
@@ -115,10 +117,18 @@ export class SourceServer {
         }
       }
     } finally {
-      for (const d of this.dirs.values()) await d.close().catch(() => {});
-      for (const f of this.files.values()) await f.fh.close().catch(() => {});
-      await this.cache?.close();
+      await this.release();
     }
+  }
+
+  /** Close what the peer left open (and what was opened ahead for it). */
+  async release(): Promise<void> {
+    for (const d of this.dirs.values()) await d.close().catch(() => {});
+    for (const f of this.files.values()) await f.fh.close().catch(() => {});
+    this.dirs.clear();
+    this.files.clear();
+    await this.cache?.close();
+    this.cache = undefined;
   }
 
   private readonly handlers: Record<string, (m: ControlMessage) => Promise<void>> = {
@@ -205,7 +215,53 @@ export class SourceServer {
   };
 
   private ok(body: Record<string, unknown>): Promise<void> {
+    if (this.taken) {
+      this.taken.push({ op: 'ok', ...body });
+      return Promise.resolve();
+    }
     return this.ch.send({ op: 'ok', ...body });
+  }
+
+  /** While answering ahead: the answers, kept instead of sent. */
+  private taken?: ControlMessage[];
+
+  /**
+   * A push's answers ahead (docs/FORMATS.md "Answers ahead"): the first
+   * requests the receiving end's walk makes of each operand (its stat;
+   * a file's folder and the file opened, or a SRC/ folder opened),
+   * answered now to go with the hello, so the walk waits no round trip
+   * for them. Only successful answers; each as the request would be
+   * answered, through its handler (handles held as any other).
+   */
+  async answerAhead(operands: readonly string[], attrs: AttrChoice | undefined): Promise<[ControlMessage, ControlMessage][]> {
+    const out: [ControlMessage, ControlMessage][] = [];
+    const answer = async (m: ControlMessage): Promise<ControlMessage | undefined> => {
+      this.taken = [];
+      try {
+        await this.handlers[m.op]!(m);
+        const a = this.taken;
+        if (a.length !== 1) return undefined;
+        out.push([m, a[0]!]);
+        return a[0];
+      } catch {
+        // Asked again in its turn, and answered (or refused) then.
+        return undefined;
+      } finally {
+        this.taken = undefined;
+      }
+    };
+    for (const operand of operands.slice(0, MAX_AHEAD)) {
+      const s = await answer({ op: 'stat', operand });
+      if (!s) continue;
+      const st = statsFromWire(s.st);
+      if (st.isDirectory() && (operand.endsWith('/') || basename(operand) === '.')) {
+        await answer({ op: 'open-operand', operand, attrs });
+      } else if (st.isFile()) {
+        const p = await answer({ op: 'open-parent', operand });
+        if (p) await answer({ op: 'open-file', h: p.h, name: p.name, st: s.st });
+      }
+    }
+    return out;
   }
 
   private dir(m: ControlMessage): Dir {
