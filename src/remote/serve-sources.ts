@@ -27,7 +27,8 @@ import { Dir } from '../io/safe-fs.js';
 import { Fingerprinter } from '../sync/manifest-store.js';
 import { ATTR_BATCH, chosenAttrs, readEntryAttrs, readNodeAttrs, type AttrChoice, type Cached, type Node } from '../sync/ext-attrs.js';
 import type { AttrMap } from '../io/attr-tool.js';
-import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type ScanPlan } from '../sync/source.js';
+import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type PlannedChunk, type ScanPlan } from '../sync/source.js';
+import { planAhead, Prehash } from './prehash.js';
 import { errorMessage, type Channel } from './channel.js';
 import type { BatchRecorder } from './batch-relay.js';
 import { DigestCache } from './digest-cache.js';
@@ -123,6 +124,8 @@ export class SourceServer {
 
   /** Close what the peer left open (and what was opened ahead for it). */
   async release(): Promise<void> {
+    await this.prehash?.pre?.stop();
+    this.prehash = undefined;
     for (const d of this.dirs.values()) await d.close().catch(() => {});
     for (const f of this.files.values()) await f.fh.close().catch(() => {});
     this.dirs.clear();
@@ -222,6 +225,9 @@ export class SourceServer {
     return this.ch.send({ op: 'ok', ...body });
   }
 
+  /** The file opened ahead being hashed (`f` its handle), until a scan needs the pool. */
+  private prehash?: { f: number; pre?: Prehash };
+
   /** While answering ahead: the answers, kept instead of sent. */
   private taken?: ControlMessage[];
 
@@ -250,6 +256,7 @@ export class SourceServer {
         this.taken = undefined;
       }
     };
+    let largest: { f: number; size: bigint } | undefined;
     for (const operand of operands.slice(0, MAX_AHEAD)) {
       const s = await answer({ op: 'stat', operand });
       if (!s) continue;
@@ -258,9 +265,13 @@ export class SourceServer {
         await answer({ op: 'open-operand', operand, attrs });
       } else if (st.isFile()) {
         const p = await answer({ op: 'open-parent', operand });
-        if (p) await answer({ op: 'open-file', h: p.h, name: p.name, st: s.st });
+        const f = p && (await answer({ op: 'open-file', h: p.h, name: p.name, st: s.st }));
+        if (f && (!largest || st.size > largest.size)) largest = { f: f.f as number, size: st.size };
       }
     }
+    // The largest file opened ahead is hashed while the session starts (src/remote/prehash.ts).
+    const held = largest && this.files.get(largest.f);
+    if (held) this.prehash = { f: largest!.f, pre: await Prehash.start(this.pool, held.fh, held.shown) };
     return out;
   }
 
@@ -333,7 +344,12 @@ export class SourceServer {
       const keep = await cache.create();
       let quiet = 0;
       try {
-        await scanAndPlan(this.pool, file.fh.fd, file.shown, { size, blockSize, mode, old, oldSize, holeFrom, suspect }, async (c) => {
+        // The pool is this scan's now; what was hashed ahead of this file is taken if the file is as it was then.
+        const pre = this.prehash;
+        this.prehash = undefined;
+        const ahead = pre?.f === fieldInt(m, 'f', 1) ? await pre.pre?.take(file.fh) : await pre?.pre?.stop();
+        const plan: ScanPlan = { size, blockSize, mode, old, oldSize, holeFrom, suspect };
+        const onChunk = async (c: PlannedChunk) => {
           fp.append(c.digests);
           await keep.append(c.digests);
           for (const r of c.runs) {
@@ -356,7 +372,9 @@ export class SourceServer {
             quiet = 0;
             await this.ch.send({ op: 'progress', upTo: c.first + c.digests.length / DIGEST_LEN });
           }
-        });
+        };
+        const from = ahead && mode === 'manifest' ? await planAhead(file.fh, file.shown, plan, ahead, this.pool.chunkSize / blockSize, onChunk) : 0;
+        await scanAndPlan(this.pool, file.fh.fd, file.shown, plan, onChunk, from * blockSize);
       } catch (e) {
         await keep.discard();
         throw e;
