@@ -172,6 +172,35 @@ describe.skipIf(!ready)('over ssh (real sshd on 127.0.0.1)', () => {
     expect(both.code).toBe(1);
     expect(existsSync('/tmp/nowhere')).toBe(false);
   });
+
+  it('a file hashed while ssh connects (src/remote/prehash.ts): its changed blocks arrive, and a write made meanwhile is not lost to the digests hashed before it', async () => {
+    const src = join(ssh.dir, 'ahead.raw');
+    const dst = join(ssh.dir, 'ahead-dst');
+    mkdirSync(dst);
+    randomFile(src, 16 * MiB);
+    const first = await overSsh(['-a', src, at(`${dst}/`)]);
+    expect(first.code, first.stderr).toBe(0);
+    // Only a file left alone for a second is hashed ahead.
+    const poke = (block: number) => {
+      const fd = openSync(src, 'r+');
+      writeSync(fd, randomBytes(BLOCK), 0, BLOCK, block * BLOCK);
+      closeSync(fd);
+    };
+    poke(3);
+    poke(200);
+    await new Promise((ok) => setTimeout(ok, 1100));
+    const second = await overSsh(['-a', '--stats', src, at(`${dst}/`)]);
+    expect(second.code, second.stderr).toBe(0);
+    expect(readFileSync(join(dst, 'ahead.raw')).equals(readFileSync(src))).toBe(true);
+    expect(second.stdout).toMatch(new RegExp(`Literal data: ${(2 * BLOCK).toLocaleString('en-US')} bytes`));
+    // The remote shell writes a block while the session starts, after this side began hashing: that block must travel.
+    await new Promise((ok) => setTimeout(ok, 1100));
+    const script = `sleep 0.3; head -c ${BLOCK} /dev/urandom | dd of=${src} bs=${BLOCK} seek=100 conv=notrunc status=none; exec "$@"`;
+    // -c: the stat answered ahead predates the write, and the quick check would skip the file (as rsync's would, until the next run).
+    const third = await overSsh(['-a', '-c', src, at(`${dst}/`)], `sh -c ${JSON.stringify(script)} sh ${ssh.sshd.rsh}`);
+    expect(third.code, third.stderr).toBe(0);
+    expect(readFileSync(join(dst, 'ahead.raw')).equals(readFileSync(src))).toBe(true);
+  });
 });
 
 describe.skipIf(!ready)('odd operands, as rsync takes them', () => {

@@ -60,29 +60,33 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
       try {
         // The drop-in line: images of this host's libvirt domains go through their domain (src/remote/domain-claims.ts).
         const dropIn = o.onlyWriteBatch !== undefined ? undefined : await DropIn.find(o.connect);
-        await ch.send(hello('receiver', {
-          dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom,
-          claims: dropIn?.keys(),
-        }));
-        const h = await ch.control();
-        checkHello(h, remote.host);
-        if (dropIn && !(Array.isArray(h.features) && h.features.includes('domains'))) {
-          printer.warning?.(`the qsync on ${remote.host} cannot take images of libvirt domains: those held by a running domain are refused, and the others copied as files (install the same qsync version on both hosts)`);
-        }
-        const wanted: [Feature, string][] = [];
-        if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
-        if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
-        checkFeatures(h, wanted, remote.host);
-        if (listed) await sendFilesFrom(ch, listed);
         const pool = new HashPool(o.blockSize);
+        // Its workers start while ssh connects: the first request may be the scan.
         pool.warm();
+        const server = new SourceServer(ch, pool, undefined, o.compress, batch?.recorder);
+        // Only a file this session shows the far side may be claimed by it.
+        if (dropIn) server.watch(new Set(dropIn.keys()));
         let last;
-        let sources: SourceServer;
         try {
-          sources = new SourceServer(ch, pool, undefined, o.compress, batch?.recorder);
-          if (dropIn) sources.watch(new Set(dropIn.keys()));
-          last = await sources.serve();
+          // The walk's first requests, answered with the hello: the far side's walk starts without a round trip each.
+          const ahead = await server.answerAhead(operands, attrChoice(o));
+          await ch.send(hello('receiver', {
+            dest: to.path, operands, options: changedOptions({ ...o, filters: rules }), batch: batch && (o.onlyWriteBatch !== undefined ? 'only' : 'write'), filesFrom: listed && o.filesFrom,
+            ahead: ahead.length ? ahead : undefined, claims: dropIn?.keys(),
+          }));
+          const h = await ch.control();
+          checkHello(h, remote.host);
+          if (dropIn && !(Array.isArray(h.features) && h.features.includes('domains'))) {
+            printer.warning?.(`the qsync on ${remote.host} cannot take images of libvirt domains: those held by a running domain are refused, and the others copied as files (install the same qsync version on both hosts)`);
+          }
+          const wanted: [Feature, string][] = [];
+          if (o.backupDir !== undefined && !o.dryRun) wanted.push(['backup-dir', '--backup-dir']);
+          if (batch) wanted.push(['batch', o.onlyWriteBatch !== undefined ? '--only-write-batch' : '--write-batch']);
+          checkFeatures(h, wanted, remote.host);
+          if (listed) await sendFilesFrom(ch, listed);
+          last = await server.serve();
         } finally {
+          await server.release();
           await pool.close();
         }
         if (last.op === 'claimed') {
@@ -91,8 +95,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
           const signal = armInterrupt();
           try {
             const announce = o.verbose > 0 || o.itemize || o.json;
-            const served = sources;
-            await backUpClaimed(ch, last, dropIn, (k) => served.shown(k), `${remote.user ? `${remote.user}@` : ''}${remote.host}:${to.path.replace(/\/+$/, '')}`, {
+            await backUpClaimed(ch, last, dropIn, (k) => server.shown(k), `${remote.user ? `${remote.user}@` : ''}${remote.host}:${to.path.replace(/\/+$/, '')}`, {
               connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal,
             }, printer);
           } finally {

@@ -42,14 +42,26 @@ export class RemoteSources implements Sources {
   readonly remote = true;
   readonly readsTarget = false;
 
+  /** Answers the peer gave ahead, by their request (aheadFromWire): each taken once, in place of a round trip. */
+  private readonly ahead: Map<string, ControlMessage>;
+
   /** `attrs` (-A/-X): the peer sends what it read of each entry's ACLs and xattrs with its listing. */
   constructor(
     readonly ch: Channel,
     readonly attrs?: AttrChoice,
-  ) {}
+    ahead?: Map<string, ControlMessage>,
+  ) {
+    this.ahead = ahead ?? new Map();
+  }
 
-  /** One request, one answer ("ok", or the peer's error raised here). */
+  /** One request, one answer ("ok", or the peer's error raised here); one answered ahead is taken without asking. */
   async call(msg: ControlMessage): Promise<ControlMessage> {
+    const key = requestKey(msg);
+    const known = this.ahead.get(key);
+    if (known) {
+      this.ahead.delete(key);
+      return known;
+    }
     await this.ch.send(msg);
     return this.ch.expect('ok');
   }
@@ -78,6 +90,36 @@ export class RemoteSources implements Sources {
     const r = await this.call({ op: 'open-file', h: dir.h, name, st: statsToWire(listed) });
     return new RemoteFile(this, handle(r.f));
   }
+}
+
+/** The requests a peer may answer ahead, and how many answers at most. */
+const AHEAD_OPS = new Set(['stat', 'open-operand', 'open-parent', 'open-file']);
+const MAX_AHEAD = 256;
+
+/** A request as a key: its fields in a fixed order, so the same request matches however its object was built. */
+function requestKey(m: unknown): string {
+  const norm = (v: unknown): unknown =>
+    Array.isArray(v) ? v.map(norm) : typeof v === 'object' && v !== null ? Object.fromEntries(Object.keys(v).sort().filter((k) => (v as Record<string, unknown>)[k] !== undefined).map((k) => [k, norm((v as Record<string, unknown>)[k])])) : v;
+  return JSON.stringify(norm(m));
+}
+
+/**
+ * The `ahead` of a push's hello (docs/FORMATS.md "Answers ahead"): pairs of
+ * [request, its `ok` answer] the sending end gave before being asked. Only
+ * requests the walk makes through RemoteSources.call, each answer checked
+ * where it is used as one that came in its turn.
+ */
+export function aheadFromWire(v: unknown): Map<string, ControlMessage> {
+  const ahead = new Map<string, ControlMessage>();
+  if (v === undefined) return ahead;
+  if (!Array.isArray(v) || v.length > MAX_AHEAD) throw bad('a bad list of answers ahead');
+  for (const pair of v as unknown[]) {
+    const [req, ans] = Array.isArray(pair) && pair.length === 2 ? (pair as unknown[]) : [];
+    const isMsg = (m: unknown): m is ControlMessage => typeof m === 'object' && m !== null && !Array.isArray(m) && typeof (m as ControlMessage).op === 'string';
+    if (!isMsg(req) || !isMsg(ans) || !AHEAD_OPS.has(req.op) || ans.op !== 'ok') throw bad('a bad answer ahead');
+    ahead.set(requestKey(req), ans);
+  }
+  return ahead;
 }
 
 /** An entry's attributes as the peer sent them (`xa`, checked), or why it could not read them (`xaError`); undefined: not sent. */

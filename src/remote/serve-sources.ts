@@ -28,7 +28,8 @@ import { Dir } from '../io/safe-fs.js';
 import { Fingerprinter } from '../sync/manifest-store.js';
 import { ATTR_BATCH, chosenAttrs, readEntryAttrs, readNodeAttrs, type AttrChoice, type Cached, type Node } from '../sync/ext-attrs.js';
 import type { AttrMap } from '../io/attr-tool.js';
-import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type ScanPlan } from '../sync/source.js';
+import { LocalSources, openListed, refuseIfQemuHolds, scanAndPlan, type DigestReader, type PlannedChunk, type ScanPlan } from '../sync/source.js';
+import { planAhead, Prehash } from './prehash.js';
 import { errorMessage, type Channel } from './channel.js';
 import type { BatchRecorder } from './batch-relay.js';
 import { DigestCache } from './digest-cache.js';
@@ -60,6 +61,8 @@ function attrsAnswer(m: AttrMap | Error, want: AttrChoice, shown: string): { xa:
 
 /** The attributes of `node`, or why they could not be read. */
 const attrsOrError = (node: Node): Promise<AttrMap | Error> => readNodeAttrs(node).catch((e: unknown) => (e instanceof Error ? e : new Error(String(e))));
+/** Operands answered ahead (a pre-opened file or folder each, held until the session ends). */
+const MAX_AHEAD = 16;
 /** A progress message at least this often while nothing needs sending. */
 const PROGRESS_BLOCKS = 4096;
 
@@ -148,10 +151,20 @@ export class SourceServer {
         }
       }
     } finally {
-      for (const d of this.dirs.values()) await d.close().catch(() => {});
-      for (const f of this.files.values()) await f.fh.close().catch(() => {});
-      await this.cache?.close();
+      await this.release();
     }
+  }
+
+  /** Close what the peer left open (and what was opened ahead for it). */
+  async release(): Promise<void> {
+    await this.prehash?.pre?.stop();
+    this.prehash = undefined;
+    for (const d of this.dirs.values()) await d.close().catch(() => {});
+    for (const f of this.files.values()) await f.fh.close().catch(() => {});
+    this.dirs.clear();
+    this.files.clear();
+    await this.cache?.close();
+    this.cache = undefined;
   }
 
   private readonly handlers: Record<string, (m: ControlMessage) => Promise<void>> = {
@@ -238,7 +251,62 @@ export class SourceServer {
   };
 
   private ok(body: Record<string, unknown>): Promise<void> {
+    if (this.taken) {
+      this.taken.push({ op: 'ok', ...body });
+      return Promise.resolve();
+    }
     return this.ch.send({ op: 'ok', ...body });
+  }
+
+  /** The file opened ahead being hashed (`f` its handle), until a scan needs the pool. */
+  private prehash?: { f: number; pre?: Prehash };
+
+  /** While answering ahead: the answers, kept instead of sent. */
+  private taken?: ControlMessage[];
+
+  /**
+   * A push's answers ahead (docs/FORMATS.md "Answers ahead"): the first
+   * requests the receiving end's walk makes of each operand (its stat;
+   * a file's folder and the file opened, or a SRC/ folder opened),
+   * answered now to go with the hello, so the walk waits no round trip
+   * for them. Only successful answers; each as the request would be
+   * answered, through its handler (handles held as any other).
+   */
+  async answerAhead(operands: readonly string[], attrs: AttrChoice | undefined): Promise<[ControlMessage, ControlMessage][]> {
+    const out: [ControlMessage, ControlMessage][] = [];
+    const answer = async (m: ControlMessage): Promise<ControlMessage | undefined> => {
+      this.taken = [];
+      try {
+        await this.handlers[m.op]!(m);
+        const a = this.taken;
+        if (a.length !== 1) return undefined;
+        out.push([m, a[0]!]);
+        return a[0];
+      } catch {
+        // Asked again in its turn, and answered (or refused) then.
+        return undefined;
+      } finally {
+        this.taken = undefined;
+      }
+    };
+    let largest: { f: number; size: bigint } | undefined;
+    for (const operand of operands.slice(0, MAX_AHEAD)) {
+      const s = await answer({ op: 'stat', operand });
+      if (!s) continue;
+      const st = statsFromWire(s.st);
+      if (st.isDirectory() && (operand.endsWith('/') || basename(operand) === '.')) {
+        await answer({ op: 'open-operand', operand, attrs });
+      } else if (st.isFile() && !this.#watched?.has(`${st.dev}:${st.ino}`)) {
+        // (A domain's disk is backed up through its domain, never opened here: src/remote/domain-claims.ts.)
+        const p = await answer({ op: 'open-parent', operand });
+        const f = p && (await answer({ op: 'open-file', h: p.h, name: p.name, st: s.st }));
+        if (f && (!largest || st.size > largest.size)) largest = { f: f.f as number, size: st.size };
+      }
+    }
+    // The largest file opened ahead is hashed while the session starts (src/remote/prehash.ts).
+    const held = largest && this.files.get(largest.f);
+    if (held) this.prehash = { f: largest!.f, pre: await Prehash.start(this.pool, held.fh, held.shown) };
+    return out;
   }
 
   private dir(m: ControlMessage): Dir {
@@ -310,7 +378,12 @@ export class SourceServer {
       const keep = await cache.create();
       let quiet = 0;
       try {
-        await scanAndPlan(this.pool, file.fh.fd, file.shown, { size, blockSize, mode, old, oldSize, holeFrom, suspect }, async (c) => {
+        // The pool is this scan's now; what was hashed ahead of this file is taken if the file is as it was then.
+        const pre = this.prehash;
+        this.prehash = undefined;
+        const ahead = pre?.f === fieldInt(m, 'f', 1) ? await pre.pre?.take(file.fh) : await pre?.pre?.stop();
+        const plan: ScanPlan = { size, blockSize, mode, old, oldSize, holeFrom, suspect };
+        const onChunk = async (c: PlannedChunk) => {
           fp.append(c.digests);
           await keep.append(c.digests);
           for (const r of c.runs) {
@@ -333,7 +406,9 @@ export class SourceServer {
             quiet = 0;
             await this.ch.send({ op: 'progress', upTo: c.first + c.digests.length / DIGEST_LEN });
           }
-        });
+        };
+        const from = ahead && mode === 'manifest' ? await planAhead(file.fh, file.shown, plan, ahead, this.pool.chunkSize / blockSize, onChunk) : 0;
+        await scanAndPlan(this.pool, file.fh.fd, file.shown, plan, onChunk, from * blockSize);
       } catch (e) {
         await keep.discard();
         throw e;

@@ -18,7 +18,7 @@ import { exitCodeFor } from '../cli/exit-codes.js';
 import { MAX_FILES_FROM, receive, type CliIO } from '../cli/run-sync.js';
 import { Channel, errorMessage } from './channel.js';
 import { RelayToClient } from './batch-relay.js';
-import { RemoteSources } from './remote-sources.js';
+import { aheadFromWire, RemoteSources } from './remote-sources.js';
 import { historyPath, restrictedPath } from './restrict.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
@@ -110,6 +110,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     // The client writes the batch (--write-batch, --only-write-batch) from what it sends; this side says what each member is.
     if (h.batch !== undefined && h.batch !== 'write' && h.batch !== 'only') throw protocolError('a bad batch mode');
     const relay = h.batch === undefined ? undefined : new RelayToClient(ch, h.batch === 'only');
+    const ahead = aheadFromWire(h.ahead);
     await ch.send(hello('receiver', { features: FEATURES }));
     // --files-from: the client read its list and sends the lines (this end reads no list of its own).
     const filesFrom = typeof h.filesFrom === 'string' ? { name: h.filesFrom, lines: await receiveFilesFrom(ch, MAX_FILES_FROM) } : undefined;
@@ -119,7 +120,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
       // The drop-in line from a libvirt host: the files its domains back up are left to it (src/remote/domain-claims.ts).
       const keys = claimsFromWire(h.claims);
       const claims = keys && new ClaimsForPeer(ch, keys, o.times);
-      code = await receive(printer, new RemoteSources(ch, attrChoice(o)), operands, dest, o, { within: restrict, relay, filesFrom, claims });
+      code = await receive(printer, new RemoteSources(ch, attrChoice(o), ahead), operands, dest, o, { within: restrict, relay, filesFrom, claims });
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
     }

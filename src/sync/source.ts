@@ -16,7 +16,7 @@ import { closeSync, constants, fstatSync, type BigIntStats } from 'node:fs';
 import { lstat, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError, rsyncErrnoText } from '../core/errors.js';
-import { planChunk, type WriteRun } from '../core/plan.js';
+import { planChunk, type ChunkPlan, type WriteRun } from '../core/plan.js';
 import { DIGEST_LEN, zeroDigest } from '../hash/blake3.js';
 import type { HashPool } from '../hash/pool.js';
 import { Dir, fsPath } from '../io/safe-fs.js';
@@ -161,31 +161,13 @@ export async function openListed(dir: Dir, name: string, listed: BigIntStats, sh
  * `plan` (core/plan.ts). The scan behind LocalSources, and behind a peer
  * serving its files over the wire.
  */
-export async function scanAndPlan(pool: HashPool, fd: number, shown: string, plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>): Promise<void> {
+export async function scanAndPlan(pool: HashPool, fd: number, shown: string, plan: ScanPlan, onChunk: (c: PlannedChunk) => Promise<void>, from = 0): Promise<void> {
   const { blockSize, size } = plan;
-  const oldBlocks = Math.ceil(plan.oldSize / blockSize);
-  const old = plan.mode === 'manifest' ? Buffer.alloc((pool.chunkSize / blockSize) * DIGEST_LEN) : undefined;
-  const s = plan.suspect;
-  const suspect = s && ((b: number) => s.blocks.has(b) || b >= s.from);
+  const planned = chunkPlanner(plan, pool.chunkSize / blockSize);
   const t = plan.target;
-  await pool.scan({ fd, size, targetFd: plan.mode === 'compare' || t?.hash ? t!.fd : undefined, targetSize: t?.size ?? 0, hashTarget: t?.hash, path: shown }, async (c) => {
+  await pool.scan({ fd, size, from, targetFd: plan.mode === 'compare' || t?.hash ? t!.fd : undefined, targetSize: t?.size ?? 0, hashTarget: t?.hash, path: shown }, async (c) => {
     const first = c.offset / blockSize;
-    const n = c.digests.length / DIGEST_LEN;
-    const known = Math.min(n, Math.max(0, oldBlocks - first));
-    if (old && known) await plan.old!.readDigests(first, known, old);
-    const { changed, runs } = planChunk({
-      first,
-      digests: c.digests,
-      size,
-      blockSize,
-      mode: plan.mode === 'manifest' || plan.mode === 'compare' ? plan.mode : 'rewrite',
-      old,
-      oldBlocks,
-      differs: c.differs,
-      suspect,
-      holeFrom: plan.holeFrom,
-      zeroDigest,
-    });
+    const { changed, runs } = await planned(first, c.digests, c.differs);
     await onChunk({
       first,
       digests: c.digests,
@@ -196,6 +178,21 @@ export async function scanAndPlan(pool: HashPool, fd: number, shown: string, pla
       targetDigests: c.targetDigests,
     });
   });
+}
+
+/** How scanAndPlan plans a stretch of at most `chunkBlocks` blocks from their new digests: against the old ones, the suspect blocks, the holes. */
+export function chunkPlanner(plan: ScanPlan, chunkBlocks: number): (first: number, digests: Uint8Array, differs?: Uint8Array) => Promise<ChunkPlan> {
+  const { blockSize, size } = plan;
+  const oldBlocks = Math.ceil(plan.oldSize / blockSize);
+  const old = plan.mode === 'manifest' ? Buffer.alloc(chunkBlocks * DIGEST_LEN) : undefined;
+  const s = plan.suspect;
+  const suspect = s && ((b: number) => s.blocks.has(b) || b >= s.from);
+  const mode = plan.mode === 'manifest' || plan.mode === 'compare' ? plan.mode : 'rewrite';
+  return async (first, digests, differs) => {
+    const known = Math.min(digests.length / DIGEST_LEN, Math.max(0, oldBlocks - first));
+    if (old && known) await plan.old!.readDigests(first, known, old);
+    return planChunk({ first, digests, size, blockSize, mode, old, oldBlocks, differs, suspect, holeFrom: plan.holeFrom, zeroDigest });
+  };
 }
 
 /** A byte copy of an image a running QEMU holds open (its lock shows in /proc/locks) would be inconsistent. */
