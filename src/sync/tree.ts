@@ -26,6 +26,7 @@ import { SmallFileBatch } from './small-file.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
 import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
+import { StatList } from '../io/stat-list.js';
 import { forgetManifests, manifestPathFor } from './manifest-store.js';
 import type { SourceDir } from './source.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
@@ -586,8 +587,8 @@ export class TreeSync {
    * rsync's list order: its non-folders, then its folders, each sorted by
    * bytes. Not `quiet`: an entry that cannot be read is reported as failed.
    */
-  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<{ name: string; st: BigIntStats }[]> {
-    const files: { name: string; st: BigIntStats }[] = [];
+  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<StatList> {
+    const files = new StatList();
     const dirs: { name: string; st: BigIntStats }[] = [];
     for (const name of (await src.readdir()).sort(compareNames)) {
       const childRel = joinRel(rel, name);
@@ -605,9 +606,11 @@ export class TreeSync {
       }
       // -m: a folder with nothing to copy below it is not in the transfer (so --delete removes one in DEST).
       if (this.opts.pruneEmptyDirs && cst.isDirectory() && !(await this.holdsNonDir(src, name, childRel))) continue;
-      (cst.isDirectory() ? dirs : files).push({ name, st: cst });
+      if (cst.isDirectory()) dirs.push({ name, st: cst });
+      else files.push(name, cst);
     }
-    return [...files, ...dirs];
+    for (const d of dirs) files.push(d.name, d.st);
+    return files;
   }
 
   /** Whether the walk goes into a folder's contents (-x, -d levels). */
@@ -621,14 +624,17 @@ export class TreeSync {
     const levels = this.opts.dirs && !this.opts.recursive ? 1 : undefined;
     const below = async (d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> => {
       if (!this.walksInto(st, rootDev, lv)) return;
-      for (const c of await this.listChildren(d, rel, true)) {
+      const list = await this.listChildren(d, rel, true);
+      for (let i = 0; i < list.length; i++) {
+        const name = list.names[i]!;
+        const cst = list.stat(i);
         total.entries++;
-        if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
-        if (!c.st.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
-        const sub = await d.openDir(c.name).catch(() => undefined);
+        if (cst.isFile() || cst.isSymbolicLink()) total.size += Number(cst.size);
+        if (!cst.isDirectory() || (!this.opts.recursive && lv === undefined)) continue;
+        const sub = await d.openDir(name).catch(() => undefined);
         if (!sub) continue;
         try {
-          await below(sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
+          await below(sub, cst, joinRel(rel, name), rootDev, lv === undefined ? undefined : lv - 1);
         } finally {
           await sub.close();
         }
@@ -661,25 +667,26 @@ export class TreeSync {
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     const walks = this.walksInto(st, rootDev, levels);
     // rsync -x: a mount point is created, its contents are not copied.
-    const children = walks ? await this.listChildren(src, rel) : [];
+    const children = walks ? await this.listChildren(src, rel) : new StatList();
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync deletes in a folder as its list starts, and names the folder after (its line waits in rsync's output buffer).
-    if (walks && this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+    if (walks && this.opts.delete && cur && dst) await this.deleteExtraneous(rel, dst, new Set(children.names));
     this.report({ path: rel ? `${rel}/` : './', kind: 'dir', created: !cur, changes: changes && (attrs?.letters(changes, st, cur, false) ?? changes), size: 0, length: st.size, st, source: rel ? src.shown('.').replace(/\/\.$/, '') : src.shown('.') });
     if (walks) {
       const start = this.nextList;
       this.nextList += children.length;
-      children.forEach((c, i) => this.indexOf.set(joinRel(rel, c.name), start + i));
+      const { names } = children;
+      const rels = names.map((n) => joinRel(rel, n));
+      rels.forEach((r, i) => this.indexOf.set(r, start + i));
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
-      const names = children.map((c) => c.name);
       if (src instanceof Dir) await this.ext?.prefetch(src, names);
       if (cur) await this.ext?.prefetch(dst, names);
-      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
+      for (let i = 0; i < names.length; i++) await this.entry({ dir: src, name: names[i]! }, children.stat(i), dst, rels[i]!, rootDev, levels === undefined ? undefined : levels - 1);
       // Entries skipped or failed were never reported.
-      for (const c of children) this.indexOf.delete(joinRel(rel, c.name));
+      for (const r of rels) this.indexOf.delete(r);
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
