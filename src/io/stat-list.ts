@@ -34,6 +34,19 @@ export function statOf(value: (f: StatField, i: number) => bigint): BigIntStats 
   return st as unknown as BigIntStats;
 }
 
+/** statOf for a StatList's row: one shape for all (the walk makes one per entry). */
+class PackedStat {
+  readonly dev: bigint; readonly ino: bigint; readonly mode: bigint; readonly nlink: bigint; readonly uid: bigint; readonly gid: bigint;
+  readonly rdev: bigint; readonly size: bigint; readonly atimeNs: bigint; readonly mtimeNs: bigint; readonly ctimeNs: bigint;
+  readonly atimeMs: bigint; readonly mtimeMs: bigint; readonly ctimeMs: bigint;
+  constructor(v: BigInt64Array, at: number) {
+    this.dev = v[at]!; this.ino = v[at + 1]!; this.mode = v[at + 2]!; this.nlink = v[at + 3]!; this.uid = v[at + 4]!; this.gid = v[at + 5]!;
+    this.rdev = v[at + 6]!; this.size = v[at + 7]!; this.atimeNs = v[at + 8]!; this.mtimeNs = v[at + 9]!; this.ctimeNs = v[at + 10]!;
+    this.atimeMs = this.atimeNs / 1_000_000n; this.mtimeMs = this.mtimeNs / 1_000_000n; this.ctimeMs = this.ctimeNs / 1_000_000n;
+  }
+}
+Object.assign(PackedStat.prototype, PROTO);
+
 const WIDTH = STAT_FIELDS.length;
 
 /** Names and their stats, in the order pushed, at 88 bytes a stat. */
@@ -67,7 +80,6 @@ export class StatList {
   stat(i: number): BigIntStats {
     const odd = this.odd?.get(i);
     if (odd) return odd;
-    const at = i * WIDTH;
-    return statOf((_, k) => this.values[at + k]!);
+    return new PackedStat(this.values, i * WIDTH) as unknown as BigIntStats;
   }
 }

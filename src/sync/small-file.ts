@@ -134,10 +134,11 @@ export function isSmallJob(job: FileJob, opts: FileSyncOptions, ctx: FileSyncCon
 
 /** syncFile for a small job (isSmallJob), once --existing, --ignore-existing and --update have let it through. */
 export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyncContext, quick: boolean): Promise<FileSyncResult> {
-  const { src, srcStat, dst, dstStat, dstDir, dstName, relPath } = job;
+  const { src, srcStat, dstStat, dstDir, dstName, relPath } = job;
   const size = Number(srcStat.size);
   const none = { transferred: false, created: false, scanned: 0, literal: 0, matched: 0 };
   if (dstStat && quick) return { method: 'quick', ...none };
+  const dst = job.dst;
   const method = !dstStat ? 'new' : opts.wholeFile ? 'whole' : 'compare';
   if (opts.dryRun) return { method, ...none, transferred: true, created: !dstStat };
 

@@ -403,6 +403,7 @@ export class TreeSync {
    * the owner and group, as its receiver does.
    */
   private async seen(st: BigIntStats): Promise<BigIntStats> {
+    if (!this.chmod.length && !this.ids) return st;
     const mode = this.chmod.length && !st.isSymbolicLink() && st.mode ? BigInt(tweakMode(Number(st.mode), this.chmod)) : st.mode;
     const ids = this.ids ? await this.ids.map(st.uid, st.gid) : st;
     if (mode === st.mode && ids.uid === st.uid && ids.gid === st.gid) return st;
@@ -842,13 +843,18 @@ export class TreeSync {
     this.stats.totalSize += Number(st.size);
     if (this.opts.claim?.(st, rel)) return;
     const cur = await this.clearOtherType(dst, name, 'file', rel);
-    const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
     const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), cur && { dir: dst!, name, expect: cur }, 'other');
+    const shown = src.dir.shown(src.name);
+    const { opts, plan } = this;
+    // The target's path and manifest are made when asked for: a small file unchanged needs neither.
     const r = await syncFile({
-      src: src.dir.shown(src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
-      dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
-      meta: this.metaFor(st, !cur, true), manifestPath: manifest, relPath: rel,
+      src: shown, srcStat: st, srcDir: src.dir, srcName: src.name,
+      get dst() { return join(plan.destRoot, rel); },
+      dstStat: cur, dstDir: dst, dstName: name,
+      meta: this.metaFor(st, !cur, true),
+      get manifestPath() { return opts.manifest ?? manifestPathFor(plan.destRoot, stateRel(rel)); },
+      relPath: rel,
     }, this.opts, this.ctx);
     if (!r) return; // --existing / --ignore-existing / --update
     // -c: data found identical was not sent (rsync's checksums say so before sending): only attributes changed.
@@ -865,12 +871,14 @@ export class TreeSync {
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
     // and its time when it differs (--size-only), as rsync does.
     const timeDiffers = cur !== undefined && !sameMtime(cur.mtimeNs, st.mtimeNs, this.opts.modifyWindow);
-    if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
+    // Owner, group and mode as they are, the time too: nothing to set (what setMetaAt would find).
+    const same = (c: BigIntStats) => !timeDiffers && c.uid === st.uid && c.gid === st.gid && c.mode === st.mode;
+    if (!this.noWrite && !r.transferred && !same(cur!)) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     if (attrs) {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
       await attrs.apply({ dir: dst!, name, expect: st });
     }
-    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent }, st, source: src.dir.shown(src.name) });
+    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: sent === r.transferred ? r : { ...r, transferred: sent }, st, source: shown });
   }
 
   private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
