@@ -291,7 +291,10 @@ export class Dir {
 
   /** Entry names, those that are not valid UTF-8 with their bytes escaped (decodeName). */
   async readdir(): Promise<string[]> {
-    return (await this.readdirRaw()).map(decodeName);
+    // Read as UTF-8 first (no Buffer per name: half the cost); a name that is not valid UTF-8 reads as U+FFFD,
+    // and then the folder is read again as bytes.
+    const names = readdirSync(this.self);
+    return names.some((n) => n.includes('\ufffd')) ? (await this.readdirRaw()).map(decodeName) : names;
   }
 
   /** Entry names as raw bytes (names need not be UTF-8). */
