@@ -172,6 +172,8 @@ export class TreeSync {
    * first, as the walk goes; the progress lines count with it.
    */
   private readonly indexOf = new Map<string, number>();
+  /** The entry of a folder's list the walk is at, and its index (the map holds the operands' only). */
+  private at: { rel: string; index: number } | undefined;
   /** Where the next folder's list starts in that numbering. */
   private nextList = 0;
 
@@ -680,14 +682,16 @@ export class TreeSync {
       const start = this.nextList;
       this.nextList += children.length;
       const { names } = children;
-      const rels = names.map((n) => joinRel(rel, n));
-      rels.forEach((r, i) => this.indexOf.set(r, start + i));
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
       if (src instanceof Dir) await this.ext?.prefetch(src, names);
       if (cur) await this.ext?.prefetch(dst, names);
-      for (let i = 0; i < names.length; i++) await this.entry({ dir: src, name: names[i]! }, children.stat(i), dst, rels[i]!, rootDev, levels === undefined ? undefined : levels - 1);
-      // Entries skipped or failed were never reported.
-      for (const r of rels) this.indexOf.delete(r);
+      for (let i = 0; i < names.length; i++) {
+        const childRel = joinRel(rel, names[i]!);
+        this.at = { rel: childRel, index: start + i };
+        await this.entry({ dir: src, name: names[i]! }, children.stat(i), dst, childRel, rootDev, levels === undefined ? undefined : levels - 1);
+      }
+      // An entry skipped or failed was never reported.
+      this.at = undefined;
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
@@ -847,12 +851,13 @@ export class TreeSync {
     const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), cur && { dir: dst!, name, expect: cur }, 'other');
     const shown = src.dir.shown(src.name);
     const { opts, plan } = this;
-    // The target's path and manifest are made when asked for: a small file unchanged needs neither.
+    const meta = () => this.metaFor(st, !cur, true);
+    // The target's path, metadata and manifest are made when asked for: a small file unchanged needs none.
     const r = await syncFile({
       src: shown, srcStat: st, srcDir: src.dir, srcName: src.name,
       get dst() { return join(plan.destRoot, rel); },
       dstStat: cur, dstDir: dst, dstName: name,
-      meta: this.metaFor(st, !cur, true),
+      get meta() { return meta(); },
       get manifestPath() { return opts.manifest ?? manifestPathFor(plan.destRoot, stateRel(rel)); },
       relPath: rel,
     }, this.opts, this.ctx);
@@ -971,8 +976,14 @@ export class TreeSync {
     const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     const rel = r.kind === 'dir' ? r.path.replace(/\/$/, '').replace(/^\.$/, '') : r.target !== undefined ? r.path.slice(0, -(r.target.length + 4)) : r.path;
-    const index = this.indexOf.get(rel);
-    this.indexOf.delete(rel);
+    let index: number | undefined;
+    if (this.at?.rel === rel) {
+      index = this.at.index;
+      this.at = undefined;
+    } else {
+      index = this.indexOf.get(rel);
+      this.indexOf.delete(rel);
+    }
     // What rsync's file list would carry for it, about: its name and ten bytes of attributes.
     this.stats.flistSize = (this.stats.flistSize ?? 0) + Buffer.byteLength(basename(rel)) + 10;
     this.hooks.fileEnd?.({
