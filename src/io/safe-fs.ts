@@ -289,6 +289,13 @@ export class Dir {
     return lstatOrUndefined(this.ref(name));
   }
 
+  /** lstat and lstatOrUndefined without a promise, for a walk's once-per-entry calls. */
+  lstatSync(name: string): BigIntStats;
+  lstatSync(name: string, missing: 'undefined'): BigIntStats | undefined;
+  lstatSync(name: string, missing?: 'undefined'): BigIntStats | undefined {
+    return lstatSync(this.ref(name), { bigint: true, throwIfNoEntry: missing === undefined });
+  }
+
   async stat(): Promise<BigIntStats> {
     return fstatSync(this.#fd, { bigint: true });
   }

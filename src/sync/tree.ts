@@ -522,9 +522,14 @@ export class TreeSync {
    * only under --delete (excluded names in it are kept, and keep it), else
    * only when empty. Returns the stat left.
    */
-  private async clearOtherType(dst: Dir | undefined, name: string, want: Kind, rel: string): Promise<BigIntStats | undefined> {
-    const cur = await dst?.lstatOrUndefined(name);
+  private clearOtherType(dst: Dir | undefined, name: string, want: Kind, rel: string): Promise<BigIntStats | undefined> | BigIntStats | undefined {
+    const cur = dst?.lstatSync(name, 'undefined');
+    // Nothing there, or of the same type: no promise (once per entry of a walk).
     if (!cur || kindOf(cur) === want) return cur;
+    return this.makeWay(dst!, name, want, rel, cur);
+  }
+
+  private async makeWay(dst: Dir, name: string, want: Kind, rel: string, cur: BigIntStats): Promise<undefined> {
     if (cur.isDirectory()) {
       const skipped = this.skippedDeletes;
       const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
@@ -538,7 +543,7 @@ export class TreeSync {
               : 'the folder holds excluded names, which --delete keeps',
         });
       }
-    } else if (!this.noWrite) await dst!.unlink(name);
+    } else if (!this.noWrite) await dst.unlink(name);
     return undefined;
   }
 
@@ -597,7 +602,8 @@ export class TreeSync {
       const childRel = joinRel(rel, name);
       let cst: BigIntStats;
       try {
-        cst = await this.seen(await src.lstat(name));
+        const raw = src instanceof Dir ? src.lstatSync(name) : await src.lstat(name);
+        cst = this.chmod.length || this.ids ? await this.seen(raw) : raw;
       } catch (e) {
         if (!quiet) this.fail(e, childRel);
         continue;
