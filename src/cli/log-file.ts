@@ -31,7 +31,7 @@ export async function withLogFile(inner: Printer, path: string, o: Pick<SyncOpti
   try {
     const { dir, name } = await resolveTrusted(path, false);
     try {
-      fd = dir.openFileSync(name, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT, 0o666);
+      fd = dir.openFileSync(name, constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT, 0o666).fd;
     } finally {
       await dir.close();
     }

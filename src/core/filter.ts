@@ -268,6 +268,7 @@ export function compileFilters(rules: readonly PatternRule[]): Filter {
   }
   return {
     excluded(relPath, isDir) {
+      if (!compiled.length) return false;
       const path = bytesOf(relPath);
       const hit = compiled.find((r) => r.matches(path, isDir));
       return hit !== undefined && !hit.include;

@@ -10,7 +10,7 @@ const NS = 1_000_000_000n;
 const seconds = (ns: bigint): bigint => (ns >= 0n ? ns / NS : -((-ns + NS - 1n) / NS));
 
 export function sameMtime(aNs: bigint, bNs: bigint, window = 0): boolean {
-  if (window < 0) return aNs === bNs;
+  if (aNs === bNs || window < 0) return aNs === bNs;
   if (window === 0) return aNs / 1000n === bNs / 1000n;
   const d = seconds(aNs) - seconds(bNs);
   return (d < 0n ? -d : d) <= BigInt(window);

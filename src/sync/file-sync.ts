@@ -114,9 +114,10 @@ const quickMatch = (dst: BigIntStats, src: BigIntStats, o: FileSyncOptions, wind
 
 /** Returns undefined when the file is skipped by --existing, --ignore-existing or --update. */
 export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyncContext): Promise<FileSyncResult | undefined> {
-  const { src, srcStat, dst, dstStat, manifestPath, relPath } = job;
+  // job.dst and job.manifestPath are read only when needed: the walk makes them on demand (a small file has no manifest).
+  const { src, srcStat, dstStat, relPath } = job;
   if (dstStat && !dstStat.isFile()) {
-    throw new QsyncError('TARGET', `cannot overwrite ${dstStat.isDirectory() ? 'directory' : 'non-regular file'} ${dst} with a file`, { file: dst });
+    throw new QsyncError('TARGET', `cannot overwrite ${dstStat.isDirectory() ? 'directory' : 'non-regular file'} ${job.dst} with a file`, { file: job.dst });
   }
   if (!dstStat && opts.existing) return undefined;
   if (dstStat && opts.ignoreExisting) return undefined;
@@ -127,7 +128,7 @@ export async function syncFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyn
     return syncSmallFile(job, opts, ctx, quick);
   }
 
-  const state = new LocalTargetState(manifestPath);
+  const state = new LocalTargetState(job.manifestPath);
   // -n writes nothing, not even a pending journal: it is applied in memory.
   const { manifest, trust } = await state.assess(dstStat, { blockSize: opts.blockSize, strict: opts.checksum, readOnly: opts.dryRun });
   if (trust.reason) ctx.hooks.notice?.(`${trust.reason}${trust.trusted ? '' : '; comparing source and target'}`, relPath);

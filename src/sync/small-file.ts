@@ -13,7 +13,7 @@
  *   Until then its time is the time it was written, so a file a power cut
  *   left incomplete never passes the next run's quick check.
  */
-import { closeSync, constants, fstatSync, readdirSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, constants, readdirSync, readFileSync, writeSync, type BigIntStats } from 'node:fs';
 import { QsyncError } from '../core/errors.js';
 import { setFileMetaSync, type MetaChange } from '../io/safe-fs.js';
 import { readUpToSync } from '../io/local-file.js';
@@ -57,6 +57,7 @@ function fdsInUse(): number {
 
 interface Pending {
   fd: number;
+  dev: bigint;
   times: MetaChange;
   shown: string;
 }
@@ -78,10 +79,11 @@ export class SmallFileBatch {
   readonly source = Buffer.allocUnsafe(SMALL_FILE_MAX);
   readonly target = Buffer.allocUnsafe(SMALL_FILE_MAX);
 
-  async add(fd: number, size: number, times: MetaChange, shown: string): Promise<void> {
+  /** `dev`: the file system the file is on (its fstat's, taken when it was made). */
+  async add(fd: number, dev: bigint, size: number, times: MetaChange, shown: string): Promise<void> {
     // fdsInUse counts this file's descriptor: the batch's first file sees what the walk holds.
     if (!this.pending.length) this.cap = Math.max(1, Math.min(BATCH_FILES, Math.floor((this.fdLimit - fdsInUse() - FD_HEADROOM) / 2)));
-    this.pending.push({ fd, times, shown });
+    this.pending.push({ fd, dev, times, shown });
     this.bytes += size;
     if (this.pending.length >= this.cap || this.bytes >= BATCH_BYTES) await this.flush();
   }
@@ -97,10 +99,9 @@ export class SmallFileBatch {
       else {
         const byDev = new Map<bigint, number[]>();
         for (const p of batch) {
-          const { dev } = fstatSync(p.fd, { bigint: true });
-          const fds = byDev.get(dev);
+          const fds = byDev.get(p.dev);
           if (fds) fds.push(p.fd);
-          else byDev.set(dev, [p.fd]);
+          else byDev.set(p.dev, [p.fd]);
         }
         for (const fds of byDev.values()) await syncFileSystem(fds[0]!, fds);
       }
@@ -134,10 +135,11 @@ export function isSmallJob(job: FileJob, opts: FileSyncOptions, ctx: FileSyncCon
 
 /** syncFile for a small job (isSmallJob), once --existing, --ignore-existing and --update have let it through. */
 export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: FileSyncContext, quick: boolean): Promise<FileSyncResult> {
-  const { src, srcStat, dst, dstStat, dstDir, dstName, relPath } = job;
+  const { src, srcStat, dstStat, dstDir, dstName, relPath } = job;
   const size = Number(srcStat.size);
   const none = { transferred: false, created: false, scanned: 0, literal: 0, matched: 0 };
   if (dstStat && quick) return { method: 'quick', ...none };
+  const dst = job.dst;
   const method = !dstStat ? 'new' : opts.wholeFile ? 'whole' : 'compare';
   if (opts.dryRun) return { method, ...none, transferred: true, created: !dstStat };
 
@@ -161,7 +163,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   }
 
   // A new copy under a temporary name (created no wider than 0600 and the source), complete with owner and mode before it takes the real name.
-  let created: { fd: number; name: string };
+  let created: { fd: number; name: string; st: BigIntStats };
   try {
     created = dir.createTempSync(dstName, Number(srcStat.mode & 0o600n));
   } catch (e) {
@@ -169,7 +171,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
     throw new QsyncError('TARGET', `cannot write ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
   const { fd, name: tmp } = created;
-  const inode = fstatSync(fd, { bigint: true });
+  const inode = created.st;
   const { atime, mtime, ...now } = job.meta;
   // What the old target had and the options do not set stays as it was (as an update in place keeps it).
   if (dstStat) {
@@ -195,15 +197,14 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   // A manifest an earlier run kept for this name describes another file now.
   if (dstStat) await forgetManifestAt(job.manifestPath);
   ctx.hooks.fileProgress?.(relPath, size, size);
-  await ctx.small!.add(fd, size, { atime, mtime }, dst);
+  await ctx.small!.add(fd, created.st.dev, size, { atime, mtime }, dst);
   return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0, inode: { dev: inode.dev, ino: inode.ino } };
 }
 
 
 /** The existing target, for reading, only while it is the inode the walk saw. */
 function openTarget(job: FileJob): number {
-  const fd = job.dstDir!.openFileSync(job.dstName, constants.O_RDONLY);
-  const st = fstatSync(fd, { bigint: true });
+  const { fd, st } = job.dstDir!.openFileSync(job.dstName, constants.O_RDONLY);
   if (st.ino !== job.dstStat!.ino || st.dev !== job.dstStat!.dev) {
     closeSync(fd);
     throw new QsyncError('TARGET', `${job.dst} was replaced while qsync worked on it; left alone`, { file: job.dst, hint: 'run again' });

@@ -12,7 +12,7 @@
  * records the intent, and feeds the digests to the manifest; it never sees
  * whether they came from a local read or from the wire.
  */
-import { closeSync, constants, fstatSync, type BigIntStats } from 'node:fs';
+import { closeSync, constants, type BigIntStats } from 'node:fs';
 import { lstat, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { errnoOf, errnoText, QsyncError, rsyncErrnoText } from '../core/errors.js';
@@ -245,13 +245,13 @@ export class LocalSources implements Sources {
   async readWhole(dir: SourceDir, name: string, listed: BigIntStats, shown: string, into: Buffer): Promise<Buffer> {
     if (!(dir instanceof Dir)) throw new Error('LocalSources.readWhole: not a local folder');
     let fd: number;
+    let st: BigIntStats;
     try {
-      fd = dir.openFileSync(name, constants.O_RDONLY);
+      ({ fd, st } = dir.openFileSync(name, constants.O_RDONLY));
     } catch (e) {
       throw openFailure(e, shown);
     }
     try {
-      const st = fstatSync(fd, { bigint: true });
       if (st.dev !== listed.dev || st.ino !== listed.ino) throw vanished(shown, 'another file took its name while qsync worked; not read');
       const buf = into.subarray(0, Number(listed.size));
       let got: number;

@@ -26,6 +26,7 @@ import { SmallFileBatch } from './small-file.js';
 import { syncFile, nsToSeconds, type FileSyncContext, type FileSyncOptions, type FileSyncResult } from './file-sync.js';
 import { majorMinor } from '../io/dev-numbers.js';
 import { compareNames, Dir, encodeName, setMetaAt, type MetaChange } from '../io/safe-fs.js';
+import { StatList } from '../io/stat-list.js';
 import { forgetManifests, manifestPathFor } from './manifest-store.js';
 import type { SourceDir } from './source.js';
 import { joinRel, type Plan, type Transfer } from './operands.js';
@@ -170,6 +171,8 @@ export class TreeSync {
    * first, as the walk goes; the progress lines count with it.
    */
   private readonly indexOf = new Map<string, number>();
+  /** The entry of a folder's list the walk is at, and its index (the map holds the operands' only). */
+  private at: { rel: string; index: number } | undefined;
   /** Where the next folder's list starts in that numbering. */
   private nextList = 0;
 
@@ -429,6 +432,7 @@ export class TreeSync {
    * the owner and group, as its receiver does.
    */
   private async seen(st: BigIntStats): Promise<BigIntStats> {
+    if (!this.chmod.length && !this.ids) return st;
     const mode = this.chmod.length && !st.isSymbolicLink() && st.mode ? BigInt(tweakMode(Number(st.mode), this.chmod)) : st.mode;
     const ids = this.ids ? await this.ids.map(st.uid, st.gid) : st;
     if (mode === st.mode && ids.uid === st.uid && ids.gid === st.gid) return st;
@@ -558,9 +562,14 @@ export class TreeSync {
    * only under --delete (excluded names in it are kept, and keep it), else
    * only when empty. Returns the stat left.
    */
-  private async clearOtherType(dst: Dir | undefined, name: string, want: Kind, rel: string): Promise<BigIntStats | undefined> {
-    const cur = await dst?.lstatOrUndefined(name);
+  private clearOtherType(dst: Dir | undefined, name: string, want: Kind, rel: string): Promise<BigIntStats | undefined> | BigIntStats | undefined {
+    const cur = dst?.lstatSync(name, 'undefined');
+    // Nothing there, or of the same type: no promise (once per entry of a walk).
     if (!cur || kindOf(cur) === want) return cur;
+    return this.makeWay(dst!, name, want, rel, cur);
+  }
+
+  private async makeWay(dst: Dir, name: string, want: Kind, rel: string, cur: BigIntStats): Promise<undefined> {
     if (cur.isDirectory()) {
       const skipped = this.skippedDeletes;
       const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
@@ -574,7 +583,7 @@ export class TreeSync {
               : 'the folder holds excluded names, which --delete keeps',
         });
       }
-    } else if (!this.noWrite) await dst!.unlink(name);
+    } else if (!this.noWrite) await dst.unlink(name);
     return undefined;
   }
 
@@ -626,14 +635,15 @@ export class TreeSync {
    * rsync's list order: its non-folders, then its folders, each sorted by
    * bytes. Not `quiet`: an entry that cannot be read is reported as failed.
    */
-  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<{ name: string; st: BigIntStats }[]> {
-    const files: { name: string; st: BigIntStats }[] = [];
+  private async listChildren(src: SourceDir, rel: string, quiet = false): Promise<StatList> {
+    const files = new StatList();
     const dirs: { name: string; st: BigIntStats }[] = [];
     for (const name of (await src.readdir()).sort(compareNames)) {
       const childRel = joinRel(rel, name);
       let cst: BigIntStats;
       try {
-        cst = await this.seen(await src.lstat(name));
+        const raw = src instanceof Dir ? src.lstatSync(name) : await src.lstat(name);
+        cst = this.chmod.length || this.ids ? await this.seen(raw) : raw;
       } catch (e) {
         if (!quiet) this.fail(e, childRel);
         continue;
@@ -645,9 +655,11 @@ export class TreeSync {
       }
       // -m: a folder with nothing to copy below it is not in the transfer (so --delete removes one in DEST).
       if (this.opts.pruneEmptyDirs && cst.isDirectory() && !(await this.holdsNonDir(src, name, childRel))) continue;
-      (cst.isDirectory() ? dirs : files).push({ name, st: cst });
+      if (cst.isDirectory()) dirs.push({ name, st: cst });
+      else files.push(name, cst);
     }
-    return [...files, ...dirs];
+    for (const d of dirs) files.push(d.name, d.st);
+    return files;
   }
 
   /** Whether the walk goes into a folder's contents (-x, -d levels). */
@@ -673,17 +685,20 @@ export class TreeSync {
   /** Add to `total` the entries below folder `d` (`st`) the walk would list, and the bytes of their files and link targets. */
   private async countBelow(total: { entries: number; size: number; dirs?: number; links?: number }, d: SourceDir, st: BigIntStats, rel: string, rootDev: bigint, lv: number | undefined): Promise<void> {
     if (!this.walksInto(st, rootDev, lv)) return;
-    for (const c of await this.listChildren(d, rel, true)) {
+    const list = await this.listChildren(d, rel, true);
+    for (let i = 0; i < list.length; i++) {
+      const name = list.names[i]!;
+      const cst = list.stat(i);
       total.entries++;
-      if (c.st.isFile() || c.st.isSymbolicLink()) total.size += Number(c.st.size);
-      if (c.st.isSymbolicLink() && total.links !== undefined) total.links++;
-      if (!c.st.isDirectory()) continue;
+      if (cst.isFile() || cst.isSymbolicLink()) total.size += Number(cst.size);
+      if (cst.isSymbolicLink() && total.links !== undefined) total.links++;
+      if (!cst.isDirectory()) continue;
       if (total.dirs !== undefined) total.dirs++;
       if (!this.opts.recursive && lv === undefined) continue;
-      const sub = await d.openDir(c.name).catch(() => undefined);
+      const sub = await d.openDir(name).catch(() => undefined);
       if (!sub) continue;
       try {
-        await this.countBelow(total, sub, c.st, joinRel(rel, c.name), rootDev, lv === undefined ? undefined : lv - 1);
+        await this.countBelow(total, sub, cst, joinRel(rel, name), rootDev, lv === undefined ? undefined : lv - 1);
       } finally {
         await sub.close();
       }
@@ -722,14 +737,14 @@ export class TreeSync {
     const changes = cur ? this.metaChanges(st, cur) : undefined;
     const walks = this.walksInto(st, rootDev, levels);
     // rsync -x: a mount point is created, its contents are not copied.
-    const children = walks ? await this.listChildren(src, rel) : [];
+    const children = walks ? await this.listChildren(src, rel) : new StatList();
     // Not root: an existing folder of one's own that one cannot write or enter is opened up
     // while its contents are synced (its mode is set again after them), as rsync does.
     const opened = !this.noWrite && dst !== undefined && cur !== undefined && ME !== 0 && cur.uid === BigInt(ME) && (cur.mode & 0o300n) !== 0o300n;
     if (opened) await dst.setMeta({ mode: Number(cur.mode & 0o7777n) | 0o300 });
     // rsync deletes in a folder as its list starts, and names the folder after (its line waits in rsync's output buffer).
     if (walks && this.opts.delete && cur && dst) {
-      if (!this.listError) await this.deleteExtraneous(rel, dst, new Set(children.map((c) => c.name)));
+      if (!this.listError) await this.deleteExtraneous(rel, dst, new Set(children.names));
       else if (!this.listErrorSaid) {
         this.listErrorSaid = true;
         this.hooks.info?.('IO error encountered -- skipping file deletion', 'always');
@@ -739,14 +754,17 @@ export class TreeSync {
     if (walks) {
       const start = this.nextList;
       this.nextList += children.length;
-      children.forEach((c, i) => this.indexOf.set(joinRel(rel, c.name), start + i));
+      const { names } = children;
       // -A/-X: the children's attributes, both sides, in a few tool runs rather than one each.
-      const names = children.map((c) => c.name);
       if (src instanceof Dir) await this.ext?.prefetch(src, names);
       if (cur) await this.ext?.prefetch(dst, names);
-      for (const c of children) await this.entry({ dir: src, name: c.name }, c.st, dst, joinRel(rel, c.name), rootDev, levels === undefined ? undefined : levels - 1);
-      // Entries skipped or failed were never reported.
-      for (const c of children) this.indexOf.delete(joinRel(rel, c.name));
+      for (let i = 0; i < names.length; i++) {
+        const childRel = joinRel(rel, names[i]!);
+        this.at = { rel: childRel, index: start + i };
+        await this.entry({ dir: src, name: names[i]! }, children.stat(i), dst, childRel, rootDev, levels === undefined ? undefined : levels - 1);
+      }
+      // An entry skipped or failed was never reported.
+      this.at = undefined;
       // New entries' attributes, written together.
       await this.ext?.flush().catch((e) => this.fail(e, rel || '.'));
     }
@@ -902,13 +920,19 @@ export class TreeSync {
     this.stats.totalSize += Number(st.size);
     if (this.opts.claim?.(st, rel)) return;
     const cur = await this.clearOtherType(dst, name, 'file', rel);
-    const manifest = this.opts.manifest ?? manifestPathFor(this.plan.destRoot, stateRel(rel));
     // -A/-X: the target's attributes as they were, before a rewrite may replace its inode.
     const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), cur && { dir: dst!, name, expect: cur }, 'other');
+    const shown = src.dir.shown(src.name);
+    const { opts, plan } = this;
+    const meta = () => this.metaFor(st, !cur, true);
+    // The target's path, metadata and manifest are made when asked for: a small file unchanged needs none.
     const r = await syncFile({
-      src: src.dir.shown(src.name), srcStat: st, srcDir: src.dir, srcName: src.name,
-      dst: join(this.plan.destRoot, rel), dstStat: cur, dstDir: dst, dstName: name,
-      meta: this.metaFor(st, !cur, true), manifestPath: manifest, relPath: rel,
+      src: shown, srcStat: st, srcDir: src.dir, srcName: src.name,
+      get dst() { return join(plan.destRoot, rel); },
+      dstStat: cur, dstDir: dst, dstName: name,
+      get meta() { return meta(); },
+      get manifestPath() { return opts.manifest ?? manifestPathFor(plan.destRoot, stateRel(rel)); },
+      relPath: rel,
     }, this.opts, this.ctx);
     if (!r) return; // --existing / --ignore-existing / --update
     // -c: data found identical was not sent (rsync's checksums say so before sending): only attributes changed.
@@ -925,13 +949,15 @@ export class TreeSync {
     // A transferred file got its metadata through its descriptor; an unchanged one gets owner and mode here,
     // and its time when it differs (--size-only), as rsync does.
     const timeDiffers = cur !== undefined && !sameMtime(cur.mtimeNs, st.mtimeNs, this.opts.modifyWindow);
-    if (!this.noWrite && !r.transferred) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
+    // Owner, group and mode as they are, the time too: nothing to set (what setMetaAt would find).
+    const same = (c: BigIntStats) => !timeDiffers && c.uid === st.uid && c.gid === st.gid && c.mode === st.mode;
+    if (!this.noWrite && !r.transferred && !same(cur!)) await setMetaAt(dst!, name, cur!, this.metaFor(st, false, timeDiffers));
     if (attrs) {
       if (changes) changes = attrs.letters(changes, st, cur, r.transferred);
       // The inode written, or the target as it was when nothing was: nothing else under the name gets the attributes.
       await attrs.apply({ dir: dst!, name, expect: st, inode: r.inode ?? cur });
     }
-    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: { ...r, transferred: sent }, st, source: src.dir.shown(src.name) });
+    this.report({ path: rel, kind: 'file', created: !cur, changes, size: Number(st.size), result: sent === r.transferred ? r : { ...r, transferred: sent }, st, source: shown });
   }
 
   private async symlink(src: Here, st: BigIntStats, dst: Dir | undefined, name: string, rel: string): Promise<void> {
@@ -1027,8 +1053,14 @@ export class TreeSync {
     const rest = r.created ? '+++++++++' : (r.changes ?? '').padEnd(9, '.');
     const unchanged = !r.created && !r.result?.transferred && !/[^.]/.test(r.changes ?? '');
     const rel = r.kind === 'dir' ? r.path.replace(/\/$/, '').replace(/^\.$/, '') : r.target !== undefined ? r.path.slice(0, -(r.target.length + 4)) : r.path;
-    const index = this.indexOf.get(rel);
-    this.indexOf.delete(rel);
+    let index: number | undefined;
+    if (this.at?.rel === rel) {
+      index = this.at.index;
+      this.at = undefined;
+    } else {
+      index = this.indexOf.get(rel);
+      this.indexOf.delete(rel);
+    }
     // What rsync's file list would carry for it, about: its name and ten bytes of attributes.
     this.stats.flistSize = (this.stats.flistSize ?? 0) + Buffer.byteLength(basename(rel)) + 10;
     this.hooks.fileEnd?.({
