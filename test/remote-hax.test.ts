@@ -114,7 +114,7 @@ describe.skipIf(!needTools('getfattr', 'setfattr'))('a peer that sends attribute
   it('a push into --restrict DIR refuses an oversized value from its client: exit 12, nothing written', async () => {
     const jail = join(base, 'jail');
     mkdirSync(jail);
-    const scenario = scenarioWith([['user.big', `0s${Buffer.alloc(MAX_ATTR_VALUE + 3).toString('base64')}`]], { dest: 'dest/', options: { xattrs: true } });
+    const scenario = scenarioWith([['user.big', `0s${Buffer.alloc(MAX_ATTR_VALUE + 3).toString('base64')}`]], { dest: 'dest/', options: { xattrs: true, recursive: true } });
     const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
       const p = spawn(process.execPath, [FAKE, scenario, '--push', process.execPath, QSYNC, '--server', '--restrict', jail], {
         stdio: ['ignore', 'ignore', 'pipe'],
