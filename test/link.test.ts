@@ -44,7 +44,8 @@ describe.skipIf(!needTools(SSHD, 'ssh', 'ssh-keygen', 'ip', 'tc'))('shaped link'
       expect(await closed).toBe(0);
       rtts.sort((a, b) => a - b);
       expect(rtts[0]).toBeGreaterThanOrEqual(49); // never faster than the delay
-      expect(rtts[5]).toBeLessThan(80);
+      // Not a timing bound (the machine may be loaded): a proxy that delayed each byte, or each way twice, would be far past it.
+      expect(rtts[5]).toBeLessThan(250);
       const bulk = chunks.slice(-Math.floor(chunks.length / 2));
       const bytes = bulk.reduce((s, c) => s + c.n, 0) - bulk[0]!.n;
       const mbit = (bytes * 8) / ((bulk.at(-1)!.t - bulk[0]!.t) / 1000) / 1e6;
