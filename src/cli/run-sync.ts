@@ -18,7 +18,7 @@ import { lockDestination } from '../sync/lock.js';
 import { planOperands, type Plan } from '../sync/operands.js';
 import { TreeSync } from '../sync/tree.js';
 import { noStats, type RunStats, type SyncHooks } from '../sync/events.js';
-import { DropIn, localFolders, type DropInOptions } from '../sync/dropin.js';
+import type { DropIn, DropInOptions } from '../sync/dropin.js';
 import { checkStateRoot, stateBaseIdentity, stateBaseWithin, stateFolderFor } from '../sync/state-dir.js';
 import { checkAttrTools } from '../sync/ext-attrs.js';
 import { LocalSources, type Sources } from '../sync/source.js';
@@ -191,7 +191,10 @@ export interface DomainClaims {
 }
 
 /** The drop-in on this host: its DEST's folders reached below the held root (-t: their times kept). */
-function localClaims(d: DropIn | undefined, times: boolean): DomainClaims | undefined {
+async function localClaims(connect: string | undefined, times: boolean): Promise<DomainClaims | undefined> {
+  // Loaded here: the far side of a push (whose sources are a peer's) starts without libvirt's modules.
+  const { DropIn, localFolders } = await import('../sync/dropin.js');
+  const d: DropIn | undefined = await DropIn.find(connect);
   return d && { claim: (st, rel) => d.claim(st, rel), run: (destRoot, o, hooks, stats) => d.run(localFolders(destRoot, times), o, hooks, stats) };
 }
 
@@ -403,7 +406,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
   try {
     // Images of libvirt domains go through their domain (src/sync/dropin.ts); without libvirt, nothing changes.
     // In a push, the client found them and this side leaves them to it (src/remote/domain-claims.ts).
-    const dropIn = far.claims ?? (from.remote || o.manifest || deltas.recordOnly ? undefined : localClaims(await DropIn.find(o.connect), o.times));
+    const dropIn = far.claims ?? (from.remote || o.manifest || deltas.recordOnly ? undefined : await localClaims(o.connect, o.times));
     const tree = new TreeSync(
       plan,
       { ...o, preserveTimes: o.times, countFirst: printer.wantsTotal === true && !from.remote, recordOnly: deltas.recordOnly, stateBase: await stateBaseIdentity(), protect: compileFilters(history), claim: dropIn && ((st, rel) => dropIn.claim(st, rel)) },

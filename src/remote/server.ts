@@ -22,12 +22,22 @@ import { aheadFromWire, RemoteSources } from './remote-sources.js';
 import { historyPath, restrictedPath } from './restrict.js';
 import { openRunDeltas, type RunDeltas } from '../sync/run-deltas.js';
 import { SourceServer } from './serve-sources.js';
-import { TargetServer } from './serve-target.js';
-import { backUpForPeer, ClaimsForPeer, claimsFromWire, domainsFromWire } from './domain-claims.js';
-import { DropIn } from '../sync/dropin.js';
+import type * as DomainClaims from './domain-claims.js';
+import type * as ServeTarget from './serve-target.js';
 import { LocalDestination } from '../sync/local-target.js';
 import { attrChoice } from '../sync/ext-attrs.js';
 import { checkHello, FEATURES, ForwardingPrinter, hello, optionsFromWire, receiveFilesFrom } from './session.js';
+
+/**
+ * Loaded only by the roles that use them: a plain push or pull starts
+ * without image mode's target, QEMU's and libvirt's modules (the far side's
+ * start-up is part of every remote run's wall time).
+ */
+const loadServeTarget = (): Promise<typeof ServeTarget> => import('./serve-target.js');
+const loadClaims = async (): Promise<typeof DomainClaims & { DropIn: typeof import('../sync/dropin.js').DropIn }> => {
+  const [c, d] = await Promise.all([import('./domain-claims.js'), import('../sync/dropin.js')]);
+  return { ...c, DropIn: d.DropIn };
+};
 
 function parseServerArgs(argv: string[]): { restrict?: string } {
   let restrict: string | undefined;
@@ -57,8 +67,9 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
       const blockSize = h.blockSize;
       if (typeof blockSize !== 'number' || !isValidBlockSize(blockSize)) throw new QsyncError('PROTOCOL', 'protocol error: a bad block size');
       // The drop-in line in a pull: images of this host's libvirt domains go through their domain (src/remote/domain-claims.ts).
-      const domains = h.domains === undefined ? undefined : domainsFromWire(h.domains);
-      const dropIn = domains && (await DropIn.find(domains.connect));
+      const claims = h.domains === undefined ? undefined : await loadClaims();
+      const domains = claims?.domainsFromWire(h.domains);
+      const dropIn = domains && (await claims!.DropIn.find(domains.connect));
       await ch.send(hello('sender', { claims: dropIn?.keys(restrict) }));
       if (typeof h.bwlimit === 'number' && Number.isFinite(h.bwlimit) && h.bwlimit > 0) ch.limit(h.bwlimit);
       const pool = new HashPool(blockSize);
@@ -67,7 +78,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
         if (dropIn) {
           // Only files this session listed may be claimed: a domain's disk outside the tree served is never backed up for the client.
           sources.watch(new Set(dropIn.keys()));
-          sources.answer('claimed', (m) => backUpForPeer(ch, m, dropIn, (k) => sources.shown(k), { ...domains!, blockSize }));
+          sources.answer('claimed', (m) => claims!.backUpForPeer(ch, m, dropIn, (k) => sources.shown(k), { ...domains!, blockSize }));
         }
         const last = await sources.serve();
         if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
@@ -88,6 +99,7 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
           deltas = await openRunDeltas({ backupDir: await historyPath(dest.shown, h.backupDir, restrict), compress: h.compress === true, within: restrict }, Date.now());
         }
         await ch.send(hello('target', { features: FEATURES }));
+        const { TargetServer } = await loadServeTarget();
         const last = await new TargetServer(ch, dest, deltas?.wrapSink).serve();
         if (last.op !== 'bye') throw protocolError(`unexpected "${last.op}"`);
       } finally {
@@ -118,8 +130,9 @@ export async function runServer(argv: string[], io: CliIO): Promise<number> {
     let code: number;
     try {
       // The drop-in line from a libvirt host: the files its domains back up are left to it (src/remote/domain-claims.ts).
-      const keys = claimsFromWire(h.claims);
-      const claims = keys && new ClaimsForPeer(ch, keys, o.times);
+      const c = h.claims === undefined ? undefined : await loadClaims();
+      const keys = c?.claimsFromWire(h.claims);
+      const claims = keys && new c!.ClaimsForPeer(ch, keys, o.times);
       code = await receive(printer, new RemoteSources(ch, attrChoice(o), ahead), operands, dest, o, { within: restrict, relay, filesFrom, claims });
     } catch (e) {
       code = printer.finish(undefined, exitCodeFor(e), e);
