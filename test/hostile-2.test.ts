@@ -228,6 +228,25 @@ describe('a hostile client\'s requests on a pull', () => {
   });
 });
 
+describe('a hostile client\'s --files-from lines', () => {
+  it('many one-character names are bounded by their count, not only their characters', async () => {
+    const { PassThrough } = await import('node:stream');
+    const { Channel } = await import('../src/remote/channel.js');
+    const { encodeControl } = await import('../src/core/wire.js');
+    const { receiveFilesFrom } = await import('../src/remote/session.js');
+    const toServer = new PassThrough();
+    const got = receiveFilesFrom(new Channel(toServer, new PassThrough()), 1024);
+    toServer.write(encodeControl({ op: 'files-from', names: Array.from({ length: 40 }, () => 'a') }));
+    toServer.write(encodeControl({ op: 'files-from-end' }));
+    await expect(got).rejects.toThrow(/more than 32 names/);
+    const fine = new PassThrough();
+    const ok = receiveFilesFrom(new Channel(fine, new PassThrough()), 1024);
+    fine.write(encodeControl({ op: 'files-from', names: Array.from({ length: 32 }, () => 'a') }));
+    fine.write(encodeControl({ op: 'files-from-end' }));
+    await expect(ok).resolves.toHaveLength(32);
+  });
+});
+
 describe('a hostile client\'s requests to a target server', () => {
   it.each(['toString', 'constructor', '__proto__', 'hasOwnProperty'])('a request named %j is no request: serve() ends on it', async (op) => {
     const { PassThrough } = await import('node:stream');

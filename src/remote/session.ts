@@ -78,6 +78,10 @@ export async function sendFilesFrom(ch: Channel, names: string[]): Promise<void>
 }
 
 /** The receiving server's side of sendFilesFrom: at most `max` characters of names in all. */
+/** What a received name costs in memory beyond its characters, about (a string's header and an array slot). */
+const NAME_COST = 32;
+
+/** A push's --files-from lines as the client sends them: at most `max` characters, and at most max / 32 names. */
 export async function receiveFilesFrom(ch: Channel, max: number): Promise<string[]> {
   const names: string[] = [];
   let chars = 0;
@@ -88,6 +92,8 @@ export async function receiveFilesFrom(ch: Channel, max: number): Promise<string
     for (const n of m.names as string[]) {
       chars += n.length + 1;
       if (chars > max) throw new QsyncError('USAGE', `the files-from list is over ${max} bytes`, { hint: 'split it into several runs' });
+      // Each name costs this side a string and a slot beside its characters: a list of one-character names is bounded too.
+      if (names.length >= max / NAME_COST) throw new QsyncError('USAGE', `the files-from list has more than ${Math.floor(max / NAME_COST)} names`, { hint: 'split it into several runs' });
       names.push(n);
     }
   }

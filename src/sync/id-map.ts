@@ -13,7 +13,7 @@ const run = promisify(execFile);
 /** getent's answer for `key` in `db` (passwd or group): the name and the id, or undefined. */
 async function lookup(db: 'passwd' | 'group', key: string): Promise<{ name: string; id: number } | undefined> {
   try {
-    const { stdout } = await run('getent', [db, key], { encoding: 'utf8' });
+    const { stdout } = await run('getent', [db, '--', key], { encoding: 'utf8' });
     const [name, , id] = stdout.split('\n')[0]!.split(':');
     return name && id !== undefined && /^\d+$/.test(id) ? { name, id: Number(id) } : undefined;
   } catch {
