@@ -120,7 +120,7 @@ describe('parseArgv', () => {
     expect(long.message).toBe('option --link-dest is not supported by qsync; remove it or use rsync');
     expect(failure(['--suffix=.old', 'a', 'b']).message).toMatch(/^option --suffix is not supported by qsync: .*--backup-dir.*README\.md/);
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--old-dirs', '--filter=- x', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--old-dirs', '--filter=: .rules', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');

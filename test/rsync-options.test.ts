@@ -494,6 +494,15 @@ const cases: OptCase[] = [
   { name: 'a --files-from list that is not there: rsync\'s usage error', flags: ['-av', '--files-from=/nonexistent/list'], setup: TREE, usage: true },
   { name: 'an --exclude-from file that is not there: exit 11, no header', flags: ['-av', '--exclude-from=/nonexistent/list'], setup: TREE },
 
+  // --filter / -f: rsync's rule words, merge files, clear (no per-directory merge)
+  { name: '--filter=- PATTERN and exclude PATTERN', flags: ['-a', '-i', '--filter=- *.o', '--filter=exclude /notes'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o notes d/notes' },
+  { name: '-f, include before exclude, first match wins', flags: ['-a', '-i', '-f+ keep/***', '-f- *.o'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o' },
+  { name: '--filter=merge FILE: its lines are rules, comments skipped', flags: ['-a', '-i', '--filter=merge LIST'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o', list: '# keep what is kept\n+ keep/***\n; objects out\n- *.o\n' },
+  { name: '--filter=. FILE with clear (!) in it', flags: ['-a', '-i', '--filter=. LIST'], setup: 'touch a.o b.c', list: '- *.o\n!\n- *.c\n' },
+  { name: '--filter rules with --delete: excluded names in DEST are kept', flags: ['-a', '-i', '--delete', '--filter=+ keep.c', '--filter=- *.c'], setup: 'touch a.c keep.c f; cd "$D"; touch a.c old' },
+  { name: 'an unknown filter rule: usage error', flags: ['-a', '--filter=frobnicate x'], setup: 'touch f', usage: true },
+  { name: 'a filter rule with nothing after it: usage error', flags: ['-a', '--filter=-'], setup: 'touch f', usage: true },
+
   // --log-file follows the --info levels (-q quiets stdout only); a deletion's %f is its name without the slash
   { name: '--log-file -q --stats: the statistics block and the closing lines are logged', flags: ['-a', '-q', '--stats', '--delete', '--log-file=LOG'], setup: EXTRA, log: true },
   { name: '--log-file --info=stats1: the closing lines', flags: ['-a', '--info=stats1', '--log-file=LOG'], setup: TREE, log: true },

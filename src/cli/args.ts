@@ -15,7 +15,7 @@
  * load (about 0.1 s, a third of start-up) is left to the subcommands.
  */
 import { QsyncError } from '../core/errors.js';
-import type { FilterRule } from '../core/filter.js';
+import { parseFilterRule, type FilterRule } from '../core/filter.js';
 import { DEFAULT_BLOCK_SIZE, isValidBlockSize } from '../core/geometry.js';
 import { parseChmod } from '../core/chmod.js';
 import { parseIdMap } from '../core/idmap.js';
@@ -243,6 +243,7 @@ const SPECS: Spec[] = [
   { name: 'exclude-from', kind: 'filter', arg: 'FILE', help: 'read exclude patterns from FILE' },
   { name: 'include', kind: 'filter', arg: 'PATTERN', help: "don't exclude files matching PATTERN" },
   { name: 'include-from', kind: 'filter', arg: 'FILE', help: 'read include patterns from FILE' },
+  { name: 'filter', short: 'f', kind: 'filter', arg: 'RULE', help: 'add a file-filtering RULE (- + exclude include merge . clear !; no dir-merge)' },
   { name: 'stats', kind: 'flag', help: 'give some file-transfer stats' },
   { name: 'human-readable', short: 'h', kind: 'count', neg: ['no-human-readable', 'no-h'], help: 'output numbers in a human-readable format' },
   { name: 'progress', kind: 'flag', neg: ['no-progress'], help: 'show progress during transfer' },
@@ -277,7 +278,7 @@ const UNSUPPORTED_LONG = new Set(
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
   munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
-  remove-source-files force no-force ignore-errors no-ignore-errors filter cvs-exclude
+  remove-source-files force no-force ignore-errors no-ignore-errors cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
   delay-updates no-delay-updates
@@ -288,7 +289,7 @@ const UNSUPPORTED_LONG = new Set(
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('EUNOJLkKfFCTs468My');
+const UNSUPPORTED_SHORT = new Set('EUNOJLkKFCTs468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -359,11 +360,14 @@ function normalise(argv: readonly string[]): Normalised {
         out.lists.set(spec.name, [...(out.lists.get(spec.name) ?? []), value!]);
         return;
       case 'filter':
-        out.filters.push(
-          spec.name.endsWith('-from')
-            ? { type: spec.name as 'include-from' | 'exclude-from', file: value! }
-            : { type: spec.name as 'include' | 'exclude', pattern: value! },
-        );
+        if (spec.name === 'filter') out.filters.push(...parseFilterRule(value!));
+        else {
+          out.filters.push(
+            spec.name.endsWith('-from')
+              ? { type: spec.name as 'include-from' | 'exclude-from', file: value! }
+              : { type: spec.name as 'include' | 'exclude', pattern: value! },
+          );
+        }
         return;
       default:
         out.line.push(`--${spec.name}=${value!}`);

@@ -37,7 +37,43 @@ import { splitFilesFrom } from './files-from.js';
 
 export type FilterRule =
   | { type: 'include' | 'exclude'; pattern: string }
-  | { type: 'include-from' | 'exclude-from'; file: string };
+  | { type: 'include-from' | 'exclude-from' | 'merge'; file: string };
+
+/**
+ * One --filter (-f) rule as rsync's manual writes them, without modifiers:
+ * `- PATTERN` / `exclude PATTERN`, `+ PATTERN` / `include PATTERN`,
+ * `. FILE` / `merge FILE` (the file's lines are rules of this form; `#` and
+ * `;` lines are comments), and `!` / `clear`. Per-directory merges
+ * (`dir-merge`, `:`, `-F`), rules for one side only (`hide`, `show`,
+ * `protect`, `risk`) and modifiers are refused with what to use instead.
+ */
+export function parseFilterRule(text: string): FilterRule[] {
+  const m = /^(\S+?)(,\S*)?(?: (.*))?$/s.exec(text);
+  const refuse = (why: string): never => {
+    throw new QsyncError('UNSUPPORTED', `filter rule "${text}": ${why}`, { value: text, hint: 'use --exclude/--include rules, or rsync' });
+  };
+  if (!m) throw new QsyncError('USAGE', `Unknown filter rule: ${text}`, { value: text });
+  const [, word, mods, arg] = m;
+  const kinds: Record<string, 'exclude' | 'include' | 'merge' | 'clear' | 'dir-merge' | 'protect'> = {
+    '-': 'exclude', exclude: 'exclude', H: 'protect', hide: 'protect',
+    '+': 'include', include: 'include', S: 'protect', show: 'protect',
+    '.': 'merge', merge: 'merge', '!': 'clear', clear: 'clear',
+    ':': 'dir-merge', 'dir-merge': 'dir-merge', P: 'protect', protect: 'protect', R: 'protect', risk: 'protect',
+  };
+  const kind = Object.hasOwn(kinds, word!) ? kinds[word!] : undefined;
+  if (!kind) throw new QsyncError('USAGE', `Unknown filter rule: ${text}`, { value: text });
+  if (mods) refuse('rule modifiers are not supported by qsync');
+  if (kind === 'dir-merge') refuse('per-directory merge files (dir-merge, -F) are not supported by qsync');
+  if (kind === 'protect') refuse('rules for one side only (hide, show, protect, risk) are not supported by qsync');
+  if (kind === 'clear') {
+    if (arg !== undefined) throw new QsyncError('USAGE', `Unknown filter rule: ${text}`, { value: text });
+    return [{ type: 'exclude', pattern: '!' }];
+  }
+  if (!arg) throw new QsyncError('USAGE', `unexpected end of filter rule: ${text}`, { value: text });
+  if (kind === 'merge') return [{ type: 'merge', file: arg }];
+  // The prefix made explicit: compileFilters reads exactly one.
+  return [{ type: kind === 'include' ? 'include' : 'exclude', pattern: `${kind === 'include' ? '+' : '-'} ${arg}` }];
+}
 
 export interface Filter {
   excluded(relPath: string, isDir: boolean): boolean;
@@ -55,6 +91,15 @@ export type PatternRule = Extract<FilterRule, { pattern: string }>;
 export function expandFilterFiles(rules: readonly FilterRule[], readFile: (file: string) => string, from0 = false): PatternRule[] {
   return rules.flatMap((rule): PatternRule[] => {
     if ('pattern' in rule) return [rule];
+    if (rule.type === 'merge') {
+      // A merge file's lines are --filter rules; one that merges again is not followed.
+      return splitFilesFrom(readFile(rule.file), false).flatMap((line) =>
+        parseFilterRule(line).map((r) => {
+          if ('pattern' in r) return r;
+          throw new QsyncError('UNSUPPORTED', `filter rule "${line}" in ${rule.file}: a merge inside a merge file is not supported by qsync`, { file: rule.file });
+        }),
+      );
+    }
     const type = rule.type === 'include-from' ? 'include' : 'exclude';
     let text: string;
     try {
