@@ -60,7 +60,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, impliedDirs: true, logFile: undefined, logFileFormat: undefined, dirs: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, omitDirTimes: false, noIncRecursive: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, impliedDirs: true, logFile: undefined, logFileFormat: undefined, dirs: false,
       outFormat: undefined, info: { nonreg: 1, copy: 0, del: 0, flist: 0, misc: 0, name: 0, stats: 0, skip: 0, progress: 0 },
     } satisfies SyncOptions);
   });
@@ -120,7 +120,7 @@ describe('parseArgv', () => {
     expect(long.message).toBe('option --link-dest is not supported by qsync; remove it or use rsync');
     expect(failure(['--suffix=.old', 'a', 'b']).message).toMatch(/^option --suffix is not supported by qsync: .*--backup-dir.*README\.md/);
     expect(failure(['-avL', 'a', 'b'])).toMatchObject({ code: 'UNSUPPORTED', context: { option: '-L' } });
-    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '--old-dirs', '--filter=: .rules', '-F', '--daemon']) {
+    for (const opt of ['--link-dest=x', '--suffix=x', '-b', '--append', '-L', '-C', '--old-dirs', '--filter=: .rules', '-F', '--daemon']) {
       expect(failure([opt, 'a', 'b']).code, opt).toBe('UNSUPPORTED');
     }
     expect(failure(['--perms=yes', 'a', 'b']).code).toBe('USAGE');

@@ -26,6 +26,8 @@ export interface SyncOptions {
   links: boolean;
   perms: boolean;
   times: boolean;
+  /** -O: folders are left out of -t (their times not set). */
+  omitDirTimes: boolean;
   group: boolean;
   owner: boolean;
   devices: boolean;
@@ -70,6 +72,8 @@ export interface SyncOptions {
   modifyWindow: number;
   /** -m: folders without a file, link or node below them (after the filters) are left out. */
   pruneEmptyDirs: boolean;
+  /** --no-inc-recursive: rsync builds its list whole first; qsync's walk is the same, only its header says so. */
+  noIncRecursive: boolean;
   /** -d: folders are made without recursing (contents of an operand ending in '/' or "." one level). */
   dirs: boolean;
   /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
@@ -195,6 +199,7 @@ const SPECS: Spec[] = [
   { name: 'acls', short: 'A', kind: 'flag', neg: ['no-acls', 'no-A'], help: 'preserve ACLs (implies --perms)' },
   { name: 'xattrs', short: 'X', kind: 'flag', neg: ['no-xattrs', 'no-X'], help: 'preserve extended attributes' },
   { name: 'times', short: 't', kind: 'flag', neg: ['no-times', 'no-t'], help: 'preserve modification times' },
+  { name: 'omit-dir-times', short: 'O', kind: 'flag', neg: ['no-omit-dir-times', 'no-O'], help: 'omit directories from --times' },
   { name: 'sparse', short: 'S', kind: 'flag', neg: ['no-sparse', 'no-S'], help: 'turn sequences of nulls into sparse blocks' },
   { name: 'dry-run', short: 'n', kind: 'flag', help: 'perform a trial run with no changes made' },
   { name: 'whole-file', short: 'W', kind: 'flag', neg: ['no-whole-file', 'no-W'], help: 'rewrite changed files whole' },
@@ -221,6 +226,7 @@ const SPECS: Spec[] = [
   { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
   { name: 'dirs', short: 'd', kind: 'flag', neg: ['no-dirs', 'no-d'], help: 'transfer directories without recursing' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
+  { name: 'no-inc-recursive', kind: 'flag', aliases: ['no-i-r'], neg: ['inc-recursive', 'i-r'], help: 'send the file list whole first ("building file list ... done")' },
   { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
   { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
   { name: 'groupmap', kind: 'id-map', arg: 'STRING', help: 'custom groupname mapping' },
@@ -271,9 +277,9 @@ const SPECS: Spec[] = [
  * anything else unknown is a plain usage error.
  */
 const UNSUPPORTED_LONG = new Set(
-  `stderr msgs2stderr no-msgs2stderr motd inc-recursive i-r no-inc-recursive no-i-r
+  `stderr msgs2stderr no-msgs2stderr motd
   old-dirs old-d executability atimes no-atimes no-U open-noatime
-  no-open-noatime crtimes no-crtimes no-N omit-dir-times no-omit-dir-times no-O omit-link-times
+  no-open-noatime crtimes no-crtimes no-N omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
   munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
@@ -289,7 +295,7 @@ const UNSUPPORTED_LONG = new Set(
   address port sockopts password-file early-input blocking-io no-blocking-io outbuf remote-option
   protocol checksum-seed server sender config daemon dparam detach no-detach`.split(/\s+/),
 );
-const UNSUPPORTED_SHORT = new Set('EUNOJLkKFCTs468My');
+const UNSUPPORTED_SHORT = new Set('EUNJLkKFCTs468My');
 
 const byLong = new Map<string, { spec: Spec; negated: boolean }>();
 const byShort = new Map<string, Spec>();
@@ -735,6 +741,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     links: bool('links'),
     perms: bool('perms'),
     times: bool('times'),
+    omitDirTimes: bool('omit-dir-times'),
     group: bool('group'),
     owner: bool('owner'),
     devices: bool('devices'),
@@ -765,6 +772,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     ignoreTimes: bool('ignore-times'),
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
+    noIncRecursive: bool('no-inc-recursive'),
     dirs: bool('dirs'),
     filesFrom,
     logFile: str(y['log-file']),

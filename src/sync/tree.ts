@@ -58,6 +58,8 @@ export interface TreeOptions extends FileSyncOptions {
   maxSize?: number;
   /** -m: folders with nothing but folders below them (after the filters) are left out. */
   pruneEmptyDirs?: boolean;
+  /** -O: folders are left out of preserveTimes. */
+  omitDirTimes?: boolean;
   /** -d: folders are made without -r (contents walked only of an operand ending in '/' or "."). */
   dirs?: boolean;
   /** --chmod arguments (src/core/chmod.ts), checked already. */
@@ -348,7 +350,7 @@ export class TreeSync {
 
   /** The times of the folders of --files-from/-R lists, set again: names made inside them later changed them. */
   private async retimeListed(done: Map<string, BigIntStats>): Promise<void> {
-    if (this.noWrite || !this.opts.preserveTimes) return;
+    if (this.noWrite || !this.opts.preserveTimes || this.opts.omitDirTimes) return;
     // Deepest first, so that setting one folder's time changes no other's.
     for (const [rel, st] of [...done].filter(([, st]) => st.isDirectory()).reverse()) {
       const m = this.metaFor(st, false, true);
@@ -1035,7 +1037,9 @@ export class TreeSync {
     const c = contentChanged && o.checksum ? 'c' : '.';
     const s = isFile && src.size !== dst.size ? 's' : '.';
     const tDiff = !sameMtime(src.mtimeNs, dst.mtimeNs, o.modifyWindow);
-    const t = src.isSymbolicLink() && !o.preserveTimes ? '.' : o.preserveTimes ? (tDiff ? 't' : '.') : contentChanged ? 'T' : '.';
+    // -O: a folder's time is not kept, so not compared.
+    const keepsTime = o.preserveTimes && !(o.omitDirTimes && src.isDirectory());
+    const t = src.isSymbolicLink() && !o.preserveTimes ? '.' : keepsTime ? (tDiff ? 't' : '.') : contentChanged ? 'T' : '.';
     const p = o.perms && !src.isSymbolicLink() && (src.mode & 0o7777n) !== (dst.mode & 0o7777n) ? 'p' : '.';
     // Not root: owners cannot be set, nor groups one is not in; rsync says nothing of them.
     const ow = o.owner && ME === 0 && src.uid !== dst.uid ? 'o' : '.';
@@ -1095,7 +1099,7 @@ export class TreeSync {
       // rsync without -p: a new entry gets the source's permissions less the umask, never setuid, setgid or sticky.
       else if (created) m.mode = mode & 0o777 & ~UMASK;
     }
-    if (times && o.preserveTimes) {
+    if (times && o.preserveTimes && !(o.omitDirTimes && st.isDirectory())) {
       m.atime = nsToSeconds(st.atimeNs);
       m.mtime = nsToSeconds(st.mtimeNs);
     }
