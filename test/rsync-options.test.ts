@@ -494,6 +494,14 @@ const cases: OptCase[] = [
   { name: 'a --files-from list that is not there: rsync\'s usage error', flags: ['-av', '--files-from=/nonexistent/list'], setup: TREE, usage: true },
   { name: 'an --exclude-from file that is not there: exit 11, no header', flags: ['-av', '--exclude-from=/nonexistent/list'], setup: TREE },
 
+  // -O: folders left out of -t
+  { name: '-O: files keep their times, folders do not get theirs (new and existing)', flags: ['-aO', '-i'], setup: 'mkdir -p d/sub e; echo a > d/f; echo b > d/sub/g; cd "$D"; mkdir -p e' },
+  { name: '-a --no-O: as -a', flags: ['-aO', '--no-O', '-i'], setup: 'mkdir -p d/sub; echo a > d/f' },
+
+  // --no-inc-recursive: the list built first
+  { name: '--no-inc-recursive -v: "building file list ... done"', flags: ['-av', '--no-inc-recursive'], setup: TREE },
+  { name: '--no-i-r --i-r -v: incremental again', flags: ['-av', '--no-i-r', '--i-r'], setup: TREE },
+
   // --filter / -f: rsync's rule words, merge files, clear (no per-directory merge)
   { name: '--filter=- PATTERN and exclude PATTERN', flags: ['-a', '-i', '--filter=- *.o', '--filter=exclude /notes'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o notes d/notes' },
   { name: '-f, include before exclude, first match wins', flags: ['-a', '-i', '-f+ keep/***', '-f- *.o'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o' },

@@ -42,19 +42,19 @@ export interface Printer extends SyncHooks {
 }
 
 type Options = Pick<SyncOptions, 'verbose' | 'quiet' | 'human' | 'progress' | 'progress2' | 'stats' | 'itemize' | 'dryRun' | 'json'> &
-  Partial<Pick<SyncOptions, 'outFormat' | 'info' | 'recursive' | 'dirs' | 'filesFrom' | 'pruneEmptyDirs'>>;
+  Partial<Pick<SyncOptions, 'outFormat' | 'info' | 'recursive' | 'dirs' | 'filesFrom' | 'pruneEmptyDirs' | 'noIncRecursive'>>;
 
 /**
  * rsync's first line at --info=flist1, as a tree sync prints it: "sending
  * incremental file list" when the list goes out as it is built (-r, and not
  * -m, which needs it whole), "building file list ... done" when it is built
- * first (-d, --files-from or -m), nothing without folders to send (neither
+ * first (-d, --files-from, -m or --no-inc-recursive), nothing without folders to send (neither
  * -r nor -d). With --progress the built list is counted as it grows: the
  * count follows (TextPrinter.listTotal).
  */
 function flistHeader(o: Options): { incremental: boolean } | undefined {
   if (!o.recursive && !o.dirs && o.filesFrom === undefined) return undefined;
-  return { incremental: Boolean(o.recursive) && !o.pruneEmptyDirs };
+  return { incremental: Boolean(o.recursive) && !o.pruneEmptyDirs && !o.noIncRecursive };
 }
 
 /** `noticesToStderr`: qsync's own notices on stderr, keeping stdout rsync's (a tree sync, whose header is printed at once, as rsync's, before any error). */
