@@ -502,6 +502,11 @@ const cases: OptCase[] = [
   { name: '--no-inc-recursive -v: "building file list ... done"', flags: ['-av', '--no-inc-recursive'], setup: TREE },
   { name: '--no-i-r --i-r -v: incremental again', flags: ['-av', '--no-i-r', '--i-r'], setup: TREE },
 
+  // --force: a non-empty folder in the way of a file
+  { name: 'a file where DEST has a non-empty folder, without --force: exit 23, the folder kept', flags: ['-a', '-i'], setup: 'echo f > x; cd "$D"; mkdir -p x/y; touch x/y/z' },
+  { name: '--force: the folder and its contents go, the file takes its place', flags: ['-a', '-i', '--force'], setup: 'echo f > x; mkdir e; echo g > e/w; cd "$D"; mkdir -p x/y e/w/v; touch x/y/z e/w/v/u' },
+  { name: '--force -n: listed, nothing removed', flags: ['-a', '-i', '-n', '--force'], setup: 'echo f > x; cd "$D"; mkdir -p x/y; touch x/y/z' },
+
   // --filter / -f: rsync's rule words, merge files, clear (no per-directory merge)
   { name: '--filter=- PATTERN and exclude PATTERN', flags: ['-a', '-i', '--filter=- *.o', '--filter=exclude /notes'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o notes d/notes' },
   { name: '-f, include before exclude, first match wins', flags: ['-a', '-i', '-f+ keep/***', '-f- *.o'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o' },

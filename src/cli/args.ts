@@ -74,6 +74,8 @@ export interface SyncOptions {
   pruneEmptyDirs: boolean;
   /** --no-inc-recursive: rsync builds its list whole first; qsync's walk is the same, only its header says so. */
   noIncRecursive: boolean;
+  /** --force: a folder in the way of a file goes with its contents, as under --delete. */
+  force: boolean;
   /** -d: folders are made without recursing (contents of an operand ending in '/' or "." one level). */
   dirs: boolean;
   /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
@@ -226,6 +228,7 @@ const SPECS: Spec[] = [
   { name: 'modify-window', short: '@', kind: 'value', arg: 'NUM', help: 'mtimes within NUM seconds are equal (-1: to the nanosecond)' },
   { name: 'dirs', short: 'd', kind: 'flag', neg: ['no-dirs', 'no-d'], help: 'transfer directories without recursing' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
+  { name: 'force', kind: 'flag', neg: ['no-force'], help: 'force deletion of directories even if not empty' },
   { name: 'no-inc-recursive', kind: 'flag', aliases: ['no-i-r'], neg: ['inc-recursive', 'i-r'], help: 'send the file list whole first ("building file list ... done")' },
   { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
   { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
@@ -284,7 +287,7 @@ const UNSUPPORTED_LONG = new Set(
   drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
   munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
-  remove-source-files force no-force ignore-errors no-ignore-errors cvs-exclude
+  remove-source-files ignore-errors no-ignore-errors cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
   compress-choice zc skip-compress compress-level zl compress-threads zt no-partial partial-dir
   delay-updates no-delay-updates
@@ -773,6 +776,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     modifyWindow: y['modify-window'] === undefined ? 0 : parseInt32('modify-window', String(str(y['modify-window']))),
     pruneEmptyDirs: bool('prune-empty-dirs'),
     noIncRecursive: bool('no-inc-recursive'),
+    force: bool('force'),
     dirs: bool('dirs'),
     filesFrom,
     logFile: str(y['log-file']),

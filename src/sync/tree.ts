@@ -58,6 +58,8 @@ export interface TreeOptions extends FileSyncOptions {
   maxSize?: number;
   /** -m: folders with nothing but folders below them (after the filters) are left out. */
   pruneEmptyDirs?: boolean;
+  /** --force: a non-empty folder in the way of another kind of entry is deleted, as under --delete. */
+  force?: boolean;
   /** -O: folders are left out of preserveTimes. */
   omitDirTimes?: boolean;
   /** -d: folders are made without -r (contents walked only of an operand ending in '/' or "."). */
@@ -574,12 +576,13 @@ export class TreeSync {
   private async makeWay(dst: Dir, name: string, want: Kind, rel: string, cur: BigIntStats): Promise<undefined> {
     if (cur.isDirectory()) {
       const skipped = this.skippedDeletes;
-      const gone = this.opts.delete ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
+      const wipes = this.opts.delete || this.opts.force;
+      const gone = wipes ? await this.deleteEntry(dst!, name, rel, cur, 'make-room') : await this.rmdirIfEmpty(dst!, name, rel, 1);
       if (!gone) {
         throw new QsyncError('TARGET', `could not make way for new ${MAKE_WAY_WORD[want]}: ${rel}`, {
           file: rel,
-          hint: !this.opts.delete
-            ? 'remove the folder, or run with --delete'
+          hint: !wipes
+            ? 'remove the folder, or run with --force or --delete'
             : this.skippedDeletes > skipped
               ? 'the --max-delete limit stopped the deletions inside it'
               : 'the folder holds excluded names, which --delete keeps',
