@@ -60,7 +60,7 @@ describe('parseArgv', () => {
       writeBatch: undefined, onlyWriteBatch: undefined, readBatch: undefined, backupDir: undefined,
       compress: false, qmp: undefined, drives: [], image: undefined, verifySample: 0.5,
       hardLinks: false, acls: false, xattrs: false, deleteExcluded: false, maxDelete: -1, mkpath: false,
-      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, omitDirTimes: false, noIncRecursive: false, force: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, impliedDirs: true, logFile: undefined, logFileFormat: undefined, dirs: false,
+      minSize: -1, maxSize: -1, ignoreTimes: false, modifyWindow: 0, pruneEmptyDirs: false, omitDirTimes: false, noIncRecursive: false, force: false, safeLinks: false, filesFrom: undefined, from0: false, chmod: [], usermap: undefined, groupmap: undefined, relative: false, impliedDirs: true, logFile: undefined, logFileFormat: undefined, dirs: false,
       outFormat: undefined, info: { nonreg: 1, copy: 0, del: 0, flist: 0, misc: 0, name: 0, stats: 0, skip: 0, progress: 0 },
     } satisfies SyncOptions);
   });

@@ -507,6 +507,15 @@ const cases: OptCase[] = [
   { name: '--force: the folder and its contents go, the file takes its place', flags: ['-a', '-i', '--force'], setup: 'echo f > x; mkdir e; echo g > e/w; cd "$D"; mkdir -p x/y e/w/v; touch x/y/z e/w/v/u' },
   { name: '--force -n: listed, nothing removed', flags: ['-a', '-i', '-n', '--force'], setup: 'echo f > x; cd "$D"; mkdir -p x/y; touch x/y/z' },
 
+  // --safe-links
+  {
+    name: '--safe-links -v: absolute links, links climbing out and any ".." after a name are ignored, with rsync\'s line',
+    flags: ['-av', '--safe-links'],
+    setup: 'mkdir d; echo hi > f; ln -s /etc abs; ln -s ../../x d/up; ln -s ../f d/ok; ln -s d/../../y sneaky; ln -s ./d/./../f embedded; ln -s d/../f back; ln -s ./f dot; ln -s . self; ln -s d/ sub',
+  },
+  { name: '--safe-links without the trailing slash: the source folder is a name inside the transfer', flags: ['-av', '--safe-links'], setup: 'mkdir d; echo hi > f; ln -s ../f d/ok; ln -s ../../x d/up', sources: ['SRC'] },
+  { name: '--safe-links --delete: what DEST has under an unsafe link\'s name is kept', flags: ['-a', '-i', '--delete', '--safe-links'], setup: 'echo hi > f; ln -s /etc abs; cd "$D"; ln -s /etc abs; touch old' },
+
   // --filter / -f: rsync's rule words, merge files, clear (no per-directory merge)
   { name: '--filter=- PATTERN and exclude PATTERN', flags: ['-a', '-i', '--filter=- *.o', '--filter=exclude /notes'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o notes d/notes' },
   { name: '-f, include before exclude, first match wins', flags: ['-a', '-i', '-f+ keep/***', '-f- *.o'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o' },

@@ -76,6 +76,8 @@ export interface SyncOptions {
   noIncRecursive: boolean;
   /** --force: a folder in the way of a file goes with its contents, as under --delete. */
   force: boolean;
+  /** --safe-links: symlinks leading out of the tree (absolute, or climbing above its top) are left out. */
+  safeLinks: boolean;
   /** -d: folders are made without recursing (contents of an operand ending in '/' or "." one level). */
   dirs: boolean;
   /** --files-from=FILE: the names to transfer, relative to the one SRC (implies -R and -d, not -r). */
@@ -229,6 +231,7 @@ const SPECS: Spec[] = [
   { name: 'dirs', short: 'd', kind: 'flag', neg: ['no-dirs', 'no-d'], help: 'transfer directories without recursing' },
   { name: 'prune-empty-dirs', short: 'm', kind: 'flag', neg: ['no-prune-empty-dirs', 'no-m'], help: 'prune empty directory chains from file-list' },
   { name: 'force', kind: 'flag', neg: ['no-force'], help: 'force deletion of directories even if not empty' },
+  { name: 'safe-links', kind: 'flag', help: 'ignore symlinks that point outside the tree' },
   { name: 'no-inc-recursive', kind: 'flag', aliases: ['no-i-r'], neg: ['inc-recursive', 'i-r'], help: 'send the file list whole first ("building file list ... done")' },
   { name: 'chmod', kind: 'list', arg: 'CHMOD', help: 'affect file and/or directory permissions' },
   { name: 'usermap', kind: 'id-map', arg: 'STRING', help: 'custom username mapping' },
@@ -284,7 +287,7 @@ const UNSUPPORTED_LONG = new Set(
   old-dirs old-d executability atimes no-atimes no-U open-noatime
   no-open-noatime crtimes no-crtimes no-N omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
-  drop-D no-drop-D confine-root copy-links copy-unsafe-links safe-links insecure-links no-insecure-links
+  drop-D no-drop-D confine-root copy-links copy-unsafe-links insecure-links no-insecure-links
   munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files ignore-errors no-ignore-errors cvs-exclude
@@ -777,6 +780,7 @@ export function parseArgv(argv: readonly string[]): ParsedArgs {
     pruneEmptyDirs: bool('prune-empty-dirs'),
     noIncRecursive: bool('no-inc-recursive'),
     force: bool('force'),
+    safeLinks: bool('safe-links'),
     dirs: bool('dirs'),
     filesFrom,
     logFile: str(y['log-file']),

@@ -58,6 +58,8 @@ export interface TreeOptions extends FileSyncOptions {
   maxSize?: number;
   /** -m: folders with nothing but folders below them (after the filters) are left out. */
   pruneEmptyDirs?: boolean;
+  /** --safe-links: symlinks leading out of the transfer are left out of it. */
+  safeLinks?: boolean;
   /** --force: a non-empty folder in the way of another kind of entry is deleted, as under --delete. */
   force?: boolean;
   /** -O: folders are left out of preserveTimes. */
@@ -969,6 +971,11 @@ export class TreeSync {
     const target = await src.dir.readlink(src.name);
     // rsync counts a link's length (its target's bytes) in the total size.
     this.stats.totalSize += encodeName(target).length;
+    // --safe-links: one leading out of the transfer stays in the list (what DEST has under its name is not deleted), but is not made.
+    if (this.opts.safeLinks && unsafeLink(target, rel.split('/').length - 1)) {
+      this.hooks.info?.(`ignoring unsafe symlink "${rel}" -> "${target}"`, 'misc');
+      return;
+    }
     const cur = await this.clearOtherType(dst, name, 'symlink', rel);
     if (cur && (await dst!.readlink(name)) === target) {
       const attrs = await this.ext?.read(await attrSource(src.dir, src.name, st), { dir: dst!, name, expect: cur }, 'symlink');
@@ -1108,6 +1115,21 @@ export class TreeSync {
     }
     return m;
   }
+}
+
+/**
+ * rsync's --safe-links test, lexical, as its manual states it: an empty or
+ * absolute target is unsafe; so is one whose leading `..` parts climb above
+ * the transfer's top from the folder the link is in (`depth` folders below
+ * it), and one with a `..` anywhere after its leading ones.
+ */
+export function unsafeLink(target: string, depth: number): boolean {
+  if (!target || target.startsWith('/')) return true;
+  const parts = target.split('/');
+  let i = 0;
+  let up = 0;
+  for (; i < parts.length && (parts[i] === '..' || parts[i] === '.' || parts[i] === ''); i++) if (parts[i] === '..') up++;
+  return up > depth || parts.slice(i).includes('..');
 }
 
 /** rsync's order of deletions in a folder: its list (non-folders, then folders, each by bytes) from the end. */
