@@ -516,6 +516,9 @@ const cases: OptCase[] = [
   { name: '--safe-links without the trailing slash: the source folder is a name inside the transfer', flags: ['-av', '--safe-links'], setup: 'mkdir d; echo hi > f; ln -s ../f d/ok; ln -s ../../x d/up', sources: ['SRC'] },
   { name: '--safe-links --delete: what DEST has under an unsafe link\'s name is kept', flags: ['-a', '-i', '--delete', '--safe-links'], setup: 'echo hi > f; ln -s /etc abs; cd "$D"; ln -s /etc abs; touch old' },
 
+  // --preallocate: accepted; the data is the same
+  { name: '--preallocate: new and changed files as rsync makes them', flags: ['-a', '-i', '--preallocate'], setup: 'head -c 300000 /dev/urandom > big; echo a > f; cd "$D"; echo old > f' },
+
   // --filter / -f: rsync's rule words, merge files, clear (no per-directory merge)
   { name: '--filter=- PATTERN and exclude PATTERN', flags: ['-a', '-i', '--filter=- *.o', '--filter=exclude /notes'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o notes d/notes' },
   { name: '-f, include before exclude, first match wins', flags: ['-a', '-i', '-f+ keep/***', '-f- *.o'], setup: 'mkdir -p d keep; touch a.o b.c d/x.o keep/y.o' },

@@ -247,6 +247,7 @@ const SPECS: Spec[] = [
   { name: 'backup', short: 'b', kind: 'flag', neg: ['no-backup'], help: 'only with --backup-dir (which keeps old blocks, not ~ copies)' },
   { name: 'partial', kind: 'noop', help: 'accepted: qsync always resumes' },
   { name: 'fsync', kind: 'noop', help: 'accepted: qsync always fsyncs' },
+  { name: 'preallocate', kind: 'noop', help: 'accepted: qsync writes changed blocks in place (holes stay holes with -S); nothing is preallocated' },
   { name: 'no-motd', kind: 'noop', help: 'accepted: no daemon, no MOTD' },
   { name: 'numeric-ids', kind: 'flag', neg: ['no-numeric-ids'], help: "don't map uid/gid values by user/group name" },
   { name: 'size-only', kind: 'flag', help: 'skip files that match in size' },
@@ -288,7 +289,7 @@ const UNSUPPORTED_LONG = new Set(
   no-open-noatime crtimes no-crtimes no-N omit-link-times
   no-omit-link-times no-J super no-super fake-super copy-devices write-devices no-write-devices
   drop-D no-drop-D confine-root copy-links copy-unsafe-links insecure-links no-insecure-links
-  munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc preallocate
+  munge-links no-munge-links copy-dirlinks keep-dirlinks max-alloc
   append append-verify no-append delete-missing-args ignore-missing-args remove-sent-files
   remove-source-files ignore-errors no-ignore-errors cvs-exclude
   checksum-choice cc compare-dest copy-dest link-dest fuzzy no-fuzzy no-y old-compress new-compress
