@@ -71,12 +71,14 @@ export class ClaimsForPeer {
     else if (m.op !== 'claims-done') throw protocolError(`unexpected "${m.op}"`);
     const done = m.op === 'claims-done' ? m : await this.ch.control();
     if (done.op !== 'claims-done') throw protocolError(`unexpected "${done.op}"`);
-    const add = (done.stats ?? {}) as Record<string, unknown>;
+    const add = (typeof done.stats === 'object' && done.stats !== null ? done.stats : {}) as Record<string, number>;
     for (const k of COUNTED) {
-      const n = add[k];
-      if (!Number.isSafeInteger(n) || (n as number) < 0) throw protocolError(`bad claims-done ${k}`);
-      stats[k] += n as number;
+      // A count, and one the run's own summary can still add exactly.
+      if (!Number.isSafeInteger(add[k]) || add[k]! < 0 || !Number.isSafeInteger(stats[k] + add[k]!)) throw protocolError(`bad claims-done ${k}`);
     }
+    // No more files written than were claimed, none created that was not written: the summary says what happened here.
+    if (add.transferred! > this.#claimed.length || add.created! > add.transferred!) throw protocolError('bad claims-done: more files than were claimed');
+    for (const k of COUNTED) stats[k] += add[k]!;
     return done.failed === true;
   }
 
@@ -124,7 +126,7 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
   for (const f of files as Record<string, unknown>[]) {
     const rel = typeof f?.rel === 'string' ? f.rel : '';
     const key = typeof f?.key === 'string' && KEY.test(f.key) ? f.key.split(':') : undefined;
-    if (!rel || rel.startsWith('/') || rel.split('/').some((p) => p === '..' || p === '' || p === '.') || !key || !Number.isSafeInteger(f.size)) {
+    if (!rel || rel.startsWith('/') || rel.split('/').some((p) => p === '..' || p === '' || p === '.') || !key || !Number.isSafeInteger(f.size) || (f.size as number) < 0) {
       throw protocolError('bad claimed file');
     }
     // Only a file this session listed to the peer: a domain's disk outside the tree served (or --restrict) is never backed up for it.
@@ -145,6 +147,9 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
   else {
     if (r.op !== 'claims-targets-ok' || !Array.isArray(r.missing) || !r.missing.every((x) => typeof x === 'string')) throw protocolError(`unexpected "${r.op}"`);
     const missing = new Set(r.missing as string[]);
+    // Only -n leaves a folder missing (nothing is made), and only a folder a claimed file is in.
+    const folders = new Set((files as { rel: string }[]).map((f) => folderOf(f.rel)));
+    if (missing.size && (!o.dryRun || [...missing].some((x) => !folders.has(x)))) throw protocolError('claims-targets-ok names a folder that cannot be missing');
     const root = new RemoteDestination(ch, shownRoot);
     try {
       failed = await dropIn.run(async (rel) => (missing.has(rel) ? undefined : { destination: root.inFolder(rel), close: async () => {} }), o, hooks, stats);
@@ -176,9 +181,12 @@ export function domainsFromWire(v: unknown): DomainsAsked {
  */
 export async function backUpForPeer(ch: Channel, m: ControlMessage, dropIn: DropIn, shown: (key: string) => boolean, o: DomainsAsked & { blockSize: number }): Promise<void> {
   const opts = (typeof m.options === 'object' && m.options !== null ? m.options : {}) as Record<string, unknown>;
+  // `dest` keys the domains' checkpoints here (src/sync/domain-backup.ts prefixFor): a far DEST is host:/path, never a
+  // path of this host, whose own runs' checkpoints (keyed by their absolute DEST) a client could otherwise have pruned.
+  if (typeof m.dest !== 'string' || m.dest.length > 8192 || !/^[^/:]+:\//.test(m.dest)) throw protocolError('bad claimed dest: not host:/path');
   const signal = armInterrupt();
   try {
-    await backUpClaimed(ch, m, dropIn, shown, typeof m.dest === 'string' ? m.dest : 'the client', {
+    await backUpClaimed(ch, m, dropIn, shown, m.dest, {
       connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: opts.dryRun === true, announce: opts.announce === true, signal,
     }, new ForwardingPrinter(ch));
   } finally {
