@@ -9,7 +9,7 @@
  * (real libvirtd, sshd, domains) are in test/dropin-remote.test.ts.
  */
 import type { BigIntStats } from 'node:fs';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,6 +20,7 @@ import { Channel } from '../src/remote/channel.js';
 import { backUpClaimed, backUpForPeer, ClaimsForPeer } from '../src/remote/domain-claims.js';
 import { DropIn } from '../src/sync/dropin.js';
 import { noStats } from '../src/sync/events.js';
+import { Dir } from '../src/io/safe-fs.js';
 import { needTools } from './helpers/env.js';
 
 const root = mkdtempSync(join(tmpdir(), 'qsync-claims-hostile-'));
@@ -29,17 +30,20 @@ let n = 0;
 const st = (dev: number, ino: number, size = 1 << 20): BigIntStats => ({ dev: BigInt(dev), ino: BigInt(ino), size: BigInt(size) }) as BigIntStats;
 
 /** A receiving end whose walk left `rels` (one disk each) in a fresh DEST, and the raw channel its hostile client speaks on. */
-async function receiving(rels: string[]) {
+async function receiving(rels: string[], between?: (dest: string) => void) {
   const dest = join(root, `d${n++}`);
   mkdirSync(dest);
   for (const rel of rels) mkdirSync(join(dest, rel, '..'), { recursive: true });
+  // The walk's DEST, held by the run (src/cli/run-sync.ts): what the domains' copies are written below.
+  const held = await Dir.open(dest);
   const up = new PassThrough();
   const down = new PassThrough();
   const peer = new ClaimsForPeer(new Channel(up, down, { peer: 'the client' }), new Set(rels.map((_, i) => `1:${i + 10}`)), false);
   rels.forEach((rel, i) => expect(peer.claim(st(1, i + 10), rel)).toBe(true));
   const stats = noStats();
   stats.transferred = 3; // the rest of the run's
-  const running = peer.run(dest, { blockSize: 65536, dryRun: false, announce: false }, {}, stats);
+  between?.(dest);
+  const running = peer.run(dest, { blockSize: 65536, dryRun: false, announce: false }, {}, stats, held).finally(() => held.close());
   running.catch(() => {});
   const ch = new Channel(down, up, { peer: 'the server' });
   const claimed = await ch.expect('claimed');
@@ -89,6 +93,27 @@ describe('a hostile client of the receiving end', () => {
       await expect(s.running, JSON.stringify(bad)).rejects.toMatchObject({ code: 'PROTOCOL' });
       expect(readdirSync(s.dest), JSON.stringify(bad)).toEqual(['b']);
       expect(existsSync(join(root, 'x.img')) || existsSync('/etc/x.img')).toBe(false);
+    }
+  });
+
+  it('DEST (or a folder in it) swapped for a symlink after the walk: the copies are written below the DEST the walk held, never where the link points', async () => {
+    for (const swapped of ['', 'b']) {
+      const outside = join(root, `outside${n++}`);
+      mkdirSync(join(outside, 'b'), { recursive: true }); // what the link leads to has the folder too
+      const s = await receiving(['b/c.img'], (dest) => {
+        renameSync(join(dest, swapped), join(root, `moved${n++}`));
+        symlinkSync(outside, join(dest, swapped));
+      });
+      await s.ch.send({ op: 'claims-targets' });
+      const r = await s.ch.control().then((m) => m.op, (e: Error) => e.message);
+      if (r === 'claims-targets-ok') {
+        await s.ch.send({ op: 't-open', folder: 'b', name: 'c.img', create: true });
+        await s.ch.control().catch(() => {});
+        await s.ch.send({ op: 'bye' });
+      }
+      await s.ch.send({ op: 'claims-done', failed: true, stats: counts() });
+      await s.running.catch(() => {});
+      expect(readdirSync(join(outside, 'b')), `${swapped || 'DEST'} swapped: ${r}`).toEqual([]);
     }
   });
 });

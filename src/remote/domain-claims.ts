@@ -21,6 +21,7 @@ import { protocolError, type ControlMessage } from '../core/wire.js';
 import type { RunStats, SyncHooks } from '../sync/events.js';
 import { keyOf, localFolders, unkept, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
 import type { LocalDestination } from '../sync/local-target.js';
+import type { Dir } from '../io/safe-fs.js';
 import { errorMessage, type Channel } from './channel.js';
 import { ForwardingPrinter } from './session.js';
 import { armInterrupt, disarmInterrupt } from '../cli/interrupt.js';
@@ -59,7 +60,7 @@ export class ClaimsForPeer {
     return true;
   }
 
-  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats, held?: Dir): Promise<boolean> {
     if (!this.#claimed.length) return false;
     // Written over the wire through the domain, not by this run's engine: no history, no batch member.
     if (o.wrapSink) for (const c of this.#claimed) hooks.warning?.(unkept(c.rel), c.rel);
@@ -67,7 +68,7 @@ export class ClaimsForPeer {
     const { dryRun, verifySample, announce } = o;
     await this.ch.send({ op: 'claimed', files: this.#claimed, dest: `${hostname()}:${destRoot}`, options: { dryRun, verifySample, announce } });
     const m = await this.ch.control();
-    if (m.op === 'claims-targets') await this.serveFolders(destRoot, o.dryRun);
+    if (m.op === 'claims-targets') await this.serveFolders(destRoot, o.dryRun, held);
     else if (m.op !== 'claims-done') throw protocolError(`unexpected "${m.op}"`);
     const done = m.op === 'claims-done' ? m : await this.ch.control();
     if (done.op !== 'claims-done') throw protocolError(`unexpected "${done.op}"`);
@@ -85,10 +86,10 @@ export class ClaimsForPeer {
   /**
    * Every folder of a claimed file held (below DEST's root, no symlink
    * followed; with -n a missing one is named in `missing`), and served as
-   * targets by folder until the client's "bye".
+   * targets by folder until the client's "bye". `root`: DEST as the walk held it (a path swapped since leads nowhere else).
    */
-  private async serveFolders(destRoot: string, dryRun: boolean): Promise<void> {
-    const open = localFolders(destRoot, this.times);
+  private async serveFolders(destRoot: string, dryRun: boolean, root?: Dir): Promise<void> {
+    const open = localFolders(destRoot, this.times, root);
     const held = new Map<string, DropInFolder>();
     try {
       const missing: string[] = [];
