@@ -45,6 +45,7 @@ export function claimsFromWire(v: unknown): Set<string> | undefined {
 /** The receiving end of a push: the walk leaves the client's domain files, then their backups write through here. */
 export class ClaimsForPeer {
   readonly #claimed: { rel: string; key: string; size: number }[] = [];
+  readonly #taken = new Set<string>();
 
   constructor(
     private readonly ch: Channel,
@@ -55,7 +56,9 @@ export class ClaimsForPeer {
   claim(st: BigIntStats, rel: string): boolean {
     const key = keyOf(st);
     // One name a disk, as a local walk claims it (src/sync/dropin.ts DropIn.claim).
-    if (!this.keys.has(key) || this.#claimed.some((c) => c.key === key)) return false;
+    // (A set, not a search of those claimed: a client listing many files of its many keys costs the walk no square.)
+    if (!this.keys.has(key) || this.#taken.has(key)) return false;
+    this.#taken.add(key);
     this.#claimed.push({ rel, key, size: Number(st.size) });
     return true;
   }
