@@ -17,7 +17,7 @@ import { PassThrough } from 'node:stream';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { ControlMessage } from '../src/core/wire.js';
 import { Channel } from '../src/remote/channel.js';
-import { backUpClaimed, backUpForPeer, ClaimsForPeer } from '../src/remote/domain-claims.js';
+import { backUpClaimed, backUpForPeer, ClaimsForPeer, claimsFromWire, MAX_CLAIMS } from '../src/remote/domain-claims.js';
 import { DropIn } from '../src/sync/dropin.js';
 import { noStats } from '../src/sync/events.js';
 import { Dir } from '../src/io/safe-fs.js';
@@ -53,6 +53,13 @@ async function receiving(rels: string[], between?: (dest: string) => void) {
 const counts = (o: Record<string, unknown> = {}): Record<string, unknown> => ({ transferred: 0, transferredSize: 0, created: 0, literal: 0, matched: 0, scanned: 0, ...o });
 
 describe('a hostile client of the receiving end', () => {
+  it('a hello\'s claims that are too many or no dev:ino: refused (exit 12) before the walk', () => {
+    for (const bad of [Array.from({ length: MAX_CLAIMS + 1 }, (_, i) => `1:${i}`), ['1:2', '../x'], ['1:2:3'], [`1:${'9'.repeat(21)}`], [12], '1:2', { 0: '1:2' }, null]) {
+      expect(() => claimsFromWire(bad), JSON.stringify(bad).slice(0, 40)).toThrow(/bad claims/);
+    }
+    expect(claimsFromWire(Array.from({ length: MAX_CLAIMS }, (_, i) => `1:${i % 7}`))?.size).toBe(7);
+  });
+
   it('claims-done with counts that are no counts, or more files than were claimed: refused (exit 12), the run\'s statistics unchanged', async () => {
     for (const stats of [
       counts({ transferred: -1 }), counts({ literal: null }), counts({ scanned: '5' }), counts({ matched: 1.5 }), counts({ literal: 1e300 }),
