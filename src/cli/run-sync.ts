@@ -186,8 +186,8 @@ export interface FarEnd {
 /** Files of the tree a domain's backup takes instead of the walk (the drop-in line, src/sync/dropin.ts). */
 export interface DomainClaims {
   claim(st: BigIntStats, rel: string): boolean;
-  /** After the walk: back them up into `destRoot` (held by this run); true when some failed. */
-  run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean>;
+  /** After the walk: back them up into `destRoot` (`held`: its folder the walk wrote, when it existed); true when some failed. */
+  run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats, held?: Dir): Promise<boolean>;
 }
 
 /** The drop-in on this host: its DEST's folders reached below the held root (-t: their times kept). */
@@ -195,7 +195,7 @@ async function localClaims(connect: string | undefined, times: boolean): Promise
   // Loaded here: the far side of a push (whose sources are a peer's) starts without libvirt's modules.
   const { DropIn, localFolders } = await import('../sync/dropin.js');
   const d: DropIn | undefined = await DropIn.find(connect);
-  return d && { claim: (st, rel) => d.claim(st, rel), run: (destRoot, o, hooks, stats) => d.run(localFolders(destRoot, times), o, hooks, stats) };
+  return d && { claim: (st, rel) => d.claim(st, rel), run: (destRoot, o, hooks, stats, held) => d.run(localFolders(destRoot, times, held), o, hooks, stats) };
 }
 
 export async function receive(printer: Printer, from: Sources, operands: string[], dest: string, o: SyncOptions, far: FarEnd = {}): Promise<number> {
@@ -421,7 +421,7 @@ async function syncInto(printer: Printer, from: Sources, plan: Plan, destDir: Di
       // A signal now ends the domains' backup jobs and exports before qsync stops (src/cli/interrupt.ts).
       const signal = armInterrupt();
       try {
-        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal, wrapSink: deltas.wrapSink }, printer, outcome.stats);
+        const failed = await dropIn.run(plan.destRoot, { connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: o.dryRun, announce, signal, wrapSink: deltas.wrapSink }, printer, outcome.stats, destDir);
         if (failed) outcome.partial = true;
       } finally {
         disarmInterrupt();

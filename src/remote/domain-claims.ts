@@ -21,6 +21,7 @@ import { protocolError, type ControlMessage } from '../core/wire.js';
 import type { RunStats, SyncHooks } from '../sync/events.js';
 import { keyOf, localFolders, unkept, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
 import type { LocalDestination } from '../sync/local-target.js';
+import type { Dir } from '../io/safe-fs.js';
 import { errorMessage, type Channel } from './channel.js';
 import { ForwardingPrinter } from './session.js';
 import { armInterrupt, disarmInterrupt } from '../cli/interrupt.js';
@@ -44,6 +45,7 @@ export function claimsFromWire(v: unknown): Set<string> | undefined {
 /** The receiving end of a push: the walk leaves the client's domain files, then their backups write through here. */
 export class ClaimsForPeer {
   readonly #claimed: { rel: string; key: string; size: number }[] = [];
+  readonly #taken = new Set<string>();
 
   constructor(
     private readonly ch: Channel,
@@ -54,12 +56,14 @@ export class ClaimsForPeer {
   claim(st: BigIntStats, rel: string): boolean {
     const key = keyOf(st);
     // One name a disk, as a local walk claims it (src/sync/dropin.ts DropIn.claim).
-    if (!this.keys.has(key) || this.#claimed.some((c) => c.key === key)) return false;
+    // (A set, not a search of those claimed: a client listing many files of its many keys costs the walk no square.)
+    if (!this.keys.has(key) || this.#taken.has(key)) return false;
+    this.#taken.add(key);
     this.#claimed.push({ rel, key, size: Number(st.size) });
     return true;
   }
 
-  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats): Promise<boolean> {
+  async run(destRoot: string, o: DropInOptions, hooks: SyncHooks, stats: RunStats, held?: Dir): Promise<boolean> {
     if (!this.#claimed.length) return false;
     // Written over the wire through the domain, not by this run's engine: no history, no batch member.
     if (o.wrapSink) for (const c of this.#claimed) hooks.warning?.(unkept(c.rel), c.rel);
@@ -67,26 +71,28 @@ export class ClaimsForPeer {
     const { dryRun, verifySample, announce } = o;
     await this.ch.send({ op: 'claimed', files: this.#claimed, dest: `${hostname()}:${destRoot}`, options: { dryRun, verifySample, announce } });
     const m = await this.ch.control();
-    if (m.op === 'claims-targets') await this.serveFolders(destRoot, o.dryRun);
+    if (m.op === 'claims-targets') await this.serveFolders(destRoot, o.dryRun, held);
     else if (m.op !== 'claims-done') throw protocolError(`unexpected "${m.op}"`);
     const done = m.op === 'claims-done' ? m : await this.ch.control();
     if (done.op !== 'claims-done') throw protocolError(`unexpected "${done.op}"`);
-    const add = (done.stats ?? {}) as Record<string, unknown>;
+    const add = (typeof done.stats === 'object' && done.stats !== null ? done.stats : {}) as Record<string, number>;
     for (const k of COUNTED) {
-      const n = add[k];
-      if (!Number.isSafeInteger(n) || (n as number) < 0) throw protocolError(`bad claims-done ${k}`);
-      stats[k] += n as number;
+      // A count, and one the run's own summary can still add exactly.
+      if (!Number.isSafeInteger(add[k]) || add[k]! < 0 || !Number.isSafeInteger(stats[k] + add[k]!)) throw protocolError(`bad claims-done ${k}`);
     }
+    // No more files written than were claimed, none created that was not written: the summary says what happened here.
+    if (add.transferred! > this.#claimed.length || add.created! > add.transferred!) throw protocolError('bad claims-done: more files than were claimed');
+    for (const k of COUNTED) stats[k] += add[k]!;
     return done.failed === true;
   }
 
   /**
    * Every folder of a claimed file held (below DEST's root, no symlink
    * followed; with -n a missing one is named in `missing`), and served as
-   * targets by folder until the client's "bye".
+   * targets by folder until the client's "bye". `root`: DEST as the walk held it (a path swapped since leads nowhere else).
    */
-  private async serveFolders(destRoot: string, dryRun: boolean): Promise<void> {
-    const open = localFolders(destRoot, this.times);
+  private async serveFolders(destRoot: string, dryRun: boolean, root?: Dir): Promise<void> {
+    const open = localFolders(destRoot, this.times, root);
     const held = new Map<string, DropInFolder>();
     try {
       const missing: string[] = [];
@@ -124,7 +130,7 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
   for (const f of files as Record<string, unknown>[]) {
     const rel = typeof f?.rel === 'string' ? f.rel : '';
     const key = typeof f?.key === 'string' && KEY.test(f.key) ? f.key.split(':') : undefined;
-    if (!rel || rel.startsWith('/') || rel.split('/').some((p) => p === '..' || p === '' || p === '.') || !key || !Number.isSafeInteger(f.size)) {
+    if (!rel || rel.startsWith('/') || rel.split('/').some((p) => p === '..' || p === '' || p === '.') || !key || !Number.isSafeInteger(f.size) || (f.size as number) < 0) {
       throw protocolError('bad claimed file');
     }
     // Only a file this session listed to the peer: a domain's disk outside the tree served (or --restrict) is never backed up for it.
@@ -145,6 +151,9 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
   else {
     if (r.op !== 'claims-targets-ok' || !Array.isArray(r.missing) || !r.missing.every((x) => typeof x === 'string')) throw protocolError(`unexpected "${r.op}"`);
     const missing = new Set(r.missing as string[]);
+    // Only -n leaves a folder missing (nothing is made), and only a folder a claimed file is in.
+    const folders = new Set((files as { rel: string }[]).map((f) => folderOf(f.rel)));
+    if (missing.size && (!o.dryRun || [...missing].some((x) => !folders.has(x)))) throw protocolError('claims-targets-ok names a folder that cannot be missing');
     const root = new RemoteDestination(ch, shownRoot);
     try {
       failed = await dropIn.run(async (rel) => (missing.has(rel) ? undefined : { destination: root.inFolder(rel), close: async () => {} }), o, hooks, stats);
@@ -176,9 +185,12 @@ export function domainsFromWire(v: unknown): DomainsAsked {
  */
 export async function backUpForPeer(ch: Channel, m: ControlMessage, dropIn: DropIn, shown: (key: string) => boolean, o: DomainsAsked & { blockSize: number }): Promise<void> {
   const opts = (typeof m.options === 'object' && m.options !== null ? m.options : {}) as Record<string, unknown>;
+  // `dest` keys the domains' checkpoints here (src/sync/domain-backup.ts prefixFor): a far DEST is host:/path, never a
+  // path of this host, whose own runs' checkpoints (keyed by their absolute DEST) a client could otherwise have pruned.
+  if (typeof m.dest !== 'string' || m.dest.length > 8192 || !/^[^/:]+:\//.test(m.dest)) throw protocolError('bad claimed dest: not host:/path');
   const signal = armInterrupt();
   try {
-    await backUpClaimed(ch, m, dropIn, shown, typeof m.dest === 'string' ? m.dest : 'the client', {
+    await backUpClaimed(ch, m, dropIn, shown, m.dest, {
       connect: o.connect, blockSize: o.blockSize, verifySample: o.verifySample, dryRun: opts.dryRun === true, announce: opts.announce === true, signal,
     }, new ForwardingPrinter(ch));
   } finally {

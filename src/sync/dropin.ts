@@ -19,7 +19,7 @@ import { stat } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { DEFAULT_URI, describeDomain, listDomains, type Domain, type DomainDisk } from '../qemu/libvirt.js';
-import { fsPath } from '../io/safe-fs.js';
+import { fsPath, type Dir } from '../io/safe-fs.js';
 import { socketAnswers } from '../io/socket-probe.js';
 import type * as DomainBackup from './domain-backup.js';
 import type { RunStats, SyncHooks } from './events.js';
@@ -235,9 +235,9 @@ export interface DropInFolder {
 export type FolderOpener = (rel: string, dryRun: boolean) => Promise<DropInFolder | undefined>;
 
 /** The folders of a DEST on this host, whose lock the run holds: `times` (-t) as for DropInFolder.close. */
-export function localFolders(destRoot: string, times: boolean): FolderOpener {
+export function localFolders(destRoot: string, times: boolean, held?: Dir): FolderOpener {
   return async (rel, dryRun) => {
-    const destination = await LocalDestination.within(destRoot, rel).catch((e: unknown) => {
+    const destination = await LocalDestination.within(destRoot, rel, held).catch((e: unknown) => {
       // -n made nothing: a folder still missing holds no copy yet.
       if (dryRun) return undefined;
       throw e;

@@ -61,13 +61,14 @@ export class LocalDestination implements Destination {
    * caller holds: opened below the root without following a symlink, not
    * locked again; its targets' state is the destination's (`rel/name`).
    */
-  static async within(destRoot: string, rel: string): Promise<LocalDestination> {
+  static async within(destRoot: string, rel: string, held?: Dir): Promise<LocalDestination> {
     const root = resolve(destRoot, rel);
     let dir: Dir;
     try {
-      // The root as the run holds it (a symlink given as DEST is followed, as rsync does); nothing below it is.
-      const top = await Dir.open(resolve(destRoot), { follow: true });
-      dir = await top.openBeneath(rel).finally(() => top.close());
+      // The root as the run holds it (`held`: the very folder its walk wrote, whatever its path leads to now; else a symlink
+      // given as DEST is followed, as rsync does); nothing below it is.
+      const top = held ?? (await Dir.open(resolve(destRoot), { follow: true }));
+      dir = await top.openBeneath(rel).finally(() => (held ? undefined : top.close()));
     } catch (e) {
       throw new QsyncError('TARGET', `cannot open destination directory ${root}: ${(e as Error).message}`, { file: root }, { cause: e });
     }
