@@ -26,6 +26,7 @@ import { readUpTo } from '../io/local-file.js';
 import { checkName } from '../io/safe-fs.js';
 import { NbdClient } from '../io/nbd/client.js';
 import { startDaemon, type StorageDaemon } from '../qemu/offline.js';
+import { QmpClient } from '../qemu/qmp.js';
 import { LocalDestination, LocalTarget } from './local-target.js';
 import type { Destination, OpenData, Target, TargetIdentity } from './target.js';
 
@@ -123,6 +124,8 @@ class Qcow2Target extends LocalTarget {
         throw new QsyncError('TARGET', `qemu-storage-daemon could not open ${shown}: ${d}`, { file: shown, hint: missing ? QEMU_TOOLS : 'is it open in a QEMU (a VM booted from the backup)?' });
       }
       daemon = d;
+      // What QEMU opened, before a block is read or written: the header it read may not be the one checked above.
+      await servedAlone(d.qmp, shown);
       nbd = await NbdClient.connect(`nbd+unix:///disk?socket=${socket}`);
       return nbd;
     };
@@ -157,6 +160,8 @@ class Qcow2Target extends LocalTarget {
         truncate: async (size) => {
           const shrink = size < Number(client().size);
           await stop();
+          // qemu-img reads the header again: it must still be one qsync writes alone (no data file for it to open and resize).
+          await this.#identityOf(fh);
           await qemuImg(['resize', '-q', '-f', 'qcow2', ...(shrink ? ['--shrink'] : []), '/dev/fd/3', String(size)], fh.fd, shown);
           await serve();
         },
@@ -174,6 +179,32 @@ class Qcow2Target extends LocalTarget {
       },
       close,
     };
+  }
+}
+
+/**
+ * The daemon behind `qmp` holds only the copy itself: its file node `f` and
+ * the qcow2 node `q`, with no data file and no backing. The header was
+ * checked through qsync's descriptor, but QEMU reads it again when it opens
+ * the file; one changed in between (a data file naming any path, opened by
+ * QEMU as the user qsync runs as) is found here, before any I/O through the
+ * export, and the copy is left alone.
+ */
+export async function servedAlone(qmp: string, shown: string): Promise<void> {
+  const c = await QmpClient.connect(qmp);
+  let nodes: { 'node-name': string; file?: string; image?: { 'backing-filename'?: string; 'format-specific'?: { data?: Record<string, unknown> } } }[];
+  try {
+    nodes = await c.execute('query-named-block-nodes');
+  } finally {
+    await c.close();
+  }
+  const others = nodes.filter((n) => n['node-name'] !== 'f' && n['node-name'] !== 'q').map((n) => n.file ?? n['node-name']);
+  const q = nodes.find((n) => n['node-name'] === 'q');
+  const dataFile = q?.image?.['format-specific']?.data?.['data-file'];
+  if (others.length || dataFile !== undefined || q?.image?.['backing-filename'] !== undefined) {
+    throw new QsyncError('TARGET', `${shown} names other files QEMU opened (${[...others, dataFile].filter(Boolean).join(', ')}); left alone`, {
+      file: shown, hint: 'its header changed while qsync opened it: move it away (qsync then writes a new qcow2 there)',
+    });
   }
 }
 
