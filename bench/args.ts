@@ -1,5 +1,5 @@
 /** The benchmark's command line, parsed without side effects. */
-import { parseArgs } from 'node:util';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 
 export const SCENARIO_NAMES = ['first', 'touch', 'scattered', 'clustered', 'grow', 'qcow2', 'memory', 'image', 'remote', 'domain', 'cold'] as const;
 export type ScenarioName = (typeof SCENARIO_NAMES)[number];
@@ -105,4 +105,14 @@ export function parseBenchArgs(argv: string[], defaults: { out: string; tmp: str
     quick,
     qsync: values.qsync ?? defaults.qsync,
   };
+}
+
+/** A bench script's own options (node:util parseArgs): a wrong one is a one-line message and the script's usage (exit 2), not a stack trace. */
+export function parseScriptArgs<T extends ParseArgsConfig>(config: T, usage: string): ReturnType<typeof parseArgs<T>> {
+  try {
+    return parseArgs(config);
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n${usage}\n`);
+    process.exit(2);
+  }
 }

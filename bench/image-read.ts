@@ -32,11 +32,10 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
 import { open, type FileHandle } from 'node:fs/promises';
 import { NbdClient } from '../src/io/nbd/client.js';
 import { DIGEST_LEN, hashBlocksInto } from '../src/hash/blake3.js';
-import { BLOCK, parseFraction, parseSize } from './args.js';
+import { BLOCK, parseFraction, parseScriptArgs, parseSize } from './args.js';
 import { pickScattered, writeRandomFile } from './data.js';
 import { Daemon } from './image.js';
 
@@ -46,7 +45,7 @@ const log = (msg: string): void => void process.stderr.write(`[image-read] ${msg
 const gbs = (bytes: number, s: number): number => bytes / s / 1e9;
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[xs.length >> 1]!;
 
-const { values } = parseArgs({
+const { values } = parseScriptArgs({
   options: {
     size: { type: 'string', default: '2G' },
     change: { type: 'string', default: '10%' },
@@ -59,7 +58,7 @@ const { values } = parseArgs({
     /** Another qsync main.js (e.g. a build of an older commit) run in the same rounds, for a before/after. */
     compare: { type: 'string' },
   },
-});
+}, 'usage: npm run bench:image-read -- [--size SIZE] [--change PCT] [--rounds R] [--dest DIR] [--fleece overlay|snapshot-access|both] [--qsync MAIN.JS] [--prof DIR] [--compare MAIN.JS]');
 const size = parseSize(values.size!);
 const change = parseFraction(values.change!);
 const rounds = Number(values.rounds);

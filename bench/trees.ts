@@ -18,13 +18,12 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
-import { parseSize } from './args.js';
+import { parseScriptArgs, parseSize } from './args.js';
 import { writeRandomFile } from './data.js';
 import { measure, type Measurement } from './measure.js';
 import { stateBytes, treeBytes } from './tree.js';
 
-const { values } = parseArgs({
+const { values } = parseScriptArgs({
   options: {
     files: { type: 'string', default: '2000' },
     image: { type: 'string', default: '1G' },
@@ -33,7 +32,7 @@ const { values } = parseArgs({
     tmp: { type: 'string' },
     qsync: { type: 'string' },
   },
-});
+}, 'usage: npm run bench:tree -- [--files N] [--image SIZE] [--copy DIR] [--rounds R] [--tmp DIR] [--qsync MAIN.JS]');
 const here = dirname(fileURLToPath(import.meta.url));
 const main = resolve(values.qsync ?? join(here, '../src/cli/main.js'));
 const rounds = Number(values.rounds);
