@@ -9,7 +9,14 @@ import { execFileSync, spawn } from 'node:child_process';
 import { chownSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { PassThrough } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { encodeControl, type ControlMessage } from '../src/core/wire.js';
+import { HashPool } from '../src/hash/pool.js';
+import { Channel } from '../src/remote/channel.js';
+import { SourceServer } from '../src/remote/serve-sources.js';
+import { TargetServer } from '../src/remote/serve-target.js';
+import { receiveFilesFrom } from '../src/remote/session.js';
 import { NOBODY, QSYNC } from './helpers/cli.js';
 import { needTools } from './helpers/env.js';
 
@@ -208,19 +215,19 @@ describe('--files-from names with a NUL byte', () => {
   });
 });
 
+/** A channel as the serving end sees it, and what a hostile peer writes into it. */
+function fromPeer(): { ch: Channel; send(m: ControlMessage): void } {
+  const toServer = new PassThrough();
+  return { ch: new Channel(toServer, new PassThrough()), send: (m) => void toServer.write(encodeControl(m)) };
+}
+
 describe('a hostile client\'s requests on a pull', () => {
   it.each(['toString', 'constructor', '__proto__', 'hasOwnProperty'])('a request named %j is no request: serve() ends on it as on any message it does not serve', async (op) => {
-    const { PassThrough } = await import('node:stream');
-    const { Channel } = await import('../src/remote/channel.js');
-    const { SourceServer } = await import('../src/remote/serve-sources.js');
-    const { HashPool } = await import('../src/hash/pool.js');
-    const { encodeControl } = await import('../src/core/wire.js');
-    const toServer = new PassThrough();
-    const fromServer = new PassThrough();
+    const peer = fromPeer();
     const pool = new HashPool(65536);
     try {
-      const served = new SourceServer(new Channel(toServer, fromServer), pool).serve();
-      toServer.write(encodeControl({ op }));
+      const served = new SourceServer(peer.ch, pool).serve();
+      peer.send({ op });
       await expect(served).resolves.toMatchObject({ op });
     } finally {
       await pool.close();
@@ -230,32 +237,24 @@ describe('a hostile client\'s requests on a pull', () => {
 
 describe('a hostile client\'s --files-from lines', () => {
   it('many one-character names are bounded by their count, not only their characters', async () => {
-    const { PassThrough } = await import('node:stream');
-    const { Channel } = await import('../src/remote/channel.js');
-    const { encodeControl } = await import('../src/core/wire.js');
-    const { receiveFilesFrom } = await import('../src/remote/session.js');
-    const toServer = new PassThrough();
-    const got = receiveFilesFrom(new Channel(toServer, new PassThrough()), 1024);
-    toServer.write(encodeControl({ op: 'files-from', names: Array.from({ length: 40 }, () => 'a') }));
-    toServer.write(encodeControl({ op: 'files-from-end' }));
+    const many = fromPeer();
+    const got = receiveFilesFrom(many.ch, 1024);
+    many.send({ op: 'files-from', names: Array.from({ length: 40 }, () => 'a') });
+    many.send({ op: 'files-from-end' });
     await expect(got).rejects.toThrow(/more than 32 names/);
-    const fine = new PassThrough();
-    const ok = receiveFilesFrom(new Channel(fine, new PassThrough()), 1024);
-    fine.write(encodeControl({ op: 'files-from', names: Array.from({ length: 32 }, () => 'a') }));
-    fine.write(encodeControl({ op: 'files-from-end' }));
+    const fine = fromPeer();
+    const ok = receiveFilesFrom(fine.ch, 1024);
+    fine.send({ op: 'files-from', names: Array.from({ length: 32 }, () => 'a') });
+    fine.send({ op: 'files-from-end' });
     await expect(ok).resolves.toHaveLength(32);
   });
 });
 
 describe('a hostile client\'s requests to a target server', () => {
   it.each(['toString', 'constructor', '__proto__', 'hasOwnProperty'])('a request named %j is no request: serve() ends on it', async (op) => {
-    const { PassThrough } = await import('node:stream');
-    const { Channel } = await import('../src/remote/channel.js');
-    const { TargetServer } = await import('../src/remote/serve-target.js');
-    const { encodeControl } = await import('../src/core/wire.js');
-    const toServer = new PassThrough();
-    const served = new TargetServer(new Channel(toServer, new PassThrough()), new Map()).serve();
-    toServer.write(encodeControl({ op }));
+    const peer = fromPeer();
+    const served = new TargetServer(peer.ch, new Map()).serve();
+    peer.send({ op });
     await expect(served).resolves.toMatchObject({ op });
   });
 });

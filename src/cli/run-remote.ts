@@ -18,7 +18,7 @@ import { RemoteSources } from '../remote/remote-sources.js';
 import { resolveTrusted } from '../io/safe-fs.js';
 import { openBatch } from '../sync/delta-sinks.js';
 import { SourceServer } from '../remote/serve-sources.js';
-import { checkFeatures, checkHello, eventsTo, hello, readDone, sendFilesFrom, type Feature } from '../remote/session.js';
+import { checkFeatures, checkHello, eventsTo, hasFeature, hello, readDone, sendFilesFrom, type Feature } from '../remote/session.js';
 import { parseRemote, spawnServer, type RemotePath } from '../remote/ssh.js';
 import type { ControlMessage } from '../core/wire.js';
 import { parseArgv, type SyncOptions } from './args.js';
@@ -76,7 +76,7 @@ export async function syncRemote(shown: Printer, operands: string[], dest: strin
           }));
           const h = await ch.control();
           checkHello(h, remote.host);
-          if (dropIn && !(Array.isArray(h.features) && h.features.includes('domains'))) {
+          if (dropIn && !hasFeature(h, 'domains')) {
             printer.warning?.(`the qsync on ${remote.host} cannot take images of libvirt domains: those held by a running domain are refused, and the others copied as files (install the same qsync version on both hosts)`);
           }
           const wanted: [Feature, string][] = [];

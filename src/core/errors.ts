@@ -4,7 +4,7 @@
  * the underlying `cause`.
  */
 import { constants as osConstants } from 'node:os';
-export const ERROR_CODES = [
+const ERROR_CODES = [
   'USAGE', // bad flag or operand (rsync exit 1)
   'UNSUPPORTED', // an rsync option qsync does not implement (exit 1)
   'SOURCE', // source missing or unreadable (exit 23 for a file, 3 for an operand)
@@ -50,21 +50,27 @@ export function errnoOf(e: unknown): string | undefined {
   return typeof code === 'string' ? code : undefined;
 }
 
+/** A Node system error's message, and its code and description when it has the "CODE: description, syscall ..." form. */
+function errnoParts(e: unknown): { message: string; code?: string; text?: string } {
+  const message = (e as Error | null)?.message ?? String(e);
+  const m = /^([A-Z0-9]+): ([^,]+)/.exec(message);
+  return m ? { message, code: m[1], text: m[2] } : { message };
+}
+
 /**
  * What a Node system error says, without the path it names (qsync reaches
  * files through /proc/self/fd/N/NAME, which tells a user nothing):
  * "EACCES: permission denied, open '/proc/self/fd/27/f'" → "permission denied (EACCES)".
  */
-/** A system error as rsync words it: "No such file or directory (2)" (strerror and the errno's number, `number` false: without); else its message. */
+export function errnoText(e: unknown): string {
+  const p = errnoParts(e);
+  return p.text !== undefined ? `${p.text} (${p.code})` : p.message;
+}
+
+/** A system error as rsync words it: "No such file or directory (2)" (strerror and the errno's number, `number` false: without); else errnoText. */
 export function rsyncErrnoText(e: unknown, number = true): string {
   const code = errnoOf(e);
   const num = code === undefined ? undefined : (osConstants.errno as Record<string, number>)[code];
-  const m = /^[A-Z0-9]+: ([^,]+)/.exec((e as Error | null)?.message ?? '');
-  return num !== undefined && m ? `${m[1]![0]!.toUpperCase()}${m[1]!.slice(1)}${number ? ` (${num})` : ''}` : errnoText(e);
-}
-
-export function errnoText(e: unknown): string {
-  const message = (e as Error | null)?.message ?? String(e);
-  const m = /^([A-Z0-9]+): ([^,]+)/.exec(message);
-  return m ? `${m[2]} (${m[1]})` : message;
+  const { text } = errnoParts(e);
+  return num !== undefined && text !== undefined ? `${text[0]!.toUpperCase()}${text.slice(1)}${number ? ` (${num})` : ''}` : errnoText(e);
 }

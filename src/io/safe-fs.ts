@@ -39,6 +39,9 @@ const typeName = (s: BigIntStats): string =>
 
 const oneComponent = (name: string): boolean => !!name && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0');
 
+/** A path below a folder, relative: each of its parts a name (not empty, `.` or `..`, no NUL). */
+export const isRelPath = (p: string): boolean => p.split('/').every(oneComponent);
+
 /** A name inside one directory: no slash, not `.` or `..`, not empty. */
 export function checkName(name: string): string {
   if (!oneComponent(name)) {

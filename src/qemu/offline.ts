@@ -43,9 +43,15 @@ export async function serveImage(image: string, tempDir: string): Promise<Served
     '--blockdev', `driver=file,node-name=${node}-file,filename=${file}`,
     '--blockdev', `driver=${format},node-name=${node},file=${node}-file`,
   ]);
-  if (typeof daemon === 'string') throw new QsyncError('SOURCE', `qemu-storage-daemon could not open ${image}: ${daemon}`, { file: image });
+  if (typeof daemon === 'string') throw new QsyncError('SOURCE', `qemu-storage-daemon could not open ${image}: ${daemon}`, { file: image, hint: toolsMissing(daemon) ? qemuToolsHint('this host') : undefined });
   return { qmp: daemon.qmp, node, stop: daemon.stop };
 }
+
+/** What to install where a QEMU tool qsync runs is missing (`where`: "this host", "the host that holds DEST"). */
+export const qemuToolsHint = (where: string): string => `install QEMU's tools on ${where} (Debian: qemu-utils and qemu-system-common)`;
+
+/** Whether why a daemon did not start (startDaemon's answer) is that the program is missing (setpriv could not run it). */
+export const toolsMissing = (why: string): boolean => /failed to execute|No such file/i.test(why);
 
 export interface StorageDaemon {
   /** Its QMP socket, in a folder of its own (`dir`, removed by stop). */

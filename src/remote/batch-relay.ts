@@ -13,11 +13,11 @@
  *   sends while a member is open (src/remote/serve-sources.ts), as the
  *   engine on the far side writes it.
  */
-import { isAbsolute } from 'node:path';
 import { MAX_NAME_LEN } from '../core/delta-codec.js';
 import { fieldDigest, fieldInt, fieldString, protocolError, type ControlMessage } from '../core/wire.js';
 import { DIGEST_LEN } from '../hash/blake3.js';
 import type { DeltaFileWriter } from '../io/delta-file.js';
+import { isRelPath } from '../io/safe-fs.js';
 import type { BlockSink } from '../io/types.js';
 import { ForwardRecorder, type DeltaSinkInfo } from '../sync/delta-sinks.js';
 import type { BatchRelay } from '../sync/run-deltas.js';
@@ -85,7 +85,7 @@ export class BatchRecorder {
       if (this.member) throw bad('"b-begin" before the last member ended');
       const name = fieldString(m, 'name');
       // The name of a file below the destination root, as a local batch names it (no empty, '.' or '..' component).
-      if (Buffer.byteLength(name) > MAX_NAME_LEN || isAbsolute(name) || name.split('/').some((c) => c === '..' || c === '.' || c === '') || name.includes('\0')) throw bad(`a member named ${JSON.stringify(name)}`);
+      if (Buffer.byteLength(name) > MAX_NAME_LEN || !isRelPath(name)) throw bad(`a member named ${JSON.stringify(name)}`);
       if (fieldInt(m, 'blockSize', 1) !== this.blockSize) throw bad('a member of another block size than the session\'s');
       const baseSize = fieldInt(m, 'baseSize');
       const resultSize = fieldInt(m, 'resultSize');
@@ -103,7 +103,7 @@ export class BatchRecorder {
       member && Object.assign(member.fps, { before: fieldDigest(m, 'base', 'fingerprint'), after: fieldDigest(m, 'result', 'fingerprint') });
       await this.guard(async () => member?.rec.end());
     } else {
-      await this.guard(async () => member && this.w.dropMember());
+      await this.guard(async () => member?.rec.drop());
     }
     return true;
   }

@@ -22,7 +22,7 @@ const LOW = 16;
  * hundred milliseconds of a fast WAN link, so a scan that finds a changed
  * block every so often never stalls on the link, and memory stays bounded.
  */
-export const QUEUED = 16 * 1024 * 1024;
+const QUEUED = 16 * 1024 * 1024;
 
 /** An error the peer reported ({"op":"error"}), raised again on this side with its code and context. */
 export function remoteError(msg: ControlMessage): Error {

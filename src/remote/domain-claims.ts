@@ -15,13 +15,12 @@
  */
 import type { BigIntStats } from 'node:fs';
 import { hostname } from 'node:os';
-import { dirname } from 'node:path';
 import { QsyncError } from '../core/errors.js';
 import { protocolError, type ControlMessage } from '../core/wire.js';
 import type { RunStats, SyncHooks } from '../sync/events.js';
-import { keyOf, localFolders, unkept, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
+import { folderOf, keyOf, localFolders, unkept, type DropIn, type DropInFolder, type DropInOptions } from '../sync/dropin.js';
 import type { LocalDestination } from '../sync/local-target.js';
-import type { Dir } from '../io/safe-fs.js';
+import { isRelPath, type Dir } from '../io/safe-fs.js';
 import { errorMessage, type Channel } from './channel.js';
 import { ForwardingPrinter } from './session.js';
 import { armInterrupt, disarmInterrupt } from '../cli/interrupt.js';
@@ -116,8 +115,6 @@ export class ClaimsForPeer {
   }
 }
 
-const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(rel));
-
 /**
  * The client's side: the far walk said which files its domains take
  * (`claimed`); they are backed up through the domains into the far DEST's
@@ -130,7 +127,7 @@ export async function backUpClaimed(ch: Channel, m: ControlMessage, dropIn: Drop
   for (const f of files as Record<string, unknown>[]) {
     const rel = typeof f?.rel === 'string' ? f.rel : '';
     const key = typeof f?.key === 'string' && KEY.test(f.key) ? f.key.split(':') : undefined;
-    if (!rel || rel.startsWith('/') || rel.split('/').some((p) => p === '..' || p === '' || p === '.') || !key || !Number.isSafeInteger(f.size) || (f.size as number) < 0) {
+    if (!isRelPath(rel) || !key || !Number.isSafeInteger(f.size) || (f.size as number) < 0) {
       throw protocolError('bad claimed file');
     }
     // Only a file this session listed to the peer: a domain's disk outside the tree served (or --restrict) is never backed up for it.

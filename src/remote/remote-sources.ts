@@ -56,11 +56,14 @@ export class RemoteSources implements Sources {
 
   /** One request, one answer ("ok", or the peer's error raised here); one answered ahead is taken without asking. */
   async call(msg: ControlMessage): Promise<ControlMessage> {
-    const key = requestKey(msg);
-    const known = this.ahead.get(key);
-    if (known) {
-      this.ahead.delete(key);
-      return known;
+    // (Only while answers ahead remain: keying a request is not free, and most of a run's come after them.)
+    if (this.ahead.size) {
+      const key = requestKey(msg);
+      const known = this.ahead.get(key);
+      if (known) {
+        this.ahead.delete(key);
+        return known;
+      }
     }
     await this.ch.send(msg);
     return this.ch.expect('ok');

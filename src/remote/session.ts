@@ -20,7 +20,7 @@
 import { QsyncError } from '../core/errors.js';
 import { isValidBlockSize } from '../core/geometry.js';
 import { protocolError, WIRE_MAGIC, WIRE_VERSION, type ControlMessage } from '../core/wire.js';
-import type { FileReport, InfoCategory, RunStats } from '../sync/events.js';
+import { INFO_CATEGORIES, type FileReport, type InfoCategory, type RunStats } from '../sync/events.js';
 import type { SyncOptions } from '../cli/args.js';
 import type { Printer } from '../cli/output.js';
 import { errorMessage, remoteError, type Channel } from './channel.js';
@@ -45,11 +45,13 @@ export function checkHello(m: ControlMessage, peer: string): void {
 export const FEATURES = ['backup-dir', 'batch', 't-hash', 'domains'] as const;
 export type Feature = (typeof FEATURES)[number];
 
+/** Whether the server's hello names feature `f`. */
+export const hasFeature = (m: ControlMessage, f: Feature): boolean => Array.isArray(m.features) && m.features.includes(f);
+
 /** The server's hello names every feature in `wanted`, else a clear error naming the option (`what`). */
 export function checkFeatures(m: ControlMessage, wanted: readonly [Feature, string][], peer: string): void {
-  const has = Array.isArray(m.features) ? m.features : [];
   for (const [f, what] of wanted) {
-    if (!has.includes(f)) throw new QsyncError('UNSUPPORTED', `the qsync on ${peer} does not support ${what} over ssh`, { hint: 'install the same qsync version on both hosts' });
+    if (!hasFeature(m, f)) throw new QsyncError('UNSUPPORTED', `the qsync on ${peer} does not support ${what} over ssh`, { hint: 'install the same qsync version on both hosts' });
   }
 }
 
@@ -77,11 +79,10 @@ export async function sendFilesFrom(ch: Channel, names: string[]): Promise<void>
   await ch.send({ op: 'files-from-end' });
 }
 
-/** The receiving server's side of sendFilesFrom: at most `max` characters of names in all. */
 /** What a received name costs in memory beyond its characters, about (a string's header and an array slot). */
 const NAME_COST = 32;
 
-/** A push's --files-from lines as the client sends them: at most `max` characters, and at most max / 32 names. */
+/** The receiving server's side of sendFilesFrom: a push's --files-from lines, at most `max` characters in all and at most max / 32 names. */
 export async function receiveFilesFrom(ch: Channel, max: number): Promise<string[]> {
   const names: string[] = [];
   let chars = 0;
@@ -174,7 +175,7 @@ function isArg(v: unknown, t: string): boolean {
     case 'b':
       return typeof v === 'boolean';
     case 'c':
-      return ['nonreg', 'skip', 'misc', 'always'].includes(v as string);
+      return (INFO_CATEGORIES as readonly unknown[]).includes(v);
     default:
       return isReport(v);
   }

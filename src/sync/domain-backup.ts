@@ -73,9 +73,12 @@ interface Disk {
 export const prefixFor = (dest: string): string => `qsync-${createHash('sha256').update(dest).digest('hex').slice(0, 12)}-`;
 
 /** The target's name: its source file's name without the extension (web.qcow2 → web), else the target device. */
-export function diskName(d: DomainDisk): string {
+function diskName(d: DomainDisk): string {
   return (d.source ? basename(d.source).replace(/\.[^.]*$/, '') : '') || d.target;
 }
+
+/** The name `--domain` gives a disk's copy in DEST: `<disk>.raw`. */
+export const defaultCopyName = (d: DomainDisk): string => `${diskName(d)}.raw`;
 
 export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHooks = {}): Promise<DiskSummary[]> {
   const blockSize = opts.blockSize ?? DEFAULT_BLOCK_SIZE;
@@ -100,7 +103,7 @@ export async function runDomainBackup(opts: DomainBackupOptions, hooks: SyncHook
   }
   if (!dom.disks.length) throw new QsyncError('SOURCE', `domain ${dom.name} has no disk to back up`);
   const seen = new Map<string, string>();
-  const relOf = (d: DomainDisk): string => only?.get(d.target)?.rel ?? `${diskName(d)}.raw`;
+  const relOf = (d: DomainDisk): string => only?.get(d.target)?.rel ?? defaultCopyName(d);
   for (const d of dom.disks) {
     const name = relOf(d);
     const other = seen.get(name);

@@ -135,11 +135,6 @@ export class DropIn {
     return [...this.owned].filter(([, o]) => within === undefined || o.disk.source!.startsWith(`${within.replace(/\/+$/, '')}/`)).map(([k]) => k);
   }
 
-  /** Whether the walk left some file to a domain. */
-  get claimed(): boolean {
-    return this.#claimed.length > 0;
-  }
-
   /**
    * Back up the claimed files through their domains, each folder of DEST
    * reached through `open` (a local DEST's folders: `localFolders`; a far
@@ -209,7 +204,8 @@ export class DropIn {
   }
 }
 
-const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(rel));
+/** The folder of DEST a file below it is in: '' or 'a/b'. */
+export const folderOf = (rel: string): string => (dirname(rel) === '.' ? '' : dirname(rel));
 
 /** History and batches for a copy that is a file on this host (raw: its bytes are the guest's); any other is named and kept out. */
 function rawOnly(wrap: FileSyncContext['wrapSink'], hooks: SyncHooks): FileSyncContext['wrapSink'] {
@@ -247,7 +243,7 @@ export function localFolders(destRoot: string, times: boolean, held?: Dir): Fold
 }
 
 /** `destination` as a DropInFolder: its mtime as found is put back on close when -t and a new file moved it. */
-export async function heldFolder(destination: LocalDestination, times: boolean): Promise<DropInFolder> {
+async function heldFolder(destination: LocalDestination, times: boolean): Promise<DropInFolder> {
   const before = await destination.folder.stat().catch(async (e: unknown) => {
     await destination.close();
     throw e;

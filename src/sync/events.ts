@@ -76,7 +76,8 @@ export const noStats = (): RunStats => ({
 });
 
 /** rsync's --info categories of the lines SyncHooks.info prints. */
-export type InfoCategory = 'nonreg' | 'skip' | 'misc' | 'always';
+export const INFO_CATEGORIES = ['nonreg', 'skip', 'misc', 'always'] as const;
+export type InfoCategory = (typeof INFO_CATEGORIES)[number];
 
 export interface SyncHooks {
   /** A regular file is about to be synced; `size` is the source size. */

@@ -6,9 +6,9 @@
  */
 import { resolve } from 'node:path';
 import { listBitmaps } from '../qemu/block.js';
-import { DEFAULT_URI, describeDomain, listCheckpoints } from '../qemu/libvirt.js';
+import { DEFAULT_URI, surveyDomain } from '../qemu/libvirt.js';
 import { fsPath, lstatOrUndefined } from '../io/safe-fs.js';
-import { diskName, dropCheckpoint, prefixFor } from './domain-backup.js';
+import { defaultCopyName, dropCheckpoint, prefixFor } from './domain-backup.js';
 import type { SyncHooks } from './events.js';
 import { LocalDestination } from './local-target.js';
 import { bitmapPrefix } from './image-names.js';
@@ -51,12 +51,13 @@ export async function forgetDomain(o: { domain: string; connect?: string; dest: 
   const dest = resolve(o.dest);
   const destination = (await lstatOrUndefined(fsPath(dest))) ? await LocalDestination.open(dest) : undefined;
   try {
-    const dom = await describeDomain(uri, o.domain);
+    // The domain and its checkpoints, asked in one virsh.
+    const { domain: dom, checkpoints } = await surveyDomain(uri, o.domain, true);
     const prefix = prefixFor(dest);
     // Newest first: each deletion merges its bitmap into the one before.
-    const ours = (await listCheckpoints(uri, dom.name)).filter((cp) => cp.startsWith(prefix)).reverse();
+    const ours = checkpoints.filter((cp) => cp.startsWith(prefix)).reverse();
     for (const cp of ours) await dropCheckpoint(uri, dom.name, cp, hooks);
-    if (destination) for (const d of dom.disks) await destination.target(`${diskName(d)}.raw`).dropNote();
+    if (destination) for (const d of dom.disks) await destination.target(defaultCopyName(d)).dropNote();
     return ours;
   } finally {
     await destination?.close();

@@ -25,14 +25,14 @@ import { errnoOf, errnoText, QsyncError } from '../core/errors.js';
 import { readUpTo } from '../io/local-file.js';
 import { checkName } from '../io/safe-fs.js';
 import { NbdClient } from '../io/nbd/client.js';
-import { startDaemon, type StorageDaemon } from '../qemu/offline.js';
+import { qemuToolsHint, startDaemon, toolsMissing, type StorageDaemon } from '../qemu/offline.js';
 import { QmpClient } from '../qemu/qmp.js';
 import { LocalDestination, LocalTarget } from './local-target.js';
 import type { Destination, OpenData, Target, TargetIdentity } from './target.js';
 
 const QCOW2_MAGIC = 0x514649fb;
 /** Where the tools a qcow2 copy is written with are missing (a backup host without QEMU). */
-const QEMU_TOOLS = "install QEMU's tools on the host that holds DEST (Debian: qemu-utils and qemu-system-common), which write a qcow2 copy";
+const QEMU_TOOLS = `${qemuToolsHint('the host that holds DEST')}, which write a qcow2 copy`;
 /** Bytes of the header read: up to the v3 incompatible features. */
 const HEADER_LEN = 80;
 
@@ -120,8 +120,7 @@ class Qcow2Target extends LocalTarget {
         throw e;
       });
       if (typeof d === 'string') {
-        const missing = /failed to execute|No such file/i.test(d);
-        throw new QsyncError('TARGET', `qemu-storage-daemon could not open ${shown}: ${d}`, { file: shown, hint: missing ? QEMU_TOOLS : 'is it open in a QEMU (a VM booted from the backup)?' });
+        throw new QsyncError('TARGET', `qemu-storage-daemon could not open ${shown}: ${d}`, { file: shown, hint: toolsMissing(d) ? QEMU_TOOLS : 'is it open in a QEMU (a VM booted from the backup)?' });
       }
       daemon = d;
       // What QEMU opened, before a block is read or written: the header it read may not be the one checked above.

@@ -171,7 +171,6 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
     throw new QsyncError('TARGET', `cannot write ${dst}: ${(e as Error).message}`, { file: dst, hint: 'check the permissions of the destination' }, { cause: e });
   }
   const { fd, name: tmp } = created;
-  const inode = created.st;
   const { atime, mtime, ...now } = job.meta;
   // What the old target had and the options do not set stays as it was (as an update in place keeps it).
   if (dstStat) {
@@ -198,7 +197,7 @@ export async function syncSmallFile(job: FileJob, opts: FileSyncOptions, ctx: Fi
   if (dstStat) await forgetManifestAt(job.manifestPath);
   ctx.hooks.fileProgress?.(relPath, size, size);
   await ctx.small!.add(fd, created.st.dev, size, { atime, mtime }, dst);
-  return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0, inode: { dev: inode.dev, ino: inode.ino } };
+  return { method, transferred: true, created: !dstStat, scanned: size, literal: size, matched: 0, inode: { dev: created.st.dev, ino: created.st.ino } };
 }
 
 

@@ -825,15 +825,14 @@ export class TreeSync {
 
   /** --delete: the names in `dst` the source does not have (rsync's order: reverse, by bytes). */
   private async deleteExtraneous(rel: string, dst: Dir, keep: Set<string>): Promise<void> {
-    for (const name of await deleteOrder(dst, (await dst.readdir()).filter((n) => !keep.has(n)))) {
-      await this.deleteChild(dst, name, joinRel(rel, name), 'top');
+    for (const { name, st } of deleteOrder(dst, (await dst.readdir()).filter((n) => !keep.has(n)))) {
+      await this.deleteChild(dst, name, joinRel(rel, name), st, 'top');
     }
   }
 
-  /** Delete one name found in a folder being cleared, unless excluded; true when it is gone. */
-  private async deleteChild(dir: Dir, name: string, rel: string, level: 'top' | 'nested'): Promise<boolean> {
+  /** Delete one name found in a folder being cleared (`st`: its lstat as deleteOrder took it), unless excluded; true when it is gone. */
+  private async deleteChild(dir: Dir, name: string, rel: string, st: BigIntStats | undefined, level: 'top' | 'nested'): Promise<boolean> {
     try {
-      const st = await dir.lstatOrUndefined(name);
       if (!st) return true;
       // Excluded names are protected from deletion, as in rsync without --delete-excluded.
       if (this.opts.protect?.excluded(rel, st.isDirectory())) return false;
@@ -865,8 +864,8 @@ export class TreeSync {
       }
       const sub = await dir.openDir(name);
       try {
-        for (const n of await deleteOrder(sub, await sub.readdir())) {
-          if (!(await this.deleteChild(sub, n, joinRel(rel, n), 'nested'))) kept = true;
+        for (const { name: n, st: nst } of deleteOrder(sub, await sub.readdir())) {
+          if (!(await this.deleteChild(sub, n, joinRel(rel, n), nst, 'nested'))) kept = true;
         }
       } finally {
         await sub.close();
@@ -1133,10 +1132,10 @@ export function unsafeLink(target: string, depth: number): boolean {
 }
 
 /** rsync's order of deletions in a folder: its list (non-folders, then folders, each by bytes) from the end. */
-async function deleteOrder(dir: Dir, names: string[]): Promise<string[]> {
-  const isDir = new Map(await Promise.all(names.map(async (n) => [n, (await dir.lstatOrUndefined(n))?.isDirectory() === true] as const)));
-  const sorted = names.sort(compareNames);
-  return [...sorted.filter((n) => !isDir.get(n)), ...sorted.filter((n) => isDir.get(n))].reverse();
+function deleteOrder(dir: Dir, names: string[]): { name: string; st: BigIntStats | undefined }[] {
+  // Each name's lstat, taken once: deleteChild decides with it (undefined: gone meanwhile).
+  const all = names.sort(compareNames).map((name) => ({ name, st: dir.lstatSync(name, 'undefined') }));
+  return [...all.filter((e) => !e.st?.isDirectory()), ...all.filter((e) => e.st?.isDirectory())].reverse();
 }
 
 /**
